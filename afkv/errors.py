@@ -1,0 +1,113 @@
+"""The one exception hierarchy of afkv.
+
+    AfkvError
+    ├── ConfigError               a config file or value is wrong (names file and key)
+    ├── ModelError
+    │   ├── CheckpointError       checkpoint files missing, truncated or inconsistent
+    │   └── UnsupportedModelError architecture or feature afkv does not implement
+    ├── RequestError              a request is invalid; the engine keeps serving
+    │   ├── EmptyPromptError
+    │   ├── PromptTooLongError
+    │   └── InvalidSamplingParamsError
+    ├── EngineError
+    │   ├── EngineClosedError     the engine is not running (not started, closed, failed)
+    │   └── RequestFailedError    a request ended by a fault (expert node lost, ...)
+    ├── KVError
+    │   ├── CorruptBlockError     a stored KV block failed its checksum or is unreadable
+    │   └── TierError             a KV tier cannot be used (full, unwritable)
+    └── TransportError
+        ├── FrameError            malformed control frame
+        ├── FrameTooLargeError
+        ├── AuthError             peer did not present the shared token
+        └── PeerLostError         peer died or stopped answering within the timeout
+
+Rules: `assert` for internal invariants; a typed return for an expected
+"no room now"; these exceptions for misuse and faults, raised with
+`raise X(...) from exc` at boundaries.
+"""
+
+from __future__ import annotations
+
+
+class AfkvError(Exception):
+    """Base class of every error afkv raises on purpose."""
+
+
+class ConfigError(AfkvError):
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None):
+        where = ", ".join(p for p in (f"file {file}" if file else "", f"key {key!r}" if key else "") if p)
+        super().__init__(f"{message} ({where})" if where else message)
+        self.file = file
+        self.key = key
+
+
+class ModelError(AfkvError):
+    pass
+
+
+class CheckpointError(ModelError):
+    pass
+
+
+class UnsupportedModelError(ModelError):
+    pass
+
+
+class RequestError(AfkvError, ValueError):
+    pass
+
+
+class EmptyPromptError(RequestError):
+    pass
+
+
+class PromptTooLongError(RequestError):
+    pass
+
+
+class InvalidSamplingParamsError(RequestError):
+    pass
+
+
+class EngineError(AfkvError):
+    pass
+
+
+class EngineClosedError(EngineError):
+    pass
+
+
+class RequestFailedError(EngineError):
+    pass
+
+
+class KVError(AfkvError):
+    pass
+
+
+class CorruptBlockError(KVError):
+    pass
+
+
+class TierError(KVError):
+    pass
+
+
+class TransportError(AfkvError):
+    pass
+
+
+class FrameError(TransportError):
+    pass
+
+
+class FrameTooLargeError(FrameError):
+    pass
+
+
+class AuthError(TransportError):
+    pass
+
+
+class PeerLostError(TransportError):
+    pass
