@@ -1,0 +1,247 @@
+"""The model split at the AF seam.
+
+    AttentionSide   embedding, attention (RoPE, GQA, q/k norm, paged KV), norms,
+                    router/top-k, final norm, lm_head            -> lives on attention nodes
+    FFNSide         routed experts, shared expert (+ its gate), dense MLPs
+                                                                  -> lives on expert nodes
+The seam is one call per layer:
+
+    y = ffn.forward(layer, x, topk_ids, topk_weights)   # x [T, H], ids/weights [T, k] -> y [T, H]
+
+An FFNSide may hold a subset of the experts (and optionally the shared/dense part):
+its output is then the partial sum over what it holds, and partial sums add up.
+Each side reads only its own tensors from the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from afkv.model.spec import Family, ModelSpec
+from afkv.model.weights import CheckpointReader
+from afkv.ops.attention import paged_attention, write_kv
+from afkv.ops.layers import Rotary, gated_mlp, rms_norm, route_topk
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's share of a step: rows [start, start + length) of the flattened batch."""
+
+    start: int
+    length: int
+    context_len: int  # tokens in KV after this step (cached + this chunk)
+    block_ids: torch.Tensor  # [num_blocks] int64, the sequence's block table prefix covering context_len
+
+
+@dataclass
+class StepInputs:
+    token_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_blocks: torch.Tensor  # [T] int64 block id where each token's K/V goes
+    slot_offsets: torch.Tensor  # [T] int64 offset inside that block
+    chunks: list[SeqChunk]
+
+
+@dataclass
+class Routed:
+    x: torch.Tensor  # [T, H] normalised hidden states, the FFN input
+    topk_ids: torch.Tensor  # [T, k] int64 logical expert ids
+    topk_weights: torch.Tensor  # [T, k] float32
+
+
+def _layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def _moe_prefix(spec: ModelSpec, reader: CheckpointReader, i: int) -> str:
+    if spec.family is Family.MIXTRAL and f"{_layer_prefix(i)}block_sparse_moe.gate.weight" in reader:
+        return f"{_layer_prefix(i)}block_sparse_moe."
+    return f"{_layer_prefix(i)}mlp."
+
+
+class AttentionSide:
+    def __init__(self, spec: ModelSpec, reader: CheckpointReader, device: torch.device, dtype: torch.dtype):
+        self.spec, self.device, self.dtype = spec, device, dtype
+
+        def get(name: str) -> torch.Tensor:
+            return reader.get(name, dtype, device)
+
+        self.embed_tokens = get("model.embed_tokens.weight")  # [V, H]
+        self.layers = []
+        for i in range(spec.num_layers):
+            p = _layer_prefix(i)
+            a = p + "self_attn."
+            layer = {
+                "input_norm": get(p + "input_layernorm.weight"),
+                "post_norm": get(p + "post_attention_layernorm.weight"),
+                "q": get(a + "q_proj.weight"),
+                "k": get(a + "k_proj.weight"),
+                "v": get(a + "v_proj.weight"),
+                "o": get(a + "o_proj.weight"),
+            }
+            if spec.qkv_bias:
+                for n in "qkv":
+                    layer[n + "_bias"] = get(a + f"{n}_proj.bias")
+            if spec.qk_norm:
+                layer["q_norm"] = get(a + "q_norm.weight")
+                layer["k_norm"] = get(a + "k_norm.weight")
+            if spec.sparse_layers[i]:
+                layer["router"] = get(_moe_prefix(spec, reader, i) + "gate.weight")  # [E, H]
+            elif spec.upcycle is not None:
+                layer["router"] = self._upcycle_router(i)
+            self.layers.append(layer)
+        self.norm = get("model.norm.weight")
+        if spec.tie_embeddings or "lm_head.weight" not in reader:
+            self.lm_head = self.embed_tokens
+        else:
+            self.lm_head = get("lm_head.weight")  # [V, H]
+        self.rotary = Rotary(spec.head_dim, spec.rope_theta, device)
+
+    def _upcycle_router(self, layer: int) -> torch.Tensor:
+        up = self.spec.upcycle
+        gen = torch.Generator().manual_seed(up.router_seed * 1_000_003 + layer)
+        w = torch.randn(up.num_experts, self.spec.hidden_size, generator=gen) * up.router_std  # [E, H]
+        return w.to(self.dtype).to(self.device)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens[token_ids]  # [T, H]
+
+    def attention(self, i: int, h: torch.Tensor, inputs: StepInputs, kv: torch.Tensor) -> torch.Tensor:
+        """h [T, H] -> h + attention(norm(h)); writes this step's K/V of layer i into kv."""
+        spec, w = self.spec, self.layers[i]
+        x = rms_norm(h, w["input_norm"], spec.rms_norm_eps)  # [T, H]
+        q = F.linear(x, w["q"], w.get("q_bias")).view(-1, spec.num_heads, spec.head_dim)  # [T, Hq, D]
+        k = F.linear(x, w["k"], w.get("k_bias")).view(-1, spec.num_kv_heads, spec.head_dim)  # [T, Hkv, D]
+        v = F.linear(x, w["v"], w.get("v_bias")).view(-1, spec.num_kv_heads, spec.head_dim)  # [T, Hkv, D]
+        if spec.qk_norm:
+            q = rms_norm(q, w["q_norm"], spec.rms_norm_eps)
+            k = rms_norm(k, w["k_norm"], spec.rms_norm_eps)
+        cos, sin = self.rotary.cos_sin(inputs.positions, q.dtype)  # [T, D]
+        q = Rotary.apply(q, cos, sin)
+        k = Rotary.apply(k, cos, sin)
+        write_kv(kv, i, inputs.slot_blocks, inputs.slot_offsets, k, v)
+        out = torch.empty_like(q)  # [T, Hq, D]
+        for c in inputs.chunks:
+            rows = slice(c.start, c.start + c.length)
+            out[rows] = paged_attention(q[rows], kv, i, c.block_ids, c.context_len, spec.sliding_window)
+        return h + F.linear(out.flatten(1), w["o"])  # [T, H]
+
+    def route(self, i: int, h: torch.Tensor) -> Routed:
+        """Post-attention norm and router top-k of layer i (a dense layer routes to expert 0)."""
+        spec, w = self.spec, self.layers[i]
+        x = rms_norm(h, w["post_norm"], spec.rms_norm_eps)  # [T, H]
+        router = w.get("router")
+        if router is None:
+            ids = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)  # [T, 1]
+            return Routed(x, ids, torch.ones(x.shape[0], 1, device=x.device))
+        logits = F.linear(x, router)  # [T, E]
+        renorm = spec.norm_topk_prob if spec.sparse_layers[i] else True
+        ids, weights = route_topk(logits, spec.layer_top_k(i), renorm)  # [T, k]
+        return Routed(x, ids, weights)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [T, H] -> logits [T, V] in float32."""
+        return F.linear(rms_norm(h, self.norm, self.spec.rms_norm_eps), self.lm_head).float()
+
+
+@dataclass
+class _Expert:
+    gate: torch.Tensor  # [I, H]
+    up: torch.Tensor  # [I, H]
+    down: torch.Tensor  # [H, I]
+
+
+class FFNSide:
+    """Experts of every MoE layer (all, or the subset `expert_ids`) plus, when `with_dense`,
+    the shared experts and the dense MLPs."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        reader: CheckpointReader,
+        device: torch.device,
+        dtype: torch.dtype,
+        expert_ids: frozenset[int] | None = None,
+        with_dense: bool = True,
+    ):
+        self.spec, self.device, self.dtype = spec, device, dtype
+        self.with_dense = with_dense
+        self.experts: list[dict[int, _Expert]] = []  # per layer: logical expert id -> weights
+        self.dense: list[_Expert | None] = []  # per layer: dense MLP (dense layers)
+        self.shared: list[tuple[_Expert, torch.Tensor] | None] = []  # per layer: shared expert + gate [1, H]
+
+        def get(name: str) -> torch.Tensor:
+            return reader.get(name, dtype, device)
+
+        for i in range(spec.num_layers):
+            p = _layer_prefix(i)
+            experts: dict[int, _Expert] = {}
+            dense = shared = None
+            if spec.sparse_layers[i]:
+                held = range(spec.num_experts) if expert_ids is None else sorted(expert_ids)
+                experts = self._load_experts(reader, get, _moe_prefix(spec, reader, i), held)
+                if with_dense and spec.shared_expert_intermediate_size:
+                    m = _moe_prefix(spec, reader, i)
+                    s = m + "shared_expert."
+                    mlp = _Expert(get(s + "gate_proj.weight"), get(s + "up_proj.weight"), get(s + "down_proj.weight"))
+                    shared = (mlp, get(m + "shared_expert_gate.weight"))
+            elif spec.upcycle is not None:
+                # Upcycled dense layer: every expert is the same dense MLP (shared tensors).
+                held = range(spec.upcycle.num_experts) if expert_ids is None else sorted(expert_ids)
+                if held:
+                    mlp = _Expert(get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"), get(p + "mlp.down_proj.weight"))
+                    experts = {e: mlp for e in held}
+            elif with_dense:
+                dense = _Expert(get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"), get(p + "mlp.down_proj.weight"))
+            self.experts.append(experts)
+            self.dense.append(dense)
+            self.shared.append(shared)
+
+    def _load_experts(self, reader, get, prefix: str, held) -> dict[int, _Expert]:
+        if prefix + "experts.gate_up_proj" in reader:  # fused layout [E, 2I, H], [E, H, I]
+            gate_up = reader.get(prefix + "experts.gate_up_proj", self.dtype)
+            down = reader.get(prefix + "experts.down_proj", self.dtype)
+            inter = gate_up.shape[1] // 2
+            return {
+                e: _Expert(
+                    gate_up[e, :inter].contiguous().to(self.device),
+                    gate_up[e, inter:].contiguous().to(self.device),
+                    down[e].contiguous().to(self.device),
+                )
+                for e in held
+            }
+        names = ("w1", "w3", "w2") if self.spec.family is Family.MIXTRAL else ("gate_proj", "up_proj", "down_proj")
+        return {
+            e: _Expert(*(get(f"{prefix}experts.{e}.{n}.weight") for n in names))
+            for e in held
+        }
+
+    def forward(self, i: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], topk_ids/weights [T, k] -> partial FFN output [T, H] over what this side holds."""
+        dense = self.dense[i]
+        if dense is not None:
+            return gated_mlp(x, dense.gate, dense.up, dense.down)
+        out = torch.zeros_like(x)  # [T, H]
+        experts = self.experts[i]
+        # Experts that share tensors (upcycled copies) run once over the union of their tokens,
+        # each token scaled by the summed weight of its selections among them.
+        groups: dict[int, list[int]] = {}
+        for e, mlp in experts.items():
+            groups.setdefault(id(mlp), []).append(e)
+        for members in groups.values():
+            sel = torch.isin(topk_ids, torch.tensor(members, device=topk_ids.device))  # [T, k]
+            weight = (topk_weights * sel).sum(-1)  # [T]
+            tokens = sel.any(-1).nonzero().squeeze(-1)  # [n]
+            if tokens.numel() == 0:
+                continue
+            mlp = experts[members[0]]
+            y = gated_mlp(x[tokens], mlp.gate, mlp.up, mlp.down)  # [n, H]
+            out.index_add_(0, tokens, y * weight[tokens, None].to(y.dtype))
+        shared = self.shared[i]
+        if shared is not None:
+            mlp, gate = shared
+            out = out + torch.sigmoid(F.linear(x, gate)) * gated_mlp(x, mlp.gate, mlp.up, mlp.down)
+        return out

@@ -1,0 +1,58 @@
+"""Attention over the paged KV cache (torch reference; runs on CPU and GPU).
+
+KV cache layout (owned by afkv.kv): kv[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim],
+index 0 of dim 2 = keys, 1 = values. A sequence's tokens live in the blocks of its block table,
+token t at (block_table[t // block_size], t % block_size). Attention reads exactly the
+sequence's tokens: no padding, no other sequence's blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(
+    kv: torch.Tensor, layer: int, slot_blocks: torch.Tensor, slot_offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """Store new keys/values: k, v [T, Hkv, D] at (slot_blocks[t], slot_offsets[t]) of `layer`."""
+    kv[slot_blocks, layer, 0, slot_offsets] = k.to(kv.dtype)
+    kv[slot_blocks, layer, 1, slot_offsets] = v.to(kv.dtype)
+
+
+def gather_kv(kv: torch.Tensor, layer: int, block_ids: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> keys, values [num_tokens, Hkv, D] of one sequence, read through its block table."""
+    blocks = kv[block_ids, layer]  # [nb, 2, bs, Hkv, D]
+    k = blocks[:, 0].flatten(0, 1)[:num_tokens]  # [N, Hkv, D]
+    v = blocks[:, 1].flatten(0, 1)[:num_tokens]  # [N, Hkv, D]
+    return k, v
+
+
+def paged_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    layer: int,
+    block_ids: torch.Tensor,
+    context_len: int,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of one sequence's new queries over its cached context.
+
+    q [n, H, D] are the queries of positions context_len - n .. context_len - 1 (their
+    keys/values are already written). Returns [n, H, D].
+    """
+    n, num_heads, head_dim = q.shape
+    k, v = gather_kv(kv, layer, block_ids, context_len)  # [N, Hkv, D]
+    group = num_heads // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)  # [N, H, D]
+        v = v.repeat_interleave(group, dim=1)
+    q_pos = torch.arange(context_len - n, context_len, device=q.device)  # [n]
+    k_pos = torch.arange(context_len, device=q.device)  # [N]
+    mask = k_pos[None, :] <= q_pos[:, None]  # [n, N]
+    if sliding_window is not None:
+        mask &= (q_pos[:, None] - k_pos[None, :]) < sliding_window
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).to(k.dtype), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask
+    )  # [H, n, D]
+    return out.transpose(0, 1).to(q.dtype)
