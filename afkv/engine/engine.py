@@ -1,0 +1,415 @@
+"""Engine: the async API of afkv (colocated mode: both halves of the model in this process).
+
+    async with afkv.Engine(model=path_or_None, config=cfg_or_toml) as engine:
+        async for chunk in engine.generate(prompt, SamplingParams(...)): ...
+        completion = await engine.complete(prompt, params)
+
+Concurrency: one asyncio event loop (the caller's) runs the step loop, request
+admission, detokenization and stop checks; one worker thread ("afkv-model") does all
+torch work (loading, forward passes, sampling). The scheduler, sequences and KV block
+tables are touched only on the loop thread, between steps; the worker only sees an
+immutable plan of the current step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Sequence as Seq
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+from afkv.config import EngineConfig
+from afkv.engine.params import Completion, CompletionChunk, SamplingParams
+from afkv.engine.runner import ChunkResult, ModelRunner
+from afkv.engine.scheduler import Scheduler, SchedulerLimits
+from afkv.engine.sequence import Sequence, SeqStatus
+from afkv.errors import (
+    EmptyPromptError,
+    EngineClosedError,
+    PromptTooLongError,
+    RequestError,
+    RequestFailedError,
+)
+from afkv.kv.layout import KVLayout
+from afkv.kv.manager import KVManager
+from afkv.model.model import Model, load_colocated
+from afkv.model.spec import ModelSpec, UpcycleSpec
+from afkv.model.tokenizer import Tokenizer
+
+log = logging.getLogger("afkv.engine")
+
+Prompt = str | list[dict] | Seq[int]
+
+
+class EngineState(Enum):
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_blocks: int
+    num_steps: int
+    num_preemptions: int
+    num_prompt_tokens: int
+    num_cached_prompt_tokens: int
+    num_generated_tokens: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class _Request:
+    def __init__(self, seq: Sequence):
+        self.seq = seq
+        self.queue: asyncio.Queue[CompletionChunk | BaseException] = asyncio.Queue()
+        self.text = ""  # output text so far (truncated at a stop string)
+        self.emitted_chars = 0
+        self.sent_prompt_logprobs = False
+
+
+class Engine:
+    def __init__(self, model: str | Path | None = None, config: EngineConfig | str | Path | None = None, *, progress: bool = True):
+        if isinstance(config, (str, Path)):
+            config = EngineConfig.from_toml(config)
+        self.config = config or EngineConfig()
+        self._model_path = str(model) if model else (self.config.model.path or None)
+        self._progress = progress
+        self._state = EngineState.NEW
+        self._requests: dict[int, _Request] = {}
+        self._aborts: set[int] = set()
+        self._next_id = 0
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._num_steps = 0
+        self._counts = {"prompt": 0, "cached": 0, "generated": 0}
+        self._finished: dict[int, Sequence] = _RecentDict(1024)  # for complete()
+        self.spec: ModelSpec | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.model_dir: Path | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def __aenter__(self) -> "Engine":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        if self._state is not EngineState.NEW:
+            raise EngineClosedError(f"an Engine starts once; this one is {self._state.value}")
+        self._state = EngineState.STARTING
+        loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="afkv-model")
+        try:
+            await loop.run_in_executor(self._executor, self._load)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._state = EngineState.CLOSED
+            raise
+        self._wakeup = asyncio.Event()
+        self._task = loop.create_task(self._run(), name="afkv-step-loop")
+        self._state = EngineState.RUNNING
+
+    async def aclose(self) -> None:
+        if self._state is EngineState.CLOSED:
+            return
+        self._state = EngineState.CLOSED
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise
+        for req in self._requests.values():
+            req.queue.put_nowait(EngineClosedError("the engine was closed before the request finished"))
+        self._requests.clear()
+        if self._executor is not None:
+            await asyncio.to_thread(self._executor.shutdown, True)
+
+    def _load(self) -> None:
+        """Worker thread: checkpoint, tokenizer, KV cache, runner."""
+        cfg = self.config
+        device = resolve_device(cfg.model.device)
+        dtype = resolve_dtype(cfg.model.dtype, device)
+        upcycle = cfg.upcycle
+        if self._model_path is None:
+            from afkv.model.default import ensure_default_checkpoint
+
+            self.model_dir = ensure_default_checkpoint(progress=self._progress)
+            upcycle = upcycle or UpcycleSpec()
+        else:
+            self.model_dir = Path(self._model_path)
+        model: Model = load_colocated(self.model_dir, device, dtype, upcycle)
+        self.spec = spec = model.spec
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, cfg.kv.block_size, dtype)
+        num_blocks = cfg.kv.num_blocks or max(1, cfg.kv.device_memory_mib * 2**20 // layout.block_nbytes)
+        salt = repr((str(self.model_dir.resolve()), spec.upcycle, str(dtype))).encode()
+        self._kv = KVManager(layout, num_blocks, device, salt=salt[-64:])
+        self._runner = ModelRunner(model, self._kv.kv, layout.block_size, device)
+        self._scheduler = Scheduler(self._kv, SchedulerLimits(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens))
+        self.max_model_len = min(cfg.scheduler.max_model_len or spec.max_position, spec.max_position, self._kv.capacity_tokens)
+        eos = set(spec.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self._eos_ids = frozenset(eos)
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self._scheduler.running),
+            num_waiting=len(self._scheduler.waiting),
+            num_free_blocks=self._kv.pool.num_free_blocks,
+            num_blocks=self._kv.pool.num_blocks,
+            num_steps=self._num_steps,
+            num_preemptions=self._scheduler.num_preemptions,
+            num_prompt_tokens=self._counts["prompt"],
+            num_cached_prompt_tokens=self._counts["cached"],
+            num_generated_tokens=self._counts["generated"],
+        )
+
+    @property
+    def kv_manager(self) -> KVManager:
+        return self._kv
+
+    # ---- requests --------------------------------------------------------------------------
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError(f"the model in {self.model_dir} has no tokenizer.json: pass token ids")
+            if not prompt:
+                raise EmptyPromptError("the prompt is empty")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            if self.tokenizer is None:
+                raise RequestError(f"the model in {self.model_dir} has no tokenizer: chat prompts need one")
+            return self.tokenizer.encode(self.tokenizer.render_chat(list(prompt)), add_special_tokens=False)
+        if isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise EmptyPromptError("the prompt is empty")
+            vocab = self.spec.vocab_size
+            for t in prompt:
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise RequestError(f"prompt token id {t!r} is not an integer in [0, {vocab})")
+            return list(prompt)
+        raise RequestError(f"a prompt is a string, a list of chat messages or a list of token ids, not {type(prompt).__name__}")
+
+    def _add(self, prompt: Prompt, params: SamplingParams | None) -> _Request:
+        if self._state is not EngineState.RUNNING:
+            raise EngineClosedError(f"the engine is {self._state.value}: use `async with Engine(...)` or await start()")
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be SamplingParams, not {type(params).__name__}")
+        ids = self.tokenize(prompt)
+        if not ids:
+            raise EmptyPromptError("the prompt is empty after tokenization")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens; this engine's context is {self.max_model_len} tokens "
+                "(prompt plus at least one new token)"
+            )
+        seq_id = self._next_id
+        self._next_id += 1
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        seq = Sequence(seq_id, ids, params, seed, self.max_model_len, time.monotonic())
+        req = self._requests[seq_id] = _Request(seq)
+        self._scheduler.add(seq)
+        self._counts["prompt"] += len(ids)
+        self._wakeup.set()
+        return req
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[CompletionChunk]:
+        """Stream a completion. Cancelling the consuming task (or closing the iterator) aborts
+        the request and frees its KV blocks."""
+        req = self._add(prompt, params)
+        try:
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if req.seq.status is not SeqStatus.FINISHED and self._state is EngineState.RUNNING:
+                self._aborts.add(req.seq.seq_id)
+                self._wakeup.set()
+
+    async def complete(self, prompt: Prompt, params: SamplingParams | None = None) -> Completion:
+        chunks = [c async for c in self.generate(prompt, params)]
+        last = chunks[-1]
+        seq = self._finished[last.request_id]
+        return Completion(
+            request_id=last.request_id,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            token_ids=[t for c in chunks for t in c.token_ids],
+            text="".join(c.text for c in chunks),
+            logprobs=[lp for c in chunks for lp in c.logprobs],
+            top_logprobs=None if chunks[0].top_logprobs is None else [t for c in chunks for t in c.top_logprobs],
+            finish_reason=last.finish_reason,
+            prompt_logprobs=chunks[0].prompt_logprobs,
+            metrics=last.metrics,
+        )
+
+    # ---- the step loop ---------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._apply_aborts()
+            step = self._scheduler.schedule()
+            if not step:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            plan = self._scheduler.plan(step)
+            try:
+                results = await loop.run_in_executor(self._executor, self._runner.execute, plan)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("step failed; failing its %d requests", len(step))
+                for seq, _ in step:
+                    self._finish_with_error(seq, RequestFailedError(f"request {seq.seq_id} failed: {exc}"))
+                continue
+            self._num_steps += 1
+            now = time.monotonic()
+            for (seq, n), chunk, res in zip(step, plan, results):
+                if seq.seq_id in self._aborts or seq.status is not SeqStatus.RUNNING:
+                    continue
+                self._advance(seq, n, chunk.start_pos, res, now)
+
+    def _apply_aborts(self) -> None:
+        for seq_id in self._aborts:
+            req = self._requests.pop(seq_id, None)
+            if req is not None and req.seq.status is not SeqStatus.FINISHED:
+                self._scheduler.remove(req.seq)
+                req.seq.status = SeqStatus.FINISHED
+                req.seq.finish_reason = "abort"
+        self._aborts.clear()
+
+    def _finish_with_error(self, seq: Sequence, exc: BaseException) -> None:
+        self._scheduler.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        req = self._requests.pop(seq.seq_id, None)
+        if req is not None:
+            req.queue.put_nowait(exc)
+
+    def _advance(self, seq: Sequence, n: int, start_pos: int, res: ChunkResult, now: float) -> None:
+        seq.num_computed += n
+        self._kv.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+        if res.prompt_logprobs:
+            for j, entry in enumerate(res.prompt_logprobs):
+                pos = start_pos + 1 + j
+                while len(seq.prompt_logprobs) <= pos:
+                    seq.prompt_logprobs.append(None)
+                seq.prompt_logprobs[pos] = entry
+        if res.token_id is None:
+            return
+        tok = res.token_id
+        seq.token_ids.append(tok)
+        seq.logprobs.append(res.logprob)
+        if seq.top_logprobs is not None:
+            seq.top_logprobs.append(res.top or {})
+        m = seq.metrics
+        if m.first_token_s is None:
+            m.first_token_s = now
+            self._counts["cached"] += m.num_cached_tokens
+        m.token_times_s.append(now)
+        self._counts["generated"] += 1
+
+        p = seq.params
+        finish = None
+        if (not p.ignore_eos and tok in self._eos_ids) or tok in p.stop_token_ids:
+            finish = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= seq.max_len:
+            finish = "length"
+        req = self._requests[seq.seq_id]
+        text_delta, stopped = self._detokenize(req, finish is not None)
+        if stopped:
+            finish = "stop"
+        chunk = CompletionChunk(
+            request_id=seq.seq_id,
+            token_ids=[tok],
+            text=text_delta,
+            logprobs=[res.logprob],
+            top_logprobs=None if seq.top_logprobs is None else [res.top or {}],
+        )
+        if not req.sent_prompt_logprobs:
+            chunk.prompt_logprobs = seq.prompt_logprobs
+            req.sent_prompt_logprobs = True
+        if finish is not None:
+            seq.finish_reason = finish
+            seq.status = SeqStatus.FINISHED
+            m.finished_s = now
+            chunk.finish_reason = finish
+            chunk.metrics = m
+            self._scheduler.remove(seq)
+            del self._requests[seq.seq_id]
+            self._finished[seq.seq_id] = seq
+        req.queue.put_nowait(chunk)
+
+    def _detokenize(self, req: _Request, final: bool) -> tuple[str, bool]:
+        """-> (text to emit now, whether a stop string ended the request)."""
+        if self.tokenizer is None:
+            return "", False
+        seq = req.seq
+        text = self.tokenizer.decode(seq.output_ids)
+        stops = seq.params.stop
+        stopped = False
+        if stops:
+            start = max(0, len(req.text) - max(map(len, stops)))
+            hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+            if hits:
+                text, stopped = text[: min(hits)], True
+        req.text = text
+        end = len(text)
+        if not (final or stopped):
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                end = text.rstrip("\ufffd").__len__()
+            if stops:  # hold back what could be the start of a stop string
+                end = min(end, len(text) - (max(map(len, stops)) - 1))
+        end = max(end, req.emitted_chars)
+        delta = text[req.emitted_chars : end]
+        req.emitted_chars = end
+        return delta, stopped
+
+
+class _RecentDict(dict):
+    """A dict keeping only the most recent `size` entries (finished sequences for complete())."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self._size = size
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        if len(self) > self._size:
+            del self[next(iter(self))]

@@ -1,0 +1,107 @@
+"""ModelRunner: executes one scheduled step on the model worker thread.
+
+The event loop hands it a `StepPlan` of plain Python values and gets plain Python
+values back; all torch work (building inputs, the forward pass, sampling) happens here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from afkv.model.model import Model
+from afkv.model.sides import SeqChunk, StepInputs
+from afkv.ops.sampling import row_generator, sample_row, top_logprobs
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    step: int  # index of the token being sampled within the request's output
+    num_top_logprobs: int | None
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    seq_id: int
+    token_ids: tuple[int, ...]  # tokens computed this step
+    start_pos: int  # position of token_ids[0]
+    block_table: tuple[int, ...]  # covers start_pos + len(token_ids) tokens
+    sample: SampleSpec | None  # set when this chunk reaches the end of the known tokens
+    prompt_targets: tuple[int, ...] = ()  # prompt tokens following each row, when prompt logprobs are asked
+    num_prompt_top: int = 0
+
+
+@dataclass
+class ChunkResult:
+    token_id: int | None = None
+    logprob: float | None = None
+    top: dict[int, float] | None = None
+    prompt_logprobs: list[dict[int, float]] | None = None
+
+
+class ModelRunner:
+    def __init__(self, model: Model, kv: torch.Tensor, block_size: int, device: torch.device):
+        self.model, self.kv, self.block_size, self.device = model, kv, block_size, device
+
+    def _inputs(self, plan: list[ChunkPlan]) -> StepInputs:
+        bs, dev = self.block_size, self.device
+        ids, pos, blocks, offsets, chunks = [], [], [], [], []
+        for c in plan:
+            start = len(ids)
+            n = len(c.token_ids)
+            ids.extend(c.token_ids)
+            for p in range(c.start_pos, c.start_pos + n):
+                pos.append(p)
+                blocks.append(c.block_table[p // bs])
+                offsets.append(p % bs)
+            ctx = c.start_pos + n
+            table = torch.tensor(c.block_table[: -(-ctx // bs)], dtype=torch.int64, device=dev)
+            chunks.append(SeqChunk(start, n, ctx, table))
+
+        def t(x: list[int]) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.int64, device=dev)
+
+        return StepInputs(t(ids), t(pos), t(blocks), t(offsets), chunks)
+
+    @torch.inference_mode()
+    def execute(self, plan: list[ChunkPlan]) -> list[ChunkResult]:
+        inputs = self._inputs(plan)
+        h = self.model.forward(inputs, self.kv)  # [T, H]
+        rows: list[int] = []  # rows of h whose logits are needed
+        for c, chunk in zip(plan, inputs.chunks):
+            rows.extend(range(chunk.start, chunk.start + len(c.prompt_targets)))
+            if c.sample is not None:
+                rows.append(chunk.start + chunk.length - 1)
+        if not rows:
+            return [ChunkResult() for _ in plan]
+        logits = self.model.attn.logits(h[torch.tensor(rows, device=h.device)])  # [R, V] float32
+        logprobs = torch.log_softmax(logits, -1)  # [R, V]
+        results, r = [], 0
+        for c in plan:
+            res = ChunkResult()
+            if c.prompt_targets:
+                n = len(c.prompt_targets)
+                lp = logprobs[r : r + n]  # [n, V]
+                target_lp = lp.gather(1, torch.tensor(c.prompt_targets, device=lp.device)[:, None])[:, 0].tolist()
+                res.prompt_logprobs = []
+                for j, tok in enumerate(c.prompt_targets):
+                    entry = top_logprobs(lp[j], c.num_prompt_top)
+                    entry[tok] = target_lp[j]
+                    res.prompt_logprobs.append(entry)
+                r += n
+            if c.sample is not None:
+                s = c.sample
+                gen = None if s.temperature == 0 else row_generator(s.seed, s.step, logits.device)
+                tok = sample_row(logits[r], s.temperature, s.top_k, s.top_p, gen)
+                res.token_id = tok
+                res.logprob = float(logprobs[r, tok])
+                if s.num_top_logprobs:
+                    res.top = top_logprobs(logprobs[r], s.num_top_logprobs)
+                r += 1
+            results.append(res)
+        return results

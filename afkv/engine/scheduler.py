@@ -1,0 +1,123 @@
+"""Scheduler: continuous batching with chunked prefill (loop thread only).
+
+Every step, each running sequence gets the tokens it still has to compute (one for a
+decoding sequence, a chunk of the prompt for a prefilling one) within a token budget;
+waiting sequences are admitted while budget, sequence slots and KV blocks allow. When
+KV blocks run out, the most recently admitted running sequence is preempted: its blocks
+are freed and it is recomputed later (its sampled tokens are kept).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from afkv.engine.runner import ChunkPlan, SampleSpec
+from afkv.engine.sequence import Sequence, SeqStatus
+from afkv.kv.manager import KVManager
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+class Scheduler:
+    """Owner of the waiting queue and the running list."""
+
+    def __init__(self, kv: KVManager, limits: SchedulerLimits):
+        self.kv = kv
+        self.limits = limits
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out (finished or aborted) and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq.seq_id)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.seq_id)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """-> [(sequence, number of tokens to compute this step)]; empty when idle or blocked."""
+        budget = self.limits.max_num_batched_tokens
+        step: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_uncomputed, budget)
+            while not self.kv.allocate(seq.seq_id, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is SeqStatus.RUNNING:
+                step.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.kv.has(seq.seq_id):
+                if seq.wants_prompt_logprobs:
+                    self.kv.match_prefix(seq.seq_id, [])  # logits are needed at every prompt position
+                else:
+                    cached = self.kv.match_prefix(seq.seq_id, seq.token_ids)
+                    seq.num_computed = cached
+                    if seq.metrics.first_token_s is None:
+                        seq.metrics.num_cached_tokens = min(cached, seq.num_prompt_tokens)
+            n = min(seq.num_uncomputed, budget)
+            if not self.kv.allocate(seq.seq_id, seq.num_computed + n):
+                if not self.running and not step:
+                    # Alone and still short: only cached blocks held by nobody remain; retry fresh.
+                    self.kv.free(seq.seq_id)
+                    seq.num_computed = 0
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            step.append((seq, n))
+            budget -= n
+        return step
+
+    def plan(self, step: list[tuple[Sequence, int]]) -> list[ChunkPlan]:
+        out = []
+        for seq, n in step:
+            start = seq.num_computed
+            end = start + n
+            sample = None
+            if end == len(seq.token_ids):
+                p = seq.params
+                sample = SampleSpec(p.temperature, p.top_k, p.top_p, seq.seed, seq.num_output_tokens, p.logprobs)
+            targets: tuple[int, ...] = ()
+            if seq.wants_prompt_logprobs and start < seq.num_prompt_tokens - 1:
+                targets = tuple(seq.token_ids[start + 1 : min(end, seq.num_prompt_tokens - 1) + 1])
+            out.append(
+                ChunkPlan(
+                    seq_id=seq.seq_id,
+                    token_ids=tuple(seq.token_ids[start:end]),
+                    start_pos=start,
+                    block_table=tuple(self.kv.block_table(seq.seq_id)),
+                    sample=sample,
+                    prompt_targets=targets,
+                    num_prompt_top=seq.params.prompt_logprobs or 0,
+                )
+            )
+        return out

@@ -1,0 +1,45 @@
+"""Token sampling on logits rows (torch; CPU and GPU)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def row_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """A generator that depends only on (seed, step): sampling is reproducible whatever the batch."""
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [V] -> scaled logits with filtered-out entries at -inf."""
+    x = logits / temperature
+    if 0 < top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)  # [V]
+        cum = torch.softmax(sorted_x, -1).cumsum(-1)
+        drop_sorted = (cum - torch.softmax(sorted_x, -1)) >= top_p  # keep the smallest set reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        x = x.masked_fill(drop, float("-inf"))
+    return x
+
+
+def sample_row(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> int:
+    """logits [V] float32 -> token id. temperature 0 is argmax."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), -1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def top_logprobs(logprobs: torch.Tensor, n: int) -> dict[int, float]:
+    if n <= 0:
+        return {}
+    values, ids = torch.topk(logprobs, n)
+    return {int(i): float(v) for i, v in zip(ids.tolist(), values.tolist())}
