@@ -203,10 +203,10 @@ class Engine:
     # ---- requests --------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError(f"the model in {self.model_dir} has no tokenizer.json: pass token ids")
             if not prompt:
                 raise EmptyPromptError("the prompt is empty")
+            if self.tokenizer is None:
+                raise RequestError(f"the model in {self.model_dir} has no tokenizer.json: pass token ids")
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             if self.tokenizer is None:

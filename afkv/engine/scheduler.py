@@ -85,10 +85,10 @@ class Scheduler:
                         seq.metrics.num_cached_tokens = min(cached, seq.num_prompt_tokens)
             n = min(seq.num_uncomputed, budget)
             if not self.kv.allocate(seq.seq_id, seq.num_computed + n):
-                if not self.running and not step:
-                    # Alone and still short: only cached blocks held by nobody remain; retry fresh.
-                    self.kv.free(seq.seq_id)
-                    seq.num_computed = 0
+                # Waiting sequences hold no blocks: with nothing running, every block is free
+                # (cached ones included), so the head always fits eventually.
+                self.kv.free(seq.seq_id)
+                seq.num_computed = 0
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING

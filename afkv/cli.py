@@ -1,0 +1,137 @@
+"""The `afkv` command.
+
+    afkv run [PROMPT ...]        generate with the default model (or --model/--config), streaming text
+    afkv bench decode            afkv vs transformers' generate: decode tokens/s and TTFT
+    afkv make-tiny OUT           write tiny random HF checkpoints of each family (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PROMPT = "What is the capital of France?"
+
+
+def _run_async(coro):
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+async def _cmd_run(args) -> int:
+    from afkv import Engine, SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                            top_p=args.top_p, top_k=args.top_k)
+    _err(f"afkv: loading {args.model or 'the default model (SmolLM2-135M-Instruct, upcycled to MoE)'} ...")
+    t0 = time.monotonic()
+    async with Engine(args.model, args.config) as engine:
+        _err(f"afkv: loaded in {time.monotonic() - t0:.1f} s ({engine.spec.family.value}, "
+             f"{engine.spec.num_layers} layers, {engine.stats().num_blocks} KV blocks)")
+        chat = engine.tokenizer is not None and engine.tokenizer.chat_template and not args.raw
+        for text in args.prompts or [DEFAULT_PROMPT]:
+            prompt = [{"role": "user", "content": text}] if chat else text
+            if len(args.prompts) > 1:
+                print(f"\n>>> {text}")
+            last = None
+            async for chunk in engine.generate(prompt, params):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                last = chunk
+            print()
+            m = last.metrics
+            n = len(m.token_times_s)
+            decode = (n - 1) / (m.token_times_s[-1] - m.token_times_s[0]) if n > 1 else float("nan")
+            _err(f"[{m.num_prompt_tokens} prompt tokens, {n} new tokens, TTFT {m.ttft_s * 1e3:.0f} ms, "
+                 f"{decode:.1f} tok/s decode, finish: {last.finish_reason}]")
+    return 0
+
+
+async def _cmd_bench_decode(args) -> int:
+    from afkv.bench.decode import format_table, run_decode_bench, write_json
+    from afkv.config import EngineConfig
+
+    cfg = EngineConfig.from_toml(args.config) if args.config else None
+    result = await run_decode_bench(
+        args.model, cfg, [int(b) for b in args.batch_sizes.split(",")], args.prompt_len, args.gen_len,
+        with_hf=not args.no_hf, progress=_err,
+    )
+    print(format_table(result))
+    out = write_json(result, args.json or f"bench-results/decode-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    _err(f"afkv: wrote {out}")
+    return 0
+
+
+def _cmd_make_tiny(args) -> int:
+    from afkv.model.tiny import FAMILIES, write_tiny_checkpoint
+
+    families = FAMILIES if args.family == "all" else (args.family,)
+    for fam in families:
+        out = write_tiny_checkpoint(fam, Path(args.out) / fam, seed=args.seed)
+        print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="afkv", description="MoE serving with Attention-FFN disaggregation")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate text (default: the embedded SmolLM2-135M MoE)")
+    run.add_argument("prompts", nargs="*", help=f"prompts (default: {DEFAULT_PROMPT!r})")
+    run.add_argument("--model", help="Hugging Face checkpoint directory")
+    run.add_argument("--config", help="engine TOML config (see configs/)")
+    run.add_argument("--max-tokens", type=int, default=128)
+    run.add_argument("--temperature", type=float, default=0.0)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--top-k", type=int, default=0)
+    run.add_argument("--seed", type=int)
+    run.add_argument("--raw", action="store_true", help="send prompts as plain text, without the chat template")
+
+    bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    dec = bsub.add_parser("decode", help="afkv vs transformers generate: decode tokens/s and TTFT")
+    dec.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    dec.add_argument("--config", help="engine TOML config")
+    dec.add_argument("--batch-sizes", default="1,4,16")
+    dec.add_argument("--prompt-len", type=int, default=64)
+    dec.add_argument("--gen-len", type=int, default=32)
+    dec.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    dec.add_argument("--json", help="output path (default bench-results/decode-<time>.json)")
+
+    tiny = sub.add_parser("make-tiny", help="write tiny random HF checkpoints (needs transformers)")
+    tiny.add_argument("out")
+    tiny.add_argument("--family", default="all", choices=["all", "llama", "mixtral", "qwen2_moe", "qwen3_moe"])
+    tiny.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from afkv.errors import AfkvError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run_async(_cmd_run(args))
+        if args.command == "bench":
+            return _run_async(_cmd_bench_decode(args))
+        return _cmd_make_tiny(args)
+    except AfkvError as exc:
+        _err(f"afkv: error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        _err("afkv: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

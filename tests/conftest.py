@@ -1,0 +1,47 @@
+import os
+
+import pytest
+import torch
+
+FAMILIES = ("llama", "mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def pytest_configure(config):
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Never write to the user's cache: the default model converts into a session directory."""
+    old = os.environ.get("AFKV_CACHE_DIR")
+    os.environ["AFKV_CACHE_DIR"] = str(tmp_path_factory.mktemp("afkv-cache"))
+    yield
+    if old is None:
+        os.environ.pop("AFKV_CACHE_DIR", None)
+    else:
+        os.environ["AFKV_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """family -> directory of a tiny random HF checkpoint written by transformers."""
+    from afkv.model.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {fam: write_tiny_checkpoint(fam, root / fam, seed=i) for i, fam in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    from afkv.model.default import ensure_default_checkpoint
+
+    return ensure_default_checkpoint(progress=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
