@@ -2,26 +2,20 @@
 
     afkv run [PROMPT ...]        generate with the default model (or --model/--config), streaming text
     afkv bench decode            afkv vs transformers' generate: decode tokens/s and TTFT
+    afkv launch CONFIG           start a deployment (attention + expert nodes) as local processes
     afkv make-tiny OUT           write tiny random HF checkpoints of each family (tests)
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from pathlib import Path
 
+from afkv.serve import run_async
+
 DEFAULT_PROMPT = "What is the capital of France?"
-
-
-def _run_async(coro):
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def _err(msg: str) -> None:
@@ -72,6 +66,29 @@ async def _cmd_bench_decode(args) -> int:
     return 0
 
 
+def _cmd_launch(args) -> int:
+    import signal
+
+    from afkv.serve.launch import Deployment
+
+    dep = Deployment(args.config, args.model, log_dir=args.log_dir)
+    d = dep.config.deployment
+    _err(f"afkv: starting {d.attention_nodes} attention + {d.expert_nodes} expert nodes ...")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with dep:
+        _err(f"afkv: deployment ready; attach with afkv.Engine.attach({dep.address!r}) -- Ctrl-C stops it")
+        print(dep.address, flush=True)
+        try:
+            while all(p.poll() is None for p in dep.procs.values()):
+                time.sleep(0.5)
+            dead = [r for r, p in dep.procs.items() if p.poll() is not None]
+            _err(f"afkv: node(s) {dead} exited; stopping the deployment")
+            return 1
+        except KeyboardInterrupt:
+            _err("afkv: stopping ...")
+    return 0
+
+
 def _cmd_make_tiny(args) -> int:
     from afkv.model.tiny import FAMILIES, write_tiny_checkpoint
 
@@ -108,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     dec.add_argument("--json", help="output path (default bench-results/decode-<time>.json)")
 
+    launch = sub.add_parser("launch", help="start every node of a deployment config as local processes")
+    launch.add_argument("config", help="TOML with a [deployment] section (see configs/deploy-*.toml)")
+    launch.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    launch.add_argument("--log-dir", help="write each node's output to LOG_DIR/node<rank>.log")
+
     tiny = sub.add_parser("make-tiny", help="write tiny random HF checkpoints (needs transformers)")
     tiny.add_argument("out")
     tiny.add_argument("--family", default="all", choices=["all", "llama", "mixtral", "qwen2_moe", "qwen3_moe"])
@@ -121,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            return _run_async(_cmd_run(args))
+            return run_async(_cmd_run(args))
         if args.command == "bench":
-            return _run_async(_cmd_bench_decode(args))
+            return run_async(_cmd_bench_decode(args))
+        if args.command == "launch":
+            return _cmd_launch(args)
         return _cmd_make_tiny(args)
     except AfkvError as exc:
         _err(f"afkv: error: {exc}")

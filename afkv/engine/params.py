@@ -97,6 +97,7 @@ class CompletionChunk:
     top_logprobs: list[TopLogprobs] | None  # when SamplingParams.logprobs is set
     finish_reason: str | None = None  # "stop" | "length" on the last chunk
     prompt_logprobs: list[TopLogprobs | None] | None = None  # first chunk only, when asked
+    prompt_token_ids: list[int] | None = None  # first chunk only
     metrics: RequestMetrics | None = None  # last chunk only
 
 

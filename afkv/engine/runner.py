@@ -45,8 +45,9 @@ class ChunkResult:
 
 
 class ModelRunner:
-    def __init__(self, model: Model, kv: torch.Tensor, block_size: int, device: torch.device):
+    def __init__(self, model: Model, kv: torch.Tensor, block_size: int, device: torch.device, micro_batches: int = 1):
         self.model, self.kv, self.block_size, self.device = model, kv, block_size, device
+        self.micro_batches = micro_batches  # read once per step: the engine may change it between steps
 
     def _inputs(self, plan: list[ChunkPlan]) -> StepInputs:
         bs, dev = self.block_size, self.device
@@ -71,7 +72,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: list[ChunkPlan]) -> list[ChunkResult]:
         inputs = self._inputs(plan)
-        h = self.model.forward(inputs, self.kv)  # [T, H]
+        h = self.model.forward(inputs, self.kv, self.micro_batches)  # [T, H]
         rows: list[int] = []  # rows of h whose logits are needed
         for c, chunk in zip(plan, inputs.chunks):
             rows.extend(range(chunk.start, chunk.start + len(c.prompt_targets)))

@@ -1,49 +1,144 @@
-"""The decoder layer loop, joining the attention side to an FFN backend at the AF seam."""
+"""The decoder layer loop, joining the attention side to an FFN backend at the AF seam.
+
+With m micro-batches the loop is the ping-pong of DESIGN.md: while the FFN backend
+works on micro-batch i of layer l, the attention side computes micro-batch i+1.
+
+    for layer l:
+        for micro-batch i:
+            h_i += ffn result of (l-1, i)          # wait only for what is needed now
+            h_i  = attention_l(h_i); r_i = route_l(h_i)
+            submit r_i to the FFN backend          # returns at once when remote
+"""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from afkv.model.sides import AttentionSide, FFNSide, StepInputs
+from afkv.model.sides import AttentionSide, FFNSide, SeqChunk, StepInputs
 from afkv.model.spec import ModelSpec, UpcycleSpec, load_spec
 from afkv.model.weights import CheckpointReader
 
 
-class FFNBackend(Protocol):
-    """What the attention side calls once per layer: the local FFNSide (colocated) or a
-    transport to expert nodes (disaggregated)."""
+class FFNHandle(Protocol):
+    def result(self) -> torch.Tensor: ...
 
-    def forward(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor: ...
+
+class FFNBackend(Protocol):
+    """What the attention side calls once per layer and micro-batch: the local FFNSide
+    (colocated) or a transport to expert nodes (disaggregated)."""
+
+    def submit(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> FFNHandle: ...
+
+
+class _Done:
+    def __init__(self, y: torch.Tensor):
+        self._y = y
+
+    def result(self) -> torch.Tensor:
+        return self._y
+
+
+class LocalFFN:
+    """Colocated backend: the FFN side runs in this process, at submit time."""
+
+    def __init__(self, ffn: FFNSide):
+        self.ffn = ffn
+
+    def submit(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> FFNHandle:
+        return _Done(self.ffn.forward(layer, x, topk_ids, topk_weights))
+
+
+def split_micro_batches(inputs: StepInputs, m: int) -> list[StepInputs]:
+    """Split a step into at most m micro-batches of whole sequence chunks, balanced by tokens."""
+    chunks = inputs.chunks
+    m = max(1, min(m, len(chunks)))
+    if m == 1:
+        return [inputs]
+    total = sum(c.length for c in chunks)
+    groups: list[list[SeqChunk]] = [[]]
+    acc = 0
+    for c in chunks:
+        if groups[-1] and len(groups) < m and acc >= total * len(groups) / m:
+            groups.append([])
+        groups[-1].append(c)
+        acc += c.length
+    out = []
+    for g in groups:
+        start, end = g[0].start, g[-1].start + g[-1].length
+        rows = slice(start, end)
+        out.append(StepInputs(
+            inputs.token_ids[rows], inputs.positions[rows], inputs.slot_blocks[rows], inputs.slot_offsets[rows],
+            [SeqChunk(c.start - start, c.length, c.context_len, c.block_ids) for c in g],
+        ))
+    return out
+
+
+@dataclass
+class LayerTimings:
+    """Attention-side time per micro-batch layer, accumulated (seconds; host clock: on GPUs
+    this is launch time unless the FFN wait synchronises)."""
+
+    count: int = 0
+    attention_s: float = 0.0  # attention + router
+    wait_s: float = 0.0  # waiting for the FFN result (idle when the FFN is remote)
 
 
 class Model:
     def __init__(self, spec: ModelSpec, attn: AttentionSide, ffn: FFNBackend):
         self.spec, self.attn, self.ffn = spec, attn, ffn
+        self.timings = LayerTimings()
 
-    def forward(self, inputs: StepInputs, kv: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: StepInputs, kv: torch.Tensor, micro_batches: int = 1) -> torch.Tensor:
         """One step over the flattened chunks of all scheduled sequences -> hidden states [T, H]."""
-        h = self.attn.embed(inputs.token_ids)  # [T, H]
-        for i in range(self.spec.num_layers):
-            h = self.attn.attention(i, h, inputs, kv)
-            r = self.attn.route(i, h)
-            h = h + self.ffn.forward(i, r.x, r.topk_ids, r.topk_weights)
-        return h
+        mbs = split_micro_batches(inputs, micro_batches)
+        hs = [self.attn.embed(mb.token_ids) for mb in mbs]  # m x [T_i, H]
+        pending: list[FFNHandle | None] = [None] * len(mbs)
+        t = self.timings
+        for layer in range(self.spec.num_layers):
+            for i, mb in enumerate(mbs):
+                t0 = time.perf_counter()
+                if pending[i] is not None:
+                    hs[i] = hs[i] + pending[i].result()
+                t1 = time.perf_counter()
+                hs[i] = self.attn.attention(layer, hs[i], mb, kv)
+                r = self.attn.route(layer, hs[i])
+                pending[i] = self.ffn.submit(layer, r.x, r.topk_ids, r.topk_weights)
+                t.count += 1
+                t.wait_s += t1 - t0
+                t.attention_s += time.perf_counter() - t1
+        hs = [h + p.result() for h, p in zip(hs, pending)]
+        return hs[0] if len(hs) == 1 else torch.cat(hs)
+
+
+def load_attention_side(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
+                        upcycle: UpcycleSpec | None = None) -> tuple[ModelSpec, AttentionSide]:
+    spec = load_spec(model_dir)
+    if upcycle is not None:
+        spec = spec.with_upcycle(upcycle)
+    reader = CheckpointReader(model_dir)
+    try:
+        return spec, AttentionSide(spec, reader, device, dtype)
+    finally:
+        reader.close()
+
+
+def load_ffn_side(spec: ModelSpec, model_dir: str | Path, device: torch.device, dtype: torch.dtype,
+                  expert_ids: frozenset[int] | None = None, dense_layers: frozenset[int] | None = None) -> FFNSide:
+    reader = CheckpointReader(model_dir)
+    try:
+        return FFNSide(spec, reader, device, dtype, expert_ids, dense_layers)
+    finally:
+        reader.close()
 
 
 def load_colocated(
     model_dir: str | Path, device: torch.device, dtype: torch.dtype, upcycle: UpcycleSpec | None = None
 ) -> Model:
     """Both halves in one process (the baseline every disaggregated topology is compared to)."""
-    spec = load_spec(model_dir)
-    if upcycle is not None:
-        spec = spec.with_upcycle(upcycle)
-    reader = CheckpointReader(model_dir)
-    try:
-        attn = AttentionSide(spec, reader, device, dtype)
-        ffn = FFNSide(spec, reader, device, dtype)
-    finally:
-        reader.close()
-    return Model(spec, attn, ffn)
+    spec, attn = load_attention_side(model_dir, device, dtype, upcycle)
+    return Model(spec, attn, LocalFFN(load_ffn_side(spec, model_dir, device, dtype)))

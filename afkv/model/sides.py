@@ -155,8 +155,8 @@ class _Expert:
 
 
 class FFNSide:
-    """Experts of every MoE layer (all, or the subset `expert_ids`) plus, when `with_dense`,
-    the shared experts and the dense MLPs."""
+    """Experts of every MoE layer (all, or the subset `expert_ids`) plus the shared experts
+    and dense MLPs of the layers in `dense_layers` (all layers when None)."""
 
     def __init__(
         self,
@@ -165,10 +165,9 @@ class FFNSide:
         device: torch.device,
         dtype: torch.dtype,
         expert_ids: frozenset[int] | None = None,
-        with_dense: bool = True,
+        dense_layers: frozenset[int] | None = None,
     ):
         self.spec, self.device, self.dtype = spec, device, dtype
-        self.with_dense = with_dense
         self.experts: list[dict[int, _Expert]] = []  # per layer: logical expert id -> weights
         self.dense: list[_Expert | None] = []  # per layer: dense MLP (dense layers)
         self.shared: list[tuple[_Expert, torch.Tensor] | None] = []  # per layer: shared expert + gate [1, H]
@@ -178,6 +177,7 @@ class FFNSide:
 
         for i in range(spec.num_layers):
             p = _layer_prefix(i)
+            with_dense = dense_layers is None or i in dense_layers
             experts: dict[int, _Expert] = {}
             dense = shared = None
             if spec.sparse_layers[i]:
@@ -224,6 +224,7 @@ class FFNSide:
         dense = self.dense[i]
         if dense is not None:
             return gated_mlp(x, dense.gate, dense.up, dense.down)
+        assert self.spec.layer_has_router(i), f"layer {i} is dense and its MLP is not held here"
         out = torch.zeros_like(x)  # [T, H]
         experts = self.experts[i]
         # Experts that share tensors (upcycled copies) run once over the union of their tokens,

@@ -38,7 +38,7 @@ def test_sharded_checkpoint_loads_the_same_weights(tiny_dir, tmp_path):
     a = load_colocated(src, torch.device("cpu"), torch.float32)
     b = load_colocated(out, torch.device("cpu"), torch.float32)
     assert torch.equal(a.attn.layers[2]["q"], b.attn.layers[2]["q"])
-    assert torch.equal(a.ffn.experts[0][5].down, b.ffn.experts[0][5].down)
+    assert torch.equal(a.ffn.ffn.experts[0][5].down, b.ffn.ffn.experts[0][5].down)
 
 
 def test_each_side_reads_only_its_tensors(tiny_dir, monkeypatch):

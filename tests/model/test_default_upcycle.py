@@ -55,8 +55,8 @@ def test_upcycled_layers_route_across_experts(upcycled):
     from afkv.ops.layers import gated_mlp
 
     r = upcycled.attn.route(3, x)
-    mlp = upcycled.ffn.experts[3][0]
-    got = upcycled.ffn.forward(3, r.x, r.topk_ids, r.topk_weights)
+    mlp = upcycled.ffn.ffn.experts[3][0]
+    got = upcycled.ffn.ffn.forward(3, r.x, r.topk_ids, r.topk_weights)
     assert rel_err(got, gated_mlp(r.x, mlp.gate, mlp.up, mlp.down)) < 1e-5
 
 

@@ -1,0 +1,29 @@
+"""Attention-node side of a deployment: find the expert nodes and connect the RemoteFFN."""
+
+from __future__ import annotations
+
+import asyncio
+
+from afkv.config import DeploymentConfig
+from afkv.model.spec import ModelSpec
+from afkv.nodes.placement import contiguous_placement
+from afkv.nodes.remote_ffn import RemoteFFN
+from afkv.nodes.rendezvous import lookup, open_store
+
+
+async def connect_expert_nodes(spec: ModelSpec, d: DeploymentConfig, rank: int) -> RemoteFFN:
+    """Find the expert nodes through the rendezvous store and connect to each."""
+    store = await asyncio.to_thread(open_store, d.host, d.port, False, d.expert_timeout_s * 3)
+    first = [True] * d.expert_nodes
+
+    async def resolve(j: int) -> tuple[str, int]:
+        # at start-up expert nodes may still be loading: wait longer than on a reconnect
+        timeout_s = max(120.0, d.expert_timeout_s) if first[j] else d.expert_timeout_s
+        first[j] = False
+        [address] = await asyncio.to_thread(lookup, store, "expert", j + 1, timeout_s, j)
+        return address
+
+    remote = RemoteFFN(contiguous_placement(spec, d.expert_nodes), resolve, f"attention{rank}",
+                       d.token or None, d.expert_timeout_s, asyncio.get_running_loop())
+    await remote.connect()
+    return remote

@@ -1,0 +1,189 @@
+"""ExpertNode: one expert node of a deployment.
+
+Holds its shard of the routed experts of every MoE layer plus the dense MLPs / shared
+experts of the layers placed on it, and serves every attention node:
+
+    attention node --"ffn" {layer, x [n, H], topk_ids [n, k], topk_weights [n, k]}--> expert node
+    attention node <--{y [n, H] partial sum over the experts held here, compute_s}--- expert node
+
+Requests waiting at the same time for the same layer (from several attention nodes) are
+computed together in one FFN call. Torch work runs on one worker thread; the event loop
+only moves frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from afkv.errors import FrameError
+from afkv.model.model import load_ffn_side
+from afkv.model.sides import FFNSide
+from afkv.model.spec import ModelSpec
+from afkv.nodes.placement import ExpertPlacement
+from afkv.transport.control import ControlConnection, ControlLimits, ControlServer
+from afkv.transport.tensors import pack_tensor, unpack_tensor
+
+log = logging.getLogger("afkv.expert")
+
+DATA_FRAME_BYTES = 256 * 2**20  # data-plane frames carry hidden states: allow large micro-batches
+
+
+@dataclass
+class _Pending:
+    layer: int
+    x: torch.Tensor  # [n, H]
+    ids: torch.Tensor  # [n, k]
+    weights: torch.Tensor  # [n, k]
+    future: asyncio.Future = field(repr=False)
+
+
+@dataclass
+class ExpertStats:
+    requests: int = 0
+    tokens: int = 0
+    batches: int = 0
+    compute_s: float = 0.0
+    tokens_per_expert: dict[tuple[int, int], int] = field(default_factory=dict)  # (layer, expert) -> tokens
+
+
+class ExpertNode:
+    def __init__(self, spec: ModelSpec, model_dir: str | Path, placement: ExpertPlacement, index: int,
+                 device: torch.device, dtype: torch.dtype, token: str | None = None, host: str = "127.0.0.1"):
+        self.spec, self.model_dir, self.placement, self.index = spec, Path(model_dir), placement, index
+        self.device, self.dtype, self.token, self.host = device, dtype, token or None, host
+        self.stats = ExpertStats()
+        self._ffn: FFNSide | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._server: ControlServer | None = None
+        self._pending: list[_Pending] = []
+        self._drainer: asyncio.Task | None = None
+        self._closed = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    async def start(self, port: int = 0) -> int:
+        loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"afkv-expert{self.index}")
+        experts = self.placement.experts_of(self.index)
+        dense = self.placement.dense_layers_of(self.index)
+        self._ffn = await loop.run_in_executor(
+            self._executor, load_ffn_side, self.spec, self.model_dir, self.device, self.dtype, experts, dense)
+        log.info("expert node %d: experts %s, dense/shared layers %s", self.index, sorted(experts), sorted(dense))
+        self._server = ControlServer(self._handle, host=self.host, port=port, token=self.token,
+                                     limits=ControlLimits(max_frame_bytes=DATA_FRAME_BYTES))
+        await self._server.start()
+        return self._server.port
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def aclose(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if self._server is not None:
+            await self._server.aclose()
+        if self._drainer is not None:
+            self._drainer.cancel()
+            try:
+                await self._drainer
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise
+        if self._executor is not None:
+            await asyncio.to_thread(self._executor.shutdown, True)
+
+    async def _handle(self, conn: ControlConnection, msg: dict) -> dict | None:
+        kind = msg["type"]
+        if kind == "ffn":
+            return await self._ffn_request(msg)
+        if kind == "stats":
+            s = self.stats
+            return {"type": "stats", "index": self.index, "requests": s.requests, "tokens": s.tokens,
+                    "batches": s.batches, "compute_s": s.compute_s,
+                    "tokens_per_expert": [[l, e, n] for (l, e), n in s.tokens_per_expert.items()]}
+        if kind == "shutdown":
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.aclose()))
+            return {"type": "bye"}
+        if kind == "heartbeat":
+            return None
+        raise FrameError(f"expert node: unknown message type {kind!r}")
+
+    async def _ffn_request(self, msg: dict) -> dict:
+        try:
+            layer = int(msg["layer"])
+            x = unpack_tensor(msg["x"])
+            ids = unpack_tensor(msg["ids"]).to(torch.int64)
+            weights = unpack_tensor(msg["w"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FrameError(f"malformed ffn request: {exc}") from exc
+        if not 0 <= layer < self.spec.num_layers or x.ndim != 2 or x.shape[1] != self.spec.hidden_size \
+                or ids.shape != weights.shape or ids.shape[0] != x.shape[0]:
+            raise FrameError(f"ffn request with bad shapes: layer {layer}, x {tuple(x.shape)}, ids {tuple(ids.shape)}")
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(layer, x, ids, weights, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        y, compute_s = await future
+        return {"type": "ffn_out", "y": pack_tensor(y), "compute_s": compute_s}
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await loop.run_in_executor(self._executor, self._compute, batch)
+            except Exception as exc:  # a fault in the FFN: fail these requests, keep serving
+                log.exception("expert node %d: FFN failed", self.index)
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            for p, r in zip(batch, results):
+                if not p.future.done():
+                    p.future.set_result(r)
+
+    @torch.inference_mode()
+    def _compute(self, batch: list[_Pending]) -> list[tuple[torch.Tensor, float]]:
+        """Worker thread: requests of the same layer run as one FFN call."""
+        out: list[tuple[torch.Tensor, float] | None] = [None] * len(batch)
+        by_layer: dict[int, list[int]] = {}
+        for i, p in enumerate(batch):
+            by_layer.setdefault(p.layer, []).append(i)
+        for layer, members in by_layer.items():
+            t0 = time.perf_counter()
+            x = torch.cat([batch[i].x for i in members]).to(self.device, self.dtype)  # [n, H]
+            ids = torch.cat([batch[i].ids for i in members]).to(self.device)  # [n, k]
+            w = torch.cat([batch[i].weights for i in members]).to(self.device)  # [n, k]
+            y = self._ffn.forward(layer, x, ids, w).cpu()  # [n, H]
+            dt = time.perf_counter() - t0
+            self._count(layer, ids)
+            start = 0
+            for i in members:
+                n = batch[i].x.shape[0]
+                out[i] = (y[start:start + n], dt)
+                start += n
+            self.stats.batches += 1
+            self.stats.compute_s += dt
+        self.stats.requests += len(batch)
+        self.stats.tokens += sum(p.x.shape[0] for p in batch)
+        return out
+
+    def _count(self, layer: int, ids: torch.Tensor) -> None:
+        held = self._ffn.experts[layer]
+        if not held:
+            return
+        counts = torch.bincount(ids.flatten().cpu(), minlength=max(held) + 1)
+        for e in held:
+            if counts[e]:
+                key = (layer, e)
+                self.stats.tokens_per_expert[key] = self.stats.tokens_per_expert.get(key, 0) + int(counts[e])

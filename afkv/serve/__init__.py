@@ -1,0 +1,20 @@
+"""Serving a deployment: above the engine.
+
+    api.py     ApiServer: an attention node's Engine served to remote clients
+    client.py  AttachedEngine: the Engine API over the attention nodes of a deployment
+    node.py    one node process (attention or expert), from the torchrun/SLURM environment
+    launch.py  Deployment / `afkv launch`: every node of a config as local processes
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+def run_async(coro):
+    """Run a coroutine on uvloop where installed, else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)

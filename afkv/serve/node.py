@@ -1,0 +1,108 @@
+"""One node process of a deployment: `python -m afkv.serve.node`.
+
+Started by `afkv launch` or by torchrun/SLURM with RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT set (the rendezvous store), plus AFKV_CONFIG (deployment TOML) and
+AFKV_MODEL (checkpoint directory; empty for the default model). Ranks 0..M-1 are
+attention nodes, M..M+N-1 expert nodes. SIGTERM/SIGINT or a "shutdown" message stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import sys
+
+from afkv.config import EngineConfig
+from afkv.engine.engine import Engine, resolve_device, resolve_dtype, resolve_model
+from afkv.errors import AfkvError, ConfigError
+from afkv.model.spec import load_spec
+from afkv.nodes.expert import ExpertNode
+from afkv.nodes.placement import contiguous_placement
+from afkv.nodes.rendezvous import open_store, publish
+from afkv.serve import run_async
+from afkv.serve.api import ApiServer
+
+log = logging.getLogger("afkv.node")
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def serve_expert(cfg: EngineConfig, model: str | None, index: int, store_host: str, store_port: int) -> None:
+    d = cfg.deployment
+    model_dir, upcycle = resolve_model(model, cfg, progress=False)
+    spec = load_spec(model_dir)
+    if upcycle is not None:
+        spec = spec.with_upcycle(upcycle)
+    device = resolve_device(d.expert_devices[index] if d.expert_devices else cfg.model.device)
+    node = ExpertNode(spec, model_dir, contiguous_placement(spec, d.expert_nodes), index, device,
+                      resolve_dtype(cfg.model.dtype, device), token=d.token, host=d.host)
+    port = await node.start()
+    store = await asyncio.to_thread(open_store, store_host, store_port, False)
+    await asyncio.to_thread(publish, store, "expert", index, d.host, port)
+    log.info("expert node %d serving on %s:%d", index, d.host, port)
+    stop = _stop_event()
+    closed = asyncio.create_task(node.wait_closed())
+    await asyncio.wait([closed, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    await node.aclose()
+
+
+async def serve_attention(cfg: EngineConfig, model: str | None, index: int, store_host: str, store_port: int) -> None:
+    d = cfg.deployment
+    if d.attention_devices:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=d.attention_devices[index]))
+    async with Engine(model, cfg, progress=False, attention_rank=index) as engine:
+        api = ApiServer(engine, d.host, 0, token=d.token or None)
+        port = await api.start()
+        store = await asyncio.to_thread(open_store, store_host, store_port, False)
+        await asyncio.to_thread(publish, store, "attention", index, d.host, port)
+        log.info("attention node %d serving on %s:%d", index, d.host, port)
+        await _stop_event().wait()
+        await api.aclose()
+
+
+def main() -> int:
+    logging.basicConfig(level=os.environ.get("AFKV_LOG", "WARNING"), format="%(asctime)s %(name)s %(message)s")
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store_host, store_port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        cfg = EngineConfig.from_toml(os.environ["AFKV_CONFIG"])
+    except KeyError as exc:
+        print(f"afkv node: environment variable {exc} is not set (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, "
+              "AFKV_CONFIG)", file=sys.stderr)
+        return 2
+    model = os.environ.get("AFKV_MODEL") or None
+    if "OMP_NUM_THREADS" not in os.environ:  # node processes of one machine share its cores
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world, 1)))
+    try:
+        d = cfg.deployment
+        if d is None:
+            raise ConfigError("a node needs a [deployment] section", file=os.environ["AFKV_CONFIG"], key="deployment")
+        if world != d.world_size:
+            raise ConfigError(f"WORLD_SIZE is {world} but the deployment has {d.world_size} nodes",
+                              file=os.environ["AFKV_CONFIG"], key="deployment")
+        # the store address comes from the environment: it wins over the config's host/port
+        cfg = dataclasses.replace(cfg, deployment=dataclasses.replace(d, port=store_port))
+        if rank < d.attention_nodes:
+            coro = serve_attention(cfg, model, rank, store_host, store_port)
+        else:
+            coro = serve_expert(cfg, model, rank - d.attention_nodes, store_host, store_port)
+        run_async(coro)
+    except AfkvError as exc:
+        print(f"afkv node {rank}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
