@@ -2,8 +2,10 @@
 
     [model]      path, dtype, device
     [upcycle]    sparse upcycling of a dense Llama checkpoint (the default model)
-    [kv]         block_size, num_blocks / device_memory_mib
+    [kv]         block_size, num_blocks / device_memory_mib; tiers below the device: host_*,
+                 disk_*, spill_format / spill_group_size, eviction, prefetch_depth, io_threads
     [scheduler]  max_num_seqs, max_num_batched_tokens, max_model_len
+    [deployment] attention/expert node counts, micro-batches, rendezvous, token, timeouts
 
 Unknown sections or keys and impossible values raise ConfigError naming file and key.
 """
@@ -17,6 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from afkv.errors import ConfigError
+from afkv.kv.formats import FORMAT_NAMES, make_format
+from afkv.kv.layout import KVLayout
+from afkv.kv.tiers.config import TierConfig
+from afkv.kv.tiers.disk import HEADER_NBYTES
+from afkv.kv.tiers.policy import EVICTION_POLICIES
 from afkv.model.spec import UpcycleSpec
 
 
@@ -29,9 +36,79 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class KVConfig:
+    """The paged KV cache: device tier, then (optional) host memory, then (optional) disk.
+    A host or disk tier exists when it has a size; `*_num_blocks` overrides `*_mib`."""
+
     block_size: int = 16  # tokens per block
     num_blocks: int = 0  # 0: derived from device_memory_mib
     device_memory_mib: int = 256  # KV bytes on the device tier when num_blocks is 0
+    host_memory_mib: int = 0  # host tier (pinned memory on GPU machines)
+    host_num_blocks: int = 0
+    disk_path: str = ""  # private spill directory (created 0700, files 0600; ~ expanded)
+    disk_capacity_mib: int = 0  # disk tier; needs a host tier (disk blocks are staged there)
+    disk_num_blocks: int = 0
+    spill_format: str = "none"  # none | int8 | int4: how host memory and disk store blocks
+    spill_group_size: int = 16  # quantization group: tokens (keys), head_dim channels (values)
+    eviction: str = "lru"  # lru | fifo, in host memory and on disk
+    prefetch_depth: int = 4  # waiting requests whose blocks are read ahead from disk
+    io_threads: int = 4  # disk I/O threads
+
+    @property
+    def has_host_tier(self) -> bool:
+        return self.host_memory_mib > 0 or self.host_num_blocks > 0
+
+    @property
+    def has_disk_tier(self) -> bool:
+        return self.disk_capacity_mib > 0 or self.disk_num_blocks > 0
+
+    def validate(self, need) -> None:
+        need(self.block_size > 0, "kv.block_size", f"block_size must be positive, got {self.block_size}")
+        need(self.num_blocks >= 0, "kv.num_blocks", f"num_blocks must be >= 0, got {self.num_blocks}")
+        need(self.device_memory_mib > 0, "kv.device_memory_mib", "device_memory_mib must be positive")
+        for key in ("host_memory_mib", "host_num_blocks", "disk_capacity_mib", "disk_num_blocks", "prefetch_depth"):
+            need(getattr(self, key) >= 0, f"kv.{key}", f"{key} must be >= 0, got {getattr(self, key)}")
+        need(self.io_threads > 0, "kv.io_threads", f"io_threads must be positive, got {self.io_threads}")
+        need(self.spill_format in FORMAT_NAMES, "kv.spill_format",
+             f"spill_format must be one of {', '.join(FORMAT_NAMES)}, got {self.spill_format!r}")
+        need(self.eviction in EVICTION_POLICIES, "kv.eviction",
+             f"eviction must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}")
+        g = self.spill_group_size
+        need(g > 0, "kv.spill_group_size", f"spill_group_size must be positive, got {g}")
+        if self.spill_format != "none":
+            need(self.block_size % g == 0, "kv.spill_group_size",
+                 f"spill_group_size {g} must divide block_size {self.block_size} (key groups run along tokens)")
+            need(self.spill_format != "int4" or g % 2 == 0, "kv.spill_group_size",
+                 f"int4 packs two channels per byte: spill_group_size must be even, got {g}")
+        need(self.has_host_tier or not self.has_disk_tier, "kv.host_memory_mib",
+             "a disk tier needs a host tier: disk blocks are staged in host memory")
+        need(bool(self.disk_path) or not self.has_disk_tier, "kv.disk_path", "a disk tier needs disk_path")
+        need(self.has_disk_tier or not self.disk_path, "kv.disk_capacity_mib",
+             "disk_path is set but the disk tier has no size (disk_capacity_mib or disk_num_blocks)")
+
+    def tier_config(self, layout: KVLayout, source: str | None = None) -> TierConfig | None:
+        """The tiers below the device for blocks of `layout`, or None (device only).
+        ConfigError naming file and key when a size or quantization does not fit the model."""
+        if not self.has_host_tier:
+            return None
+        g = self.spill_group_size
+        if self.spill_format != "none" and layout.head_dim % g:
+            raise ConfigError(f"spill_group_size {g} must divide the model's head_dim {layout.head_dim} "
+                              "(value groups run along head_dim)", file=source, key="kv.spill_group_size")
+        fmt = make_format(self.spill_format, g, layout)
+        host_num_blocks = self.host_num_blocks or self.host_memory_mib * 2**20 // fmt.nbytes
+        if host_num_blocks == 0:
+            raise ConfigError(f"the host tier ({self.host_memory_mib} MiB) is smaller than one block "
+                              f"({fmt.nbytes} bytes as {fmt.name})", file=source, key="kv.host_memory_mib")
+        if not self.has_disk_tier:
+            return TierConfig(fmt, host_num_blocks, eviction=self.eviction, io_threads=self.io_threads)
+        disk_key = "disk_num_blocks" if self.disk_num_blocks else "disk_capacity_mib"
+        disk_num_blocks = self.disk_num_blocks or self.disk_capacity_mib * 2**20 // (HEADER_NBYTES + fmt.nbytes)
+        if disk_num_blocks == 0:
+            raise ConfigError(f"the disk tier ({self.disk_capacity_mib} MiB) is smaller than one block "
+                              f"({HEADER_NBYTES + fmt.nbytes} bytes as {fmt.name})", file=source,
+                              key="kv.disk_capacity_mib")
+        return TierConfig(fmt, host_num_blocks, disk_num_blocks, Path(self.disk_path).expanduser(), self.eviction,
+                          self.prefetch_depth, self.io_threads, disk_capacity_key=disk_key)
 
 
 @dataclass(frozen=True)
@@ -42,11 +119,37 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class DeploymentConfig:
+    """Attention-FFN disaggregation: M attention nodes x N expert nodes (see afkv.nodes)."""
+
+    attention_nodes: int = 1
+    expert_nodes: int = 1
+    micro_batches: int = 0  # 0: from measured times, m >= 2(1 + T_c/T_f) (MegaScale-Infer), within [2, 4]
+    host: str = "127.0.0.1"  # nodes bind here; the rendezvous store listens here
+    port: int = 29600  # rendezvous store (torch.distributed TCPStore); 0: any free port (afkv launch)
+    token: str = ""  # shared secret every peer presents; required when host is not loopback
+    attention_devices: tuple[str, ...] = ()  # per attention node: "cpu", "cuda:0", ...; empty: auto
+    expert_devices: tuple[str, ...] = ()  # per expert node
+    expert_timeout_s: float = 10.0  # an expert node silent this long is lost
+    heartbeat_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attention_devices", tuple(self.attention_devices))
+        object.__setattr__(self, "expert_devices", tuple(self.expert_devices))
+
+    @property
+    def world_size(self) -> int:
+        return self.attention_nodes + self.expert_nodes
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     upcycle: UpcycleSpec | None = None  # None: the default model gets UpcycleSpec(); others stay dense
     kv: KVConfig = field(default_factory=KVConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    source: str | None = field(default=None, compare=False)  # the TOML file, for errors found after loading
+    deployment: DeploymentConfig | None = None  # None: colocated (both halves in this process)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "EngineConfig":
@@ -64,7 +167,8 @@ class EngineConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | None = None) -> "EngineConfig":
-        sections = {"model": ModelConfig, "upcycle": UpcycleSpec, "kv": KVConfig, "scheduler": SchedulerConfig}
+        sections = {"model": ModelConfig, "upcycle": UpcycleSpec, "kv": KVConfig, "scheduler": SchedulerConfig,
+                    "deployment": DeploymentConfig}
         kwargs = {}
         for name, value in data.items():
             if name not in sections:
@@ -72,7 +176,7 @@ class EngineConfig:
             if not isinstance(value, dict):
                 raise ConfigError(f"[{name}] must be a table", file=source, key=name)
             kwargs[name] = _build(sections[name], value, name, source)
-        cfg = cls(**kwargs)
+        cfg = cls(**kwargs, source=source)
         cfg.validate(source)
         return cfg
 
@@ -85,13 +189,24 @@ class EngineConfig:
              f"dtype must be auto, float32, bfloat16 or float16, got {self.model.dtype!r}")
         need(self.model.device == "auto" or self.model.device == "cpu" or self.model.device.startswith("cuda"),
              "model.device", f"device must be auto, cpu or cuda[:N], got {self.model.device!r}")
-        need(self.kv.block_size > 0, "kv.block_size", f"block_size must be positive, got {self.kv.block_size}")
-        need(self.kv.num_blocks >= 0, "kv.num_blocks", f"num_blocks must be >= 0, got {self.kv.num_blocks}")
-        need(self.kv.device_memory_mib > 0, "kv.device_memory_mib", "device_memory_mib must be positive")
+        self.kv.validate(need)
         need(self.scheduler.max_num_seqs > 0, "scheduler.max_num_seqs", "max_num_seqs must be positive")
         need(self.scheduler.max_num_batched_tokens > 0, "scheduler.max_num_batched_tokens",
              "max_num_batched_tokens must be positive")
         need(self.scheduler.max_model_len >= 0, "scheduler.max_model_len", "max_model_len must be >= 0")
+        d = self.deployment
+        if d is not None:
+            need(d.attention_nodes >= 1, "deployment.attention_nodes", "attention_nodes must be >= 1")
+            need(d.expert_nodes >= 1, "deployment.expert_nodes", "expert_nodes must be >= 1")
+            need(0 <= d.micro_batches <= 16, "deployment.micro_batches", "micro_batches must be in [0, 16]")
+            need(0 <= d.port < 65536, "deployment.port", f"port must be in [0, 65535], got {d.port}")
+            need(d.expert_timeout_s > 0, "deployment.expert_timeout_s", "expert_timeout_s must be positive")
+            need(d.heartbeat_interval_s > 0, "deployment.heartbeat_interval_s", "heartbeat_interval_s must be positive")
+            need(d.host in ("127.0.0.1", "localhost", "::1") or bool(d.token), "deployment.token",
+                 f"binding to {d.host!r} (not loopback) requires a shared token")
+            for key, devs, n in (("attention_devices", d.attention_devices, d.attention_nodes),
+                                 ("expert_devices", d.expert_devices, d.expert_nodes)):
+                need(not devs or len(devs) == n, f"deployment.{key}", f"{key} must list {n} devices, got {len(devs)}")
 
 
 def _build(cls, values: dict[str, Any], section: str, source: str | None):

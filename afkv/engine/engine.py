@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Sequence as Seq
@@ -39,7 +40,8 @@ from afkv.errors import (
 )
 from afkv.kv.layout import KVLayout
 from afkv.kv.manager import KVManager
-from afkv.model.model import Model, load_colocated
+from afkv.kv.metrics import KVMetricsSnapshot
+from afkv.model.model import Model, load_attention_side, load_colocated
 from afkv.model.spec import ModelSpec, UpcycleSpec
 from afkv.model.tokenizer import Tokenizer
 
@@ -74,6 +76,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_model(model: str | Path | None, cfg: EngineConfig, progress: bool = True) -> tuple[Path, UpcycleSpec | None]:
+    """-> (checkpoint directory, upcycling): None is the embedded default model, upcycled."""
+    if model is None:
+        from afkv.model.default import ensure_default_checkpoint
+
+        return ensure_default_checkpoint(progress=progress), cfg.upcycle or UpcycleSpec()
+    return Path(model), cfg.upcycle
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -86,16 +97,21 @@ class _Request:
         self.queue: asyncio.Queue[CompletionChunk | BaseException] = asyncio.Queue()
         self.text = ""  # output text so far (truncated at a stop string)
         self.emitted_chars = 0
-        self.sent_prompt_logprobs = False
+        self.sent_first_chunk = False
 
 
 class Engine:
-    def __init__(self, model: str | Path | None = None, config: EngineConfig | str | Path | None = None, *, progress: bool = True):
+    def __init__(self, model: str | Path | None = None, config: EngineConfig | str | Path | None = None, *,
+                 progress: bool = True, attention_rank: int = 0):
+        """`config.deployment` set: this engine is attention node `attention_rank` of that
+        deployment and sends FFN work to its expert nodes; otherwise it is colocated."""
         if isinstance(config, (str, Path)):
             config = EngineConfig.from_toml(config)
         self.config = config or EngineConfig()
         self._model_path = str(model) if model else (self.config.model.path or None)
         self._progress = progress
+        self.attention_rank = attention_rank
+        self._remote = None  # RemoteFFN when disaggregated
         self._state = EngineState.NEW
         self._requests: dict[int, _Request] = {}
         self._aborts: set[int] = set()
@@ -105,10 +121,18 @@ class Engine:
         self._executor: ThreadPoolExecutor | None = None
         self._num_steps = 0
         self._counts = {"prompt": 0, "cached": 0, "generated": 0}
-        self._finished: dict[int, Sequence] = _RecentDict(1024)  # for complete()
+        self._auto_micro_batches = bool(self.config.deployment and not self.config.deployment.micro_batches)
         self.spec: ModelSpec | None = None
         self.tokenizer: Tokenizer | None = None
         self.model_dir: Path | None = None
+
+    @staticmethod
+    async def attach(address: str, token: str | None = None, timeout_s: float = 30.0):
+        """Connect to a running deployment (`afkv launch`; `address` is its rendezvous store,
+        host:port). Returns an AttachedEngine with this same async API (generate, complete)."""
+        from afkv.serve.client import AttachedEngine  # serving sits above the engine
+
+        return await AttachedEngine.connect(address, token, timeout_s)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> "Engine":
@@ -126,7 +150,14 @@ class Engine:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="afkv-model")
         try:
             await loop.run_in_executor(self._executor, self._load)
+            if self.config.deployment is not None:
+                from afkv.nodes.attention import connect_expert_nodes
+
+                self._remote = await connect_expert_nodes(self.spec, self.config.deployment, self.attention_rank)
+                self._model.ffn = self._remote
         except BaseException:
+            if self._remote is not None:
+                await self._remote.aclose()
             self._executor.shutdown(wait=False)
             self._state = EngineState.CLOSED
             raise
@@ -148,6 +179,8 @@ class Engine:
         for req in self._requests.values():
             req.queue.put_nowait(EngineClosedError("the engine was closed before the request finished"))
         self._requests.clear()
+        if self._remote is not None:
+            await self._remote.aclose()  # unblocks a step waiting on an expert node
         if self._executor is not None:
             await asyncio.to_thread(self._executor.shutdown, True)
 
@@ -156,22 +189,22 @@ class Engine:
         cfg = self.config
         device = resolve_device(cfg.model.device)
         dtype = resolve_dtype(cfg.model.dtype, device)
-        upcycle = cfg.upcycle
-        if self._model_path is None:
-            from afkv.model.default import ensure_default_checkpoint
-
-            self.model_dir = ensure_default_checkpoint(progress=self._progress)
-            upcycle = upcycle or UpcycleSpec()
+        self.model_dir, upcycle = resolve_model(self._model_path, cfg, self._progress)
+        if cfg.deployment is None:
+            model = load_colocated(self.model_dir, device, dtype, upcycle)
         else:
-            self.model_dir = Path(self._model_path)
-        model: Model = load_colocated(self.model_dir, device, dtype, upcycle)
+            spec, attn = load_attention_side(self.model_dir, device, dtype, upcycle)
+            model = Model(spec, attn, ffn=None)  # the RemoteFFN is attached once connected
+        self._model = model
         self.spec = spec = model.spec
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, cfg.kv.block_size, dtype)
         num_blocks = cfg.kv.num_blocks or max(1, cfg.kv.device_memory_mib * 2**20 // layout.block_nbytes)
         salt = repr((str(self.model_dir.resolve()), spec.upcycle, str(dtype))).encode()
-        self._kv = KVManager(layout, num_blocks, device, salt=salt[-64:])
-        self._runner = ModelRunner(model, self._kv.kv, layout.block_size, device)
+        self._kv = KVManager(layout, num_blocks, device, salt=salt[-64:], tiers=cfg.kv.tier_config(layout, cfg.source),
+                             worker=self._executor, wakeup=lambda: self._wakeup.set())
+        m = 1 if cfg.deployment is None else (cfg.deployment.micro_batches or 2)
+        self._runner = ModelRunner(model, self._kv.kv, layout.block_size, device, micro_batches=m)
         self._scheduler = Scheduler(self._kv, SchedulerLimits(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens))
         self.max_model_len = min(cfg.scheduler.max_model_len or spec.max_position, spec.max_position, self._kv.capacity_tokens)
         eos = set(spec.eos_token_ids)
@@ -199,6 +232,32 @@ class Engine:
     @property
     def kv_manager(self) -> KVManager:
         return self._kv
+
+    def kv_metrics(self) -> KVMetricsSnapshot:
+        """Per-tier occupancy, hits by tier, bytes moved each way, copy/spill/prefetch latency."""
+        return self._kv.metrics_snapshot()
+
+    @property
+    def micro_batches(self) -> int:
+        return self._runner.micro_batches
+
+    def set_micro_batches(self, m: int) -> None:
+        """Fix the number of micro-batches per step (takes effect at the next step)."""
+        if not isinstance(m, int) or not 1 <= m <= 16:
+            raise ValueError(f"micro_batches must be an integer in [1, 16], got {m!r}")
+        self._runner.micro_batches = m
+        self._auto_micro_batches = False
+
+    def layer_timings(self) -> dict[str, float]:
+        """Mean seconds per micro-batch layer: attention, transfer, expert, idle (disaggregated)."""
+        t = self._model.timings
+        n = max(t.count, 1)
+        out = {"attention_s": t.attention_s / n, "idle_s": t.wait_s / n}
+        if self._remote is not None:
+            r = self._remote.timings
+            rn = max(r.count, 1)
+            out |= {"transfer_s": r.transfer_s / rn, "expert_s": r.expert_s / rn}
+        return out
 
     # ---- requests --------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -266,10 +325,9 @@ class Engine:
     async def complete(self, prompt: Prompt, params: SamplingParams | None = None) -> Completion:
         chunks = [c async for c in self.generate(prompt, params)]
         last = chunks[-1]
-        seq = self._finished[last.request_id]
         return Completion(
             request_id=last.request_id,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            prompt_token_ids=chunks[0].prompt_token_ids,
             token_ids=[t for c in chunks for t in c.token_ids],
             text="".join(c.text for c in chunks),
             logprobs=[lp for c in chunks for lp in c.logprobs],
@@ -300,11 +358,19 @@ class Engine:
                     self._finish_with_error(seq, RequestFailedError(f"request {seq.seq_id} failed: {exc}"))
                 continue
             self._num_steps += 1
+            if self._auto_micro_batches and self._num_steps % 32 == 0:
+                self._runner.micro_batches = self._auto_m()
             now = time.monotonic()
             for (seq, n), chunk, res in zip(step, plan, results):
                 if seq.seq_id in self._aborts or seq.status is not SeqStatus.RUNNING:
                     continue
                 self._advance(seq, n, chunk.start_pos, res, now)
+
+    def _auto_m(self) -> int:
+        """MegaScale-Infer's rule m >= 2(1 + T_c/T_f), T_f = max(T_attn, T_ffn), kept in [2, 4]."""
+        t = self.layer_timings()
+        t_f = max(t["attention_s"], t.get("expert_s", 0.0), 1e-9)
+        return max(2, min(4, math.ceil(2 * (1 + t.get("transfer_s", 0.0) / t_f))))
 
     def _apply_aborts(self) -> None:
         for seq_id in self._aborts:
@@ -362,9 +428,10 @@ class Engine:
             logprobs=[res.logprob],
             top_logprobs=None if seq.top_logprobs is None else [res.top or {}],
         )
-        if not req.sent_prompt_logprobs:
+        if not req.sent_first_chunk:
             chunk.prompt_logprobs = seq.prompt_logprobs
-            req.sent_prompt_logprobs = True
+            chunk.prompt_token_ids = seq.token_ids[: seq.num_prompt_tokens]
+            req.sent_first_chunk = True
         if finish is not None:
             seq.finish_reason = finish
             seq.status = SeqStatus.FINISHED
@@ -373,7 +440,6 @@ class Engine:
             chunk.metrics = m
             self._scheduler.remove(seq)
             del self._requests[seq.seq_id]
-            self._finished[seq.seq_id] = seq
         req.queue.put_nowait(chunk)
 
     def _detokenize(self, req: _Request, final: bool) -> tuple[str, bool]:
@@ -400,16 +466,3 @@ class Engine:
         delta = text[req.emitted_chars : end]
         req.emitted_chars = end
         return delta, stopped
-
-
-class _RecentDict(dict):
-    """A dict keeping only the most recent `size` entries (finished sequences for complete())."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        self._size = size
-
-    def __setitem__(self, key, value) -> None:
-        super().__setitem__(key, value)
-        if len(self) > self._size:
-            del self[next(iter(self))]

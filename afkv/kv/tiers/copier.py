@@ -1,0 +1,132 @@
+"""Copier: batches of device <-> host block copies, run on the model worker thread.
+
+The loop thread queues copies while it schedules a step and submits them as one batch to
+the executor that runs the model's steps. That executor is one thread, first in first out,
+so a batch submitted before a step runs before it: a block demoted in this batch is read
+before the step overwrites it, and a promoted block is in place before the step reads it.
+No lock, no host synchronisation on the loop thread.
+
+On CUDA the batch runs on its own copy stream (pinned host buffer, non-blocking copies),
+after the work already queued on the compute stream; the compute stream then waits for the
+batch's event, and threads other than the worker wait for it through the batch's Fence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from afkv.kv.formats import BlockFormat
+
+
+class Direction(Enum):
+    TO_HOST = "to_host"  # demotion: device block -> host slot (encoded)
+    TO_DEVICE = "to_device"  # promotion: host slot -> device block (decoded)
+
+
+@dataclass(frozen=True)
+class CopyOp:
+    direction: Direction
+    block_id: int
+    slot: int
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    elapsed_s: float  # worker time to run (CPU) or enqueue (CUDA) the batch
+    event: torch.cuda.Event | None  # CUDA: recorded on the copy stream after the batch
+
+
+class Fence:
+    """The end of one copy batch, for threads other than the worker."""
+
+    def __init__(self, future: Future):
+        self.future = future
+
+    def wait(self) -> None:
+        """Block until the batch's copies are complete (raises if the batch failed)."""
+        result: BatchResult = self.future.result()
+        if result.event is not None:
+            result.event.synchronize()
+
+
+class Copier:
+    """Copies between the device cache kv [num_blocks, *block_shape] and a host buffer
+    uint8 [num_slots, format.nbytes]. `run` is the only method, and it runs on the worker."""
+
+    def __init__(self, kv: torch.Tensor, host_buf: torch.Tensor, fmt: BlockFormat):
+        self.kv, self.buf, self.format = kv, host_buf, fmt
+        self.stream = torch.cuda.Stream(device=kv.device) if kv.is_cuda else None
+
+    @torch.inference_mode()
+    def run(self, ops: list[CopyOp]) -> BatchResult:
+        start = time.perf_counter()
+        if self.stream is None:
+            for group in _groups(ops):
+                self._run_group(group)
+            return BatchResult(time.perf_counter() - start, None)
+        compute = torch.cuda.current_stream(self.kv.device)
+        self.stream.wait_stream(compute)  # read blocks only after the steps queued before
+        with torch.cuda.stream(self.stream):
+            for group in _groups(ops):
+                self._run_group(group)
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        compute.wait_event(event)  # the next step touches kv only after these copies
+        return BatchResult(time.perf_counter() - start, event)
+
+    def _run_group(self, group: list[CopyOp]) -> None:
+        kv, buf, fmt = self.kv, self.buf, self.format
+        ids = torch.tensor([op.block_id for op in group], device=kv.device)  # [n]
+        cuda = self.stream is not None
+        if group[0].direction is Direction.TO_HOST:
+            rows = fmt.encode(kv[ids])  # [n, nbytes] on the device
+            if cuda:
+                for i, op in enumerate(group):  # one transfer per block into pinned memory
+                    buf[op.slot].copy_(rows[i], non_blocking=True)
+            else:
+                buf[torch.tensor([op.slot for op in group])] = rows
+            return
+        if cuda:
+            rows = torch.empty((len(group), fmt.nbytes), dtype=torch.uint8, device=kv.device)  # [n, nbytes]
+            for i, op in enumerate(group):
+                rows[i].copy_(buf[op.slot], non_blocking=True)
+        else:
+            rows = buf[torch.tensor([op.slot for op in group])]  # [n, nbytes]
+        out = torch.empty((len(group), *kv.shape[1:]), dtype=kv.dtype, device=kv.device)  # [n, *block_shape]
+        fmt.decode(rows, out)
+        kv[ids] = out
+
+
+def _groups(ops: list[CopyOp]) -> Iterator[list[CopyOp]]:
+    """Runs of consecutive copies in one direction with distinct targets: copies of one run
+    can go as one batched operation without changing the result of running them in order."""
+    group: list[CopyOp] = []
+    targets: set[int] = set()
+    for op in ops:
+        target = op.slot if op.direction is Direction.TO_HOST else op.block_id
+        if group and (op.direction is not group[0].direction or target in targets):
+            yield group
+            group, targets = [], set()
+        group.append(op)
+        targets.add(target)
+    if group:
+        yield group
+
+
+class InlineExecutor(Executor):
+    """Runs each submitted call at once on the caller's thread (managers without an engine:
+    unit tests, benchmarks of the tiers alone)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to whoever reads the future
+            future.set_exception(exc)
+        return future

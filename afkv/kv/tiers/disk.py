@@ -1,0 +1,351 @@
+"""DiskTier: KV blocks in files of a private directory, one file per block, keyed by hash.
+
+Directory (mode 0700, files 0600, claimed by one engine at a time through an flock on `lock`):
+
+    <hash hex>.kvb     one block: a 64-byte header, then the block's bytes in the tier's format
+    index.msgpack      {"version", "format" (digest), "entries": [[hash, crc32], ...] oldest first}
+    lock               held (flock) while an engine uses the directory
+
+Block file header (little-endian): magic b"AFKVBLK1", format digest (16 bytes), block hash
+(16 bytes), payload nbytes (u64), crc32 of the payload (u32), zero padding to 64 bytes.
+A file is written to `<name>.tmp` and renamed, so a complete name is a complete write.
+
+Reads check everything (size, magic, format, hash, length, checksum against the index):
+any mismatch raises CorruptBlockError and the block is recomputed, never used. A restarted
+engine reuses the files through the index; files the index does not list (written after
+its last save) are adopted from their headers.
+
+The DiskTier object is the loop thread's bookkeeping; the module functions at the bottom do
+the blocking file I/O and run on I/O threads (never on the event loop).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import stat
+import struct
+import zlib
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+from afkv.errors import CorruptBlockError, TierError
+from afkv.kv.block_pool import BlockHash
+from afkv.kv.formats import BlockFormat
+from afkv.kv.tiers.fileio import FileIO
+from afkv.kv.tiers.policy import make_order
+
+log = logging.getLogger("afkv.kv.disk")
+
+MAGIC = b"AFKVBLK1"
+HEADER_NBYTES = 64
+_HEADER = struct.Struct("<8s16s16sQI")  # magic, format digest, block hash, payload nbytes, crc32
+INDEX_NAME = "index.msgpack"
+INDEX_VERSION = 1
+SUFFIX = ".kvb"
+
+
+def block_file_name(block_hash: BlockHash) -> str:
+    return block_hash.hex() + SUFFIX
+
+
+class DiskTier:
+    """Owner of these fields (loop thread only; I/O threads touch only files):
+
+    _checksums   hash -> crc32 of the block's bytes, for every readable file
+    _writing     hashes whose file is being written (they count against the capacity)
+    _order       eviction order of the readable files
+    _pins        hash -> number of reads in flight (not evictable while > 0)
+    index_dirty  the index file is older than _checksums
+    """
+
+    def __init__(self, path: Path, fmt: BlockFormat, num_blocks: int, policy: str, lock_fd: int,
+                 entries: list[tuple[BlockHash, int]]):
+        assert num_blocks > 0
+        self.path, self.format, self.num_blocks = path, fmt, num_blocks
+        self._lock_fd: int | None = lock_fd
+        self._checksums: dict[BlockHash, int] = {}
+        self._writing: set[BlockHash] = set()
+        self._order = make_order(policy)
+        self._pins: dict[BlockHash, int] = {}
+        for block_hash, crc in entries:
+            self._checksums[block_hash] = crc
+            self._order.insert(block_hash)
+        self.index_dirty = False
+
+    # ---- start-up -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path, fmt: BlockFormat, num_blocks: int, policy: str, capacity_key: str) -> "DiskTier":
+        """Claim `path` (created 0700 if missing) and load what a previous engine left there.
+        Blocking: call at start-up, off the event loop. TierError when the directory cannot
+        be used (not a directory, another user's, in use, unwritable, too little free space)."""
+        file_nbytes = HEADER_NBYTES + fmt.nbytes
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = path.stat()
+            if not stat.S_ISDIR(st.st_mode):
+                raise TierError(f"disk tier path {path} is not a directory")
+            if st.st_uid != os.geteuid():
+                raise TierError(f"disk tier directory {path} belongs to another user (uid {st.st_uid})")
+            if stat.S_IMODE(st.st_mode) != 0o700:
+                os.chmod(path, 0o700)
+            lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise TierError(f"disk tier directory {path} cannot be used: {exc}") from exc
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(lock_fd)
+            raise TierError(f"disk tier directory {path} is in use by another engine") from exc
+        try:
+            _probe_write(path, file_nbytes)
+            entries = _load_entries(path, fmt)
+            used = len(entries) * file_nbytes
+            free = shutil.disk_usage(path).free
+            if free + used < num_blocks * file_nbytes:
+                raise TierError(
+                    f"disk tier needs {num_blocks * file_nbytes / 2**20:.1f} MiB ({num_blocks} blocks) but {path} "
+                    f"has {(free + used) / 2**20:.1f} MiB free; lower key kv.{capacity_key}"
+                )
+        except OSError as exc:
+            os.close(lock_fd)
+            raise TierError(f"disk tier directory {path} is not writable: {exc}") from exc
+        except TierError:
+            os.close(lock_fd)
+            raise
+        tier = cls(path, fmt, num_blocks, policy, lock_fd, entries)
+        for block_hash in tier.evict_over_capacity():
+            (path / block_file_name(block_hash)).unlink(missing_ok=True)
+        log.info("disk tier %s: %d blocks reused, capacity %d blocks", path, len(tier._checksums), num_blocks)
+        return tier
+
+    # ---- lookups --------------------------------------------------------------------------
+    @property
+    def num_used(self) -> int:
+        return len(self._checksums) + len(self._writing)
+
+    @property
+    def file_nbytes(self) -> int:
+        return HEADER_NBYTES + self.format.nbytes
+
+    def __contains__(self, block_hash: BlockHash) -> bool:
+        """Readable or being written."""
+        return block_hash in self._checksums or block_hash in self._writing
+
+    def lookup(self, block_hash: BlockHash) -> int | None:
+        """The checksum of a readable block, or None."""
+        return self._checksums.get(block_hash)
+
+    def touch(self, block_hash: BlockHash) -> None:
+        self._order.touch(block_hash)
+
+    # ---- changes --------------------------------------------------------------------------
+    def reserve(self, block_hash: BlockHash) -> list[BlockHash] | None:
+        """Room for a new file, evicting the oldest unpinned files when full. -> the evicted
+        hashes (their files are the caller's to delete); None when full of pinned or
+        in-flight files (then nothing changes)."""
+        assert block_hash not in self
+        need = self.num_used + 1 - self.num_blocks
+        victims = []
+        if need > 0:
+            victims = [h for h in self._order.oldest_first() if h not in self._pins][:need]
+            if len(victims) < need:
+                return None
+            for h in victims:
+                self.remove(h)
+        self._writing.add(block_hash)
+        return victims
+
+    def finish_write(self, block_hash: BlockHash, crc: int | None) -> None:
+        """A write ended: readable with checksum `crc`, or (None) failed and forgotten."""
+        self._writing.remove(block_hash)
+        if crc is not None:
+            self._checksums[block_hash] = crc
+            self._order.insert(block_hash)
+            self.index_dirty = True
+
+    def remove(self, block_hash: BlockHash) -> None:
+        """Forget a readable block (evicted, or its file is bad); the caller deletes the file."""
+        assert block_hash not in self._pins
+        del self._checksums[block_hash]
+        self._order.remove(block_hash)
+        self.index_dirty = True
+
+    def pin(self, block_hash: BlockHash) -> None:
+        assert block_hash in self._checksums
+        self._pins[block_hash] = self._pins.get(block_hash, 0) + 1
+
+    def unpin(self, block_hash: BlockHash) -> None:
+        n = self._pins[block_hash] - 1
+        if n:
+            self._pins[block_hash] = n
+        else:
+            del self._pins[block_hash]
+
+    def lower_capacity(self) -> None:
+        """The file system is full: keep the capacity at what is stored now."""
+        self.num_blocks = max(1, len(self._checksums))
+
+    def evict_over_capacity(self) -> list[BlockHash]:
+        victims = [h for h in self._order.oldest_first() if h not in self._pins]
+        victims = victims[: max(0, self.num_used - self.num_blocks)]
+        for h in victims:
+            self.remove(h)
+        return victims
+
+    def index_bytes(self) -> bytes:
+        """The index as it should be on disk now (clears index_dirty)."""
+        self.index_dirty = False
+        entries = [[h, self._checksums[h]] for h in self._order.oldest_first()]
+        return msgpack.packb({"version": INDEX_VERSION, "format": self.format.digest, "entries": entries})
+
+    def close(self) -> None:
+        """Release the directory (the index is the caller's to write first)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # drops the flock
+            self._lock_fd = None
+
+    def check_invariants(self) -> None:
+        assert self.num_used <= self.num_blocks
+        assert not (set(self._checksums) & self._writing)
+        assert len(self._order) == len(self._checksums)
+        assert all(h in self._order for h in self._checksums)
+        assert set(self._pins) <= set(self._checksums)
+
+
+# ---- blocking file I/O (I/O threads, or start-up) -------------------------------------------
+def write_block(path: Path, fmt_digest: bytes, block_hash: BlockHash, payload: np.ndarray, fileio: FileIO) -> int:
+    """Write one block file (via a .tmp name, mode 0600) -> crc32 of the payload."""
+    crc = zlib.crc32(payload)
+    header = _HEADER.pack(MAGIC, fmt_digest, block_hash, payload.nbytes, crc).ljust(HEADER_NBYTES, b"\0")
+    final = path / block_file_name(block_hash)
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        fileio.write(tmp, header, payload)
+        os.replace(tmp, final)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    return crc
+
+
+def read_block(path: Path, fmt_digest: bytes, block_hash: BlockHash, crc: int, out: np.ndarray, fileio: FileIO) -> None:
+    """Read one block's bytes into `out` (uint8 [nbytes]) and verify them.
+    CorruptBlockError on any mismatch; FileNotFoundError when the file is gone."""
+    name = path / block_file_name(block_hash)
+    header = _read_header(name, out.nbytes)
+    magic, digest, stored_hash, nbytes, stored_crc = header
+    if digest != fmt_digest or stored_hash != block_hash:
+        raise CorruptBlockError(f"{name}: holds another block or format")
+    if stored_crc != crc:
+        raise CorruptBlockError(f"{name}: checksum in the header differs from the index")
+    got = fileio.read_into(name, HEADER_NBYTES, out)
+    if got != out.nbytes:
+        raise CorruptBlockError(f"{name}: truncated ({got} of {out.nbytes} bytes read)")
+    if zlib.crc32(out) != crc:
+        raise CorruptBlockError(f"{name}: checksum mismatch")
+
+
+def delete_block(path: Path, block_hash: BlockHash) -> None:
+    """Delete one block file; a file already gone is not an error (the goal is reached)."""
+    (path / block_file_name(block_hash)).unlink(missing_ok=True)
+
+
+def write_index(path: Path, data: bytes) -> None:
+    tmp = path / (INDEX_NAME + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path / INDEX_NAME)
+
+
+def _read_header(name: Path, payload_nbytes: int) -> tuple:
+    with open(name, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != HEADER_NBYTES + payload_nbytes:
+            raise CorruptBlockError(f"{name}: {size} bytes, expected {HEADER_NBYTES + payload_nbytes}")
+        raw = f.read(HEADER_NBYTES)
+    fields = _HEADER.unpack_from(raw)
+    if fields[0] != MAGIC or fields[3] != payload_nbytes:
+        raise CorruptBlockError(f"{name}: not a KV block file of this size")
+    return fields
+
+
+def _probe_write(path: Path, nbytes: int) -> None:
+    """Write and delete one block's worth of bytes: unwritable or full shows up now."""
+    probe = path / "probe.tmp"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        _write_all(fd, bytes(nbytes))
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        if n == 0:
+            raise OSError(errno.ENOSPC, "no progress writing")
+        view = view[n:]
+
+
+def _load_entries(path: Path, fmt: BlockFormat) -> list[tuple[BlockHash, int]]:
+    """(hash, crc32) of the usable block files in `path`, oldest first: the index's entries
+    whose files are there with the right size, then files the index misses (from their
+    headers). Leftover .tmp files and files of another format are deleted."""
+    file_nbytes = HEADER_NBYTES + fmt.nbytes
+    files = {}
+    for entry in os.scandir(path):
+        if entry.name.endswith(".tmp"):
+            os.unlink(entry.path)
+        elif entry.name.endswith(SUFFIX):
+            files[entry.name] = entry.stat().st_size
+    entries: list[tuple[BlockHash, int]] = []
+    seen = set()
+    for block_hash, crc in _read_index(path, fmt):
+        name = block_file_name(block_hash)
+        if files.get(name) == file_nbytes and block_hash not in seen:
+            entries.append((block_hash, crc))
+            seen.add(block_hash)
+    adopted = []
+    for name, size in sorted(files.items()):
+        block_hash = bytes.fromhex(name[: -len(SUFFIX)]) if _is_hex(name[: -len(SUFFIX)]) else None
+        if block_hash in seen:
+            continue
+        try:
+            _, digest, stored_hash, _, crc = _read_header(path / name, fmt.nbytes)
+        except CorruptBlockError:
+            digest = stored_hash = None
+        if digest == fmt.digest and stored_hash == block_hash:
+            adopted.append((block_hash, crc))
+        else:
+            os.unlink(path / name)
+    return adopted + entries  # adopted files have no known use time: evict them first
+
+
+def _read_index(path: Path, fmt: BlockFormat) -> list[tuple[BlockHash, int]]:
+    try:
+        data = (path / INDEX_NAME).read_bytes()
+    except FileNotFoundError:
+        return []
+    try:
+        index = msgpack.unpackb(data)
+        if index["version"] != INDEX_VERSION or index["format"] != fmt.digest:
+            return []
+        return [(bytes(h), int(crc)) for h, crc in index["entries"]]
+    except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+        log.warning("disk tier %s: index unreadable (%s); rebuilding it from the block files", path, exc)
+        return []
+
+
+def _is_hex(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
