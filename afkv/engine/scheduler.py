@@ -4,13 +4,23 @@ Every step, each running sequence gets the tokens it still has to compute (one f
 decoding sequence, a chunk of the prompt for a prefilling one) within a token budget;
 waiting sequences are admitted while budget, sequence slots and KV blocks allow. When
 KV blocks run out, the most recently admitted running sequence is preempted: its blocks
-are freed and it is recomputed later (its sampled tokens are kept).
+are freed (its sampled tokens are kept). Its full blocks stay cached, and with tiers below
+the device they are demoted rather than lost when their slots are reused, so readmission
+finds its prefix again (swapped out, not recomputed; only the last partial block is).
+
+With a disk tier, a waiting sequence whose prefix is partly on disk is *loading* while
+those blocks are read: it keeps its place and the sequences behind it may be admitted
+first. The next `prefetch_depth` waiting sequences get their disk blocks read ahead.
+
+KV transfers: `schedule` collects finished ones first (`kv.poll`) and submits the ones it
+queued last (`kv.flush`), before the engine submits the step it planned.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 
 from afkv.engine.runner import ChunkPlan, SampleSpec
 from afkv.engine.sequence import Sequence, SeqStatus
@@ -24,7 +34,11 @@ class SchedulerLimits:
 
 
 class Scheduler:
-    """Owner of the waiting queue and the running list."""
+    """Owner of the waiting queue, the running list and the set of sequences prefetched.
+
+    Waiting sequences hold KV blocks only while their prefix is loading (and within one
+    `schedule` call): one that cannot get blocks releases them, along with every other
+    waiting sequence that is not loading, so with nothing running the head always fits."""
 
     def __init__(self, kv: KVManager, limits: SchedulerLimits):
         self.kv = kv
@@ -32,6 +46,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._prefetched: set[int] = set()  # waiting sequence ids whose disk blocks were read ahead
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -45,6 +60,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self._prefetched.discard(seq.seq_id)
         self.kv.free(seq.seq_id)
 
     def _preempt(self, seq: Sequence) -> None:
@@ -57,6 +73,7 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """-> [(sequence, number of tokens to compute this step)]; empty when idle or blocked."""
+        self.kv.poll()
         budget = self.limits.max_num_batched_tokens
         step: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
@@ -73,29 +90,48 @@ class Scheduler:
             if seq.status is SeqStatus.RUNNING:
                 step.append((seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
-            seq = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+            seq = self.waiting[i]
             if not self.kv.has(seq.seq_id):
-                if seq.wants_prompt_logprobs:
-                    self.kv.match_prefix(seq.seq_id, [])  # logits are needed at every prompt position
-                else:
-                    cached = self.kv.match_prefix(seq.seq_id, seq.token_ids)
-                    seq.num_computed = cached
-                    if seq.metrics.first_token_s is None:
-                        seq.metrics.num_cached_tokens = min(cached, seq.num_prompt_tokens)
+                # prompt logprobs need logits at every prompt position: no prefix reuse
+                self.kv.match_prefix(seq.seq_id, [] if seq.wants_prompt_logprobs else seq.token_ids)
+            cached = self.kv.settle(seq.seq_id)
+            if cached is None:  # its prefix is still coming from disk
+                i += 1
+                continue
+            seq.num_computed = cached
+            if seq.metrics.first_token_s is None:
+                seq.metrics.num_cached_tokens = min(cached, seq.num_prompt_tokens)
             n = min(seq.num_uncomputed, budget)
             if not self.kv.allocate(seq.seq_id, seq.num_computed + n):
-                # Waiting sequences hold no blocks: with nothing running, every block is free
-                # (cached ones included), so the head always fits eventually.
-                self.kv.free(seq.seq_id)
-                seq.num_computed = 0
+                self._release_waiting()
                 break
-            self.waiting.popleft()
+            del self.waiting[i]
+            self._prefetched.discard(seq.seq_id)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             step.append((seq, n))
             budget -= n
+        self._prefetch()
+        self.kv.flush()
         return step
+
+    def _release_waiting(self) -> None:
+        """Free the blocks of every waiting sequence that is not loading (their full blocks stay
+        cached and are found again at their next admission)."""
+        for seq in self.waiting:
+            if self.kv.has(seq.seq_id) and not self.kv.is_loading(seq.seq_id):
+                self.kv.free(seq.seq_id)
+                seq.num_computed = 0
+
+    def _prefetch(self) -> None:
+        """Start reading from disk the prefix blocks of the next waiting sequences."""
+        for seq in islice(self.waiting, self.kv.prefetch_depth):
+            if seq.seq_id in self._prefetched or self.kv.has(seq.seq_id) or seq.wants_prompt_logprobs:
+                continue
+            self.kv.prefetch(seq.token_ids)
+            self._prefetched.add(seq.seq_id)
 
     def plan(self, step: list[tuple[Sequence, int]]) -> list[ChunkPlan]:
         out = []

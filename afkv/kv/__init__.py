@@ -1,11 +1,23 @@
-"""The paged KV cache of an attention node.
+"""The paged KV cache of an attention node, and the tiers below the device.
 
     layout.py      KVLayout: block geometry and bytes (frozen spec)
     block_pool.py  BlockPool: the only owner of free blocks, ref counts and the prefix-hash map
-    manager.py     KVManager: the only owner of per-sequence block tables; asks the pool
-                   for blocks; owns the device tensor the attention kernels read
+                   of the device tier
+    formats.py     BlockFormat: a block as one row of bytes (none | int8 | int4, KIVI)
+    tiers/         host memory and disk below the device, and every move between tiers
+    metrics.py     KVMetrics: counters, occupancy and latency; frozen snapshots
+    manager.py     KVManager: the only owner of per-sequence block tables; asks the pool for
+                   blocks and the tier stack for moves; owns the device tensor the attention
+                   kernels read
+
+    device pool (BlockPool, kv tensor)     L1   <- attention reads here
+         | demote on slot reuse  ^ promote
+    host tier (pinned buffer)              L2
+         | write-through         ^ fetch (prefetch ahead of admission)
+    disk tier (files + msgpack index)      L3   the last tier: LRU files are deleted
 
 A block is block_size tokens x all layers (K and V), contiguous, so that it moves between
 tiers as one transfer: kv[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim].
-Imports afkv.model (specs) and afkv.ops only.
+Block identity in every tier is the chained hash of its tokens (block_pool.chain_hash).
+Imports afkv.model (specs), afkv.ops and afkv.errors only.
 """

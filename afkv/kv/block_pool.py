@@ -4,14 +4,15 @@ A block's identity is the chained hash of the tokens it holds and of every token
 it (blake2b over the parent hash and the token ids), so equal prefixes map to equal
 hashes in every process and after restarts. Only full blocks get a hash; a hashed block
 is immutable. Freed hashed blocks stay cached (reusable) until their slot is reallocated,
-least recently freed first.
+least recently freed first; `on_evict(block_id, hash)` is called just before such a slot
+is handed out again (the tier stack copies the content to host memory then).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -35,9 +36,10 @@ class BlockPool:
     _free         block ids with ref count 0, least recently freed first
     """
 
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, on_evict: Callable[[int, BlockHash], None] | None = None):
         assert num_blocks > 0
         self.num_blocks = num_blocks
+        self._on_evict = on_evict
         self._ref_counts = [0] * num_blocks
         self._hash_of: list[BlockHash | None] = [None] * num_blocks
         self._cached: dict[BlockHash, int] = {}
@@ -46,6 +48,11 @@ class BlockPool:
     @property
     def num_free_blocks(self) -> int:
         return len(self._free)
+
+    @property
+    def num_held_blocks(self) -> int:
+        """Blocks in use or holding cached content."""
+        return self.num_blocks - sum(self._hash_of[b] is None for b in self._free)
 
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
@@ -61,6 +68,8 @@ class BlockPool:
             if old is not None:  # evict the cached content this slot held
                 del self._cached[old]
                 self._hash_of[block_id] = None
+                if self._on_evict is not None:
+                    self._on_evict(block_id, old)
             self._ref_counts[block_id] = 1
             out.append(block_id)
         return out

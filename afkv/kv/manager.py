@@ -1,30 +1,71 @@
-"""KVManager: per-sequence block tables over a BlockPool, and the device KV tensor."""
+"""KVManager: per-sequence block tables over a BlockPool, the device KV tensor, and the
+tiers below it (host memory, disk) when configured.
+
+A sequence's table lists device blocks: the blocks of its matched prefix, then blocks for
+tokens to compute. A prefix block may come from any tier: found in the device pool (shared,
+ref count + 1), in host memory (copied into a fresh device block before the next step), or
+on disk (read into host memory by an I/O thread, then copied; meanwhile the sequence is
+*loading* and the scheduler runs others). A block that fails its checks on the way up ends
+the usable prefix there: the sequence computes the rest from its tokens.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, wait
 
 import torch
 
 from afkv.kv.block_pool import BlockHash, BlockPool, chain_hash
 from afkv.kv.layout import KVLayout
+from afkv.kv.metrics import KVMetrics, KVMetricsSnapshot, TierUsage
+from afkv.kv.tiers.config import TierConfig
+from afkv.kv.tiers.copier import InlineExecutor
+from afkv.kv.tiers.stack import TierStack, Where
 
 
 class KVManager:
-    """Owner of `_tables` (sequence id -> block ids) and `_hashes` (sequence id -> chained
-    hashes of its full, computed blocks). Asks the pool for blocks; never touches its lists."""
+    """Owner of these fields (loop thread only); asks the pool for blocks and the tier stack
+    for moves, never touching their lists:
 
-    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device, salt: bytes = b""):
+    _tables    sequence id -> device block ids
+    _hashes    sequence id -> chained hashes of its full blocks (computed, or matched)
+    _pending   sequence id -> indexes of its table's blocks still being read from disk
+    _failed    sequence id -> lowest index of a block whose read failed
+    _waiters   hash -> (sequence id, index) of the table entries waiting for that read
+
+    `worker` must be the single-threaded executor that runs the model's steps (tier copies
+    are ordered with the steps through it); None runs copies inline (no engine).
+    """
+
+    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device, salt: bytes = b"",
+                 tiers: TierConfig | None = None, worker: Executor | None = None,
+                 wakeup: Callable[[], None] | None = None):
         self.layout = layout
-        self.pool = BlockPool(num_blocks)
         self.salt = salt
         self.kv = torch.zeros((num_blocks, *layout.block_shape), dtype=layout.dtype, device=device)
+        self.metrics = KVMetrics()
+        self.tiers: TierStack | None = None
+        if tiers is not None:
+            self.tiers = TierStack(tiers, self.kv, worker or InlineExecutor(), self.metrics, wakeup)
+        self.pool = BlockPool(num_blocks, on_evict=self.tiers.demote if self.tiers else None)
         self._tables: dict[int, list[int]] = {}
         self._hashes: dict[int, list[BlockHash]] = {}
+        self._pending: dict[int, set[int]] = {}
+        self._failed: dict[int, int] = {}
+        self._waiters: dict[BlockHash, list[tuple[int, int]]] = {}
 
     @property
     def capacity_tokens(self) -> int:
         return self.pool.num_blocks * self.layout.block_size
+
+    @property
+    def prefetch_depth(self) -> int:
+        """Waiting sequences whose disk blocks the scheduler reads ahead (0 without a disk tier)."""
+        if self.tiers is None or self.tiers.disk is None:
+            return 0
+        return self.tiers.config.prefetch_depth
 
     def block_table(self, seq_id: int) -> list[int]:
         return self._tables[seq_id]
@@ -32,28 +73,100 @@ class KVManager:
     def has(self, seq_id: int) -> bool:
         return seq_id in self._tables
 
+    def is_loading(self, seq_id: int) -> bool:
+        return bool(self._pending.get(seq_id))
+
+    # ---- prefix reuse across tiers --------------------------------------------------------
     def match_prefix(self, seq_id: int, token_ids: Sequence[int]) -> int:
-        """Start a sequence's table with the cached blocks of its longest known prefix.
-        Returns the number of tokens whose KV is already there (a multiple of block_size,
-        always less than len(token_ids) so the last prompt token is computed)."""
+        """Start a sequence's table with the blocks of its longest known prefix, from any tier.
+        Returns the number of tokens covered (a multiple of block_size, always less than
+        len(token_ids) so the last prompt token is computed), counting blocks still loading:
+        call `settle` for what is usable once `is_loading` is False."""
         assert seq_id not in self._tables
         bs = self.layout.block_size
         table: list[int] = []
         hashes: list[BlockHash] = []
+        self._tables[seq_id] = table
+        self._hashes[seq_id] = hashes
         parent = None
         for b in range((len(token_ids) - 1) // bs):
             h = chain_hash(parent, token_ids[b * bs : (b + 1) * bs], self.salt)
             block_id = self.pool.lookup(h)
-            if block_id is None:
-                break
-            self.pool.acquire(block_id)
+            if block_id is not None:
+                self.pool.acquire(block_id)
+                self.metrics.hit_blocks["device"] += 1
+            else:
+                block_id = self._bring_up(seq_id, b, h)
+                if block_id is None:
+                    break
             table.append(block_id)
             hashes.append(h)
             parent = h
-        self._tables[seq_id] = table
-        self._hashes[seq_id] = hashes
+        self.metrics.counters["lookups"] += 1
         return len(table) * bs
 
+    def _bring_up(self, seq_id: int, index: int, h: BlockHash) -> int | None:
+        """A device block for table entry `index` holding `h` from a lower tier: filled before
+        the next step (host), or once its disk read ends (then the entry is pending)."""
+        if self.tiers is None or self.tiers.locate(h) is None:
+            return None
+        blocks = self.pool.allocate(1)  # may demote another block, which may evict h from host
+        if blocks is None:
+            return None
+        [block_id] = blocks
+        where = self.tiers.locate(h)
+        if where is Where.HOST:
+            self.tiers.promote(h, block_id)
+            registered = self.pool.register(block_id, h)
+            assert registered, "the pool missed h a moment ago"
+            self.metrics.hit_blocks["host"] += 1
+            return block_id
+        if where is None or not self.tiers.fetch(h):
+            self.pool.release([block_id])
+            return None
+        self._pending.setdefault(seq_id, set()).add(index)
+        self._waiters.setdefault(h, []).append((seq_id, index))
+        self.metrics.hit_blocks["disk"] += 1
+        return block_id
+
+    def settle(self, seq_id: int) -> int | None:
+        """None while the sequence's prefix is loading; then the number of prefix tokens whose
+        KV is usable (the table is cut at the first block that failed to load). Call before
+        the sequence's first `allocate`."""
+        if self._pending.get(seq_id):
+            return None
+        table, hashes = self._tables[seq_id], self._hashes[seq_id]
+        assert len(table) == len(hashes), "settle is for a matched prefix, before allocate"
+        failed = self._failed.pop(seq_id, None)
+        if failed is not None:
+            self.pool.release(table[failed:])
+            del table[failed:]
+            del hashes[failed:]
+        return len(table) * self.layout.block_size
+
+    def prefetch(self, token_ids: Sequence[int]) -> int:
+        """Start reading from disk the blocks of this prompt's known prefix that are in no
+        faster tier (a waiting sequence, before it is admitted). -> reads started."""
+        if self.tiers is None or self.tiers.disk is None:
+            return 0
+        bs = self.layout.block_size
+        started = 0
+        parent = None
+        for b in range((len(token_ids) - 1) // bs):
+            h = chain_hash(parent, token_ids[b * bs : (b + 1) * bs], self.salt)
+            parent = h
+            if self.pool.lookup(h) is not None:
+                continue
+            where = self.tiers.locate(h)
+            if where is None:
+                break
+            if where is Where.DISK:
+                if not self.tiers.fetch(h, ahead=True):
+                    break
+                started += 1
+        return started
+
+    # ---- growth and release ---------------------------------------------------------------
     def num_new_blocks(self, seq_id: int, num_tokens: int) -> int:
         return max(0, self.layout.num_blocks_for(num_tokens) - len(self._tables[seq_id]))
 
@@ -79,11 +192,96 @@ class KVManager:
             hashes.append(h)
 
     def free(self, seq_id: int) -> None:
+        """Release a sequence's blocks (full ones stay cached, and are demoted to the tiers
+        below when the pool reuses their slots: a preempted sequence is swapped out this way)."""
         table = self._tables.pop(seq_id, None)
-        self._hashes.pop(seq_id, None)
+        hashes = self._hashes.pop(seq_id, None)
+        for index in self._pending.pop(seq_id, ()):
+            waiters = self._waiters[hashes[index]]
+            waiters.remove((seq_id, index))
+            if not waiters:
+                del self._waiters[hashes[index]]
+        self._failed.pop(seq_id, None)
         if table:
             self.pool.release(table)
 
     @property
     def num_sequences(self) -> int:
         return len(self._tables)
+
+    # ---- transfers --------------------------------------------------------------------------
+    def poll(self) -> None:
+        """Collect finished transfers: a block read from disk is copied into the device block
+        of every sequence waiting for it (or marks their prefix as ending there)."""
+        if self.tiers is None:
+            return
+        for h, ok in self.tiers.poll():
+            for seq_id, index in self._waiters.pop(h, ()):
+                pending = self._pending[seq_id]
+                pending.remove(index)
+                if not pending:
+                    del self._pending[seq_id]
+                if ok:
+                    block_id = self._tables[seq_id][index]
+                    self.tiers.promote(h, block_id)
+                    self.pool.register(block_id, h)  # False: another block got h first; this one stays private
+                else:
+                    self._failed[seq_id] = min(index, self._failed.get(seq_id, index))
+
+    def flush(self) -> None:
+        """Submit the transfers queued by this scheduling pass (before its step is submitted)."""
+        if self.tiers is not None:
+            self.tiers.flush()
+
+    def drain(self) -> None:
+        """Block until no transfer is in flight (tests, benchmarks, close; never on the loop)."""
+        if self.tiers is None:
+            return
+        while True:
+            self.tiers.flush()
+            futures = self.tiers.in_flight()
+            if not futures:
+                return
+            wait(futures)
+            self.poll()
+
+    def close(self) -> None:
+        """Drain, write the disk index and release the disk directory (blocking)."""
+        if self.tiers is not None:
+            self.drain()
+            self.tiers.close()
+
+    async def aclose(self) -> None:
+        """As close, without blocking the event loop."""
+        if self.tiers is None:
+            return
+        while True:
+            self.tiers.flush()
+            futures = self.tiers.in_flight()
+            if not futures:
+                break
+            await asyncio.wait([asyncio.wrap_future(f) for f in futures])
+            self.poll()
+        await self.tiers.aclose()
+
+    # ---- metrics and checks -------------------------------------------------------------------
+    def metrics_snapshot(self) -> KVMetricsSnapshot:
+        device = TierUsage("device", "none", self.pool.num_held_blocks, self.pool.num_blocks, self.layout.block_nbytes)
+        lower = self.tiers.usage() if self.tiers is not None else ()
+        return self.metrics.snapshot((device, *lower))
+
+    def check_invariants(self) -> None:
+        """Accounting invariants across the manager, the pool and the tiers (tests)."""
+        self.pool.check_invariants()
+        refs: dict[int, int] = {}
+        for seq_id, table in self._tables.items():
+            assert len(set(table)) == len(table), f"sequence {seq_id} holds a block twice"
+            for block_id in table:
+                refs[block_id] = refs.get(block_id, 0) + 1
+        for block_id in range(self.pool.num_blocks):
+            assert self.pool.ref_count(block_id) == refs.get(block_id, 0), f"block {block_id} leaked or double-owned"
+        waiting = {(s, i) for ws in self._waiters.values() for s, i in ws}
+        assert waiting == {(s, i) for s, idx in self._pending.items() for i in idx}
+        assert all(self._pending.values())
+        if self.tiers is not None:
+            self.tiers.check_invariants()
