@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from afkv.model.spec import Family, ModelSpec
 from afkv.model.weights import CheckpointReader
-from afkv.ops.attention import paged_attention, write_kv
+from afkv.ops.attention import paged_attention, paged_decode_attention, write_kv
 from afkv.ops.layers import Rotary, gated_mlp, rms_norm, route_topk
 
 
@@ -37,12 +37,39 @@ class SeqChunk:
 
 
 @dataclass
+class DecodeRows:
+    """The single-token chunks of a step, attended in one batched call."""
+
+    rows: torch.Tensor  # [B] int64 row of each in the flattened batch
+    block_tables: torch.Tensor  # [B, nb] int64, padded
+    context_lens: torch.Tensor  # [B] int64
+
+
+@dataclass
 class StepInputs:
     token_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     slot_blocks: torch.Tensor  # [T] int64 block id where each token's K/V goes
     slot_offsets: torch.Tensor  # [T] int64 offset inside that block
     chunks: list[SeqChunk]
+    decode: DecodeRows | None = None  # when set, these rows' chunks are not attended one by one
+
+    def __post_init__(self) -> None:
+        if self.decode is None:
+            self.decode = decode_rows(self.chunks, self.token_ids.device)
+
+
+def decode_rows(chunks: list[SeqChunk], device: torch.device) -> DecodeRows | None:
+    singles = [c for c in chunks if c.length == 1]
+    if len(singles) < 2:
+        return None
+    nb = max(c.block_ids.numel() for c in singles)
+    tables = torch.zeros(len(singles), nb, dtype=torch.int64, device=device)  # pad with block 0: masked out
+    for i, c in enumerate(singles):
+        tables[i, : c.block_ids.numel()] = c.block_ids
+    rows = torch.tensor([c.start for c in singles], dtype=torch.int64, device=device)
+    lens = torch.tensor([c.context_len for c in singles], dtype=torch.int64, device=device)
+    return DecodeRows(rows, tables, lens)
 
 
 @dataclass
@@ -77,14 +104,12 @@ class AttentionSide:
             layer = {
                 "input_norm": get(p + "input_layernorm.weight"),
                 "post_norm": get(p + "post_attention_layernorm.weight"),
-                "q": get(a + "q_proj.weight"),
-                "k": get(a + "k_proj.weight"),
-                "v": get(a + "v_proj.weight"),
+                # q, k and v in one matrix: one pass over the weights per layer
+                "qkv": torch.cat([get(a + f"{n}_proj.weight") for n in "qkv"]),  # [(Hq + 2 Hkv) D, H]
                 "o": get(a + "o_proj.weight"),
             }
             if spec.qkv_bias:
-                for n in "qkv":
-                    layer[n + "_bias"] = get(a + f"{n}_proj.bias")
+                layer["qkv_bias"] = torch.cat([get(a + f"{n}_proj.bias") for n in "qkv"])
             if spec.qk_norm:
                 layer["q_norm"] = get(a + "q_norm.weight")
                 layer["k_norm"] = get(a + "k_norm.weight")
@@ -113,9 +138,11 @@ class AttentionSide:
         """h [T, H] -> h + attention(norm(h)); writes this step's K/V of layer i into kv."""
         spec, w = self.spec, self.layers[i]
         x = rms_norm(h, w["input_norm"], spec.rms_norm_eps)  # [T, H]
-        q = F.linear(x, w["q"], w.get("q_bias")).view(-1, spec.num_heads, spec.head_dim)  # [T, Hq, D]
-        k = F.linear(x, w["k"], w.get("k_bias")).view(-1, spec.num_kv_heads, spec.head_dim)  # [T, Hkv, D]
-        v = F.linear(x, w["v"], w.get("v_bias")).view(-1, spec.num_kv_heads, spec.head_dim)  # [T, Hkv, D]
+        qkv = F.linear(x, w["qkv"], w.get("qkv_bias"))  # [T, (Hq + 2 Hkv) D]
+        nq, nkv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        q = qkv[:, :nq].view(-1, spec.num_heads, spec.head_dim)  # [T, Hq, D]
+        k = qkv[:, nq : nq + nkv].view(-1, spec.num_kv_heads, spec.head_dim)  # [T, Hkv, D]
+        v = qkv[:, nq + nkv :].view(-1, spec.num_kv_heads, spec.head_dim)  # [T, Hkv, D]
         if spec.qk_norm:
             q = rms_norm(q, w["q_norm"], spec.rms_norm_eps)
             k = rms_norm(k, w["k_norm"], spec.rms_norm_eps)
@@ -124,7 +151,12 @@ class AttentionSide:
         k = Rotary.apply(k, cos, sin)
         write_kv(kv, i, inputs.slot_blocks, inputs.slot_offsets, k, v)
         out = torch.empty_like(q)  # [T, Hq, D]
+        d = inputs.decode
+        if d is not None:
+            out[d.rows] = paged_decode_attention(q[d.rows], kv, i, d.block_tables, d.context_lens, spec.sliding_window)
         for c in inputs.chunks:
+            if d is not None and c.length == 1:
+                continue
             rows = slice(c.start, c.start + c.length)
             out[rows] = paged_attention(q[rows], kv, i, c.block_ids, c.context_len, spec.sliding_window)
         return h + F.linear(out.flatten(1), w["o"])  # [T, H]
@@ -149,9 +181,12 @@ class AttentionSide:
 
 @dataclass
 class _Expert:
-    gate: torch.Tensor  # [I, H]
-    up: torch.Tensor  # [I, H]
+    gate_up: torch.Tensor  # [2I, H]: gate rows, then up rows (one matmul for both)
     down: torch.Tensor  # [H, I]
+
+    @classmethod
+    def of(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> "_Expert":
+        return cls(torch.cat([gate, up]), down)
 
 
 class FFNSide:
@@ -186,16 +221,16 @@ class FFNSide:
                 if with_dense and spec.shared_expert_intermediate_size:
                     m = _moe_prefix(spec, reader, i)
                     s = m + "shared_expert."
-                    mlp = _Expert(get(s + "gate_proj.weight"), get(s + "up_proj.weight"), get(s + "down_proj.weight"))
+                    mlp = _Expert.of(get(s + "gate_proj.weight"), get(s + "up_proj.weight"), get(s + "down_proj.weight"))
                     shared = (mlp, get(m + "shared_expert_gate.weight"))
             elif spec.upcycle is not None:
                 # Upcycled dense layer: every expert is the same dense MLP (shared tensors).
                 held = range(spec.upcycle.num_experts) if expert_ids is None else sorted(expert_ids)
                 if held:
-                    mlp = _Expert(get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"), get(p + "mlp.down_proj.weight"))
+                    mlp = _Expert.of(get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"), get(p + "mlp.down_proj.weight"))
                     experts = {e: mlp for e in held}
             elif with_dense:
-                dense = _Expert(get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"), get(p + "mlp.down_proj.weight"))
+                dense = _Expert.of(get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"), get(p + "mlp.down_proj.weight"))
             self.experts.append(experts)
             self.dense.append(dense)
             self.shared.append(shared)
@@ -206,16 +241,12 @@ class FFNSide:
             down = reader.get(prefix + "experts.down_proj", self.dtype)
             inter = gate_up.shape[1] // 2
             return {
-                e: _Expert(
-                    gate_up[e, :inter].contiguous().to(self.device),
-                    gate_up[e, inter:].contiguous().to(self.device),
-                    down[e].contiguous().to(self.device),
-                )
+                e: _Expert(gate_up[e].contiguous().to(self.device), down[e].contiguous().to(self.device))
                 for e in held
             }
         names = ("w1", "w3", "w2") if self.spec.family is Family.MIXTRAL else ("gate_proj", "up_proj", "down_proj")
         return {
-            e: _Expert(*(get(f"{prefix}experts.{e}.{n}.weight") for n in names))
+            e: _Expert.of(*(get(f"{prefix}experts.{e}.{n}.weight") for n in names))
             for e in held
         }
 
@@ -223,7 +254,7 @@ class FFNSide:
         """x [T, H], topk_ids/weights [T, k] -> partial FFN output [T, H] over what this side holds."""
         dense = self.dense[i]
         if dense is not None:
-            return gated_mlp(x, dense.gate, dense.up, dense.down)
+            return gated_mlp(x, dense.gate_up, dense.down)
         assert self.spec.layer_has_router(i), f"layer {i} is dense and its MLP is not held here"
         out = torch.zeros_like(x)  # [T, H]
         experts = self.experts[i]
@@ -239,10 +270,10 @@ class FFNSide:
             if tokens.numel() == 0:
                 continue
             mlp = experts[members[0]]
-            y = gated_mlp(x[tokens], mlp.gate, mlp.up, mlp.down)  # [n, H]
+            y = gated_mlp(x[tokens], mlp.gate_up, mlp.down)  # [n, H]
             out.index_add_(0, tokens, y * weight[tokens, None].to(y.dtype))
         shared = self.shared[i]
         if shared is not None:
             mlp, gate = shared
-            out = out + torch.sigmoid(F.linear(x, gate)) * gated_mlp(x, mlp.gate, mlp.up, mlp.down)
+            out = out + torch.sigmoid(F.linear(x, gate)) * gated_mlp(x, mlp.gate_up, mlp.down)
         return out

@@ -43,16 +43,39 @@ def paged_attention(
     """
     n, num_heads, head_dim = q.shape
     k, v = gather_kv(kv, layer, block_ids, context_len)  # [N, Hkv, D]
-    group = num_heads // k.shape[1]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)  # [N, H, D]
-        v = v.repeat_interleave(group, dim=1)
     q_pos = torch.arange(context_len - n, context_len, device=q.device)  # [n]
     k_pos = torch.arange(context_len, device=q.device)  # [N]
     mask = k_pos[None, :] <= q_pos[:, None]  # [n, N]
     if sliding_window is not None:
         mask &= (q_pos[:, None] - k_pos[None, :]) < sliding_window
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).to(k.dtype), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask
+        q.transpose(0, 1).to(k.dtype), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
     )  # [H, n, D]
     return out.transpose(0, 1).to(q.dtype)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """One new query per sequence, all sequences at once.
+
+    q [B, H, D]; block_tables [B, nb] (rows padded with any valid block id); context_lens [B]
+    (the query is the token at position context_len - 1). Keys past a sequence's context are
+    masked out, so they take no part in its result. Returns [B, H, D]."""
+    bsz, nb = block_tables.shape
+    blocks = kv[block_tables, layer]  # [B, nb, 2, bs, Hkv, D]
+    k = blocks[:, :, 0].flatten(1, 2)  # [B, N, Hkv, D]
+    v = blocks[:, :, 1].flatten(1, 2)
+    k_pos = torch.arange(k.shape[1], device=q.device)  # [N]
+    mask = k_pos[None, :] < context_lens[:, None]  # [B, N]
+    if sliding_window is not None:
+        mask &= (context_lens[:, None] - 1 - k_pos[None, :]) < sliding_window
+    out = F.scaled_dot_product_attention(
+        q[:, :, None].to(k.dtype), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], enable_gqa=True
+    )  # [B, H, 1, D]
+    return out[:, :, 0].to(q.dtype)

@@ -33,9 +33,10 @@ class Rotary:
         return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """SwiGLU MLP: x [T, H] -> [T, H]; w_gate/w_up [I, H], w_down [H, I]."""
-    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+def gated_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU MLP: x [T, H] -> [T, H]; w_gate_up [2I, H] (gate rows, then up rows), w_down [H, I]."""
+    gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)  # [T, I] each
+    return F.linear(F.silu(gate) * up, w_down)
 
 
 def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,7 @@ def test_sharded_checkpoint_loads_the_same_weights(tiny_dir, tmp_path):
     assert set(reader.keys()) == set(names)
     a = load_colocated(src, torch.device("cpu"), torch.float32)
     b = load_colocated(out, torch.device("cpu"), torch.float32)
-    assert torch.equal(a.attn.layers[2]["q"], b.attn.layers[2]["q"])
+    assert torch.equal(a.attn.layers[2]["qkv"], b.attn.layers[2]["qkv"])
     assert torch.equal(a.ffn.ffn.experts[0][5].down, b.ffn.ffn.experts[0][5].down)
 
 

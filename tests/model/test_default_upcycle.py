@@ -57,7 +57,7 @@ def test_upcycled_layers_route_across_experts(upcycled):
     r = upcycled.attn.route(3, x)
     mlp = upcycled.ffn.ffn.experts[3][0]
     got = upcycled.ffn.ffn.forward(3, r.x, r.topk_ids, r.topk_weights)
-    assert rel_err(got, gated_mlp(r.x, mlp.gate, mlp.up, mlp.down)) < 1e-5
+    assert rel_err(got, gated_mlp(r.x, mlp.gate_up, mlp.down)) < 1e-5
 
 
 async def test_main_job_answers_with_real_text(default_model_dir, dense_reference):
