@@ -153,7 +153,8 @@ class Engine:
             if self.config.deployment is not None:
                 from afkv.nodes.attention import connect_expert_nodes
 
-                self._remote = await connect_expert_nodes(self.spec, self.config.deployment, self.attention_rank)
+                self._remote = await connect_expert_nodes(self.spec, self.config.deployment, self.attention_rank,
+                                                          self._device, self._dtype, self._executor)
                 self._model.ffn = self._remote
         except BaseException:
             if self._remote is not None:
@@ -189,6 +190,9 @@ class Engine:
         cfg = self.config
         device = resolve_device(cfg.model.device)
         dtype = resolve_dtype(cfg.model.dtype, device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # this worker thread does all of this engine's GPU work
+        self._device, self._dtype = device, dtype
         self.model_dir, upcycle = resolve_model(self._model_path, cfg, self._progress)
         if cfg.deployment is None:
             model = load_colocated(self.model_dir, device, dtype, upcycle)

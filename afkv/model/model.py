@@ -30,7 +30,10 @@ class FFNHandle(Protocol):
 
 class FFNBackend(Protocol):
     """What the attention side calls once per layer and micro-batch: the local FFNSide
-    (colocated) or a transport to expert nodes (disaggregated)."""
+    (colocated) or a transport to expert nodes (disaggregated). `begin_step` announces the
+    micro-batch sizes of a step before its first submit."""
+
+    def begin_step(self, mb_sizes: list[int]) -> None: ...
 
     def submit(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> FFNHandle: ...
 
@@ -48,6 +51,9 @@ class LocalFFN:
 
     def __init__(self, ffn: FFNSide):
         self.ffn = ffn
+
+    def begin_step(self, mb_sizes: list[int]) -> None:
+        pass
 
     def submit(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> FFNHandle:
         return _Done(self.ffn.forward(layer, x, topk_ids, topk_weights))
@@ -96,6 +102,7 @@ class Model:
     def forward(self, inputs: StepInputs, kv: torch.Tensor, micro_batches: int = 1) -> torch.Tensor:
         """One step over the flattened chunks of all scheduled sequences -> hidden states [T, H]."""
         mbs = split_micro_batches(inputs, micro_batches)
+        self.ffn.begin_step([mb.token_ids.numel() for mb in mbs])
         hs = [self.attn.embed(mb.token_ids) for mb in mbs]  # m x [T_i, H]
         pending: list[FFNHandle | None] = [None] * len(mbs)
         t = self.timings
@@ -115,12 +122,22 @@ class Model:
         return hs[0] if len(hs) == 1 else torch.cat(hs)
 
 
-def load_attention_side(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
-                        upcycle: UpcycleSpec | None = None) -> tuple[ModelSpec, AttentionSide]:
-    spec = load_spec(model_dir)
+def open_checkpoint(model: str | Path, upcycle: UpcycleSpec | None = None):
+    """-> (spec, reader) of a checkpoint directory, or of `random:<name>` real-shape weights."""
+    from afkv.model.random import RandomCheckpoint, is_random, random_spec
+
+    if is_random(str(model)):
+        spec = random_spec(str(model))
+        return spec, RandomCheckpoint(spec)
+    spec = load_spec(model)
     if upcycle is not None:
         spec = spec.with_upcycle(upcycle)
-    reader = CheckpointReader(model_dir)
+    return spec, CheckpointReader(model)
+
+
+def load_attention_side(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
+                        upcycle: UpcycleSpec | None = None) -> tuple[ModelSpec, AttentionSide]:
+    spec, reader = open_checkpoint(model_dir, upcycle)
     try:
         return spec, AttentionSide(spec, reader, device, dtype)
     finally:
@@ -129,7 +146,7 @@ def load_attention_side(model_dir: str | Path, device: torch.device, dtype: torc
 
 def load_ffn_side(spec: ModelSpec, model_dir: str | Path, device: torch.device, dtype: torch.dtype,
                   expert_ids: frozenset[int] | None = None, dense_layers: frozenset[int] | None = None) -> FFNSide:
-    reader = CheckpointReader(model_dir)
+    _, reader = open_checkpoint(model_dir, spec.upcycle)
     try:
         return FFNSide(spec, reader, device, dtype, expert_ids, dense_layers)
     finally:

@@ -180,6 +180,18 @@ class AttentionSide:
 
 
 @dataclass
+class _Stacked:
+    """A layer's held experts as stacked matrices (for one grouped GEMM per projection)."""
+
+    gate_up: torch.Tensor  # [E_h, 2I, H]
+    down: torch.Tensor  # [E_h, H, I]
+    local: torch.Tensor  # [E] int64: logical expert id -> index in the stack, E_h when not held
+
+
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+@dataclass
 class _Expert:
     gate_up: torch.Tensor  # [2I, H]: gate rows, then up rows (one matmul for both)
     down: torch.Tensor  # [H, I]
@@ -206,6 +218,7 @@ class FFNSide:
         self.experts: list[dict[int, _Expert]] = []  # per layer: logical expert id -> weights
         self.dense: list[_Expert | None] = []  # per layer: dense MLP (dense layers)
         self.shared: list[tuple[_Expert, torch.Tensor] | None] = []  # per layer: shared expert + gate [1, H]
+        self.stacked: list[_Stacked | None] = []  # per layer: the routed experts stacked (distinct experts)
 
         def get(name: str) -> torch.Tensor:
             return reader.get(name, dtype, device)
@@ -214,10 +227,11 @@ class FFNSide:
             p = _layer_prefix(i)
             with_dense = dense_layers is None or i in dense_layers
             experts: dict[int, _Expert] = {}
-            dense = shared = None
+            dense = shared = stacked = None
             if spec.sparse_layers[i]:
                 held = range(spec.num_experts) if expert_ids is None else sorted(expert_ids)
                 experts = self._load_experts(reader, get, _moe_prefix(spec, reader, i), held)
+                experts, stacked = self._stack(experts)
                 if with_dense and spec.shared_expert_intermediate_size:
                     m = _moe_prefix(spec, reader, i)
                     s = m + "shared_expert."
@@ -234,6 +248,19 @@ class FFNSide:
             self.experts.append(experts)
             self.dense.append(dense)
             self.shared.append(shared)
+            self.stacked.append(stacked)
+
+    def _stack(self, experts: dict[int, _Expert]) -> tuple[dict[int, _Expert], _Stacked | None]:
+        """Stack a layer's experts; the per-expert weights become views into the stack."""
+        if not experts:
+            return experts, None
+        ids = sorted(experts)
+        gate_up = torch.stack([experts[e].gate_up for e in ids])  # [E_h, 2I, H]
+        down = torch.stack([experts[e].down for e in ids])  # [E_h, H, I]
+        local = torch.full((self.spec.num_experts,), len(ids), dtype=torch.int64, device=self.device)
+        local[torch.tensor(ids, device=self.device)] = torch.arange(len(ids), device=self.device)
+        views = {e: _Expert(gate_up[j], down[j]) for j, e in enumerate(ids)}
+        return views, _Stacked(gate_up, down, local)
 
     def _load_experts(self, reader, get, prefix: str, held) -> dict[int, _Expert]:
         if prefix + "experts.gate_up_proj" in reader:  # fused layout [E, 2I, H], [E, H, I]
@@ -256,6 +283,36 @@ class FFNSide:
         if dense is not None:
             return gated_mlp(x, dense.gate_up, dense.down)
         assert self.spec.layer_has_router(i), f"layer {i} is dense and its MLP is not held here"
+        stacked = self.stacked[i]
+        if stacked is not None and _HAS_GROUPED_MM:
+            out = self._grouped(stacked, x, topk_ids, topk_weights)
+        else:
+            out = self._per_expert(i, x, topk_ids, topk_weights)
+        shared = self.shared[i]
+        if shared is not None:
+            mlp, gate = shared
+            out = out + torch.sigmoid(F.linear(x, gate)) * gated_mlp(x, mlp.gate_up, mlp.down)
+        return out
+
+    @staticmethod
+    def _grouped(st: _Stacked, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """All held experts in two grouped GEMMs, without a host synchronisation."""
+        t, k = topk_ids.shape
+        num_held = st.gate_up.shape[0]
+        local = st.local[topk_ids.flatten()]  # [T*k] stack index, num_held when not held here
+        order = torch.argsort(local, stable=True)  # [T*k] pairs grouped by expert
+        offs = torch.bincount(local, minlength=num_held + 1)[:num_held].cumsum(0).to(torch.int32)  # [E_h]
+        tokens = order // k  # [T*k] token of each sorted pair
+        xs = x[tokens]  # [T*k, H]
+        gate, up = torch._grouped_mm(xs, st.gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # [T*k, I] each
+        y = torch._grouped_mm(F.silu(gate) * up, st.down.transpose(-2, -1), offs=offs)  # [T*k, H]
+        # rows past the last group are not computed (their values are garbage): select, never multiply
+        held = (local[order] < num_held)[:, None]  # [T*k, 1]
+        w = topk_weights.flatten()[order][:, None].to(y.dtype)  # [T*k, 1]
+        y = torch.where(held, y * w, torch.zeros((), dtype=y.dtype, device=y.device))
+        return torch.zeros_like(x).index_add_(0, tokens, y)  # [T, H]
+
+    def _per_expert(self, i: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)  # [T, H]
         experts = self.experts[i]
         # Experts that share tensors (upcycled copies) run once over the union of their tokens,
@@ -272,8 +329,4 @@ class FFNSide:
             mlp = experts[members[0]]
             y = gated_mlp(x[tokens], mlp.gate_up, mlp.down)  # [n, H]
             out.index_add_(0, tokens, y * weight[tokens, None].to(y.dtype))
-        shared = self.shared[i]
-        if shared is not None:
-            mlp, gate = shared
-            out = out + torch.sigmoid(F.linear(x, gate)) * gated_mlp(x, mlp.gate_up, mlp.down)
         return out

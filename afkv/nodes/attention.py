@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import torch
+
 from afkv.config import DeploymentConfig
 from afkv.model.spec import ModelSpec
 from afkv.nodes.placement import contiguous_placement
@@ -11,8 +13,10 @@ from afkv.nodes.remote_ffn import RemoteFFN
 from afkv.nodes.rendezvous import lookup, open_store
 
 
-async def connect_expert_nodes(spec: ModelSpec, d: DeploymentConfig, rank: int) -> RemoteFFN:
-    """Find the expert nodes through the rendezvous store and connect to each."""
+async def connect_expert_nodes(spec: ModelSpec, d: DeploymentConfig, rank: int, device: torch.device,
+                               dtype: torch.dtype, executor) -> "RemoteFFN | NcclFFN":
+    """Find the expert nodes through the rendezvous store and connect to each: control plane
+    always; on GPUs also the NCCL data plane, created on `executor` (the model worker thread)."""
     store = await asyncio.to_thread(open_store, d.host, d.port, False, d.expert_timeout_s * 3)
     first = [True] * d.expert_nodes
 
@@ -26,4 +30,12 @@ async def connect_expert_nodes(spec: ModelSpec, d: DeploymentConfig, rank: int) 
     remote = RemoteFFN(contiguous_placement(spec, d.expert_nodes), resolve, f"attention{rank}",
                        d.token or None, d.expert_timeout_s, asyncio.get_running_loop())
     await remote.connect()
-    return remote
+    if device.type != "cuda":
+        return remote
+    from afkv.nodes.nccl_ffn import NcclFFN
+
+    try:
+        return await NcclFFN.connect(remote, store, rank, device, dtype, spec.hidden_size, executor)
+    except BaseException:
+        await remote.aclose()
+        raise

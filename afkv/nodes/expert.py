@@ -55,8 +55,13 @@ class ExpertStats:
 
 class ExpertNode:
     def __init__(self, spec: ModelSpec, model_dir: str | Path, placement: ExpertPlacement, index: int,
-                 device: torch.device, dtype: torch.dtype, token: str | None = None, host: str = "127.0.0.1"):
-        self.spec, self.model_dir, self.placement, self.index = spec, Path(model_dir), placement, index
+                 device: torch.device, dtype: torch.dtype, token: str | None = None, host: str = "127.0.0.1",
+                 store=None):
+        """`store`: the rendezvous store; on GPUs it carries the NCCL unique ids."""
+        self.spec, self.model_dir, self.placement, self.index = spec, str(model_dir), placement, index
+        self.store = store
+        self._nccl: dict[int, tuple] = {}  # attention node -> (dispatch peer, combine peer)
+        self._gpu_events: list[tuple] = []  # (start, end) CUDA events of FFN compute, summed lazily
         self.device, self.dtype, self.token, self.host = device, dtype, token or None, host
         self.stats = ExpertStats()
         self._ffn: FFNSide | None = None
@@ -73,6 +78,8 @@ class ExpertNode:
     async def start(self, port: int = 0) -> int:
         loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"afkv-expert{self.index}")
+        if self.device.type == "cuda":
+            await loop.run_in_executor(self._executor, torch.cuda.set_device, self.device)
         experts = self.placement.experts_of(self.index)
         dense = self.placement.dense_layers_of(self.index)
         self._ffn = await loop.run_in_executor(
@@ -106,7 +113,16 @@ class ExpertNode:
         kind = msg["type"]
         if kind == "ffn":
             return await self._ffn_request(msg)
+        if kind == "step":  # GPU data plane: receive, compute and answer one whole step
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._gpu_step, conn.peer.node_id, [int(n) for n in msg["mbs"]])
+        if kind == "nccl_init":
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._nccl_init, conn.peer.node_id,
+                                                             msg["key"])
+            return {"type": "ok"}
         if kind == "stats":
+            if self._gpu_events:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._sum_gpu_events, True)
             s = self.stats
             return {"type": "stats", "index": self.index, "requests": s.requests, "tokens": s.tokens,
                     "batches": s.batches, "compute_s": s.compute_s,
@@ -177,6 +193,63 @@ class ExpertNode:
         self.stats.requests += len(batch)
         self.stats.tokens += sum(p.x.shape[0] for p in batch)
         return out
+
+    # ---- GPU data plane (NCCL) -----------------------------------------------------------------
+    def _nccl_init(self, attention: str, key: str) -> None:
+        """Worker thread: join the two communicators the attention node made (ids in the store)."""
+        from afkv.transport.nccl import NcclPeer
+
+        ids = self.store.get(key).decode().split("\n")
+        self._nccl[attention] = (NcclPeer(ids[0], 1, self.device), NcclPeer(ids[1], 1, self.device))
+        self._recv_stream = torch.cuda.Stream(self.device)
+        self._send_stream = torch.cuda.Stream(self.device)
+
+    @torch.inference_mode()
+    def _gpu_step(self, attention: str, mb_sizes: list[int]) -> None:
+        """Worker thread: enqueue, for every layer and micro-batch, recv -> FFN -> send back."""
+        self._sum_gpu_events(wait=False)
+        dispatch, combine = self._nccl[attention]
+        compute = torch.cuda.current_stream(self.device)
+        hidden = self.spec.hidden_size
+        for layer in range(self.spec.num_layers):
+            k = self.spec.layer_top_k(layer)
+            for n in mb_sizes:
+                x = torch.empty(n, hidden, dtype=self.dtype, device=self.device)  # [n, H]
+                ids = torch.empty(n, k, dtype=torch.int32, device=self.device)  # [n, k]
+                w = torch.empty(n, k, dtype=torch.float32, device=self.device)  # [n, k]
+                with torch.cuda.stream(self._recv_stream):
+                    with dispatch.group():
+                        for t in (x, ids, w):
+                            dispatch.recv(t, self._recv_stream)
+                for t in (x, ids, w):
+                    t.record_stream(self._recv_stream)
+                arrived = torch.cuda.Event()
+                arrived.record(self._recv_stream)
+                compute.wait_event(arrived)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(compute)
+                y = self._ffn.forward(layer, x, ids.long(), w)  # [n, H]
+                end.record(compute)
+                self._gpu_events.append((start, end))
+                self._send_stream.wait_event(end)
+                with torch.cuda.stream(self._send_stream):
+                    combine.send(y, self._send_stream)
+                y.record_stream(self._send_stream)
+        self.stats.requests += 1
+        self.stats.tokens += sum(mb_sizes)
+
+    def _sum_gpu_events(self, wait: bool) -> None:
+        """Worker thread: add finished FFN timings to the stats (all of them when `wait`)."""
+        pending = []
+        for start, end in self._gpu_events:
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                pending.append((start, end))
+                continue
+            self.stats.compute_s += start.elapsed_time(end) / 1e3
+            self.stats.batches += 1
+        self._gpu_events = pending
 
     def _count(self, layer: int, ids: torch.Tensor) -> None:
         held = self._ffn.experts[layer]

@@ -99,6 +99,15 @@ class RemoteFFN:
         except TransportError as exc:  # PeerLostError included: say which expert node
             raise PeerLostError(f"expert node {j} lost: {exc}") from exc
 
+    async def _notify(self, j: int, msg: dict) -> None:
+        try:
+            await (await self._client(j)).send(msg)
+        except TransportError as exc:
+            raise PeerLostError(f"expert node {j} lost: {exc}") from exc
+
+    def begin_step(self, mb_sizes: list[int]) -> None:
+        """Nothing to announce: each CPU request carries its own shapes."""
+
     async def request_all(self, msg: dict) -> list[dict]:
         """A control request to every expert node (stats, shutdown)."""
         return await asyncio.gather(*(self._request(j, msg) for j in range(self.placement.num_nodes)))

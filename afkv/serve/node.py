@@ -18,7 +18,7 @@ import sys
 from afkv.config import EngineConfig
 from afkv.engine.engine import Engine, resolve_device, resolve_dtype, resolve_model
 from afkv.errors import AfkvError, ConfigError
-from afkv.model.spec import load_spec
+from afkv.model.model import open_checkpoint
 from afkv.nodes.expert import ExpertNode
 from afkv.nodes.placement import contiguous_placement
 from afkv.nodes.rendezvous import open_store, publish
@@ -39,14 +39,13 @@ def _stop_event() -> asyncio.Event:
 async def serve_expert(cfg: EngineConfig, model: str | None, index: int, store_host: str, store_port: int) -> None:
     d = cfg.deployment
     model_dir, upcycle = resolve_model(model, cfg, progress=False)
-    spec = load_spec(model_dir)
-    if upcycle is not None:
-        spec = spec.with_upcycle(upcycle)
+    spec, reader = open_checkpoint(model_dir, upcycle)
+    reader.close()
     device = resolve_device(d.expert_devices[index] if d.expert_devices else cfg.model.device)
-    node = ExpertNode(spec, model_dir, contiguous_placement(spec, d.expert_nodes), index, device,
-                      resolve_dtype(cfg.model.dtype, device), token=d.token, host=d.host)
-    port = await node.start()
     store = await asyncio.to_thread(open_store, store_host, store_port, False)
+    node = ExpertNode(spec, model_dir, contiguous_placement(spec, d.expert_nodes), index, device,
+                      resolve_dtype(cfg.model.dtype, device), token=d.token, host=d.host, store=store)
+    port = await node.start()
     await asyncio.to_thread(publish, store, "expert", index, d.host, port)
     log.info("expert node %d serving on %s:%d", index, d.host, port)
     stop = _stop_event()

@@ -1,0 +1,102 @@
+"""Random weights in real model shapes, generated on the device (benchmarks: nothing can be
+downloaded there, and writing a 60 GB checkpoint first would take longer than the run).
+
+`random:<name>` names a model: `random:qwen3-30b-a3b`, `random:mixtral-8x7b`. Every tensor
+is drawn by a generator seeded from its name, so every process (attention node, expert
+nodes, the colocated baseline) builds identical weights without exchanging any.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from afkv.errors import CheckpointError
+from afkv.model.spec import Family, ModelSpec, spec_from_hf_config
+
+PREFIX = "random:"
+
+REAL_SHAPES: dict[str, dict] = {
+    "qwen3-30b-a3b": {
+        "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048,
+        "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+        "num_experts_per_tok": 8, "norm_topk_prob": True, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960, "tie_word_embeddings": False, "eos_token_id": 151645,
+    },
+    "mixtral-8x7b": {
+        "architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0, "max_position_embeddings": 32768, "tie_word_embeddings": False,
+        "eos_token_id": 2,
+    },
+}
+
+
+def is_random(model: str | None) -> bool:
+    return isinstance(model, str) and model.startswith(PREFIX)
+
+
+def random_spec(model: str) -> ModelSpec:
+    name = model.removeprefix(PREFIX)
+    if name not in REAL_SHAPES:
+        raise CheckpointError(f"unknown random model {name!r}; choose from {', '.join(REAL_SHAPES)}")
+    return spec_from_hf_config(REAL_SHAPES[name], source=model)
+
+
+class RandomCheckpoint:
+    """The CheckpointReader interface over generated tensors with Hugging Face names."""
+
+    def __init__(self, spec: ModelSpec, std: float = 0.02):
+        self.spec, self.std = spec, std
+        self._shapes = _hf_shapes(spec)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shapes
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def get(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        shape = self._shapes.get(name)
+        if shape is None:
+            raise CheckpointError(f"tensor {name!r} is not part of {self.spec.extra.get('source')}")
+        seed = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * self.std
+        if name.endswith("norm.weight"):
+            t += 1.0
+        return t.to(dtype or torch.float32)
+
+    def close(self) -> None:
+        pass
+
+
+def _hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    h, d = spec.hidden_size, spec.head_dim
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, h), "model.norm.weight": (h,)}
+    if not spec.tie_embeddings:
+        out["lm_head.weight"] = (spec.vocab_size, h)
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        out |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                a + "q_proj.weight": (spec.num_heads * d, h), a + "k_proj.weight": (spec.num_kv_heads * d, h),
+                a + "v_proj.weight": (spec.num_kv_heads * d, h), a + "o_proj.weight": (h, spec.num_heads * d)}
+        if spec.qk_norm:
+            out |= {a + "q_norm.weight": (d,), a + "k_norm.weight": (d,)}
+        if spec.sparse_layers[i]:
+            m = p + ("block_sparse_moe." if spec.family is Family.MIXTRAL else "mlp.")
+            out[m + "gate.weight"] = (spec.num_experts, h)
+            names = ("w1", "w3", "w2") if spec.family is Family.MIXTRAL else ("gate_proj", "up_proj", "down_proj")
+            inter = spec.moe_intermediate_size
+            for e in range(spec.num_experts):
+                out |= {f"{m}experts.{e}.{names[0]}.weight": (inter, h), f"{m}experts.{e}.{names[1]}.weight": (inter, h),
+                        f"{m}experts.{e}.{names[2]}.weight": (h, inter)}
+        else:
+            inter = spec.intermediate_size
+            out |= {p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                    p + "mlp.down_proj.weight": (h, inter)}
+    return out
