@@ -66,6 +66,17 @@ async def _cmd_bench_decode(args) -> int:
     return 0
 
 
+async def _cmd_bench_af(args) -> int:
+    from afkv.bench.af import format_af_table, run_af_bench, write_json
+
+    result = await run_af_bench(args.model, [int(b) for b in args.batch_sizes.split(",")], args.context,
+                                [int(m) for m in args.micro_batches.split(",")], args.steps, log=_err)
+    print(format_af_table(result))
+    out = write_json(result, args.json or f"bench-results/af-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    _err(f"afkv: wrote {out}")
+    return 0
+
+
 def _cmd_launch(args) -> int:
     import signal
 
@@ -130,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--model", help="checkpoint directory (default: the embedded model)")
     launch.add_argument("--log-dir", help="write each node's output to LOG_DIR/node<rank>.log")
 
+    af = bsub.add_parser("af", help="1A1F over NCCL vs colocated data parallel on two GPUs (real shapes)")
+    af.add_argument("--model", default="random:qwen3-30b-a3b", help="random:qwen3-30b-a3b | random:mixtral-8x7b")
+    af.add_argument("--batch-sizes", default="16,64,128,256,512")
+    af.add_argument("--context", type=int, default=2048)
+    af.add_argument("--micro-batches", default="1,2")
+    af.add_argument("--steps", type=int, default=10)
+    af.add_argument("--json", help="output path (default bench-results/af-<time>.json)")
+
     tiny = sub.add_parser("make-tiny", help="write tiny random HF checkpoints (needs transformers)")
     tiny.add_argument("out")
     tiny.add_argument("--family", default="all", choices=["all", "llama", "mixtral", "qwen2_moe", "qwen3_moe"])
@@ -144,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run_async(_cmd_run(args))
+        if args.command == "bench" and args.bench == "af":
+            return run_async(_cmd_bench_af(args))
         if args.command == "bench":
             return run_async(_cmd_bench_decode(args))
         if args.command == "launch":

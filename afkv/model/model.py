@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from afkv.model.sides import AttentionSide, FFNSide, SeqChunk, StepInputs
+from afkv.model.sides import AttentionSide, DecodeRows, FFNSide, SeqChunk, StepInputs
 from afkv.model.spec import ModelSpec, UpcycleSpec, load_spec
 from afkv.model.weights import CheckpointReader
 
@@ -74,12 +74,20 @@ def split_micro_batches(inputs: StepInputs, m: int) -> list[StepInputs]:
         groups[-1].append(c)
         acc += c.length
     out = []
+    parent = inputs.decode
+    singles = 0  # single-token chunks before this group: the parent's decode rows are in chunk order
     for g in groups:
         start, end = g[0].start, g[-1].start + g[-1].length
         rows = slice(start, end)
+        n = sum(c.length == 1 for c in g)
+        decode = None
+        if parent is not None and n:
+            sel = slice(singles, singles + n)
+            decode = DecodeRows(parent.rows[sel] - start, parent.block_tables[sel], parent.context_lens[sel])
+        singles += n
         out.append(StepInputs(
             inputs.token_ids[rows], inputs.positions[rows], inputs.slot_blocks[rows], inputs.slot_offsets[rows],
-            [SeqChunk(c.start - start, c.length, c.context_len, c.block_ids) for c in g],
+            [SeqChunk(c.start - start, c.length, c.context_len, c.block_ids) for c in g], decode,
         ))
     return out
 

@@ -188,7 +188,24 @@ class _Stacked:
     local: torch.Tensor  # [E] int64: logical expert id -> index in the stack, E_h when not held
 
 
-_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+_GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs here (it is private: probe once per device type and dtype)."""
+    key = (device.type, dtype)
+    if key not in _GROUPED_OK:
+        ok = hasattr(torch, "_grouped_mm")
+        if ok:
+            try:
+                a = torch.ones(32, 16, dtype=dtype, device=device)
+                b = torch.ones(2, 16, 16, dtype=dtype, device=device).transpose(-2, -1)
+                offs = torch.tensor([16, 32], dtype=torch.int32, device=device)
+                ok = bool((torch._grouped_mm(a, b, offs=offs) == 16).all())
+            except (RuntimeError, NotImplementedError):
+                ok = False
+        _GROUPED_OK[key] = ok
+    return _GROUPED_OK[key]
 
 
 @dataclass
@@ -219,6 +236,7 @@ class FFNSide:
         self.dense: list[_Expert | None] = []  # per layer: dense MLP (dense layers)
         self.shared: list[tuple[_Expert, torch.Tensor] | None] = []  # per layer: shared expert + gate [1, H]
         self.stacked: list[_Stacked | None] = []  # per layer: the routed experts stacked (distinct experts)
+        self.grouped = grouped_mm_works(device, dtype)  # else one GEMM pair per expert
 
         def get(name: str) -> torch.Tensor:
             return reader.get(name, dtype, device)
@@ -284,7 +302,7 @@ class FFNSide:
             return gated_mlp(x, dense.gate_up, dense.down)
         assert self.spec.layer_has_router(i), f"layer {i} is dense and its MLP is not held here"
         stacked = self.stacked[i]
-        if stacked is not None and _HAS_GROUPED_MM:
+        if stacked is not None and self.grouped:
             out = self._grouped(stacked, x, topk_ids, topk_weights)
         else:
             out = self._per_expert(i, x, topk_ids, topk_weights)

@@ -42,6 +42,7 @@ class NcclFFN:
         self._combine: list[NcclPeer] = []
         self._send_stream = torch.cuda.Stream(device)
         self._recv_stream = torch.cuda.Stream(device)
+        self.trace: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None  # (ready, done) when measuring
 
     @classmethod
     async def connect(cls, control: RemoteFFN, store, rank: int, device: torch.device, dtype: torch.dtype,
@@ -72,7 +73,7 @@ class NcclFFN:
         ids = topk_ids.to(torch.int32)  # [n, k]
         w = topk_weights.float()  # [n, k]
         x = x.contiguous()
-        ready = torch.cuda.Event()
+        ready = torch.cuda.Event(enable_timing=self.trace is not None)
         ready.record(compute)
         ys = [torch.empty_like(x) for _ in self._combine]  # [n, H] partial sums, one per expert node
         self._send_stream.wait_event(ready)
@@ -89,8 +90,10 @@ class NcclFFN:
                 peer.recv(y, self._recv_stream)
                 y.record_stream(self._recv_stream)
             y = ys[0] if len(ys) == 1 else torch.stack(ys).sum(0)
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(enable_timing=self.trace is not None)
         done.record(self._recv_stream)
+        if self.trace is not None:
+            self.trace.append((ready, done))
         return _NcclHandle(y, done)
 
     async def aclose(self) -> None:

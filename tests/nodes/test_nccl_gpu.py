@@ -1,0 +1,55 @@
+"""1A1F over NCCL on two GPUs: greedy tokens equal the colocated engine (tiny fp32 model)."""
+
+import asyncio
+import dataclasses
+
+import pytest
+import torch
+
+from afkv import Engine, EngineConfig, SamplingParams
+from afkv.serve.launch import Deployment
+from tests.helpers import random_prompt
+
+pytestmark = pytest.mark.gpu
+
+
+def test_nccl_1a1f_matches_colocated(tiny_dir, tmp_path):
+    pytest.importorskip("cupy")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    model = str(tiny_dir["mixtral"])
+    path = tmp_path / "gpu.toml"
+    path.write_text("""
+[model]
+dtype = "float32"
+[kv]
+block_size = 4
+num_blocks = 256
+[scheduler]
+max_num_batched_tokens = 24
+[deployment]
+attention_nodes = 1
+expert_nodes = 1
+port = 0
+attention_devices = ["cuda:0"]
+expert_devices = ["cuda:1"]
+expert_timeout_s = 30.0
+""")
+    prompts = [random_prompt(4 + 5 * i, 256, seed=i) for i in range(6)]
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+
+    async def run():
+        cfg = EngineConfig.from_toml(path)
+        colo = dataclasses.replace(cfg, deployment=None, model=dataclasses.replace(cfg.model, device="cuda:0"))
+        async with Engine(model, colo, progress=False) as e:
+            expected = [r.token_ids for r in await asyncio.gather(*(e.complete(p, params) for p in prompts))]
+        with Deployment(path, model, start_attention=False) as dep:
+            af = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port),
+                                     model=dataclasses.replace(cfg.model, device="cuda:0"))
+            async with Engine(model, af, progress=False) as e:
+                for m in (1, 2, 3):
+                    e.set_micro_batches(m)
+                    got = [r.token_ids for r in await asyncio.gather(*(e.complete(p, params) for p in prompts))]
+                    assert got == expected, f"m={m}"
+
+    asyncio.run(run())
