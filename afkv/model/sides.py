@@ -319,7 +319,9 @@ class FFNSide:
         num_held = st.gate_up.shape[0]
         local = st.local[topk_ids.flatten()]  # [T*k] stack index, num_held when not held here
         order = torch.argsort(local, stable=True)  # [T*k] pairs grouped by expert
-        offs = torch.bincount(local, minlength=num_held + 1)[:num_held].cumsum(0).to(torch.int32)  # [E_h]
+        counts = torch.zeros(num_held + 1, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, local, torch.ones_like(local))  # [E_h + 1]; bincount would sync on CUDA
+        offs = counts[:num_held].cumsum(0).to(torch.int32)  # [E_h]
         tokens = order // k  # [T*k] token of each sorted pair
         xs = x[tokens]  # [T*k, H]
         gate, up = torch._grouped_mm(xs, st.gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # [T*k, I] each

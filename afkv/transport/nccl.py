@@ -39,7 +39,8 @@ class NcclPeer:
         self.device = device
         self.peer = 1 - rank
         with cupy.cuda.Device(device.index):
-            self.comm = nccl.NcclCommunicator(2, tuple(json.loads(unique_id)), rank)
+            comm_id = bytes(b & 0xFF for b in json.loads(unique_id))  # NCCL's 128-byte id
+            self.comm = nccl.NcclCommunicator(2, comm_id, rank)
         self._u8 = getattr(nccl, "NCCL_UINT8", None) or nccl.NCCL_INT8
         self._nccl = nccl
 
