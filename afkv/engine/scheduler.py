@@ -105,7 +105,10 @@ class Scheduler:
                 seq.metrics.num_cached_tokens = min(cached, seq.num_prompt_tokens)
             n = min(seq.num_uncomputed, budget)
             if not self.kv.allocate(seq.seq_id, seq.num_computed + n):
-                self._release_waiting()
+                if self._release_waiting(keep=seq):
+                    continue  # try again with the blocks the others held
+                self.kv.free(seq.seq_id)
+                seq.num_computed = 0
                 break
             del self.waiting[i]
             self._prefetched.discard(seq.seq_id)
@@ -117,13 +120,16 @@ class Scheduler:
         self.kv.flush()
         return step
 
-    def _release_waiting(self) -> None:
-        """Free the blocks of every waiting sequence that is not loading (their full blocks stay
-        cached and are found again at their next admission)."""
+    def _release_waiting(self, keep: Sequence) -> bool:
+        """Free the blocks of every other waiting sequence that is not loading (their full
+        blocks stay cached and are found again at their next admission). -> whether any."""
+        released = False
         for seq in self.waiting:
-            if self.kv.has(seq.seq_id) and not self.kv.is_loading(seq.seq_id):
+            if seq is not keep and self.kv.has(seq.seq_id) and not self.kv.is_loading(seq.seq_id):
                 self.kv.free(seq.seq_id)
                 seq.num_computed = 0
+                released = True
+        return released
 
     def _prefetch(self) -> None:
         """Start reading from disk the prefix blocks of the next waiting sequences."""

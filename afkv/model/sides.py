@@ -53,6 +53,7 @@ class StepInputs:
     slot_offsets: torch.Tensor  # [T] int64 offset inside that block
     chunks: list[SeqChunk]
     decode: DecodeRows | None = None  # when set, these rows' chunks are not attended one by one
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [T, D]: computed by the first layer
 
     def __post_init__(self) -> None:
         if self.decode is None:
@@ -146,7 +147,9 @@ class AttentionSide:
         if spec.qk_norm:
             q = rms_norm(q, w["q_norm"], spec.rms_norm_eps)
             k = rms_norm(k, w["k_norm"], spec.rms_norm_eps)
-        cos, sin = self.rotary.cos_sin(inputs.positions, q.dtype)  # [T, D]
+        if inputs.rope is None:  # the same for every layer of the step
+            inputs.rope = self.rotary.cos_sin(inputs.positions, q.dtype)  # [T, D] each
+        cos, sin = inputs.rope
         q = Rotary.apply(q, cos, sin)
         k = Rotary.apply(k, cos, sin)
         write_kv(kv, i, inputs.slot_blocks, inputs.slot_offsets, k, v)
@@ -347,6 +350,9 @@ class FFNSide:
             if tokens.numel() == 0:
                 continue
             mlp = experts[members[0]]
+            if tokens.numel() == x.shape[0]:  # every token: no gather/scatter
+                out += gated_mlp(x, mlp.gate_up, mlp.down) * weight[:, None].to(x.dtype)
+                continue
             y = gated_mlp(x[tokens], mlp.gate_up, mlp.down)  # [n, H]
             out.index_add_(0, tokens, y * weight[tokens, None].to(y.dtype))
         return out

@@ -28,7 +28,7 @@ async def connect_expert_nodes(spec: ModelSpec, d: DeploymentConfig, rank: int, 
         return address
 
     remote = RemoteFFN(contiguous_placement(spec, d.expert_nodes), resolve, f"attention{rank}",
-                       d.token or None, d.expert_timeout_s, asyncio.get_running_loop())
+                       d.token or None, d.expert_timeout_s, asyncio.get_running_loop(), d.heartbeat_interval_s)
     await remote.connect()
     if device.type != "cuda":
         return remote

@@ -56,8 +56,11 @@ class ExpertStats:
 class ExpertNode:
     def __init__(self, spec: ModelSpec, model_dir: str | Path, placement: ExpertPlacement, index: int,
                  device: torch.device, dtype: torch.dtype, token: str | None = None, host: str = "127.0.0.1",
-                 store=None):
-        """`store`: the rendezvous store; on GPUs it carries the NCCL unique ids."""
+                 store=None, peer_timeout_s: float = 10.0):
+        """`store`: the rendezvous store; on GPUs it carries the NCCL unique ids. Attention
+        nodes silent (no heartbeat, no request) for `peer_timeout_s` are disconnected."""
+        self.peer_timeout_s = peer_timeout_s
+        self._reaper: asyncio.Task | None = None
         self.spec, self.model_dir, self.placement, self.index = spec, str(model_dir), placement, index
         self.store = store
         self._nccl: dict[int, tuple] = {}  # attention node -> (dispatch peer, combine peer)
@@ -88,7 +91,16 @@ class ExpertNode:
         self._server = ControlServer(self._handle, host=self.host, port=port, token=self.token,
                                      limits=ControlLimits(max_frame_bytes=DATA_FRAME_BYTES))
         await self._server.start()
+        self._reaper = asyncio.create_task(self._reap_silent_peers())
         return self._server.port
+
+    async def _reap_silent_peers(self) -> None:
+        while True:
+            await asyncio.sleep(self.peer_timeout_s / 2)
+            for conn in self._server.dead_peers(self.peer_timeout_s):
+                log.warning("expert node %d: %s silent for %.0f s, disconnecting", self.index, conn.peer,
+                            self.peer_timeout_s)
+                await conn.aclose()
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -97,6 +109,8 @@ class ExpertNode:
         if self._closed.is_set():
             return
         self._closed.set()
+        if self._reaper is not None:
+            self._reaper.cancel()
         if self._server is not None:
             await self._server.aclose()
         if self._drainer is not None:

@@ -64,10 +64,12 @@ class _RemoteHandle:
 
 class RemoteFFN:
     def __init__(self, placement: ExpertPlacement, resolve: Callable[[int], Awaitable[tuple[str, int]]],
-                 node_id: str, token: str | None, timeout_s: float, loop: asyncio.AbstractEventLoop):
+                 node_id: str, token: str | None, timeout_s: float, loop: asyncio.AbstractEventLoop,
+                 heartbeat_interval_s: float = 1.0):
         """`resolve(j)` finds expert node j's address (again after it restarts)."""
         self.placement, self.resolve, self.node_id = placement, resolve, node_id
         self.token, self.timeout_s, self.loop = token, timeout_s, loop
+        self.heartbeat_interval_s = heartbeat_interval_s
         self.timings = TransferTimings()
         n = placement.num_nodes
         self._clients: list[ControlClient | None] = [None] * n
@@ -90,6 +92,7 @@ class RemoteFFN:
                 c = self._clients[j] = await ControlClient.connect(
                     host, port, token=self.token, role="attention", node_id=self.node_id, timeout_s=self.timeout_s,
                     limits=ControlLimits(max_frame_bytes=DATA_FRAME_BYTES, send_timeout_s=self.timeout_s))
+                c.start_heartbeat(self.heartbeat_interval_s)  # lets the expert node drop us if we die
             return c
 
     async def _request(self, j: int, msg: dict) -> dict:

@@ -44,7 +44,8 @@ async def serve_expert(cfg: EngineConfig, model: str | None, index: int, store_h
     device = resolve_device(d.expert_devices[index] if d.expert_devices else cfg.model.device)
     store = await asyncio.to_thread(open_store, store_host, store_port, False)
     node = ExpertNode(spec, model_dir, contiguous_placement(spec, d.expert_nodes), index, device,
-                      resolve_dtype(cfg.model.dtype, device), token=d.token, host=d.host, store=store)
+                      resolve_dtype(cfg.model.dtype, device), token=d.token, host=d.host, store=store,
+                      peer_timeout_s=d.expert_timeout_s)
     port = await node.start()
     await asyncio.to_thread(publish, store, "expert", index, d.host, port)
     log.info("expert node %d serving on %s:%d", index, d.host, port)
