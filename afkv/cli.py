@@ -87,9 +87,9 @@ def _cmd_launch(args) -> int:
     _err(f"afkv: starting {d.attention_nodes} attention + {d.expert_nodes} expert nodes ...")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with dep:
-        _err(f"afkv: deployment ready; attach with afkv.Engine.attach({dep.address!r}) -- Ctrl-C stops it")
-        print(dep.address, flush=True)
         try:
+            _err(f"afkv: deployment ready; attach with afkv.Engine.attach({dep.address!r}) -- Ctrl-C stops it")
+            print(dep.address, flush=True)
             while all(p.poll() is None for p in dep.procs.values()):
                 time.sleep(0.5)
             dead = [r for r, p in dep.procs.items() if p.poll() is not None]
