@@ -21,7 +21,7 @@ from enum import Enum
 
 import torch
 
-from afkv.kv.formats import BlockFormat
+from afkv.kv.formats import BlockFormat, RawFormat
 
 
 class Direction(Enum):
@@ -82,25 +82,28 @@ class Copier:
 
     def _run_group(self, group: list[CopyOp]) -> None:
         kv, buf, fmt = self.kv, self.buf, self.format
-        ids = torch.tensor([op.block_id for op in group], device=kv.device)  # [n]
         cuda = self.stream is not None
-        if group[0].direction is Direction.TO_HOST:
-            rows = fmt.encode(kv[ids])  # [n, nbytes] on the device
-            if cuda:
-                for i, op in enumerate(group):  # one transfer per block into pinned memory
-                    buf[op.slot].copy_(rows[i], non_blocking=True)
-            else:
-                buf[torch.tensor([op.slot for op in group])] = rows
+        to_host = group[0].direction is Direction.TO_HOST
+        if isinstance(fmt, RawFormat):  # bytes as they are: one copy per block, no staging
+            for op in group:
+                block = kv[op.block_id].view(-1).view(torch.uint8)  # [nbytes]
+                if to_host:
+                    buf[op.slot].copy_(block, non_blocking=cuda)
+                else:
+                    block.copy_(buf[op.slot], non_blocking=cuda)
             return
-        if cuda:
-            rows = torch.empty((len(group), fmt.nbytes), dtype=torch.uint8, device=kv.device)  # [n, nbytes]
-            for i, op in enumerate(group):
-                rows[i].copy_(buf[op.slot], non_blocking=True)
-        else:
-            rows = buf[torch.tensor([op.slot for op in group])]  # [n, nbytes]
+        ids = torch.tensor([op.block_id for op in group], device=kv.device)  # [n]
+        if to_host:
+            rows = fmt.encode(kv.index_select(0, ids))  # [n, nbytes] on the device
+            for i, op in enumerate(group):  # one transfer per block (pinned memory on CUDA)
+                buf[op.slot].copy_(rows[i], non_blocking=cuda)
+            return
+        rows = torch.empty((len(group), fmt.nbytes), dtype=torch.uint8, device=kv.device)  # [n, nbytes]
+        for i, op in enumerate(group):
+            rows[i].copy_(buf[op.slot], non_blocking=cuda)
         out = torch.empty((len(group), *kv.shape[1:]), dtype=kv.dtype, device=kv.device)  # [n, *block_shape]
         fmt.decode(rows, out)
-        kv[ids] = out
+        kv.index_copy_(0, ids, out)
 
 
 def _groups(ops: list[CopyOp]) -> Iterator[list[CopyOp]]:
