@@ -2,6 +2,7 @@
 
     afkv run [PROMPT ...]        generate with the default model (or --model/--config), streaming text
     afkv bench decode            afkv vs transformers' generate: decode tokens/s and TTFT
+    afkv bench kv                KV tiers: transfer GB/s against the copy limit; decode with tiers on/off
     afkv launch CONFIG           start a deployment (attention + expert nodes) as local processes
     afkv make-tiny OUT           write tiny random HF checkpoints of each family (tests)
 """
@@ -62,6 +63,19 @@ async def _cmd_bench_decode(args) -> int:
     )
     print(format_table(result))
     out = write_json(result, args.json or f"bench-results/decode-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    _err(f"afkv: wrote {out}")
+    return 0
+
+
+async def _cmd_bench_kv(args) -> int:
+    from afkv.bench.kv import format_table, run_kv_bench, write_json
+
+    result = await run_kv_bench(
+        args.model, args.blocks, args.formats.split(","), args.group_size, args.io_threads, args.disk_dir,
+        args.batch, args.prompt_len, args.gen_len, args.repeats, with_decode=not args.no_decode, progress=_err,
+    )
+    print(format_table(result))
+    out = write_json(result, args.json or f"bench-results/kv-{time.strftime('%Y%m%d-%H%M%S')}.json")
     _err(f"afkv: wrote {out}")
     return 0
 
@@ -136,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     dec.add_argument("--json", help="output path (default bench-results/decode-<time>.json)")
 
+    kvb = bsub.add_parser("kv", help="KV tiers: transfer GB/s against the copy limit; decode with tiers on/off")
+    kvb.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    kvb.add_argument("--blocks", type=int, default=128, help="blocks moved at once in the transfer runs")
+    kvb.add_argument("--formats", default="none,int8,int4")
+    kvb.add_argument("--group-size", type=int, default=16)
+    kvb.add_argument("--io-threads", type=int, default=4)
+    kvb.add_argument("--disk-dir", help="where spill files go (default: a new directory under the temp dir)")
+    kvb.add_argument("--batch", type=int, default=4)
+    kvb.add_argument("--prompt-len", type=int, default=64)
+    kvb.add_argument("--gen-len", type=int, default=32)
+    kvb.add_argument("--repeats", type=int, default=3)
+    kvb.add_argument("--no-decode", action="store_true", help="transfers only")
+    kvb.add_argument("--json", help="output path (default bench-results/kv-<time>.json)")
+
     launch = sub.add_parser("launch", help="start every node of a deployment config as local processes")
     launch.add_argument("config", help="TOML with a [deployment] section (see configs/deploy-*.toml)")
     launch.add_argument("--model", help="checkpoint directory (default: the embedded model)")
@@ -163,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run_async(_cmd_run(args))
+        if args.command == "bench" and args.bench == "kv":
+            return run_async(_cmd_bench_kv(args))
         if args.command == "bench" and args.bench == "af":
             return run_async(_cmd_bench_af(args))
         if args.command == "bench":
