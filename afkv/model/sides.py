@@ -188,7 +188,7 @@ class _Stacked:
 
     gate_up: torch.Tensor  # [E_h, 2I, H]
     down: torch.Tensor  # [E_h, H, I]
-    local: torch.Tensor  # [E] int64: logical expert id -> index in the stack, E_h when not held
+    local: torch.Tensor  # [E + 1] int64: logical expert id -> index in the stack, E_h when not held
 
 
 _GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
@@ -278,7 +278,8 @@ class FFNSide:
         ids = sorted(experts)
         gate_up = torch.stack([experts[e].gate_up for e in ids])  # [E_h, 2I, H]
         down = torch.stack([experts[e].down for e in ids])  # [E_h, H, I]
-        local = torch.full((self.spec.num_experts,), len(ids), dtype=torch.int64, device=self.device)
+        # one extra entry: expert id num_experts marks padding rows, held by no node
+        local = torch.full((self.spec.num_experts + 1,), len(ids), dtype=torch.int64, device=self.device)
         local[torch.tensor(ids, device=self.device)] = torch.arange(len(ids), device=self.device)
         views = {e: _Expert(gate_up[j], down[j]) for j, e in enumerate(ids)}
         return views, _Stacked(gate_up, down, local)

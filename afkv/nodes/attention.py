@@ -35,7 +35,7 @@ async def connect_expert_nodes(spec: ModelSpec, d: DeploymentConfig, rank: int, 
     from afkv.nodes.nccl_ffn import NcclFFN
 
     try:
-        return await NcclFFN.connect(remote, store, rank, device, dtype, spec.hidden_size, executor)
+        return await NcclFFN.connect(remote, spec, store, rank, device, dtype, executor)
     except BaseException:
         await remote.aclose()
         raise

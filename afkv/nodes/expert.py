@@ -63,7 +63,9 @@ class ExpertNode:
         self._reaper: asyncio.Task | None = None
         self.spec, self.model_dir, self.placement, self.index = spec, str(model_dir), placement, index
         self.store = store
-        self._nccl: dict[int, tuple] = {}  # attention node -> (dispatch peer, combine peer)
+        self._nccl: dict[str, tuple] = {}  # attention node -> (dispatch peer, combine peer)
+        self._recv_buffers: dict[tuple, tuple] = {}  # (attention, slot, capacity, k) -> static x, ids, w
+        self._buffer_read: dict[tuple, torch.cuda.Event] = {}  # same key -> end of the last FFN reading them
         self._gpu_events: list[tuple] = []  # (start, end) CUDA events of FFN compute, summed lazily
         self.device, self.dtype, self.token, self.host = device, dtype, token or None, host
         self.stats = ExpertStats()
@@ -129,7 +131,7 @@ class ExpertNode:
             return await self._ffn_request(msg)
         if kind == "step":  # GPU data plane: receive, compute and answer one whole step
             return await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._gpu_step, conn.peer.node_id, [int(n) for n in msg["mbs"]])
+                self._executor, self._gpu_step, conn.peer.node_id, [int(c) for c in msg["caps"]])
         if kind == "nccl_init":
             await asyncio.get_running_loop().run_in_executor(self._executor, self._nccl_init, conn.peer.node_id,
                                                              msg["key"])
@@ -219,38 +221,47 @@ class ExpertNode:
         self._send_stream = torch.cuda.Stream(self.device)
 
     @torch.inference_mode()
-    def _gpu_step(self, attention: str, mb_sizes: list[int]) -> None:
-        """Worker thread: enqueue, for every layer and micro-batch, recv -> FFN -> send back."""
+    def _gpu_step(self, attention: str, caps: list[int]) -> None:
+        """Worker thread: enqueue, for every layer and micro-batch, recv -> FFN -> send back.
+        Buffers have the capacities the attention node announced; padding rows name expert
+        `num_experts` (held by nobody) with weight 0."""
         self._sum_gpu_events(wait=False)
         dispatch, combine = self._nccl[attention]
         compute = torch.cuda.current_stream(self.device)
         hidden = self.spec.hidden_size
         for layer in range(self.spec.num_layers):
             k = self.spec.layer_top_k(layer)
-            for n in mb_sizes:
-                x = torch.empty(n, hidden, dtype=self.dtype, device=self.device)  # [n, H]
-                ids = torch.empty(n, k, dtype=torch.int32, device=self.device)  # [n, k]
-                w = torch.empty(n, k, dtype=torch.float32, device=self.device)  # [n, k]
+            for slot, cap in enumerate(caps):
+                key = (attention, slot, cap, k)
+                bufs = self._recv_buffers.get(key)
+                if bufs is None:
+                    bufs = self._recv_buffers[key] = (
+                        torch.zeros(cap, hidden, dtype=self.dtype, device=self.device),  # x [cap, H]
+                        torch.zeros(cap, k, dtype=torch.int32, device=self.device),  # ids [cap, k]
+                        torch.zeros(cap, k, dtype=torch.float32, device=self.device))  # w [cap, k]
+                x, ids, w = bufs
+                last_read = self._buffer_read.get(key)
+                if last_read is not None:  # the previous FFN on these buffers must have read them
+                    self._recv_stream.wait_event(last_read)
                 with torch.cuda.stream(self._recv_stream):
                     with dispatch.group():
-                        for t in (x, ids, w):
+                        for t in bufs:
                             dispatch.recv(t, self._recv_stream)
-                for t in (x, ids, w):
-                    t.record_stream(self._recv_stream)
                 arrived = torch.cuda.Event()
                 arrived.record(self._recv_stream)
                 compute.wait_event(arrived)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record(compute)
-                y = self._ffn.forward(layer, x, ids.long(), w)  # [n, H]
+                y = self._ffn.forward(layer, x, ids.long(), w)  # [cap, H]
                 end.record(compute)
                 self._gpu_events.append((start, end))
                 self._send_stream.wait_event(end)
                 with torch.cuda.stream(self._send_stream):
                     combine.send(y, self._send_stream)
                 y.record_stream(self._send_stream)
+                self._buffer_read[key] = end
         self.stats.requests += 1
-        self.stats.tokens += sum(mb_sizes)
+        self.stats.tokens += sum(caps)
 
     def _sum_gpu_events(self, wait: bool) -> None:
         """Worker thread: add finished FFN timings to the stats (all of them when `wait`)."""

@@ -11,6 +11,12 @@ Two communicators per expert node (dispatch and combine), each used from one str
 one order on both ends. Every expert node receives every token (on GPUs the dispatch
 buffer is the whole micro-batch; tokens without a held expert contribute zero there).
 Nothing here synchronises the host with the GPU.
+
+Dispatch buffers have a fixed capacity per (micro-batch, peer): the micro-batch's token
+count rounded up to a power of two (at least MIN_CAPACITY). They are allocated once per
+capacity and reused, rows past the real tokens carry the expert id `num_experts` (held by
+nobody: the grouped GEMM skips them) and weight 0. So the step metadata holds only
+capacities, and a step's GPU work has static shapes and addresses (CUDA-graph friendly).
 """
 
 from __future__ import annotations
@@ -19,36 +25,59 @@ import asyncio
 
 import torch
 
+from afkv.model.spec import ModelSpec
 from afkv.nodes.remote_ffn import RemoteFFN
 from afkv.transport.nccl import NcclPeer, new_unique_id
 
 
+MIN_CAPACITY = 16
+
+
+def capacity(num_tokens: int) -> int:
+    """Dispatch capacity of a micro-batch of num_tokens: the next power of two, >= MIN_CAPACITY."""
+    return max(MIN_CAPACITY, 1 << max(0, num_tokens - 1).bit_length())
+
+
+class _Buffers:
+    """Static dispatch/combine buffers of one (micro-batch slot, capacity, top-k)."""
+
+    def __init__(self, cap: int, hidden: int, k: int, num_peers: int, dtype: torch.dtype, device: torch.device):
+        self.x = torch.zeros(cap, hidden, dtype=dtype, device=device)  # [cap, H]
+        self.ids = torch.zeros(cap, k, dtype=torch.int32, device=device)  # [cap, k]
+        self.w = torch.zeros(cap, k, dtype=torch.float32, device=device)  # [cap, k]
+        self.y = [torch.zeros(cap, hidden, dtype=dtype, device=device) for _ in range(num_peers)]  # [cap, H] each
+
+
 class _NcclHandle:
-    def __init__(self, y: torch.Tensor, done: torch.cuda.Event):
-        self._y, self._done = y, done
+    def __init__(self, ys: list[torch.Tensor], n: int, done: torch.cuda.Event):
+        self._ys, self._n, self._done = ys, n, done
 
     def result(self) -> torch.Tensor:
-        stream = torch.cuda.current_stream(self._y.device)
-        stream.wait_event(self._done)
-        self._y.record_stream(stream)
-        return self._y
+        torch.cuda.current_stream(self._ys[0].device).wait_event(self._done)
+        y = self._ys[0][: self._n]  # [n, H] (a view of the static buffer: consumed at once by the caller)
+        for other in self._ys[1:]:
+            y = y + other[: self._n]
+        return y
 
 
 class NcclFFN:
-    def __init__(self, control: RemoteFFN, device: torch.device, dtype: torch.dtype, hidden: int):
-        self.control, self.device, self.dtype, self.hidden = control, device, dtype, hidden
+    def __init__(self, control: RemoteFFN, spec: ModelSpec, device: torch.device, dtype: torch.dtype):
+        self.control, self.spec, self.device, self.dtype = control, spec, device, dtype
         self.timings = control.timings
         self._dispatch: list[NcclPeer] = []
         self._combine: list[NcclPeer] = []
         self._send_stream = torch.cuda.Stream(device)
         self._recv_stream = torch.cuda.Stream(device)
+        self._buffers: dict[tuple[int, int, int], _Buffers] = {}  # (slot, capacity, k) -> buffers
+        self._caps: list[int] = []  # capacity of each micro-batch of the current step
+        self._submits = 0  # submits in the current step: layer-major, micro-batch-minor
         self.trace: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None  # (ready, done) when measuring
 
     @classmethod
-    async def connect(cls, control: RemoteFFN, store, rank: int, device: torch.device, dtype: torch.dtype,
-                      hidden: int, executor) -> "NcclFFN":
+    async def connect(cls, control: RemoteFFN, spec: ModelSpec, store, rank: int, device: torch.device,
+                      dtype: torch.dtype, executor) -> "NcclFFN":
         """Create the communicators with every expert node (the unique ids travel through the store)."""
-        self = cls(control, device, dtype, hidden)
+        self = cls(control, spec, device, dtype)
         loop = asyncio.get_running_loop()
         for j in range(control.placement.num_nodes):
             key = f"afkv/nccl/{rank}/{j}"
@@ -64,37 +93,47 @@ class NcclFFN:
         return self
 
     def begin_step(self, mb_sizes: list[int]) -> None:
-        msg = {"type": "step", "mbs": mb_sizes}
+        self._caps = [capacity(n) for n in mb_sizes]
+        self._submits = 0
+        msg = {"type": "step", "caps": self._caps}
         for j in range(len(self._dispatch)):
             asyncio.run_coroutine_threadsafe(self.control._notify(j, msg), self.control.loop)
 
     def submit(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> _NcclHandle:
+        slot = self._submits % len(self._caps)
+        self._submits += 1
+        n, k = topk_ids.shape
+        cap = self._caps[slot]
+        assert n <= cap, f"micro-batch of {n} tokens over its announced capacity {cap}"
+        key = (slot, cap, k)
+        b = self._buffers.get(key)
+        if b is None:
+            b = self._buffers[key] = _Buffers(cap, self.spec.hidden_size, k, len(self._combine), self.dtype, self.device)
+        # Fill the static buffers on the compute stream. Reuse is safe by causality: the
+        # previous layer's y of this slot was received (so its x was sent) before we got here.
+        b.x[:n].copy_(x)
+        b.ids[:n].copy_(topk_ids)
+        b.ids[n:].fill_(self.spec.num_experts)  # held by no expert node
+        b.w[:n].copy_(topk_weights)
+        b.w[n:].zero_()
         compute = torch.cuda.current_stream(self.device)
-        ids = topk_ids.to(torch.int32)  # [n, k]
-        w = topk_weights.float()  # [n, k]
-        x = x.contiguous()
         ready = torch.cuda.Event(enable_timing=self.trace is not None)
         ready.record(compute)
-        ys = [torch.empty_like(x) for _ in self._combine]  # [n, H] partial sums, one per expert node
         self._send_stream.wait_event(ready)
         with torch.cuda.stream(self._send_stream):
             for peer in self._dispatch:
                 with peer.group():
-                    peer.send(x, self._send_stream)
-                    peer.send(ids, self._send_stream)
-                    peer.send(w, self._send_stream)
-        for t in (x, ids, w):
-            t.record_stream(self._send_stream)
+                    peer.send(b.x, self._send_stream)
+                    peer.send(b.ids, self._send_stream)
+                    peer.send(b.w, self._send_stream)
         with torch.cuda.stream(self._recv_stream):
-            for peer, y in zip(self._combine, ys):
+            for peer, y in zip(self._combine, b.y):
                 peer.recv(y, self._recv_stream)
-                y.record_stream(self._recv_stream)
-            y = ys[0] if len(ys) == 1 else torch.stack(ys).sum(0)
         done = torch.cuda.Event(enable_timing=self.trace is not None)
         done.record(self._recv_stream)
         if self.trace is not None:
             self.trace.append((ready, done))
-        return _NcclHandle(y, done)
+        return _NcclHandle(b.y, n, done)
 
     async def aclose(self) -> None:
         await self.control.aclose()

@@ -28,3 +28,17 @@ def test_grouped_equals_per_expert(tiny_dir, family, held, dtype):
     if held is not None:  # tokens routed only to experts held elsewhere get exactly zero here
         none_held = ~torch.isin(ids, torch.tensor(sorted(held))).any(-1)
         assert none_held.any() and (grouped[none_held] == 0).all()
+
+
+def test_padding_rows_name_no_expert(tiny_dir):
+    """Rows routed to expert id num_experts (dispatch padding) contribute exactly zero."""
+    spec = load_spec(tiny_dir["qwen3_moe"])
+    ffn = load_ffn_side(spec, tiny_dir["qwen3_moe"], torch.device("cpu"), torch.float32)
+    x = torch.randn(8, spec.hidden_size)
+    ids = torch.randint(0, spec.num_experts, (8, spec.top_k))
+    w = torch.rand(8, spec.top_k)
+    ids[5:] = spec.num_experts
+    w[5:] = 0
+    y = ffn._grouped(ffn.stacked[0], x, ids, w)
+    assert torch.isfinite(y).all() and (y[5:] == 0).all()
+    assert rel_err(y[:5], ffn._grouped(ffn.stacked[0], x[:5], ids[:5], w[:5])) < 1e-6
