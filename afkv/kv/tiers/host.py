@@ -60,9 +60,6 @@ class HostTier:
     def is_loading(self, block_hash: BlockHash) -> bool:
         return block_hash in self._loading
 
-    def slot(self, block_hash: BlockHash) -> int:
-        return self._slot_of[block_hash]
-
     def touch(self, block_hash: BlockHash) -> None:
         self._order.touch(block_hash)
 
