@@ -71,9 +71,11 @@ class EngineStats:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """auto -> the current CUDA device if there is one, else the CPU; "cuda" gets its index."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def resolve_model(model: str | Path | None, cfg: EngineConfig, progress: bool = True) -> tuple[Path, UpcycleSpec | None]:
@@ -112,6 +114,7 @@ class Engine:
         self._progress = progress
         self.attention_rank = attention_rank
         self._remote = None  # RemoteFFN when disaggregated
+        self._kv: KVManager | None = None
         self._state = EngineState.NEW
         self._requests: dict[int, _Request] = {}
         self._aborts: set[int] = set()
@@ -182,6 +185,8 @@ class Engine:
         self._requests.clear()
         if self._remote is not None:
             await self._remote.aclose()  # unblocks a step waiting on an expert node
+        if self._kv is not None:
+            await self._kv.aclose()  # saves the disk tier's index, releases its directory
         if self._executor is not None:
             await asyncio.to_thread(self._executor.shutdown, True)
 

@@ -47,6 +47,7 @@ class KVManager:
         self.kv = torch.zeros((num_blocks, *layout.block_shape), dtype=layout.dtype, device=device)
         self.metrics = KVMetrics()
         self.tiers: TierStack | None = None
+        self._tiers_closed = False
         if tiers is not None:
             self.tiers = TierStack(tiers, self.kv, worker or InlineExecutor(), self.metrics, wakeup)
         self.pool = BlockPool(num_blocks, on_evict=self.tiers.demote if self.tiers else None)
@@ -247,14 +248,16 @@ class KVManager:
 
     def close(self) -> None:
         """Drain, write the disk index and release the disk directory (blocking)."""
-        if self.tiers is not None:
+        if self.tiers is not None and not self._tiers_closed:
+            self._tiers_closed = True
             self.drain()
             self.tiers.close()
 
     async def aclose(self) -> None:
-        """As close, without blocking the event loop."""
-        if self.tiers is None:
+        """As close, without blocking the event loop. Closing twice is a no-op."""
+        if self.tiers is None or self._tiers_closed:
             return
+        self._tiers_closed = True
         while True:
             self.tiers.flush()
             futures = self.tiers.in_flight()
