@@ -184,7 +184,6 @@ expert_timeout_s = 120.0
 
 def bare_nccl_round_trip(dispatch_bytes: int, combine_bytes: int, reps: int = 50) -> float:
     """Send + recv of the same bytes GPU0 -> GPU1 -> GPU0 with NCCL in one process (median s)."""
-    import cupy
     from cupy.cuda import nccl
 
     comms = nccl.NcclCommunicator.initAll([0, 1])
@@ -212,7 +211,6 @@ def bare_nccl_round_trip(dispatch_bytes: int, combine_bytes: int, reps: int = 50
             times.append(start.elapsed_time(end) / 1e3)
     for comm in comms:
         comm.destroy()
-    del cupy
     return sorted(times)[len(times) // 2]
 
 

@@ -11,6 +11,7 @@ compute by CUDA events: no host synchronisation. Tensors move as raw bytes.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import torch
 
@@ -53,17 +54,11 @@ class NcclPeer:
         assert t.is_contiguous() and t.device == self.device
         self.comm.recv(t.data_ptr(), t.numel() * t.element_size(), self._u8, self.peer, stream.cuda_stream)
 
+    @contextmanager
     def group(self):
-        nccl = self._nccl
-
-        class _Group:
-            def __enter__(self_inner):
-                nccl.groupStart()
-
-            def __exit__(self_inner, *exc):
-                nccl.groupEnd()
-
-        return _Group()
-
-    def close(self) -> None:
-        self.comm.destroy()
+        """NCCL group: the calls inside are issued together."""
+        self._nccl.groupStart()
+        try:
+            yield
+        finally:
+            self._nccl.groupEnd()
