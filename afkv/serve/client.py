@@ -44,9 +44,10 @@ def _error(name: str, message: str) -> Exception:
 
 
 class AttachedEngine:
-    def __init__(self, clients: list[ControlClient]):
-        self._clients = clients
-        self._rr = itertools.cycle(range(len(clients)))
+    def __init__(self):
+        """Use `await AttachedEngine.connect(...)` (or `afkv.Engine.attach`)."""
+        self._clients: list[ControlClient] = []  # one per attention node
+        self._turn = itertools.count()  # round-robin over the attention nodes
         self._rids = itertools.count()
         self._queues: dict[int, asyncio.Queue] = {}
         self._closed = False
@@ -67,13 +68,15 @@ class AttachedEngine:
             return lookup(store, "attention", int(store.get(NUM_ATTENTION_KEY)), timeout_s)
 
         addresses = await asyncio.to_thread(find)
-        self = cls([])
-        self._clients = [
-            await ControlClient.connect(h, p, token=token, role="client", node_id=f"client-{id(self)}-{i}",
-                                        timeout_s=timeout_s, handler=self._on_message)
-            for i, (h, p) in enumerate(addresses)
-        ]
-        self._rr = itertools.cycle(range(len(self._clients)))
+        self = cls()
+        try:
+            for i, (h, p) in enumerate(addresses):
+                self._clients.append(await ControlClient.connect(
+                    h, p, token=token, role="client", node_id=f"client-{id(self)}-{i}", timeout_s=timeout_s,
+                    handler=self._on_message))
+        except BaseException:
+            await self.aclose()
+            raise
         return self
 
     async def __aenter__(self) -> "AttachedEngine":
@@ -101,7 +104,7 @@ class AttachedEngine:
         if self._closed:
             raise errors.EngineClosedError("this attached engine is closed")
         params = params or SamplingParams()
-        client = self._clients[next(self._rr)]
+        client = self._clients[next(self._turn) % len(self._clients)]
         rid = next(self._rids)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = q
