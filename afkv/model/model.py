@@ -35,6 +35,10 @@ class FFNBackend(Protocol):
 
     def begin_step(self, mb_sizes: list[int]) -> None: ...
 
+    def end_step(self) -> None:
+        """Called after the step's last result: may wait for it (bounded) and raise on a lost peer."""
+        ...
+
     def submit(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> FFNHandle: ...
 
 
@@ -53,6 +57,9 @@ class LocalFFN:
         self.ffn = ffn
 
     def begin_step(self, mb_sizes: list[int]) -> None:
+        pass
+
+    def end_step(self) -> None:
         pass
 
     def submit(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> FFNHandle:
@@ -127,6 +134,7 @@ class Model:
                 t.wait_s += t1 - t0
                 t.attention_s += time.perf_counter() - t1
         hs = [h + p.result() for h, p in zip(hs, pending)]
+        self.ffn.end_step()
         return hs[0] if len(hs) == 1 else torch.cat(hs)
 
 

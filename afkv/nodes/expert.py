@@ -35,6 +35,11 @@ log = logging.getLogger("afkv.expert")
 DATA_FRAME_BYTES = 256 * 2**20  # data-plane frames carry hidden states: allow large micro-batches
 
 
+def _log_failure(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("joining the NCCL communicators failed: %s", fut.exception())
+
+
 @dataclass
 class _Pending:
     layer: int
@@ -133,8 +138,11 @@ class ExpertNode:
             return await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._gpu_step, conn.peer.node_id, [int(c) for c in msg["caps"]])
         if kind == "nccl_init":
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._nccl_init, conn.peer.node_id,
-                                                             msg["key"])
+            # Answer at once, then join on the worker thread (it blocks until the attention node
+            # joins too); "step" messages queue behind it on the same thread.
+            joined = asyncio.get_running_loop().run_in_executor(self._executor, self._nccl_init, conn.peer.node_id,
+                                                                msg["key"])
+            joined.add_done_callback(_log_failure)
             return {"type": "ok"}
         if kind == "stats":
             if self._gpu_events:

@@ -22,9 +22,11 @@ capacities, and a step's GPU work has static shapes and addresses (CUDA-graph fr
 from __future__ import annotations
 
 import asyncio
+import time
 
 import torch
 
+from afkv.errors import PeerLostError
 from afkv.model.spec import ModelSpec
 from afkv.nodes.remote_ffn import RemoteFFN
 from afkv.transport.nccl import NcclPeer, new_unique_id
@@ -72,27 +74,61 @@ class NcclFFN:
         self._caps: list[int] = []  # capacity of each micro-batch of the current step
         self._submits = 0  # submits in the current step: layer-major, micro-batch-minor
         self.trace: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None  # (ready, done) when measuring
+        self._last_done: torch.cuda.Event | None = None  # combine event of the step's last submit
+        self._broken: PeerLostError | None = None  # set when a step timed out and aborted the communicators
+        self._store, self._rank = None, 0
 
     @classmethod
     async def connect(cls, control: RemoteFFN, spec: ModelSpec, store, rank: int, device: torch.device,
                       dtype: torch.dtype, executor) -> "NcclFFN":
-        """Create the communicators with every expert node (the unique ids travel through the store)."""
+        """Create the communicators with every expert node (the unique ids travel through the
+        store), on `executor`: the model worker thread, which does all of this node's GPU work."""
         self = cls(control, spec, device, dtype)
-        loop = asyncio.get_running_loop()
-        for j in range(control.placement.num_nodes):
-            key = f"afkv/nccl/{rank}/{j}"
-            ids = [new_unique_id(), new_unique_id()]
-            await asyncio.to_thread(store.set, key, "\n".join(ids))
-            # both ends block in communicator creation until the other joins
-            expert_side = asyncio.ensure_future(
-                control._request(j, {"type": "nccl_init", "key": key, "attention": rank}))
-            peers = await loop.run_in_executor(executor, lambda: [NcclPeer(u, 0, device) for u in ids])
-            await expert_side
-            self._dispatch.append(peers[0])
-            self._combine.append(peers[1])
+        self._store, self._rank = store, rank
+        await asyncio.get_running_loop().run_in_executor(executor, self._join_all)
         return self
 
+    def _join_all(self) -> None:
+        """Worker thread: make the two communicators with each expert node. Both ends block in
+        communicator creation until the other joins; the expert node is asked over the control
+        plane (on the event loop) to join, and answers before it does."""
+        dispatch, combine = [], []
+        for j in range(self.control.placement.num_nodes):
+            key = f"afkv/nccl/{self._rank}/{j}"
+            ids = [new_unique_id(), new_unique_id()]
+            self._store.set(key, "\n".join(ids))
+            # the expert node answers before it joins: only then do we block in creation
+            asyncio.run_coroutine_threadsafe(
+                self.control._request(j, {"type": "nccl_init", "key": key, "attention": self._rank}),
+                self.control.loop).result(timeout=self.control.timeout_s + 1.0)
+            peers = [NcclPeer(u, 0, self.device) for u in ids]
+            dispatch.append(peers[0])
+            combine.append(peers[1])
+        self._dispatch, self._combine = dispatch, combine
+        self._buffers.clear()  # y buffers are per peer count; make them anew
+        self._broken = None
+
+    def end_step(self) -> None:
+        """Worker thread: wait for the step's last partial sums, at most timeout_s. An expert node
+        that died would otherwise leave this GPU waiting in NCCL forever: on timeout the
+        communicators are aborted and the step fails with PeerLostError; the next step joins
+        the expert nodes again (a restarted node registers anew)."""
+        done = self._last_done
+        if done is None:
+            return
+        deadline = time.monotonic() + self.control.timeout_s
+        while not done.query():
+            if time.monotonic() > deadline:
+                for peer in self._dispatch + self._combine:
+                    peer.abort()
+                self._broken = PeerLostError(
+                    f"an expert node did not answer within {self.control.timeout_s:.0f} s; NCCL communicators aborted")
+                raise self._broken
+            time.sleep(0.0002)
+
     def begin_step(self, mb_sizes: list[int]) -> None:
+        if self._broken is not None:  # the last step aborted the communicators: join again
+            self._join_all()
         self._caps = [capacity(n) for n in mb_sizes]
         self._submits = 0
         msg = {"type": "step", "caps": self._caps}
@@ -133,6 +169,7 @@ class NcclFFN:
         done.record(self._recv_stream)
         if self.trace is not None:
             self.trace.append((ready, done))
+        self._last_done = done
         return _NcclHandle(b.y, n, done)
 
     async def aclose(self) -> None:

@@ -111,6 +111,9 @@ class RemoteFFN:
     def begin_step(self, mb_sizes: list[int]) -> None:
         """Nothing to announce: each CPU request carries its own shapes."""
 
+    def end_step(self) -> None:
+        """Nothing to wait for: every result was received (with a timeout) by `result`."""
+
     async def request_all(self, msg: dict) -> list[dict]:
         """A control request to every expert node (stats, shutdown)."""
         return await asyncio.gather(*(self._request(j, msg) for j in range(self.placement.num_nodes)))

@@ -54,6 +54,10 @@ class NcclPeer:
         assert t.is_contiguous() and t.device == self.device
         self.comm.recv(t.data_ptr(), t.numel() * t.element_size(), self._u8, self.peer, stream.cuda_stream)
 
+    def abort(self) -> None:
+        """Abort the communicator: its pending operations return (used when the peer is lost)."""
+        self.comm.abort()
+
     @contextmanager
     def group(self):
         """NCCL group: the calls inside are issued together."""

@@ -53,3 +53,62 @@ expert_timeout_s = 30.0
                     assert got == expected, f"m={m}"
 
     asyncio.run(run())
+
+
+def test_nccl_expert_death_fails_fast_then_recovers(tiny_dir, tmp_path):
+    """A killed expert node: the step times out (communicators aborted), requests fail with a
+    clear error, nothing hangs; a restarted node is joined again and tokens are unchanged."""
+    pytest.importorskip("cupy")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    import time
+
+    from afkv.errors import RequestFailedError
+
+    model = str(tiny_dir["mixtral"])
+    path = tmp_path / "gpu.toml"
+    path.write_text("""
+[model]
+dtype = "float32"
+device = "cuda:0"
+[kv]
+block_size = 4
+num_blocks = 256
+[deployment]
+attention_nodes = 1
+expert_nodes = 1
+micro_batches = 2
+port = 0
+attention_devices = ["cuda:0"]
+expert_devices = ["cuda:1"]
+expert_timeout_s = 5.0
+""")
+    prompts = [random_prompt(6, 256, seed=i) for i in range(3)]
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+
+    async def run():
+        cfg = EngineConfig.from_toml(path)
+        with Deployment(path, model, start_attention=False) as dep:
+            cfg = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port))
+            async with Engine(model, cfg, progress=False) as e:
+                expected = [r.token_ids for r in await asyncio.gather(*(e.complete(p, params) for p in prompts))]
+                started = asyncio.Event()
+
+                async def consume():
+                    async for _ in e.generate(prompts[0], SamplingParams(max_tokens=2000, ignore_eos=True)):
+                        started.set()
+
+                task = asyncio.create_task(consume())
+                await started.wait()
+                t0 = time.monotonic()
+                dep.kill_node(dep.expert_rank(0))
+                with pytest.raises(RequestFailedError):
+                    async with asyncio.timeout(60):
+                        await task
+                assert time.monotonic() - t0 < 5.0 + 15.0
+                dep.start_node(dep.expert_rank(0))
+                dep.wait_ready("expert", 1)
+                got = [r.token_ids for r in await asyncio.gather(*(e.complete(p, params) for p in prompts))]
+                assert got == expected
+
+    asyncio.run(run())
