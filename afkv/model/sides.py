@@ -270,6 +270,13 @@ class FFNSide:
             self.dense.append(dense)
             self.shared.append(shared)
             self.stacked.append(stacked)
+        # per layer: ids of the experts sharing one set of tensors (all upcycled copies: one group)
+        self._groups: list[list[torch.Tensor]] = []
+        for experts in self.experts:
+            groups: dict[int, list[int]] = {}
+            for e, mlp in experts.items():
+                groups.setdefault(id(mlp.down), []).append(e)
+            self._groups.append([torch.tensor(g, device=device) for g in groups.values()])
 
     def _stack(self, experts: dict[int, _Expert]) -> tuple[dict[int, _Expert], _Stacked | None]:
         """Stack a layer's experts; the per-expert weights become views into the stack."""
@@ -341,16 +348,13 @@ class FFNSide:
         experts = self.experts[i]
         # Experts that share tensors (upcycled copies) run once over the union of their tokens,
         # each token scaled by the summed weight of its selections among them.
-        groups: dict[int, list[int]] = {}
-        for e, mlp in experts.items():
-            groups.setdefault(id(mlp), []).append(e)
-        for members in groups.values():
-            sel = torch.isin(topk_ids, torch.tensor(members, device=topk_ids.device))  # [T, k]
+        for members in self._groups[i]:
+            sel = torch.isin(topk_ids, members)  # [T, k]
             weight = (topk_weights * sel).sum(-1)  # [T]
             tokens = sel.any(-1).nonzero().squeeze(-1)  # [n]
             if tokens.numel() == 0:
                 continue
-            mlp = experts[members[0]]
+            mlp = experts[int(members[0])]
             if tokens.numel() == x.shape[0]:  # every token: no gather/scatter
                 out += gated_mlp(x, mlp.gate_up, mlp.down) * weight[:, None].to(x.dtype)
                 continue
