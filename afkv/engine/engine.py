@@ -162,6 +162,8 @@ class Engine:
         except BaseException:
             if self._remote is not None:
                 await self._remote.aclose()
+            if self._kv is not None:
+                await self._kv.aclose()  # releases a disk tier taken during _load
             self._executor.shutdown(wait=False)
             self._state = EngineState.CLOSED
             raise
