@@ -38,7 +38,7 @@ from afkv.errors import CorruptBlockError, TierError
 from afkv.kv.block_pool import BlockHash
 from afkv.kv.formats import BlockFormat
 from afkv.kv.tiers.fileio import FileIO
-from afkv.kv.tiers.policy import make_order
+from afkv.kv.tiers.policy import PinCounts, make_order
 
 log = logging.getLogger("afkv.kv.disk")
 
@@ -72,7 +72,7 @@ class DiskTier:
         self._checksums: dict[BlockHash, int] = {}
         self._writing: set[BlockHash] = set()
         self._order = make_order(policy)
-        self._pins: dict[BlockHash, int] = {}
+        self._pins = PinCounts()
         for block_hash, crc in entries:
             self._checksums[block_hash] = crc
             self._order.insert(block_hash)
@@ -178,14 +178,10 @@ class DiskTier:
 
     def pin(self, block_hash: BlockHash) -> None:
         assert block_hash in self._checksums
-        self._pins[block_hash] = self._pins.get(block_hash, 0) + 1
+        self._pins.pin(block_hash)
 
     def unpin(self, block_hash: BlockHash) -> None:
-        n = self._pins[block_hash] - 1
-        if n:
-            self._pins[block_hash] = n
-        else:
-            del self._pins[block_hash]
+        self._pins.unpin(block_hash)
 
     def lower_capacity(self) -> None:
         """The file system is full: keep the capacity at what is stored now."""

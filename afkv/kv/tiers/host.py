@@ -7,7 +7,7 @@ import torch
 from afkv.kv.block_pool import BlockHash
 from afkv.kv.formats import BlockFormat
 from afkv.kv.tiers.copier import Fence
-from afkv.kv.tiers.policy import make_order
+from afkv.kv.tiers.policy import PinCounts, make_order
 
 
 class HostTier:
@@ -37,7 +37,7 @@ class HostTier:
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._order = make_order(policy)
         self._loading: set[BlockHash] = set()
-        self._pins: dict[BlockHash, int] = {}
+        self._pins = PinCounts()
         self._fences: list[Fence | None] = [None] * num_blocks
 
     @property
@@ -90,14 +90,10 @@ class HostTier:
 
     def pin(self, block_hash: BlockHash) -> None:
         assert block_hash in self._slot_of
-        self._pins[block_hash] = self._pins.get(block_hash, 0) + 1
+        self._pins.pin(block_hash)
 
     def unpin(self, block_hash: BlockHash) -> None:
-        n = self._pins[block_hash] - 1
-        if n:
-            self._pins[block_hash] = n
-        else:
-            del self._pins[block_hash]
+        self._pins.unpin(block_hash)
 
     def fence(self, slot: int) -> Fence | None:
         return self._fences[slot]

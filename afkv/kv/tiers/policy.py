@@ -2,6 +2,7 @@
 
     LRUOrder    a read (touch) makes an entry the newest
     FIFOOrder   entries leave in insertion order; reads do not reorder
+    PinCounts   entries in use by I/O, which no eviction may take
 """
 
 from __future__ import annotations
@@ -46,3 +47,29 @@ class FIFOOrder(LRUOrder):
 def make_order(policy: str) -> LRUOrder:
     """`policy` is one of EVICTION_POLICIES (validated by the config)."""
     return FIFOOrder() if policy == "fifo" else LRUOrder()
+
+
+class PinCounts:
+    """Owner of `_counts`: how many I/O jobs use each entry (present only while > 0)."""
+
+    def __init__(self) -> None:
+        self._counts: dict[Hashable, int] = {}
+
+    def pin(self, key: Hashable) -> None:
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def unpin(self, key: Hashable) -> None:
+        n = self._counts[key] - 1
+        if n:
+            self._counts[key] = n
+        else:
+            del self._counts[key]
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._counts
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(self._counts)
+
+    def values(self):
+        return self._counts.values()
