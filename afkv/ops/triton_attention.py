@@ -1,0 +1,479 @@
+"""Triton kernels for attention over the paged KV cache, behind the API of the torch references.
+
+    paged_decode_attention          one query per sequence over the cache      (ref: afkv.ops.attention)
+    paged_decode_attention_quant    the same over serialised int8/int4 blocks  (ref: afkv.ops.quant)
+    paged_prefill_attention         one sequence's chunk of new queries, causal (ref: attention.paged_attention)
+    paged_prefill_attention_varlen  the same for several sequences at once
+    bench_decode                    kernel vs torch reference, achieved KV bytes/s
+
+Callers check `available()` and fall back to the torch references where it is False. The
+functions themselves run their kernels on whatever device the tensors are on: CPU tensors
+run under Triton's interpreter (TRITON_INTERPRET=1 in the environment before this module is
+imported: the kernels are defined at import), which is how the CPU tests check them.
+Importing this module never needs triton; without it the kernels are not defined.
+
+Decode is flash-decoding. Grid (B, Hkv, num_splits): each program takes one kv head of one
+sequence and one contiguous chunk of that sequence's attended range [start, context_len)
+(start > 0 only with a sliding window), loads each K/V tile once for the whole query group
+(GQA) and keeps an online softmax in float32; a reduce kernel merges the chunks' partial
+(log-sum-exp, output). Chunks are cut per sequence from its own length, so sequences of
+different lengths keep every program's work about equal. The grid and num_splits depend only
+on shapes (B, Hkv, max blocks per sequence) and the device's SM count, never on tensor
+values, so a decode step that calls this is CUDA-graph capturable; only blocks holding
+attended tokens are read (never the padding of a block table), and a row with context_len 0
+reads nothing and yields zeros.
+
+Matrix products run on tl.dot (tensor cores): the query group is padded to 16 rows (tl.dot
+needs M >= 16), which costs nothing in a kernel bound by memory. 16-bit caches multiply in
+their dtype with float32 accumulation, like flash attention (probabilities are rounded to
+the cache dtype before P @ V); float32 caches multiply in IEEE float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from afkv.errors import ConfigError
+from afkv.ops import quant
+from afkv.ops.quant import QuantSpec
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU CI: callers use the torch references
+    triton = None
+
+_LOG2E = 1.4426950408889634
+_MIN_GROUP_ROWS = 16  # tl.dot needs M >= 16
+_PROGRAMS_PER_SM = 4  # decode: split until B * Hkv * num_splits reaches this many programs per SM
+_MAX_SPLITS = 64
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def available() -> bool:
+    """True when triton imports and torch sees a CUDA device."""
+    return triton is not None and torch.cuda.is_available()
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@functools.cache
+def _sm_count(device_index: int | None) -> int:
+    if device_index is None:  # CPU (interpreter): small, so tests see several splits
+        return 1
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_index(t: torch.Tensor) -> int | None:
+    if not t.is_cuda:
+        return None
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+def _decode_block_n(head_dim: int, itemsize: int) -> int:
+    """Tokens per K/V tile of the decode kernels."""
+    return 64 if head_dim * itemsize <= 256 else 32
+
+
+def num_decode_splits(batch: int, num_kv_heads: int, max_tokens: int, block_n: int, device_index: int | None) -> int:
+    """Chunks each sequence is cut into: enough programs to fill the device, at most one
+    tile of `block_n` tokens per chunk of the longest possible sequence. Shapes only."""
+    max_splits = max(1, -(-max_tokens // block_n))
+    want = -(-_PROGRAMS_PER_SM * _sm_count(device_index) // max(1, batch * num_kv_heads))
+    return max(1, min(want, max_splits, _MAX_SPLITS))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels (defined only where triton imports).
+
+
+if triton is not None:
+    @triton.jit
+    def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+        """Online-softmax step. q [M, D], k, v [N, D] (DOT_DTYPE), valid [M, N] ->
+        running max m_i [M] (log2 units), sum l_i [M], unnormalised output acc [M, D]."""
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [M, N]
+        else:
+            s = tl.dot(q, tl.trans(k))  # [M, N]
+        s = tl.where(valid, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # [M]
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing attended yet
+        p = tl.exp2(s - m_ref[:, None])  # [M, N]
+        alpha = tl.exp2(m_i - m_ref)  # [M]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            pv = tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")  # [M, D]
+        else:
+            pv = tl.dot(p.to(DOT_DTYPE), v)  # [M, D]
+        acc = acc * alpha[:, None] + pv
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _store_partial(
+        out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc, b, heads, hmask, offs_d, dmask,
+        stride_ob, stride_oh, num_heads, part, NUM_PARTS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):  # fmt: skip
+        """Write one program's result: the final output when there is one part, else the
+        normalised partial output and its log-sum-exp (log2 units; -inf when empty)."""
+        has = l_i > 0.0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]  # [M, D]
+        mask = hmask[:, None] & dmask[None, :]
+        if NUM_PARTS == 1:
+            ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+            tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            row = (b * num_heads + heads) * NUM_PARTS + part  # [M]
+            tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=mask)
+            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            tl.store(mid_lse_ptr + row, lse, mask=hmask)
+
+    @triton.jit
+    def _chunk_bounds(start, end, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """[lo, hi) of chunk `split` of [start, end): whole tiles, the last chunk shorter."""
+        span = end - start
+        chunk = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = start + split * chunk
+        hi = tl.minimum(lo + chunk, end)
+        return lo, hi
+
+    @triton.jit
+    def _load_query_group(q_ptr, b, kvh, stride_qb, stride_qh, GROUP: tl.constexpr,
+                         GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+        offs_g = tl.arange(0, GROUP_ROWS)
+        offs_d = tl.arange(0, BLOCK_D)
+        heads = kvh * GROUP + offs_g  # [G]
+        hmask = offs_g < GROUP
+        dmask = offs_d < HEAD_DIM
+        q = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=hmask[:, None] & dmask[None, :],
+            other=0.0,
+        )  # [G, D]
+        return q, heads, hmask, offs_d, dmask
+
+    @triton.jit
+    def _decode_kernel(
+        q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+        stride_qb, stride_qh, stride_ob, stride_oh,
+        stride_kv_block, stride_kv_tok, stride_kv_head, stride_bt,
+        num_heads, max_tokens, window, qk_scale,
+        GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        q, heads, hmask, offs_d, dmask = _load_query_group(
+            q_ptr, b, kvh, stride_qb, stride_qh, GROUP, GROUP_ROWS, HEAD_DIM, BLOCK_D
+        )
+        q = q.to(k_ptr.dtype.element_ty).to(DOT_DTYPE)  # the reference attends in the cache's dtype
+        end = tl.minimum(tl.load(context_lens_ptr + b), max_tokens)
+        start = end * 0
+        if HAS_WINDOW:
+            start = tl.maximum(end - window, 0)
+        lo, hi = _chunk_bounds(start, end, split, NUM_SPLITS, BLOCK_N)
+        m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_ROWS], tl.float32)
+        acc = tl.zeros([GROUP_ROWS, BLOCK_D], tl.float32)
+        offs_n = tl.arange(0, BLOCK_N)
+        head_off = kvh * stride_kv_head
+        for t0 in range(lo, hi, BLOCK_N):
+            tok = t0 + offs_n  # [N]
+            tmask = tok < hi
+            block_ids = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tmask, other=0)
+            rows = block_ids.to(tl.int64) * stride_kv_block + (tok % BLOCK_SIZE) * stride_kv_tok + head_off  # [N]
+            kv_mask = tmask[:, None] & dmask[None, :]
+            k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
+            v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
+            valid = hmask[:, None] & tmask[None, :]
+            m_i, l_i, acc = _attend_tile(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), valid, m_i, l_i, acc, qk_scale, DOT_DTYPE, IEEE)
+        _store_partial(
+            out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc, b, heads, hmask, offs_d, dmask,
+            stride_ob, stride_oh, num_heads, split, NUM_SPLITS, HEAD_DIM,
+        )  # fmt: skip
+
+    @triton.jit
+    def _load_quant_tile(
+        u8_ptr, f32_ptr, block_ids, tok_in_block, kvh, tmask, offs_d, dmask,
+        nbytes_f32, off_scale_f32, off_zero_f32, off_data, is_key: tl.constexpr,
+        NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    ):  # fmt: skip
+        """Dequantized keys (is_key) or values [N, D] float32 of one tile of tokens."""
+        mask = tmask[:, None] & dmask[None, :]
+        packed: tl.constexpr = HEAD_DIM * BITS // 8
+        base = block_ids.to(tl.int64)  # [N]
+        data_rows = base * (nbytes_f32 * 4) + off_data + (tok_in_block * NUM_KV_HEADS + kvh) * packed  # [N]
+        if BITS == 8:
+            codes = tl.load(u8_ptr + data_rows[:, None] + offs_d[None, :], mask=mask, other=0).to(tl.float32)
+        else:
+            byte = tl.load(u8_ptr + data_rows[:, None] + (offs_d // 2)[None, :], mask=mask, other=0).to(tl.int32)
+            codes = ((byte >> ((offs_d % 2) * 4)[None, :]) & 15).to(tl.float32)  # element 2j: low nibble
+        if is_key:  # per channel, groups of GROUP_SIZE tokens: [bs // G, H, D]
+            group_rows = ((tok_in_block // GROUP_SIZE) * NUM_KV_HEADS + kvh) * HEAD_DIM  # [N]
+            cols = offs_d
+        else:  # per token, groups of GROUP_SIZE channels: [bs, H, D // G]
+            group_rows = (tok_in_block * NUM_KV_HEADS + kvh) * (HEAD_DIM // GROUP_SIZE)
+            cols = offs_d // GROUP_SIZE
+        f_rows = base * nbytes_f32 + group_rows  # [N]
+        idx = f_rows[:, None] + cols[None, :]  # [N, D]
+        scale = tl.load(f32_ptr + off_scale_f32 + idx, mask=mask, other=0.0)
+        zero = tl.load(f32_ptr + off_zero_f32 + idx, mask=mask, other=0.0)
+        return codes * scale + zero
+
+    @triton.jit
+    def _decode_quant_kernel(
+        q_ptr, u8_ptr, f32_ptr, block_tables_ptr, seq_lens_ptr, tail_ptr, tail_lens_ptr,
+        out_ptr, mid_o_ptr, mid_lse_ptr,
+        stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
+        stride_tail_b, stride_tail_kv, stride_tail_tok, stride_tail_head,
+        num_heads, max_tokens, max_tail, qk_scale,
+        nbytes_f32, off_k_scale, off_k_zero, off_v_scale, off_v_zero, off_k_data, off_v_data,
+        NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, HAS_TAIL: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        part = tl.program_id(2)  # 0 .. NUM_SPLITS - 1: chunks of the quantized blocks; NUM_SPLITS: the tail
+        q, heads, hmask, offs_d, dmask = _load_query_group(
+            q_ptr, b, kvh, stride_qb, stride_qh, GROUP, GROUP_ROWS, HEAD_DIM, BLOCK_D
+        )
+        q = q.to(DOT_DTYPE)
+        end = tl.minimum(tl.load(seq_lens_ptr + b), max_tokens)
+        lo, hi = _chunk_bounds(end * 0, end, part, NUM_SPLITS, BLOCK_N)
+        hi = tl.where(part < NUM_SPLITS, hi, lo)  # the tail's program reads no block
+        m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_ROWS], tl.float32)
+        acc = tl.zeros([GROUP_ROWS, BLOCK_D], tl.float32)
+        offs_n = tl.arange(0, BLOCK_N)
+        for t0 in range(lo, hi, BLOCK_N):
+            tok = t0 + offs_n  # [N]
+            tmask = tok < hi
+            block_ids = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tmask, other=0)
+            tok_in_block = tok % BLOCK_SIZE
+            k = _load_quant_tile(
+                u8_ptr, f32_ptr, block_ids, tok_in_block, kvh, tmask, offs_d, dmask, nbytes_f32,
+                off_k_scale, off_k_zero, off_k_data, True, NUM_KV_HEADS, HEAD_DIM, BITS, GROUP_SIZE,
+            )  # fmt: skip
+            v = _load_quant_tile(
+                u8_ptr, f32_ptr, block_ids, tok_in_block, kvh, tmask, offs_d, dmask, nbytes_f32,
+                off_v_scale, off_v_zero, off_v_data, False, NUM_KV_HEADS, HEAD_DIM, BITS, GROUP_SIZE,
+            )  # fmt: skip
+            valid = hmask[:, None] & tmask[None, :]
+            m_i, l_i, acc = _attend_tile(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), valid, m_i, l_i, acc, qk_scale, DOT_DTYPE, IEEE)
+        if HAS_TAIL:
+            tail_len = tl.minimum(tl.load(tail_lens_ptr + b), max_tail)
+            tail_len = tl.where(part == NUM_SPLITS, tail_len, 0)
+            base = tail_ptr + b * stride_tail_b + kvh * stride_tail_head
+            for t0 in range(0, tail_len, BLOCK_N):
+                tok = t0 + offs_n
+                tmask = tok < tail_len
+                ptrs = base + tok[:, None] * stride_tail_tok + offs_d[None, :]
+                kv_mask = tmask[:, None] & dmask[None, :]
+                k = tl.load(ptrs, mask=kv_mask, other=0.0)  # [N, D]
+                v = tl.load(ptrs + stride_tail_kv, mask=kv_mask, other=0.0)  # [N, D]
+                valid = hmask[:, None] & tmask[None, :]
+                m_i, l_i, acc = _attend_tile(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), valid, m_i, l_i, acc, qk_scale, DOT_DTYPE, IEEE)
+        _store_partial(
+            out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc, b, heads, hmask, offs_d, dmask,
+            stride_ob, stride_oh, num_heads, part, NUM_SPLITS + HAS_TAIL, HEAD_DIM,
+        )  # fmt: skip
+
+    @triton.jit
+    def _reduce_kernel(
+        mid_o_ptr, mid_lse_ptr, out_ptr, stride_ob, stride_oh, num_heads,
+        NUM_PARTS: tl.constexpr, PARTS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """Merge the parts of one (sequence, head): weights 2^(lse - max); zeros when all are empty."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, PARTS_P2)
+        offs_d = tl.arange(0, BLOCK_D)
+        smask = offs_s < NUM_PARTS
+        dmask = offs_d < HEAD_DIM
+        row = (b * num_heads + h) * NUM_PARTS + offs_s  # [S]
+        lse = tl.load(mid_lse_ptr + row, mask=smask, other=float("-inf"))  # [S]
+        m = tl.max(lse, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse - m)  # [S]
+        o = tl.load(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+        den = tl.sum(w, 0)
+        res = tl.sum(w[:, None] * o, 0) / tl.where(den > 0.0, den, 1.0)  # [D]
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=dmask)
+
+    @triton.jit
+    def _prefill_kernel(
+        q_ptr, k_ptr, v_ptr, block_tables_ptr, cu_seqlens_ptr, context_lens_ptr, out_ptr,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_kv_block, stride_kv_tok, stride_kv_head, stride_bt,
+        max_tokens, window, qk_scale,
+        GROUP: tl.constexpr, TOKENS_M: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """Rows of a tile are (query token, head of the group) pairs, token-major: TOKENS_M
+        tokens x GROUP heads, so one K/V tile serves the whole group."""
+        tile = tl.program_id(0)
+        kvh = tl.program_id(1)
+        b = tl.program_id(2)
+        q_start = tl.load(cu_seqlens_ptr + b)
+        n = tl.load(cu_seqlens_ptr + b + 1) - q_start  # new queries of this sequence
+        ctx = tl.minimum(tl.load(context_lens_ptr + b), max_tokens)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < HEAD_DIM
+        tok_q = tile * TOKENS_M + offs_m // GROUP  # [M] index among the new queries
+        heads = kvh * GROUP + offs_m % GROUP  # [M]
+        rmask = (offs_m < TOKENS_M * GROUP) & (tok_q < n)
+        q_pos = ctx - n + tok_q  # [M]
+        q = tl.load(
+            q_ptr + (q_start + tok_q)[:, None].to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=rmask[:, None] & dmask[None, :],
+            other=0.0,
+        )  # [M, D]
+        q = q.to(k_ptr.dtype.element_ty).to(DOT_DTYPE)
+        first = ctx - n + tile * TOKENS_M  # position of the tile's first query
+        hi = tl.minimum(first + TOKENS_M, ctx)  # keys [lo, hi) can be attended by the tile
+        lo = first * 0
+        if HAS_WINDOW:
+            lo = tl.maximum(first - window + 1, 0)
+        hi = tl.where(tile * TOKENS_M < n, hi, lo)  # tiles past this sequence's queries: nothing
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        offs_n = tl.arange(0, BLOCK_N)
+        head_off = kvh * stride_kv_head
+        for t0 in range(lo, hi, BLOCK_N):
+            tok = t0 + offs_n  # [N] key positions
+            tmask = tok < hi
+            block_ids = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tmask, other=0)
+            rows = block_ids.to(tl.int64) * stride_kv_block + (tok % BLOCK_SIZE) * stride_kv_tok + head_off
+            kv_mask = tmask[:, None] & dmask[None, :]
+            k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            valid = rmask[:, None] & tmask[None, :] & (tok[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                valid = valid & (q_pos[:, None] - tok[None, :] < window)
+            m_i, l_i, acc = _attend_tile(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), valid, m_i, l_i, acc, qk_scale, DOT_DTYPE, IEEE)
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        ptrs = out_ptr + (q_start + tok_q)[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def _dot_dtype(dtype: torch.dtype, device: torch.device):
+    """-> (tl dtype the products take, IEEE float32?). Triton's CPU interpreter cannot multiply
+    16-bit floats in tl.dot, so there everything multiplies in float32."""
+    if device.type != "cuda" or dtype == torch.float32:
+        return _tl_dtype(torch.float32), True
+    return _tl_dtype(dtype), False
+
+
+def _group_rows(group: int) -> int:
+    return max(_MIN_GROUP_ROWS, _next_pow2(group))
+
+
+def _check_cache(kv: torch.Tensor, layer: int, q: torch.Tensor) -> None:
+    if kv.dim() != 6 or kv.shape[2] != 2:
+        raise ConfigError(f"kv must be [num_blocks, num_layers, 2, block_size, Hkv, D], got shape {tuple(kv.shape)}")
+    if kv.dtype not in _FLOAT_DTYPES or q.dtype not in _FLOAT_DTYPES:
+        raise ConfigError(f"kv and q must be float32, float16 or bfloat16, got {kv.dtype} and {q.dtype}")
+    if not 0 <= layer < kv.shape[1]:
+        raise ConfigError(f"layer {layer} out of range for {kv.shape[1]} layers", key="layer")
+    if kv.stride(-1) != 1:
+        raise ConfigError("kv must be contiguous along head_dim")
+    num_kv_heads, head_dim = kv.shape[-2:]
+    if q.shape[-1] != head_dim or q.shape[-2] % num_kv_heads:
+        raise ConfigError(
+            f"queries [..., H, D] = {tuple(q.shape)} do not fit kv heads {num_kv_heads} of head_dim {head_dim}"
+        )
+    if q.device != kv.device:
+        raise ConfigError(f"q on {q.device} but kv on {kv.device}")
+
+
+def _merge(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, num_parts: int) -> None:
+    batch, num_heads, head_dim = out.shape
+    _reduce_kernel[(batch, num_heads)](
+        mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads,
+        NUM_PARTS=num_parts, PARTS_P2=_next_pow2(num_parts), HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
+        num_warps=4,
+    )  # fmt: skip
+
+
+def _partials(batch: int, num_heads: int, num_parts: int, head_dim: int, device: torch.device):
+    """Scratch of split-K: partial outputs [B, H, P, D] and log-sum-exps [B, H, P], float32
+    (tiny placeholders when there is one part: the kernel then writes the output itself)."""
+    if num_parts == 1:
+        empty = torch.empty(1, dtype=torch.float32, device=device)
+        return empty, empty
+    mid_o = torch.empty(batch, num_heads, num_parts, head_dim, dtype=torch.float32, device=device)
+    mid_lse = torch.empty(batch, num_heads, num_parts, dtype=torch.float32, device=device)
+    return mid_o, mid_lse
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    *,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """As afkv.ops.attention.paged_decode_attention: q [B, H, D], kv [num_blocks, L, 2, bs,
+    Hkv, D], block_tables int [B, nb] (padding never read), context_lens int [B] on q's device
+    -> [B, H, D] of q.dtype (zeros where context_len is 0). context_len is clamped to nb * bs.
+    `scale` defaults to D**-0.5; `num_splits` overrides the split-K heuristic (tests)."""
+    _check_cache(kv, layer, q)
+    batch, num_heads, head_dim = q.shape
+    _, _, _, block_size, num_kv_heads, _ = kv.shape
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch or tuple(context_lens.shape) != (batch,):
+        raise ConfigError(
+            f"block_tables must be [{batch}, nb] and context_lens [{batch}], "
+            f"got {tuple(block_tables.shape)} and {tuple(context_lens.shape)}"
+        )
+    out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)  # [B, H, D]
+    max_blocks = block_tables.shape[1]
+    if batch == 0 or max_blocks == 0:
+        return out.zero_()
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    k_cache = kv[:, layer, 0]  # [num_blocks, bs, Hkv, D]
+    v_cache = kv[:, layer, 1]
+    group = num_heads // num_kv_heads
+    block_n = _decode_block_n(head_dim, kv.element_size())
+    max_tokens = max_blocks * block_size
+    if num_splits is None:
+        num_splits = num_decode_splits(batch, num_kv_heads, max_tokens, block_n, _device_index(q))
+    mid_o, mid_lse = _partials(batch, num_heads, num_splits, head_dim, q.device)
+    scale = head_dim**-0.5 if scale is None else scale
+    dot_dtype, ieee = _dot_dtype(kv.dtype, q.device)
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, mid_o, mid_lse,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        num_heads, max_tokens, sliding_window or 0, scale * _LOG2E,
+        GROUP=group, GROUP_ROWS=_group_rows(group), HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        HAS_WINDOW=sliding_window is not None, DOT_DTYPE=dot_dtype, IEEE=ieee,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    if num_splits > 1:
+        _merge(mid_o, mid_lse, out, num_splits)
+    return out
