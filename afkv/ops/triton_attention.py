@@ -477,3 +477,171 @@ def paged_decode_attention(
     if num_splits > 1:
         _merge(mid_o, mid_lse, out, num_splits)
     return out
+
+
+def paged_decode_attention_quant(
+    q: torch.Tensor,
+    blocks: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    layer: int,
+    spec: QuantSpec,
+    num_layers: int,
+    block_size: int,
+    num_kv_heads: int,
+    softmax_scale: float | None = None,
+    tail_kv: torch.Tensor | None = None,
+    tail_lens: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """As afkv.ops.quant.paged_decode_attention: q [B, Hq, D] over serialised int8/int4 blocks
+    uint8 [num_blocks, packed_nbytes] through block_tables int [B, nb]; sequence b attends to
+    its seq_lens[b] quantized tokens -> [B, Hq, D] of q.dtype (zeros for an empty sequence).
+
+    Optional full-precision tail (the last, partial block kept in float): tail_kv float
+    [B, 2, T, Hkv, D] (index 0 = keys, 1 = values) and tail_lens int [B]: sequence b then
+    attends to its seq_lens[b] quantized tokens followed by tail_kv[b, :, :tail_lens[b]],
+    merged by log-sum-exp. Keys and values are dequantized in float32; products run in q's
+    dtype on CUDA when q is 16-bit (float32 otherwise), with float32 accumulation."""
+    quant.check_decode_attention_input(
+        q, blocks, block_tables, seq_lens, layer, spec, num_layers, block_size, num_kv_heads
+    )
+    batch, num_heads, head_dim = q.shape
+    has_tail = tail_kv is not None
+    if has_tail != (tail_lens is not None):
+        raise ConfigError("tail_kv and tail_lens go together")
+    if has_tail and (
+        tail_kv.dim() != 5
+        or tuple(tail_kv.shape[:2]) != (batch, 2)
+        or tuple(tail_kv.shape[3:]) != (num_kv_heads, head_dim)
+        or tail_kv.dtype not in _FLOAT_DTYPES
+        or tuple(tail_lens.shape) != (batch,)
+    ):
+        raise ConfigError(
+            f"tail_kv must be float [{batch}, 2, T, {num_kv_heads}, {head_dim}] and tail_lens [{batch}], "
+            f"got {tail_kv.dtype} {tuple(tail_kv.shape)} and {tuple(tail_lens.shape)}"
+        )
+    out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)  # [B, H, D]
+    max_blocks = block_tables.shape[1]
+    if batch == 0:
+        return out
+    if not blocks.is_contiguous() or blocks.data_ptr() % 16:  # float32 sections are read as float32
+        blocks = blocks.clone(memory_format=torch.contiguous_format)
+    blocks_f32 = blocks.view(torch.float32)  # [num_blocks, packed_nbytes // 4], same memory
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    offsets = {}
+    for name, dtype, shape, offset in quant.block_sections(spec, num_layers, block_size, num_kv_heads, head_dim):
+        offsets[name] = offset + layer * quant.section_nbytes(dtype, shape) // num_layers  # bytes
+    if has_tail:
+        tail_kv = tail_kv if tail_kv.stride(-1) == 1 else tail_kv.contiguous()
+        tail_args = (tail_kv, tail_lens, tail_kv.stride(0), tail_kv.stride(1), tail_kv.stride(2), tail_kv.stride(3))
+        max_tail = tail_kv.shape[2]
+    else:
+        tail_args = (blocks_f32, seq_lens, 0, 0, 0, 0)  # never read
+        max_tail = 0
+    group = num_heads // num_kv_heads
+    block_n = _decode_block_n(head_dim, 2)
+    max_tokens = max_blocks * block_size
+    if num_splits is None:
+        num_splits = num_decode_splits(batch, num_kv_heads, max_tokens, block_n, _device_index(q))
+    num_parts = num_splits + has_tail
+    mid_o, mid_lse = _partials(batch, num_heads, num_parts, head_dim, q.device)
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    dot_dtype, ieee = _dot_dtype(q.dtype, q.device)
+    _decode_quant_kernel[(batch, num_kv_heads, num_parts)](
+        q, blocks, blocks_f32, block_tables, seq_lens, *tail_args[:2], out, mid_o, mid_lse,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *tail_args[2:],
+        num_heads, max_tokens, max_tail, scale * _LOG2E,
+        blocks.shape[1] // 4, offsets["k_scale"] // 4, offsets["k_zero"] // 4,
+        offsets["v_scale"] // 4, offsets["v_zero"] // 4, offsets["k_data"], offsets["v_data"],
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_ROWS=_group_rows(group), HEAD_DIM=head_dim,
+        BLOCK_D=_next_pow2(head_dim), BLOCK_SIZE=block_size, BITS=spec.bits, GROUP_SIZE=spec.group_size,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_TAIL=has_tail, DOT_DTYPE=dot_dtype, IEEE=ieee,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    if num_parts > 1:
+        _merge(mid_o, mid_lse, out, num_parts)
+    return out
+
+
+def _prefill_tiles(group: int) -> tuple[int, int]:
+    """-> (rows per tile, query tokens per tile): rows = tokens x the query group."""
+    block_m = max(64, _next_pow2(group))
+    return block_m, block_m // group
+
+
+def paged_prefill_attention_varlen(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_q_len: int,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of several sequences' new queries over their cached contexts.
+
+    q [T, H, D]: the new queries of all sequences, packed; sequence b owns rows
+    cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 (cu_seqlens_q int [B + 1], from 0), which are
+    its positions context_lens[b] - n_b .. context_lens[b] - 1 (their keys/values already
+    written). block_tables int [B, nb]; max_q_len >= every n_b (it sizes the grid).
+    -> [T, H, D] of q.dtype; sequence b's rows equal attention.paged_attention(q_b, kv, layer,
+    block_tables[b], context_lens[b], sliding_window)."""
+    _check_cache(kv, layer, q)
+    num_tokens, num_heads, head_dim = q.shape
+    _, _, _, block_size, num_kv_heads, _ = kv.shape
+    batch = block_tables.shape[0]
+    if block_tables.dim() != 2 or tuple(cu_seqlens_q.shape) != (batch + 1,) or tuple(context_lens.shape) != (batch,):
+        raise ConfigError(
+            f"block_tables must be [B, nb], cu_seqlens_q [B + 1] and context_lens [B], got "
+            f"{tuple(block_tables.shape)}, {tuple(cu_seqlens_q.shape)} and {tuple(context_lens.shape)}"
+        )
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)  # [T, H, D]
+    if num_tokens == 0 or batch == 0 or max_q_len <= 0:
+        return out
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    k_cache = kv[:, layer, 0]  # [num_blocks, bs, Hkv, D]
+    v_cache = kv[:, layer, 1]
+    group = num_heads // num_kv_heads
+    block_m, tokens_m = _prefill_tiles(group)
+    block_n = 64 if head_dim * kv.element_size() <= 256 else 32
+    scale = head_dim**-0.5 if scale is None else scale
+    dot_dtype, ieee = _dot_dtype(kv.dtype, q.device)
+    grid = (-(-max_q_len // tokens_m), num_kv_heads, batch)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        block_tables.shape[1] * block_size, sliding_window or 0, scale * _LOG2E,
+        GROUP=group, TOKENS_M=tokens_m, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None,
+        DOT_DTYPE=dot_dtype, IEEE=ieee, num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    layer: int,
+    block_ids: torch.Tensor,
+    context_len: int,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """As afkv.ops.attention.paged_attention: q [n, H, D], the queries of positions
+    context_len - n .. context_len - 1 of one sequence whose block table is block_ids int
+    [nb] -> [n, H, D] of q.dtype."""
+    n = q.shape[0]
+    if not n <= context_len <= block_ids.shape[0] * kv.shape[3]:
+        raise ConfigError(f"{n} new queries, context_len {context_len} and {block_ids.shape[0]} blocks do not fit")
+    cu_seqlens_q = torch.tensor([0, n], dtype=torch.int64, device=q.device)
+    context_lens = torch.tensor([context_len], dtype=torch.int64, device=q.device)
+    return paged_prefill_attention_varlen(
+        q, kv, layer, block_ids[None], cu_seqlens_q, context_lens, n, sliding_window, scale
+    )
