@@ -4,6 +4,7 @@
     [upcycle]    sparse upcycling of a dense Llama checkpoint (the default model)
     [kv]         block_size, num_blocks / device_memory_mib; tiers below the device: host_*,
                  disk_*, spill_format / spill_group_size, eviction, prefetch_depth, io_threads
+    [kv.pruning] policy (none | streaming | h2o), num_sink_tokens, window, budget
     [scheduler]  max_num_seqs, max_num_batched_tokens, max_model_len
     [deployment] attention/expert node counts, micro-batches, rendezvous, token, timeouts
 
@@ -21,6 +22,7 @@ from typing import Any
 from afkv.errors import ConfigError
 from afkv.kv.formats import FORMAT_NAMES, make_format
 from afkv.kv.layout import KVLayout
+from afkv.kv.pruning import KVPruning
 from afkv.kv.tiers.config import TierConfig
 from afkv.kv.tiers.disk import HEADER_NBYTES
 from afkv.kv.tiers.policy import EVICTION_POLICIES
@@ -52,6 +54,7 @@ class KVConfig:
     eviction: str = "lru"  # lru | fifo, in host memory and on disk
     prefetch_depth: int = 4  # waiting requests whose blocks are read ahead from disk
     io_threads: int = 4  # disk I/O threads
+    pruning: KVPruning = field(default_factory=KVPruning)  # [kv.pruning]: the default of every request
 
     @property
     def has_host_tier(self) -> bool:
@@ -84,6 +87,7 @@ class KVConfig:
         need(bool(self.disk_path) or not self.has_disk_tier, "kv.disk_path", "a disk tier needs disk_path")
         need(self.has_disk_tier or not self.disk_path, "kv.disk_capacity_mib",
              "disk_path is set but the disk tier has no size (disk_capacity_mib or disk_num_blocks)")
+        self.pruning.validate(lambda ok, key, msg: need(ok, f"kv.pruning.{key}", msg))
 
     def tier_config(self, layout: KVLayout, source: str | None = None) -> TierConfig | None:
         """The tiers below the device for blocks of `layout`, or None (device only).
@@ -175,6 +179,11 @@ class EngineConfig:
                 raise ConfigError(f"unknown section [{name}]; known: {', '.join(sections)}", file=source, key=name)
             if not isinstance(value, dict):
                 raise ConfigError(f"[{name}] must be a table", file=source, key=name)
+            if name == "kv" and "pruning" in value:
+                pruning = value["pruning"]
+                if not isinstance(pruning, dict):
+                    raise ConfigError("[kv.pruning] must be a table", file=source, key="kv.pruning")
+                value = value | {"pruning": _build(KVPruning, pruning, "kv.pruning", source)}
             kwargs[name] = _build(sections[name], value, name, source)
         cfg = cls(**kwargs, source=source)
         cfg.validate(source)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from afkv.errors import InvalidSamplingParamsError
+from afkv.kv.pruning import KVPruning
+
+__all__ = ["KVPruning", "SamplingParams", "RequestMetrics", "CompletionChunk", "Completion", "TopLogprobs"]
 
 MAX_LOGPROBS = 20
 
@@ -16,6 +19,9 @@ class SamplingParams:
     logprobs: the logprob of every new token is always returned; logprobs=N also returns
     the N most likely tokens at each step. prompt_logprobs=N returns, for every prompt
     token after the first, its logprob (and the top N) given the tokens before it.
+
+    pruning: this request's KV pruning (afkv.kv.pruning: StreamingLLM or H2O), overriding the
+    engine's `[kv.pruning]`; None uses the engine's, KVPruning() turns it off.
     """
 
     max_tokens: int = 128
@@ -28,6 +34,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     ignore_eos: bool = False
+    pruning: KVPruning | None = None
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> InvalidSamplingParamsError:
@@ -53,6 +60,15 @@ class SamplingParams:
             raise bad(f"stop strings must be non-empty strings, got {self.stop!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if self.pruning is not None:
+            if not isinstance(self.pruning, KVPruning):
+                raise bad(f"pruning must be a KVPruning or None, got {type(self.pruning).__name__}")
+
+            def need(ok: bool, key: str, msg: str) -> None:
+                if not ok:
+                    raise bad(f"pruning.{key}: {msg}")
+
+            self.pruning.validate(need)
 
     @property
     def greedy(self) -> bool:

@@ -7,19 +7,28 @@ ref count + 1), in host memory (copied into a fresh device block before the next
 on disk (read into host memory by an I/O thread, then copied; meanwhile the sequence is
 *loading* and the scheduler runs others). A block that fails its checks on the way up ends
 the usable prefix there: the sequence computes the rest from its tokens.
+
+KV pruning (afkv.kv.pruning, per sequence from `match_prefix`): a pruned sequence's table
+holds its kept tokens, slot s at (table[s // block_size], s % block_size). StreamingLLM drops
+whole blocks from the table (shared blocks are only released, never written); H2O compacts
+its kept tokens into the first blocks of its table with a copy on the worker, so an H2O
+sequence is *private*: it neither reuses nor registers prefix blocks, and no other sequence
+ever holds its blocks. A sequence that has pruned stops registering blocks (their content no
+longer matches their chained hash).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, wait
+from concurrent.futures import Executor, Future, wait
 
 import torch
 
 from afkv.kv.block_pool import BlockHash, BlockPool, chain_hash
 from afkv.kv.layout import KVLayout
 from afkv.kv.metrics import KVMetrics, KVMetricsSnapshot, TierUsage
+from afkv.kv.pruning import KVPruning, h2o_keep, h2o_should_prune, streaming_drop
 from afkv.kv.tiers.config import TierConfig
 from afkv.kv.tiers.copier import InlineExecutor
 from afkv.kv.tiers.stack import TierStack, Where
@@ -34,6 +43,14 @@ class KVManager:
     _pending   sequence id -> indexes of its table's blocks still being read from disk
     _failed    sequence id -> lowest index of a block whose read failed
     _waiters   hash -> (sequence id, index) of the table entries waiting for that read
+    _pruning   sequence id -> its pruning spec (pruned sequences only)
+    _private   sequence ids that register no blocks (H2O from the start; others once pruned)
+    _compact   H2O compactions queued for the next flush: (old table, slots held, spec)
+    _zero      blocks whose key mass is reset at the next flush (new blocks of H2O sequences)
+    _jobs      submitted pruning jobs not yet polled
+
+`key_mass` [num_blocks, block_size] float32: the attention mass each cached token received
+(H2O), accumulated by attention on the worker, moved with its token by compaction.
 
     `worker` must be the single-threaded executor that runs the model's steps (tier copies
     are ordered with the steps through it); None runs copies inline (no engine).
@@ -56,6 +73,13 @@ class KVManager:
         self._pending: dict[int, set[int]] = {}
         self._failed: dict[int, int] = {}
         self._waiters: dict[BlockHash, list[tuple[int, int]]] = {}
+        self.key_mass = torch.zeros((num_blocks, layout.block_size), dtype=torch.float32, device=device)
+        self._worker = worker or InlineExecutor()
+        self._pruning: dict[int, KVPruning] = {}
+        self._private: set[int] = set()
+        self._compact: list[tuple[tuple[int, ...], int, KVPruning]] = []
+        self._zero: list[int] = []
+        self._jobs: list[Future] = []
 
     @property
     def capacity_tokens(self) -> int:
@@ -78,12 +102,18 @@ class KVManager:
         return bool(self._pending.get(seq_id))
 
     # ---- prefix reuse across tiers --------------------------------------------------------
-    def match_prefix(self, seq_id: int, token_ids: Sequence[int]) -> int:
+    def match_prefix(self, seq_id: int, token_ids: Sequence[int], pruning: KVPruning | None = None) -> int:
         """Start a sequence's table with the blocks of its longest known prefix, from any tier.
         Returns the number of tokens covered (a multiple of block_size, always less than
         len(token_ids) so the last prompt token is computed), counting blocks still loading:
-        call `settle` for what is usable once `is_loading` is False."""
+        call `settle` for what is usable once `is_loading` is False. `pruning`: how `prune`
+        treats this sequence (an H2O sequence reuses no prefix: it starts empty)."""
         assert seq_id not in self._tables
+        if pruning is not None and pruning.enabled:
+            self._pruning[seq_id] = pruning
+            if pruning.needs_scores:
+                self._private.add(seq_id)
+                token_ids = []
         bs = self.layout.block_size
         table: list[int] = []
         hashes: list[BlockHash] = []
@@ -180,10 +210,14 @@ class KVManager:
         if blocks is None:
             return False
         self._tables[seq_id].extend(blocks)
+        if seq_id in self._pruning and self._pruning[seq_id].needs_scores:
+            self._zero.extend(blocks)
         return True
 
     def commit(self, seq_id: int, token_ids: Sequence[int], num_computed: int) -> None:
         """Register the blocks that became full and computed, so later prompts can share them."""
+        if seq_id in self._private:
+            return
         bs = self.layout.block_size
         table, hashes = self._tables[seq_id], self._hashes[seq_id]
         while len(hashes) < num_computed // bs:
@@ -203,8 +237,60 @@ class KVManager:
             if not waiters:
                 del self._waiters[hashes[index]]
         self._failed.pop(seq_id, None)
+        self._pruning.pop(seq_id, None)
+        self._private.discard(seq_id)
         if table:
             self.pool.release(table)
+
+    # ---- pruning --------------------------------------------------------------------------
+    def prune(self, seq_id: int, num_slots: int) -> int:
+        """Apply the sequence's pruning policy to its num_slots cached tokens (call between
+        steps, before growing its table). -> number of cached tokens dropped (0: nothing to do
+        yet). Freed blocks go back to the pool now; an H2O copy runs at the next flush."""
+        spec = self._pruning.get(seq_id)
+        if spec is None:
+            return 0
+        bs = self.layout.block_size
+        table = self._tables[seq_id]
+        assert num_slots <= len(table) * bs
+        if spec.policy == "streaming":
+            drop = streaming_drop(num_slots, bs, spec)
+            if not drop:
+                return 0
+            self.pool.release(table[drop.start : drop.stop])
+            del table[drop.start : drop.stop]
+            dropped = len(drop) * bs
+        else:
+            if not h2o_should_prune(num_slots, bs, spec):
+                return 0
+            self._compact.append((tuple(table[: self.layout.num_blocks_for(num_slots)]), num_slots, spec))
+            keep_blocks = self.layout.num_blocks_for(spec.budget)
+            self.pool.release(table[keep_blocks:])
+            del table[keep_blocks:]
+            dropped = num_slots - spec.budget
+        self._private.add(seq_id)
+        self.metrics.counters["pruned_tokens"] += dropped
+        return dropped
+
+    def _run_pruning(self, compactions: list[tuple[tuple[int, ...], int, KVPruning]], zero: list[int]) -> None:
+        """Worker: H2O compactions (keys, values and key mass move with their token), then
+        reset the key mass of blocks new to H2O sequences."""
+        bs = self.layout.block_size
+        device = self.kv.device
+        with torch.inference_mode():
+            for table, num_slots, spec in compactions:
+                blocks = torch.tensor(table, dtype=torch.int64, device=device)  # [nb]
+                slots = (blocks[:, None] * bs + torch.arange(bs, device=device)).flatten()[:num_slots]  # [N]
+                mass = self.key_mass.view(-1)  # [num_blocks * bs]
+                keep = h2o_keep(mass[slots], spec)  # [K] sorted slot indexes
+                moved = keep != torch.arange(keep.shape[0], device=device)  # [K]
+                src = slots[keep[moved]]  # [M] flat slot ids
+                dst = slots[: keep.shape[0]][moved]  # [M]
+                values = self.kv[src // bs, :, :, src % bs]  # [M, L, 2, Hkv, D] (a copy: safe to overwrite src)
+                self.kv[dst // bs, :, :, dst % bs] = values
+                mass[dst] = mass[src]
+            if zero:
+                self.key_mass[torch.tensor(zero, dtype=torch.int64, device=device)] = 0
 
     @property
     def num_sequences(self) -> int:
@@ -214,6 +300,9 @@ class KVManager:
     def poll(self) -> None:
         """Collect finished transfers: a block read from disk is copied into the device block
         of every sequence waiting for it (or marks their prefix as ending there)."""
+        for job in [j for j in self._jobs if j.done()]:
+            self._jobs.remove(job)
+            job.result()  # a failed pruning copy is a bug: raise it here
         if self.tiers is None:
             return
         for h, ok in self.tiers.poll():
@@ -230,12 +319,20 @@ class KVManager:
                     self._failed[seq_id] = min(index, self._failed.get(seq_id, index))
 
     def flush(self) -> None:
-        """Submit the transfers queued by this scheduling pass (before its step is submitted)."""
+        """Submit the transfers queued by this scheduling pass (before its step is submitted).
+        Pruning copies go first: they read blocks this pass released, which tier copies of this
+        pass may fill."""
+        if self._compact or self._zero:
+            self._jobs.append(self._worker.submit(self._run_pruning, self._compact, self._zero))
+            self._compact, self._zero = [], []
         if self.tiers is not None:
             self.tiers.flush()
 
     def drain(self) -> None:
         """Block until no transfer is in flight (tests, benchmarks, close; never on the loop)."""
+        self.flush()
+        wait(self._jobs)
+        self.poll()
         if self.tiers is None:
             return
         while True:
@@ -286,5 +383,10 @@ class KVManager:
         waiting = {(s, i) for ws in self._waiters.values() for s, i in ws}
         assert waiting == {(s, i) for s, idx in self._pending.items() for i in idx}
         assert all(self._pending.values())
+        assert set(self._pruning) <= set(self._tables) and self._private <= set(self._tables)
+        for seq_id, spec in self._pruning.items():
+            if spec.needs_scores:  # H2O blocks are written in place: never shared
+                assert seq_id in self._private
+                assert all(self.pool.ref_count(b) == 1 for b in self._tables[seq_id]), f"H2O sequence {seq_id} shares a block"
         if self.tiers is not None:
             self.tiers.check_invariants()

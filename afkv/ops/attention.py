@@ -3,7 +3,14 @@
 KV cache layout (owned by afkv.kv): kv[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim],
 index 0 of dim 2 = keys, 1 = values. A sequence's tokens live in the blocks of its block table,
 token t at (block_table[t // block_size], t % block_size). Attention reads exactly the
-sequence's tokens: no padding, no other sequence's blocks.
+sequence's tokens: no padding, no other sequence's blocks. With KV pruning (afkv.kv.pruning)
+"token t" is the sequence's t-th cached token (its slot), not its position: keys keep the
+rotation of their true position, and causality by slot equals causality by position.
+
+Key mass (H2O): `paged_attention(..., key_mass=m)` also adds, to each cached token's entry of
+m [num_blocks, block_size] float32, the attention probability it received from this call's
+queries, summed over query heads and queries (the caller sums over layers). It then computes
+attention explicitly (one softmax gives both the output and the mass).
 """
 
 from __future__ import annotations
@@ -35,11 +42,12 @@ def paged_attention(
     block_ids: torch.Tensor,
     context_len: int,
     sliding_window: int | None = None,
+    key_mass: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of one sequence's new queries over its cached context.
 
-    q [n, H, D] are the queries of positions context_len - n .. context_len - 1 (their
-    keys/values are already written). Returns [n, H, D].
+    q [n, H, D] are the queries of slots context_len - n .. context_len - 1 (their
+    keys/values are already written). Returns [n, H, D]. key_mass: see the module docstring.
     """
     n, num_heads, head_dim = q.shape
     k, v = gather_kv(kv, layer, block_ids, context_len)  # [N, Hkv, D]
@@ -48,10 +56,29 @@ def paged_attention(
     mask = k_pos[None, :] <= q_pos[:, None]  # [n, N]
     if sliding_window is not None:
         mask &= (q_pos[:, None] - k_pos[None, :]) < sliding_window
+    if key_mass is not None:
+        out, mass = _attention_and_mass(q, k, v, mask)  # [n, H, D], [N]
+        bs = kv.shape[3]
+        slots = (block_ids[:, None] * bs + torch.arange(bs, device=block_ids.device)).flatten()[:context_len]  # [N]
+        key_mass.view(-1).index_add_(0, slots, mass)
+        return out
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).to(k.dtype), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
     )  # [H, n, D]
     return out.transpose(0, 1).to(q.dtype)
+
+
+def _attention_and_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [n, H, D], k, v [N, Hkv, D], mask [n, N] -> output [n, H, D] and the probability mass
+    each key received [N] float32 (summed over heads and queries)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    rep = num_heads // k.shape[1]
+    kh = k.transpose(0, 1).repeat_interleave(rep, 0).float()  # [H, N, D]
+    vh = v.transpose(0, 1).repeat_interleave(rep, 0).float()  # [H, N, D]
+    logits = q.transpose(0, 1).float() @ kh.transpose(1, 2) * head_dim**-0.5  # [H, n, N]
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)  # [H, n, N]
+    out = probs @ vh  # [H, n, D]
+    return out.transpose(0, 1).to(q.dtype), probs.sum((0, 1))
 
 
 def paged_decode_attention(
