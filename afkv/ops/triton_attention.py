@@ -32,12 +32,12 @@ the cache dtype before P @ V); float32 caches multiply in IEEE float32.
 from __future__ import annotations
 
 import functools
-import math
+import time
 
 import torch
 
 from afkv.errors import ConfigError
-from afkv.ops import quant
+from afkv.ops import attention, quant
 from afkv.ops.quant import QuantSpec
 
 try:
@@ -96,8 +96,10 @@ def num_decode_splits(batch: int, num_kv_heads: int, max_tokens: int, block_n: i
 if triton is not None:
     @triton.jit
     def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
-        """Online-softmax step. q [M, D], k, v [N, D] (DOT_DTYPE), valid [M, N] ->
+        """Online-softmax step. q [M, D] (DOT_DTYPE), k, v [N, D], valid [M, N] ->
         running max m_i [M] (log2 units), sum l_i [M], unnormalised output acc [M, D]."""
+        k = k.to(DOT_DTYPE)
+        v = v.to(DOT_DTYPE)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [M, N]
         else:
@@ -194,7 +196,7 @@ if triton is not None:
             k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
             v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
             valid = hmask[:, None] & tmask[None, :]
-            m_i, l_i, acc = _attend_tile(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), valid, m_i, l_i, acc, qk_scale, DOT_DTYPE, IEEE)
+            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_DTYPE, IEEE)
         _store_partial(
             out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc, b, heads, hmask, offs_d, dmask,
             stride_ob, stride_oh, num_heads, split, NUM_SPLITS, HEAD_DIM,
@@ -269,7 +271,7 @@ if triton is not None:
                 off_v_scale, off_v_zero, off_v_data, False, NUM_KV_HEADS, HEAD_DIM, BITS, GROUP_SIZE,
             )  # fmt: skip
             valid = hmask[:, None] & tmask[None, :]
-            m_i, l_i, acc = _attend_tile(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), valid, m_i, l_i, acc, qk_scale, DOT_DTYPE, IEEE)
+            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_DTYPE, IEEE)
         if HAS_TAIL:
             tail_len = tl.minimum(tl.load(tail_lens_ptr + b), max_tail)
             tail_len = tl.where(part == NUM_SPLITS, tail_len, 0)
@@ -282,7 +284,7 @@ if triton is not None:
                 k = tl.load(ptrs, mask=kv_mask, other=0.0)  # [N, D]
                 v = tl.load(ptrs + stride_tail_kv, mask=kv_mask, other=0.0)  # [N, D]
                 valid = hmask[:, None] & tmask[None, :]
-                m_i, l_i, acc = _attend_tile(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), valid, m_i, l_i, acc, qk_scale, DOT_DTYPE, IEEE)
+                m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_DTYPE, IEEE)
         _store_partial(
             out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc, b, heads, hmask, offs_d, dmask,
             stride_ob, stride_oh, num_heads, part, NUM_SPLITS + HAS_TAIL, HEAD_DIM,
@@ -305,7 +307,8 @@ if triton is not None:
         m = tl.max(lse, 0)
         m = tl.where(m == float("-inf"), 0.0, m)
         w = tl.exp2(lse - m)  # [S]
-        o = tl.load(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+        mask = smask[:, None] & dmask[None, :]
+        o = tl.load(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)  # [S, D]
         den = tl.sum(w, 0)
         res = tl.sum(w[:, None] * o, 0) / tl.where(den > 0.0, den, 1.0)  # [D]
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=dmask)
@@ -363,9 +366,10 @@ if triton is not None:
             valid = rmask[:, None] & tmask[None, :] & (tok[None, :] <= q_pos[:, None])
             if HAS_WINDOW:
                 valid = valid & (q_pos[:, None] - tok[None, :] < window)
-            m_i, l_i, acc = _attend_tile(q, k.to(DOT_DTYPE), v.to(DOT_DTYPE), valid, m_i, l_i, acc, qk_scale, DOT_DTYPE, IEEE)
+            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_DTYPE, IEEE)
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        ptrs = out_ptr + (q_start + tok_q)[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        rows = (q_start + tok_q).to(tl.int64) * stride_ot + heads * stride_oh  # [M]
+        ptrs = out_ptr + rows[:, None] + offs_d[None, :]
         tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
@@ -645,3 +649,175 @@ def paged_prefill_attention(
     return paged_prefill_attention_varlen(
         q, kv, layer, block_ids[None], cu_seqlens_q, context_lens, n, sliding_window, scale
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Micro-benchmark (GPU)
+
+_L2_FLUSH_NBYTES = 256 << 20  # KV of all benchmarked layers together: several times the L2 (H200: 50 MB)
+REAL_SHAPES = {  # name -> (num_heads, num_kv_heads, head_dim)
+    "qwen3-30b-a3b": (32, 4, 128),
+    "mixtral-8x7b": (32, 8, 128),
+}
+
+
+def _time_s(fn, iters: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of fn(i), by CUDA events around `iters` calls (a wall clock on the CPU)."""
+    for i in range(warmup):
+        fn(i)
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for i in range(iters):
+            fn(i)
+        return (time.perf_counter() - t0) / iters
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for i in range(iters):
+        fn(i)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def bench_decode(
+    batch: int,
+    context_len: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int = 128,
+    *,
+    block_size: int = 16,
+    dtype: torch.dtype = torch.bfloat16,
+    bits: int | None = None,
+    group_size: int = 16,
+    iters: int = 20,
+    warmup: int = 3,
+    seed: int = 0,
+    device: torch.device | str = "cuda",
+) -> dict:
+    """Time the decode kernel against its baseline on one shape (every sequence at
+    `context_len`, blocks scattered at random) on the current CUDA device.
+
+    bits None: a `dtype` cache, baseline the torch reference (afkv.ops.attention). bits 8 / 4:
+    serialised KIVI blocks (QuantSpec(bits, group_size)), baseline the CUDA kernel of
+    afkv.ops.native where CuPy is there, else the torch reference of afkv.ops.quant. Calls
+    cycle through enough layers that their KV exceeds the L2 cache, so reads come from HBM.
+    kv_bytes = sum over sequences of context_len * 2 * Hkv * D * itemsize (the float
+    cache's bytes; for quantized blocks, their own bytes are in kv_read_bytes).
+    -> dict of the shape, seconds per call and bytes/s of both. (On a CPU device the kernels
+    run under the interpreter and the times mean nothing: that is for tests.)"""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    gen = torch.Generator(device=device).manual_seed(seed)
+    blocks_per_seq = -(-context_len // block_size)
+    num_blocks = batch * blocks_per_seq
+    raw_token_nbytes = 2 * num_kv_heads * head_dim * dtype.itemsize
+    kv_bytes = batch * context_len * raw_token_nbytes
+    if bits is None:
+        layer_nbytes = num_blocks * block_size * raw_token_nbytes
+        read_bytes = kv_bytes
+    else:
+        spec = QuantSpec(bits, group_size)
+        layer_nbytes = num_blocks * quant.packed_nbytes(spec, 1, block_size, num_kv_heads, head_dim)
+        read_bytes = batch * context_len * layer_nbytes // (num_blocks * block_size)
+    num_layers = max(1, min(48, -(-_L2_FLUSH_NBYTES // layer_nbytes)))
+    tables = torch.randperm(num_blocks, generator=gen, device=device).reshape(batch, blocks_per_seq)  # [B, nb]
+    lens = torch.full((batch,), context_len, dtype=torch.int64, device=device)  # [B]
+    q = torch.randn(batch, num_heads, head_dim, generator=gen, device=device).to(dtype)  # [B, H, D]
+    if bits is None:
+        kv = torch.randn(
+            num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim, generator=gen, device=device
+        ).to(dtype)  # [nbk, L, 2, bs, Hkv, D]
+        baseline = "torch"
+
+        def kernel(i: int) -> torch.Tensor:
+            return paged_decode_attention(q, kv, i % num_layers, tables, lens)
+
+        def reference(i: int) -> torch.Tensor:
+            return attention.paged_decode_attention(q, kv, i % num_layers, tables, lens)
+    else:
+        from afkv.ops import native
+
+        kv = torch.randn(num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim, generator=gen, device=device)
+        blocks = quant.to_bytes(quant.quantize_block(kv, spec))  # [nbk, packed_nbytes]
+        del kv
+        geometry = dict(spec=spec, num_layers=num_layers, block_size=block_size, num_kv_heads=num_kv_heads)
+        use_native = device.type == "cuda" and native.available()
+        base = native if use_native else quant
+        baseline = "native" if use_native else "torch"
+
+        def kernel(i: int) -> torch.Tensor:
+            return paged_decode_attention_quant(q, blocks, tables, lens, layer=i % num_layers, **geometry)
+
+        def reference(i: int) -> torch.Tensor:
+            return base.paged_decode_attention(q, blocks, tables, lens, layer=i % num_layers, **geometry)
+
+    kernel_s = _time_s(kernel, iters, warmup, device)
+    reference_s = _time_s(reference, max(1, iters // 4), 1, device)
+    block_n = _decode_block_n(head_dim, 2 if bits is not None else dtype.itemsize)
+    return {
+        "batch": batch,
+        "context_len": context_len,
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "block_size": block_size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "bits": bits,
+        "num_splits": num_decode_splits(batch, num_kv_heads, blocks_per_seq * block_size, block_n, _device_index(q)),
+        "kv_bytes": kv_bytes,
+        "kv_read_bytes": read_bytes,
+        "kernel_s": kernel_s,
+        "reference_s": reference_s,
+        "baseline": baseline,
+        "kernel_bytes_per_s": read_bytes / kernel_s,
+        "reference_bytes_per_s": read_bytes / reference_s,
+        "speedup": reference_s / kernel_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m afkv.ops.triton_attention: the decode kernel vs its baseline on the real shapes."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--bits", type=int, nargs="+", default=[0], help="0 = bf16 cache; 8, 4 = KIVI blocks")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    if not available():
+        raise SystemExit("needs triton and a CUDA device")
+    rows = []
+    print(f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}")
+    print(
+        f"{'model':<15}{'kv':>5}{'batch':>6}{'ctx':>6}{'splits':>7}{'kernel us':>11}{'GB/s':>8}"
+        f"{'baseline':>9}{'base us':>10}{'GB/s':>8}{'speedup':>9}"
+    )
+    for bits in args.bits:
+        for name, (num_heads, num_kv_heads, head_dim) in REAL_SHAPES.items():
+            for batch in args.batches:
+                row = bench_decode(
+                    batch, args.context, num_heads, num_kv_heads, head_dim,
+                    block_size=args.block_size, bits=bits or None, iters=args.iters,
+                )  # fmt: skip
+                row["model"] = name
+                rows.append(row)
+                print(
+                    f"{name:<15}{(f'int{bits}' if bits else 'bf16'):>5}{batch:>6}{args.context:>6}"
+                    f"{row['num_splits']:>7}{row['kernel_s'] * 1e6:>11.1f}{row['kernel_bytes_per_s'] / 1e9:>8.0f}"
+                    f"{row['baseline']:>9}{row['reference_s'] * 1e6:>10.1f}{row['reference_bytes_per_s'] / 1e9:>8.0f}"
+                    f"{row['speedup']:>9.2f}"
+                )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -100,8 +100,12 @@ _DECODE_CASES = [
 ]
 
 
+def _decode_id(c) -> str:
+    return f"{str(c[0])[6:]}-h{c[1]}-kv{c[2]}-d{c[3]}-bs{c[4]}-w{c[6]}-s{c[7]}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", _DECODE_CASES, ids=lambda c: f"{c[0]}-h{c[1]}-kv{c[2]}-d{c[3]}-bs{c[4]}-w{c[6]}-s{c[7]}")
+@pytest.mark.parametrize("case", _DECODE_CASES, ids=_decode_id)
 def test_decode_matches_reference(device, case):
     dtype, num_heads, num_kv_heads, head_dim, block_size, context_lens, window, num_splits = case
     gen = torch.Generator().manual_seed(len(context_lens) * 1000 + num_heads)
@@ -175,13 +179,15 @@ _QUANT_CASES = [
 ]
 
 
-def _quant_reference(q, blocks, tables, seq_lens, tail_kv, tail_lens, spec, num_layers, layer, block_size, num_kv_heads):
+def _quant_reference(q, blocks, tables, seq_lens, tail_kv, tail_lens, *, spec, num_layers, layer, block_size,
+                     num_kv_heads):  # fmt: skip
     """float32 attention over dequantized blocks followed by the float tail."""
     head_dim = q.shape[-1]
+    shape = (spec, num_layers, block_size, num_kv_heads, head_dim)
     group = q.shape[1] // num_kv_heads
     out = torch.zeros(q.shape, dtype=torch.float32)
     for b, n in enumerate(seq_lens):
-        qb = quant.from_bytes(blocks[tables[b, : -(-n // block_size)]], spec, num_layers, block_size, num_kv_heads, head_dim)
+        qb = quant.from_bytes(blocks[tables[b, : -(-n // block_size)]], *shape)
         k = quant.dequantize_keys(quant.layer_of(qb.keys, layer), torch.float32).flatten(0, 1)[:n]  # [n, Hkv, D]
         v = quant.dequantize_values(quant.layer_of(qb.values, layer), torch.float32).flatten(0, 1)[:n]
         t = tail_lens[b]
@@ -194,8 +200,12 @@ def _quant_reference(q, blocks, tables, seq_lens, tail_kv, tail_lens, spec, num_
     return out.to(q.dtype)
 
 
+def _quant_id(c) -> str:
+    return f"b{c[0].bits}g{c[0].group_size}-{str(c[1])[6:]}-h{c[2]}-kv{c[3]}-d{c[4]}-tail{c[7] is not None}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", _QUANT_CASES, ids=lambda c: f"b{c[0].bits}g{c[0].group_size}-{c[1]}-h{c[2]}-kv{c[3]}-d{c[4]}-tail{c[7] is not None}")
+@pytest.mark.parametrize("case", _QUANT_CASES, ids=_quant_id)
 def test_decode_quant_matches_reference(device, case):
     spec, dtype, num_heads, num_kv_heads, head_dim, block_size, seq_lens, tail_lens, num_splits = case
     num_layers, layer = 2, 1
@@ -211,7 +221,7 @@ def test_decode_quant_matches_reference(device, case):
         tail_kv = tail = None
     else:
         tail_kv = torch.randn(len(seq_lens), 2, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
-        want = _quant_reference(q, blocks, ref_tables, seq_lens, tail_kv, tail_lens, spec, num_layers, layer, block_size, num_kv_heads)
+        want = _quant_reference(q, blocks, ref_tables, seq_lens, tail_kv, tail_lens, **geometry)
         tail_kv, tail = tail_kv.to(device), torch.tensor(tail_lens, device=device)
     got = ta.paged_decode_attention_quant(
         q.to(device), blocks.to(device), bad_tables.to(device), torch.tensor(seq_lens, device=device),
@@ -234,8 +244,12 @@ _PREFILL_CASES = [
 ]
 
 
+def _prefill_id(c) -> str:
+    return f"{str(c[0])[6:]}-h{c[1]}-kv{c[2]}-d{c[3]}-bs{c[4]}-n{c[5][0]}-ctx{c[5][1]}-w{c[6]}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", _PREFILL_CASES, ids=lambda c: f"{c[0]}-h{c[1]}-kv{c[2]}-d{c[3]}-bs{c[4]}-n{c[5][0]}-ctx{c[5][1]}-w{c[6]}")
+@pytest.mark.parametrize("case", _PREFILL_CASES, ids=_prefill_id)
 def test_prefill_matches_reference(device, case):
     dtype, num_heads, num_kv_heads, head_dim, block_size, (n, context_len), window = case
     gen = torch.Generator().manual_seed(n * 31 + context_len)
@@ -271,7 +285,7 @@ def test_prefill_varlen_matches_per_sequence_reference(device, window):
 
 
 # ----------------------------------------------------------------------------------------------
-# GPU only: real shapes, CUDA graphs, the benchmark
+# GPU only: real shapes, CUDA graphs; the benchmark
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(32, 4), (32, 8)])
@@ -315,8 +329,10 @@ def test_decode_is_cuda_graph_capturable():
     assert (out[0] == 0).all()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
-def test_bench_decode_reports():
-    result = ta.bench_decode(batch=4, context_len=256, num_heads=8, num_kv_heads=2, head_dim=128, iters=3)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_bench_decode_reports(device, bits):
+    """The benchmark runs (on the CPU only as a smoke test: the interpreter's times mean nothing)."""
+    result = ta.bench_decode(2, 40, 8, 2, 64, bits=bits, group_size=8, iters=2, warmup=1, device=device)
+    assert result["kv_bytes"] == 2 * 40 * 2 * 2 * 64 * 2
     assert result["kernel_s"] > 0 and result["reference_s"] > 0 and result["kernel_bytes_per_s"] > 0
