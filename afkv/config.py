@@ -7,6 +7,7 @@
     [kv.pruning] policy (none | streaming | h2o), num_sink_tokens, window, budget
     [scheduler]  max_num_seqs, max_num_batched_tokens, max_model_len
     [deployment] attention/expert node counts, micro-batches, rendezvous, token, timeouts
+    [eplb]       expert load balancing across expert nodes (needs [deployment])
 
 Unknown sections or keys and impossible values raise ConfigError naming file and key.
 """
@@ -147,6 +148,17 @@ class DeploymentConfig:
 
 
 @dataclass(frozen=True)
+@dataclass(frozen=True)
+class EplbConfig:
+    """Expert load balancing (afkv.eplb, afkv.nodes.balancer): redundant expert slots on the expert
+    nodes, load statistics, rebalancing while serving. CPU data plane only for now."""
+
+    enabled: bool = False
+    slots_per_node: int = 0  # expert slots per node and MoE layer; 0: ceil(experts / expert_nodes), no replicas
+    window_s: float = 60.0  # load statistics: tokens per (layer, expert) over this sliding window
+    rebalance_interval_s: float = 0.0  # attention node 0 rebalances this often; 0: only when asked
+
+
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     upcycle: UpcycleSpec | None = None  # None: the default model gets UpcycleSpec(); others stay dense
@@ -155,6 +167,7 @@ class EngineConfig:
     source: str | None = field(default=None, compare=False)  # the TOML file, for errors found after loading
     deployment: DeploymentConfig | None = None  # None: colocated (both halves in this process)
 
+    eplb: EplbConfig = field(default_factory=EplbConfig)
     @classmethod
     def from_toml(cls, path: str | Path) -> "EngineConfig":
         path = Path(path)
@@ -172,7 +185,7 @@ class EngineConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | None = None) -> "EngineConfig":
         sections = {"model": ModelConfig, "upcycle": UpcycleSpec, "kv": KVConfig, "scheduler": SchedulerConfig,
-                    "deployment": DeploymentConfig}
+                    "deployment": DeploymentConfig, "eplb": EplbConfig}
         kwargs = {}
         for name, value in data.items():
             if name not in sections:
@@ -217,6 +230,12 @@ class EngineConfig:
                                  ("expert_devices", d.expert_devices, d.expert_nodes)):
                 need(not devs or len(devs) == n, f"deployment.{key}", f"{key} must list {n} devices, got {len(devs)}")
 
+        e = self.eplb
+        need(e.slots_per_node >= 0, "eplb.slots_per_node", f"slots_per_node must be >= 0, got {e.slots_per_node}")
+        need(e.window_s > 0, "eplb.window_s", f"window_s must be positive, got {e.window_s}")
+        need(e.rebalance_interval_s >= 0, "eplb.rebalance_interval_s",
+             f"rebalance_interval_s must be >= 0, got {e.rebalance_interval_s}")
+        need(not e.enabled or d is not None, "eplb.enabled", "EPLB balances expert nodes: it needs a [deployment]")
 
 def _build(cls, values: dict[str, Any], section: str, source: str | None):
     known = {f.name: f for f in fields(cls)}

@@ -12,6 +12,7 @@
     ├── EngineError
     │   ├── EngineClosedError     the engine is not running (not started, closed, failed)
     │   └── RequestFailedError    a request ended by a fault (expert node lost, ...)
+    │       └── ExpertUnavailableError  an expert (or dense MLP) it routed to has no live replica
     ├── KVError
     │   ├── CorruptBlockError     a stored KV block failed its checksum or is unreadable
     │   └── TierError             a KV tier cannot be used (full, unwritable)
@@ -79,6 +80,14 @@ class EngineClosedError(EngineError):
 
 class RequestFailedError(EngineError):
     pass
+
+
+class ExpertUnavailableError(RequestFailedError):
+    """Every expert node holding an expert (or a layer's dense MLP / shared expert) is lost."""
+
+    def __init__(self, message: str, *, layer: int, expert: int | None, nodes: tuple[int, ...]):
+        super().__init__(message)
+        self.layer, self.expert, self.nodes = layer, expert, nodes
 
 
 class KVError(AfkvError):

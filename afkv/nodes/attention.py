@@ -6,17 +6,28 @@ import asyncio
 
 import torch
 
-from afkv.config import DeploymentConfig
+from afkv.config import DeploymentConfig, EplbConfig
+from afkv.errors import ConfigError
 from afkv.model.spec import ModelSpec
-from afkv.nodes.placement import contiguous_placement
+from afkv.nodes.placement import initial_placement
 from afkv.nodes.remote_ffn import RemoteFFN
 from afkv.nodes.rendezvous import lookup, open_store
 
 
 async def connect_expert_nodes(spec: ModelSpec, d: DeploymentConfig, rank: int, device: torch.device,
-                               dtype: torch.dtype, executor) -> "RemoteFFN | NcclFFN":
+                               dtype: torch.dtype, executor, eplb: EplbConfig | None = None) -> "RemoteFFN | NcclFFN":
     """Find the expert nodes through the rendezvous store and connect to each: control plane
-    always; on GPUs also the NCCL data plane, created on `executor` (the model worker thread)."""
+    always; on GPUs also the NCCL data plane, created on `executor` (the model worker thread).
+    The placement starts as every node computes it from the config (`initial_placement`)."""
+    eplb = eplb or EplbConfig()
+    if eplb.enabled and device.type == "cuda":
+        raise ConfigError("EPLB (replicas, live rebalance) runs on the CPU data plane only; the NCCL data plane "
+                          "sends every token to every expert node and needs single-replica placements",
+                          key="eplb.enabled")
+    try:
+        placement = initial_placement(spec, d.expert_nodes, eplb.slots_per_node if eplb.enabled else 0)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="eplb.slots_per_node") from exc
     store = await asyncio.to_thread(open_store, d.host, d.port, False, d.expert_timeout_s * 3)
     first = [True] * d.expert_nodes
 
@@ -27,8 +38,8 @@ async def connect_expert_nodes(spec: ModelSpec, d: DeploymentConfig, rank: int, 
         [address] = await asyncio.to_thread(lookup, store, "expert", j + 1, timeout_s, j)
         return address
 
-    remote = RemoteFFN(contiguous_placement(spec, d.expert_nodes), resolve, f"attention{rank}",
-                       d.token or None, d.expert_timeout_s, asyncio.get_running_loop(), d.heartbeat_interval_s)
+    remote = RemoteFFN(placement, resolve, f"attention{rank}", d.token or None, d.expert_timeout_s,
+                       asyncio.get_running_loop(), d.heartbeat_interval_s, executor=executor, rank=rank)
     await remote.connect()
     if device.type != "cuda":
         return remote

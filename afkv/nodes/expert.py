@@ -9,6 +9,21 @@ experts of the layers placed on it, and serves every attention node:
 Requests waiting at the same time for the same layer (from several attention nodes) are
 computed together in one FFN call. Torch work runs on one worker thread; the event loop
 only moves frames.
+
+Load balancing (EPLB, CPU data plane): the node counts tokens per (layer, logical expert)
+in a sliding window (`stats` reports it as `loads`). Its placement (which experts it
+holds, an epoch) changes by control messages from the coordinator (attention node 0):
+
+    eplb_prepare {placement}  load the new placement's experts, keeping the old ones
+    eplb_commit  {epoch}      the prepared placement is current: drop what it does not hold
+    eplb_set     {placement}  prepare + commit at once (a node rejoining after a restart)
+    eplb_placement            -> the current placement (attention nodes that missed a change)
+
+An ffn request naming an expert this node does not hold is answered {"type": "stale"}
+(the sender's placement is older): the sender fetches the placement and re-sends. Every
+ffn answer carries the node's epoch. Weights come from the checkpoint (on the worker
+thread, serialised with FFN compute, so a step never sees half a placement); on GPUs
+they would be copied from a node holding them over NCCL.
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from afkv.eplb.stats import LoadWindow
 from afkv.errors import FrameError
 from afkv.model.model import load_ffn_side
 from afkv.model.sides import FFNSide
@@ -61,7 +77,7 @@ class ExpertStats:
 class ExpertNode:
     def __init__(self, spec: ModelSpec, model_dir: str | Path, placement: ExpertPlacement, index: int,
                  device: torch.device, dtype: torch.dtype, token: str | None = None, host: str = "127.0.0.1",
-                 store=None, peer_timeout_s: float = 10.0):
+                 store=None, peer_timeout_s: float = 10.0, window_s: float = 60.0):
         """`store`: the rendezvous store; on GPUs it carries the NCCL unique ids. Attention
         nodes silent (no heartbeat, no request) for `peer_timeout_s` are disconnected."""
         self.peer_timeout_s = peer_timeout_s
@@ -74,6 +90,9 @@ class ExpertNode:
         self._gpu_events: list[tuple] = []  # (start, end) CUDA events of FFN compute, summed lazily
         self.device, self.dtype, self.token, self.host = device, dtype, token or None, host
         self.stats = ExpertStats()
+        self.window = LoadWindow(spec.num_layers, placement.sentinel, window_s)
+        self._prepared: ExpertPlacement | None = None  # an eplb_prepare waiting for its commit
+        self._loaded: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())  # experts, dense layers
         self._ffn: FFNSide | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._server: ControlServer | None = None
@@ -90,11 +109,7 @@ class ExpertNode:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"afkv-expert{self.index}")
         if self.device.type == "cuda":
             await loop.run_in_executor(self._executor, torch.cuda.set_device, self.device)
-        experts = self.placement.experts_of(self.index)
-        dense = self.placement.dense_layers_of(self.index)
-        self._ffn = await loop.run_in_executor(
-            self._executor, load_ffn_side, self.spec, self.model_dir, self.device, self.dtype, experts, dense)
-        log.info("expert node %d: experts %s, dense/shared layers %s", self.index, sorted(experts), sorted(dense))
+        await loop.run_in_executor(self._executor, self._load, self.placement, None)
         self._server = ControlServer(self._handle, host=self.host, port=port, token=self.token,
                                      limits=ControlLimits(max_frame_bytes=DATA_FRAME_BYTES))
         await self._server.start()
@@ -145,12 +160,19 @@ class ExpertNode:
             joined.add_done_callback(_log_failure)
             return {"type": "ok"}
         if kind == "stats":
+            loop = asyncio.get_running_loop()
             if self._gpu_events:
-                await asyncio.get_running_loop().run_in_executor(self._executor, self._sum_gpu_events, True)
+                await loop.run_in_executor(self._executor, self._sum_gpu_events, True)
+            loads = await loop.run_in_executor(self._executor, self.window.total)  # [L, E]
             s = self.stats
             return {"type": "stats", "index": self.index, "requests": s.requests, "tokens": s.tokens,
-                    "batches": s.batches, "compute_s": s.compute_s,
+                    "batches": s.batches, "compute_s": s.compute_s, "epoch": self.placement.epoch,
+                    "loads": pack_tensor(loads), "window_s": self.window.window_s,
                     "tokens_per_expert": [[l, e, n] for (l, e), n in s.tokens_per_expert.items()]}
+        if kind in ("eplb_prepare", "eplb_commit", "eplb_set"):
+            return await self._eplb(kind, msg)
+        if kind == "eplb_placement":
+            return {"type": "placement", "placement": self.placement.to_msg()}
         if kind == "shutdown":
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.aclose()))
             return {"type": "bye"}
@@ -173,8 +195,60 @@ class ExpertNode:
         self._pending.append(_Pending(layer, x, ids, weights, future))
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
-        y, compute_s = await future
-        return {"type": "ffn_out", "y": pack_tensor(y), "compute_s": compute_s}
+        result = await future
+        if result is None:  # names an expert this node does not hold: the sender's placement is old
+            return {"type": "stale", "epoch": self.placement.epoch}
+        y, compute_s = result
+        return {"type": "ffn_out", "y": pack_tensor(y), "compute_s": compute_s, "epoch": self.placement.epoch}
+
+    # ---- placement changes (EPLB) --------------------------------------------------------------
+    async def _eplb(self, kind: str, msg: dict) -> dict:
+        loop = asyncio.get_running_loop()
+        try:
+            if kind == "eplb_commit":
+                epoch = int(msg["epoch"])
+                new = self._prepared
+                if new is None or new.epoch != epoch:
+                    raise FrameError(f"eplb_commit of epoch {epoch}, but the prepared epoch is "
+                                     f"{None if new is None else new.epoch}")
+            else:
+                new = ExpertPlacement.from_msg(msg["placement"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FrameError(f"malformed {kind}: {exc}") from exc
+        if new.num_nodes != self.placement.num_nodes or new.num_layers != self.spec.num_layers:
+            raise FrameError(f"{kind}: placement for {new.num_nodes} nodes / {new.num_layers} layers, this "
+                             f"deployment has {self.placement.num_nodes} / {self.spec.num_layers}")
+        if kind == "eplb_prepare":
+            if new.epoch <= self.placement.epoch:
+                raise FrameError(f"eplb_prepare of epoch {new.epoch}, not newer than {self.placement.epoch}")
+            await loop.run_in_executor(self._executor, self._load, new, self.placement)
+            self._prepared = new
+        elif new.epoch >= self.placement.epoch:  # commit, or set: never go back to an older placement
+            await loop.run_in_executor(self._executor, self._load, new, None)
+            self.placement, self._prepared = new, None
+        return {"type": "ok", "epoch": self.placement.epoch}
+
+    def _load(self, placement: ExpertPlacement, keep: ExpertPlacement | None) -> None:
+        """Worker thread: hold what `placement` gives this node (plus what `keep` gives it)."""
+        experts = placement.experts_of(self.index)
+        dense = placement.dense_layers_of(self.index)
+        if keep is not None:
+            experts, dense = experts | keep.experts_of(self.index), dense | keep.dense_layers_of(self.index)
+        if self._ffn is not None and (experts, dense) == self._loaded:
+            return
+        t0 = time.perf_counter()
+        self._ffn = load_ffn_side(self.spec, self.model_dir, self.device, self.dtype, experts, dense)
+        self._loaded = (experts, dense)
+        log.info("expert node %d (epoch %d): experts %s, dense/shared layers %s, loaded in %.2f s", self.index,
+                 placement.epoch, sorted(experts), sorted(dense), time.perf_counter() - t0)
+
+    def _holds(self, p: _Pending) -> bool:
+        """Worker thread: whether every pair of `p` names an expert (or dense part) held here."""
+        if not self.spec.layer_has_router(p.layer):
+            return p.layer in self._loaded[1]
+        ids = p.ids[p.ids != self.placement.sentinel]
+        held = self._ffn.experts[p.layer]
+        return all(int(e) in held for e in ids.unique())
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -195,10 +269,11 @@ class ExpertNode:
     @torch.inference_mode()
     def _compute(self, batch: list[_Pending]) -> list[tuple[torch.Tensor, float]]:
         """Worker thread: requests of the same layer run as one FFN call."""
-        out: list[tuple[torch.Tensor, float] | None] = [None] * len(batch)
+        out: list[tuple[torch.Tensor, float] | None] = [None] * len(batch)  # None: stale request
         by_layer: dict[int, list[int]] = {}
         for i, p in enumerate(batch):
-            by_layer.setdefault(p.layer, []).append(i)
+            if self._holds(p):
+                by_layer.setdefault(p.layer, []).append(i)
         for layer, members in by_layer.items():
             t0 = time.perf_counter()
             x = torch.cat([batch[i].x for i in members]).to(self.device, self.dtype)  # [n, H]
@@ -215,7 +290,7 @@ class ExpertNode:
             self.stats.batches += 1
             self.stats.compute_s += dt
         self.stats.requests += len(batch)
-        self.stats.tokens += sum(p.x.shape[0] for p in batch)
+        self.stats.tokens += sum(batch[i].x.shape[0] for members in by_layer.values() for i in members)
         return out
 
     # ---- GPU data plane (NCCL) -----------------------------------------------------------------
@@ -288,7 +363,9 @@ class ExpertNode:
         held = self._ffn.experts[layer]
         if not held:
             return
-        counts = torch.bincount(ids.flatten().cpu(), minlength=max(held) + 1)
+        width = self.window.shape[1]
+        counts = torch.bincount(ids.flatten().cpu(), minlength=width + 1)[:width]  # [E] (sentinel dropped)
+        self.window.add(layer, counts)
         for e in held:
             if counts[e]:
                 key = (layer, e)

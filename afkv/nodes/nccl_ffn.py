@@ -83,6 +83,8 @@ class NcclFFN:
                       dtype: torch.dtype, executor) -> "NcclFFN":
         """Create the communicators with every expert node (the unique ids travel through the
         store), on `executor`: the model worker thread, which does all of this node's GPU work."""
+        # every expert node receives every token here: a replicated expert would be counted twice
+        assert control.placement.max_replicas <= 1, "the NCCL data plane needs a single-replica placement"
         self = cls(control, spec, device, dtype)
         self._store, self._rank = store, rank
         await asyncio.get_running_loop().run_in_executor(executor, self._join_all)

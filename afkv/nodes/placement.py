@@ -1,68 +1,291 @@
-"""Which expert node runs what: routed experts, shared experts, dense MLPs.
+"""Which expert node runs what: routed experts (with replicas), shared experts, dense MLPs.
 
-Routed experts of every MoE layer are split into contiguous shards, one per expert node
-(node j holds experts [j*E/N, (j+1)*E/N)). The shared expert and the dense MLP of layer l
-live on node l % N, spreading that work over the nodes layer by layer.
+An ExpertPlacement says, per MoE layer, which expert nodes hold a replica of each logical
+expert (`replica_nodes` [L, E, R], -1 padded; `num_replicas` [L, E]). The shared expert
+and the dense MLP of layer l live on one node, `dense_node[l]` (not replicated).
+
+- `contiguous_placement`: no replicas, node j holds experts [j*E/N, (j+1)*E/N) of every
+  layer (the placement without EPLB; the GPU data plane supports only this one).
+- `eplb_placement`: built from `afkv.eplb.rebalance` output (phy2log per node's slots); a
+  hot expert may live on several nodes, and the replicas of one expert are spread over
+  distinct nodes where slots allow, so that losing one node leaves a replica elsewhere.
+
+Dispatch (`route`): each (token, expert) pair goes to one replica of its expert, chosen
+by `afkv.eplb.split_among_replicas` (the n-th pair of an expert in row-major order goes to
+replica (n + offset) % live replicas): deterministic and even. Replicas on nodes in `dead`
+are skipped; a pair whose expert has no live replica raises ExpertUnavailableError.
+A node receives the rows with at least one pair for it; the ids of pairs it must not
+compute are replaced by `sentinel` (an expert id held by nobody) with weight 0.
+
+An ExpertPlacement is immutable; `epoch` orders the placements of one deployment.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from afkv.eplb import split_among_replicas
+from afkv.errors import ExpertUnavailableError
 from afkv.model.spec import ModelSpec
+from afkv.transport.tensors import pack_tensor, unpack_tensor
 
 
 @dataclass(frozen=True)
+class Part:
+    """The share of one micro-batch layer sent to one expert node."""
+
+    node: int
+    rows: torch.Tensor | None  # [n] int64 row indices, or None for every row
+    topk_ids: torch.Tensor  # [n, k] int64, pairs of other nodes set to the sentinel
+    topk_weights: torch.Tensor  # [n, k] float32, 0 where the id is the sentinel
+    dense: bool  # this node also computes the layer's dense MLP / shared expert (not replicated)
+
+
+@dataclass(frozen=True, eq=False)
 class ExpertPlacement:
     num_nodes: int
-    expert_node: torch.Tensor  # [L, E_max] int64: node of each routed expert (-1 where the layer has fewer)
+    replica_nodes: torch.Tensor  # [L, E_max, R] int64: node of each replica of each routed expert, -1 padded
+    num_replicas: torch.Tensor  # [L, E_max] int64 (0 where a layer has fewer experts or no router)
     dense_node: tuple[int, ...]  # per layer: node holding the dense MLP / shared expert
     has_router: tuple[bool, ...]  # per layer: routed experts exist (else a dense MLP)
     has_shared: tuple[bool, ...]  # per layer: a shared expert sees every token
+    epoch: int = 0
+    _live: dict = field(default_factory=dict, repr=False, compare=False)  # dead nodes -> per-layer live tables
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.has_router)
+
+    @property
+    def sentinel(self) -> int:
+        """An expert id held by no node: marks pairs a node must not compute."""
+        return self.replica_nodes.shape[1]
+
+    @property
+    def max_replicas(self) -> int:
+        return int(self.num_replicas.max()) if self.num_replicas.numel() else 0
+
+    def held(self, node: int) -> tuple[frozenset[int], ...]:
+        """Per layer: logical expert ids of which `node` holds a replica."""
+        out = []
+        for layer in range(self.num_layers):
+            hit = (self.replica_nodes[layer] == node).any(-1)  # [E_max]
+            out.append(frozenset(int(e) for e in hit.nonzero().flatten()))
+        return tuple(out)
 
     def experts_of(self, node: int) -> frozenset[int]:
-        """Logical expert ids that `node` holds (the same in every layer for contiguous shards)."""
-        layer = next((i for i, r in enumerate(self.has_router) if r), None)
-        if layer is None:
-            return frozenset()
-        return frozenset(int(e) for e in (self.expert_node[layer] == node).nonzero().flatten())
+        """Logical expert ids `node` holds in at least one layer (what it loads)."""
+        return frozenset().union(*self.held(node)) if self.num_layers else frozenset()
 
     def dense_layers_of(self, node: int) -> frozenset[int]:
         return frozenset(i for i, n in enumerate(self.dense_node) if n == node)
 
-    def destinations(self, layer: int, topk_ids: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
-        """-> [(node, row indices or None for all rows)] for a micro-batch of layer `layer`.
+    def node_loads(self, loads: torch.Tensor) -> torch.Tensor:
+        """Tokens each node serves when an expert's load splits evenly over its replicas.
+        loads [L, E] -> [L, nodes] float64 (dense work not counted)."""
+        loads = loads.to(torch.float64)
+        e = loads.shape[1]
+        share = loads / self.num_replicas[:, :e].clamp_min(1)  # [L, E]
+        out = torch.zeros(self.num_layers, self.num_nodes, dtype=torch.float64)
+        for r in range(self.replica_nodes.shape[2]):
+            nodes = self.replica_nodes[:, :e, r]  # [L, E]
+            ok = nodes >= 0
+            out.scatter_add_(1, nodes.clamp_min(0), torch.where(ok, share, 0.0))
+        return out
 
-        topk_ids [T, k]: a token goes to each node hosting one of its experts; with a
-        shared expert or a dense MLP, every token also goes to that layer's dense node."""
+    def covered(self, dead: frozenset[int]) -> bool:
+        """Whether every routed expert and dense part still has a live node when `dead` are lost."""
+        if any(self.dense_node[i] in dead for i in range(self.num_layers)
+               if self.has_shared[i] or not self.has_router[i]):
+            return False
+        return all(bool((counts[:-1] > 0)[self.num_replicas[layer] > 0].all())
+                   for layer, (_, counts) in enumerate(self._live_tables(dead)))
+
+    # ---- dispatch --------------------------------------------------------------------------
+    def _live_tables(self, dead: frozenset[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (replica nodes [E + 1, R] with dead ones removed, live counts [E + 1]); the
+        last row is the sentinel's (no node)."""
+        tables = self._live.get(dead)
+        if tables is None:
+            tables = []
+            for layer in range(self.num_layers):
+                nodes = self.replica_nodes[layer]  # [E, R]
+                alive = (nodes >= 0) & ~torch.isin(nodes, torch.tensor(sorted(dead), dtype=torch.int64))
+                order = torch.sort((~alive).to(torch.int8), dim=1, stable=True).indices  # live replicas first
+                live = torch.where(alive, nodes, -1).gather(1, order)  # [E, R]
+                live = torch.cat([live, torch.full((1, live.shape[1]), -1, dtype=torch.int64)])  # [E + 1, R]
+                counts = torch.cat([alive.sum(1), torch.zeros(1, dtype=torch.int64)])  # [E + 1]
+                tables.append((live, counts))
+            self._live[dead] = tables
+        return tables
+
+    def route(self, layer: int, topk_ids: torch.Tensor, offset: int = 0,
+              dead: frozenset[int] = frozenset()) -> torch.Tensor:
+        """topk_ids [T, k] -> node of each pair [T, k] int64 (-1 for sentinel pairs)."""
+        nodes, counts = self._live_tables(dead)[layer]
+        ids = topk_ids.cpu().long()
+        real = ids != self.sentinel  # [T, k]
+        chosen = split_among_replicas(ids, nodes, counts.clamp_min(1), offset)  # [T, k]
+        missing = real & (chosen < 0)
+        if bool(missing.any()):
+            expert = int(ids[missing][0])
+            holders = tuple(int(n) for n in self.replica_nodes[layer, expert] if n >= 0)
+            raise ExpertUnavailableError(
+                f"expert {expert} of layer {layer} has no live replica (held by expert node(s) "
+                f"{', '.join(map(str, holders))}, lost)", layer=layer, expert=expert, nodes=holders)
+        return torch.where(real, chosen, -1)
+
+    def parts(self, layer: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor, offset: int = 0,
+              dead: frozenset[int] = frozenset(), with_dense: bool = True) -> list[Part]:
+        """Split one micro-batch layer's pairs among expert nodes (see the module docstring).
+        with_dense=False: the dense / shared part was already sent (a re-dispatch)."""
         if not self.has_router[layer]:
-            return [(self.dense_node[layer], None)]
-        nodes = self.expert_node[layer].to(topk_ids.device)[topk_ids]  # [T, k]
+            if not with_dense:
+                return []
+            return [Part(self._dense_home(layer, dead), None, topk_ids, topk_weights, True)]
+        chosen = self.route(layer, topk_ids, offset, dead)  # [T, k]
+        ids, w = topk_ids.cpu(), topk_weights.cpu()
+        dense = self._dense_home(layer, dead) if with_dense and self.has_shared[layer] else -1
         out = []
         for node in range(self.num_nodes):
-            if self.has_shared[layer] and node == self.dense_node[layer]:
-                out.append((node, None))
-                continue
-            rows = (nodes == node).any(-1).nonzero().flatten()  # [n]
-            if rows.numel():
-                out.append((node, rows))
+            mine = chosen == node  # [T, k]
+            if node == dense:
+                rows = None
+            else:
+                rows = mine.any(-1).nonzero().flatten()  # [n]
+                if not rows.numel():
+                    continue
+                mine = mine[rows]
+            sel_ids = ids if rows is None else ids[rows]
+            sel_w = w if rows is None else w[rows]
+            out.append(Part(node, rows, torch.where(mine, sel_ids, self.sentinel),
+                            torch.where(mine, sel_w, torch.zeros((), dtype=sel_w.dtype)), node == dense))
         return out
+
+    def _dense_home(self, layer: int, dead: frozenset[int]) -> int:
+        node = self.dense_node[layer]
+        if node in dead:
+            raise ExpertUnavailableError(
+                f"the dense MLP / shared expert of layer {layer} lives only on expert node {node}, lost",
+                layer=layer, expert=None, nodes=(node,))
+        return node
+
+    # ---- wire format -----------------------------------------------------------------------
+    def to_msg(self) -> dict:
+        return {"num_nodes": self.num_nodes, "epoch": self.epoch, "replica_nodes": pack_tensor(self.replica_nodes),
+                "num_replicas": pack_tensor(self.num_replicas), "dense_node": list(self.dense_node),
+                "has_router": list(self.has_router), "has_shared": list(self.has_shared)}
+
+    @classmethod
+    def from_msg(cls, msg: dict) -> "ExpertPlacement":
+        return cls(int(msg["num_nodes"]), unpack_tensor(msg["replica_nodes"]).long(),
+                   unpack_tensor(msg["num_replicas"]).long(), tuple(int(n) for n in msg["dense_node"]),
+                   tuple(bool(b) for b in msg["has_router"]), tuple(bool(b) for b in msg["has_shared"]),
+                   int(msg["epoch"]))
+
+
+def _layer_shape(spec: ModelSpec) -> tuple[list[int], tuple[int, ...], tuple[bool, ...]]:
+    n = spec.num_layers
+    widths = [spec.num_routed_experts(i) if spec.layer_has_router(i) else 0 for i in range(n)]
+    shared = tuple(spec.sparse_layers[i] and spec.shared_expert_intermediate_size > 0 for i in range(n))
+    return widths, shared, tuple(w > 0 for w in widths)
 
 
 def contiguous_placement(spec: ModelSpec, num_nodes: int) -> ExpertPlacement:
-    num_layers = spec.num_layers
-    widths = [spec.num_routed_experts(i) if spec.layer_has_router(i) else 0 for i in range(num_layers)]
+    widths, shared, has_router = _layer_shape(spec)
     e_max = max(widths + [1])
-    table = torch.full((num_layers, e_max), -1, dtype=torch.int64)
+    table = torch.full((spec.num_layers, e_max, 1), -1, dtype=torch.int64)
     for i, e in enumerate(widths):
         if e:
-            table[i, :e] = torch.arange(e) * num_nodes // e
-    return ExpertPlacement(
-        num_nodes=num_nodes,
-        expert_node=table,
-        dense_node=tuple(i % num_nodes for i in range(num_layers)),
-        has_router=tuple(w > 0 for w in widths),
-        has_shared=tuple(spec.sparse_layers[i] and spec.shared_expert_intermediate_size > 0 for i in range(num_layers)),
-    )
+            table[i, :e, 0] = torch.arange(e) * num_nodes // e
+    return ExpertPlacement(num_nodes, table, (table[..., 0] >= 0).long(),
+                           tuple(i % num_nodes for i in range(spec.num_layers)), has_router, shared)
+
+
+def initial_placement(spec: ModelSpec, num_nodes: int, slots_per_node: int = 0) -> ExpertPlacement:
+    """The placement a deployment starts with (epoch 0; every node computes the same one):
+    contiguous without spare slots, else EPLB's placement for uniform load (replicas spread)."""
+    from afkv.eplb import rebalance
+
+    per_node = num_slots_per_node(spec, num_nodes, slots_per_node)
+    widths, _, _ = _layer_shape(spec)
+    e = max(widths + [1])
+    if per_node * num_nodes == e or not any(widths):
+        return contiguous_placement(spec, num_nodes)
+    uniform = torch.ones(spec.num_layers, e, dtype=torch.float64)
+    phy2log = rebalance(uniform, per_node * num_nodes, 1, 1, num_nodes).phy2log
+    return eplb_placement(spec, num_nodes, phy2log, list(range(num_nodes)), epoch=0)
+
+
+def num_slots_per_node(spec: ModelSpec, num_nodes: int, slots_per_node: int) -> int:
+    """Slots per node and MoE layer: `slots_per_node`, or ceil(E / N) when 0."""
+    widths, _, _ = _layer_shape(spec)
+    e = max(widths + [1])
+    need = -(-e // num_nodes)
+    if slots_per_node and slots_per_node < need:
+        raise ValueError(f"slots_per_node {slots_per_node} cannot hold {e} experts on {num_nodes} nodes "
+                         f"(needs >= {need})")
+    return slots_per_node or need
+
+
+def eplb_placement(spec: ModelSpec, num_nodes: int, phy2log: torch.Tensor, nodes: list[int],
+                   epoch: int) -> ExpertPlacement:
+    """From rebalance's phy2log [L, S] laid out over `nodes` (slot s on nodes[s // (S / len(nodes))]).
+    Layers without a router ignore their row. Replicas of one expert are first moved onto
+    distinct nodes where possible (`spread_replicas`)."""
+    widths, shared, has_router = _layer_shape(spec)
+    e_max = max(widths + [1])
+    num_layers, num_slots = phy2log.shape
+    assert num_layers == spec.num_layers and num_slots % len(nodes) == 0
+    per_node = num_slots // len(nodes)
+    phy2log = spread_replicas(phy2log, len(nodes))
+    slot_node = torch.tensor(nodes, dtype=torch.int64).repeat_interleave(per_node)  # [S]
+    counts = torch.zeros(num_layers, e_max, dtype=torch.int64)
+    rows: list[list[list[int]]] = []
+    for layer in range(num_layers):
+        per_expert: list[list[int]] = [[] for _ in range(e_max)]
+        if has_router[layer]:
+            for s, e in enumerate(phy2log[layer].tolist()):
+                per_expert[e].append(int(slot_node[s]))
+        rows.append(per_expert)
+        counts[layer] = torch.tensor([len(r) for r in per_expert])
+    r_max = max(1, int(counts.max()))
+    table = torch.full((num_layers, e_max, r_max), -1, dtype=torch.int64)
+    for layer, per_expert in enumerate(rows):
+        for e, holders in enumerate(per_expert):
+            table[layer, e, : len(holders)] = torch.tensor(holders, dtype=torch.int64)
+    dense = tuple(nodes[i % len(nodes)] for i in range(num_layers))
+    return ExpertPlacement(num_nodes, table, counts, dense, has_router, shared, epoch)
+
+
+def spread_replicas(phy2log: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """Swap slots so that no node holds two replicas of one expert where another node could
+    take one: a duplicate moves to a node without that expert, in exchange for a slot of
+    that node whose expert the first node lacks. Keeps every node's slot count and every
+    expert's replica count. -> new phy2log [L, S]."""
+    out = phy2log.clone()
+    num_layers, num_slots = out.shape
+    per_node = num_slots // num_nodes
+    for layer in range(num_layers):
+        row = out[layer].tolist()
+        for a in range(num_nodes):
+            for i in range(a * per_node, (a + 1) * per_node):
+                mine = row[a * per_node:(a + 1) * per_node]
+                if mine.count(row[i]) < 2:
+                    continue
+                swapped = False
+                for b in range(num_nodes):
+                    theirs = row[b * per_node:(b + 1) * per_node]
+                    if b == a or row[i] in theirs:
+                        continue
+                    for j in range(b * per_node, (b + 1) * per_node):
+                        if row[j] not in mine:
+                            row[i], row[j] = row[j], row[i]
+                            swapped = True
+                            break
+                    if swapped:
+                        break
+        out[layer] = torch.tensor(row, dtype=out.dtype)
+    return out

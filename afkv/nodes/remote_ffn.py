@@ -1,16 +1,30 @@
 """RemoteFFN: the FFN backend of an attention node, dispatching to expert nodes.
 
 Called from the model worker thread (`submit` returns at once; `result` waits); all
-socket I/O runs on the attention node's event loop. Each token goes only to the expert
-nodes that host one of its experts (plus the node of a shared expert or dense MLP);
-partial sums coming back are added up. An expert node that dies or stays silent for
-`timeout_s` fails the step with PeerLostError; the next step reconnects, so the node is
-used again as soon as it is back.
+socket I/O runs on the attention node's event loop. Each (token, expert) pair goes to one
+replica of its expert (ExpertPlacement.parts: split evenly and deterministically among
+replicas), plus every token to the node of a shared expert or dense MLP; partial sums
+coming back are added up.
+
+Faults: an expert node that dies or stays silent for `timeout_s` is marked dead (on the
+worker thread, the only owner of `dead`), and the pairs it was given are sent again to
+other replicas of their experts in the same step, so the step completes with the same
+output. A pair whose expert has no live replica fails the step with
+ExpertUnavailableError. Dead nodes rejoin: at the start of a step when some expert has no
+live replica (a synchronous reconnect, so a restarted node is used at once), else from a
+background probe every `heartbeat_interval_s`; a rejoining node is first given the
+current placement (`eplb_set`).
+
+Placement changes: `adopt(placement)` runs on the worker thread between steps. An expert
+node's answer "stale" (it does not hold an expert we sent) or an answer carrying a newer
+epoch makes us fetch the node's placement and adopt it (the stale pairs are re-sent).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
@@ -20,9 +34,11 @@ import torch
 
 from afkv.errors import PeerLostError, TransportError
 from afkv.nodes.expert import DATA_FRAME_BYTES
-from afkv.nodes.placement import ExpertPlacement
+from afkv.nodes.placement import ExpertPlacement, Part
 from afkv.transport.control import ConnState, ControlClient, ControlLimits
 from afkv.transport.tensors import pack_tensor, unpack_tensor
+
+log = logging.getLogger("afkv.remote_ffn")
 
 
 @dataclass
@@ -39,23 +55,43 @@ class TransferTimings:
 
 
 class _RemoteHandle:
-    def __init__(self, owner: "RemoteFFN", parts: list[tuple[torch.Tensor | None, Future]], like: torch.Tensor):
-        self._owner, self._parts, self._like = owner, parts, like
+    def __init__(self, owner: "RemoteFFN", layer: int, x: torch.Tensor, offset: int,
+                 sent: list[tuple[Part, Future]]):
+        self._owner, self._layer, self._x, self._offset, self._sent = owner, layer, x, offset, sent
         self._t0 = time.perf_counter()
 
     def result(self) -> torch.Tensor:
-        out = torch.zeros_like(self._like)  # [T, H]
+        owner = self._owner
+        out = torch.zeros_like(self._x)  # [T, H]
         slowest = 0.0
-        for rows, fut in self._parts:
-            reply = fut.result(timeout=self._owner.timeout_s + 1.0)
-            y = unpack_tensor(reply["y"], out.device).to(out.dtype)  # [n, H]
-            slowest = max(slowest, float(reply.get("compute_s", 0.0)))
-            if rows is None:
-                out += y
-            else:
-                out.index_add_(0, rows, y)
+        pending = list(self._sent)
+        for _ in range(2 * owner.placement.num_nodes + 2):  # each round marks a node dead or adopts a newer epoch
+            retry: list[Part] = []
+            for part, fut in pending:
+                try:
+                    reply = fut.result(timeout=owner.timeout_s + 1.0)
+                except (PeerLostError, concurrent.futures.TimeoutError) as exc:
+                    owner.lost(part.node, exc)
+                    retry.append(part)
+                    continue
+                if reply["type"] == "stale":
+                    owner.refresh(part.node)
+                    retry.append(part)
+                    continue
+                owner.note_epoch(part.node, int(reply.get("epoch", 0)))
+                y = unpack_tensor(reply["y"], out.device).to(out.dtype)  # [n, H]
+                slowest = max(slowest, float(reply.get("compute_s", 0.0)))
+                if part.rows is None:
+                    out += y
+                else:
+                    out.index_add_(0, part.rows.to(out.device), y)
+            if not retry:
+                break
+            pending = [sub for part in retry for sub in owner.resend(self._layer, self._x, part, self._offset)]
+        else:
+            raise PeerLostError(f"layer {self._layer}: expert nodes kept failing or changing placement")
         now = time.perf_counter()
-        t = self._owner.timings
+        t = owner.timings
         t.count += 1
         t.round_trip_s += now - self._t0
         t.expert_s += slowest
@@ -65,20 +101,37 @@ class _RemoteHandle:
 class RemoteFFN:
     def __init__(self, placement: ExpertPlacement, resolve: Callable[[int], Awaitable[tuple[str, int]]],
                  node_id: str, token: str | None, timeout_s: float, loop: asyncio.AbstractEventLoop,
-                 heartbeat_interval_s: float = 1.0):
-        """`resolve(j)` finds expert node j's address (again after it restarts)."""
+                 heartbeat_interval_s: float = 1.0, executor: concurrent.futures.Executor | None = None,
+                 rank: int = 0):
+        """`resolve(j)` finds expert node j's address (again after it restarts). `executor`:
+        the model worker thread (owner of `placement` and `dead`); `rank` offsets the
+        replica choice so that attention nodes do not all start on replica 0."""
         self.placement, self.resolve, self.node_id = placement, resolve, node_id
         self.token, self.timeout_s, self.loop = token, timeout_s, loop
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.executor, self.rank = executor, rank
         self.timings = TransferTimings()
+        self.dead: set[int] = set()  # expert nodes lost (worker thread only)
+        self._steps = 0
+        self._newer_at: int | None = None  # an expert node that answered with a newer epoch
         n = placement.num_nodes
         self._clients: list[ControlClient | None] = [None] * n
         self._connecting: list[asyncio.Lock] = [asyncio.Lock() for _ in range(n)]
+        self._probe: asyncio.Task | None = None
 
     async def connect(self) -> None:
         await asyncio.gather(*(self._client(j) for j in range(self.placement.num_nodes)))
+        self._probe = asyncio.create_task(self._probe_dead(), name=f"{self.node_id}-rejoin")
 
     async def aclose(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            try:
+                await self._probe
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise
+            self._probe = None
         clients, self._clients = self._clients, [None] * self.placement.num_nodes
         for c in clients:
             if c is not None:
@@ -108,22 +161,106 @@ class RemoteFFN:
         except TransportError as exc:
             raise PeerLostError(f"expert node {j} lost: {exc}") from exc
 
+    def _call(self, coro, timeout_s: float):
+        """Worker thread: run a coroutine on the loop and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=timeout_s)
+
+    # ---- steps (worker thread) -------------------------------------------------------------
     def begin_step(self, mb_sizes: list[int]) -> None:
-        """Nothing to announce: each CPU request carries its own shapes."""
+        """A step boundary: adopt a newer placement seen in an answer; rejoin dead nodes
+        whose loss leaves some expert without a live replica."""
+        self._steps += 1
+        if self._newer_at is not None:
+            j, self._newer_at = self._newer_at, None
+            self.refresh(j)
+        if self.dead and not self.placement.covered(frozenset(self.dead)):
+            for j in sorted(self.dead):
+                try:
+                    self._call(self._rejoin(j), self.timeout_s * 2 + 1.0)
+                except (PeerLostError, concurrent.futures.TimeoutError) as exc:
+                    log.info("%s: expert node %d still lost: %s", self.node_id, j, exc)
+                    continue
+                self.dead.discard(j)
 
     def end_step(self) -> None:
         """Nothing to wait for: every result was received (with a timeout) by `result`."""
 
-    async def request_all(self, msg: dict) -> list[dict]:
-        """A control request to every expert node (stats, shutdown)."""
-        return await asyncio.gather(*(self._request(j, msg) for j in range(self.placement.num_nodes)))
-
     def submit(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> _RemoteHandle:
-        """Worker thread: send each expert node its tokens of this micro-batch; returns at once."""
-        parts = []
-        for node, rows in self.placement.destinations(layer, topk_ids):
-            xs, ids, w = (x, topk_ids, topk_weights) if rows is None else (x[rows], topk_ids[rows], topk_weights[rows])
-            msg = {"type": "ffn", "layer": layer, "x": pack_tensor(xs), "ids": pack_tensor(ids.to(torch.int32)),
-                   "w": pack_tensor(w.float())}
-            parts.append((rows, asyncio.run_coroutine_threadsafe(self._request(node, msg), self.loop)))
-        return _RemoteHandle(self, parts, x)
+        """Worker thread: send each expert node its pairs of this micro-batch; returns at once."""
+        offset = self._steps + self.rank
+        parts = self.placement.parts(layer, topk_ids, topk_weights, offset, frozenset(self.dead))
+        return _RemoteHandle(self, layer, x, offset, [(p, self._send(layer, x, p)) for p in parts])
+
+    def _send(self, layer: int, x: torch.Tensor, part: Part) -> Future:
+        xs = x if part.rows is None else x[part.rows.to(x.device)]
+        msg = {"type": "ffn", "layer": layer, "x": pack_tensor(xs), "ids": pack_tensor(part.topk_ids.to(torch.int32)),
+               "w": pack_tensor(part.topk_weights.float())}
+        return asyncio.run_coroutine_threadsafe(self._request(part.node, msg), self.loop)
+
+    def resend(self, layer: int, x: torch.Tensor, part: Part, offset: int) -> list[tuple[Part, Future]]:
+        """Worker thread: send the pairs of a part that failed to their replicas now."""
+        xs = x if part.rows is None else x[part.rows.to(x.device)]
+        subs = self.placement.parts(layer, part.topk_ids, part.topk_weights, offset, frozenset(self.dead),
+                                    with_dense=part.dense)
+        out = []
+        for sub in subs:
+            rows = sub.rows if part.rows is None else (part.rows if sub.rows is None else part.rows[sub.rows])
+            full = Part(sub.node, rows, sub.topk_ids, sub.topk_weights, sub.dense)
+            out.append((full, self._send(layer, x, full)))
+        return out
+
+    def lost(self, j: int, exc: BaseException) -> None:
+        """Worker thread: expert node j failed; its pairs go to other replicas from now on."""
+        if j not in self.dead:
+            log.warning("%s: expert node %d lost (%s); serving from replicas", self.node_id, j, exc)
+            self.dead.add(j)
+
+    def note_epoch(self, j: int, epoch: int) -> None:
+        if epoch > self.placement.epoch:
+            self._newer_at = j
+
+    def refresh(self, j: int) -> None:
+        """Worker thread: fetch expert node j's placement; adopt it when newer."""
+        try:
+            reply = self._call(self._request(j, {"type": "eplb_placement"}), self.timeout_s + 1.0)
+        except (PeerLostError, concurrent.futures.TimeoutError) as exc:
+            self.lost(j, exc)
+            return
+        new = ExpertPlacement.from_msg(reply["placement"])
+        if new.epoch > self.placement.epoch:
+            self.adopt(new)
+            return
+        try:  # the node is behind us (it restarted, or missed a commit): give it our placement
+            self._call(self._rejoin(j), self.timeout_s + 1.0)
+        except (PeerLostError, concurrent.futures.TimeoutError) as exc:
+            self.lost(j, exc)
+
+    def adopt(self, placement: ExpertPlacement) -> None:
+        """Worker thread (between steps, or inside `result` when re-sending): use `placement`."""
+        assert placement.num_nodes == self.placement.num_nodes
+        log.info("%s: placement epoch %d -> %d", self.node_id, self.placement.epoch, placement.epoch)
+        self.placement = placement
+
+    # ---- rejoining (event loop) -------------------------------------------------------------
+    async def _rejoin(self, j: int) -> None:
+        """Reconnect expert node j and give it the current placement."""
+        await self._request(j, {"type": "eplb_set", "placement": self.placement.to_msg()})
+
+    async def _probe_dead(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            for j in sorted(self.dead):
+                try:
+                    await self._rejoin(j)
+                except PeerLostError:
+                    continue
+                if self.executor is not None:
+                    await self.loop.run_in_executor(self.executor, self.dead.discard, j)
+                else:
+                    self.dead.discard(j)
+                log.info("%s: expert node %d rejoined", self.node_id, j)
+
+    async def request_all(self, msg: dict, nodes: list[int] | None = None) -> list[dict]:
+        """A control request to every expert node, or to `nodes` (stats, shutdown, eplb_*)."""
+        nodes = range(self.placement.num_nodes) if nodes is None else nodes
+        return await asyncio.gather(*(self._request(j, msg) for j in nodes))

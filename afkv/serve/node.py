@@ -20,7 +20,7 @@ from afkv.engine.engine import Engine, resolve_device, resolve_dtype, resolve_mo
 from afkv.errors import AfkvError, ConfigError
 from afkv.model.model import open_checkpoint
 from afkv.nodes.expert import ExpertNode
-from afkv.nodes.placement import contiguous_placement
+from afkv.nodes.placement import initial_placement
 from afkv.nodes.rendezvous import open_store, publish
 from afkv.serve import run_async
 from afkv.serve.api import ApiServer
@@ -43,9 +43,13 @@ async def serve_expert(cfg: EngineConfig, model: str | None, index: int, store_h
     reader.close()
     device = resolve_device(d.expert_devices[index] if d.expert_devices else cfg.model.device)
     store = await asyncio.to_thread(open_store, store_host, store_port, False)
-    node = ExpertNode(spec, model_dir, contiguous_placement(spec, d.expert_nodes), index, device,
-                      resolve_dtype(cfg.model.dtype, device), token=d.token, host=d.host, store=store,
-                      peer_timeout_s=d.expert_timeout_s)
+    e = cfg.eplb
+    try:
+        placement = initial_placement(spec, d.expert_nodes, e.slots_per_node if e.enabled else 0)
+    except ValueError as exc:
+        raise ConfigError(str(exc), file=cfg.source, key="eplb.slots_per_node") from exc
+    node = ExpertNode(spec, model_dir, placement, index, device, resolve_dtype(cfg.model.dtype, device), token=d.token,
+                      host=d.host, store=store, peer_timeout_s=d.expert_timeout_s, window_s=e.window_s)
     port = await node.start()
     await asyncio.to_thread(publish, store, "expert", index, d.host, port)
     log.info("expert node %d serving on %s:%d", index, d.host, port)

@@ -1,0 +1,257 @@
+"""EPLB in the runtime (CPU processes on loopback): replicas, live rebalance, node loss,
+load statistics. Every served token must equal the colocated engine's greedy token."""
+
+import asyncio
+import dataclasses
+
+import pytest
+import torch
+
+from afkv import Engine, EngineConfig, SamplingParams
+from afkv.bench.eplb import write_zipf_checkpoint
+from afkv.eplb import zipf_router_bias
+from afkv.errors import ConfigError, EngineError, ExpertUnavailableError
+from afkv.model.model import open_checkpoint
+from afkv.nodes.placement import contiguous_placement, eplb_placement, initial_placement, spread_replicas
+from afkv.serve.launch import Deployment
+from tests.helpers import random_prompt
+
+PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def zipf_dir(tmp_path_factory):
+    return write_zipf_checkpoint(tmp_path_factory.mktemp("zipf") / "m", exponent=1.0, seed=1)
+
+
+@pytest.fixture(scope="module")
+def spec(zipf_dir):
+    spec, reader = open_checkpoint(zipf_dir)
+    reader.close()
+    return spec
+
+
+def _config(tmp_path, experts, *, slots=0, enabled=True, timeout_s=5.0, extra=""):
+    path = tmp_path / f"eplb-{experts}f-{slots}.toml"
+    path.write_text(f"""
+[kv]
+block_size = 4
+num_blocks = 256
+[scheduler]
+max_num_batched_tokens = 24
+[deployment]
+attention_nodes = 1
+expert_nodes = {experts}
+micro_batches = 2
+port = 0
+expert_timeout_s = {timeout_s}
+heartbeat_interval_s = 0.5
+[eplb]
+enabled = {str(enabled).lower()}
+slots_per_node = {slots}
+{extra}
+""")
+    return path
+
+
+def _attached(path, dep):
+    cfg = EngineConfig.from_toml(path)
+    return dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port))
+
+
+async def _colocated(model, cfg, prompts, params=PARAMS):
+    cfg = dataclasses.replace(cfg, deployment=None, eplb=dataclasses.replace(cfg.eplb, enabled=False))
+    async with Engine(model, cfg, progress=False) as e:
+        return [r.token_ids for r in await asyncio.gather(*(e.complete(p, params) for p in prompts))]
+
+
+# ---- placement (no processes) -----------------------------------------------------------------
+def test_route_splits_pairs_evenly_over_live_replicas(spec):
+    phy2log = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2]] * spec.num_layers)  # 3 nodes x 4 slots
+    p = eplb_placement(spec, 3, phy2log, [0, 1, 2], epoch=1)
+    assert sorted(int(n) for n in p.replica_nodes[0, 0] if n >= 0) == [0, 1, 2]  # spread: one per node
+    ids = torch.tensor([[0, 1]] * 9 + [[0, 5]] * 3)  # [12, 2]: expert 0 twelve times
+    nodes = p.route(0, ids, offset=0)
+    assert torch.bincount(nodes[:, 0], minlength=3).tolist() == [4, 4, 4]
+    assert torch.equal(p.route(0, ids, offset=0), nodes)  # deterministic
+    # node 0 lost: expert 0 goes to its two other replicas, evenly
+    nodes = p.route(0, ids, offset=0, dead=frozenset({0}))
+    assert torch.bincount(nodes[:, 0], minlength=3).tolist() == [0, 6, 6]
+    # each part holds only its own pairs; together they are every pair exactly once
+    parts = p.parts(0, ids, torch.ones(12, 2), dead=frozenset({0}))
+    seen = torch.zeros(12, 2, dtype=torch.int64)
+    for part in parts:
+        rows = torch.arange(12) if part.rows is None else part.rows
+        real = part.topk_ids != p.sentinel
+        seen[rows] += real.long()
+        assert bool((part.topk_weights[~real] == 0).all())
+        held = p.held(part.node)[0]
+        assert all(int(e) in held for e in part.topk_ids[real])
+    assert bool((seen == 1).all())
+    # expert 5 lives only on one node: losing it is a clear error naming layer and expert
+    holder = int(p.replica_nodes[0, 5, 0])
+    with pytest.raises(ExpertUnavailableError, match="expert 5 of layer 0") as info:
+        p.route(0, ids, dead=frozenset({holder}))
+    assert info.value.layer == 0 and info.value.expert == 5 and info.value.nodes == (holder,)
+    assert p.covered(frozenset()) and not p.covered(frozenset({holder}))
+
+
+def test_spread_replicas_keeps_counts_and_separates_copies():
+    phy2log = torch.tensor([[0, 0, 1, 2, 3, 3, 1, 2]])  # 2 nodes x 4 slots: 0 twice on node 0, 3 twice on node 1
+    out = spread_replicas(phy2log, 2)
+    assert torch.equal(torch.bincount(out[0], minlength=4), torch.bincount(phy2log[0], minlength=4))
+    for node in range(2):
+        slots = out[0, node * 4:(node + 1) * 4].tolist()
+        assert len(set(slots)) == 4
+
+
+def test_initial_placement_with_spare_slots_replicates_everything_once(spec):
+    p = initial_placement(spec, 2, slots_per_node=8)  # 16 slots, 8 experts: two replicas each, one per node
+    assert bool((p.num_replicas == 2).all())
+    assert p.held(0)[0] == p.held(1)[0] == frozenset(range(8))
+    q = initial_placement(spec, 2)  # no spare slots: contiguous shards
+    assert torch.equal(q.replica_nodes, contiguous_placement(spec, 2).replica_nodes)
+    with pytest.raises(ValueError, match="slots_per_node 3"):
+        initial_placement(spec, 2, slots_per_node=3)
+
+
+def test_eplb_config_needs_a_deployment(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[eplb]\nenabled = true\n")
+    with pytest.raises(ConfigError, match="eplb.enabled"):
+        EngineConfig.from_toml(path)
+
+
+# ---- processes ---------------------------------------------------------------------------------
+async def test_load_stats_reach_the_coordinator_and_follow_the_zipf_router(zipf_dir, spec, tmp_path):
+    model = str(zipf_dir)
+    path = _config(tmp_path, 2)
+    prompts = [random_prompt(8 + i, 256, seed=10 + i) for i in range(6)]
+    with Deployment(path, model, start_attention=False) as dep:
+        async with Engine(model, _attached(path, dep), progress=False) as engine:
+            await asyncio.gather(*(engine.complete(p, PARAMS) for p in prompts))
+            loads = await engine.expert_loads()  # [L, E], summed over both expert nodes
+    # every token fed through the model (prompt + generated - the last one) picks top_k experts per layer
+    fed = sum(len(p) + PARAMS.max_tokens - 1 for p in prompts)
+    assert loads.shape == (spec.num_layers, spec.num_experts)
+    assert loads.sum(1).tolist() == [fed * spec.top_k] * spec.num_layers
+    for layer in range(spec.num_layers):
+        bias = zipf_router_bias(spec.num_experts, 1.0, 1000 + layer)
+        hottest, coldest = int(bias.argmax()), int(bias.argmin())
+        assert loads[layer, hottest] > 2 * loads[layer, coldest], (layer, loads[layer].tolist())
+        assert loads[layer, hottest] >= loads[layer].float().mean()
+
+
+async def test_live_rebalance_keeps_greedy_tokens(zipf_dir, tmp_path):
+    model = str(zipf_dir)
+    path = _config(tmp_path, 2, slots=6)
+    prompts = [random_prompt(6 + 3 * i, 256, seed=20 + i) for i in range(6)]
+    long = SamplingParams(max_tokens=30, ignore_eos=True)
+    with Deployment(path, model, start_attention=False) as dep:
+        cfg = _attached(path, dep)
+        expected = await _colocated(model, cfg, prompts, long)
+        async with Engine(model, cfg, progress=False) as engine:
+            warm = await asyncio.gather(*(engine.complete(p, long) for p in prompts))
+            assert [w.token_ids for w in warm] == expected
+            before = engine._remote.placement
+            # rebalance while the same requests are being served again
+            running = [asyncio.create_task(engine.complete(p, long)) for p in prompts]
+            while engine.stats().num_generated_tokens < len(prompts) * long.max_tokens + 20:
+                await asyncio.sleep(0.01)
+            report = await engine.rebalance()
+            got = await asyncio.gather(*running)
+            assert [g.token_ids for g in got] == expected
+            after = engine._remote.placement
+            assert report.epoch == after.epoch == before.epoch + 1
+            assert report.nodes == (0, 1) and report.replicas_added > 0
+            assert not torch.equal(before.replica_nodes, after.replica_nodes)
+            assert report.balancedness_after <= report.balancedness_before
+            # the expert nodes serve the new placement; a second round still matches
+            stats = await engine._remote.request_all({"type": "stats"})
+            assert [s["epoch"] for s in stats] == [after.epoch] * 2
+            again = await asyncio.gather(*(engine.complete(p, long) for p in prompts))
+            assert [a.token_ids for a in again] == expected
+            kv = engine.kv_manager
+            assert kv.num_sequences == 0 and kv.pool.num_free_blocks == kv.pool.num_blocks
+
+
+async def test_periodic_rebalance_and_second_attention_node_follows(zipf_dir, tmp_path):
+    model = str(zipf_dir)
+    path = _config(tmp_path, 2, slots=6, extra="rebalance_interval_s = 0.5")
+    text = path.read_text().replace("attention_nodes = 1", "attention_nodes = 2")
+    path.write_text(text)
+    prompts = [random_prompt(7 + i, 256, seed=40 + i) for i in range(4)]
+    with Deployment(path, model, start_attention=False) as dep:
+        cfg = _attached(path, dep)
+        expected = await _colocated(model, cfg, prompts)
+        async with Engine(model, cfg, progress=False) as coordinator, \
+                Engine(model, cfg, progress=False, attention_rank=1) as other:
+            with pytest.raises(EngineError, match="only attention node 0"):
+                await other.rebalance()
+            for _ in range(3):
+                got = await asyncio.gather(*(e.complete(p, PARAMS) for e in (coordinator, other) for p in prompts))
+                assert [g.token_ids for g in got] == expected * 2
+                await asyncio.sleep(0.6)
+            assert coordinator._remote.placement.epoch >= 2  # periodic rounds happened
+            await asyncio.gather(*(other.complete(p, PARAMS) for p in prompts))
+            assert other._remote.placement.epoch == coordinator._remote.placement.epoch  # learnt from answers
+
+
+async def test_expert_node_loss_with_replicas_keeps_tokens_then_rejoins(zipf_dir, tmp_path):
+    model = str(zipf_dir)
+    path = _config(tmp_path, 2, slots=8)  # every expert on both nodes
+    prompts = [random_prompt(6 + 2 * i, 256, seed=30 + i) for i in range(4)]
+    long = SamplingParams(max_tokens=40, ignore_eos=True)
+    with Deployment(path, model, start_attention=False) as dep:
+        cfg = _attached(path, dep)
+        expected = await _colocated(model, cfg, prompts, long)
+        async with Engine(model, cfg, progress=False) as engine:
+            running = [asyncio.create_task(engine.complete(p, long)) for p in prompts]
+            while engine.stats().num_generated_tokens < 20:
+                await asyncio.sleep(0.01)
+            dep.kill_node(dep.expert_rank(1))
+            async with asyncio.timeout(60):
+                got = await asyncio.gather(*running)
+            assert [g.token_ids for g in got] == expected
+            assert engine._remote.dead == {1}
+            # the node comes back and rejoins (background probe); tokens unchanged with it serving
+            dep.start_node(dep.expert_rank(1))
+            dep.wait_ready("expert", 2)
+            async with asyncio.timeout(30):
+                while engine._remote.dead:
+                    await asyncio.sleep(0.1)
+            before = (await engine._remote.request_all({"type": "stats"}, [1]))[0]["tokens"]
+            again = await asyncio.gather(*(engine.complete(p, long) for p in prompts))
+            assert [a.token_ids for a in again] == expected
+            assert (await engine._remote.request_all({"type": "stats"}, [1]))[0]["tokens"] > before
+
+
+async def test_expert_node_loss_without_replicas_fails_clearly_and_engine_keeps_serving(zipf_dir, tmp_path):
+    model = str(zipf_dir)
+    path = _config(tmp_path, 2, slots=0, timeout_s=3.0)
+    prompts = [random_prompt(6 + i, 256, seed=50 + i) for i in range(3)]
+    long = SamplingParams(max_tokens=400, ignore_eos=True)
+    with Deployment(path, model, start_attention=False) as dep:
+        cfg = _attached(path, dep)
+        expected = await _colocated(model, cfg, prompts)
+        async with Engine(model, cfg, progress=False) as engine:
+            started = asyncio.Event()
+
+            async def consume():
+                async for _ in engine.generate(prompts[0], long):
+                    started.set()
+
+            task = asyncio.create_task(consume())
+            await started.wait()
+            dep.kill_node(dep.expert_rank(1))
+            with pytest.raises(ExpertUnavailableError, match="no live replica|lives only on expert node 1") as info:
+                async with asyncio.timeout(20):
+                    await task
+            assert info.value.nodes == (1,)
+            with pytest.raises(ExpertUnavailableError):  # fails fast while the node is down
+                async with asyncio.timeout(20):
+                    await engine.complete(prompts[1], PARAMS)
+            dep.start_node(dep.expert_rank(1))
+            dep.wait_ready("expert", 2)
+            got = await asyncio.gather(*(engine.complete(p, PARAMS) for p in prompts))
+            assert [g.token_ids for g in got] == expected
