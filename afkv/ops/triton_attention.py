@@ -95,11 +95,12 @@ def num_decode_splits(batch: int, num_kv_heads: int, max_tokens: int, block_n: i
 
 if triton is not None:
     @triton.jit
-    def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
-        """Online-softmax step. q [M, D] (DOT_DTYPE), k, v [N, D], valid [M, N] ->
-        running max m_i [M] (log2 units), sum l_i [M], unnormalised output acc [M, D]."""
-        k = k.to(DOT_DTYPE)
-        v = v.to(DOT_DTYPE)
+    def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
+        """Online-softmax step. q [M, D] (products run in q's dtype: IEEE float32 when IEEE),
+        k, v [N, D], valid [M, N] -> running max m_i [M] (log2 units), sum l_i [M],
+        unnormalised output acc [M, D]."""
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [M, N]
         else:
@@ -111,9 +112,9 @@ if triton is not None:
         alpha = tl.exp2(m_i - m_ref)  # [M]
         l_i = l_i * alpha + tl.sum(p, 1)
         if IEEE:
-            pv = tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")  # [M, D]
+            pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")  # [M, D]
         else:
-            pv = tl.dot(p.to(DOT_DTYPE), v)  # [M, D]
+            pv = tl.dot(p.to(q.dtype), v)  # [M, D]
         acc = acc * alpha[:, None] + pv
         return m_new, l_i, acc
 
@@ -168,7 +169,7 @@ if triton is not None:
         num_heads, max_tokens, window, qk_scale,
         GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -176,7 +177,9 @@ if triton is not None:
         q, heads, hmask, offs_d, dmask = _load_query_group(
             q_ptr, b, kvh, stride_qb, stride_qh, GROUP, GROUP_ROWS, HEAD_DIM, BLOCK_D
         )
-        q = q.to(k_ptr.dtype.element_ty).to(DOT_DTYPE)  # the reference attends in the cache's dtype
+        q = q.to(k_ptr.dtype.element_ty)  # the reference attends in the cache's dtype
+        if IEEE:
+            q = q.to(tl.float32)
         end = tl.minimum(tl.load(context_lens_ptr + b), max_tokens)
         start = end * 0
         if HAS_WINDOW:
@@ -196,7 +199,7 @@ if triton is not None:
             k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
             v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
             valid = hmask[:, None] & tmask[None, :]
-            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_DTYPE, IEEE)
+            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE)
         _store_partial(
             out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc, b, heads, hmask, offs_d, dmask,
             stride_ob, stride_oh, num_heads, split, NUM_SPLITS, HEAD_DIM,
@@ -205,14 +208,14 @@ if triton is not None:
     @triton.jit
     def _load_quant_tile(
         u8_ptr, f32_ptr, block_ids, tok_in_block, kvh, tmask, offs_d, dmask,
-        nbytes_f32, off_scale_f32, off_zero_f32, off_data, is_key: tl.constexpr,
+        nbytes, nbytes_f32, off_scale_f32, off_zero_f32, off_data, is_key: tl.constexpr,
         NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     ):  # fmt: skip
         """Dequantized keys (is_key) or values [N, D] float32 of one tile of tokens."""
         mask = tmask[:, None] & dmask[None, :]
         packed: tl.constexpr = HEAD_DIM * BITS // 8
         base = block_ids.to(tl.int64)  # [N]
-        data_rows = base * (nbytes_f32 * 4) + off_data + (tok_in_block * NUM_KV_HEADS + kvh) * packed  # [N]
+        data_rows = base * nbytes + off_data + (tok_in_block * NUM_KV_HEADS + kvh) * packed  # [N]
         if BITS == 8:
             codes = tl.load(u8_ptr + data_rows[:, None] + offs_d[None, :], mask=mask, other=0).to(tl.float32)
         else:
@@ -237,11 +240,11 @@ if triton is not None:
         stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
         stride_tail_b, stride_tail_kv, stride_tail_tok, stride_tail_head,
         num_heads, max_tokens, max_tail, qk_scale,
-        nbytes_f32, off_k_scale, off_k_zero, off_v_scale, off_v_zero, off_k_data, off_v_data,
+        nbytes, nbytes_f32, off_k_scale, off_k_zero, off_v_scale, off_v_zero, off_k_data, off_v_data,
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, HAS_TAIL: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, HAS_TAIL: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -249,7 +252,8 @@ if triton is not None:
         q, heads, hmask, offs_d, dmask = _load_query_group(
             q_ptr, b, kvh, stride_qb, stride_qh, GROUP, GROUP_ROWS, HEAD_DIM, BLOCK_D
         )
-        q = q.to(DOT_DTYPE)
+        if IEEE:
+            q = q.to(tl.float32)
         end = tl.minimum(tl.load(seq_lens_ptr + b), max_tokens)
         lo, hi = _chunk_bounds(end * 0, end, part, NUM_SPLITS, BLOCK_N)
         hi = tl.where(part < NUM_SPLITS, hi, lo)  # the tail's program reads no block
@@ -263,15 +267,15 @@ if triton is not None:
             block_ids = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tmask, other=0)
             tok_in_block = tok % BLOCK_SIZE
             k = _load_quant_tile(
-                u8_ptr, f32_ptr, block_ids, tok_in_block, kvh, tmask, offs_d, dmask, nbytes_f32,
+                u8_ptr, f32_ptr, block_ids, tok_in_block, kvh, tmask, offs_d, dmask, nbytes, nbytes_f32,
                 off_k_scale, off_k_zero, off_k_data, True, NUM_KV_HEADS, HEAD_DIM, BITS, GROUP_SIZE,
             )  # fmt: skip
             v = _load_quant_tile(
-                u8_ptr, f32_ptr, block_ids, tok_in_block, kvh, tmask, offs_d, dmask, nbytes_f32,
+                u8_ptr, f32_ptr, block_ids, tok_in_block, kvh, tmask, offs_d, dmask, nbytes, nbytes_f32,
                 off_v_scale, off_v_zero, off_v_data, False, NUM_KV_HEADS, HEAD_DIM, BITS, GROUP_SIZE,
             )  # fmt: skip
             valid = hmask[:, None] & tmask[None, :]
-            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_DTYPE, IEEE)
+            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE)
         if HAS_TAIL:
             tail_len = tl.minimum(tl.load(tail_lens_ptr + b), max_tail)
             tail_len = tl.where(part == NUM_SPLITS, tail_len, 0)
@@ -284,7 +288,7 @@ if triton is not None:
                 k = tl.load(ptrs, mask=kv_mask, other=0.0)  # [N, D]
                 v = tl.load(ptrs + stride_tail_kv, mask=kv_mask, other=0.0)  # [N, D]
                 valid = hmask[:, None] & tmask[None, :]
-                m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_DTYPE, IEEE)
+                m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE)
         _store_partial(
             out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc, b, heads, hmask, offs_d, dmask,
             stride_ob, stride_oh, num_heads, part, NUM_SPLITS + HAS_TAIL, HEAD_DIM,
@@ -321,7 +325,7 @@ if triton is not None:
         max_tokens, window, qk_scale,
         GROUP: tl.constexpr, TOKENS_M: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         """Rows of a tile are (query token, head of the group) pairs, token-major: TOKENS_M
         tokens x GROUP heads, so one K/V tile serves the whole group."""
@@ -343,7 +347,9 @@ if triton is not None:
             mask=rmask[:, None] & dmask[None, :],
             other=0.0,
         )  # [M, D]
-        q = q.to(k_ptr.dtype.element_ty).to(DOT_DTYPE)
+        q = q.to(k_ptr.dtype.element_ty)
+        if IEEE:
+            q = q.to(tl.float32)
         first = ctx - n + tile * TOKENS_M  # position of the tile's first query
         hi = tl.minimum(first + TOKENS_M, ctx)  # keys [lo, hi) can be attended by the tile
         lo = first * 0
@@ -366,25 +372,17 @@ if triton is not None:
             valid = rmask[:, None] & tmask[None, :] & (tok[None, :] <= q_pos[:, None])
             if HAS_WINDOW:
                 valid = valid & (q_pos[:, None] - tok[None, :] < window)
-            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_DTYPE, IEEE)
+            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE)
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         rows = (q_start + tok_q).to(tl.int64) * stride_ot + heads * stride_oh  # [M]
         ptrs = out_ptr + rows[:, None] + offs_d[None, :]
         tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
-def _tl_dtype(dtype: torch.dtype):
-    import triton.language as tl
-
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
-
-
-def _dot_dtype(dtype: torch.dtype, device: torch.device):
-    """-> (tl dtype the products take, IEEE float32?). Triton's CPU interpreter cannot multiply
-    16-bit floats in tl.dot, so there everything multiplies in float32."""
-    if device.type != "cuda" or dtype == torch.float32:
-        return _tl_dtype(torch.float32), True
-    return _tl_dtype(dtype), False
+def _ieee(dtype: torch.dtype, device: torch.device) -> bool:
+    """Multiply in IEEE float32 rather than in `dtype`? For float32, and always under Triton's
+    CPU interpreter, whose tl.dot cannot multiply 16-bit floats."""
+    return device.type != "cuda" or dtype == torch.float32
 
 
 def _group_rows(group: int) -> int:
@@ -467,7 +465,7 @@ def paged_decode_attention(
         num_splits = num_decode_splits(batch, num_kv_heads, max_tokens, block_n, _device_index(q))
     mid_o, mid_lse = _partials(batch, num_heads, num_splits, head_dim, q.device)
     scale = head_dim**-0.5 if scale is None else scale
-    dot_dtype, ieee = _dot_dtype(kv.dtype, q.device)
+    ieee = _ieee(kv.dtype, q.device)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, mid_o, mid_lse,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -475,7 +473,7 @@ def paged_decode_attention(
         num_heads, max_tokens, sliding_window or 0, scale * _LOG2E,
         GROUP=group, GROUP_ROWS=_group_rows(group), HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        HAS_WINDOW=sliding_window is not None, DOT_DTYPE=dot_dtype, IEEE=ieee,
+        HAS_WINDOW=sliding_window is not None, IEEE=ieee,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     if num_splits > 1:
@@ -553,16 +551,16 @@ def paged_decode_attention_quant(
     num_parts = num_splits + has_tail
     mid_o, mid_lse = _partials(batch, num_heads, num_parts, head_dim, q.device)
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
-    dot_dtype, ieee = _dot_dtype(q.dtype, q.device)
+    ieee = _ieee(q.dtype, q.device)
     _decode_quant_kernel[(batch, num_kv_heads, num_parts)](
         q, blocks, blocks_f32, block_tables, seq_lens, *tail_args[:2], out, mid_o, mid_lse,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *tail_args[2:],
         num_heads, max_tokens, max_tail, scale * _LOG2E,
-        blocks.shape[1] // 4, offsets["k_scale"] // 4, offsets["k_zero"] // 4,
+        blocks.shape[1], blocks.shape[1] // 4, offsets["k_scale"] // 4, offsets["k_zero"] // 4,
         offsets["v_scale"] // 4, offsets["v_zero"] // 4, offsets["k_data"], offsets["v_data"],
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_ROWS=_group_rows(group), HEAD_DIM=head_dim,
         BLOCK_D=_next_pow2(head_dim), BLOCK_SIZE=block_size, BITS=spec.bits, GROUP_SIZE=spec.group_size,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_TAIL=has_tail, DOT_DTYPE=dot_dtype, IEEE=ieee,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_TAIL=has_tail, IEEE=ieee,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     if num_parts > 1:
@@ -615,7 +613,7 @@ def paged_prefill_attention_varlen(
     block_m, tokens_m = _prefill_tiles(group)
     block_n = 64 if head_dim * kv.element_size() <= 256 else 32
     scale = head_dim**-0.5 if scale is None else scale
-    dot_dtype, ieee = _dot_dtype(kv.dtype, q.device)
+    ieee = _ieee(kv.dtype, q.device)
     grid = (-(-max_q_len // tokens_m), num_kv_heads, batch)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
@@ -624,7 +622,7 @@ def paged_prefill_attention_varlen(
         block_tables.shape[1] * block_size, sliding_window or 0, scale * _LOG2E,
         GROUP=group, TOKENS_M=tokens_m, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None,
-        DOT_DTYPE=dot_dtype, IEEE=ieee, num_warps=4, num_stages=2,
+        IEEE=ieee, num_warps=4, num_stages=2,
     )  # fmt: skip
     return out
 
