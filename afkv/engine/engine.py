@@ -34,8 +34,6 @@ from afkv.engine.sequence import Sequence, SeqStatus
 from afkv.errors import (
     EmptyPromptError,
     EngineClosedError,
-    EngineError,
-    ExpertUnavailableError,
     PromptTooLongError,
     RequestError,
     RequestFailedError,
@@ -117,7 +115,6 @@ class Engine:
         self.attention_rank = attention_rank
         self._remote = None  # RemoteFFN when disaggregated
         self._kv: KVManager | None = None
-        self._balancer = None  # afkv.nodes.balancer.Balancer when [eplb] is enabled
         self._state = EngineState.NEW
         self._requests: dict[int, _Request] = {}
         self._aborts: set[int] = set()
@@ -160,15 +157,9 @@ class Engine:
                 from afkv.nodes.attention import connect_expert_nodes
 
                 self._remote = await connect_expert_nodes(self.spec, self.config.deployment, self.attention_rank,
-                                                          self._device, self._dtype, self._executor, self.config.eplb)
+                                                          self._device, self._dtype, self._executor)
                 self._model.ffn = self._remote
         except BaseException:
-                if self.config.eplb.enabled:
-                    from afkv.nodes.balancer import Balancer
-
-                    self._balancer = Balancer(self._remote, self.spec, self.config.eplb)
-                    if self.attention_rank == 0:  # the coordinator: the only node that changes the placement
-                        self._balancer.start_periodic()
             if self._remote is not None:
                 await self._remote.aclose()
             if self._kv is not None:
@@ -195,8 +186,6 @@ class Engine:
             req.queue.put_nowait(EngineClosedError("the engine was closed before the request finished"))
         self._requests.clear()
         if self._remote is not None:
-        if self._balancer is not None:
-            await self._balancer.aclose()
             await self._remote.aclose()  # unblocks a step waiting on an expert node
         if self._kv is not None:
             await self._kv.aclose()  # saves the disk tier's index, releases its directory
@@ -226,8 +215,10 @@ class Engine:
         self._kv = KVManager(layout, num_blocks, device, salt=salt[-64:], tiers=cfg.kv.tier_config(layout, cfg.source),
                              worker=self._executor, wakeup=lambda: self._wakeup.set())
         m = 1 if cfg.deployment is None else (cfg.deployment.micro_batches or 2)
-        self._runner = ModelRunner(model, self._kv.kv, layout.block_size, device, micro_batches=m)
-        self._scheduler = Scheduler(self._kv, SchedulerLimits(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens))
+        self._runner = ModelRunner(model, self._kv.kv, layout.block_size, device, micro_batches=m,
+                                   key_mass=self._kv.key_mass)
+        self._scheduler = Scheduler(self._kv, SchedulerLimits(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens),
+                                    cfg.kv.pruning)
         self.max_model_len = min(cfg.scheduler.max_model_len or spec.max_position, spec.max_position, self._kv.capacity_tokens)
         eos = set(spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -302,23 +293,6 @@ class Engine:
                     raise RequestError(f"prompt token id {t!r} is not an integer in [0, {vocab})")
             return list(prompt)
         raise RequestError(f"a prompt is a string, a list of chat messages or a list of token ids, not {type(prompt).__name__}")
-    # ---- expert load balancing (EPLB) -----------------------------------------------------------
-    def _need_balancer(self, coordinator: bool):
-        if self._balancer is None:
-            raise EngineError("expert load balancing needs a [deployment] with [eplb] enabled = true")
-        if coordinator and self.attention_rank != 0:
-            raise EngineError(f"only attention node 0 rebalances (this is attention node {self.attention_rank})")
-        return self._balancer
-
-    async def expert_loads(self) -> torch.Tensor:
-        """Tokens per (layer, logical expert) over the expert nodes' window. -> [L, E] int64"""
-        return await self._need_balancer(False).loads()
-
-    async def rebalance(self):
-        """Place experts (with replicas) for the measured loads and switch to that placement
-        between two steps while serving. -> afkv.nodes.balancer.RebalanceReport"""
-        return await self._need_balancer(True).rebalance()
-
 
     def _add(self, prompt: Prompt, params: SamplingParams | None) -> _Request:
         if self._state is not EngineState.RUNNING:
@@ -394,12 +368,7 @@ class Engine:
             except Exception as exc:
                 log.exception("step failed; failing its %d requests", len(step))
                 for seq, _ in step:
-                    if isinstance(exc, ExpertUnavailableError):
-                        err = ExpertUnavailableError(f"request {seq.seq_id} failed: {exc}", layer=exc.layer,
-                                                     expert=exc.expert, nodes=exc.nodes)
-                    else:
-                        err = RequestFailedError(f"request {seq.seq_id} failed: {exc}")
-                    self._finish_with_error(seq, err)
+                    self._finish_with_error(seq, RequestFailedError(f"request {seq.seq_id} failed: {exc}"))
                 continue
             self._num_steps += 1
             if self._auto_micro_batches and self._num_steps % 32 == 0:

@@ -30,10 +30,12 @@ class ChunkPlan:
     seq_id: int
     token_ids: tuple[int, ...]  # tokens computed this step
     start_pos: int  # position of token_ids[0]
-    block_table: tuple[int, ...]  # covers start_pos + len(token_ids) tokens
+    block_table: tuple[int, ...]  # covers start_pos - num_dropped + len(token_ids) tokens
     sample: SampleSpec | None  # set when this chunk reaches the end of the known tokens
     prompt_targets: tuple[int, ...] = ()  # prompt tokens following each row, when prompt logprobs are asked
     num_prompt_top: int = 0
+    num_dropped: int = 0  # KV pruning: tokens before start_pos dropped from the cache; token p is in slot p - num_dropped
+    score_keys: bool = False  # KV pruning (H2O): accumulate the attention mass of the cached tokens
 
 
 @dataclass
@@ -45,8 +47,10 @@ class ChunkResult:
 
 
 class ModelRunner:
-    def __init__(self, model: Model, kv: torch.Tensor, block_size: int, device: torch.device, micro_batches: int = 1):
+    def __init__(self, model: Model, kv: torch.Tensor, block_size: int, device: torch.device, micro_batches: int = 1,
+                 key_mass: torch.Tensor | None = None):
         self.model, self.kv, self.block_size, self.device = model, kv, block_size, device
+        self.key_mass = key_mass  # [num_blocks, block_size] float32 (KVManager.key_mass), for H2O chunks
         self.micro_batches = micro_batches  # read once per step: the engine may change it between steps
 
     def _inputs(self, plan: list[ChunkPlan]) -> StepInputs:
@@ -58,16 +62,17 @@ class ModelRunner:
             ids.extend(c.token_ids)
             for p in range(c.start_pos, c.start_pos + n):
                 pos.append(p)
-                blocks.append(c.block_table[p // bs])
-                offsets.append(p % bs)
-            ctx = c.start_pos + n
+                blocks.append(c.block_table[(p - c.num_dropped) // bs])
+                offsets.append((p - c.num_dropped) % bs)
+            ctx = c.start_pos - c.num_dropped + n  # cached tokens (slots) after this step
             table = torch.tensor(c.block_table[: -(-ctx // bs)], dtype=torch.int64, device=dev)
-            chunks.append(SeqChunk(start, n, ctx, table))
+            chunks.append(SeqChunk(start, n, ctx, table, c.score_keys))
 
         def t(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.int64, device=dev)
 
-        return StepInputs(t(ids), t(pos), t(blocks), t(offsets), chunks)
+        key_mass = self.key_mass if any(c.score_keys for c in plan) else None
+        return StepInputs(t(ids), t(pos), t(blocks), t(offsets), chunks, key_mass=key_mass)
 
     @torch.inference_mode()
     def execute(self, plan: list[ChunkPlan]) -> list[ChunkResult]:

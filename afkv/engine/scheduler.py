@@ -12,6 +12,11 @@ With a disk tier, a waiting sequence whose prefix is partly on disk is *loading*
 those blocks are read: it keeps its place and the sequences behind it may be admitted
 first. The next `prefetch_depth` waiting sequences get their disk blocks read ahead.
 
+KV pruning (afkv.kv.pruning; a request's own or the engine's `[kv.pruning]`): before a running
+sequence's table grows, the KV manager drops what its policy says; the sequence counts the
+dropped tokens, so token p is computed into slot p - num_dropped. A preempted pruned sequence
+recomputes from its tokens (pruning again as it goes).
+
 KV transfers: `schedule` collects finished ones first (`kv.poll`) and submits the ones it
 queued last (`kv.flush`), before the engine submits the step it planned.
 """
@@ -25,6 +30,7 @@ from itertools import islice
 from afkv.engine.runner import ChunkPlan, SampleSpec
 from afkv.engine.sequence import Sequence, SeqStatus
 from afkv.kv.manager import KVManager
+from afkv.kv.pruning import KVPruning
 
 
 @dataclass(frozen=True)
@@ -40,15 +46,18 @@ class Scheduler:
     `schedule` call): one that cannot get blocks releases them, along with every other
     waiting sequence that is not loading, so with nothing running the head always fits."""
 
-    def __init__(self, kv: KVManager, limits: SchedulerLimits):
+    def __init__(self, kv: KVManager, limits: SchedulerLimits, pruning: KVPruning | None = None):
         self.kv = kv
         self.limits = limits
+        self.pruning = pruning or KVPruning()  # for requests that do not set their own
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._prefetched: set[int] = set()  # waiting sequence ids whose disk blocks were read ahead
 
     def add(self, seq: Sequence) -> None:
+        if seq.pruning is None:
+            seq.pruning = self.pruning
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -66,7 +75,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq.seq_id)
-        seq.num_computed = 0
+        seq.num_computed = seq.num_dropped = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -81,8 +90,9 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
+            seq.num_dropped += self.kv.prune(seq.seq_id, seq.num_kv_slots)
             n = min(seq.num_uncomputed, budget)
-            while not self.kv.allocate(seq.seq_id, seq.num_computed + n):
+            while not self.kv.allocate(seq.seq_id, seq.num_kv_slots + n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -95,12 +105,13 @@ class Scheduler:
             seq = self.waiting[i]
             if not self.kv.has(seq.seq_id):
                 # prompt logprobs need logits at every prompt position: no prefix reuse
-                self.kv.match_prefix(seq.seq_id, [] if seq.wants_prompt_logprobs else seq.token_ids)
+                self.kv.match_prefix(seq.seq_id, [] if seq.wants_prompt_logprobs else seq.token_ids, seq.pruning)
             cached = self.kv.settle(seq.seq_id)
             if cached is None:  # its prefix is still coming from disk
                 i += 1
                 continue
             seq.num_computed = cached
+            seq.num_dropped = 0
             if seq.metrics.first_token_s is None:
                 seq.metrics.num_cached_tokens = min(cached, seq.num_prompt_tokens)
             n = min(seq.num_uncomputed, budget)
@@ -127,14 +138,15 @@ class Scheduler:
         for seq in self.waiting:
             if seq is not keep and self.kv.has(seq.seq_id) and not self.kv.is_loading(seq.seq_id):
                 self.kv.free(seq.seq_id)
-                seq.num_computed = 0
+                seq.num_computed = seq.num_dropped = 0
                 released = True
         return released
 
     def _prefetch(self) -> None:
         """Start reading from disk the prefix blocks of the next waiting sequences."""
         for seq in islice(self.waiting, self.kv.prefetch_depth):
-            if seq.seq_id in self._prefetched or self.kv.has(seq.seq_id) or seq.wants_prompt_logprobs:
+            if (seq.seq_id in self._prefetched or self.kv.has(seq.seq_id) or seq.wants_prompt_logprobs
+                    or seq.pruning.needs_scores):  # H2O sequences reuse no prefix
                 continue
             self.kv.prefetch(seq.token_ids)
             self._prefetched.add(seq.seq_id)
@@ -157,6 +169,8 @@ class Scheduler:
                     token_ids=tuple(seq.token_ids[start:end]),
                     start_pos=start,
                     block_table=tuple(self.kv.block_table(seq.seq_id)),
+                    num_dropped=seq.num_dropped,
+                    score_keys=seq.pruning.needs_scores,
                     sample=sample,
                     prompt_targets=targets,
                     num_prompt_top=seq.params.prompt_logprobs or 0,

@@ -34,6 +34,7 @@ class SeqChunk:
     length: int
     context_len: int  # tokens in KV after this step (cached + this chunk)
     block_ids: torch.Tensor  # [num_blocks] int64, the sequence's block table prefix covering context_len
+    score_keys: bool = False  # H2O: attended alone, adding to StepInputs.key_mass
 
 
 @dataclass
@@ -54,6 +55,7 @@ class StepInputs:
     chunks: list[SeqChunk]
     decode: DecodeRows | None = None  # when set, these rows' chunks are not attended one by one
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [T, D]: computed by the first layer
+    key_mass: torch.Tensor | None = None  # [num_blocks, block_size] float32, for chunks with score_keys
 
     def __post_init__(self) -> None:
         if self.decode is None:
@@ -61,7 +63,7 @@ class StepInputs:
 
 
 def decode_rows(chunks: list[SeqChunk], device: torch.device) -> DecodeRows | None:
-    singles = [c for c in chunks if c.length == 1]
+    singles = [c for c in chunks if c.length == 1 and not c.score_keys]
     if len(singles) < 2:
         return None
     nb = max(c.block_ids.numel() for c in singles)
@@ -158,10 +160,11 @@ class AttentionSide:
         if d is not None:
             out[d.rows] = paged_decode_attention(q[d.rows], kv, i, d.block_tables, d.context_lens, spec.sliding_window)
         for c in inputs.chunks:
-            if d is not None and c.length == 1:
+            if d is not None and c.length == 1 and not c.score_keys:
                 continue
             rows = slice(c.start, c.start + c.length)
-            out[rows] = paged_attention(q[rows], kv, i, c.block_ids, c.context_len, spec.sliding_window)
+            mass = inputs.key_mass if c.score_keys else None
+            out[rows] = paged_attention(q[rows], kv, i, c.block_ids, c.context_len, spec.sliding_window, mass)
         return h + F.linear(out.flatten(1), w["o"])  # [T, H]
 
     def route(self, i: int, h: torch.Tensor) -> Routed:
