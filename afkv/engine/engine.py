@@ -34,6 +34,8 @@ from afkv.engine.sequence import Sequence, SeqStatus
 from afkv.errors import (
     EmptyPromptError,
     EngineClosedError,
+    EngineError,
+    ExpertUnavailableError,
     PromptTooLongError,
     RequestError,
     RequestFailedError,
@@ -115,6 +117,7 @@ class Engine:
         self.attention_rank = attention_rank
         self._remote = None  # RemoteFFN when disaggregated
         self._kv: KVManager | None = None
+        self._balancer = None  # afkv.nodes.balancer.Balancer when [eplb] is enabled
         self._state = EngineState.NEW
         self._requests: dict[int, _Request] = {}
         self._aborts: set[int] = set()
@@ -157,9 +160,15 @@ class Engine:
                 from afkv.nodes.attention import connect_expert_nodes
 
                 self._remote = await connect_expert_nodes(self.spec, self.config.deployment, self.attention_rank,
-                                                          self._device, self._dtype, self._executor)
+                                                          self._device, self._dtype, self._executor, self.config.eplb)
                 self._model.ffn = self._remote
         except BaseException:
+                if self.config.eplb.enabled:
+                    from afkv.nodes.balancer import Balancer
+
+                    self._balancer = Balancer(self._remote, self.spec, self.config.eplb)
+                    if self.attention_rank == 0:  # the coordinator: the only node that changes the placement
+                        self._balancer.start_periodic()
             if self._remote is not None:
                 await self._remote.aclose()
             if self._kv is not None:
@@ -186,6 +195,8 @@ class Engine:
             req.queue.put_nowait(EngineClosedError("the engine was closed before the request finished"))
         self._requests.clear()
         if self._remote is not None:
+        if self._balancer is not None:
+            await self._balancer.aclose()
             await self._remote.aclose()  # unblocks a step waiting on an expert node
         if self._kv is not None:
             await self._kv.aclose()  # saves the disk tier's index, releases its directory
@@ -293,6 +304,23 @@ class Engine:
                     raise RequestError(f"prompt token id {t!r} is not an integer in [0, {vocab})")
             return list(prompt)
         raise RequestError(f"a prompt is a string, a list of chat messages or a list of token ids, not {type(prompt).__name__}")
+    # ---- expert load balancing (EPLB) -----------------------------------------------------------
+    def _need_balancer(self, coordinator: bool):
+        if self._balancer is None:
+            raise EngineError("expert load balancing needs a [deployment] with [eplb] enabled = true")
+        if coordinator and self.attention_rank != 0:
+            raise EngineError(f"only attention node 0 rebalances (this is attention node {self.attention_rank})")
+        return self._balancer
+
+    async def expert_loads(self) -> torch.Tensor:
+        """Tokens per (layer, logical expert) over the expert nodes' window. -> [L, E] int64"""
+        return await self._need_balancer(False).loads()
+
+    async def rebalance(self):
+        """Place experts (with replicas) for the measured loads and switch to that placement
+        between two steps while serving. -> afkv.nodes.balancer.RebalanceReport"""
+        return await self._need_balancer(True).rebalance()
+
 
     def _add(self, prompt: Prompt, params: SamplingParams | None) -> _Request:
         if self._state is not EngineState.RUNNING:
@@ -368,7 +396,12 @@ class Engine:
             except Exception as exc:
                 log.exception("step failed; failing its %d requests", len(step))
                 for seq, _ in step:
-                    self._finish_with_error(seq, RequestFailedError(f"request {seq.seq_id} failed: {exc}"))
+                    if isinstance(exc, ExpertUnavailableError):
+                        err = ExpertUnavailableError(f"request {seq.seq_id} failed: {exc}", layer=exc.layer,
+                                                     expert=exc.expert, nodes=exc.nodes)
+                    else:
+                        err = RequestFailedError(f"request {seq.seq_id} failed: {exc}")
+                    self._finish_with_error(seq, err)
                 continue
             self._num_steps += 1
             if self._auto_micro_batches and self._num_steps % 32 == 0:
