@@ -3,6 +3,7 @@
     afkv run [PROMPT ...]        generate with the default model (or --model/--config), streaming text
     afkv bench decode            afkv vs transformers' generate: decode tokens/s and TTFT
     afkv bench kv                KV tiers: transfer GB/s against the copy limit; decode with tiers on/off
+    afkv bench eplb              expert load balancing under Zipf skew: max/mean node load, tok/s (CPU processes)
     afkv launch CONFIG           start a deployment (attention + expert nodes) as local processes
     afkv make-tiny OUT           write tiny random HF checkpoints of each family (tests)
 """
@@ -88,6 +89,17 @@ async def _cmd_bench_af(args) -> int:
     print(format_af_table(result))
     out = write_json(result, args.json or f"bench-results/af-{time.strftime('%Y%m%d-%H%M%S')}.json")
     _err(f"afkv: wrote {out}")
+    return 0
+
+
+async def _cmd_bench_eplb(args) -> int:
+    from afkv.bench.eplb import format_table, run_eplb_bench, write_json
+
+    result = await run_eplb_bench(args.exponent, args.expert_nodes, args.slots_per_node, args.batch,
+                                  args.prompt_len, args.gen_len, args.repeats, args.seed)
+    print(format_table(result))
+    out = write_json(result, args.json or f"bench-results/eplb-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    print(f"wrote {out}")
     return 0
 
 
@@ -177,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     af.add_argument("--steps", type=int, default=10)
     af.add_argument("--json", help="output path (default bench-results/af-<time>.json)")
 
+    ep = bsub.add_parser("eplb", help="EPLB under Zipf skew: max/mean expert-node load and tok/s, with and without")
+    ep.add_argument("--exponent", type=float, default=1.0, help="Zipf exponent of expert popularity")
+    ep.add_argument("--expert-nodes", type=int, default=2)
+    ep.add_argument("--slots-per-node", type=int, default=6, help="expert slots per node with EPLB (8 experts)")
+    ep.add_argument("--batch", type=int, default=16)
+    ep.add_argument("--prompt-len", type=int, default=16)
+    ep.add_argument("--gen-len", type=int, default=32)
+    ep.add_argument("--repeats", type=int, default=2)
+    ep.add_argument("--seed", type=int, default=0)
+    ep.add_argument("--json", help="output path (default bench-results/eplb-<time>.json)")
+
     tiny = sub.add_parser("make-tiny", help="write tiny random HF checkpoints (needs transformers)")
     tiny.add_argument("out")
     tiny.add_argument("--family", default="all", choices=["all", "llama", "mixtral", "qwen2_moe", "qwen3_moe"])
@@ -195,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_async(_cmd_bench_kv(args))
         if args.command == "bench" and args.bench == "af":
             return run_async(_cmd_bench_af(args))
+        if args.command == "bench" and args.bench == "eplb":
+            return run_async(_cmd_bench_eplb(args))
         if args.command == "bench":
             return run_async(_cmd_bench_decode(args))
         if args.command == "launch":

@@ -76,3 +76,123 @@ def write_zipf_checkpoint(out_dir: str | Path, exponent: float = 1.0, seed: int 
         gate[:, 0] = (bias - bias.mean()) / x[:, 0].mean() - (w @ mean) / x[:, 0].mean()
     save_file(tensors, path, metadata={"format": "pt"})
     return Path(out)
+
+
+_CONFIG = """
+[kv]
+block_size = 16
+num_blocks = 512
+[scheduler]
+max_num_batched_tokens = 512
+[deployment]
+attention_nodes = 1
+expert_nodes = {experts}
+micro_batches = 1
+port = 0
+expert_timeout_s = 60.0
+[eplb]
+enabled = true
+slots_per_node = {slots}
+window_s = 3600.0
+"""
+
+
+async def _node_loads(engine) -> "dict[int, torch.Tensor]":
+    return await engine._balancer.node_loads()  # node -> [L, E] tokens since start (window longer than the run)
+
+
+async def _run_mode(model_dir: Path, work: Path, experts: int, slots: int, rebalance: bool, prompts, params,
+                    repeats: int) -> dict:
+    from afkv import Engine, EngineConfig
+    from afkv.nodes.balancer import node_balancedness
+    from afkv.serve.launch import Deployment
+
+    path = work / f"eplb-{slots}.toml"
+    path.write_text(_CONFIG.format(experts=experts, slots=slots))
+    with Deployment(path, model_dir, start_attention=False) as dep:
+        cfg = EngineConfig.from_toml(path)
+        cfg = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port))
+        async with Engine(model_dir, cfg, progress=False) as engine:
+            await asyncio.gather(*(engine.complete(p, params) for p in prompts))  # warm-up: loads to balance on
+            report = await engine.rebalance() if rebalance else None
+            start = await _node_loads(engine)
+            t0 = time.perf_counter()
+            tokens = None
+            for _ in range(repeats):
+                done = await asyncio.gather(*(engine.complete(p, params) for p in prompts))
+                tokens = [d.token_ids for d in done]
+            wall_s = time.perf_counter() - t0
+            end = await _node_loads(engine)
+            placement = engine._remote.placement
+    router = torch.tensor(placement.has_router)
+    per_node = torch.stack([(end[j] - start[j]).sum(-1) for j in sorted(end)], -1)[router]  # [L_moe, N]
+    generated = repeats * len(prompts) * params.max_tokens
+    return {
+        "slots_per_node": slots, "rebalanced": rebalance, "epoch": placement.epoch,
+        "max_replicas": placement.max_replicas,
+        "node_tokens": per_node.sum(0).tolist(),
+        "max_over_mean_node_load": node_balancedness(per_node),
+        "predicted_before": None if report is None else report.balancedness_before,
+        "predicted_after": None if report is None else report.balancedness_after,
+        "rebalance_s": None if report is None else report.duration_s,
+        "wall_s": wall_s, "generated_tokens": generated, "tokens_per_s": generated / wall_s,
+        "token_ids": tokens,
+    }
+
+
+async def run_eplb_bench(exponent: float = 1.0, expert_nodes: int = 2, slots_per_node: int = 6, batch: int = 16,
+                         prompt_len: int = 16, gen_len: int = 32, repeats: int = 2, seed: int = 0,
+                         hidden_size: int = 256, intermediate_size: int = 1024, num_layers: int = 4,
+                         num_experts: int = 8, work_dir: str | Path | None = None) -> dict:
+    import tempfile
+
+    from afkv import SamplingParams
+
+    with tempfile.TemporaryDirectory(prefix="afkv-eplb-") as tmp:
+        work = Path(work_dir) if work_dir else Path(tmp)
+        model_dir = write_zipf_checkpoint(work / "zipf-model", exponent, seed, num_experts=num_experts,
+                                          num_layers=num_layers, hidden_size=hidden_size,
+                                          intermediate_size=intermediate_size)
+        gen = torch.Generator().manual_seed(seed)
+        prompts = [torch.randint(3, 256, (prompt_len,), generator=gen).tolist() for _ in range(batch)]
+        params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
+        base_slots = -(-num_experts // expert_nodes)
+        baseline = await _run_mode(model_dir, work, expert_nodes, base_slots, False, prompts, params, repeats)
+        eplb = await _run_mode(model_dir, work, expert_nodes, slots_per_node, True, prompts, params, repeats)
+    same = baseline.pop("token_ids") == eplb.pop("token_ids")
+    return {
+        "bench": "eplb", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(),
+        "cpus": __import__("os").cpu_count(), "torch": torch.__version__,
+        "args": {"exponent": exponent, "expert_nodes": expert_nodes, "slots_per_node": slots_per_node,
+                 "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "repeats": repeats, "seed": seed,
+                 "hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_layers": num_layers,
+                 "num_experts": num_experts},
+        "baseline": baseline, "eplb": eplb, "greedy_tokens_equal": same,
+        "load_ratio": eplb["max_over_mean_node_load"] / baseline["max_over_mean_node_load"],
+        "throughput_ratio": eplb["tokens_per_s"] / baseline["tokens_per_s"],
+    }
+
+
+def format_table(result: dict) -> str:
+    a = result["args"]
+    rows = [f"Zipf exponent {a['exponent']}, {a['expert_nodes']} expert nodes, {a['num_experts']} experts x "
+            f"{a['num_layers']} layers (H {a['hidden_size']}, I {a['intermediate_size']}), batch {a['batch']}, "
+            f"{a['gen_len']} new tokens x {a['repeats']}",
+            "| mode | slots/node | max/mean node load | load vs baseline | tok/s | tok/s vs baseline |",
+            "|---|---:|---:|---:|---:|---:|"]
+    base = result["baseline"]
+    for name, r in (("no EPLB", base), ("EPLB", result["eplb"])):
+        rows.append(f"| {name} | {r['slots_per_node']} | {r['max_over_mean_node_load']:.3f} | "
+                    f"{r['max_over_mean_node_load'] / base['max_over_mean_node_load']:.2f} | "
+                    f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f} |")
+    e = result["eplb"]
+    rows.append(f"rebalance: predicted max/mean {e['predicted_before']:.3f} -> {e['predicted_after']:.3f} in "
+                f"{e['rebalance_s']:.2f} s; greedy tokens equal: {result['greedy_tokens_equal']}")
+    return "\n".join(rows)
+
+
+def write_json(result: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return path
