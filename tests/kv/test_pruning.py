@@ -199,3 +199,10 @@ def test_kv_pruning_table_in_toml(tmp_path):
     path.write_text('[kv]\npruning = "h2o"\n')
     with pytest.raises(ConfigError, match="must be a table"):
         EngineConfig.from_toml(path)
+
+
+def test_pruning_preset_loads():
+    from pathlib import Path
+
+    cfg = EngineConfig.from_toml(Path(__file__).resolve().parents[2] / "configs" / "kv-pruning.toml")
+    assert cfg.kv.pruning == KVPruning("h2o", num_sink_tokens=4, window=252, budget=1024)
