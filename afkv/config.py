@@ -1,6 +1,6 @@
 """Engine configuration: frozen dataclasses, loaded from TOML and validated once.
 
-    [model]      path, dtype, device
+    [model]      path, dtype, device, cuda_graphs
     [upcycle]    sparse upcycling of a dense Llama checkpoint (the default model)
     [kv]         block_size, num_blocks / device_memory_mib; tiers below the device: host_*,
                  disk_*, spill_format / spill_group_size, eviction, prefetch_depth, io_threads
@@ -35,6 +35,7 @@ class ModelConfig:
     path: str = ""  # Hugging Face checkpoint directory; "" = the embedded default model
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on GPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA, colocated, triton installed)
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,6 @@ class DeploymentConfig:
 
 
 @dataclass(frozen=True)
-@dataclass(frozen=True)
 class EplbConfig:
     """Expert load balancing (afkv.eplb, afkv.nodes.balancer): redundant expert slots on the expert
     nodes, load statistics, rebalancing while serving. CPU data plane only for now."""
@@ -159,6 +159,7 @@ class EplbConfig:
     rebalance_interval_s: float = 0.0  # attention node 0 rebalances this often; 0: only when asked
 
 
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     upcycle: UpcycleSpec | None = None  # None: the default model gets UpcycleSpec(); others stay dense
@@ -166,8 +167,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     source: str | None = field(default=None, compare=False)  # the TOML file, for errors found after loading
     deployment: DeploymentConfig | None = None  # None: colocated (both halves in this process)
-
     eplb: EplbConfig = field(default_factory=EplbConfig)
+
     @classmethod
     def from_toml(cls, path: str | Path) -> "EngineConfig":
         path = Path(path)
@@ -229,13 +230,13 @@ class EngineConfig:
             for key, devs, n in (("attention_devices", d.attention_devices, d.attention_nodes),
                                  ("expert_devices", d.expert_devices, d.expert_nodes)):
                 need(not devs or len(devs) == n, f"deployment.{key}", f"{key} must list {n} devices, got {len(devs)}")
-
         e = self.eplb
         need(e.slots_per_node >= 0, "eplb.slots_per_node", f"slots_per_node must be >= 0, got {e.slots_per_node}")
         need(e.window_s > 0, "eplb.window_s", f"window_s must be positive, got {e.window_s}")
         need(e.rebalance_interval_s >= 0, "eplb.rebalance_interval_s",
              f"rebalance_interval_s must be >= 0, got {e.rebalance_interval_s}")
         need(not e.enabled or d is not None, "eplb.enabled", "EPLB balances expert nodes: it needs a [deployment]")
+
 
 def _build(cls, values: dict[str, Any], section: str, source: str | None):
     known = {f.name: f for f in fields(cls)}

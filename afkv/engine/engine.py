@@ -43,6 +43,7 @@ from afkv.errors import (
 from afkv.kv.layout import KVLayout
 from afkv.kv.manager import KVManager
 from afkv.kv.metrics import KVMetricsSnapshot
+from afkv.model.graphs import DecodeGraphs
 from afkv.model.model import Model, load_attention_side, load_colocated
 from afkv.model.spec import ModelSpec, UpcycleSpec
 from afkv.model.tokenizer import Tokenizer
@@ -116,8 +117,8 @@ class Engine:
         self._progress = progress
         self.attention_rank = attention_rank
         self._remote = None  # RemoteFFN when disaggregated
-        self._kv: KVManager | None = None
         self._balancer = None  # afkv.nodes.balancer.Balancer when [eplb] is enabled
+        self._kv: KVManager | None = None
         self._state = EngineState.NEW
         self._requests: dict[int, _Request] = {}
         self._aborts: set[int] = set()
@@ -162,13 +163,13 @@ class Engine:
                 self._remote = await connect_expert_nodes(self.spec, self.config.deployment, self.attention_rank,
                                                           self._device, self._dtype, self._executor, self.config.eplb)
                 self._model.ffn = self._remote
-        except BaseException:
                 if self.config.eplb.enabled:
                     from afkv.nodes.balancer import Balancer
 
                     self._balancer = Balancer(self._remote, self.spec, self.config.eplb)
                     if self.attention_rank == 0:  # the coordinator: the only node that changes the placement
                         self._balancer.start_periodic()
+        except BaseException:
             if self._remote is not None:
                 await self._remote.aclose()
             if self._kv is not None:
@@ -194,9 +195,9 @@ class Engine:
         for req in self._requests.values():
             req.queue.put_nowait(EngineClosedError("the engine was closed before the request finished"))
         self._requests.clear()
-        if self._remote is not None:
         if self._balancer is not None:
             await self._balancer.aclose()
+        if self._remote is not None:
             await self._remote.aclose()  # unblocks a step waiting on an expert node
         if self._kv is not None:
             await self._kv.aclose()  # saves the disk tier's index, releases its directory
@@ -226,15 +227,33 @@ class Engine:
         self._kv = KVManager(layout, num_blocks, device, salt=salt[-64:], tiers=cfg.kv.tier_config(layout, cfg.source),
                              worker=self._executor, wakeup=lambda: self._wakeup.set())
         m = 1 if cfg.deployment is None else (cfg.deployment.micro_batches or 2)
-        self._runner = ModelRunner(model, self._kv.kv, layout.block_size, device, micro_batches=m,
-                                   key_mass=self._kv.key_mass)
         self._scheduler = Scheduler(self._kv, SchedulerLimits(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens),
                                     cfg.kv.pruning)
         self.max_model_len = min(cfg.scheduler.max_model_len or spec.max_position, spec.max_position, self._kv.capacity_tokens)
+        self._runner = ModelRunner(model, self._kv.kv, layout.block_size, device, micro_batches=m,
+                                   graphs=self._decode_graphs(model, layout), key_mass=self._kv.key_mass)
         eos = set(spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self._eos_ids = frozenset(eos)
+
+    def _decode_graphs(self, model: Model, layout: KVLayout) -> DecodeGraphs | None:
+        """CUDA graphs for decode steps when this engine can replay them: a CUDA device, a colocated
+        model (a remote FFN talks to its peers from the host) and the Triton decode kernel."""
+        from afkv.model.model import LocalFFN
+
+        if not (self.config.model.cuda_graphs and self._device.type == "cuda" and isinstance(model.ffn, LocalFFN)):
+            return None
+        from afkv.ops import triton_attention  # imports triton: only on GPU machines
+
+        if not triton_attention.available():
+            log.info("CUDA graphs off: triton is not installed (decode attention would read padded tables)")
+            return None
+        scratch = self._kv.pool.allocate(1)  # padding rows of a captured batch write here; never freed
+        if scratch is None:
+            return None
+        max_blocks = layout.num_blocks_for(self.max_model_len)
+        return DecodeGraphs(model, self._kv.kv, self.config.scheduler.max_num_seqs, max_blocks, scratch[0])
 
     @property
     def state(self) -> EngineState:
@@ -283,6 +302,23 @@ class Engine:
             out |= {"transfer_s": r.transfer_s / rn, "expert_s": r.expert_s / rn}
         return out
 
+    # ---- expert load balancing (EPLB) -----------------------------------------------------------
+    def _need_balancer(self, coordinator: bool):
+        if self._balancer is None:
+            raise EngineError("expert load balancing needs a [deployment] with [eplb] enabled = true")
+        if coordinator and self.attention_rank != 0:
+            raise EngineError(f"only attention node 0 rebalances (this is attention node {self.attention_rank})")
+        return self._balancer
+
+    async def expert_loads(self) -> torch.Tensor:
+        """Tokens per (layer, logical expert) over the expert nodes' window. -> [L, E] int64"""
+        return await self._need_balancer(False).loads()
+
+    async def rebalance(self):
+        """Place experts (with replicas) for the measured loads and switch to that placement
+        between two steps while serving. -> afkv.nodes.balancer.RebalanceReport"""
+        return await self._need_balancer(True).rebalance()
+
     # ---- requests --------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -304,23 +340,6 @@ class Engine:
                     raise RequestError(f"prompt token id {t!r} is not an integer in [0, {vocab})")
             return list(prompt)
         raise RequestError(f"a prompt is a string, a list of chat messages or a list of token ids, not {type(prompt).__name__}")
-    # ---- expert load balancing (EPLB) -----------------------------------------------------------
-    def _need_balancer(self, coordinator: bool):
-        if self._balancer is None:
-            raise EngineError("expert load balancing needs a [deployment] with [eplb] enabled = true")
-        if coordinator and self.attention_rank != 0:
-            raise EngineError(f"only attention node 0 rebalances (this is attention node {self.attention_rank})")
-        return self._balancer
-
-    async def expert_loads(self) -> torch.Tensor:
-        """Tokens per (layer, logical expert) over the expert nodes' window. -> [L, E] int64"""
-        return await self._need_balancer(False).loads()
-
-    async def rebalance(self):
-        """Place experts (with replicas) for the measured loads and switch to that placement
-        between two steps while serving. -> afkv.nodes.balancer.RebalanceReport"""
-        return await self._need_balancer(True).rebalance()
-
 
     def _add(self, prompt: Prompt, params: SamplingParams | None) -> _Request:
         if self._state is not EngineState.RUNNING:

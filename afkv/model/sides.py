@@ -75,6 +75,16 @@ def decode_rows(chunks: list[SeqChunk], device: torch.device) -> DecodeRows | No
     return DecodeRows(rows, tables, lens)
 
 
+def decode_attention_for(q: torch.Tensor):
+    """The Triton decode kernel on CUDA where triton is installed, else the torch reference."""
+    if q.is_cuda:
+        from afkv.ops import triton_attention  # imports triton: only on GPU machines
+
+        if triton_attention.available():
+            return triton_attention.paged_decode_attention
+    return paged_decode_attention
+
+
 @dataclass
 class Routed:
     x: torch.Tensor  # [T, H] normalised hidden states, the FFN input
@@ -158,7 +168,9 @@ class AttentionSide:
         out = torch.empty_like(q)  # [T, Hq, D]
         d = inputs.decode
         if d is not None:
-            out[d.rows] = paged_decode_attention(q[d.rows], kv, i, d.block_tables, d.context_lens, spec.sliding_window)
+            # the Triton kernel reads only each row's context (the reference gathers the padded table)
+            decode = decode_attention_for(q)
+            out[d.rows] = decode(q[d.rows], kv, i, d.block_tables, d.context_lens, spec.sliding_window)
         for c in inputs.chunks:
             if d is not None and c.length == 1 and not c.score_keys:
                 continue
@@ -280,6 +292,10 @@ class FFNSide:
             for e, mlp in experts.items():
                 groups.setdefault(id(mlp.down), []).append(e)
             self._groups.append([torch.tensor(g, device=device) for g in groups.values()])
+        # per layer: every routable expert is one set of tensors (upcycled, all held): one dense pass
+        routable = [spec.upcycle.num_experts if spec.upcycle is not None and not spec.sparse_layers[i] else spec.num_experts
+                    for i in range(spec.num_layers)]
+        self._one_mlp = [len(g) == 1 and len(e) == n for g, e, n in zip(self._groups, self.experts, routable)]
 
     def _stack(self, experts: dict[int, _Expert]) -> tuple[dict[int, _Expert], _Stacked | None]:
         """Stack a layer's experts; the per-expert weights become views into the stack."""
@@ -347,8 +363,11 @@ class FFNSide:
         return torch.zeros_like(x).index_add_(0, tokens, y)  # [T, H]
 
     def _per_expert(self, i: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)  # [T, H]
         experts = self.experts[i]
+        if self._one_mlp[i]:  # every selection is this one MLP: no gather, no host synchronisation
+            mlp = next(iter(experts.values()))
+            return torch.zeros_like(x) + gated_mlp(x, mlp.gate_up, mlp.down) * topk_weights.sum(-1, keepdim=True).to(x.dtype)
+        out = torch.zeros_like(x)  # [T, H]
         # Experts that share tensors (upcycled copies) run once over the union of their tokens,
         # each token scaled by the summed weight of its selections among them.
         for members in self._groups[i]:

@@ -28,18 +28,18 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return x
 
 
-def sample_row(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
-) -> int:
-    """logits [V] float32 -> token id. temperature 0 is argmax."""
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), -1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def sample_tokens(logits: torch.Tensor, rows: list[tuple[float, int, float, torch.Generator | None]]) -> torch.Tensor:
+    """logits [S, V] float32, one (temperature, top_k, top_p, generator) per row -> token ids [S]
+    on the logits' device, without a host synchronisation. temperature 0 is argmax."""
+    tokens = torch.argmax(logits, -1)  # [S]: every greedy row at once
+    for r, (temperature, top_k, top_p, gen) in enumerate(rows):
+        if temperature == 0:
+            continue
+        probs = torch.softmax(filter_logits(logits[r], temperature, top_k, top_p), -1)  # [V]
+        tokens[r] = torch.multinomial(probs, 1, generator=gen)[0]
+    return tokens
 
 
-def top_logprobs(logprobs: torch.Tensor, n: int) -> dict[int, float]:
-    if n <= 0:
-        return {}
-    values, ids = torch.topk(logprobs, n)
-    return {int(i): float(v) for i, v in zip(ids.tolist(), values.tolist())}
+def top_logprobs_batch(logprobs: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logprobs [R, V] -> the n largest per row: (values [R, n], ids [R, n]), on the device."""
+    return torch.topk(logprobs, n, dim=-1)

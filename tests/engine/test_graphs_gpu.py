@@ -1,0 +1,82 @@
+"""Decode steps replayed as CUDA graphs give the tokens of eager steps (GPU machine)."""
+
+import asyncio
+import dataclasses
+
+import pytest
+import torch
+
+from afkv import Engine, EngineConfig, SamplingParams
+from afkv.model.graphs import DecodeGraphs, default_buckets
+from afkv.model.model import load_colocated
+from tests.helpers import random_prompt
+
+pytestmark = pytest.mark.gpu
+
+
+def _config(graphs: bool) -> EngineConfig:
+    return EngineConfig.from_dict({
+        "model": {"dtype": "bfloat16", "device": "cuda:0", "cuda_graphs": graphs},
+        "kv": {"block_size": 4, "num_blocks": 512},
+        "scheduler": {"max_num_seqs": 16, "max_num_batched_tokens": 64},
+    })
+
+
+def test_buckets_cover_every_batch():
+    for n in (1, 7, 16, 100, 512):
+        b = default_buckets(n)
+        assert b[-1] == n and b == sorted(set(b)) and all(x >= 1 for x in b)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "llama"])
+def test_graph_decode_tokens_equal_eager(tiny_dir, family):
+    pytest.importorskip("triton")
+    model = str(tiny_dir[family])
+    # 13 sequences: buckets pad them to 16, and finished ones shrink the batch through smaller buckets
+    prompts = [random_prompt(3 + 4 * i, 256, seed=i) for i in range(13)]
+    params = [SamplingParams(max_tokens=8 + 2 * i, ignore_eos=True) for i in range(13)]
+
+    async def run(graphs: bool):
+        async with Engine(model, _config(graphs), progress=False) as e:
+            out = await asyncio.gather(*(e.complete(p, s) for p, s in zip(prompts, params)))
+            return [r.token_ids for r in out], e._runner.graph_steps
+
+    eager, n0 = asyncio.run(run(False))
+    graphed, n1 = asyncio.run(run(True))
+    assert n0 == 0 and n1 > 0
+    assert graphed == eager
+
+
+def test_padding_rows_do_not_change_logits(tiny_dir):
+    """A batch of 5 replayed in the bucket of 8 gives the eager logits of those 5 rows, and the
+    padding rows write only the scratch block."""
+    pytest.importorskip("triton")
+    from afkv.model.sides import SeqChunk, StepInputs
+
+    dev = torch.device("cuda:0")
+    model = load_colocated(tiny_dir["qwen3_moe"], dev, torch.bfloat16)
+    spec = model.spec
+    bs, nb = 4, 8
+    kv = torch.randn(64, spec.num_layers, 2, bs, spec.num_kv_heads, spec.head_dim, device=dev).to(torch.bfloat16)
+    scratch = 63
+    graphs = DecodeGraphs(model, kv, max_batch=8, max_blocks=nb, scratch_block=scratch)
+    ctx = [5, 9, 13, 2, 17]
+    tables = [tuple(range(i * nb, i * nb + -(-c // bs))) for i, c in enumerate(ctx)]
+    ids = [11, 22, 33, 44, 55]
+    pos = [c - 1 for c in ctx]
+    slot_b = [t[p // bs] for t, p in zip(tables, pos)]
+    slot_o = [p % bs for p in pos]
+    before = kv.clone()
+    with torch.inference_mode():
+        got = graphs.run(ids, pos, slot_b, slot_o, ctx, tables, 1).clone()
+        after_graph = kv.clone()
+        kv.copy_(before)
+        t = lambda x: torch.tensor(x, device=dev)
+        chunks = [SeqChunk(i, 1, c, t(list(tb))) for i, (c, tb) in enumerate(zip(ctx, tables))]
+        inputs = StepInputs(t(ids), t(pos), t(slot_b), t(slot_o), chunks)
+        want = model.attn.logits(model.forward(inputs, kv, 1))
+    changed = (after_graph != before).flatten(1).any(1).nonzero().flatten().tolist()
+    assert set(changed) <= set(slot_b) | {scratch}
+    torch.testing.assert_close(after_graph[:scratch], kv[:scratch], rtol=2e-2, atol=2e-2)  # GEMMs of 8 vs 5 rows
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
