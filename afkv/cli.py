@@ -4,6 +4,9 @@
     afkv bench decode            afkv vs transformers' generate: decode tokens/s and TTFT
     afkv bench kv                KV tiers: transfer GB/s against the copy limit; decode with tiers on/off
     afkv bench eplb              expert load balancing under Zipf skew: max/mean node load, tok/s (CPU processes)
+    afkv bench af                1A1F over NCCL vs colocated data parallel (two GPUs, real shapes)
+    afkv bench gpu               GPU suite: afkv (CUDA graphs) vs HF generate vs the HBM roofline (real shapes)
+    afkv bench plot JSON         PNG plot of a `bench gpu` result
     afkv launch CONFIG           start a deployment (attention + expert nodes) as local processes
     afkv make-tiny OUT           write tiny random HF checkpoints of each family (tests)
 """
@@ -100,6 +103,36 @@ async def _cmd_bench_eplb(args) -> int:
     print(format_table(result))
     out = write_json(result, args.json or f"bench-results/eplb-{time.strftime('%Y%m%d-%H%M%S')}.json")
     print(f"wrote {out}")
+    return 0
+
+
+def _cmd_bench_gpu(args) -> int:
+    from afkv.bench.gpu import format_table, run_gpu_suite, write_json, write_plot
+
+    split = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    result = run_gpu_suite(args.models.split(","), split(args.batch_sizes), args.context, args.steps,
+                           hf=not args.no_hf, hf_batches=split(args.hf_batch_sizes) if args.hf_batch_sizes else None,
+                           log=_err)
+    print(format_table(result))
+    stem = args.json or f"bench-results/gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = write_json(result, stem)
+    _err(f"afkv: wrote {out}")
+    png = write_plot(result, Path(stem).with_suffix(".png"))
+    _err(f"afkv: wrote {png}" if png else "afkv: no plot (pip install matplotlib, then: afkv bench plot JSON)")
+    return 0
+
+
+def _cmd_bench_plot(args) -> int:
+    import json
+
+    from afkv.bench.gpu import write_plot
+
+    path = Path(args.json)
+    png = write_plot(json.loads(path.read_text()), args.out or path.with_suffix(".png"))
+    if png is None:
+        _err("afkv: error: the plot needs matplotlib: pip install matplotlib")
+        return 2
+    print(f"wrote {png}")
     return 0
 
 
@@ -200,6 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--seed", type=int, default=0)
     ep.add_argument("--json", help="output path (default bench-results/eplb-<time>.json)")
 
+    gpu = bsub.add_parser("gpu", help="GPU suite: afkv (CUDA graphs) vs HF generate vs the HBM roofline, real shapes")
+    gpu.add_argument("--models", default="qwen3-30b-a3b,mixtral-8x7b", help="comma-separated: qwen3-30b-a3b, mixtral-8x7b")
+    gpu.add_argument("--batch-sizes", default="1,16,64,256")
+    gpu.add_argument("--hf-batch-sizes", help="batches for HF generate (default: --batch-sizes)")
+    gpu.add_argument("--context", type=int, default=2048)
+    gpu.add_argument("--steps", type=int, default=10)
+    gpu.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    gpu.add_argument("--json", help="output path (default bench-results/gpu-<time>.json; the plot goes beside it)")
+
+    plot = bsub.add_parser("plot", help="PNG plot of an `afkv bench gpu` JSON (needs matplotlib)")
+    plot.add_argument("json")
+    plot.add_argument("--out", help="PNG path (default: the JSON's path with .png)")
+
     tiny = sub.add_parser("make-tiny", help="write tiny random HF checkpoints (needs transformers)")
     tiny.add_argument("out")
     tiny.add_argument("--family", default="all", choices=["all", "llama", "mixtral", "qwen2_moe", "qwen3_moe"])
@@ -220,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_async(_cmd_bench_af(args))
         if args.command == "bench" and args.bench == "eplb":
             return run_async(_cmd_bench_eplb(args))
+        if args.command == "bench" and args.bench == "gpu":
+            return _cmd_bench_gpu(args)
+        if args.command == "bench" and args.bench == "plot":
+            return _cmd_bench_plot(args)
         if args.command == "bench":
             return run_async(_cmd_bench_decode(args))
         if args.command == "launch":

@@ -135,8 +135,8 @@ class DecodeGraphs:
             vec[r, :batch] = torch.tensor(col, dtype=torch.int64)
         tab = host[5 * mb:].view(mb, nb)
         tab[:b].fill_(self.scratch)
-        for i, t in enumerate(tables):
-            tab[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
+        width = max(len(t) for t in tables)
+        tab[:batch, :width] = torch.tensor([(*t, *(self.scratch,) * (width - len(t))) for t in tables], dtype=torch.int64)
         self._vec[:, :b].copy_(vec[:, :b], non_blocking=True)
         self._tables[:b].copy_(tab[:b], non_blocking=True)
         g, out = self._graphs[key]
