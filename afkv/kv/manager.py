@@ -345,13 +345,19 @@ class KVManager:
 
     def close(self) -> None:
         """Drain, write the disk index and release the disk directory (blocking)."""
-        if self.tiers is not None and not self._tiers_closed:
+        if self.tiers is None:
+            self.drain()  # pruning copies
+        elif not self._tiers_closed:
             self._tiers_closed = True
             self.drain()
             self.tiers.close()
 
     async def aclose(self) -> None:
         """As close, without blocking the event loop. Closing twice is a no-op."""
+        self.flush()
+        if self._jobs:  # pruning copies
+            await asyncio.wait([asyncio.wrap_future(j) for j in self._jobs])
+            self.poll()
         if self.tiers is None or self._tiers_closed:
             return
         self._tiers_closed = True

@@ -37,7 +37,7 @@ async def _check_clean(engine: Engine) -> None:
         while engine.stats().num_running or engine.stats().num_waiting or engine.kv_manager.num_sequences:
             await asyncio.sleep(0.01)
     kv = engine.kv_manager
-    kv.drain()
+    await kv.aclose()  # waits for pruning copies in flight
     kv.check_invariants()
     assert kv.pool.num_free_blocks == kv.pool.num_blocks  # every block back, none leaked
     assert all(kv.pool.ref_count(b) == 0 for b in range(kv.pool.num_blocks))
