@@ -296,8 +296,11 @@ class ExpertNode:
     # ---- GPU data plane (NCCL) -----------------------------------------------------------------
     def _nccl_init(self, attention: str, key: str) -> None:
         """Worker thread: join the two communicators the attention node made (ids in the store)."""
-        from afkv.transport.nccl import NcclPeer
+        from afkv.transport.nccl import NcclPeer, abort_all
 
+        old = self._nccl.pop(attention, None)
+        if old is not None:  # the attention node joins again after a failed step: drop what is left in flight
+            abort_all(list(old), timeout_s=30.0)
         ids = self.store.get(key).decode().split("\n")
         self._nccl[attention] = (NcclPeer(ids[0], 1, self.device), NcclPeer(ids[1], 1, self.device))
         self._recv_stream = torch.cuda.Stream(self.device)

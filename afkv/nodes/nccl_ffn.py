@@ -29,7 +29,7 @@ import torch
 from afkv.errors import PeerLostError
 from afkv.model.spec import ModelSpec
 from afkv.nodes.remote_ffn import RemoteFFN
-from afkv.transport.nccl import NcclPeer, new_unique_id
+from afkv.transport.nccl import NcclPeer, abort_all, new_unique_id
 
 
 MIN_CAPACITY = 16
@@ -121,10 +121,10 @@ class NcclFFN:
         deadline = time.monotonic() + self.control.timeout_s
         while not done.query():
             if time.monotonic() > deadline:
-                for peer in self._dispatch + self._combine:
-                    peer.abort()
+                aborted = abort_all(self._dispatch + self._combine, timeout_s=self.control.timeout_s)
                 self._broken = PeerLostError(
-                    f"an expert node did not answer within {self.control.timeout_s:.0f} s; NCCL communicators aborted")
+                    f"an expert node did not answer within {self.control.timeout_s:.0f} s; NCCL communicators "
+                    + ("aborted" if aborted else "abort still running"))
                 raise self._broken
             time.sleep(0.0002)
 

@@ -10,7 +10,10 @@ compute by CUDA events: no host synchronisation. Tensors move as raw bytes.
 
 from __future__ import annotations
 
-import json
+import ctypes
+import functools
+import threading
+import time
 from contextlib import contextmanager
 
 import torch
@@ -26,43 +29,98 @@ def nccl_module():
     return nccl
 
 
+class _UniqueId(ctypes.Structure):
+    _fields_ = [("internal", ctypes.c_char * 128)]
+
+
+_NCCL_UINT8 = 1  # ncclDataType_t
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    """The NCCL library CuPy loaded, called through ctypes: every call releases the GIL, so the
+    communicators of a lost peer can be aborted from several threads at once (CuPy's abort
+    holds the GIL, and one abort can wait on another communicator's kernels)."""
+    nccl_module()  # loads libnccl.so.2; dlopen by soname then returns that same library
+    try:
+        lib = ctypes.CDLL("libnccl.so.2")
+    except OSError as exc:
+        raise TransportError(f"libnccl.so.2 is not loadable through ctypes: {exc}") from exc
+    vp, i, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+    for name, args in (("ncclGetUniqueId", [ctypes.POINTER(_UniqueId)]),
+                       ("ncclCommInitRank", [ctypes.POINTER(vp), i, _UniqueId, i]),
+                       ("ncclSend", [vp, sz, i, i, vp, vp]), ("ncclRecv", [vp, sz, i, i, vp, vp]),
+                       ("ncclCommAbort", [vp]), ("ncclCommDestroy", [vp]),
+                       ("ncclGroupStart", []), ("ncclGroupEnd", []), ("ncclGetErrorString", [i])):
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = ctypes.c_char_p if name == "ncclGetErrorString" else i
+    return lib
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise TransportError(f"{what} failed: NCCL error {status} ({_lib().ncclGetErrorString(status).decode()})")
+
+
 def new_unique_id() -> str:
-    return json.dumps(list(nccl_module().get_unique_id()))
+    uid = _UniqueId()
+    _check(_lib().ncclGetUniqueId(ctypes.byref(uid)), "ncclGetUniqueId")
+    return bytes(uid.internal).hex()
 
 
 class NcclPeer:
     """This process's end of a two-rank communicator with one peer."""
 
     def __init__(self, unique_id: str, rank: int, device: torch.device):
-        nccl = nccl_module()
-        import cupy
-
         self.device = device
         self.peer = 1 - rank
-        with cupy.cuda.Device(device.index):
-            comm_id = bytes(b & 0xFF for b in json.loads(unique_id))  # NCCL's 128-byte id
-            self.comm = nccl.NcclCommunicator(2, comm_id, rank)
-        self._u8 = getattr(nccl, "NCCL_UINT8", None) or nccl.NCCL_INT8
-        self._nccl = nccl
+        uid = _UniqueId()
+        uid.internal = bytes.fromhex(unique_id)
+        self._comm = ctypes.c_void_p()
+        with torch.cuda.device(device):
+            _check(_lib().ncclCommInitRank(ctypes.byref(self._comm), 2, uid, rank), "ncclCommInitRank")
 
     def send(self, t: torch.Tensor, stream: torch.cuda.Stream) -> None:
         """Enqueue a send of t's bytes on `stream` (t must stay alive until the stream passes)."""
         assert t.is_contiguous() and t.device == self.device
-        self.comm.send(t.data_ptr(), t.numel() * t.element_size(), self._u8, self.peer, stream.cuda_stream)
+        _check(_lib().ncclSend(t.data_ptr(), t.numel() * t.element_size(), _NCCL_UINT8, self.peer, self._comm,
+                               stream.cuda_stream), "ncclSend")
 
     def recv(self, t: torch.Tensor, stream: torch.cuda.Stream) -> None:
         assert t.is_contiguous() and t.device == self.device
-        self.comm.recv(t.data_ptr(), t.numel() * t.element_size(), self._u8, self.peer, stream.cuda_stream)
+        _check(_lib().ncclRecv(t.data_ptr(), t.numel() * t.element_size(), _NCCL_UINT8, self.peer, self._comm,
+                               stream.cuda_stream), "ncclRecv")
 
     def abort(self) -> None:
         """Abort the communicator: its pending operations return (used when the peer is lost)."""
-        self.comm.abort()
+        comm, self._comm = self._comm, ctypes.c_void_p()
+        if comm.value:
+            _lib().ncclCommAbort(comm)
+
+    def close(self) -> None:
+        comm, self._comm = self._comm, ctypes.c_void_p()
+        if comm.value:
+            _lib().ncclCommDestroy(comm)
 
     @contextmanager
     def group(self):
         """NCCL group: the calls inside are issued together."""
-        self._nccl.groupStart()
+        _check(_lib().ncclGroupStart(), "ncclGroupStart")
         try:
             yield
         finally:
-            self._nccl.groupEnd()
+            _check(_lib().ncclGroupEnd(), "ncclGroupEnd")
+
+
+def abort_all(peers: list[NcclPeer], timeout_s: float) -> bool:
+    """Abort communicators concurrently, one thread each (an abort frees device memory, which
+    waits for every kernel on the device, including those of the communicators not yet
+    aborted). -> whether all returned within timeout_s."""
+    threads = [threading.Thread(target=p.abort, name="afkv-nccl-abort", daemon=True) for p in peers]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return not any(t.is_alive() for t in threads)
