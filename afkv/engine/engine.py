@@ -163,6 +163,9 @@ class Engine:
                 self._remote = await connect_expert_nodes(self.spec, self.config.deployment, self.attention_rank,
                                                           self._device, self._dtype, self._executor, self.config.eplb)
                 self._model.ffn = self._remote
+                if self._runner.graphs is None:  # the NCCL data plane can be captured too
+                    self._runner.graphs = await loop.run_in_executor(self._executor, self._decode_graphs, self._model,
+                                                                     self._layout)
                 if self.config.eplb.enabled:
                     from afkv.nodes.balancer import Balancer
 
@@ -221,16 +224,17 @@ class Engine:
         self._model = model
         self.spec = spec = model.spec
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
-        layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, cfg.kv.block_size, dtype)
-        num_blocks = cfg.kv.num_blocks or max(1, cfg.kv.device_memory_mib * 2**20 // layout.block_nbytes)
+        self._layout = layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, cfg.kv.block_size, dtype)
+        num_blocks, quant = cfg.kv.device_tier(layout, cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens,
+                                               cfg.source)
         salt = repr((str(self.model_dir.resolve()), spec.upcycle, str(dtype))).encode()
         self._kv = KVManager(layout, num_blocks, device, salt=salt[-64:], tiers=cfg.kv.tier_config(layout, cfg.source),
-                             worker=self._executor, wakeup=lambda: self._wakeup.set())
+                             worker=self._executor, wakeup=lambda: self._wakeup.set(), quant=quant)
         m = 1 if cfg.deployment is None else (cfg.deployment.micro_batches or 2)
         self._scheduler = Scheduler(self._kv, SchedulerLimits(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens),
                                     cfg.kv.pruning)
         self.max_model_len = min(cfg.scheduler.max_model_len or spec.max_position, spec.max_position, self._kv.capacity_tokens)
-        self._runner = ModelRunner(model, self._kv.kv, layout.block_size, device, micro_batches=m,
+        self._runner = ModelRunner(model, self._kv.attention_cache, layout.block_size, device, micro_batches=m,
                                    graphs=self._decode_graphs(model, layout), key_mass=self._kv.key_mass)
         eos = set(spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -238,11 +242,11 @@ class Engine:
         self._eos_ids = frozenset(eos)
 
     def _decode_graphs(self, model: Model, layout: KVLayout) -> DecodeGraphs | None:
-        """CUDA graphs for decode steps when this engine can replay them: a CUDA device, a colocated
-        model (a remote FFN talks to its peers from the host) and the Triton decode kernel."""
-        from afkv.model.model import LocalFFN
-
-        if not (self.config.model.cuda_graphs and self._device.type == "cuda" and isinstance(model.ffn, LocalFFN)):
+        """CUDA graphs for decode steps when this engine can replay them: a CUDA device, an FFN
+        backend whose step is GPU work only (local, or NCCL) and the Triton decode kernel."""
+        if not (self.config.model.cuda_graphs and self._device.type == "cuda" and getattr(model.ffn, "graph_safe", False)):
+            return None
+        if self._kv.quant is not None:  # graphs capture the unquantized device tier only
             return None
         from afkv.ops import triton_attention  # imports triton: only on GPU machines
 

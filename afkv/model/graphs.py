@@ -9,9 +9,11 @@ out of the graph; the caller samples the first B.
 What can be captured: every op of the step must run without a host synchronisation and
 with shapes that depend only on the bucket. That holds for the attention side with the
 Triton decode kernel (afkv.ops.triton_attention: its grid depends on shapes, not on
-context lengths) and for grouped-GEMM experts. When capture fails (an op that syncs, or
-a backend that talks to the host), `DecodeGraphs.capture` raises `GraphCaptureError` and the
-caller keeps running eagerly.
+context lengths), for grouped-GEMM experts (LocalFFN) and for the NCCL data plane
+(NcclFFN: fixed-capacity buffers, sends and receives on streams forked from the captured
+one). Host work of a remote FFN (announcing the step to the expert nodes, the bounded wait
+for its end) happens around each replay, not in the graph. When capture fails (an op that
+syncs), `DecodeGraphs.capture` raises `GraphCaptureError` and the caller keeps running eagerly.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 import torch
 
 from afkv.errors import AfkvError
-from afkv.model.model import Model
+from afkv.model.model import Model, split_micro_batches
 from afkv.model.sides import DecodeRows, SeqChunk, StepInputs
 
 log = logging.getLogger("afkv.graphs")
@@ -64,6 +66,7 @@ class DecodeGraphs:
         self._pool = None
         self.failed: set[tuple[int, int]] = set()
         self.warned = False  # the runner logs the first fallback to eager only
+        self._generation = getattr(model.ffn, "generation", 0)
 
     def _reset_inputs(self) -> None:
         """Every row a padding row: token 0 at position 0 in the scratch block, context 1."""
@@ -78,35 +81,47 @@ class DecodeGraphs:
     def fits(self, batch: int, num_blocks: int) -> bool:
         return batch <= self.max_batch and num_blocks <= self.max_blocks
 
-    def _step(self, b: int, m: int) -> torch.Tensor:
+    def _inputs(self, b: int) -> StepInputs:
         v = self._vec
-        inputs = StepInputs(
+        return StepInputs(
             v[0, :b], v[1, :b], v[2, :b], v[3, :b],
             [SeqChunk(i, 1, 1, self._tables[i]) for i in range(b)],  # context_len unused: rows attend through `decode`
             DecodeRows(self._rows[:b], self._tables[:b], v[4, :b]),
         )
-        h = self.model.forward(inputs, self.kv, m)  # [b, H]
+
+    def _step(self, b: int, m: int, hooks: bool) -> torch.Tensor:
+        h = self.model.forward(self._inputs(b), self.kv, m, hooks=hooks)  # [b, H]
         return self.model.attn.logits(h)  # [b, V] float32
 
+    def sizes(self, b: int, m: int) -> list[int]:
+        """Micro-batch sizes of the captured step of bucket b with m micro-batches."""
+        return self._graphs[(b, m)][2]
+
     def capture(self, b: int, m: int) -> None:
+        """Warm up (two real steps: with a remote FFN the expert nodes take part) and capture."""
         key = (b, m)
+        ffn = self.model.ffn
         self._reset_inputs()
+        sizes = [mb.token_ids.numel() for mb in split_micro_batches(self._inputs(b), m)]
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):  # warm-up: lazy initialisation, autotuning, workspaces
-                    self._step(b, m)
+                    self._step(b, m, hooks=True)
             torch.cuda.current_stream().wait_stream(side)
             g = torch.cuda.CUDAGraph()
+            ffn.begin_step(sizes, announce=False)  # shapes only: nothing real is enqueued while capturing
             with torch.cuda.graph(g, pool=self._pool):
-                out = self._step(b, m)
+                out = self._step(b, m, hooks=False)
+                if hasattr(ffn, "join"):
+                    ffn.join()
         except (RuntimeError, NotImplementedError) as e:
             self.failed.add(key)
             torch.cuda.synchronize()
             raise GraphCaptureError(f"decode step of batch {b}, {m} micro-batch(es) not capturable: {e}") from e
         self._pool = g.pool()
-        self._graphs[key] = (g, out)
+        self._graphs[key] = (g, out, sizes)
 
     def run(self, ids: list[int], positions: list[int], slot_blocks: list[int], slot_offsets: list[int],
             context_lens: list[int], tables: list[tuple[int, ...]], micro_batches: int) -> torch.Tensor:
@@ -118,6 +133,11 @@ class DecodeGraphs:
             raise GraphCaptureError(f"batch {batch} is past the captured sizes (max {self.max_batch})")
         m = max(1, min(micro_batches, b))
         key = (b, m)
+        ffn = self.model.ffn
+        if getattr(ffn, "generation", 0) != self._generation:  # the FFN's peers were joined again
+            self._graphs.clear()
+            self._pool = None
+            self._generation = getattr(ffn, "generation", 0)
         if key in self.failed:
             raise GraphCaptureError(f"batch {b}, {m} micro-batch(es) failed to capture before")
         if key not in self._graphs:
@@ -139,6 +159,10 @@ class DecodeGraphs:
         tab[:batch, :width] = torch.tensor([(*t, *(self.scratch,) * (width - len(t))) for t in tables], dtype=torch.int64)
         self._vec[:, :b].copy_(vec[:, :b], non_blocking=True)
         self._tables[:b].copy_(tab[:b], non_blocking=True)
-        g, out = self._graphs[key]
+        g, out, sizes = self._graphs[key]
+        ffn.begin_step(sizes)  # remote: the expert nodes run the matching step
         g.replay()
+        if hasattr(ffn, "after_replay"):
+            ffn.after_replay()
+        ffn.end_step()  # bounded wait for the step's last partial sums
         return out[:batch]

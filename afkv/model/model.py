@@ -33,7 +33,9 @@ class FFNBackend(Protocol):
     (colocated) or a transport to expert nodes (disaggregated). `begin_step` announces the
     micro-batch sizes of a step before its first submit."""
 
-    def begin_step(self, mb_sizes: list[int]) -> None: ...
+    def begin_step(self, mb_sizes: list[int], announce: bool = True) -> None:
+        """`announce=False` sets the step's shapes without telling peers (CUDA-graph capture)."""
+        ...
 
     def end_step(self) -> None:
         """Called after the step's last result: may wait for it (bounded) and raise on a lost peer."""
@@ -53,10 +55,12 @@ class _Done:
 class LocalFFN:
     """Colocated backend: the FFN side runs in this process, at submit time."""
 
+    graph_safe = True  # a step's GPU work can be captured in a CUDA graph
+
     def __init__(self, ffn: FFNSide):
         self.ffn = ffn
 
-    def begin_step(self, mb_sizes: list[int]) -> None:
+    def begin_step(self, mb_sizes: list[int], announce: bool = True) -> None:
         pass
 
     def end_step(self) -> None:
@@ -114,10 +118,13 @@ class Model:
         self.spec, self.attn, self.ffn = spec, attn, ffn
         self.timings = LayerTimings()
 
-    def forward(self, inputs: StepInputs, kv: torch.Tensor, micro_batches: int = 1) -> torch.Tensor:
-        """One step over the flattened chunks of all scheduled sequences -> hidden states [T, H]."""
+    def forward(self, inputs: StepInputs, kv: torch.Tensor, micro_batches: int = 1, hooks: bool = True) -> torch.Tensor:
+        """One step over the flattened chunks of all scheduled sequences -> hidden states [T, H].
+        `hooks=False` leaves the FFN backend's begin_step/end_step to the caller (a CUDA graph
+        captures only the GPU work; the step is announced and awaited around each replay)."""
         mbs = split_micro_batches(inputs, micro_batches)
-        self.ffn.begin_step([mb.token_ids.numel() for mb in mbs])
+        if hooks:
+            self.ffn.begin_step([mb.token_ids.numel() for mb in mbs])
         hs = [self.attn.embed(mb.token_ids) for mb in mbs]  # m x [T_i, H]
         pending: list[FFNHandle | None] = [None] * len(mbs)
         t = self.timings
@@ -134,7 +141,8 @@ class Model:
                 t.wait_s += t1 - t0
                 t.attention_s += time.perf_counter() - t1
         hs = [h + p.result() for h, p in zip(hs, pending)]
-        self.ffn.end_step()
+        if hooks:
+            self.ffn.end_step()
         return hs[0] if len(hs) == 1 else torch.cat(hs)
 
 
@@ -161,10 +169,14 @@ def load_attention_side(model_dir: str | Path, device: torch.device, dtype: torc
 
 
 def load_ffn_side(spec: ModelSpec, model_dir: str | Path, device: torch.device, dtype: torch.dtype,
-                  expert_ids: frozenset[int] | None = None, dense_layers: frozenset[int] | None = None) -> FFNSide:
+                  expert_ids: frozenset[int] | dict[int, frozenset[int]] | None = None,
+                  dense_layers: frozenset[int] | None = None,
+                  expert_tensors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None) -> FFNSide:
+    """`expert_ids`: all, the same ids in every layer, or per layer; `expert_tensors`: (layer,
+    expert) -> tensors at hand, not read from the checkpoint (see FFNSide)."""
     _, reader = open_checkpoint(model_dir, spec.upcycle)
     try:
-        return FFNSide(spec, reader, device, dtype, expert_ids, dense_layers)
+        return FFNSide(spec, reader, device, dtype, expert_ids, dense_layers, expert_tensors)
     finally:
         reader.close()
 

@@ -14,16 +14,21 @@ Load balancing (EPLB, CPU data plane): the node counts tokens per (layer, logica
 in a sliding window (`stats` reports it as `loads`). Its placement (which experts it
 holds, an epoch) changes by control messages from the coordinator (attention node 0):
 
-    eplb_prepare {placement}  load the new placement's experts, keeping the old ones
-    eplb_commit  {epoch}      the prepared placement is current: drop what it does not hold
-    eplb_set     {placement}  prepare + commit at once (a node rejoining after a restart)
-    eplb_placement            -> the current placement (attention nodes that missed a change)
+    eplb_prepare {placement, peers}  take the new placement's experts, keeping the old ones
+    eplb_commit  {epoch}             the prepared placement is current: drop what it does not hold
+    eplb_set     {placement, peers}  prepare + commit at once (a node rejoining after a restart)
+    eplb_placement                   -> the current placement (attention nodes that missed a change)
+    expert_weights {pieces}          -> tensors of held experts (another expert node gaining them)
 
 An ffn request naming an expert this node does not hold is answered {"type": "stale"}
 (the sender's placement is older): the sender fetches the placement and re-sends. Every
-ffn answer carries the node's epoch. Weights come from the checkpoint (on the worker
-thread, serialised with FFN compute, so a step never sees half a placement); on GPUs
-they would be copied from a node holding them over NCCL.
+ffn answer carries the node's epoch.
+
+Weights of a gained expert are copied from a live node holding it (`peers`: live expert
+nodes' addresses; afkv.nodes.transfer, raw tensor frames on the CPU data plane); only
+experts no live peer can give are read from the checkpoint. Each layer holds exactly the
+experts of its slots (per-layer sets). The new FFN side is built on the worker thread,
+serialised with FFN compute, so a step never sees half a placement.
 """
 
 from __future__ import annotations
@@ -38,11 +43,12 @@ from pathlib import Path
 import torch
 
 from afkv.eplb.stats import LoadWindow
-from afkv.errors import FrameError
+from afkv.errors import FrameError, PeerLostError
 from afkv.model.model import load_ffn_side
 from afkv.model.sides import FFNSide
 from afkv.model.spec import ModelSpec
 from afkv.nodes.placement import ExpertPlacement
+from afkv.nodes.transfer import ControlPlaneTransfer, ExpertKey, ExpertTensors, WeightTransfer, export_pieces
 from afkv.transport.control import ControlConnection, ControlLimits, ControlServer
 from afkv.transport.tensors import pack_tensor, unpack_tensor
 
@@ -72,6 +78,9 @@ class ExpertStats:
     batches: int = 0
     compute_s: float = 0.0
     tokens_per_expert: dict[tuple[int, int], int] = field(default_factory=dict)  # (layer, expert) -> tokens
+    experts_received: int = 0  # (layer, expert) copies received from other expert nodes
+    received_bytes: int = 0
+    experts_from_checkpoint: int = 0  # gained experts no live peer could give (start-up not counted)
 
 
 class ExpertNode:
@@ -88,11 +97,15 @@ class ExpertNode:
         self._recv_buffers: dict[tuple, tuple] = {}  # (attention, slot, capacity, k) -> static x, ids, w
         self._buffer_read: dict[tuple, torch.cuda.Event] = {}  # same key -> end of the last FFN reading them
         self._gpu_events: list[tuple] = []  # (start, end) CUDA events of FFN compute, summed lazily
+        self.cuda_graphs = True  # steps over NCCL replay CUDA graphs after one eager step
+        self._step_graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # (attention, caps) -> captured step
+        self._step_counts: dict[tuple, int] = {}
+        self._graph_pool = None
         self.device, self.dtype, self.token, self.host = device, dtype, token or None, host
         self.stats = ExpertStats()
         self.window = LoadWindow(spec.num_layers, placement.sentinel, window_s)
         self._prepared: ExpertPlacement | None = None  # an eplb_prepare waiting for its commit
-        self._loaded: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())  # experts, dense layers
+        self._loaded: tuple[dict[int, frozenset[int]], frozenset[int]] = ({}, frozenset())  # per-layer experts, dense
         self._ffn: FFNSide | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._server: ControlServer | None = None
@@ -152,6 +165,10 @@ class ExpertNode:
         if kind == "step":  # GPU data plane: receive, compute and answer one whole step
             return await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._gpu_step, conn.peer.node_id, [int(c) for c in msg["caps"]])
+        if kind == "ffn_time":  # benchmarks: one step's FFN compute alone on this node's GPU
+            seconds = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._ffn_time, [int(c) for c in msg["caps"]], int(msg.get("reps", 10)))
+            return {"type": "ffn_time", "seconds": seconds}
         if kind == "nccl_init":
             # Answer at once, then join on the worker thread (it blocks until the attention node
             # joins too); "step" messages queue behind it on the same thread.
@@ -168,11 +185,20 @@ class ExpertNode:
             return {"type": "stats", "index": self.index, "requests": s.requests, "tokens": s.tokens,
                     "batches": s.batches, "compute_s": s.compute_s, "epoch": self.placement.epoch,
                     "loads": pack_tensor(loads), "window_s": self.window.window_s,
+                    "experts_received": s.experts_received, "received_bytes": s.received_bytes,
+                    "experts_from_checkpoint": s.experts_from_checkpoint,
                     "tokens_per_expert": [[l, e, n] for (l, e), n in s.tokens_per_expert.items()]}
         if kind in ("eplb_prepare", "eplb_commit", "eplb_set"):
             return await self._eplb(kind, msg)
         if kind == "eplb_placement":
             return {"type": "placement", "placement": self.placement.to_msg()}
+        if kind == "expert_weights":
+            try:
+                pieces, max_bytes = list(msg["pieces"]), int(msg["max_bytes"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise FrameError(f"malformed expert_weights request: {exc}") from exc
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, export_pieces, self._held_weights, pieces, max_bytes)
         if kind == "shutdown":
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.aclose()))
             return {"type": "bye"}
@@ -218,29 +244,108 @@ class ExpertNode:
         if new.num_nodes != self.placement.num_nodes or new.num_layers != self.spec.num_layers:
             raise FrameError(f"{kind}: placement for {new.num_nodes} nodes / {new.num_layers} layers, this "
                              f"deployment has {self.placement.num_nodes} / {self.spec.num_layers}")
+        try:
+            peers = {int(j): (str(h), int(p)) for j, h, p in msg.get("peers", ()) if int(j) != self.index}
+        except (TypeError, ValueError) as exc:
+            raise FrameError(f"malformed peers of {kind}: {exc}") from exc
         if kind == "eplb_prepare":
             if new.epoch <= self.placement.epoch:
                 raise FrameError(f"eplb_prepare of epoch {new.epoch}, not newer than {self.placement.epoch}")
-            await loop.run_in_executor(self._executor, self._load, new, self.placement)
+            received = await self._receive(new, peers)
+            await loop.run_in_executor(self._executor, self._load, new, self.placement, received)
             self._prepared = new
         elif new.epoch >= self.placement.epoch:  # commit, or set: never go back to an older placement
-            await loop.run_in_executor(self._executor, self._load, new, None)
+            received = await self._receive(new, peers) if kind == "eplb_set" else {}
+            await loop.run_in_executor(self._executor, self._load, new, None, received)
             self.placement, self._prepared = new, None
         return {"type": "ok", "epoch": self.placement.epoch}
 
-    def _load(self, placement: ExpertPlacement, keep: ExpertPlacement | None) -> None:
-        """Worker thread: hold what `placement` gives this node (plus what `keep` gives it)."""
-        experts = placement.experts_of(self.index)
+    def _transfer(self, peers: dict[int, tuple[str, int]]) -> WeightTransfer:
+        return ControlPlaneTransfer(peers, f"expert{self.index}", self.token, self._executor, self.device,
+                                    self.peer_timeout_s)
+
+    async def _receive(self, new: ExpertPlacement, peers: dict[int, tuple[str, int]]) -> dict[ExpertKey, ExpertTensors]:
+        """Tensors of the routed experts `new` gives this node and it lacks, from live peers
+        holding them (by the current placement, then by `new`); what none can give is left
+        to the checkpoint."""
+        held = self._loaded[0]
+        gained = [(layer, e) for layer, ids in enumerate(new.held(self.index)) if self.spec.sparse_layers[layer]
+                  for e in sorted(ids - held.get(layer, frozenset()))]
+        if not gained or not peers:
+            return {}
+
+        def holders(p: ExpertPlacement, key: ExpertKey) -> list[int]:
+            return [int(j) for j in p.replica_nodes[key] if int(j) in peers] if key[1] < p.sentinel else []
+
+        candidates = {k: list(dict.fromkeys(holders(self.placement, k) + holders(new, k))) for k in gained}
+        transfer = self._transfer(peers)
+        received: dict[ExpertKey, ExpertTensors] = {}
+        while True:
+            by_source: dict[int, list[ExpertKey]] = {}
+            for key, sources in candidates.items():
+                if key not in received and sources:
+                    by_source.setdefault(sources[0], []).append(key)
+            if not by_source:
+                break
+            results = await asyncio.gather(*(transfer.fetch(j, keys) for j, keys in by_source.items()),
+                                           return_exceptions=True)
+            for (j, keys), r in zip(by_source.items(), results):
+                if isinstance(r, PeerLostError):
+                    log.warning("expert node %d: no weights from expert node %d: %s", self.index, j, r)
+                    for sources in candidates.values():
+                        if j in sources:
+                            sources.remove(j)
+                    continue
+                if isinstance(r, BaseException):
+                    raise r
+                got, missing = r
+                received |= got
+                for key in missing:
+                    candidates[key].remove(j)
+        self.stats.experts_received += len(received)
+        self.stats.received_bytes += sum(t.numel() * t.element_size() for pair in received.values() for t in pair)
+        log.info("expert node %d: received %d of %d gained experts from peers", self.index, len(received),
+                 len(gained))
+        return received
+
+    def _held_weights(self, layer: int, expert: int) -> ExpertTensors:
+        """Worker thread: a held routed expert's tensors (KeyError when not held)."""
+        if not 0 <= layer < self.spec.num_layers or not self.spec.sparse_layers[layer]:
+            raise KeyError((layer, expert))
+        return self._ffn.expert_weights(layer, expert)
+
+    def _load(self, placement: ExpertPlacement, keep: ExpertPlacement | None,
+              received: dict[ExpertKey, ExpertTensors] | None = None) -> None:
+        """Worker thread: hold what `placement` gives this node (plus what `keep` gives it),
+        per layer. Experts held now and those `received` are reused; the rest are read from
+        the checkpoint."""
+        per_layer = placement.held(self.index)
         dense = placement.dense_layers_of(self.index)
         if keep is not None:
-            experts, dense = experts | keep.experts_of(self.index), dense | keep.dense_layers_of(self.index)
+            per_layer = tuple(a | b for a, b in zip(per_layer, keep.held(self.index)))
+            dense = dense | keep.dense_layers_of(self.index)
+        experts = {layer: ids for layer, ids in enumerate(per_layer) if ids}
         if self._ffn is not None and (experts, dense) == self._loaded:
             return
         t0 = time.perf_counter()
-        self._ffn = load_ffn_side(self.spec, self.model_dir, self.device, self.dtype, experts, dense)
+        tensors = dict(received or {})
+        read = 0
+        for layer, ids in experts.items():
+            if not self.spec.sparse_layers[layer]:
+                continue
+            for e in ids:
+                if (layer, e) not in tensors and self._ffn is not None and e in self._ffn.experts[layer]:
+                    tensors[(layer, e)] = self._ffn.expert_weights(layer, e)
+                elif (layer, e) not in tensors:
+                    read += 1
+        self._ffn = load_ffn_side(self.spec, self.model_dir, self.device, self.dtype, experts, dense, tensors)
+        if self._loaded[0] or self._loaded[1]:  # not the start-up load
+            self.stats.experts_from_checkpoint += read
         self._loaded = (experts, dense)
-        log.info("expert node %d (epoch %d): experts %s, dense/shared layers %s, loaded in %.2f s", self.index,
-                 placement.epoch, sorted(experts), sorted(dense), time.perf_counter() - t0)
+        log.info("expert node %d (epoch %d): %d (layer, expert) pairs, dense/shared layers %s, %d read from the "
+                 "checkpoint, %d received, in %.2f s", self.index, placement.epoch,
+                 sum(len(ids) for ids in experts.values()), sorted(dense), read, len(received or {}),
+                 time.perf_counter() - t0)
 
     def _holds(self, p: _Pending) -> bool:
         """Worker thread: whether every pair of `p` names an expert (or dense part) held here."""
@@ -301,6 +406,9 @@ class ExpertNode:
         old = self._nccl.pop(attention, None)
         if old is not None:  # the attention node joins again after a failed step: drop what is left in flight
             abort_all(list(old), timeout_s=30.0)
+            for key in [k for k in self._step_graphs if k[0] == attention]:  # captured on the old communicators
+                del self._step_graphs[key]
+            self._step_counts = {k: n for k, n in self._step_counts.items() if k[0] != attention}
         ids = self.store.get(key).decode().split("\n")
         self._nccl[attention] = (NcclPeer(ids[0], 1, self.device), NcclPeer(ids[1], 1, self.device))
         self._recv_stream = torch.cuda.Stream(self.device)
@@ -308,13 +416,48 @@ class ExpertNode:
 
     @torch.inference_mode()
     def _gpu_step(self, attention: str, caps: list[int]) -> None:
-        """Worker thread: enqueue, for every layer and micro-batch, recv -> FFN -> send back.
-        Buffers have the capacities the attention node announced; padding rows name expert
-        `num_experts` (held by nobody) with weight 0."""
+        """Worker thread: one step of an attention node over NCCL: for every layer and
+        micro-batch, recv -> FFN -> send back. The first step of given capacities runs
+        eagerly (it warms up the kernels); the second is captured as a CUDA graph, replayed
+        from then on. Buffers have the capacities the attention node announced; padding rows
+        name expert `num_experts` (held by nobody) with weight 0."""
         self._sum_gpu_events(wait=False)
+        key = (attention, tuple(caps))
+        graph = self._step_graphs.get(key)
+        if graph is None and self.cuda_graphs and self._step_counts.get(key, 0) >= 1:
+            graph = self._capture_step(attention, caps)
+        self._step_counts[key] = self._step_counts.get(key, 0) + 1
+        if graph is not None:
+            graph.replay()  # FFN time of replayed steps: the `ffn_time` request measures it apart
+        else:
+            self._enqueue_step(attention, caps, timed=True)
+        self.stats.requests += 1
+        self.stats.tokens += sum(caps)
+
+    def _capture_step(self, attention: str, caps: list[int]):
+        """A CUDA graph of one step's receives, FFNs and sends, or None when capture fails."""
+        torch.cuda.current_stream(self.device).synchronize()  # the eager step before must be done
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g, pool=self._graph_pool):
+                self._enqueue_step(attention, caps, timed=False)
+        except RuntimeError as e:
+            log.warning("expert node %d: step of %s not capturable, running eagerly: %s", self.index, caps, e)
+            self.cuda_graphs = False
+            return None
+        self._graph_pool = g.pool()
+        self._step_graphs[(attention, tuple(caps))] = g
+        return g
+
+    def _enqueue_step(self, attention: str, caps: list[int], timed: bool) -> None:
         dispatch, combine = self._nccl[attention]
         compute = torch.cuda.current_stream(self.device)
+        begin = torch.cuda.Event()
+        begin.record(compute)  # the side streams fork from here (and join below): capturable
+        self._recv_stream.wait_event(begin)
+        self._send_stream.wait_event(begin)
         hidden = self.spec.hidden_size
+        keep = []  # outputs stay referenced until the step is enqueued: a send may still read them
         for layer in range(self.spec.num_layers):
             k = self.spec.layer_top_k(layer)
             for slot, cap in enumerate(caps):
@@ -336,18 +479,62 @@ class ExpertNode:
                 arrived = torch.cuda.Event()
                 arrived.record(self._recv_stream)
                 compute.wait_event(arrived)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record(compute)
+                if timed:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record(compute)
                 y = self._ffn.forward(layer, x, ids.long(), w)  # [cap, H]
-                end.record(compute)
-                self._gpu_events.append((start, end))
-                self._send_stream.wait_event(end)
+                read = torch.cuda.Event()
+                read.record(compute)
+                if timed:
+                    end.record(compute)
+                    self._gpu_events.append((start, end))
+                self._send_stream.wait_event(read)
                 with torch.cuda.stream(self._send_stream):
                     combine.send(y, self._send_stream)
+                keep.append(y)
+                self._buffer_read[key] = read
+        compute.wait_stream(self._send_stream)
+        compute.wait_stream(self._recv_stream)
+        if timed:
+            for y in keep:
                 y.record_stream(self._send_stream)
-                self._buffer_read[key] = end
-        self.stats.requests += 1
-        self.stats.tokens += sum(caps)
+
+    @torch.inference_mode()
+    def _ffn_time(self, caps: list[int], reps: int) -> float:
+        """Worker thread: seconds of one step's FFN compute alone (every layer and micro-batch
+        at these capacities, no transfers), median of `reps` CUDA-graph replays."""
+        hidden = self.spec.hidden_size
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        inputs = []
+        for layer in range(self.spec.num_layers):
+            k = self.spec.layer_top_k(layer)
+            for cap in caps:
+                x = torch.randn(cap, hidden, generator=gen, device=self.device).to(self.dtype) * 0.1
+                ids = torch.randint(0, self.spec.num_experts or 1, (cap, k), generator=gen, device=self.device)
+                inputs.append((layer, x, ids, torch.full((cap, k), 1.0 / k, device=self.device)))
+
+        def run():
+            for layer, x, ids, w in inputs:
+                self._ffn.forward(layer, x, ids, w)
+
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            run()  # warm-up
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            run()
+        times = []
+        for _ in range(reps + 1):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        del g
+        return sorted(times[1:])[reps // 2]
 
     def _sum_gpu_events(self, wait: bool) -> None:
         """Worker thread: add finished FFN timings to the stats (all of them when `wait`)."""

@@ -77,6 +77,9 @@ class NcclFFN:
         self._last_done: torch.cuda.Event | None = None  # combine event of the step's last submit
         self._broken: PeerLostError | None = None  # set when a step timed out and aborted the communicators
         self._store, self._rank = None, 0
+        self.generation = 0  # communicator generation: +1 on every (re)join
+
+    graph_safe = True  # a step's GPU work (sends, receives, waits) can be captured in a CUDA graph
 
     @classmethod
     async def connect(cls, control: RemoteFFN, spec: ModelSpec, store, rank: int, device: torch.device,
@@ -109,6 +112,7 @@ class NcclFFN:
         self._dispatch, self._combine = dispatch, combine
         self._buffers.clear()  # y buffers are per peer count; make them anew
         self._broken = None
+        self.generation += 1  # CUDA graphs captured on the old communicators are void
 
     def end_step(self) -> None:
         """Worker thread: wait for the step's last partial sums, at most timeout_s. An expert node
@@ -128,14 +132,31 @@ class NcclFFN:
                 raise self._broken
             time.sleep(0.0002)
 
-    def begin_step(self, mb_sizes: list[int]) -> None:
+    def begin_step(self, mb_sizes: list[int], announce: bool = True) -> None:
+        """Set the step's capacities and tell every expert node (step metadata). Without
+        `announce` only the shapes are set: a CUDA graph capturing the step enqueues nothing
+        real, and the step is announced before each replay."""
         if self._broken is not None:  # the last step aborted the communicators: join again
             self._join_all()
         self._caps = [capacity(n) for n in mb_sizes]
         self._submits = 0
+        if not announce:
+            return
         msg = {"type": "step", "caps": self._caps}
         for j in range(len(self._dispatch)):
             asyncio.run_coroutine_threadsafe(self.control._notify(j, msg), self.control.loop)
+
+    def after_replay(self) -> None:
+        """A replayed graph's events do not mark host-visible progress: end_step waits on an
+        event recorded after the replay instead."""
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        self._last_done = done
+
+    def join(self) -> None:
+        """The compute stream waits for this step's sends (a CUDA graph capture must end with
+        every stream it forked joined back)."""
+        torch.cuda.current_stream(self.device).wait_stream(self._send_stream)
 
     def submit(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> _NcclHandle:
         slot = self._submits % len(self._caps)
@@ -164,6 +185,7 @@ class NcclFFN:
                     peer.send(b.x, self._send_stream)
                     peer.send(b.ids, self._send_stream)
                     peer.send(b.w, self._send_stream)
+        self._recv_stream.wait_event(ready)  # forked from the compute stream: part of a graph capture
         with torch.cuda.stream(self._recv_stream):
             for peer, y in zip(self._combine, b.y):
                 peer.recv(y, self._recv_stream)
