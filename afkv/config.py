@@ -2,7 +2,8 @@
 
     [model]      path, dtype, device, cuda_graphs
     [upcycle]    sparse upcycling of a dense Llama checkpoint (the default model)
-    [kv]         block_size, num_blocks / device_memory_mib; tiers below the device: host_*,
+    [kv]         block_size, num_blocks / device_memory_mib, device_format / device_group_size /
+                 fp_window (quantized device tier); tiers below the device: host_*,
                  disk_*, spill_format / spill_group_size, eviction, prefetch_depth, io_threads
     [kv.pruning] policy (none | streaming | h2o), num_sink_tokens, window, budget
     [scheduler]  max_num_seqs, max_num_batched_tokens, max_model_len
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from afkv.errors import ConfigError
+from afkv.kv.device import DeviceQuant, staging_blocks_needed
 from afkv.kv.formats import FORMAT_NAMES, make_format
 from afkv.kv.layout import KVLayout
 from afkv.kv.pruning import KVPruning
@@ -28,6 +30,9 @@ from afkv.kv.tiers.config import TierConfig
 from afkv.kv.tiers.disk import HEADER_NBYTES
 from afkv.kv.tiers.policy import EVICTION_POLICIES
 from afkv.model.spec import UpcycleSpec
+
+
+DEVICE_FORMAT_NAMES = ("auto", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,9 @@ class KVConfig:
     eviction: str = "lru"  # lru | fifo, in host memory and on disk
     prefetch_depth: int = 4  # waiting requests whose blocks are read ahead from disk
     io_threads: int = 4  # disk I/O threads
+    device_format: str = "auto"  # auto (the model dtype) | int8 | int4: how the device tier stores full blocks
+    device_group_size: int = 16  # its quantization group: tokens (keys), head_dim channels (values)
+    fp_window: int = 0  # quantized device tier: recent tokens kept in full precision besides the partial block
     pruning: KVPruning = field(default_factory=KVPruning)  # [kv.pruning]: the default of every request
 
     @property
@@ -84,12 +92,52 @@ class KVConfig:
                  f"spill_group_size {g} must divide block_size {self.block_size} (key groups run along tokens)")
             need(self.spill_format != "int4" or g % 2 == 0, "kv.spill_group_size",
                  f"int4 packs two channels per byte: spill_group_size must be even, got {g}")
+        need(self.device_format in DEVICE_FORMAT_NAMES, "kv.device_format",
+             f"device_format must be one of {', '.join(DEVICE_FORMAT_NAMES)}, got {self.device_format!r}")
+        g = self.device_group_size
+        need(g > 0, "kv.device_group_size", f"device_group_size must be positive, got {g}")
+        need(self.fp_window >= 0, "kv.fp_window", f"fp_window must be >= 0, got {self.fp_window}")
+        if self.device_format != "auto":
+            need(self.block_size % g == 0, "kv.device_group_size",
+                 f"device_group_size {g} must divide block_size {self.block_size} (key groups run along tokens)")
+            need(self.device_format != "int4" or g % 2 == 0, "kv.device_group_size",
+                 f"int4 packs two channels per byte: device_group_size must be even, got {g}")
+            need(self.pruning.policy != "h2o", "kv.device_format",
+                 "H2O pruning rewrites cached slots in place: use device_format = \"auto\" with [kv.pruning] h2o")
         need(self.has_host_tier or not self.has_disk_tier, "kv.host_memory_mib",
              "a disk tier needs a host tier: disk blocks are staged in host memory")
         need(bool(self.disk_path) or not self.has_disk_tier, "kv.disk_path", "a disk tier needs disk_path")
         need(self.has_disk_tier or not self.disk_path, "kv.disk_capacity_mib",
              "disk_path is set but the disk tier has no size (disk_capacity_mib or disk_num_blocks)")
         self.pruning.validate(lambda ok, key, msg: need(ok, f"kv.pruning.{key}", msg))
+
+    def device_tier(self, layout: KVLayout, max_num_seqs: int, max_num_batched_tokens: int,
+                    source: str | None = None) -> tuple[int, DeviceQuant | None]:
+        """-> (device blocks, DeviceQuant or None for blocks in the model dtype). A quantized
+        device tier spends device_memory_mib on its staging blocks (full precision, sized for
+        max_num_seqs sequences and a step of max_num_batched_tokens: afkv.kv.device) and on
+        quantized blocks, so it holds about block_nbytes / quantized nbytes times more blocks
+        once the staging blocks are paid for. ConfigError naming file and key when it does not fit."""
+        budget = self.device_memory_mib * 2**20
+        if self.device_format == "auto":
+            return self.num_blocks or max(1, budget // layout.block_nbytes), None
+        g = self.device_group_size
+        if layout.head_dim % g:
+            raise ConfigError(f"device_group_size {g} must divide the model's head_dim {layout.head_dim} "
+                              "(value groups run along head_dim)", file=source, key="kv.device_group_size")
+        fmt = make_format(self.device_format, g, layout)
+        num_staging = staging_blocks_needed(layout.block_size, self.fp_window, max_num_seqs, max_num_batched_tokens)
+        quant = DeviceQuant(fmt, self.fp_window, num_staging)
+        if self.num_blocks:
+            return self.num_blocks, quant
+        staging_nbytes = num_staging * layout.block_nbytes
+        num_blocks = (budget - staging_nbytes) // fmt.nbytes
+        if num_blocks <= 0:
+            raise ConfigError(f"device_memory_mib {self.device_memory_mib} does not hold the {num_staging} full-precision "
+                              f"staging blocks of a {fmt.name} device tier ({staging_nbytes / 2**20:.1f} MiB for "
+                              f"max_num_seqs {max_num_seqs}, max_num_batched_tokens {max_num_batched_tokens}, "
+                              f"fp_window {self.fp_window}) plus one block", file=source, key="kv.device_memory_mib")
+        return num_blocks, quant
 
     def tier_config(self, layout: KVLayout, source: str | None = None) -> TierConfig | None:
         """The tiers below the device for blocks of `layout`, or None (device only).

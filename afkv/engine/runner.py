@@ -14,6 +14,7 @@ import torch
 from afkv.model.graphs import DecodeGraphs, GraphCaptureError
 from afkv.model.model import Model
 from afkv.model.sides import DecodeRows, SeqChunk, StepInputs
+from afkv.ops.attention import QuantizedKVCache
 from afkv.ops.sampling import row_generator, sample_tokens, top_logprobs_batch
 
 log = logging.getLogger("afkv.runner")
@@ -56,8 +57,9 @@ def _decode_only(plan: list[ChunkPlan]) -> bool:
 
 
 class ModelRunner:
-    def __init__(self, model: Model, kv: torch.Tensor, block_size: int, device: torch.device, micro_batches: int = 1,
-                 graphs: DecodeGraphs | None = None, key_mass: torch.Tensor | None = None):
+    def __init__(self, model: Model, kv: torch.Tensor | QuantizedKVCache, block_size: int, device: torch.device,
+                 micro_batches: int = 1, graphs: DecodeGraphs | None = None, key_mass: torch.Tensor | None = None):
+        # kv: the device cache, or a quantized device tier (block ids in plans then name rows or staging blocks)
         self.model, self.kv, self.block_size, self.device = model, kv, block_size, device
         self.key_mass = key_mass  # [num_blocks, block_size] float32 (KVManager.key_mass), for H2O chunks
         self.micro_batches = micro_batches  # read once per step: the engine may change it between steps

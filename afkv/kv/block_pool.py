@@ -57,6 +57,10 @@ class BlockPool:
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
 
+    def block_hash(self, block_id: int) -> BlockHash | None:
+        """The hash a block is registered under, or None."""
+        return self._hash_of[block_id]
+
     def allocate(self, n: int) -> list[int] | None:
         """n fresh blocks with ref count 1, or None when fewer than n are free (nothing changes)."""
         if n > len(self._free):

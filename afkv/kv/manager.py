@@ -15,23 +15,38 @@ its kept tokens into the first blocks of its table with a copy on the worker, so
 sequence is *private*: it neither reuses nor registers prefix blocks, and no other sequence
 ever holds its blocks. A sequence that has pruned stops registering blocks (their content no
 longer matches their chained hash).
+
+Quantized device tier (afkv.kv.device, `quant`): pool blocks are rows of `blocks` (int8/int4);
+while a block is written and within its sequence's window it lives in a full-precision staging
+block of `kv` instead, and `block_table` names it num_blocks + staging slot (what attention
+reads, afkv.ops.attention.QuantizedKVCache). A block is quantized into its row (a worker job,
+submitted at flush before the step) when it is full and leaves the window of a sequence that
+holds it, or when its last holder releases it while it is registered (cached blocks are always
+quantized). Every table is quantized blocks first, then staging blocks: quantization always
+covers a prefix of a table, and blocks are shared only as common prefixes. H2O (which rewrites
+slots in place) is not available on a quantized device tier.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, wait
 
 import torch
 
 from afkv.kv.block_pool import BlockHash, BlockPool, chain_hash
+from afkv.kv.device import DeviceQuant
 from afkv.kv.layout import KVLayout
 from afkv.kv.metrics import KVMetrics, KVMetricsSnapshot, TierUsage
 from afkv.kv.pruning import KVPruning, h2o_keep, h2o_should_prune, streaming_drop
 from afkv.kv.tiers.config import TierConfig
 from afkv.kv.tiers.copier import InlineExecutor
 from afkv.kv.tiers.stack import TierStack, Where
+from afkv.ops.attention import QuantizedKVCache
+
+log = logging.getLogger("afkv.kv")
 
 
 class KVManager:
@@ -47,7 +62,11 @@ class KVManager:
     _private   sequence ids that register no blocks (H2O from the start; others once pruned)
     _compact   H2O compactions queued for the next flush: (old table, slots held, spec)
     _zero      blocks whose key mass is reset at the next flush (new blocks of H2O sequences)
-    _jobs      submitted pruning jobs not yet polled
+    _jobs      submitted pruning and quantization jobs not yet polled
+    _dropped   sequence id -> tokens pruning dropped from its cache (its slots = tokens - dropped)
+    _staging   block id -> its full-precision staging slot (quantized device tier: blocks not yet quantized)
+    _free_staging  free staging slots
+    _quantize  (staging slot, block id) copies queued for the next flush
 
 `key_mass` [num_blocks, block_size] float32: the attention mass each cached token received
 (H2O), accumulated by attention on the worker, moved with its token by compaction.
@@ -58,15 +77,27 @@ class KVManager:
 
     def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device, salt: bytes = b"",
                  tiers: TierConfig | None = None, worker: Executor | None = None,
-                 wakeup: Callable[[], None] | None = None):
+                 wakeup: Callable[[], None] | None = None, quant: DeviceQuant | None = None):
+        """quant: store full device blocks quantized (`kv` is then the staging blocks and
+        `blocks` the quantized rows)."""
         self.layout = layout
         self.salt = salt
-        self.kv = torch.zeros((num_blocks, *layout.block_shape), dtype=layout.dtype, device=device)
+        self.quant = quant
+        self.blocks: torch.Tensor | None = None  # uint8 [num_blocks, nbytes] (quantized device tier)
+        if quant is None:
+            self.kv = torch.zeros((num_blocks, *layout.block_shape), dtype=layout.dtype, device=device)
+            device_rows = self.kv
+        else:
+            assert quant.format.layout == layout
+            self.kv = torch.zeros((quant.num_staging_blocks, *layout.block_shape), dtype=layout.dtype, device=device)
+            self.blocks = torch.zeros((num_blocks, quant.format.nbytes), dtype=torch.uint8, device=device)
+            device_rows = self.blocks
         self.metrics = KVMetrics()
         self.tiers: TierStack | None = None
         self._tiers_closed = False
         if tiers is not None:
-            self.tiers = TierStack(tiers, self.kv, worker or InlineExecutor(), self.metrics, wakeup)
+            self.tiers = TierStack(tiers, device_rows, worker or InlineExecutor(), self.metrics, wakeup,
+                                   device_format=None if quant is None else quant.format)
         self.pool = BlockPool(num_blocks, on_evict=self.tiers.demote if self.tiers else None)
         self._tables: dict[int, list[int]] = {}
         self._hashes: dict[int, list[BlockHash]] = {}
@@ -80,6 +111,24 @@ class KVManager:
         self._compact: list[tuple[tuple[int, ...], int, KVPruning]] = []
         self._zero: list[int] = []
         self._jobs: list[Future] = []
+        self._dropped: dict[int, int] = {}
+        self._staging: dict[int, int] = {}
+        self._free_staging: list[int] = list(range(quant.num_staging_blocks - 1, -1, -1)) if quant else []
+        self._quantize: list[tuple[int, int]] = []
+        self._warned_h2o = False
+
+    @property
+    def attention_cache(self) -> torch.Tensor | QuantizedKVCache:
+        """What the model's attention reads and writes: the device cache `kv`, or (quantized
+        device tier) the quantized rows with the staging blocks."""
+        if self.quant is None:
+            return self.kv
+        return QuantizedKVCache(self.blocks, self.kv, self.quant.format.spec, self.quant.max_tail_blocks)
+
+    @property
+    def num_free_staging_blocks(self) -> int:
+        """Quantized device tier: staging blocks free for new tokens (0 without one)."""
+        return len(self._free_staging)
 
     @property
     def capacity_tokens(self) -> int:
@@ -93,7 +142,13 @@ class KVManager:
         return self.tiers.config.prefetch_depth
 
     def block_table(self, seq_id: int) -> list[int]:
-        return self._tables[seq_id]
+        """The ids attention reads: pool block ids (quantized device tier: a block still in full
+        precision is num_blocks + its staging slot)."""
+        table = self._tables[seq_id]
+        if self.quant is None:
+            return table
+        nb = self.pool.num_blocks
+        return [nb + self._staging[b] if b in self._staging else b for b in table]
 
     def has(self, seq_id: int) -> bool:
         return seq_id in self._tables
@@ -109,6 +164,13 @@ class KVManager:
         call `settle` for what is usable once `is_loading` is False. `pruning`: how `prune`
         treats this sequence (an H2O sequence reuses no prefix: it starts empty)."""
         assert seq_id not in self._tables
+        if pruning is not None and pruning.needs_scores and self.quant is not None:
+            if not self._warned_h2o:
+                log.warning("H2O pruning rewrites cached slots in place: not available with a quantized "
+                            "device tier ([kv] device_format); such requests run without pruning")
+                self._warned_h2o = True
+            self.metrics.counters["pruning_unsupported"] += 1
+            pruning = None
         if pruning is not None and pruning.enabled:
             self._pruning[seq_id] = pruning
             if pruning.needs_scores:
@@ -134,6 +196,9 @@ class KVManager:
             hashes.append(h)
             parent = h
         self.metrics.counters["lookups"] += 1
+        if self.quant is not None:  # keep "quantized first": a row brought up after a staging block
+            last_row = max((j for j, b in enumerate(table) if b not in self._staging), default=-1)
+            self._quantize_prefix(table, last_row)
         return len(table) * bs
 
     def _bring_up(self, seq_id: int, index: int, h: BlockHash) -> int | None:
@@ -170,7 +235,7 @@ class KVManager:
         assert len(table) == len(hashes), "settle is for a matched prefix, before allocate"
         failed = self._failed.pop(seq_id, None)
         if failed is not None:
-            self.pool.release(table[failed:])
+            self._release(table[failed:])
             del table[failed:]
             del hashes[failed:]
         return len(table) * self.layout.block_size
@@ -202,29 +267,71 @@ class KVManager:
         return max(0, self.layout.num_blocks_for(num_tokens) - len(self._tables[seq_id]))
 
     def can_allocate(self, seq_id: int, num_tokens: int) -> bool:
-        return self.num_new_blocks(seq_id, num_tokens) <= self.pool.num_free_blocks
+        n = self.num_new_blocks(seq_id, num_tokens)
+        return n <= self.pool.num_free_blocks and (self.quant is None or n <= len(self._free_staging))
 
     def allocate(self, seq_id: int, num_tokens: int) -> bool:
-        """Grow the table to cover num_tokens; False (and no change) when the pool is short."""
-        blocks = self.pool.allocate(self.num_new_blocks(seq_id, num_tokens))
+        """Grow the table to cover num_tokens; False (and no change) when the pool (or, with a
+        quantized device tier, the staging pool) is short. New blocks are written in full
+        precision: on a quantized device tier each gets a staging slot."""
+        n = self.num_new_blocks(seq_id, num_tokens)
+        if self.quant is not None and n > len(self._free_staging):
+            self.metrics.counters["staging_full"] += 1
+            return False
+        blocks = self.pool.allocate(n)
         if blocks is None:
             return False
+        if self.quant is not None:
+            for block_id in blocks:
+                self._staging[block_id] = self._free_staging.pop()
         self._tables[seq_id].extend(blocks)
         if seq_id in self._pruning and self._pruning[seq_id].needs_scores:
             self._zero.extend(blocks)
         return True
 
     def commit(self, seq_id: int, token_ids: Sequence[int], num_computed: int) -> None:
-        """Register the blocks that became full and computed, so later prompts can share them."""
-        if seq_id in self._private:
-            return
+        """Register the blocks that became full and computed, so later prompts can share them;
+        quantized device tier: queue the quantization of the full blocks that left the window."""
         bs = self.layout.block_size
         table, hashes = self._tables[seq_id], self._hashes[seq_id]
-        while len(hashes) < num_computed // bs:
-            b = len(hashes)
-            h = chain_hash(hashes[-1] if hashes else None, token_ids[b * bs : (b + 1) * bs], self.salt)
-            self.pool.register(table[b], h)
-            hashes.append(h)
+        if seq_id not in self._private:
+            while len(hashes) < num_computed // bs:
+                b = len(hashes)
+                h = chain_hash(hashes[-1] if hashes else None, token_ids[b * bs : (b + 1) * bs], self.salt)
+                self.pool.register(table[b], h)
+                hashes.append(h)
+        if self.quant is not None:
+            num_slots = num_computed - self._dropped.get(seq_id, 0)
+            self._quantize_prefix(table, max(0, num_slots - self.quant.fp_window) // bs)
+
+    def _quantize_prefix(self, table: list[int], num_blocks: int) -> None:
+        """Queue the quantization of the staging blocks among table[:num_blocks] (all full)."""
+        for block_id in table[:num_blocks]:
+            slot = self._staging.pop(block_id, None)
+            if slot is not None:
+                self._quantize.append((slot, block_id))
+                self._free_staging.append(slot)
+
+    def _release(self, block_ids: Sequence[int]) -> None:
+        """Release blocks to the pool; a staging block whose last holder lets go is quantized
+        first when it is registered (the pool keeps it cached), else just dropped."""
+        self.pool.release(block_ids)
+        if self.quant is None:
+            return
+        for block_id in block_ids:
+            if block_id in self._staging and self.pool.ref_count(block_id) == 0:
+                slot = self._staging.pop(block_id)
+                if self.pool.block_hash(block_id) is not None:
+                    self._quantize.append((slot, block_id))
+                self._free_staging.append(slot)
+
+    def _run_quantize(self, copies: list[tuple[int, int]]) -> None:
+        """Worker: staging blocks -> their quantized device rows."""
+        device = self.kv.device
+        with torch.inference_mode():
+            slots = torch.tensor([s for s, _ in copies], dtype=torch.int64, device=device)  # [n]
+            ids = torch.tensor([b for _, b in copies], dtype=torch.int64, device=device)  # [n]
+            self.blocks.index_copy_(0, ids, self.quant.format.encode(self.kv.index_select(0, slots)))  # [n, nbytes]
 
     def free(self, seq_id: int) -> None:
         """Release a sequence's blocks (full ones stay cached, and are demoted to the tiers
@@ -239,8 +346,9 @@ class KVManager:
         self._failed.pop(seq_id, None)
         self._pruning.pop(seq_id, None)
         self._private.discard(seq_id)
+        self._dropped.pop(seq_id, None)
         if table:
-            self.pool.release(table)
+            self._release(table)
 
     # ---- pruning --------------------------------------------------------------------------
     def prune(self, seq_id: int, num_slots: int) -> int:
@@ -257,18 +365,20 @@ class KVManager:
             drop = streaming_drop(num_slots, bs, spec)
             if not drop:
                 return 0
-            self.pool.release(table[drop.start : drop.stop])
+            self._release(table[drop.start : drop.stop])
             del table[drop.start : drop.stop]
             dropped = len(drop) * bs
         else:
             if not h2o_should_prune(num_slots, bs, spec):
                 return 0
+            assert self.quant is None, "match_prefix turns H2O off on a quantized device tier"
             self._compact.append((tuple(table[: self.layout.num_blocks_for(num_slots)]), num_slots, spec))
             keep_blocks = self.layout.num_blocks_for(spec.budget)
-            self.pool.release(table[keep_blocks:])
+            self._release(table[keep_blocks:])
             del table[keep_blocks:]
             dropped = num_slots - spec.budget
         self._private.add(seq_id)
+        self._dropped[seq_id] = self._dropped.get(seq_id, 0) + dropped
         self.metrics.counters["pruned_tokens"] += dropped
         return dropped
 
@@ -325,6 +435,10 @@ class KVManager:
         if self._compact or self._zero:
             self._jobs.append(self._worker.submit(self._run_pruning, self._compact, self._zero))
             self._compact, self._zero = [], []
+        if self._quantize:  # before tier copies: a block demoted in this pass is read from its row
+            self._jobs.append(self._worker.submit(self._run_quantize, self._quantize))
+            self.metrics.counters["quantized_blocks"] += len(self._quantize)
+            self._quantize = []
         if self.tiers is not None:
             self.tiers.flush()
 
@@ -372,7 +486,9 @@ class KVManager:
 
     # ---- metrics and checks -------------------------------------------------------------------
     def metrics_snapshot(self) -> KVMetricsSnapshot:
-        device = TierUsage("device", "none", self.pool.num_held_blocks, self.pool.num_blocks, self.layout.block_nbytes)
+        fmt = self.quant.format if self.quant is not None else None
+        device = TierUsage("device", fmt.name if fmt else "none", self.pool.num_held_blocks, self.pool.num_blocks,
+                           fmt.nbytes if fmt else self.layout.block_nbytes)
         lower = self.tiers.usage() if self.tiers is not None else ()
         return self.metrics.snapshot((device, *lower))
 
@@ -394,5 +510,13 @@ class KVManager:
             if spec.needs_scores:  # H2O blocks are written in place: never shared
                 assert seq_id in self._private
                 assert all(self.pool.ref_count(b) == 1 for b in self._tables[seq_id]), f"H2O sequence {seq_id} shares a block"
+        if self.quant is not None:
+            slots = list(self._staging.values())
+            assert len(set(slots)) == len(slots) and not set(slots) & set(self._free_staging)
+            assert len(slots) + len(self._free_staging) == self.quant.num_staging_blocks, "staging slot leaked"
+            assert all(self.pool.ref_count(b) > 0 for b in self._staging), "a free block holds a staging slot"
+            for seq_id, table in self._tables.items():
+                staged = [b in self._staging for b in table]
+                assert staged == sorted(staged), f"sequence {seq_id}: a quantized block after a staging block"
         if self.tiers is not None:
             self.tiers.check_invariants()

@@ -22,7 +22,15 @@ import torch.nn.functional as F
 
 from afkv.model.spec import Family, ModelSpec
 from afkv.model.weights import CheckpointReader
-from afkv.ops.attention import paged_attention, paged_decode_attention, write_kv
+from afkv.ops.attention import (
+    QuantizedKVCache,
+    paged_attention,
+    paged_attention_quantized,
+    paged_decode_attention,
+    paged_decode_attention_quantized,
+    write_kv,
+    write_kv_quantized,
+)
 from afkv.ops.layers import Rotary, gated_mlp, rms_norm, route_topk
 
 
@@ -83,6 +91,25 @@ def decode_attention_for(q: torch.Tensor):
         if triton_attention.available():
             return triton_attention.paged_decode_attention
     return paged_decode_attention
+
+
+def _attend_quantized(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: StepInputs,
+                     cache: QuantizedKVCache, sliding_window: int | None) -> torch.Tensor:
+    """AttentionSide.attention over a quantized device tier: write this step's K/V into staging
+    blocks, attend decode rows in one call and other chunks one by one. q [T, Hq, D] -> [T, Hq, D].
+    (No H2O key mass here: the KV manager turns H2O off on such a tier.)"""
+    write_kv_quantized(cache, layer, inputs.slot_blocks, inputs.slot_offsets, k, v)
+    out = torch.empty_like(q)  # [T, Hq, D]
+    d = inputs.decode
+    if d is not None:
+        out[d.rows] = paged_decode_attention_quantized(q[d.rows], cache, layer, d.block_tables, d.context_lens,
+                                                       sliding_window)
+    for c in inputs.chunks:
+        if d is not None and c.length == 1 and not c.score_keys:
+            continue
+        rows = slice(c.start, c.start + c.length)
+        out[rows] = paged_attention_quantized(q[rows], cache, layer, c.block_ids, c.context_len, sliding_window)
+    return out
 
 
 @dataclass
@@ -164,6 +191,9 @@ class AttentionSide:
         cos, sin = inputs.rope
         q = Rotary.apply(q, cos, sin)
         k = Rotary.apply(k, cos, sin)
+        if isinstance(kv, QuantizedKVCache):  # int8/int4 device tier: rows plus full-precision staging
+            out = _attend_quantized(i, q, k, v, inputs, kv, spec.sliding_window)  # [T, Hq, D]
+            return h + F.linear(out.flatten(1), w["o"])  # [T, H]
         write_kv(kv, i, inputs.slot_blocks, inputs.slot_offsets, k, v)
         out = torch.empty_like(q)  # [T, Hq, D]
         d = inputs.decode

@@ -21,7 +21,7 @@ from enum import Enum
 
 import torch
 
-from afkv.kv.formats import BlockFormat, RawFormat
+from afkv.kv.formats import BlockFormat, KiviFormat, RawFormat
 
 
 class Direction(Enum):
@@ -56,11 +56,21 @@ class Fence:
 
 
 class Copier:
-    """Copies between the device cache kv [num_blocks, *block_shape] and a host buffer
-    uint8 [num_slots, format.nbytes]. `run` is the only method, and it runs on the worker."""
+    """Copies between the device tier and a host buffer uint8 [num_slots, format.nbytes]. The
+    device tier is the cache kv [num_blocks, *block_shape] (device_format None), or rows uint8
+    [num_blocks, device_format.nbytes] of a quantized device format. When both sides use the
+    same format a block moves as its bytes, unchanged; otherwise it is decoded from one format
+    and encoded into the other. `run` is the only method, and it runs on the worker."""
 
-    def __init__(self, kv: torch.Tensor, host_buf: torch.Tensor, fmt: BlockFormat):
-        self.kv, self.buf, self.format = kv, host_buf, fmt
+    def __init__(self, kv: torch.Tensor, host_buf: torch.Tensor, fmt: BlockFormat,
+                 device_format: KiviFormat | None = None):
+        self.kv, self.buf, self.format, self.device_format = kv, host_buf, fmt, device_format
+        if device_format is None:
+            self.rows = kv.view(kv.shape[0], -1).view(torch.uint8)  # [num_blocks, block_nbytes], same memory
+            self.same = isinstance(fmt, RawFormat)
+        else:
+            self.rows = kv  # [num_blocks, device_format.nbytes]
+            self.same = fmt.digest == device_format.digest
         self.stream = torch.cuda.Stream(device=kv.device) if kv.is_cuda else None
 
     @torch.inference_mode()
@@ -81,29 +91,45 @@ class Copier:
         return BatchResult(time.perf_counter() - start, event)
 
     def _run_group(self, group: list[CopyOp]) -> None:
-        kv, buf, fmt = self.kv, self.buf, self.format
+        rows, buf, fmt = self.rows, self.buf, self.format
         cuda = self.stream is not None
         to_host = group[0].direction is Direction.TO_HOST
-        if isinstance(fmt, RawFormat):  # bytes as they are: one copy per block, no staging
+        if self.same:  # bytes as they are: one copy per block, no staging
             for op in group:
-                block = kv[op.block_id].view(-1).view(torch.uint8)  # [nbytes]
                 if to_host:
-                    buf[op.slot].copy_(block, non_blocking=cuda)
+                    buf[op.slot].copy_(rows[op.block_id], non_blocking=cuda)
                 else:
-                    block.copy_(buf[op.slot], non_blocking=cuda)
+                    rows[op.block_id].copy_(buf[op.slot], non_blocking=cuda)
             return
-        ids = torch.tensor([op.block_id for op in group], device=kv.device)  # [n]
+        ids = torch.tensor([op.block_id for op in group], device=rows.device)  # [n]
         if to_host:
-            rows = fmt.encode(kv.index_select(0, ids))  # [n, nbytes] on the device
+            encoded = fmt.encode(self._device_blocks(ids))  # [n, nbytes] on the device
             for i, op in enumerate(group):  # one transfer per block (pinned memory on CUDA)
-                buf[op.slot].copy_(rows[i], non_blocking=cuda)
+                buf[op.slot].copy_(encoded[i], non_blocking=cuda)
             return
-        rows = torch.empty((len(group), fmt.nbytes), dtype=torch.uint8, device=kv.device)  # [n, nbytes]
+        staged = torch.empty((len(group), fmt.nbytes), dtype=torch.uint8, device=rows.device)  # [n, nbytes]
         for i, op in enumerate(group):
-            rows[i].copy_(buf[op.slot], non_blocking=cuda)
-        out = torch.empty((len(group), *kv.shape[1:]), dtype=kv.dtype, device=kv.device)  # [n, *block_shape]
-        fmt.decode(rows, out)
-        kv.index_copy_(0, ids, out)
+            staged[i].copy_(buf[op.slot], non_blocking=cuda)
+        blocks = torch.empty((len(group), *self._block_shape()), dtype=self._dtype(), device=rows.device)
+        fmt.decode(staged, blocks)  # [n, *block_shape]
+        if self.device_format is None:
+            self.kv.index_copy_(0, ids, blocks)
+        else:
+            rows.index_copy_(0, ids, self.device_format.encode(blocks))
+
+    def _device_blocks(self, ids: torch.Tensor) -> torch.Tensor:
+        """Device blocks `ids` [n] -> [n, *block_shape] in full precision."""
+        if self.device_format is None:
+            return self.kv.index_select(0, ids)
+        out = torch.empty((ids.shape[0], *self._block_shape()), dtype=self._dtype(), device=ids.device)
+        self.device_format.decode(self.rows.index_select(0, ids), out)
+        return out
+
+    def _block_shape(self) -> tuple[int, ...]:
+        return tuple(self.kv.shape[1:]) if self.device_format is None else self.device_format.layout.block_shape
+
+    def _dtype(self) -> torch.dtype:
+        return self.kv.dtype if self.device_format is None else self.device_format.layout.dtype
 
 
 def _groups(ops: list[CopyOp]) -> Iterator[list[CopyOp]]:

@@ -5,7 +5,8 @@
 
 - demote: a cached device block (ref count 0, hashed) whose slot the pool reuses is copied
   to host memory first, in the tier format (quantized on the way down when the format is
-  int8/int4). A full host tier evicts its least recently used entry; with a disk tier,
+  int8/int4; a quantized device block whose format equals the tier's moves as its bytes).
+  A full host tier evicts its least recently used entry; with a disk tier,
   every block entering host memory is also written to disk, so evicting it from host loses
   nothing. The disk tier, the last one, deletes its least recently used files.
 - promote: host -> device copy into a freshly allocated device block (dequantized).
@@ -34,6 +35,7 @@ import torch
 
 from afkv.errors import CorruptBlockError, KVError
 from afkv.kv.block_pool import BlockHash
+from afkv.kv.formats import KiviFormat
 from afkv.kv.metrics import KVMetrics, TierUsage
 from afkv.kv.tiers.config import TierConfig
 from afkv.kv.tiers.copier import Copier, CopyOp, Direction, Fence
@@ -81,7 +83,9 @@ class TierStack:
     """
 
     def __init__(self, config: TierConfig, kv: torch.Tensor, worker: Executor, metrics: KVMetrics,
-                 wakeup: Callable[[], None] | None = None):
+                 wakeup: Callable[[], None] | None = None, device_format: KiviFormat | None = None):
+        """kv: the device tier, as the Copier takes it (the cache, or quantized rows of
+        `device_format`)."""
         self.config = config
         self.metrics = metrics
         self.host = HostTier(config.format, config.host_num_blocks, config.eviction, pin_memory=kv.is_cuda)
@@ -92,7 +96,7 @@ class TierStack:
                                       config.disk_capacity_key)
             self._io = ThreadPoolExecutor(config.io_threads, thread_name_prefix="afkv-kv-io")
         self._fileio = default_fileio()
-        self._copier = Copier(kv, self.host.buf, config.format)
+        self._copier = Copier(kv, self.host.buf, config.format, device_format)
         self._worker = worker
         self._wakeup = wakeup
         self._loop: asyncio.AbstractEventLoop | None = None
