@@ -15,6 +15,7 @@ Each side reads only its own tensors from the checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -267,8 +268,15 @@ class _Expert:
 
 
 class FFNSide:
-    """Experts of every MoE layer (all, or the subset `expert_ids`) plus the shared experts
-    and dense MLPs of the layers in `dense_layers` (all layers when None)."""
+    """Experts of every MoE layer plus the shared experts and dense MLPs of the layers in
+    `dense_layers` (all layers when None).
+
+    `expert_ids` says which routed experts are held: None = all; a frozenset = the same ids
+    in every layer; a mapping layer -> frozenset = per layer (an expert node's slots; a
+    layer missing from it holds none). `expert_tensors` maps (layer, expert) to tensors
+    already at hand (gate_up [2I, H], down [H, I]: received from another expert node, or
+    held before a placement change); those are used instead of reading the checkpoint.
+    Upcycled dense layers always read their one MLP from the checkpoint."""
 
     def __init__(
         self,
@@ -276,10 +284,20 @@ class FFNSide:
         reader: CheckpointReader,
         device: torch.device,
         dtype: torch.dtype,
-        expert_ids: frozenset[int] | None = None,
+        expert_ids: frozenset[int] | Mapping[int, frozenset[int]] | None = None,
         dense_layers: frozenset[int] | None = None,
+        expert_tensors: Mapping[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         self.spec, self.device, self.dtype = spec, device, dtype
+        tensors = expert_tensors or {}
+
+        def held_in(layer: int, num_experts: int) -> list[int]:
+            if expert_ids is None:
+                return list(range(num_experts))
+            if isinstance(expert_ids, Mapping):
+                return sorted(expert_ids.get(layer, frozenset()))
+            return sorted(expert_ids)
+
         self.experts: list[dict[int, _Expert]] = []  # per layer: logical expert id -> weights
         self.dense: list[_Expert | None] = []  # per layer: dense MLP (dense layers)
         self.shared: list[tuple[_Expert, torch.Tensor] | None] = []  # per layer: shared expert + gate [1, H]
@@ -295,8 +313,12 @@ class FFNSide:
             experts: dict[int, _Expert] = {}
             dense = shared = stacked = None
             if spec.sparse_layers[i]:
-                held = range(spec.num_experts) if expert_ids is None else sorted(expert_ids)
-                experts = self._load_experts(reader, get, _moe_prefix(spec, reader, i), held)
+                held = held_in(i, spec.num_experts)
+                experts = {e: _Expert(*(t.to(device, dtype) for t in tensors[(i, e)]))
+                           for e in held if (i, e) in tensors}
+                missing = [e for e in held if e not in experts]
+                if missing:
+                    experts |= self._load_experts(reader, get, _moe_prefix(spec, reader, i), missing)
                 experts, stacked = self._stack(experts)
                 if with_dense and spec.shared_expert_intermediate_size:
                     m = _moe_prefix(spec, reader, i)
@@ -305,7 +327,7 @@ class FFNSide:
                     shared = (mlp, get(m + "shared_expert_gate.weight"))
             elif spec.upcycle is not None:
                 # Upcycled dense layer: every expert is the same dense MLP (shared tensors).
-                held = range(spec.upcycle.num_experts) if expert_ids is None else sorted(expert_ids)
+                held = held_in(i, spec.upcycle.num_experts)
                 if held:
                     mlp = _Expert.of(get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"), get(p + "mlp.down_proj.weight"))
                     experts = {e: mlp for e in held}
@@ -326,6 +348,11 @@ class FFNSide:
         routable = [spec.upcycle.num_experts if spec.upcycle is not None and not spec.sparse_layers[i] else spec.num_experts
                     for i in range(spec.num_layers)]
         self._one_mlp = [len(g) == 1 and len(e) == n for g, e, n in zip(self._groups, self.experts, routable)]
+
+    def expert_weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensors of a held routed expert: gate_up [2I, H], down [H, I]. KeyError if not held."""
+        mlp = self.experts[layer][expert]
+        return mlp.gate_up, mlp.down
 
     def _stack(self, experts: dict[int, _Expert]) -> tuple[dict[int, _Expert], _Stacked | None]:
         """Stack a layer's experts; the per-expert weights become views into the stack."""

@@ -6,16 +6,18 @@ the placement, so epochs never fork. Any attention node may read the load statis
     loads()      every live expert node's sliding-window counts, summed -> [L, E]
     rebalance()  1. loads -> afkv.eplb.rebalance over the live nodes' slots -> new placement
                     (epoch + 1; replicas of one expert spread over distinct nodes)
-                 2. eplb_prepare to every live node: it loads the experts it gains and
-                    keeps the old ones, so both placements are served meanwhile
+                 2. eplb_prepare to every live node, with the live nodes' addresses: it
+                    copies the experts it gains from a live node holding them (the
+                    checkpoint only when none can) and keeps the old ones, so both
+                    placements are served meanwhile
                  3. switch: this attention node adopts the placement on its model worker
                     thread, i.e. between two steps (no step sees two placements)
                  4. eplb_commit: nodes drop what the new placement does not give them.
                     Other attention nodes learn the new epoch from the next answer (or a
                     "stale" answer) and fetch it; no request is dropped, outputs do not change.
 
-On the CPU data plane weights come from the checkpoint; the steps are the same on GPUs,
-where step 2 would copy weights from a holding node over NCCL.
+Weights move between expert nodes through afkv.nodes.transfer (raw tensor frames over the
+control plane on CPUs; the same request with NCCL moving the bytes on GPUs).
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ class Balancer:
         after = new.node_loads(loads)[router][:, live]  # [L_moe, N_live]
         added = sum(len(n - o) for j in live for n, o in zip(new.held(j), old.held(j)))
 
-        msg = {"type": "eplb_prepare", "placement": new.to_msg()}
+        peers = [[j, *await remote.address(j)] for j in live]
+        msg = {"type": "eplb_prepare", "placement": new.to_msg(), "peers": peers}
         await remote.request_all(msg, live)  # a node lost here aborts: nodes keep serving the old placement too
         loop = asyncio.get_running_loop()
         if remote.executor is not None:

@@ -75,10 +75,6 @@ class ExpertPlacement:
             out.append(frozenset(int(e) for e in hit.nonzero().flatten()))
         return tuple(out)
 
-    def experts_of(self, node: int) -> frozenset[int]:
-        """Logical expert ids `node` holds in at least one layer (what it loads)."""
-        return frozenset().union(*self.held(node)) if self.num_layers else frozenset()
-
     def dense_layers_of(self, node: int) -> frozenset[int]:
         return frozenset(i for i, n in enumerate(self.dense_node) if n == node)
 

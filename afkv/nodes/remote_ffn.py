@@ -148,6 +148,13 @@ class RemoteFFN:
                 c.start_heartbeat(self.heartbeat_interval_s)  # lets the expert node drop us if we die
             return c
 
+    async def address(self, j: int) -> tuple[str, int]:
+        """Expert node j's control address (as connected to now)."""
+        try:
+            return (await self._client(j)).peer.address
+        except TransportError as exc:
+            raise PeerLostError(f"expert node {j} lost: {exc}") from exc
+
     async def _request(self, j: int, msg: dict) -> dict:
         try:
             client = await self._client(j)
@@ -243,8 +250,11 @@ class RemoteFFN:
 
     # ---- rejoining (event loop) -------------------------------------------------------------
     async def _rejoin(self, j: int) -> None:
-        """Reconnect expert node j and give it the current placement."""
-        await self._request(j, {"type": "eplb_set", "placement": self.placement.to_msg()})
+        """Reconnect expert node j and give it the current placement, with the addresses of
+        the other connected nodes (it copies the experts it lacks from them)."""
+        peers = [[k, *c.peer.address] for k, c in enumerate(self._clients)
+                 if k != j and c is not None and c.state is ConnState.OPEN]
+        await self._request(j, {"type": "eplb_set", "placement": self.placement.to_msg(), "peers": peers})
 
     async def _probe_dead(self) -> None:
         while True:

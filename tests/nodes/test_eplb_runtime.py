@@ -169,6 +169,12 @@ async def test_live_rebalance_keeps_greedy_tokens(zipf_dir, tmp_path):
             # the expert nodes serve the new placement; a second round still matches
             stats = await engine._remote.request_all({"type": "stats"})
             assert [s["epoch"] for s in stats] == [after.epoch] * 2
+            # every replica gained was copied from the node holding it, none read from the checkpoint
+            assert sum(s["experts_received"] for s in stats) == report.replicas_added
+            assert sum(s["experts_from_checkpoint"] for s in stats) == 0
+            for j, s in enumerate(stats):
+                gained = sum(len(n - o) for n, o in zip(after.held(j), before.held(j)))
+                assert s["experts_received"] == gained and (s["received_bytes"] > 0) == (gained > 0)
             again = await asyncio.gather(*(engine.complete(p, long) for p in prompts))
             assert [a.token_ids for a in again] == expected
             kv = engine.kv_manager
