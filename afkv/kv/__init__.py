@@ -4,6 +4,8 @@
     block_pool.py  BlockPool: the only owner of free blocks, ref counts and the prefix-hash map
                    of the device tier
     formats.py     BlockFormat: a block as one row of bytes (none | int8 | int4, KIVI)
+    device.py      DeviceQuant: a device tier of int8/int4 rows plus full-precision staging
+                   blocks for each sequence's most recent tokens
     tiers/         host memory and disk below the device, and every move between tiers
     metrics.py     KVMetrics: counters, occupancy and latency; frozen snapshots
     manager.py     KVManager: the only owner of per-sequence block tables; asks the pool for
