@@ -22,6 +22,8 @@ result), so 16-bit results match bit for bit except where a float32 intermediate
 two compute differently (a reduction's order, rsqrt, exp) lies next to a rounding boundary:
 then one unit in the last place. bfloat16 is rounded by the kernels themselves (to nearest,
 ties to even, on the bits), because the interpreter's float32 -> bfloat16 cast truncates.
+Kernels are compiled without FMA contraction (enable_fp_fusion=False), as torch's separate
+elementwise kernels compute, and exp is libdevice's expf on CUDA, as torch's.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from afkv.ops.layers import route_topk as ref_route_topk
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # the CPU CI: callers use the torch references
     triton = None
 
@@ -88,6 +91,16 @@ if triton is not None:
             return x.to(tl.float16).to(tl.float32)
         else:
             return x
+
+    @triton.jit
+    def _exp(x, LIBDEVICE: tl.constexpr):
+        """exp in float32: compiled for CUDA, libdevice's expf (what torch calls; tl.exp is
+        ex2.approx of a rounded x * log2(e), off by many ulps for large |x|); tl.exp in the
+        interpreter, which has no libdevice (numpy's exp there)."""
+        if LIBDEVICE:
+            return libdevice.exp(x)
+        else:
+            return tl.exp(x)
 
     @triton.jit
     def _rms_norm_kernel(
@@ -168,6 +181,7 @@ if triton is not None:
     def _route_topk_kernel(
         logits_ptr, ids_ptr, weights_ptr, stride_logits, num_experts,
         TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+        LIBDEVICE: tl.constexpr,
     ):  # fmt: skip
         """One token per program: float32 softmax over its experts, then TOP_K rounds of
         (max, lowest index holding it, remove it)."""
@@ -175,7 +189,7 @@ if triton is not None:
         offs = tl.arange(0, BLOCK_E)
         mask = offs < num_experts
         x = tl.load(logits_ptr + t * stride_logits + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        e = tl.exp(x - tl.max(x, 0))  # [E]
+        e = _exp(x - tl.max(x, 0), LIBDEVICE)  # [E]
         p = e / tl.sum(e, 0)
         p = tl.where(p != p, 2.0, p)  # NaN ranks above every probability, as in torch.topk
         p = tl.where(mask, p, -1.0)  # padding is never picked
@@ -198,7 +212,7 @@ if triton is not None:
     @triton.jit
     def _silu_mul_kernel(
         gate_up_ptr, out_ptr, stride_gate_up, stride_out, inter,
-        BLOCK: tl.constexpr, ROUND: tl.constexpr,
+        BLOCK: tl.constexpr, ROUND: tl.constexpr, LIBDEVICE: tl.constexpr,
     ):  # fmt: skip
         """Program (n, j): columns j * BLOCK ... of row n: round(round(silu(gate)) * up)."""
         row = tl.program_id(0).to(tl.int64)
@@ -207,7 +221,7 @@ if triton is not None:
         src = gate_up_ptr + row * stride_gate_up + offs
         g = tl.load(src, mask=mask, other=0.0).to(tl.float32)  # [BLOCK]
         u = tl.load(src + inter, mask=mask, other=0.0).to(tl.float32)
-        y = _round(_round(g / (1.0 + tl.exp(-g)), ROUND) * u, ROUND)
+        y = _round(_round(g / (1.0 + _exp(-g, LIBDEVICE)), ROUND) * u, ROUND)
         tl.store(out_ptr + row * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -221,7 +235,8 @@ def _norm_warps(block: int) -> int:
 
 def _check_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     dim = x.shape[-1]
-    _round_code(x.dtype), _round_code(weight.dtype)
+    _round_code(x.dtype)
+    _round_code(weight.dtype)
     if tuple(weight.shape) != (dim,):
         raise ConfigError(f"norm weight must be [{dim}], got {tuple(weight.shape)}")
     if dim > _MAX_NORM_DIM:
@@ -240,7 +255,7 @@ def _launch_norm(x2, delta2, sum2, weight, out2, eps: float) -> None:
         x2.stride(0), delta2.stride(0) if has_delta else 0, sum2.stride(0) if has_delta else 0, out2.stride(0),
         dim, eps,
         BLOCK=block, HAS_DELTA=has_delta, X_ROUND=_round_code(x2.dtype), OUT_ROUND=_round_code(out2.dtype),
-        num_warps=_norm_warps(block),
+        num_warps=_norm_warps(block), enable_fp_fusion=False,
     )  # fmt: skip
 
 
@@ -260,7 +275,9 @@ def ref_add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     return h, ref_rms_norm(h, weight, eps)
 
 
-def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual add and the next norm in one kernel: h, delta [..., H] of one dtype,
     weight [H] -> (h_new = h + delta [..., H] of h's dtype, rms_norm(h_new, weight, eps))."""
     if delta.shape != h.shape or delta.dtype != h.dtype:
@@ -333,7 +350,10 @@ def qk_norm_rope_write(
     num_tokens = qkv.shape[0]
     total = num_heads + 2 * num_kv_heads
     if qkv.dim() != 2 or qkv.shape[1] != total * head_dim:
-        raise ConfigError(f"qkv must be [T, {total * head_dim}] for {num_heads}/{num_kv_heads} heads of {head_dim}, got {tuple(qkv.shape)}")
+        raise ConfigError(
+            f"qkv must be [T, {total * head_dim}] for {num_heads}/{num_kv_heads} heads of {head_dim}, "
+            f"got {tuple(qkv.shape)}"
+        )
     if head_dim % 2:
         raise ConfigError(f"rotary needs an even head_dim, got {head_dim}")
     round_code = _round_code(qkv.dtype)
@@ -345,9 +365,14 @@ def qk_norm_rope_write(
             raise ConfigError(f"{name} must be [{head_dim}] of {qkv.dtype}, got {tuple(w.shape)} {w.dtype}")
     for name, c in (("cos", cos), ("sin", sin)):
         if tuple(c.shape) != (num_tokens, head_dim) or c.dtype != qkv.dtype:
-            raise ConfigError(f"{name} must be [{num_tokens}, {head_dim}] of {qkv.dtype}, got {tuple(c.shape)} {c.dtype}")
+            raise ConfigError(
+                f"{name} must be [{num_tokens}, {head_dim}] of {qkv.dtype}, got {tuple(c.shape)} {c.dtype}"
+            )
     if kv.dim() != 6 or kv.shape[2] != 2 or tuple(kv.shape[4:]) != (num_kv_heads, head_dim) or kv.stride(-1) != 1:
-        raise ConfigError(f"kv must be [num_blocks, num_layers, 2, block_size, {num_kv_heads}, {head_dim}], got {tuple(kv.shape)}")
+        raise ConfigError(
+            f"kv must be [num_blocks, num_layers, 2, block_size, {num_kv_heads}, {head_dim}] with unit stride on the "
+            f"last dim, got {tuple(kv.shape)}"
+        )
     if tuple(slot_blocks.shape) != (num_tokens,) or tuple(slot_offsets.shape) != (num_tokens,):
         raise ConfigError(f"slot_blocks and slot_offsets must be [{num_tokens}]")
     q_out = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)  # [T, Hq, D]
@@ -367,6 +392,7 @@ def qk_norm_rope_write(
         qkv.stride(0), cos.stride(0), sin.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), eps,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_HALF=block_half,
         BLOCK_HEADS=block_heads, HAS_NORM=has_norm, ROUND=round_code, KV_ROUND=kv_round, num_warps=4,
+        enable_fp_fusion=False,
     )  # fmt: skip
     return q_out
 
@@ -392,7 +418,8 @@ def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tu
     _route_topk_kernel[(num_tokens,)](
         logits, ids, weights, logits.stride(0), num_experts,
         TOP_K=top_k, BLOCK_E=_next_pow2(num_experts), BLOCK_K=_next_pow2(top_k), RENORMALIZE=renormalize,
-        num_warps=4 if num_experts > 128 else 1,
+        LIBDEVICE=logits.is_cuda,
+        num_warps=4 if num_experts > 128 else 1, enable_fp_fusion=False,
     )  # fmt: skip
     return ids, weights
 
@@ -416,6 +443,138 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(_next_pow2(inter), 1024)
     _silu_mul_kernel[(num_rows, -(-inter // block))](
         gate_up, out, gate_up.stride(0), out.stride(0), inter,
-        BLOCK=block, ROUND=_round_code(gate_up.dtype), num_warps=4,
+        BLOCK=block, ROUND=_round_code(gate_up.dtype), LIBDEVICE=gate_up.is_cuda, num_warps=4,
+        enable_fp_fusion=False,
     )  # fmt: skip
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Micro-benchmark (GPU)
+
+QWEN3_30B_A3B = dict(hidden=2048, num_heads=32, num_kv_heads=4, head_dim=128, num_experts=128, top_k=8, moe_inter=768)
+
+
+def _time_s(fn, calls: int, replays: int, device: torch.device) -> float:
+    """Seconds per call of fn(): on CUDA, `calls` calls captured in one CUDA graph, replayed
+    `replays` times between CUDA events (no launch overhead: the graph is how afkv runs a
+    decode step); on the CPU a wall clock around eager calls (the interpreter: a smoke test)."""
+    import time
+
+    fn()  # compile outside the capture
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) / calls
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm the allocator off the default stream, as capture wants
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / (replays * calls)
+
+
+def bench(
+    num_tokens: int,
+    *,
+    hidden: int = 2048,
+    num_heads: int = 32,
+    num_kv_heads: int = 4,
+    head_dim: int = 128,
+    num_experts: int = 128,
+    top_k: int = 8,
+    moe_inter: int = 768,
+    dtype: torch.dtype = torch.bfloat16,
+    calls: int = 100,
+    replays: int = 10,
+    seed: int = 0,
+    device: torch.device | str = "cuda",
+) -> list[dict]:
+    """Time each fused kernel against the torch composition it replaces at `num_tokens`
+    tokens (silu_mul: num_tokens * top_k rows of 2 * moe_inter, as the grouped MoE sees them).
+    -> one dict per op: op, num_tokens, fused_s, torch_s (seconds per call), speedup.
+    Both sides timed alike (see _time_s: CUDA graphs on a GPU)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=device).to(dtype)
+
+    eps = 1e-6
+    h, delta, weight = randn(num_tokens, hidden), randn(num_tokens, hidden), randn(hidden)
+    qkv = randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim)
+    q_norm, k_norm = randn(head_dim), randn(head_dim)
+    positions = torch.arange(num_tokens, device=device) + 1000
+    cos, sin = Rotary(head_dim, 1e6, device).cos_sin(positions, dtype)  # [T, D] each
+    block_size = 16
+    kv = randn(-(-num_tokens // block_size) + 1, 2, 2, block_size, num_kv_heads, head_dim)
+    slots = torch.arange(num_tokens, device=device)
+    slot_blocks, slot_offsets = slots // block_size, slots % block_size
+    logits = randn(num_tokens, num_experts)
+    gate_up = randn(num_tokens * top_k, 2 * moe_inter)
+    qk_args = (num_heads, num_kv_heads, head_dim, q_norm, k_norm, eps, cos, sin, kv, 1, slot_blocks, slot_offsets)
+    ops = {  # name -> (fused, torch)
+        "rms_norm": (lambda: rms_norm(h, weight, eps), lambda: ref_rms_norm(h, weight, eps)),
+        "add_rms_norm": (lambda: add_rms_norm(h, delta, weight, eps), lambda: ref_add_rms_norm(h, delta, weight, eps)),
+        "qk_norm_rope_write": (
+            lambda: qk_norm_rope_write(qkv, *qk_args),
+            lambda: ref_qk_norm_rope_write(qkv, *qk_args),
+        ),
+        "route_topk": (lambda: route_topk(logits, top_k, True), lambda: ref_route_topk(logits, top_k, True)),
+        "silu_mul": (lambda: silu_mul(gate_up), lambda: ref_silu_mul(gate_up)),
+    }
+    rows = []
+    for name, (fused, reference) in ops.items():
+        fused_s = _time_s(fused, calls, replays, device)
+        torch_s = _time_s(reference, calls, replays, device)
+        rows.append(
+            {"op": name, "num_tokens": num_tokens, "fused_s": fused_s, "torch_s": torch_s, "speedup": torch_s / fused_s}
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m afkv.ops.triton_fused: each fused kernel vs its torch composition, Qwen3-30B-A3B shapes."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--calls", type=int, default=100, help="calls captured in one CUDA graph")
+    parser.add_argument("--replays", type=int, default=10)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    if not available():
+        raise SystemExit("needs triton and a CUDA device")
+    print(f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}")
+    print(f"Qwen3-30B-A3B shapes {QWEN3_30B_A3B}, bfloat16; per call, both sides in CUDA graphs of {args.calls} calls")
+    print(f"{'op':<20}{'T':>6}{'fused us':>10}{'torch us':>10}{'speedup':>9}")
+    rows = []
+    for num_tokens in args.tokens:
+        for row in bench(num_tokens, **QWEN3_30B_A3B, calls=args.calls, replays=args.replays):
+            rows.append(row)
+            print(
+                f"{row['op']:<20}{num_tokens:>6}{row['fused_s'] * 1e6:>10.2f}{row['torch_s'] * 1e6:>10.2f}"
+                f"{row['speedup']:>9.2f}"
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

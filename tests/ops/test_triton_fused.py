@@ -6,7 +6,7 @@ imported); with a GPU they run compiled on CUDA (marked gpu), where a CUDA-graph
 each is checked too.
 
 Tolerances. Elementwise results are compared in units in the last place (ulps) of their dtype:
-16-bit results must equal the reference in at least 99.9 % of elements (both round the same
+16-bit results must equal the reference in all but 1 + 0.1 % of elements (both round the same
 float32 values; they differ only where a float32 intermediate computed differently, a sum's
 order, rsqrt, exp, lies next to a rounding boundary) and be within 2 ulps everywhere (a
 1-ulp intermediate times a second rounded op); float32 results within 16 ulps (interpreter:
@@ -63,7 +63,8 @@ def _assert_ulps(got: torch.Tensor, want: torch.Tensor) -> None:
         assert ulps.max() <= 16, f"max {int(ulps.max())} ulps"
     else:
         assert ulps.max() <= 2, f"max {int(ulps.max())} ulps"
-        assert (ulps == 0).float().mean() >= 0.999, f"{int((ulps != 0).sum())} of {ulps.numel()} differ"
+        differ = int((ulps != 0).sum())
+        assert differ <= 1 + ulps.numel() // 1000, f"{differ} of {ulps.numel()} differ"
 
 
 def _assert_head_close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -207,8 +208,8 @@ def test_qk_norm_rope_write_is_exact_mostly(device):
     geometry = (32, 4, 128, q_norm, k_norm, EPS, cos, sin)
     got = tf.qk_norm_rope_write(qkv, *geometry, kv, 0, blocks, offsets)
     want = tf.ref_qk_norm_rope_write(qkv, *geometry, want_kv, 0, blocks, offsets)
-    assert (got == want).float().mean() >= 0.999
-    assert (kv == want_kv).float().mean() >= 0.999
+    assert (got != want).sum() <= got.numel() // 1000
+    assert (kv != want_kv).sum() <= got.numel() // 1000
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -321,3 +322,12 @@ def test_kernels_are_cuda_graph_capturable():
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(weights, want_weights, rtol=2e-6, atol=1e-9)
     _assert_ulps(y, tf.ref_silu_mul(gate_up))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bench_reports(device):
+    """The benchmark runs (on the CPU only as a smoke test: the interpreter's times mean nothing)."""
+    shapes = dict(hidden=64, num_heads=4, num_kv_heads=2, head_dim=64, num_experts=16, top_k=2, moe_inter=32)
+    rows = tf.bench(3, **shapes, calls=2, replays=1, device=device)
+    assert [r["op"] for r in rows] == ["rms_norm", "add_rms_norm", "qk_norm_rope_write", "route_topk", "silu_mul"]
+    assert all(r["fused_s"] > 0 and r["torch_s"] > 0 and r["num_tokens"] == 3 for r in rows)
