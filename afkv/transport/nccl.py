@@ -30,7 +30,7 @@ def nccl_module():
 
 
 class _UniqueId(ctypes.Structure):
-    _fields_ = [("internal", ctypes.c_char * 128)]
+    _fields_ = [("internal", ctypes.c_ubyte * 128)]  # not c_char: its field reads stop at the first NUL
 
 
 _NCCL_UINT8 = 1  # ncclDataType_t
@@ -75,8 +75,7 @@ class NcclPeer:
     def __init__(self, unique_id: str, rank: int, device: torch.device):
         self.device = device
         self.peer = 1 - rank
-        uid = _UniqueId()
-        uid.internal = bytes.fromhex(unique_id)
+        uid = _UniqueId.from_buffer_copy(bytes.fromhex(unique_id))
         self._comm = ctypes.c_void_p()
         with torch.cuda.device(device):
             _check(_lib().ncclCommInitRank(ctypes.byref(self._comm), 2, uid, rank), "ncclCommInitRank")

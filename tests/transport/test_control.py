@@ -545,3 +545,12 @@ async def test_server_side_close_cancels_handler_and_fails_client_request():
             with pytest.raises(PeerLostError, match="closed the connection"):
                 await waiting
             assert client.state is ConnState.CLOSED
+
+
+def test_nccl_unique_id_survives_text_round_trip():
+    """NCCL ids hold NUL bytes: the hex text the store carries must keep all 128 of them."""
+    from afkv.transport.nccl import _UniqueId
+
+    raw = bytes([0, 1, 2, 0, 255] + [7] * 123)
+    text = bytes(_UniqueId.from_buffer_copy(raw).internal).hex()
+    assert bytes.fromhex(text) == raw
