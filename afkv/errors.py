@@ -11,8 +11,10 @@
     │   └── InvalidSamplingParamsError
     ├── EngineError
     │   ├── EngineClosedError     the engine is not running (not started, closed, failed)
-    │   └── RequestFailedError    a request ended by a fault (expert node lost, ...)
-    │       └── ExpertUnavailableError  an expert (or dense MLP) it routed to has no live replica
+    │   ├── RequestFailedError    a request ended by a fault (expert node lost, ...)
+    │   │   └── ExpertUnavailableError  an expert (or dense MLP) it routed to has no live replica
+    │   └── ExpertRowsUnavailableError  some rows (tokens) of a step need an expert with no live
+    │                                   replica: the engine ends their requests only
     ├── KVError
     │   ├── CorruptBlockError     a stored KV block failed its checksum or is unreadable
     │   └── TierError             a KV tier cannot be used (full, unwritable)
@@ -88,6 +90,17 @@ class ExpertUnavailableError(RequestFailedError):
     def __init__(self, message: str, *, layer: int, expert: int | None, nodes: tuple[int, ...]):
         super().__init__(message)
         self.layer, self.expert, self.nodes = layer, expert, nodes
+
+
+class ExpertRowsUnavailableError(EngineError):
+    """A step's rows (tokens, numbered in step order) routed to experts without a live replica.
+    `rows` maps each such row to the first ExpertUnavailableError it met; the step's other rows
+    were computed correctly, but the step as a whole returned nothing (compute them again)."""
+
+    def __init__(self, rows: dict[int, ExpertUnavailableError]):
+        first = rows[min(rows)]
+        super().__init__(f"{len(rows)} row(s) of the step routed to experts without a live replica, e.g. {first}")
+        self.rows = rows
 
 
 class KVError(AfkvError):

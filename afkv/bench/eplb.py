@@ -31,7 +31,7 @@ _GATE = "model.layers.{}.block_sparse_moe.gate.weight"
 
 def write_zipf_checkpoint(out_dir: str | Path, exponent: float = 1.0, seed: int = 0, *, num_experts: int = 8,
                           num_layers: int = 3, hidden_size: int = 64, intermediate_size: int = 48,
-                          top_k: int = 2, noise_std: float = 1.3) -> Path:
+                          top_k: int = 2, noise_std: float = 1.3, router_bias: torch.Tensor | None = None) -> Path:
     """A random Mixtral checkpoint whose router logits are about zipf_router_bias(E, exponent)
     plus per-token noise, so experts are picked with Zipf-like popularity.
 
@@ -39,7 +39,8 @@ def write_zipf_checkpoint(out_dir: str | Path, exponent: float = 1.0, seed: int 
     constant, which reaches every router input; router column 0 turns it into the bias.
     The other router columns are made orthogonal to the mean router input (no common
     preference) and scaled to give logit noise of `noise_std` per token. Means are measured
-    with transformers on random tokens, layer by layer. Layer i's bias uses seed*1000 + i.
+    with transformers on random tokens, layer by layer. Layer i's bias uses seed*1000 + i;
+    `router_bias` [layers, experts] (log popularity) replaces the Zipf biases when given.
     Needs transformers (the `test` extra)."""
     import transformers
     from safetensors.torch import load_file, save_file
@@ -71,7 +72,8 @@ def write_zipf_checkpoint(out_dir: str | Path, exponent: float = 1.0, seed: int 
         w = gate[:, 1:] - (gate[:, 1:] @ unit)[:, None] * unit[None, :]  # [E, H-1] no common preference
         noise = (rest - mean) @ w.T  # [N, E]
         w = w * (noise_std / noise.std(0).clamp_min(1e-6))[:, None]
-        bias = zipf_router_bias(num_experts, exponent, seed * 1000 + layer)  # [E]
+        bias = (zipf_router_bias(num_experts, exponent, seed * 1000 + layer) if router_bias is None
+                else router_bias[layer].float())  # [E]
         gate[:, 1:] = w
         gate[:, 0] = (bias - bias.mean()) / x[:, 0].mean() - (w @ mean) / x[:, 0].mean()
     save_file(tensors, path, metadata={"format": "pt"})

@@ -35,6 +35,7 @@ from afkv.errors import (
     EmptyPromptError,
     EngineClosedError,
     EngineError,
+    ExpertRowsUnavailableError,
     ExpertUnavailableError,
     PromptTooLongError,
     RequestError,
@@ -416,6 +417,9 @@ class Engine:
                 results = await loop.run_in_executor(self._executor, self._runner.execute, plan)
             except asyncio.CancelledError:
                 raise
+            except ExpertRowsUnavailableError as exc:
+                self._fail_rows(step, plan, exc)  # the others are scheduled again: same tokens, same slots
+                continue
             except Exception as exc:
                 log.exception("step failed; failing its %d requests", len(step))
                 for seq, _ in step:
@@ -449,6 +453,22 @@ class Engine:
                 req.seq.status = SeqStatus.FINISHED
                 req.seq.finish_reason = "abort"
         self._aborts.clear()
+
+    def _fail_rows(self, step: list, plan: list, exc: ExpertRowsUnavailableError) -> None:
+        """End the requests of the step's failed rows (rows are the chunks' tokens in plan order).
+        The step is not committed for the others: none advances, none commits KV, so each
+        computes the same tokens into the same slots next step."""
+        start, failed = 0, []
+        for (seq, _), chunk in zip(step, plan):
+            end = start + len(chunk.token_ids)
+            cause = next((exc.rows[r] for r in range(start, end) if r in exc.rows), None)
+            start = end
+            if cause is not None:
+                failed.append(seq.seq_id)
+                self._finish_with_error(seq, ExpertUnavailableError(
+                    f"request {seq.seq_id} failed: {cause}", layer=cause.layer, expert=cause.expert, nodes=cause.nodes))
+        log.warning("step: %d of %d requests routed to experts without a live replica, ended: %s; computing "
+                    "the others again", len(failed), len(step), failed)
 
     def _finish_with_error(self, seq: Sequence, exc: BaseException) -> None:
         self._scheduler.remove(seq)

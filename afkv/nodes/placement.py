@@ -13,7 +13,8 @@ and the dense MLP of layer l live on one node, `dense_node[l]` (not replicated).
 Dispatch (`route`): each (token, expert) pair goes to one replica of its expert, chosen
 by `afkv.eplb.split_among_replicas` (the n-th pair of an expert in row-major order goes to
 replica (n + offset) % live replicas): deterministic and even. Replicas on nodes in `dead`
-are skipped; a pair whose expert has no live replica raises ExpertUnavailableError.
+are skipped; a pair whose expert has no live replica raises ExpertUnavailableError
+(`unavailable` lists the rows that need such experts, so a caller can leave them out).
 A node receives the rows with at least one pair for it; the ids of pairs it must not
 compute are replaced by `sentinel` (an expert id held by nobody) with weight 0.
 
@@ -132,6 +133,29 @@ class ExpertPlacement:
                 f"expert {expert} of layer {layer} has no live replica (held by expert node(s) "
                 f"{', '.join(map(str, holders))}, lost)", layer=layer, expert=expert, nodes=holders)
         return torch.where(real, chosen, -1)
+
+    def unavailable(self, layer: int, topk_ids: torch.Tensor, dead: frozenset[int],
+                    with_dense: bool = True) -> list[tuple[torch.Tensor, ExpertUnavailableError]]:
+        """Rows of topk_ids [T, k] that need a part with no live node -> [(rows [n] int64, error)],
+        one entry per lost expert (or the dense / shared part, which every row needs)."""
+        if with_dense and (self.has_shared[layer] or not self.has_router[layer]):
+            try:
+                self._dense_home(layer, dead)
+            except ExpertUnavailableError as exc:
+                return [(torch.arange(topk_ids.shape[0]), exc)]
+        if not self.has_router[layer] or not dead:
+            return []
+        _, counts = self._live_tables(dead)[layer]
+        ids = topk_ids.cpu().long()  # [T, k]
+        lost = (counts[ids] == 0) & (ids != self.sentinel)  # [T, k]
+        out = []
+        for expert in ids[lost].unique().tolist():
+            rows = ((ids == expert) & lost).any(-1).nonzero().flatten()  # [n]
+            holders = tuple(int(n) for n in self.replica_nodes[layer, expert] if n >= 0)
+            out.append((rows, ExpertUnavailableError(
+                f"expert {expert} of layer {layer} has no live replica (held by expert node(s) "
+                f"{', '.join(map(str, holders))}, lost)", layer=layer, expert=expert, nodes=holders)))
+        return out
 
     def parts(self, layer: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor, offset: int = 0,
               dead: frozenset[int] = frozenset(), with_dense: bool = True) -> list[Part]:

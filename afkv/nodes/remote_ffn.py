@@ -9,8 +9,11 @@ coming back are added up.
 Faults: an expert node that dies or stays silent for `timeout_s` is marked dead (on the
 worker thread, the only owner of `dead`), and the pairs it was given are sent again to
 other replicas of their experts in the same step, so the step completes with the same
-output. A pair whose expert has no live replica fails the step with
-ExpertUnavailableError. Dead nodes rejoin: at the start of a step when some expert has no
+output. A row (token) with a pair whose expert has no live replica is left out (none of
+its pairs is sent again) and recorded; `end_step` then raises ExpertRowsUnavailableError
+naming those rows in step order, and the engine ends only their requests. Rows are
+numbered from the micro-batch sizes given to `begin_step` (micro-batches are submitted in
+order within each layer). Dead nodes rejoin: at the start of a step when some expert has no
 live replica (a synchronous reconnect, so a restarted node is used at once), else from a
 background probe every `heartbeat_interval_s`; a rejoining node is first given the
 current placement (`eplb_set`).
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from afkv.errors import PeerLostError, TransportError
+from afkv.errors import ExpertRowsUnavailableError, ExpertUnavailableError, PeerLostError, TransportError
 from afkv.nodes.expert import DATA_FRAME_BYTES
 from afkv.nodes.placement import ExpertPlacement, Part
 from afkv.transport.control import ConnState, ControlClient, ControlLimits
@@ -55,9 +58,10 @@ class TransferTimings:
 
 
 class _RemoteHandle:
-    def __init__(self, owner: "RemoteFFN", layer: int, x: torch.Tensor, offset: int,
+    def __init__(self, owner: "RemoteFFN", layer: int, x: torch.Tensor, offset: int, first_row: int,
                  sent: list[tuple[Part, Future]]):
         self._owner, self._layer, self._x, self._offset, self._sent = owner, layer, x, offset, sent
+        self._first_row = first_row  # step row of this micro-batch's row 0
         self._t0 = time.perf_counter()
 
     def result(self) -> torch.Tensor:
@@ -87,7 +91,8 @@ class _RemoteHandle:
                     out.index_add_(0, part.rows.to(out.device), y)
             if not retry:
                 break
-            pending = [sub for part in retry for sub in owner.resend(self._layer, self._x, part, self._offset)]
+            pending = [sub for part in retry
+                       for sub in owner.resend(self._layer, self._x, part, self._offset, self._first_row)]
         else:
             raise PeerLostError(f"layer {self._layer}: expert nodes kept failing or changing placement")
         now = time.perf_counter()
@@ -113,6 +118,9 @@ class RemoteFFN:
         self.timings = TransferTimings()
         self.dead: set[int] = set()  # expert nodes lost (worker thread only)
         self._steps = 0
+        self._mb_starts: list[int] = [0]  # step row of each micro-batch's first row (this step)
+        self._submits = 0  # submits in this step: micro-batch = submits % len(_mb_starts)
+        self._failed: dict[int, ExpertUnavailableError] = {}  # step row -> why it has no result
         self._newer_at: int | None = None  # an expert node that answered with a newer epoch
         n = placement.num_nodes
         self._clients: list[ControlClient | None] = [None] * n
@@ -177,6 +185,8 @@ class RemoteFFN:
         """A step boundary: adopt a newer placement seen in an answer; rejoin dead nodes
         whose loss leaves some expert without a live replica."""
         self._steps += 1
+        self._mb_starts = [sum(mb_sizes[:i]) for i in range(len(mb_sizes))] or [0]
+        self._submits, self._failed = 0, {}
         if self._newer_at is not None:
             j, self._newer_at = self._newer_at, None
             self.refresh(j)
@@ -190,13 +200,39 @@ class RemoteFFN:
                 self.dead.discard(j)
 
     def end_step(self) -> None:
-        """Nothing to wait for: every result was received (with a timeout) by `result`."""
+        """Every result was received (with a timeout) by `result`; raises
+        ExpertRowsUnavailableError when rows were left out for lack of a live replica."""
+        failed, self._failed = self._failed, {}
+        if failed:
+            raise ExpertRowsUnavailableError(failed)
 
     def submit(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> _RemoteHandle:
         """Worker thread: send each expert node its pairs of this micro-batch; returns at once."""
         offset = self._steps + self.rank
-        parts = self.placement.parts(layer, topk_ids, topk_weights, offset, frozenset(self.dead))
-        return _RemoteHandle(self, layer, x, offset, [(p, self._send(layer, x, p)) for p in parts])
+        first_row = self._mb_starts[self._submits % len(self._mb_starts)]
+        self._submits += 1
+        step_rows = first_row + torch.arange(topk_ids.shape[0])  # [T]
+        parts = self._parts(layer, topk_ids, topk_weights, offset, step_rows, True)
+        return _RemoteHandle(self, layer, x, offset, first_row, [(p, self._send(layer, x, p)) for p in parts])
+
+    def _parts(self, layer: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor, offset: int,
+               step_rows: torch.Tensor, with_dense: bool) -> list[Part]:
+        """placement.parts over the live nodes, leaving out (and recording) the rows that need
+        an expert with no live replica. step_rows [T]: the step row of each row."""
+        dead = frozenset(self.dead)
+        lost = self.placement.unavailable(layer, topk_ids, dead, with_dense)
+        if lost:
+            ids, w = topk_ids.cpu(), topk_weights.cpu()
+            bad = torch.zeros(ids.shape[0], dtype=torch.bool)  # [T]
+            for rows, exc in lost:
+                bad[rows] = True
+                for r in step_rows[rows].tolist():
+                    self._failed.setdefault(r, exc)
+                if exc.expert is None:  # the dense / shared part: every row is lost
+                    with_dense = False
+            topk_ids = torch.where(bad[:, None], self.placement.sentinel, ids)
+            topk_weights = torch.where(bad[:, None], torch.zeros((), dtype=w.dtype), w)
+        return self.placement.parts(layer, topk_ids, topk_weights, offset, dead, with_dense)
 
     def _send(self, layer: int, x: torch.Tensor, part: Part) -> Future:
         xs = x if part.rows is None else x[part.rows.to(x.device)]
@@ -204,11 +240,10 @@ class RemoteFFN:
                "w": pack_tensor(part.topk_weights.float())}
         return asyncio.run_coroutine_threadsafe(self._request(part.node, msg), self.loop)
 
-    def resend(self, layer: int, x: torch.Tensor, part: Part, offset: int) -> list[tuple[Part, Future]]:
+    def resend(self, layer: int, x: torch.Tensor, part: Part, offset: int, first_row: int) -> list[tuple[Part, Future]]:
         """Worker thread: send the pairs of a part that failed to their replicas now."""
-        xs = x if part.rows is None else x[part.rows.to(x.device)]
-        subs = self.placement.parts(layer, part.topk_ids, part.topk_weights, offset, frozenset(self.dead),
-                                    with_dense=part.dense)
+        local = torch.arange(x.shape[0]) if part.rows is None else part.rows.cpu()  # [n] rows in the micro-batch
+        subs = self._parts(layer, part.topk_ids, part.topk_weights, offset, first_row + local, part.dense)
         out = []
         for sub in subs:
             rows = sub.rows if part.rows is None else (part.rows if sub.rows is None else part.rows[sub.rows])

@@ -94,6 +94,10 @@ def test_route_splits_pairs_evenly_over_live_replicas(spec):
         p.route(0, ids, dead=frozenset({holder}))
     assert info.value.layer == 0 and info.value.expert == 5 and info.value.nodes == (holder,)
     assert p.covered(frozenset()) and not p.covered(frozenset({holder}))
+    # the rows needing it are named instead (rows 9-11 pick expert 5); other rows stay routable
+    [(rows, exc)] = p.unavailable(0, ids, frozenset({holder}))
+    assert rows.tolist() == [9, 10, 11] and exc.expert == 5 and exc.nodes == (holder,)
+    assert p.unavailable(0, ids, frozenset({0})) == []
 
 
 def test_spread_replicas_keeps_counts_and_separates_copies():
@@ -261,3 +265,69 @@ async def test_expert_node_loss_without_replicas_fails_clearly_and_engine_keeps_
             dep.wait_ready("expert", 2)
             got = await asyncio.gather(*(engine.complete(p, PARAMS) for p in prompts))
             assert [g.token_ids for g in got] == expected
+
+
+@pytest.fixture(scope="module")
+def node0_dir(tmp_path_factory):
+    """Routers that prefer experts 0-3 (expert node 0 of two contiguous shards): many requests
+    never route to experts 4-7, others often do."""
+    probs = torch.tensor([1.0] * 4 + [0.02] * 4)
+    bias = (probs / probs.sum()).log().repeat(3, 1)  # [L, E]
+    return write_zipf_checkpoint(tmp_path_factory.mktemp("node0") / "m", seed=1, router_bias=bias, noise_std=1.0)
+
+
+async def _traced(model, cfg, prompts, params):
+    """Colocated greedy tokens of each prompt alone, and how many (token, expert) pairs of it
+    went to experts 4-7."""
+    cfg = dataclasses.replace(cfg, deployment=None, eplb=dataclasses.replace(cfg.eplb, enabled=False))
+    out = []
+    async with Engine(model, cfg, progress=False) as e:
+        ffn = e._model.ffn
+        submit, hits = ffn.submit, []
+
+        def counting(layer, x, ids, w):
+            hits.append(int((ids >= 4).sum()))
+            return submit(layer, x, ids, w)
+
+        ffn.submit = counting
+        for p in prompts:
+            hits.clear()
+            out.append(((await e.complete(p, params)).token_ids, sum(hits)))
+    return out
+
+
+async def test_lost_expert_without_replica_ends_only_the_requests_routed_to_it(node0_dir, tmp_path):
+    model = str(node0_dir)
+    path = _config(tmp_path, 2, slots=0, timeout_s=3.0)  # node 0: experts 0-3, node 1: experts 4-7
+    short = SamplingParams(max_tokens=24, ignore_eos=True)
+    long = SamplingParams(max_tokens=300, ignore_eos=True)
+    candidates = [random_prompt(6, 256, seed=100 + i) for i in range(12)]
+    with Deployment(path, model, start_attention=False) as dep:
+        cfg = _attached(path, dep)
+        traced = await _traced(model, cfg, candidates, short)
+        clean = [i for i, (_, hits) in enumerate(traced) if hits == 0]
+        busy = sorted(range(len(traced)), key=lambda i: -traced[i][1])[:2]
+        assert clean and traced[busy[-1]][1] > 20, [h for _, h in traced]
+        survivor = candidates[clean[0]]
+        async with Engine(model, cfg, progress=False) as engine:
+            doomed = [asyncio.create_task(engine.complete(candidates[i], long)) for i in busy]
+            tokens = []
+            async for chunk in engine.generate(survivor, short):
+                tokens += chunk.token_ids
+                if len(tokens) == 3:
+                    dep.kill_node(dep.expert_rank(1))
+            # the request that never routed to node 1's experts finished, unchanged, although it
+            # shared steps with the requests that failed
+            assert tokens == traced[clean[0]][0]
+            assert all(t.done() for t in doomed)
+            for task in doomed:
+                with pytest.raises(ExpertUnavailableError, match="no live replica") as info:
+                    async with asyncio.timeout(30):
+                        await task
+                assert info.value.nodes == (1,) and info.value.expert >= 4
+            assert engine._remote.dead == {1}
+            # the engine keeps serving requests that need only node 0, and freed every block
+            again = await engine.complete(candidates[clean[-1]], short)
+            assert again.token_ids == traced[clean[-1]][0]
+            kv = engine.kv_manager
+            assert kv.num_sequences == 0 and kv.pool.num_free_blocks == kv.pool.num_blocks
