@@ -99,7 +99,7 @@ class ModelRunner:
         if batched:
             b = len(singles)
             rest = flat[4 * t_count + len(tables) :]
-            decode = DecodeRows(rest[:b], rest[2 * b :].view(b, width), rest[b : 2 * b])
+            decode = DecodeRows(rest[:b], rest[2 * b :].view(b, width), rest[b : 2 * b], every_row=b == len(plan) == t_count)
         key_mass = self.key_mass if any(c.score_keys for c in plan) else None
         return StepInputs(cols[0], cols[1], cols[2], cols[3], chunks, decode, key_mass=key_mass)
 

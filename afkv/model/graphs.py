@@ -86,7 +86,7 @@ class DecodeGraphs:
         return StepInputs(
             v[0, :b], v[1, :b], v[2, :b], v[3, :b],
             [SeqChunk(i, 1, 1, self._tables[i]) for i in range(b)],  # context_len unused: rows attend through `decode`
-            DecodeRows(self._rows[:b], self._tables[:b], v[4, :b]),
+            DecodeRows(self._rows[:b], self._tables[:b], v[4, :b], every_row=True),
         )
 
     def _step(self, b: int, m: int, hooks: bool) -> torch.Tensor:

@@ -94,7 +94,8 @@ def split_micro_batches(inputs: StepInputs, m: int) -> list[StepInputs]:
         decode = None
         if parent is not None and n:
             sel = slice(singles, singles + n)
-            decode = DecodeRows(parent.rows[sel] - start, parent.block_tables[sel], parent.context_lens[sel])
+            decode = DecodeRows(parent.rows[sel] - start, parent.block_tables[sel], parent.context_lens[sel],
+                                parent.every_row)
         singles += n
         out.append(StepInputs(
             inputs.token_ids[rows], inputs.positions[rows], inputs.slot_blocks[rows], inputs.slot_offsets[rows],

@@ -53,6 +53,7 @@ class DecodeRows:
     rows: torch.Tensor  # [B] int64 row of each in the flattened batch
     block_tables: torch.Tensor  # [B, nb] int64, padded
     context_lens: torch.Tensor  # [B] int64
+    every_row: bool = False  # rows are 0 .. B-1: the step is these rows only (decode-only)
 
 
 @dataclass
@@ -82,6 +83,16 @@ def decode_rows(chunks: list[SeqChunk], device: torch.device) -> DecodeRows | No
     rows = torch.tensor([c.start for c in singles], dtype=torch.int64, device=device)
     lens = torch.tensor([c.context_len for c in singles], dtype=torch.int64, device=device)
     return DecodeRows(rows, tables, lens)
+
+
+def fused_ops(device: torch.device):
+    """afkv.ops.triton_fused on CUDA where triton is installed (one kernel per norm, per
+    q/k-norm + rotary + K/V write, per routing), else None: the torch compositions."""
+    if device.type != "cuda":
+        return None
+    from afkv.ops import triton_fused  # imports triton: only on GPU machines
+
+    return triton_fused if triton_fused.available() else None
 
 
 def decode_attention_for(q: torch.Tensor):
@@ -165,6 +176,8 @@ class AttentionSide:
         else:
             self.lm_head = get("lm_head.weight")  # [V, H]
         self.rotary = Rotary(spec.head_dim, spec.rope_theta, device)
+        self._tf = fused_ops(device)
+        self._post: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, post-norm of h) from a fused add + norm
 
     def _upcycle_router(self, layer: int) -> torch.Tensor:
         up = self.spec.upcycle
@@ -177,27 +190,36 @@ class AttentionSide:
 
     def attention(self, i: int, h: torch.Tensor, inputs: StepInputs, kv: torch.Tensor) -> torch.Tensor:
         """h [T, H] -> h + attention(norm(h)); writes this step's K/V of layer i into kv."""
-        spec, w = self.spec, self.layers[i]
-        x = rms_norm(h, w["input_norm"], spec.rms_norm_eps)  # [T, H]
+        spec, w, tf = self.spec, self.layers[i], self._tf
+        eps = spec.rms_norm_eps
+        x = tf.rms_norm(h, w["input_norm"], eps) if tf else rms_norm(h, w["input_norm"], eps)  # [T, H]
         qkv = F.linear(x, w["qkv"], w.get("qkv_bias"))  # [T, (Hq + 2 Hkv) D]
-        nq, nkv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        q = qkv[:, :nq].view(-1, spec.num_heads, spec.head_dim)  # [T, Hq, D]
-        k = qkv[:, nq : nq + nkv].view(-1, spec.num_kv_heads, spec.head_dim)  # [T, Hkv, D]
-        v = qkv[:, nq + nkv :].view(-1, spec.num_kv_heads, spec.head_dim)  # [T, Hkv, D]
-        if spec.qk_norm:
-            q = rms_norm(q, w["q_norm"], spec.rms_norm_eps)
-            k = rms_norm(k, w["k_norm"], spec.rms_norm_eps)
         if inputs.rope is None:  # the same for every layer of the step
-            inputs.rope = self.rotary.cos_sin(inputs.positions, q.dtype)  # [T, D] each
+            inputs.rope = self.rotary.cos_sin(inputs.positions, qkv.dtype)  # [T, D] each
         cos, sin = inputs.rope
-        q = Rotary.apply(q, cos, sin)
-        k = Rotary.apply(k, cos, sin)
-        if isinstance(kv, QuantizedKVCache):  # int8/int4 device tier: rows plus full-precision staging
-            out = _attend_quantized(i, q, k, v, inputs, kv, spec.sliding_window)  # [T, Hq, D]
-            return h + F.linear(out.flatten(1), w["o"])  # [T, H]
-        write_kv(kv, i, inputs.slot_blocks, inputs.slot_offsets, k, v)
-        out = torch.empty_like(q)  # [T, Hq, D]
+        if tf is not None and not isinstance(kv, QuantizedKVCache):
+            # split, q/k norm, rotary and the K/V write in one kernel
+            q = tf.qk_norm_rope_write(qkv, spec.num_heads, spec.num_kv_heads, spec.head_dim, w.get("q_norm"),
+                                      w.get("k_norm"), eps, cos, sin, kv, i, inputs.slot_blocks, inputs.slot_offsets)
+        else:
+            nq, nkv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+            q = qkv[:, :nq].view(-1, spec.num_heads, spec.head_dim)  # [T, Hq, D]
+            k = qkv[:, nq : nq + nkv].view(-1, spec.num_kv_heads, spec.head_dim)  # [T, Hkv, D]
+            v = qkv[:, nq + nkv :].view(-1, spec.num_kv_heads, spec.head_dim)  # [T, Hkv, D]
+            if spec.qk_norm:
+                q = rms_norm(q, w["q_norm"], eps)
+                k = rms_norm(k, w["k_norm"], eps)
+            q = Rotary.apply(q, cos, sin)
+            k = Rotary.apply(k, cos, sin)
+            if isinstance(kv, QuantizedKVCache):  # int8/int4 device tier: rows plus full-precision staging
+                out = _attend_quantized(i, q, k, v, inputs, kv, spec.sliding_window)  # [T, Hq, D]
+                return self._residual(i, h, F.linear(out.flatten(1), w["o"]))  # [T, H]
+            write_kv(kv, i, inputs.slot_blocks, inputs.slot_offsets, k, v)
         d = inputs.decode
+        if d is not None and d.every_row:  # a decode-only step: no gather or scatter of rows
+            return self._residual(i, h, F.linear(
+                decode_attention_for(q)(q, kv, i, d.block_tables, d.context_lens, spec.sliding_window).flatten(1), w["o"]))
+        out = torch.empty_like(q)  # [T, Hq, D]
         if d is not None:
             # the Triton kernel reads only each row's context (the reference gathers the padded table)
             decode = decode_attention_for(q)
@@ -208,24 +230,38 @@ class AttentionSide:
             rows = slice(c.start, c.start + c.length)
             mass = inputs.key_mass if c.score_keys else None
             out[rows] = paged_attention(q[rows], kv, i, c.block_ids, c.context_len, spec.sliding_window, mass)
-        return h + F.linear(out.flatten(1), w["o"])  # [T, H]
+        return self._residual(i, h, F.linear(out.flatten(1), w["o"]))  # [T, H]
+
+    def _residual(self, i: int, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """h + delta; with the fused kernels the post-attention norm is computed in the same
+        kernel and kept for `route`."""
+        if self._tf is None:
+            return h + delta
+        h_new, x = self._tf.add_rms_norm(h, delta, self.layers[i]["post_norm"], self.spec.rms_norm_eps)
+        self._post = (h_new, x)
+        return h_new
 
     def route(self, i: int, h: torch.Tensor) -> Routed:
         """Post-attention norm and router top-k of layer i (a dense layer routes to expert 0)."""
-        spec, w = self.spec, self.layers[i]
-        x = rms_norm(h, w["post_norm"], spec.rms_norm_eps)  # [T, H]
+        spec, w, tf = self.spec, self.layers[i], self._tf
+        post, self._post = self._post, None
+        if post is not None and post[0] is h:  # normed by attention's fused residual add
+            x = post[1]
+        else:
+            x = rms_norm(h, w["post_norm"], spec.rms_norm_eps)  # [T, H]
         router = w.get("router")
         if router is None:
             ids = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)  # [T, 1]
             return Routed(x, ids, torch.ones(x.shape[0], 1, device=x.device))
         logits = F.linear(x, router)  # [T, E]
         renorm = spec.norm_topk_prob if spec.sparse_layers[i] else True
-        ids, weights = route_topk(logits, spec.layer_top_k(i), renorm)  # [T, k]
+        ids, weights = (tf.route_topk if tf else route_topk)(logits, spec.layer_top_k(i), renorm)  # [T, k]
         return Routed(x, ids, weights)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [T, H] -> logits [T, V] in float32."""
-        return F.linear(rms_norm(h, self.norm, self.spec.rms_norm_eps), self.lm_head).float()
+        norm = self._tf.rms_norm if self._tf else rms_norm
+        return F.linear(norm(h, self.norm, self.spec.rms_norm_eps), self.lm_head).float()
 
 
 @dataclass
@@ -303,6 +339,7 @@ class FFNSide:
         self.shared: list[tuple[_Expert, torch.Tensor] | None] = []  # per layer: shared expert + gate [1, H]
         self.stacked: list[_Stacked | None] = []  # per layer: the routed experts stacked (distinct experts)
         self.grouped = grouped_mm_works(device, dtype)  # else one GEMM pair per expert
+        self._tf = fused_ops(device)  # fused SiLU-and-multiply of the grouped path (CUDA with triton)
 
         def get(name: str) -> torch.Tensor:
             return reader.get(name, dtype, device)
@@ -390,7 +427,7 @@ class FFNSide:
         assert self.spec.layer_has_router(i), f"layer {i} is dense and its MLP is not held here"
         stacked = self.stacked[i]
         if stacked is not None and self.grouped:
-            out = self._grouped(stacked, x, topk_ids, topk_weights)
+            out = self._grouped(stacked, x, topk_ids, topk_weights, self._tf)
         else:
             out = self._per_expert(i, x, topk_ids, topk_weights)
         shared = self.shared[i]
@@ -400,7 +437,8 @@ class FFNSide:
         return out
 
     @staticmethod
-    def _grouped(st: _Stacked, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def _grouped(st: _Stacked, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 tf=None) -> torch.Tensor:
         """All held experts in two grouped GEMMs, without a host synchronisation."""
         t, k = topk_ids.shape
         num_held = st.gate_up.shape[0]
@@ -411,8 +449,13 @@ class FFNSide:
         offs = counts[:num_held].cumsum(0).to(torch.int32)  # [E_h]
         tokens = order // k  # [T*k] token of each sorted pair
         xs = x[tokens]  # [T*k, H]
-        gate, up = torch._grouped_mm(xs, st.gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # [T*k, I] each
-        y = torch._grouped_mm(F.silu(gate) * up, st.down.transpose(-2, -1), offs=offs)  # [T*k, H]
+        gate_up = torch._grouped_mm(xs, st.gate_up.transpose(-2, -1), offs=offs)  # [T*k, 2I]
+        if tf is not None:
+            act = tf.silu_mul(gate_up)  # [T*k, I] in one kernel
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)  # [T*k, I] each
+            act = F.silu(gate) * up
+        y = torch._grouped_mm(act, st.down.transpose(-2, -1), offs=offs)  # [T*k, H]
         # rows past the last group are not computed (their values are garbage): select, never multiply
         held = (local[order] < num_held)[:, None]  # [T*k, 1]
         w = topk_weights.flatten()[order][:, None].to(y.dtype)  # [T*k, 1]

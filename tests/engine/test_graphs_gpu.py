@@ -88,3 +88,33 @@ def test_padding_rows_do_not_change_logits(tiny_dir):
     torch.testing.assert_close(after_graph[:scratch], kv[:scratch], rtol=2e-2, atol=2e-2)  # GEMMs of 8 vs 5 rows
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_fused_layer_kernels_match_torch_ops(tiny_dir, family):
+    """The fused Triton kernels of a layer (norms, q/k norm + rotary + K/V write, routing,
+    SiLU-and-multiply) give the logits and K/V of the torch compositions (bf16)."""
+    pytest.importorskip("triton")
+    from afkv.model.sides import SeqChunk, StepInputs
+
+    dev = torch.device("cuda:0")
+    fused = load_colocated(tiny_dir[family], dev, torch.bfloat16)
+    plain = load_colocated(tiny_dir[family], dev, torch.bfloat16)
+    assert fused.attn._tf is not None
+    plain.attn._tf = None
+    plain.ffn.ffn._tf = None
+    spec = fused.spec
+    kv = [torch.zeros(16, spec.num_layers, 2, 4, spec.num_kv_heads, spec.head_dim, dtype=torch.bfloat16, device=dev)
+          for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, spec.vocab_size, (11,), generator=g).to(dev)
+    pos = torch.arange(11, device=dev)
+    table = torch.arange(3, device=dev)
+    with torch.inference_mode():
+        out = []
+        for model, cache in zip((fused, plain), kv):
+            inputs = StepInputs(ids, pos, table[pos // 4], pos % 4, [SeqChunk(0, 11, 11, table)])
+            out.append(model.attn.logits(model.forward(inputs, cache, 1)))
+    torch.testing.assert_close(out[0], out[1], rtol=2e-2, atol=2e-2)
+    assert (out[0].argmax(-1) == out[1].argmax(-1)).float().mean() >= 0.9
+    torch.testing.assert_close(kv[0], kv[1], rtol=2e-2, atol=2e-2)
