@@ -117,6 +117,7 @@ async def _run_mode(model_dir: Path, work: Path, experts: int, slots: int, rebal
         async with Engine(model_dir, cfg, progress=False) as engine:
             await asyncio.gather(*(engine.complete(p, params) for p in prompts))  # warm-up: loads to balance on
             report = await engine.rebalance() if rebalance else None
+            moved = await engine._remote.request_all({"type": "stats"})  # weights copied by the rebalance
             start = await _node_loads(engine)
             t0 = time.perf_counter()
             tokens = None
@@ -137,6 +138,9 @@ async def _run_mode(model_dir: Path, work: Path, experts: int, slots: int, rebal
         "predicted_before": None if report is None else report.balancedness_before,
         "predicted_after": None if report is None else report.balancedness_after,
         "rebalance_s": None if report is None else report.duration_s,
+        "experts_received": sum(m["experts_received"] for m in moved),
+        "received_bytes": sum(m["received_bytes"] for m in moved),
+        "experts_from_checkpoint": sum(m["experts_from_checkpoint"] for m in moved),
         "wall_s": wall_s, "generated_tokens": generated, "tokens_per_s": generated / wall_s,
         "token_ids": tokens,
     }
@@ -189,7 +193,9 @@ def format_table(result: dict) -> str:
                     f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f} |")
     e = result["eplb"]
     rows.append(f"rebalance: predicted max/mean {e['predicted_before']:.3f} -> {e['predicted_after']:.3f} in "
-                f"{e['rebalance_s']:.2f} s; greedy tokens equal: {result['greedy_tokens_equal']}")
+                f"{e['rebalance_s']:.2f} s ({e['experts_received']} experts, {e['received_bytes'] / 2**20:.1f} MiB "
+                f"copied between expert nodes, {e['experts_from_checkpoint']} read from the checkpoint); "
+                f"greedy tokens equal: {result['greedy_tokens_equal']}")
     return "\n".join(rows)
 
 

@@ -194,7 +194,7 @@ class ExpertNode:
             return {"type": "placement", "placement": self.placement.to_msg()}
         if kind == "expert_weights":
             try:
-                pieces, max_bytes = list(msg["pieces"]), int(msg["max_bytes"])
+                pieces, max_bytes = list(msg["pieces"]), min(int(msg["max_bytes"]), DATA_FRAME_BYTES // 2)
             except (KeyError, TypeError, ValueError) as exc:
                 raise FrameError(f"malformed expert_weights request: {exc}") from exc
             return await asyncio.get_running_loop().run_in_executor(
