@@ -222,7 +222,6 @@ def test_demotion_to_the_same_format_moves_the_bytes_unchanged(name):
     _step(kv, 0, a, 0, 9)
     kv.free(0)
     kv.drain()
-    rows = {h: kv.blocks[kv.pool.lookup(h)].clone() for h in kv._hashes.get(0, [])} or None
     hashes = [kv.pool.block_hash(b) for b in range(3) if kv.pool.block_hash(b) is not None]
     assert len(hashes) == 2
     before = {h: kv.blocks[kv.pool.lookup(h)].clone() for h in hashes}
