@@ -95,6 +95,16 @@ def fused_ops(device: torch.device):
     return triton_fused if triton_fused.available() else None
 
 
+def prefill_attention_for(q: torch.Tensor):
+    """The Triton paged prefill kernel on CUDA where triton is installed, else the torch reference."""
+    if q.is_cuda:
+        from afkv.ops import triton_attention  # imports triton: only on GPU machines
+
+        if triton_attention.available():
+            return triton_attention.paged_prefill_attention
+    return paged_attention
+
+
 def decode_attention_for(q: torch.Tensor):
     """The Triton decode kernel on CUDA where triton is installed, else the torch reference."""
     if q.is_cuda:
@@ -228,8 +238,11 @@ class AttentionSide:
             if d is not None and c.length == 1 and not c.score_keys:
                 continue
             rows = slice(c.start, c.start + c.length)
-            mass = inputs.key_mass if c.score_keys else None
-            out[rows] = paged_attention(q[rows], kv, i, c.block_ids, c.context_len, spec.sliding_window, mass)
+            if c.score_keys:  # H2O: the torch reference also returns each key's attention mass
+                out[rows] = paged_attention(q[rows], kv, i, c.block_ids, c.context_len, spec.sliding_window,
+                                            inputs.key_mass)
+            else:
+                out[rows] = prefill_attention_for(q)(q[rows], kv, i, c.block_ids, c.context_len, spec.sliding_window)
         return self._residual(i, h, F.linear(out.flatten(1), w["o"]))  # [T, H]
 
     def _residual(self, i: int, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
