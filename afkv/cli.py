@@ -4,6 +4,7 @@
     afkv bench decode            afkv vs transformers' generate: decode tokens/s and TTFT
     afkv bench kv                KV tiers: transfer GB/s against the copy limit; decode with tiers on/off
     afkv bench eplb              expert load balancing under Zipf skew: max/mean node load, tok/s (CPU processes)
+    afkv bench kv-quant          long-context decode: int8/int4 device KV blocks against the model dtype
     afkv bench af                1A1F over NCCL vs colocated data parallel (two GPUs, real shapes)
     afkv bench gpu               GPU suite: afkv (CUDA graphs) vs HF generate vs the HBM roofline (real shapes)
     afkv bench plot JSON         PNG plot of a `bench gpu` result
@@ -233,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--seed", type=int, default=0)
     ep.add_argument("--json", help="output path (default bench-results/eplb-<time>.json)")
 
+    kvq = bsub.add_parser("kv-quant", add_help=False,
+                          help="long-context decode with int8/int4 device KV blocks against the model dtype")
+    kvq.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m afkv.bench.kv (--help)")
+
     gpu = bsub.add_parser("gpu", help="GPU suite: afkv (CUDA graphs) vs HF generate vs the HBM roofline, real shapes")
     gpu.add_argument("--models", default="qwen3-30b-a3b,mixtral-8x7b", help="comma-separated: qwen3-30b-a3b, mixtral-8x7b")
     gpu.add_argument("--batch-sizes", default="1,16,64,256")
@@ -266,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_async(_cmd_bench_af(args))
         if args.command == "bench" and args.bench == "eplb":
             return run_async(_cmd_bench_eplb(args))
+        if args.command == "bench" and args.bench == "kv-quant":
+            from afkv.bench.kv import main as kv_quant_main
+
+            kv_quant_main(args.args)
+            return 0
         if args.command == "bench" and args.bench == "gpu":
             return _cmd_bench_gpu(args)
         if args.command == "bench" and args.bench == "plot":
