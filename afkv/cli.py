@@ -261,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from afkv.errors import AfkvError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not (args.command == "bench" and args.bench == "kv-quant"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "run":
             return run_async(_cmd_run(args))
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench" and args.bench == "kv-quant":
             from afkv.bench.kv import main as kv_quant_main
 
-            kv_quant_main(args.args)
+            kv_quant_main(extra + args.args)
             return 0
         if args.command == "bench" and args.bench == "gpu":
             return _cmd_bench_gpu(args)
