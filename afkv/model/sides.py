@@ -421,7 +421,6 @@ class FFNSide:
         if prefix + "experts.gate_up_proj" in reader:  # fused layout [E, 2I, H], [E, H, I]
             gate_up = reader.get(prefix + "experts.gate_up_proj", self.dtype)
             down = reader.get(prefix + "experts.down_proj", self.dtype)
-            inter = gate_up.shape[1] // 2
             return {
                 e: _Expert(gate_up[e].contiguous().to(self.device), down[e].contiguous().to(self.device))
                 for e in held

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from afkv.model.spec import ModelSpec
 from afkv.nodes.placement import initial_placement
 from afkv.nodes.remote_ffn import RemoteFFN
 from afkv.nodes.rendezvous import lookup, open_store
+
+if TYPE_CHECKING:
+    from afkv.nodes.nccl_ffn import NcclFFN
 
 
 async def connect_expert_nodes(spec: ModelSpec, d: DeploymentConfig, rank: int, device: torch.device,

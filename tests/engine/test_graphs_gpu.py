@@ -1,7 +1,6 @@
 """Decode steps replayed as CUDA graphs give the tokens of eager steps (GPU machine)."""
 
 import asyncio
-import dataclasses
 
 import pytest
 import torch
