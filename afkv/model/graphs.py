@@ -134,6 +134,8 @@ class DecodeGraphs:
         m = max(1, min(micro_batches, b))
         key = (b, m)
         ffn = self.model.ffn
+        if hasattr(ffn, "ensure_joined"):
+            ffn.ensure_joined()
         if getattr(ffn, "generation", 0) != self._generation:  # the FFN's peers were joined again
             self._graphs.clear()
             self._pool = None

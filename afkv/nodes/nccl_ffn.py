@@ -132,6 +132,12 @@ class NcclFFN:
                 raise self._broken
             time.sleep(0.0002)
 
+    def ensure_joined(self) -> None:
+        """Join the expert nodes again when the last step aborted the communicators (before a
+        CUDA graph is chosen: graphs captured on the old communicators are void)."""
+        if self._broken is not None:
+            self._join_all()
+
     def begin_step(self, mb_sizes: list[int], announce: bool = True) -> None:
         """Set the step's capacities and tell every expert node (step metadata). Without
         `announce` only the shapes are set: a CUDA graph capturing the step enqueues nothing
