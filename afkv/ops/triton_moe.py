@@ -333,3 +333,145 @@ def moe_mlp(
     )  # fmt: skip
     # fixed-order sums (no atomics): the same result every run
     return out.view(cfg.split_k * num_tokens, top_k, hidden).sum(1).view(cfg.split_k, num_tokens, hidden).sum(0).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Micro-benchmark (GPU)
+
+MIXTRAL_8X7B = dict(num_experts=8, hidden=4096, inter=14336, top_k=2)
+QWEN3_30B_A3B = dict(num_experts=128, hidden=2048, inter=768, top_k=8)
+MODELS = {"mixtral-8x7b": MIXTRAL_8X7B, "qwen3-30b-a3b": QWEN3_30B_A3B}
+
+
+def _graph_time_s(fns: list, replays: int) -> float:
+    """Seconds per call: the calls fns[0](), fns[1](), ... captured in one CUDA graph (as afkv
+    runs a decode step), replayed `replays` times between CUDA events."""
+    for fn in fns:
+        fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm the allocator off the default stream, as capture wants
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / (replays * len(fns))
+
+
+def bench(
+    num_tokens: int,
+    *,
+    num_experts: int,
+    hidden: int,
+    inter: int,
+    top_k: int,
+    copies: int = 4,
+    calls: int = 10,
+    replays: int = 3,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    device: torch.device | str = "cuda",
+    config: BlockConfig | None = None,
+) -> dict:
+    """moe_mlp vs the torch grouped path (FFNSide._grouped with the fused SiLU-and-multiply) at
+    `num_tokens` tokens routed uniformly at random, every expert held. Each side: `calls` calls
+    in one CUDA graph, call i over weight copy i % copies (distinct layers' weights, so reads
+    come from HBM, not L2). -> dict: num_tokens, experts_touched, weight_bytes (of the touched
+    experts, per call), moe_s, torch_s (seconds per call), moe_bytes_per_s, torch_bytes_per_s,
+    speedup, max_abs_diff (moe_mlp vs torch on copy 0)."""
+    from afkv.model.sides import FFNSide, _Stacked, fused_ops  # bench only: ops never import the model
+
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    local = torch.arange(num_experts + 1, device=device)  # [E + 1]: every expert held
+    layers = [
+        _Stacked(
+            torch.empty(num_experts, 2 * inter, hidden, dtype=dtype, device=device).normal_(0, 0.02, generator=gen),
+            torch.empty(num_experts, hidden, inter, dtype=dtype, device=device).normal_(0, 0.02, generator=gen),
+            local,
+        )
+        for _ in range(copies)
+    ]
+    x = torch.randn(num_tokens, hidden, generator=gen, device=device).to(dtype)  # [T, H]
+    logits = torch.randn(num_tokens, num_experts, generator=gen, device=device)  # [T, E]
+    topk_weights, topk_ids = torch.softmax(logits, -1).topk(top_k, -1)  # [T, k] each
+    touched = len(set(topk_ids.flatten().tolist()))
+    weight_bytes = touched * 3 * hidden * inter * torch.finfo(dtype).bits // 8
+    tf = fused_ops(device)
+    moe_fns = [
+        functools.partial(moe_mlp, x, topk_ids, topk_weights, st.local, st.gate_up, st.down, config)
+        for st in (layers[i % copies] for i in range(calls))
+    ]
+    torch_fns = [
+        functools.partial(FFNSide._grouped, st, x, topk_ids, topk_weights, tf)
+        for st in (layers[i % copies] for i in range(calls))
+    ]
+    diff = float((moe_fns[0]().float() - torch_fns[0]().float()).abs().max())
+    moe_s = _graph_time_s(moe_fns, replays)
+    torch_s = _graph_time_s(torch_fns, replays)
+    return {
+        "num_tokens": num_tokens,
+        "experts_touched": touched,
+        "weight_bytes": weight_bytes,
+        "moe_s": moe_s,
+        "torch_s": torch_s,
+        "moe_bytes_per_s": weight_bytes / moe_s,
+        "torch_bytes_per_s": weight_bytes / torch_s,
+        "speedup": torch_s / moe_s,
+        "max_abs_diff": diff,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m afkv.ops.triton_moe: moe_mlp vs the torch grouped path, Mixtral-8x7B and Qwen3-30B-A3B shapes."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 128, 256])
+    parser.add_argument("--copies", type=int, default=4, help="weight copies cycled through (layers)")
+    parser.add_argument("--calls", type=int, default=10, help="calls captured in one CUDA graph")
+    parser.add_argument("--replays", type=int, default=3)
+    parser.add_argument("--config", type=int, nargs=5, metavar=("BM", "GU_BN", "DOWN_BN", "BK", "SPLIT_K"),
+                        help="override default_config (tuning)")  # fmt: skip
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    if not available():
+        raise SystemExit("needs triton and a CUDA device")
+    config = BlockConfig(*args.config) if args.config else None
+    print(f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}")
+    print(f"bfloat16; per call, both sides in CUDA graphs of {args.calls} calls over {args.copies} weight copies")
+    print(f"{'model':<15}{'T':>5}{'experts':>8}{'MB':>8}{'moe us':>10}{'torch us':>10}{'moe TB/s':>9}"
+          f"{'torch TB/s':>11}{'speedup':>8}{'max|diff|':>10}")  # fmt: skip
+    rows = []
+    for name in args.models:
+        for num_tokens in args.tokens:
+            row = bench(num_tokens, **MODELS[name], copies=args.copies, calls=args.calls, replays=args.replays,
+                        config=config)  # fmt: skip
+            rows.append({"model": name, **row})
+            print(
+                f"{name:<15}{num_tokens:>5}{row['experts_touched']:>8}{row['weight_bytes'] / 1e6:>8.0f}"
+                f"{row['moe_s'] * 1e6:>10.1f}{row['torch_s'] * 1e6:>10.1f}{row['moe_bytes_per_s'] / 1e12:>9.2f}"
+                f"{row['torch_bytes_per_s'] / 1e12:>11.2f}{row['speedup']:>8.2f}{row['max_abs_diff']:>10.2e}"
+            )
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
