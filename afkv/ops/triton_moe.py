@@ -308,7 +308,9 @@ def moe_mlp(
     weights = topk_weights.reshape(-1)  # [P]
     if weights.stride(0) != 1:
         weights = weights.contiguous()
-    device_index = (x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else None
+    device_index = None
+    if x.is_cuda:
+        device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     cfg = config or default_config(num_pairs, num_held, hidden, inter, _sm_count(device_index))
     ieee = x.dtype == torch.float32
     pairs, block_expert = _align(local, topk_ids, num_held, cfg.block_m)  # [slots], [max_blocks]
@@ -332,7 +334,8 @@ def moe_mlp(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     # fixed-order sums (no atomics): the same result every run
-    return out.view(cfg.split_k * num_tokens, top_k, hidden).sum(1).view(cfg.split_k, num_tokens, hidden).sum(0).to(x.dtype)
+    y = out.view(cfg.split_k * num_tokens, top_k, hidden).sum(1)  # [S * T, H]
+    return y.view(cfg.split_k, num_tokens, hidden).sum(0).to(x.dtype)  # [T, H]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -102,7 +102,8 @@ def _check(y, args, device) -> None:
     x, topk_ids, topk_weights, local, gate_up, down = args
     grouped = FFNSide._grouped(_Stacked(gate_up, down, local), x, topk_ids, topk_weights)
     diff = float((y.double() - grouped.double()).abs().max())
-    assert diff <= (1e-5 if device == "cpu" else 1.5e-2) * max(scale, 1e-30), f"{diff / scale:.2e} x max|ref| vs grouped"
+    tol = 1e-5 if device == "cpu" else 1.5e-2
+    assert diff <= tol * scale, f"{diff / scale:.2e} x max|ref| vs grouped"
 
 
 CASES = {  # name -> (num_experts, held, hidden, inter, top_k, num_tokens, padding)
@@ -202,10 +203,12 @@ def test_real_shapes(case):
     num_experts, hidden, inter, top_k, num_tokens = case
     gen = torch.Generator(device="cuda").manual_seed(0)
     dtype = torch.bfloat16
-    gate_up = torch.empty(num_experts, 2 * inter, hidden, dtype=dtype, device="cuda").normal_(0, hidden**-0.5, generator=gen)
+    gate_up = torch.empty(num_experts, 2 * inter, hidden, dtype=dtype, device="cuda")  # [E, 2I, H]
+    gate_up.normal_(0, hidden**-0.5, generator=gen)
     down = torch.empty(num_experts, hidden, inter, dtype=dtype, device="cuda").normal_(0, inter**-0.5, generator=gen)
     x = torch.randn(num_tokens, hidden, generator=gen, device="cuda").to(dtype)
-    topk_weights, topk_ids = torch.softmax(torch.randn(num_tokens, num_experts, generator=gen, device="cuda"), -1).topk(top_k)
+    logits = torch.randn(num_tokens, num_experts, generator=gen, device="cuda")  # [T, E]
+    topk_weights, topk_ids = torch.softmax(logits, -1).topk(top_k)  # [T, k] each
     local = torch.arange(num_experts + 1, device="cuda")
     args = (x, topk_ids, topk_weights, local, gate_up, down)
     _check(tm.moe_mlp(*args), args, "cuda")
@@ -216,7 +219,8 @@ def test_real_shapes(case):
 def test_cuda_graph_replay_with_changed_inputs():
     num_experts, hidden, inter, top_k, num_tokens = 16, 512, 256, 4, 24
     held = (0, 2, 3, 5, 8, 9, 11, 15)
-    x, topk_ids, topk_weights, local, gate_up, down = _problem(num_experts, held, hidden, inter, top_k, num_tokens, "cuda")
+    shape = (num_experts, held, hidden, inter, top_k, num_tokens)
+    x, topk_ids, topk_weights, local, gate_up, down = _problem(*shape, "cuda")
     tm.moe_mlp(x, topk_ids, topk_weights, local, gate_up, down)  # compile outside the capture
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
@@ -228,7 +232,7 @@ def test_cuda_graph_replay_with_changed_inputs():
     with torch.cuda.graph(graph):
         y = tm.moe_mlp(x, topk_ids, topk_weights, local, gate_up, down)
     for seed in (1, 2, 3):
-        x2, ids2, w2, _, _, _ = _problem(num_experts, held, hidden, inter, top_k, num_tokens, "cuda", seed=seed, padding=0.2)
+        x2, ids2, w2, _, _, _ = _problem(*shape, "cuda", seed=seed, padding=0.2)
         if seed == 3:  # every selection on one expert: one expert takes all blocks
             ids2 = torch.full_like(ids2, held[1])
         x.copy_(x2), topk_ids.copy_(ids2), topk_weights.copy_(w2)
