@@ -15,6 +15,7 @@ Each side reads only its own tensors from the checkpoint.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -93,6 +94,16 @@ def fused_ops(device: torch.device):
     from afkv.ops import triton_fused  # imports triton: only on GPU machines
 
     return triton_fused if triton_fused.available() else None
+
+
+def moe_ops(device: torch.device):
+    """afkv.ops.triton_moe on CUDA where triton is installed, else None (torch grouped GEMMs).
+    AFKV_MOE_KERNEL=grouped keeps torch's grouped GEMMs on CUDA too (a tuning switch)."""
+    if device.type != "cuda" or os.environ.get("AFKV_MOE_KERNEL", "auto") == "grouped":
+        return None
+    from afkv.ops import triton_moe  # imports triton: only on GPU machines
+
+    return triton_moe if triton_moe.available() else None
 
 
 def prefill_attention_for(q: torch.Tensor):
@@ -353,6 +364,7 @@ class FFNSide:
         self.stacked: list[_Stacked | None] = []  # per layer: the routed experts stacked (distinct experts)
         self.grouped = grouped_mm_works(device, dtype)  # else one GEMM pair per expert
         self._tf = fused_ops(device)  # fused SiLU-and-multiply of the grouped path (CUDA with triton)
+        self._moe = moe_ops(device)  # the Triton fused-MoE kernels (CUDA with triton)
 
         def get(name: str) -> torch.Tensor:
             return reader.get(name, dtype, device)
@@ -438,7 +450,9 @@ class FFNSide:
             return gated_mlp(x, dense.gate_up, dense.down)
         assert self.spec.layer_has_router(i), f"layer {i} is dense and its MLP is not held here"
         stacked = self.stacked[i]
-        if stacked is not None and self.grouped:
+        if stacked is not None and self._moe is not None:
+            out = self._moe.moe_mlp(x, topk_ids, topk_weights, stacked.local, stacked.gate_up, stacked.down)
+        elif stacked is not None and self.grouped:
             out = self._grouped(stacked, x, topk_ids, topk_weights, self._tf)
         else:
             out = self._per_expert(i, x, topk_ids, topk_weights)
