@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from afkv.bench.steps import (TPOT_LIMIT_S, colocated_phase, copy_bandwidth, eager_inputs, fits, median_s, random_kv,
-                               synthetic_step)
+                               step_bytes, synthetic_step)
 from afkv.config import EngineConfig
 from afkv.model.graphs import DecodeGraphs
 from afkv.model.model import Model, load_attention_side
@@ -176,6 +176,9 @@ async def run_af_bench(model: str, batches: list[int], context: int, micro_batch
             k = spec.top_k
             bare = sum(bare_nccl_round_trip(c * (spec.hidden_size * 2 + k * 8), c * spec.hidden_size * 2, reps=20)
                        for c in r["caps"])
+            need = step_bytes(spec, b, context)  # bytes each side must read per step, against the copy ceiling
+            r["ffn_roofline_share"] = need["ffn"] / copy_bw / r["t_ffn_s"]
+            r["attn_roofline_share"] = need["attention"] / copy_bw / r["t_attn_s"] if r["t_attn_s"] else None
             r["transfer_bare_s"] = t_x = bare * spec.num_layers
             exposed = r["tpot_s"] - max(r["t_attn_s"] or 0.0, r["t_ffn_s"])
             r["transfer_hidden_share"] = min(1.0, max(0.0, 1.0 - exposed / t_x))
