@@ -36,6 +36,10 @@ class AfkvError(Exception):
     """Base class of every error afkv raises on purpose."""
 
 
+class DeviceError(AfkvError):
+    """This machine lacks the hardware or library a command needs (a GPU, two GPUs, triton)."""
+
+
 class ConfigError(AfkvError):
     def __init__(self, message: str, *, file: str | None = None, key: str | None = None):
         where = ", ".join(p for p in (f"file {file}" if file else "", f"key {key!r}" if key else "") if p)

@@ -19,3 +19,34 @@ def test_run_reports_typed_errors(tiny_dir, capsys):
     assert "no tokenizer.json" in capsys.readouterr().err
     assert main(["run", "--model", str(tiny_dir["llama"]), "--max-tokens", "0", "hello"]) == 2
     assert "max_tokens must be a positive integer" in capsys.readouterr().err
+
+
+def test_gpu_benchmarks_say_what_is_missing(capsys):
+    """Without the GPUs they need, the GPU benchmarks end with a one-line error naming it."""
+    import pytest
+    import torch
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs")
+    assert main(["bench", "af"]) == 2
+    err = capsys.readouterr().err
+    assert "needs two GPUs" in err and "Traceback" not in err
+    if not torch.cuda.is_available():
+        assert main(["bench", "gpu"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_plot_of_a_gpu_result(tmp_path, capsys):
+    """`afkv bench plot` draws a PNG from a `bench gpu` JSON, or says matplotlib is missing."""
+    result = {"device": "test", "context": 16, "date": "2026-11-30", "models": {
+        "m": {"afkv": {"1": {"tok_s": 10.0}, "16": {"tok_s": 100.0}}, "hf": {"1": {"tok_s": 1.0}}}}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(result))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert main(["bench", "plot", str(path)]) == 2
+        assert "matplotlib" in capsys.readouterr().err
+        return
+    assert main(["bench", "plot", str(path)]) == 0
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -32,6 +32,7 @@ import torch
 from afkv.bench.steps import (TPOT_LIMIT_S, colocated_phase, copy_bandwidth, eager_inputs, fits, median_s, random_kv,
                                step_bytes, synthetic_step)
 from afkv.config import EngineConfig
+from afkv.errors import DeviceError
 from afkv.model.graphs import DecodeGraphs
 from afkv.model.model import Model, load_attention_side
 from afkv.model.random import random_spec
@@ -161,7 +162,8 @@ def best_within(rows: dict, limit_s: float) -> tuple[int | None, float]:
 async def run_af_bench(model: str, batches: list[int], context: int, micro_batches: list[int], steps: int = 10,
                        block_size: int = 16, log=print) -> dict:
     if torch.cuda.device_count() < 2:
-        raise RuntimeError("afkv bench af needs two GPUs (attention on cuda:0, experts on cuda:1)")
+        raise DeviceError(f"afkv bench af needs two GPUs (attention on cuda:0, experts on cuda:1); "
+                          f"this machine has {torch.cuda.device_count()}")
     name = model.removeprefix("random:")
     copy_bw = await asyncio.to_thread(copy_bandwidth, torch.device("cuda:0"))
     colo_rows = await asyncio.to_thread(colocated_phase, name, batches, context, block_size, steps, copy_bw, log, set())

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from afkv.bench.steps import TPOT_LIMIT_S, colocated_phase, copy_bandwidth
+from afkv.errors import DeviceError
 from afkv.model.random import REAL_SHAPES, random_spec
 
 
@@ -92,11 +93,11 @@ def _best_within(rows: dict, limit_s: float) -> dict:
 def run_gpu_suite(models: list[str], batches: list[int], context: int, steps: int = 10, block_size: int = 16,
                   hf: bool = True, hf_batches: list[int] | None = None, log=print) -> dict:
     if not torch.cuda.is_available():
-        raise RuntimeError("afkv bench gpu needs a CUDA GPU")
+        raise DeviceError("afkv bench gpu needs a CUDA GPU (this machine has none)")
     from afkv.ops import triton_attention
 
     if not triton_attention.available():
-        raise RuntimeError("afkv bench gpu needs triton (the decode kernel the CUDA graphs replay)")
+        raise DeviceError("afkv bench gpu needs triton (the kernels its CUDA graphs replay): pip install triton")
     dev = torch.device("cuda:0")
     torch.cuda.set_device(dev)
     copy_bw = copy_bandwidth(dev)
