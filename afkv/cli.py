@@ -58,7 +58,8 @@ async def _cmd_run(args) -> int:
 
 
 async def _cmd_bench_decode(args) -> int:
-    from afkv.bench.decode import format_table, run_decode_bench, write_json
+    from afkv.bench import write_json
+    from afkv.bench.decode import format_table, run_decode_bench
     from afkv.config import EngineConfig
 
     cfg = EngineConfig.from_toml(args.config) if args.config else None
@@ -73,7 +74,8 @@ async def _cmd_bench_decode(args) -> int:
 
 
 async def _cmd_bench_kv(args) -> int:
-    from afkv.bench.kv import format_table, run_kv_bench, write_json
+    from afkv.bench import write_json
+    from afkv.bench.kv import format_table, run_kv_bench
 
     result = await run_kv_bench(
         args.model, args.blocks, args.formats.split(","), args.group_size, args.io_threads, args.disk_dir,
@@ -86,7 +88,8 @@ async def _cmd_bench_kv(args) -> int:
 
 
 async def _cmd_bench_af(args) -> int:
-    from afkv.bench.af import format_af_table, run_af_bench, write_json
+    from afkv.bench import write_json
+    from afkv.bench.af import format_af_table, run_af_bench
 
     result = await run_af_bench(args.model, [int(b) for b in args.batch_sizes.split(",")], args.context,
                                 [int(m) for m in args.micro_batches.split(",")], args.steps, log=_err)
@@ -97,7 +100,8 @@ async def _cmd_bench_af(args) -> int:
 
 
 async def _cmd_bench_eplb(args) -> int:
-    from afkv.bench.eplb import format_table, run_eplb_bench, write_json
+    from afkv.bench import write_json
+    from afkv.bench.eplb import format_table, run_eplb_bench
 
     result = await run_eplb_bench(args.exponent, args.expert_nodes, args.slots_per_node, args.batch,
                                   args.prompt_len, args.gen_len, args.repeats, args.seed)
@@ -108,7 +112,8 @@ async def _cmd_bench_eplb(args) -> int:
 
 
 def _cmd_bench_gpu(args) -> int:
-    from afkv.bench.gpu import format_table, run_gpu_suite, write_json, write_plot
+    from afkv.bench import write_json
+    from afkv.bench.gpu import format_table, run_gpu_suite, write_plot
 
     split = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     result = run_gpu_suite(args.models.split(","), split(args.batch_sizes), args.context, args.steps,

@@ -4,4 +4,21 @@ reported next to a baseline measured in the same run. RESULTS.md keeps the runs'
     decode.py   afkv vs transformers' generate: decode tokens/s and TTFT per batch size
     kv.py       KV tier bandwidths against the copy limit; decode with tiers off / on
     af.py       1A1F over NCCL vs colocated data parallel on two GPUs (real shapes)
+    gpu.py      one GPU: afkv (CUDA graphs) vs transformers vs the HBM copy ceiling, plot
+    eplb.py     expert load balancing under Zipf skew (CPU processes)
+    steps.py    decode-step timing shared by af.py and gpu.py
 """
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_json(result: dict, path: str | Path) -> Path:
+    """Write a benchmark's result (values JSON cannot hold are written as strings) -> the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return path
+

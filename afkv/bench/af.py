@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import json
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -225,9 +224,3 @@ def format_af_table(r: dict) -> str:
                      f"transfer/bare {rt['transfer_over_bare']:.2f}")
     return "\n".join(lines)
 
-
-def write_json(result: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str))
-    return path

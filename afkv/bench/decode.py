@@ -9,11 +9,9 @@ Decode tokens/s: tokens after the first / time after the first token.
 from __future__ import annotations
 
 import asyncio
-import json
 import platform
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -126,9 +124,3 @@ def format_table(result: dict) -> str:
         )
     return "\n".join(lines)
 
-
-def write_json(result: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    return path

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import platform
 import time
 from pathlib import Path
@@ -198,9 +197,3 @@ def format_table(result: dict) -> str:
                 f"greedy tokens equal: {result['greedy_tokens_equal']}")
     return "\n".join(rows)
 
-
-def write_json(result: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    return path

@@ -20,7 +20,6 @@ argmax on the device (the scheduler is not in the loop), median of `steps` after
 from __future__ import annotations
 
 import gc
-import json
 import time
 from pathlib import Path
 
@@ -138,12 +137,6 @@ def format_table(r: dict) -> str:
                      f"HF batch {bw['hf']['batch']} ({bw['hf']['tok_s']:.0f} tok/s)")
     return "\n".join(lines)
 
-
-def write_json(result: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str))
-    return path
 
 
 def write_plot(result: dict, path: str | Path) -> Path | None:

@@ -37,7 +37,6 @@ long-context decode with a quantized device tier (`python -m afkv.bench.kv`, run
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import platform
 import tempfile
@@ -47,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from afkv.bench import write_json
 from afkv.config import EngineConfig
 from afkv.engine.engine import Engine, resolve_device, resolve_dtype
 from afkv.engine.params import SamplingParams
@@ -264,12 +264,6 @@ def format_table(result: dict) -> str:
                          f"{r['demotions']:>9} | {r['spills']:>6}")
     return "\n".join(lines)
 
-
-def write_json(result: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    return path
 
 
 

@@ -455,27 +455,21 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 QWEN3_30B_A3B = dict(hidden=2048, num_heads=32, num_kv_heads=4, head_dim=128, num_experts=128, top_k=8, moe_inter=768)
 
 
-def _time_s(fn, calls: int, replays: int, device: torch.device) -> float:
-    """Seconds per call of fn(): on CUDA, `calls` calls captured in one CUDA graph, replayed
-    `replays` times between CUDA events (no launch overhead: the graph is how afkv runs a
-    decode step); on the CPU a wall clock around eager calls (the interpreter: a smoke test)."""
-    import time
-
-    fn()  # compile outside the capture
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        return (time.perf_counter() - t0) / calls
+def graph_time_s(fns: list, replays: int) -> float:
+    """Seconds per call: the calls fns[0](), fns[1](), ... captured in one CUDA graph (as afkv
+    runs a decode step: no launch overhead), replayed `replays` times between CUDA events."""
+    for fn in dict.fromkeys(fns):
+        fn()  # compile outside the capture
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm the allocator off the default stream, as capture wants
-        fn()
+        for fn in fns:
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
+        for fn in fns:
             fn()
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -485,7 +479,21 @@ def _time_s(fn, calls: int, replays: int, device: torch.device) -> float:
         graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / 1e3 / (replays * calls)
+    return start.elapsed_time(end) / 1e3 / (replays * len(fns))
+
+
+def _time_s(fn, calls: int, replays: int, device: torch.device) -> float:
+    """Seconds per call of fn(): on CUDA, `calls` calls in one CUDA graph (graph_time_s); on the
+    CPU a wall clock around eager calls (the interpreter: a smoke test)."""
+    import time
+
+    if device.type == "cuda":
+        return graph_time_s([fn] * calls, replays)
+    fn()  # compile
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
 
 
 def bench(

@@ -346,33 +346,6 @@ QWEN3_30B_A3B = dict(num_experts=128, hidden=2048, inter=768, top_k=8)
 MODELS = {"mixtral-8x7b": MIXTRAL_8X7B, "qwen3-30b-a3b": QWEN3_30B_A3B}
 
 
-def _graph_time_s(fns: list, replays: int) -> float:
-    """Seconds per call: the calls fns[0](), fns[1](), ... captured in one CUDA graph (as afkv
-    runs a decode step), replayed `replays` times between CUDA events."""
-    for fn in fns:
-        fn()  # compile outside the capture
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm the allocator off the default stream, as capture wants
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / (replays * len(fns))
-
-
 def bench(
     num_tokens: int,
     *,
@@ -395,6 +368,7 @@ def bench(
     experts, per call), moe_s, torch_s (seconds per call), moe_bytes_per_s, torch_bytes_per_s,
     speedup, max_abs_diff (moe_mlp vs torch on copy 0)."""
     from afkv.model.sides import FFNSide, _Stacked, fused_ops  # bench only: ops never import the model
+    from afkv.ops.triton_fused import graph_time_s
 
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -422,8 +396,8 @@ def bench(
         for st in (layers[i % copies] for i in range(calls))
     ]
     diff = float((moe_fns[0]().float() - torch_fns[0]().float()).abs().max())
-    moe_s = _graph_time_s(moe_fns, replays)
-    torch_s = _graph_time_s(torch_fns, replays)
+    moe_s = graph_time_s(moe_fns, replays)
+    torch_s = graph_time_s(torch_fns, replays)
     return {
         "num_tokens": num_tokens,
         "experts_touched": touched,

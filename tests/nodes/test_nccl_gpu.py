@@ -14,28 +14,37 @@ from tests.helpers import random_prompt
 pytestmark = pytest.mark.gpu
 
 
+def _write_1a1f(tmp_path, dtype: str, num_blocks: int, timeout_s: float, scheduler: str = "",
+                micro_batches: int | None = None):
+    """A 1A1F deployment config: attention on cuda:0, the expert node on cuda:1."""
+    path = tmp_path / "gpu.toml"
+    m = "" if micro_batches is None else f"micro_batches = {micro_batches}\n"
+    path.write_text(f"""
+[model]
+dtype = "{dtype}"
+device = "cuda:0"
+[kv]
+block_size = 4
+num_blocks = {num_blocks}
+[scheduler]
+{scheduler}
+[deployment]
+attention_nodes = 1
+expert_nodes = 1
+{m}port = 0
+attention_devices = ["cuda:0"]
+expert_devices = ["cuda:1"]
+expert_timeout_s = {timeout_s}
+""")
+    return path
+
+
 def test_nccl_1a1f_matches_colocated(tiny_dir, tmp_path):
     pytest.importorskip("cupy")
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     model = str(tiny_dir["mixtral"])
-    path = tmp_path / "gpu.toml"
-    path.write_text("""
-[model]
-dtype = "float32"
-[kv]
-block_size = 4
-num_blocks = 256
-[scheduler]
-max_num_batched_tokens = 24
-[deployment]
-attention_nodes = 1
-expert_nodes = 1
-port = 0
-attention_devices = ["cuda:0"]
-expert_devices = ["cuda:1"]
-expert_timeout_s = 30.0
-""")
+    path = _write_1a1f(tmp_path, "float32", 256, 30.0, scheduler="max_num_batched_tokens = 24")
     prompts = [random_prompt(4 + 5 * i, 256, seed=i) for i in range(6)]
     params = SamplingParams(max_tokens=16, ignore_eos=True)
 
@@ -65,26 +74,8 @@ def test_nccl_1a1f_cuda_graphs_bf16(tiny_dir, tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     model = str(tiny_dir["qwen3_moe"])
-    path = tmp_path / "gpu.toml"
-    path.write_text("""
-[model]
-dtype = "bfloat16"
-device = "cuda:0"
-[kv]
-block_size = 4
-num_blocks = 512
-[scheduler]
-max_num_seqs = 16
-max_num_batched_tokens = 64
-[deployment]
-attention_nodes = 1
-expert_nodes = 1
-micro_batches = 2
-port = 0
-attention_devices = ["cuda:0"]
-expert_devices = ["cuda:1"]
-expert_timeout_s = 30.0
-""")
+    path = _write_1a1f(tmp_path, "bfloat16", 512, 30.0, micro_batches=2,
+                       scheduler="max_num_seqs = 16\nmax_num_batched_tokens = 64")
     prompts = [random_prompt(3 + 4 * i, 256, seed=i) for i in range(11)]
     params = [SamplingParams(max_tokens=8 + 2 * i, ignore_eos=True) for i in range(11)]
 
@@ -126,23 +117,7 @@ def test_nccl_expert_death_fails_fast_then_recovers(tiny_dir, tmp_path):
     from afkv.errors import RequestFailedError
 
     model = str(tiny_dir["mixtral"])
-    path = tmp_path / "gpu.toml"
-    path.write_text("""
-[model]
-dtype = "float32"
-device = "cuda:0"
-[kv]
-block_size = 4
-num_blocks = 256
-[deployment]
-attention_nodes = 1
-expert_nodes = 1
-micro_batches = 2
-port = 0
-attention_devices = ["cuda:0"]
-expert_devices = ["cuda:1"]
-expert_timeout_s = 5.0
-""")
+    path = _write_1a1f(tmp_path, "float32", 256, 5.0, micro_batches=2)
     prompts = [random_prompt(6, 256, seed=i) for i in range(3)]
     params = SamplingParams(max_tokens=16, ignore_eos=True)
 
