@@ -186,6 +186,10 @@ class DeploymentConfig:
     expert_devices: tuple[str, ...] = ()  # per expert node
     expert_timeout_s: float = 10.0  # an expert node silent this long is lost
     heartbeat_interval_s: float = 1.0
+    # hidden states between nodes: "fixed" (fixed-capacity buffers, CUDA-graph friendly: NCCL on GPUs,
+    # sockets on CPUs), "messages" (one control-plane frame per expert node and layer); auto: fixed on GPUs
+    data_plane: str = "auto"
+    dispatch_capacity: float = 0.0  # fixed: rows per (micro-batch, expert node) as a share; 0: from the placement
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attention_devices", tuple(self.attention_devices))
@@ -199,7 +203,7 @@ class DeploymentConfig:
 @dataclass(frozen=True)
 class EplbConfig:
     """Expert load balancing (afkv.eplb, afkv.nodes.balancer): redundant expert slots on the expert
-    nodes, load statistics, rebalancing while serving. CPU data plane only for now."""
+    nodes, load statistics, rebalancing while serving (either data plane)."""
 
     enabled: bool = False
     slots_per_node: int = 0  # expert slots per node and MoE layer; 0: ceil(experts / expert_nodes), no replicas
@@ -273,6 +277,10 @@ class EngineConfig:
             need(0 <= d.port < 65536, "deployment.port", f"port must be in [0, 65535], got {d.port}")
             need(d.expert_timeout_s > 0, "deployment.expert_timeout_s", "expert_timeout_s must be positive")
             need(d.heartbeat_interval_s > 0, "deployment.heartbeat_interval_s", "heartbeat_interval_s must be positive")
+            need(d.data_plane in ("auto", "fixed", "messages"), "deployment.data_plane",
+                 f"data_plane must be auto, fixed or messages, got {d.data_plane!r}")
+            need(0 <= d.dispatch_capacity <= 1, "deployment.dispatch_capacity",
+                 f"dispatch_capacity must be in [0, 1] (0: from the placement), got {d.dispatch_capacity}")
             need(d.host in ("127.0.0.1", "localhost", "::1") or bool(d.token), "deployment.token",
                  f"binding to {d.host!r} (not loopback) requires a shared token")
             for key, devs, n in (("attention_devices", d.attention_devices, d.attention_nodes),

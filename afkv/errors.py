@@ -107,6 +107,12 @@ class ExpertRowsUnavailableError(EngineError):
         self.rows = rows
 
 
+class StepRetryError(EngineError):
+    """A step returned nothing and is computed again, unchanged, by the next step: the
+    fixed-buffer data plane ran out of room for a peer (capacities grow first), or lost an
+    expert node whose experts have replicas (routing skips it next time)."""
+
+
 class KVError(AfkvError):
     pass
 

@@ -40,6 +40,7 @@ from afkv.errors import (
     PromptTooLongError,
     RequestError,
     RequestFailedError,
+    StepRetryError,
 )
 from afkv.kv.layout import KVLayout
 from afkv.kv.manager import KVManager
@@ -72,6 +73,7 @@ class EngineStats:
     num_prompt_tokens: int
     num_cached_prompt_tokens: int
     num_generated_tokens: int
+    num_step_retries: int = 0  # steps computed again (the fixed-buffer data plane ran out of room, or lost a node)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,6 +130,7 @@ class Engine:
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._num_steps = 0
+        self._num_retries = 0  # steps computed again (StepRetryError)
         self._counts = {"prompt": 0, "cached": 0, "generated": 0}
         self._auto_micro_batches = bool(self.config.deployment and not self.config.deployment.micro_batches)
         self.spec: ModelSpec | None = None
@@ -170,7 +173,8 @@ class Engine:
                 if self.config.eplb.enabled:
                     from afkv.nodes.balancer import Balancer
 
-                    self._balancer = Balancer(self._remote, self.spec, self.config.eplb)
+                    self._balancer = Balancer(getattr(self._remote, "control", self._remote), self.spec,
+                                              self.config.eplb)
                     if self.attention_rank == 0:  # the coordinator: the only node that changes the placement
                         self._balancer.start_periodic()
         except BaseException:
@@ -275,6 +279,7 @@ class Engine:
             num_prompt_tokens=self._counts["prompt"],
             num_cached_prompt_tokens=self._counts["cached"],
             num_generated_tokens=self._counts["generated"],
+            num_step_retries=self._num_retries,
         )
 
     @property
@@ -419,6 +424,10 @@ class Engine:
                 raise
             except ExpertRowsUnavailableError as exc:
                 self._fail_rows(step, plan, exc)  # the others are scheduled again: same tokens, same slots
+                continue
+            except StepRetryError as exc:  # nothing committed: the same step runs again
+                self._num_retries += 1
+                log.info("step of %d requests computed again: %s", len(step), exc)
                 continue
             except Exception as exc:
                 log.exception("step failed; failing its %d requests", len(step))

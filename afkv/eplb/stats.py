@@ -41,6 +41,10 @@ class LoadWindow:
         """counts [E] tokens routed to each expert of `layer` now."""
         self._counts[self._slot(self.clock()), layer] += counts.to(torch.int64).cpu()
 
+    def add_all(self, counts: torch.Tensor) -> None:
+        """counts [L, E] tokens routed to each (layer, expert) now."""
+        self._counts[self._slot(self.clock())] += counts.to(torch.int64).cpu()
+
     def total(self) -> torch.Tensor:
         """Tokens per (layer, expert) over the last window_s seconds. -> [L, E] int64"""
         newest = int(self.clock() // self.bucket_s)

@@ -110,6 +110,10 @@ class DecodeGraphs:
                 for _ in range(2):  # warm-up: lazy initialisation, autotuning, workspaces
                     self._step(b, m, hooks=True)
             torch.cuda.current_stream().wait_stream(side)
+            if getattr(ffn, "generation", 0) != self._generation:  # the warm-up voided the other graphs
+                self._graphs.clear()
+                self._pool = None
+                self._generation = getattr(ffn, "generation", 0)
             g = torch.cuda.CUDAGraph()
             ffn.begin_step(sizes, announce=False)  # shapes only: nothing real is enqueued while capturing
             with torch.cuda.graph(g, pool=self._pool):

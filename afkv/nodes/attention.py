@@ -18,16 +18,20 @@ if TYPE_CHECKING:
     from afkv.nodes.nccl_ffn import NcclFFN
 
 
+def uses_fixed_buffers(d: DeploymentConfig, device: torch.device) -> bool:
+    """Whether an attention node on `device` uses the fixed-buffer data plane."""
+    if d.data_plane == "auto":
+        return device.type == "cuda"
+    return d.data_plane == "fixed"
+
+
 async def connect_expert_nodes(spec: ModelSpec, d: DeploymentConfig, rank: int, device: torch.device,
                                dtype: torch.dtype, executor, eplb: EplbConfig | None = None) -> "RemoteFFN | NcclFFN":
     """Find the expert nodes through the rendezvous store and connect to each: control plane
-    always; on GPUs also the NCCL data plane, created on `executor` (the model worker thread).
-    The placement starts as every node computes it from the config (`initial_placement`)."""
+    always; with the fixed-buffer data plane (GPUs by default: NCCL) also its connections,
+    made on `executor` (the model worker thread). The placement starts as every node
+    computes it from the config (`initial_placement`)."""
     eplb = eplb or EplbConfig()
-    if eplb.enabled and device.type == "cuda":
-        raise ConfigError("EPLB (replicas, live rebalance) runs on the CPU data plane only; the NCCL data plane "
-                          "sends every token to every expert node and needs single-replica placements",
-                          key="eplb.enabled")
     try:
         placement = initial_placement(spec, d.expert_nodes, eplb.slots_per_node if eplb.enabled else 0)
     except ValueError as exc:
@@ -45,12 +49,12 @@ async def connect_expert_nodes(spec: ModelSpec, d: DeploymentConfig, rank: int, 
     remote = RemoteFFN(placement, resolve, f"attention{rank}", d.token or None, d.expert_timeout_s,
                        asyncio.get_running_loop(), d.heartbeat_interval_s, executor=executor, rank=rank)
     await remote.connect()
-    if device.type != "cuda":
+    if not uses_fixed_buffers(d, device):
         return remote
     from afkv.nodes.nccl_ffn import NcclFFN
 
     try:
-        return await NcclFFN.connect(remote, spec, store, rank, device, dtype, executor)
+        return await NcclFFN.connect(remote, spec, store, rank, device, dtype, executor, d.dispatch_capacity, d.host)
     except BaseException:
         await remote.aclose()
         raise

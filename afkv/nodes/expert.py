@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ from afkv.model.spec import ModelSpec
 from afkv.nodes.placement import ExpertPlacement
 from afkv.nodes.transfer import ControlPlaneTransfer, ExpertKey, ExpertTensors, WeightTransfer, export_pieces
 from afkv.transport.control import ControlConnection, ControlLimits, ControlServer
+from afkv.transport.host import HostPeer
+from afkv.transport.nccl import abort_all
+from afkv.transport.streams import DeviceStreams
 from afkv.transport.tensors import pack_tensor, unpack_tensor
 
 log = logging.getLogger("afkv.expert")
@@ -69,6 +73,39 @@ class _Pending:
     ids: torch.Tensor  # [n, k]
     weights: torch.Tensor  # [n, k]
     future: asyncio.Future = field(repr=False)
+
+
+@dataclass(eq=False)
+class _Link:
+    """One attention node's fixed-buffer data plane on this expert node: its two peers, its
+    own streams (steps of several attention nodes interleave: a shared stream could make two
+    of them wait for each other), its buffers and captured steps, and on CPUs its own thread."""
+
+    attention: str
+    dispatch: object  # NcclPeer or HostPeer
+    combine: object
+    recv: object  # streams
+    send: object
+    compute: object
+    executor: ThreadPoolExecutor | None  # CPUs: the thread running this link's steps
+    loads: torch.Tensor  # [L, E + 1] pairs per (layer, expert) since the last flush
+    buffers: dict = field(default_factory=dict)  # (slot, capacity, k) -> static x, ids, w
+    read: dict = field(default_factory=dict)  # same key -> event: end of the last FFN reading them
+    graphs: dict = field(default_factory=dict)  # step shape -> captured step
+    counts: dict = field(default_factory=dict)  # step shape -> steps run
+    pool: object = None  # CUDA graph memory pool of this link's graphs
+    ffn: object = None  # the FFN side its graphs were captured with
+
+
+@dataclass(frozen=True)
+class _StepShape:
+    """Buffers of one fixed-buffer step: this node's capacity per micro-batch (`caps`), the
+    micro-batch capacities (`mb_caps`, for `dense_layers`: layers whose dense MLP / shared
+    expert this node computes for every row)."""
+
+    caps: tuple[int, ...]
+    mb_caps: tuple[int, ...]
+    dense_layers: frozenset[int]
 
 
 @dataclass
@@ -93,14 +130,17 @@ class ExpertNode:
         self._reaper: asyncio.Task | None = None
         self.spec, self.model_dir, self.placement, self.index = spec, str(model_dir), placement, index
         self.store = store
-        self._nccl: dict[str, tuple] = {}  # attention node -> (dispatch peer, combine peer)
-        self._recv_buffers: dict[tuple, tuple] = {}  # (attention, slot, capacity, k) -> static x, ids, w
-        self._buffer_read: dict[tuple, torch.cuda.Event] = {}  # same key -> end of the last FFN reading them
-        self._gpu_events: list[tuple] = []  # (start, end) CUDA events of FFN compute, summed lazily
-        self.cuda_graphs = True  # steps over NCCL replay CUDA graphs after one eager step
-        self._step_graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # (attention, caps) -> captured step
-        self._step_counts: dict[tuple, int] = {}
-        self._graph_pool = None
+        self._links: dict[str, _Link] = {}  # attention node -> its fixed-buffer data plane
+        self._streams = DeviceStreams(device)
+        self._gpu_events: list[tuple] = []  # (start, end) events of FFN compute, summed lazily
+        self.cuda_graphs = device.type == "cuda"  # fixed-buffer steps replay CUDA graphs after one eager step
+        self._peer_epochs: dict[str, int] = {}  # attention node -> placement epoch of its last step
+        self._kept: dict[int, ExpertPlacement] = {}  # older placements some attention node still steps with
+        self._load_copies: list[tuple] = []  # (event, host counts) copies on their way to the window
+        self._loads_t = 0.0
+        self._loads_lock = threading.Lock()  # device load counts: steps of several attention nodes (CPU threads)
+        self._load_lock = threading.Lock()  # one placement load at a time
+        self._flush_lock = threading.Lock()
         self.device, self.dtype, self.token, self.host = device, dtype, token or None, host
         self.stats = ExpertStats()
         self.window = LoadWindow(spec.num_layers, placement.sentinel, window_s)
@@ -155,6 +195,9 @@ class ExpertNode:
             except asyncio.CancelledError:
                 if asyncio.current_task().cancelling():
                     raise
+        for link in self._links.values():
+            if link.executor is not None:
+                link.executor.shutdown(wait=False, cancel_futures=True)
         if self._executor is not None:
             await asyncio.to_thread(self._executor.shutdown, True)
 
@@ -162,9 +205,21 @@ class ExpertNode:
         kind = msg["type"]
         if kind == "ffn":
             return await self._ffn_request(msg)
-        if kind == "step":  # GPU data plane: receive, compute and answer one whole step
-            return await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._gpu_step, conn.peer.node_id, [int(c) for c in msg["caps"]])
+        if kind == "step":  # fixed-buffer data plane: receive, compute and answer one whole step
+            try:
+                shape = _StepShape(tuple(int(c) for c in msg["caps"]), tuple(int(c) for c in msg["mb_caps"]),
+                                   frozenset(int(i) for i in msg.get("dense_layers", ())))
+                epoch = int(msg.get("epoch", 0))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise FrameError(f"malformed step: {exc}") from exc
+            if len(shape.caps) != len(shape.mb_caps):
+                raise FrameError(f"step with {len(shape.caps)} capacities for {len(shape.mb_caps)} micro-batches")
+            link = self._links.get(conn.peer.node_id)
+            if link is None:
+                raise FrameError(f"step from {conn.peer.node_id} before its data plane was joined")
+            ok = await asyncio.get_running_loop().run_in_executor(
+                link.executor or self._executor, self._gpu_step, link, shape, epoch)
+            return {"type": "step", "epoch": self.placement.epoch, "ok": ok}
         if kind == "ffn_time":  # benchmarks: one step's FFN compute alone on this node's GPU
             seconds = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._ffn_time, [int(c) for c in msg["caps"]], int(msg.get("reps", 10)))
@@ -180,6 +235,8 @@ class ExpertNode:
             loop = asyncio.get_running_loop()
             if self._gpu_events:
                 await loop.run_in_executor(self._executor, self._sum_gpu_events, True)
+            if self._links:
+                await loop.run_in_executor(self._executor, self._flush_loads, True)
             loads = await loop.run_in_executor(self._executor, self.window.total)  # [L, E]
             s = self.stats
             return {"type": "stats", "index": self.index, "requests": s.requests, "tokens": s.tokens,
@@ -252,13 +309,28 @@ class ExpertNode:
             if new.epoch <= self.placement.epoch:
                 raise FrameError(f"eplb_prepare of epoch {new.epoch}, not newer than {self.placement.epoch}")
             received = await self._receive(new, peers)
-            await loop.run_in_executor(self._executor, self._load, new, self.placement, received)
+            await loop.run_in_executor(self._executor, self._load, new, [self.placement, *self._kept.values()],
+                                       received)
             self._prepared = new
         elif new.epoch >= self.placement.epoch:  # commit, or set: never go back to an older placement
             received = await self._receive(new, peers) if kind == "eplb_set" else {}
-            await loop.run_in_executor(self._executor, self._load, new, None, received)
-            self.placement, self._prepared = new, None
+            await loop.run_in_executor(self._executor, self._switch, new, received)
         return {"type": "ok", "epoch": self.placement.epoch}
+
+    def _switch(self, new: ExpertPlacement, received: dict[ExpertKey, ExpertTensors]) -> None:
+        """Worker thread: make `new` current. Attention nodes on the fixed-buffer data plane
+        may still step with the old placement (they learn the epoch from a step answer):
+        its experts are kept until each of them has stepped with a newer one."""
+        if self._links and new.epoch > self.placement.epoch:
+            self._kept[self.placement.epoch] = self.placement
+        self.placement, self._prepared = new, None
+        self._retire_kept(received)
+
+    def _retire_kept(self, received: dict[ExpertKey, ExpertTensors] | None = None) -> None:
+        """Worker thread: drop kept placements no attention node steps with any more; load."""
+        oldest = min((self._peer_epochs.get(a, -1) for a in self._links), default=self.placement.epoch)
+        self._kept = {e: p for e, p in self._kept.items() if e >= oldest}
+        self._load(self.placement, list(self._kept.values()), received)
 
     def _transfer(self, peers: dict[int, tuple[str, int]]) -> WeightTransfer:
         return ControlPlaneTransfer(peers, f"expert{self.index}", self.token, self._executor, self.device,
@@ -314,16 +386,21 @@ class ExpertNode:
             raise KeyError((layer, expert))
         return self._ffn.expert_weights(layer, expert)
 
-    def _load(self, placement: ExpertPlacement, keep: ExpertPlacement | None,
+    def _load(self, placement: ExpertPlacement, keep: ExpertPlacement | list[ExpertPlacement] | None,
               received: dict[ExpertKey, ExpertTensors] | None = None) -> None:
-        """Worker thread: hold what `placement` gives this node (plus what `keep` gives it),
-        per layer. Experts held now and those `received` are reused; the rest are read from
-        the checkpoint."""
+        """Worker thread (or a link's thread): hold what `placement` gives this node (plus what
+        `keep` gives it), per layer. Experts held now and those `received` are reused; the rest
+        are read from the checkpoint. Steps already running keep the FFN side they started with."""
+        with self._load_lock:
+            self._load_locked(placement, keep, received)
+
+    def _load_locked(self, placement: ExpertPlacement, keep: ExpertPlacement | list[ExpertPlacement] | None,
+                     received: dict[ExpertKey, ExpertTensors] | None) -> None:
         per_layer = placement.held(self.index)
         dense = placement.dense_layers_of(self.index)
-        if keep is not None:
-            per_layer = tuple(a | b for a, b in zip(per_layer, keep.held(self.index)))
-            dense = dense | keep.dense_layers_of(self.index)
+        for other in [keep] if isinstance(keep, ExpertPlacement) else keep or []:
+            per_layer = tuple(a | b for a, b in zip(per_layer, other.held(self.index)))
+            dense = dense | other.dense_layers_of(self.index)
         experts = {layer: ids for layer, ids in enumerate(per_layer) if ids}
         if self._ffn is not None and (experts, dense) == self._loaded:
             return
@@ -398,106 +475,181 @@ class ExpertNode:
         self.stats.tokens += sum(batch[i].x.shape[0] for members in by_layer.values() for i in members)
         return out
 
-    # ---- GPU data plane (NCCL) -----------------------------------------------------------------
+    # ---- fixed-buffer data plane (NCCL on GPUs, HostPeer on CPUs) -------------------------------
     def _nccl_init(self, attention: str, key: str) -> None:
         """Worker thread: join the two communicators the attention node made (ids in the store)."""
-        from afkv.transport.nccl import NcclPeer, abort_all
-
-        old = self._nccl.pop(attention, None)
+        old = self._links.pop(attention, None)
         if old is not None:  # the attention node joins again after a failed step: drop what is left in flight
-            abort_all(list(old), timeout_s=30.0)
-            for key in [k for k in self._step_graphs if k[0] == attention]:  # captured on the old communicators
-                del self._step_graphs[key]
-            self._step_counts = {k: n for k, n in self._step_counts.items() if k[0] != attention}
+            abort_all([old.dispatch, old.combine], timeout_s=30.0)
+            if old.executor is not None:
+                old.executor.shutdown(wait=False)
         ids = self.store.get(key).decode().split("\n")
-        self._nccl[attention] = (NcclPeer(ids[0], 1, self.device), NcclPeer(ids[1], 1, self.device))
-        self._recv_stream = torch.cuda.Stream(self.device)
-        self._send_stream = torch.cuda.Stream(self.device)
+        if self.device.type == "cuda":
+            from afkv.transport.nccl import NcclPeer
+
+            peers = (NcclPeer(ids[0], 1, self.device), NcclPeer(ids[1], 1, self.device))
+        else:
+            peers = (HostPeer(ids[0], 1, self.device, self.peer_timeout_s), HostPeer(ids[1], 1, self.device,
+                                                                                  self.peer_timeout_s))
+        st = self._streams
+        executor = None if st.cuda else ThreadPoolExecutor(1, thread_name_prefix=f"afkv-expert{self.index}-{attention}")
+        loads = torch.zeros(self.spec.num_layers, self.placement.sentinel + 1, dtype=torch.int64, device=self.device)
+        self._links[attention] = _Link(attention, *peers, st.stream(), st.stream(), st.stream(), executor, loads)
+
+    def _holds_epoch(self, epoch: int) -> bool:
+        prepared = self._prepared.epoch if self._prepared is not None else None
+        return epoch in (self.placement.epoch, prepared) or epoch in self._kept
 
     @torch.inference_mode()
-    def _gpu_step(self, attention: str, caps: list[int]) -> None:
-        """Worker thread: one step of an attention node over NCCL: for every layer and
-        micro-batch, recv -> FFN -> send back. The first step of given capacities runs
-        eagerly (it warms up the kernels); the second is captured as a CUDA graph, replayed
-        from then on. Buffers have the capacities the attention node announced; padding rows
-        name expert `num_experts` (held by nobody) with weight 0."""
+    def _gpu_step(self, link: "_Link", shape: "_StepShape", epoch: int) -> bool:
+        """One step of an attention node on the fixed-buffer data plane: for every layer and
+        micro-batch, recv -> FFN -> send back. Runs on the worker thread on GPUs (enqueueing
+        only, on the link's own streams, so the steps of several attention nodes interleave on
+        the device) and on the link's own thread on CPUs (where the work is synchronous). On
+        GPUs the first step of a shape runs eagerly (it warms up the kernels); the second is
+        captured as a CUDA graph, replayed from then on. Slots without a row name expert
+        `sentinel` (held by nobody) with weight 0.
+        -> whether this node holds the experts of the step's placement epoch (if not, the
+        attention node computes the step again after the placements agree)."""
+        self._peer_epochs[link.attention] = epoch
+        if self._kept and min(self._peer_epochs.get(a, -1) for a in self._links) > min(self._kept):
+            self._retire_kept()  # every attention node steps with a newer placement now
+        ok = self._holds_epoch(epoch)
+        if not ok:
+            log.warning("expert node %d: step of %s with placement epoch %d; this node holds epoch %d",
+                        self.index, link.attention, epoch, self.placement.epoch)
+        ffn = self._ffn  # the whole step uses one FFN side (a placement change swaps it between steps)
+        if link.ffn is not ffn:  # captured on the old weights
+            link.graphs.clear()
+            link.counts.clear()
+            link.ffn = ffn
         self._sum_gpu_events(wait=False)
-        key = (attention, tuple(caps))
-        graph = self._step_graphs.get(key)
-        if graph is None and self.cuda_graphs and self._step_counts.get(key, 0) >= 1:
-            graph = self._capture_step(attention, caps)
-        self._step_counts[key] = self._step_counts.get(key, 0) + 1
-        if graph is not None:
-            graph.replay()  # FFN time of replayed steps: the `ffn_time` request measures it apart
-        else:
-            self._enqueue_step(attention, caps, timed=True)
+        self._flush_loads(False)
+        graph = link.graphs.get(shape)
+        if graph is None and self.cuda_graphs and link.counts.get(shape, 0) >= 1:
+            graph = self._capture_step(link, shape, ffn)
+        link.counts[shape] = link.counts.get(shape, 0) + 1
+        with self._streams.use(link.compute):
+            if graph is not None:
+                graph.replay()  # FFN time of replayed steps: the `ffn_time` request measures it apart
+            else:
+                self._enqueue_step(link, shape, ffn, timed=True)
         self.stats.requests += 1
-        self.stats.tokens += sum(caps)
+        self.stats.tokens += sum(shape.caps)
+        return ok
 
-    def _capture_step(self, attention: str, caps: list[int]):
+    def _capture_step(self, link: "_Link", shape: "_StepShape", ffn: FFNSide):
         """A CUDA graph of one step's receives, FFNs and sends, or None when capture fails."""
-        torch.cuda.current_stream(self.device).synchronize()  # the eager step before must be done
+        link.compute.synchronize()  # the eager step before must be done
         g = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(g, pool=self._graph_pool):
-                self._enqueue_step(attention, caps, timed=False)
+            with torch.cuda.graph(g, pool=link.pool):
+                self._enqueue_step(link, shape, ffn, timed=False)
         except RuntimeError as e:
-            log.warning("expert node %d: step of %s not capturable, running eagerly: %s", self.index, caps, e)
+            log.warning("expert node %d: step of %s not capturable, running eagerly: %s", self.index, shape, e)
             self.cuda_graphs = False
             return None
-        self._graph_pool = g.pool()
-        self._step_graphs[(attention, tuple(caps))] = g
+        link.pool = g.pool()  # graphs of one link replay in order on its stream: they may share a pool
+        link.graphs[shape] = g
         return g
 
-    def _enqueue_step(self, attention: str, caps: list[int], timed: bool) -> None:
-        dispatch, combine = self._nccl[attention]
-        compute = torch.cuda.current_stream(self.device)
-        begin = torch.cuda.Event()
+    def _enqueue_step(self, link: "_Link", shape: "_StepShape", ffn: FFNSide, timed: bool) -> None:
+        st = self._streams
+        compute, recv_stream, send_stream = st.current(), link.recv, link.send
+        begin = st.event()
         begin.record(compute)  # the side streams fork from here (and join below): capturable
-        self._recv_stream.wait_event(begin)
-        self._send_stream.wait_event(begin)
+        recv_stream.wait_event(begin)
+        send_stream.wait_event(begin)
         hidden = self.spec.hidden_size
         keep = []  # outputs stay referenced until the step is enqueued: a send may still read them
         for layer in range(self.spec.num_layers):
             k = self.spec.layer_top_k(layer)
+            if layer in shape.dense_layers:
+                caps = shape.mb_caps
+            elif self.spec.layer_has_router(layer):
+                caps = shape.caps
+            else:
+                continue  # a dense layer whose MLP lives on another node
             for slot, cap in enumerate(caps):
-                key = (attention, slot, cap, k)
-                bufs = self._recv_buffers.get(key)
+                if cap == 0:
+                    continue
+                key = (slot, cap, k)
+                bufs = link.buffers.get(key)
                 if bufs is None:
-                    bufs = self._recv_buffers[key] = (
+                    bufs = link.buffers[key] = (
                         torch.zeros(cap, hidden, dtype=self.dtype, device=self.device),  # x [cap, H]
                         torch.zeros(cap, k, dtype=torch.int32, device=self.device),  # ids [cap, k]
                         torch.zeros(cap, k, dtype=torch.float32, device=self.device))  # w [cap, k]
                 x, ids, w = bufs
-                last_read = self._buffer_read.get(key)
+                last_read = link.read.get(key)
                 if last_read is not None:  # the previous FFN on these buffers must have read them
-                    self._recv_stream.wait_event(last_read)
-                with torch.cuda.stream(self._recv_stream):
-                    with dispatch.group():
+                    recv_stream.wait_event(last_read)
+                with st.use(recv_stream):
+                    with link.dispatch.group():
                         for t in bufs:
-                            dispatch.recv(t, self._recv_stream)
-                arrived = torch.cuda.Event()
-                arrived.record(self._recv_stream)
+                            link.dispatch.recv(t, recv_stream)
+                arrived = st.event()
+                arrived.record(recv_stream)
                 compute.wait_event(arrived)
                 if timed:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start, end = st.event(enable_timing=True), st.event(enable_timing=True)
                     start.record(compute)
-                y = self._ffn.forward(layer, x, ids.long(), w)  # [cap, H]
-                read = torch.cuda.Event()
+                ids64 = ids.long()
+                y = ffn.forward(layer, x, ids64, w)  # [cap, H]
+                if self.spec.layer_has_router(layer):
+                    flat = ids64.flatten()
+                    with self._loads_lock:
+                        link.loads[layer].index_add_(0, flat, torch.ones_like(flat))
+                read = st.event()
                 read.record(compute)
                 if timed:
                     end.record(compute)
                     self._gpu_events.append((start, end))
-                self._send_stream.wait_event(read)
-                with torch.cuda.stream(self._send_stream):
-                    combine.send(y, self._send_stream)
+                send_stream.wait_event(read)
+                with st.use(send_stream):
+                    link.combine.send(y, send_stream)
                 keep.append(y)
-                self._buffer_read[key] = read
-        compute.wait_stream(self._send_stream)
-        compute.wait_stream(self._recv_stream)
-        if timed:
+                link.read[key] = read
+        compute.wait_stream(send_stream)
+        compute.wait_stream(recv_stream)
+        if timed and st.cuda:
             for y in keep:
-                y.record_stream(self._send_stream)
+                y.record_stream(send_stream)
+
+    @torch.inference_mode()
+    def _flush_loads(self, wait: bool) -> None:
+        """Worker thread: move the device's load counts of fixed-buffer steps into the window,
+        without waiting for the device (unless `wait`): a copy starts at most every half
+        window bucket, and lands once its event has passed."""
+        with self._flush_lock:
+            self._flush_loads_locked(wait)
+
+    def _flush_loads_locked(self, wait: bool) -> None:
+        pending = []
+        for event, host in self._load_copies:
+            if wait:
+                event.synchronize()
+            elif not event.query():
+                pending.append((event, host))
+                continue
+            self.window.add_all(host[:, : self.window.shape[1]])
+        self._load_copies = pending
+        now = time.monotonic()
+        if not self._links or not (wait or now - self._loads_t > self.window.bucket_s / 2):
+            return
+        self._loads_t = now
+        for link in list(self._links.values()):
+            host = torch.empty(link.loads.shape, dtype=torch.int64, pin_memory=self._streams.cuda)
+            with self._streams.use(link.compute), self._loads_lock:  # ordered after the link's steps
+                host.copy_(link.loads, non_blocking=True)
+                link.loads.zero_()
+                event = self._streams.event()
+                event.record(link.compute)
+            if wait:
+                event.synchronize()
+                self.window.add_all(host[:, : self.window.shape[1]])
+            else:
+                self._load_copies.append((event, host))
 
     @torch.inference_mode()
     def _ffn_time(self, caps: list[int], reps: int) -> float:

@@ -190,6 +190,11 @@ class RemoteFFN:
         if self._newer_at is not None:
             j, self._newer_at = self._newer_at, None
             self.refresh(j)
+        self.rejoin_if_uncovered()
+
+    def rejoin_if_uncovered(self) -> None:
+        """Worker thread: when some expert has no live replica, try the lost nodes at once (a
+        restarted node is used by this very step)."""
         if self.dead and not self.placement.covered(frozenset(self.dead)):
             for j in sorted(self.dead):
                 try:
