@@ -31,8 +31,8 @@ def spec(zipf_dir):
     return spec
 
 
-def _config(tmp_path, experts, *, slots=0, enabled=True, timeout_s=5.0, extra=""):
-    path = tmp_path / f"eplb-{experts}f-{slots}.toml"
+def _config(tmp_path, experts, *, slots=0, enabled=True, timeout_s=5.0, extra="", plane="messages"):
+    path = tmp_path / f"eplb-{experts}f-{slots}-{plane}.toml"
     path.write_text(f"""
 [kv]
 block_size = 4
@@ -46,12 +46,21 @@ micro_batches = 2
 port = 0
 expert_timeout_s = {timeout_s}
 heartbeat_interval_s = 0.5
+data_plane = "{plane}"
 [eplb]
 enabled = {str(enabled).lower()}
 slots_per_node = {slots}
 {extra}
 """)
     return path
+
+
+PLANES = pytest.mark.parametrize("plane", ["messages", "fixed"])
+
+
+def _ctl(engine):
+    """The attention node's control plane to the expert nodes (RemoteFFN) on either data plane."""
+    return getattr(engine._remote, "control", engine._remote)
 
 
 def _attached(path, dep):
@@ -127,9 +136,10 @@ def test_eplb_config_needs_a_deployment(tmp_path):
 
 
 # ---- processes ---------------------------------------------------------------------------------
-async def test_load_stats_reach_the_coordinator_and_follow_the_zipf_router(zipf_dir, spec, tmp_path):
+@PLANES
+async def test_load_stats_reach_the_coordinator_and_follow_the_zipf_router(zipf_dir, spec, tmp_path, plane):
     model = str(zipf_dir)
-    path = _config(tmp_path, 2)
+    path = _config(tmp_path, 2, plane=plane)
     prompts = [random_prompt(8 + i, 256, seed=10 + i) for i in range(6)]
     with Deployment(path, model, start_attention=False) as dep:
         async with Engine(model, _attached(path, dep), progress=False) as engine:
@@ -146,9 +156,10 @@ async def test_load_stats_reach_the_coordinator_and_follow_the_zipf_router(zipf_
         assert loads[layer, hottest] >= loads[layer].float().mean()
 
 
-async def test_live_rebalance_keeps_greedy_tokens(zipf_dir, tmp_path):
+@PLANES
+async def test_live_rebalance_keeps_greedy_tokens(zipf_dir, tmp_path, plane):
     model = str(zipf_dir)
-    path = _config(tmp_path, 2, slots=6)
+    path = _config(tmp_path, 2, slots=6, plane=plane)
     prompts = [random_prompt(6 + 3 * i, 256, seed=20 + i) for i in range(6)]
     long = SamplingParams(max_tokens=30, ignore_eos=True)
     with Deployment(path, model, start_attention=False) as dep:
@@ -157,7 +168,7 @@ async def test_live_rebalance_keeps_greedy_tokens(zipf_dir, tmp_path):
         async with Engine(model, cfg, progress=False) as engine:
             warm = await asyncio.gather(*(engine.complete(p, long) for p in prompts))
             assert [w.token_ids for w in warm] == expected
-            before = engine._remote.placement
+            before = _ctl(engine).placement
             # rebalance while the same requests are being served again
             running = [asyncio.create_task(engine.complete(p, long)) for p in prompts]
             while engine.stats().num_generated_tokens < len(prompts) * long.max_tokens + 20:
@@ -165,13 +176,13 @@ async def test_live_rebalance_keeps_greedy_tokens(zipf_dir, tmp_path):
             report = await engine.rebalance()
             got = await asyncio.gather(*running)
             assert [g.token_ids for g in got] == expected
-            after = engine._remote.placement
+            after = _ctl(engine).placement
             assert report.epoch == after.epoch == before.epoch + 1
             assert report.nodes == (0, 1) and report.replicas_added > 0
             assert not torch.equal(before.replica_nodes, after.replica_nodes)
             assert report.balancedness_after <= report.balancedness_before
             # the expert nodes serve the new placement; a second round still matches
-            stats = await engine._remote.request_all({"type": "stats"})
+            stats = await _ctl(engine).request_all({"type": "stats"})
             assert [s["epoch"] for s in stats] == [after.epoch] * 2
             # every replica gained was copied from the node holding it, none read from the checkpoint
             assert sum(s["experts_received"] for s in stats) == report.replicas_added
@@ -185,9 +196,10 @@ async def test_live_rebalance_keeps_greedy_tokens(zipf_dir, tmp_path):
             assert kv.num_sequences == 0 and kv.pool.num_free_blocks == kv.pool.num_blocks
 
 
-async def test_periodic_rebalance_and_second_attention_node_follows(zipf_dir, tmp_path):
+@PLANES
+async def test_periodic_rebalance_and_second_attention_node_follows(zipf_dir, tmp_path, plane):
     model = str(zipf_dir)
-    path = _config(tmp_path, 2, slots=6, extra="rebalance_interval_s = 0.5")
+    path = _config(tmp_path, 2, slots=6, extra="rebalance_interval_s = 0.5", plane=plane)
     text = path.read_text().replace("attention_nodes = 1", "attention_nodes = 2")
     path.write_text(text)
     prompts = [random_prompt(7 + i, 256, seed=40 + i) for i in range(4)]
@@ -202,14 +214,15 @@ async def test_periodic_rebalance_and_second_attention_node_follows(zipf_dir, tm
                 got = await asyncio.gather(*(e.complete(p, PARAMS) for e in (coordinator, other) for p in prompts))
                 assert [g.token_ids for g in got] == expected * 2
                 await asyncio.sleep(0.6)
-            assert coordinator._remote.placement.epoch >= 2  # periodic rounds happened
+            assert _ctl(coordinator).placement.epoch >= 2  # periodic rounds happened
             await asyncio.gather(*(other.complete(p, PARAMS) for p in prompts))
-            assert other._remote.placement.epoch == coordinator._remote.placement.epoch  # learnt from answers
+            assert _ctl(other).placement.epoch == _ctl(coordinator).placement.epoch  # learnt from answers
 
 
-async def test_expert_node_loss_with_replicas_keeps_tokens_then_rejoins(zipf_dir, tmp_path):
+@PLANES
+async def test_expert_node_loss_with_replicas_keeps_tokens_then_rejoins(zipf_dir, tmp_path, plane):
     model = str(zipf_dir)
-    path = _config(tmp_path, 2, slots=8)  # every expert on both nodes
+    path = _config(tmp_path, 2, slots=8, plane=plane)  # every expert on both nodes
     prompts = [random_prompt(6 + 2 * i, 256, seed=30 + i) for i in range(4)]
     long = SamplingParams(max_tokens=40, ignore_eos=True)
     with Deployment(path, model, start_attention=False) as dep:
@@ -223,22 +236,23 @@ async def test_expert_node_loss_with_replicas_keeps_tokens_then_rejoins(zipf_dir
             async with asyncio.timeout(60):
                 got = await asyncio.gather(*running)
             assert [g.token_ids for g in got] == expected
-            assert engine._remote.dead == {1}
+            assert _ctl(engine).dead == {1}
             # the node comes back and rejoins (background probe); tokens unchanged with it serving
             dep.start_node(dep.expert_rank(1))
             dep.wait_ready("expert", 2)
             async with asyncio.timeout(30):
-                while engine._remote.dead:
+                while _ctl(engine).dead:
                     await asyncio.sleep(0.1)
-            before = (await engine._remote.request_all({"type": "stats"}, [1]))[0]["tokens"]
+            before = (await _ctl(engine).request_all({"type": "stats"}, [1]))[0]["tokens"]
             again = await asyncio.gather(*(engine.complete(p, long) for p in prompts))
             assert [a.token_ids for a in again] == expected
-            assert (await engine._remote.request_all({"type": "stats"}, [1]))[0]["tokens"] > before
+            assert (await _ctl(engine).request_all({"type": "stats"}, [1]))[0]["tokens"] > before
 
 
-async def test_expert_node_loss_without_replicas_fails_clearly_and_engine_keeps_serving(zipf_dir, tmp_path):
+@PLANES
+async def test_expert_node_loss_without_replicas_fails_clearly_and_engine_keeps_serving(zipf_dir, tmp_path, plane):
     model = str(zipf_dir)
-    path = _config(tmp_path, 2, slots=0, timeout_s=3.0)
+    path = _config(tmp_path, 2, slots=0, timeout_s=3.0, plane=plane)
     prompts = [random_prompt(6 + i, 256, seed=50 + i) for i in range(3)]
     long = SamplingParams(max_tokens=400, ignore_eos=True)
     with Deployment(path, model, start_attention=False) as dep:
@@ -325,7 +339,7 @@ async def test_lost_expert_without_replica_ends_only_the_requests_routed_to_it(n
                     async with asyncio.timeout(30):
                         await task
                 assert info.value.nodes == (1,) and info.value.expert >= 4
-            assert engine._remote.dead == {1}
+            assert _ctl(engine).dead == {1}
             # the engine keeps serving requests that need only node 0, and freed every block
             again = await engine.complete(candidates[clean[-1]], short)
             assert again.token_ids == traced[clean[-1]][0]
