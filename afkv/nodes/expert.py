@@ -78,8 +78,8 @@ class _Pending:
 @dataclass(eq=False)
 class _Link:
     """One attention node's fixed-buffer data plane on this expert node: its two peers, its
-    own streams (steps of several attention nodes interleave: a shared stream could make two
-    of them wait for each other), its buffers and captured steps, and on CPUs its own thread."""
+    own thread and streams (steps of several attention nodes interleave: a shared thread or
+    stream could make two of them wait for each other), its buffers and captured steps."""
 
     attention: str
     dispatch: object  # NcclPeer or HostPeer
@@ -87,7 +87,7 @@ class _Link:
     recv: object  # streams
     send: object
     compute: object
-    executor: ThreadPoolExecutor | None  # CPUs: the thread running this link's steps
+    executor: ThreadPoolExecutor  # the thread running this link's steps
     loads: torch.Tensor  # [L, E + 1] pairs per (layer, expert) since the last flush
     buffers: dict = field(default_factory=dict)  # (slot, capacity, k) -> static x, ids, w
     read: dict = field(default_factory=dict)  # same key -> event: end of the last FFN reading them
@@ -141,6 +141,7 @@ class ExpertNode:
         self._loads_lock = threading.Lock()  # device load counts: steps of several attention nodes (CPU threads)
         self._load_lock = threading.Lock()  # one placement load at a time
         self._flush_lock = threading.Lock()
+        self._events_lock = threading.Lock()  # _gpu_events: appended by link threads
         self.device, self.dtype, self.token, self.host = device, dtype, token or None, host
         self.stats = ExpertStats()
         self.window = LoadWindow(spec.num_layers, placement.sentinel, window_s)
@@ -196,8 +197,7 @@ class ExpertNode:
                 if asyncio.current_task().cancelling():
                     raise
         for link in self._links.values():
-            if link.executor is not None:
-                link.executor.shutdown(wait=False, cancel_futures=True)
+            link.executor.shutdown(wait=False, cancel_futures=True)
         if self._executor is not None:
             await asyncio.to_thread(self._executor.shutdown, True)
 
@@ -217,8 +217,7 @@ class ExpertNode:
             link = self._links.get(conn.peer.node_id)
             if link is None:
                 raise FrameError(f"step from {conn.peer.node_id} before its data plane was joined")
-            ok = await asyncio.get_running_loop().run_in_executor(
-                link.executor or self._executor, self._gpu_step, link, shape, epoch)
+            ok = await asyncio.get_running_loop().run_in_executor(link.executor, self._gpu_step, link, shape, epoch)
             return {"type": "step", "epoch": self.placement.epoch, "ok": ok}
         if kind == "ffn_time":  # benchmarks: one step's FFN compute alone on this node's GPU
             seconds = await asyncio.get_running_loop().run_in_executor(
@@ -481,8 +480,7 @@ class ExpertNode:
         old = self._links.pop(attention, None)
         if old is not None:  # the attention node joins again after a failed step: drop what is left in flight
             abort_all([old.dispatch, old.combine], timeout_s=30.0)
-            if old.executor is not None:
-                old.executor.shutdown(wait=False)
+            old.executor.shutdown(wait=False)
         ids = self.store.get(key).decode().split("\n")
         if self.device.type == "cuda":
             from afkv.transport.nccl import NcclPeer
@@ -492,7 +490,9 @@ class ExpertNode:
             peers = (HostPeer(ids[0], 1, self.device, self.peer_timeout_s), HostPeer(ids[1], 1, self.device,
                                                                                   self.peer_timeout_s))
         st = self._streams
-        executor = None if st.cuda else ThreadPoolExecutor(1, thread_name_prefix=f"afkv-expert{self.index}-{attention}")
+        executor = ThreadPoolExecutor(1, thread_name_prefix=f"afkv-expert{self.index}-{attention}",
+                                      initializer=torch.cuda.set_device if st.cuda else None,
+                                      initargs=(self.device,) if st.cuda else ())
         loads = torch.zeros(self.spec.num_layers, self.placement.sentinel + 1, dtype=torch.int64, device=self.device)
         self._links[attention] = _Link(attention, *peers, st.stream(), st.stream(), st.stream(), executor, loads)
 
@@ -502,12 +502,11 @@ class ExpertNode:
 
     @torch.inference_mode()
     def _gpu_step(self, link: "_Link", shape: "_StepShape", epoch: int) -> bool:
-        """One step of an attention node on the fixed-buffer data plane: for every layer and
-        micro-batch, recv -> FFN -> send back. Runs on the worker thread on GPUs (enqueueing
-        only, on the link's own streams, so the steps of several attention nodes interleave on
-        the device) and on the link's own thread on CPUs (where the work is synchronous). On
-        GPUs the first step of a shape runs eagerly (it warms up the kernels); the second is
-        captured as a CUDA graph, replayed from then on. Slots without a row name expert
+        """The link's thread: one step of an attention node on the fixed-buffer data plane:
+        for every layer and micro-batch, recv -> FFN -> send back, on the link's own streams (on
+        CPUs the work is synchronous). On GPUs the first step of a shape runs eagerly (it warms
+        up the kernels); the second is captured as a CUDA graph (thread-local capture: other
+        links go on meanwhile), replayed from then on. Slots without a row name expert
         `sentinel` (held by nobody) with weight 0.
         -> whether this node holds the experts of the step's placement epoch (if not, the
         attention node computes the step again after the placements agree)."""
@@ -543,7 +542,7 @@ class ExpertNode:
         link.compute.synchronize()  # the eager step before must be done
         g = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(g, pool=link.pool):
+            with torch.cuda.graph(g, pool=link.pool, capture_error_mode="thread_local"):
                 self._enqueue_step(link, shape, ffn, timed=False)
         except RuntimeError as e:
             log.warning("expert node %d: step of %s not capturable, running eagerly: %s", self.index, shape, e)
@@ -604,7 +603,8 @@ class ExpertNode:
                 read.record(compute)
                 if timed:
                     end.record(compute)
-                    self._gpu_events.append((start, end))
+                    with self._events_lock:
+                        self._gpu_events.append((start, end))
                 send_stream.wait_event(read)
                 with st.use(send_stream):
                     link.combine.send(y, send_stream)
@@ -689,9 +689,11 @@ class ExpertNode:
         return sorted(times[1:])[reps // 2]
 
     def _sum_gpu_events(self, wait: bool) -> None:
-        """Worker thread: add finished FFN timings to the stats (all of them when `wait`)."""
+        """Add finished FFN timings to the stats (all of them when `wait`)."""
+        with self._events_lock:
+            events, self._gpu_events = self._gpu_events, []
         pending = []
-        for start, end in self._gpu_events:
+        for start, end in events:
             if wait:
                 end.synchronize()
             elif not end.query():
@@ -699,7 +701,8 @@ class ExpertNode:
                 continue
             self.stats.compute_s += start.elapsed_time(end) / 1e3
             self.stats.batches += 1
-        self._gpu_events = pending
+        with self._events_lock:
+            self._gpu_events = pending + self._gpu_events
 
     def _count(self, layer: int, ids: torch.Tensor) -> None:
         held = self._ffn.experts[layer]

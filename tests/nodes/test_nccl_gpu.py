@@ -150,3 +150,115 @@ def test_nccl_expert_death_fails_fast_then_recovers(tiny_dir, tmp_path):
         asyncio.run(run())
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+def _write_gpu(tmp_path, attention: int, experts: int, extra: str = "", eplb: str = ""):
+    """attention nodes on cuda:0, expert nodes on cuda:1 (every NCCL pair spans both GPUs)."""
+    path = tmp_path / f"gpu-{attention}a{experts}f.toml"
+    path.write_text(f"""
+[model]
+dtype = "float32"
+device = "cuda:0"
+[kv]
+block_size = 4
+num_blocks = 256
+[scheduler]
+max_num_batched_tokens = 24
+[deployment]
+attention_nodes = {attention}
+expert_nodes = {experts}
+port = 0
+attention_devices = {["cuda:0"] * attention}
+expert_devices = {["cuda:1"] * experts}
+expert_timeout_s = 30.0
+heartbeat_interval_s = 0.5
+{extra}
+{eplb}
+""".replace("'", '"'))
+    return path
+
+
+def _gpu_colocated(model, cfg, prompts, params):
+    async def run():
+        colo = dataclasses.replace(cfg, deployment=None, eplb=dataclasses.replace(cfg.eplb, enabled=False))
+        async with Engine(model, colo, progress=False) as e:
+            return [r.token_ids for r in await asyncio.gather(*(e.complete(p, params) for p in prompts))]
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("attention,experts,extra", [(1, 2, ""), (2, 2, ""), (1, 2, "dispatch_capacity = 0.125")],
+                         ids=["1A2F", "2A2F", "1A2F-overflow"])
+def test_nccl_per_peer_dispatch_matches_colocated(tiny_dir, tmp_path, attention, experts, extra):
+    """Several expert nodes over NCCL: each receives only its rows (compacted on the device);
+    overflowing capacities are computed again; tokens equal the colocated engine's."""
+    pytest.importorskip("cupy")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    model = str(tiny_dir["mixtral"])
+    path = _write_gpu(tmp_path, attention, experts, extra)
+    prompts = [random_prompt(4 + 5 * i, 256, seed=i) for i in range(6)]
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    cfg = EngineConfig.from_toml(path)
+    expected = _gpu_colocated(model, cfg, prompts, params)
+
+    async def run():
+        with Deployment(path, model, start_attention=False) as dep:
+            af = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port))
+            engines = [Engine(model, af, progress=False, attention_rank=i) for i in range(attention)]
+            for e in engines:
+                await e.start()
+            try:
+                assert type(engines[0]._remote).__name__ == "NcclFFN"
+                for m in (1, 2):
+                    for e in engines:
+                        e.set_micro_batches(m)
+                    got = await asyncio.gather(*(asyncio.gather(*(e.complete(p, params) for p in prompts))
+                                                 for e in engines))
+                    for per_engine in got:
+                        assert [r.token_ids for r in per_engine] == expected, f"m={m}"
+                return engines[0]._remote.overflows
+            finally:
+                for e in engines:
+                    await e.aclose()
+
+    overflows = asyncio.run(run())
+    assert (overflows > 0) == bool(extra)
+
+
+def test_nccl_eplb_replicas_and_live_rebalance(tmp_path):
+    """EPLB on the NCCL data plane: replicas split on the device, a live rebalance copies
+    experts between expert nodes, and the tokens stay those of the colocated engine."""
+    pytest.importorskip("cupy")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from afkv.bench.eplb import write_zipf_checkpoint
+
+    model = str(write_zipf_checkpoint(tmp_path / "zipf", exponent=1.0, seed=1))
+    path = _write_gpu(tmp_path, 1, 2, eplb="[eplb]\nenabled = true\nslots_per_node = 6\n")
+    prompts = [random_prompt(6 + 3 * i, 256, seed=20 + i) for i in range(6)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    cfg = EngineConfig.from_toml(path)
+    expected = _gpu_colocated(model, cfg, prompts, params)
+
+    async def run():
+        with Deployment(path, model, start_attention=False) as dep:
+            af = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port))
+            async with Engine(model, af, progress=False) as e:
+                assert type(e._remote).__name__ == "NcclFFN"
+                first = [r.token_ids for r in await asyncio.gather(*(e.complete(p, params) for p in prompts))]
+                running = [asyncio.create_task(e.complete(p, params)) for p in prompts]
+                while e.stats().num_generated_tokens < len(prompts) * params.max_tokens + 10:
+                    await asyncio.sleep(0.01)
+                loads = await e.expert_loads()  # counted on the expert GPUs, inside their captured steps
+                report = await e.rebalance()
+                during = [r.token_ids for r in await asyncio.gather(*running)]
+                after = [r.token_ids for r in await asyncio.gather(*(e.complete(p, params) for p in prompts))]
+                stats = await e._remote.control.request_all({"type": "stats"})
+                return first, during, after, report, stats, loads
+
+    first, during, after, report, stats, loads = asyncio.run(run())
+    assert first == during == after == expected
+    assert report.epoch == 1 and report.replicas_added > 0
+    assert [s["epoch"] for s in stats] == [1, 1]
+    assert sum(s["experts_received"] for s in stats) == report.replicas_added
+    assert int(loads.sum()) > 0 and report.balancedness_after <= report.balancedness_before
