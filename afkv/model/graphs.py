@@ -116,7 +116,7 @@ class DecodeGraphs:
                 self._generation = getattr(ffn, "generation", 0)
             g = torch.cuda.CUDAGraph()
             ffn.begin_step(sizes, announce=False)  # shapes only: nothing real is enqueued while capturing
-            with torch.cuda.graph(g, pool=self._pool):
+            with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):  # other engines go on
                 out = self._step(b, m, hooks=False)
                 if hasattr(ffn, "join"):
                     ffn.join()
