@@ -19,12 +19,18 @@ syncs), `DecodeGraphs.capture` raises `GraphCaptureError` and the caller keeps r
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 
 from afkv.errors import AfkvError
 from afkv.model.model import Model, split_micro_batches
 from afkv.model.sides import DecodeRows, SeqChunk, StepInputs
+
+# One CUDA graph capture at a time in a process: entering a capture synchronises the device,
+# which fails while another thread's stream is capturing (engines sharing a process, the
+# attention links of an expert node). Other threads' work goes on meanwhile (thread-local mode).
+CAPTURE_LOCK = threading.Lock()
 
 log = logging.getLogger("afkv.graphs")
 
@@ -116,13 +122,13 @@ class DecodeGraphs:
                 self._generation = getattr(ffn, "generation", 0)
             g = torch.cuda.CUDAGraph()
             ffn.begin_step(sizes, announce=False)  # shapes only: nothing real is enqueued while capturing
-            with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):  # other engines go on
+            with CAPTURE_LOCK, torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
                 out = self._step(b, m, hooks=False)
                 if hasattr(ffn, "join"):
                     ffn.join()
         except (RuntimeError, NotImplementedError) as e:
             self.failed.add(key)
-            torch.cuda.synchronize()
+            torch.cuda.current_stream().synchronize()
             raise GraphCaptureError(f"decode step of batch {b}, {m} micro-batch(es) not capturable: {e}") from e
         self._pool = g.pool()
         self._graphs[key] = (g, out, sizes)

@@ -45,6 +45,7 @@ import torch
 
 from afkv.eplb.stats import LoadWindow
 from afkv.errors import FrameError, PeerLostError
+from afkv.model.graphs import CAPTURE_LOCK
 from afkv.model.model import load_ffn_side
 from afkv.model.sides import FFNSide
 from afkv.model.spec import ModelSpec
@@ -542,7 +543,7 @@ class ExpertNode:
         link.compute.synchronize()  # the eager step before must be done
         g = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(g, pool=link.pool, capture_error_mode="thread_local"):
+            with CAPTURE_LOCK, torch.cuda.graph(g, pool=link.pool, capture_error_mode="thread_local"):
                 self._enqueue_step(link, shape, ffn, timed=False)
         except RuntimeError as e:
             log.warning("expert node %d: step of %s not capturable, running eagerly: %s", self.index, shape, e)
