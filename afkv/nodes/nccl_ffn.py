@@ -56,8 +56,9 @@ def capacity(num_tokens: int) -> int:
 
 
 def row_shares(placement: ExpertPlacement, top_k: int, dead: frozenset[int] = frozenset()) -> list[float]:
-    """Per node, the share of rows with at least one pair for it under uniform routing
-    (the worst MoE layer; pairs of an expert split evenly over its live replicas)."""
+    """Per node, the share of rows with at least one pair for it under uniform routing of k
+    distinct experts (the worst MoE layer; pairs of an expert split evenly over its live
+    replicas, counted as a fraction of an expert)."""
     shares = [0.0] * placement.num_nodes
     for layer in range(placement.num_layers):
         if not placement.has_router[layer]:
@@ -70,8 +71,11 @@ def row_shares(placement: ExpertPlacement, top_k: int, dead: frozenset[int] = fr
                 continue
             alive = (nodes >= 0) & ~torch.isin(nodes, torch.tensor(sorted(dead), dtype=torch.int64))
             on_j = ((nodes == j) & alive).sum(-1).double() / alive.sum(-1).clamp_min(1)  # [E]
-            q = float(on_j[real].sum()) / max(1, num_experts)  # share of pairs going to j
-            shares[j] = max(shares[j], 1.0 - (1.0 - q) ** top_k)
+            held = float(on_j[real].sum())  # experts' worth of pairs going to j
+            none = 1.0  # a row's k distinct experts all elsewhere (exact without replicas)
+            for i in range(min(top_k, num_experts)):
+                none *= max(0.0, num_experts - held - i) / (num_experts - i)
+            shares[j] = max(shares[j], 1.0 - none)
     return shares
 
 
