@@ -225,6 +225,13 @@ class ExpertNode:
                 self._executor, self._ffn_time, [int(c) for c in msg["caps"]], int(msg.get("reps", 10)))
             return {"type": "ffn_time", "seconds": seconds}
         if kind == "nccl_init":
+            from afkv.nodes.nccl_ffn import gpu_identity
+
+            mine = gpu_identity(self.device)
+            if mine and msg.get("gpu") == mine:
+                raise FrameError(f"attention node {conn.peer.node_id} and expert node {self.index} are on the same GPU "
+                                 f"({self.device}): NCCL needs one GPU per rank; set [deployment] attention_devices / "
+                                 "expert_devices apart, or data_plane = \"messages\"")
             # Answer at once, then join on the worker thread (it blocks until the attention node
             # joins too); "step" messages queue behind it on the same thread.
             joined = asyncio.get_running_loop().run_in_executor(self._executor, self._nccl_init, conn.peer.node_id,

@@ -32,11 +32,12 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import socket
 import time
 
 import torch
 
-from afkv.errors import ExpertRowsUnavailableError, ExpertUnavailableError, PeerLostError, StepRetryError
+from afkv.errors import ConfigError, ExpertRowsUnavailableError, ExpertUnavailableError, PeerLostError, StepRetryError
 from afkv.model.spec import ModelSpec
 from afkv.nodes.dispatch import DispatchTables, combine, pack
 from afkv.nodes.placement import ExpertPlacement
@@ -48,6 +49,15 @@ log = logging.getLogger("afkv.nccl_ffn")
 
 MIN_CAPACITY = 16
 CAP_ALIGN = 8
+
+
+def gpu_identity(device: torch.device) -> str:
+    """host + GPU UUID (index where torch gives none): two ranks of one NCCL communicator must
+    not share a GPU."""
+    if device.type != "cuda":
+        return ""
+    props = torch.cuda.get_device_properties(device)
+    return f"{socket.gethostname()}/{getattr(props, 'uuid', device.index)}"
 
 
 def capacity(num_tokens: int) -> int:
@@ -203,9 +213,12 @@ class NcclFFN:
             self._store.set(key, "\n".join(ids))
             try:
                 asyncio.run_coroutine_threadsafe(
-                    self.control._request(j, {"type": "nccl_init", "key": key, "attention": self._rank}),
+                    self.control._request(j, {"type": "nccl_init", "key": key, "attention": self._rank,
+                                              "gpu": gpu_identity(self.device)}),
                     self.control.loop).result(timeout=self.control.timeout_s + 1.0)
             except (PeerLostError, concurrent.futures.TimeoutError) as exc:
+                if "on the same GPU" in str(exc):  # the expert node refused: a configuration error, not a loss
+                    raise ConfigError(str(exc), key="deployment.expert_devices") from exc
                 self.control.lost(j, exc)
                 abort_all([p for p in dispatch + combine_peers if p is not None], timeout_s=self.control.timeout_s)
                 self.generation += 1  # fresh store keys

@@ -20,7 +20,11 @@ TOPOLOGIES = [(1, 1), (1, 2), (2, 2)]
 
 
 def _fixed(tmp_path, attention, experts, extra="", **kw):
-    return _write_config(tmp_path, attention, experts, extra='data_plane = "fixed"\n' + extra, **kw)
+    """A CPU deployment on the fixed-buffer plane (on a GPU machine too: there `auto` would put
+    every node on cuda:0, where NCCL refuses two ranks on one GPU)."""
+    path = _write_config(tmp_path, attention, experts, extra='data_plane = "fixed"\n' + extra, **kw)
+    path.write_text('[model]\ndevice = "cpu"\n' + path.read_text())
+    return path
 
 
 def _prompts(model, n=5):
