@@ -76,10 +76,10 @@ def row_shares(placement: ExpertPlacement, top_k: int, dead: frozenset[int] = fr
         nodes = placement.replica_nodes[layer]  # [E, R]
         real = placement.num_replicas[layer] > 0
         num_experts = int(real.sum())
+        alive = (nodes >= 0) & ~torch.isin(nodes, torch.tensor(sorted(dead), dtype=torch.int64))
         for j in range(placement.num_nodes):
             if j in dead:
                 continue
-            alive = (nodes >= 0) & ~torch.isin(nodes, torch.tensor(sorted(dead), dtype=torch.int64))
             on_j = ((nodes == j) & alive).sum(-1).double() / alive.sum(-1).clamp_min(1)  # [E]
             held = float(on_j[real].sum())  # experts' worth of pairs going to j
             none = 1.0  # a row's k distinct experts all elsewhere (exact without replicas)
