@@ -215,8 +215,12 @@ async def test_periodic_rebalance_and_second_attention_node_follows(zipf_dir, tm
                 assert [g.token_ids for g in got] == expected * 2
                 await asyncio.sleep(0.6)
             assert _ctl(coordinator).placement.epoch >= 2  # periodic rounds happened
-            await asyncio.gather(*(other.complete(p, PARAMS) for p in prompts))
-            assert _ctl(other).placement.epoch == _ctl(coordinator).placement.epoch  # learnt from answers
+            # Holding the balancer's lock waits out a round in flight and keeps the next one from
+            # starting, so the coordinator's epoch stands still while the other node steps.
+            async with coordinator._balancer._lock:
+                epoch = _ctl(coordinator).placement.epoch
+                await asyncio.gather(*(other.complete(p, PARAMS) for p in prompts))
+                assert _ctl(other).placement.epoch == epoch  # learnt from the expert nodes' answers
 
 
 @PLANES
