@@ -26,6 +26,7 @@ import torch
 from afkv.errors import AfkvError
 from afkv.model.model import Model, split_micro_batches
 from afkv.model.sides import DecodeRows, SeqChunk, StepInputs
+from afkv.transport.streams import dedicated_stream
 
 # One CUDA graph capture at a time in a process: entering a capture synchronises the device,
 # which fails while another thread's stream is capturing (engines sharing a process, the
@@ -73,6 +74,9 @@ class DecodeGraphs:
         self.failed: set[tuple[int, int]] = set()
         self.warned = False  # the runner logs the first fallback to eager only
         self._generation = getattr(model.ffn, "generation", 0)
+        # warm-up and capture streams of their own: torch's pooled streams may be another
+        # engine's NCCL stream, whose work would then be caught in this capture
+        self._side = dedicated_stream(dev)
 
     def _reset_inputs(self) -> None:
         """Every row a padding row: token 0 at position 0 in the scratch block, context 1."""
@@ -110,7 +114,7 @@ class DecodeGraphs:
         self._reset_inputs()
         sizes = [mb.token_ids.numel() for mb in split_micro_batches(self._inputs(b), m)]
         try:
-            side = torch.cuda.Stream()
+            side = self._side
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):  # warm-up: lazy initialisation, autotuning, workspaces
@@ -122,7 +126,7 @@ class DecodeGraphs:
                 self._generation = getattr(ffn, "generation", 0)
             g = torch.cuda.CUDAGraph()
             ffn.begin_step(sizes, announce=False)  # shapes only: nothing real is enqueued while capturing
-            with CAPTURE_LOCK, torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+            with CAPTURE_LOCK, torch.cuda.graph(g, pool=self._pool, stream=side, capture_error_mode="thread_local"):
                 out = self._step(b, m, hooks=False)
                 if hasattr(ffn, "join"):
                     ffn.join()

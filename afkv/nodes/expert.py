@@ -550,7 +550,10 @@ class ExpertNode:
         link.compute.synchronize()  # the eager step before must be done
         g = torch.cuda.CUDAGraph()
         try:
-            with CAPTURE_LOCK, torch.cuda.graph(g, pool=link.pool, capture_error_mode="thread_local"):
+            # captured on the link's own compute stream (torch's default capture stream is
+            # pooled: it may be another link's NCCL stream)
+            with CAPTURE_LOCK, torch.cuda.graph(g, pool=link.pool, stream=link.compute,
+                                                capture_error_mode="thread_local"):
                 self._enqueue_step(link, shape, ffn, timed=False)
         except RuntimeError as e:
             log.warning("expert node %d: step of %s not capturable, running eagerly: %s", self.index, shape, e)

@@ -9,10 +9,59 @@ their work when they are made (afkv.transport.host).
 
 from __future__ import annotations
 
+import logging
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
+
+log = logging.getLogger("afkv.streams")
+
+_CUDA_STREAM_NON_BLOCKING = 1  # cudaStreamNonBlocking: no implicit sync with the legacy default stream
+_KEPT: list[int] = []  # dedicated streams live as long as the process: captured graphs name them
+
+
+def _create(device: torch.device) -> tuple[torch.cuda.Stream, int | None]:
+    """A CUDA stream no other caller gets -> (stream, handle to destroy, None when pooled).
+
+    torch.cuda.Stream() hands out the streams of a pool, 32 per device, round robin: two
+    engines or expert links of one process can be given the same stream. NCCL sends and
+    receives of different communicators queued on one stream can then wait on each other
+    for ever (a send stuck behind a receive whose peer waits for that send). So the streams
+    that carry NCCL work, and the streams graphs are captured on, are made here through
+    CuPy (a GPU dependency of afkv); without CuPy a pooled stream is returned."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        import cupy
+
+        with cupy.cuda.Device(index):
+            handle = cupy.cuda.runtime.streamCreateWithFlags(_CUDA_STREAM_NON_BLOCKING)
+    except (ImportError, AttributeError, RuntimeError) as exc:  # CuPy missing or too old; CUDARuntimeError
+        log.warning("no stream of its own (%s): a stream from torch's pool is used, which may be shared", exc)
+        return torch.cuda.Stream(index), None
+    return torch.cuda.ExternalStream(handle, device=torch.device("cuda", index)), handle
+
+
+def dedicated_stream(device: torch.device) -> torch.cuda.Stream:
+    """A CUDA stream of `device` shared with no other caller, kept for the process's life."""
+    stream, handle = _create(device)
+    if handle is not None:
+        _KEPT.append(handle)
+    return stream
+
+
+@contextmanager
+def transient_stream(device: torch.device):
+    """A CUDA stream shared with no other caller, destroyed on exit (work still queued on it
+    completes first: CUDA frees a destroyed stream once it is idle)."""
+    stream, handle = _create(device)
+    try:
+        yield stream
+    finally:
+        if handle is not None:
+            import cupy
+
+            cupy.cuda.runtime.streamDestroy(handle)
 
 
 class HostEvent:
@@ -57,7 +106,8 @@ class DeviceStreams:
         self.cuda = device.type == "cuda"
 
     def stream(self):
-        return torch.cuda.Stream(self.device) if self.cuda else HostStream()
+        """A stream of its own (never one of torch's pooled streams, see dedicated_stream)."""
+        return dedicated_stream(self.device) if self.cuda else HostStream()
 
     def event(self, enable_timing: bool = False):
         return torch.cuda.Event(enable_timing=enable_timing) if self.cuda else HostEvent(enable_timing)
