@@ -19,13 +19,15 @@ holds, an epoch) changes by control messages from the coordinator (attention nod
     eplb_set     {placement, peers}  prepare + commit at once (a node rejoining after a restart)
     eplb_placement                   -> the current placement (attention nodes that missed a change)
     expert_weights {pieces}          -> tensors of held experts (another expert node gaining them)
+    expert_weights_nccl {experts, nccl_id, gpu}  -> their shapes; then the tensors go over NCCL
 
 An ffn request naming an expert this node does not hold is answered {"type": "stale"}
 (the sender's placement is older): the sender fetches the placement and re-sends. Every
 ffn answer carries the node's epoch.
 
 Weights of a gained expert are copied from a live node holding it (`peers`: live expert
-nodes' addresses; afkv.nodes.transfer, raw tensor frames on the CPU data plane); only
+nodes' addresses; afkv.nodes.transfer: NCCL between nodes on two GPUs, raw tensor frames
+over the control plane otherwise); only
 experts no live peer can give are read from the checkpoint. Each layer holds exactly the
 experts of its slots (per-layer sets). The new FFN side is built on the worker thread,
 serialised with FFN compute, so a step never sees half a placement.
@@ -50,7 +52,8 @@ from afkv.model.model import load_ffn_side
 from afkv.model.sides import FFNSide
 from afkv.model.spec import ModelSpec
 from afkv.nodes.placement import ExpertPlacement
-from afkv.nodes.transfer import ControlPlaneTransfer, ExpertKey, ExpertTensors, WeightTransfer, export_pieces
+from afkv.nodes.transfer import (ControlPlaneTransfer, ExpertKey, ExpertTensors, NcclTransfer, WeightTransfer,
+                                 export_pieces, in_thread, nccl_export)
 from afkv.transport.control import ControlConnection, ControlLimits, ControlServer
 from afkv.transport.host import HostPeer
 from afkv.transport.nccl import abort_all
@@ -65,6 +68,11 @@ DATA_FRAME_BYTES = 256 * 2**20  # data-plane frames carry hidden states: allow l
 def _log_failure(fut: asyncio.Future) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.error("joining the NCCL communicators failed: %s", fut.exception())
+
+
+def _log_export_failure(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("sending expert weights over NCCL failed: %s", fut.exception())
 
 
 @dataclass
@@ -118,6 +126,7 @@ class ExpertStats:
     tokens_per_expert: dict[tuple[int, int], int] = field(default_factory=dict)  # (layer, expert) -> tokens
     experts_received: int = 0  # (layer, expert) copies received from other expert nodes
     received_bytes: int = 0
+    nccl_received_bytes: int = 0  # of received_bytes, those that came over NCCL (GPU to GPU)
     experts_from_checkpoint: int = 0  # gained experts no live peer could give (start-up not counted)
 
 
@@ -250,6 +259,7 @@ class ExpertNode:
                     "batches": s.batches, "compute_s": s.compute_s, "epoch": self.placement.epoch,
                     "loads": pack_tensor(loads), "window_s": self.window.window_s,
                     "experts_received": s.experts_received, "received_bytes": s.received_bytes,
+                    "nccl_received_bytes": s.nccl_received_bytes,
                     "experts_from_checkpoint": s.experts_from_checkpoint,
                     "tokens_per_expert": [[l, e, n] for (l, e), n in s.tokens_per_expert.items()]}
         if kind in ("eplb_prepare", "eplb_commit", "eplb_set"):
@@ -263,6 +273,8 @@ class ExpertNode:
                 raise FrameError(f"malformed expert_weights request: {exc}") from exc
             return await asyncio.get_running_loop().run_in_executor(
                 self._executor, export_pieces, self._held_weights, pieces, max_bytes)
+        if kind == "expert_weights_nccl":
+            return await self._export_nccl(msg)
         if kind == "shutdown":
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.aclose()))
             return {"type": "bye"}
@@ -340,8 +352,47 @@ class ExpertNode:
         self._load(self.placement, list(self._kept.values()), received)
 
     def _transfer(self, peers: dict[int, tuple[str, int]]) -> WeightTransfer:
-        return ControlPlaneTransfer(peers, f"expert{self.index}", self.token, self._executor, self.device,
-                                    self.peer_timeout_s)
+        frames = ControlPlaneTransfer(peers, f"expert{self.index}", self.token, self._executor, self.device,
+                                      self.peer_timeout_s)
+        if self.device.type != "cuda":
+            return frames
+        from afkv.nodes.nccl_ffn import gpu_identity
+
+        return NcclTransfer(peers, f"expert{self.index}", self.token, self.device, gpu_identity(self.device),
+                            self.peer_timeout_s, fallback=frames)
+
+    async def _export_nccl(self, msg: dict) -> dict:
+        """Holding node: list the asked experts it holds, then send them over NCCL from a thread
+        of its own (the answer goes first: the gaining node joins after reading it)."""
+        from afkv.nodes.nccl_ffn import gpu_identity
+
+        try:
+            keys = [(int(l), int(e)) for l, e in msg["experts"]]
+            unique_id, gpu = str(msg["nccl_id"]), str(msg.get("gpu", ""))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FrameError(f"malformed expert_weights_nccl request: {exc}") from exc
+        if self.device.type != "cuda":
+            return {"type": "unsupported", "reason": f"expert node {self.index} is not on a GPU"}
+        if gpu == gpu_identity(self.device):
+            return {"type": "unsupported", "reason": f"expert node {self.index} is on the same GPU ({self.device})"}
+
+        def collect():
+            held, missing = [], []
+            for k in keys:
+                try:
+                    held.append((k, self._held_weights(*k)))
+                except KeyError:
+                    missing.append(list(k))
+            return held, missing
+
+        held, missing = await asyncio.get_running_loop().run_in_executor(self._executor, collect)
+        if held:
+            sending = in_thread(nccl_export, unique_id, [t for _, pair in held for t in pair], self.device,
+                                self.peer_timeout_s, name=f"afkv-expert{self.index}-weights")
+            sending.add_done_callback(_log_export_failure)
+        dtype = str(held[0][1][0].dtype).removeprefix("torch.") if held else "float32"
+        return {"type": "expert_weights_nccl", "dtype": dtype, "missing": missing,
+                "experts": [[l, e, list(gu.shape), list(dn.shape)] for (l, e), (gu, dn) in held]}
 
     async def _receive(self, new: ExpertPlacement, peers: dict[int, tuple[str, int]]) -> dict[ExpertKey, ExpertTensors]:
         """Tensors of the routed experts `new` gives this node and it lacks, from live peers
@@ -359,6 +410,20 @@ class ExpertNode:
         candidates = {k: list(dict.fromkeys(holders(self.placement, k) + holders(new, k))) for k in gained}
         transfer = self._transfer(peers)
         received: dict[ExpertKey, ExpertTensors] = {}
+        try:
+            await self._fetch_all(transfer, candidates, received)
+        finally:
+            self.stats.nccl_received_bytes += getattr(transfer, "nccl_bytes", 0)
+        self.stats.experts_received += len(received)
+        self.stats.received_bytes += sum(t.numel() * t.element_size() for pair in received.values() for t in pair)
+        log.info("expert node %d: received %d of %d gained experts from peers", self.index, len(received),
+                 len(gained))
+        return received
+
+    async def _fetch_all(self, transfer: WeightTransfer, candidates: dict[ExpertKey, list[int]],
+                         received: dict[ExpertKey, ExpertTensors]) -> None:
+        """Fetch each key from its first candidate source; a lost source or one lacking the key
+        is dropped from that key's candidates and the next one is asked."""
         while True:
             by_source: dict[int, list[ExpertKey]] = {}
             for key, sources in candidates.items():
@@ -381,11 +446,6 @@ class ExpertNode:
                 received |= got
                 for key in missing:
                     candidates[key].remove(j)
-        self.stats.experts_received += len(received)
-        self.stats.received_bytes += sum(t.numel() * t.element_size() for pair in received.values() for t in pair)
-        log.info("expert node %d: received %d of %d gained experts from peers", self.index, len(received),
-                 len(gained))
-        return received
 
     def _held_weights(self, layer: int, expert: int) -> ExpertTensors:
         """Worker thread: a held routed expert's tensors (KeyError when not held)."""

@@ -6,7 +6,7 @@ import torch
 
 from afkv.errors import FrameError
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64)}
+DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64)}
 
 
 def pack_tensor(t: torch.Tensor) -> dict:
@@ -16,7 +16,7 @@ def pack_tensor(t: torch.Tensor) -> dict:
 
 def unpack_tensor(obj: dict, device: torch.device | str = "cpu") -> torch.Tensor:
     try:
-        dtype = _DTYPES[obj["dtype"]]
+        dtype = DTYPES[obj["dtype"]]
         shape = [int(s) for s in obj["shape"]]
         data = obj["data"]
     except (KeyError, TypeError, ValueError) as exc:

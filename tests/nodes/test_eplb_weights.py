@@ -8,8 +8,9 @@ from afkv.bench.eplb import write_zipf_checkpoint
 from afkv.model.model import load_ffn_side, open_checkpoint
 from afkv.nodes.expert import ExpertNode
 from afkv.nodes.placement import contiguous_placement, eplb_placement
-from afkv.nodes.transfer import ControlPlaneTransfer
+from afkv.nodes.transfer import ControlPlaneTransfer, NcclTransfer
 from afkv.transport.control import ControlClient
+from afkv.errors import TransportError
 
 CPU = torch.device("cpu")
 
@@ -133,6 +134,30 @@ async def test_transfer_splits_large_experts_into_bounded_frames(spec, zipf_dir)
         for (layer, e), pair in got.items():
             for mine, theirs in zip(pair, nodes[0]._ffn.expert_weights(layer, e)):
                 assert torch.equal(mine, theirs)
+    finally:
+        for n in nodes:
+            await n.aclose()
+
+
+async def test_nccl_transfer_falls_back_to_frames_when_the_holder_is_not_on_another_gpu(spec, zipf_dir):
+    """The GPU transfer asks the holder first; a holder that cannot take part in an NCCL copy
+    (here: on the CPU) says so, and the same experts come over the control plane instead."""
+    nodes = await _nodes(spec, zipf_dir, contiguous_placement(spec, 2))
+    try:
+        peers = {0: ("127.0.0.1", nodes[0].port)}
+        frames = ControlPlaneTransfer(peers, "test", None, nodes[1]._executor, CPU, timeout_s=10.0)
+        transfer = NcclTransfer(peers, "test", None, device=CPU, gpu="", timeout_s=10.0, fallback=frames)
+        got, missing = await transfer.fetch(0, [(0, 1), (2, 3), (1, 6)])
+        assert missing == [(1, 6)] and sorted(got) == [(0, 1), (2, 3)]
+        for (layer, e), pair in got.items():
+            for mine, theirs in zip(pair, nodes[0]._ffn.expert_weights(layer, e)):
+                assert torch.equal(mine, theirs)
+        assert transfer.nccl_bytes == 0
+        reply = await _ask(nodes[0], {"type": "expert_weights_nccl", "experts": [[0, 1]], "nccl_id": "", "gpu": ""})
+        assert reply == {"type": "unsupported", "reason": "expert node 0 is not on a GPU"}
+        with pytest.raises(TransportError, match="malformed expert_weights_nccl"):
+            await _ask(nodes[0], {"type": "expert_weights_nccl", "experts": [["x"]], "nccl_id": ""})
+        assert (await _ask(nodes[0], {"type": "eplb_placement"}))["type"] == "placement"  # still serving
     finally:
         for n in nodes:
             await n.aclose()

@@ -152,8 +152,10 @@ def test_nccl_expert_death_fails_fast_then_recovers(tiny_dir, tmp_path):
         faulthandler.cancel_dump_traceback_later()
 
 
-def _write_gpu(tmp_path, attention: int, experts: int, extra: str = "", eplb: str = ""):
-    """attention nodes on cuda:0, expert nodes on cuda:1 (every NCCL pair spans both GPUs)."""
+def _write_gpu(tmp_path, attention: int, experts: int, extra: str = "", eplb: str = "",
+               expert_devices: list[str] | None = None):
+    """attention nodes on cuda:0, expert nodes on cuda:1 (every NCCL pair spans both GPUs)
+    unless `expert_devices` places them."""
     path = tmp_path / f"gpu-{attention}a{experts}f.toml"
     path.write_text(f"""
 [model]
@@ -169,7 +171,7 @@ attention_nodes = {attention}
 expert_nodes = {experts}
 port = 0
 attention_devices = {["cuda:0"] * attention}
-expert_devices = {["cuda:1"] * experts}
+expert_devices = {expert_devices or ["cuda:1"] * experts}
 expert_timeout_s = 30.0
 heartbeat_interval_s = 0.5
 {extra}
@@ -261,4 +263,45 @@ def test_nccl_eplb_replicas_and_live_rebalance(tmp_path):
     assert report.epoch == 1 and report.replicas_added > 0
     assert [s["epoch"] for s in stats] == [1, 1]
     assert sum(s["experts_received"] for s in stats) == report.replicas_added
+    assert sum(s["nccl_received_bytes"] for s in stats) == 0  # both on cuda:1: copied over the control plane
     assert int(loads.sum()) > 0 and report.balancedness_after <= report.balancedness_before
+
+
+def test_eplb_copies_experts_between_gpus_over_nccl(tmp_path):
+    """Expert nodes on two GPUs: a live rebalance copies the gained experts GPU to GPU over
+    NCCL (no host copy), and tokens stay those of the colocated engine. The attention node
+    shares cuda:0 with expert node 0, so its data plane is "messages" (NCCL's fixed-buffer
+    plane needs one GPU per rank)."""
+    pytest.importorskip("cupy")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from afkv.bench.eplb import write_zipf_checkpoint
+
+    model = str(write_zipf_checkpoint(tmp_path / "zipf", exponent=1.0, seed=1))
+    path = _write_gpu(tmp_path, 1, 2, extra='data_plane = "messages"', expert_devices=["cuda:0", "cuda:1"],
+                      eplb="[eplb]\nenabled = true\nslots_per_node = 6\n")
+    prompts = [random_prompt(6 + 3 * i, 256, seed=20 + i) for i in range(6)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    cfg = EngineConfig.from_toml(path)
+    expected = _gpu_colocated(model, cfg, prompts, params)
+
+    async def run():
+        with Deployment(path, model, start_attention=False) as dep:
+            af = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port))
+            async with Engine(model, af, progress=False) as e:
+                assert type(e._remote).__name__ == "RemoteFFN"
+                running = [asyncio.create_task(e.complete(p, params)) for p in prompts]
+                while e.stats().num_generated_tokens < 20:
+                    await asyncio.sleep(0.01)
+                report = await e.rebalance()
+                during = [r.token_ids for r in await asyncio.gather(*running)]
+                after = [r.token_ids for r in await asyncio.gather(*(e.complete(p, params) for p in prompts))]
+                stats = await e._remote.request_all({"type": "stats"})
+                return during, after, report, stats
+
+    during, after, report, stats = asyncio.run(run())
+    assert during == after == expected
+    assert report.epoch == 1 and report.replicas_added > 0
+    assert sum(s["experts_received"] for s in stats) == report.replicas_added
+    assert [s["nccl_received_bytes"] for s in stats] == [s["received_bytes"] for s in stats]
+    assert sum(s["nccl_received_bytes"] for s in stats) > 0
