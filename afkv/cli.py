@@ -3,7 +3,7 @@
     afkv run [PROMPT ...]        generate with the default model (or --model/--config), streaming text
     afkv bench decode            afkv vs transformers' generate: decode tokens/s and TTFT
     afkv bench kv                KV tiers: transfer GB/s against the copy limit; decode with tiers on/off
-    afkv bench eplb              expert load balancing under Zipf skew: max/mean node load, tok/s (CPU processes)
+    afkv bench eplb              expert load balancing under Zipf skew: max/mean node load, tok/s (CPU or GPUs)
     afkv bench kv-quant          long-context decode: int8/int4 device KV blocks against the model dtype
     afkv bench af                1A1F over NCCL vs colocated data parallel (two GPUs, real shapes)
     afkv bench gpu               GPU suite: afkv (CUDA graphs) vs HF generate vs the HBM roofline (real shapes)
@@ -103,8 +103,11 @@ async def _cmd_bench_eplb(args) -> int:
     from afkv.bench import write_json
     from afkv.bench.eplb import format_table, run_eplb_bench
 
+    devices = args.devices.split(",") if args.devices else None
     result = await run_eplb_bench(args.exponent, args.expert_nodes, args.slots_per_node, args.batch,
-                                  args.prompt_len, args.gen_len, args.repeats, args.seed)
+                                  args.prompt_len, args.gen_len, args.repeats, args.seed, args.hidden_size,
+                                  args.intermediate_size, args.layers, args.experts, devices=devices,
+                                  dtype=args.dtype, data_plane=args.data_plane)
     print(format_table(result))
     out = write_json(result, args.json or f"bench-results/eplb-{time.strftime('%Y%m%d-%H%M%S')}.json")
     print(f"wrote {out}")
@@ -237,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--gen-len", type=int, default=32)
     ep.add_argument("--repeats", type=int, default=2)
     ep.add_argument("--seed", type=int, default=0)
+    ep.add_argument("--hidden-size", type=int, default=256)
+    ep.add_argument("--intermediate-size", type=int, default=1024)
+    ep.add_argument("--layers", type=int, default=4)
+    ep.add_argument("--experts", type=int, default=8)
+    ep.add_argument("--devices", help="the attention node's device, then each expert node's, comma-separated "
+                                      "(e.g. cuda:0,cuda:0,cuda:1); default: all on the CPU")
+    ep.add_argument("--dtype", default="float32")
+    ep.add_argument("--data-plane", default="auto", choices=("auto", "fixed", "messages"))
     ep.add_argument("--json", help="output path (default bench-results/eplb-<time>.json)")
 
     kvq = bsub.add_parser("kv-quant", add_help=False,
