@@ -141,6 +141,7 @@ class ExpertNode:
         self.spec, self.model_dir, self.placement, self.index = spec, str(model_dir), placement, index
         self.store = store
         self._links: dict[str, _Link] = {}  # attention node -> its fixed-buffer data plane
+        self._joining: dict[str, asyncio.Future] = {}  # attention node -> its latest nccl_init, joining
         self._streams = DeviceStreams(device)
         self._gpu_events: list[tuple] = []  # (start, end) events of FFN compute, summed lazily
         self.cuda_graphs = device.type == "cuda"  # fixed-buffer steps replay CUDA graphs after one eager step
@@ -224,6 +225,14 @@ class ExpertNode:
                 raise FrameError(f"malformed step: {exc}") from exc
             if len(shape.caps) != len(shape.mb_caps):
                 raise FrameError(f"step with {len(shape.caps)} capacities for {len(shape.mb_caps)} micro-batches")
+            joining = self._joining.get(conn.peer.node_id)
+            if joining is not None and not joining.done():
+                # the attention node may step as soon as its own end is joined: this node's end
+                # (and its new link) can still be on the way, and the old link must not take it
+                done, _ = await asyncio.wait([joining], timeout=self.peer_timeout_s)
+                if not done:
+                    raise FrameError(f"step from {conn.peer.node_id}: its data plane is not joined after "
+                                     f"{self.peer_timeout_s:.0f} s")
             link = self._links.get(conn.peer.node_id)
             if link is None:
                 raise FrameError(f"step from {conn.peer.node_id} before its data plane was joined")
@@ -242,9 +251,9 @@ class ExpertNode:
                                  f"({self.device}): NCCL needs one GPU per rank; set [deployment] attention_devices / "
                                  "expert_devices apart, or data_plane = \"messages\"")
             # Answer at once, then join on the worker thread (it blocks until the attention node
-            # joins too); "step" messages queue behind it on the same thread.
-            joined = asyncio.get_running_loop().run_in_executor(self._executor, self._nccl_init, conn.peer.node_id,
-                                                                msg["key"])
+            # joins too); "step" messages wait for the join (`_joining`).
+            joined = self._joining[conn.peer.node_id] = asyncio.get_running_loop().run_in_executor(
+                self._executor, self._nccl_init, conn.peer.node_id, msg["key"])
             joined.add_done_callback(_log_failure)
             return {"type": "ok"}
         if kind == "stats":
