@@ -179,8 +179,12 @@ def in_thread(fn: Callable, *args, name: str = "afkv-weights") -> asyncio.Future
     fut = loop.create_future()
 
     def settle(result, exc):
-        if not fut.done():
-            fut.set_exception(exc) if exc is not None else fut.set_result(result)
+        if fut.done():  # the waiter gave up (cancelled)
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
 
     def run():
         try:
