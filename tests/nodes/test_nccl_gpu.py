@@ -227,20 +227,26 @@ def test_nccl_per_peer_dispatch_matches_colocated(tiny_dir, tmp_path, attention,
     assert (overflows > 0) == bool(extra)
 
 
-def test_nccl_eplb_replicas_and_live_rebalance(tmp_path):
-    """EPLB on the NCCL data plane: replicas split on the device, a live rebalance copies
-    experts between expert nodes, and the tokens stay those of the colocated engine."""
+def _eplb_setup(tmp_path, **placing):
+    """1A2F with 6 slots per expert node on a Zipf-routed checkpoint (`placing`: _write_gpu's
+    extra / expert_devices) -> model, config path, config, prompts, params, colocated tokens."""
     pytest.importorskip("cupy")
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     from afkv.bench.eplb import write_zipf_checkpoint
 
     model = str(write_zipf_checkpoint(tmp_path / "zipf", exponent=1.0, seed=1))
-    path = _write_gpu(tmp_path, 1, 2, eplb="[eplb]\nenabled = true\nslots_per_node = 6\n")
+    path = _write_gpu(tmp_path, 1, 2, eplb="[eplb]\nenabled = true\nslots_per_node = 6\n", **placing)
     prompts = [random_prompt(6 + 3 * i, 256, seed=20 + i) for i in range(6)]
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     cfg = EngineConfig.from_toml(path)
-    expected = _gpu_colocated(model, cfg, prompts, params)
+    return model, path, cfg, prompts, params, _gpu_colocated(model, cfg, prompts, params)
+
+
+def test_nccl_eplb_replicas_and_live_rebalance(tmp_path):
+    """EPLB on the NCCL data plane: replicas split on the device, a live rebalance copies
+    experts between expert nodes, and the tokens stay those of the colocated engine."""
+    model, path, cfg, prompts, params, expected = _eplb_setup(tmp_path)
 
     async def run():
         with Deployment(path, model, start_attention=False) as dep:
@@ -272,18 +278,8 @@ def test_eplb_copies_experts_between_gpus_over_nccl(tmp_path):
     NCCL (no host copy), and tokens stay those of the colocated engine. The attention node
     shares cuda:0 with expert node 0, so its data plane is "messages" (NCCL's fixed-buffer
     plane needs one GPU per rank)."""
-    pytest.importorskip("cupy")
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs two GPUs")
-    from afkv.bench.eplb import write_zipf_checkpoint
-
-    model = str(write_zipf_checkpoint(tmp_path / "zipf", exponent=1.0, seed=1))
-    path = _write_gpu(tmp_path, 1, 2, extra='data_plane = "messages"', expert_devices=["cuda:0", "cuda:1"],
-                      eplb="[eplb]\nenabled = true\nslots_per_node = 6\n")
-    prompts = [random_prompt(6 + 3 * i, 256, seed=20 + i) for i in range(6)]
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
-    cfg = EngineConfig.from_toml(path)
-    expected = _gpu_colocated(model, cfg, prompts, params)
+    model, path, cfg, prompts, params, expected = _eplb_setup(
+        tmp_path, extra='data_plane = "messages"', expert_devices=["cuda:0", "cuda:1"])
 
     async def run():
         with Deployment(path, model, start_attention=False) as dep:
