@@ -11,24 +11,11 @@ from afkv import Engine, EngineConfig, SamplingParams
 from afkv.bench.eplb import write_zipf_checkpoint
 from afkv.eplb import zipf_router_bias
 from afkv.errors import ConfigError, EngineError, ExpertUnavailableError
-from afkv.model.model import open_checkpoint
 from afkv.nodes.placement import contiguous_placement, eplb_placement, initial_placement, spread_replicas
 from afkv.serve.launch import Deployment
 from tests.helpers import random_prompt
 
 PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def zipf_dir(tmp_path_factory):
-    return write_zipf_checkpoint(tmp_path_factory.mktemp("zipf") / "m", exponent=1.0, seed=1)
-
-
-@pytest.fixture(scope="module")
-def spec(zipf_dir):
-    spec, reader = open_checkpoint(zipf_dir)
-    reader.close()
-    return spec
 
 
 def _config(tmp_path, experts, *, slots=0, enabled=True, timeout_s=5.0, extra="", plane="messages"):

@@ -4,27 +4,14 @@ nodes during a placement change (in-process expert nodes on loopback)."""
 import pytest
 import torch
 
-from afkv.bench.eplb import write_zipf_checkpoint
-from afkv.model.model import load_ffn_side, open_checkpoint
+from afkv.model.model import load_ffn_side
 from afkv.nodes.expert import ExpertNode
 from afkv.nodes.placement import contiguous_placement, eplb_placement
 from afkv.nodes.transfer import ControlPlaneTransfer, NcclTransfer
-from afkv.transport.control import ControlClient
 from afkv.errors import TransportError
+from afkv.transport.control import ControlClient
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def zipf_dir(tmp_path_factory):
-    return write_zipf_checkpoint(tmp_path_factory.mktemp("zipf") / "m", exponent=1.0, seed=1)
-
-
-@pytest.fixture(scope="module")
-def spec(zipf_dir):
-    spec, reader = open_checkpoint(zipf_dir)
-    reader.close()
-    return spec
 
 
 def _moved(spec, epoch=1):
