@@ -1,0 +1,1 @@
+"""`afkv plan`: a calibrated per-layer latency model that chooses the deployment."""
