@@ -47,14 +47,15 @@ GPU_GRID = {"batches": (1, 8, 32, 128, 256), "contexts": (1024, 4096, 16384), "t
             "layers": 4, "copy_bytes": 2 << 30, "gemm": 8192, "disk_bytes": 1 << 30}
 CPU_GRID = {"batches": (1, 4, 16), "contexts": (64, 256), "tokens": (1, 8, 64), "layers": 2, "copy_bytes": 64 << 20,
             "gemm": 512, "disk_bytes": 16 << 20}
-LINK_BYTES = (16 << 10, 256 << 10, 4 << 20, 32 << 20)
+LINK_BYTES = {"gpu": (16 << 10, 256 << 10, 4 << 20, 32 << 20), "cpu": (64 << 10, 1 << 20, 16 << 20)}
+WARMUP = 2
 
 
 def _timer(device: torch.device):
-    """-> time(fn, reps): median seconds of fn() after a warm-up (CUDA events on GPUs)."""
+    """-> time(fn, reps): median seconds of fn() after warm-ups (CUDA events on GPUs)."""
     def run(fn, reps: int = 5) -> float:
         times = []
-        for i in range(reps + 1):
+        for i in range(reps + WARMUP):
             if device.type == "cuda":
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 s.record()
@@ -66,7 +67,7 @@ def _timer(device: torch.device):
                 t = time.perf_counter()
                 fn()
                 dt = time.perf_counter() - t
-            if i:
+            if i >= WARMUP:
                 times.append(dt)
         return statistics.median(times)
     return run
@@ -186,7 +187,7 @@ def link_points(device: torch.device, log) -> tuple[str, list[dict]]:
     else:
         kind, rtt = "socket", _socket_round_trip
     out = []
-    for n in LINK_BYTES if device.type == "cuda" else LINK_BYTES[:3]:
+    for n in LINK_BYTES["gpu" if device.type == "cuda" else "cpu"]:
         seconds = rtt(n)
         out.append({"out_bytes": n, "back_bytes": n, "seconds": seconds})
         log(f"  link ({kind}) round trip of 2 x {n >> 10} KiB: {seconds * 1e6:.0f} us")
@@ -199,18 +200,18 @@ def _socket_round_trip(nbytes: int, reps: int = 5) -> float:
     payload = bytes(nbytes)
 
     def echo() -> None:
-        for _ in range(reps + 1):
+        for _ in range(reps + WARMUP):
             b.sendall(_recv(b, nbytes))
 
     peer = threading.Thread(target=echo, daemon=True)
     peer.start()
     times = []
     try:
-        for i in range(reps + 1):
+        for i in range(reps + WARMUP):
             t = time.perf_counter()
             a.sendall(payload)
             _recv(a, nbytes)
-            if i:
+            if i >= WARMUP:
                 times.append(time.perf_counter() - t)
     finally:
         peer.join(timeout=10)
