@@ -22,6 +22,7 @@ so in the profile's `sources`. Layer map: bench sits above plan and model; nothi
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import socket
@@ -333,8 +334,6 @@ def _hf_config(model: str, spec: ModelSpec) -> dict:
 
     if is_random(model):
         return dict(REAL_SHAPES[model.removeprefix("random:")])
-    import json
-
     return json.loads((Path(model) / "config.json").read_text())
 
 

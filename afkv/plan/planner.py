@@ -103,7 +103,7 @@ class Cluster:
 class Prediction:
     deployment: Deployment
     seqs: int  # per attention GPU (0: infeasible)
-    step: Step | None
+    step: Step | None  # at `seqs`; infeasible: at one sequence when that is past the SLO, else None
     tok_s_per_gpu: float  # over the whole cluster
     kv_seqs: int  # sequences of the workload's mean context the attention GPU's KV holds
     regime: str  # attention | FFN | communication | memory; or why it is infeasible
@@ -136,8 +136,8 @@ def evaluate(sh: Shapes, k: Kernels, cluster: Cluster, workload: Workload, dep: 
     runnable = dep.kind is not Kind.EP
     fmt = cluster.profile.kv_format(dep.kv_format)
 
-    def infeasible(why: str) -> Prediction:
-        return Prediction(dep, 0, None, 0.0, 0, why, bundles, runnable)
+    def infeasible(why: str, at_one: Step | None = None) -> Prediction:
+        return Prediction(dep, 0, at_one, 0.0, 0, why, bundles, runnable)
 
     if bundles == 0:
         return infeasible(f"needs {dep.gpus} GPUs")
@@ -155,8 +155,9 @@ def evaluate(sh: Shapes, k: Kernels, cluster: Cluster, workload: Workload, dep: 
         return step(sh, k, link, af, dep, seqs, workload.context, fmt)
 
     top = min(kv_seqs, MAX_SEQS)
-    if at(1).tpot_s > workload.tpot_slo_s:
-        return infeasible(f"TPOT >= {at(1).tpot_s * 1e3:.1f} ms")
+    one = at(1)
+    if one.tpot_s > workload.tpot_slo_s:
+        return infeasible(f"TPOT >= {one.tpot_s * 1e3:.1f} ms", one)
     if at(top).tpot_s <= workload.tpot_slo_s:
         seqs, regime = top, "memory"
     else:
@@ -210,8 +211,7 @@ def make_plan(sh: Shapes, cluster: Cluster, workload: Workload,
     colocated = next(p for p in preds if p.deployment == Deployment(Kind.COLOCATED))
     runnable = [p for p in preds if p.runnable and p.feasible]
     if not runnable:
-        best = min((p for p in preds if p.step is None and p.regime.startswith("TPOT")), default=None,
-                   key=lambda p: p.regime)
+        best = min((p for p in preds if p.runnable and p.step is not None), default=None, key=lambda p: p.step.tpot_s)
         raise ConfigError("no deployment meets the workload on this cluster"
                           + (f" (the fastest step at batch 1: {best.deployment.label}, {best.regime})" if best else "")
                           + ": relax the TPOT SLO, shorten the context or add GPUs", key="tpot_slo")
@@ -322,7 +322,7 @@ def to_json(plan: Plan) -> dict:
                "expert_gpus": d.expert_gpus, "micro_batches": d.micro_batches, "kv_format": d.kv_format,
                "seqs_per_attention_gpu": p.seqs, "tok_s_per_gpu": p.tok_s_per_gpu, "kv_seqs": p.kv_seqs,
                "regime": p.regime, "bundles": p.bundles, "runnable": p.runnable}
-        if p.step is not None:
+        if p.feasible:
             out |= {"tpot_s": p.step.tpot_s, "attention_s": p.step.attention_s, "ffn_s": p.step.ffn_s,
                     "comm_s": p.step.comm_s, "overhead_s": p.step.overhead_s}
         return out

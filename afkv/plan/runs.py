@@ -7,9 +7,9 @@ What each run recorded and what it is used for:
     -----------------------------------------       -----------------------------------------------
     copy ceiling of the run (copy_bytes_per_s)       colocated TPOT at every batch > 1
     attention-only steps (t_attn_s, every batch)     1A1F TPOT at every batch and micro-batch count
-    the expert node's FFN (t_ffn_s, m = 1, every     the expert node's FFN with m = 2 (t_ffn_s)
-      batch) and the colocated batch-1 FFN
-      (tpot_s - t_attn_s at batch 1: the few-
+    the expert node's FFN (t_ffn_s, m = 1, every       of every run but RUNTIME_RUN (whose rows fit
+      batch) and the colocated batch-1 FFN             the runtime constants, left)
+      (tpot_s - t_attn_s at batch 1: the few-        the expert node's FFN with m = 2 (t_ffn_s)
       experts end of the FFN curve)
     bare NCCL round trips (link curve), the round
       trip inside eager steps (runtime overhead)
@@ -36,7 +36,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from afkv.errors import ConfigError
-from afkv.model.random import REAL_SHAPES
+from afkv.model.random import REAL_SHAPES, random_spec
 from afkv.plan.kernels import AttentionPoint, FfnPoint, Kernels, LinkPoint, fit_link
 from afkv.plan.latency import af_step, colocated_step
 from afkv.plan.profile import AfRuntime, Calibration, KVFormatCost, Profile
@@ -63,15 +63,15 @@ class RunSet:
 RUN_SETS = (
     RunSet("mixtral-8x7b", "af-mixtral-final.json", "gpu-final.json", "Triton fused MoE (call 6)"),
     RunSet("qwen3-30b-a3b", "af-qwen3-fixed-plane.json", "gpu-final.json", "Triton fused MoE (call 6 and later)"),
-    RunSet("mixtral-8x7b", "af-mixtral.json", "gpu-mixtral.json", "torch grouped GEMMs (call 5)"),
+    # not named in RESULTS.md; its expert FFN at 16 rows (1.09 ms per layer) is the torch grouped-GEMM
+    # figure of RESULTS.md's kernel benchmark (1.10 ms; Triton: 0.75 ms)
+    RunSet("mixtral-8x7b", "af-mixtral.json", "gpu-mixtral.json", "torch grouped GEMMs"),
     RunSet("qwen3-30b-a3b", "af-qwen3.json", "gpu-qwen3.json", "torch grouped GEMMs (calls 3 and 4)"),
 )
 RUNTIME_RUN = "af-mixtral-final.json"  # fits the step overhead (m = 1 rows) and the overlap (m = 2 rows)
 
 
 def shapes_of(model: str) -> Shapes:
-    from afkv.model.random import random_spec
-
     return Shapes.from_spec(random_spec(f"random:{model}"), model)
 
 
