@@ -9,8 +9,8 @@ On one GPU (a few minutes per model) or on the CPU (the same code at small sizes
                      (CUDA graphs on GPUs with triton, eager otherwise)
     T_ffn            the FFN side of the model's first MoE layers over a grid of routed tokens x
                      experts held (ids drawn among the held experts, k distinct per token)
-    link             round trips of growing size: NCCL between two GPUs where there are two,
-                     else pinned device->host->device copies, else a local socket pair (CPU)
+    link             round trips of growing size: NCCL between two GPUs where there are two (and
+                     CuPy), else pinned device->host->device copies, else a local socket pair (CPU)
     PCIe             pinned host<->device copies (CPU: host memory copies)
     disk             a sequential write (fsync) and a cold read of a file
 
@@ -139,7 +139,7 @@ def ffn_points(model: str, device: torch.device, dtype: torch.dtype, grid: dict,
     spec = _first_layers(spec, 2 if device.type == "cuda" else 1, moe_only=True)
     moe = [i for i in range(spec.num_layers) if spec.sparse_layers[i]]
     try:
-        ffn = FFNSide(spec, reader, device, dtype, dense_layers=frozenset())
+        ffn = FFNSide(spec, reader, device, dtype)
     finally:
         reader.close()
     timer = _timer(device)
@@ -173,8 +173,16 @@ def _triton() -> bool:
     return triton_attention.available()
 
 
+def _nccl() -> bool:
+    try:
+        from cupy.cuda import nccl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def link_points(device: torch.device, log) -> tuple[str, list[dict]]:
-    if device.type == "cuda" and torch.cuda.device_count() >= 2:
+    if device.type == "cuda" and torch.cuda.device_count() >= 2 and _nccl():
         from afkv.bench.af import bare_nccl_round_trip
 
         kind, rtt = "nccl", lambda n: bare_nccl_round_trip(n, n, reps=20)
@@ -273,7 +281,8 @@ def _software() -> dict:
     except ImportError:
         pass
     if torch.cuda.is_available():
-        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        v = torch.cuda.nccl.version()
+        out["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
     return out
 
 

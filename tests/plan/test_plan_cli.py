@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from afkv.cli import main
 from afkv.config import EngineConfig
 
@@ -67,3 +69,24 @@ def test_calibrate_on_the_cpu_writes_a_profile_plan_reads(tiny_dir, tmp_path, ca
     assert main(["plan", "--model", model, "--profile", str(prof), "--gpus", "2", "--prompt-len", "64",
                  "--output-len", "16", "--tpot-slo-ms", "10000", "--micro-batches", "1,2"]) == 0
     assert "chosen: " in capsys.readouterr().out
+
+
+def test_calibrate_on_cuda_without_a_gpu_says_so(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["bench", "calibrate", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and "Traceback" not in err
+
+
+@pytest.mark.gpu
+def test_calibrate_on_a_gpu(tiny_dir, tmp_path, capsys):
+    """The GPU path (CUDA graphs, pinned copies, NCCL where two GPUs) end to end on a tiny model."""
+    prof = tmp_path / "gpu.json"
+    assert main(["bench", "calibrate", "--models", str(tiny_dir["qwen3_moe"]), "--device", "cuda", "--out", str(prof),
+                 "--disk-dir", str(tmp_path)]) == 0
+    data = json.loads(prof.read_text())
+    assert data["machine"]["gpu"] and data["link"]["kind"] in ("nccl", "pcie")
+    assert len(data["calibrations"][0]["ffn"]) == 14 and data["calibrations"][0]["attention"]
