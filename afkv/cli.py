@@ -164,6 +164,7 @@ def _cmd_plan(args) -> int:
 
     from afkv.config import EngineConfig
     from afkv.plan.planner import Cluster, Workload, format_plan, make_plan, to_json, to_toml
+    from afkv.plan.shapes import load_shapes
 
     if args.check_runs:
         from afkv.plan.runs import check_runs, format_checks
@@ -173,11 +174,10 @@ def _cmd_plan(args) -> int:
     if not args.model:
         _err("afkv: error: afkv plan needs --model (a known name, a checkpoint directory or a config.json)")
         return 2
-    plan = make_plan(_plan_model(args.model), Cluster(
-        _plan_profile(args), args.gpus, args.gpus_per_host, host_memory_bytes_per_gpu=int(args.host_memory_gib * 2**30),
-        hbm_utilization=args.hbm_utilization), Workload(args.prompt_len, args.output_len, args.output_dist,
-                                                         args.tpot_slo_ms / 1e3),
-        tuple(int(m) for m in args.micro_batches.split(",")))
+    cluster = Cluster(_plan_profile(args), args.gpus, args.gpus_per_host, hbm_utilization=args.hbm_utilization,
+                      host_memory_bytes_per_gpu=int(args.host_memory_gib * 2**30))
+    workload = Workload(args.prompt_len, args.output_len, args.output_dist, args.tpot_slo_ms / 1e3)
+    plan = make_plan(load_shapes(args.model), cluster, workload, tuple(int(m) for m in args.micro_batches.split(",")))
     toml = to_toml(plan)
     EngineConfig.from_dict(tomllib.loads(toml), source="afkv plan")  # what we write, afkv loads
     print(json.dumps(to_json(plan), indent=2) if args.json else format_plan(plan, args.top))
@@ -185,12 +185,6 @@ def _cmd_plan(args) -> int:
         Path(args.toml).write_text(toml)
         _err(f"afkv: wrote {args.toml}")
     return 0
-
-
-def _plan_model(model: str):
-    from afkv.plan.shapes import load_shapes
-
-    return load_shapes(model)
 
 
 def _plan_profile(args):

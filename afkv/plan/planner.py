@@ -195,6 +195,8 @@ class Plan:
 
 def make_plan(sh: Shapes, cluster: Cluster, workload: Workload,
               micro_batches: tuple[int, ...] = MICRO_BATCHES) -> Plan:
+    if not micro_batches or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in micro_batches):
+        raise ConfigError(f"micro-batch counts must be whole numbers >= 1, got {micro_batches}", key="micro_batches")
     if workload.max_len > sh.max_position:
         raise ConfigError(f"prompt + output ({workload.max_len} tokens) is past the model's {sh.max_position}-token "
                           "context: shorten the workload", key="prompt_len")
