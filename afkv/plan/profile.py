@@ -11,7 +11,8 @@ versioned schema:
                        "attention": [{"seqs", "context", "layers", "seconds"}],
                        "ffn": [{"tokens", "pairs", "touched", "layers", "seconds"}]}],
      "af": {"round_trip_overhead_s", "step_overhead_s", "overlap", "expert_batching"},
-     "kv_formats": [{"name", "bytes_ratio", "read_efficiency"}]}
+     "kv_formats": [{"name", "bytes_ratio", "read_efficiency"}],
+     "fitted": {model or "*": {kernel figures}}}   (written for reading; fitted again on load)
 
 Points are the source of truth; kernel figures are fitted when the profile is built (one fit per
 calibrated model, and one over all of them for models the profile has not seen). Each calibration
