@@ -8,6 +8,8 @@
     afkv bench af                1A1F over NCCL vs colocated data parallel (two GPUs, real shapes)
     afkv bench gpu               GPU suite: afkv (CUDA graphs) vs HF generate vs the HBM roofline (real shapes)
     afkv bench plot JSON         PNG plot of a `bench gpu` result
+    afkv bench calibrate         measure this machine for `afkv plan` (one GPU, or the CPU): a profile JSON
+    afkv plan --model M          predict every deployment of a model on a cluster; write the chosen config
     afkv launch CONFIG           start a deployment (attention + expert nodes) as local processes
     afkv make-tiny OUT           write tiny random HF checkpoints of each family (tests)
 """
@@ -145,6 +147,57 @@ def _cmd_bench_plot(args) -> int:
     return 0
 
 
+def _cmd_bench_calibrate(args) -> int:
+    from afkv.bench import write_json
+    from afkv.bench.calibrate import format_profile, run_calibration
+
+    profile = run_calibration(args.models.split(","), args.device, args.like, args.disk_dir, log=_err)
+    print(format_profile(profile))
+    out = write_json(profile, args.out or f"bench-results/profile-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    _err(f"afkv: wrote {out} (use it with: afkv plan --profile {out})")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    import json
+    import tomllib
+
+    from afkv.config import EngineConfig
+    from afkv.plan.planner import Cluster, Workload, format_plan, make_plan, to_json, to_toml
+    from afkv.plan.shapes import load_shapes
+
+    if args.check_runs:
+        from afkv.plan.runs import check_runs, format_checks
+
+        print(format_checks(check_runs(args.check_runs)))
+        return 0
+    if not args.model:
+        _err("afkv: error: afkv plan needs --model (a known name, a checkpoint directory or a config.json)")
+        return 2
+    cluster = Cluster(_plan_profile(args), args.gpus, args.gpus_per_host, hbm_utilization=args.hbm_utilization,
+                      host_memory_bytes_per_gpu=int(args.host_memory_gib * 2**30))
+    workload = Workload(args.prompt_len, args.output_len, args.output_dist, args.tpot_slo_ms / 1e3)
+    plan = make_plan(load_shapes(args.model), cluster, workload, tuple(int(m) for m in args.micro_batches.split(",")))
+    toml = to_toml(plan)
+    EngineConfig.from_dict(tomllib.loads(toml), source="afkv plan")  # what we write, afkv loads
+    print(json.dumps(to_json(plan), indent=2) if args.json else format_plan(plan, args.top))
+    if args.toml:
+        Path(args.toml).write_text(toml)
+        _err(f"afkv: wrote {args.toml}")
+    return 0
+
+
+def _plan_profile(args):
+    import dataclasses
+
+    from afkv.plan.builtin import builtin_profile
+    from afkv.plan.profile import load_profile
+
+    profile = load_profile(args.profile) if args.profile else builtin_profile(args.gpu)
+    changes = {k: v for k, v in (("overlap", args.overlap), ("expert_batching", args.expert_batching)) if v is not None}
+    return dataclasses.replace(profile, af=dataclasses.replace(profile.af, **changes)) if changes else profile
+
+
 def _cmd_launch(args) -> int:
     import signal
 
@@ -267,6 +320,37 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("json")
     plot.add_argument("--out", help="PNG path (default: the JSON's path with .png)")
 
+    cal = bsub.add_parser("calibrate", help="measure this machine for afkv plan (one GPU, or the CPU): a profile JSON")
+    cal.add_argument("--models", default="random:qwen3-30b-a3b",
+                     help="comma-separated: random:<name> (real shapes, random weights) or checkpoint directories")
+    cal.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    cal.add_argument("--like", default="h200", choices=("h200", "h100"),
+                     help="built-in profile lending what one GPU cannot measure (AF runtime overheads, KV formats)")
+    cal.add_argument("--disk-dir", help="where the disk-rate file goes (default: the temp dir)")
+    cal.add_argument("--out", help="profile path (default bench-results/profile-<time>.json)")
+
+    plan = sub.add_parser("plan", help="predict colocated, EP and every rAyF deployment; choose one, write its config")
+    plan.add_argument("--model", help="qwen3-30b-a3b | mixtral-8x7b, a checkpoint directory or a config.json")
+    plan.add_argument("--gpu", default="h200", choices=("h200", "h100"), help="built-in profile (without --profile)")
+    plan.add_argument("--profile", help="a profile JSON from afkv bench calibrate")
+    plan.add_argument("--gpus", type=int, default=8)
+    plan.add_argument("--gpus-per-host", type=int, default=8)
+    plan.add_argument("--prompt-len", type=int, default=2048)
+    plan.add_argument("--output-len", type=int, default=256)
+    plan.add_argument("--output-dist", default="fixed", choices=("fixed", "geometric"))
+    plan.add_argument("--tpot-slo-ms", type=float, default=50.0)
+    plan.add_argument("--micro-batches", default="1,2,3,4")
+    plan.add_argument("--overlap", type=float, help="what-if: micro-batch overlap in [0, 1] (1: ideal ping-pong)")
+    plan.add_argument("--expert-batching", choices=("per_attention_node", "merged"),
+                      help="what-if: merged = one expert launch per layer for all attention nodes")
+    plan.add_argument("--host-memory-gib", type=float, default=0.0, help="host memory per GPU (half goes to a KV host tier)")
+    plan.add_argument("--hbm-utilization", type=float, default=0.9)
+    plan.add_argument("--top", type=int, default=8, help="table rows")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    plan.add_argument("--toml", help="write the chosen deployment's config here")
+    plan.add_argument("--check-runs", metavar="DIR",
+                      help="instead: the model against every stored run under DIR (afkv/bench/results)")
+
     tiny = sub.add_parser("make-tiny", help="write tiny random HF checkpoints (needs transformers)")
     tiny.add_argument("out")
     tiny.add_argument("--family", default="all", choices=["all", "llama", "mixtral", "qwen2_moe", "qwen3_moe"])
@@ -299,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_bench_gpu(args)
         if args.command == "bench" and args.bench == "plot":
             return _cmd_bench_plot(args)
+        if args.command == "bench" and args.bench == "calibrate":
+            return _cmd_bench_calibrate(args)
+        if args.command == "plan":
+            return _cmd_plan(args)
         if args.command == "bench":
             return run_async(_cmd_bench_decode(args))
         if args.command == "launch":

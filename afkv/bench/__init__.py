@@ -7,6 +7,7 @@ reported next to a baseline measured in the same run. RESULTS.md keeps the runs'
     gpu.py      one GPU: afkv (CUDA graphs) vs transformers vs the HBM copy ceiling, plot
     eplb.py     expert load balancing under Zipf skew (CPU processes)
     steps.py    decode-step timing shared by af.py and gpu.py
+    calibrate.py  a machine profile for `afkv plan` (afkv.plan): kernel curves, links, PCIe, disk
 """
 
 from __future__ import annotations
