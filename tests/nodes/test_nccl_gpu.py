@@ -1,4 +1,6 @@
-"""1A1F over NCCL on two GPUs: greedy tokens equal the colocated engine (tiny fp32 model)."""
+"""The NCCL data plane on two GPUs: greedy tokens equal the colocated engine's (1A1F, 1A2F,
+2A2F, CUDA graphs on both sides, EPLB), and a killed expert node fails its requests fast, is
+joined again and serves the same tokens."""
 
 import asyncio
 import dataclasses
