@@ -154,29 +154,28 @@ def test_row_generator_seed_is_a_pinned_function_of_seed_and_step():
     assert row_generator(7, 4, torch.device("cpu")).initial_seed() != row_generator(7, 3, torch.device("cpu")).initial_seed()
 
 
-_DRAWS = """
-import json, sys, torch
-from afkv.ops.sampling import row_generator, sample_tokens
-logits = torch.randn(3, 200, generator=torch.Generator().manual_seed(5)) * 2
-out = []
-for seed in (0, 7, 2**40 + 3):
-    for step in range(6):
-        specs = [(1.0, 0, 1.0), (0.6, 20, 0.9), (1.4, 0, 0.7)]
-        rows = [(t, k, p, row_generator(seed, step, torch.device("cpu"))) for t, k, p in specs]
-        out.append(sample_tokens(logits, rows).tolist())
-print(json.dumps(out))
-"""
+def _draws() -> list[list[int]]:
+    """Tokens of three rows (plain, top-k + top-p, top-p) for several seeds and steps."""
+    logits = torch.randn(3, 200, generator=torch.Generator().manual_seed(5)) * 2  # [3, V]
+    specs = [(1.0, 0, 1.0), (0.6, 20, 0.9), (1.4, 0, 0.7)]
+    out = []
+    for seed in (0, 7, 2**40 + 3):
+        for step in range(6):
+            rows = [(t, k, p, row_generator(seed, step, torch.device("cpu"))) for t, k, p in specs]
+            out.append(sample_tokens(logits, rows).tolist())
+    return out
 
 
 def test_seeded_draws_are_the_same_in_another_process():
     """A fresh interpreter with another hash seed draws the tokens this process draws."""
+    script = "import json; from tests.ops.test_sampling import _draws; print(json.dumps(_draws()))"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "12345"}
-    child = subprocess.run([sys.executable, "-c", _DRAWS], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    child = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
     assert child.returncode == 0, child.stderr
-    here: dict = {}
-    exec(_DRAWS.replace("print(json.dumps(out))", ""), here)
-    assert json.loads(child.stdout) == here["out"]
-    assert len({tuple(r) for r in here["out"]}) > 10  # the draws do vary with seed and step
+    here = _draws()
+    assert json.loads(child.stdout) == here
+    assert len({tuple(r) for r in here}) > 10  # the draws do vary with seed and step
 
 
 # ---- sampled frequencies against the analytic distribution ----------------------------------
