@@ -5,6 +5,11 @@ import torch
 
 FAMILIES = ("llama", "mixtral", "qwen2_moe", "qwen3_moe")
 
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter. It must be
+    # chosen before triton is first imported, whichever test module imports it first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_configure(config):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -9,7 +9,7 @@ import pytest
 from afkv import Engine, EngineConfig, SamplingParams
 from afkv.engine.params import KVPruning
 from afkv.errors import InvalidSamplingParamsError
-from tests.helpers import random_prompt
+from tests.helpers import PPL_REL_TOL_FLOAT32, hf_perplexity, random_prompt
 from tests.kv.test_kv_quant_perplexity import TEXT
 
 BS = 4
@@ -165,6 +165,7 @@ async def test_pruned_perplexity_on_the_default_model(default_model_dir):
         pruned = engine.kv_metrics().counters["pruned_tokens"]
         await _check_clean(engine)
     print(f"perplexity: {ppl}")
+    assert ppl["none"] == pytest.approx(hf_perplexity(default_model_dir, ids), rel=PPL_REL_TOL_FLOAT32)
     assert pruned > 0
     assert ppl["streaming"] > ppl["none"] and ppl["h2o"] > ppl["none"]  # pruning did drop context
     assert ppl["streaming"] <= PPL_BOUND * ppl["none"], ppl

@@ -1,5 +1,13 @@
 """Block accounting of the pool and the manager: unit and property tests."""
 
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,18 +17,65 @@ from afkv.kv.block_pool import BlockPool, chain_hash
 from afkv.kv.layout import KVLayout
 from afkv.kv.manager import KVManager
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def _manager(num_blocks=16, block_size=4):
     return KVManager(KVLayout(2, 1, 4, block_size, torch.float32), num_blocks, torch.device("cpu"))
 
 
-def test_chain_hash_is_deterministic_and_chained():
+# Literal values computed once (blake2b, 16-byte digest, keyed by the salt, over the parent hash
+# or 16 zero bytes, then the token ids as little-endian int64). Disk tiers written by one process
+# are reused by the next through these hashes: any change to them must break this test.
+PINNED = {
+    "first": "7077f7c78cbaa9547bb8ede0e304f4f3",  # chain_hash(None, [1, 2, 3, 4])
+    "second": "f6a02ec41af69775855a14560bc3f3d1",  # chain_hash(first, [5, 6, 7, 8])
+    "salted": "65337159c0e204f7494a3f6e51f17665",  # chain_hash(None, [1, 2, 3, 4], salt=b"other model")
+    "large": "046a99187a076988d906be65e35b6e49",  # chain_hash(None, [2**40, 0, 151643, 7])
+}
+
+_HASHES = """
+import json
+from afkv.kv.block_pool import chain_hash
+first = chain_hash(None, [1, 2, 3, 4])
+print(json.dumps({"first": first.hex(), "second": chain_hash(first, [5, 6, 7, 8]).hex(),
+                  "salted": chain_hash(None, (1, 2, 3, 4), salt=b"other model").hex(),
+                  "large": chain_hash(None, [2**40, 0, 151643, 7]).hex()}))
+"""
+
+
+def test_chain_hash_is_pinned():
+    first = chain_hash(None, [1, 2, 3, 4])
+    assert first.hex() == PINNED["first"]
+    assert chain_hash(first, [5, 6, 7, 8]).hex() == PINNED["second"]
+    assert chain_hash(None, (1, 2, 3, 4), salt=b"other model").hex() == PINNED["salted"]
+    assert chain_hash(None, [2**40, 0, 151643, 7]).hex() == PINNED["large"]
+
+
+def test_chain_hash_is_the_same_in_a_fresh_process():
+    """Another interpreter, with another seed for Python's hash(), computes the pinned values."""
+    for hash_seed in ("0", "4242"):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": hash_seed}
+        child = subprocess.run([sys.executable, "-c", _HASHES], env=env, cwd=ROOT, capture_output=True, text=True,
+                               timeout=120)
+        assert child.returncode == 0, child.stderr
+        assert json.loads(child.stdout) == PINNED
+
+
+def test_chain_hash_follows_its_definition():
+    """The pinned layout, rebuilt with hashlib alone: parent (16 zero bytes for the first block),
+    then little-endian int64 token ids; the salt is the blake2b key."""
+    def by_hand(parent: bytes | None, tokens: list[int], salt: bytes = b"") -> bytes:
+        h = hashlib.blake2b(digest_size=16, key=salt)
+        h.update(parent or bytes(16))
+        h.update(struct.pack(f"<{len(tokens)}q", *tokens))
+        return h.digest()
+
     a = chain_hash(None, [1, 2, 3, 4])
-    assert a == chain_hash(None, [1, 2, 3, 4])
-    # a fixed value: the same in every process and after restarts
-    assert a.hex() == chain_hash(None, (1, 2, 3, 4)).hex() and len(a) == 16
-    assert chain_hash(a, [5, 6, 7, 8]) != chain_hash(None, [5, 6, 7, 8])
-    assert chain_hash(None, [1, 2, 3, 4], salt=b"other model") != a
+    assert a == by_hand(None, [1, 2, 3, 4]) and len(a) == 16
+    assert chain_hash(a, [5, 6, 7, 8]) == by_hand(a, [5, 6, 7, 8])
+    assert chain_hash(None, [1, 2, 3, 4], salt=b"other model") == by_hand(None, [1, 2, 3, 4], b"other model")
+    assert chain_hash(a, [5, 6, 7, 8]) != chain_hash(None, [5, 6, 7, 8])  # chained: the prefix counts
 
 
 def test_allocate_is_all_or_nothing():
@@ -45,6 +100,34 @@ def test_freed_cached_block_is_reused_then_evicted_lru():
     pool.release([a])
     pool.allocate(2)  # needs every slot: the cached content is evicted
     assert pool.lookup(h) is None
+    pool.check_invariants()
+
+
+def test_eviction_order_is_least_recently_freed_first():
+    """Free slots are handed out in the order they were freed; a cached slot that is taken back
+    (prefix hit) and freed again goes to the end; each eviction is reported before the slot is
+    handed out again, with the hash the slot held."""
+    evicted: list[tuple[int, bytes]] = []
+    pool = BlockPool(6, on_evict=lambda block_id, h: evicted.append((block_id, h)))
+    assert pool.allocate(6) == [0, 1, 2, 3, 4, 5]  # a fresh pool: ascending ids
+    hashes = {b: chain_hash(None, [b]) for b in range(6)}
+    for b in range(5):  # block 5 stays private (no hash)
+        assert pool.register(b, hashes[b])
+    pool.release([3])
+    pool.release([1])
+    pool.release([4, 0])
+    pool.release([5])
+    pool.release([2])  # freed: 3, 1, 4, 0, 5, 2
+    pool.acquire(1)  # a prefix hit takes block 1 back ...
+    pool.release([1])  # ... and freeing it again makes it the most recently freed: 3, 4, 0, 5, 2, 1
+    assert pool.allocate(1) == [3] and evicted == [(3, hashes[3])]
+    assert pool.lookup(hashes[3]) is None and pool.lookup(hashes[4]) == 4
+    assert pool.allocate(3) == [4, 0, 5]
+    assert evicted == [(3, hashes[3]), (4, hashes[4]), (0, hashes[0])]  # 5 held no hash: nothing evicted
+    pool.release([0])  # freed again, holding no content now: last in the queue
+    assert pool.allocate(3) == [2, 1, 0]
+    assert [b for b, _ in evicted] == [3, 4, 0, 2, 1]
+    assert pool.num_free_blocks == 0 and pool.allocate(1) is None
     pool.check_invariants()
 
 

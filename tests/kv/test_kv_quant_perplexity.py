@@ -11,6 +11,7 @@ tier. Targets (issue 3): int8 <= +0.5%, int4 <= +3%.
 
 import math
 
+import pytest
 import torch
 
 from afkv.kv.formats import make_format
@@ -18,6 +19,7 @@ from afkv.kv.layout import KVLayout
 from afkv.model.model import load_colocated
 from afkv.model.sides import SeqChunk, StepInputs
 from afkv.model.tokenizer import Tokenizer
+from tests.helpers import PPL_REL_TOL_FLOAT32, hf_perplexity
 
 TEXT = """\
 The history of the lighthouse is closely tied to the history of seafaring. Long before electric lamps, \
@@ -82,6 +84,6 @@ def test_int8_and_int4_kv_perplexity_on_smollm2(default_model_dir):
     rise = {"int8": int8 / full - 1, "int4": int4 / full - 1}
     print(f"\nSmolLM2-135M, {len(token_ids)} tokens, block {BLOCK_SIZE}, group {GROUP_SIZE}: perplexity "
           f"full {full:.4f}, int8 {int8:.4f} ({rise['int8']:+.3%}), int4 {int4:.4f} ({rise['int4']:+.3%})")
-    assert 5 < full < 40  # real text on a real model
+    assert full == pytest.approx(hf_perplexity(default_model_dir, token_ids), rel=PPL_REL_TOL_FLOAT32)
     assert rise["int8"] <= 0.005
     assert rise["int4"] <= 0.03

@@ -98,11 +98,13 @@ async def test_fixed_plane_expert_death_fails_then_recovers(tiny_dir, tmp_path):
                     await engine.complete(prompts[0], PARAMS)
             dep.start_node(dep.expert_rank(1))
             dep.wait_ready("expert", 2)
-            for _ in range(100):  # the control plane's probe brings the node back
-                if not engine._remote.control.dead:
-                    break
-                await asyncio.sleep(0.1)
+            control = engine._remote.control
+            async with asyncio.timeout(30):  # the control plane's probe brings the node back
+                while control.dead:
+                    await asyncio.sleep(0.1)
+            before = (await control.request_all({"type": "stats"}, [1]))[0]["tokens"]
             got = [r.token_ids for r in await asyncio.gather(*(engine.complete(p, PARAMS) for p in prompts))]
             assert got == expected
+            assert (await control.request_all({"type": "stats"}, [1]))[0]["tokens"] > before  # it serves again
             kv = engine.kv_manager
             assert kv.num_sequences == 0 and kv.pool.num_free_blocks == kv.pool.num_blocks
