@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections.abc import AsyncIterator
 
 from afkv import errors
@@ -18,6 +19,8 @@ from afkv.serve.api import params_to_wire
 from afkv.transport.control import ConnState, ControlClient
 
 NUM_ATTENTION_KEY = "afkv/attention_nodes"
+
+log = logging.getLogger("afkv.client")
 
 
 def _dict(pairs):
@@ -34,13 +37,6 @@ def chunk_from_wire(d: dict) -> CompletionChunk:
         metrics=None if m is None else RequestMetrics(**m),
         prompt_token_ids=d.get("prompt_token_ids"),
     )
-
-
-def _error(name: str, message: str) -> Exception:
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, errors.AfkvError)):
-        cls = errors.RequestFailedError
-    return cls(message)
 
 
 class AttachedEngine:
@@ -91,13 +87,21 @@ class AttachedEngine:
             await c.aclose()
 
     async def _on_message(self, conn, msg: dict) -> None:
-        q = self._queues.get(int(msg.get("rid", -1)))
+        """Route a chunk or failure to its request. Never raises for a known rid: a message it
+        cannot read ends that request with the reason, instead of leaving it waiting."""
+        rid = msg.get("rid")
+        q = self._queues.get(rid) if isinstance(rid, int) and not isinstance(rid, bool) else None
         if q is None:
+            if msg["type"] == "failed":
+                log.warning("attention node %s: %s", conn.peer, errors.error_from_wire(msg.get("error")))
             return None
         if msg["type"] == "chunk":
-            q.put_nowait(chunk_from_wire(msg["chunk"]))
+            try:
+                q.put_nowait(chunk_from_wire(msg["chunk"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                q.put_nowait(errors.FrameError(f"unreadable chunk from {conn.peer}: {exc!r}"))
         elif msg["type"] == "failed":
-            q.put_nowait(_error(msg["error"], msg["message"]))
+            q.put_nowait(errors.error_from_wire(msg.get("error")))
         return None
 
     async def generate(self, prompt, params: SamplingParams | None = None) -> AsyncIterator[CompletionChunk]:

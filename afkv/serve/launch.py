@@ -50,6 +50,11 @@ class Deployment:
     def port(self) -> int:
         return self._store.port
 
+    @property
+    def token(self) -> str | None:
+        """The token clients present (`Engine.attach(dep.address, token=dep.token)`)."""
+        return self.config.deployment.token or None
+
     def __enter__(self) -> "Deployment":
         self.start()
         return self

@@ -23,6 +23,7 @@ from afkv.transport.control import (
     ServerState,
     decode_payload,
     encode_frame,
+    make_hello,
     read_frame,
     write_frame,
 )
@@ -50,7 +51,9 @@ def fed_reader(data: bytes, *, eof: bool = True) -> asyncio.StreamReader:
 async def raw_session(port: int, token: str | None = None, node_id: str = "raw"):
     """A hand-driven peer past the handshake."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    await write_frame(writer, {"type": "hello", "token": token, "role": "test", "node_id": node_id})
+    challenge = await read_frame(reader, timeout_s=BOUND_S)
+    hello, _ = make_hello(challenge, token, "test", node_id, "server")
+    await write_frame(writer, hello)
     assert (await read_frame(reader, timeout_s=BOUND_S))["type"] == "welcome"
     return reader, writer
 
@@ -180,6 +183,7 @@ async def test_concurrent_requests_get_their_own_replies():
 
 async def test_replies_matched_by_id_when_out_of_order():
     async def reversing_server(reader, writer):
+        await write_frame(writer, {"type": "challenge", "nonce": bytes(32)})
         await read_frame(reader)  # hello
         await write_frame(writer, {"type": "welcome"})
         requests = [await read_frame(reader) for _ in range(3)]
@@ -316,7 +320,8 @@ async def test_bad_handshake_is_refused(first_bytes, code):
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
         writer.write(first_bytes)
         frames = await frames_until_closed(reader)
-        assert [f.get("code") for f in frames] == [code]
+        assert frames[0]["type"] == "challenge"
+        assert [f.get("code") for f in frames[1:]] == [code]
         writer.close()
         assert srv.peers() == []
         async with await ControlClient.connect("127.0.0.1", srv.port, role="a", node_id="a0") as client:
@@ -326,7 +331,8 @@ async def test_bad_handshake_is_refused(first_bytes, code):
 async def test_silent_connection_dropped_after_handshake_timeout():
     async with asyncio.timeout(BOUND_S), ControlServer(echo, limits=SMALL) as srv:
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-        assert await frames_until_closed(reader) == []  # closed after 0.5 s, without a hello
+        frames = await frames_until_closed(reader)  # closed after 0.5 s, without a hello
+        assert [f["type"] for f in frames] == ["challenge"]
         writer.close()
 
 
