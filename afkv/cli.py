@@ -156,8 +156,15 @@ def _cmd_launch(args) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with dep:
         try:
-            _err(f"afkv: deployment ready; attach with afkv.Engine.attach({dep.address!r}) -- Ctrl-C stops it")
-            print(dep.address, flush=True)
+            if dep.token_made_up:  # stdout: the address, then the token nobody else knows
+                _err(f"afkv: deployment ready; attach with afkv.Engine.attach({dep.address!r}, token=TOKEN) where "
+                     "TOKEN is the second line of the output (or AFKV_TOKEN=TOKEN in the environment) -- Ctrl-C "
+                     "stops it")
+                print(f"{dep.address}\n{dep.token}", flush=True)
+            else:
+                _err(f"afkv: deployment ready; attach with afkv.Engine.attach({dep.address!r}, token=...) with the "
+                     "deployment's token -- Ctrl-C stops it")
+                print(dep.address, flush=True)
             while all(p.poll() is None for p in dep.procs.values()):
                 time.sleep(0.5)
             dead = [r for r, p in dep.procs.items() if p.poll() is not None]

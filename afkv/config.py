@@ -180,8 +180,8 @@ class DeploymentConfig:
     expert_nodes: int = 1
     micro_batches: int = 0  # 0: from measured times, m >= 2(1 + T_c/T_f) (MegaScale-Infer), within [2, 4]
     host: str = "127.0.0.1"  # nodes bind here; the rendezvous store listens here
-    port: int = 29600  # rendezvous store (torch.distributed TCPStore); 0: any free port (afkv launch)
-    token: str = ""  # shared secret every peer presents; required when host is not loopback
+    port: int = 29600  # rendezvous (afkv.nodes.rendezvous); 0: any free port (afkv launch)
+    token: str = ""  # shared secret every peer proves it holds; node processes fall back to $AFKV_TOKEN
     attention_devices: tuple[str, ...] = ()  # per attention node: "cpu", "cuda:0", ...; empty: auto
     expert_devices: tuple[str, ...] = ()  # per expert node
     expert_timeout_s: float = 10.0  # an expert node silent this long is lost

@@ -1,13 +1,18 @@
 """Deployment: start every node of a deployment config as local processes (`afkv launch`).
 
-The launcher hosts the rendezvous store (torch.distributed TCPStore) and starts one
-process per node with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set, exactly as
-torchrun would on a cluster. Stopping sends SIGTERM, waits, then kills.
+The launcher hosts the rendezvous (afkv.nodes.rendezvous, on the deployment's host and
+port) and starts one process per node with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set,
+exactly as torchrun would on a cluster, plus AFKV_TOKEN: the deployment's shared token
+(`[deployment] token`, else $AFKV_TOKEN, else a random one made up here, which
+`Deployment.token` and `afkv launch` give to clients). Stopping sends SIGTERM, waits, then
+kills.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -16,7 +21,7 @@ from pathlib import Path
 
 from afkv.config import EngineConfig
 from afkv.errors import ConfigError, PeerLostError
-from afkv.nodes.rendezvous import open_store, unpublish
+from afkv.nodes.rendezvous import RendezvousServer, unpublish
 from afkv.serve.client import NUM_ATTENTION_KEY
 
 # Never let a node use NVLink multicast (it can take shared GPUs out of service).
@@ -35,6 +40,9 @@ class Deployment:
         self.config = EngineConfig.from_toml(self.config_path)
         if self.config.deployment is None:
             raise ConfigError("launching needs a [deployment] section", file=str(self.config_path), key="deployment")
+        given = self.config.deployment.token or os.environ.get("AFKV_TOKEN", "")
+        self.token_made_up = not given  # nobody knows it but us: `afkv launch` prints it
+        self.token: str = given or secrets.token_urlsafe(32)
         self.model = str(model) if model else ""
         self.start_attention = start_attention
         self.ready_timeout_s = ready_timeout_s
@@ -50,10 +58,11 @@ class Deployment:
     def port(self) -> int:
         return self._store.port
 
-    @property
-    def token(self) -> str | None:
-        """The token clients present (`Engine.attach(dep.address, token=dep.token)`)."""
-        return self.config.deployment.token or None
+    def attached_config(self) -> EngineConfig:
+        """The config with this deployment's rendezvous port and token: for an
+        `Engine(model, dep.attached_config(), attention_rank=i)` in this process."""
+        d = dataclasses.replace(self.config.deployment, port=self.port, token=self.token)
+        return dataclasses.replace(self.config, deployment=d)
 
     def __enter__(self) -> "Deployment":
         self.start()
@@ -64,7 +73,7 @@ class Deployment:
 
     def start(self) -> None:
         d = self.config.deployment
-        self._store = open_store(d.host, d.port, is_master=True)
+        self._store = RendezvousServer(d.host, d.port, self.token).start()
         self._store.set(NUM_ATTENTION_KEY, str(d.attention_nodes))
         first = 0 if self.start_attention else d.attention_nodes
         try:
@@ -86,6 +95,7 @@ class Deployment:
         env = os.environ | SAFE_ENV | {
             "RANK": str(rank), "WORLD_SIZE": str(d.world_size), "MASTER_ADDR": d.host,
             "MASTER_PORT": str(self._store.port), "AFKV_CONFIG": str(self.config_path), "AFKV_MODEL": self.model,
+            "AFKV_TOKEN": self.token, "AFKV_RENDEZVOUS": "launcher",
         }
         out = None
         if self.log_dir is not None:
@@ -128,3 +138,5 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if self._store is not None:
+            self._store.close()

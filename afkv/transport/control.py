@@ -427,6 +427,11 @@ class ControlConnection:
         """time.monotonic() when the last frame from the peer arrived."""
         return self._last_seen_s
 
+    @property
+    def closed_reason(self) -> TransportError | None:
+        """Why the connection closed (None while open)."""
+        return self._closed_reason
+
     async def send(self, msg: Message) -> None:
         """Send a notification (no reply)."""
         self._check_open()
@@ -687,7 +692,7 @@ class ServerState(enum.Enum):
     CLOSED = "closed"
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
     if host == "localhost":
         return True
     try:
@@ -719,7 +724,7 @@ class ControlServer:
     ) -> None:
         if token is not None and (not isinstance(token, str) or not token):
             raise ConfigError("the shared token must be a non-empty str", key="token")
-        if token is None and not _is_loopback(host):
+        if token is None and not is_loopback(host):
             raise ConfigError(
                 f"binding elsewhere requires a shared token (host {host!r} is not a loopback address)", key="token"
             )
@@ -954,6 +959,10 @@ class ControlClient:
     @property
     def state(self) -> ConnState:
         return self._conn.state
+
+    @property
+    def closed_reason(self) -> TransportError | None:
+        return self._conn.closed_reason
 
     async def send(self, msg: Message) -> None:
         await self._conn.send(msg)
