@@ -28,3 +28,15 @@ def random_prompt(n: int, vocab: int, seed: int) -> list[int]:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     return float((a - b).abs().max() / b.abs().max())
+
+
+def write_byte_tokenizer(model_dir) -> None:
+    """A byte-level tokenizer.json with one token per byte (256 ids, no merges), so that tiny
+    checkpoints (vocabulary 256) take text prompts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(model_dir / "tokenizer.json"))

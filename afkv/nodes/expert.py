@@ -63,6 +63,19 @@ from afkv.transport.tensors import pack_tensor, unpack_tensor
 log = logging.getLogger("afkv.expert")
 
 DATA_FRAME_BYTES = 256 * 2**20  # data-plane frames carry hidden states: allow large micro-batches
+SMALL_MESSAGE_BYTES = 2**20  # every message to an expert node but "ffn"
+
+
+def expert_limits(spec: ModelSpec, max_rows: int, peer_timeout_s: float) -> ControlLimits:
+    """Limits of an expert node's port: an "ffn" message holds at most `max_rows` tokens
+    (hidden states as float32, k ids and weights each), any other 1 MiB; a peer silent for
+    peer_timeout_s, or that takes longer to send one frame, is dropped. Replies (weights of
+    experts for another expert node) may be larger: up to DATA_FRAME_BYTES."""
+    top_k = max([spec.layer_top_k(i) for i in range(spec.num_layers)] + [1])
+    ffn_bytes = max_rows * (4 * spec.hidden_size + 8 * top_k) + 2**16
+    return ControlLimits(max_frame_bytes=DATA_FRAME_BYTES, max_inbound_bytes=max(ffn_bytes, SMALL_MESSAGE_BYTES),
+                         idle_timeout_s=peer_timeout_s, frame_timeout_s=peer_timeout_s,
+                         message_bytes={"ffn": ffn_bytes}, default_message_bytes=SMALL_MESSAGE_BYTES)
 
 
 def _log_failure(fut: asyncio.Future) -> None:
@@ -133,11 +146,12 @@ class ExpertStats:
 class ExpertNode:
     def __init__(self, spec: ModelSpec, model_dir: str | Path, placement: ExpertPlacement, index: int,
                  device: torch.device, dtype: torch.dtype, token: str | None = None, host: str = "127.0.0.1",
-                 store=None, peer_timeout_s: float = 10.0, window_s: float = 60.0):
-        """`store`: the rendezvous store; on GPUs it carries the NCCL unique ids. Attention
-        nodes silent (no heartbeat, no request) for `peer_timeout_s` are disconnected."""
-        self.peer_timeout_s = peer_timeout_s
-        self._reaper: asyncio.Task | None = None
+                 store=None, peer_timeout_s: float = 10.0, window_s: float = 60.0, max_rows: int = 8192):
+        """`store`: the rendezvous; it carries the data plane's NCCL unique ids / host-peer
+        nonces. Attention nodes silent (no heartbeat, no request) for `peer_timeout_s` are
+        disconnected. `max_rows`: the most tokens one ffn request may carry (the attention
+        nodes' max_num_batched_tokens)."""
+        self.peer_timeout_s, self.max_rows = peer_timeout_s, max_rows
         self.spec, self.model_dir, self.placement, self.index = spec, str(model_dir), placement, index
         self.store = store
         self._links: dict[str, _Link] = {}  # attention node -> its fixed-buffer data plane
@@ -176,18 +190,9 @@ class ExpertNode:
             await loop.run_in_executor(self._executor, torch.cuda.set_device, self.device)
         await loop.run_in_executor(self._executor, self._load, self.placement, None)
         self._server = ControlServer(self._handle, host=self.host, port=port, token=self.token,
-                                     limits=ControlLimits(max_frame_bytes=DATA_FRAME_BYTES))
+                                     limits=expert_limits(self.spec, self.max_rows, self.peer_timeout_s))
         await self._server.start()
-        self._reaper = asyncio.create_task(self._reap_silent_peers())
         return self._server.port
-
-    async def _reap_silent_peers(self) -> None:
-        while True:
-            await asyncio.sleep(self.peer_timeout_s / 2)
-            for conn in self._server.dead_peers(self.peer_timeout_s):
-                log.warning("expert node %d: %s silent for %.0f s, disconnecting", self.index, conn.peer,
-                            self.peer_timeout_s)
-                await conn.aclose()
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -196,8 +201,6 @@ class ExpertNode:
         if self._closed.is_set():
             return
         self._closed.set()
-        if self._reaper is not None:
-            self._reaper.cancel()
         if self._server is not None:
             await self._server.aclose()
         if self._drainer is not None:

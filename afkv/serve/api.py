@@ -1,17 +1,24 @@
 """API server of an attention node: serves an Engine to remote clients (afkv.serve.client).
 
 Messages (msgpack over the control plane, afkv.transport.control):
-    client -> node   {"type": "generate", "rid", "prompt", "params"}     notification
+    client -> node   {"type": "generate", "rid", "prompt", "params"}     request: "ack" once started
     node -> client   {"type": "chunk", "rid", "chunk"} ...                the last has finish_reason
                      {"type": "failed", "rid", "error"}                    error: afkv.errors.error_to_wire
-    client -> node   {"type": "abort", "rid"}
+    client -> node   {"type": "abort", "rid"}                             notification
     client -> node   {"type": "stats"} / {"type": "set_micro_batches", "m"}   requests
+                     {"type": "limits"} -> {"max_prompt_chars", "max_model_len"}
 
 `rid` is the client's name for one stream: an int, unique among the streams in flight on its
-connection. A generate without a usable rid is answered {"type": "failed", "rid": None, ...};
-one whose rid is in flight gets a "failed" FrameError for that rid, and the stream in flight
-goes on. Every stream ends with its last chunk or exactly one "failed" message, whatever
-ended it (the connection closing aside).
+connection. A generate without an int rid, or with one in flight, is answered with a
+FrameError (the stream in flight goes on). A started stream ends with its last chunk or
+exactly one "failed" message, whatever ended it (the connection closing aside).
+
+Limits (`api_limits`): a generate message may hold what the engine's longest prompt needs
+(a larger frame closes the connection unread: AttachedEngine refuses such prompts itself,
+PromptTooLongError), any other message 64 KiB (refused alone, FrameTooLargeError); a client
+silent for client_timeout_s (no frame, no heartbeat), or that takes longer to send one
+frame, is dropped; the node sends heartbeats every second, so that a client can tell a
+frozen node from a quiet one; at most 256 connections.
 """
 
 from __future__ import annotations
@@ -23,11 +30,26 @@ import logging
 from afkv import errors
 from afkv.engine.engine import Engine
 from afkv.engine.params import CompletionChunk, KVPruning, SamplingParams
-from afkv.transport.control import ControlConnection, ControlServer
+from afkv.transport.control import MAX_FRAME_BYTES, ControlConnection, ControlLimits, ControlServer
 
 log = logging.getLogger("afkv.api")
 
 _PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+SMALL_MESSAGE_BYTES = 64 * 1024
+HEARTBEAT_INTERVAL_S = 1.0
+MAX_CLIENTS = 256
+
+
+def api_limits(engine: Engine, client_timeout_s: float) -> ControlLimits:
+    """Limits of an attention node's API port (see the module docstring). A generate message
+    holds at most max_prompt_chars characters of UTF-8 (4 bytes each), or max_model_len token
+    ids or chat messages, plus its parameters."""
+    generate_bytes = 4 * engine.max_prompt_chars + 80 * engine.max_model_len + SMALL_MESSAGE_BYTES
+    return ControlLimits(max_frame_bytes=max(MAX_FRAME_BYTES, generate_bytes), max_inbound_bytes=generate_bytes,
+                         idle_timeout_s=client_timeout_s,
+                         frame_timeout_s=client_timeout_s, heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
+                         max_connections=MAX_CLIENTS, message_bytes={"generate": generate_bytes},
+                         default_message_bytes=SMALL_MESSAGE_BYTES)
 
 
 def params_to_wire(p: SamplingParams) -> dict:
@@ -83,9 +105,11 @@ class ApiServer:
     Owns `_streams`: per connection, rid -> the task streaming that request (added by
     `generate`, removed by the task when it ends)."""
 
-    def __init__(self, engine: Engine, host: str, port: int = 0, token: str | None = None):
+    def __init__(self, engine: Engine, host: str, port: int = 0, token: str | None = None,
+                 client_timeout_s: float = 60.0):
         self.engine = engine
-        self._server = ControlServer(self._handle, host=host, port=port, token=token)
+        self._server = ControlServer(self._handle, host=host, port=port, token=token,
+                                     limits=api_limits(engine, client_timeout_s))
         self._streams: dict[ControlConnection, dict[int, asyncio.Task]] = {}
 
     @property
@@ -108,12 +132,10 @@ class ApiServer:
         if kind == "generate":
             rid = msg.get("rid")
             if isinstance(rid, bool) or not isinstance(rid, int):
-                await self._fail(conn, None, errors.FrameError(f"a generate message needs an int 'rid', got {rid!r:.50}"))
-                return None
+                raise errors.FrameError(f"a generate message needs an int 'rid', got {rid!r:.50}")
             streams = self._streams.setdefault(conn, {})
             if rid in streams:
-                await self._fail(conn, rid, errors.FrameError(f"rid {rid} is already streaming on this connection"))
-                return None
+                raise errors.FrameError(f"rid {rid} is already streaming on this connection")
             streams[rid] = asyncio.create_task(self._stream(conn, rid, msg), name=f"afkv-api-stream {rid}")
             return None
         if kind == "abort":
@@ -124,6 +146,9 @@ class ApiServer:
         if kind == "stats":
             return {"type": "stats", **dataclasses.asdict(self.engine.stats()), "layer": self.engine.layer_timings(),
                     "micro_batches": self.engine.micro_batches}
+        if kind == "limits":
+            return {"type": "limits", "max_prompt_chars": self.engine.max_prompt_chars,
+                    "max_model_len": self.engine.max_model_len}
         if kind == "set_micro_batches":
             m = msg.get("m")
             if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 16:
@@ -154,7 +179,7 @@ class ApiServer:
                 if not streams:
                     del self._streams[conn]
 
-    async def _fail(self, conn: ControlConnection, rid: int | None, exc: errors.AfkvError) -> None:
+    async def _fail(self, conn: ControlConnection, rid: int, exc: errors.AfkvError) -> None:
         try:
             await conn.send({"type": "failed", "rid": rid, "error": errors.error_to_wire(exc)})
         except errors.TransportError:

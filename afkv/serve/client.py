@@ -25,7 +25,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from afkv import errors
-from afkv.engine.engine import EngineStats
+from afkv.engine.engine import EngineStats, check_prompt_size
 from afkv.engine.params import Completion, CompletionChunk, RequestMetrics, SamplingParams
 from afkv.nodes.rendezvous import RendezvousClient, lookup
 from afkv.serve.api import params_to_wire
@@ -62,6 +62,7 @@ class AttachedEngine:
         self._rendezvous = rendezvous
         self._peer_timeout_s = peer_timeout_s
         self._clients: list[ControlClient | None] = [None] * num_attention
+        self._limits: list[tuple[int, int]] = [(0, 0)] * num_attention  # (max_prompt_chars, max_model_len)
         self._connecting = [asyncio.Lock() for _ in range(num_attention)]
         self._watchers: set[asyncio.Task] = set()
         self._name = f"client-{uuid.uuid4().hex[:12]}"
@@ -125,6 +126,8 @@ class AttachedEngine:
             watcher = asyncio.create_task(self._watch(i, c), name=f"afkv-client-watch {i}")
             self._watchers.add(watcher)
             watcher.add_done_callback(self._watchers.discard)
+            limits = await c.request({"type": "limits"}, timeout_s=self._peer_timeout_s)
+            self._limits[i] = (int(limits["max_prompt_chars"]), int(limits["max_model_len"]))
             return c
 
     async def _watch(self, i: int, client: ControlClient) -> None:
@@ -162,12 +165,14 @@ class AttachedEngine:
             raise errors.RequestError(f"params must be SamplingParams, not {type(params).__name__}")
         i = next(self._turn) % len(self._clients)
         client = await self._client(i)
+        check_prompt_size(prompt, *self._limits[i])  # a larger one would not fit in a frame the node reads
         rid = next(self._rids)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = (i, q)
         finished = False
         try:
-            await client.send({"type": "generate", "rid": rid, "prompt": prompt, "params": params_to_wire(params)})
+            await client.request({"type": "generate", "rid": rid, "prompt": prompt, "params": params_to_wire(params)},
+                                 timeout_s=self._peer_timeout_s)
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):

@@ -55,7 +55,8 @@ async def serve_expert(cfg: EngineConfig, model: str | None, index: int, store_h
     except ValueError as exc:
         raise ConfigError(str(exc), file=cfg.source, key="eplb.slots_per_node") from exc
     node = ExpertNode(spec, model_dir, placement, index, device, resolve_dtype(cfg.model.dtype, device), token=d.token,
-                      host=d.host, store=store, peer_timeout_s=d.expert_timeout_s, window_s=e.window_s)
+                      host=d.host, store=store, peer_timeout_s=d.expert_timeout_s, window_s=e.window_s,
+                      max_rows=cfg.scheduler.max_num_batched_tokens)
     port = await node.start()
     await asyncio.to_thread(publish, store, "expert", index, d.host, port)
     log.info("expert node %d serving on %s:%d", index, d.host, port)
@@ -70,7 +71,7 @@ async def serve_attention(cfg: EngineConfig, model: str | None, index: int, stor
     if d.attention_devices:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=d.attention_devices[index]))
     async with Engine(model, cfg, progress=False, attention_rank=index) as engine:
-        api = ApiServer(engine, d.host, 0, token=d.token or None)
+        api = ApiServer(engine, d.host, 0, token=d.token or None, client_timeout_s=d.client_timeout_s)
         port = await api.start()
         store = open_store(store_host, store_port, False, token=d.token)
         await asyncio.to_thread(publish, store, "attention", index, d.host, port)

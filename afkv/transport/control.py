@@ -320,7 +320,8 @@ class RateLimitedLog:
 class ControlLimits:
     """Per-connection limits, validated once here. None: no such deadline."""
 
-    max_frame_bytes: int = MAX_FRAME_BYTES  # no frame above this is read (the connection closes)
+    max_frame_bytes: int = MAX_FRAME_BYTES  # no frame above this is written, nor read (the connection closes)
+    max_inbound_bytes: int | None = None  # a lower limit for frames read; None: max_frame_bytes
     handshake_timeout_s: float = 10.0
     send_timeout_s: float = 10.0  # a peer that takes no frame for this long is lost
     max_queued_messages: int = 256  # read-ahead for the handler; reading pauses beyond
@@ -331,7 +332,7 @@ class ControlLimits:
     # message type -> its largest payload (bytes); other types: default_message_bytes. A
     # message above its limit is refused alone (FrameTooLargeError), the connection stays.
     message_bytes: Mapping[str, int] = field(default_factory=dict)
-    default_message_bytes: int | None = None  # None: max_frame_bytes
+    default_message_bytes: int | None = None  # None: the inbound limit
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "message_bytes", MappingProxyType(dict(self.message_bytes)))
@@ -339,18 +340,24 @@ class ControlLimits:
                     "max_connections"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"must be > 0, got {getattr(self, key)!r}", key=key)
-        for key in ("idle_timeout_s", "frame_timeout_s", "heartbeat_interval_s", "default_message_bytes"):
+        for key in ("idle_timeout_s", "frame_timeout_s", "heartbeat_interval_s", "default_message_bytes",
+                    "max_inbound_bytes"):
             if getattr(self, key) is not None and not getattr(self, key) > 0:
                 raise ConfigError(f"must be None or > 0, got {getattr(self, key)!r}", key=key)
         if self.max_frame_bytes > 2**32 - 1:
             raise ConfigError("the frame header holds at most a u32 length", key="max_frame_bytes")
-        if any(not 0 < n <= self.max_frame_bytes for n in self.message_bytes.values()):
-            raise ConfigError(f"message limits must be in (0, max_frame_bytes], got {dict(self.message_bytes)}",
+        if any(not 0 < n <= self.inbound_bytes for n in self.message_bytes.values()):
+            raise ConfigError(f"message limits must be in (0, max_inbound_bytes], got {dict(self.message_bytes)}",
                               key="message_bytes")
+
+    @property
+    def inbound_bytes(self) -> int:
+        """The largest frame read (a larger one closes the connection before it is read)."""
+        return min(self.max_inbound_bytes or self.max_frame_bytes, self.max_frame_bytes)
 
     def message_limit(self, kind: str) -> int:
         """The largest payload a message of type `kind` may have."""
-        return self.message_bytes.get(kind, self.default_message_bytes or self.max_frame_bytes)
+        return self.message_bytes.get(kind, self.default_message_bytes or self.inbound_bytes)
 
 
 @dataclass(frozen=True)
@@ -530,7 +537,7 @@ class ControlConnection:
         limits = self._limits
         while True:
             try:
-                payload = await _read_payload(self._reader, limits.max_frame_bytes, limits.frame_timeout_s,
+                payload = await _read_payload(self._reader, limits.inbound_bytes, limits.frame_timeout_s,
                                               limits.idle_timeout_s)
                 msg = None if payload is None else decode_payload(payload)
             except PeerLostError as exc:
@@ -705,7 +712,7 @@ class ControlServer:
     """Accepts control connections and hands each message to `handler`.
 
         async with ControlServer(handler, host="127.0.0.1", port=0, token=None) as srv:
-            srv.port, srv.peers(), srv.dead_peers(timeout_s)
+            srv.port, srv.peers()
 
     Owns the listening socket, the peer map (node_id -> connection) and every
     connection task. A bad frame, a failed handshake or a lost peer ends that
@@ -755,11 +762,6 @@ class ControlServer:
     def peers(self) -> list[ControlConnection]:
         """Connections of the peers that completed the handshake and are still open."""
         return [conn for conn in self._conns.values() if conn.state is ConnState.OPEN]
-
-    def dead_peers(self, timeout_s: float) -> list[ControlConnection]:
-        """Open connections whose peer sent nothing (no heartbeat either) for over `timeout_s`."""
-        now = time.monotonic()
-        return [conn for conn in self.peers() if now - conn.last_seen_s > timeout_s]
 
     async def start(self) -> None:
         if self._state is not ServerState.CREATED:
