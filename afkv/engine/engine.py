@@ -487,6 +487,9 @@ class Engine:
             for (seq, n), chunk, res in zip(step, plan, results):
                 if seq.seq_id in self._aborts or seq.status is not SeqStatus.RUNNING:
                     continue
+                if res.error is not None:  # this request alone: the others of the step go on
+                    self._finish_with_error(seq, RequestFailedError(f"request {seq.seq_id} failed: {res.error}"))
+                    continue
                 self._advance(seq, n, chunk.start_pos, res, now)
 
     def _auto_m(self) -> int:

@@ -127,3 +127,23 @@ async def test_huge_text_prompt_beside_a_stream(dep, expected):
             assert (await beside).token_ids == expected
         with pytest.raises(PromptTooLongError):  # the attached client refuses it itself
             await engine.complete("x" * (3 * 2**20), STREAM)
+
+
+async def test_a_bad_request_beside_three_good_ones(dep, expected):
+    """Parameters that only a raw client can send (bool for an int, a tiny temperature) fail
+    that request alone, typed; three good requests in flight at the same time finish."""
+    async with await Engine.attach(dep.address, token=dep.token) as engine:
+        raw = Raw()
+        client = await raw.connect(dep, "bad-params")
+        try:
+            for rid, bad in enumerate(({"logprobs": True}, {"prompt_logprobs": True}, {"temperature": 1e-40},
+                                       {"seed": "x"}, {"no_such_field": 1})):
+                good = [asyncio.create_task(engine.complete("hello", STREAM)) for _ in range(3)]
+                await client.request({"type": "generate", "rid": rid, "prompt": "hello",
+                                      "params": {**params_to_wire(STREAM), **bad}}, timeout_s=BOUND_S)
+                [failed] = [m for m in await raw.until(_finished(rid)) if m.get("rid") == rid]
+                assert failed["type"] == "failed" and failed["error"]["class"] == "InvalidSamplingParamsError"
+                async with asyncio.timeout(BOUND_S):
+                    assert [(await g).token_ids for g in good] == [expected] * 3
+        finally:
+            await client.aclose()
