@@ -54,7 +54,7 @@ from afkv.model.spec import ModelSpec
 from afkv.nodes.placement import ExpertPlacement
 from afkv.nodes.transfer import (ControlPlaneTransfer, ExpertKey, ExpertTensors, NcclTransfer, WeightTransfer,
                                  export_pieces, in_thread, nccl_export)
-from afkv.transport.control import ControlConnection, ControlLimits, ControlServer
+from afkv.transport.control import ControlConnection, ControlLimits, ControlServer, RateLimitedLog
 from afkv.transport.host import HostPeer
 from afkv.transport.nccl import abort_all
 from afkv.transport.streams import DeviceStreams
@@ -169,6 +169,7 @@ class ExpertNode:
         self._events_lock = threading.Lock()  # _gpu_events: appended by link threads
         self.device, self.dtype, self.token, self.host = device, dtype, token or None, host
         self.stats = ExpertStats()
+        self._failures = RateLimitedLog(log)  # FFN faults, once per kind and then at most once a minute
         self.window = LoadWindow(spec.num_layers, placement.sentinel, window_s)
         self._prepared: ExpertPlacement | None = None  # an eplb_prepare waiting for its commit
         self._loaded: tuple[dict[int, frozenset[int]], frozenset[int]] = ({}, frozenset())  # per-layer experts, dense
@@ -253,10 +254,23 @@ class ExpertNode:
                 raise FrameError(f"attention node {conn.peer.node_id} and expert node {self.index} are on the same GPU "
                                  f"({self.device}): NCCL needs one GPU per rank; set [deployment] attention_devices / "
                                  "expert_devices apart, or data_plane = \"messages\"")
-            # Answer at once, then join on the worker thread (it blocks until the attention node
-            # joins too); "step" messages wait for the join (`_joining`).
+            key = msg.get("key")
+            if not isinstance(key, str):
+                raise FrameError(f"nccl_init from {conn.peer.node_id} needs a str key, got {key!r:.50}")
+            try:  # the attention node put the ids there before asking: no waiting
+                ids = (await asyncio.to_thread(self.store.get, key, 0.0)).decode().split("\n")
+            except PeerLostError as exc:
+                raise FrameError(f"nccl_init from {conn.peer.node_id}: no data-plane ids under {key!r}: {exc}") from exc
+            if len(ids) != 2:
+                raise FrameError(f"nccl_init from {conn.peer.node_id}: {len(ids)} data-plane ids under {key!r}, not 2")
+            # Answer at once, then join on the new link's own thread (it blocks until the
+            # attention node joins too, never the worker); "step" messages wait for the join.
+            st = self._streams
+            executor = ThreadPoolExecutor(1, thread_name_prefix=f"afkv-expert{self.index}-{conn.peer.node_id}",
+                                          initializer=torch.cuda.set_device if st.cuda else None,
+                                          initargs=(self.device,) if st.cuda else ())
             joined = self._joining[conn.peer.node_id] = asyncio.get_running_loop().run_in_executor(
-                self._executor, self._nccl_init, conn.peer.node_id, msg["key"])
+                executor, self._nccl_init, conn.peer.node_id, ids, executor)
             joined.add_done_callback(_log_failure)
             return {"type": "ok"}
         if kind == "stats":
@@ -296,15 +310,14 @@ class ExpertNode:
 
     async def _ffn_request(self, msg: dict) -> dict:
         try:
-            layer = int(msg["layer"])
+            layer = msg["layer"]
             x = unpack_tensor(msg["x"])
-            ids = unpack_tensor(msg["ids"]).to(torch.int64)
+            ids = unpack_tensor(msg["ids"])
             weights = unpack_tensor(msg["w"])
         except (KeyError, TypeError, ValueError) as exc:
             raise FrameError(f"malformed ffn request: {exc}") from exc
-        if not 0 <= layer < self.spec.num_layers or x.ndim != 2 or x.shape[1] != self.spec.hidden_size \
-                or ids.shape != weights.shape or ids.shape[0] != x.shape[0]:
-            raise FrameError(f"ffn request with bad shapes: layer {layer}, x {tuple(x.shape)}, ids {tuple(ids.shape)}")
+        self._check_ffn(layer, x, ids, weights)
+        ids = ids.to(torch.int64)
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(layer, x, ids, weights, future))
         if self._drainer is None or self._drainer.done():
@@ -314,6 +327,25 @@ class ExpertNode:
             return {"type": "stale", "epoch": self.placement.epoch}
         y, compute_s = result
         return {"type": "ffn_out", "y": pack_tensor(y), "compute_s": compute_s, "epoch": self.placement.epoch}
+
+    def _check_ffn(self, layer: object, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """FrameError naming what is wrong, unless an ffn request can join a batch: a layer
+        index, x [n, H] floating, ids [n, k] integer in [0, sentinel] (k: the layer's top-k
+        where it routes), weights [n, k] floating."""
+        spec = self.spec
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < spec.num_layers:
+            raise FrameError(f"ffn request for layer {layer!r:.30}: this model has {spec.num_layers}")
+        k = spec.layer_top_k(layer) if spec.layer_has_router(layer) else None
+        ok = (x.ndim == 2 and x.shape[1] == spec.hidden_size and x.is_floating_point()
+              and ids.ndim == 2 and ids.shape[0] == x.shape[0] and (k is None or ids.shape[1] == k)
+              and not ids.is_floating_point() and ids.dtype is not torch.bool
+              and weights.shape == ids.shape and weights.is_floating_point())
+        if not ok:
+            raise FrameError(f"ffn request with bad shapes or dtypes: layer {layer}, x {tuple(x.shape)} {x.dtype}, ids "
+                             f"{tuple(ids.shape)} {ids.dtype}, w {tuple(weights.shape)} {weights.dtype} (hidden size "
+                             f"{spec.hidden_size}, top-k {k})")
+        if k is not None and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) <= self.placement.sentinel):
+            raise FrameError(f"ffn request with expert ids outside [0, {self.placement.sentinel}]")
 
     # ---- placement changes (EPLB) --------------------------------------------------------------
     async def _eplb(self, kind: str, msg: dict) -> dict:
@@ -517,14 +549,22 @@ class ExpertNode:
             batch, self._pending = self._pending, []
             try:
                 results = await loop.run_in_executor(self._executor, self._compute, batch)
-            except Exception as exc:  # a fault in the FFN: fail these requests, keep serving
-                log.exception("expert node %d: FFN failed", self.index)
+            except Exception as exc:  # a fault in the FFN: find whose, fail only that request, keep serving
+                self._failures(("ffn", type(exc).__name__), logging.ERROR, "expert node %d: FFN failed on a batch of "
+                               "%d requests (each is computed alone now): %s", self.index, len(batch), exc,
+                               exc_info=exc)
+                results = []
                 for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
+                    try:
+                        results.extend(await loop.run_in_executor(self._executor, self._compute, [p]))
+                    except Exception as alone:
+                        results.append(alone)
             for p, r in zip(batch, results):
-                if not p.future.done():
+                if p.future.done():
+                    continue
+                if isinstance(r, Exception):
+                    p.future.set_exception(r)
+                else:
                     p.future.set_result(r)
 
     @torch.inference_mode()
@@ -555,24 +595,25 @@ class ExpertNode:
         return out
 
     # ---- fixed-buffer data plane (NCCL on GPUs, HostPeer on CPUs) -------------------------------
-    def _nccl_init(self, attention: str, key: str) -> None:
-        """Worker thread: join the two communicators the attention node made (ids in the store)."""
-        old = self._links.pop(attention, None)
-        if old is not None:  # the attention node joins again after a failed step: drop what is left in flight
-            abort_all([old.dispatch, old.combine], timeout_s=30.0)
-            old.executor.shutdown(wait=False)
-        ids = self.store.get(key).decode().split("\n")
-        if self.device.type == "cuda":
-            from afkv.transport.nccl import NcclPeer
+    def _nccl_init(self, attention: str, ids: list[str], executor: ThreadPoolExecutor) -> None:
+        """The new link's thread (`executor`): join the two communicators the attention node
+        made (their ids came through the rendezvous) and make them its link."""
+        try:
+            old = self._links.pop(attention, None)
+            if old is not None:  # the attention node joins again after a failed step: drop what is left in flight
+                abort_all([old.dispatch, old.combine], timeout_s=30.0)
+                old.executor.shutdown(wait=False)
+            if self.device.type == "cuda":
+                from afkv.transport.nccl import NcclPeer
 
-            peers = (NcclPeer(ids[0], 1, self.device), NcclPeer(ids[1], 1, self.device))
-        else:
-            peers = (HostPeer(ids[0], 1, self.device, self.peer_timeout_s), HostPeer(ids[1], 1, self.device,
-                                                                                  self.peer_timeout_s))
+                peers = (NcclPeer(ids[0], 1, self.device), NcclPeer(ids[1], 1, self.device))
+            else:
+                peers = (HostPeer(ids[0], 1, self.device, self.peer_timeout_s), HostPeer(ids[1], 1, self.device,
+                                                                                      self.peer_timeout_s))
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
         st = self._streams
-        executor = ThreadPoolExecutor(1, thread_name_prefix=f"afkv-expert{self.index}-{attention}",
-                                      initializer=torch.cuda.set_device if st.cuda else None,
-                                      initargs=(self.device,) if st.cuda else ())
         loads = torch.zeros(self.spec.num_layers, self.placement.sentinel + 1, dtype=torch.int64, device=self.device)
         self._links[attention] = _Link(attention, *peers, st.stream(), st.stream(), st.stream(), executor, loads)
 
