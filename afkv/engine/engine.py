@@ -232,12 +232,14 @@ class Engine:
             await self._balancer.aclose()
         if self._remote is not None:
             await self._remote.aclose()  # unblocks a step waiting on an expert node
-        if self._kv is not None:
-            await self._kv.aclose()  # saves the disk tier's index, releases its directory
-        if self._executor is not None:
-            await asyncio.to_thread(self._executor.shutdown, True)
-        if self._tokenize_executor is not None:
-            self._tokenize_executor.shutdown(wait=False, cancel_futures=True)
+        try:
+            if self._kv is not None:
+                await self._kv.aclose()  # saves the disk tier's index (TierError if it cannot), releases its directory
+        finally:
+            if self._executor is not None:
+                await asyncio.to_thread(self._executor.shutdown, True)
+            if self._tokenize_executor is not None:
+                self._tokenize_executor.shutdown(wait=False, cancel_futures=True)
 
     def _load(self) -> None:
         """Worker thread: checkpoint, tokenizer, KV cache, runner."""
