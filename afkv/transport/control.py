@@ -27,7 +27,7 @@ HELLO_MAX_BYTES):
     then either side, any number of times:
       request          {..., "type": t, "id": n}  -> one reply {..., "re": n}
       notification     {..., "type": t}              no reply
-      heartbeat        {"type": "heartbeat"}         refreshes last_seen_s only
+      heartbeat        {"type": "heartbeat"}         only resets the idle deadline
       error            {"type": "error", "code", "message"[, "error", "re": n]}
 
 Authentication: with a shared token, each side proves it holds the token with
@@ -384,7 +384,7 @@ class ControlConnection:
     Owns its stream pair, its pending-request table and its inbox; both sides
     of a session use this class (the server one per peer, a client one to the
     server). Two tasks run while it is open: the reader (resolves replies,
-    refreshes last_seen_s, queues other messages) and the dispatcher (calls
+    resets the idle deadline, queues other messages) and the dispatcher (calls
     the handler for each queued message, in order, and writes the reply).
 
     Ending: when the peer closes, the connection is CLOSED at once (pending
@@ -416,7 +416,6 @@ class ControlConnection:
         self._state = ConnState.OPEN
         self._closed_reason: TransportError | None = None
         self._peer_error: str | None = None  # last unsolicited error the peer sent
-        self._last_seen_s = time.monotonic()
         self._request_ids = itertools.count(1)
         # Owned here: request() adds, the reader resolves, _shutdown() fails the rest.
         self._pending: dict[int, asyncio.Future[Message]] = {}
@@ -428,11 +427,6 @@ class ControlConnection:
     @property
     def state(self) -> ConnState:
         return self._state
-
-    @property
-    def last_seen_s(self) -> float:
-        """time.monotonic() when the last frame from the peer arrived."""
-        return self._last_seen_s
 
     @property
     def closed_reason(self) -> TransportError | None:
@@ -551,7 +545,6 @@ class ControlConnection:
                 self._shutdown(self._peer_closed(), cancel=False)  # the dispatcher still drains the inbox
                 await self._inbox.put(None)
                 return
-            self._last_seen_s = time.monotonic()
             kind = msg["type"]
             if "re" in msg:
                 self._resolve(msg)

@@ -68,7 +68,7 @@ async def test_a_fake_server_never_learns_the_token():
     received = bytearray()
 
     async def fake(reader, writer):
-        from afkv.transport.control import read_frame, write_frame
+        from afkv.transport.control import write_frame
 
         await write_frame(writer, {"type": "challenge", "nonce": bytes(32)})
         received.extend(await reader.read(65536))
