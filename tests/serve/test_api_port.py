@@ -11,7 +11,7 @@ from afkv.errors import FrameError, FrameTooLargeError, PeerLostError, PromptToo
 from afkv.nodes.rendezvous import lookup
 from afkv.serve.api import params_to_wire
 from afkv.serve.launch import Deployment
-from afkv.transport.control import HEADER, MAGIC, SCHEMA_VERSION, ControlClient, encode_frame
+from afkv.transport.control import HEADER, MAGIC, SCHEMA_VERSION, ControlClient, ControlLimits, encode_frame
 from tests.nodes.test_disaggregated import _write_config
 
 CLIENT_TIMEOUT_S = 3.0
@@ -21,7 +21,7 @@ BOUND_S = 60.0
 
 @pytest.fixture(scope="module")
 def dep(tiny_text_dir, tmp_path_factory):
-    path = _write_config(tmp_path_factory.mktemp("api"), 1, 1, timeout_s=2.0,
+    path = _write_config(tmp_path_factory.mktemp("api"), 1, 1, timeout_s=5.0,
                          extra=f"client_timeout_s = {CLIENT_TIMEOUT_S}")
     with Deployment(path, tiny_text_dir) as dep:
         yield dep
@@ -40,15 +40,18 @@ class Raw:
         self.messages: list[dict] = []
         self.arrived = asyncio.Condition()
 
-    async def connect(self, dep, name: str) -> ControlClient:
+    async def connect(self, dep, name: str, heartbeats: bool = True) -> ControlClient:
+        """heartbeats=False: a client that sends nothing of its own (the node drops it)."""
         [(host, port)] = lookup(dep._store, "attention", 1, 5.0)
+        limits = ControlLimits(heartbeat_interval_s=0.5) if heartbeats else ControlLimits()
 
         async def handler(conn, msg):
             async with self.arrived:
                 self.messages.append(msg)
                 self.arrived.notify_all()
 
-        return await ControlClient.connect(host, port, token=dep.token, role="client", node_id=name, handler=handler)
+        return await ControlClient.connect(host, port, token=dep.token, role="client", node_id=name, handler=handler,
+                                           limits=limits)
 
     async def until(self, predicate) -> list[dict]:
         async with asyncio.timeout(BOUND_S), self.arrived:
@@ -82,11 +85,11 @@ async def test_generate_without_rid_or_with_a_rid_in_flight_is_refused_typed(dep
 
 async def test_idle_and_slow_clients_are_dropped(dep):
     raw = Raw()
-    idle = await raw.connect(dep, "idle")  # never sends anything (no heartbeats either)
+    idle = await raw.connect(dep, "idle", heartbeats=False)  # never sends anything
     async with asyncio.timeout(BOUND_S):
         await idle.wait_closed()
     assert isinstance(idle.closed_reason, PeerLostError)
-    slow = await raw.connect(dep, "slow")
+    slow = await raw.connect(dep, "slow", heartbeats=False)
     frame = encode_frame({"type": "stats", "id": 1})
     async with asyncio.timeout(BOUND_S):
         for byte in frame[:5]:  # one byte at a time, then nothing: never a whole frame

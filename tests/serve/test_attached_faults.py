@@ -32,7 +32,7 @@ async def _first_chunk_then_wait(engine, prompt):
 
 @pytest.mark.parametrize("fault", ["kill", "stop"])
 async def test_expert_fault_reaches_the_attached_client_typed(tiny_dir, tmp_path, fault):
-    path = _write_config(tmp_path, 1, 1, timeout_s=2.0)
+    path = _write_config(tmp_path, 1, 1, timeout_s=3.0)
     with Deployment(path, tiny_dir["mixtral"]) as dep:
         expert = dep.procs[dep.expert_rank(0)]
         async with await Engine.attach(dep.address, token=dep.token) as engine:

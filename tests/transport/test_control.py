@@ -404,7 +404,7 @@ async def test_unreachable_server():
 async def test_idle_peer_dropped_heartbeating_peer_kept():
     """idle_timeout_s: a peer that sends nothing (heartbeats count) is lost; both sides can
     send heartbeats (the server's keep its idle clients' deadlines from firing)."""
-    limits = ControlLimits(idle_timeout_s=2.0, heartbeat_interval_s=0.05)
+    limits = ControlLimits(idle_timeout_s=3.0, heartbeat_interval_s=0.05)
     async with asyncio.timeout(BOUND_S), ControlServer(echo, limits=limits) as srv:
         unsolicited = []
 
@@ -414,7 +414,7 @@ async def test_idle_peer_dropped_heartbeating_peer_kept():
         beating = await ControlClient.connect("127.0.0.1", srv.port, role="expert", node_id="beating")
         silent = await ControlClient.connect(
             "127.0.0.1", srv.port, role="expert", node_id="silent", handler=client_handler,
-            limits=ControlLimits(idle_timeout_s=2.0))  # hears the server's heartbeats: stays open on its side
+            limits=ControlLimits(idle_timeout_s=3.0))  # hears the server's heartbeats: stays open on its side
         beating.start_heartbeat(0.05)
         with pytest.raises(TransportError, match="already running"):
             beating.start_heartbeat(0.05)
