@@ -1,6 +1,7 @@
 """Disk tier start-up and close against odd spill directories: entries of the wrong kind,
 a directory removed under a live engine, an index that cannot be written at close."""
 
+import asyncio
 import os
 import shutil
 import threading
@@ -12,6 +13,7 @@ from afkv import Engine, EngineConfig, SamplingParams
 from afkv.errors import TierError
 from afkv.kv.formats import RawFormat
 from afkv.kv.layout import KVLayout
+from afkv.kv.tiers import stack as stack_mod
 from afkv.kv.tiers.disk import DiskTier, block_file_name
 from tests.helpers import random_prompt
 
@@ -81,14 +83,19 @@ def _cfg(tmp_path) -> EngineConfig:
     })
 
 
-async def test_close_with_an_unwritable_index_is_typed_and_still_shuts_down(tiny_dir, tmp_path):
+async def test_close_with_an_unwritable_index_is_typed_and_still_shuts_down(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(stack_mod, "INDEX_SAVE_INTERVAL_S", 0.0)  # the index is saved at every chance
     engine = Engine(tiny_dir["mixtral"], _cfg(tmp_path), progress=False)
     await engine.start()
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     for i in range(6):  # enough KV to spill to the disk tier
         await engine.complete(random_prompt(30, 256, seed=i), params)
-    shutil.rmtree(tmp_path / "spill")  # the final index write fails (FileNotFoundError inside)
-    with pytest.raises(TierError, match="cannot write its index"):
+    shutil.rmtree(tmp_path / "spill")  # reads, spills and index saves fail from now on
+    for i in range(6):  # the same prompts: their spilled blocks are gone (the index changes, its save fails)
+        async with asyncio.timeout(BOUND_S):  # a failed save is logged, and the engine goes on
+            assert len((await engine.complete(random_prompt(30, 256, seed=i), params)).token_ids) == 8
+    assert engine.kv_metrics().counters["missing_blocks"] > 0
+    with pytest.raises(TierError, match="cannot write its index"):  # at close it is an error
         await engine.aclose()
     assert engine._executor._shutdown and engine._tokenize_executor._shutdown
     # the directory was released: another engine takes the path

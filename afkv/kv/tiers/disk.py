@@ -10,7 +10,7 @@ re-creation of the directory releases (it goes with the process that holds it):
 
 Start-up refuses, with a TierError naming it, an entry of ours (`*.kvb`, `*.tmp`,
 index.msgpack, lock) that is not a regular file: a directory, a FIFO (never opened: that
-would block), a socket or a link. A failed index write raises TierError.
+would block), a socket or a link. An index that cannot be saved at close raises TierError.
 
 Block file header (little-endian): magic b"AFKVBLK1", format digest (16 bytes), block hash
 (16 bytes), payload nbytes (u64), crc32 of the payload (u32), zero padding to 64 bytes.
@@ -274,19 +274,22 @@ def delete_block(path: Path, block_hash: BlockHash) -> None:
 
 
 def write_index(path: Path, data: bytes) -> None:
-    """Replace the index file (via a .tmp name). TierError when it cannot be written (the
-    file system is full or read-only, the directory was removed, ...)."""
+    """Replace the index file (via a .tmp name). OSError when it cannot be written (the file
+    system is full or read-only, the directory was removed, ...): the periodic saves log it
+    and go on; the save at close raises `index_error(...)` instead."""
     tmp = path / (INDEX_NAME + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            _write_all(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path / INDEX_NAME)
-    except OSError as exc:  # a .tmp left behind is deleted at the next start
-        raise TierError(f"disk tier {path}: cannot write its index ({exc}); the blocks written since the last "
-                        "index save are adopted from their headers at the next start") from exc
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path / INDEX_NAME)  # a .tmp left behind by a failure is deleted at the next start
+
+
+def index_error(path: Path, exc: OSError) -> TierError:
+    """The error of an index that could not be saved at close."""
+    return TierError(f"disk tier {path}: cannot write its index ({exc}); the blocks written since the last index "
+                     "save are adopted from their headers at the next start")
 
 
 def _read_header(name: Path, payload_nbytes: int) -> tuple:
