@@ -139,7 +139,8 @@ class ApiServer:
             streams[rid] = asyncio.create_task(self._stream(conn, rid, msg), name=f"afkv-api-stream {rid}")
             return None
         if kind == "abort":
-            task = self._streams.get(conn, {}).get(msg.get("rid"))
+            rid = msg.get("rid")
+            task = self._streams.get(conn, {}).get(rid) if isinstance(rid, int) else None
             if task is not None:
                 task.cancel()
             return None
