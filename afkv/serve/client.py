@@ -120,14 +120,18 @@ class AttachedEngine:
             [(host, port)] = await asyncio.to_thread(lookup, r, "attention", i + 1, r.timeout_s, i)
             limits = ControlLimits(idle_timeout_s=self._peer_timeout_s, frame_timeout_s=self._peer_timeout_s,
                                    heartbeat_interval_s=min(1.0, self._peer_timeout_s / 4))
-            c = self._clients[i] = await ControlClient.connect(
-                host, port, token=r.token, role="client", node_id=f"{self._name}-{i}", timeout_s=r.timeout_s,
-                handler=self._on_message, limits=limits)
+            c = await ControlClient.connect(host, port, token=r.token, role="client", node_id=f"{self._name}-{i}",
+                                            timeout_s=r.timeout_s, handler=self._on_message, limits=limits)
+            try:
+                sizes = await c.request({"type": "limits"}, timeout_s=self._peer_timeout_s)
+                self._limits[i] = (int(sizes["max_prompt_chars"]), int(sizes["max_model_len"]))
+            except BaseException:
+                await c.aclose()
+                raise
+            self._clients[i] = c
             watcher = asyncio.create_task(self._watch(i, c), name=f"afkv-client-watch {i}")
             self._watchers.add(watcher)
             watcher.add_done_callback(self._watchers.discard)
-            limits = await c.request({"type": "limits"}, timeout_s=self._peer_timeout_s)
-            self._limits[i] = (int(limits["max_prompt_chars"]), int(limits["max_model_len"]))
             return c
 
     async def _watch(self, i: int, client: ControlClient) -> None:
