@@ -199,22 +199,34 @@ def _plan_profile(args):
 
 
 def _cmd_launch(args) -> int:
+    import logging
     import signal
 
-    from afkv.serve.launch import Deployment
+    from afkv.errors import PeerLostError
+    from afkv.serve.launch import Deployment, RestartPolicy
 
-    dep = Deployment(args.config, args.model, log_dir=args.log_dir)
+    logging.basicConfig(level=logging.WARNING, format="afkv: %(message)s")
+    dep = Deployment(args.config, args.model, log_dir=args.log_dir,
+                     restart=RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window))
     d = dep.config.deployment
     _err(f"afkv: starting {d.attention_nodes} attention + {d.expert_nodes} expert nodes ...")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with dep:
         try:
-            _err(f"afkv: deployment ready; attach with afkv.Engine.attach({dep.address!r}) -- Ctrl-C stops it")
-            print(dep.address, flush=True)
-            while all(p.poll() is None for p in dep.procs.values()):
+            if dep.token_made_up:  # stdout: the address, then the token nobody else knows
+                _err(f"afkv: deployment ready; attach with afkv.Engine.attach({dep.address!r}, token=TOKEN) where "
+                     "TOKEN is the second line of the output (or AFKV_TOKEN=TOKEN in the environment) -- Ctrl-C "
+                     "stops it")
+                print(f"{dep.address}\n{dep.token}", flush=True)
+            else:
+                _err(f"afkv: deployment ready; attach with afkv.Engine.attach({dep.address!r}, token=...) with the "
+                     "deployment's token -- Ctrl-C stops it")
+                print(dep.address, flush=True)
+            while True:
+                dep.supervise()  # restarts lost nodes (bounded), raises when one keeps failing
                 time.sleep(0.5)
-            dead = [r for r, p in dep.procs.items() if p.poll() is not None]
-            _err(f"afkv: node(s) {dead} exited; stopping the deployment")
+        except PeerLostError as exc:
+            _err(f"afkv: {exc}; stopping the deployment")
             return 1
         except KeyboardInterrupt:
             _err("afkv: stopping ...")
@@ -275,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("config", help="TOML with a [deployment] section (see configs/deploy-*.toml)")
     launch.add_argument("--model", help="checkpoint directory (default: the embedded model)")
     launch.add_argument("--log-dir", help="write each node's output to LOG_DIR/node<rank>.log")
+    launch.add_argument("--max-restarts", type=int, default=5,
+                        help="restarts of one node within --restart-window before giving up (default 5; 0: none)")
+    launch.add_argument("--restart-window", type=float, default=600.0, help="seconds (default 600)")
 
     af = bsub.add_parser("af", help="1A1F over NCCL vs colocated data parallel on two GPUs (real shapes)")
     af.add_argument("--model", default="random:qwen3-30b-a3b", help="random:qwen3-30b-a3b | random:mixtral-8x7b")

@@ -6,7 +6,7 @@
                  fp_window (quantized device tier); tiers below the device: host_*,
                  disk_*, spill_format / spill_group_size, eviction, prefetch_depth, io_threads
     [kv.pruning] policy (none | streaming | h2o), num_sink_tokens, window, budget
-    [scheduler]  max_num_seqs, max_num_batched_tokens, max_model_len
+    [scheduler]  max_num_seqs, max_num_batched_tokens, max_model_len, max_prompt_chars
     [deployment] attention/expert node counts, micro-batches, rendezvous, token, timeouts
     [eplb]       expert load balancing across expert nodes (needs [deployment])
 
@@ -170,6 +170,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # per step; longer prompts are prefilled in chunks
     max_model_len: int = 0  # 0: the model's max_position_embeddings
+    max_prompt_chars: int = 0  # longer text is refused before tokenizing; 0: 2 x max_model_len x longest token
 
 
 @dataclass(frozen=True)
@@ -180,11 +181,12 @@ class DeploymentConfig:
     expert_nodes: int = 1
     micro_batches: int = 0  # 0: from measured times, m >= 2(1 + T_c/T_f) (MegaScale-Infer), within [2, 4]
     host: str = "127.0.0.1"  # nodes bind here; the rendezvous store listens here
-    port: int = 29600  # rendezvous store (torch.distributed TCPStore); 0: any free port (afkv launch)
-    token: str = ""  # shared secret every peer presents; required when host is not loopback
+    port: int = 29600  # rendezvous (afkv.nodes.rendezvous); 0: any free port (afkv launch)
+    token: str = ""  # shared secret every peer proves it holds; node processes fall back to $AFKV_TOKEN
     attention_devices: tuple[str, ...] = ()  # per attention node: "cpu", "cuda:0", ...; empty: auto
     expert_devices: tuple[str, ...] = ()  # per expert node
     expert_timeout_s: float = 10.0  # an expert node silent this long is lost
+    client_timeout_s: float = 60.0  # an API client silent this long (or this slow sending one frame) is dropped
     heartbeat_interval_s: float = 1.0
     # hidden states between nodes: "fixed" (fixed-capacity buffers, CUDA-graph friendly: NCCL on GPUs,
     # sockets on CPUs), "messages" (one control-plane frame per expert node and layer); auto: fixed on GPUs
@@ -269,6 +271,7 @@ class EngineConfig:
         need(self.scheduler.max_num_batched_tokens > 0, "scheduler.max_num_batched_tokens",
              "max_num_batched_tokens must be positive")
         need(self.scheduler.max_model_len >= 0, "scheduler.max_model_len", "max_model_len must be >= 0")
+        need(self.scheduler.max_prompt_chars >= 0, "scheduler.max_prompt_chars", "max_prompt_chars must be >= 0")
         d = self.deployment
         if d is not None:
             need(d.attention_nodes >= 1, "deployment.attention_nodes", "attention_nodes must be >= 1")
@@ -276,6 +279,7 @@ class EngineConfig:
             need(0 <= d.micro_batches <= 16, "deployment.micro_batches", "micro_batches must be in [0, 16]")
             need(0 <= d.port < 65536, "deployment.port", f"port must be in [0, 65535], got {d.port}")
             need(d.expert_timeout_s > 0, "deployment.expert_timeout_s", "expert_timeout_s must be positive")
+            need(d.client_timeout_s > 0, "deployment.client_timeout_s", "client_timeout_s must be positive")
             need(d.heartbeat_interval_s > 0, "deployment.heartbeat_interval_s", "heartbeat_interval_s must be positive")
             need(d.data_plane in ("auto", "fixed", "messages"), "deployment.data_plane",
                  f"data_plane must be auto, fixed or messages, got {d.data_plane!r}")

@@ -19,21 +19,40 @@
     │   ├── CorruptBlockError     a stored KV block failed its checksum or is unreadable
     │   └── TierError             a KV tier cannot be used (full, unwritable)
     └── TransportError
-        ├── FrameError            malformed control frame
-        ├── FrameTooLargeError
-        ├── AuthError             peer did not present the shared token
-        └── PeerLostError         peer died or stopped answering within the timeout
+        ├── FrameError            malformed control frame or message
+        │   └── FrameTooLargeError
+        ├── AuthError             peer did not prove it holds the shared token
+        ├── PeerLostError         peer died or stopped answering within the timeout
+        └── RemoteError           the peer failed with an error this process cannot rebuild
 
 Rules: `assert` for internal invariants; a typed return for an expected
 "no room now"; these exceptions for misuse and faults, raised with
 `raise X(...) from exc` at boundaries.
+
+Across processes (the API protocol, control-plane error replies) an error travels as
+`error_to_wire(exc)`: {"class": name, "message": the message it was made with, "fields":
+its keyword fields}, and `error_from_wire` rebuilds it with the same class, message and
+fields. When this process has no afkv error of that name, or the fields do not fit the
+class, it rebuilds the nearest afkv ancestor that takes the message alone, else a
+RemoteError; either way the message is kept and `error_from_wire` never raises.
 """
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 
 class AfkvError(Exception):
-    """Base class of every error afkv raises on purpose."""
+    """Base class of every error afkv raises on purpose.
+
+    `message` is the text it was made with; `wire_fields` names the keyword arguments of its
+    constructor, each kept as an attribute of the same name, that travel with it."""
+
+    wire_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, message: str = ""):
+        super().__init__(message)
+        self.message = message
 
 
 class DeviceError(AfkvError):
@@ -41,9 +60,12 @@ class DeviceError(AfkvError):
 
 
 class ConfigError(AfkvError):
+    wire_fields = ("file", "key")
+
     def __init__(self, message: str, *, file: str | None = None, key: str | None = None):
         where = ", ".join(p for p in (f"file {file}" if file else "", f"key {key!r}" if key else "") if p)
         super().__init__(f"{message} ({where})" if where else message)
+        self.message = message
         self.file = file
         self.key = key
 
@@ -91,9 +113,11 @@ class RequestFailedError(EngineError):
 class ExpertUnavailableError(RequestFailedError):
     """Every expert node holding an expert (or a layer's dense MLP / shared expert) is lost."""
 
+    wire_fields = ("layer", "expert", "nodes")
+
     def __init__(self, message: str, *, layer: int, expert: int | None, nodes: tuple[int, ...]):
         super().__init__(message)
-        self.layer, self.expert, self.nodes = layer, expert, nodes
+        self.layer, self.expert, self.nodes = layer, expert, tuple(nodes)
 
 
 class ExpertRowsUnavailableError(EngineError):
@@ -104,7 +128,7 @@ class ExpertRowsUnavailableError(EngineError):
     def __init__(self, rows: dict[int, ExpertUnavailableError]):
         first = rows[min(rows)]
         super().__init__(f"{len(rows)} row(s) of the step routed to experts without a live replica, e.g. {first}")
-        self.rows = rows
+        self.rows = rows  # stays in its process: it crosses a wire as an EngineError with this message
 
 
 class StepRetryError(EngineError):
@@ -143,3 +167,71 @@ class AuthError(TransportError):
 
 class PeerLostError(TransportError):
     pass
+
+
+class RemoteError(TransportError):
+    """The peer failed with an error whose class this process does not have (a newer or older
+    afkv, or not an afkv error: a bug on that side). `remote_class` names it, `fields` holds
+    the keyword fields it was sent with."""
+
+    wire_fields = ("remote_class", "fields")
+
+    def __init__(self, message: str, *, remote_class: str = "", fields: dict[str, Any] | None = None):
+        super().__init__(f"{remote_class}: {message}" if remote_class else message)
+        self.message = message
+        self.remote_class, self.fields = remote_class, dict(fields or {})
+
+
+def error_to_wire(exc: BaseException) -> dict[str, Any]:
+    """{"class", "message", "fields"} of an error, for a msgpack message. An exception that is
+    not an AfkvError travels by its class name and str(): the other side rebuilds a RemoteError."""
+    if not isinstance(exc, AfkvError):
+        return {"class": type(exc).__name__, "message": _utf8(str(exc)), "fields": {}}
+    fields = {}
+    for name in type(exc).wire_fields:
+        value = getattr(exc, name)
+        fields[name] = list(value) if isinstance(value, tuple) else _utf8(value) if isinstance(value, str) else value
+    return {"class": type(exc).__name__, "message": _utf8(exc.message), "fields": fields}
+
+
+def _utf8(text: str) -> str:
+    """text that msgpack can encode (lone surrogates, e.g. from a user's prompt, replaced)."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _afkv_errors() -> dict[str, type[AfkvError]]:
+    found: dict[str, type[AfkvError]] = {}
+    todo: list[type[AfkvError]] = [AfkvError]
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def error_from_wire(wire: object) -> AfkvError:
+    """The error `error_to_wire` described, rebuilt with its class, message and fields; never
+    raises (see the module docstring for what it falls back to)."""
+    if not isinstance(wire, dict):
+        return RemoteError(f"malformed error description {wire!r:.200}")
+    name, message, fields = wire.get("class"), wire.get("message"), wire.get("fields")
+    name = name if isinstance(name, str) else "?"
+    message = message if isinstance(message, str) else repr(message)
+    fields = fields if isinstance(fields, dict) and all(isinstance(k, str) for k in fields) else {}
+    cls = _afkv_errors().get(name)
+    for base in cls.__mro__ if cls is not None else ():
+        if not (isinstance(base, type) and issubclass(base, AfkvError) and _rebuildable(base)):
+            continue
+        if base is cls and set(fields) != set(cls.wire_fields):
+            continue
+        try:
+            return base(message, **fields) if base is cls else base(message)
+        except (TypeError, ValueError):  # fields of the wrong types for this version of the class
+            continue
+    return RemoteError(message, remote_class=name, fields=fields)
+
+
+def _rebuildable(cls: type[AfkvError]) -> bool:
+    """Whether cls is built as cls(message, **wire_fields): AfkvError's own constructor, or one
+    that declares its wire fields (not ExpertRowsUnavailableError, which stays in its process)."""
+    return bool(cls.wire_fields) or cls.__init__ is AfkvError.__init__

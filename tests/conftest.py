@@ -37,6 +37,19 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_text_dir(tiny_dir, tmp_path_factory):
+    """The tiny Mixtral checkpoint with a byte-level tokenizer (text prompts: one token per byte)."""
+    import shutil
+
+    from tests.helpers import write_byte_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-text") / "mixtral"
+    shutil.copytree(tiny_dir["mixtral"], out)
+    write_byte_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def default_model_dir():
     from afkv.model.default import ensure_default_checkpoint
 

@@ -46,3 +46,15 @@ def hf_perplexity(model_dir, token_ids: list[int]) -> float:
         logits = model(torch.tensor([token_ids])).logits[0, :-1].float()  # [n - 1, V]
     nll = -torch.log_softmax(logits, -1).gather(1, torch.tensor(token_ids[1:])[:, None])  # [n - 1, 1]
     return math.exp(float(nll.double().mean()))
+
+
+def write_byte_tokenizer(model_dir) -> None:
+    """A byte-level tokenizer.json with one token per byte (256 ids, no merges), so that tiny
+    checkpoints (vocabulary 256) take text prompts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(model_dir / "tokenizer.json"))

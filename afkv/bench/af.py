@@ -62,7 +62,8 @@ expert_timeout_s = 120.0
     out: dict = {"rows": {}}
     with Deployment(tmp / "af.toml", model_name, start_attention=False, ready_timeout_s=600, log_dir=tmp) as dep:
         log(f"1A1F: expert node ready on cuda:1 ({dep.address})")
-        d = dataclasses.replace(EngineConfig.from_toml(tmp / "af.toml").deployment, port=dep.port)
+        d = dataclasses.replace(EngineConfig.from_toml(tmp / "af.toml").deployment, port=dep.port,
+                                token=dep.token)
         ex = ThreadPoolExecutor(1)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(ex, torch.cuda.set_device, dev)

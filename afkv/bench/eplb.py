@@ -135,7 +135,7 @@ async def _run_mode(model_dir: Path, work: Path, config: str, slots: int, rebala
     path.write_text(config)
     with Deployment(path, model_dir, start_attention=False) as dep:
         cfg = EngineConfig.from_toml(path)
-        cfg = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port))
+        cfg = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port, token=dep.token))
         async with Engine(model_dir, cfg, progress=False) as engine:
             await asyncio.gather(*(engine.complete(p, params) for p in prompts))  # warm-up: loads to balance on
             report = await engine.rebalance() if rebalance else None

@@ -6,9 +6,11 @@
 
 Concurrency: one asyncio event loop (the caller's) runs the step loop, request
 admission, detokenization and stop checks; one worker thread ("afkv-model") does all
-torch work (loading, forward passes, sampling). The scheduler, sequences and KV block
-tables are touched only on the loop thread, between steps; the worker only sees an
-immutable plan of the current step.
+torch work (loading, forward passes, sampling); one more ("afkv-tokenize") renders and
+tokenizes prompts, after a size check on the loop (text above `max_prompt_chars` is
+refused before tokenizing). The scheduler, sequences and KV block tables are touched only
+on the loop thread, between steps; the worker only sees an immutable plan of the current
+step.
 """
 
 from __future__ import annotations
@@ -99,6 +101,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def check_prompt_size(prompt: object, max_prompt_chars: int, max_model_len: int) -> None:
+    """PromptTooLongError for a prompt that cannot fit, before any tokenizing: text of more
+    than max_prompt_chars characters (chat: in the messages' contents), or a list of
+    max_model_len or more token ids or messages. O(1) per message: safe on the event loop."""
+    if isinstance(prompt, str):
+        chars = len(prompt)
+    elif isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+        chars = sum(len(m["content"]) if isinstance(m, dict) and isinstance(m.get("content"), str) else 0
+                    for m in prompt[:max_model_len])
+    else:
+        chars = 0
+    if chars > max_prompt_chars:
+        raise PromptTooLongError(f"the prompt has {chars} characters; this engine refuses more than "
+                                 f"{max_prompt_chars} (scheduler.max_prompt_chars) before tokenizing")
+    if isinstance(prompt, (list, tuple)) and len(prompt) >= max_model_len:
+        raise PromptTooLongError(f"the prompt has {len(prompt)} token ids or messages; this engine's context is "
+                                 f"{max_model_len} tokens")
+
+
 class _Request:
     def __init__(self, seq: Sequence):
         self.seq = seq
@@ -129,6 +150,7 @@ class Engine:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._tokenize_executor: ThreadPoolExecutor | None = None
         self._num_steps = 0
         self._num_retries = 0  # steps computed again (StepRetryError)
         self._counts = {"prompt": 0, "cached": 0, "generated": 0}
@@ -138,12 +160,13 @@ class Engine:
         self.model_dir: Path | None = None
 
     @staticmethod
-    async def attach(address: str, token: str | None = None, timeout_s: float = 30.0):
-        """Connect to a running deployment (`afkv launch`; `address` is its rendezvous store,
-        host:port). Returns an AttachedEngine with this same async API (generate, complete)."""
+    async def attach(address: str, token: str | None = None, timeout_s: float = 30.0, peer_timeout_s: float = 10.0):
+        """Connect to a running deployment (`afkv launch`; `address` is its rendezvous,
+        host:port; `token` its token, default $AFKV_TOKEN). Returns an AttachedEngine with
+        this same async API (generate, complete, stats); see afkv.serve.client."""
         from afkv.serve.client import AttachedEngine  # serving sits above the engine
 
-        return await AttachedEngine.connect(address, token, timeout_s)
+        return await AttachedEngine.connect(address, token, timeout_s, peer_timeout_s)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> "Engine":
@@ -159,6 +182,7 @@ class Engine:
         self._state = EngineState.STARTING
         loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="afkv-model")
+        self._tokenize_executor = ThreadPoolExecutor(1, thread_name_prefix="afkv-tokenize")
         try:
             await loop.run_in_executor(self._executor, self._load)
             if self.config.deployment is not None:
@@ -183,6 +207,7 @@ class Engine:
             if self._kv is not None:
                 await self._kv.aclose()  # releases a disk tier taken during _load
             self._executor.shutdown(wait=False)
+            self._tokenize_executor.shutdown(wait=False)
             self._state = EngineState.CLOSED
             raise
         self._wakeup = asyncio.Event()
@@ -207,10 +232,14 @@ class Engine:
             await self._balancer.aclose()
         if self._remote is not None:
             await self._remote.aclose()  # unblocks a step waiting on an expert node
-        if self._kv is not None:
-            await self._kv.aclose()  # saves the disk tier's index, releases its directory
-        if self._executor is not None:
-            await asyncio.to_thread(self._executor.shutdown, True)
+        try:
+            if self._kv is not None:
+                await self._kv.aclose()  # saves the disk tier's index (TierError if it cannot), releases its directory
+        finally:
+            if self._executor is not None:
+                await asyncio.to_thread(self._executor.shutdown, True)
+            if self._tokenize_executor is not None:
+                self._tokenize_executor.shutdown(wait=False, cancel_futures=True)
 
     def _load(self) -> None:
         """Worker thread: checkpoint, tokenizer, KV cache, runner."""
@@ -239,6 +268,8 @@ class Engine:
         self._scheduler = Scheduler(self._kv, SchedulerLimits(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens),
                                     cfg.kv.pruning)
         self.max_model_len = min(cfg.scheduler.max_model_len or spec.max_position, spec.max_position, self._kv.capacity_tokens)
+        longest = self.tokenizer.max_token_chars if self.tokenizer is not None else 1
+        self.max_prompt_chars = cfg.scheduler.max_prompt_chars or 2 * self.max_model_len * longest
         self._runner = ModelRunner(model, self._kv.attention_cache, layout.block_size, device, micro_batches=m,
                                    graphs=self._decode_graphs(model, layout), key_mass=self._kv.key_mass)
         eos = set(spec.eos_token_ids)
@@ -351,13 +382,25 @@ class Engine:
             return list(prompt)
         raise RequestError(f"a prompt is a string, a list of chat messages or a list of token ids, not {type(prompt).__name__}")
 
-    def _add(self, prompt: Prompt, params: SamplingParams | None) -> _Request:
+    def _tokenize_checked(self, prompt: Prompt) -> list[int]:
+        """Tokenizer thread: tokenize; any failure is a RequestError naming the cause."""
+        try:
+            return self.tokenize(prompt)
+        except RequestError:
+            raise
+        except Exception as exc:  # a chat template that raises, a tokenizer that refuses the text
+            raise RequestError(f"cannot tokenize the prompt: {type(exc).__name__}: {exc}") from exc
+
+    async def _add(self, prompt: Prompt, params: SamplingParams | None) -> _Request:
         if self._state is not EngineState.RUNNING:
             raise EngineClosedError(f"the engine is {self._state.value}: use `async with Engine(...)` or await start()")
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be SamplingParams, not {type(params).__name__}")
-        ids = self.tokenize(prompt)
+        check_prompt_size(prompt, self.max_prompt_chars, self.max_model_len)
+        ids = await asyncio.get_running_loop().run_in_executor(self._tokenize_executor, self._tokenize_checked, prompt)
+        if self._state is not EngineState.RUNNING:
+            raise EngineClosedError("the engine was closed while the prompt was tokenized")
         if not ids:
             raise EmptyPromptError("the prompt is empty after tokenization")
         if len(ids) >= self.max_model_len:
@@ -378,7 +421,7 @@ class Engine:
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[CompletionChunk]:
         """Stream a completion. Cancelling the consuming task (or closing the iterator) aborts
         the request and frees its KV blocks."""
-        req = self._add(prompt, params)
+        req = await self._add(prompt, params)
         try:
             while True:
                 item = await req.queue.get()
@@ -445,6 +488,9 @@ class Engine:
             now = time.monotonic()
             for (seq, n), chunk, res in zip(step, plan, results):
                 if seq.seq_id in self._aborts or seq.status is not SeqStatus.RUNNING:
+                    continue
+                if res.error is not None:  # this request alone: the others of the step go on
+                    self._finish_with_error(seq, RequestFailedError(f"request {seq.seq_id} failed: {res.error}"))
                     continue
                 self._advance(seq, n, chunk.start_pos, res, now)
 

@@ -49,6 +49,7 @@ class ChunkResult:
     logprob: float | None = None
     top: dict[int, float] | None = None
     prompt_logprobs: list[dict[int, float]] | None = None
+    error: str | None = None  # sampling failed for this row alone (e.g. non-finite logits): its request ends
 
 
 def _decode_only(plan: list[ChunkPlan]) -> bool:
@@ -164,8 +165,9 @@ class ModelRunner:
         out: dict[str, torch.Tensor] = {}
         if sample_rows:
             idx = torch.tensor(sample_rows, device=dev)
-            tokens = sample_tokens(logits[idx], specs)  # [S]
+            tokens, ok = sample_tokens(logits[idx], specs)  # [S], [S]
             out["tokens"] = tokens
+            out["ok"] = ok
             out["token_lp"] = logprobs[idx].gather(1, tokens[:, None])[:, 0]
         if targets:
             tidx = torch.tensor(target_rows, device=dev)
@@ -185,6 +187,8 @@ class ModelRunner:
                     r += 1
                     ti += 1
             if c.sample is not None:
+                if not host["ok"][si]:
+                    res.error = "its logits hold NaN or +inf: there is nothing to sample from"
                 res.token_id = host["tokens"][si]
                 res.logprob = host["token_lp"][si]
                 if c.sample.num_top_logprobs:

@@ -36,7 +36,7 @@ async def connect_expert_nodes(spec: ModelSpec, d: DeploymentConfig, rank: int, 
         placement = initial_placement(spec, d.expert_nodes, eplb.slots_per_node if eplb.enabled else 0)
     except ValueError as exc:
         raise ConfigError(str(exc), key="eplb.slots_per_node") from exc
-    store = await asyncio.to_thread(open_store, d.host, d.port, False, d.expert_timeout_s * 3)
+    store = open_store(d.host, d.port, False, d.expert_timeout_s * 3, token=d.token or None)
     first = [True] * d.expert_nodes
 
     async def resolve(j: int) -> tuple[str, int]:

@@ -54,7 +54,7 @@ from afkv.model.spec import ModelSpec
 from afkv.nodes.placement import ExpertPlacement
 from afkv.nodes.transfer import (ControlPlaneTransfer, ExpertKey, ExpertTensors, NcclTransfer, WeightTransfer,
                                  export_pieces, in_thread, nccl_export)
-from afkv.transport.control import ControlConnection, ControlLimits, ControlServer
+from afkv.transport.control import ControlConnection, ControlLimits, ControlServer, RateLimitedLog
 from afkv.transport.host import HostPeer
 from afkv.transport.nccl import abort_all
 from afkv.transport.streams import DeviceStreams
@@ -63,6 +63,19 @@ from afkv.transport.tensors import pack_tensor, unpack_tensor
 log = logging.getLogger("afkv.expert")
 
 DATA_FRAME_BYTES = 256 * 2**20  # data-plane frames carry hidden states: allow large micro-batches
+SMALL_MESSAGE_BYTES = 2**20  # every message to an expert node but "ffn"
+
+
+def expert_limits(spec: ModelSpec, max_rows: int, peer_timeout_s: float) -> ControlLimits:
+    """Limits of an expert node's port: an "ffn" message holds at most `max_rows` tokens
+    (hidden states as float32, k ids and weights each), any other 1 MiB; a peer silent for
+    peer_timeout_s, or that takes longer to send one frame, is dropped. Replies (weights of
+    experts for another expert node) may be larger: up to DATA_FRAME_BYTES."""
+    top_k = max([spec.layer_top_k(i) for i in range(spec.num_layers)] + [1])
+    ffn_bytes = max_rows * (4 * spec.hidden_size + 8 * top_k) + 2**16
+    return ControlLimits(max_frame_bytes=DATA_FRAME_BYTES, max_inbound_bytes=max(ffn_bytes, SMALL_MESSAGE_BYTES),
+                         idle_timeout_s=peer_timeout_s, frame_timeout_s=peer_timeout_s,
+                         message_bytes={"ffn": ffn_bytes}, default_message_bytes=SMALL_MESSAGE_BYTES)
 
 
 def _log_failure(fut: asyncio.Future) -> None:
@@ -133,11 +146,12 @@ class ExpertStats:
 class ExpertNode:
     def __init__(self, spec: ModelSpec, model_dir: str | Path, placement: ExpertPlacement, index: int,
                  device: torch.device, dtype: torch.dtype, token: str | None = None, host: str = "127.0.0.1",
-                 store=None, peer_timeout_s: float = 10.0, window_s: float = 60.0):
-        """`store`: the rendezvous store; on GPUs it carries the NCCL unique ids. Attention
-        nodes silent (no heartbeat, no request) for `peer_timeout_s` are disconnected."""
-        self.peer_timeout_s = peer_timeout_s
-        self._reaper: asyncio.Task | None = None
+                 store=None, peer_timeout_s: float = 10.0, window_s: float = 60.0, max_rows: int = 8192):
+        """`store`: the rendezvous; it carries the data plane's NCCL unique ids / host-peer
+        nonces. Attention nodes silent (no heartbeat, no request) for `peer_timeout_s` are
+        disconnected. `max_rows`: the most tokens one ffn request may carry (the attention
+        nodes' max_num_batched_tokens)."""
+        self.peer_timeout_s, self.max_rows = peer_timeout_s, max_rows
         self.spec, self.model_dir, self.placement, self.index = spec, str(model_dir), placement, index
         self.store = store
         self._links: dict[str, _Link] = {}  # attention node -> its fixed-buffer data plane
@@ -155,6 +169,7 @@ class ExpertNode:
         self._events_lock = threading.Lock()  # _gpu_events: appended by link threads
         self.device, self.dtype, self.token, self.host = device, dtype, token or None, host
         self.stats = ExpertStats()
+        self._failures = RateLimitedLog(log)  # FFN faults, once per kind and then at most once a minute
         self.window = LoadWindow(spec.num_layers, placement.sentinel, window_s)
         self._prepared: ExpertPlacement | None = None  # an eplb_prepare waiting for its commit
         self._loaded: tuple[dict[int, frozenset[int]], frozenset[int]] = ({}, frozenset())  # per-layer experts, dense
@@ -176,18 +191,9 @@ class ExpertNode:
             await loop.run_in_executor(self._executor, torch.cuda.set_device, self.device)
         await loop.run_in_executor(self._executor, self._load, self.placement, None)
         self._server = ControlServer(self._handle, host=self.host, port=port, token=self.token,
-                                     limits=ControlLimits(max_frame_bytes=DATA_FRAME_BYTES))
+                                     limits=expert_limits(self.spec, self.max_rows, self.peer_timeout_s))
         await self._server.start()
-        self._reaper = asyncio.create_task(self._reap_silent_peers())
         return self._server.port
-
-    async def _reap_silent_peers(self) -> None:
-        while True:
-            await asyncio.sleep(self.peer_timeout_s / 2)
-            for conn in self._server.dead_peers(self.peer_timeout_s):
-                log.warning("expert node %d: %s silent for %.0f s, disconnecting", self.index, conn.peer,
-                            self.peer_timeout_s)
-                await conn.aclose()
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -196,8 +202,6 @@ class ExpertNode:
         if self._closed.is_set():
             return
         self._closed.set()
-        if self._reaper is not None:
-            self._reaper.cancel()
         if self._server is not None:
             await self._server.aclose()
         if self._drainer is not None:
@@ -250,10 +254,23 @@ class ExpertNode:
                 raise FrameError(f"attention node {conn.peer.node_id} and expert node {self.index} are on the same GPU "
                                  f"({self.device}): NCCL needs one GPU per rank; set [deployment] attention_devices / "
                                  "expert_devices apart, or data_plane = \"messages\"")
-            # Answer at once, then join on the worker thread (it blocks until the attention node
-            # joins too); "step" messages wait for the join (`_joining`).
+            key = msg.get("key")
+            if not isinstance(key, str):
+                raise FrameError(f"nccl_init from {conn.peer.node_id} needs a str key, got {key!r:.50}")
+            try:  # the attention node put the ids there before asking: no waiting
+                ids = (await asyncio.to_thread(self.store.get, key, 0.0)).decode().split("\n")
+            except PeerLostError as exc:
+                raise FrameError(f"nccl_init from {conn.peer.node_id}: no data-plane ids under {key!r}: {exc}") from exc
+            if len(ids) != 2:
+                raise FrameError(f"nccl_init from {conn.peer.node_id}: {len(ids)} data-plane ids under {key!r}, not 2")
+            # Answer at once, then join on the new link's own thread (it blocks until the
+            # attention node joins too, never the worker); "step" messages wait for the join.
+            st = self._streams
+            executor = ThreadPoolExecutor(1, thread_name_prefix=f"afkv-expert{self.index}-{conn.peer.node_id}",
+                                          initializer=torch.cuda.set_device if st.cuda else None,
+                                          initargs=(self.device,) if st.cuda else ())
             joined = self._joining[conn.peer.node_id] = asyncio.get_running_loop().run_in_executor(
-                self._executor, self._nccl_init, conn.peer.node_id, msg["key"])
+                executor, self._nccl_init, conn.peer.node_id, ids, executor)
             joined.add_done_callback(_log_failure)
             return {"type": "ok"}
         if kind == "stats":
@@ -293,15 +310,14 @@ class ExpertNode:
 
     async def _ffn_request(self, msg: dict) -> dict:
         try:
-            layer = int(msg["layer"])
+            layer = msg["layer"]
             x = unpack_tensor(msg["x"])
-            ids = unpack_tensor(msg["ids"]).to(torch.int64)
+            ids = unpack_tensor(msg["ids"])
             weights = unpack_tensor(msg["w"])
         except (KeyError, TypeError, ValueError) as exc:
             raise FrameError(f"malformed ffn request: {exc}") from exc
-        if not 0 <= layer < self.spec.num_layers or x.ndim != 2 or x.shape[1] != self.spec.hidden_size \
-                or ids.shape != weights.shape or ids.shape[0] != x.shape[0]:
-            raise FrameError(f"ffn request with bad shapes: layer {layer}, x {tuple(x.shape)}, ids {tuple(ids.shape)}")
+        self._check_ffn(layer, x, ids, weights)
+        ids = ids.to(torch.int64)
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(layer, x, ids, weights, future))
         if self._drainer is None or self._drainer.done():
@@ -311,6 +327,25 @@ class ExpertNode:
             return {"type": "stale", "epoch": self.placement.epoch}
         y, compute_s = result
         return {"type": "ffn_out", "y": pack_tensor(y), "compute_s": compute_s, "epoch": self.placement.epoch}
+
+    def _check_ffn(self, layer: object, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """FrameError naming what is wrong, unless an ffn request can join a batch: a layer
+        index, x [n, H] floating, ids [n, k] integer in [0, sentinel] (k: the layer's top-k
+        where it routes), weights [n, k] floating."""
+        spec = self.spec
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < spec.num_layers:
+            raise FrameError(f"ffn request for layer {layer!r:.30}: this model has {spec.num_layers}")
+        k = spec.layer_top_k(layer) if spec.layer_has_router(layer) else None
+        ok = (x.ndim == 2 and x.shape[1] == spec.hidden_size and x.is_floating_point()
+              and ids.ndim == 2 and ids.shape[0] == x.shape[0] and (k is None or ids.shape[1] == k)
+              and not ids.is_floating_point() and ids.dtype is not torch.bool
+              and weights.shape == ids.shape and weights.is_floating_point())
+        if not ok:
+            raise FrameError(f"ffn request with bad shapes or dtypes: layer {layer}, x {tuple(x.shape)} {x.dtype}, ids "
+                             f"{tuple(ids.shape)} {ids.dtype}, w {tuple(weights.shape)} {weights.dtype} (hidden size "
+                             f"{spec.hidden_size}, top-k {k})")
+        if k is not None and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) <= self.placement.sentinel):
+            raise FrameError(f"ffn request with expert ids outside [0, {self.placement.sentinel}]")
 
     # ---- placement changes (EPLB) --------------------------------------------------------------
     async def _eplb(self, kind: str, msg: dict) -> dict:
@@ -514,14 +549,22 @@ class ExpertNode:
             batch, self._pending = self._pending, []
             try:
                 results = await loop.run_in_executor(self._executor, self._compute, batch)
-            except Exception as exc:  # a fault in the FFN: fail these requests, keep serving
-                log.exception("expert node %d: FFN failed", self.index)
+            except Exception as exc:  # a fault in the FFN: find whose, fail only that request, keep serving
+                self._failures(("ffn", type(exc).__name__), logging.ERROR, "expert node %d: FFN failed on a batch of "
+                               "%d requests (each is computed alone now): %s", self.index, len(batch), exc,
+                               exc_info=exc)
+                results = []
                 for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
+                    try:
+                        results.extend(await loop.run_in_executor(self._executor, self._compute, [p]))
+                    except Exception as alone:
+                        results.append(alone)
             for p, r in zip(batch, results):
-                if not p.future.done():
+                if p.future.done():
+                    continue
+                if isinstance(r, Exception):
+                    p.future.set_exception(r)
+                else:
                     p.future.set_result(r)
 
     @torch.inference_mode()
@@ -552,24 +595,25 @@ class ExpertNode:
         return out
 
     # ---- fixed-buffer data plane (NCCL on GPUs, HostPeer on CPUs) -------------------------------
-    def _nccl_init(self, attention: str, key: str) -> None:
-        """Worker thread: join the two communicators the attention node made (ids in the store)."""
-        old = self._links.pop(attention, None)
-        if old is not None:  # the attention node joins again after a failed step: drop what is left in flight
-            abort_all([old.dispatch, old.combine], timeout_s=30.0)
-            old.executor.shutdown(wait=False)
-        ids = self.store.get(key).decode().split("\n")
-        if self.device.type == "cuda":
-            from afkv.transport.nccl import NcclPeer
+    def _nccl_init(self, attention: str, ids: list[str], executor: ThreadPoolExecutor) -> None:
+        """The new link's thread (`executor`): join the two communicators the attention node
+        made (their ids came through the rendezvous) and make them its link."""
+        try:
+            old = self._links.pop(attention, None)
+            if old is not None:  # the attention node joins again after a failed step: drop what is left in flight
+                abort_all([old.dispatch, old.combine], timeout_s=30.0)
+                old.executor.shutdown(wait=False)
+            if self.device.type == "cuda":
+                from afkv.transport.nccl import NcclPeer
 
-            peers = (NcclPeer(ids[0], 1, self.device), NcclPeer(ids[1], 1, self.device))
-        else:
-            peers = (HostPeer(ids[0], 1, self.device, self.peer_timeout_s), HostPeer(ids[1], 1, self.device,
-                                                                                  self.peer_timeout_s))
+                peers = (NcclPeer(ids[0], 1, self.device), NcclPeer(ids[1], 1, self.device))
+            else:
+                peers = (HostPeer(ids[0], 1, self.device, self.peer_timeout_s), HostPeer(ids[1], 1, self.device,
+                                                                                      self.peer_timeout_s))
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
         st = self._streams
-        executor = ThreadPoolExecutor(1, thread_name_prefix=f"afkv-expert{self.index}-{attention}",
-                                      initializer=torch.cuda.set_device if st.cuda else None,
-                                      initargs=(self.device,) if st.cuda else ())
         loads = torch.zeros(self.spec.num_layers, self.placement.sentinel + 1, dtype=torch.int64, device=self.device)
         self._links[attention] = _Link(attention, *peers, st.stream(), st.stream(), st.stream(), executor, loads)
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from afkv.errors import ExpertRowsUnavailableError, ExpertUnavailableError, PeerLostError, TransportError
+from afkv.errors import AfkvError, ExpertRowsUnavailableError, ExpertUnavailableError, PeerLostError, TransportError
 from afkv.nodes.expert import DATA_FRAME_BYTES
 from afkv.nodes.placement import ExpertPlacement, Part
 from afkv.transport.control import ConnState, ControlClient, ControlLimits
@@ -167,7 +167,7 @@ class RemoteFFN:
         try:
             client = await self._client(j)
             return await client.request(msg, self.timeout_s)
-        except TransportError as exc:  # PeerLostError included: say which expert node
+        except AfkvError as exc:  # the link's (PeerLostError included), or the node's own (its class is the cause)
             raise PeerLostError(f"expert node {j} lost: {exc}") from exc
 
     async def _notify(self, j: int, msg: dict) -> None:

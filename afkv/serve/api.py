@@ -1,11 +1,24 @@
 """API server of an attention node: serves an Engine to remote clients (afkv.serve.client).
 
 Messages (msgpack over the control plane, afkv.transport.control):
-    client -> node   {"type": "generate", "rid", "prompt", "params"}     notification
+    client -> node   {"type": "generate", "rid", "prompt", "params"}     request: "ack" once started
     node -> client   {"type": "chunk", "rid", "chunk"} ...                the last has finish_reason
-                     {"type": "failed", "rid", "error", "message"}         a typed afkv error, by class name
-    client -> node   {"type": "abort", "rid"}
+                     {"type": "failed", "rid", "error"}                    error: afkv.errors.error_to_wire
+    client -> node   {"type": "abort", "rid"}                             notification
     client -> node   {"type": "stats"} / {"type": "set_micro_batches", "m"}   requests
+                     {"type": "limits"} -> {"max_prompt_chars", "max_model_len"}
+
+`rid` is the client's name for one stream: an int, unique among the streams in flight on its
+connection. A generate without an int rid, or with one in flight, is answered with a
+FrameError (the stream in flight goes on). A started stream ends with its last chunk or
+exactly one "failed" message, whatever ended it (the connection closing aside).
+
+Limits (`api_limits`): a generate message may hold what the engine's longest prompt needs
+(a larger frame closes the connection unread: AttachedEngine refuses such prompts itself,
+PromptTooLongError), any other message 64 KiB (refused alone, FrameTooLargeError); a client
+silent for client_timeout_s (no frame, no heartbeat), or that takes longer to send one
+frame, is dropped; the node sends heartbeats every second, so that a client can tell a
+frozen node from a quiet one; at most 256 connections.
 """
 
 from __future__ import annotations
@@ -16,13 +29,54 @@ import logging
 
 from afkv import errors
 from afkv.engine.engine import Engine
-from afkv.engine.params import CompletionChunk, SamplingParams
-from afkv.transport.control import ControlConnection, ControlServer
+from afkv.engine.params import CompletionChunk, KVPruning, SamplingParams
+from afkv.transport.control import MAX_FRAME_BYTES, ControlConnection, ControlLimits, ControlServer
 
 log = logging.getLogger("afkv.api")
 
+_PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+SMALL_MESSAGE_BYTES = 64 * 1024
+HEARTBEAT_INTERVAL_S = 1.0
+MAX_CLIENTS = 256
+
+
+def api_limits(engine: Engine, client_timeout_s: float) -> ControlLimits:
+    """Limits of an attention node's API port (see the module docstring). A generate message
+    holds at most max_prompt_chars characters of UTF-8 (4 bytes each), or max_model_len token
+    ids or chat messages, plus its parameters."""
+    generate_bytes = 4 * engine.max_prompt_chars + 80 * engine.max_model_len + SMALL_MESSAGE_BYTES
+    return ControlLimits(max_frame_bytes=max(MAX_FRAME_BYTES, generate_bytes), max_inbound_bytes=generate_bytes,
+                         idle_timeout_s=client_timeout_s,
+                         frame_timeout_s=client_timeout_s, heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
+                         max_connections=MAX_CLIENTS, message_bytes={"generate": generate_bytes},
+                         default_message_bytes=SMALL_MESSAGE_BYTES)
+
+
 def params_to_wire(p: SamplingParams) -> dict:
-    return {f.name: (list(v) if isinstance(v := getattr(p, f.name), tuple) else v) for f in dataclasses.fields(p)}
+    out = {}
+    for f in dataclasses.fields(p):
+        v = getattr(p, f.name)
+        out[f.name] = dataclasses.asdict(v) if isinstance(v, KVPruning) else list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def params_from_wire(wire: object) -> SamplingParams:
+    """SamplingParams from a generate message; InvalidSamplingParamsError naming what is wrong."""
+    if wire is None:
+        return SamplingParams()
+    if not isinstance(wire, dict):
+        raise errors.InvalidSamplingParamsError(f"params must be a map, got {type(wire).__name__}")
+    unknown = sorted(map(str, set(wire) - _PARAM_NAMES))
+    if unknown:
+        raise errors.InvalidSamplingParamsError(f"unknown sampling parameter(s) {', '.join(unknown)}")
+    kwargs = dict(wire)
+    pruning = kwargs.get("pruning")
+    if isinstance(pruning, dict):
+        try:
+            kwargs["pruning"] = KVPruning(**pruning)
+        except TypeError as exc:
+            raise errors.InvalidSamplingParamsError(f"pruning: {exc}") from exc
+    return SamplingParams(**kwargs)
 
 
 def _pairs(d: dict[int, float] | None):
@@ -46,12 +100,17 @@ def chunk_to_wire(c: CompletionChunk) -> dict:
 
 
 class ApiServer:
-    """Serves an Engine to remote clients; one task per streaming request."""
+    """Serves an Engine to remote clients; one task per streaming request.
 
-    def __init__(self, engine: Engine, host: str, port: int = 0, token: str | None = None):
+    Owns `_streams`: per connection, rid -> the task streaming that request (added by
+    `generate`, removed by the task when it ends)."""
+
+    def __init__(self, engine: Engine, host: str, port: int = 0, token: str | None = None,
+                 client_timeout_s: float = 60.0):
         self.engine = engine
-        self._server = ControlServer(self._handle, host=host, port=port, token=token)
-        self._streams: dict[tuple[int, int], asyncio.Task] = {}
+        self._server = ControlServer(self._handle, host=host, port=port, token=token,
+                                     limits=api_limits(engine, client_timeout_s))
+        self._streams: dict[ControlConnection, dict[int, asyncio.Task]] = {}
 
     @property
     def port(self) -> int:
@@ -62,46 +121,67 @@ class ApiServer:
         return self._server.port
 
     async def aclose(self) -> None:
-        for t in list(self._streams.values()):
+        tasks = [t for streams in self._streams.values() for t in streams.values()]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._streams.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self._server.aclose()
 
     async def _handle(self, conn: ControlConnection, msg: dict) -> dict | None:
         kind = msg["type"]
         if kind == "generate":
-            key = (id(conn), int(msg["rid"]))
-            self._streams[key] = asyncio.create_task(self._stream(conn, key, msg))
+            rid = msg.get("rid")
+            if isinstance(rid, bool) or not isinstance(rid, int):
+                raise errors.FrameError(f"a generate message needs an int 'rid', got {rid!r:.50}")
+            streams = self._streams.setdefault(conn, {})
+            if rid in streams:
+                raise errors.FrameError(f"rid {rid} is already streaming on this connection")
+            streams[rid] = asyncio.create_task(self._stream(conn, rid, msg), name=f"afkv-api-stream {rid}")
             return None
         if kind == "abort":
-            task = self._streams.get((id(conn), int(msg["rid"])))
+            rid = msg.get("rid")
+            task = self._streams.get(conn, {}).get(rid) if isinstance(rid, int) else None
             if task is not None:
                 task.cancel()
             return None
         if kind == "stats":
             return {"type": "stats", **dataclasses.asdict(self.engine.stats()), "layer": self.engine.layer_timings(),
                     "micro_batches": self.engine.micro_batches}
+        if kind == "limits":
+            return {"type": "limits", "max_prompt_chars": self.engine.max_prompt_chars,
+                    "max_model_len": self.engine.max_model_len}
         if kind == "set_micro_batches":
-            self.engine.set_micro_batches(int(msg["m"]))
+            m = msg.get("m")
+            if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 16:
+                raise errors.FrameError(f"set_micro_batches needs an int m in [1, 16], got {m!r:.50}")
+            self.engine.set_micro_batches(m)
             return {"type": "ok"}
         raise errors.FrameError(f"attention node API: unknown message type {kind!r}")
 
-    async def _stream(self, conn: ControlConnection, key: tuple[int, int], msg: dict) -> None:
-        rid = key[1]
+    async def _stream(self, conn: ControlConnection, rid: int, msg: dict) -> None:
         try:
-            prompt = msg["prompt"]
-            params = SamplingParams(**msg.get("params", {}))
-            async for chunk in self.engine.generate(prompt, params):
+            params = params_from_wire(msg.get("params"))
+            async for chunk in self.engine.generate(msg.get("prompt"), params):
                 await conn.send({"type": "chunk", "rid": rid, "chunk": chunk_to_wire(chunk)})
         except asyncio.CancelledError:
             raise
-        except errors.TransportError:
-            log.info("client of request %d is gone", rid)
-        except (errors.AfkvError, TypeError, KeyError) as exc:
-            name = type(exc).__name__ if isinstance(exc, errors.AfkvError) else "RequestError"
-            try:
-                await conn.send({"type": "failed", "rid": rid, "error": name, "message": str(exc)})
-            except errors.TransportError:
-                log.info("client of request %d is gone; its error was: %s", rid, exc)
+        except errors.TransportError as exc:
+            log.info("client of request %d is gone: %s", rid, exc)
+        except errors.AfkvError as exc:
+            await self._fail(conn, rid, exc)
+        except Exception as exc:  # a bug: still end the client's request, never leave it waiting
+            log.exception("request %d failed", rid)
+            await self._fail(conn, rid, errors.RequestFailedError(
+                f"request {rid} failed on the attention node: {type(exc).__name__}: {exc}"))
         finally:
-            self._streams.pop(key, None)
+            streams = self._streams.get(conn)
+            if streams is not None and streams.get(rid) is asyncio.current_task():
+                del streams[rid]
+                if not streams:
+                    del self._streams[conn]
+
+    async def _fail(self, conn: ControlConnection, rid: int, exc: errors.AfkvError) -> None:
+        try:
+            await conn.send({"type": "failed", "rid": rid, "error": errors.error_to_wire(exc)})
+        except errors.TransportError:
+            log.info("client of request %s is gone; its error was: %s", rid, exc)

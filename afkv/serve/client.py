@@ -3,21 +3,37 @@ deployment (`afkv launch`). Requests are spread over the attention nodes round-r
 
     async with await afkv.Engine.attach("127.0.0.1:29600", token="...") as engine:
         async for chunk in engine.generate(prompt, params): ...
+
+The address is the deployment's rendezvous; the token is the deployment's (default
+$AFKV_TOKEN). Nothing listening there, or a wrong token, fails at once (PeerLostError,
+AuthError).
+
+Deadlines: attention nodes send heartbeats; one silent for `peer_timeout_s` (frozen, or the
+network gone) is dropped, and each request it was serving ends with PeerLostError. The
+next request for that node looks its address up again (it may have been restarted) and
+reconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import logging
+import os
+import uuid
 from collections.abc import AsyncIterator
 
 from afkv import errors
+from afkv.engine.engine import EngineStats, check_prompt_size
 from afkv.engine.params import Completion, CompletionChunk, RequestMetrics, SamplingParams
-from afkv.nodes.rendezvous import lookup, open_store
+from afkv.nodes.rendezvous import RendezvousClient, lookup
 from afkv.serve.api import params_to_wire
-from afkv.transport.control import ConnState, ControlClient
+from afkv.transport.control import ConnState, ControlClient, ControlLimits
 
 NUM_ATTENTION_KEY = "afkv/attention_nodes"
+
+log = logging.getLogger("afkv.client")
 
 
 def _dict(pairs):
@@ -36,44 +52,44 @@ def chunk_from_wire(d: dict) -> CompletionChunk:
     )
 
 
-def _error(name: str, message: str) -> Exception:
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, errors.AfkvError)):
-        cls = errors.RequestFailedError
-    return cls(message)
-
-
 class AttachedEngine:
-    def __init__(self):
+    """Owns one control connection per attention node (`_clients`, None until first used or
+    after it was lost), and `_queues`: rid -> (attention node, the queue its chunks go to),
+    from a request's start to its end."""
+
+    def __init__(self, rendezvous: RendezvousClient, num_attention: int, peer_timeout_s: float):
         """Use `await AttachedEngine.connect(...)` (or `afkv.Engine.attach`)."""
-        self._clients: list[ControlClient] = []  # one per attention node
+        self._rendezvous = rendezvous
+        self._peer_timeout_s = peer_timeout_s
+        self._clients: list[ControlClient | None] = [None] * num_attention
+        self._limits: list[tuple[int, int]] = [(0, 0)] * num_attention  # (max_prompt_chars, max_model_len)
+        self._connecting = [asyncio.Lock() for _ in range(num_attention)]
+        self._watchers: set[asyncio.Task] = set()
+        self._name = f"client-{uuid.uuid4().hex[:12]}"
         self._turn = itertools.count()  # round-robin over the attention nodes
         self._rids = itertools.count()
-        self._queues: dict[int, asyncio.Queue] = {}
+        self._queues: dict[int, tuple[int, asyncio.Queue]] = {}
         self._closed = False
 
     @classmethod
-    async def connect(cls, address: str, token: str | None = None, timeout_s: float = 30.0) -> "AttachedEngine":
-        """`address`: host:port of the deployment's rendezvous store."""
+    async def connect(cls, address: str, token: str | None = None, timeout_s: float = 30.0,
+                      peer_timeout_s: float = 10.0) -> "AttachedEngine":
+        """`address`: host:port of the deployment's rendezvous; `token`: the deployment's
+        (default $AFKV_TOKEN). `timeout_s` bounds finding and reaching the attention nodes,
+        `peer_timeout_s` how long one may stay silent (no chunk, no heartbeat)."""
         host, _, port = address.rpartition(":")
-
-        def find() -> list[tuple[str, int]]:
-            store = open_store(host, int(port), is_master=False, timeout_s=timeout_s)
-            from datetime import timedelta
-
-            try:
-                store.wait([NUM_ATTENTION_KEY], timedelta(seconds=timeout_s))
-            except (RuntimeError, OSError) as exc:
-                raise errors.PeerLostError(f"no deployment registered at {address}: {exc}") from exc
-            return lookup(store, "attention", int(store.get(NUM_ATTENTION_KEY)), timeout_s)
-
-        addresses = await asyncio.to_thread(find)
-        self = cls()
+        if not host or not port.isdigit():
+            raise errors.ConfigError(f"a deployment's address is host:port, got {address!r}")
+        token = token if token is not None else os.environ.get("AFKV_TOKEN") or None
+        rendezvous = RendezvousClient(host, int(port), token, timeout_s, node_id="client")
         try:
-            for i, (h, p) in enumerate(addresses):
-                self._clients.append(await ControlClient.connect(
-                    h, p, token=token, role="client", node_id=f"client-{id(self)}-{i}", timeout_s=timeout_s,
-                    handler=self._on_message))
+            count = int(await asyncio.to_thread(rendezvous.get, NUM_ATTENTION_KEY, 0.0))
+        except errors.PeerLostError as exc:
+            raise errors.PeerLostError(f"no deployment at {address}: {exc}") from exc
+        self = cls(rendezvous, count, peer_timeout_s)
+        try:
+            for i in range(count):
+                await self._client(i)
         except BaseException:
             await self.aclose()
             raise
@@ -88,36 +104,81 @@ class AttachedEngine:
     async def aclose(self) -> None:
         self._closed = True
         for c in self._clients:
-            await c.aclose()
+            if c is not None:
+                await c.aclose()
+        for w in list(self._watchers):
+            w.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+
+    async def _client(self, i: int) -> ControlClient:
+        """The connection to attention node i, (re)connected after looking up its address."""
+        async with self._connecting[i]:
+            c = self._clients[i]
+            if c is not None and c.state is ConnState.OPEN:
+                return c
+            r = self._rendezvous
+            [(host, port)] = await asyncio.to_thread(lookup, r, "attention", i + 1, r.timeout_s, i)
+            limits = ControlLimits(idle_timeout_s=self._peer_timeout_s, frame_timeout_s=self._peer_timeout_s,
+                                   heartbeat_interval_s=min(1.0, self._peer_timeout_s / 4))
+            c = await ControlClient.connect(host, port, token=r.token, role="client", node_id=f"{self._name}-{i}",
+                                            timeout_s=r.timeout_s, handler=self._on_message, limits=limits)
+            try:
+                sizes = await c.request({"type": "limits"}, timeout_s=self._peer_timeout_s)
+                self._limits[i] = (int(sizes["max_prompt_chars"]), int(sizes["max_model_len"]))
+            except BaseException:
+                await c.aclose()
+                raise
+            self._clients[i] = c
+            watcher = asyncio.create_task(self._watch(i, c), name=f"afkv-client-watch {i}")
+            self._watchers.add(watcher)
+            watcher.add_done_callback(self._watchers.discard)
+            return c
+
+    async def _watch(self, i: int, client: ControlClient) -> None:
+        """When the connection to attention node i ends, end every request it was serving."""
+        await client.wait_closed()
+        reason = client.closed_reason
+        for rid, (node, q) in list(self._queues.items()):
+            if node == i:
+                q.put_nowait(errors.PeerLostError(f"attention node {i} lost: {reason}"))
 
     async def _on_message(self, conn, msg: dict) -> None:
-        q = self._queues.get(int(msg.get("rid", -1)))
+        """Route a chunk or failure to its request. Never raises for a known rid: a message it
+        cannot read ends that request with the reason, instead of leaving it waiting."""
+        rid = msg.get("rid")
+        entry = self._queues.get(rid) if isinstance(rid, int) and not isinstance(rid, bool) else None
+        q = None if entry is None else entry[1]
         if q is None:
+            if msg["type"] == "failed":
+                log.warning("attention node %s: %s", conn.peer, errors.error_from_wire(msg.get("error")))
             return None
         if msg["type"] == "chunk":
-            q.put_nowait(chunk_from_wire(msg["chunk"]))
+            try:
+                q.put_nowait(chunk_from_wire(msg["chunk"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                q.put_nowait(errors.FrameError(f"unreadable chunk from {conn.peer}: {exc!r}"))
         elif msg["type"] == "failed":
-            q.put_nowait(_error(msg["error"], msg["message"]))
+            q.put_nowait(errors.error_from_wire(msg.get("error")))
         return None
 
     async def generate(self, prompt, params: SamplingParams | None = None) -> AsyncIterator[CompletionChunk]:
         if self._closed:
             raise errors.EngineClosedError("this attached engine is closed")
         params = params or SamplingParams()
-        client = self._clients[next(self._turn) % len(self._clients)]
+        if not isinstance(params, SamplingParams):
+            raise errors.RequestError(f"params must be SamplingParams, not {type(params).__name__}")
+        i = next(self._turn) % len(self._clients)
+        client = await self._client(i)
+        check_prompt_size(prompt, *self._limits[i])  # a larger one would not fit in a frame the node reads
         rid = next(self._rids)
         q: asyncio.Queue = asyncio.Queue()
-        self._queues[rid] = q
+        self._queues[rid] = (i, q)
         finished = False
         try:
-            await client.send({"type": "generate", "rid": rid, "prompt": prompt, "params": params_to_wire(params)})
+            await client.request({"type": "generate", "rid": rid, "prompt": prompt, "params": params_to_wire(params)},
+                                 timeout_s=self._peer_timeout_s)
             while True:
-                try:
-                    item = await asyncio.wait_for(q.get(), timeout=1.0)
-                except TimeoutError:
-                    if client.state is not ConnState.OPEN:
-                        raise errors.PeerLostError(f"attention node {client.peer} is gone") from None
-                    continue
+                item = await q.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -128,7 +189,10 @@ class AttachedEngine:
         finally:
             self._queues.pop(rid, None)
             if not finished and client.state is ConnState.OPEN:
-                await client.send({"type": "abort", "rid": rid})
+                try:
+                    await client.send({"type": "abort", "rid": rid})
+                except errors.TransportError:
+                    pass  # gone meanwhile: the node drops the request when it cannot send to us
 
     async def complete(self, prompt, params: SamplingParams | None = None) -> Completion:
         chunks = [c async for c in self.generate(prompt, params)]
@@ -140,9 +204,21 @@ class AttachedEngine:
             finish_reason=last.finish_reason, prompt_logprobs=chunks[0].prompt_logprobs, metrics=last.metrics,
         )
 
-    async def stats(self) -> list[dict]:
-        return [await c.request({"type": "stats"}, timeout_s=10.0) for c in self._clients]
+    async def stats(self) -> list[EngineStats]:
+        """EngineStats of each attention node (Engine.stats() of each), in rank order."""
+        names = [f.name for f in dataclasses.fields(EngineStats)]
+        replies = await self._request_all({"type": "stats"})
+        return [EngineStats(**{n: r[n] for n in names if n in r}) for r in replies]
+
+    async def layer_timings(self) -> list[dict[str, float]]:
+        """Engine.layer_timings() of each attention node, in rank order."""
+        return [r["layer"] for r in await self._request_all({"type": "stats"})]
 
     async def set_micro_batches(self, m: int) -> None:
-        for c in self._clients:
-            await c.request({"type": "set_micro_batches", "m": m}, timeout_s=10.0)
+        await self._request_all({"type": "set_micro_batches", "m": m})
+
+    async def _request_all(self, msg: dict) -> list[dict]:
+        if self._closed:
+            raise errors.EngineClosedError("this attached engine is closed")
+        clients = [await self._client(i) for i in range(len(self._clients))]
+        return [await c.request(msg, timeout_s=self._peer_timeout_s) for c in clients]

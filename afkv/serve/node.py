@@ -1,9 +1,14 @@
 """One node process of a deployment: `python -m afkv.serve.node`.
 
 Started by `afkv launch` or by torchrun/SLURM with RANK, WORLD_SIZE, MASTER_ADDR and
-MASTER_PORT set (the rendezvous store), plus AFKV_CONFIG (deployment TOML) and
-AFKV_MODEL (checkpoint directory; empty for the default model). Ranks 0..M-1 are
-attention nodes, M..M+N-1 expert nodes. SIGTERM/SIGINT or a "shutdown" message stop it.
+MASTER_PORT set, plus AFKV_CONFIG (deployment TOML), AFKV_MODEL (checkpoint directory;
+empty for the default model) and the deployment's shared token (`[deployment] token`, else
+AFKV_TOKEN: a node refuses to start without one). Ranks 0..M-1 are attention nodes,
+M..M+N-1 expert nodes. SIGTERM/SIGINT or a "shutdown" message stop it.
+
+Rendezvous (afkv.nodes.rendezvous): at MASTER_ADDR:AFKV_RENDEZVOUS_PORT (default
+MASTER_PORT; MASTER_PORT + 1 under torchrun, whose agent holds MASTER_PORT), hosted by rank
+0 unless AFKV_RENDEZVOUS=launcher (`afkv launch` hosts it itself).
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from afkv.errors import AfkvError, ConfigError
 from afkv.model.model import open_checkpoint
 from afkv.nodes.expert import ExpertNode
 from afkv.nodes.placement import initial_placement
-from afkv.nodes.rendezvous import open_store, publish
+from afkv.nodes.rendezvous import RendezvousServer, open_store, publish
 from afkv.serve import run_async
 from afkv.serve.api import ApiServer
+from afkv.serve.client import NUM_ATTENTION_KEY
 
 log = logging.getLogger("afkv.node")
 
@@ -42,14 +48,15 @@ async def serve_expert(cfg: EngineConfig, model: str | None, index: int, store_h
     spec, reader = open_checkpoint(model_dir, upcycle)
     reader.close()
     device = resolve_device(d.expert_devices[index] if d.expert_devices else cfg.model.device)
-    store = await asyncio.to_thread(open_store, store_host, store_port, False)
+    store = open_store(store_host, store_port, False, token=d.token)
     e = cfg.eplb
     try:
         placement = initial_placement(spec, d.expert_nodes, e.slots_per_node if e.enabled else 0)
     except ValueError as exc:
         raise ConfigError(str(exc), file=cfg.source, key="eplb.slots_per_node") from exc
     node = ExpertNode(spec, model_dir, placement, index, device, resolve_dtype(cfg.model.dtype, device), token=d.token,
-                      host=d.host, store=store, peer_timeout_s=d.expert_timeout_s, window_s=e.window_s)
+                      host=d.host, store=store, peer_timeout_s=d.expert_timeout_s, window_s=e.window_s,
+                      max_rows=cfg.scheduler.max_num_batched_tokens)
     port = await node.start()
     await asyncio.to_thread(publish, store, "expert", index, d.host, port)
     log.info("expert node %d serving on %s:%d", index, d.host, port)
@@ -64,9 +71,9 @@ async def serve_attention(cfg: EngineConfig, model: str | None, index: int, stor
     if d.attention_devices:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=d.attention_devices[index]))
     async with Engine(model, cfg, progress=False, attention_rank=index) as engine:
-        api = ApiServer(engine, d.host, 0, token=d.token or None)
+        api = ApiServer(engine, d.host, 0, token=d.token or None, client_timeout_s=d.client_timeout_s)
         port = await api.start()
-        store = await asyncio.to_thread(open_store, store_host, store_port, False)
+        store = open_store(store_host, store_port, False, token=d.token)
         await asyncio.to_thread(publish, store, "attention", index, d.host, port)
         log.info("attention node %d serving on %s:%d", index, d.host, port)
         await _stop_event().wait()
@@ -77,7 +84,7 @@ def main() -> int:
     logging.basicConfig(level=os.environ.get("AFKV_LOG", "WARNING"), format="%(asctime)s %(name)s %(message)s")
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        store_host, store_port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        store_host, store_port = os.environ["MASTER_ADDR"], _rendezvous_port()
         cfg = EngineConfig.from_toml(os.environ["AFKV_CONFIG"])
     except KeyError as exc:
         print(f"afkv node: environment variable {exc} is not set (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, "
@@ -95,17 +102,37 @@ def main() -> int:
         if world != d.world_size:
             raise ConfigError(f"WORLD_SIZE is {world} but the deployment has {d.world_size} nodes",
                               file=os.environ["AFKV_CONFIG"], key="deployment")
+        token = d.token or os.environ.get("AFKV_TOKEN", "")
+        if not token:
+            raise ConfigError("a node needs the deployment's shared token: set AFKV_TOKEN (the same on every node) "
+                              "or [deployment] token; `afkv launch` makes one up", file=os.environ["AFKV_CONFIG"],
+                              key="deployment.token")
         # the store address comes from the environment: it wins over the config's host/port
-        cfg = dataclasses.replace(cfg, deployment=dataclasses.replace(d, port=store_port))
-        if rank < d.attention_nodes:
-            coro = serve_attention(cfg, model, rank, store_host, store_port)
-        else:
-            coro = serve_expert(cfg, model, rank - d.attention_nodes, store_host, store_port)
-        run_async(coro)
+        cfg = dataclasses.replace(cfg, deployment=dataclasses.replace(d, port=store_port, token=token))
+        hosted = None
+        if rank == 0 and os.environ.get("AFKV_RENDEZVOUS") != "launcher":
+            hosted = RendezvousServer(store_host, store_port, token).start()
+            hosted.set(NUM_ATTENTION_KEY, str(d.attention_nodes))
+        try:
+            if rank < d.attention_nodes:
+                coro = serve_attention(cfg, model, rank, store_host, store_port)
+            else:
+                coro = serve_expert(cfg, model, rank - d.attention_nodes, store_host, store_port)
+            run_async(coro)
+        finally:
+            if hosted is not None:
+                hosted.close()
     except AfkvError as exc:
         print(f"afkv node {rank}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _rendezvous_port() -> int:
+    if "AFKV_RENDEZVOUS_PORT" in os.environ:
+        return int(os.environ["AFKV_RENDEZVOUS_PORT"])
+    under_torchrun = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    return int(os.environ["MASTER_PORT"]) + (1 if under_torchrun else 0)
 
 
 if __name__ == "__main__":

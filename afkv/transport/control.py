@@ -14,64 +14,88 @@ Frame on the wire:
 A reader checks magic and schema, refuses a length above its limit before
 reading the payload, and decodes with raw=False, no ext types and msgpack's
 length limits bounded by the payload size. Any frame error desynchronises
-the stream, so the connection is closed after one.
+the stream, so the connection is closed after one. A whole message of a
+type above its own limit (ControlLimits.message_bytes) is refused alone.
 
-Session:
+Session (the whole handshake within handshake_timeout_s, frames of at most
+HELLO_MAX_BYTES):
 
-    client -> server   {"type": "hello", "token", "role", "node_id"}
-                       (at most HELLO_MAX_BYTES, within handshake_timeout_s)
-    server -> client   {"type": "welcome"}
+    server -> client   {"type": "challenge", "nonce": sn}        32 random bytes
+    client -> server   {"type": "hello", "role", "node_id", "nonce": cn, "proof": client_proof(...)}
+    server -> client   {"type": "welcome", "proof": server_proof(...)}
                        or {"type": "error", "code", "message"}, then close
     then either side, any number of times:
       request          {..., "type": t, "id": n}  -> one reply {..., "re": n}
       notification     {..., "type": t}              no reply
-      heartbeat        {"type": "heartbeat"}         refreshes last_seen_s only
-      error            {"type": "error", "code", "message"[, "re": n]}
+      heartbeat        {"type": "heartbeat"}         only resets the idle deadline
+      error            {"type": "error", "code", "message"[, "error", "re": n]}
+
+Authentication: with a shared token, each side proves it holds the token with
+an HMAC-SHA256 over both nonces (and the client's role and node_id); the
+token itself never crosses the wire. A server without a token (loopback
+only) sends no proof and accepts any hello; a client with a token refuses a
+server that cannot prove it holds the same token. Nothing is encrypted: the
+token keeps out processes that lack it, not an eavesdropper on the path.
+
+Deadlines after the handshake (ControlLimits): a peer that sends no frame
+(heartbeats count) for idle_timeout_s, or takes over frame_timeout_s to send
+one whole frame once its first byte arrived, is lost. A side that sets
+heartbeat_interval_s sends heartbeats, so that its idle peer stays alive.
 
 "id" and "re" are reserved keys: request() sets "id", the answering side sets
 "re". A handler returning None to a request answers {"type": "ack"}; a
-handler raising answers {"type": "error", "code": "handler"}, which request()
-raises as TransportError; what a handler returns for a notification is
-dropped. Messages from one peer reach the handler one at a time, in arrival
-order; replies and heartbeats are read meanwhile (until max_queued_messages
-wait for the handler), so a slow handler neither blocks replies nor makes its
-peer look dead.
+handler raising answers {"type": "error", "code": "handler", "error":
+afkv.errors.error_to_wire(exc)}, which request() raises as the same error
+class (error_from_wire); what a handler returns for a notification is
+dropped. Handler failures are logged once per (peer, message type) and
+then at most once a minute. Messages from one peer reach the handler one at a
+time, in arrival order; replies and heartbeats are read meanwhile (until
+max_queued_messages wait for the handler), so a slow handler neither blocks
+replies nor makes its peer look dead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import hmac
 import ipaddress
 import itertools
 import logging
+import secrets
 import struct
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import msgpack
 
 from afkv.errors import (
+    AfkvError,
     AuthError,
     ConfigError,
     FrameError,
     FrameTooLargeError,
     PeerLostError,
     TransportError,
+    error_from_wire,
+    error_to_wire,
 )
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"AFKC"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: challenge-response handshake
 HEADER = struct.Struct(">4sHI")  # magic, schema version, payload nbytes
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 HELLO_MAX_BYTES = 64 * 1024  # an unauthenticated peer may not make us buffer more
 MAX_ERROR_MESSAGE_CHARS = 1000
 SERVER_NODE_ID = "control-server"  # how a client names the server it talks to
+NONCE_BYTES = 32
+LOG_EVERY_S = 60.0  # a repeated failure of one kind is logged at most this often
 
 Message = dict[str, Any]
 
@@ -106,21 +130,44 @@ def decode_payload(payload: bytes) -> Message:
 
 
 async def read_frame(
-    reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BYTES, *, timeout_s: float | None = None
+    reader: asyncio.StreamReader,
+    max_bytes: int = MAX_FRAME_BYTES,
+    *,
+    timeout_s: float | None = None,
+    idle_timeout_s: float | None = None,
 ) -> Message | None:
     """Read one frame. None at a clean end of stream (EOF before any header byte).
 
     Raises FrameTooLargeError before reading a payload above `max_bytes`,
     FrameError for bad magic, schema version or payload, and PeerLostError on
-    EOF inside a frame, a reset, or no whole frame within `timeout_s`. After a
-    FrameError the stream is desynchronised: the caller must close it.
+    EOF inside a frame, a reset, no first byte within `idle_timeout_s`, or no
+    whole frame within `timeout_s` (counted from its first byte when
+    `idle_timeout_s` is given, else from the call). After a FrameError the
+    stream is desynchronised: the caller must close it.
     """
+    payload = await _read_payload(reader, max_bytes, timeout_s, idle_timeout_s)
+    return None if payload is None else decode_payload(payload)
+
+
+async def _read_payload(
+    reader: asyncio.StreamReader, max_bytes: int, timeout_s: float | None, idle_timeout_s: float | None
+) -> bytes | None:
+    """The payload of the next frame (see read_frame), or None at a clean end of stream."""
+    first = b""
     try:
+        if idle_timeout_s is not None:
+            try:
+                async with asyncio.timeout(idle_timeout_s):
+                    first = await reader.read(1)
+            except TimeoutError as exc:
+                raise PeerLostError(f"no frame for {idle_timeout_s} s") from exc
+            if not first:
+                return None
         async with asyncio.timeout(timeout_s):
             try:
-                header = await reader.readexactly(HEADER.size)
+                header = first + await reader.readexactly(HEADER.size - len(first))
             except asyncio.IncompleteReadError as exc:
-                if not exc.partial:
+                if not first and not exc.partial:
                     return None
                 raise
             magic, version, nbytes = HEADER.unpack(header)
@@ -130,14 +177,13 @@ async def read_frame(
                 raise FrameError(f"schema version {version}, expected {SCHEMA_VERSION}")
             if nbytes > max_bytes:
                 raise FrameTooLargeError(f"frame of {nbytes} bytes announced, above the limit of {max_bytes}")
-            payload = await reader.readexactly(nbytes)
+            return await reader.readexactly(nbytes)
     except asyncio.IncompleteReadError as exc:
         raise PeerLostError(f"end of stream inside a frame ({len(exc.partial)} of {exc.expected} bytes)") from exc
     except TimeoutError as exc:  # before OSError: TimeoutError is one
         raise PeerLostError(f"no whole frame within {timeout_s} s") from exc
     except OSError as exc:
         raise PeerLostError(f"connection broken while reading: {exc!r}") from exc
-    return decode_payload(payload)
 
 
 async def write_frame(
@@ -174,24 +220,144 @@ def _refuse_ext(code: int, data: bytes) -> object:
     raise ValueError(f"msgpack ext type {code} is not allowed")
 
 
+# ---------------------------------------------------------------- authentication
+
+
+def client_proof(token: str, server_nonce: bytes, client_nonce: bytes, role: str, node_id: str) -> bytes:
+    """What a client sends to prove it holds `token` (bound to both nonces and its identity)."""
+    return _mac(token, [b"afkv-client", server_nonce, client_nonce, role, node_id])
+
+
+def server_proof(token: str, server_nonce: bytes, client_nonce: bytes) -> bytes:
+    """What a server sends back to prove it holds `token` too."""
+    return _mac(token, [b"afkv-server", server_nonce, client_nonce])
+
+
+def _mac(token: str, parts: list) -> bytes:
+    return hmac.new(token.encode(), msgpack.packb(parts, use_bin_type=True), hashlib.sha256).digest()
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+def check_hello(hello: Message, token: str | None, server_nonce: bytes) -> tuple[str, str, bytes] | tuple[str, str]:
+    """Validate a hello against the challenge: (role, node_id, client nonce), or (code,
+    message) of the refusal."""
+    if hello["type"] != "hello":
+        return "protocol", f"the first message must be a hello, got {hello['type']!r}"
+    role, node_id, nonce = hello.get("role"), hello.get("node_id"), hello.get("nonce")
+    if not (isinstance(role, str) and role and isinstance(node_id, str) and node_id):
+        return "protocol", "a hello needs a non-empty str role and node_id"
+    if not (isinstance(nonce, bytes) and len(nonce) == NONCE_BYTES):
+        return "protocol", f"a hello needs a {NONCE_BYTES}-byte nonce"
+    if token is not None:
+        proof = hello.get("proof")
+        expected = client_proof(token, server_nonce, nonce, role, node_id)
+        if not (isinstance(proof, bytes) and hmac.compare_digest(proof, expected)):
+            return "auth", "wrong or missing token"
+    return role, node_id, nonce
+
+
+def make_hello(challenge: Message, token: str | None, role: str, node_id: str, peer: object) -> tuple[Message, bytes]:
+    """A client's hello answering `challenge` -> (hello, the server proof to expect)."""
+    if challenge["type"] == "error":
+        raise _refusal(challenge, f"{peer} refused {role} {node_id!r}")
+    server_nonce = challenge.get("nonce")
+    if challenge["type"] != "challenge" or not (isinstance(server_nonce, bytes) and len(server_nonce) == NONCE_BYTES):
+        raise FrameError(f"{peer} opened with {challenge['type']!r}, expected a challenge")
+    nonce = new_nonce()
+    proof = None if token is None else client_proof(token, server_nonce, nonce, role, node_id)
+    hello = {"type": "hello", "role": role, "node_id": node_id, "nonce": nonce, "proof": proof}
+    return hello, b"" if token is None else server_proof(token, server_nonce, nonce)
+
+
+def check_welcome(answer: Message | None, expected_proof: bytes, role: str, node_id: str, peer: object) -> None:
+    """Raise unless `answer` welcomes us and (with a token) proves the server holds it."""
+    if answer is None:
+        raise PeerLostError(f"{peer} closed the connection during the handshake")
+    if answer["type"] == "error":
+        raise _refusal(answer, f"{peer} refused {role} {node_id!r}")
+    if answer["type"] != "welcome":
+        raise FrameError(f"{peer} answered the hello with {answer['type']!r}, expected 'welcome'")
+    proof = answer.get("proof")
+    if expected_proof and not (isinstance(proof, bytes) and hmac.compare_digest(proof, expected_proof)):
+        raise AuthError(f"{peer} did not prove it holds the shared token: not a node of this deployment")
+
+
+def _refusal(answer: Message, what: str) -> TransportError:
+    refusal = f"{what}: {answer.get('message')!r}"
+    return AuthError(refusal) if answer.get("code") == "auth" else TransportError(refusal)
+
+
+class RateLimitedLog:
+    """Logs a failure the first time its key (e.g. peer and message type) shows up, then at
+    most once every `every_s` with the number of failures left out meanwhile: a peer that
+    keeps failing cannot flood the log. Owned by one event loop (or one thread)."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = LOG_EVERY_S, max_keys: int = 4096):
+        self._log, self._every_s, self._max_keys = logger, every_s, max_keys
+        self._seen: dict[object, list] = {}  # key -> [last logged (monotonic s), failures not logged since]
+
+    def __call__(self, key: object, level: int, msg: str, *args: object, exc_info: BaseException | None = None) -> None:
+        now = time.monotonic()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self._every_s:
+            seen[1] += 1
+            return
+        if seen is not None and seen[1]:
+            msg += f" ({seen[1]} more like it in the last {now - seen[0]:.0f} s not logged)"
+        if len(self._seen) >= self._max_keys and key not in self._seen:
+            self._seen.clear()  # bounded memory: forgetting only costs one more log line per key
+        self._seen[key] = [now, 0]
+        self._log.log(level, msg, *args, exc_info=exc_info)
+
+
 # ---------------------------------------------------------------- peers and connections
 
 
 @dataclass(frozen=True)
 class ControlLimits:
-    """Per-connection limits, validated once here."""
+    """Per-connection limits, validated once here. None: no such deadline."""
 
-    max_frame_bytes: int = MAX_FRAME_BYTES
+    max_frame_bytes: int = MAX_FRAME_BYTES  # no frame above this is written, nor read (the connection closes)
+    max_inbound_bytes: int | None = None  # a lower limit for frames read; None: max_frame_bytes
     handshake_timeout_s: float = 10.0
     send_timeout_s: float = 10.0  # a peer that takes no frame for this long is lost
     max_queued_messages: int = 256  # read-ahead for the handler; reading pauses beyond
+    idle_timeout_s: float | None = None  # a peer that sends no frame for this long is lost
+    frame_timeout_s: float | None = None  # ... or that takes this long to send one whole frame
+    heartbeat_interval_s: float | None = None  # this side sends heartbeats this often
+    max_connections: int = 1024  # a server refuses connections beyond this many
+    # message type -> its largest payload (bytes); other types: default_message_bytes. A
+    # message above its limit is refused alone (FrameTooLargeError), the connection stays.
+    message_bytes: Mapping[str, int] = field(default_factory=dict)
+    default_message_bytes: int | None = None  # None: the inbound limit
 
     def __post_init__(self) -> None:
-        for key in ("max_frame_bytes", "handshake_timeout_s", "send_timeout_s", "max_queued_messages"):
+        object.__setattr__(self, "message_bytes", MappingProxyType(dict(self.message_bytes)))
+        for key in ("max_frame_bytes", "handshake_timeout_s", "send_timeout_s", "max_queued_messages",
+                    "max_connections"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"must be > 0, got {getattr(self, key)!r}", key=key)
+        for key in ("idle_timeout_s", "frame_timeout_s", "heartbeat_interval_s", "default_message_bytes",
+                    "max_inbound_bytes"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise ConfigError(f"must be None or > 0, got {getattr(self, key)!r}", key=key)
         if self.max_frame_bytes > 2**32 - 1:
             raise ConfigError("the frame header holds at most a u32 length", key="max_frame_bytes")
+        if any(not 0 < n <= self.inbound_bytes for n in self.message_bytes.values()):
+            raise ConfigError(f"message limits must be in (0, max_inbound_bytes], got {dict(self.message_bytes)}",
+                              key="message_bytes")
+
+    @property
+    def inbound_bytes(self) -> int:
+        """The largest frame read (a larger one closes the connection before it is read)."""
+        return min(self.max_inbound_bytes or self.max_frame_bytes, self.max_frame_bytes)
+
+    def message_limit(self, kind: str) -> int:
+        """The largest payload a message of type `kind` may have."""
+        return self.message_bytes.get(kind, self.default_message_bytes or self.inbound_bytes)
 
 
 @dataclass(frozen=True)
@@ -218,7 +384,7 @@ class ControlConnection:
     Owns its stream pair, its pending-request table and its inbox; both sides
     of a session use this class (the server one per peer, a client one to the
     server). Two tasks run while it is open: the reader (resolves replies,
-    refreshes last_seen_s, queues other messages) and the dispatcher (calls
+    resets the idle deadline, queues other messages) and the dispatcher (calls
     the handler for each queued message, in order, and writes the reply).
 
     Ending: when the peer closes, the connection is CLOSED at once (pending
@@ -238,16 +404,18 @@ class ControlConnection:
         peer: PeerInfo,
         handler: Handler | None,
         limits: ControlLimits,
+        failures: RateLimitedLog | None = None,
     ) -> None:
         self.peer = peer
         self._reader = reader
         self._writer = writer
         self._handler = handler
         self._limits = limits
+        self._failures = failures or RateLimitedLog(log)  # a server shares one among its connections
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self._state = ConnState.OPEN
         self._closed_reason: TransportError | None = None
         self._peer_error: str | None = None  # last unsolicited error the peer sent
-        self._last_seen_s = time.monotonic()
         self._request_ids = itertools.count(1)
         # Owned here: request() adds, the reader resolves, _shutdown() fails the rest.
         self._pending: dict[int, asyncio.Future[Message]] = {}
@@ -261,9 +429,9 @@ class ControlConnection:
         return self._state
 
     @property
-    def last_seen_s(self) -> float:
-        """time.monotonic() when the last frame from the peer arrived."""
-        return self._last_seen_s
+    def closed_reason(self) -> TransportError | None:
+        """Why the connection closed (None while open)."""
+        return self._closed_reason
 
     async def send(self, msg: Message) -> None:
         """Send a notification (no reply)."""
@@ -275,7 +443,9 @@ class ControlConnection:
         """Send `msg` as a request and return the peer's reply (without "re").
 
         PeerLostError if the peer does not answer within `timeout_s` or goes
-        away first; TransportError if it answers with an error reply.
+        away first; the error its handler raised (same class, message and
+        fields; see afkv.errors.error_from_wire) if it answers with one; else
+        TransportError for another error reply.
         """
         self._check_open()
         _check_outgoing(msg)
@@ -292,14 +462,44 @@ class ControlConnection:
         finally:
             self._pending.pop(request_id, None)
         if reply["type"] == "error":
+            if "error" in reply:
+                exc = error_from_wire(reply["error"])
+                exc.add_note(f"raised by {self.peer} answering {msg['type']!r}")
+                raise exc
             raise TransportError(f"{self.peer} answered {msg['type']!r} with an error: {reply.get('message')!r}")
         return reply
+
+    def start_heartbeat(self, interval_s: float) -> None:
+        """Send a heartbeat every `interval_s` until the connection closes."""
+        if not interval_s > 0:
+            raise ConfigError(f"must be > 0, got {interval_s!r}", key="interval_s")
+        if self._heartbeat_task is not None:
+            raise TransportError("heartbeats are already running on this connection")
+        self._check_open()
+        self._heartbeat_task = asyncio.create_task(self._heartbeat(interval_s), name=f"afkv-heartbeat {self.peer}")
+
+    async def _heartbeat(self, interval_s: float) -> None:
+        try:
+            while True:
+                await self.send({"type": "heartbeat"})
+                await asyncio.sleep(interval_s)
+        except TransportError as exc:  # the connection closed: requests report it; heartbeats just stop
+            log.debug("heartbeats to %s stopped: %s", self.peer, exc)
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is closed and its tasks have ended."""
+        if self._task is not None:
+            await asyncio.wait([self._task])
 
     async def aclose(self) -> None:
         """Close the connection: pending requests fail, the tasks stop. Idempotent.
         From inside a handler of this connection it returns at once, and the
         handler is cancelled at its next await."""
         self._shutdown(TransportError(f"connection to {self.peer} was closed by this side"))
+        beating = self._heartbeat_task
+        if beating is not None and not beating.done() and beating is not asyncio.current_task():
+            beating.cancel()
+            await asyncio.wait([beating])
         task = self._task
         if task is None or task.done() or asyncio.current_task() in (task, *self._child_tasks):
             return
@@ -328,30 +528,49 @@ class ControlConnection:
             self._shutdown(reason or self._peer_closed())
 
     async def _read_loop(self) -> None:
+        limits = self._limits
         while True:
             try:
-                msg = await read_frame(self._reader, self._limits.max_frame_bytes)
+                payload = await _read_payload(self._reader, limits.inbound_bytes, limits.frame_timeout_s,
+                                              limits.idle_timeout_s)
+                msg = None if payload is None else decode_payload(payload)
             except PeerLostError as exc:
                 raise PeerLostError(f"lost {self.peer}: {exc}") from exc
             except FrameError as exc:
-                log.warning("closing the control connection to %s: %s", self.peer, exc)
+                self._failures((self.peer.node_id, "bad_frame"), logging.WARNING,
+                               "closing the control connection to %s: %s", self.peer, exc)
                 await self._tell_peer_best_effort("bad_frame", str(exc))
                 raise
             if msg is None:
                 self._shutdown(self._peer_closed(), cancel=False)  # the dispatcher still drains the inbox
                 await self._inbox.put(None)
                 return
-            self._last_seen_s = time.monotonic()
             kind = msg["type"]
-            if kind == "heartbeat":
-                continue
             if "re" in msg:
                 self._resolve(msg)
+                continue
+            if len(payload) > limits.message_limit(kind):
+                await self._refuse_message(msg, FrameTooLargeError(
+                    f"a {kind!r} message may hold {limits.message_limit(kind)} bytes, got {len(payload)}"))
+            elif kind == "heartbeat":
+                continue
             elif kind == "error":
                 self._peer_error = str(msg.get("message"))[:MAX_ERROR_MESSAGE_CHARS]
-                log.warning("%s reports an error: %s", self.peer, self._peer_error)
+                self._failures((self.peer.node_id, "peer_error"), logging.WARNING, "%s reports an error: %s",
+                               self.peer, self._peer_error)
             else:
                 await self._inbox.put(msg)
+
+    async def _refuse_message(self, msg: Message, exc: AfkvError) -> None:
+        """Answer a message that will not be handled with `exc` (its request gets it as the reply)."""
+        self._failures((self.peer.node_id, msg["type"], type(exc).__name__), logging.WARNING,
+                       "refused %r from %s: %s", msg["type"], self.peer, exc)
+        error: Message = {"type": "error", "code": "refused", "message": str(exc)[:MAX_ERROR_MESSAGE_CHARS],
+                          "error": _error_wire(exc)}
+        request_id = msg.get("id")
+        if isinstance(request_id, int):
+            error["re"] = request_id
+        await self._write(encode_frame(error, self._limits.max_frame_bytes))
 
     def _resolve(self, reply: Message) -> None:
         request_id = reply.pop("re")
@@ -384,11 +603,15 @@ class ControlConnection:
             reply = {"type": "ack"} if reply is None else reply
             frame = encode_frame({**reply, "re": request_id}, self._limits.max_frame_bytes)
         except Exception as exc:  # a handler's failure is the answer to its request, not the connection's end
-            log.exception("control handler failed on %r from %s", msg["type"], self.peer)
+            expected = isinstance(exc, AfkvError)  # a typed refusal: no traceback
+            self._failures((self.peer.node_id, msg["type"], type(exc).__name__),
+                           logging.WARNING if expected else logging.ERROR, "control handler failed on %r from %s: %s",
+                           msg["type"], self.peer, exc, exc_info=None if expected else exc)
             if request_id is None:
                 return
             message = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_MESSAGE_CHARS]
-            error: Message = {"type": "error", "code": "handler", "message": message, "re": request_id}
+            error: Message = {"type": "error", "code": "handler", "message": message, "error": _error_wire(exc),
+                              "re": request_id}
             frame = encode_frame(error, self._limits.max_frame_bytes)
         await self._reply(frame, msg)
 
@@ -442,6 +665,15 @@ class ControlConnection:
             self._writer.close()
         if cancel and self._task is not None and not self._task.done() and self._task is not asyncio.current_task():
             self._task.cancel()
+        beating = self._heartbeat_task
+        if beating is not None and not beating.done() and beating is not asyncio.current_task():
+            beating.cancel()
+
+
+def _error_wire(exc: BaseException) -> Message:
+    wire = error_to_wire(exc)
+    wire["message"] = wire["message"][: 4 * MAX_ERROR_MESSAGE_CHARS]
+    return wire
 
 
 def _check_outgoing(msg: Message) -> None:
@@ -460,7 +692,7 @@ class ServerState(enum.Enum):
     CLOSED = "closed"
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
     if host == "localhost":
         return True
     try:
@@ -473,7 +705,7 @@ class ControlServer:
     """Accepts control connections and hands each message to `handler`.
 
         async with ControlServer(handler, host="127.0.0.1", port=0, token=None) as srv:
-            srv.port, srv.peers(), srv.dead_peers(timeout_s)
+            srv.port, srv.peers()
 
     Owns the listening socket, the peer map (node_id -> connection) and every
     connection task. A bad frame, a failed handshake or a lost peer ends that
@@ -492,15 +724,16 @@ class ControlServer:
     ) -> None:
         if token is not None and (not isinstance(token, str) or not token):
             raise ConfigError("the shared token must be a non-empty str", key="token")
-        if token is None and not _is_loopback(host):
+        if token is None and not is_loopback(host):
             raise ConfigError(
                 f"binding elsewhere requires a shared token (host {host!r} is not a loopback address)", key="token"
             )
         self._handler = handler
         self._host = host
         self._port = port
-        self._token = token.encode() if token is not None else None
+        self._token = token
         self._limits = limits
+        self._failures = RateLimitedLog(log)  # handler failures, refusals and bad frames, per peer and kind
         self._state = ServerState.CREATED
         self._server: asyncio.Server | None = None
         # node_id -> its connection, until its task ends (it may be CLOSED and still
@@ -522,11 +755,6 @@ class ControlServer:
     def peers(self) -> list[ControlConnection]:
         """Connections of the peers that completed the handshake and are still open."""
         return [conn for conn in self._conns.values() if conn.state is ConnState.OPEN]
-
-    def dead_peers(self, timeout_s: float) -> list[ControlConnection]:
-        """Open connections whose peer sent nothing (no heartbeat either) for over `timeout_s`."""
-        now = time.monotonic()
-        return [conn for conn in self.peers() if now - conn.last_seen_s > timeout_s]
 
     async def start(self) -> None:
         if self._state is not ServerState.CREATED:
@@ -569,6 +797,11 @@ class ControlServer:
         if self._state is not ServerState.SERVING:
             writer.transport.abort()
             return
+        if len(self._tasks) >= self._limits.max_connections:
+            self._failures("max_connections", logging.WARNING, "refusing a control connection: %d are open",
+                           len(self._tasks))
+            writer.transport.abort()
+            return
         task = asyncio.create_task(self._serve_peer(reader, writer), name="afkv-control-peer")
         self._tasks.add(task)
         task.add_done_callback(self._forget_task)
@@ -583,13 +816,23 @@ class ControlServer:
         address = (str(host), int(port))
         conn: ControlConnection | None = None
         try:
-            peer = await self._handshake(reader, writer, address)
-            if peer is None:
+            try:
+                async with asyncio.timeout(self._limits.handshake_timeout_s):
+                    welcomed = await self._handshake(reader, writer, address)
+            except TimeoutError:
+                self._failures(("handshake_timeout", address[0]), logging.INFO,
+                               "control connection from %s:%d: no handshake within %s s", *address,
+                               self._limits.handshake_timeout_s)
                 return
-            conn = ControlConnection(reader, writer, peer, self._handler, self._limits)
+            if welcomed is None:
+                return
+            peer, welcome = welcomed
+            conn = ControlConnection(reader, writer, peer, self._handler, self._limits, self._failures)
             self._conns[peer.node_id] = conn  # no await since the duplicate check in _handshake
-            await conn._write(encode_frame({"type": "welcome"}, self._limits.max_frame_bytes))
+            await conn._write(encode_frame(welcome, self._limits.max_frame_bytes))
             log.info("control peer joined: %s", peer)
+            if self._limits.heartbeat_interval_s is not None:
+                conn.start_heartbeat(self._limits.heartbeat_interval_s)
             await conn._serve()
         except PeerLostError as exc:
             log.info("control peer at %s:%d left: %s", *address, exc)
@@ -603,34 +846,32 @@ class ControlServer:
 
     async def _handshake(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: tuple[str, int]
-    ) -> PeerInfo | None:
-        """The peer's identity once its hello passes, else None (refusal sent)."""
+    ) -> tuple[PeerInfo, Message] | None:
+        """(the peer's identity, the welcome to send) once its hello passes, else None
+        (refusal sent). The caller bounds it with handshake_timeout_s."""
+        nonce = new_nonce()
         try:
-            hello = await read_frame(reader, HELLO_MAX_BYTES, timeout_s=self._limits.handshake_timeout_s)
+            await write_frame(writer, {"type": "challenge", "nonce": nonce}, HELLO_MAX_BYTES)
+            hello = await read_frame(reader, HELLO_MAX_BYTES)
         except FrameError as exc:
             await self._refuse(writer, address, "bad_frame", str(exc))
             return None
         if hello is None:
             return None
-        if hello["type"] != "hello":
-            await self._refuse(writer, address, "protocol", f"the first message must be a hello, got {hello['type']!r}")
+        checked = check_hello(hello, self._token, nonce)
+        if len(checked) == 2:
+            await self._refuse(writer, address, *checked)
             return None
-        if self._token is not None:
-            presented = hello.get("token")
-            if not (isinstance(presented, str) and hmac.compare_digest(presented.encode(), self._token)):
-                await self._refuse(writer, address, "auth", "wrong or missing token")
-                return None
-        role, node_id = hello.get("role"), hello.get("node_id")
-        if not (isinstance(role, str) and role and isinstance(node_id, str) and node_id):
-            await self._refuse(writer, address, "protocol", "a hello needs a non-empty str role and node_id")
-            return None
+        role, node_id, client_nonce = checked
         if node_id in self._conns and self._conns[node_id].state is ConnState.OPEN:
             await self._refuse(writer, address, "duplicate_node_id", f"node {node_id!r} is already connected")
             return None
-        return PeerInfo(node_id=node_id, role=role, address=address)
+        proof = None if self._token is None else server_proof(self._token, nonce, client_nonce)
+        return PeerInfo(node_id=node_id, role=role, address=address), {"type": "welcome", "proof": proof}
 
     async def _refuse(self, writer: asyncio.StreamWriter, address: tuple[str, int], code: str, message: str) -> None:
-        log.warning("refusing control connection from %s:%d: %s", *address, message)
+        self._failures(("refused", address[0], code), logging.WARNING, "refusing control connection from %s:%d: %s",
+                       *address, message)
         error = {"type": "error", "code": code, "message": message[:MAX_ERROR_MESSAGE_CHARS]}
         try:
             await write_frame(writer, error, timeout_s=self._limits.handshake_timeout_s)
@@ -660,7 +901,6 @@ class ControlClient:
         self._conn = conn
         task = asyncio.create_task(conn._serve(), name=f"afkv-control-client {conn.peer}")
         conn._task = task  # _serve sets the same on its first step; set now so an early aclose() can cancel it
-        self._heartbeat_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -688,20 +928,24 @@ class ControlClient:
         except (TimeoutError, OSError) as exc:
             raise PeerLostError(f"cannot reach {peer}: {exc!r}") from exc
         try:
-            hello = {"type": "hello", "token": token, "role": role, "node_id": node_id}
-            await write_frame(writer, hello, HELLO_MAX_BYTES, timeout_s=timeout_s)
-            answer = await read_frame(reader, limits.max_frame_bytes, timeout_s=timeout_s)
-            if answer is None:
-                raise PeerLostError(f"{peer} closed the connection during the handshake")
-            if answer["type"] == "error":
-                refusal = f"{peer} refused {role} {node_id!r}: {answer.get('message')!r}"
-                raise AuthError(refusal) if answer.get("code") == "auth" else TransportError(refusal)
-            if answer["type"] != "welcome":
-                raise FrameError(f"{peer} answered the hello with {answer['type']!r}, expected 'welcome'")
+            async with asyncio.timeout(timeout_s):
+                challenge = await read_frame(reader, HELLO_MAX_BYTES)
+                if challenge is None:
+                    raise PeerLostError(f"{peer} closed the connection during the handshake")
+                hello, expected_proof = make_hello(challenge, token, role, node_id, peer)
+                await write_frame(writer, hello, HELLO_MAX_BYTES)
+                answer = await read_frame(reader, HELLO_MAX_BYTES)
+                check_welcome(answer, expected_proof, role, node_id, peer)
+        except TimeoutError as exc:
+            writer.transport.abort()
+            raise PeerLostError(f"{peer} did not complete the handshake within {timeout_s} s") from exc
         except BaseException:
             writer.transport.abort()
             raise
-        return cls(ControlConnection(reader, writer, peer, handler, limits))
+        client = cls(ControlConnection(reader, writer, peer, handler, limits))
+        if limits.heartbeat_interval_s is not None:
+            client.start_heartbeat(limits.heartbeat_interval_s)
+        return client
 
     @property
     def peer(self) -> PeerInfo:
@@ -711,6 +955,10 @@ class ControlClient:
     def state(self) -> ConnState:
         return self._conn.state
 
+    @property
+    def closed_reason(self) -> TransportError | None:
+        return self._conn.closed_reason
+
     async def send(self, msg: Message) -> None:
         await self._conn.send(msg)
 
@@ -719,26 +967,14 @@ class ControlClient:
 
     def start_heartbeat(self, interval_s: float) -> None:
         """Send a heartbeat every `interval_s` until the connection closes."""
-        if not interval_s > 0:
-            raise ConfigError(f"must be > 0, got {interval_s!r}", key="interval_s")
-        if self._heartbeat_task is not None:
-            raise TransportError("heartbeats are already running on this client")
-        self._conn._check_open()
-        self._heartbeat_task = asyncio.create_task(self._heartbeat(interval_s), name=f"afkv-heartbeat {self.peer}")
+        self._conn.start_heartbeat(interval_s)
 
-    async def _heartbeat(self, interval_s: float) -> None:
-        try:
-            while True:
-                await self._conn.send({"type": "heartbeat"})
-                await asyncio.sleep(interval_s)
-        except TransportError as exc:  # the connection closed: requests report it; heartbeats just stop
-            log.debug("heartbeats to %s stopped: %s", self.peer, exc)
+    async def wait_closed(self) -> None:
+        """Return once the connection is closed (by either side, or a deadline)."""
+        await self._conn.wait_closed()
 
     async def aclose(self) -> None:
         """Stop heartbeats and close the connection; pending requests fail. Idempotent."""
-        if self._heartbeat_task is not None and not self._heartbeat_task.done():
-            self._heartbeat_task.cancel()
-            await asyncio.wait([self._heartbeat_task])
         await self._conn.aclose()
 
     async def __aenter__(self) -> ControlClient:

@@ -42,8 +42,7 @@ expert_timeout_s = {timeout_s}
 
 
 def _attached_config(path, dep: Deployment) -> EngineConfig:
-    cfg = EngineConfig.from_toml(path)
-    return dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port))
+    return dep.attached_config()
 
 
 async def _colocated(model, cfg: EngineConfig, prompts, params=PARAMS):
@@ -172,7 +171,7 @@ async def test_launch_and_attach(tiny_dir, tmp_path):
     prompts = [random_prompt(5 + i, 256, seed=i) for i in range(4)]
     with Deployment(path, model) as dep:
         expected = await _colocated(model, _attached_config(path, dep), prompts)
-        async with await Engine.attach(dep.address) as engine:
+        async with await Engine.attach(dep.address, token=dep.token) as engine:
             got = await asyncio.gather(*(engine.complete(p, PARAMS) for p in prompts))
             assert [g.token_ids for g in got] == expected
             assert got[0].prompt_token_ids == prompts[0] and got[0].metrics.ttft_s > 0
@@ -181,7 +180,7 @@ async def test_launch_and_attach(tiny_dir, tmp_path):
             chunks = [c async for c in engine.generate(prompts[0], SamplingParams(max_tokens=3, logprobs=2))]
             assert len(chunks) == 3 and len(chunks[0].top_logprobs[0]) == 2
             stats = await engine.stats()
-            assert len(stats) == 2 and sum(s["num_generated_tokens"] for s in stats) >= 4 * 12
+            assert len(stats) == 2 and sum(s.num_generated_tokens for s in stats) >= 4 * 12
 
 
 def test_cli_launch_stops_cleanly_on_ctrl_c(tiny_dir, tmp_path):

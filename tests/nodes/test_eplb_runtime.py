@@ -51,8 +51,7 @@ def _ctl(engine):
 
 
 def _attached(path, dep):
-    cfg = EngineConfig.from_toml(path)
-    return dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port))
+    return dep.attached_config()
 
 
 async def _colocated(model, cfg, prompts, params=PARAMS):

@@ -56,7 +56,7 @@ def test_nccl_1a1f_matches_colocated(tiny_dir, tmp_path):
         async with Engine(model, colo, progress=False) as e:
             expected = [r.token_ids for r in await asyncio.gather(*(e.complete(p, params) for p in prompts))]
         with Deployment(path, model, start_attention=False) as dep:
-            af = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port),
+            af = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port, token=dep.token),
                                      model=dataclasses.replace(cfg.model, device="cuda:0"))
             async with Engine(model, af, progress=False) as e:
                 for m in (1, 2, 3):
@@ -86,7 +86,7 @@ def test_nccl_1a1f_cuda_graphs_bf16(tiny_dir, tmp_path):
         out = {}
         with Deployment(path, model, start_attention=False) as dep:
             for graphs in (False, True):
-                c = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port),
+                c = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port, token=dep.token),
                                         model=dataclasses.replace(cfg.model, cuda_graphs=graphs))
                 async with Engine(model, c, progress=False) as e:
                     got = await asyncio.gather(*(e.complete(p, s) for p, s in zip(prompts, params)))
@@ -111,7 +111,7 @@ async def _death_and_rejoin(model: str, path: str, graphs: bool) -> None:
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     cfg = EngineConfig.from_toml(path)
     with Deployment(path, model, start_attention=False) as dep:
-        cfg = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port),
+        cfg = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port, token=dep.token),
                                   model=dataclasses.replace(cfg.model, cuda_graphs=graphs))
         async with Engine(model, cfg, progress=False) as e:
             assert type(e._remote).__name__ == "NcclFFN"
@@ -247,7 +247,7 @@ def test_nccl_per_peer_dispatch_matches_colocated(tiny_dir, tmp_path, attention,
 
     async def run():
         with Deployment(path, model, start_attention=False) as dep:
-            af = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port))
+            af = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port, token=dep.token))
             engines = [Engine(model, af, progress=False, attention_rank=i) for i in range(attention)]
             for e in engines:
                 await e.start()
@@ -292,7 +292,7 @@ def test_nccl_eplb_replicas_and_live_rebalance(tmp_path):
 
     async def run():
         with Deployment(path, model, start_attention=False) as dep:
-            af = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port))
+            af = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port, token=dep.token))
             async with Engine(model, af, progress=False) as e:
                 assert type(e._remote).__name__ == "NcclFFN"
                 first = [r.token_ids for r in await asyncio.gather(*(e.complete(p, params) for p in prompts))]
@@ -325,7 +325,7 @@ def test_eplb_copies_experts_between_gpus_over_nccl(tmp_path):
 
     async def run():
         with Deployment(path, model, start_attention=False) as dep:
-            af = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port))
+            af = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port, token=dep.token))
             async with Engine(model, af, progress=False) as e:
                 assert type(e._remote).__name__ == "RemoteFFN"
                 running = [asyncio.create_task(e.complete(p, params)) for p in prompts]

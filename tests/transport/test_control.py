@@ -23,6 +23,7 @@ from afkv.transport.control import (
     ServerState,
     decode_payload,
     encode_frame,
+    make_hello,
     read_frame,
     write_frame,
 )
@@ -50,7 +51,9 @@ def fed_reader(data: bytes, *, eof: bool = True) -> asyncio.StreamReader:
 async def raw_session(port: int, token: str | None = None, node_id: str = "raw"):
     """A hand-driven peer past the handshake."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    await write_frame(writer, {"type": "hello", "token": token, "role": "test", "node_id": node_id})
+    challenge = await read_frame(reader, timeout_s=BOUND_S)
+    hello, _ = make_hello(challenge, token, "test", node_id, "server")
+    await write_frame(writer, hello)
     assert (await read_frame(reader, timeout_s=BOUND_S))["type"] == "welcome"
     return reader, writer
 
@@ -180,6 +183,7 @@ async def test_concurrent_requests_get_their_own_replies():
 
 async def test_replies_matched_by_id_when_out_of_order():
     async def reversing_server(reader, writer):
+        await write_frame(writer, {"type": "challenge", "nonce": bytes(32)})
         await read_frame(reader)  # hello
         await write_frame(writer, {"type": "welcome"})
         requests = [await read_frame(reader) for _ in range(3)]
@@ -316,7 +320,8 @@ async def test_bad_handshake_is_refused(first_bytes, code):
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
         writer.write(first_bytes)
         frames = await frames_until_closed(reader)
-        assert [f.get("code") for f in frames] == [code]
+        assert frames[0]["type"] == "challenge"
+        assert [f.get("code") for f in frames[1:]] == [code]
         writer.close()
         assert srv.peers() == []
         async with await ControlClient.connect("127.0.0.1", srv.port, role="a", node_id="a0") as client:
@@ -326,7 +331,8 @@ async def test_bad_handshake_is_refused(first_bytes, code):
 async def test_silent_connection_dropped_after_handshake_timeout():
     async with asyncio.timeout(BOUND_S), ControlServer(echo, limits=SMALL) as srv:
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-        assert await frames_until_closed(reader) == []  # closed after 0.5 s, without a hello
+        frames = await frames_until_closed(reader)  # closed after 0.5 s, without a hello
+        assert [f["type"] for f in frames] == ["challenge"]
         writer.close()
 
 
@@ -395,8 +401,11 @@ async def test_unreachable_server():
 # ---------------------------------------------------------------- heartbeats
 
 
-async def test_heartbeat_timeout_detection():
-    async with asyncio.timeout(BOUND_S), ControlServer(echo) as srv:
+async def test_idle_peer_dropped_heartbeating_peer_kept():
+    """idle_timeout_s: a peer that sends nothing (heartbeats count) is lost; both sides can
+    send heartbeats (the server's keep its idle clients' deadlines from firing)."""
+    limits = ControlLimits(idle_timeout_s=3.0, heartbeat_interval_s=0.05)
+    async with asyncio.timeout(BOUND_S), ControlServer(echo, limits=limits) as srv:
         unsolicited = []
 
         async def client_handler(conn, msg):
@@ -404,20 +413,57 @@ async def test_heartbeat_timeout_detection():
 
         beating = await ControlClient.connect("127.0.0.1", srv.port, role="expert", node_id="beating")
         silent = await ControlClient.connect(
-            "127.0.0.1", srv.port, role="expert", node_id="silent", handler=client_handler
-        )
+            "127.0.0.1", srv.port, role="expert", node_id="silent", handler=client_handler,
+            limits=ControlLimits(idle_timeout_s=3.0))  # hears the server's heartbeats: stays open on its side
         beating.start_heartbeat(0.05)
         with pytest.raises(TransportError, match="already running"):
             beating.start_heartbeat(0.05)
-        await asyncio.sleep(0.5)
-        assert {c.peer.node_id for c in srv.peers()} == {"beating", "silent"}
-        assert [c.peer.node_id for c in srv.dead_peers(0.3)] == ["silent"]
-        await silent.send({"type": "step"})  # any frame counts as a sign of life
-        await asyncio.sleep(0.05)
-        assert srv.dead_peers(0.3) == []
-        assert unsolicited == []  # what echo returned for a notification was not sent back
+        await silent.wait_closed()  # the server dropped it
+        assert isinstance(silent.closed_reason, PeerLostError)
+        assert [c.peer.node_id for c in srv.peers()] == ["beating"]
+        assert beating.state is ConnState.OPEN
+        assert unsolicited == []  # heartbeats never reach a handler
         await beating.aclose()
-        await silent.aclose()
+
+
+async def test_slow_frame_dropped():
+    """frame_timeout_s: a peer that starts a frame and feeds it slowly is lost."""
+    limits = ControlLimits(frame_timeout_s=0.5)
+    async with asyncio.timeout(BOUND_S), ControlServer(echo, limits=limits) as srv:
+        reader, writer = await raw_session(srv.port)
+        frame = encode_frame({"type": "x", "pad": "y" * 100})
+        writer.write(frame[:10])  # and nothing more
+        assert [f.get("code") for f in await frames_until_closed(reader)] == []
+        writer.close()
+        assert srv.peers() == []
+
+
+async def test_message_over_its_type_limit_is_refused_alone():
+    limits = ControlLimits(message_bytes={"big": 4000}, default_message_bytes=200, max_inbound_bytes=5000)
+    async with asyncio.timeout(BOUND_S), ControlServer(echo, limits=limits) as srv:
+        async with await ControlClient.connect("127.0.0.1", srv.port, role="a", node_id="a0") as client:
+            assert (await client.request({"type": "big", "pad": "y" * 3000}, timeout_s=BOUND_S))["type"] == "echo"
+            with pytest.raises(FrameTooLargeError, match="'small' message may hold 200 bytes"):
+                await client.request({"type": "small", "pad": "y" * 300}, timeout_s=BOUND_S)
+            assert (await client.request({"type": "small"}, timeout_s=BOUND_S))["type"] == "echo"
+        # above the inbound limit: closed before the payload is read
+        reader, writer = await raw_session(srv.port, node_id="raw2")
+        writer.write(HEADER.pack(MAGIC, SCHEMA_VERSION, 6000))
+        assert [f.get("code") for f in await frames_until_closed(reader)] == ["bad_frame"]
+        writer.close()
+
+
+async def test_handler_failures_are_logged_once_per_peer_and_kind(caplog):
+    async def failing(conn, msg):
+        raise FrameError("malformed")
+
+    async with asyncio.timeout(BOUND_S), ControlServer(failing) as srv:
+        async with await ControlClient.connect("127.0.0.1", srv.port, role="a", node_id="a0") as client:
+            with caplog.at_level(logging.WARNING):
+                for _ in range(50):
+                    with pytest.raises(FrameError, match="malformed"):
+                        await client.request({"type": "ffn"}, timeout_s=BOUND_S)
+    assert len([r for r in caplog.records if "handler failed" in r.getMessage()]) == 1
 
 
 # ---------------------------------------------------------------- lifecycle

@@ -1,10 +1,16 @@
 """DiskTier: KV blocks in files of a private directory, one file per block, keyed by hash.
 
-Directory (mode 0700, files 0600, claimed by one engine at a time through an flock on `lock`):
+Directory (mode 0700, files 0600), claimed by one engine at a time: an flock on `lock`, and
+on Linux an abstract Unix socket named after the directory's real path, which no removal and
+re-creation of the directory releases (it goes with the process that holds it):
 
     <hash hex>.kvb     one block: a 64-byte header, then the block's bytes in the tier's format
     index.msgpack      {"version", "format" (digest), "entries": [[hash, crc32], ...] oldest first}
     lock               held (flock) while an engine uses the directory
+
+Start-up refuses, with a TierError naming it, an entry of ours (`*.kvb`, `*.tmp`,
+index.msgpack, lock) that is not a regular file: a directory, a FIFO (never opened: that
+would block), a socket or a link. An index that cannot be saved at close raises TierError.
 
 Block file header (little-endian): magic b"AFKVBLK1", format digest (16 bytes), block hash
 (16 bytes), payload nbytes (u64), crc32 of the payload (u32), zero padding to 64 bytes.
@@ -23,11 +29,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
+import socket
 import stat
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -65,10 +74,11 @@ class DiskTier:
     """
 
     def __init__(self, path: Path, fmt: BlockFormat, num_blocks: int, policy: str, lock_fd: int,
-                 entries: list[tuple[BlockHash, int]]):
+                 entries: list[tuple[BlockHash, int]], claim: socket.socket | None = None):
         assert num_blocks > 0
         self.path, self.format, self.num_blocks = path, fmt, num_blocks
         self._lock_fd: int | None = lock_fd
+        self._claim = claim  # the path's abstract socket (Linux), released by close()
         self._checksums: dict[BlockHash, int] = {}
         self._writing: set[BlockHash] = set()
         self._order = make_order(policy)
@@ -94,13 +104,20 @@ class DiskTier:
                 raise TierError(f"disk tier directory {path} belongs to another user (uid {st.st_uid})")
             if stat.S_IMODE(st.st_mode) != 0o700:
                 os.chmod(path, 0o700)
-            lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+            _check_entries(path)
         except OSError as exc:
+            raise TierError(f"disk tier directory {path} cannot be used: {exc}") from exc
+        claim = _claim(path)
+        try:
+            lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+        except OSError as exc:
+            _release(claim)
             raise TierError(f"disk tier directory {path} cannot be used: {exc}") from exc
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             os.close(lock_fd)
+            _release(claim)
             raise TierError(f"disk tier directory {path} is in use by another engine") from exc
         try:
             _probe_write(path, file_nbytes)
@@ -114,11 +131,13 @@ class DiskTier:
                 )
         except OSError as exc:
             os.close(lock_fd)
+            _release(claim)
             raise TierError(f"disk tier directory {path} is not writable: {exc}") from exc
         except TierError:
             os.close(lock_fd)
+            _release(claim)
             raise
-        tier = cls(path, fmt, num_blocks, policy, lock_fd, entries)
+        tier = cls(path, fmt, num_blocks, policy, lock_fd, entries, claim)
         for block_hash in tier.evict_over_capacity():
             (path / block_file_name(block_hash)).unlink(missing_ok=True)
         log.info("disk tier %s: %d blocks reused, capacity %d blocks", path, len(tier._checksums), num_blocks)
@@ -205,6 +224,8 @@ class DiskTier:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # drops the flock
             self._lock_fd = None
+        _release(self._claim)
+        self._claim = None
 
     def check_invariants(self) -> None:
         assert self.num_used <= self.num_blocks
@@ -253,20 +274,32 @@ def delete_block(path: Path, block_hash: BlockHash) -> None:
 
 
 def write_index(path: Path, data: bytes) -> None:
+    """Replace the index file (via a .tmp name). OSError when it cannot be written (the file
+    system is full or read-only, the directory was removed, ...): the periodic saves log it
+    and go on; the save at close raises `index_error(...)` instead."""
     tmp = path / (INDEX_NAME + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
-        os.write(fd, data)
+        _write_all(fd, data)
     finally:
         os.close(fd)
-    os.replace(tmp, path / INDEX_NAME)
+    os.replace(tmp, path / INDEX_NAME)  # a .tmp left behind by a failure is deleted at the next start
+
+
+def index_error(path: Path, exc: OSError) -> TierError:
+    """The error of an index that could not be saved at close."""
+    return TierError(f"disk tier {path}: cannot write its index ({exc}); the blocks written since the last index "
+                     "save are adopted from their headers at the next start")
 
 
 def _read_header(name: Path, payload_nbytes: int) -> tuple:
-    with open(name, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size != HEADER_NBYTES + payload_nbytes:
-            raise CorruptBlockError(f"{name}: {size} bytes, expected {HEADER_NBYTES + payload_nbytes}")
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)  # a FIFO must not block us
+    with open(fd, "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptBlockError(f"{name}: not a regular file")
+        if st.st_size != HEADER_NBYTES + payload_nbytes:
+            raise CorruptBlockError(f"{name}: {st.st_size} bytes, expected {HEADER_NBYTES + payload_nbytes}")
         raw = f.read(HEADER_NBYTES)
     fields = _HEADER.unpack_from(raw)
     if fields[0] != MAGIC or fields[3] != payload_nbytes:
@@ -277,7 +310,8 @@ def _read_header(name: Path, payload_nbytes: int) -> tuple:
 def _probe_write(path: Path, nbytes: int) -> None:
     """Write and delete one block's worth of bytes: unwritable or full shows up now."""
     probe = path / "probe.tmp"
-    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    probe.unlink(missing_ok=True)  # a regular file (_check_entries refused anything else)
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         _write_all(fd, bytes(nbytes))
     finally:
@@ -294,6 +328,42 @@ def _write_all(fd: int, data) -> None:
         view = view[n:]
 
 
+def _ours(name: str) -> bool:
+    return name.endswith((SUFFIX, ".tmp")) or name in (INDEX_NAME, "lock")
+
+
+def _check_entries(path: Path) -> None:
+    """TierError naming the first of our entries that is not a regular file."""
+    for entry in os.scandir(path):
+        if _ours(entry.name) and not entry.is_file(follow_symlinks=False):
+            kind = ("a directory" if entry.is_dir(follow_symlinks=False) else "a link" if entry.is_symlink()
+                    else "a FIFO, socket or device")
+            raise TierError(f"disk tier directory {path} holds {entry.name!r}, which is {kind}, not a regular file: "
+                            "remove it, or use another kv.disk_path")
+
+
+def _claim(path: Path) -> socket.socket | None:
+    """Claim the directory's real path for this process (Linux: an abstract Unix socket, which
+    outlives a removal of the directory and dies with the process). TierError if taken."""
+    if not sys.platform.startswith("linux"):
+        return None  # elsewhere the flock alone claims it
+    name = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:40]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(f"\0afkv-disk-tier-{name}")
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise TierError(f"disk tier directory {path} is in use by another engine") from exc
+        raise TierError(f"disk tier directory {path} cannot be claimed: {exc}") from exc
+    return sock
+
+
+def _release(claim: socket.socket | None) -> None:
+    if claim is not None:
+        claim.close()
+
+
 def _load_entries(path: Path, fmt: BlockFormat) -> list[tuple[BlockHash, int]]:
     """(hash, crc32) of the usable block files in `path`, oldest first: the index's entries
     whose files are there with the right size, then files the index misses (from their
@@ -301,10 +371,12 @@ def _load_entries(path: Path, fmt: BlockFormat) -> list[tuple[BlockHash, int]]:
     file_nbytes = HEADER_NBYTES + fmt.nbytes
     files = {}
     for entry in os.scandir(path):
+        if not entry.is_file(follow_symlinks=False):
+            continue  # not ours (_check_entries refused ours at start-up)
         if entry.name.endswith(".tmp"):
             os.unlink(entry.path)
         elif entry.name.endswith(SUFFIX):
-            files[entry.name] = entry.stat().st_size
+            files[entry.name] = entry.stat(follow_symlinks=False).st_size
     entries: list[tuple[BlockHash, int]] = []
     seen = set()
     for block_hash, crc in _read_index(path, fmt):
@@ -330,9 +402,11 @@ def _load_entries(path: Path, fmt: BlockFormat) -> list[tuple[BlockHash, int]]:
 
 def _read_index(path: Path, fmt: BlockFormat) -> list[tuple[BlockHash, int]]:
     try:
-        data = (path / INDEX_NAME).read_bytes()
+        fd = os.open(path / INDEX_NAME, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except FileNotFoundError:
         return []
+    with open(fd, "rb") as f:
+        data = f.read()
     try:
         index = msgpack.unpackb(data)
         if index["version"] != INDEX_VERSION or index["format"] != fmt.digest:

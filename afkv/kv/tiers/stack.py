@@ -39,7 +39,7 @@ from afkv.kv.formats import KiviFormat
 from afkv.kv.metrics import KVMetrics, TierUsage
 from afkv.kv.tiers.config import TierConfig
 from afkv.kv.tiers.copier import Copier, CopyOp, Direction, Fence
-from afkv.kv.tiers.disk import DiskTier, delete_block, read_block, write_block, write_index
+from afkv.kv.tiers.disk import DiskTier, delete_block, index_error, read_block, write_block, write_index
 from afkv.kv.tiers.fileio import default_fileio
 from afkv.kv.tiers.host import HostTier
 
@@ -341,11 +341,14 @@ class TierStack:
 
     # ---- end --------------------------------------------------------------------------------
     def close(self) -> None:
-        """Write the index and release the disk directory. Call with nothing in flight."""
+        """Write the index (TierError if it cannot) and release the disk directory. Call with
+        nothing in flight."""
         assert not self.in_flight() and not self._ops and not self._queued
         if self.disk is not None:
             try:
                 write_index(self.disk.path, self.disk.index_bytes())
+            except OSError as exc:
+                raise index_error(self.disk.path, exc) from exc
             finally:
                 self.disk.close()
                 self._io.shutdown(wait=True)
@@ -356,6 +359,8 @@ class TierStack:
         if self.disk is not None:
             try:
                 await asyncio.wrap_future(self._io.submit(write_index, self.disk.path, self.disk.index_bytes()))
+            except OSError as exc:
+                raise index_error(self.disk.path, exc) from exc
             finally:
                 self.disk.close()
                 self._io.shutdown(wait=False)
