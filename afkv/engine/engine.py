@@ -100,11 +100,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class _Request:
-    def __init__(self, seq: Sequence):
+    def __init__(self, seq: Sequence, tokenizer: Tokenizer | None):
         self.seq = seq
         self.queue: asyncio.Queue[CompletionChunk | BaseException] = asyncio.Queue()
-        self.text = ""  # output text so far (truncated at a stop string)
-        self.emitted_chars = 0
+        self.text_stream = tokenizer.stream() if tokenizer is not None else None
+        self.held_text = ""  # decoded, not yet emitted: it could be the start of a stop string
         self.sent_first_chunk = False
 
 
@@ -369,7 +369,7 @@ class Engine:
         self._next_id += 1
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         seq = Sequence(seq_id, ids, params, seed, self.max_model_len, time.monotonic())
-        req = self._requests[seq_id] = _Request(seq)
+        req = self._requests[seq_id] = _Request(seq, self.tokenizer)
         self._scheduler.add(seq)
         self._counts["prompt"] += len(ids)
         self._wakeup.set()
@@ -541,26 +541,23 @@ class Engine:
         req.queue.put_nowait(chunk)
 
     def _detokenize(self, req: _Request, final: bool) -> tuple[str, bool]:
-        """-> (text to emit now, whether a stop string ended the request)."""
-        if self.tokenizer is None:
+        """Decode the newest token incrementally -> (text to emit now, whether a stop string
+        ended the request). Text that could be the start of a stop string is held back."""
+        if req.text_stream is None:
             return "", False
         seq = req.seq
-        text = self.tokenizer.decode(seq.output_ids)
+        text = req.held_text + req.text_stream.step(seq.token_ids[-1])
+        if final:
+            text += req.text_stream.finish(seq.output_ids)
         stops = seq.params.stop
-        stopped = False
-        if stops:
-            start = max(0, len(req.text) - max(map(len, stops)))
-            hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+        if stops:  # held_text had no match: a match ends in the new text
+            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
             if hits:
-                text, stopped = text[: min(hits)], True
-        req.text = text
-        end = len(text)
-        if not (final or stopped):
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                end = text.rstrip("\ufffd").__len__()
-            if stops:  # hold back what could be the start of a stop string
-                end = min(end, len(text) - (max(map(len, stops)) - 1))
-        end = max(end, req.emitted_chars)
-        delta = text[req.emitted_chars : end]
-        req.emitted_chars = end
-        return delta, stopped
+                req.held_text = ""
+                return text[: min(hits)], True
+        if final or not stops:
+            req.held_text = ""
+            return text, False
+        cut = max(0, len(text) - (max(map(len, stops)) - 1))
+        req.held_text = text[cut:]
+        return text[:cut], False
