@@ -37,6 +37,7 @@ from afkv.errors import (
     EngineError,
     ExpertRowsUnavailableError,
     ExpertUnavailableError,
+    PeerLostError,
     PromptTooLongError,
     RequestError,
     RequestFailedError,
@@ -323,6 +324,22 @@ class Engine:
     async def expert_loads(self) -> torch.Tensor:
         """Tokens per (layer, logical expert) over the expert nodes' window. -> [L, E] int64"""
         return await self._need_balancer(False).loads()
+
+    @property
+    def eplb_enabled(self) -> bool:
+        return self._balancer is not None
+
+    async def expert_balancedness(self) -> float:
+        """Max / mean tokens per live expert node over the window, summed over MoE layers (1.0 is
+        even): the load imbalance EPLB reduces."""
+        from afkv.nodes.balancer import node_balancedness
+
+        balancer = self._need_balancer(False)
+        per_node = await balancer.node_loads()
+        if not per_node:
+            raise PeerLostError("no expert node answered for load statistics")
+        router = torch.tensor(balancer.remote.placement.has_router)  # [L] layers with experts
+        return node_balancedness(torch.stack([n.sum(-1) for n in per_node.values()], -1)[router])  # [L_moe, N]
 
     async def rebalance(self):
         """Place experts (with replicas) for the measured loads and switch to that placement
