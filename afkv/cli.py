@@ -260,7 +260,8 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+        d = action.default
+        if "default" in text or d is None or d is False or d == [] or d == argparse.SUPPRESS:
             return text
         return text + " (default: %(default)s)"
 

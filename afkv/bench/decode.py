@@ -18,6 +18,7 @@ import torch
 from afkv.config import EngineConfig
 from afkv.engine.engine import Engine, resolve_device, resolve_dtype
 from afkv.engine.params import SamplingParams
+from afkv.errors import DeviceError
 
 
 @dataclass
@@ -84,6 +85,13 @@ async def run_decode_bench(
     with_hf: bool = True,
     progress=print,
 ) -> dict:
+    if with_hf:  # before loading anything
+        try:
+            import transformers  # noqa: F401
+        except ImportError as exc:
+            raise DeviceError("afkv bench decode compares with transformers, which is not installed: "
+                              "pip install 'transformers>=4.57' (or the test extra: pip install -e '.[test]'), "
+                              "or pass --no-hf to time afkv alone") from exc
     cfg = config or EngineConfig()
     rows: list[Row] = []
     async with Engine(model, cfg) as engine:

@@ -233,8 +233,10 @@ class Engine:
         self._layout = layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, cfg.kv.block_size, dtype)
         num_blocks, quant = cfg.kv.device_tier(layout, cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens,
                                                cfg.source)
+        tiers = cfg.kv.tier_config(layout, cfg.source)
+        cfg.kv.check_memory(layout, num_blocks, quant, tiers, device.type, cfg.source)  # before allocating
         salt = repr((str(self.model_dir.resolve()), spec.upcycle, str(dtype))).encode()
-        self._kv = KVManager(layout, num_blocks, device, salt=salt[-64:], tiers=cfg.kv.tier_config(layout, cfg.source),
+        self._kv = KVManager(layout, num_blocks, device, salt=salt[-64:], tiers=tiers,
                              worker=self._executor, wakeup=lambda: self._wakeup.set(), quant=quant)
         m = 1 if cfg.deployment is None else (cfg.deployment.micro_batches or 2)
         self._scheduler = Scheduler(self._kv, SchedulerLimits(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens),
