@@ -54,3 +54,27 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
 
 def metric_sum(metrics: dict, name: str, **labels) -> float:
     return sum(v for (n, ls), v in metrics.items() if n == name and all(dict(ls).get(k) == w for k, w in labels.items()))
+
+
+async def http(url: str, path: str, method: str = "GET", body: bytes | None = None,
+               headers: dict | None = None) -> tuple[int, bytes]:
+    """A plain HTTP request (urllib, in a thread) -> (status, body)."""
+    import urllib.error
+    import urllib.request
+
+    def go():
+        req = urllib.request.Request(url + path, data=body, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    return await asyncio.to_thread(go)
+
+
+async def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    status, body = await http(url, "/metrics")
+    assert status == 200
+    return parse_metrics(body.decode())

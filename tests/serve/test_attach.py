@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import httpx2
 import openai
 import pytest
 
@@ -14,7 +13,7 @@ from afkv import Engine, EngineConfig, SamplingParams
 from afkv.model.tokenizer import Tokenizer
 from afkv.serve.launch import Deployment
 from afkv.serve.metrics import engine_samples
-from tests.serve.conftest import live_server, metric_sum, openai_client, parse_metrics, wait_until
+from tests.serve.conftest import http, live_server, metric_sum, openai_client, scrape, wait_until
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -59,8 +58,7 @@ async def test_serve_attach_answers_as_colocated(tiny_chat_dir, tmp_path):
                                                          extra_body={"ignore_eos": True})
                 assert "".join([e.choices[0].text async for e in stream]) == text.text
 
-                async with httpx2.AsyncClient(base_url=url, timeout=30) as http:
-                    m = parse_metrics((await http.get("/metrics")).text)
+                m = await scrape(url)
                 assert metric_sum(m, "afkv_generation_tokens_total", node="0") >= 20
                 assert metric_sum(m, "afkv_layer_seconds", node="0", part="expert") > 0
 
@@ -100,8 +98,7 @@ async def test_disaggregated_metrics_and_503(tiny_dir, tmp_path):
                     await client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3)
                 assert exc.value.status_code == 503 and exc.value.body["type"] == "service_unavailable"
                 assert exc.value.body["code"] == "ExpertUnavailableError"
-                async with httpx2.AsyncClient(base_url=url, timeout=30) as http:
-                    assert (await http.get("/health")).status_code == 200
-                    m = parse_metrics((await http.get("/metrics")).text)
+                assert (await http(url, "/health"))[0] == 200
+                m = await scrape(url)
                 assert metric_sum(m, "afkv_requests_total", outcome="error_5xx") == 1
                 await client.close()

@@ -6,11 +6,10 @@ from __future__ import annotations
 import asyncio
 import random
 
-import httpx2
 
 from afkv import Engine
 from afkv.config import EngineConfig, KVConfig, SchedulerConfig
-from tests.serve.conftest import live_server, metric_sum, openai_client, parse_metrics, wait_until
+from tests.serve.conftest import live_server, metric_sum, openai_client, scrape, wait_until
 
 NUM_REQUESTS, NUM_LEAVING, MAX_TOKENS = 200, 50, 12
 
@@ -48,8 +47,7 @@ async def test_200_streams_with_50_disconnects(tiny_chat_dir):
                 assert [e.choices[0].finish_reason for e in events if e.choices][-1] == "length"
                 assert events[-1].usage.completion_tokens == MAX_TOKENS
 
-            async with httpx2.AsyncClient(base_url=url, timeout=30) as http:
-                m = parse_metrics((await http.get("/metrics")).text)
+            m = await scrape(url)
             length = metric_sum(m, "afkv_requests_total", outcome="length")
             aborted = metric_sum(m, "afkv_requests_total", outcome="abort")
             assert metric_sum(m, "afkv_requests_total") == NUM_REQUESTS == length + aborted

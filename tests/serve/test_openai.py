@@ -5,8 +5,8 @@ strings, seeds, SSE streaming, error codes and bodies, disconnects, /metrics."""
 from __future__ import annotations
 
 import asyncio
+import json
 
-import httpx2
 import openai
 import pytest
 import pytest_asyncio
@@ -15,7 +15,7 @@ from afkv import Engine, SamplingParams
 from afkv.config import EngineConfig, KVConfig
 from afkv.errors import ConfigError
 from afkv.serve.http import check_bind
-from tests.serve.conftest import API_KEY, live_server, metric_sum, openai_client, parse_metrics, wait_until
+from tests.serve.conftest import API_KEY, http, live_server, metric_sum, openai_client, scrape, wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -146,19 +146,18 @@ async def test_error_codes_and_bodies(served, client):
             await client.completions.create(model=MODEL, prompt=[10**9], max_tokens=4, stream=stream)
 
     url = served[2]
+    chat = json.dumps({"model": MODEL, "messages": MESSAGES}).encode()
     for key, what in ((None, "missing"), ("wrong", "incorrect")):
         headers = {} if key is None else {"Authorization": f"Bearer {key}"}
-        async with httpx2.AsyncClient(base_url=url, timeout=30) as http:
-            r = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES}, headers=headers)
-        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        assert what in r.json()["error"]["message"]
+        status, body = await http(url, "/v1/chat/completions", "POST", chat, headers)
+        error = json.loads(body)["error"]
+        assert status == 401 and error["code"] == "invalid_api_key" and what in error["message"]
     with pytest.raises(openai.AuthenticationError):
         await openai_client(url, api_key="wrong").models.list()
-    async with httpx2.AsyncClient(base_url=url, timeout=30) as http:  # health and metrics need no key
-        assert (await http.get("/health")).status_code == 200
-        assert (await http.get("/metrics")).status_code == 200
-        r = await http.post("/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {API_KEY}"})
-        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert (await http(url, "/health"))[0] == 200  # health and metrics need no key
+    assert (await http(url, "/metrics"))[0] == 200
+    status, body = await http(url, "/v1/completions", "POST", b"{not json", {"Authorization": f"Bearer {API_KEY}"})
+    assert status == 400 and json.loads(body)["error"]["type"] == "invalid_request_error"
     assert served[0].stats().num_running == 0  # the engine kept serving
     assert (await client.completions.create(model=MODEL, prompt="hi", max_tokens=2)).usage.completion_tokens >= 1
 
@@ -175,7 +174,7 @@ async def test_binding_beyond_loopback_needs_a_key():
 async def test_disconnect_aborts_and_frees_blocks(served):
     engine, server, url = served
     free = engine.stats().num_free_blocks
-    before = parse_metrics((await _get(url, "/metrics")).text)
+    before = await scrape(url)
     for stream in (False, True):
         client = openai_client(url)
         params = dict(model=MODEL, prompt="Once upon a time", max_tokens=400, temperature=0,
@@ -193,7 +192,7 @@ async def test_disconnect_aborts_and_frees_blocks(served):
         await client.close()
         await wait_until(lambda: engine.stats().num_running == 0 and engine.stats().num_free_blocks == free,
                          what="the aborted request's blocks to be freed")
-    after = parse_metrics((await _get(url, "/metrics")).text)
+    after = await scrape(url)
     aborts = metric_sum(after, "afkv_requests_total", outcome="abort") - metric_sum(before, "afkv_requests_total",
                                                                                      outcome="abort")
     assert aborts == 2
@@ -204,7 +203,7 @@ async def test_metrics(served, client):
     url = served[2]
     await client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=0,
                                     extra_body={"ignore_eos": True})
-    m = parse_metrics((await _get(url, "/metrics")).text)
+    m = await scrape(url)
     engine = served[0]
     stats = engine.stats()
     assert metric_sum(m, "afkv_num_requests_running") == 0 and metric_sum(m, "afkv_num_requests_waiting") == 0
@@ -220,8 +219,3 @@ async def test_metrics(served, client):
     assert metric_sum(m, "afkv_e2e_request_latency_seconds_count") == finished
     assert metric_sum(m, "afkv_time_to_first_token_seconds_count") == finished
     assert metric_sum(m, "afkv_request_completion_tokens_total") <= stats.num_generated_tokens
-
-
-async def _get(url: str, path: str):
-    async with httpx2.AsyncClient(base_url=url, timeout=30) as http:
-        return await http.get(path)
