@@ -3,6 +3,7 @@
     afkv run [PROMPT ...]        generate with the default model (or --model/--config), streaming text
     afkv serve                   OpenAI-compatible HTTP server (colocated, or --attach HOST:PORT to a deployment)
     afkv bench decode            afkv vs transformers' generate: decode tokens/s and TTFT
+    afkv bench serve             HTTP (afkv serve) vs the in-process Engine: tok/s and TTFT, 64 streams
     afkv bench kv                KV tiers: transfer GB/s against the copy limit; decode with tiers on/off
     afkv bench eplb              expert load balancing under Zipf skew: max/mean node load, tok/s (CPU or GPUs)
     afkv bench kv-quant          long-context decode: int8/int4 device KV blocks against the model dtype
@@ -142,10 +143,24 @@ async def _cmd_bench_decode(args) -> int:
     cfg = EngineConfig.from_toml(args.config) if args.config else None
     result = await run_decode_bench(
         args.model, cfg, [int(b) for b in args.batch_sizes.split(",")], args.prompt_len, args.gen_len,
-        with_hf=not args.no_hf, progress=_err,
+        with_hf=not args.no_hf, progress=_err, threads=args.threads, busy_processes=args.busy_processes,
     )
     print(format_table(result))
     out = write_json(result, args.json or f"bench-results/decode-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    _err(f"afkv: wrote {out}")
+    return 0
+
+
+async def _cmd_bench_serve(args) -> int:
+    from afkv.bench import write_json
+    from afkv.bench.serve import format_table, run_serve_bench
+    from afkv.config import EngineConfig
+
+    cfg = EngineConfig.from_toml(args.config) if args.config else None
+    result = await run_serve_bench(args.model, cfg, args.concurrency, args.prompt_len, args.gen_len, args.repeats,
+                                   progress=_err)
+    print(format_table(result))
+    out = write_json(result, args.json or f"bench-results/serve-{time.strftime('%Y%m%d-%H%M%S')}.json")
     _err(f"afkv: wrote {out}")
     return 0
 
@@ -318,7 +333,20 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--prompt-len", type=int, default=64)
     dec.add_argument("--gen-len", type=int, default=32)
     dec.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    dec.add_argument("--threads", type=int, default=0, help="torch intra-op threads for both (0: as they are)")
+    dec.add_argument("--busy-processes", type=int, default=0,
+                     help="run this many spinning processes meanwhile (a machine shared with other jobs)")
     dec.add_argument("--json", help="output path (default bench-results/decode-<time>.json)")
+
+    bsv = bsub.add_parser("serve", formatter_class=fmt,
+                          help="HTTP (afkv serve, SSE) vs the in-process Engine: tok/s and TTFT, same workload")
+    bsv.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    bsv.add_argument("--config", help="engine TOML config")
+    bsv.add_argument("--concurrency", type=int, default=64, help="concurrent streaming requests")
+    bsv.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request (distinct, random)")
+    bsv.add_argument("--gen-len", type=int, default=32, help="new tokens per request")
+    bsv.add_argument("--repeats", type=int, default=2, help="runs of each side, alternated; the best counts")
+    bsv.add_argument("--json", help="output path (default bench-results/serve-<time>.json)")
 
     kvb = bsub.add_parser("kv", help="KV tiers: transfer GB/s against the copy limit; decode with tiers on/off")
     kvb.add_argument("--model", help="checkpoint directory (default: the embedded model)")
@@ -404,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.attach and args.config:
                 parser.error("--config is for a colocated server; a deployment has its own (afkv launch CONFIG)")
             return run_async(_cmd_serve(args))
+        if args.command == "bench" and args.bench == "serve":
+            return run_async(_cmd_bench_serve(args))
         if args.command == "bench" and args.bench == "kv":
             return run_async(_cmd_bench_kv(args))
         if args.command == "bench" and args.bench == "af":

@@ -9,7 +9,11 @@ Decode tokens/s: tokens after the first / time after the first token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import platform
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -84,7 +88,11 @@ async def run_decode_bench(
     gen_len: int,
     with_hf: bool = True,
     progress=print,
+    threads: int = 0,
+    busy_processes: int = 0,
 ) -> dict:
+    """threads: torch's intra-op threads for both (0: as they are); busy_processes: that many
+    spinning processes run meanwhile (a machine shared with another job)."""
     if with_hf:  # before loading anything
         try:
             import transformers  # noqa: F401
@@ -93,6 +101,36 @@ async def run_decode_bench(
                               "pip install 'transformers>=4.57' (or the test extra: pip install -e '.[test]'), "
                               "or pass --no-hf to time afkv alone") from exc
     cfg = config or EngineConfig()
+    if threads:
+        torch.set_num_threads(threads)  # afkv's worker and transformers alike
+    with _busy(busy_processes):
+        rows = await _run(model, cfg, batch_sizes, prompt_len, gen_len, with_hf, progress)
+    return {
+        "bench": "decode",
+        "model": str(model or "default"),
+        "prompt_len": prompt_len,
+        "gen_len": gen_len,
+        "busy_processes": busy_processes,
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+                    "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+        "rows": [asdict(r) | {"decode_ratio": r.decode_ratio, "ttft_ratio": r.ttft_ratio} for r in rows],
+    }
+
+
+@contextlib.contextmanager
+def _busy(n: int):
+    """n processes that spin on a core each (another user's job) while the benchmark runs."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+async def _run(model, cfg: EngineConfig, batch_sizes: list[int], prompt_len: int, gen_len: int, with_hf: bool,
+               progress) -> list[Row]:
     rows: list[Row] = []
     async with Engine(model, cfg) as engine:
         progress(f"model: {engine.model_dir} ({engine.spec.family.value}, {engine.spec.num_layers} layers)")
@@ -111,15 +149,7 @@ async def run_decode_bench(
             h_ttft, h_dec = (await asyncio.to_thread(_hf_run, hf, prompts, gen_len)) if hf is not None else (float("nan"),) * 2
             rows.append(Row(b, a_ttft, h_ttft, a_dec, h_dec))
             progress(f"  batch {b}: afkv {a_dec:.1f} tok/s, transformers {h_dec:.1f} tok/s")
-    return {
-        "bench": "decode",
-        "model": str(model or "default"),
-        "prompt_len": prompt_len,
-        "gen_len": gen_len,
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-                    "threads": torch.get_num_threads()},
-        "rows": [asdict(r) | {"decode_ratio": r.decode_ratio, "ttft_ratio": r.ttft_ratio} for r in rows],
-    }
+    return rows
 
 
 def format_table(result: dict) -> str:

@@ -10,7 +10,7 @@
     metrics.py engine_samples (an engine's metrics, for /metrics and `afkv run --stats`) and
                ServerMetrics (Prometheus registry of the HTTP server)
 
-    openai_schema <- metrics <- http (uses Engine / AttachedEngine through their public API)
+    http uses openai_schema and metrics, and the Engine / AttachedEngine through their public API.
 """
 
 from __future__ import annotations
