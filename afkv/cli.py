@@ -144,6 +144,7 @@ async def _cmd_bench_decode(args) -> int:
     result = await run_decode_bench(
         args.model, cfg, [int(b) for b in args.batch_sizes.split(",")], args.prompt_len, args.gen_len,
         with_hf=not args.no_hf, progress=_err, threads=args.threads, busy_processes=args.busy_processes,
+        repeats=args.repeats,
     )
     print(format_table(result))
     out = write_json(result, args.json or f"bench-results/decode-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -334,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--gen-len", type=int, default=32)
     dec.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     dec.add_argument("--threads", type=int, default=0, help="torch intra-op threads for both (0: as they are)")
+    dec.add_argument("--repeats", type=int, default=1, help="runs of each, alternated; medians are reported")
     dec.add_argument("--busy-processes", type=int, default=0,
                      help="run this many spinning processes meanwhile (a machine shared with other jobs)")
     dec.add_argument("--json", help="output path (default bench-results/decode-<time>.json)")

@@ -139,6 +139,11 @@ class OpenAIServer:
         async def _http_error(request: Request, exc: _HttpError):
             return JSONResponse(exc.body, status_code=exc.status)
 
+        @app.exception_handler(Exception)
+        async def _unexpected(request: Request, exc: Exception):
+            log.exception("unexpected error serving %s", request.url.path)
+            return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "internal_error"), 500)
+
         @app.exception_handler(RequestValidationError)
         async def _invalid(request: Request, exc: RequestValidationError):
             first = exc.errors()[0] if exc.errors() else {}
