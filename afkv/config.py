@@ -165,7 +165,6 @@ class KVConfig:
         return TierConfig(fmt, host_num_blocks, disk_num_blocks, Path(self.disk_path).expanduser(), self.eviction,
                           self.prefetch_depth, self.io_threads, disk_capacity_key=disk_key)
 
-
     def check_memory(self, layout: KVLayout, num_device_blocks: int, quant: DeviceQuant | None,
                      tiers: TierConfig | None, device_type: str, source: str | None = None,
                      available: dict[str, int] | None = None) -> None:

@@ -219,3 +219,24 @@ async def test_metrics(served, client):
     assert metric_sum(m, "afkv_e2e_request_latency_seconds_count") == finished
     assert metric_sum(m, "afkv_time_to_first_token_seconds_count") == finished
     assert metric_sum(m, "afkv_request_completion_tokens_total") <= stats.num_generated_tokens
+
+
+async def test_default_model_through_http(default_model_dir):
+    """The embedded default model (what `afkv serve` serves without --model): chat and completions
+    through HTTP equal the engine's greedy answers, usage counts its tokens."""
+    async with Engine(None, progress=False) as engine:
+        async with live_server(engine, "default", engine.tokenizer) as (server, url):
+            client = openai_client(url)
+            expected = await engine.complete(MESSAGES, SamplingParams(max_tokens=8, temperature=0))
+            got = await client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=8,
+                                                       temperature=0)
+            assert got.choices[0].message.content == expected.text
+            assert got.choices[0].finish_reason == expected.finish_reason
+            assert got.usage.completion_tokens == len(expected.token_ids)
+            assert got.usage.prompt_tokens == len(expected.prompt_token_ids)
+            stream = await client.completions.create(model="default", prompt="The capital of France is", max_tokens=6,
+                                                     temperature=0, stream=True)
+            text = "".join([e.choices[0].text async for e in stream])
+            assert text == (await engine.complete("The capital of France is",
+                                                  SamplingParams(max_tokens=6, temperature=0))).text
+            await client.close()
