@@ -24,7 +24,7 @@ from statistics import mean
 
 import torch
 
-from afkv.config import EngineConfig
+from afkv.config import EngineConfig, KVConfig
 from afkv.engine.engine import Engine
 from afkv.engine.params import SamplingParams
 from afkv.serve.http import OpenAIServer, ServedModel
@@ -72,7 +72,9 @@ async def _http(port: int, prompts: list[list[int]], gen_len: int) -> dict:
 
 async def run_serve_bench(model: str | None, config: EngineConfig | None, concurrency: int, prompt_len: int,
                           gen_len: int, repeats: int, progress=print) -> dict:
-    cfg = config or EngineConfig()
+    # default: device KV for every stream at once (the default 256 MiB holds ~60 such streams of the
+    # default model in float32: more would preempt and recompute, timing the scheduler, not HTTP)
+    cfg = config or EngineConfig(kv=KVConfig(device_memory_mib=1024))
     runs: dict[str, list[dict]] = {"direct": [], "http": []}
     async with Engine(model, cfg) as engine:
         progress(f"model: {engine.model_dir} ({engine.spec.family.value}, {engine.spec.num_layers} layers)")
@@ -86,10 +88,13 @@ async def run_serve_bench(model: str | None, config: EngineConfig | None, concur
             for r in range(repeats):
                 for side in ("direct", "http"):
                     prompts = _prompts(concurrency, prompt_len, engine.spec.vocab_size, seed=1000 * r + len(side))
+                    preempted = engine.stats().num_preemptions
                     res = await (_direct(engine, prompts, gen_len) if side == "direct"
                                  else _http(server.port, prompts, gen_len))
+                    res["preemptions"] = engine.stats().num_preemptions - preempted
                     runs[side].append(res)
-                    progress(f"  run {r + 1} {side:>6}: {res['tok_s']:.1f} tok/s, TTFT {res['ttft_s'] * 1e3:.0f} ms")
+                    progress(f"  run {r + 1} {side:>6}: {res['tok_s']:.1f} tok/s, TTFT {res['ttft_s'] * 1e3:.0f} ms, "
+                             f"{res['preemptions']} preemptions")
         finally:
             server.stop()
             await serving
