@@ -114,7 +114,9 @@ async def _cmd_serve(args) -> int:
             loop.add_signal_handler(sig, server.stop)
         ready = asyncio.Event()
         serving = asyncio.ensure_future(server.serve(args.host, args.port, ready))
-        await asyncio.wait([serving, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+        started = asyncio.ensure_future(ready.wait())
+        await asyncio.wait([serving, started], return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
         if ready.is_set():
             host = f"[{args.host}]" if ":" in args.host else args.host
             _err(f"afkv: serving {name!r} at http://{host}:{server.port}/v1 (OpenAI API; /metrics, /health)"
