@@ -118,8 +118,8 @@ def test_run_flags_stop_logprobs_ignore_eos_and_stats(tiny_chat_dir, capsys):
     rows = [line for line in out.err.splitlines() if re.match(r"\s+'.*'\s+-?\d+\.\d{3}\s+\[", line)]
     assert len(rows) == n  # one logprob row per token, each with its 2 most likely tokens
     assert all(row.count(", ") >= 1 for row in rows)
-    for metric in ("kv_hit_blocks{tier=device}", "kv_spilled_bytes{to=host}", "kv_promoted_bytes{from=host}",
-                   "generation_tokens{node=0}", "layer_seconds{node=0,part=attention}", "kv_tier_blocks{tier=device}"):
+    for metric in ("kv_hit_blocks{node=0,tier=device}", "kv_spilled_bytes{node=0,to=host}", "kv_promoted_bytes{node=0,from=host}",
+                   "generation_tokens{node=0}", "layer_seconds{node=0,part=attention}", "kv_tier_blocks{node=0,tier=device}"):
         assert metric in out.err
 
 
@@ -137,9 +137,9 @@ def test_run_stats_show_tier_usage(tiny_chat_dir, tmp_path, capsys):
     def value(name):
         return float(re.search(re.escape(name) + r"\s+([\d.]+)", err).group(1))
 
-    assert value("kv_tier_capacity_blocks{tier=host}") == 64
-    assert value("kv_spilled_bytes{to=host}") > 0
-    assert value("kv_hit_blocks{tier=host}") > 0 and value("kv_promoted_bytes{from=host}") > 0
+    assert value("kv_tier_capacity_blocks{node=0,tier=host}") == 64
+    assert value("kv_spilled_bytes{node=0,to=host}") > 0
+    assert value("kv_hit_blocks{node=0,tier=host}") > 0 and value("kv_promoted_bytes{node=0,from=host}") > 0
 
 
 def test_kv_sizes_are_checked_against_the_machine(tiny_dir, tmp_path, capsys):

@@ -37,6 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from afkv import errors
+from afkv.engine.engine import Engine, EngineState
 from afkv.engine.params import CompletionChunk
 from afkv.model.tokenizer import Tokenizer
 from afkv.serve.metrics import ServerMetrics
@@ -52,6 +53,7 @@ from afkv.serve.openai_schema import (
 log = logging.getLogger("afkv.http")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+HEALTH_TIMEOUT_S = 5.0  # behind --attach: /health is 503 when an attention node does not answer within this
 
 
 @dataclass(frozen=True)
@@ -154,9 +156,7 @@ class OpenAIServer:
 
         @app.get("/health")
         async def health():
-            state = getattr(self.engine, "state", None)
-            ok = state is None or state.value == "running"
-            return Response(status_code=200 if ok else 503)
+            return Response(status_code=200 if await self._healthy() else 503)
 
         @app.get("/metrics")
         async def metrics():
@@ -184,6 +184,17 @@ class OpenAIServer:
 
         app.include_router(v1)
         return app
+
+    async def _healthy(self) -> bool:
+        """An Engine: running. An AttachedEngine: every attention node answers (bounded)."""
+        if isinstance(self.engine, Engine):
+            return self.engine.state is EngineState.RUNNING
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                await self.engine.stats()
+        except (errors.AfkvError, TimeoutError):
+            return False
+        return True
 
     def _check_key(self, request: Request) -> None:
         if self.api_key is None:

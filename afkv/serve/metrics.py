@@ -15,15 +15,16 @@ and as a table (`afkv run --stats`).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass
 from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from afkv.engine.engine import Engine, EngineStats
 from afkv.engine.params import RequestMetrics
 from afkv.errors import AfkvError
+from afkv.kv.metrics import KVMetricsSnapshot
 
 PREFIX = "afkv_"
 
@@ -57,37 +58,38 @@ _MOVES = (  # KV metrics counter -> (metric, label)
 )
 
 
+async def _node_views(engine) -> list[tuple[EngineStats, dict[str, float], KVMetricsSnapshot]]:
+    """(stats, layer timings, KV metrics) of each attention node: the Engine itself, or those an
+    AttachedEngine asks its attention nodes for (one round trip each)."""
+    if isinstance(engine, Engine):
+        return [(engine.stats(), engine.layer_timings(), engine.kv_metrics())]
+    return [(m.stats, m.layer, m.kv) for m in await engine.node_metrics()]
+
+
 async def engine_samples(engine) -> list[Sample]:
-    """The engine's metrics now (run on the engine's event loop)."""
-    stats = engine.stats()
-    if inspect.isawaitable(stats):  # an AttachedEngine asks its attention nodes
-        stats = await stats
-    nodes = stats if isinstance(stats, list) else [stats]
+    """The engine's metrics now (run on the engine's event loop), labelled by attention node."""
     out: list[Sample] = []
-    for i, node in enumerate(nodes):
-        d = node if isinstance(node, dict) else dataclasses.asdict(node)
+    for i, (stats, layer, kv) in enumerate(await _node_views(engine)):
         node_label = (("node", str(i)),)
+        d = dataclasses.asdict(stats)
         for key, name, kind, help_ in _STATS:
-            if key in d:
-                out.append(Sample(name, kind, help_, node_label, float(d[key])))
-        layer = d.get("layer") if isinstance(node, dict) else engine.layer_timings()
-        for key, seconds in (layer or {}).items():
+            out.append(Sample(name, kind, help_, node_label, float(d[key])))
+        for key, seconds in layer.items():
             out.append(Sample("layer_seconds", "gauge", "Mean seconds per micro-batch layer, by part (AF timings)",
                               node_label + (("part", key.removesuffix("_s")),), float(seconds)))
-    if hasattr(engine, "kv_metrics"):
-        kv = engine.kv_metrics()
         for tier in kv.tiers:
-            labels = (("tier", tier.name),)
+            labels = node_label + (("tier", tier.name),)
             out.append(Sample("kv_tier_blocks", "gauge", "KV blocks held per tier (device: in use or cached)", labels,
                               tier.num_blocks))
             out.append(Sample("kv_tier_capacity_blocks", "gauge", "KV block capacity per tier", labels,
                               tier.capacity_blocks))
         for tier, n in kv.hit_blocks.items():
             out.append(Sample("kv_hit_blocks", "counter", "Prefix-cache hits in blocks, by the tier they were found in",
-                              (("tier", tier),), n))
+                              node_label + (("tier", tier),), n))
         for key, name, label in _MOVES:
             what = "spilled down to" if name == "kv_spilled_bytes" else "promoted up from"
-            out.append(Sample(name, "counter", f"KV bytes {what} a tier", (label,), kv.counters.get(key, 0)))
+            out.append(Sample(name, "counter", f"KV bytes {what} a tier", node_label + (label,),
+                              kv.counters.get(key, 0)))
     if getattr(engine, "eplb_enabled", False):
         try:
             value = await engine.expert_balancedness()

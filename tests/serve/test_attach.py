@@ -1,6 +1,6 @@
 """`afkv serve --attach`: the HTTP server in front of a deployment (`afkv launch`) gives the
 colocated answers; its node logs record start-up, joins and losses; a lost expert node with no
-replica is a 503. And the disaggregated metrics of an attention node (AF timings, EPLB load)."""
+replica is a 503 (the typed error crosses the attached connection with its fields). And the disaggregated metrics of an attention node (AF timings, EPLB load)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ async def test_serve_attach_answers_as_colocated(tiny_chat_dir, tmp_path):
         chat = await local.complete(MESSAGES, greedy)
         text = await local.complete("The capital of France is", greedy)
     with Deployment(path, tiny_chat_dir, log_dir=log_dir) as dep:
-        async with await Engine.attach(dep.address) as attached:
+        async with await Engine.attach(dep.address, token=dep.token) as attached:
             async with live_server(attached, "tiny", Tokenizer(tiny_chat_dir)) as (server, url):
                 client = openai_client(url)
                 got = await client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10,
@@ -61,14 +61,22 @@ async def test_serve_attach_answers_as_colocated(tiny_chat_dir, tmp_path):
                 m = await scrape(url)
                 assert metric_sum(m, "afkv_generation_tokens_total", node="0") >= 20
                 assert metric_sum(m, "afkv_layer_seconds", node="0", part="expert") > 0
+                assert metric_sum(m, "afkv_kv_tier_capacity_blocks", node="0", tier="device") == 256  # the node's KV
+                assert (await http(url, "/health"))[0] == 200
 
                 logs = {rank: (log_dir / f"node{rank}.log").read_text() for rank in (0, 1)}
                 assert "attention node 0 serving on" in logs[0] and "starting" in logs[0]
                 assert "expert node 0 serving on" in logs[1] and "joined" in logs[1]  # the attention node joined
                 assert "joined" in logs[0]  # the client (the HTTP server) joined the attention node
 
+                dep.kill_node(1)  # the attention node records the loss of its expert node
+                with pytest.raises(openai.APIStatusError) as exc:  # no replica serves its experts
+                    await client.completions.create(model="tiny", prompt="The capital", max_tokens=3)
+                assert exc.value.status_code == 503 and exc.value.body["code"] == "ExpertUnavailableError"
+                assert (await http(url, "/health"))[0] == 200  # the attention node answers: the server keeps serving
+                dep.kill_node(0)
+                assert (await http(url, "/health"))[0] == 503  # no attention node answers
                 await client.close()
-        dep.kill_node(1)  # the attention node records the loss of its expert node
         await wait_until(lambda: "control connection ended" in (log_dir / "node0.log").read_text(), 30,
                          "the attention node to log the loss")
         assert "closed the connection" in (log_dir / "node0.log").read_text()
@@ -81,7 +89,7 @@ async def test_disaggregated_metrics_and_503(tiny_dir, tmp_path):
     path = _write_config(tmp_path, "[eplb]\nenabled = true\nslots_per_node = 8")
     with Deployment(path, model, start_attention=False) as dep:
         cfg = EngineConfig.from_toml(path)
-        cfg = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port))
+        cfg = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port, token=dep.token))
         async with Engine(model, cfg, progress=False) as engine:
             await engine.complete([5, 6, 7, 8], SamplingParams(max_tokens=8, ignore_eos=True))
             samples = {(s.name, s.labels): s.value for s in await engine_samples(engine)}

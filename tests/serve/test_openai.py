@@ -211,7 +211,7 @@ async def test_metrics(served, client):
     assert metric_sum(m, "afkv_kv_device_blocks") == stats.num_blocks == 512
     assert metric_sum(m, "afkv_kv_tier_capacity_blocks", tier="device") == 512
     assert metric_sum(m, "afkv_kv_hit_blocks_total", tier="device") == engine.kv_metrics().hit_blocks["device"]
-    assert ("afkv_kv_spilled_bytes_total", (("to", "host"),)) in m
+    assert ("afkv_kv_spilled_bytes_total", (("node", "0"), ("to", "host"))) in m
     assert metric_sum(m, "afkv_layer_seconds", part="attention") > 0
     assert metric_sum(m, "afkv_requests_total", endpoint="completions", outcome="length") >= 1
     finished = metric_sum(m, "afkv_requests_total", outcome="length") + metric_sum(m, "afkv_requests_total",
