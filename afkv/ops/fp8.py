@@ -39,18 +39,19 @@ def scale_shape(rows: int, cols: int, block: tuple[int, int] = (BLOCK, BLOCK)) -
 
 
 def quantize_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] (any float dtype) -> (fp8 [N, K], scales float32 [ceil(N/128), ceil(K/128)]):
-    each 128 x 128 block (partial at the edges) scaled so that its largest magnitude is 448."""
-    if weight.dim() != 2:
-        raise ConfigError(f"quantize_blocks takes a 2-D weight, got shape {tuple(weight.shape)}")
-    n, k = weight.shape
+    """weight [..., N, K] (any float dtype) -> (fp8 [..., N, K], scales float32 [..., ceil(N/128),
+    ceil(K/128)]): each 128 x 128 block (partial at the edges) of each matrix scaled so that its
+    largest magnitude is 448."""
+    if weight.dim() < 2:
+        raise ConfigError(f"quantize_blocks takes [..., N, K] weights, got shape {tuple(weight.shape)}")
+    *lead, n, k = weight.shape
     sn, sk = scale_shape(n, k)
-    w = F.pad(weight.float(), (0, sk * BLOCK - k, 0, sn * BLOCK - n))  # [sn*128, sk*128]
-    blocks = w.view(sn, BLOCK, sk, BLOCK)
-    amax = blocks.abs().amax(dim=(1, 3))  # [sn, sk]
-    scale = amax.clamp(min=AMAX_EPS) / FP8_MAX  # [sn, sk]
-    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.view(sn * BLOCK, sk * BLOCK)[:n, :k].contiguous(), scale
+    w = F.pad(weight.float(), (0, sk * BLOCK - k, 0, sn * BLOCK - n))  # [..., sn*128, sk*128]
+    blocks = w.view(*lead, sn, BLOCK, sk, BLOCK)
+    amax = blocks.abs().amax(dim=(-3, -1))  # [..., sn, sk]
+    scale = amax.clamp(min=AMAX_EPS) / FP8_MAX
+    q = (blocks / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.view(*lead, sn * BLOCK, sk * BLOCK)[..., :n, :k].contiguous(), scale
 
 
 def dequantize_blocks(

@@ -109,3 +109,12 @@ def test_moe_reference_against_a_plain_loop():
             want[t] += w[t, j] * (fp8.quantize_groups(act.float()).double() @ fp8.dequantize_blocks(dn_q[e], dn_s[e]).double().T)
     assert float((got.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
     assert (got[ids.eq(1).all(-1) | ids.eq(num_experts).all(-1)] == 0).all()
+
+
+def test_quantize_blocks_of_a_stack_equals_each_matrix():
+    w = torch.randn(3, 200, 260, generator=torch.Generator().manual_seed(4))
+    q, scale = fp8.quantize_blocks(w)
+    assert q.shape == w.shape and scale.shape == (3, 2, 3)
+    for i in range(3):
+        qi, si = fp8.quantize_blocks(w[i])
+        assert torch.equal(q[i].view(torch.uint8), qi.view(torch.uint8)) and torch.equal(scale[i], si)
