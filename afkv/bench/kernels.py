@@ -169,7 +169,8 @@ def moe_sweep(models: list[str], tokens: list[int], dtypes: list[str], *, copies
               grouped_tokens: tuple[int, ...] = (16, 256, 2048), tune_tokens: tuple[int, ...] = (),
               deadline: float | None = None, seed: int = 0, log=print) -> dict:
     """The fused-MoE sweep (module docstring). Points past `deadline` (time.monotonic()) are
-    skipped; --tune points come after every default point."""
+    skipped; the tune points come after every default point (all weight copies stay on the GPU
+    until then)."""
     from afkv.bench.calibrate import gemm_peak
     from afkv.bench.steps import copy_bandwidth
     from afkv.model.sides import FFNSide, _Stacked, fused_ops
@@ -186,7 +187,7 @@ def moe_sweep(models: list[str], tokens: list[int], dtypes: list[str], *, copies
     result = {"bench": "kernels-moe", "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
               "triton": triton_moe.triton.__version__, "copy_bytes_per_s": copy_bw, "gemm_flops_per_s": peaks,
               "copies": copies, "replays": replays, "rows": [], "tuned": []}
-    pending_tune = []
+    pending_tune = []  # (model, dtype, num_tokens, calls, default config, weight copies)
     for name in models:
         shape = MOE_SHAPES[name]
         e, h, i, k = shape["num_experts"], shape["hidden"], shape["inter"], shape["top_k"]
@@ -229,25 +230,24 @@ def moe_sweep(models: list[str], tokens: list[int], dtypes: list[str], *, copies
                 result["rows"].append(row)
                 log(_moe_line(row))
                 if num_tokens in tune_tokens:
-                    pending_tune.append((name, dtype, num_tokens, fns, cfg))
+                    pending_tune.append((name, dtype, num_tokens, fns[0].args[:4], cfg, layers))
                 del fns
-            if pending_tune:  # tune while this dtype's weights exist
-                _tune(result, pending_tune, shape, layers, local, sm_count, replays, device, deadline, log)
-                pending_tune = []
             del layers
-            gc.collect()
-            torch.cuda.empty_cache()
+    _tune(result, pending_tune, sm_count, replays, device, deadline, log)
+    del pending_tune
+    gc.collect()
+    torch.cuda.empty_cache()
     return result
 
 
-def _tune(result, points, shape, layers, local, sm_count, replays, device, deadline, log) -> None:
+def _tune(result, points, sm_count, replays, device, deadline, log) -> None:
     from triton.runtime.errors import OutOfResources
 
     from afkv.ops import triton_moe
 
-    e, h, i, k = shape["num_experts"], shape["hidden"], shape["inter"], shape["top_k"]
-    for name, dtype, num_tokens, fns, default in points:
-        x, ids, weights = fns[0].args[:3]
+    for name, dtype, num_tokens, (x, ids, weights, local), default, layers in points:
+        shape = MOE_SHAPES[name]
+        e, h, i, k = shape["num_experts"], shape["hidden"], shape["inter"], shape["top_k"]
         tried = []
         for cfg in tune_candidates(num_tokens * k, e, h, i, sm_count, dtype == "fp8"):
             if deadline is not None and time.monotonic() > deadline:
