@@ -393,7 +393,7 @@ class FFNSide:
         self._tf = fused_ops(device)  # fused SiLU-and-multiply of the grouped path (CUDA with triton)
         self._moe = moe_ops(device)  # the Triton fused-MoE kernels (CUDA with triton)
         self.fp8 = spec.expert_dtype == "fp8"  # routed experts as e4m3 with block scales
-        if self.fp8 and device.type == "cuda" and (self._moe is None or not self._moe.fp8_available()):
+        if self.fp8 and device.type == "cuda" and (self._moe is None or not self._moe.fp8_available(device)):
             raise DeviceError("expert_dtype fp8 on CUDA needs the Triton fused-MoE kernel (pip install triton, "
                               "AFKV_MOE_KERNEL unset) and fp8 tensor cores (compute capability >= 8.9)")
 

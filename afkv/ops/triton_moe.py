@@ -80,9 +80,9 @@ def available() -> bool:
 
 
 @functools.cache
-def fp8_available() -> bool:
-    """available() and the GPU has fp8 tensor cores (compute capability >= 8.9)."""
-    return available() and torch.cuda.get_device_capability() >= (8, 9)
+def fp8_available(device: torch.device) -> bool:
+    """available() and `device` has fp8 tensor cores (compute capability >= 8.9)."""
+    return available() and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _cdiv(a: int, b: int) -> int:
