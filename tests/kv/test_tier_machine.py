@@ -202,8 +202,15 @@ TestTieredKVMachine.settings = settings(max_examples=60, stateful_step_count=50,
 
 
 def test_the_machine_exercised_every_tier():
-    """(after TestTieredKVMachine, in file order) the runs did move blocks through every tier."""
+    """(after TestTieredKVMachine, in file order) the runs did move blocks through every tier.
+
+    Whether a damaged file is read again before it is evicted depends on when the I/O threads
+    finish (the machine leaves I/O in flight on purpose), so reaching `corrupt_blocks` is not
+    required here: it failed under load on 2 busy cores. Detection of damaged blocks is tested
+    deterministically in tests/kv/test_tiers.py (test_disk_reads_verify_everything,
+    test_corrupt_block_ends_the_prefix_and_is_recomputed) and tests/engine/test_tiers.py; here a
+    damaged block that is read must never reach a sequence (the content check in _step)."""
     if not RUN_TOTALS:
         TestTieredKVMachine("runTest").runTest()
-    for key in ("demotions", "promotions", "spills", "fetches", "hit_host", "hit_disk", "corrupt_blocks"):
+    for key in ("demotions", "promotions", "spills", "fetches", "hit_host", "hit_disk"):
         assert RUN_TOTALS[key] > 0, (key, RUN_TOTALS)
