@@ -150,12 +150,6 @@ class QuantizedKVCache:
         return self.blocks.device
 
 
-def write_kv_quantized(cache: QuantizedKVCache, layer: int, slot_blocks: torch.Tensor, slot_offsets: torch.Tensor,
-                       k: torch.Tensor, v: torch.Tensor) -> None:
-    """As write_kv; every slot block is a staging block (id >= num_blocks)."""
-    write_kv(cache.staging, layer, slot_blocks - cache.num_blocks, slot_offsets, k, v)
-
-
 def gather_layer(cache: QuantizedKVCache, layer: int, block_ids: torch.Tensor) -> torch.Tensor:
     """Layer `layer` of the blocks block_ids [*] -> [*, 2, bs, Hkv, D] of the staging dtype:
     quantized rows dequantized, staging blocks copied (no host synchronisation). The torch

@@ -6,21 +6,24 @@ scale, and for the integer formats one zero point, per vector: LMDeploy's granul
 scale data in a 16-bit float dtype (the model's when it is 16-bit, else bfloat16):
 
     fp8   e4m3 codes, symmetric:  s = max|x| / 448 rounded up;  c = e4m3(x / s);  x' = c * s
-    int8  uint8 codes, asymmetric: z = min(x) rounded down; s = (max(x) - z) / 255 rounded up;
-          c = clamp(rint((x - z) / s), 0, 255);  x' = c * s + z
-    int4  the same with 15 levels, over the Hadamard-rotated vector: x_r = x @ H, where H is the
-          +-1 Sylvester Hadamard matrix of order p (the largest power of two dividing D; block
-          diagonal when p < D), H @ H = p * I; x' = x_r' @ H / p
+    int8  uint8 codes, asymmetric, over the Hadamard-rotated vector x_r = x @ H (H: the +-1
+          Sylvester Hadamard matrix of order p, the largest power of two dividing D, block
+          diagonal when p < D; H @ H = p * I): z = min(x_r) rounded down;
+          s = (max(x_r) - z) / 255 rounded up; c = clamp(rint((x_r - z) / s), 0, 255);
+          x' = (c * s + z) @ H / p
+    int4  the same with 15 levels
 
 "Rounded up / down" is to the scale dtype, so |x / s| <= 448 and (x - z) / s lies in
 [0, qmax] up to float32 rounding. Bounds per channel: fp8 |x - x'| <= max(|x| / 16,
 s / 1024) (half a unit of e4m3's 3-bit mantissa, or of its smallest subnormal); int8 and
-int4 |x - x'| <= s / 2 (int4: s of the rotated vector; a rotated error e_r maps back to
-e_r @ H / p, which is no larger per channel). A vector whose channels are all equal to a
-value of the scale dtype comes back exactly. The rotation spreads the outlier channels of
-keys over all channels, so one scale per vector serves 4 bits (QuaRot/SpinQuant's finding;
-measured here in tests/kv/test_kv_quant_perplexity.py). Arithmetic is float32; rint rounds
-half to even; inputs must be finite and fit the scale dtype.
+int4 |x - x'| <= s / 2 (s of the rotated vector: a rotated error e_r maps back to
+e_r @ H / p, which is no larger per channel). Zeros come back exactly. The rotation spreads
+the outlier channels of keys over all channels, so one scale per vector serves 8 and 4 bits
+(QuaRot/SpinQuant's finding; measured in tests/kv/test_kv_quant_perplexity.py and
+tests/engine/test_device_quant.py); fp8, a floating format, keeps its relative precision
+without it. The rotation is a fast Walsh-Hadamard transform (`rotate`): each vector's bits
+depend on that vector alone. Arithmetic is float32; rint rounds half to even; inputs must be
+finite and fit the scale dtype.
 
 Row layout: num_layers sections of `layer_nbytes` bytes, one per layer, each
 
@@ -83,7 +86,7 @@ class QuantSpec:
 
     @property
     def rotated(self) -> bool:
-        return self.kind == "int4"
+        return self.kind != "fp8"
 
     @property
     def code_dim(self) -> int:
@@ -129,8 +132,25 @@ def _hadamard_cached(head_dim: int, device: str, dtype: torch.dtype) -> torch.Te
 
 
 def hadamard(head_dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The int4 rotation: +-1 [D, D], symmetric, H @ H = p * I (p = hadamard_order)."""
+    """The int8 / int4 rotation: +-1 [D, D], symmetric, H @ H = p * I (p = hadamard_order)."""
     return _hadamard_cached(head_dim, str(device), dtype)
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] -> x @ hadamard(D), by the fast Walsh-Hadamard transform: log2(p) rounds of
+    sums and differences in x's dtype, so each output depends only on its own vector (the same
+    bits whatever the batch: a block quantizes to the same row alone or with others)."""
+    d = x.shape[-1]
+    p = d & -d
+    lead = (*x.shape[:-1], d // p)
+    y = x
+    h = 1
+    while h < p:
+        y = y.reshape(*lead, p // (2 * h), 2, h)  # pairs (j, j + h) inside blocks of 2h
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    return y.reshape(x.shape)
 
 
 def _round16(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
@@ -144,7 +164,7 @@ def _round16(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
 
 
 def _quantize_vectors(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """float32 x [..., D] (rotated already for int4) -> codes uint8 [..., C], scale and zero
+    """float32 x [..., D] (rotated already for int8 / int4) -> codes uint8 [..., C], scale and zero
     [...] in the scale dtype (zero None for fp8)."""
     sd = spec.scale_dtype
     if spec.kind == "fp8":
@@ -164,7 +184,7 @@ def _quantize_vectors(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, t
 
 def _dequantize_vectors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                         spec: QuantSpec) -> torch.Tensor:
-    """codes [..., C], scale/zero [...] -> float32 [..., D] (still rotated for int4)."""
+    """codes [..., C], scale/zero [...] -> float32 [..., D] (still rotated for int8 / int4)."""
     if spec.kind == "fp8":
         return codes.view(torch.float8_e4m3fn).float() * scale.float()[..., None]
     if spec.kind == "int4":
@@ -208,7 +228,7 @@ def quantize_rows(blocks: torch.Tensor, spec: QuantSpec, out: torch.Tensor | Non
     check_rows(out, spec)
     x = blocks.float().permute(0, 1, 2, 4, 3, 5)  # [n, L, 2, H, bs, D]
     if spec.rotated:
-        x = x @ hadamard(spec.head_dim, x.device)
+        x = rotate(x)
     codes, scale, zero = _quantize_vectors(x, spec)
     if not out.is_contiguous():
         raise ConfigError("out must be contiguous")
@@ -233,7 +253,7 @@ def dequantize_layers(rows: torch.Tensor, spec: QuantSpec, dtype: torch.dtype,
     x = _dequantize_vectors(views["codes"][pick], views["scale"][pick],
                             views["zero"][pick] if spec.has_zero else None, spec)  # [n, (l,) 2, H, bs, D]
     if spec.rotated:
-        x = (x @ hadamard(spec.head_dim, x.device)) / spec.hadamard_order
+        x = rotate(x) / spec.hadamard_order
     return x.transpose(-3, -2).to(dtype)  # [n, (l,) 2, bs, H, D]
 
 

@@ -33,8 +33,8 @@ the cache dtype before P @ V); float32 caches multiply in IEEE float32.
 Quantized rows are never dequantized: with one scale s_t (and zero z_t) per token, q . k_t =
 s_t (q . c_t) + z_t sum(q) over the codes c_t, and sum_t p_t v_t = sum_t (p_t s_t) c_t +
 sum_t p_t z_t, so the codes go into the products as they are (exact in float16) and the
-scales into the scores and probabilities; int4 works on the rotated query (q @ H) / p and
-rotates the output back once per program. Split-K parts take chunks of a row's quantized
+scales into the scores and probabilities; int8 and int4 work on the rotated query
+(q @ H) / p and rotate the output back once per program. Split-K parts take chunks of a row's quantized
 blocks, one more part its staging tail. A prefill program reads its table's quantized blocks,
 then its staging blocks, each in place: no dequantized copy of the context exists anywhere.
 Products over codes run in float16 (the query, the probabilities times the tile-normalised
@@ -321,7 +321,7 @@ if triton is not None:
         """uint8 codes [N, C] -> float16 (float32 when IEEE) values, exact: fp8 the e4m3 value;
         int8 / int4 (the low nibbles, or the high ones when HIGH) the code plus an offset
         (CVT 0: converted one by one, offset 0; 1: 0x64XX as float16 is 1024 + XX, four codes
-        per byte-permute pair, offset 1024; 2: the same by integer ors)."""
+        per pair of byte permutes, offset 1024)."""
         if KIND == 0:
             f = b.to(tl.float8e4nv, bitcast=True).to(tl.float16 if CVT else tl.float32)
         elif CVT == 1:
@@ -354,21 +354,6 @@ if triton is not None:
                     }""",
                     constraints="=r,=r,r", args=[b], dtype=tl.float16, is_pure=True, pack=4,
                 )  # fmt: skip
-        elif CVT == 2:
-            if KIND == 1:
-                c = b.to(tl.int16)
-            elif HIGH:
-                c = (b >> 4).to(tl.int16)
-            else:
-                c = (b & 15).to(tl.int16)
-            f = (c | 0x6400).to(tl.float16, bitcast=True)
-        elif CVT == 3:
-            if KIND == 1:
-                f = b.to(tl.float16)
-            elif HIGH:
-                f = (b >> 4).to(tl.float16)
-            else:
-                f = (b & 15).to(tl.float16)
         elif KIND == 1:
             f = b.to(tl.float32)
         elif HIGH:
@@ -383,24 +368,25 @@ if triton is not None:
     def _quant_queries(q, h_ptr, offs_d, dmask, KIND: tl.constexpr, HEAD_DIM: tl.constexpr,
                        CODE_DIM: tl.constexpr, BLOCK_C: tl.constexpr, HP_INV: tl.constexpr,
                        IEEE: tl.constexpr):  # fmt: skip
-        """Queries [M, D] -> what the code products take: (qa, qb, qsum). int4: qa, qb the two
-        halves of the rotated query (q @ H) / p [M, C]; else qa = q, qb unused. qsum [M]: the
-        sum of the channels qa and qb hold (the zero points' factor)."""
+        """Queries [M, D] -> what the code products take: (qa, qb, qsum). int8 / int4: the rotated
+        query (q @ H) / p, whole [M, D] in qa (int8) or its halves [M, C] in qa, qb (int4);
+        fp8: qa = q. qsum [M]: the sum of the channels qa and qb hold (the zero points' factor)."""
         dt = tl.float32 if IEEE else tl.float16
         q = q.to(dt)
-        if KIND == 2:
+        qa = q
+        qb = q
+        if KIND != 0:
             offs_c = tl.arange(0, BLOCK_C)
             hmask = dmask[:, None] & (offs_c < CODE_DIM)[None, :]
             h_rows = h_ptr + offs_d[:, None] * HEAD_DIM
-            ha = tl.load(h_rows + offs_c[None, :], mask=hmask, other=0.0)  # [D, C] columns 0 .. C-1
-            hb = tl.load(h_rows + CODE_DIM + offs_c[None, :], mask=hmask, other=0.0)  # [D, C] columns C ..
+            ha = tl.load(h_rows + offs_c[None, :], mask=hmask, other=0.0)  # [D, C]: H's columns 0 .. C-1
             qa = (_dot(q, ha, IEEE) * HP_INV).to(dt)  # [M, C]
-            qb = (_dot(q, hb, IEEE) * HP_INV).to(dt)
-            qsum = tl.sum(qa.to(tl.float32), 1) + tl.sum(qb.to(tl.float32), 1)
-        else:
-            qa = q
-            qb = q
-            qsum = tl.sum(q.to(tl.float32), 1)
+            if KIND == 2:
+                hb = tl.load(h_rows + CODE_DIM + offs_c[None, :], mask=hmask, other=0.0)  # [D, C]: columns C ..
+                qb = (_dot(q, hb, IEEE) * HP_INV).to(dt)
+        qsum = tl.sum(qa.to(tl.float32), 1)
+        if KIND == 2:
+            qsum += tl.sum(qb.to(tl.float32), 1)
         return qa, qb, qsum
 
     @triton.jit
@@ -414,8 +400,8 @@ if triton is not None:
         BLOCK_SIZE; tokens outside [lo, hi) are not read; `valid` [M, N] masks the scores) held
         in quantized rows. Scores are s_t * (q . c_t) + z_t * sum(q) and values enter as p_t * s_t
         (scaled by the tile's largest s_t) times the codes, plus p_t * z_t: the codes are
-        multiplied as they are, never dequantized. int4 works in the rotated domain, its
-        channels in two halves. Addresses are computed once per block of the tile."""
+        multiplied as they are, never dequantized. int8 and int4 work in the rotated domain
+        (int4's channels in two halves). Addresses are computed once per block of the tile."""
         num_tile_blocks: tl.constexpr = BLOCK_N // BLOCK_SIZE
         heads_tokens: tl.constexpr = NUM_KV_HEADS * BLOCK_SIZE
         offs_j = tl.arange(0, num_tile_blocks)
@@ -434,7 +420,7 @@ if triton is not None:
         meta = rows16_ptr + (base // 2)[:, None] + (heads_tokens * CODE_DIM + kvh * BLOCK_SIZE + offs_i)[None, :]
         ks = tl.reshape(tl.load(meta, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)  # [N]
         vs = tl.reshape(tl.load(meta + heads_tokens, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)
-        off: tl.constexpr = 1024.0 if (KIND != 0 and (CVT == 1 or CVT == 2)) else 0.0  # what _codes adds to int codes
+        off: tl.constexpr = 1024.0 if (KIND != 0 and CVT == 1) else 0.0  # what _codes adds to int codes
         if KIND == 2:
             s = _dot(qa, tl.trans(_codes(kb, KIND, False, CVT, IEEE)), IEEE)
             s += _dot(qb, tl.trans(_codes(kb, KIND, True, CVT, IEEE)), IEEE)  # [M, N]
@@ -469,21 +455,22 @@ if triton is not None:
                       HEAD_DIM: tl.constexpr, CODE_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
                       HP_INV: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
         """The quantized tokens' accumulators -> an unnormalised output [M, D] in the model's
-        channels (int4: rotated back), to go on with full-precision tokens."""
-        if KIND == 2:
+        channels (int8 / int4: rotated back), to go on with full-precision tokens."""
+        if KIND == 0:
+            acc = acc_a
+        else:
             dt = tl.float32 if IEEE else tl.float16
             offs_c = tl.arange(0, BLOCK_C)
             hmask = (offs_c < CODE_DIM)[:, None] & dmask[None, :]
             ha = tl.load(h_ptr + offs_c[:, None] * HEAD_DIM + offs_d[None, :], mask=hmask, other=0.0)  # [C, D]
-            hb = tl.load(h_ptr + (CODE_DIM + offs_c)[:, None] * HEAD_DIM + offs_d[None, :], mask=hmask, other=0.0)
             norm = tl.where(l_i > 0.0, HP_INV / tl.where(l_i > 0.0, l_i, 1.0), 0.0)  # normalised: float16 holds it
             oa = ((acc_a + acc_z[:, None]) * norm[:, None]).to(dt)
-            ob = ((acc_b + acc_z[:, None]) * norm[:, None]).to(dt)
-            acc = (_dot(oa, ha, IEEE) + _dot(ob, hb, IEEE)) * l_i[:, None]
-        elif KIND == 1:
-            acc = acc_a + acc_z[:, None]
-        else:
-            acc = acc_a
+            o = _dot(oa, ha, IEEE)
+            if KIND == 2:
+                hb = tl.load(h_ptr + (CODE_DIM + offs_c)[:, None] * HEAD_DIM + offs_d[None, :], mask=hmask, other=0.0)
+                ob = ((acc_b + acc_z[:, None]) * norm[:, None]).to(dt)
+                o += _dot(ob, hb, IEEE)
+            acc = o * l_i[:, None]
         return acc
 
     @triton.jit
@@ -870,7 +857,7 @@ def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int) 
         raise ConfigError("quantized rows must be contiguous, 16-byte aligned and on the queries' device")
     ieee = _ieee(staging.dtype, q.device)
     dt = torch.float32 if ieee else torch.float16
-    had = quant.hadamard(spec.head_dim, q.device, dt) if spec.rotated else rows
+    had = quant.hadamard(spec.head_dim, q.device, dt) if spec.rotated else rows  # rows: a placeholder, never read
     st = staging[:, layer]  # [num_staging, 2, bs, Hkv, D]
     if st.stride(-1) != 1:
         raise ConfigError("staging blocks must be contiguous along head_dim")
