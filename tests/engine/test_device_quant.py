@@ -8,8 +8,8 @@ Bounds, on the logprob error: per step, the largest |logprob difference| over th
 top-5 sets, at every step whose context still equals the reference's. Measured on the tiny random
 models (block 4, fp_window 0, 16 new tokens; the test prints the figures), 95th percentile / max
 over the four families: fp8 0.15 / 0.20 (3 bits of mantissa: relative errors, where int8's 255
-levels span each vector), int8 0.005 / 0.14, int4 0.25 / 0.32. The maxima are single steps where
-a router's top-k flips (an MoE family's discontinuity, not the KV error growing).
+levels span each rotated vector), int8 0.009 / 0.012, int4 0.27 / 0.32. The larger maxima are
+single steps where a router's top-k flips (an MoE family's discontinuity, not the KV error growing).
 """
 
 import asyncio
