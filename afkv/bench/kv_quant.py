@@ -262,7 +262,10 @@ def _empty_cache() -> None:
 
 def run_kv_quant_bench(model: str | None, device_name: str, formats: list[str], workloads: list[tuple[int, int]],
                        block_size: int = 16, steps: int = 10, capacity_context: int | None = 16384,
-                       tune: bool = False, progress=print) -> dict:
+                       tune: bool = False, progress=print, partial=None) -> dict:
+    """-> the result (see format_tables); `partial(result)` is called after each phase (a run cut
+    short still leaves what it measured)."""
+    partial = partial or (lambda _: None)
     device = resolve_device(device_name)
     dtype = resolve_dtype("auto", device)
     cuda = device.type == "cuda"
@@ -283,8 +286,10 @@ def run_kv_quant_bench(model: str | None, device_name: str, formats: list[str], 
         from afkv.ops import triton_attention as ta
 
         result["tiles"] = {k: [t.block_n, t.num_warps, t.num_stages] for k, t in ta.QUANT_DECODE_TILES.items()}
+        partial(result)
     attention_model = Model(spec, attn, ZeroFFN())
     result["attention_step"] = _attention_rows(attention_model, layout, formats, workloads, steps, progress)
+    partial(result)
     if cuda and capacity_context:
         _empty_cache()
         t0 = time.perf_counter()
@@ -339,11 +344,12 @@ def main(argv: list[str] | None = None) -> None:
     cuda = resolve_device(args.device).type == "cuda"
     spec = args.workloads or ("8x16384,2x65536,8x2048" if cuda else "2x64")
     workloads = [tuple(int(x) for x in w.split("x")) for w in spec.split(",")]
+    path = args.json or f"bench-results/kv-quant-{time.strftime('%Y%m%d-%H%M%S')}.json"
     result = run_kv_quant_bench(args.model, args.device, args.formats.split(","), workloads, args.block_size,
-                                args.steps, args.capacity_context or None, args.tune)
+                                args.steps, args.capacity_context or None, args.tune,
+                                partial=lambda r: write_json(r, path))
     print(format_tables(result))
-    out = write_json(result, args.json or f"bench-results/kv-quant-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(result, path)}")
 
 
 if __name__ == "__main__":
