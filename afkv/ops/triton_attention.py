@@ -834,8 +834,9 @@ class QuantTile:
     num_stages: int = 2
 
 
-# Per format (measured on an H100, afkv bench kv-quant's kernel sweep: see afkv/bench/RESULTS.md).
-QUANT_DECODE_TILES = {"fp8": QuantTile(64), "int8": QuantTile(64), "int4": QuantTile(128)}
+# Per format. Chosen from the compiled code (sm_90: instructions per byte of the main loop, no
+# spills), not yet from timings: `afkv bench kv-quant --tune` times the candidates on the GPU.
+QUANT_DECODE_TILES = {"fp8": QuantTile(128), "int8": QuantTile(128), "int4": QuantTile(128)}
 
 
 def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int) -> tuple:

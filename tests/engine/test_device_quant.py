@@ -21,6 +21,12 @@ import torch
 from afkv.config import EngineConfig
 from afkv.engine.engine import Engine
 from afkv.engine.params import SamplingParams
+from afkv.kv.device import DeviceQuant, staging_blocks_needed
+from afkv.kv.formats import make_format
+from afkv.kv.layout import KVLayout
+from afkv.kv.manager import KVManager
+from afkv.model.model import load_colocated
+from afkv.model.sides import DecodeRows, SeqChunk, StepInputs
 
 PROMPTS = [[1, 5, 9, 33, 17], [2, 5, 9, 33, 17, 2, 8], [7, 100, 3, 44, 12, 60, 61, 62, 63, 9, 8]]
 FORMATS = ["fp8", "int8", "int4"]
@@ -162,6 +168,56 @@ def test_demotion_to_host_and_disk_and_promotion(tiny_dir, tmp_path, fmt, spill)
     assert again.token_ids == first.token_ids
     assert max(_logprob_errors([first], [again])) < (1e-5 if spill == "same" else BOUNDS[fmt][0])
     assert free_staging == staging
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_padding_rows_of_a_captured_step_touch_only_the_scratch_block(tiny_dir, fmt):
+    """The inputs DecodeGraphs gives a captured step's padding rows on a quantized tier (token 0
+    at position 0, written to the scratch staging block, attending over it alone), run eagerly
+    here: the real rows' logits equal those of the step without padding, and no row or staging
+    block but the scratch block changes."""
+    model = load_colocated(tiny_dir["llama"], torch.device("cpu"), torch.float32)
+    spec = model.spec
+    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, 4, torch.float32)
+    quant_cfg = DeviceQuant(make_format(fmt, layout), 0, staging_blocks_needed(4, 0, 2, 32))
+    kv = KVManager(layout, 32, torch.device("cpu"), quant=quant_cfg)
+    scratch = kv.reserve_scratch_block()
+    cache = kv.attention_cache
+    prompts = {0: list(range(3, 12)), 1: list(range(40, 54))}  # 9 and 14 tokens: rows and staging blocks
+    with torch.inference_mode():
+        for seq_id, toks in prompts.items():
+            kv.match_prefix(seq_id, toks)
+            assert kv.allocate(seq_id, len(toks) + 1)
+            table = kv.block_table(seq_id)
+            pos = torch.arange(len(toks))
+            inputs = StepInputs(torch.tensor(toks), pos, torch.tensor([table[p // 4] for p in pos]), pos % 4,
+                                [SeqChunk(0, len(toks), len(toks), torch.tensor(table[: -(-len(toks) // 4)]))])
+            model.forward(inputs, cache)
+            kv.commit(seq_id, toks, len(toks))
+            kv.flush()
+
+        def step(pad: int) -> torch.Tensor:
+            tables = [kv.block_table(s) for s in prompts] + [[scratch]] * pad
+            width = max(map(len, tables))
+            table = torch.tensor([t + [scratch] * (width - len(t)) for t in tables])
+            n = [len(prompts[s]) for s in prompts] + [0] * pad  # position of each row's token
+            ids = torch.tensor([7, 8] + [0] * pad)
+            pos = torch.tensor(n)
+            slots = torch.tensor([t[p // 4] for t, p in zip(tables, n)])
+            lens = pos + 1
+            chunks = [SeqChunk(i, 1, int(lens[i]), table[i]) for i in range(len(n))]
+            decode = DecodeRows(torch.arange(len(n)), table, lens, every_row=True)
+            return model.attn.logits(model.forward(StepInputs(ids, pos, slots, pos % 4, chunks, decode), cache))
+
+        before = (cache.blocks.clone(), cache.staging.clone())
+        padded = step(pad=2)
+        changed_staging = (cache.staging != before[1]).flatten(1).any(1).nonzero()[:, 0].tolist()
+        assert torch.equal(cache.blocks, before[0])
+        own = [kv.block_table(s)[-1] - kv.pool.num_blocks for s in prompts]  # the real rows' last (staging) blocks
+        assert set(changed_staging) <= set(own) | {scratch - kv.pool.num_blocks}
+        assert scratch - kv.pool.num_blocks in changed_staging
+        torch.testing.assert_close(padded[:2], step(pad=0), rtol=1e-5, atol=1e-5)
+    kv.check_invariants()
 
 
 @pytest.mark.gpu
