@@ -43,7 +43,7 @@ from afkv.ops import quant
 from afkv.ops.attention import QuantizedKVCache
 
 _L2_FLUSH_NBYTES = 512 << 20
-_TILES = [(64, 4, 2), (128, 4, 1), (128, 4, 2), (128, 8, 2)]  # block_n, warps, stages
+_TILES = [(64, 4, 2), (128, 4, 1), (128, 4, 2), (128, 8, 2), (64, 4, 1)]  # block_n, warps, stages
 _CACHE_RESERVE_NBYTES = 3 << 30  # left free beside the KV at capacity: activations, graph pools, logits
 
 

@@ -834,9 +834,10 @@ class QuantTile:
     num_stages: int = 2
 
 
-# Per format. Chosen from the compiled code (sm_90: instructions per byte of the main loop, no
-# spills), not yet from timings: `afkv bench kv-quant --tune` times the candidates on the GPU.
-QUANT_DECODE_TILES = {"fp8": QuantTile(128), "int8": QuantTile(128), "int4": QuantTile(128)}
+# Per format. Chosen from the compiled code (sm_90: fewest instructions per byte of the main
+# loop without spills; int8's rotation leaves no registers for a second stage), not yet from
+# timings: `afkv bench kv-quant --tune` times the candidates on the GPU.
+QUANT_DECODE_TILES = {"fp8": QuantTile(128), "int8": QuantTile(128, num_stages=1), "int4": QuantTile(128)}
 
 
 def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int) -> tuple:
