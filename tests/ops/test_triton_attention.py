@@ -435,3 +435,58 @@ def test_decode_quantized_is_cuda_graph_capturable(kind):
     want = _quant_decode_reference(q, cache, 1, ref_tables, new_lens.cpu(), None)
     _assert_close(out.clone()[1:], want[1:], torch.bfloat16)
     assert (out[0] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", _QUANT_KINDS)
+def test_the_model_step_on_a_quantized_tier_runs_the_kernels_like_the_reference(tiny_dir, kind, device, monkeypatch):
+    """The attention side over a quantized device tier (prefill chunks through the prefill
+    kernel, then a batched decode step through the decode kernel, the K/V write into staging
+    blocks), against the same steps through the torch reference: CPU under the interpreter, or
+    CUDA."""
+    from afkv.kv.device import DeviceQuant, staging_blocks_needed
+    from afkv.kv.formats import make_format
+    from afkv.kv.layout import KVLayout
+    from afkv.kv.manager import KVManager
+    from afkv.model.model import load_colocated
+    from afkv.model.sides import SeqChunk, StepInputs
+
+    device = torch.device(device)
+    model = load_colocated(tiny_dir["qwen3_moe"], device, torch.float32)
+    spec = model.spec
+    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, 4, torch.float32)
+    prompts = {0: list(range(3, 16)), 1: list(range(40, 47))}  # 13 and 7 tokens
+
+    def run(use_kernels: bool) -> torch.Tensor:
+        monkeypatch.setattr(attention, "_triton_for", lambda q: ta if use_kernels else None)
+        quant_cfg = DeviceQuant(make_format(kind, layout), 4, staging_blocks_needed(4, 4, 2, 16))
+        kv = KVManager(layout, 16, device, quant=quant_cfg)
+        cache = kv.attention_cache
+        t = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
+        with torch.inference_mode():
+            for seq_id, toks in prompts.items():
+                kv.match_prefix(seq_id, toks)
+                for start in range(0, len(toks), 8):  # 8-token chunks: later ones read quantized blocks
+                    end = min(len(toks), start + 8)
+                    assert kv.allocate(seq_id, end + 1)
+                    kv.flush()
+                    table = kv.block_table(seq_id)
+                    pos = list(range(start, end))
+                    inputs = StepInputs(t(toks[start:end]), t(pos), t([table[p // 4] for p in pos]),
+                                        t([p % 4 for p in pos]),
+                                        [SeqChunk(0, end - start, end, t(table[: -(-end // 4)]))])
+                    model.forward(inputs, cache)
+                    kv.commit(seq_id, toks, end)
+            kv.flush()
+            tables = [kv.block_table(s) for s in prompts]
+            width = max(map(len, tables))
+            n = [len(p) for p in prompts.values()]
+            chunks = [SeqChunk(i, 1, n[i] + 1, t(tb + [0] * (width - len(tb)))) for i, tb in enumerate(tables)]
+            inputs = StepInputs(t([5, 6]), t(n), t([tb[p // 4] for tb, p in zip(tables, n)]), t([p % 4 for p in n]),
+                                chunks)
+            assert inputs.decode is not None  # the batched decode path
+            logits = model.attn.logits(model.forward(inputs, cache))
+            assert kv.metrics.counters["quantized_blocks"] >= 2  # fp_window 4: the rest stays in staging blocks
+        return logits
+
+    _assert_close(run(True), run(False), torch.float32)
