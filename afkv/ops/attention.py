@@ -142,10 +142,6 @@ class QuantizedKVCache:
         return self.blocks.shape[0]
 
     @property
-    def block_size(self) -> int:
-        return self.spec.block_size
-
-    @property
     def device(self) -> torch.device:
         return self.blocks.device
 
