@@ -301,27 +301,36 @@ def run_kv_quant_bench(model: str | None, device_name: str, formats: list[str], 
     return result
 
 
+def _table(head: list[tuple[str, str]], rows: list[list]) -> list[str]:
+    """A text table: head [(title, format spec)], rows of values (None prints "-")."""
+    widths = [max(len(t), 7) for t, _ in head]
+    line = " | ".join(f"{t:>{w}}" for (t, _), w in zip(head, widths))
+    out = ["", line, "-" * len(line)]
+    for row in rows:
+        cells = ["-" if v is None else format(v, spec) for v, (_, spec) in zip(row, head)]
+        out.append(" | ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+    return out
+
+
 def format_tables(result: dict) -> str:
     lines = []
+    shape = lambda r: f"{r['batch']} x {r['context']}"  # noqa: E731
     if "copy_bytes_per_s" in result:
         lines.append(f"copy ceiling {result['copy_bytes_per_s'] / 1e12:.2f} TB/s ({result['machine']['gpu']})")
-        head = f"{'kernel':<8} | {'B x context':>11} | {'us/layer':>8} | {'GB/s':>6} | {'vs copy':>7} | tile"
-        lines += ["", head, "-" * len(head)]
-        for r in result["kernel"]:
-            lines.append(f"{r['format']:<8} | {str(r['batch']) + ' x ' + str(r['context']):>11} | "
-                         f"{r['seconds'] * 1e6:>8.1f} | {r['bytes_per_s'] / 1e9:>6.0f} | {r['vs_copy']:>7.0%} | {r['tile']}")
-    head = f"{'attention step':<14} | {'B x context':>11} | {'ms':>7} | {'tok/s':>7} | {'vs auto':>7} | {'KV GiB':>7} | {'KV vs auto':>10}"
-    lines += ["", head, "-" * len(head)]
-    for r in result["attention_step"]:
-        lines.append(f"{r['format']:<14} | {str(r['batch']) + ' x ' + str(r['context']):>11} | {r['step_s'] * 1e3:>7.2f} | "
-                     f"{r['tok_s']:>7.0f} | {r['vs_auto']:>7.3f} | {r['kv_nbytes'] / 2**30:>7.2f} | {r['kv_vs_auto']:>10.3f}")
+        lines += _table([("kernel", ""), ("B x context", ""), ("us/layer", ".1f"), ("GB/s", ".0f"), ("vs copy", ".0%"),
+                         ("tile", "")],
+                        [[r["format"], shape(r), r["seconds"] * 1e6, r["bytes_per_s"] / 1e9, r["vs_copy"], str(r["tile"])]
+                         for r in result["kernel"]])
+    lines += _table([("attention step", ""), ("B x context", ""), ("ms", ".2f"), ("tok/s", ".0f"), ("vs auto", ".3f"),
+                     ("KV GiB", ".2f"), ("KV vs auto", ".3f")],
+                    [[r["format"], shape(r), r["step_s"] * 1e3, r["tok_s"], r["vs_auto"], r["kv_nbytes"] / 2**30,
+                      r["kv_vs_auto"]] for r in result["attention_step"]])
     if "capacity" in result:
-        head = f"{'capacity':<8} | {'context':>7} | {'max seqs':>8} | {'vs auto':>7} | {'step ms':>7} | {'tok/s':>7} | {'longest context':>15}"
-        lines += ["", head, "-" * len(head)]
-        for r in result["capacity"]:
-            step = f"{r['step_s'] * 1e3:>7.1f} | {r['tok_s']:>7.0f}" if "step_s" in r else f"{'-':>7} | {'-':>7}"
-            lines.append(f"{r['format']:<8} | {r['context']:>7} | {r['max_seqs']:>8} | {r['seqs_vs_auto']:>7.2f} | {step} | "
-                         f"{r['longest_context']:>15}")
+        lines += _table([("capacity", ""), ("context", "d"), ("max seqs", "d"), ("vs auto", ".2f"), ("step ms", ".1f"),
+                         ("tok/s", ".0f"), ("longest context", "d")],
+                        [[r["format"], r["context"], r["max_seqs"], r["seqs_vs_auto"],
+                          r["step_s"] * 1e3 if "step_s" in r else None, r.get("tok_s"), r["longest_context"]]
+                         for r in result["capacity"]])
     return "\n".join(lines)
 
 
@@ -331,10 +340,12 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="afkv bench kv-quant", description=main.__doc__)
-    parser.add_argument("--model", default=None, help="checkpoint directory or random:<name> (default: the default model)")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint directory or random:<name> (default: the default model)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--formats", default="fp8,int8,int4")
-    parser.add_argument("--workloads", default="", help="BxCONTEXT,... (default: 8x16384,2x65536,8x2048 on CUDA, 2x64 on CPU)")
+    parser.add_argument("--workloads", default="",
+                        help="BxCONTEXT,... (default: 8x16384,2x65536,8x2048 on CUDA, 2x64 on CPU)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10, help="timed decode steps per point")
     parser.add_argument("--capacity-context", type=int, default=16384, help="0: skip the capacity phase")

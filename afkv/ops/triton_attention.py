@@ -302,8 +302,6 @@ if triton is not None:
         ptrs = out_ptr + rows[:, None] + offs_d[None, :]
         tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
-
-
     # ---- quantized rows (afkv.ops.quant) ----------------------------------------------------
     # KIND: 0 fp8, 1 int8, 2 int4. CVT (CUDA): codes become float16 four at a time through
     # byte permutes (exact: 0x64XX as float16 is 1024 + XX; the offset is taken off the scores
