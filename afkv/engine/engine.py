@@ -169,7 +169,7 @@ class Engine:
                 self._model.ffn = self._remote
                 if self._runner.graphs is None:  # the NCCL data plane can be captured too
                     self._runner.graphs = await loop.run_in_executor(self._executor, self._decode_graphs, self._model,
-                                                                     self._layout)
+                                                                     self._layout, self._runner.kv)
                 if self.config.eplb.enabled:
                     from afkv.nodes.balancer import Balancer
 

@@ -31,7 +31,8 @@ from afkv.model.model import load_colocated
 from afkv.model.sides import SeqChunk, StepInputs
 from afkv.model.tokenizer import Tokenizer
 
-TEXT = (Path(__file__).with_name("perplexity_text.txt")).read_text()
+LONG_TEXT = (Path(__file__).with_name("perplexity_text.txt")).read_text()
+TEXT = "\n\n".join(LONG_TEXT.split("\n\n")[:3]) + "\n"  # its first ~300 tokens (tests/engine/test_pruning.py)
 BLOCK_SIZE = 16
 CHUNK = 32
 PROMPT = 128
@@ -78,7 +79,7 @@ class _SideBySide:
 @pytest.fixture(scope="module")
 def smollm2(default_model_dir):
     model = load_colocated(default_model_dir, torch.device("cpu"), torch.float32)  # a path: dense, no upcycling
-    ids = Tokenizer.from_dir(default_model_dir).encode(TEXT)
+    ids = Tokenizer.from_dir(default_model_dir).encode(LONG_TEXT)
     return model, ids
 
 
