@@ -6,7 +6,7 @@
     afkv bench serve             HTTP (afkv serve) vs the in-process Engine: tok/s and TTFT, 64 streams
     afkv bench kv                KV tiers: transfer GB/s against the copy limit; decode with tiers on/off
     afkv bench eplb              expert load balancing under Zipf skew: max/mean node load, tok/s (CPU or GPUs)
-    afkv bench kv-quant          long-context decode: int8/int4 device KV blocks against the model dtype
+    afkv bench kv-quant          long-context decode: fp8/int8/int4 device KV blocks against the model dtype
     afkv bench af                1A1F over NCCL vs colocated data parallel (two GPUs, real shapes)
     afkv bench gpu               GPU suite: afkv (CUDA graphs) vs HF generate vs the HBM roofline (real shapes)
     afkv bench plot JSON         PNG plot of a `bench gpu` result
@@ -176,7 +176,7 @@ async def _cmd_bench_kv(args) -> int:
     from afkv.bench.kv import format_table, run_kv_bench
 
     result = await run_kv_bench(
-        args.model, args.blocks, args.formats.split(","), args.group_size, args.io_threads, args.disk_dir,
+        args.model, args.blocks, args.formats.split(","), args.io_threads, args.disk_dir,
         args.batch, args.prompt_len, args.gen_len, args.repeats, with_decode=not args.no_decode, progress=_err,
     )
     print(format_table(result))
@@ -421,8 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     kvb = bsub.add_parser("kv", help="KV tiers: transfer GB/s against the copy limit; decode with tiers on/off")
     kvb.add_argument("--model", help="checkpoint directory (default: the embedded model)")
     kvb.add_argument("--blocks", type=int, default=128, help="blocks moved at once in the transfer runs")
-    kvb.add_argument("--formats", default="none,int8,int4")
-    kvb.add_argument("--group-size", type=int, default=16)
+    kvb.add_argument("--formats", default="none,fp8,int8,int4")
     kvb.add_argument("--io-threads", type=int, default=4)
     kvb.add_argument("--disk-dir", help="where spill files go (default: a new directory under the temp dir)")
     kvb.add_argument("--batch", type=int, default=4)
@@ -468,8 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--json", help="output path (default bench-results/eplb-<time>.json)")
 
     kvq = bsub.add_parser("kv-quant", add_help=False,
-                          help="long-context decode with int8/int4 device KV blocks against the model dtype")
-    kvq.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m afkv.bench.kv (--help)")
+                          help="long-context decode with fp8/int8/int4 device KV blocks against the model dtype")
+    kvq.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m afkv.bench.kv_quant (--help)")
 
     gpu = bsub.add_parser("gpu", help="GPU suite: afkv (CUDA graphs) vs HF generate vs the HBM roofline, real shapes")
     gpu.add_argument("--models", default="qwen3-30b-a3b,mixtral-8x7b", help="comma-separated: qwen3-30b-a3b, mixtral-8x7b")
@@ -549,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench" and args.bench == "eplb":
             return run_async(_cmd_bench_eplb(args))
         if args.command == "bench" and args.bench == "kv-quant":
-            from afkv.bench.kv import main as kv_quant_main
+            from afkv.bench.kv_quant import main as kv_quant_main
 
             kv_quant_main(extra + args.args)
             return 0

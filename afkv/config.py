@@ -2,9 +2,9 @@
 
     [model]      path, dtype, device, cuda_graphs, expert_dtype
     [upcycle]    sparse upcycling of a dense Llama checkpoint (the default model)
-    [kv]         block_size, num_blocks / device_memory_mib, device_format / device_group_size /
-                 fp_window (quantized device tier); tiers below the device: host_*,
-                 disk_*, spill_format / spill_group_size, eviction, prefetch_depth, io_threads
+    [kv]         block_size, num_blocks / device_memory_mib, device_format / fp_window
+                 (quantized device tier); tiers below the device: host_*, disk_*,
+                 spill_format, eviction, prefetch_depth, io_threads
     [kv.pruning] policy (none | streaming | h2o), num_sink_tokens, window, budget
     [scheduler]  max_num_seqs, max_num_batched_tokens, max_model_len, max_prompt_chars
     [deployment] attention/expert node counts, micro-batches, rendezvous, token, timeouts
@@ -33,7 +33,7 @@ from afkv.kv.tiers.policy import EVICTION_POLICIES
 from afkv.model.spec import EXPERT_DTYPES, UpcycleSpec
 
 
-DEVICE_FORMAT_NAMES = ("auto", "int8", "int4")
+DEVICE_FORMAT_NAMES = ("auto", *FORMAT_NAMES[1:])
 
 
 @dataclass(frozen=True)
@@ -58,13 +58,11 @@ class KVConfig:
     disk_path: str = ""  # private spill directory (created 0700, files 0600; ~ expanded)
     disk_capacity_mib: int = 0  # disk tier; needs a host tier (disk blocks are staged there)
     disk_num_blocks: int = 0
-    spill_format: str = "none"  # none | int8 | int4: how host memory and disk store blocks
-    spill_group_size: int = 16  # quantization group: tokens (keys), head_dim channels (values)
+    spill_format: str = "none"  # none | fp8 | int8 | int4: how host memory and disk store blocks
     eviction: str = "lru"  # lru | fifo, in host memory and on disk
     prefetch_depth: int = 4  # waiting requests whose blocks are read ahead from disk
     io_threads: int = 4  # disk I/O threads
-    device_format: str = "auto"  # auto (the model dtype) | int8 | int4: how the device tier stores full blocks
-    device_group_size: int = 16  # its quantization group: tokens (keys), head_dim channels (values)
+    device_format: str = "auto"  # auto (the model dtype) | fp8 | int8 | int4: how the device tier stores full blocks
     fp_window: int = 0  # quantized device tier: recent tokens kept in full precision besides the partial block
     pruning: KVPruning = field(default_factory=KVPruning)  # [kv.pruning]: the default of every request
 
@@ -87,23 +85,10 @@ class KVConfig:
              f"spill_format must be one of {', '.join(FORMAT_NAMES)}, got {self.spill_format!r}")
         need(self.eviction in EVICTION_POLICIES, "kv.eviction",
              f"eviction must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}")
-        g = self.spill_group_size
-        need(g > 0, "kv.spill_group_size", f"spill_group_size must be positive, got {g}")
-        if self.spill_format != "none":
-            need(self.block_size % g == 0, "kv.spill_group_size",
-                 f"spill_group_size {g} must divide block_size {self.block_size} (key groups run along tokens)")
-            need(self.spill_format != "int4" or g % 2 == 0, "kv.spill_group_size",
-                 f"int4 packs two channels per byte: spill_group_size must be even, got {g}")
         need(self.device_format in DEVICE_FORMAT_NAMES, "kv.device_format",
              f"device_format must be one of {', '.join(DEVICE_FORMAT_NAMES)}, got {self.device_format!r}")
-        g = self.device_group_size
-        need(g > 0, "kv.device_group_size", f"device_group_size must be positive, got {g}")
         need(self.fp_window >= 0, "kv.fp_window", f"fp_window must be >= 0, got {self.fp_window}")
         if self.device_format != "auto":
-            need(self.block_size % g == 0, "kv.device_group_size",
-                 f"device_group_size {g} must divide block_size {self.block_size} (key groups run along tokens)")
-            need(self.device_format != "int4" or g % 2 == 0, "kv.device_group_size",
-                 f"int4 packs two channels per byte: device_group_size must be even, got {g}")
             need(self.pruning.policy != "h2o", "kv.device_format",
                  "H2O pruning rewrites cached slots in place: use device_format = \"auto\" with [kv.pruning] h2o")
         need(self.has_host_tier or not self.has_disk_tier, "kv.host_memory_mib",
@@ -123,11 +108,7 @@ class KVConfig:
         budget = self.device_memory_mib * 2**20
         if self.device_format == "auto":
             return self.num_blocks or max(1, budget // layout.block_nbytes), None
-        g = self.device_group_size
-        if layout.head_dim % g:
-            raise ConfigError(f"device_group_size {g} must divide the model's head_dim {layout.head_dim} "
-                              "(value groups run along head_dim)", file=source, key="kv.device_group_size")
-        fmt = make_format(self.device_format, g, layout)
+        fmt = self._format(self.device_format, layout, source, "kv.device_format")
         num_staging = staging_blocks_needed(layout.block_size, self.fp_window, max_num_seqs, max_num_batched_tokens)
         quant = DeviceQuant(fmt, self.fp_window, num_staging)
         if self.num_blocks:
@@ -141,16 +122,21 @@ class KVConfig:
                               f"fp_window {self.fp_window}) plus one block", file=source, key="kv.device_memory_mib")
         return num_blocks, quant
 
+    @staticmethod
+    def _format(name: str, layout: KVLayout, source: str | None, key: str):
+        """The block format `name` for the model's geometry; ConfigError naming file and key when
+        the model cannot use it."""
+        try:
+            return make_format(name, layout)
+        except ConfigError as e:
+            raise ConfigError(f"{key} = {name!r} does not fit the model: {e}", file=source, key=key) from e
+
     def tier_config(self, layout: KVLayout, source: str | None = None) -> TierConfig | None:
         """The tiers below the device for blocks of `layout`, or None (device only).
         ConfigError naming file and key when a size or quantization does not fit the model."""
         if not self.has_host_tier:
             return None
-        g = self.spill_group_size
-        if self.spill_format != "none" and layout.head_dim % g:
-            raise ConfigError(f"spill_group_size {g} must divide the model's head_dim {layout.head_dim} "
-                              "(value groups run along head_dim)", file=source, key="kv.spill_group_size")
-        fmt = make_format(self.spill_format, g, layout)
+        fmt = self._format(self.spill_format, layout, source, "kv.spill_format")
         host_num_blocks = self.host_num_blocks or self.host_memory_mib * 2**20 // fmt.nbytes
         if host_num_blocks == 0:
             raise ConfigError(f"the host tier ({self.host_memory_mib} MiB) is smaller than one block "

@@ -4,10 +4,11 @@ reported next to a baseline measured in the same run. RESULTS.md keeps the runs'
     decode.py   afkv vs transformers' generate: decode tokens/s and TTFT per batch size
     serve.py    the HTTP server (afkv serve) vs the in-process Engine: tok/s and TTFT
     kv.py       KV tier bandwidths against the copy limit; decode with tiers off / on
+    kv_quant.py quantized device KV (fp8/int8/int4): kernel bytes/s vs copy, decode steps, capacity
     af.py       1A1F over NCCL vs colocated data parallel on two GPUs (real shapes)
     gpu.py      one GPU: afkv (CUDA graphs) vs transformers vs the HBM copy ceiling, plot
     eplb.py     expert load balancing under Zipf skew (CPU processes)
-    steps.py    decode-step timing shared by af.py and gpu.py
+    steps.py    decode-step timing shared by af.py, gpu.py and kv_quant.py
     calibrate.py  a machine profile for `afkv plan` (afkv.plan): kernel curves, links, PCIe, disk
     kernels.py  Triton kernels vs roofline and torch: fused-MoE sweep (bf16/fp8), fused ops, batch-1
                 decode with its kernels by name (kernels_gpu.sh: those + GPU tests + TPOT before/after)

@@ -21,17 +21,6 @@ decode
       on        + host memory and disk tiers (idle: nothing needs demoting)
       spilling  + host and disk, with a device tier just big enough for the batch, so every
                 run demotes the previous run's cached blocks (and writes them to disk)
-
-long-context decode with a quantized device tier (`python -m afkv.bench.kv`, run_device_quant_bench)
-    `num_seqs` sequences of `context_len` cached tokens each (random K/V written through the KV
-    manager chunk by chunk, as a prefill would: full blocks quantized as they leave the window),
-    then `steps` decode steps of the model through the runner, per device format: auto (the model
-    dtype, bfloat16 on CUDA), int8, int4. Step time includes the manager's work (grow, commit,
-    quantize a block every block_size steps). KV bytes per token: a device block's bytes / its
-    tokens (quantized: the int8/int4 row, scales and zero points included; staging blocks are a
-    fixed cost, not per token). Ratios are against the auto run of the same invocation. On CUDA
-    with triton, decode reads the rows through the Triton kernel; elsewhere through the torch
-    reference (dequantize, then attend: slow, so the CPU default is short).
 """
 
 from __future__ import annotations
@@ -46,15 +35,12 @@ from pathlib import Path
 
 import torch
 
-from afkv.bench import write_json
 from afkv.config import EngineConfig
 from afkv.engine.engine import Engine, resolve_device, resolve_dtype
 from afkv.engine.params import SamplingParams
 from afkv.kv.block_pool import chain_hash
-from afkv.kv.device import DeviceQuant, staging_blocks_needed
 from afkv.kv.formats import make_format
 from afkv.kv.layout import KVLayout
-from afkv.kv.manager import KVManager
 from afkv.kv.tiers.copier import Copier, CopyOp, Direction
 from afkv.kv.tiers.disk import block_file_name, read_block, write_block
 from afkv.kv.tiers.fileio import default_fileio
@@ -94,7 +80,7 @@ def _row(path: str, fmt: str, num_blocks: int, raw_nbytes: int, wire_nbytes: int
 
 
 def run_transfer_bench(layout: KVLayout, device: torch.device, num_blocks: int, formats: list[str],
-                       group_size: int, io_threads: int, disk_dir: Path, repeats: int = 3, progress=print) -> list[dict]:
+                       io_threads: int, disk_dir: Path, repeats: int = 3, progress=print) -> list[dict]:
     cuda = device.type == "cuda"
     kv = torch.randn((num_blocks, *layout.block_shape), device=device).to(layout.dtype)  # [N, *block_shape]
     raw_nbytes = num_blocks * layout.block_nbytes
@@ -104,7 +90,7 @@ def run_transfer_bench(layout: KVLayout, device: torch.device, num_blocks: int, 
     h2d_limit_s = _best_s(lambda: flat.copy_(staging, non_blocking=cuda), repeats, cuda)
     rows = []
     for name in formats:
-        fmt = make_format(name, group_size, layout)
+        fmt = make_format(name, layout)
         host = torch.empty((num_blocks, fmt.nbytes), dtype=torch.uint8, pin_memory=cuda)  # [N, nbytes]
         copier = Copier(kv, host, fmt)
 
@@ -221,7 +207,7 @@ async def run_decode_tiers_bench(model: str | None, batch: int, prompt_len: int,
             for name in configs]  # fmt: skip
 
 
-async def run_kv_bench(model: str | None, num_blocks: int, formats: list[str], group_size: int, io_threads: int,
+async def run_kv_bench(model: str | None, num_blocks: int, formats: list[str], io_threads: int,
                        disk_dir: str | None, batch: int, prompt_len: int, gen_len: int, repeats: int,
                        with_decode: bool = True, progress=print) -> dict:
     model_dir = _model_dir(model)
@@ -231,7 +217,7 @@ async def run_kv_bench(model: str | None, num_blocks: int, formats: list[str], g
     layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, 16, dtype)
     root = Path(disk_dir) if disk_dir else Path(tempfile.mkdtemp(prefix="afkv-bench-kv-"))
     progress(f"model: {model_dir} (block {layout.block_nbytes / 2**10:.0f} KiB {dtype}, {num_blocks} blocks); disk: {root}")
-    transfers = await asyncio.to_thread(run_transfer_bench, layout, device, num_blocks, formats, group_size,
+    transfers = await asyncio.to_thread(run_transfer_bench, layout, device, num_blocks, formats,
                                         io_threads, root / "transfers", repeats, progress)
     decode = []
     if with_decode:
@@ -263,163 +249,3 @@ def format_table(result: dict) -> str:
             lines.append(f"{'tiers ' + r['tiers']:<24} | {r['decode_tok_s']:>8.1f} | {r['vs_off']:>6.3f} | "
                          f"{r['demotions']:>9} | {r['spills']:>6}")
     return "\n".join(lines)
-
-
-
-
-# ---- long-context decode with a quantized device tier ----------------------------------------------
-_PREFILL_CHUNK = 512  # tokens per sequence written per fill step (bounds the staging pool)
-
-
-def _quant_manager(layout: KVLayout, fmt_name: str, group_size: int, fp_window: int, num_seqs: int,
-                   num_blocks: int, device: torch.device) -> KVManager:
-    quant = None
-    if fmt_name != "auto":
-        staging = staging_blocks_needed(layout.block_size, fp_window, num_seqs, _PREFILL_CHUNK * num_seqs)
-        quant = DeviceQuant(make_format(fmt_name, group_size, layout), fp_window, staging)
-    return KVManager(layout, num_blocks, device, quant=quant)
-
-
-@torch.inference_mode()
-def _fill(kv: KVManager, token_ids: dict[int, list[int]], context_len: int, seed: int) -> None:
-    """Write random K/V for every sequence's first context_len tokens, chunk by chunk, through
-    the manager (staging blocks, then quantized rows; the cache itself without a quantized tier)."""
-    g = torch.Generator(device=kv.kv.device).manual_seed(seed)
-    for seq_id in token_ids:
-        kv.match_prefix(seq_id, [])
-    for start in range(0, context_len, _PREFILL_CHUNK):
-        end = min(context_len, start + _PREFILL_CHUNK)
-        for seq_id, toks in token_ids.items():
-            assert kv.allocate(seq_id, end)
-            kv.kv.normal_(generator=g)  # every staging block (or, unquantized, every block) gets new values
-            kv.commit(seq_id, toks, end)
-            kv.flush()
-
-
-def _decode_steps_s(runner, kv: KVManager, token_ids: dict[int, list[int]], context_len: int, steps: int,
-                    sync: bool) -> float:
-    """Mean seconds per decode step of all sequences (grow, model step, commit, flush)."""
-    from afkv.engine.runner import ChunkPlan, SampleSpec
-
-    greedy = SampleSpec(0.0, 0, 1.0, 0, 0, None)
-    if sync:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(steps):
-        n = context_len + i  # tokens cached before this step
-        plan = []
-        for seq_id, toks in token_ids.items():
-            assert kv.allocate(seq_id, n + 1)
-            kv.flush()
-            plan.append(ChunkPlan(seq_id, (toks[n],), n, tuple(kv.block_table(seq_id)), greedy))
-        runner.execute(plan)
-        for seq_id, toks in token_ids.items():
-            kv.commit(seq_id, toks, n + 1)
-    kv.flush()
-    if sync:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
-
-
-def run_device_quant_bench(model: str | None, device_name: str, context_len: int, num_seqs: int, steps: int,
-                           formats: list[str], group_size: int = 16, fp_window: int = 0, block_size: int = 16,
-                           warmup: int = 2, progress=print) -> dict:
-    from afkv.engine.engine import resolve_model
-    from afkv.engine.runner import ModelRunner
-    from afkv.model.model import load_colocated
-
-    device = resolve_device(device_name)
-    dtype = resolve_dtype("auto", device)
-    sync = device.type == "cuda"
-    model_dir, upcycle = resolve_model(model, EngineConfig(), progress=False)
-    net = load_colocated(model_dir, device, dtype, upcycle)
-    spec = net.spec
-    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, block_size, dtype)
-    total = context_len + warmup + steps
-    num_blocks = num_seqs * layout.num_blocks_for(total)
-    g = torch.Generator().manual_seed(0)
-    token_ids = {s: torch.randint(10, spec.vocab_size, (total + 1,), generator=g).tolist() for s in range(num_seqs)}
-    decode_path = "torch reference"
-    if sync:
-        from afkv.ops import triton_attention  # imports triton: only on GPU machines
-
-        decode_path = "triton" if triton_attention.available() else decode_path
-    progress(f"model {model_dir} ({dtype}, {device}); {num_seqs} sequences x {context_len} tokens; "
-             f"decode via {decode_path}")
-    rows = []
-    for name in ["auto"] + [f for f in formats if f != "auto"]:
-        kv = _quant_manager(layout, name, group_size, fp_window, num_seqs, num_blocks, device)
-        _fill(kv, token_ids, context_len, seed=1)
-        runner = ModelRunner(net, kv.attention_cache, block_size, device)
-        _decode_steps_s(runner, kv, token_ids, context_len, warmup, sync)
-        step_s = _decode_steps_s(runner, kv, token_ids, context_len + warmup, steps, sync)
-        block_nbytes = kv.quant.format.nbytes if kv.quant is not None else layout.block_nbytes
-        staging_nbytes = kv.kv.nbytes if kv.quant is not None else 0
-        kv.check_invariants()
-        rows.append({"format": "auto" if name == "auto" else name, "dtype": str(dtype), "step_ms": step_s * 1e3,
-                     "tok_s": num_seqs / step_s, "kv_bytes_per_token": block_nbytes / block_size,
-                     "staging_mib": staging_nbytes / 2**20,
-                     "device_kv_mib": (num_blocks * block_nbytes + staging_nbytes) / 2**20})
-        progress(f"  {name}: {step_s * 1e3:.1f} ms/step, {block_nbytes / block_size:.0f} KV bytes/token")
-        del kv, runner
-        if sync:
-            torch.cuda.empty_cache()
-    base = rows[0]
-    for r in rows:
-        r["step_time_ratio"] = r["step_ms"] / base["step_ms"]
-        r["kv_bytes_ratio"] = r["kv_bytes_per_token"] / base["kv_bytes_per_token"]
-    return {
-        "bench": "kv-device-quant",
-        "model": str(model or "default"),
-        "workload": {"context_len": context_len, "num_seqs": num_seqs, "steps": steps, "warmup": warmup,
-                     "block_size": block_size, "group_size": group_size, "fp_window": fp_window},
-        "decode_path": decode_path,
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "device": str(device),
-                    "threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name(device) if sync else None},
-        "rows": rows,
-    }
-
-
-def format_device_quant_table(result: dict) -> str:
-    w = result["workload"]
-    head = (f"{'device format':<14} | {'ms/step':>8} | {'tok/s':>8} | {'vs auto':>7} | {'KV B/token':>10} | "
-            f"{'vs auto':>7} | {'staging MiB':>11}")
-    lines = [f"long-context decode: {w['num_seqs']} x {w['context_len']} tokens, block {w['block_size']}, "
-             f"group {w['group_size']}, fp_window {w['fp_window']}; decode via {result['decode_path']}", head,
-             "-" * len(head)]
-    for r in result["rows"]:
-        label = r["format"] if r["format"] != "auto" else f"auto ({r['dtype'].removeprefix('torch.')})"
-        lines.append(f"{label:<14} | {r['step_ms']:>8.2f} | {r['tok_s']:>8.1f} | {r['step_time_ratio']:>7.3f} | "
-                     f"{r['kv_bytes_per_token']:>10.0f} | {r['kv_bytes_ratio']:>7.3f} | {r['staging_mib']:>11.1f}")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """python -m afkv.bench.kv [--device cuda] [--context N] [--seqs N] ...: long-context decode
-    with int8/int4 device blocks against the model dtype; prints a table, writes JSON."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m afkv.bench.kv", description=main.__doc__)
-    parser.add_argument("--model", default=None, help="checkpoint directory (default: the default model)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    parser.add_argument("--context", type=int, default=0, help="cached tokens per sequence (0: 16384 on CUDA, 1024 on CPU)")
-    parser.add_argument("--seqs", type=int, default=0, help="sequences (0: 4 on CUDA, 2 on CPU)")
-    parser.add_argument("--steps", type=int, default=0, help="timed decode steps (0: 32 on CUDA, 4 on CPU)")
-    parser.add_argument("--formats", default="int8,int4")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--group-size", type=int, default=16, help="must divide block size and head_dim")
-    parser.add_argument("--fp-window", type=int, default=0)
-    parser.add_argument("--json", default=None, help="output path (default: bench-results/kv-quant-<time>.json)")
-    args = parser.parse_args(argv)
-    cuda = resolve_device(args.device).type == "cuda"
-    result = run_device_quant_bench(args.model, args.device, args.context or (16384 if cuda else 1024),
-                                    args.seqs or (4 if cuda else 2), args.steps or (32 if cuda else 4),
-                                    args.formats.split(","), args.group_size, args.fp_window, args.block_size)
-    print(format_device_quant_table(result))
-    out = write_json(result, args.json or f"bench-results/kv-quant-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    main()

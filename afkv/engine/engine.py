@@ -194,7 +194,7 @@ class Engine:
                 self._model.ffn = self._remote
                 if self._runner.graphs is None:  # the NCCL data plane can be captured too
                     self._runner.graphs = await loop.run_in_executor(self._executor, self._decode_graphs, self._model,
-                                                                     self._layout)
+                                                                     self._layout, self._runner.kv)
                 if self.config.eplb.enabled:
                     from afkv.nodes.balancer import Balancer
 
@@ -274,30 +274,30 @@ class Engine:
         self.max_model_len = min(cfg.scheduler.max_model_len or spec.max_position, spec.max_position, self._kv.capacity_tokens)
         longest = self.tokenizer.max_token_chars if self.tokenizer is not None else 1
         self.max_prompt_chars = cfg.scheduler.max_prompt_chars or 2 * self.max_model_len * longest
-        self._runner = ModelRunner(model, self._kv.attention_cache, layout.block_size, device, micro_batches=m,
-                                   graphs=self._decode_graphs(model, layout), key_mass=self._kv.key_mass)
+        cache = self._kv.attention_cache
+        self._runner = ModelRunner(model, cache, layout.block_size, device, micro_batches=m,
+                                   graphs=self._decode_graphs(model, layout, cache), key_mass=self._kv.key_mass)
         eos = set(spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self._eos_ids = frozenset(eos)
 
-    def _decode_graphs(self, model: Model, layout: KVLayout) -> DecodeGraphs | None:
+    def _decode_graphs(self, model: Model, layout: KVLayout, cache) -> DecodeGraphs | None:
         """CUDA graphs for decode steps when this engine can replay them: a CUDA device, an FFN
-        backend whose step is GPU work only (local, or NCCL) and the Triton decode kernel."""
+        backend whose step is GPU work only (local, or NCCL) and the Triton decode kernels
+        (`cache`: the device cache or a quantized device tier, as the runner reads it)."""
         if not (self.config.model.cuda_graphs and self._device.type == "cuda" and getattr(model.ffn, "graph_safe", False)):
-            return None
-        if self._kv.quant is not None:  # graphs capture the unquantized device tier only
             return None
         from afkv.ops import triton_attention  # imports triton: only on GPU machines
 
         if not triton_attention.available():
             log.info("CUDA graphs off: triton is not installed (decode attention would read padded tables)")
             return None
-        scratch = self._kv.pool.allocate(1)  # padding rows of a captured batch write here; never freed
+        scratch = self._kv.reserve_scratch_block()  # padding rows of a captured batch write here
         if scratch is None:
             return None
         max_blocks = layout.num_blocks_for(self.max_model_len)
-        return DecodeGraphs(model, self._kv.kv, self.config.scheduler.max_num_seqs, max_blocks, scratch[0])
+        return DecodeGraphs(model, cache, self.config.scheduler.max_num_seqs, max_blocks, scratch)
 
     @property
     def state(self) -> EngineState:

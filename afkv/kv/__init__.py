@@ -3,8 +3,8 @@
     layout.py      KVLayout: block geometry and bytes (frozen spec)
     block_pool.py  BlockPool: the only owner of free blocks, ref counts and the prefix-hash map
                    of the device tier
-    formats.py     BlockFormat: a block as one row of bytes (none | int8 | int4, KIVI)
-    device.py      DeviceQuant: a device tier of int8/int4 rows plus full-precision staging
+    formats.py     BlockFormat: a block as one row of bytes (none | fp8 | int8 | int4)
+    device.py      DeviceQuant: a device tier of quantized rows plus full-precision staging
                    blocks for each sequence's most recent tokens
     tiers/         host memory and disk below the device, and every move between tiers
     metrics.py     KVMetrics: counters, occupancy and latency; frozen snapshots

@@ -1,15 +1,16 @@
 """Block formats: how a tier stores one KV block as one row of bytes.
 
-    RawFormat    the device dtype's bytes, unchanged (exact)
-    KiviFormat   KIVI int8 / int4 (afkv.ops.quant): keys per channel, values per token,
-                 group-wise float32 scales and zero points; the CUDA kernels of afkv.ops.native
-                 when the blocks are on a GPU, the torch reference otherwise
+    RawFormat    the model dtype's bytes, unchanged (exact)
+    QuantFormat  fp8 / int8 / int4 rows (afkv.ops.quant: one scale, and zero point, per
+                 (token, kv head) in 16-bit; int4 over Hadamard-rotated vectors)
 
 A format sees blocks as a tensor [n, *layout.block_shape] and stores each as one uint8 row
 of `nbytes`, so a block moves between tiers as one transfer. It is the only code that knows
-what an attention layer caches: a new attention type (MLA latents) adds a format here, not a
-tier or a manager. `digest` names the format and geometry: a stored row is only ever
-decoded by a format with the same digest.
+what an attention layer caches and how (the attention kernels read the rows it writes through
+afkv.ops.quant's layout): tiers, the manager and transfers move opaque rows, and a new
+attention type (MLA latents) adds a format here, not a tier or a manager. `digest` names the
+format, its version and the geometry: a stored row is only ever decoded by a format with the
+same digest (a disk file of another digest is recomputed, never read).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from afkv.kv.layout import KVLayout
-from afkv.ops import native, quant
-from afkv.ops.quant import QuantSpec
+from afkv.ops import quant
 
-FORMAT_NAMES = ("none", "int8", "int4")
+FORMAT_NAMES = ("none", *quant.FORMATS)
+_ROW_VERSION = 2  # 1: float32 KIVI groups (2026-11); 2: per-(token, head) 16-bit scales
 
 
 @dataclass(frozen=True)
@@ -52,45 +53,47 @@ class RawFormat:
 
 
 @dataclass(frozen=True)
-class KiviFormat:
+class QuantFormat:
     layout: KVLayout
-    spec: QuantSpec
+    spec: quant.QuantSpec
 
-    def __post_init__(self) -> None:
-        self.spec.validate(self.layout.block_size, self.layout.head_dim)
+    @staticmethod
+    def of(kind: str, layout: KVLayout) -> QuantFormat:
+        """`kind` (fp8 | int8 | int4) for blocks of `layout`, scale data in its 16-bit dtype."""
+        spec = quant.QuantSpec(kind, layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim,
+                               quant.scale_dtype_for(layout.dtype))
+        return QuantFormat(layout, spec)
 
     @property
     def name(self) -> str:
-        return f"int{self.spec.bits}"
+        return self.spec.kind
 
     @property
     def nbytes(self) -> int:
-        lay = self.layout
-        return quant.packed_nbytes(self.spec, lay.num_layers, lay.block_size, lay.num_kv_heads, lay.head_dim)
+        return self.spec.row_nbytes
 
     @property
     def digest(self) -> bytes:
-        return _digest(f"{self.name}|g{self.spec.group_size}|{self.layout.block_shape}|{self.layout.dtype}")
+        return _digest(f"v{_ROW_VERSION}|{self.name}|{self.spec.scale_dtype}|{self.layout.block_shape}|"
+                       f"{self.layout.dtype}")
 
     def encode(self, blocks: torch.Tensor) -> torch.Tensor:
         """blocks [n, *block_shape] -> uint8 [n, nbytes] on the blocks' device."""
-        return quant.to_bytes(native.quantize_block(blocks, self.spec))  # [n, nbytes]
+        return quant.quantize_rows(blocks, self.spec)  # [n, nbytes]
 
     def decode(self, rows: torch.Tensor, out: torch.Tensor) -> None:
         """rows uint8 [n, nbytes] -> out [n, *block_shape] (same device), dequantized."""
-        lay = self.layout
-        qb = quant.from_bytes(rows, self.spec, lay.num_layers, lay.block_size, lay.num_kv_heads, lay.head_dim)
-        native.dequantize_block(qb, lay.dtype, out=out)
+        quant.dequantize_rows(rows, self.spec, self.layout.dtype, out=out)
 
 
-BlockFormat = RawFormat | KiviFormat
+BlockFormat = RawFormat | QuantFormat
 
 
-def make_format(name: str, group_size: int, layout: KVLayout) -> BlockFormat:
+def make_format(name: str, layout: KVLayout) -> BlockFormat:
     """`name` is one of FORMAT_NAMES (validated by the config)."""
     if name == "none":
         return RawFormat(layout)
-    return KiviFormat(layout, QuantSpec(8 if name == "int8" else 4, group_size))
+    return QuantFormat.of(name, layout)
 
 
 def _digest(text: str) -> bytes:

@@ -16,7 +16,7 @@ sequence is *private*: it neither reuses nor registers prefix blocks, and no oth
 ever holds its blocks. A sequence that has pruned stops registering blocks (their content no
 longer matches their chained hash).
 
-Quantized device tier (afkv.kv.device, `quant`): pool blocks are rows of `blocks` (int8/int4);
+Quantized device tier (afkv.kv.device, `quant`): pool blocks are rows of `blocks` (fp8/int8/int4);
 while a block is written and within its sequence's window it lives in a full-precision staging
 block of `kv` instead, and `block_table` names it num_blocks + staging slot (what attention
 reads, afkv.ops.attention.QuantizedKVCache). A block is quantized into its row (a worker job,
@@ -67,6 +67,7 @@ class KVManager:
     _staging   block id -> its full-precision staging slot (quantized device tier: blocks not yet quantized)
     _free_staging  free staging slots
     _quantize  (staging slot, block id) copies queued for the next flush
+    _scratch_slots  staging slots reserved for CUDA graphs (reserve_scratch_block), never freed
 
 `key_mass` [num_blocks, block_size] float32: the attention mass each cached token received
 (H2O), accumulated by attention on the worker, moved with its token by compaction.
@@ -115,6 +116,7 @@ class KVManager:
         self._staging: dict[int, int] = {}
         self._free_staging: list[int] = list(range(quant.num_staging_blocks - 1, -1, -1)) if quant else []
         self._quantize: list[tuple[int, int]] = []
+        self._scratch_slots: list[int] = []  # staging slots reserved for CUDA graphs' padding rows
         self._warned_h2o = False
 
     @property
@@ -124,6 +126,18 @@ class KVManager:
         if self.quant is None:
             return self.kv
         return QuantizedKVCache(self.blocks, self.kv, self.quant.format.spec, self.quant.max_tail_blocks)
+
+    def reserve_scratch_block(self) -> int | None:
+        """A block id that padding rows of captured decode steps may write and attend over, never
+        given to a sequence and never freed: a pool block, or (quantized device tier) a staging
+        block (the one staging_blocks_needed counts for it). None when none is free."""
+        if self.quant is None:
+            blocks = self.pool.allocate(1)
+            return None if blocks is None else blocks[0]
+        if not self._free_staging:
+            return None
+        self._scratch_slots.append(self._free_staging.pop())
+        return self.pool.num_blocks + self._scratch_slots[-1]
 
     @property
     def num_free_staging_blocks(self) -> int:
@@ -513,7 +527,9 @@ class KVManager:
         if self.quant is not None:
             slots = list(self._staging.values())
             assert len(set(slots)) == len(slots) and not set(slots) & set(self._free_staging)
-            assert len(slots) + len(self._free_staging) == self.quant.num_staging_blocks, "staging slot leaked"
+            assert not set(self._scratch_slots) & (set(slots) | set(self._free_staging))
+            assert len(slots) + len(self._free_staging) + len(self._scratch_slots) == self.quant.num_staging_blocks, \
+                "staging slot leaked"
             assert all(self.pool.ref_count(b) > 0 for b in self._staging), "a free block holds a staging slot"
             for seq_id, table in self._tables.items():
                 staged = [b in self._staging for b in table]

@@ -8,8 +8,9 @@ out of the graph; the caller samples the first B.
 
 What can be captured: every op of the step must run without a host synchronisation and
 with shapes that depend only on the bucket. That holds for the attention side with the
-Triton decode kernel (afkv.ops.triton_attention: its grid depends on shapes, not on
-context lengths), for grouped-GEMM experts (LocalFFN) and for the NCCL data plane
+Triton decode kernels (afkv.ops.triton_attention: their grids depend on shapes, not on
+context lengths; over the device cache or a quantized device tier, whose padding rows write
+a scratch staging block), for grouped-GEMM experts (LocalFFN) and for the NCCL data plane
 (NcclFFN: fixed-capacity buffers, sends and receives on streams forked from the captured
 one). Host work of a remote FFN (announcing the step to the expert nodes, the bounded wait
 for its end) happens around each replay, not in the graph. When capture fails (an op that
@@ -26,6 +27,7 @@ import torch
 from afkv.errors import AfkvError
 from afkv.model.model import Model, split_micro_batches
 from afkv.model.sides import DecodeRows, SeqChunk, StepInputs
+from afkv.ops.attention import QuantizedKVCache
 from afkv.transport.streams import dedicated_stream
 
 # One CUDA graph capture at a time in a process: entering a capture synchronises the device,
@@ -55,8 +57,10 @@ def default_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: Model, kv: torch.Tensor, max_batch: int, max_blocks: int, scratch_block: int,
-                 buckets: list[int] | None = None):
+    def __init__(self, model: Model, kv: torch.Tensor | QuantizedKVCache, max_batch: int, max_blocks: int,
+                 scratch_block: int, buckets: list[int] | None = None):
+        """kv: what attention reads (the device cache, or a quantized device tier); scratch_block:
+        the id padding rows write and attend over (KVManager.reserve_scratch_block)."""
         if kv.device.type != "cuda":
             raise GraphCaptureError(f"CUDA graphs need a CUDA device, the KV cache is on {kv.device}")
         self.model, self.kv = model, kv
@@ -175,10 +179,20 @@ class DecodeGraphs:
         tab[:batch, :width] = torch.tensor([(*t, *(self.scratch,) * (width - len(t))) for t in tables], dtype=torch.int64)
         self._vec[:, :b].copy_(vec[:, :b], non_blocking=True)
         self._tables[:b].copy_(tab[:b], non_blocking=True)
+        return self._replay(key)[:batch]
+
+    def replay(self, batch: int, micro_batches: int = 1) -> torch.Tensor:
+        """Replay the captured step of `batch`'s bucket on the inputs of the last `run` (benchmarks:
+        the GPU's step without the host's input upload) -> logits [bucket, V]."""
+        b = self.bucket(batch)
+        return self._replay((b, max(1, min(micro_batches, b))))
+
+    def _replay(self, key: tuple[int, int]) -> torch.Tensor:
         g, out, sizes = self._graphs[key]
+        ffn = self.model.ffn
         ffn.begin_step(sizes)  # remote: the expert nodes run the matching step
         g.replay()
         if hasattr(ffn, "after_replay"):
             ffn.after_replay()
         ffn.end_step()  # bounded wait for the step's last partial sums
-        return out[:batch]
+        return out

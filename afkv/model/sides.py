@@ -38,7 +38,6 @@ from afkv.ops.attention import (
     paged_decode_attention,
     paged_decode_attention_quantized,
     write_kv,
-    write_kv_quantized,
 )
 from afkv.ops.layers import Rotary, gated_mlp, rms_norm, route_topk
 
@@ -73,6 +72,7 @@ class StepInputs:
     chunks: list[SeqChunk]
     decode: DecodeRows | None = None  # when set, these rows' chunks are not attended one by one
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [T, D]: computed by the first layer
+    staging_slots: torch.Tensor | None = None  # quantized device tier: slot_blocks - num_blocks (first layer)
     key_mass: torch.Tensor | None = None  # [num_blocks, block_size] float32, for chunks with score_keys
 
     def __post_init__(self) -> None:
@@ -113,8 +113,11 @@ def moe_ops(device: torch.device):
     return triton_moe if triton_moe.available() else None
 
 
-def prefill_attention_for(q: torch.Tensor):
-    """The Triton paged prefill kernel on CUDA where triton is installed, else the torch reference."""
+def prefill_attention_for(q: torch.Tensor, kv: torch.Tensor | QuantizedKVCache):
+    """A quantized device tier's attention (Triton on CUDA, else the torch reference); else the
+    Triton paged prefill kernel on CUDA where triton is installed, else the torch reference."""
+    if isinstance(kv, QuantizedKVCache):
+        return paged_attention_quantized
     if q.is_cuda:
         from afkv.ops import triton_attention  # imports triton: only on GPU machines
 
@@ -123,33 +126,16 @@ def prefill_attention_for(q: torch.Tensor):
     return paged_attention
 
 
-def decode_attention_for(q: torch.Tensor):
-    """The Triton decode kernel on CUDA where triton is installed, else the torch reference."""
+def decode_attention_for(q: torch.Tensor, kv: torch.Tensor | QuantizedKVCache):
+    """As prefill_attention_for, for the batched decode rows."""
+    if isinstance(kv, QuantizedKVCache):
+        return paged_decode_attention_quantized
     if q.is_cuda:
         from afkv.ops import triton_attention  # imports triton: only on GPU machines
 
         if triton_attention.available():
             return triton_attention.paged_decode_attention
     return paged_decode_attention
-
-
-def _attend_quantized(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: StepInputs,
-                     cache: QuantizedKVCache, sliding_window: int | None) -> torch.Tensor:
-    """AttentionSide.attention over a quantized device tier: write this step's K/V into staging
-    blocks, attend decode rows in one call and other chunks one by one. q [T, Hq, D] -> [T, Hq, D].
-    (No H2O key mass here: the KV manager turns H2O off on such a tier.)"""
-    write_kv_quantized(cache, layer, inputs.slot_blocks, inputs.slot_offsets, k, v)
-    out = torch.empty_like(q)  # [T, Hq, D]
-    d = inputs.decode
-    if d is not None:
-        out[d.rows] = paged_decode_attention_quantized(q[d.rows], cache, layer, d.block_tables, d.context_lens,
-                                                       sliding_window)
-    for c in inputs.chunks:
-        if d is not None and c.length == 1 and not c.score_keys:
-            continue
-        rows = slice(c.start, c.start + c.length)
-        out[rows] = paged_attention_quantized(q[rows], cache, layer, c.block_ids, c.context_len, sliding_window)
-    return out
 
 
 @dataclass
@@ -216,7 +202,7 @@ class AttentionSide:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens[token_ids]  # [T, H]
 
-    def attention(self, i: int, h: torch.Tensor, inputs: StepInputs, kv: torch.Tensor) -> torch.Tensor:
+    def attention(self, i: int, h: torch.Tensor, inputs: StepInputs, kv: torch.Tensor | QuantizedKVCache) -> torch.Tensor:
         """h [T, H] -> h + attention(norm(h)); writes this step's K/V of layer i into kv."""
         spec, w, tf = self.spec, self.layers[i], self._tf
         eps = spec.rms_norm_eps
@@ -225,10 +211,15 @@ class AttentionSide:
         if inputs.rope is None:  # the same for every layer of the step
             inputs.rope = self.rotary.cos_sin(inputs.positions, qkv.dtype)  # [T, D] each
         cos, sin = inputs.rope
-        if tf is not None and not isinstance(kv, QuantizedKVCache):
+        cache, slot_blocks = kv, inputs.slot_blocks  # where this step's K/V go
+        if isinstance(kv, QuantizedKVCache):  # fp8/int8/int4 device tier: new tokens go to staging blocks
+            if inputs.staging_slots is None:
+                inputs.staging_slots = inputs.slot_blocks - kv.num_blocks  # [T]
+            cache, slot_blocks = kv.staging, inputs.staging_slots
+        if tf is not None:
             # split, q/k norm, rotary and the K/V write in one kernel
             q = tf.qk_norm_rope_write(qkv, spec.num_heads, spec.num_kv_heads, spec.head_dim, w.get("q_norm"),
-                                      w.get("k_norm"), eps, cos, sin, kv, i, inputs.slot_blocks, inputs.slot_offsets)
+                                      w.get("k_norm"), eps, cos, sin, cache, i, slot_blocks, inputs.slot_offsets)
         else:
             nq, nkv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
             q = qkv[:, :nq].view(-1, spec.num_heads, spec.head_dim)  # [T, Hq, D]
@@ -239,18 +230,15 @@ class AttentionSide:
                 k = rms_norm(k, w["k_norm"], eps)
             q = Rotary.apply(q, cos, sin)
             k = Rotary.apply(k, cos, sin)
-            if isinstance(kv, QuantizedKVCache):  # int8/int4 device tier: rows plus full-precision staging
-                out = _attend_quantized(i, q, k, v, inputs, kv, spec.sliding_window)  # [T, Hq, D]
-                return self._residual(i, h, F.linear(out.flatten(1), w["o"]))  # [T, H]
-            write_kv(kv, i, inputs.slot_blocks, inputs.slot_offsets, k, v)
+            write_kv(cache, i, slot_blocks, inputs.slot_offsets, k, v)
         d = inputs.decode
+        decode = decode_attention_for(q, kv)
         if d is not None and d.every_row:  # a decode-only step: no gather or scatter of rows
             return self._residual(i, h, F.linear(
-                decode_attention_for(q)(q, kv, i, d.block_tables, d.context_lens, spec.sliding_window).flatten(1), w["o"]))
+                decode(q, kv, i, d.block_tables, d.context_lens, spec.sliding_window).flatten(1), w["o"]))
         out = torch.empty_like(q)  # [T, Hq, D]
         if d is not None:
-            # the Triton kernel reads only each row's context (the reference gathers the padded table)
-            decode = decode_attention_for(q)
+            # the Triton kernels read only each row's context (the references gather the padded table)
             out[d.rows] = decode(q[d.rows], kv, i, d.block_tables, d.context_lens, spec.sliding_window)
         for c in inputs.chunks:
             if d is not None and c.length == 1 and not c.score_keys:
@@ -260,7 +248,8 @@ class AttentionSide:
                 out[rows] = paged_attention(q[rows], kv, i, c.block_ids, c.context_len, spec.sliding_window,
                                             inputs.key_mass)
             else:
-                out[rows] = prefill_attention_for(q)(q[rows], kv, i, c.block_ids, c.context_len, spec.sliding_window)
+                out[rows] = prefill_attention_for(q, kv)(q[rows], kv, i, c.block_ids, c.context_len,
+                                                         spec.sliding_window)
         return self._residual(i, h, F.linear(out.flatten(1), w["o"]))  # [T, H]
 
     def _residual(self, i: int, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,10 @@ sequence's tokens: no padding, no other sequence's blocks. With KV pruning (afkv
 "token t" is the sequence's t-th cached token (its slot), not its position: keys keep the
 rotation of their true position, and causality by slot equals causality by position.
 
-Quantized device tier (`[kv] device_format` int8/int4): `QuantizedKVCache` holds full blocks as
-serialised int8/int4 rows (afkv.ops.quant) and recent tokens in full-precision staging blocks;
-`*_quantized` functions read both (prefill: dequantize into a scratch buffer; decode: the
-Triton kernel over the rows plus the staging tail on CUDA, the scratch buffer elsewhere).
+Quantized device tier (`[kv] device_format` fp8/int8/int4): `QuantizedKVCache` holds full blocks
+as quantized rows (afkv.ops.quant) and recent tokens in full-precision staging blocks; the
+`*_quantized` functions read both: on CUDA through the Triton kernels (rows read in place), here
+as the torch reference (the context dequantized into a scratch buffer, then attended).
 
 Key mass (H2O): `paged_attention(..., key_mass=m)` also adds, to each cached token's entry of
 m [num_blocks, block_size] float32, the attention probability it received from this call's
@@ -21,12 +21,11 @@ attention explicitly (one softmax gives both the output and the mass).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
-from afkv.ops.quant import QuantizedBlock, QuantizedTensor, QuantSpec, dequantize_keys, dequantize_values, from_bytes
+from afkv.ops.quant import QuantSpec, dequantize_layers
 
 
 def write_kv(
@@ -123,17 +122,17 @@ def paged_decode_attention(
 
 @dataclass(frozen=True)
 class QuantizedKVCache:
-    """What attention reads when the device tier stores full blocks as int8/int4 (afkv.ops.quant
-    serialised rows) and each sequence's most recent tokens in full precision.
+    """What attention reads when the device tier stores full blocks as fp8 / int8 / int4 rows
+    (afkv.ops.quant) and each sequence's most recent tokens in full precision.
 
     Block ids of a block table name one of two places: id < num_blocks is row `id` of `blocks`
     (a full block, quantized); id = num_blocks + s is full-precision staging block `staging[s]`.
     New keys/values are always written to staging blocks. In every table the quantized blocks
     come first and the staging blocks last (afkv.kv.manager keeps it so), and a decode row has
-    at most `max_tail_blocks` staging blocks: the fixed bound of the tail the Triton kernel reads.
+    at most `max_tail_blocks` staging blocks: the fixed bound of the tail the decode kernel reads.
     """
 
-    blocks: torch.Tensor  # uint8 [num_blocks, packed_nbytes]
+    blocks: torch.Tensor  # uint8 [num_blocks, spec.row_nbytes]
     staging: torch.Tensor  # [num_staging, L, 2, bs, Hkv, D] of the model dtype
     spec: QuantSpec
     max_tail_blocks: int
@@ -143,41 +142,39 @@ class QuantizedKVCache:
         return self.blocks.shape[0]
 
     @property
-    def block_size(self) -> int:
-        return self.staging.shape[3]
-
-    @cached_property
-    def sections(self) -> QuantizedBlock:
-        """Views [num_blocks, L, ...] of every section of every row (no copy)."""
-        num_layers, _, block_size, num_kv_heads, head_dim = self.staging.shape[1:]
-        return from_bytes(self.blocks, self.spec, num_layers, block_size, num_kv_heads, head_dim)
-
-
-def write_kv_quantized(cache: QuantizedKVCache, layer: int, slot_blocks: torch.Tensor, slot_offsets: torch.Tensor,
-                       k: torch.Tensor, v: torch.Tensor) -> None:
-    """As write_kv; every slot block is a staging block (id >= num_blocks)."""
-    write_kv(cache.staging, layer, slot_blocks - cache.num_blocks, slot_offsets, k, v)
+    def device(self) -> torch.device:
+        return self.blocks.device
 
 
 def gather_layer(cache: QuantizedKVCache, layer: int, block_ids: torch.Tensor) -> torch.Tensor:
     """Layer `layer` of the blocks block_ids [*] -> [*, 2, bs, Hkv, D] of the staging dtype:
-    quantized rows dequantized, staging blocks copied (no host synchronisation)."""
-    nb, s, dtype = cache.num_blocks, cache.sections, cache.staging.dtype
-    qids = block_ids.clamp(max=nb - 1)  # [*]
-    sids = (block_ids - nb).clamp(min=0)  # [*]
-    keys = QuantizedTensor(s.keys.data[qids, layer], s.keys.scale[qids, layer], s.keys.zero[qids, layer], cache.spec)
-    values = QuantizedTensor(s.values.data[qids, layer], s.values.scale[qids, layer], s.values.zero[qids, layer],
-                             cache.spec)
-    deq = torch.stack((dequantize_keys(keys, dtype), dequantize_values(values, dtype)), dim=-4)  # [*, 2, bs, Hkv, D]
-    fp = cache.staging[sids, layer]  # [*, 2, bs, Hkv, D]
-    quantized = (block_ids < nb).view(*block_ids.shape, 1, 1, 1, 1)
-    return torch.where(quantized, deq, fp)
+    quantized rows dequantized, staging blocks copied (no host synchronisation). The torch
+    reference's scratch buffer."""
+    nb, dtype = cache.num_blocks, cache.staging.dtype
+    flat = block_ids.reshape(-1)  # [n]
+    deq = dequantize_layers(cache.blocks[flat.clamp(max=nb - 1)], cache.spec, dtype, layer)  # [n, 2, bs, Hkv, D]
+    fp = cache.staging[(flat - nb).clamp(min=0), layer]  # [n, 2, bs, Hkv, D]
+    out = torch.where((flat < nb).view(-1, 1, 1, 1, 1), deq, fp)
+    return out.view(*block_ids.shape, *out.shape[1:])
+
+
+def _triton_for(q: torch.Tensor):
+    """afkv.ops.triton_attention on CUDA where triton is installed, else None (torch reference)."""
+    if not q.is_cuda:
+        return None
+    from afkv.ops import triton_attention  # imports triton: only on GPU machines
+
+    return triton_attention if triton_attention.available() else None
 
 
 def paged_attention_quantized(q: torch.Tensor, cache: QuantizedKVCache, layer: int, block_ids: torch.Tensor,
                               context_len: int, sliding_window: int | None = None) -> torch.Tensor:
-    """paged_attention over a quantized device tier: the sequence's blocks of this layer are
-    dequantized into a scratch buffer first. q [n, H, D] -> [n, H, D]."""
+    """paged_attention over a quantized device tier. q [n, H, D] -> [n, H, D]. On CUDA with
+    triton the kernel reads rows and staging blocks in place; elsewhere (the torch reference)
+    the sequence's blocks of this layer are dequantized into a scratch buffer first."""
+    ta = _triton_for(q)
+    if ta is not None:
+        return ta.paged_prefill_attention_quantized(q, cache, layer, block_ids, context_len, sliding_window)
     scratch = gather_layer(cache, layer, block_ids)[:, None]  # [nb, 1, 2, bs, Hkv, D]
     ids = torch.arange(block_ids.shape[0], device=q.device)  # [nb]
     return paged_attention(q, scratch, 0, ids, context_len, sliding_window)
@@ -185,37 +182,14 @@ def paged_attention_quantized(q: torch.Tensor, cache: QuantizedKVCache, layer: i
 
 def paged_decode_attention_quantized(q: torch.Tensor, cache: QuantizedKVCache, layer: int, block_tables: torch.Tensor,
                                      context_lens: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
-    """paged_decode_attention over a quantized device tier. On CUDA with triton (and no sliding
-    window) the Triton kernel reads the quantized rows directly, plus the staging tail merged by
-    log-sum-exp; elsewhere the rows are dequantized into a scratch buffer (torch reference).
-    q [B, H, D]; block_tables [B, nb] (padded with any valid id); context_lens [B] -> [B, H, D]."""
-    if q.is_cuda and sliding_window is None:
-        from afkv.ops import triton_attention  # imports triton: only on GPU machines
-
-        if triton_attention.available():
-            return _decode_quantized_triton(triton_attention, q, cache, layer, block_tables, context_lens)
+    """paged_decode_attention over a quantized device tier: q [B, H, D]; block_tables [B, nb]
+    (padded with any valid id); context_lens [B] -> [B, H, D]. On CUDA with triton the fused
+    kernel (afkv.ops.triton_attention); elsewhere the rows are dequantized into a scratch
+    buffer (the torch reference)."""
+    ta = _triton_for(q)
+    if ta is not None:
+        return ta.paged_decode_attention_quantized(q, cache, layer, block_tables, context_lens, sliding_window)
     batch, width = block_tables.shape
     scratch = gather_layer(cache, layer, block_tables).flatten(0, 1)[:, None]  # [B * nb, 1, 2, bs, Hkv, D]
     ids = torch.arange(batch * width, device=q.device).view(batch, width)  # [B, nb]
     return paged_decode_attention(q, scratch, 0, ids, context_lens, sliding_window)
-
-
-def _decode_quantized_triton(triton_attention, q: torch.Tensor, cache: QuantizedKVCache, layer: int,
-                             block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-    """The quantized prefix of each row through the table, its staging tail as a fixed
-    [B, 2, max_tail_blocks * bs, Hkv, D] buffer (static shapes, no host synchronisation)."""
-    batch, width = block_tables.shape
-    nb, bs, num_tail = cache.num_blocks, cache.block_size, cache.max_tail_blocks
-    num_layers, _, _, num_kv_heads, head_dim = cache.staging.shape[1:]
-    cols = torch.arange(width, device=q.device)  # [nb]
-    used = cols[None, :] < (context_lens[:, None] + bs - 1) // bs  # [B, nb]
-    num_quantized = ((block_tables < nb) & used).sum(1)  # [B]: quantized blocks come first, all full
-    tail_cols = (num_quantized[:, None] + torch.arange(num_tail, device=q.device)).clamp(max=width - 1)  # [B, Tb]
-    tail_ids = (block_tables.gather(1, tail_cols) - nb).clamp(min=0)  # [B, Tb]
-    tail = cache.staging[tail_ids, layer]  # [B, Tb, 2, bs, Hkv, D]
-    tail = tail.permute(0, 2, 1, 3, 4, 5).reshape(batch, 2, num_tail * bs, num_kv_heads, head_dim)
-    seq_lens = num_quantized * bs  # [B]
-    return triton_attention.paged_decode_attention_quant(
-        q, cache.blocks, block_tables, seq_lens, layer=layer, spec=cache.spec, num_layers=num_layers, block_size=bs,
-        num_kv_heads=num_kv_heads, tail_kv=tail, tail_lens=context_lens - seq_lens,
-    )

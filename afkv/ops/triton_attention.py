@@ -1,10 +1,12 @@
 """Triton kernels for attention over the paged KV cache, behind the API of the torch references.
 
-    paged_decode_attention          one query per sequence over the cache      (ref: afkv.ops.attention)
-    paged_decode_attention_quant    the same over serialised int8/int4 blocks  (ref: afkv.ops.quant)
-    paged_prefill_attention         one sequence's chunk of new queries, causal (ref: attention.paged_attention)
-    paged_prefill_attention_varlen  the same for several sequences at once
-    bench_decode                    kernel vs torch reference, achieved KV bytes/s
+    paged_decode_attention             one query per sequence over the cache      (ref: afkv.ops.attention)
+    paged_prefill_attention            one sequence's chunk of new queries, causal (ref: attention.paged_attention)
+    paged_prefill_attention_varlen     the same for several sequences at once
+    paged_decode_attention_quantized   decode over a quantized device tier: fp8 / int8 / int4 rows
+                                       (afkv.ops.quant) plus full-precision staging blocks
+                                       (ref: attention.paged_decode_attention_quantized)
+    paged_prefill_attention_quantized  a prefill chunk over the same (ref: attention.paged_attention_quantized)
 
 Callers check `available()` and fall back to the torch references where it is False. The
 functions themselves run their kernels on whatever device the tensors are on: CPU tensors
@@ -27,18 +29,29 @@ Matrix products run on tl.dot (tensor cores): the query group is padded to 16 ro
 needs M >= 16), which costs nothing in a kernel bound by memory. 16-bit caches multiply in
 their dtype with float32 accumulation, like flash attention (probabilities are rounded to
 the cache dtype before P @ V); float32 caches multiply in IEEE float32.
+
+Quantized rows are never dequantized: with one scale s_t (and zero z_t) per token, q . k_t =
+s_t (q . c_t) + z_t sum(q) over the codes c_t, and sum_t p_t v_t = sum_t (p_t s_t) c_t +
+sum_t p_t z_t, so the codes go into the products as they are (exact in float16) and the
+scales into the scores and probabilities; int8 and int4 work on the rotated query
+(q @ H) / p and rotate the output back once per program. Split-K parts take chunks of a row's quantized
+blocks, one more part its staging tail. A prefill program reads its table's quantized blocks,
+then its staging blocks, each in place: no dequantized copy of the context exists anywhere.
+Products over codes run in float16 (the query, the probabilities times the tile-normalised
+scales, and the int4 output before its rotation are rounded to float16; |q| and |V| must stay
+below float16's 65504) with float32 accumulation; IEEE float32 for float32 models and under
+the interpreter.
 """
 
 from __future__ import annotations
 
 import functools
-import time
+from dataclasses import dataclass
 
 import torch
 
 from afkv.errors import ConfigError
 from afkv.ops import attention, quant
-from afkv.ops.quant import QuantSpec
 
 try:
     import triton
@@ -206,95 +219,6 @@ if triton is not None:
         )  # fmt: skip
 
     @triton.jit
-    def _load_quant_tile(
-        u8_ptr, f32_ptr, block_ids, tok_in_block, kvh, tmask, offs_d, dmask,
-        nbytes, nbytes_f32, off_scale_f32, off_zero_f32, off_data, is_key: tl.constexpr,
-        NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    ):  # fmt: skip
-        """Dequantized keys (is_key) or values [N, D] float32 of one tile of tokens."""
-        mask = tmask[:, None] & dmask[None, :]
-        packed: tl.constexpr = HEAD_DIM * BITS // 8
-        base = block_ids.to(tl.int64)  # [N]
-        data_rows = base * nbytes + off_data + (tok_in_block * NUM_KV_HEADS + kvh) * packed  # [N]
-        if BITS == 8:
-            codes = tl.load(u8_ptr + data_rows[:, None] + offs_d[None, :], mask=mask, other=0).to(tl.float32)
-        else:
-            byte = tl.load(u8_ptr + data_rows[:, None] + (offs_d // 2)[None, :], mask=mask, other=0).to(tl.int32)
-            codes = ((byte >> ((offs_d % 2) * 4)[None, :]) & 15).to(tl.float32)  # element 2j: low nibble
-        if is_key:  # per channel, groups of GROUP_SIZE tokens: [bs // G, H, D]
-            group_rows = ((tok_in_block // GROUP_SIZE) * NUM_KV_HEADS + kvh) * HEAD_DIM  # [N]
-            cols = offs_d
-        else:  # per token, groups of GROUP_SIZE channels: [bs, H, D // G]
-            group_rows = (tok_in_block * NUM_KV_HEADS + kvh) * (HEAD_DIM // GROUP_SIZE)
-            cols = offs_d // GROUP_SIZE
-        f_rows = base * nbytes_f32 + group_rows  # [N]
-        idx = f_rows[:, None] + cols[None, :]  # [N, D]
-        scale = tl.load(f32_ptr + off_scale_f32 + idx, mask=mask, other=0.0)
-        zero = tl.load(f32_ptr + off_zero_f32 + idx, mask=mask, other=0.0)
-        return codes * scale + zero
-
-    @triton.jit
-    def _decode_quant_kernel(
-        q_ptr, u8_ptr, f32_ptr, block_tables_ptr, seq_lens_ptr, tail_ptr, tail_lens_ptr,
-        out_ptr, mid_o_ptr, mid_lse_ptr,
-        stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
-        stride_tail_b, stride_tail_kv, stride_tail_tok, stride_tail_head,
-        num_heads, max_tokens, max_tail, qk_scale,
-        nbytes, nbytes_f32, off_k_scale, off_k_zero, off_v_scale, off_v_zero, off_k_data, off_v_data,
-        NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, HAS_TAIL: tl.constexpr, IEEE: tl.constexpr,
-    ):  # fmt: skip
-        b = tl.program_id(0)
-        kvh = tl.program_id(1)
-        part = tl.program_id(2)  # 0 .. NUM_SPLITS - 1: chunks of the quantized blocks; NUM_SPLITS: the tail
-        q, heads, hmask, offs_d, dmask = _load_query_group(
-            q_ptr, b, kvh, stride_qb, stride_qh, GROUP, GROUP_ROWS, HEAD_DIM, BLOCK_D
-        )
-        if IEEE:
-            q = q.to(tl.float32)
-        end = tl.minimum(tl.load(seq_lens_ptr + b), max_tokens)
-        lo, hi = _chunk_bounds(end * 0, end, part, NUM_SPLITS, BLOCK_N)
-        hi = tl.where(part < NUM_SPLITS, hi, lo)  # the tail's program reads no block
-        m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_ROWS], tl.float32)
-        acc = tl.zeros([GROUP_ROWS, BLOCK_D], tl.float32)
-        offs_n = tl.arange(0, BLOCK_N)
-        for t0 in range(lo, hi, BLOCK_N):
-            tok = t0 + offs_n  # [N]
-            tmask = tok < hi
-            block_ids = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tmask, other=0)
-            tok_in_block = tok % BLOCK_SIZE
-            k = _load_quant_tile(
-                u8_ptr, f32_ptr, block_ids, tok_in_block, kvh, tmask, offs_d, dmask, nbytes, nbytes_f32,
-                off_k_scale, off_k_zero, off_k_data, True, NUM_KV_HEADS, HEAD_DIM, BITS, GROUP_SIZE,
-            )  # fmt: skip
-            v = _load_quant_tile(
-                u8_ptr, f32_ptr, block_ids, tok_in_block, kvh, tmask, offs_d, dmask, nbytes, nbytes_f32,
-                off_v_scale, off_v_zero, off_v_data, False, NUM_KV_HEADS, HEAD_DIM, BITS, GROUP_SIZE,
-            )  # fmt: skip
-            valid = hmask[:, None] & tmask[None, :]
-            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE)
-        if HAS_TAIL:
-            tail_len = tl.minimum(tl.load(tail_lens_ptr + b), max_tail)
-            tail_len = tl.where(part == NUM_SPLITS, tail_len, 0)
-            base = tail_ptr + b * stride_tail_b + kvh * stride_tail_head
-            for t0 in range(0, tail_len, BLOCK_N):
-                tok = t0 + offs_n
-                tmask = tok < tail_len
-                ptrs = base + tok[:, None] * stride_tail_tok + offs_d[None, :]
-                kv_mask = tmask[:, None] & dmask[None, :]
-                k = tl.load(ptrs, mask=kv_mask, other=0.0)  # [N, D]
-                v = tl.load(ptrs + stride_tail_kv, mask=kv_mask, other=0.0)  # [N, D]
-                valid = hmask[:, None] & tmask[None, :]
-                m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE)
-        _store_partial(
-            out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc, b, heads, hmask, offs_d, dmask,
-            stride_ob, stride_oh, num_heads, part, NUM_SPLITS + HAS_TAIL, HEAD_DIM,
-        )  # fmt: skip
-
-    @triton.jit
     def _reduce_kernel(
         mid_o_ptr, mid_lse_ptr, out_ptr, stride_ob, stride_oh, num_heads,
         NUM_PARTS: tl.constexpr, PARTS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -378,6 +302,336 @@ if triton is not None:
         ptrs = out_ptr + rows[:, None] + offs_d[None, :]
         tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
+    # ---- quantized rows (afkv.ops.quant) ----------------------------------------------------
+    # KIND: 0 fp8, 1 int8, 2 int4. CVT (CUDA): codes become float16 four at a time through
+    # byte permutes (exact: 0x64XX as float16 is 1024 + XX; the offset is taken off the scores
+    # and outputs per token); 0 elsewhere (the interpreter): one conversion per code. Products
+    # over codes run in float16, or in float32 (IEEE).
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _codes(b, KIND: tl.constexpr, HIGH: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr):
+        """uint8 codes [N, C] -> float16 (float32 when IEEE) values, exact: fp8 the e4m3 value;
+        int8 / int4 (the low nibbles, or the high ones when HIGH) the code plus an offset
+        (CVT 0: converted one by one, offset 0; 1: 0x64XX as float16 is 1024 + XX, four codes
+        per pair of byte permutes, offset 1024)."""
+        if KIND == 0:
+            f = b.to(tl.float8e4nv, bitcast=True).to(tl.float16 if CVT else tl.float32)
+        elif CVT == 1:
+            if KIND == 1:
+                f = tl.inline_asm_elementwise(
+                    asm="""{
+                    prmt.b32 $0, $2, 0x64646464, 0x4140;
+                    prmt.b32 $1, $2, 0x64646464, 0x4342;
+                    }""",
+                    constraints="=r,=r,r", args=[b], dtype=tl.float16, is_pure=True, pack=4,
+                )  # fmt: skip
+            elif HIGH:
+                f = tl.inline_asm_elementwise(
+                    asm="""{
+                    .reg .b32 t;
+                    shr.b32 t, $2, 4;
+                    and.b32 t, t, 0x0F0F0F0F;
+                    prmt.b32 $0, t, 0x64646464, 0x4140;
+                    prmt.b32 $1, t, 0x64646464, 0x4342;
+                    }""",
+                    constraints="=r,=r,r", args=[b], dtype=tl.float16, is_pure=True, pack=4,
+                )  # fmt: skip
+            else:
+                f = tl.inline_asm_elementwise(
+                    asm="""{
+                    .reg .b32 t;
+                    and.b32 t, $2, 0x0F0F0F0F;
+                    prmt.b32 $0, t, 0x64646464, 0x4140;
+                    prmt.b32 $1, t, 0x64646464, 0x4342;
+                    }""",
+                    constraints="=r,=r,r", args=[b], dtype=tl.float16, is_pure=True, pack=4,
+                )  # fmt: skip
+        elif KIND == 1:
+            f = b.to(tl.float32)
+        elif HIGH:
+            f = (b >> 4).to(tl.float32)
+        else:
+            f = (b & 15).to(tl.float32)
+        if IEEE:
+            return f.to(tl.float32)
+        return f.to(tl.float16)
+
+    @triton.jit
+    def _quant_queries(q, h_ptr, offs_d, dmask, KIND: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       CODE_DIM: tl.constexpr, BLOCK_C: tl.constexpr, HP_INV: tl.constexpr,
+                       IEEE: tl.constexpr):  # fmt: skip
+        """Queries [M, D] -> what the code products take: (qa, qb, qsum). int8 / int4: the rotated
+        query (q @ H) / p, whole [M, D] in qa (int8) or its halves [M, C] in qa, qb (int4);
+        fp8: qa = q. qsum [M]: the sum of the channels qa and qb hold (the zero points' factor)."""
+        dt = tl.float32 if IEEE else tl.float16
+        q = q.to(dt)
+        qa = q
+        qb = q
+        if KIND != 0:
+            offs_c = tl.arange(0, BLOCK_C)
+            hmask = dmask[:, None] & (offs_c < CODE_DIM)[None, :]
+            h_rows = h_ptr + offs_d[:, None] * HEAD_DIM
+            ha = tl.load(h_rows + offs_c[None, :], mask=hmask, other=0.0)  # [D, C]: H's columns 0 .. C-1
+            qa = (_dot(q, ha, IEEE) * HP_INV).to(dt)  # [M, C]
+            if KIND == 2:
+                hb = tl.load(h_rows + CODE_DIM + offs_c[None, :], mask=hmask, other=0.0)  # [D, C]: columns C ..
+                qb = (_dot(q, hb, IEEE) * HP_INV).to(dt)
+        qsum = tl.sum(qa.to(tl.float32), 1)
+        if KIND == 2:
+            qsum += tl.sum(qb.to(tl.float32), 1)
+        return qa, qb, qsum
+
+    @triton.jit
+    def _quant_tile(
+        qa, qb, qsum, rows_ptr, rows16_ptr, tab_ptr, t0, lo, hi, valid, kvh, layer_off, row_nbytes, qk_scale,
+        m_i, l_i, acc_a, acc_b, acc_z,
+        KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, CODE_DIM: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """Online-softmax step over the tile of tokens t0 .. t0 + BLOCK_N - 1 (t0 a multiple of
+        BLOCK_SIZE; tokens outside [lo, hi) are not read; `valid` [M, N] masks the scores) held
+        in quantized rows. Scores are s_t * (q . c_t) + z_t * sum(q) and values enter as p_t * s_t
+        (scaled by the tile's largest s_t) times the codes, plus p_t * z_t: the codes are
+        multiplied as they are, never dequantized. int8 and int4 work in the rotated domain
+        (int4's channels in two halves). Addresses are computed once per block of the tile."""
+        num_tile_blocks: tl.constexpr = BLOCK_N // BLOCK_SIZE
+        heads_tokens: tl.constexpr = NUM_KV_HEADS * BLOCK_SIZE
+        offs_j = tl.arange(0, num_tile_blocks)
+        offs_i = tl.arange(0, BLOCK_SIZE)
+        offs_c = tl.arange(0, BLOCK_C)
+        tok = t0 + offs_j[:, None] * BLOCK_SIZE + offs_i[None, :]  # [NB, bs]
+        tmask = (tok >= lo) & (tok < hi)
+        bmask = t0 + offs_j * BLOCK_SIZE < hi
+        blk = tl.load(tab_ptr + t0 // BLOCK_SIZE + offs_j, mask=bmask, other=0).to(tl.int64)  # [NB] row ids
+        base = blk * row_nbytes + layer_off  # [NB] byte offset of this layer's section
+        crow = (kvh * BLOCK_SIZE + offs_i) * CODE_DIM  # [bs]
+        k_ptrs = rows_ptr + base[:, None, None] + crow[None, :, None] + offs_c[None, None, :]  # [NB, bs, C]
+        cmask = tmask[:, :, None] & (offs_c < CODE_DIM)[None, None, :]
+        kb = tl.reshape(tl.load(k_ptrs, mask=cmask, other=0), [BLOCK_N, BLOCK_C])
+        vb = tl.reshape(tl.load(k_ptrs + heads_tokens * CODE_DIM, mask=cmask, other=0), [BLOCK_N, BLOCK_C])
+        meta = rows16_ptr + (base // 2)[:, None] + (heads_tokens * CODE_DIM + kvh * BLOCK_SIZE + offs_i)[None, :]
+        ks = tl.reshape(tl.load(meta, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)  # [N]
+        vs = tl.reshape(tl.load(meta + heads_tokens, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)
+        off: tl.constexpr = 1024.0 if (KIND != 0 and CVT == 1) else 0.0  # what _codes adds to int codes
+        if KIND == 2:
+            s = _dot(qa, tl.trans(_codes(kb, KIND, False, CVT, IEEE)), IEEE)
+            s += _dot(qb, tl.trans(_codes(kb, KIND, True, CVT, IEEE)), IEEE)  # [M, N]
+        else:
+            s = _dot(qa, tl.trans(_codes(kb, KIND, False, CVT, IEEE)), IEEE)  # [M, N]
+        s = s * (ks * qk_scale)[None, :]
+        if KIND != 0:  # zero points, less what the codes' offset added
+            kz = tl.reshape(tl.load(meta + 2 * heads_tokens, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)
+            s += qsum[:, None] * ((kz - off * ks) * qk_scale)[None, :]
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # [M]
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])  # [M, N]
+        alpha = tl.exp2(m_i - m_ref)  # [M]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_max = tl.max(vs, 0)
+        v_max = tl.where(v_max > 0.0, v_max, 1.0)
+        pw = (p * (vs / v_max)[None, :]).to(tl.float32 if IEEE else tl.float16)  # [M, N], <= 1
+        acc_a = acc_a * alpha[:, None] + _dot(pw, _codes(vb, KIND, False, CVT, IEEE), IEEE) * v_max
+        if KIND == 2:
+            acc_b = acc_b * alpha[:, None] + _dot(pw, _codes(vb, KIND, True, CVT, IEEE), IEEE) * v_max
+        if KIND != 0:
+            vz = tl.reshape(tl.load(meta + 3 * heads_tokens, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)
+            z = tl.sum(p * vz[None, :], 1)
+            if off != 0.0:  # the offset entered through the rounded weights pw: take off exactly that
+                z -= off * v_max * tl.sum(pw.to(tl.float32), 1)
+            acc_z = acc_z * alpha + z
+        return m_new, l_i, acc_a, acc_b, acc_z
+
+    @triton.jit
+    def _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, CODE_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
+                      HP_INV: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+        """The quantized tokens' accumulators -> an unnormalised output [M, D] in the model's
+        channels (int8 / int4: rotated back), to go on with full-precision tokens."""
+        if KIND == 0:
+            acc = acc_a
+        else:
+            dt = tl.float32 if IEEE else tl.float16
+            offs_c = tl.arange(0, BLOCK_C)
+            hmask = (offs_c < CODE_DIM)[:, None] & dmask[None, :]
+            ha = tl.load(h_ptr + offs_c[:, None] * HEAD_DIM + offs_d[None, :], mask=hmask, other=0.0)  # [C, D]
+            norm = tl.where(l_i > 0.0, HP_INV / tl.where(l_i > 0.0, l_i, 1.0), 0.0)  # normalised: float16 holds it
+            oa = ((acc_a + acc_z[:, None]) * norm[:, None]).to(dt)
+            o = _dot(oa, ha, IEEE)
+            if KIND == 2:
+                hb = tl.load(h_ptr + (CODE_DIM + offs_c)[:, None] * HEAD_DIM + offs_d[None, :], mask=hmask, other=0.0)
+                ob = ((acc_b + acc_z[:, None]) * norm[:, None]).to(dt)
+                o += _dot(ob, hb, IEEE)
+            acc = o * l_i[:, None]
+        return acc
+
+    @triton.jit
+    def _staging_tile(staging_ptr, tab_ptr, tok, tmask, kvh, num_blocks, offs_d, dmask,
+                      stride_sb, stride_skv, stride_stok, stride_sh, BLOCK_SIZE: tl.constexpr):  # fmt: skip
+        """K, V [N, D] of tokens held in full-precision staging blocks (table id num_blocks + s)."""
+        sid = tl.load(tab_ptr + tok // BLOCK_SIZE, mask=tmask, other=num_blocks) - num_blocks  # [N]
+        rows = sid.to(tl.int64) * stride_sb + (tok % BLOCK_SIZE) * stride_stok + kvh * stride_sh  # [N]
+        mask = tmask[:, None] & dmask[None, :]
+        k = tl.load(staging_ptr + rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        v = tl.load(staging_ptr + stride_skv + rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        return k, v
+
+    @triton.jit
+    def _decode_quant_kernel(
+        q_ptr, rows_ptr, rows16_ptr, staging_ptr, h_ptr, block_tables_ptr, context_lens_ptr,
+        out_ptr, mid_o_ptr, mid_lse_ptr,
+        stride_qb, stride_qh, stride_ob, stride_oh, stride_bt, stride_sb, stride_skv, stride_stok, stride_sh,
+        num_blocks, row_nbytes, layer_off, num_heads, max_tokens, window, qk_scale,
+        KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CODE_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        MAX_TAIL: tl.constexpr, TAIL_P2: tl.constexpr, HAS_WINDOW: tl.constexpr, HP_INV: tl.constexpr,
+        CVT: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """Parts 0 .. NUM_SPLITS-1 take chunks of the row's quantized tokens, part NUM_SPLITS
+        its staging tail (at most MAX_TAIL blocks at the end of its table)."""
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        part = tl.program_id(2)
+        q, heads, hmask, offs_d, dmask = _load_query_group(
+            q_ptr, b, kvh, stride_qb, stride_qh, GROUP, GROUP_ROWS, HEAD_DIM, BLOCK_D
+        )
+        q = q.to(staging_ptr.dtype.element_ty)
+        if IEEE:
+            q = q.to(tl.float32)
+        tab = block_tables_ptr + b * stride_bt
+        ctx = tl.minimum(tl.load(context_lens_ptr + b), max_tokens).to(tl.int32)
+        start = ctx * 0
+        if HAS_WINDOW:
+            start = tl.maximum(ctx - window, 0)
+        num_used = tl.cdiv(ctx, BLOCK_SIZE)
+        offs_t = tl.arange(0, TAIL_P2)
+        cols = num_used - MAX_TAIL + offs_t
+        cmask = (offs_t < MAX_TAIL) & (cols >= 0)
+        ids = tl.load(tab + cols, mask=cmask, other=0)
+        num_staging = tl.sum((cmask & (ids >= num_blocks)).to(tl.int32), 0)
+        q_end = tl.maximum(tl.minimum((num_used - num_staging) * BLOCK_SIZE, ctx), start)
+        lo, hi = _chunk_bounds(start - start % BLOCK_SIZE, q_end, part, NUM_SPLITS, BLOCK_N)  # whole blocks
+        hi = tl.where(part < NUM_SPLITS, hi, lo)
+        m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_ROWS], tl.float32)
+        acc_a = tl.zeros([GROUP_ROWS, BLOCK_C], tl.float32)
+        acc_b = tl.zeros([GROUP_ROWS, BLOCK_C], tl.float32)
+        acc_z = tl.zeros([GROUP_ROWS], tl.float32)
+        qa, qb, qsum = _quant_queries(q, h_ptr, offs_d, dmask, KIND, HEAD_DIM, CODE_DIM, BLOCK_C, HP_INV, IEEE)
+        offs_n = tl.arange(0, BLOCK_N)
+        for t0 in range(lo, hi, BLOCK_N):
+            tok = t0 + offs_n  # [N]
+            valid = hmask[:, None] & ((tok >= start) & (tok < hi))[None, :]
+            m_i, l_i, acc_a, acc_b, acc_z = _quant_tile(
+                qa, qb, qsum, rows_ptr, rows16_ptr, tab, t0, start, hi, valid, kvh, layer_off, row_nbytes, qk_scale,
+                m_i, l_i, acc_a, acc_b, acc_z, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, BLOCK_C, BLOCK_N, CVT, IEEE,
+            )  # fmt: skip
+        acc = _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND, HEAD_DIM, CODE_DIM, BLOCK_C,
+                            HP_INV, IEEE)  # fmt: skip
+        tail_end = tl.where(part == NUM_SPLITS, ctx, q_end)
+        offs_m = tl.arange(0, BLOCK_N_TAIL)
+        for t0 in range(q_end, tail_end, BLOCK_N_TAIL):
+            tok = t0 + offs_m
+            tmask = tok < tail_end
+            k, v = _staging_tile(staging_ptr, tab, tok, tmask, kvh, num_blocks, offs_d, dmask,
+                                 stride_sb, stride_skv, stride_stok, stride_sh, BLOCK_SIZE)  # fmt: skip
+            valid = hmask[:, None] & tmask[None, :]
+            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE)
+        _store_partial(
+            out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc, b, heads, hmask, offs_d, dmask,
+            stride_ob, stride_oh, num_heads, part, NUM_SPLITS + 1, HEAD_DIM,
+        )  # fmt: skip
+
+    @triton.jit
+    def _prefill_quant_kernel(
+        q_ptr, rows_ptr, rows16_ptr, staging_ptr, h_ptr, block_tables_ptr, cu_seqlens_ptr, context_lens_ptr,
+        out_ptr,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_sb, stride_skv, stride_stok, stride_sh,
+        num_blocks, row_nbytes, layer_off, max_tokens, window, qk_scale,
+        KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, TOKENS_M: tl.constexpr,
+        BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CODE_DIM: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_CHUNK: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HP_INV: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """_prefill_kernel's tiles (query tokens x the group's heads) over a quantized device
+        tier: first the table's quantized blocks, then its staging blocks (the chunk's own
+        tokens among them), both read where they are."""
+        tile = tl.program_id(0)
+        kvh = tl.program_id(1)
+        b = tl.program_id(2)
+        q_start = tl.load(cu_seqlens_ptr + b)
+        n = tl.load(cu_seqlens_ptr + b + 1) - q_start
+        ctx = tl.minimum(tl.load(context_lens_ptr + b), max_tokens).to(tl.int32)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < HEAD_DIM
+        tok_q = tile * TOKENS_M + offs_m // GROUP  # [M]
+        heads = kvh * GROUP + offs_m % GROUP
+        rmask = (offs_m < TOKENS_M * GROUP) & (tok_q < n)
+        q_pos = ctx - n + tok_q  # [M]
+        q = tl.load(
+            q_ptr + (q_start + tok_q)[:, None].to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=rmask[:, None] & dmask[None, :],
+            other=0.0,
+        )  # [M, D]
+        q = q.to(staging_ptr.dtype.element_ty)
+        if IEEE:
+            q = q.to(tl.float32)
+        tab = block_tables_ptr + b * stride_bt
+        first = ctx - n + tile * TOKENS_M
+        hi = tl.minimum(first + TOKENS_M, ctx)
+        lo = first * 0
+        if HAS_WINDOW:
+            lo = tl.maximum(first - window + 1, 0)
+        hi = tl.where(tile * TOKENS_M < n, hi, lo)
+        num_used = tl.cdiv(ctx, BLOCK_SIZE)
+        num_staging = num_used * 0
+        offs_j = tl.arange(0, TABLE_CHUNK)
+        for j0 in range(0, num_used, TABLE_CHUNK):
+            jmask = j0 + offs_j < num_used
+            ids = tl.load(tab + j0 + offs_j, mask=jmask, other=0)
+            num_staging += tl.sum((jmask & (ids >= num_blocks)).to(tl.int32), 0)
+        q_end = tl.minimum((num_used - num_staging) * BLOCK_SIZE, ctx)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc_a = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+        acc_b = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+        acc_z = tl.zeros([BLOCK_M], tl.float32)
+        qa, qb, qsum = _quant_queries(q, h_ptr, offs_d, dmask, KIND, HEAD_DIM, CODE_DIM, BLOCK_C, HP_INV, IEEE)
+        offs_n = tl.arange(0, BLOCK_N)
+        hi_q = tl.minimum(hi, q_end)
+        for t0 in range(lo - lo % BLOCK_SIZE, hi_q, BLOCK_N):  # whole blocks
+            tok = t0 + offs_n
+            tmask = (tok >= lo) & (tok < hi_q)
+            valid = rmask[:, None] & tmask[None, :] & (tok[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                valid = valid & (q_pos[:, None] - tok[None, :] < window)
+            m_i, l_i, acc_a, acc_b, acc_z = _quant_tile(
+                qa, qb, qsum, rows_ptr, rows16_ptr, tab, t0, lo, hi_q, valid, kvh, layer_off, row_nbytes, qk_scale,
+                m_i, l_i, acc_a, acc_b, acc_z, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, BLOCK_C, BLOCK_N, CVT, IEEE,
+            )  # fmt: skip
+        acc = _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND, HEAD_DIM, CODE_DIM, BLOCK_C,
+                            HP_INV, IEEE)  # fmt: skip
+        for t0 in range(tl.maximum(lo, q_end), hi, BLOCK_N):
+            tok = t0 + offs_n
+            tmask = tok < hi
+            k, v = _staging_tile(staging_ptr, tab, tok, tmask, kvh, num_blocks, offs_d, dmask,
+                                 stride_sb, stride_skv, stride_stok, stride_sh, BLOCK_SIZE)  # fmt: skip
+            valid = rmask[:, None] & tmask[None, :] & (tok[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                valid = valid & (q_pos[:, None] - tok[None, :] < window)
+            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE)
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        rows = (q_start + tok_q).to(tl.int64) * stride_ot + heads * stride_oh  # [M]
+        tl.store(out_ptr + rows[:, None] + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & dmask[None, :])
 
 def _ieee(dtype: torch.dtype, device: torch.device) -> bool:
     """Multiply in IEEE float32 rather than in `dtype`? For float32, and always under Triton's
@@ -481,93 +735,6 @@ def paged_decode_attention(
     return out
 
 
-def paged_decode_attention_quant(
-    q: torch.Tensor,
-    blocks: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    *,
-    layer: int,
-    spec: QuantSpec,
-    num_layers: int,
-    block_size: int,
-    num_kv_heads: int,
-    softmax_scale: float | None = None,
-    tail_kv: torch.Tensor | None = None,
-    tail_lens: torch.Tensor | None = None,
-    num_splits: int | None = None,
-) -> torch.Tensor:
-    """As afkv.ops.quant.paged_decode_attention: q [B, Hq, D] over serialised int8/int4 blocks
-    uint8 [num_blocks, packed_nbytes] through block_tables int [B, nb]; sequence b attends to
-    its seq_lens[b] quantized tokens -> [B, Hq, D] of q.dtype (zeros for an empty sequence).
-
-    Optional full-precision tail (the last, partial block kept in float): tail_kv float
-    [B, 2, T, Hkv, D] (index 0 = keys, 1 = values) and tail_lens int [B]: sequence b then
-    attends to its seq_lens[b] quantized tokens followed by tail_kv[b, :, :tail_lens[b]],
-    merged by log-sum-exp. Keys and values are dequantized in float32; products run in q's
-    dtype on CUDA when q is 16-bit (float32 otherwise), with float32 accumulation."""
-    quant.check_decode_attention_input(
-        q, blocks, block_tables, seq_lens, layer, spec, num_layers, block_size, num_kv_heads
-    )
-    batch, num_heads, head_dim = q.shape
-    has_tail = tail_kv is not None
-    if has_tail != (tail_lens is not None):
-        raise ConfigError("tail_kv and tail_lens go together")
-    if has_tail and (
-        tail_kv.dim() != 5
-        or tuple(tail_kv.shape[:2]) != (batch, 2)
-        or tuple(tail_kv.shape[3:]) != (num_kv_heads, head_dim)
-        or tail_kv.dtype not in _FLOAT_DTYPES
-        or tuple(tail_lens.shape) != (batch,)
-    ):
-        raise ConfigError(
-            f"tail_kv must be float [{batch}, 2, T, {num_kv_heads}, {head_dim}] and tail_lens [{batch}], "
-            f"got {tail_kv.dtype} {tuple(tail_kv.shape)} and {tuple(tail_lens.shape)}"
-        )
-    out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)  # [B, H, D]
-    max_blocks = block_tables.shape[1]
-    if batch == 0:
-        return out
-    if not blocks.is_contiguous() or blocks.data_ptr() % 16:  # float32 sections are read as float32
-        blocks = blocks.clone(memory_format=torch.contiguous_format)
-    blocks_f32 = blocks.view(torch.float32)  # [num_blocks, packed_nbytes // 4], same memory
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
-    offsets = {}
-    for name, dtype, shape, offset in quant.block_sections(spec, num_layers, block_size, num_kv_heads, head_dim):
-        offsets[name] = offset + layer * quant.section_nbytes(dtype, shape) // num_layers  # bytes
-    if has_tail:
-        tail_kv = tail_kv if tail_kv.stride(-1) == 1 else tail_kv.contiguous()
-        tail_args = (tail_kv, tail_lens, tail_kv.stride(0), tail_kv.stride(1), tail_kv.stride(2), tail_kv.stride(3))
-        max_tail = tail_kv.shape[2]
-    else:
-        tail_args = (blocks_f32, seq_lens, 0, 0, 0, 0)  # never read
-        max_tail = 0
-    group = num_heads // num_kv_heads
-    block_n = _decode_block_n(head_dim, 2)
-    max_tokens = max_blocks * block_size
-    if num_splits is None:
-        num_splits = num_decode_splits(batch, num_kv_heads, max_tokens, block_n, _device_index(q))
-    num_parts = num_splits + has_tail
-    mid_o, mid_lse = _partials(batch, num_heads, num_parts, head_dim, q.device)
-    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
-    ieee = _ieee(q.dtype, q.device)
-    _decode_quant_kernel[(batch, num_kv_heads, num_parts)](
-        q, blocks, blocks_f32, block_tables, seq_lens, *tail_args[:2], out, mid_o, mid_lse,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *tail_args[2:],
-        num_heads, max_tokens, max_tail, scale * _LOG2E,
-        blocks.shape[1], blocks.shape[1] // 4, offsets["k_scale"] // 4, offsets["k_zero"] // 4,
-        offsets["v_scale"] // 4, offsets["v_zero"] // 4, offsets["k_data"], offsets["v_data"],
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_ROWS=_group_rows(group), HEAD_DIM=head_dim,
-        BLOCK_D=_next_pow2(head_dim), BLOCK_SIZE=block_size, BITS=spec.bits, GROUP_SIZE=spec.group_size,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_TAIL=has_tail, IEEE=ieee,
-        num_warps=4, num_stages=2,
-    )  # fmt: skip
-    if num_parts > 1:
-        _merge(mid_o, mid_lse, out, num_parts)
-    return out
-
-
 def _prefill_tiles(group: int) -> tuple[int, int]:
     """-> (rows per tile, query tokens per tile): rows = tokens x the query group."""
     block_m = max(64, _next_pow2(group))
@@ -649,173 +816,143 @@ def paged_prefill_attention(
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# Micro-benchmark (GPU)
 
-_L2_FLUSH_NBYTES = 256 << 20  # KV of all benchmarked layers together: several times the L2 (H200: 50 MB)
-REAL_SHAPES = {  # name -> (num_heads, num_kv_heads, head_dim)
-    "qwen3-30b-a3b": (32, 4, 128),
-    "mixtral-8x7b": (32, 8, 128),
-}
+# ---- a quantized device tier (afkv.ops.attention.QuantizedKVCache) -------------------------------
+
+_KINDS = {"fp8": 0, "int8": 1, "int4": 2}
+_CVT = 1  # how CUDA turns int8 / int4 codes into float16 (see _codes)
 
 
-def _time_s(fn, iters: int, warmup: int, device: torch.device) -> float:
-    """Seconds per call of fn(i), by CUDA events around `iters` calls (a wall clock on the CPU)."""
-    for i in range(warmup):
-        fn(i)
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        for i in range(iters):
-            fn(i)
-        return (time.perf_counter() - t0) / iters
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for i in range(iters):
-        fn(i)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / iters
+@dataclass(frozen=True)
+class QuantTile:
+    """Launch shape of the quantized decode kernel: tokens per tile of codes, warps, stages."""
+
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
 
 
-def bench_decode(
-    batch: int,
-    context_len: int,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int = 128,
+# Per format. Chosen from the compiled code (sm_90: fewest instructions per byte of the main
+# loop without spills; int8's rotation leaves no registers for a second stage), not yet from
+# timings: `afkv bench kv-quant --tune` times the candidates on the GPU.
+QUANT_DECODE_TILES = {"fp8": QuantTile(128), "int8": QuantTile(128, num_stages=1), "int4": QuantTile(128)}
+
+
+def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int) -> tuple:
+    """Checks, and the arguments both quantized kernels take after q: rows, the rows as 16-bit
+    scale data, this layer's staging view, the rotation, and the geometry."""
+    spec = cache.spec
+    rows, staging = cache.blocks, cache.staging
+    if q.dim() != 3 or q.dtype not in _FLOAT_DTYPES or staging.dtype not in _FLOAT_DTYPES:
+        raise ConfigError(f"queries must be float [T, H, D] and staging float, got {q.dtype} {tuple(q.shape)} "
+                          f"and {staging.dtype}")
+    if q.shape[-1] != spec.head_dim or q.shape[-2] % spec.num_kv_heads:
+        raise ConfigError(f"queries {tuple(q.shape)} do not fit {spec.num_kv_heads} kv heads of head_dim {spec.head_dim}")
+    if not 0 <= layer < spec.num_layers:
+        raise ConfigError(f"layer {layer} out of range for {spec.num_layers} layers", key="layer")
+    quant.check_rows(rows, spec)
+    if spec.block_size & (spec.block_size - 1):
+        raise ConfigError(f"the quantized kernels take power-of-two block sizes, got {spec.block_size}", key="block_size")
+    if not rows.is_contiguous() or rows.data_ptr() % 16 or q.device != rows.device or staging.device != rows.device:
+        raise ConfigError("quantized rows must be contiguous, 16-byte aligned and on the queries' device")
+    ieee = _ieee(staging.dtype, q.device)
+    dt = torch.float32 if ieee else torch.float16
+    had = quant.hadamard(spec.head_dim, q.device, dt) if spec.rotated else rows  # rows: a placeholder, never read
+    st = staging[:, layer]  # [num_staging, 2, bs, Hkv, D]
+    if st.stride(-1) != 1:
+        raise ConfigError("staging blocks must be contiguous along head_dim")
+    strides = (st.stride(0), st.stride(1), st.stride(2), st.stride(3))
+    geometry = dict(
+        KIND=_KINDS[spec.kind], NUM_KV_HEADS=spec.num_kv_heads, HEAD_DIM=spec.head_dim,
+        BLOCK_D=_next_pow2(spec.head_dim), CODE_DIM=spec.code_dim, BLOCK_C=_next_pow2(spec.code_dim),
+        BLOCK_SIZE=spec.block_size, HP_INV=1.0 / spec.hadamard_order, CVT=_CVT if q.is_cuda else 0, IEEE=ieee,
+    )  # fmt: skip
+    return (rows, rows.view(spec.scale_dtype), st, had), strides, geometry
+
+
+def paged_decode_attention_quantized(
+    q: torch.Tensor,
+    cache: attention.QuantizedKVCache,
+    layer: int,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    sliding_window: int | None = None,
+    scale: float | None = None,
     *,
-    block_size: int = 16,
-    dtype: torch.dtype = torch.bfloat16,
-    bits: int | None = None,
-    group_size: int = 16,
-    iters: int = 20,
-    warmup: int = 3,
-    seed: int = 0,
-    device: torch.device | str = "cuda",
-) -> dict:
-    """Time the decode kernel against its baseline on one shape (every sequence at
-    `context_len`, blocks scattered at random) on the current CUDA device.
-
-    bits None: a `dtype` cache, baseline the torch reference (afkv.ops.attention). bits 8 / 4:
-    serialised KIVI blocks (QuantSpec(bits, group_size)), baseline the CUDA kernel of
-    afkv.ops.native where CuPy is there, else the torch reference of afkv.ops.quant. Calls
-    cycle through enough layers that their KV exceeds the L2 cache, so reads come from HBM.
-    kv_bytes = sum over sequences of context_len * 2 * Hkv * D * itemsize (the float
-    cache's bytes; for quantized blocks, their own bytes are in kv_read_bytes).
-    -> dict of the shape, seconds per call and bytes/s of both. (On a CPU device the kernels
-    run under the interpreter and the times mean nothing: that is for tests.)"""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    gen = torch.Generator(device=device).manual_seed(seed)
-    blocks_per_seq = -(-context_len // block_size)
-    num_blocks = batch * blocks_per_seq
-    raw_token_nbytes = 2 * num_kv_heads * head_dim * dtype.itemsize
-    kv_bytes = batch * context_len * raw_token_nbytes
-    if bits is None:
-        layer_nbytes = num_blocks * block_size * raw_token_nbytes
-        read_bytes = kv_bytes
-    else:
-        spec = QuantSpec(bits, group_size)
-        layer_nbytes = num_blocks * quant.packed_nbytes(spec, 1, block_size, num_kv_heads, head_dim)
-        read_bytes = batch * context_len * layer_nbytes // (num_blocks * block_size)
-    num_layers = max(1, min(48, -(-_L2_FLUSH_NBYTES // layer_nbytes)))
-    tables = torch.randperm(num_blocks, generator=gen, device=device).reshape(batch, blocks_per_seq)  # [B, nb]
-    lens = torch.full((batch,), context_len, dtype=torch.int64, device=device)  # [B]
-    q = torch.randn(batch, num_heads, head_dim, generator=gen, device=device).to(dtype)  # [B, H, D]
-    if bits is None:
-        kv = torch.randn(
-            num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim, generator=gen, device=device
-        ).to(dtype)  # [nbk, L, 2, bs, Hkv, D]
-        baseline = "torch"
-
-        def kernel(i: int) -> torch.Tensor:
-            return paged_decode_attention(q, kv, i % num_layers, tables, lens)
-
-        def reference(i: int) -> torch.Tensor:
-            return attention.paged_decode_attention(q, kv, i % num_layers, tables, lens)
-    else:
-        from afkv.ops import native
-
-        kv = torch.randn(num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim, generator=gen, device=device)
-        blocks = quant.to_bytes(quant.quantize_block(kv, spec))  # [nbk, packed_nbytes]
-        del kv
-        geometry = dict(spec=spec, num_layers=num_layers, block_size=block_size, num_kv_heads=num_kv_heads)
-        use_native = device.type == "cuda" and native.available()
-        base = native if use_native else quant
-        baseline = "native" if use_native else "torch"
-
-        def kernel(i: int) -> torch.Tensor:
-            return paged_decode_attention_quant(q, blocks, tables, lens, layer=i % num_layers, **geometry)
-
-        def reference(i: int) -> torch.Tensor:
-            return base.paged_decode_attention(q, blocks, tables, lens, layer=i % num_layers, **geometry)
-
-    kernel_s = _time_s(kernel, iters, warmup, device)
-    reference_s = _time_s(reference, max(1, iters // 4), 1, device)
-    block_n = _decode_block_n(head_dim, 2 if bits is not None else dtype.itemsize)
-    return {
-        "batch": batch,
-        "context_len": context_len,
-        "num_heads": num_heads,
-        "num_kv_heads": num_kv_heads,
-        "head_dim": head_dim,
-        "block_size": block_size,
-        "dtype": str(dtype).removeprefix("torch."),
-        "bits": bits,
-        "num_splits": num_decode_splits(batch, num_kv_heads, blocks_per_seq * block_size, block_n, _device_index(q)),
-        "kv_bytes": kv_bytes,
-        "kv_read_bytes": read_bytes,
-        "kernel_s": kernel_s,
-        "reference_s": reference_s,
-        "baseline": baseline,
-        "kernel_bytes_per_s": read_bytes / kernel_s,
-        "reference_bytes_per_s": read_bytes / reference_s,
-        "speedup": reference_s / kernel_s,
-    }
+    num_splits: int | None = None,
+    tile: QuantTile | None = None,
+) -> torch.Tensor:
+    """As afkv.ops.attention.paged_decode_attention_quantized: q [B, H, D] over a quantized
+    device tier through block_tables int [B, nb] (a row's quantized blocks first, then at most
+    cache.max_tail_blocks staging blocks; padding never read), context_lens int [B] -> [B, H, D]
+    of q.dtype (zeros where context_len is 0). `num_splits` and `tile` override the defaults
+    (tests, the kernel sweep)."""
+    batch, num_heads, head_dim = q.shape
+    ptrs, strides, geometry = _quant_args(q, cache, layer)
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch or tuple(context_lens.shape) != (batch,):
+        raise ConfigError(f"block_tables must be [{batch}, nb] and context_lens [{batch}], "
+                          f"got {tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
+    spec = cache.spec
+    out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)  # [B, H, D]
+    max_blocks = block_tables.shape[1]
+    if batch == 0 or max_blocks == 0:
+        return out.zero_()
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    tile = tile or QUANT_DECODE_TILES[spec.kind]
+    max_tokens = max_blocks * spec.block_size
+    if num_splits is None:
+        num_splits = num_decode_splits(batch, spec.num_kv_heads, max_tokens, tile.block_n, _device_index(q))
+    mid_o, mid_lse = _partials(batch, num_heads, num_splits + 1, head_dim, q.device)
+    group = num_heads // spec.num_kv_heads
+    softmax_scale = head_dim**-0.5 if scale is None else scale
+    _decode_quant_kernel[(batch, spec.num_kv_heads, num_splits + 1)](
+        q, *ptrs, block_tables, context_lens, out, mid_o, mid_lse,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *strides,
+        cache.num_blocks, spec.row_nbytes, layer * spec.layer_nbytes, num_heads, max_tokens, sliding_window or 0,
+        softmax_scale * _LOG2E,
+        GROUP=group, GROUP_ROWS=_group_rows(group), BLOCK_N=max(tile.block_n, spec.block_size),
+        BLOCK_N_TAIL=_decode_block_n(head_dim, cache.staging.element_size()), NUM_SPLITS=num_splits,
+        MAX_TAIL=cache.max_tail_blocks, TAIL_P2=_next_pow2(cache.max_tail_blocks),
+        HAS_WINDOW=sliding_window is not None, **geometry, num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )  # fmt: skip
+    _merge(mid_o, mid_lse, out, num_splits + 1)
+    return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    """python -m afkv.ops.triton_attention: the decode kernel vs its baseline on the real shapes."""
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--context", type=int, default=2048)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
-    parser.add_argument("--bits", type=int, nargs="+", default=[0], help="0 = bf16 cache; 8, 4 = KIVI blocks")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--json", help="also write the rows to this file")
-    args = parser.parse_args(argv)
-    if not available():
-        raise SystemExit("needs triton and a CUDA device")
-    rows = []
-    print(f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}")
-    print(
-        f"{'model':<15}{'kv':>5}{'batch':>6}{'ctx':>6}{'splits':>7}{'kernel us':>11}{'GB/s':>8}"
-        f"{'baseline':>9}{'base us':>10}{'GB/s':>8}{'speedup':>9}"
-    )
-    for bits in args.bits:
-        for name, (num_heads, num_kv_heads, head_dim) in REAL_SHAPES.items():
-            for batch in args.batches:
-                row = bench_decode(
-                    batch, args.context, num_heads, num_kv_heads, head_dim,
-                    block_size=args.block_size, bits=bits or None, iters=args.iters,
-                )  # fmt: skip
-                row["model"] = name
-                rows.append(row)
-                print(
-                    f"{name:<15}{(f'int{bits}' if bits else 'bf16'):>5}{batch:>6}{args.context:>6}"
-                    f"{row['num_splits']:>7}{row['kernel_s'] * 1e6:>11.1f}{row['kernel_bytes_per_s'] / 1e9:>8.0f}"
-                    f"{row['baseline']:>9}{row['reference_s'] * 1e6:>10.1f}{row['reference_bytes_per_s'] / 1e9:>8.0f}"
-                    f"{row['speedup']:>9.2f}"
-                )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-
-
-if __name__ == "__main__":
-    main()
+def paged_prefill_attention_quantized(
+    q: torch.Tensor,
+    cache: attention.QuantizedKVCache,
+    layer: int,
+    block_ids: torch.Tensor,
+    context_len: int,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """As afkv.ops.attention.paged_attention_quantized: q [n, H, D], the queries of positions
+    context_len - n .. context_len - 1 of one sequence whose table block_ids int [nb] lists its
+    quantized blocks first, then its staging blocks (this chunk's own among them) -> [n, H, D]."""
+    n, num_heads, head_dim = q.shape
+    ptrs, strides, geometry = _quant_args(q, cache, layer)
+    spec = cache.spec
+    if block_ids.dim() != 1 or not n <= context_len <= block_ids.shape[0] * spec.block_size:
+        raise ConfigError(f"{n} new queries, context_len {context_len} and {tuple(block_ids.shape)} blocks do not fit")
+    out = torch.empty(n, num_heads, head_dim, dtype=q.dtype, device=q.device)  # [n, H, D]
+    if n == 0:
+        return out
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_ids = block_ids if block_ids.stride(-1) == 1 else block_ids.contiguous()
+    cu_seqlens = torch.tensor([0, n], dtype=torch.int64, device=q.device)
+    context_lens = torch.tensor([context_len], dtype=torch.int64, device=q.device)
+    group = num_heads // spec.num_kv_heads
+    block_m, tokens_m = _prefill_tiles(group)
+    softmax_scale = head_dim**-0.5 if scale is None else scale
+    _prefill_quant_kernel[(-(-n // tokens_m), spec.num_kv_heads, 1)](
+        q, *ptrs, block_ids, cu_seqlens, context_lens, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_ids.shape[0], *strides,
+        cache.num_blocks, spec.row_nbytes, layer * spec.layer_nbytes, block_ids.shape[0] * spec.block_size,
+        sliding_window or 0, softmax_scale * _LOG2E,
+        GROUP=group, TOKENS_M=tokens_m, BLOCK_M=block_m, BLOCK_N=max(64, spec.block_size), TABLE_CHUNK=128,
+        HAS_WINDOW=sliding_window is not None, **geometry, num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return out

@@ -9,7 +9,7 @@ from afkv.kv.layout import KVLayout
 
 def test_transfer_bench_runs_and_reports_ratios(tmp_path):
     layout = KVLayout(2, 2, 16, 4, torch.float32)
-    rows = run_transfer_bench(layout, torch.device("cpu"), 8, ["none", "int4"], 4, 2, tmp_path, repeats=1,
+    rows = run_transfer_bench(layout, torch.device("cpu"), 8, ["none", "int4"], 2, tmp_path, repeats=1,
                               progress=lambda *_: None)
     assert [r["path"] for r in rows[:4]] == ["device->host (demote)", "host->device (promote)",
                                              "host->disk (spill)", "disk->host (fetch)"]

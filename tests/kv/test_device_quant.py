@@ -1,5 +1,6 @@
 """A quantized device tier (afkv.kv.device): sizing, staging blocks and their quantization,
-prefix reuse, accounting, demotion as raw bytes, and attention over rows plus staging."""
+prefix reuse, accounting, demotion as raw bytes, and attention over rows plus staging (the
+torch reference; the Triton kernels are checked against it in tests/ops/test_triton_attention.py)."""
 
 import pytest
 import torch
@@ -12,14 +13,14 @@ from afkv.kv.layout import KVLayout
 from afkv.kv.manager import KVManager
 from afkv.kv.pruning import KVPruning
 from afkv.kv.tiers.config import TierConfig
-from afkv.ops import attention, quant
+from afkv.ops import attention
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
 CPU = torch.device("cpu")
 
 
 def _manager(num_blocks=16, fmt="int8", fp_window=0, staging=16, tiers=None) -> KVManager:
-    quant_cfg = DeviceQuant(make_format(fmt, 4, LAYOUT), fp_window, staging)
+    quant_cfg = DeviceQuant(make_format(fmt, LAYOUT), fp_window, staging)
     return KVManager(LAYOUT, num_blocks, CPU, tiers=tiers, quant=quant_cfg)
 
 
@@ -51,36 +52,34 @@ def test_device_blocks_grow_by_the_compression_ratio():
     kv = KVConfig(device_memory_mib=4096)
     full, none = kv.device_tier(layout, 64, 512)
     assert none is None and full == 4096 * 2**20 // layout.block_nbytes
-    for name in ("int8", "int4"):
-        cfg = KVConfig(device_memory_mib=4096, device_format=name, device_group_size=16)
+    for name in ("fp8", "int8", "int4"):
+        cfg = KVConfig(device_memory_mib=4096, device_format=name)
         num_blocks, q = cfg.device_tier(layout, 64, 512)
-        fmt = make_format(name, 16, layout)
+        fmt = make_format(name, layout)
         staging = staging_blocks_needed(16, 0, 64, 512)
-        assert q.num_staging_blocks == staging == 64 * 2 + 32
+        assert q.num_staging_blocks == staging == 64 * 2 + 32 + 1
         assert num_blocks == (4096 * 2**20 - staging * layout.block_nbytes) // fmt.nbytes
-        ratio = layout.block_nbytes / fmt.nbytes  # 1.88 (int8), 3.20 (int4): scales are float32
+        ratio = layout.block_nbytes / fmt.nbytes  # 1.97 (fp8), 1.94 (int8), 3.76 (int4)
         grown = num_blocks / full
         print(f"{name}: {num_blocks} device blocks vs {full} in bfloat16 ({grown:.2f}x; format ratio {ratio:.2f}x)")
         assert ratio * (1 - staging / full) - 0.01 <= grown <= ratio
-    i8 = KVConfig(device_memory_mib=4096, device_format="int8").device_tier(layout, 64, 512)[0]
-    i4 = KVConfig(device_memory_mib=4096, device_format="int4").device_tier(layout, 64, 512)[0]
-    assert full < i8 < i4
+    sizes = [KVConfig(device_memory_mib=4096, device_format=f).device_tier(layout, 64, 512)[0]
+             for f in ("int8", "fp8", "int4")]
+    assert full < sizes[0] < sizes[1] < sizes[2]
 
 
 def test_a_window_costs_staging_blocks():
-    assert staging_blocks_needed(16, 0, 4, 64) == 4 * 2 + 4
-    assert staging_blocks_needed(16, 32, 4, 64) == 4 * 4 + 4
-    assert DeviceQuant(make_format("int4", 4, LAYOUT), 5, 8).max_tail_blocks == 3  # ceil(5 / 4) + 1
+    assert staging_blocks_needed(16, 0, 4, 64) == 4 * 2 + 4 + 1  # + the graphs' scratch block
+    assert staging_blocks_needed(16, 32, 4, 64) == 4 * 4 + 4 + 1
+    assert DeviceQuant(make_format("int4", LAYOUT), 5, 8).max_tail_blocks == 3  # ceil(5 / 4) + 1
 
 
 @pytest.mark.parametrize("kv, key", [
     ({"device_format": "int2"}, "kv.device_format"),
     ({"device_format": "none"}, "kv.device_format"),
-    ({"device_format": "int8", "device_group_size": 0}, "kv.device_group_size"),
-    ({"device_format": "int8", "device_group_size": 3}, "kv.device_group_size"),  # does not divide block_size 16
-    ({"device_format": "int4", "block_size": 9, "device_group_size": 3}, "kv.device_group_size"),  # odd: int4
+    ({"device_format": "int8", "device_group_size": 16}, "kv.device_group_size"),  # no such key any more
     ({"device_format": "int8", "fp_window": -1}, "kv.fp_window"),
-    ({"device_format": "int8", "pruning": {"policy": "h2o", "budget": 64}}, "kv.device_format"),
+    ({"device_format": "fp8", "pruning": {"policy": "h2o", "budget": 64}}, "kv.device_format"),
 ])
 def test_bad_device_formats_are_rejected_with_file_and_key(tmp_path, kv, key):
     path = tmp_path / "bad.toml"
@@ -94,10 +93,10 @@ def test_bad_device_formats_are_rejected_with_file_and_key(tmp_path, kv, key):
 
 
 def test_model_geometry_and_memory_checked_at_load():
-    layout = KVLayout(2, 2, 12, 8, torch.float32)  # head_dim 12
+    layout = KVLayout(2, 2, 7, 8, torch.float32)  # head_dim 7: int4 packs two channels per byte
     with pytest.raises(ConfigError) as e:
-        KVConfig(block_size=8, device_format="int8", device_group_size=8).device_tier(layout, 4, 64, "x.toml")
-    assert e.value.key == "kv.device_group_size" and e.value.file == "x.toml"
+        KVConfig(block_size=8, device_format="int4").device_tier(layout, 4, 64, "x.toml")
+    assert e.value.key == "kv.device_format" and e.value.file == "x.toml"
     big = KVLayout(32, 8, 128, 16, torch.float32)  # 4 MiB per block: 64 staging blocks do not fit in 64 MiB
     with pytest.raises(ConfigError) as e:
         KVConfig(device_memory_mib=64, device_format="int4").device_tier(big, 16, 512, "x.toml")
@@ -160,7 +159,7 @@ def test_prefix_reuse_shares_rows_and_staging_blocks_and_frees_exactly():
 def test_a_row_brought_up_after_a_staging_block_keeps_rows_first(tmp_path):
     """A prefix whose first block is in another sequence's window (staging) and whose next
     block comes back from host memory: the staging block is quantized at match time."""
-    fmt = make_format("int8", 4, LAYOUT)
+    fmt = make_format("int8", LAYOUT)
     kv = _manager(num_blocks=4, fp_window=8, tiers=TierConfig(fmt, 8))
     nb = kv.pool.num_blocks
     a = list(range(1, 10))  # 2 full blocks + 1
@@ -206,6 +205,20 @@ def test_staging_pool_short_is_no_room_now():
     kv.check_invariants()
 
 
+def test_graph_scratch_block_is_a_reserved_staging_block():
+    kv = _manager(num_blocks=8, staging=3)
+    scratch = kv.reserve_scratch_block()
+    assert scratch >= kv.pool.num_blocks and kv.num_free_staging_blocks == 2
+    kv.match_prefix(0, list(range(20)))
+    assert kv.allocate(0, 8) and not kv.allocate(0, 12)  # two staging blocks left for sequences
+    assert scratch not in kv.block_table(0)
+    kv.check_invariants()
+    kv.free(0)
+    kv.flush()
+    kv.check_invariants()
+    assert kv.num_free_staging_blocks == 2  # the scratch block is never freed
+
+
 def test_h2o_requests_run_unpruned_on_a_quantized_device_tier():
     kv = _manager()
     kv.match_prefix(0, list(range(9)), KVPruning("h2o", budget=8))
@@ -213,9 +226,9 @@ def test_h2o_requests_run_unpruned_on_a_quantized_device_tier():
 
 
 # ---- demotion and promotion as raw bytes ----------------------------------------------------------
-@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["fp8", "int8", "int4"])
 def test_demotion_to_the_same_format_moves_the_bytes_unchanged(name):
-    fmt = make_format(name, 4, LAYOUT)
+    fmt = make_format(name, LAYOUT)
     kv = _manager(num_blocks=3, fmt=name, tiers=TierConfig(fmt, 8))
     a = list(range(1, 10))
     kv.match_prefix(0, a)
@@ -241,7 +254,7 @@ def test_demotion_to_the_same_format_moves_the_bytes_unchanged(name):
 
 
 def test_demotion_to_another_format_converts():
-    kv = _manager(num_blocks=3, fmt="int4", tiers=TierConfig(make_format("none", 4, LAYOUT), 8))
+    kv = _manager(num_blocks=3, fmt="int4", tiers=TierConfig(make_format("none", LAYOUT), 8))
     a = list(range(1, 10))
     kv.match_prefix(0, a)
     _step(kv, 0, a, 0, 9)
@@ -263,7 +276,7 @@ def test_demotion_to_another_format_converts():
 def _cache_and_reference(fmt_name: str, seed: int = 0):
     """A cache of 6 rows + 4 staging blocks, and the same blocks as full precision (rows dequantized)."""
     g = torch.Generator().manual_seed(seed)
-    fmt = make_format(fmt_name, 4, LAYOUT)
+    fmt = make_format(fmt_name, LAYOUT)
     full = torch.randn(10, *LAYOUT.block_shape, generator=g)  # ids 0..5 rows, 6..9 staging 0..3
     rows = fmt.encode(full[:6])
     deq = torch.empty(6, *LAYOUT.block_shape)
@@ -272,7 +285,7 @@ def _cache_and_reference(fmt_name: str, seed: int = 0):
     return cache, torch.cat([deq, full[6:]]), full
 
 
-@pytest.mark.parametrize("fmt_name", ["int8", "int4"])
+@pytest.mark.parametrize("fmt_name", ["fp8", "int8", "int4"])
 def test_attention_reads_rows_and_staging_like_the_dequantized_cache(fmt_name):
     cache, ref_kv, _ = _cache_and_reference(fmt_name)
     g = torch.Generator().manual_seed(1)
@@ -287,24 +300,3 @@ def test_attention_reads_rows_and_staging_like_the_dequantized_cache(fmt_name):
         got = attention.paged_attention_quantized(qc, cache, layer, tables[1], 15)
         want = attention.paged_attention(qc, ref_kv, layer, tables[1], 15)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-def test_rows_match_the_quant_reference_decode():
-    """Rows only: the same result as afkv.ops.quant.paged_decode_attention over the serialised blocks."""
-    cache, _, _ = _cache_and_reference("int4", seed=3)
-    q = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(4))
-    tables = torch.tensor([[0, 1, 2], [4, 5, 3]])
-    lens = torch.tensor([12, 9])
-    got = attention.paged_decode_attention_quantized(q, cache, 1, tables, lens)
-    want = quant.paged_decode_attention(q, cache.blocks, tables, lens, layer=1, spec=cache.spec, num_layers=2,
-                                        block_size=4, num_kv_heads=2)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-def test_new_tokens_are_written_to_staging_only():
-    cache, _, _ = _cache_and_reference("int8")
-    rows = cache.blocks.clone()
-    k = torch.randn(2, 2, 8)
-    attention.write_kv_quantized(cache, 1, torch.tensor([6 + 2, 6 + 3]), torch.tensor([1, 0]), k, -k)
-    assert torch.equal(cache.blocks, rows)
-    assert torch.equal(cache.staging[2, 1, 0, 1], k[0]) and torch.equal(cache.staging[3, 1, 1, 0], -k[1])

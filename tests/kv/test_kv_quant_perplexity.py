@@ -1,19 +1,30 @@
-"""Quantized KV on a real model: perplexity of the dense SmolLM2-135M (the checkpoint behind
-the default model) on a fixed English text, with every full KV block stored through an
-int8 / int4 tier format against full precision.
+"""Quantized KV on a real model: the dense SmolLM2-135M behind the default model, with every
+full KV block stored as fp8 / int8 / int4 rows, against full precision.
 
-The text is fed block by block (16 tokens per step); after each step the block just filled
-goes through the format (encode, decode in place), as a block demoted to a quantized tier
-and promoted back would. So every token attends to all earlier blocks in the tier format
-and to its own block in full precision: the state of a sequence resumed from a quantized
-tier. Targets (issue 3): int8 <= +0.5%, int4 <= +3%.
+The text (perplexity_text.txt beside this file, written for this test: 1152 tokens) is read
+in chunks of 32 tokens; after each step the blocks that became full go through the format
+(encode, decode in place), which is what a quantized device tier's attention reads (on the
+CPU its torch reference dequantizes the rows into the model dtype, then attends; the engine
+test below checks that equality on this model). So every chunk attends to the earlier blocks
+quantized and to its own tokens, and the partial block, in full precision: fp_window 0.
+All formats run side by side, one sequence each, in every forward pass.
+
+Targets (issue 12): perplexity fp8 and int8 <= +0.5%, int4 <= +1.5%. Greedy decoding of 256
+tokens after a 128-token prompt, every format fed the full-precision run's tokens (teacher
+forcing): top-1 agreement with it, and the first position that differs (where a free-running
+generation would diverge), are printed and bounded.
 """
 
+import asyncio
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from afkv.config import EngineConfig
+from afkv.engine.engine import Engine
+from afkv.engine.params import SamplingParams
 from afkv.kv.formats import make_format
 from afkv.kv.layout import KVLayout
 from afkv.model.model import load_colocated
@@ -21,69 +32,119 @@ from afkv.model.sides import SeqChunk, StepInputs
 from afkv.model.tokenizer import Tokenizer
 from tests.helpers import PPL_REL_TOL_FLOAT32, hf_perplexity
 
-TEXT = """\
-The history of the lighthouse is closely tied to the history of seafaring. Long before electric lamps, \
-sailors relied on fires lit on hilltops to guide them home after dark. The most famous early lighthouse \
-was the Pharos of Alexandria, built in the third century before the common era on a small island at the \
-entrance to the harbour. Ancient writers claimed that its light could be seen from many miles away, and \
-it stood for more than a thousand years before a series of earthquakes brought it down.
-
-For centuries afterwards, most coastal lights were simple towers with open fires or candles at the top. \
-They burned wood, coal or oil, and keeping them lit through a stormy night was hard and dangerous work. \
-The keepers had to carry fuel up long spiral staircases, trim the wicks, and clean the soot from the \
-windows so that the light could shine through.
-
-A great change came in the early nineteenth century, when the French physicist Augustin Fresnel designed \
-a new kind of lens. Instead of one thick piece of glass, his lens was made of many thin rings arranged \
-around a central bulb. Each ring bent the light a little, so that together they gathered almost all of \
-it into a single strong beam. The Fresnel lens was lighter, cheaper and far brighter than anything before \
-it, and within a few decades it was used in lighthouses all over the world.
-"""
-
+LONG_TEXT = (Path(__file__).with_name("perplexity_text.txt")).read_text()
+TEXT = "\n\n".join(LONG_TEXT.split("\n\n")[:3]) + "\n"  # its first ~300 tokens (tests/engine/test_pruning.py)
 BLOCK_SIZE = 16
-GROUP_SIZE = 16
-FORMATS = (None, "int8", "int4")  # one sequence each, run side by side in every step
+CHUNK = 32
+PROMPT = 128
+GENERATE = 256
+FORMATS = (None, "fp8", "int8", "int4")  # one sequence each, run side by side in every step
+PERPLEXITY_RISE = {"fp8": 0.005, "int8": 0.005, "int4": 0.015}
+AGREEMENT = {"fp8": 0.97, "int8": 0.97, "int4": 0.9}  # teacher-forced top-1 agreement, >=
 
 
-@torch.inference_mode()
-def _perplexities(model, token_ids: list[int]) -> list[float]:
-    spec = model.spec
-    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, BLOCK_SIZE, torch.float32)
-    fmts = [None if name is None else make_format(name, GROUP_SIZE, layout) for name in FORMATS]
-    n = len(token_ids)
-    nb = -(-n // BLOCK_SIZE)
-    kv = torch.zeros((len(fmts) * nb, *layout.block_shape))  # sequence s owns blocks s*nb .. s*nb+nb-1
-    nll: list[list[float]] = [[] for _ in fmts]
-    for c in range(nb):
-        start, end = c * BLOCK_SIZE, min(n, (c + 1) * BLOCK_SIZE)
-        length = end - start
-        ids = torch.tensor(token_ids[start:end])  # [length]
-        pos = torch.arange(start, end)  # [length]
-        chunks = [SeqChunk(s * length, length, end, torch.arange(s * nb, s * nb + c + 1)) for s in range(len(fmts))]
-        inputs = StepInputs(
-            ids.repeat(len(fmts)), pos.repeat(len(fmts)),
-            torch.arange(len(fmts)).repeat_interleave(length) * nb + c, (pos - start).repeat(len(fmts)), chunks,
-        )  # fmt: skip
-        h = model.forward(inputs, kv)  # [S * length, H]
-        logprobs = torch.log_softmax(model.attn.logits(h).float(), -1)  # [S * length, V]
-        targets = torch.tensor(token_ids[start + 1 : end + 1])  # [<= length]
-        for s, fmt in enumerate(fmts):
-            rows = logprobs[s * length : s * length + len(targets)]  # [<= length, V]
+class _SideBySide:
+    """One sequence per format over one cache; each full block passes through its format."""
+
+    def __init__(self, model, num_tokens: int, formats=FORMATS):
+        spec = model.spec
+        self.model = model
+        self.layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, BLOCK_SIZE, torch.float32)
+        self.fmts = [None if name is None else make_format(name, self.layout) for name in formats]
+        self.nb = -(-num_tokens // BLOCK_SIZE)
+        self.kv = torch.zeros((len(formats) * self.nb, *self.layout.block_shape))  # sequence s: blocks s*nb ..
+        self.done = 0  # tokens whose blocks are settled (full blocks quantized)
+
+    @torch.inference_mode()
+    def step(self, ids: list[list[int]], start: int) -> torch.Tensor:
+        """ids[s]: the tokens of sequence s at positions start .. start + n - 1 -> log-probs [S, n, V]."""
+        n, s_count = len(ids[0]), len(self.fmts)
+        end = start + n
+        pos = torch.arange(start, end)  # [n]
+        chunks = [SeqChunk(s * n, n, end, torch.arange(s * self.nb, s * self.nb + -(-end // BLOCK_SIZE)))
+                  for s in range(s_count)]
+        inputs = StepInputs(torch.tensor([t for row in ids for t in row]), pos.repeat(s_count),
+                            (torch.arange(s_count)[:, None] * self.nb + pos[None] // BLOCK_SIZE).flatten(),
+                            (pos % BLOCK_SIZE).repeat(s_count), chunks)
+        h = self.model.forward(inputs, self.kv)  # [S * n, H]
+        logprobs = torch.log_softmax(self.model.attn.logits(h).float(), -1).view(s_count, n, -1)
+        for b in range(self.done // BLOCK_SIZE, end // BLOCK_SIZE):  # blocks that became full
+            for s, fmt in enumerate(self.fmts):
+                if fmt is not None:
+                    block = self.kv[s * self.nb + b : s * self.nb + b + 1]  # [1, *block_shape]
+                    fmt.decode(fmt.encode(block), block)
+        self.done = end
+        return logprobs
+
+
+@pytest.fixture(scope="module")
+def smollm2(default_model_dir):
+    model = load_colocated(default_model_dir, torch.device("cpu"), torch.float32)  # a path: dense, no upcycling
+    ids = Tokenizer.from_dir(default_model_dir).encode(LONG_TEXT)
+    return model, ids
+
+
+def test_perplexity_with_quantized_blocks_on_smollm2(smollm2, default_model_dir):
+    model, ids = smollm2
+    assert len(ids) >= 1000
+    run = _SideBySide(model, len(ids))
+    nll: list[list[float]] = [[] for _ in FORMATS]
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start : start + CHUNK]
+        logprobs = run.step([chunk] * len(FORMATS), start)  # [S, n, V]
+        targets = torch.tensor(ids[start + 1 : start + 1 + len(chunk)])  # [<= n]
+        for s in range(len(FORMATS)):
+            rows = logprobs[s, : len(targets)]
             nll[s].extend((-rows.gather(1, targets[:, None])[:, 0]).tolist())
-            if fmt is not None and length == BLOCK_SIZE:
-                block = kv[s * nb + c : s * nb + c + 1]  # [1, *block_shape]
-                fmt.decode(fmt.encode(block), block)
-    return [math.exp(sum(x) / len(x)) for x in nll]
+    ppl = [math.exp(sum(x) / len(x)) for x in nll]
+    rise = {name: p / ppl[0] - 1 for name, p in zip(FORMATS[1:], ppl[1:])}
+    print(f"\nSmolLM2-135M, {len(ids)} tokens in {CHUNK}-token chunks, block {BLOCK_SIZE}: perplexity full "
+          f"{ppl[0]:.4f}, " + ", ".join(f"{n} {p:.4f} ({rise[n]:+.3%})" for n, p in zip(FORMATS[1:], ppl[1:])))
+    assert ppl[0] == pytest.approx(hf_perplexity(default_model_dir, ids), rel=PPL_REL_TOL_FLOAT32)  # the oracle
+    for name, target in PERPLEXITY_RISE.items():
+        assert rise[name] <= target, name
+        assert ppl[FORMATS.index(name)] != ppl[0]  # the quantized blocks were read
 
 
-def test_int8_and_int4_kv_perplexity_on_smollm2(default_model_dir):
-    model = load_colocated(default_model_dir, torch.device("cpu"), torch.float32)  # dense: no upcycling
-    token_ids = Tokenizer.from_dir(default_model_dir).encode(TEXT)
-    assert 250 <= len(token_ids) <= 400
-    full, int8, int4 = _perplexities(model, token_ids)
-    rise = {"int8": int8 / full - 1, "int4": int4 / full - 1}
-    print(f"\nSmolLM2-135M, {len(token_ids)} tokens, block {BLOCK_SIZE}, group {GROUP_SIZE}: perplexity "
-          f"full {full:.4f}, int8 {int8:.4f} ({rise['int8']:+.3%}), int4 {int4:.4f} ({rise['int4']:+.3%})")
-    assert full == pytest.approx(hf_perplexity(default_model_dir, token_ids), rel=PPL_REL_TOL_FLOAT32)
-    assert rise["int8"] <= 0.005
-    assert rise["int4"] <= 0.03
+def test_greedy_agreement_over_256_tokens_on_smollm2(smollm2):
+    model, ids = smollm2
+    run = _SideBySide(model, PROMPT + GENERATE)
+    for start in range(0, PROMPT, CHUNK):
+        logprobs = run.step([ids[start : start + CHUNK]] * len(FORMATS), start)
+    picks = logprobs[:, -1].argmax(-1)  # [S]
+    agree = {name: [] for name in FORMATS[1:]}
+    for i in range(GENERATE):
+        ref = int(picks[0])
+        for s, name in enumerate(FORMATS[1:], start=1):
+            agree[name].append(int(picks[s]) == ref)
+        picks = run.step([[ref]] * len(FORMATS), PROMPT + i)[:, 0].argmax(-1)  # every row fed the reference's token
+    for name, hits in agree.items():
+        first = hits.index(False) if False in hits else GENERATE
+        print(f"\nSmolLM2-135M greedy, {name}: top-1 agreement {sum(hits) / GENERATE:.3f} over {GENERATE} tokens, "
+              f"first difference at token {first}")
+        assert sum(hits) / GENERATE >= AGREEMENT[name], name
+
+
+def test_the_engine_device_tier_reads_what_the_side_by_side_run_reads(smollm2, default_model_dir):
+    """The engine with an int4 device tier (rows + staging blocks, the attention functions of a
+    quantized tier), prompt logprobs of 160 tokens in 32-token chunks: the values of an int4
+    side-by-side run of that one sequence (one sequence: the same matrix shapes, so the same
+    K/V bits; a vector's quantization can change with its last bit)."""
+    model, ids = smollm2
+    prompt = ids[:160]
+    run = _SideBySide(model, len(prompt), formats=("int4",))
+    want = []
+    for start in range(0, len(prompt), CHUNK):
+        logprobs = run.step([prompt[start : start + CHUNK]], start)[0]
+        want.extend(logprobs[j, prompt[start + j + 1]].item() for j in range(min(CHUNK, len(prompt) - start - 1)))
+
+    async def engine_logprobs() -> list[float]:
+        cfg = EngineConfig.from_dict({"kv": {"block_size": BLOCK_SIZE, "device_format": "int4"},
+                                      "scheduler": {"max_num_seqs": 1, "max_num_batched_tokens": CHUNK}})
+        async with Engine(default_model_dir, cfg, progress=False) as engine:
+            c = await engine.complete(prompt, SamplingParams(max_tokens=1, prompt_logprobs=0))
+            assert engine.kv_manager.metrics.counters["quantized_blocks"] >= len(prompt) // BLOCK_SIZE - 2
+        return [c.prompt_logprobs[p][prompt[p]] for p in range(1, len(prompt))]
+
+    got = asyncio.run(engine_logprobs())
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4

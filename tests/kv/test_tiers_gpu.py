@@ -20,9 +20,9 @@ from afkv.kv.tiers.copier import Copier, CopyOp, Direction  # noqa: E402
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("name", ["none", "int8", "int4"])
+@pytest.mark.parametrize("name", ["none", "fp8", "int8", "int4"])
 def test_cuda_copier_matches_the_cpu_reference(name):
-    fmt = make_format(name, 16, LAYOUT)
+    fmt = make_format(name, LAYOUT)
     blocks = (torch.randn(6, *LAYOUT.block_shape) * 2).to(torch.bfloat16)  # [6, *block_shape] on the CPU
     kv = blocks.cuda()
     host = torch.empty((6, fmt.nbytes), dtype=torch.uint8, pin_memory=True)
@@ -32,7 +32,7 @@ def test_cuda_copier_matches_the_cpu_reference(name):
     result = copier.run([CopyOp(Direction.TO_HOST, i, 5 - i) for i in range(6)])
     result.event.synchronize()
     expected = fmt.encode(blocks)  # [6, nbytes] by the torch reference
-    assert torch.equal(host, expected.flip(0))  # kernels write the reference's bytes
+    assert torch.equal(host, expected.flip(0))  # the same bytes quantized on the GPU as on the CPU
     kv.zero_()
     result = copier.run([CopyOp(Direction.TO_DEVICE, i, 5 - i) for i in range(6)])
     torch.cuda.current_stream().synchronize()
@@ -46,7 +46,7 @@ def manager_round_trip(device: torch.device, tmp_path) -> None:
     the first one's blocks go to host memory, then disk; matching it again brings every block back intact. Model
     steps are stood in for by writes on the worker thread, as the engine's runner does."""
     worker = ThreadPoolExecutor(1)
-    tiers = TierConfig(make_format("none", 16, LAYOUT), 32, 128, tmp_path / "spill", io_threads=2,
+    tiers = TierConfig(make_format("none", LAYOUT), 32, 128, tmp_path / "spill", io_threads=2,
                        disk_capacity_key="disk_num_blocks")
     kv = KVManager(LAYOUT, 16, device, tiers=tiers, worker=worker)
     assert kv.tiers.host.buf.is_pinned() == (device.type == "cuda")

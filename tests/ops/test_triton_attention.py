@@ -1,4 +1,4 @@
-"""afkv.ops.triton_attention against the torch references (afkv.ops.attention, afkv.ops.quant).
+"""afkv.ops.triton_attention against the torch references (afkv.ops.attention).
 
 Skipped without triton (the CPU CI has none). With triton and no GPU, the kernels run on CPU
 tensors under Triton's interpreter (TRITON_INTERPRET=1, set here before the module is
@@ -9,7 +9,10 @@ Tolerances (max abs diff, plus rtol on the reference): float32 caches 2e-5 (IEEE
 products, only the summation order differs); 16-bit caches and queries 3e-2 + 2e-2 * |ref|,
 a few units in the last place of bfloat16 at the outputs' magnitude (random normal data: outputs
 are averages of values ~N(0, 1); products in bfloat16, probabilities rounded to bfloat16
-before P @ V, like flash attention, where the reference rounds only at the end).
+before P @ V, like flash attention, where the reference rounds only at the end). Quantized
+tiers (fp8 / int8 / int4 rows plus staging blocks) against float32 attention over the
+dequantized blocks, with the same tolerances (on CUDA the products over codes run in float16:
+queries, and probabilities times scales, rounded to float16).
 """
 
 from __future__ import annotations
@@ -167,70 +170,6 @@ def test_checks_shapes(device):
 
 
 # ----------------------------------------------------------------------------------------------
-# decode over serialised quantized blocks
-
-_QUANT_CASES = [
-    # spec, q dtype, num_heads, num_kv_heads, head_dim, block_size, seq_lens, tail_lens, num_splits
-    (QuantSpec(8, 4), torch.float32, 8, 2, 64, 16, [1, 37, 0, 64], None, 3),
-    (QuantSpec(8, 16), torch.bfloat16, 4, 4, 128, 16, [50, 16], [5, 0], None),
-    (QuantSpec(4, 2), torch.float32, 16, 2, 64, 16, [33, 2], [16, 1], 2),
-    (QuantSpec(4, 16), torch.bfloat16, 8, 1, 64, 32, [0, 90], [3, 12], 4),
-    (QuantSpec(8, 32), torch.float16, 8, 2, 128, 32, [64, 7], None, 1),
-]
-
-
-def _quant_reference(q, blocks, tables, seq_lens, tail_kv, tail_lens, *, spec, num_layers, layer, block_size,
-                     num_kv_heads):  # fmt: skip
-    """float32 attention over dequantized blocks followed by the float tail."""
-    head_dim = q.shape[-1]
-    shape = (spec, num_layers, block_size, num_kv_heads, head_dim)
-    group = q.shape[1] // num_kv_heads
-    out = torch.zeros(q.shape, dtype=torch.float32)
-    for b, n in enumerate(seq_lens):
-        qb = quant.from_bytes(blocks[tables[b, : -(-n // block_size)]], *shape)
-        k = quant.dequantize_keys(quant.layer_of(qb.keys, layer), torch.float32).flatten(0, 1)[:n]  # [n, Hkv, D]
-        v = quant.dequantize_values(quant.layer_of(qb.values, layer), torch.float32).flatten(0, 1)[:n]
-        t = tail_lens[b]
-        k = torch.cat([k, tail_kv[b, 0, :t].float()]).repeat_interleave(group, dim=1)  # [N, H, D]
-        v = torch.cat([v, tail_kv[b, 1, :t].float()]).repeat_interleave(group, dim=1)
-        if k.shape[0] == 0:
-            continue
-        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * head_dim**-0.5  # [H, N]
-        out[b] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v)
-    return out.to(q.dtype)
-
-
-def _quant_id(c) -> str:
-    return f"b{c[0].bits}g{c[0].group_size}-{str(c[1])[6:]}-h{c[2]}-kv{c[3]}-d{c[4]}-tail{c[7] is not None}"
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", _QUANT_CASES, ids=_quant_id)
-def test_decode_quant_matches_reference(device, case):
-    spec, dtype, num_heads, num_kv_heads, head_dim, block_size, seq_lens, tail_lens, num_splits = case
-    num_layers, layer = 2, 1
-    gen = torch.Generator().manual_seed(sum(seq_lens) + spec.bits)
-    num_blocks = sum(-(-n // block_size) for n in seq_lens) + 2
-    kv = torch.randn(num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim, generator=gen)
-    blocks = quant.to_bytes(quant.quantize_block(kv, spec))  # [num_blocks, packed_nbytes]
-    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(dtype)  # [B, H, D]
-    ref_tables, bad_tables = _tables(seq_lens, block_size, num_blocks, gen)
-    geometry = dict(layer=layer, spec=spec, num_layers=num_layers, block_size=block_size, num_kv_heads=num_kv_heads)
-    if tail_lens is None:
-        want = quant.paged_decode_attention(q, blocks, ref_tables, torch.tensor(seq_lens), **geometry)
-        tail_kv = tail = None
-    else:
-        tail_kv = torch.randn(len(seq_lens), 2, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
-        want = _quant_reference(q, blocks, ref_tables, seq_lens, tail_kv, tail_lens, **geometry)
-        tail_kv, tail = tail_kv.to(device), torch.tensor(tail_lens, device=device)
-    got = ta.paged_decode_attention_quant(
-        q.to(device), blocks.to(device), bad_tables.to(device), torch.tensor(seq_lens, device=device),
-        tail_kv=tail_kv, tail_lens=tail, num_splits=num_splits, **geometry,
-    )  # fmt: skip
-    _assert_close(got, want, dtype)
-
-
-# ----------------------------------------------------------------------------------------------
 # prefill
 
 _PREFILL_CASES = [
@@ -285,7 +224,134 @@ def test_prefill_varlen_matches_per_sequence_reference(device, window):
 
 
 # ----------------------------------------------------------------------------------------------
-# GPU only: real shapes, CUDA graphs; the benchmark
+# a quantized device tier: fp8 / int8 / int4 rows plus full-precision staging blocks
+
+_QUANT_KINDS = ["fp8", "int8", "int4"]
+_QUANT_DECODE_CASES = [
+    # dtype, num_heads, num_kv_heads, head_dim, block_size, context_lens, staging blocks per row, window, splits
+    (torch.float32, 8, 2, 64, 16, [1, 37, 0, 64, 33], 2, None, 3),
+    (torch.bfloat16, 4, 4, 128, 16, [50, 16, 17], 1, None, None),
+    (torch.float32, 16, 2, 64, 4, [33, 2, 9], 3, 7, 2),
+    (torch.bfloat16, 8, 1, 64, 32, [0, 90, 31], 2, None, 4),
+    (torch.float16, 8, 2, 128, 16, [64, 7], 1, 20, 1),
+]
+
+
+def _quant_cache(kind, dtype, num_kv_heads, head_dim, block_size, context_lens, max_tail, device, gen,
+                 num_layers=2):  # fmt: skip
+    """A QuantizedKVCache whose rows and staging blocks are random, each row's table its
+    quantized blocks then up to max_tail staging blocks (ids num_blocks + s). -> (cache, tables
+    for the reference padded with 0, the same padded with an id far out of range). Rows and
+    staging blocks no table uses hold NaN (0xFF bytes), so reading one shows."""
+    spec = QuantSpec(kind, num_layers, block_size, num_kv_heads, head_dim, quant.scale_dtype_for(dtype))
+    needed = [-(-n // block_size) for n in context_lens]
+    staged = [min(n, 1 + (b % max_tail)) for b, n in enumerate(needed)]  # 1 .. max_tail staging blocks
+    num_rows = sum(n - s for n, s in zip(needed, staged)) + 3
+    num_staging = sum(staged) + 2
+    full = torch.randn(num_rows, *spec.block_shape, generator=gen)
+    rows = quant.quantize_rows(full, spec)  # [nr, row_nbytes]
+    staging = torch.randn(num_staging, *spec.block_shape, generator=gen).to(dtype)
+    row_perm, stage_perm = torch.randperm(num_rows, generator=gen), torch.randperm(num_staging, generator=gen)
+    width = max(max(needed), 1) + 1
+    ref = torch.zeros(len(context_lens), width, dtype=torch.int64)
+    bad = torch.full((len(context_lens), width), _BAD_BLOCK, dtype=torch.int64)
+    r = s = 0
+    used_rows, used_staging = set(), set()
+    for b, (n, k) in enumerate(zip(needed, staged)):
+        ids = [int(row_perm[r + j]) for j in range(n - k)] + [num_rows + int(stage_perm[s + j]) for j in range(k)]
+        r, s = r + n - k, s + k
+        used_rows |= {i for i in ids if i < num_rows}
+        used_staging |= {i - num_rows for i in ids if i >= num_rows}
+        ref[b, :n] = bad[b, :n] = torch.tensor(ids, dtype=torch.int64)
+    rows[[i for i in range(num_rows) if i not in used_rows]] = 0xFF
+    staging[[i for i in range(num_staging) if i not in used_staging]] = float("nan")
+    cache = attention.QuantizedKVCache(rows.to(device), staging.to(device), spec, max_tail_blocks=max_tail)
+    return cache, ref, bad
+
+
+def _quant_reference_cache(cache):
+    """The same cache on the CPU, with the poison replaced (the torch reference gathers padded tables)."""
+    rows, staging = cache.blocks.cpu().clone(), cache.staging.cpu().clone().nan_to_num(0.0)
+    return attention.QuantizedKVCache(rows, staging, cache.spec, cache.max_tail_blocks)
+
+
+def _quant_decode_reference(q, cache, layer, tables, lens, window):
+    """float32 attention over the dequantized rows and staging blocks (the torch reference's scratch)."""
+    ref = _quant_reference_cache(cache)
+    scratch = attention.gather_layer(ref, layer, tables).float()  # [B, nb, 2, bs, Hkv, D]
+    nan_free = torch.where(scratch.isnan(), 0.0, scratch)  # poisoned padding blocks are masked out anyway
+    batch, width = tables.shape
+    ids = torch.arange(batch * width).view(batch, width)
+    return attention.paged_decode_attention(q.float().cpu(), nan_free.flatten(0, 1)[:, None], 0, ids, lens.cpu(),
+                                            window).to(q.dtype)
+
+
+def _quant_decode_id(c) -> str:
+    return f"{str(c[0])[6:]}-h{c[1]}-kv{c[2]}-d{c[3]}-bs{c[4]}-tail{c[6]}-w{c[7]}-s{c[8]}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", _QUANT_KINDS)
+@pytest.mark.parametrize("case", _QUANT_DECODE_CASES, ids=_quant_decode_id)
+def test_decode_quantized_matches_reference(device, kind, case):
+    dtype, num_heads, num_kv_heads, head_dim, block_size, context_lens, max_tail, window, num_splits = case
+    gen = torch.Generator().manual_seed(sum(context_lens) + len(kind))
+    cache, ref_tables, bad_tables = _quant_cache(kind, dtype, num_kv_heads, head_dim, block_size, context_lens,
+                                                 max_tail, device, gen)
+    q = torch.randn(len(context_lens), num_heads, head_dim, generator=gen).to(dtype)  # [B, H, D]
+    lens = torch.tensor(context_lens)
+    want = _quant_decode_reference(q, cache, 1, ref_tables, lens, window)
+    got = ta.paged_decode_attention_quantized(q.to(device), cache, 1, bad_tables.to(device), lens.to(device), window,
+                                              num_splits=num_splits)
+    _assert_close(got, want, dtype)
+    for b, n in enumerate(context_lens):
+        if n == 0:
+            assert (got[b] == 0).all()
+
+
+_QUANT_PREFILL_CASES = [
+    # dtype, num_heads, num_kv_heads, head_dim, block_size, (n, context_len), window
+    (torch.float32, 8, 2, 64, 16, (37, 100), None),
+    (torch.float32, 4, 4, 128, 4, (5, 23), 9),
+    (torch.bfloat16, 16, 2, 64, 16, (70, 70), None),
+    (torch.bfloat16, 8, 1, 128, 32, (3, 129), 33),
+    (torch.float16, 32, 4, 128, 16, (40, 90), None),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", _QUANT_KINDS)
+@pytest.mark.parametrize("case", _QUANT_PREFILL_CASES, ids=_prefill_id)
+def test_prefill_quantized_matches_reference(device, kind, case):
+    """A chunk's queries over quantized blocks, then staging blocks holding the chunk itself."""
+    dtype, num_heads, num_kv_heads, head_dim, block_size, (n, context_len), window = case
+    gen = torch.Generator().manual_seed(n * 31 + context_len)
+    needed = -(-context_len // block_size)
+    num_staging = needed - (context_len - n) // block_size  # the chunk's blocks (and a partial one before it)
+    cache, ref_tables, bad_tables = _quant_cache(kind, dtype, num_kv_heads, head_dim, block_size, [context_len],
+                                                 num_staging, device, gen)
+    q = torch.randn(n, num_heads, head_dim, generator=gen).to(dtype)  # [n, H, D]
+    ref = _quant_reference_cache(cache)
+    want = attention.paged_attention_quantized(q, ref, 1, ref_tables[0, :needed], context_len, window)
+    got = ta.paged_prefill_attention_quantized(q.to(device), cache, 1, bad_tables[0, :needed].to(device),
+                                               context_len, window)
+    _assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantized_kernels_check_their_inputs(device):
+    gen = torch.Generator().manual_seed(1)
+    cache, _, tables = _quant_cache("int8", torch.float32, 2, 64, 16, [20], 1, device, gen)
+    with pytest.raises(Exception, match="kv heads"):
+        ta.paged_decode_attention_quantized(torch.zeros(1, 3, 64, device=device), cache, 0, tables.to(device),
+                                            torch.tensor([20], device=device))
+    with pytest.raises(Exception, match="layer"):
+        ta.paged_decode_attention_quantized(torch.zeros(1, 4, 64, device=device), cache, 2, tables.to(device),
+                                            torch.tensor([20], device=device))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: real shapes, CUDA graphs
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(32, 4), (32, 8)])
@@ -329,10 +395,98 @@ def test_decode_is_cuda_graph_capturable():
     assert (out[0] == 0).all()
 
 
+@pytest.mark.parametrize("kind", _QUANT_KINDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(32, 4), (32, 8)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
+def test_decode_quantized_real_shapes(kind, dtype, num_heads, num_kv_heads):
+    """Real head shapes, long random contexts: the fused kernel (float16 products over codes)
+    against float32 attention over the dequantized blocks, within the 16-bit tolerance."""
+    gen = torch.Generator().manual_seed(num_kv_heads)
+    lens = torch.randint(1, 3000, (24,), generator=gen).tolist()
+    cache, ref_tables, bad_tables = _quant_cache(kind, dtype, num_kv_heads, 128, 16, lens, 2, "cuda", gen,
+                                                 num_layers=1)
+    q = torch.randn(len(lens), num_heads, 128, generator=gen).to(dtype)
+    lens_t = torch.tensor(lens)
+    want = _quant_decode_reference(q, cache, 0, ref_tables, lens_t, None)
+    got = ta.paged_decode_attention_quantized(q.cuda(), cache, 0, bad_tables.cuda(), lens_t.cuda())
+    _assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("kind", _QUANT_KINDS)
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
+def test_decode_quantized_is_cuda_graph_capturable(kind):
+    gen = torch.Generator().manual_seed(5)
+    lens = [300, 40, 1, 129]
+    cache, ref_tables, tables = _quant_cache(kind, torch.bfloat16, 4, 128, 16, lens, 1, "cuda", gen)
+    tables = ref_tables.cuda()
+    q = torch.randn(4, 32, 128, generator=gen).to(torch.bfloat16).cuda()
+    lens_t = torch.tensor(lens, device="cuda")
+    ta.paged_decode_attention_quantized(q, cache, 1, tables, lens_t)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ta.paged_decode_attention_quantized(q, cache, 1, tables, lens_t)
+    new_lens = torch.tensor([0, 33, 1, 120], device="cuda")  # still within each row's blocks, staging last
+    lens_t.copy_(new_lens)
+    graph.replay()
+    want = _quant_decode_reference(q, cache, 1, ref_tables, new_lens.cpu(), None)
+    _assert_close(out.clone()[1:], want[1:], torch.bfloat16)
+    assert (out[0] == 0).all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("bits", [None, 8, 4])
-def test_bench_decode_reports(device, bits):
-    """The benchmark runs (on the CPU only as a smoke test: the interpreter's times mean nothing)."""
-    result = ta.bench_decode(2, 40, 8, 2, 64, bits=bits, group_size=8, iters=2, warmup=1, device=device)
-    assert result["kv_bytes"] == 2 * 40 * 2 * 2 * 64 * 2
-    assert result["kernel_s"] > 0 and result["reference_s"] > 0 and result["kernel_bytes_per_s"] > 0
+@pytest.mark.parametrize("kind", _QUANT_KINDS)
+def test_the_model_step_on_a_quantized_tier_runs_the_kernels_like_the_reference(tiny_dir, kind, device, monkeypatch):
+    """The attention side over a quantized device tier (prefill chunks through the prefill
+    kernel, then a batched decode step through the decode kernel, the K/V write into staging
+    blocks), against the same steps through the torch reference: CPU under the interpreter, or
+    CUDA."""
+    from afkv.kv.device import DeviceQuant, staging_blocks_needed
+    from afkv.kv.formats import make_format
+    from afkv.kv.layout import KVLayout
+    from afkv.kv.manager import KVManager
+    from afkv.model.model import load_colocated
+    from afkv.model.sides import SeqChunk, StepInputs
+
+    device = torch.device(device)
+    model = load_colocated(tiny_dir["qwen3_moe"], device, torch.float32)
+    spec = model.spec
+    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, 4, torch.float32)
+    prompts = {0: list(range(3, 16)), 1: list(range(40, 47))}  # 13 and 7 tokens
+
+    def run(use_kernels: bool) -> torch.Tensor:
+        monkeypatch.setattr(attention, "_triton_for", lambda q: ta if use_kernels else None)
+        quant_cfg = DeviceQuant(make_format(kind, layout), 4, staging_blocks_needed(4, 4, 2, 16))
+        kv = KVManager(layout, 16, device, quant=quant_cfg)
+        cache = kv.attention_cache
+        t = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
+        with torch.inference_mode():
+            for seq_id, toks in prompts.items():
+                kv.match_prefix(seq_id, toks)
+                for start in range(0, len(toks), 8):  # 8-token chunks: later ones read quantized blocks
+                    end = min(len(toks), start + 8)
+                    assert kv.allocate(seq_id, end + 1)
+                    kv.flush()
+                    table = kv.block_table(seq_id)
+                    pos = list(range(start, end))
+                    inputs = StepInputs(t(toks[start:end]), t(pos), t([table[p // 4] for p in pos]),
+                                        t([p % 4 for p in pos]),
+                                        [SeqChunk(0, end - start, end, t(table[: -(-end // 4)]))])
+                    model.forward(inputs, cache)
+                    kv.commit(seq_id, toks, end)
+            kv.flush()
+            tables = [kv.block_table(s) for s in prompts]
+            width = max(map(len, tables))
+            n = [len(p) for p in prompts.values()]
+            chunks = [SeqChunk(i, 1, n[i] + 1, t(tb + [0] * (width - len(tb)))) for i, tb in enumerate(tables)]
+            inputs = StepInputs(t([5, 6]), t(n), t([tb[p // 4] for tb, p in zip(tables, n)]), t([p % 4 for p in n]),
+                                chunks)
+            assert inputs.decode is not None  # the batched decode path
+            logits = model.attn.logits(model.forward(inputs, cache))
+            assert kv.metrics.counters["quantized_blocks"] >= 2  # fp_window 4: the rest stays in staging blocks
+        return logits
+
+    _assert_close(run(True), run(False), torch.float32)

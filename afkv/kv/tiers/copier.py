@@ -21,7 +21,7 @@ from enum import Enum
 
 import torch
 
-from afkv.kv.formats import BlockFormat, KiviFormat, RawFormat
+from afkv.kv.formats import BlockFormat, QuantFormat, RawFormat
 
 
 class Direction(Enum):
@@ -63,7 +63,7 @@ class Copier:
     and encoded into the other. `run` is the only method, and it runs on the worker."""
 
     def __init__(self, kv: torch.Tensor, host_buf: torch.Tensor, fmt: BlockFormat,
-                 device_format: KiviFormat | None = None):
+                 device_format: QuantFormat | None = None):
         self.kv, self.buf, self.format, self.device_format = kv, host_buf, fmt, device_format
         if device_format is None:
             self.rows = kv.view(kv.shape[0], -1).view(torch.uint8)  # [num_blocks, block_nbytes], same memory

@@ -35,7 +35,7 @@ import torch
 
 from afkv.errors import CorruptBlockError, KVError
 from afkv.kv.block_pool import BlockHash
-from afkv.kv.formats import KiviFormat
+from afkv.kv.formats import QuantFormat
 from afkv.kv.metrics import KVMetrics, TierUsage
 from afkv.kv.tiers.config import TierConfig
 from afkv.kv.tiers.copier import Copier, CopyOp, Direction, Fence
@@ -83,7 +83,7 @@ class TierStack:
     """
 
     def __init__(self, config: TierConfig, kv: torch.Tensor, worker: Executor, metrics: KVMetrics,
-                 wakeup: Callable[[], None] | None = None, device_format: KiviFormat | None = None):
+                 wakeup: Callable[[], None] | None = None, device_format: QuantFormat | None = None):
         """kv: the device tier, as the Copier takes it (the cache, or quantized rows of
         `device_format`)."""
         self.config = config
