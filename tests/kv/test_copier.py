@@ -2,8 +2,9 @@
 quantized host format).
 
 Oracle: every block's content is a known function of a number (10 per slot or block id apart),
-far larger than the quantization error (< 0.01 here: values span 1 within every group), so a
-block that lands in the wrong place is off by >= 10 whatever the format does.
+so a block that lands in the wrong place is off by >= 10 whatever the format does, while each
+format's own error stays below TOL (16-bit scales per (token, kv head): measured <= 0.47 for
+values below 80, and 3.5 for fp8 at values near 500).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from afkv.kv.tiers.copier import Copier, CopyOp, Direction
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
 NUM_BLOCKS, NUM_SLOTS = 7, 5
-TOL = 0.05  # int4: a group spans 1, so its step is 1/15 and the error <= 1/30
+TOL = 4.0  # < half the distance between two blocks' contents (10)
 
 
 def _content(tag: int) -> torch.Tensor:
@@ -28,8 +29,9 @@ def _content(tag: int) -> torch.Tensor:
 
 def _formats():
     return [pytest.param(lambda: RawFormat(LAYOUT), id="raw"),
-            pytest.param(lambda: make_format("int8", 4, LAYOUT), id="int8"),
-            pytest.param(lambda: make_format("int4", 4, LAYOUT), id="int4")]
+            pytest.param(lambda: make_format("fp8", LAYOUT), id="fp8"),
+            pytest.param(lambda: make_format("int8", LAYOUT), id="int8"),
+            pytest.param(lambda: make_format("int4", LAYOUT), id="int4")]
 
 
 @pytest.mark.parametrize("make", _formats())
