@@ -60,7 +60,8 @@ def _check_against_transformers(tiny_dir, prompts, params, outs, device: torch.d
             p_inside *= float(torch.softmax(logits[step], -1)[kept].sum())
             row = logits[step].to(device)
             gen = row_generator(sp.seed, step, device)
-            assert sample_tokens(row[None], [(sp.temperature, sp.top_k, sp.top_p, gen)]).item() == tok, (sp, step)
+            tokens, ok = sample_tokens(row[None], [(sp.temperature, sp.top_k, sp.top_p, gen)])
+            assert bool(ok.item()) and tokens.item() == tok, (sp, step)
     # the filters bite: sampling that ignored temperature, top_k and top_p would have left the
     # kept sets somewhere in these requests with probability >= 1 - p_inside
     assert p_inside < 1e-6, p_inside
