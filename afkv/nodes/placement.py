@@ -181,7 +181,9 @@ def eplb_placement(spec: ModelSpec, num_nodes: int, phy2log: torch.Tensor, nodes
     widths, shared, has_router = _layer_shape(spec)
     e_max = max(widths + [1])
     num_layers, num_slots = phy2log.shape
-    assert num_layers == spec.num_layers and num_slots % len(nodes) == 0
+    if num_layers != spec.num_layers or num_slots % len(nodes):
+        raise ValueError(f"phy2log of {num_layers} layers x {num_slots} slots does not fit {spec.num_layers} layers "
+                         f"on {len(nodes)} nodes")
     per_node = num_slots // len(nodes)
     phy2log = spread_replicas(phy2log, len(nodes))
     slot_node = torch.tensor(nodes, dtype=torch.int64).repeat_interleave(per_node)  # [S]
