@@ -1,7 +1,9 @@
 """The `afkv` command.
 
     afkv run [PROMPT ...]        generate with the default model (or --model/--config), streaming text
+    afkv serve                   OpenAI-compatible HTTP server (colocated, or --attach HOST:PORT to a deployment)
     afkv bench decode            afkv vs transformers' generate: decode tokens/s and TTFT
+    afkv bench serve             HTTP (afkv serve) vs the in-process Engine: tok/s and TTFT, 64 streams
     afkv bench kv                KV tiers: transfer GB/s against the copy limit; decode with tiers on/off
     afkv bench eplb              expert load balancing under Zipf skew: max/mean node load, tok/s (CPU or GPUs)
     afkv bench kv-quant          long-context decode: int8/int4 device KV blocks against the model dtype
@@ -24,6 +26,7 @@ from pathlib import Path
 from afkv.serve import run_async
 
 DEFAULT_PROMPT = "What is the capital of France?"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct-MoE"  # the name `afkv serve` gives the embedded default model
 
 
 def _err(msg: str) -> None:
@@ -32,31 +35,108 @@ def _err(msg: str) -> None:
 
 async def _cmd_run(args) -> int:
     from afkv import Engine, SamplingParams
+    from afkv.errors import EmptyPromptError
 
+    texts = args.prompts or [DEFAULT_PROMPT]
+    for text in texts:  # before loading anything
+        if not text.strip():
+            raise EmptyPromptError(f"prompt {text!r} is empty or whitespace only: nothing to answer")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                            top_p=args.top_p, top_k=args.top_k)
+                            top_p=args.top_p, top_k=args.top_k, stop=tuple(args.stop), logprobs=args.logprobs,
+                            ignore_eos=args.ignore_eos)
     _err(f"afkv: loading {args.model or 'the default model (SmolLM2-135M-Instruct, upcycled to MoE)'} ...")
     t0 = time.monotonic()
     async with Engine(args.model, args.config) as engine:
         _err(f"afkv: loaded in {time.monotonic() - t0:.1f} s ({engine.spec.family.value}, "
              f"{engine.spec.num_layers} layers, {engine.stats().num_blocks} KV blocks)")
         chat = engine.tokenizer is not None and engine.tokenizer.chat_template and not args.raw
-        for text in args.prompts or [DEFAULT_PROMPT]:
+        for text in texts:
             prompt = [{"role": "user", "content": text}] if chat else text
-            if len(args.prompts) > 1:
+            if len(texts) > 1:
                 print(f"\n>>> {text}")
-            last = None
+            last, chunks = None, []
             async for chunk in engine.generate(prompt, params):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 last = chunk
+                chunks.append(chunk)
             print()
+            if args.logprobs is not None:
+                _err(_format_logprobs(engine.tokenizer, chunks))
             m = last.metrics
             n = len(m.token_times_s)
             decode = (n - 1) / (m.token_times_s[-1] - m.token_times_s[0]) if n > 1 else float("nan")
             _err(f"[{m.num_prompt_tokens} prompt tokens, {n} new tokens, TTFT {m.ttft_s * 1e3:.0f} ms, "
                  f"{decode:.1f} tok/s decode, finish: {last.finish_reason}]")
+        if args.stats:
+            from afkv.serve.metrics import engine_samples, format_samples
+
+            _err("afkv: engine metrics (the same as afkv serve's /metrics):\n"
+                 + format_samples(await engine_samples(engine)))
     return 0
+
+
+def _format_logprobs(tokenizer, chunks) -> str:
+    def text(token_id: int) -> str:
+        return repr(tokenizer.token_text(token_id)) if tokenizer is not None else str(token_id)
+
+    lines = ["logprobs (token, logprob, most likely tokens):"]
+    for c in chunks:
+        tops = c.top_logprobs or [{}] * len(c.token_ids)
+        for token_id, lp, top in zip(c.token_ids, c.logprobs, tops):
+            alts = ", ".join(f"{text(t)} {v:.3f}" for t, v in top.items())
+            lines.append(f"  {text(token_id):<20} {lp:8.3f}" + (f"   [{alts}]" if alts else ""))
+    return "\n".join(lines)
+
+
+async def _cmd_serve(args) -> int:
+    import asyncio
+    import os
+    import signal
+
+    from afkv import Engine, attach
+    from afkv.serve.http import OpenAIServer, ServedModel, check_bind
+
+    api_key = args.api_key or os.environ.get("AFKV_API_KEY") or None
+    check_bind(args.host, api_key, args.allow_unauthenticated)
+    name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
+    if args.attach:
+        _err(f"afkv: attaching to the deployment at {args.attach} ...")
+        engine = await attach(args.attach, token=args.token or os.environ.get("AFKV_TOKEN") or None)
+        tokenizer = await asyncio.to_thread(_tokenizer_of, args.model)
+    else:
+        _err(f"afkv: loading {args.model or 'the default model (SmolLM2-135M-Instruct, upcycled to MoE)'} ...")
+        engine = Engine(args.model, args.config)
+        await engine.start()
+        tokenizer = engine.tokenizer
+    try:
+        server = OpenAIServer(engine, ServedModel(name, tokenizer), api_key)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.stop)
+        ready = asyncio.Event()
+        serving = asyncio.ensure_future(server.serve(args.host, args.port, ready))
+        started = asyncio.ensure_future(ready.wait())
+        await asyncio.wait([serving, started], return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if ready.is_set():
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            _err(f"afkv: serving {name!r} at http://{host}:{server.port}/v1 (OpenAI API; /metrics, /health)"
+                 f"{'' if api_key else ', no API key'} -- Ctrl-C stops it")
+        await serving
+    finally:
+        await engine.aclose()
+    return 0
+
+
+def _tokenizer_of(model: str | None):
+    """The tokenizer of the model a deployment serves (for the token texts of logprobs)."""
+    from afkv.config import EngineConfig
+    from afkv.engine.engine import resolve_model
+    from afkv.model.tokenizer import Tokenizer
+
+    model_dir, _ = resolve_model(model, EngineConfig(), progress=False)
+    return Tokenizer.from_dir(model_dir)
 
 
 async def _cmd_bench_decode(args) -> int:
@@ -67,10 +147,25 @@ async def _cmd_bench_decode(args) -> int:
     cfg = EngineConfig.from_toml(args.config) if args.config else None
     result = await run_decode_bench(
         args.model, cfg, [int(b) for b in args.batch_sizes.split(",")], args.prompt_len, args.gen_len,
-        with_hf=not args.no_hf, progress=_err,
+        with_hf=not args.no_hf, progress=_err, threads=args.threads, busy_processes=args.busy_processes,
+        repeats=args.repeats,
     )
     print(format_table(result))
     out = write_json(result, args.json or f"bench-results/decode-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    _err(f"afkv: wrote {out}")
+    return 0
+
+
+async def _cmd_bench_serve(args) -> int:
+    from afkv.bench import write_json
+    from afkv.bench.serve import format_table, run_serve_bench
+    from afkv.config import EngineConfig
+
+    cfg = EngineConfig.from_toml(args.config) if args.config else None
+    result = await run_serve_bench(args.model, cfg, args.concurrency, args.prompt_len, args.gen_len, args.repeats,
+                                   progress=_err)
+    print(format_table(result))
+    out = write_json(result, args.json or f"bench-results/serve-{time.strftime('%Y%m%d-%H%M%S')}.json")
     _err(f"afkv: wrote {out}")
     return 0
 
@@ -243,31 +338,84 @@ def _cmd_make_tiny(args) -> int:
     return 0
 
 
+class _Help(argparse.HelpFormatter):
+    """Help that shows each option's default, where it has one and its text does not say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is False or d == [] or d == argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    fmt = _Help
     p = argparse.ArgumentParser(prog="afkv", description="MoE serving with Attention-FFN disaggregation")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="generate text (default: the embedded SmolLM2-135M MoE)")
-    run.add_argument("prompts", nargs="*", help=f"prompts (default: {DEFAULT_PROMPT!r})")
-    run.add_argument("--model", help="Hugging Face checkpoint directory")
-    run.add_argument("--config", help="engine TOML config (see configs/)")
-    run.add_argument("--max-tokens", type=int, default=128)
-    run.add_argument("--temperature", type=float, default=0.0)
-    run.add_argument("--top-p", type=float, default=1.0)
-    run.add_argument("--top-k", type=int, default=0)
-    run.add_argument("--seed", type=int)
+    run = sub.add_parser("run", help="generate text (default: the embedded SmolLM2-135M MoE)", formatter_class=fmt,
+                         description="Generate text for each prompt, streaming it to stdout (timings to stderr).")
+    run.add_argument("prompts", nargs="*", help=f"prompts, one answer each (default: {DEFAULT_PROMPT!r})")
+    run.add_argument("--model", help="Hugging Face checkpoint directory (default: the embedded default model)")
+    run.add_argument("--config", help="engine TOML config (see configs/; default: built-in defaults)")
+    run.add_argument("--max-tokens", type=int, default=128, help="new tokens at most per prompt")
+    run.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set of tokens with this mass")
+    run.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    run.add_argument("--seed", type=int, help="sampling seed (same seed, same tokens)")
+    run.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                     help="stop when the output contains TEXT (not printed); repeat for several")
+    run.add_argument("--logprobs", type=int, metavar="N",
+                     help="after each answer, print every token's logprob and the N most likely tokens (0-20)")
+    run.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     run.add_argument("--raw", action="store_true", help="send prompts as plain text, without the chat template")
+    run.add_argument("--stats", action="store_true",
+                     help="at the end, print the engine's metrics: requests, tokens, KV blocks and prefix hits per "
+                          "tier, bytes spilled and promoted, layer timings")
+
+    srv = sub.add_parser("serve", formatter_class=fmt,
+                         help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)",
+                         description="Serve the OpenAI API over HTTP: colocated (this process loads the model) or "
+                                     "--attach to a deployment started by `afkv launch`.")
+    srv.add_argument("--model", help="checkpoint directory (default: the embedded default model); with --attach, "
+                                     "the model of the deployment (its tokenizer names logprob tokens)")
+    srv.add_argument("--config", help="engine TOML config (colocated only)")
+    srv.add_argument("--attach", metavar="HOST:PORT", help="front the deployment whose rendezvous is HOST:PORT "
+                                                           "(printed by afkv launch)")
+    srv.add_argument("--token", help="the deployment's shared token, with --attach (default: $AFKV_TOKEN)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    srv.add_argument("--api-key", help="clients must send 'Authorization: Bearer KEY' (default: $AFKV_API_KEY)")
+    srv.add_argument("--allow-unauthenticated", action="store_true",
+                     help="allow a --host beyond loopback without an API key")
+    srv.add_argument("--served-model-name", help=f"the model name clients send (default: --model, or "
+                                                 f"{DEFAULT_MODEL_NAME!r})")
 
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bsub = bench.add_subparsers(dest="bench", required=True)
-    dec = bsub.add_parser("decode", help="afkv vs transformers generate: decode tokens/s and TTFT")
+    dec = bsub.add_parser("decode", help="afkv vs transformers generate: decode tokens/s and TTFT", formatter_class=fmt)
     dec.add_argument("--model", help="checkpoint directory (default: the embedded model)")
     dec.add_argument("--config", help="engine TOML config")
     dec.add_argument("--batch-sizes", default="1,4,16")
     dec.add_argument("--prompt-len", type=int, default=64)
     dec.add_argument("--gen-len", type=int, default=32)
     dec.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    dec.add_argument("--threads", type=int, default=0, help="torch intra-op threads for both (0: as they are)")
+    dec.add_argument("--repeats", type=int, default=1, help="runs of each, alternated; medians are reported")
+    dec.add_argument("--busy-processes", type=int, default=0,
+                     help="run this many spinning processes meanwhile (a machine shared with other jobs)")
     dec.add_argument("--json", help="output path (default bench-results/decode-<time>.json)")
+
+    bsv = bsub.add_parser("serve", formatter_class=fmt,
+                          help="HTTP (afkv serve, SSE) vs the in-process Engine: tok/s and TTFT, same workload")
+    bsv.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    bsv.add_argument("--config", help="engine TOML config")
+    bsv.add_argument("--concurrency", type=int, default=64, help="concurrent streaming requests")
+    bsv.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request (distinct, random)")
+    bsv.add_argument("--gen-len", type=int, default=32, help="new tokens per request")
+    bsv.add_argument("--repeats", type=int, default=2, help="runs of each side, alternated; the best counts")
+    bsv.add_argument("--json", help="output path (default bench-results/serve-<time>.json)")
 
     kvb = bsub.add_parser("kv", help="KV tiers: transfer GB/s against the copy limit; decode with tiers on/off")
     kvb.add_argument("--model", help="checkpoint directory (default: the embedded model)")
@@ -382,6 +530,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run_async(_cmd_run(args))
+        if args.command == "serve":
+            if args.attach and args.config:
+                parser.error("--config is for a colocated server; a deployment has its own (afkv launch CONFIG)")
+            return run_async(_cmd_serve(args))
+        if args.command == "bench" and args.bench == "serve":
+            return run_async(_cmd_bench_serve(args))
         if args.command == "bench" and args.bench == "kv":
             return run_async(_cmd_bench_kv(args))
         if args.command == "bench" and args.bench == "af":

@@ -16,6 +16,7 @@ Unknown sections or keys and impossible values raise ConfigError naming file and
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -163,6 +164,66 @@ class KVConfig:
                               key="kv.disk_capacity_mib")
         return TierConfig(fmt, host_num_blocks, disk_num_blocks, Path(self.disk_path).expanduser(), self.eviction,
                           self.prefetch_depth, self.io_threads, disk_capacity_key=disk_key)
+
+    def check_memory(self, layout: KVLayout, num_device_blocks: int, quant: DeviceQuant | None,
+                     tiers: TierConfig | None, device_type: str, source: str | None = None,
+                     available: dict[str, int] | None = None) -> None:
+        """Before allocating: the device tier must fit the device's free memory, the host tier
+        the host's available memory (on a CPU device both share it). ConfigError naming the key
+        and what fits. `available` (bytes, "device"/"host") defaults to this machine's now."""
+        available = available or available_memory(device_type)
+        device_nbytes = num_device_blocks * (layout.block_nbytes if quant is None else quant.format.nbytes)
+        if quant is not None:
+            device_nbytes += quant.num_staging_blocks * layout.block_nbytes
+        where = "GPU memory" if device_type == "cuda" else "memory"
+        device_key = "kv.num_blocks" if self.num_blocks else "kv.device_memory_mib"
+        _need_fits(device_nbytes, available["device"], f"the device KV tier ({num_device_blocks} blocks)",
+                   f"this machine has {_gib(available['device'])} of {where} available", device_key, source)
+        if tiers is None:
+            return
+        host_available = available["host"] - (device_nbytes if device_type == "cpu" else 0)
+        host_key = "kv.host_num_blocks" if self.host_num_blocks else "kv.host_memory_mib"
+        _need_fits(tiers.host_num_blocks * tiers.format.nbytes, host_available,
+                   f"the host KV tier ({tiers.host_num_blocks} blocks as {tiers.format.name})",
+                   f"{_gib(host_available)} of memory is available" + (" beside the device tier"
+                                                                       if device_type == "cpu" else ""),
+                   host_key, source)
+
+
+MEMORY_HEADROOM = 0.9  # KV tiers may take this share of the memory available when the engine starts
+
+
+def available_memory(device_type: str) -> dict[str, int]:
+    """Bytes available now: "host" (MemAvailable on Linux) and "device" (free GPU memory, or host)."""
+    host = _host_available()
+    if device_type != "cuda":
+        return {"host": host, "device": host}
+    import torch
+
+    return {"host": host, "device": torch.cuda.mem_get_info()[0]}
+
+
+def _host_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB"
+
+
+def _need_fits(nbytes: int, available: int, what: str, where: str, key: str, source: str | None) -> None:
+    fits = max(0, int(available * MEMORY_HEADROOM))
+    if nbytes > fits:
+        raise ConfigError(f"{what} needs {_gib(nbytes)} but {where}: at most {fits // 2**20} MiB fits "
+                          f"({MEMORY_HEADROOM:.0%} of it); make {key.removeprefix('kv.')} smaller, or see the "
+                          "README's storage-tier configs for how to scale them", file=source, key=key)
 
 
 @dataclass(frozen=True)

@@ -63,3 +63,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory, default_model_dir):
+    """A tiny random llama with the default model's tokenizer and chat template (vocab 49152):
+    text and chat prompts at the cost of a tiny model; its sampled outputs cover the whole
+    vocabulary (byte tokens that split multi-byte characters included)."""
+    import shutil
+
+    from afkv.model.tiny import write_tiny_checkpoint
+    from afkv.model.tokenizer import Tokenizer
+
+    vocab = Tokenizer(default_model_dir).vocab_size
+    out = write_tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny-chat") / "llama", seed=7, vocab_size=vocab)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir / name, out / name)
+    return out

@@ -2,6 +2,7 @@
 reported next to a baseline measured in the same run. RESULTS.md keeps the runs' figures.
 
     decode.py   afkv vs transformers' generate: decode tokens/s and TTFT per batch size
+    serve.py    the HTTP server (afkv serve) vs the in-process Engine: tok/s and TTFT
     kv.py       KV tier bandwidths against the copy limit; decode with tiers off / on
     af.py       1A1F over NCCL vs colocated data parallel on two GPUs (real shapes)
     gpu.py      one GPU: afkv (CUDA graphs) vs transformers vs the HBM copy ceiling, plot

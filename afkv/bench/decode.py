@@ -3,21 +3,29 @@
 For each batch size B: B distinct random prompts of `prompt_len` tokens (no shared
 prefix, so the prefix cache cannot help), `gen_len` new tokens each, EOS ignored.
 TTFT: time to the first token of the batch (transformers: generate with one new token).
-Decode tokens/s: tokens after the first / time after the first token.
+Decode tokens/s: tokens after the first / time after the first token. With --repeats the two
+alternate and the medians are reported; --busy-processes runs spinning processes meanwhile
+(a machine shared with another job).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import platform
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
+from statistics import median
 
 import torch
 
 from afkv.config import EngineConfig
 from afkv.engine.engine import Engine, resolve_device, resolve_dtype
 from afkv.engine.params import SamplingParams
+from afkv.errors import DeviceError
 
 
 @dataclass
@@ -83,8 +91,53 @@ async def run_decode_bench(
     gen_len: int,
     with_hf: bool = True,
     progress=print,
+    threads: int = 0,
+    busy_processes: int = 0,
+    repeats: int = 1,
 ) -> dict:
+    """threads: torch's intra-op threads for both (0: as they are); busy_processes: that many
+    spinning processes run meanwhile (a machine shared with another job); repeats: runs of
+    each, alternated, the median counts."""
+    if with_hf:  # before loading anything
+        try:
+            import transformers  # noqa: F401
+        except ImportError as exc:
+            raise DeviceError("afkv bench decode compares with transformers, which is not installed: "
+                              "pip install 'transformers>=4.57' (or the test extra: pip install -e '.[test]'), "
+                              "or pass --no-hf to time afkv alone") from exc
     cfg = config or EngineConfig()
+    if threads:
+        torch.set_num_threads(threads)  # afkv's worker and transformers alike
+    with _busy(busy_processes):
+        rows = await _run(model, cfg, batch_sizes, prompt_len, gen_len, with_hf, repeats, progress)
+    return {
+        "bench": "decode",
+        "model": str(model or "default"),
+        "prompt_len": prompt_len,
+        "gen_len": gen_len,
+        "busy_processes": busy_processes,
+        "repeats": repeats,
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+                    "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+        "rows": [asdict(r) | {"decode_ratio": r.decode_ratio, "ttft_ratio": r.ttft_ratio} for r in rows],
+    }
+
+
+@contextlib.contextmanager
+def _busy(n: int):
+    """n processes that spin on a core each (another user's job) while the benchmark runs."""
+    spin = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(10**5): pass"
+    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(n)]  # they end with this process
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+async def _run(model, cfg: EngineConfig, batch_sizes: list[int], prompt_len: int, gen_len: int, with_hf: bool,
+               repeats: int, progress) -> list[Row]:
     rows: list[Row] = []
     async with Engine(model, cfg) as engine:
         progress(f"model: {engine.model_dir} ({engine.spec.family.value}, {engine.spec.num_layers} layers)")
@@ -98,20 +151,16 @@ async def run_decode_bench(
             ).to(device).eval()
         await _afkv_run(engine, _prompts(1, prompt_len, engine.spec.vocab_size, 999), 4)  # warm-up
         for b in batch_sizes:
-            prompts = _prompts(b, prompt_len, engine.spec.vocab_size, seed=b)
-            a_ttft, a_dec = await _afkv_run(engine, prompts, gen_len)
-            h_ttft, h_dec = (await asyncio.to_thread(_hf_run, hf, prompts, gen_len)) if hf is not None else (float("nan"),) * 2
-            rows.append(Row(b, a_ttft, h_ttft, a_dec, h_dec))
+            runs = []  # afkv and transformers alternate: both see the same machine
+            for r in range(repeats):
+                prompts = _prompts(b, prompt_len, engine.spec.vocab_size, seed=b + 1000 * r)
+                a_ttft, a_dec = await _afkv_run(engine, prompts, gen_len)
+                h_ttft, h_dec = (await asyncio.to_thread(_hf_run, hf, prompts, gen_len)) if hf is not None \
+                    else (float("nan"),) * 2
+                runs.append((a_ttft, h_ttft, a_dec, h_dec))
+            rows.append(Row(b, *(median(x) for x in zip(*runs))))
             progress(f"  batch {b}: afkv {a_dec:.1f} tok/s, transformers {h_dec:.1f} tok/s")
-    return {
-        "bench": "decode",
-        "model": str(model or "default"),
-        "prompt_len": prompt_len,
-        "gen_len": gen_len,
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-                    "threads": torch.get_num_threads()},
-        "rows": [asdict(r) | {"decode_ratio": r.decode_ratio, "ttft_ratio": r.ttft_ratio} for r in rows],
-    }
+    return rows
 
 
 def format_table(result: dict) -> str:

@@ -44,6 +44,7 @@ from afkv.errors import (
     EngineError,
     ExpertRowsUnavailableError,
     ExpertUnavailableError,
+    PeerLostError,
     PromptTooLongError,
     RequestError,
     RequestFailedError,
@@ -126,11 +127,11 @@ def check_prompt_size(prompt: object, max_prompt_chars: int, max_model_len: int)
 
 
 class _Request:
-    def __init__(self, seq: Sequence):
+    def __init__(self, seq: Sequence, tokenizer: Tokenizer | None):
         self.seq = seq
         self.queue: asyncio.Queue[CompletionChunk | BaseException] = asyncio.Queue()
-        self.text = ""  # output text so far (truncated at a stop string)
-        self.emitted_chars = 0
+        self.text_stream = tokenizer.stream() if tokenizer is not None else None
+        self.held_text = ""  # decoded, not yet emitted: it could be the start of a stop string
         self.sent_first_chunk = False
 
 
@@ -257,8 +258,10 @@ class Engine:
         self._layout = layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, cfg.kv.block_size, dtype)
         num_blocks, quant = cfg.kv.device_tier(layout, cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens,
                                                cfg.source)
+        tiers = cfg.kv.tier_config(layout, cfg.source)
+        cfg.kv.check_memory(layout, num_blocks, quant, tiers, device.type, cfg.source)  # before allocating
         salt = repr((str(self.model_dir.resolve()), spec.upcycle, str(dtype))).encode()
-        self._kv = KVManager(layout, num_blocks, device, salt=salt[-64:], tiers=cfg.kv.tier_config(layout, cfg.source),
+        self._kv = KVManager(layout, num_blocks, device, salt=salt[-64:], tiers=tiers,
                              worker=self._executor, wakeup=lambda: self._wakeup.set(), quant=quant)
         m = 1 if cfg.deployment is None else (cfg.deployment.micro_batches or 2)
         eos = set(spec.eos_token_ids)
@@ -350,6 +353,22 @@ class Engine:
         """Tokens per (layer, logical expert) over the expert nodes' window. -> [L, E] int64"""
         return await self._need_balancer(False).loads()
 
+    @property
+    def eplb_enabled(self) -> bool:
+        return self._balancer is not None
+
+    async def expert_balancedness(self) -> float:
+        """Max / mean tokens per live expert node over the window, summed over MoE layers (1.0 is
+        even): the load imbalance EPLB reduces."""
+        from afkv.nodes.balancer import node_balancedness
+
+        balancer = self._need_balancer(False)
+        per_node = await balancer.node_loads()
+        if not per_node:
+            raise PeerLostError("no expert node answered for load statistics")
+        router = torch.tensor(balancer.remote.placement.has_router)  # [L] layers with experts
+        return node_balancedness(torch.stack([n.sum(-1) for n in per_node.values()], -1)[router])  # [L_moe, N]
+
     async def rebalance(self):
         """Place experts (with replicas) for the measured loads and switch to that placement
         between two steps while serving. -> afkv.nodes.balancer.RebalanceReport"""
@@ -407,7 +426,7 @@ class Engine:
         self._next_id += 1
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         seq = Sequence(seq_id, ids, params, seed, self.max_model_len, time.monotonic())
-        req = self._requests[seq_id] = _Request(seq)
+        req = self._requests[seq_id] = _Request(seq, self.tokenizer)
         self._scheduler.add(seq)
         self._wakeup.set()
         return req
@@ -552,26 +571,23 @@ class Engine:
         req.queue.put_nowait(chunk)
 
     def _detokenize(self, req: _Request, final: bool) -> tuple[str, bool]:
-        """-> (text to emit now, whether a stop string ended the request)."""
-        if self.tokenizer is None:
+        """Decode the newest token incrementally -> (text to emit now, whether a stop string
+        ended the request). Text that could be the start of a stop string is held back."""
+        if req.text_stream is None:
             return "", False
         seq = req.seq
-        text = self.tokenizer.decode(seq.output_ids)
+        text = req.held_text + req.text_stream.step(seq.token_ids[-1])
+        if final:
+            text += req.text_stream.finish(seq.output_ids)
         stops = seq.params.stop
-        stopped = False
-        if stops:
-            start = max(0, len(req.text) - max(map(len, stops)))
-            hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+        if stops:  # held_text had no match: a match ends in the new text
+            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
             if hits:
-                text, stopped = text[: min(hits)], True
-        req.text = text
-        end = len(text)
-        if not (final or stopped):
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                end = text.rstrip("\ufffd").__len__()
-            if stops:  # hold back what could be the start of a stop string
-                end = min(end, len(text) - (max(map(len, stops)) - 1))
-        end = max(end, req.emitted_chars)
-        delta = text[req.emitted_chars : end]
-        req.emitted_chars = end
-        return delta, stopped
+                req.held_text = ""
+                return text[: min(hits)], True
+        if final or not stops:
+            req.held_text = ""
+            return text, False
+        cut = max(0, len(text) - (max(map(len, stops)) - 1))
+        req.held_text = text[cut:]
+        return text[:cut], False

@@ -73,6 +73,12 @@ class KVMetricsSnapshot:
     counters: Mapping[str, int]
     latency: Mapping[str, LatencyStats]  # copy | spill | prefetch
 
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "KVMetricsSnapshot":
+        """The inverse of dataclasses.asdict (a snapshot sent over the control plane)."""
+        return cls(tiers=tuple(TierUsage(**t) for t in d["tiers"]), hit_blocks=dict(d["hit_blocks"]),
+                   counters=dict(d["counters"]), latency={k: LatencyStats(**v) for k, v in d["latency"].items()})
+
 
 class KVMetrics:
     """Owner: the loop thread (the KV manager and its tier stack count; nobody else writes)."""

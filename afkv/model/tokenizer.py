@@ -32,6 +32,7 @@ class Tokenizer:
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self._template = None
+        self._token_texts: dict[int, str] = {}  # token_text's cache (the owner's thread only)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "Tokenizer | None":
@@ -56,6 +57,17 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
+    def stream(self) -> "TextStream":
+        """An incremental decoder for one request's output tokens."""
+        return TextStream(self)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token on its own (special tokens included), e.g. for logprobs."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self._tok.decode([token_id], skip_special_tokens=False)
+        return text
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise RequestError("this model has no chat template: pass a plain text prompt or token ids")
@@ -73,3 +85,37 @@ class Tokenizer:
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
         )
+
+
+class TextStream:
+    """Incremental detokenization of one sequence (the tokenizers library's DecodeStream): each
+    step costs O(1) in the output length, and the pieces add up to `decode(all ids)`.
+
+    A token that ends inside a multi-byte UTF-8 character yields "" until the character is
+    complete; `finish` returns what a full decode would still add (U+FFFD for a character the
+    output never completed). Special tokens are skipped, as in `Tokenizer.decode`."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        from tokenizers.decoders import DecodeStream
+
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._num_chars = 0  # characters returned so far
+        self._behind = False  # the last step returned nothing: a character may be incomplete
+
+    def step(self, token_id: int) -> str:
+        piece = self._stream.step(self._tokenizer._tok, token_id)
+        self._behind = piece is None
+        if piece is None:
+            return ""
+        self._num_chars += len(piece)
+        return piece
+
+    def finish(self, token_ids: list[int]) -> str:
+        """The rest of the text once `token_ids` (every id given to step) are all there is."""
+        if not self._behind:
+            return ""
+        rest = self._tokenizer.decode(token_ids)[self._num_chars :]  # once per sequence, at its end
+        self._num_chars += len(rest)
+        self._behind = False
+        return rest

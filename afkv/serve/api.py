@@ -146,7 +146,7 @@ class ApiServer:
             return None
         if kind == "stats":
             return {"type": "stats", **dataclasses.asdict(self.engine.stats()), "layer": self.engine.layer_timings(),
-                    "micro_batches": self.engine.micro_batches}
+                    "kv": dataclasses.asdict(self.engine.kv_metrics()), "micro_batches": self.engine.micro_batches}
         if kind == "limits":
             return {"type": "limits", "max_prompt_chars": self.engine.max_prompt_chars,
                     "max_model_len": self.engine.max_model_len}

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from afkv import errors
 from afkv.engine.engine import EngineStats, check_prompt_size
 from afkv.engine.params import Completion, CompletionChunk, RequestMetrics, SamplingParams
+from afkv.kv.metrics import KVMetricsSnapshot
 from afkv.nodes.rendezvous import RendezvousClient, lookup
 from afkv.serve.api import params_to_wire
 from afkv.transport.control import ConnState, ControlClient, ControlLimits
@@ -50,6 +51,15 @@ def chunk_from_wire(d: dict) -> CompletionChunk:
         metrics=None if m is None else RequestMetrics(**m),
         prompt_token_ids=d.get("prompt_token_ids"),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeMetrics:
+    """One attention node's Engine.stats(), layer_timings() and kv_metrics()."""
+
+    stats: EngineStats
+    layer: dict[str, float]
+    kv: KVMetricsSnapshot
 
 
 class AttachedEngine:
@@ -204,15 +214,25 @@ class AttachedEngine:
             finish_reason=last.finish_reason, prompt_logprobs=chunks[0].prompt_logprobs, metrics=last.metrics,
         )
 
+    async def node_metrics(self) -> list[NodeMetrics]:
+        """Engine.stats(), layer_timings() and kv_metrics() of each attention node, in rank
+        order, from one round trip per node."""
+        names = [f.name for f in dataclasses.fields(EngineStats)]
+        return [NodeMetrics(EngineStats(**{n: r[n] for n in names if n in r}), dict(r["layer"]),
+                            KVMetricsSnapshot.from_dict(r["kv"]))
+                for r in await self._request_all({"type": "stats"})]
+
     async def stats(self) -> list[EngineStats]:
         """EngineStats of each attention node (Engine.stats() of each), in rank order."""
-        names = [f.name for f in dataclasses.fields(EngineStats)]
-        replies = await self._request_all({"type": "stats"})
-        return [EngineStats(**{n: r[n] for n in names if n in r}) for r in replies]
+        return [m.stats for m in await self.node_metrics()]
 
     async def layer_timings(self) -> list[dict[str, float]]:
         """Engine.layer_timings() of each attention node, in rank order."""
-        return [r["layer"] for r in await self._request_all({"type": "stats"})]
+        return [m.layer for m in await self.node_metrics()]
+
+    async def kv_metrics(self) -> list[KVMetricsSnapshot]:
+        """Engine.kv_metrics() of each attention node, in rank order."""
+        return [m.kv for m in await self.node_metrics()]
 
     async def set_micro_batches(self, m: int) -> None:
         await self._request_all({"type": "set_micro_batches", "m": m})

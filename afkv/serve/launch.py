@@ -129,6 +129,7 @@ class Deployment:
         }
         out = None
         if self.log_dir is not None:
+            env.setdefault("AFKV_LOG", "INFO")  # a node log records start-up, joins and losses
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"node{rank}.log", "ab")
         self.procs[rank] = subprocess.Popen([sys.executable, "-m", "afkv.serve.node"], env=env, stdout=out,

@@ -90,6 +90,8 @@ def main() -> int:
               "AFKV_CONFIG)", file=sys.stderr)
         return 2
     model = os.environ.get("AFKV_MODEL") or None
+    log.info("node %d of %d starting (config %s, model %s, store %s:%d)", rank, world, os.environ["AFKV_CONFIG"],
+             model or "default", store_host, store_port)
     if "OMP_NUM_THREADS" not in os.environ:  # node processes of one machine share its cores
         import torch
 
@@ -118,6 +120,7 @@ def main() -> int:
             else:
                 coro = serve_expert(cfg, model, rank - d.attention_nodes, store_host, store_port)
             run_async(coro)
+            log.info("node %d stopped", rank)
         finally:
             if hosted is not None:
                 hosted.close()

@@ -41,8 +41,10 @@ def _kept(x: torch.Tensor) -> set[int]:
 
 
 # ---- logit processing: hand-computed values ------------------------------------------------
-@pytest.mark.parametrize("temperature,want", [(1.0, [1.0, 2.0, 3.0, 4.0]), (2.0, [0.5, 1.0, 1.5, 2.0]),
-                                              (0.5, [2.0, 4.0, 6.0, 8.0]), (0.25, [4.0, 8.0, 12.0, 16.0])])
+# filter_logits subtracts the row's maximum before dividing (softmax is unchanged by a shift, and
+# no temperature can overflow a logit): (l - max l) / T.
+@pytest.mark.parametrize("temperature,want", [(1.0, [-3.0, -2.0, -1.0, 0.0]), (2.0, [-1.5, -1.0, -0.5, 0.0]),
+                                              (0.5, [-6.0, -4.0, -2.0, 0.0]), (0.25, [-12.0, -8.0, -4.0, 0.0])])
 def test_temperature_divides_the_logits(temperature, want):
     got = filter_logits(torch.tensor([1.0, 2.0, 3.0, 4.0]), temperature, 0, 1.0)
     assert got.tolist() == want  # exact: powers of two
@@ -62,7 +64,7 @@ def test_top_k_mask(top_k, kept):
     logits = torch.tensor([0.1, 2.0, -1.0, 3.0, 0.5])
     got = filter_logits(logits, 1.0, top_k, 1.0)
     assert _kept(got) == kept
-    assert torch.equal(got[sorted(kept)], logits[sorted(kept)])  # kept logits are unchanged
+    assert torch.equal(got[sorted(kept)], logits[sorted(kept)] - logits.max())  # kept logits: only shifted
 
 
 def test_top_k_keeps_ties_at_the_kth_value():
@@ -78,7 +80,7 @@ def test_top_p_keeps_the_smallest_set_reaching_top_p(top_p, kept):
     logits = _log([0.1, 0.5, 0.15, 0.25])
     got = filter_logits(logits, 1.0, 0, top_p)
     assert _kept(got) == kept
-    assert torch.equal(got[sorted(kept)], logits[sorted(kept)])
+    assert torch.equal(got[sorted(kept)], logits[sorted(kept)] - logits.max())
 
 
 @pytest.mark.parametrize("temperature,top_p,kept", [
@@ -120,7 +122,7 @@ def test_matches_transformers_warpers(temperature, top_k, top_p):
         want = TopPLogitsWarper(top_p)(None, want)
     got = filter_logits(logits, temperature, top_k, top_p)
     assert _kept(got) == _kept(want[0]) and 0 < len(_kept(got)) < 64
-    torch.testing.assert_close(got, want[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got, want[0] - want[0].max(), atol=1e-6, rtol=1e-6)  # up to the max's shift
 
 
 # ---- sample_tokens -------------------------------------------------------------------------
@@ -130,7 +132,8 @@ def test_greedy_rows_are_the_argmax_and_top_k_1_is_greedy(device):
     logits = (torch.randn(5, 100, generator=g) * 4).to(device)  # [S, V]
     rows = [(0.0, 0, 1.0, None), (1.5, 1, 1.0, row_generator(1, 0, torch.device(device))), (0.0, 50, 0.2, None),
             (0.9, 1, 0.9, row_generator(2, 0, torch.device(device))), (0.0, 0, 1.0, None)]
-    tokens = sample_tokens(logits.clone(), rows)  # [S]
+    tokens, ok = sample_tokens(logits.clone(), rows)  # [S], [S]
+    assert ok.all()
     assert tokens.dtype == torch.int64 and tokens.device == logits.device
     assert tokens.tolist() == logits.argmax(-1).tolist()
 
@@ -141,9 +144,9 @@ def test_a_row_does_not_depend_on_the_other_rows(device):
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(4, 50, generator=g).to(dev)  # [S, V]
     specs = [(1.0, 0, 1.0), (0.7, 10, 0.9), (0.0, 0, 1.0), (1.2, 0, 0.8)]
-    batch = sample_tokens(logits, [(t, k, p, row_generator(s, 3, dev) if t else None) for s, (t, k, p) in enumerate(specs)])
+    batch, _ = sample_tokens(logits, [(t, k, p, row_generator(s, 3, dev) if t else None) for s, (t, k, p) in enumerate(specs)])
     for s, (t, k, p) in enumerate(specs):
-        alone = sample_tokens(logits[s : s + 1], [(t, k, p, row_generator(s, 3, dev) if t else None)])
+        alone, _ = sample_tokens(logits[s : s + 1], [(t, k, p, row_generator(s, 3, dev) if t else None)])
         assert alone.tolist() == [batch[s].item()]
 
 
@@ -162,7 +165,7 @@ def _draws() -> list[list[int]]:
     for seed in (0, 7, 2**40 + 3):
         for step in range(6):
             rows = [(t, k, p, row_generator(seed, step, torch.device("cpu"))) for t, k, p in specs]
-            out.append(sample_tokens(logits, rows).tolist())
+            out.append(sample_tokens(logits, rows)[0].tolist())
     return out
 
 
@@ -216,7 +219,8 @@ def test_sampled_frequencies_follow_the_distribution(device, temperature, top_k,
     logits = torch.tensor([_LOGITS], device=dev)  # [1, V]
     counts = [0] * len(_LOGITS)
     for step in range(_N):
-        counts[sample_tokens(logits, [(temperature, top_k, top_p, row_generator(99, step, dev))])[0].item()] += 1
+        tokens, _ = sample_tokens(logits, [(temperature, top_k, top_p, row_generator(99, step, dev))])  # [1]
+        counts[tokens.item()] += 1
     assert all(counts[i] == 0 for i, p in enumerate(want) if p == 0), counts
     chi2 = sum((counts[i] - _N * want[i]) ** 2 / (_N * want[i]) for i in kept)
     assert chi2 < _CHI2_999[len(kept) - 1], (chi2, counts, [round(_N * p) for p in want])
