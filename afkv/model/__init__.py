@@ -10,7 +10,7 @@
     tokenizer.py tokenizer and chat template of a checkpoint directory
     tiny.py      tiny random HF checkpoints of each family and a Zipf-routed Mixtral, for tests
 
-Layer map: spec <- weights <- sides <- random, model <- graphs. Reads afkv.ops, afkv.errors,
+Layer map: spec, weights <- sides <- random, model <- graphs (random also reads spec). Reads afkv.ops, afkv.errors,
 afkv.transport (device streams, for a remote FFN step inside a CUDA graph) and afkv.eplb
 (the Zipf router of test checkpoints).
 """
