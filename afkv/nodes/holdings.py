@@ -137,12 +137,8 @@ class Holdings:
     def prepare(self, new: ExpertPlacement, received: dict[ExpertKey, ExpertTensors]) -> None:
         """Worker thread: hold `new`'s experts beside the current ones; steps may name it after."""
         with self._lock:
-            self._incoming, self._prepared = new, None
-        try:
-            self.load(received)
-        finally:
-            with self._lock:
-                self._incoming = None
+            self._prepared = None
+        self._load_beside(new, received)
         with self._lock:
             self._prepared = new
 
@@ -152,21 +148,25 @@ class Holdings:
         held, and the old one is kept for them until they have all moved past it."""
         with self._lock:
             linked = bool(self._epochs)
-            if linked:
-                self._incoming = new
-            else:  # nobody steps: switch at once
+            if not linked:  # nobody steps: switch at once
                 self.placement, self._prepared = new, None
         if linked:
-            try:
-                self.load(received)
-            finally:
-                with self._lock:
-                    self._incoming = None
+            self._load_beside(new, received)
             with self._lock:
                 if new.epoch > self.placement.epoch:
                     self._kept[self.placement.epoch] = self.placement
                 self.placement, self._prepared = new, None
         self._retire_kept(received)
+
+    def _load_beside(self, new: ExpertPlacement, received: dict[ExpertKey, ExpertTensors]) -> None:
+        """Load `new`'s experts while keeping every placement held now."""
+        with self._lock:
+            self._incoming = new
+        try:
+            self.load(received)
+        finally:
+            with self._lock:
+                self._incoming = None
 
     def _retire_kept(self, received: dict[ExpertKey, ExpertTensors] | None = None) -> None:
         """Drop kept placements no linked attention node steps with any more; load."""
