@@ -20,7 +20,7 @@ fails on one against it); a layer imports only layers to its left, and its own p
     engine     scheduler, model runner, the Engine API
     serve      above the engine: API server, attached clients, node processes, launcher
     cli        the `afkv` command
-    eplb       a leaf: expert placement algorithms; reads only errors (nodes and above use it)
+    eplb       a leaf: expert placement algorithms; reads only errors (model and above use it)
     plan       a leaf: `afkv plan`'s latency model; reads only model and below (cli and bench use it)
     bench      benchmarks, just under cli; nothing imports them (tests included)
 
