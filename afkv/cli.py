@@ -11,6 +11,7 @@
     afkv bench gpu               GPU suite: afkv (CUDA graphs) vs HF generate vs the HBM roofline (real shapes)
     afkv bench plot JSON         PNG plot of a `bench gpu` result
     afkv bench calibrate         measure this machine for `afkv plan` (one GPU, or the CPU): a profile JSON
+    afkv bench kernels WHAT      Triton kernels vs roofline and torch: moe (sweep, bf16/fp8), fused, decode (batch 1)
     afkv plan --model M          predict every deployment of a model on a cluster; write the chosen config
     afkv launch CONFIG           start a deployment (attention + expert nodes) as local processes
     afkv make-tiny OUT           write tiny random HF checkpoints of each family (tests)
@@ -491,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--disk-dir", help="where the disk-rate file goes (default: the temp dir)")
     cal.add_argument("--out", help="profile path (default bench-results/profile-<time>.json)")
 
+    kern = bsub.add_parser("kernels", add_help=False,
+                           help="Triton kernels vs their roofline and torch: moe | fused | decode (one GPU)")
+    kern.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m afkv.bench.kernels (--help)")
+
     plan = sub.add_parser("plan", help="predict colocated, EP and every rAyF deployment; choose one, write its config")
     plan.add_argument("--model", help="qwen3-30b-a3b | mixtral-8x7b, a checkpoint directory or a config.json")
     plan.add_argument("--gpu", default="h200", choices=("h200", "h100"), help="built-in profile (without --profile)")
@@ -525,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and not (args.command == "bench" and args.bench == "kv-quant"):
+    if extra and not (args.command == "bench" and args.bench in ("kv-quant", "kernels")):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "run":
@@ -547,6 +552,10 @@ def main(argv: list[str] | None = None) -> int:
 
             kv_quant_main(extra + args.args)
             return 0
+        if args.command == "bench" and args.bench == "kernels":
+            from afkv.bench.kernels import main as kernels_main
+
+            return kernels_main(extra + args.args)
         if args.command == "bench" and args.bench == "gpu":
             return _cmd_bench_gpu(args)
         if args.command == "bench" and args.bench == "plot":

@@ -1,6 +1,6 @@
 """Engine configuration: frozen dataclasses, loaded from TOML and validated once.
 
-    [model]      path, dtype, device, cuda_graphs
+    [model]      path, dtype, device, cuda_graphs, expert_dtype
     [upcycle]    sparse upcycling of a dense Llama checkpoint (the default model)
     [kv]         block_size, num_blocks / device_memory_mib, device_format / device_group_size /
                  fp_window (quantized device tier); tiers below the device: host_*,
@@ -30,7 +30,7 @@ from afkv.kv.pruning import KVPruning
 from afkv.kv.tiers.config import TierConfig
 from afkv.kv.tiers.disk import HEADER_NBYTES
 from afkv.kv.tiers.policy import EVICTION_POLICIES
-from afkv.model.spec import UpcycleSpec
+from afkv.model.spec import EXPERT_DTYPES, UpcycleSpec
 
 
 DEVICE_FORMAT_NAMES = ("auto", "int8", "int4")
@@ -42,6 +42,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on GPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA, colocated, triton installed)
+    expert_dtype: str = "auto"  # auto (the model dtype) | fp8: routed experts as e4m3 with 128 x 128 block scales
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,8 @@ class EngineConfig:
 
         need(self.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
              f"dtype must be auto, float32, bfloat16 or float16, got {self.model.dtype!r}")
+        need(self.model.expert_dtype in EXPERT_DTYPES, "model.expert_dtype",
+             f"expert_dtype must be one of {', '.join(EXPERT_DTYPES)}, got {self.model.expert_dtype!r}")
         need(self.model.device == "auto" or self.model.device == "cpu" or self.model.device.startswith("cuda"),
              "model.device", f"device must be auto, cpu or cuda[:N], got {self.model.device!r}")
         self.kv.validate(need)

@@ -34,6 +34,8 @@ def test_gpu_benchmarks_say_what_is_missing(capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "gpu"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+        assert main(["bench", "kernels", "moe", "--tokens", "16"]) == 2
+        assert "needs triton and a CUDA GPU" in capsys.readouterr().err
 
 
 def test_plot_of_a_gpu_result(tmp_path, capsys):

@@ -9,6 +9,8 @@ reported next to a baseline measured in the same run. RESULTS.md keeps the runs'
     eplb.py     expert load balancing under Zipf skew (CPU processes)
     steps.py    decode-step timing shared by af.py and gpu.py
     calibrate.py  a machine profile for `afkv plan` (afkv.plan): kernel curves, links, PCIe, disk
+    kernels.py  Triton kernels vs roofline and torch: fused-MoE sweep (bf16/fp8), fused ops, batch-1
+                decode with its kernels by name (kernels_gpu.sh: those + GPU tests + TPOT before/after)
 """
 
 from __future__ import annotations

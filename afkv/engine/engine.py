@@ -248,7 +248,7 @@ class Engine:
         self._device, self._dtype = device, dtype
         self.model_dir, upcycle = resolve_model(self._model_path, cfg, self._progress)
         if cfg.deployment is None:
-            model = load_colocated(self.model_dir, device, dtype, upcycle)
+            model = load_colocated(self.model_dir, device, dtype, upcycle, cfg.model.expert_dtype)
         else:
             spec, attn = load_attention_side(self.model_dir, device, dtype, upcycle)
             model = Model(spec, attn, ffn=None)  # the RemoteFFN is attached once connected
@@ -260,7 +260,8 @@ class Engine:
                                                cfg.source)
         tiers = cfg.kv.tier_config(layout, cfg.source)
         cfg.kv.check_memory(layout, num_blocks, quant, tiers, device.type, cfg.source)  # before allocating
-        salt = repr((str(self.model_dir.resolve()), spec.upcycle, str(dtype))).encode()
+        experts = () if cfg.model.expert_dtype == "auto" else (cfg.model.expert_dtype,)  # other weights: other KV
+        salt = repr((str(self.model_dir.resolve()), spec.upcycle, str(dtype), *experts)).encode()
         self._kv = KVManager(layout, num_blocks, device, salt=salt[-64:], tiers=tiers,
                              worker=self._executor, wakeup=lambda: self._wakeup.set(), quant=quant)
         m = 1 if cfg.deployment is None else (cfg.deployment.micro_batches or 2)

@@ -147,22 +147,27 @@ class Model:
         return hs[0] if len(hs) == 1 else torch.cat(hs)
 
 
-def open_checkpoint(model: str | Path, upcycle: UpcycleSpec | None = None):
-    """-> (spec, reader) of a checkpoint directory, or of `random:<name>` real-shape weights."""
+def open_checkpoint(model: str | Path, upcycle: UpcycleSpec | None = None, expert_dtype: str = "auto"):
+    """-> (spec, reader) of a checkpoint directory, or of `random:<name>` real-shape weights;
+    `expert_dtype` (auto | fp8) is how the routed experts are to be held (ModelSpec)."""
     from afkv.model.random import RandomCheckpoint, is_random, random_spec
 
     if is_random(str(model)):
         spec = random_spec(str(model))
-        return spec, RandomCheckpoint(spec)
-    spec = load_spec(model)
-    if upcycle is not None:
-        spec = spec.with_upcycle(upcycle)
-    return spec, CheckpointReader(model)
+        reader = RandomCheckpoint(spec)
+    else:
+        spec = load_spec(model)
+        if upcycle is not None:
+            spec = spec.with_upcycle(upcycle)
+        reader = CheckpointReader(model, spec.fp8_block)
+    if expert_dtype != "auto":
+        spec = spec.with_expert_dtype(expert_dtype)
+    return spec, reader
 
 
 def load_attention_side(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
-                        upcycle: UpcycleSpec | None = None) -> tuple[ModelSpec, AttentionSide]:
-    spec, reader = open_checkpoint(model_dir, upcycle)
+                        upcycle: UpcycleSpec | None = None, expert_dtype: str = "auto") -> tuple[ModelSpec, AttentionSide]:
+    spec, reader = open_checkpoint(model_dir, upcycle, expert_dtype)
     try:
         return spec, AttentionSide(spec, reader, device, dtype)
     finally:
@@ -183,8 +188,9 @@ def load_ffn_side(spec: ModelSpec, model_dir: str | Path, device: torch.device, 
 
 
 def load_colocated(
-    model_dir: str | Path, device: torch.device, dtype: torch.dtype, upcycle: UpcycleSpec | None = None
+    model_dir: str | Path, device: torch.device, dtype: torch.dtype, upcycle: UpcycleSpec | None = None,
+    expert_dtype: str = "auto",
 ) -> Model:
     """Both halves in one process (the baseline every disaggregated topology is compared to)."""
-    spec, attn = load_attention_side(model_dir, device, dtype, upcycle)
+    spec, attn = load_attention_side(model_dir, device, dtype, upcycle, expert_dtype)
     return Model(spec, attn, LocalFFN(load_ffn_side(spec, model_dir, device, dtype)))

@@ -49,6 +49,8 @@ def random_spec(model: str) -> ModelSpec:
 class RandomCheckpoint:
     """The CheckpointReader interface over generated tensors with Hugging Face names."""
 
+    fp8_block = None  # stores no FP8 weights: FFNSide quantizes FP8 experts at load
+
     def __init__(self, spec: ModelSpec, std: float = 0.02):
         self.spec, self.std = spec, std
         self._shapes = _hf_shapes(spec)

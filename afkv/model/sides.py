@@ -11,6 +11,11 @@ The seam is one call per layer:
 An FFNSide may hold a subset of the experts (and optionally the shared/dense part):
 its output is then the partial sum over what it holds, and partial sums add up.
 Each side reads only its own tensors from the checkpoint.
+
+Routed experts are held in the model dtype, or with ModelSpec.expert_dtype "fp8" as e4m3 with
+128 x 128 block scales (afkv.ops.fp8): taken as stored from FP8 checkpoints with such blocks,
+quantized at load otherwise; run by the Triton fused-MoE kernel on CUDA (fp8 tensor cores)
+and by its torch reference on the CPU. Shared experts and dense MLPs keep the model dtype.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from afkv.errors import DeviceError
 from afkv.model.spec import Family, ModelSpec
 from afkv.model.weights import CheckpointReader
+from afkv.ops import fp8 as fp8_ops
 from afkv.ops.attention import (
     QuantizedKVCache,
     paged_attention,
@@ -295,6 +302,8 @@ class _Stacked:
     gate_up: torch.Tensor  # [E_h, 2I, H]
     down: torch.Tensor  # [E_h, H, I]
     local: torch.Tensor  # [E + 1] int64: logical expert id -> index in the stack, E_h when not held
+    gate_up_scale: torch.Tensor | None = None  # fp8 weights: [E_h, 2 I/128, H/128] float32 (gate, then up blocks)
+    down_scale: torch.Tensor | None = None  # fp8 weights: [E_h, H/128, I/128] float32
 
 
 _GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
@@ -321,10 +330,25 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
 class _Expert:
     gate_up: torch.Tensor  # [2I, H]: gate rows, then up rows (one matmul for both)
     down: torch.Tensor  # [H, I]
+    gate_up_scale: torch.Tensor | None = None  # fp8: [2 I/128, H/128] (gate blocks, then up blocks)
+    down_scale: torch.Tensor | None = None  # fp8: [H/128, I/128]
 
     @classmethod
     def of(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> "_Expert":
         return cls(torch.cat([gate, up]), down)
+
+    @classmethod
+    def of_fp8(cls, gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor],
+               down: tuple[torch.Tensor, torch.Tensor]) -> "_Expert":
+        """From (fp8 weight, block scales) of each projection."""
+        return cls(torch.cat([gate[0], up[0]]), down[0], torch.cat([gate[1], up[1]]), down[1])
+
+    @classmethod
+    def quantized(cls, gate_up: torch.Tensor, down: torch.Tensor) -> "_Expert":
+        """fp8 from weights of any float dtype: gate_up [2I, H], down [H, I]."""
+        inter = gate_up.shape[0] // 2
+        q = fp8_ops.quantize_blocks
+        return cls.of_fp8(q(gate_up[:inter]), q(gate_up[inter:]), q(down))
 
 
 class FFNSide:
@@ -335,7 +359,10 @@ class FFNSide:
     in every layer; a mapping layer -> frozenset = per layer (an expert node's slots; a
     layer missing from it holds none). `expert_tensors` maps (layer, expert) to tensors
     already at hand (gate_up [2I, H], down [H, I]: received from another expert node, or
-    held before a placement change); those are used instead of reading the checkpoint.
+    held before a placement change); those are used instead of reading the checkpoint
+    (quantized to fp8 when spec.expert_dtype is "fp8": expert_weights then hands out the
+    dequantized weights in float32, and quantizing those again gives the same fp8 values
+    wherever a block's largest magnitude sits at 448, as afkv's quantizer puts it).
     Upcycled dense layers always read their one MLP from the checkpoint."""
 
     def __init__(
@@ -365,6 +392,10 @@ class FFNSide:
         self.grouped = grouped_mm_works(device, dtype)  # else one GEMM pair per expert
         self._tf = fused_ops(device)  # fused SiLU-and-multiply of the grouped path (CUDA with triton)
         self._moe = moe_ops(device)  # the Triton fused-MoE kernels (CUDA with triton)
+        self.fp8 = spec.expert_dtype == "fp8"  # routed experts as e4m3 with block scales
+        if self.fp8 and device.type == "cuda" and (self._moe is None or not self._moe.fp8_available(device)):
+            raise DeviceError("expert_dtype fp8 on CUDA needs the Triton fused-MoE kernel (pip install triton, "
+                              "AFKV_MOE_KERNEL unset) and fp8 tensor cores (compute capability >= 8.9)")
 
         def get(name: str) -> torch.Tensor:
             return reader.get(name, dtype, device)
@@ -376,8 +407,7 @@ class FFNSide:
             dense = shared = stacked = None
             if spec.sparse_layers[i]:
                 held = held_in(i, spec.num_experts)
-                experts = {e: _Expert(*(t.to(device, dtype) for t in tensors[(i, e)]))
-                           for e in held if (i, e) in tensors}
+                experts = {e: self._given(*tensors[(i, e)]) for e in held if (i, e) in tensors}
                 missing = [e for e in held if e not in experts]
                 if missing:
                     experts |= self._load_experts(reader, get, _moe_prefix(spec, reader, i), missing)
@@ -412,9 +442,20 @@ class FFNSide:
         self._one_mlp = [len(g) == 1 and len(e) == n for g, e, n in zip(self._groups, self.experts, routable)]
 
     def expert_weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tensors of a held routed expert: gate_up [2I, H], down [H, I]. KeyError if not held."""
+        """The tensors of a held routed expert: gate_up [2I, H], down [H, I] (fp8 experts:
+        dequantized, float32). KeyError if not held."""
         mlp = self.experts[layer][expert]
-        return mlp.gate_up, mlp.down
+        if mlp.gate_up_scale is None:
+            return mlp.gate_up, mlp.down
+        return (fp8_ops.dequantize_gate_up(mlp.gate_up, mlp.gate_up_scale),
+                fp8_ops.dequantize_blocks(mlp.down, mlp.down_scale))
+
+    def _given(self, gate_up: torch.Tensor, down: torch.Tensor) -> _Expert:
+        """An expert from tensors at hand (expert_tensors)."""
+        gate_up, down = gate_up.to(self.device), down.to(self.device)
+        if self.fp8:
+            return _Expert.quantized(gate_up, down)
+        return _Expert(gate_up.to(self.dtype), down.to(self.dtype))
 
     def _stack(self, experts: dict[int, _Expert]) -> tuple[dict[int, _Expert], _Stacked | None]:
         """Stack a layer's experts; the per-expert weights become views into the stack."""
@@ -426,22 +467,36 @@ class FFNSide:
         # one extra entry: expert id num_experts marks padding rows, held by no node
         local = torch.full((self.spec.num_experts + 1,), len(ids), dtype=torch.int64, device=self.device)
         local[torch.tensor(ids, device=self.device)] = torch.arange(len(ids), device=self.device)
-        views = {e: _Expert(gate_up[j], down[j]) for j, e in enumerate(ids)}
-        return views, _Stacked(gate_up, down, local)
+        if not self.fp8:
+            views = {e: _Expert(gate_up[j], down[j]) for j, e in enumerate(ids)}
+            return views, _Stacked(gate_up, down, local)
+        gate_up_scale = torch.stack([experts[e].gate_up_scale for e in ids])  # [E_h, 2 I/128, H/128]
+        down_scale = torch.stack([experts[e].down_scale for e in ids])  # [E_h, H/128, I/128]
+        views = {e: _Expert(gate_up[j], down[j], gate_up_scale[j], down_scale[j]) for j, e in enumerate(ids)}
+        return views, _Stacked(gate_up, down, local, gate_up_scale, down_scale)
 
     def _load_experts(self, reader, get, prefix: str, held) -> dict[int, _Expert]:
         if prefix + "experts.gate_up_proj" in reader:  # fused layout [E, 2I, H], [E, H, I]
             gate_up = reader.get(prefix + "experts.gate_up_proj", self.dtype)
             down = reader.get(prefix + "experts.down_proj", self.dtype)
-            return {
-                e: _Expert(gate_up[e].contiguous().to(self.device), down[e].contiguous().to(self.device))
-                for e in held
-            }
+            return {e: self._given(gate_up[e].contiguous(), down[e].contiguous()) for e in held}
         names = ("w1", "w3", "w2") if self.spec.family is Family.MIXTRAL else ("gate_proj", "up_proj", "down_proj")
+        if self.fp8:
+            return {e: _Expert.of_fp8(*(self._fp8_weight(reader, f"{prefix}experts.{e}.{n}.weight") for n in names))
+                    for e in held}
         return {
             e: _Expert.of(*(get(f"{prefix}experts.{e}.{n}.weight") for n in names))
             for e in held
         }
+
+    def _fp8_weight(self, reader, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fp8 weight, 128 x 128 block scales): as stored in an FP8 checkpoint with such blocks,
+        else quantized from the weight in the model dtype."""
+        if reader.fp8_block == (fp8_ops.BLOCK, fp8_ops.BLOCK) and name + "_scale_inv" in reader:
+            q = reader.get(name, None, self.device)
+            if q.dtype == fp8_ops.FP8:
+                return q, reader.get(name + "_scale_inv", torch.float32, self.device)
+        return fp8_ops.quantize_blocks(reader.get(name, self.dtype, self.device))
 
     def forward(self, i: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_ids/weights [T, k] -> partial FFN output [T, H] over what this side holds."""
@@ -450,7 +505,15 @@ class FFNSide:
             return gated_mlp(x, dense.gate_up, dense.down)
         assert self.spec.layer_has_router(i), f"layer {i} is dense and its MLP is not held here"
         stacked = self.stacked[i]
-        if stacked is not None and self._moe is not None:
+        if stacked is not None and stacked.gate_up_scale is not None:  # fp8 experts
+            st = stacked
+            if self._moe is not None:
+                out = self._moe.moe_mlp(x, topk_ids, topk_weights, st.local, st.gate_up, st.down, st.gate_up_scale,
+                                        st.down_scale)
+            else:  # the CPU: the kernel's torch reference
+                out = fp8_ops.moe_mlp_reference(x, topk_ids, topk_weights, st.local, st.gate_up, st.gate_up_scale,
+                                                st.down, st.down_scale)
+        elif stacked is not None and self._moe is not None:
             out = self._moe.moe_mlp(x, topk_ids, topk_weights, stacked.local, stacked.gate_up, stacked.down)
         elif stacked is not None and self.grouped:
             out = self._grouped(stacked, x, topk_ids, topk_weights, self._tf)

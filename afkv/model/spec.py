@@ -2,6 +2,10 @@
 
 Families: Mixtral, Qwen2-MoE, Qwen3-MoE, and dense Llama (the one-expert case).
 An `UpcycleSpec` turns a dense Llama into an MoE (the embedded default model).
+Checkpoints may store their linear weights in FP8 with block scales (DeepSeek-V3's format:
+quantization_config {"quant_method": "fp8", "weight_block_size": [128, 128]}); `fp8_block`
+records the block. `expert_dtype` is how a deployment holds the routed experts: "auto" (the
+model dtype) or "fp8" (afkv.ops.fp8: e4m3, 128 x 128 block scales).
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from afkv.errors import CheckpointError, UnsupportedModelError
+from afkv.errors import CheckpointError, ConfigError, UnsupportedModelError
+
+EXPERT_DTYPES = ("auto", "fp8")
 
 
 class Family(str, Enum):
@@ -77,6 +83,8 @@ class ModelSpec:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     upcycle: UpcycleSpec | None = None
+    fp8_block: tuple[int, int] | None = None  # the checkpoint's FP8 weight blocks (rows, cols); None: no FP8
+    expert_dtype: str = "auto"  # routed experts held as: auto (the model dtype) | fp8
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -107,6 +115,17 @@ class ModelSpec:
 
         return replace(self, upcycle=upcycle)
 
+    def with_expert_dtype(self, expert_dtype: str) -> "ModelSpec":
+        """The same model with its routed experts held as `expert_dtype` (auto | fp8)."""
+        from dataclasses import replace
+
+        if expert_dtype not in EXPERT_DTYPES:
+            raise ConfigError(f"expert_dtype must be one of {', '.join(EXPERT_DTYPES)}, got {expert_dtype!r}")
+        if expert_dtype == "fp8" and not any(self.sparse_layers):
+            raise UnsupportedModelError(f"{self.extra.get('source', 'this model')}: expert_dtype fp8 applies to the "
+                                        "routed experts of MoE checkpoints, and this one has none")
+        return replace(self, expert_dtype=expert_dtype)
+
 
 def load_spec(model_dir: str | Path) -> ModelSpec:
     path = Path(model_dir) / "config.json"
@@ -125,6 +144,25 @@ def _rope_theta(cfg: dict, source: str) -> float:
     if rope_type not in ("default", None):
         raise UnsupportedModelError(f"{source}: rope type {rope_type!r} is not supported (only default RoPE)")
     return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def fp8_block(cfg: dict, source: str = "config.json") -> tuple[int, int] | None:
+    """The FP8 weight block of a checkpoint's quantization_config; None when it has none.
+    Only block-scaled e4m3 (DeepSeek-V3's format) is supported."""
+    q = cfg.get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method")
+    if method != "fp8":
+        raise UnsupportedModelError(f"{source}: quantization method {method!r} is not supported (only fp8 with "
+                                    "block scales)")
+    if q.get("fmt", "e4m3") != "e4m3":
+        raise UnsupportedModelError(f"{source}: fp8 format {q.get('fmt')!r} is not supported (only e4m3)")
+    block = q.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise UnsupportedModelError(f"{source}: fp8 without weight_block_size [rows, cols] (per-tensor scales) is "
+                                    "not supported")
+    return block[0], block[1]
 
 
 def spec_from_hf_config(cfg: dict, source: str = "config.json") -> ModelSpec:
@@ -198,5 +236,6 @@ def spec_from_hf_config(cfg: dict, source: str = "config.json") -> ModelSpec:
         sparse_layers=tuple(sparse),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
+        fp8_block=fp8_block(cfg, source),
         extra={"source": source},
     )

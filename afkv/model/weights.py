@@ -2,6 +2,10 @@
 
 A `CheckpointReader` maps tensor names to files without reading any tensor;
 `get` reads one tensor. Each side of the AF seam asks only for the tensors it owns.
+
+FP8 checkpoints (DeepSeek-V3's format: `<name>` float8_e4m3fn with `<name>_scale_inv`, one
+float32 scale per block of `fp8_block` weights): `get` with a dtype returns the dequantized
+weight; `get` without one returns the stored tensor (what FFNSide takes as is for FP8 experts).
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from afkv.errors import CheckpointError
+from afkv.errors import CheckpointError, ConfigError
+from afkv.ops.fp8 import FP8, dequantize_blocks
 
 
 class CheckpointReader:
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, fp8_block: tuple[int, int] | None = None):
         self.model_dir = Path(model_dir)
+        self.fp8_block = fp8_block  # ModelSpec.fp8_block: how FP8 weights' scales are laid out
         if not self.model_dir.is_dir():
             raise CheckpointError(f"checkpoint directory {self.model_dir} does not exist")
         self._file_of: dict[str, Path] = {}  # tensor name -> file holding it
@@ -54,6 +60,22 @@ class CheckpointReader:
         return list(self._file_of)
 
     def get(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The tensor `name` on `device`; with a dtype, converted (FP8 weights dequantized first)."""
+        tensor = self._read(name)
+        if dtype is not None and tensor.dtype == FP8 and name + "_scale_inv" in self:
+            if self.fp8_block is None:
+                raise CheckpointError(f"{name!r} is fp8 with scales, but {self.model_dir}/config.json names no "
+                                      "quantization_config.weight_block_size")
+            scale = self._read(name + "_scale_inv")
+            try:
+                return dequantize_blocks(tensor.to(device), scale.to(device), dtype, self.fp8_block)
+            except ConfigError as exc:
+                raise CheckpointError(f"{name!r} in {self.model_dir}: {exc}") from exc
+        if dtype is not None:
+            tensor = tensor.to(dtype)
+        return tensor.to(device)
+
+    def _read(self, name: str) -> torch.Tensor:
         path = self._file_of.get(name)
         if path is None:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.model_dir}")
@@ -64,9 +86,7 @@ class CheckpointReader:
             tensor = handle.get_tensor(name)
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read tensor {name!r} from {path}: file truncated or corrupt ({exc})") from exc
-        if dtype is not None:
-            tensor = tensor.to(dtype)
-        return tensor.to(device)
+        return tensor
 
     def close(self) -> None:
         self._handles.clear()

@@ -1,43 +1,53 @@
 """Fused Triton kernels for the routed experts of a MoE layer, behind the semantics of the torch
-grouped path they replace (afkv.model.sides.FFNSide._grouped).
+paths they replace (afkv.model.sides.FFNSide._grouped; afkv.ops.fp8.moe_mlp_reference for
+FP8 expert weights).
 
     moe_mlp         y[t] = sum over t's held selections of w * down_e(silu(gate_e x_t) * up_e x_t)
     default_config  block sizes for a shape (depends only on shapes)
-    bench           moe_mlp vs the torch grouped path, achieved weight bytes/s
-                    (python -m afkv.ops.triton_moe)
 
-Callers check `available()` and fall back to the torch path where it is False. moe_mlp runs
-its kernels on whatever device the tensors are on: CPU tensors run under Triton's interpreter
-(TRITON_INTERPRET=1 in the environment before this module is imported), which is how the CPU
-tests check it. Importing this module never needs triton.
+Callers check `available()` (and `fp8_available()` for FP8 weights) and fall back to the torch
+paths where it is False. moe_mlp runs its kernels on whatever device the tensors are on: CPU
+tensors run under Triton's interpreter (TRITON_INTERPRET=1 in the environment before this
+module is imported), which is how the CPU tests check it. Importing this module never needs
+triton. Benchmarks: afkv.bench.kernels (`afkv bench kernels moe`).
 
-Layout. The (token, selection) pairs are sorted by held expert (torch ops that never sync:
-argsort, cumsum, scatter, searchsorted) into row blocks of BLOCK_M rows, each block holding
-rows of one expert only (an expert's last block padded with the sentinel pair T*k). Expert e
-takes ceil(count_e / BLOCK_M) blocks, so the blocks number at most
-ceil(T*k / BLOCK_M) + min(E_h, T*k): every grid is sized by that bound, and programs past the
-real blocks read their block's expert (E_h: none) and exit. Grids depend only on shapes; the
-whole call can be captured in a CUDA graph (compile it once outside the capture).
+Four launches, every grid sized by shapes only (no host synchronisation: the whole call can be
+captured in a CUDA graph; compile it once outside the capture):
 
-Two kernels, each program one BLOCK_M x BLOCK_N tile of one expert's rows, looping over K:
-  gate_up  x rows [BM, H] @ the gate tile and the matching up tile (columns n and n + I of
+  align    one kernel: the (token, selection) pairs sorted by held expert into row blocks of
+           BLOCK_M rows, each block one expert's rows (an expert's last block padded with the
+           sentinel pair P = T*k). Expert e takes ceil(count_e / BLOCK_M) blocks, so the blocks
+           number at most ceil(P / BLOCK_M) + min(E_h, P): the GEMM grids are sized by that
+           bound; blocks past the real ones name expert E_h and their programs exit at once.
+           Each program histograms every pair's expert (redundantly: no global barrier, no
+           atomics), then places its own chunk of pairs (a sort by expert within the chunk)
+           and writes its share of the block -> expert table and padding slots.
+  gate_up  per program one BLOCK_M x BLOCK_N tile of one expert's rows, looping over K:
+           x rows [BM, H] @ the gate tile and the matching up tile (columns n and n + I of
            gate_up^T) -> silu(gate) * up, written as [rows, I] activations in the dtype of x
            (the [rows, 2I] intermediate is never written)
-  down     activations [BM, I] @ down^T tile, times the routing weight (float32), written as
-           float32 per-selection rows [P, H] (split-K: one slice of [S, P, H] per K split).
-The combine sums each token's k selections (and the S splits) with torch in a fixed order:
-no atomics, results equal run to run. Rows of unheld / padding selections stay zero.
+  down     activations [BM, I] @ down^T tile, times the routing weight, written per selection
+           [P, H] (split-K: one slice of [S, P, H] per K split), in float32 when split or when
+           x is float32, else in the dtype of x
+  combine  y[t] = the sum of t's held selections (and splits) in a fixed order, in float32,
+           rounded once to the dtype of x. No atomics: results equal run to run. Unheld and
+           padding selections are never read.
 
-Rounding: products in float32 (tensor cores for 16-bit inputs, IEEE float32 for float32
-inputs), the activations rounded once to the dtype of x (as the torch path rounds them), the
-weighted sum in float32, rounded once to the dtype of x. The torch path rounds gate_up, each
-selection's output, its product with the weight and each partial sum to 16 bits as well:
-this path is the more accurate of the two.
+Tiles: the GEMM programs are ordered in groups of GROUP_M row blocks (the row blocks of a
+group share an expert's weight tiles while they sit in L2). Few rows per expert (decode): the
+step is bound by reading the weights, so N is split finely (and the down GEMM's K when that
+leaves too few programs) until every SM streams its share; many rows: 128-row tiles with wide
+N, as a dense GEMM (default_config).
 
-Bandwidth at small M: with few rows per expert the step is bound by reading the weights; N is
-split finely (BLOCK_N 64, 32 when that gives too few programs) so that enough programs stream
-each expert's weights once, and the down GEMM splits K when even BLOCK_N 32 leaves too few
-programs (decode of one token: 2 experts).
+FP8 weights (e4m3, one float32 scale per 128 x 128 block, afkv.ops.fp8): BLOCK_K is 128 and
+each program quantizes its A tile per row and 128-column group (amax / 448) in registers; the
+fp8 x fp8 products of one K block are promoted to float32 times the two scales (DeepSeek-V3's
+recipe). Compiled for CUDA this needs fp8 tensor cores (compute capability >= 8.9).
+
+Rounding (16-bit x): products in float32, the activations rounded once to the dtype of x (as
+the torch path rounds them), each selection's weighted output rounded to the dtype of x (as
+the torch path does), the sum over selections in float32, rounded once to the dtype of x.
+float32 x: IEEE float32 dots and float32 throughout.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from dataclasses import dataclass
 import torch
 
 from afkv.errors import ConfigError
+from afkv.ops.fp8 import AMAX_EPS, BLOCK as FP8_BLOCK, FP8, FP8_MAX, scale_shape
 
 try:
     import triton
@@ -56,14 +67,22 @@ except ImportError:  # the CPU CI: callers use the torch grouped path
     triton = None
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_PROGRAMS_PER_SM = 4  # split N (then K) until a GEMM has this many programs per SM
+_PROGRAMS_PER_SM = 4  # weight-bound tiles: split N (then K) until a GEMM has this many programs per SM
 _MAX_SPLIT_K = 8
+_ALIGN_CHUNK = 1024  # pairs placed per align program
+_ALIGN_BLOCKS = 16  # blocks per step of an align program's share of the block table
 
 
 @functools.cache
 def available() -> bool:
     """True when triton imports and torch sees a CUDA device."""
     return triton is not None and torch.cuda.is_available()
+
+
+@functools.cache
+def fp8_available(device: torch.device) -> bool:
+    """available() and `device` has fp8 tensor cores (compute capability >= 8.9)."""
+    return available() and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -88,8 +107,9 @@ class BlockConfig:
     block_m: int  # rows of one expert per program (tl.dot needs >= 16)
     gate_up_block_n: int  # activation columns per gate_up program (reads 2 x this many weight rows)
     down_block_n: int  # output columns per down program
-    block_k: int
+    block_k: int  # 128 for FP8 weights (one scale block per K step)
     split_k: int  # down GEMM: K slices, each summed by the combine
+    group_m: int = 8  # row blocks per program group (L2 reuse of weight tiles)
     num_warps: int = 4
     num_stages: int = 4
 
@@ -98,24 +118,35 @@ class BlockConfig:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ConfigError(f"BlockConfig.{name} must be a power of two >= 16, got {v}")
-        if self.split_k < 1:
-            raise ConfigError(f"BlockConfig.split_k must be >= 1, got {self.split_k}")
+        for name in ("split_k", "group_m", "num_warps", "num_stages"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"BlockConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
-def default_config(num_pairs: int, num_held: int, hidden: int, inter: int, sm_count: int) -> BlockConfig:
+def default_config(
+    num_pairs: int, num_held: int, hidden: int, inter: int, sm_count: int, fp8: bool = False
+) -> BlockConfig:
     """Block sizes for num_pairs = T*k selections over num_held experts of [2I, H] / [H, I]
     (shapes only: the same config for every routing, as a CUDA graph needs). Assumes the
-    selections spread evenly over min(num_held, num_pairs) experts."""
+    selections spread evenly over min(num_held, num_pairs) experts: rows = pairs per touched
+    expert picks the regime (measured on H100 / H200: afkv/bench/RESULTS.md)."""
     active = max(1, min(num_held, num_pairs))
     rows = _cdiv(num_pairs, active)  # rows per touched expert
+    if rows > 64:  # compute-bound: dense-GEMM tiles
+        return BlockConfig(block_m=128, gate_up_block_n=128, down_block_n=128, block_k=128 if fp8 else 64,
+                           split_k=1, group_m=8, num_warps=8, num_stages=3 if fp8 else 4)
     block_m = min(64, max(16, _next_pow2(rows)))
     row_blocks = active * _cdiv(rows, block_m)
     target = _PROGRAMS_PER_SM * sm_count
+    widest = 128 if fp8 else 64  # fp8 tiles read half the bytes per column: twice the columns
 
     def block_n(n: int) -> int:
-        return 64 if _cdiv(n, 64) * row_blocks >= target else 32
+        bn = widest
+        while bn > 16 and _cdiv(n, bn) * row_blocks < target:
+            bn //= 2
+        return bn
 
-    block_k = min(128, max(16, _next_pow2(min(hidden, inter))))
+    block_k = 128 if fp8 else min(128, max(16, _next_pow2(min(hidden, inter))))
     down_n = block_n(hidden)
     split_k = 1
     while (
@@ -130,6 +161,8 @@ def default_config(num_pairs: int, num_held: int, hidden: int, inter: int, sm_co
         down_block_n=down_n,
         block_k=block_k,
         split_k=split_k,
+        group_m=8,
+        num_warps=4,
         num_stages=4 if block_m <= 32 else 3,
     )
 
@@ -139,6 +172,8 @@ def default_config(num_pairs: int, num_held: int, hidden: int, inter: int, sm_co
 
 
 if triton is not None:
+    _AMAX_EPS = tl.constexpr(AMAX_EPS)
+    _FP8_MAX = tl.constexpr(FP8_MAX)
 
     @triton.jit
     def _dot(a, b, acc, IEEE: tl.constexpr):
@@ -148,16 +183,103 @@ if triton is not None:
             return tl.dot(a, b, acc)
 
     @triton.jit
-    def _gate_up_kernel(
-        x_ptr, w_ptr, act_ptr, pairs_ptr, block_expert_ptr,
-        num_pairs, num_held, hidden, inter,
-        stride_x, stride_we, stride_wn, stride_act,
-        TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+    def _round_e4m3(v):
+        """float32 v, |v| <= 448 -> v rounded to the e4m3 grid (nearest, ties to even), in float32.
+        For the interpreter, whose float32 -> fp8 cast loses the carry into the exponent
+        (7.9998 -> 4.0); compiled code lets the hardware cast round (cvt.rn.satfinite)."""
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFFF + ((bits >> 20) & 1))) & 0xFFF00000  # 3 mantissa bits
+        normal = bits.to(tl.float32, bitcast=True)
+        sub = ((v * 512.0 + 12582912.0) - 12582912.0) / 512.0  # multiples of 2^-9 (subnormals)
+        return tl.where(tl.abs(v) < 0.015625, sub, normal)
+
+    @triton.jit
+    def _quantize_rows(a, EXACT_CAST: tl.constexpr):
+        """a [BM, 128] float32 -> (fp8 [BM, 128], scales [BM] float32): per row, amax / 448."""
+        scale = tl.maximum(tl.max(tl.abs(a), 1), _AMAX_EPS) / _FP8_MAX  # [BM]
+        v = a / scale[:, None]
+        v = tl.minimum(tl.maximum(v, -_FP8_MAX), _FP8_MAX)
+        if EXACT_CAST:
+            v = _round_e4m3(v)
+        return v.to(tl.float8e4nv), scale
+
+    @triton.jit
+    def _tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        """Program id -> (row block, column tile), GROUP_M row blocks at a time."""
+        width = GROUP_M * num_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+    @triton.jit
+    def _held_expert(ids_ptr, local_ptr, p, mask, num_held, num_experts):
+        """Stack index of pair p's expert; num_held when not held, padding, out of range or masked."""
+        ids = tl.load(ids_ptr + p, mask=mask, other=num_experts)
+        ok = mask & (ids >= 0) & (ids <= num_experts)
+        e = tl.load(local_ptr + ids, mask=ok, other=num_held).to(tl.int32)
+        return tl.where((e >= 0) & (e < num_held), e, num_held)
+
+    @triton.jit
+    def _align_kernel(
+        ids_ptr, local_ptr, pairs_ptr, block_expert_ptr,
+        num_pairs, num_held, num_experts, max_blocks, blocks_per_program,
+        BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
     ):  # fmt: skip
-        """Program (b, j): row block b (one expert's rows), activation columns j * BLOCK_N ...:
+        """Program c: pairs [c * CHUNK, (c + 1) * CHUNK) and blocks [c * bpp, (c + 1) * bpp).
+        Bins of the histograms: stack index, num_held = not held (BLOCK_E > num_held)."""
+        c = tl.program_id(0)
+        offs = tl.arange(0, CHUNK)
+        bins = tl.arange(0, BLOCK_E)
+        mine = c * CHUNK
+        counts = tl.zeros([BLOCK_E], tl.int32)  # pairs per expert
+        before = tl.zeros([BLOCK_E], tl.int32)  # ... in the chunks before this program's
+        for start in range(0, num_pairs, CHUNK):
+            p = start + offs
+            h = tl.histogram(_held_expert(ids_ptr, local_ptr, p, p < num_pairs, num_held, num_experts), BLOCK_E)
+            counts += h
+            before += h * (start < mine).to(tl.int32)
+        held = bins < num_held
+        counts = tl.where(held, counts, 0)
+        blocks = (counts + BLOCK_M - 1) // BLOCK_M  # [E] row blocks per expert
+        block_end = tl.cumsum(blocks, 0)
+        slot_start = (block_end - blocks) * BLOCK_M  # [E] first slot of each expert
+        total = tl.sum(blocks, 0)
+        # this program's pairs: sorted by expert (pair order within one), then placed
+        p = mine + offs
+        e = _held_expert(ids_ptr, local_ptr, p, p < num_pairs, num_held, num_experts)  # [CHUNK]
+        chunk = tl.histogram(e, BLOCK_E)
+        chunk_first = tl.cumsum(chunk, 0) - chunk  # [E] first sorted position of each expert
+        keys = tl.sort(e * CHUNK + offs)
+        e_s = keys // CHUNK
+        base = slot_start + before - chunk_first  # [E]: slot = base[e] + sorted position
+        slots = tl.gather(base, e_s, 0) + offs
+        tl.store(pairs_ptr + slots, mine + keys % CHUNK, mask=e_s < num_held)
+        # this program's blocks: the expert of each, the sentinel in each padding slot
+        rows = tl.arange(0, BLOCK_M)
+        first_block = c * blocks_per_program
+        last_block = tl.minimum(first_block + blocks_per_program, max_blocks)
+        for b0 in range(first_block, last_block, BLOCK_B):
+            b = b0 + tl.arange(0, BLOCK_B)  # [BB]
+            be = tl.sum((block_end[None, :] <= b[:, None]).to(tl.int32), 1)  # [BB] experts ending at or before b
+            be = tl.minimum(be, num_held)
+            tl.store(block_expert_ptr + b, be, mask=b < last_block)
+            end = tl.gather(slot_start + counts, be, 0)  # [BB] slot after the expert's last pair
+            s = b[:, None] * BLOCK_M + rows[None, :]  # [BB, BM]
+            pad = (s >= end[:, None]) & ((b < total) & (b < last_block))[:, None]
+            tl.store(pairs_ptr + s, tl.full([BLOCK_B, BLOCK_M], 0, tl.int32) + num_pairs, mask=pad)
+
+    @triton.jit
+    def _gate_up_kernel(
+        x_ptr, w_ptr, ws_ptr, act_ptr, pairs_ptr, block_expert_ptr,
+        num_pairs, num_held, hidden, inter, num_blocks, up_scale_row,
+        stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_act,
+        TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr,
+        EXACT_CAST: tl.constexpr,
+    ):  # fmt: skip
+        """Program -> (row block b, activation columns j * BLOCK_N ...):
         act[rows, n] = silu(x[rows] @ gate[n]^T) * (x[rows] @ up[n]^T)."""
-        b = tl.program_id(0)
+        b, j = _tile(tl.program_id(0), num_blocks, tl.cdiv(inter, BLOCK_N), GROUP_M)
         e = tl.load(block_expert_ptr + b)
         if e >= num_held:  # past the real blocks
             return
@@ -165,12 +287,14 @@ if triton is not None:
         pairs = tl.load(pairs_ptr + rows)  # [BM] (token, selection) pair; num_pairs = padding
         valid = pairs < num_pairs
         tokens = (pairs // TOP_K).to(tl.int64)  # [BM]
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        n = j * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         n_mask = n < inter
         kk = tl.arange(0, BLOCK_K)  # [BK]
         x_ptrs = x_ptr + tokens[:, None] * stride_x + kk[None, :]  # [BM, BK]
         g_ptrs = w_ptr + e.to(tl.int64) * stride_we + n.to(tl.int64)[None, :] * stride_wn + kk[:, None]  # [BK, BN]
         u_ptrs = g_ptrs + inter.to(tl.int64) * stride_wn  # the up rows follow the gate rows
+        gs_ptrs = ws_ptr + e.to(tl.int64) * stride_se + (n // 128) * stride_sn  # [BN] FP8: scale rows
+        us_ptrs = gs_ptrs + up_scale_row * stride_sn
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, hidden, BLOCK_K):
@@ -183,8 +307,15 @@ if triton is not None:
                 a = tl.load(x_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
                 g = tl.load(g_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
                 u = tl.load(u_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc_g = _dot(a, g, acc_g, IEEE)
-            acc_u = _dot(a, u, acc_u, IEEE)
+            if FP8:
+                aq, a_s = _quantize_rows(a.to(tl.float32), EXACT_CAST)  # [BM, BK] fp8, [BM]
+                g_s = tl.load(gs_ptrs + k0 // 128, mask=n_mask, other=0.0)  # [BN]
+                u_s = tl.load(us_ptrs + k0 // 128, mask=n_mask, other=0.0)
+                acc_g += tl.dot(aq, g) * (a_s[:, None] * g_s[None, :])
+                acc_u += tl.dot(aq, u) * (a_s[:, None] * u_s[None, :])
+            else:
+                acc_g = _dot(a, g, acc_g, IEEE)
+                acc_u = _dot(a, u, acc_u, IEEE)
             x_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
@@ -194,27 +325,28 @@ if triton is not None:
 
     @triton.jit
     def _down_kernel(
-        act_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_ptr,
-        num_pairs, num_held, hidden, inter, k_per_split,
-        stride_act, stride_we, stride_wn, stride_out_split, stride_out,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+        act_ptr, w_ptr, ws_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_ptr,
+        num_pairs, num_held, hidden, inter, k_per_split, num_blocks,
+        stride_act, stride_we, stride_wn, stride_se, stride_sn, stride_out_split, stride_out,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        EVEN_K: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr, EXACT_CAST: tl.constexpr,
     ):  # fmt: skip
-        """Program (b, j, s): row block b, output columns j * BLOCK_N ..., K slice s:
-        out[s, pair, n] = weight[pair] * act[rows, K_s] @ down[n, K_s]^T (float32)."""
-        b = tl.program_id(0)
+        """Program (-> row block b, output columns j * BLOCK_N ...; K slice s):
+        out[s, pair, n] = weight[pair] * act[rows, K_s] @ down[n, K_s]^T."""
+        b, j = _tile(tl.program_id(0), num_blocks, tl.cdiv(hidden, BLOCK_N), GROUP_M)
         e = tl.load(block_expert_ptr + b)
         if e >= num_held:
             return
         rows = b.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
         pairs = tl.load(pairs_ptr + rows)  # [BM]
         valid = pairs < num_pairs
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        n = j * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         n_mask = n < hidden
-        k_start = tl.program_id(2) * k_per_split
+        k_start = tl.program_id(1) * k_per_split
         kk = k_start + tl.arange(0, BLOCK_K)  # [BK]
         a_ptrs = act_ptr + rows[:, None] * stride_act + kk[None, :]  # [BM, BK]; padding rows hold 0
         w_ptrs = w_ptr + e.to(tl.int64) * stride_we + n.to(tl.int64)[None, :] * stride_wn + kk[:, None]  # [BK, BN]
+        s_ptrs = ws_ptr + e.to(tl.int64) * stride_se + (n // 128) * stride_sn + k_start // 128  # [BN] FP8
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, k_per_split, BLOCK_K):
             if EVEN_K:
@@ -224,14 +356,41 @@ if triton is not None:
                 k_mask = (kk + k0) < inter
                 a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = _dot(a, w, acc, IEEE)
+            if FP8:
+                aq, a_s = _quantize_rows(a.to(tl.float32), EXACT_CAST)
+                w_s = tl.load(s_ptrs + k0 // 128, mask=n_mask & (k_start + k0 < inter), other=0.0)  # [BN]
+                acc += tl.dot(aq, w) * (a_s[:, None] * w_s[None, :])
+            else:
+                acc = _dot(a, w, acc, IEEE)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)  # [BM]
         acc = acc * weight[:, None]
-        out_ptrs = out_ptr + tl.program_id(2).to(tl.int64) * stride_out_split
+        out_ptrs = out_ptr + tl.program_id(1).to(tl.int64) * stride_out_split
         out_ptrs += pairs.to(tl.int64)[:, None] * stride_out + n[None, :]
-        tl.store(out_ptrs, acc, mask=valid[:, None] & n_mask[None, :])
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _combine_kernel(
+        out_ptr, y_ptr, ids_ptr, local_ptr,
+        hidden, num_held, num_experts, stride_out_split, stride_out, stride_y,
+        TOP_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):  # fmt: skip
+        """Program (t, j): y[t, j * BLOCK_H ...] = sum over t's held selections and the K splits."""
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        h_mask = h < hidden
+        acc = tl.zeros([BLOCK_H], tl.float32)
+        for sel in tl.static_range(TOP_K):
+            p = t * TOP_K + sel
+            ids = tl.load(ids_ptr + p)
+            ok = (ids >= 0) & (ids <= num_experts)
+            e = tl.load(local_ptr + tl.where(ok, ids, num_experts))
+            held = ok & (e >= 0) & (e < num_held)
+            for s in tl.static_range(SPLIT_K):
+                v = tl.load(out_ptr + s * stride_out_split + p * stride_out + h, mask=h_mask & held, other=0.0)
+                acc += v.to(tl.float32)
+        tl.store(y_ptr + t * stride_y + h, acc.to(y_ptr.dtype.element_ty), mask=h_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,30 +405,40 @@ def _max_blocks(num_pairs: int, num_held: int, block_m: int) -> int:
 def _align(
     local: torch.Tensor, topk_ids: torch.Tensor, num_held: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort the (token, selection) pairs by held expert into row blocks of block_m rows, without
-    a host synchronisation. -> pairs [max_blocks * block_m + P] int32: the pair index of each
-    slot (P on padding slots; slots past max_blocks * block_m hold the unheld pairs and are
-    never read), block_expert [max_blocks] int32: the expert of each block, num_held past the
-    real blocks."""
-    num_pairs = topk_ids.numel()
-    device = topk_ids.device
+    """Sort the (token, selection) pairs by held expert into row blocks of block_m rows, in one
+    launch, without a host synchronisation. -> pairs [max_blocks * block_m] int32: the pair
+    index in each slot of the real blocks (P in padding slots; slots of the blocks past the
+    real ones are not written), block_expert [max_blocks] int32: the expert of each block,
+    num_held past the real blocks."""
+    ids = topk_ids.reshape(-1)
+    if ids.stride(0) != 1:
+        ids = ids.contiguous()
+    num_pairs = ids.numel()
     max_blocks = _max_blocks(num_pairs, num_held, block_m)
-    expert = local[topk_ids.reshape(-1)]  # [P] stack index, num_held when not held
-    counts = torch.zeros(num_held + 1, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, expert, torch.ones_like(expert))  # [E_h + 1]
-    order = torch.argsort(expert, stable=True)  # [P] pairs grouped by expert
-    sorted_expert = expert[order]  # [P]
-    first = counts.cumsum(0) - counts  # [E_h + 1] first sorted position of each expert
-    blocks = (counts[:num_held] + block_m - 1) // block_m  # [E_h]
-    block_end = blocks.cumsum(0)  # [E_h]
-    slot_start = torch.cat([block_end - blocks, block_end.new_full((1,), max_blocks)]) * block_m  # [E_h + 1]
-    positions = torch.arange(num_pairs, device=device)  # [P]
-    slots = slot_start[sorted_expert] + positions - first[sorted_expert]  # [P] distinct
-    pairs = torch.full((max_blocks * block_m + num_pairs,), num_pairs, dtype=torch.int32, device=device)
-    pairs[slots] = order.to(torch.int32)
-    block_ids = torch.arange(max_blocks, device=device)  # [max_blocks]
-    block_expert = torch.searchsorted(block_end, block_ids, right=True).to(torch.int32)  # [max_blocks]
+    pairs = torch.empty(max_blocks * block_m, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=ids.device)
+    chunk = min(_ALIGN_CHUNK, max(16, _next_pow2(num_pairs)))
+    programs = _cdiv(num_pairs, chunk)
+    _align_kernel[(programs,)](
+        ids, local, pairs, block_expert,
+        num_pairs, num_held, local.numel() - 1, max_blocks, _cdiv(max_blocks, programs),
+        BLOCK_M=block_m, CHUNK=chunk, BLOCK_E=_next_pow2(num_held + 1), BLOCK_B=_ALIGN_BLOCKS, num_warps=4,
+    )  # fmt: skip
     return pairs, block_expert
+
+
+def _check_fp8(gate_up, down, gate_up_scale, down_scale, num_held: int, hidden: int, inter: int) -> None:
+    if down.dtype != FP8 or gate_up_scale is None or down_scale is None:
+        raise ConfigError("fp8 expert weights need fp8 gate_up and down and both scale tensors")
+    want_gu = (num_held, 2 * _cdiv(inter, FP8_BLOCK), _cdiv(hidden, FP8_BLOCK))
+    want_dn = (num_held, *scale_shape(hidden, inter))
+    if tuple(gate_up_scale.shape) != want_gu or tuple(down_scale.shape) != want_dn:
+        raise ConfigError(f"fp8 scales must be {want_gu} / {want_dn}, got {tuple(gate_up_scale.shape)} / "
+                          f"{tuple(down_scale.shape)}")
+    if gate_up_scale.dtype != torch.float32 or down_scale.dtype != torch.float32:
+        raise ConfigError("fp8 scales must be float32")
+    if gate_up_scale.stride(-1) != 1 or down_scale.stride(-1) != 1:
+        raise ConfigError("fp8 scales need a unit stride on their last dim")
 
 
 def moe_mlp(
@@ -279,23 +448,30 @@ def moe_mlp(
     local: torch.Tensor,
     gate_up: torch.Tensor,
     down: torch.Tensor,
+    gate_up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
     config: BlockConfig | None = None,
 ) -> torch.Tensor:
     """x [T, H], topk_ids [T, k] (logical expert ids; E marks padding), topk_weights [T, k],
     local [E + 1] int64 (logical id -> index in the stack, E_h when not held), gate_up
     [E_h, 2I, H] (gate rows, then up rows), down [E_h, H, I] -> y [T, H] in the dtype of x:
     y[t] = sum over t's selections of a held expert of weight * down_e(silu(gate_e x_t) * up_e x_t).
-    `config` overrides default_config (tuning)."""
+    Weights in the dtype of x, or fp8 (e4m3) with float32 block scales gate_up_scale
+    [E_h, 2 ceil(I/128), ceil(H/128)] (gate blocks, then up blocks) and down_scale
+    [E_h, ceil(H/128), ceil(I/128)] (afkv.ops.fp8). `config` overrides default_config (tuning)."""
     num_tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
     num_held, two_inter, w_hidden = gate_up.shape
     inter = two_inter // 2
+    fp8 = gate_up.dtype == FP8
     if x.dtype not in _FLOAT_DTYPES:
         raise ConfigError(f"moe_mlp takes float32, float16 or bfloat16 x, got {x.dtype}")
-    if gate_up.dtype != x.dtype or down.dtype != x.dtype:
-        raise ConfigError(f"expert weights must be {x.dtype}, got {gate_up.dtype} / {down.dtype}")
     if two_inter % 2 or w_hidden != hidden or tuple(down.shape) != (num_held, hidden, inter):
         raise ConfigError(f"gate_up {tuple(gate_up.shape)} / down {tuple(down.shape)} do not fit hidden {hidden}")
+    if fp8:
+        _check_fp8(gate_up, down, gate_up_scale, down_scale, num_held, hidden, inter)
+    elif gate_up.dtype != x.dtype or down.dtype != x.dtype:
+        raise ConfigError(f"expert weights must be {x.dtype} or fp8, got {gate_up.dtype} / {down.dtype}")
     if topk_ids.shape != (num_tokens, top_k) or topk_weights.shape != (num_tokens, top_k):
         raise ConfigError(f"topk_ids {tuple(topk_ids.shape)} / weights {tuple(topk_weights.shape)} are not [T, k]")
     if gate_up.stride(-1) != 1 or down.stride(-1) != 1:
@@ -311,144 +487,41 @@ def moe_mlp(
     device_index = None
     if x.is_cuda:
         device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    cfg = config or default_config(num_pairs, num_held, hidden, inter, _sm_count(device_index))
+    cfg = config or default_config(num_pairs, num_held, hidden, inter, _sm_count(device_index), fp8)
+    if fp8 and cfg.block_k != FP8_BLOCK:
+        raise ConfigError(f"fp8 expert weights need block_k {FP8_BLOCK}, got {cfg.block_k}")
     ieee = x.dtype == torch.float32
+    exact_cast = not x.is_cuda
+    scales = (gate_up_scale, down_scale) if fp8 else (gate_up, down)  # unused pointers without FP8
     pairs, block_expert = _align(local, topk_ids, num_held, cfg.block_m)  # [slots], [max_blocks]
     max_blocks = block_expert.shape[0]
     act = torch.empty(max_blocks * cfg.block_m, inter, dtype=x.dtype, device=x.device)  # [slots, I]
-    _gate_up_kernel[(max_blocks, _cdiv(inter, cfg.gate_up_block_n))](
-        x, gate_up, act, pairs, block_expert,
-        num_pairs, num_held, hidden, inter,
-        x.stride(0), gate_up.stride(0), gate_up.stride(1), act.stride(0),
-        TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.gate_up_block_n, BLOCK_K=cfg.block_k,
-        EVEN_K=hidden % cfg.block_k == 0, IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    k_per_split = _cdiv(_cdiv(inter, cfg.split_k), cfg.block_k) * cfg.block_k
-    out = torch.zeros(cfg.split_k, num_pairs, hidden, dtype=torch.float32, device=x.device)  # [S, P, H]
-    _down_kernel[(max_blocks, _cdiv(hidden, cfg.down_block_n), cfg.split_k)](
-        act, down, out, pairs, block_expert, weights,
-        num_pairs, num_held, hidden, inter, k_per_split,
-        act.stride(0), down.stride(0), down.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.down_block_n, BLOCK_K=cfg.block_k,
-        EVEN_K=inter == cfg.split_k * k_per_split, IEEE=ieee,
+    _gate_up_kernel[(max_blocks * _cdiv(inter, cfg.gate_up_block_n),)](
+        x, gate_up, scales[0], act, pairs, block_expert,
+        num_pairs, num_held, hidden, inter, max_blocks, _cdiv(inter, FP8_BLOCK),
+        x.stride(0), gate_up.stride(0), gate_up.stride(1), scales[0].stride(0), scales[0].stride(1), act.stride(0),
+        TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.gate_up_block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        EVEN_K=hidden % cfg.block_k == 0, IEEE=ieee, FP8=fp8, EXACT_CAST=exact_cast,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    # fixed-order sums (no atomics): the same result every run
-    y = out.view(cfg.split_k * num_tokens, top_k, hidden).sum(1)  # [S * T, H]
-    return y.view(cfg.split_k, num_tokens, hidden).sum(0).to(x.dtype)  # [T, H]
-
-
-# ----------------------------------------------------------------------------------------------
-# Micro-benchmark (GPU)
-
-MIXTRAL_8X7B = dict(num_experts=8, hidden=4096, inter=14336, top_k=2)
-QWEN3_30B_A3B = dict(num_experts=128, hidden=2048, inter=768, top_k=8)
-MODELS = {"mixtral-8x7b": MIXTRAL_8X7B, "qwen3-30b-a3b": QWEN3_30B_A3B}
-
-
-def bench(
-    num_tokens: int,
-    *,
-    num_experts: int,
-    hidden: int,
-    inter: int,
-    top_k: int,
-    copies: int = 4,
-    calls: int = 10,
-    replays: int = 3,
-    dtype: torch.dtype = torch.bfloat16,
-    seed: int = 0,
-    device: torch.device | str = "cuda",
-    config: BlockConfig | None = None,
-) -> dict:
-    """moe_mlp vs the torch grouped path (FFNSide._grouped with the fused SiLU-and-multiply) at
-    `num_tokens` tokens routed uniformly at random, every expert held. Each side: `calls` calls
-    in one CUDA graph, call i over weight copy i % copies (distinct layers' weights, so reads
-    come from HBM, not L2). -> dict: num_tokens, experts_touched, weight_bytes (of the touched
-    experts, per call), moe_s, torch_s (seconds per call), moe_bytes_per_s, torch_bytes_per_s,
-    speedup, max_abs_diff (moe_mlp vs torch on copy 0)."""
-    from afkv.model.sides import FFNSide, _Stacked, fused_ops  # bench only: ops never import the model
-    from afkv.ops.triton_fused import graph_time_s
-
-    device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    local = torch.arange(num_experts + 1, device=device)  # [E + 1]: every expert held
-    layers = [
-        _Stacked(
-            torch.empty(num_experts, 2 * inter, hidden, dtype=dtype, device=device).normal_(0, 0.02, generator=gen),
-            torch.empty(num_experts, hidden, inter, dtype=dtype, device=device).normal_(0, 0.02, generator=gen),
-            local,
-        )
-        for _ in range(copies)
-    ]
-    x = torch.randn(num_tokens, hidden, generator=gen, device=device).to(dtype)  # [T, H]
-    logits = torch.randn(num_tokens, num_experts, generator=gen, device=device)  # [T, E]
-    topk_weights, topk_ids = torch.softmax(logits, -1).topk(top_k, -1)  # [T, k] each
-    touched = len(set(topk_ids.flatten().tolist()))
-    weight_bytes = touched * 3 * hidden * inter * torch.finfo(dtype).bits // 8
-    tf = fused_ops(device)
-    moe_fns = [
-        functools.partial(moe_mlp, x, topk_ids, topk_weights, st.local, st.gate_up, st.down, config)
-        for st in (layers[i % copies] for i in range(calls))
-    ]
-    torch_fns = [
-        functools.partial(FFNSide._grouped, st, x, topk_ids, topk_weights, tf)
-        for st in (layers[i % copies] for i in range(calls))
-    ]
-    diff = float((moe_fns[0]().float() - torch_fns[0]().float()).abs().max())
-    moe_s = graph_time_s(moe_fns, replays)
-    torch_s = graph_time_s(torch_fns, replays)
-    return {
-        "num_tokens": num_tokens,
-        "experts_touched": touched,
-        "weight_bytes": weight_bytes,
-        "moe_s": moe_s,
-        "torch_s": torch_s,
-        "moe_bytes_per_s": weight_bytes / moe_s,
-        "torch_bytes_per_s": weight_bytes / torch_s,
-        "speedup": torch_s / moe_s,
-        "max_abs_diff": diff,
-    }
-
-
-def main(argv: list[str] | None = None) -> None:
-    """python -m afkv.ops.triton_moe: moe_mlp vs the torch grouped path, Mixtral-8x7B and Qwen3-30B-A3B shapes."""
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 128, 256])
-    parser.add_argument("--copies", type=int, default=4, help="weight copies cycled through (layers)")
-    parser.add_argument("--calls", type=int, default=10, help="calls captured in one CUDA graph")
-    parser.add_argument("--replays", type=int, default=3)
-    parser.add_argument("--config", type=int, nargs=5, metavar=("BM", "GU_BN", "DOWN_BN", "BK", "SPLIT_K"),
-                        help="override default_config (tuning)")  # fmt: skip
-    parser.add_argument("--json", help="also write the rows to this file")
-    args = parser.parse_args(argv)
-    if not available():
-        raise SystemExit("needs triton and a CUDA device")
-    config = BlockConfig(*args.config) if args.config else None
-    print(f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}")
-    print(f"bfloat16; per call, both sides in CUDA graphs of {args.calls} calls over {args.copies} weight copies")
-    print(f"{'model':<15}{'T':>5}{'experts':>8}{'MB':>8}{'moe us':>10}{'torch us':>10}{'moe TB/s':>9}"
-          f"{'torch TB/s':>11}{'speedup':>8}{'max|diff|':>10}")  # fmt: skip
-    rows = []
-    for name in args.models:
-        for num_tokens in args.tokens:
-            row = bench(num_tokens, **MODELS[name], copies=args.copies, calls=args.calls, replays=args.replays,
-                        config=config)  # fmt: skip
-            rows.append({"model": name, **row})
-            print(
-                f"{name:<15}{num_tokens:>5}{row['experts_touched']:>8}{row['weight_bytes'] / 1e6:>8.0f}"
-                f"{row['moe_s'] * 1e6:>10.1f}{row['torch_s'] * 1e6:>10.1f}{row['moe_bytes_per_s'] / 1e12:>9.2f}"
-                f"{row['torch_bytes_per_s'] / 1e12:>11.2f}{row['speedup']:>8.2f}{row['max_abs_diff']:>10.2e}"
-            )
-            torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-
-
-if __name__ == "__main__":
-    main()
+    k_per_split = _cdiv(_cdiv(inter, cfg.split_k), cfg.block_k) * cfg.block_k
+    out_dtype = torch.float32 if cfg.split_k > 1 else x.dtype
+    out = torch.empty(cfg.split_k, num_pairs, hidden, dtype=out_dtype, device=x.device)  # [S, P, H]
+    _down_kernel[(max_blocks * _cdiv(hidden, cfg.down_block_n), cfg.split_k)](
+        act, down, scales[1], out, pairs, block_expert, weights,
+        num_pairs, num_held, hidden, inter, k_per_split, max_blocks,
+        act.stride(0), down.stride(0), down.stride(1), scales[1].stride(0), scales[1].stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.down_block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        EVEN_K=inter == cfg.split_k * k_per_split, IEEE=ieee, FP8=fp8, EXACT_CAST=exact_cast,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    y = torch.empty_like(x)  # [T, H]
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    block_h = min(1024, _next_pow2(hidden))
+    _combine_kernel[(num_tokens, _cdiv(hidden, block_h))](
+        out, y, ids, local,
+        hidden, num_held, local.numel() - 1, out.stride(0), out.stride(1), y.stride(0),
+        TOP_K=top_k, SPLIT_K=cfg.split_k, BLOCK_H=block_h, num_warps=4,
+    )  # fmt: skip
+    return y

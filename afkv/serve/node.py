@@ -45,7 +45,7 @@ def _stop_event() -> asyncio.Event:
 async def serve_expert(cfg: EngineConfig, model: str | None, index: int, store_host: str, store_port: int) -> None:
     d = cfg.deployment
     model_dir, upcycle = resolve_model(model, cfg, progress=False)
-    spec, reader = open_checkpoint(model_dir, upcycle)
+    spec, reader = open_checkpoint(model_dir, upcycle, cfg.model.expert_dtype)
     reader.close()
     device = resolve_device(d.expert_devices[index] if d.expert_devices else cfg.model.device)
     store = open_store(store_host, store_port, False, token=d.token)

@@ -322,12 +322,3 @@ def test_kernels_are_cuda_graph_capturable():
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(weights, want_weights, rtol=2e-6, atol=1e-9)
     _assert_ulps(y, tf.ref_silu_mul(gate_up))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_bench_reports(device):
-    """The benchmark runs (on the CPU only as a smoke test: the interpreter's times mean nothing)."""
-    shapes = dict(hidden=64, num_heads=4, num_kv_heads=2, head_dim=64, num_experts=16, top_k=2, moe_inter=32)
-    rows = tf.bench(3, **shapes, calls=2, replays=1, device=device)
-    assert [r["op"] for r in rows] == ["rms_norm", "add_rms_norm", "qk_norm_rope_write", "route_topk", "silu_mul"]
-    assert all(r["fused_s"] > 0 and r["torch_s"] > 0 and r["num_tokens"] == 3 for r in rows)

@@ -1,5 +1,5 @@
 """afkv.ops.triton_moe.moe_mlp against a plain per-expert reference and the torch grouped path
-(FFNSide._grouped).
+(FFNSide._grouped); with FP8 weights against afkv.ops.fp8.moe_mlp_reference.
 
 Skipped without triton (the CPU CI has none). With triton and no GPU, the kernels run on CPU
 tensors under Triton's interpreter (TRITON_INTERPRET=1, set here before the module is
@@ -12,6 +12,15 @@ Tolerances, as a fraction of the reference's largest magnitude max|ref|:
     moe_mlp rounds once where bfloat16 enters (the activations) and at the end; a float32
     simulation of that rounding gives 2.8e-3, the torch grouped path 6.2e-3 (it also rounds
     gate_up, each selection's output and each partial sum), on [8 x 1024/512] experts, T 64.
+    (Each selection's weighted output is rounded to bfloat16 before the sum, as the torch
+    grouped path rounds it.)
+  FP8 weights (e4m3, 128 x 128 block scales) against the torch reference of the FP8 path, which
+    quantizes the activations per 128-column group as the kernel does: interpreter, float32 x,
+    1e-5 (measured 6e-7: the same fp8 operands, float32 sums in another order); GPU, bfloat16 x,
+    2e-2 (the reference keeps each selection's output in float32, the kernel rounds it to
+    bfloat16, and a quotient next to an fp8 rounding boundary may round the other way).
+    The interpreter's float32 -> fp8 cast loses the carry into the exponent (7.9998 -> 4.0,
+    Triton 3.6 and 3.7): under it the kernel rounds to the e4m3 grid itself before the cast.
 Rows of unheld and padding selections contribute exactly zero; results equal bit for bit run to run.
 """
 
@@ -28,6 +37,7 @@ if not _CUDA:
 pytest.importorskip("triton")
 
 from afkv.model.sides import FFNSide, _Stacked  # noqa: E402
+from afkv.ops import fp8  # noqa: E402
 from afkv.ops import triton_moe as tm  # noqa: E402
 
 if not _CUDA and not type(tm._gate_up_kernel).__name__.startswith("Interpreted"):
@@ -156,29 +166,50 @@ def test_deterministic(device):
     assert torch.equal(tm.moe_mlp(*args), tm.moe_mlp(*args))
 
 
-def test_align_blocks():
-    """Every held pair sits in exactly one slot of a block of its expert; padding slots hold P."""
-    block_m, num_held = 4, 3
-    local = torch.tensor([0, 3, 1, 2, 3])  # expert 1 not held; id 4 = padding
-    topk_ids = torch.tensor([[0, 2], [2, 3], [1, 2], [4, 0], [2, 3], [2, 2]])
+def _check_align(local, topk_ids, num_held, block_m) -> None:
+    """Every held pair sits in exactly one slot of a block of its expert, in pair order within
+    it; each expert has ceil(count / block_m) blocks, in expert order; padding slots hold P;
+    blocks past the real ones name no expert."""
     pairs, block_expert = tm._align(local, topk_ids, num_held, block_m)
+    pairs, block_expert = pairs.cpu(), block_expert.cpu()
     num_pairs = topk_ids.numel()
     max_blocks = tm._max_blocks(num_pairs, num_held, block_m)
-    assert block_expert.shape == (max_blocks,)
-    expert = local[topk_ids.flatten()]
-    seen = []
-    for b in range(max_blocks):
-        e = int(block_expert[b])
-        rows = pairs[b * block_m : (b + 1) * block_m]
-        if e == num_held:
-            continue
-        for p in rows.tolist():
-            if p < num_pairs:
-                assert int(expert[p]) == e
-                seen.append(p)
-    assert sorted(seen) == [p for p in range(num_pairs) if int(expert[p]) < num_held]
-    real = int((block_expert < num_held).sum())
-    assert (block_expert[:real] < num_held).all() and (block_expert[real:] == num_held).all()
+    assert block_expert.shape == (max_blocks,) and pairs.shape == (max_blocks * block_m,)
+    expert = local.cpu()[topk_ids.cpu().flatten()]
+    counts = torch.bincount(expert, minlength=num_held + 1)[:num_held]
+    blocks = (counts + block_m - 1) // block_m
+    real = int(blocks.sum())
+    want_experts = torch.repeat_interleave(torch.arange(num_held), blocks)
+    assert torch.equal(block_expert[:real].long(), want_experts)
+    assert (block_expert[real:] == num_held).all()
+    for e in range(num_held):
+        start = int(blocks[:e].sum()) * block_m
+        rows = pairs[start : start + int(blocks[e]) * block_m].long()
+        held_pairs = (expert == e).nonzero().flatten()
+        assert torch.equal(rows[: int(counts[e])], held_pairs)
+        assert (rows[int(counts[e]) :] == num_pairs).all()
+
+
+def test_align_blocks():
+    local = torch.tensor([0, 3, 1, 2, 3])  # expert 1 not held; id 4 = padding
+    topk_ids = torch.tensor([[0, 2], [2, 3], [1, 2], [4, 0], [2, 3], [2, 2]])
+    _check_align(local, topk_ids, 3, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_tokens,top_k,num_experts,held,block_m", [
+    (1, 8, 128, 128, 16),  # decode: one program
+    (700, 2, 8, 5, 16),  # 1400 pairs: two programs, each places its chunk after the other's
+    (1500, 4, 16, 16, 64),  # 6000 pairs, 6 programs
+    (300, 1, 4, 1, 128),  # one held expert
+])
+def test_align_blocks_multi_program(device, num_tokens, top_k, num_experts, held, block_m):
+    gen = torch.Generator().manual_seed(num_tokens)
+    topk_ids = torch.stack([torch.randperm(num_experts + 1, generator=gen)[:top_k] for _ in range(num_tokens)])
+    kept = torch.randperm(num_experts, generator=gen)[:held].sort().values
+    local = torch.full((num_experts + 1,), held, dtype=torch.int64)
+    local[kept] = torch.arange(held)
+    _check_align(local.to(device), topk_ids.to(device), held, block_m)
 
 
 def test_config_is_validated():
@@ -241,3 +272,97 @@ def test_cuda_graph_replay_with_changed_inputs():
         want = tm.moe_mlp(x, topk_ids, topk_weights, local, gate_up, down)
         assert torch.equal(y, want)
         _check(y.clone(), (x, topk_ids, topk_weights, local, gate_up, down), "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 weights
+
+
+def _fp8_problem(num_experts, held, hidden, inter, top_k, num_tokens, device, seed=0, padding=0.0):
+    """_problem with the experts quantized to fp8 (gate and up blocks apart) -> args of moe_mlp."""
+    x, topk_ids, topk_weights, local, gate_up, down = _problem(
+        num_experts, held, hidden, inter, top_k, num_tokens, "cpu", seed=seed, padding=padding)
+    gate = [fp8.quantize_blocks(w[:inter]) for w in gate_up]
+    up = [fp8.quantize_blocks(w[inter:]) for w in gate_up]
+    dn = [fp8.quantize_blocks(w) for w in down]
+    gu_q = torch.stack([torch.cat([g[0], u[0]]) for g, u in zip(gate, up)])
+    gu_s = torch.stack([torch.cat([g[1], u[1]]) for g, u in zip(gate, up)])
+    dn_q, dn_s = torch.stack([q for q, _ in dn]), torch.stack([s for _, s in dn])
+    to = dict(device=device)
+    return (x.to(_dtype(device)).to(**to), topk_ids.to(**to), topk_weights.to(**to), local.to(**to),
+            gu_q.to(**to), dn_q.to(**to), gu_s.to(**to), dn_s.to(**to))
+
+
+def _check_fp8(y, args, device) -> None:
+    x, topk_ids, topk_weights, local, gu_q, dn_q, gu_s, dn_s = args
+    assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()
+    want = fp8.moe_mlp_reference(x.float(), topk_ids, topk_weights, local, gu_q, gu_s, dn_q, dn_s)
+    scale = float(want.abs().max())
+    err = float((y.float() - want).abs().max())
+    assert err <= (1e-5 if device == "cpu" else 2e-2) * scale, f"{err / scale:.2e} x max|ref|"
+
+
+FP8_CASES = {  # name -> (num_experts, held, hidden, inter, top_k, num_tokens, padding)
+    "T1": (4, range(4), 256, 128, 2, 1, 0.0),
+    "T13": (4, range(4), 256, 256, 2, 13, 0.0),
+    "ragged": (6, range(6), 192, 160, 2, 21, 0.0),  # H and I not multiples of 128: partial blocks
+    "held-and-padding": (8, (1, 4, 5), 128, 128, 2, 20, 0.25),
+    "tiny": (8, range(8), 64, 32, 2, 9, 0.0),  # one block per matrix, one group per row
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", FP8_CASES.values(), ids=FP8_CASES.keys())
+def test_fp8_matches_reference(device, case):
+    num_experts, held, hidden, inter, top_k, num_tokens, padding = case
+    args = _fp8_problem(num_experts, tuple(held), hidden, inter, top_k, num_tokens, device, padding=padding)
+    _check_fp8(tm.moe_mlp(*args), args, device)
+
+
+FP8_CONFIGS = {
+    "split-k": tm.BlockConfig(block_m=16, gate_up_block_n=16, down_block_n=16, block_k=128, split_k=2),
+    "wide-n": tm.BlockConfig(block_m=32, gate_up_block_n=256, down_block_n=256, block_k=128, split_k=1),
+    "block-m-128": tm.BlockConfig(block_m=128, gate_up_block_n=64, down_block_n=32, block_k=128, split_k=1),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", FP8_CONFIGS.values(), ids=FP8_CONFIGS.keys())
+def test_fp8_block_configs(device, config):
+    args = _fp8_problem(8, (0, 1, 3, 6, 7), 384, 320, 2, 40, device, seed=1, padding=0.1)
+    _check_fp8(tm.moe_mlp(*args, config=config), args, device)
+
+
+def test_fp8_misuse_is_a_config_error():
+    x, ids, w, local, gu_q, dn_q, gu_s, dn_s = _fp8_problem(4, range(4), 128, 128, 2, 3, "cpu")
+    with pytest.raises(tm.ConfigError, match="block_k"):
+        tm.moe_mlp(x, ids, w, local, gu_q, dn_q, gu_s, dn_s,
+                   config=tm.BlockConfig(block_m=16, gate_up_block_n=16, down_block_n=16, block_k=64, split_k=1))
+    with pytest.raises(tm.ConfigError, match="scale"):
+        tm.moe_mlp(x, ids, w, local, gu_q, dn_q)
+    with pytest.raises(tm.ConfigError, match="scales must be"):
+        tm.moe_mlp(x, ids, w, local, gu_q, dn_q, gu_s[:, :1], dn_s)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", REAL.values(), ids=REAL.keys())
+def test_fp8_real_shapes(case):
+    """bf16 activations, fp8 experts quantized on the GPU, at Mixtral / Qwen3 shapes."""
+    num_experts, hidden, inter, top_k, num_tokens = case
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    gate_up = torch.empty(num_experts, 2 * inter, hidden, device="cuda").normal_(0, hidden**-0.5, generator=gen)
+    down = torch.empty(num_experts, hidden, inter, device="cuda").normal_(0, inter**-0.5, generator=gen)
+    gate = [fp8.quantize_blocks(w[:inter]) for w in gate_up]
+    up = [fp8.quantize_blocks(w[inter:]) for w in gate_up]
+    dn = [fp8.quantize_blocks(w) for w in down]
+    gu_q = torch.stack([torch.cat([g[0], u[0]]) for g, u in zip(gate, up)])
+    gu_s = torch.stack([torch.cat([g[1], u[1]]) for g, u in zip(gate, up)])
+    dn_q, dn_s = torch.stack([q for q, _ in dn]), torch.stack([s for _, s in dn])
+    del gate_up, down, gate, up, dn
+    x = torch.randn(num_tokens, hidden, generator=gen, device="cuda").to(torch.bfloat16)
+    logits = torch.randn(num_tokens, num_experts, generator=gen, device="cuda")  # [T, E]
+    topk_weights, topk_ids = torch.softmax(logits, -1).topk(top_k)  # [T, k] each
+    local = torch.arange(num_experts + 1, device="cuda")
+    args = (x, topk_ids, topk_weights, local, gu_q, dn_q, gu_s, dn_s)
+    _check_fp8(tm.moe_mlp(*args), args, "cuda")

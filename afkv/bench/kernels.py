@@ -1,0 +1,488 @@
+"""`afkv bench kernels`: afkv's Triton kernels against their rooflines and the torch code they
+replace, on one GPU (python -m afkv.bench.kernels, or `afkv bench kernels ...`).
+
+    moe     the fused-MoE kernel (afkv.ops.triton_moe) at Mixtral-8x7B and Qwen3-30B-A3B expert
+            shapes, 16..8192 routed tokens per layer, bf16 and fp8 experts: time per layer, the
+            roofline max(weight bytes / HBM copy ceiling, FLOPs / dense-GEMM peak) with both
+            ceilings measured in the same run, the achieved share, fp8 / bf16, and the torch
+            grouped-GEMM path at the same points; --tune times candidate tile configs per point
+    fused   each small fused kernel (afkv.ops.triton_fused) against its torch composition
+    decode  a batch-1 decode step of a real-shape model (random weights): TPOT as a CUDA graph
+            (as `afkv bench gpu` measures it), T_attn (the FFN returning zeros), and the kernels of
+            one step by name (count, device time; torch.profiler over an eager step)
+
+One timer for every kernel figure (time_s): the calls captured in one CUDA graph, replayed
+between CUDA events, as a decode step runs (no launch overhead). MoE calls cycle over weight
+copies (distinct layers' weights), so reads come from HBM, not L2. Layer map: bench sits
+above ops and model; nothing imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from afkv.errors import DeviceError
+
+MOE_SHAPES = {  # the routed experts of one layer
+    "mixtral-8x7b": dict(num_experts=8, hidden=4096, inter=14336, top_k=2),
+    "qwen3-30b-a3b": dict(num_experts=128, hidden=2048, inter=768, top_k=8),
+}
+MOE_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+FUSED_SHAPES = dict(hidden=2048, num_heads=32, num_kv_heads=4, head_dim=128, num_experts=128, top_k=8, moe_inter=768)
+
+
+# ----------------------------------------------------------------------------------------------
+# The timer
+
+
+def graph_time_s(fns: list, replays: int) -> float:
+    """Seconds per call: the calls fns[0](), fns[1](), ... captured in one CUDA graph (as afkv
+    runs a decode step: no launch overhead), replayed `replays` times between CUDA events."""
+    for fn in dict.fromkeys(fns):
+        fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm the allocator off the default stream, as capture wants
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    del graph
+    return start.elapsed_time(end) / 1e3 / (replays * len(fns))
+
+
+def time_s(fns: list, replays: int, device: torch.device) -> float:
+    """Seconds per call of the calls fns: graph_time_s on CUDA; on the CPU (the interpreter: a
+    smoke test) a wall clock around eager calls after one warm-up call each."""
+    if device.type == "cuda":
+        return graph_time_s(fns, replays)
+    for fn in dict.fromkeys(fns):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(replays):
+        for fn in fns:
+            fn()
+    return (time.perf_counter() - t0) / (replays * len(fns))
+
+
+def _require_gpu() -> torch.device:
+    from afkv.ops import triton_moe
+
+    if not triton_moe.available():
+        raise DeviceError("afkv bench kernels needs triton and a CUDA GPU")
+    torch.cuda.set_device(0)
+    return torch.device("cuda:0")
+
+
+def fp8_gemm_peak(device: torch.device, n: int = 8192) -> float | None:
+    """FLOP/s of a large fp8 x fp8 -> bf16 matmul through torch._scaled_mm (tensor-wise scales);
+    None where torch or the GPU has none."""
+    if torch.cuda.get_device_capability(device) < (8, 9) or not hasattr(torch, "_scaled_mm"):
+        return None
+    from afkv.bench.calibrate import _timer
+
+    a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+    one = torch.ones((), device=device)
+    try:
+        return 2 * n**3 / _timer(device)(lambda: torch._scaled_mm(a, b.t(), one, one, out_dtype=torch.bfloat16))
+    except RuntimeError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# moe
+
+
+def _expert_copies(shape: dict, dtype: str, copies: int, device: torch.device, seed: int) -> list[dict]:
+    """`copies` independent layers of random experts: moe_mlp keyword args (gate_up, down and,
+    for fp8, their block scales)."""
+    from afkv.ops.fp8 import quantize_blocks
+
+    e, h, i = shape["num_experts"], shape["hidden"], shape["inter"]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for _ in range(copies):
+        layer = {}
+        for name, dims, std in (("gate_up", (e, 2 * i, h), h**-0.5), ("down", (e, h, i), i**-0.5)):
+            w = torch.empty(dims, device=device, dtype=torch.bfloat16).normal_(0, std, generator=gen)
+            if dtype == "fp8":  # 128-row blocks of gate_up never straddle gate and up: I % 128 == 0 here
+                layer[name], layer[name + "_scale"] = quantize_blocks(w)
+                del w
+            else:
+                layer[name] = w
+        out.append(layer)
+    return out
+
+
+def _weight_bytes(shape: dict, dtype: str, touched: int) -> int:
+    h, i = shape["hidden"], shape["inter"]
+    per_expert = 3 * h * i * (1 if dtype == "fp8" else 2)
+    if dtype == "fp8":
+        per_expert += 4 * (2 * -(-i // 128) * -(-h // 128) + -(-h // 128) * -(-i // 128))  # scales
+    return touched * per_expert
+
+
+def _calls(num_tokens: int) -> int:
+    return 20 if num_tokens <= 256 else 8 if num_tokens <= 2048 else 4
+
+
+def tune_candidates(num_pairs: int, num_held: int, hidden: int, inter: int, sm_count: int, fp8: bool) -> list:
+    """Tile configs tried around default_config at one point (--tune)."""
+    from afkv.ops.triton_moe import BlockConfig, default_config
+
+    d = default_config(num_pairs, num_held, hidden, inter, sm_count, fp8)
+    bk = d.block_k
+    if d.block_m == 128:
+        alts = [BlockConfig(128, 64, 256, bk, 1, 8, 8, 3), BlockConfig(128, 128, 256, bk, 1, 8, 8, 3),
+                BlockConfig(64, 128, 128, bk, 1, 8, 4, 4), BlockConfig(128, 128, 128, bk, 1, 16, 8, 3)]
+    else:
+        alts = [BlockConfig(d.block_m, min(128, 2 * d.gate_up_block_n), min(256, 2 * d.down_block_n), bk, d.split_k,
+                            8, 4, 4),
+                BlockConfig(d.block_m, d.gate_up_block_n, d.down_block_n, 64 if not fp8 else 128, d.split_k, 8, 4, 5),
+                BlockConfig(min(128, 2 * d.block_m), d.gate_up_block_n, d.down_block_n, bk, d.split_k, 8, 8, 3)]
+    return [d] + [c for c in alts if c != d]
+
+
+@torch.inference_mode()
+def moe_sweep(models: list[str], tokens: list[int], dtypes: list[str], *, copies: int = 2, replays: int = 3,
+              grouped_tokens: tuple[int, ...] = (16, 256, 2048), tune_tokens: tuple[int, ...] = (),
+              deadline: float | None = None, seed: int = 0, log=print) -> dict:
+    """The fused-MoE sweep (module docstring). Points past `deadline` (time.monotonic()) are
+    skipped; the tune points come after every default point (all weight copies stay on the GPU
+    until then)."""
+    from afkv.bench.calibrate import gemm_peak
+    from afkv.bench.steps import copy_bandwidth
+    from afkv.model.sides import FFNSide, _Stacked, fused_ops
+    from afkv.ops import triton_moe
+
+    device = _require_gpu()
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    copy_bw = copy_bandwidth(device)
+    peaks = {"bf16": gemm_peak(device, torch.bfloat16, 8192)}
+    if "fp8" in dtypes:
+        peaks["fp8"] = fp8_gemm_peak(device) or peaks["bf16"]
+    log(f"HBM copy {copy_bw / 1e12:.2f} TB/s, GEMM peak bf16 {peaks['bf16'] / 1e12:.0f} TFLOP/s"
+        + (f", fp8 {peaks['fp8'] / 1e12:.0f} TFLOP/s" if "fp8" in peaks else ""))
+    result = {"bench": "kernels-moe", "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "triton": triton_moe.triton.__version__, "copy_bytes_per_s": copy_bw, "gemm_flops_per_s": peaks,
+              "copies": copies, "replays": replays, "rows": [], "tuned": []}
+    pending_tune = []  # (model, dtype, num_tokens, calls, default config, weight copies)
+    for name in models:
+        shape = MOE_SHAPES[name]
+        e, h, i, k = shape["num_experts"], shape["hidden"], shape["inter"], shape["top_k"]
+        local = torch.arange(e + 1, device=device)  # every expert held
+        for dtype in dtypes:
+            layers = _expert_copies(shape, dtype, copies, device, seed)
+            for num_tokens in tokens:
+                if deadline is not None and time.monotonic() > deadline:
+                    log(f"  {name} {dtype} T={num_tokens}: skipped (deadline)")
+                    continue
+                gen = torch.Generator(device=device).manual_seed(seed + num_tokens)
+                x = torch.randn(num_tokens, h, generator=gen, device=device).to(torch.bfloat16)  # [T, H]
+                logits = torch.randn(num_tokens, e, generator=gen, device=device)  # [T, E]
+                weights, ids = torch.softmax(logits, -1).topk(k, -1)  # [T, k] each
+                touched = int(torch.unique(ids).numel())
+                weight_bytes = _weight_bytes(shape, dtype, touched)
+                flops = 2 * num_tokens * k * 3 * h * i
+                bytes_s, flops_s = weight_bytes / copy_bw, flops / peaks[dtype]
+                cfg = triton_moe.default_config(num_tokens * k, e, h, i, sm_count, dtype == "fp8")
+                fns = [functools.partial(triton_moe.moe_mlp, x, ids, weights, local, **layers[c % copies])
+                       for c in range(_calls(num_tokens))]
+                moe_s = time_s(fns, replays, device)
+                row = {"model": name, "dtype": dtype, "num_tokens": num_tokens, "experts_touched": touched,
+                       "weight_bytes": weight_bytes, "flops": flops, "roofline_s": max(bytes_s, flops_s),
+                       "bound": "weights" if bytes_s >= flops_s else "flops", "moe_s": moe_s,
+                       "share": max(bytes_s, flops_s) / moe_s, "config": asdict(cfg)}
+                if dtype == "bf16" and num_tokens in grouped_tokens:
+                    tf = fused_ops(device)
+                    st = [_Stacked(layer["gate_up"], layer["down"], local) for layer in layers]
+                    ref = [functools.partial(FFNSide._grouped, st[c % copies], x, ids, weights, tf)
+                           for c in range(_calls(num_tokens))]
+                    row["torch_s"] = time_s(ref, replays, device)
+                    want = ref[0]().float()
+                    row["max_rel_diff"] = float((fns[0]().float() - want).abs().max() / want.abs().max())
+                if dtype == "fp8":
+                    bf16 = next((r for r in result["rows"] if r["model"] == name and r["dtype"] == "bf16"
+                                 and r["num_tokens"] == num_tokens), None)
+                    if bf16 is not None:
+                        row["vs_bf16"] = moe_s / bf16["moe_s"]
+                result["rows"].append(row)
+                log(_moe_line(row))
+                if num_tokens in tune_tokens:
+                    pending_tune.append((name, dtype, num_tokens, fns[0].args[:4], cfg, layers))
+                del fns
+            del layers
+    _tune(result, pending_tune, sm_count, replays, device, deadline, log)
+    del pending_tune
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def _tune(result, points, sm_count, replays, device, deadline, log) -> None:
+    from triton.runtime.errors import OutOfResources
+
+    from afkv.ops import triton_moe
+
+    for name, dtype, num_tokens, (x, ids, weights, local), default, layers in points:
+        shape = MOE_SHAPES[name]
+        e, h, i, k = shape["num_experts"], shape["hidden"], shape["inter"], shape["top_k"]
+        tried = []
+        for cfg in tune_candidates(num_tokens * k, e, h, i, sm_count, dtype == "fp8"):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            calls = [functools.partial(triton_moe.moe_mlp, x, ids, weights, local, **layers[c % len(layers)],
+                                       config=cfg) for c in range(_calls(num_tokens))]
+            try:
+                tried.append({"config": asdict(cfg), "moe_s": time_s(calls, replays, device)})
+            except OutOfResources as exc:  # a candidate may need more shared memory than the GPU has
+                tried.append({"config": asdict(cfg), "error": str(exc)[:300]})
+        ok = [t for t in tried if "moe_s" in t]
+        if ok:
+            best = min(ok, key=lambda t: t["moe_s"])
+            result["tuned"].append({"model": name, "dtype": dtype, "num_tokens": num_tokens, "default": asdict(default),
+                                    "best": best, "tried": tried})
+            log(f"  tune {name} {dtype} T={num_tokens}: best {best['moe_s'] * 1e6:.1f} us {best['config']}")
+
+
+def _moe_line(r: dict) -> str:
+    torch_us = f"{r['torch_s'] * 1e6:>10.1f}" if "torch_s" in r else f"{'-':>10}"
+    speed = f"{r['torch_s'] / r['moe_s']:>9.2f}" if "torch_s" in r else f"{'-':>9}"
+    vs = f"{r['vs_bf16']:>9.2f}" if "vs_bf16" in r else f"{'-':>9}"
+    return (f"{r['model']:<14}{r['dtype']:>5}{r['num_tokens']:>6}{r['experts_touched']:>5}"
+            f"{r['weight_bytes'] / 1e6:>8.0f}{r['flops'] / 1e9:>8.0f}{r['roofline_s'] * 1e6:>9.1f}{r['bound']:>8}"
+            f"{r['moe_s'] * 1e6:>10.1f}{r['share']:>7.0%}{torch_us}{speed}{vs}")
+
+
+def format_moe(result: dict) -> str:
+    head = (f"{'model':<14}{'dtype':>5}{'T':>6}{'E':>5}{'MB':>8}{'GFLOP':>8}{'roof us':>9}{'bound':>8}{'moe us':>10}"
+            f"{'share':>7}{'torch us':>10}{'x torch':>9}{'vs bf16':>9}")
+    peaks = result["gemm_flops_per_s"]
+    lines = [f"{result['device']}, triton {result['triton']}, HBM copy {result['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+             f"GEMM peak " + ", ".join(f"{d} {p / 1e12:.0f} TFLOP/s" for d, p in peaks.items()), head, "-" * len(head)]
+    lines += [_moe_line(r) for r in result["rows"]]
+    for t in result.get("tuned", []):
+        d = next(r for r in result["rows"] if (r["model"], r["dtype"], r["num_tokens"]) == (t["model"], t["dtype"],
+                                                                                               t["num_tokens"]))
+        c = t["best"]["config"]
+        lines.append(f"tune {t['model']} {t['dtype']} T={t['num_tokens']}: default {d['moe_s'] * 1e6:.1f} us, best "
+                     f"{t['best']['moe_s'] * 1e6:.1f} us (BM {c['block_m']} GU_BN {c['gate_up_block_n']} D_BN "
+                     f"{c['down_block_n']} BK {c['block_k']} S {c['split_k']} G {c['group_m']} w {c['num_warps']} "
+                     f"st {c['num_stages']})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused
+
+
+def fused_bench(num_tokens: int, *, hidden: int = 2048, num_heads: int = 32, num_kv_heads: int = 4,
+                head_dim: int = 128, num_experts: int = 128, top_k: int = 8, moe_inter: int = 768,
+                dtype: torch.dtype = torch.bfloat16, calls: int = 100, replays: int = 10, seed: int = 0,
+                device: torch.device | str = "cuda") -> list[dict]:
+    """Each fused kernel of afkv.ops.triton_fused against the torch composition it replaces at
+    `num_tokens` tokens (silu_mul: num_tokens * top_k rows of 2 * moe_inter, as the grouped MoE
+    sees them). -> one dict per op: op, num_tokens, fused_s, torch_s (seconds per call), speedup."""
+    from afkv.ops import layers
+    from afkv.ops import triton_fused as tf
+
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=device).to(dtype)
+
+    eps = 1e-6
+    h, delta, weight = randn(num_tokens, hidden), randn(num_tokens, hidden), randn(hidden)
+    qkv = randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim)
+    q_norm, k_norm = randn(head_dim), randn(head_dim)
+    positions = torch.arange(num_tokens, device=device) + 1000
+    cos, sin = layers.Rotary(head_dim, 1e6, device).cos_sin(positions, dtype)  # [T, D] each
+    block_size = 16
+    kv = randn(-(-num_tokens // block_size) + 1, 2, 2, block_size, num_kv_heads, head_dim)
+    slots = torch.arange(num_tokens, device=device)
+    slot_blocks, slot_offsets = slots // block_size, slots % block_size
+    logits = randn(num_tokens, num_experts)
+    gate_up = randn(num_tokens * top_k, 2 * moe_inter)
+    qk_args = (num_heads, num_kv_heads, head_dim, q_norm, k_norm, eps, cos, sin, kv, 1, slot_blocks, slot_offsets)
+    ops = {  # name -> (fused, torch)
+        "rms_norm": (lambda: tf.rms_norm(h, weight, eps), lambda: layers.rms_norm(h, weight, eps)),
+        "add_rms_norm": (lambda: tf.add_rms_norm(h, delta, weight, eps),
+                         lambda: tf.ref_add_rms_norm(h, delta, weight, eps)),
+        "qk_norm_rope_write": (lambda: tf.qk_norm_rope_write(qkv, *qk_args),
+                               lambda: tf.ref_qk_norm_rope_write(qkv, *qk_args)),
+        "route_topk": (lambda: tf.route_topk(logits, top_k, True), lambda: layers.route_topk(logits, top_k, True)),
+        "silu_mul": (lambda: tf.silu_mul(gate_up), lambda: tf.ref_silu_mul(gate_up)),
+    }
+    rows = []
+    for name, (fused, reference) in ops.items():
+        fused_s = time_s([fused] * calls, replays, device)
+        torch_s = time_s([reference] * calls, replays, device)
+        rows.append({"op": name, "num_tokens": num_tokens, "fused_s": fused_s, "torch_s": torch_s,
+                     "speedup": torch_s / fused_s})
+    return rows
+
+
+def format_fused(rows: list[dict]) -> str:
+    lines = [f"{'op':<20}{'T':>6}{'fused us':>10}{'torch us':>10}{'speedup':>9}"]
+    lines += [f"{r['op']:<20}{r['num_tokens']:>6}{r['fused_s'] * 1e6:>10.2f}{r['torch_s'] * 1e6:>10.2f}"
+              f"{r['speedup']:>9.2f}" for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode
+
+
+def _kernel_table(model, inputs, kv) -> list[dict]:
+    """Kernels of one eager step by name: count and device time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.attn.logits(model.forward(inputs, kv, 1)).argmax(-1)  # warm
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.attn.logits(model.forward(inputs, kv, 1)).argmax(-1)
+        torch.cuda.synchronize()
+    table: dict[str, dict] = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        row = table.setdefault(ev.name, {"kernel": ev.name, "count": 0, "device_s": 0.0})
+        row["count"] += 1
+        row["device_s"] += ev.device_time_total / 1e6 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 1e6
+    return sorted(table.values(), key=lambda r: -r["device_s"])
+
+
+@torch.inference_mode()
+def decode_bench(model: str, batch: int, context: int, steps: int, expert_dtypes: list[str],
+                 profile: bool = True, log=print) -> dict:
+    """TPOT of a decode step replayed as a CUDA graph (as afkv.bench.steps.colocated_phase
+    measures it), T_attn, and (profile) the step's kernels by name, per expert dtype."""
+    from afkv.bench.steps import ZeroFFN, eager_inputs, median_s, random_kv, step_bytes, synthetic_step
+    from afkv.model.graphs import DecodeGraphs
+    from afkv.model.model import Model, load_colocated
+
+    device = _require_gpu()
+    out = {"bench": "kernels-decode", "device": torch.cuda.get_device_name(device), "model": model, "batch": batch,
+           "context": context, "runs": {}}
+    block = 16
+    for expert_dtype in expert_dtypes:
+        t0 = time.perf_counter()
+        m = load_colocated(model, device, torch.bfloat16, expert_dtype=expert_dtype)
+        log(f"  loaded {model} (experts {expert_dtype}) in {time.perf_counter() - t0:.0f} s")
+        spec = m.spec
+        step = synthetic_step(spec, batch, context, block)
+        nblocks = step[-1]
+        kv = random_kv(spec, nblocks + 1, block, torch.bfloat16, device)
+        row: dict = {}
+        for label, mm in (("tpot_s", m), ("t_attn_s", Model(spec, m.attn, ZeroFFN()))):
+            graphs = DecodeGraphs(mm, kv, batch, len(step[5][0]), nblocks, buckets=[batch])
+            row[label] = median_s(lambda: graphs.run(*step[:6], 1).argmax(-1), steps)  # noqa: B023
+            del graphs
+        need = step_bytes(spec, batch, context)
+        if expert_dtype == "fp8":
+            need["ffn"] /= 2
+        row["bytes"] = need
+        if profile:
+            kernels = _kernel_table(m, eager_inputs(step, device), kv)
+            row["kernels"] = kernels
+            row["kernels_per_step"] = sum(r["count"] for r in kernels)
+            row["kernel_device_s"] = sum(r["device_s"] for r in kernels)
+        out["runs"][expert_dtype] = row
+        log(f"  {model} batch {batch}, experts {expert_dtype}: TPOT {row['tpot_s'] * 1e3:.2f} ms, "
+            f"T_attn {row['t_attn_s'] * 1e3:.2f} ms" + (f", {row['kernels_per_step']} kernels per step "
+                                                         f"({row['kernel_device_s'] * 1e3:.2f} ms on the device)"
+                                                         if profile else ""))
+        del m, kv
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
+def format_decode(result: dict, top: int = 12) -> str:
+    lines = []
+    for dtype, r in result["runs"].items():
+        lines.append(f"{result['model']} batch {result['batch']} context {result['context']}, experts {dtype}: "
+                     f"TPOT {r['tpot_s'] * 1e3:.2f} ms, T_attn {r['t_attn_s'] * 1e3:.2f} ms")
+        if "kernels" in r:
+            lines.append(f"  {r['kernels_per_step']} kernels per step, {r['kernel_device_s'] * 1e3:.2f} ms on the "
+                         f"device (eager step); top kernels:")
+            lines += [f"  {k['count']:>6} x {k['device_s'] / k['count'] * 1e6:>7.2f} us = {k['device_s'] * 1e3:>6.2f} ms  "
+                      f"{k['kernel'][:70]}" for k in r["kernels"][:top]]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="afkv bench kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=("moe", "fused", "decode"))
+    p.add_argument("--models", default=",".join(MOE_SHAPES), help="moe: comma-separated expert shapes")
+    p.add_argument("--tokens", default=",".join(map(str, MOE_TOKENS)), help="moe: routed tokens per layer")
+    p.add_argument("--dtypes", default="bf16,fp8", help="moe: expert weights, bf16 and/or fp8")
+    p.add_argument("--copies", type=int, default=2, help="moe: weight copies cycled through (distinct layers)")
+    p.add_argument("--replays", type=int, default=3)
+    p.add_argument("--tune", default="", help="moe: token counts at which to time candidate tile configs")
+    p.add_argument("--fused-tokens", default="1,64,256", help="fused: token counts")
+    p.add_argument("--model", default="random:qwen3-30b-a3b", help="decode: random:<name> or a checkpoint")
+    p.add_argument("--batch", type=int, default=1, help="decode: sequences")
+    p.add_argument("--context", type=int, default=2048, help="decode: cached tokens per sequence")
+    p.add_argument("--steps", type=int, default=10, help="decode: timed steps (median)")
+    p.add_argument("--expert-dtypes", default="auto", help="decode: comma-separated, auto and/or fp8")
+    p.add_argument("--no-profile", action="store_true", help="decode: skip the per-kernel table")
+    p.add_argument("--deadline-s", type=float, help="moe: skip the points (and tuning) left after this many seconds")
+    p.add_argument("--json", help="output path (default bench-results/kernels-<what>-<time>.json)")
+    args = p.parse_args(argv)
+    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
+    log = functools.partial(print, flush=True)
+    result: dict = {"bench": f"kernels-{args.what}", "date": time.strftime("%Y-%m-%d")}
+    tables = []
+    if args.what == "moe":
+        moe = moe_sweep(split(args.models), [int(t) for t in split(args.tokens)], split(args.dtypes),
+                        copies=args.copies, replays=args.replays, tune_tokens=tuple(int(t) for t in split(args.tune)),
+                        deadline=deadline, log=log)
+        result["moe"] = moe
+        tables.append(format_moe(moe))
+    if args.what == "decode":
+        result["decode"] = decode_bench(args.model, args.batch, args.context, args.steps, split(args.expert_dtypes),
+                                        profile=not args.no_profile, log=log)
+        tables.append(format_decode(result["decode"]))
+    if args.what == "fused":
+        device = _require_gpu()
+        rows = [r for t in split(args.fused_tokens) for r in fused_bench(int(t), **FUSED_SHAPES, device=device)]
+        result["fused"] = rows
+        tables.append(format_fused(rows))
+    path = Path(args.json or f"bench-results/kernels-{args.what}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=str))
+    print("\n\n".join(tables))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
