@@ -367,7 +367,7 @@ class Engine:
         per_node = await balancer.node_loads()
         if not per_node:
             raise PeerLostError("no expert node answered for load statistics")
-        router = torch.tensor(balancer.remote.placement.has_router)  # [L] layers with experts
+        router = torch.tensor(balancer.links.placement.has_router)  # [L] layers with experts
         return node_balancedness(torch.stack([n.sum(-1) for n in per_node.values()], -1)[router])  # [L_moe, N]
 
     async def rebalance(self):

@@ -6,7 +6,8 @@ route with": the data plane (afkv.nodes.remote_ffn) and the EPLB coordinator
 
     requests     `request(j, msg)` on the event loop; `request_now(j, msg)` from the model
                  worker thread (it waits, bounded); `submit(j, msg)` from the worker without
-                 waiting. Every failure of expert node j is PeerLostError naming j.
+                 waiting. Every failure of expert node j is PeerLostError naming j. A lost
+                 control connection is made again at the next request (`connects` counts them).
     liveness     `dead`: expert nodes lost. `lost(j)` marks one (the data plane, when it does
                  not answer); a background probe tries the lost ones every
                  heartbeat_interval_s, and `sync_placement` (at a step boundary) tries them at
@@ -52,6 +53,7 @@ class ExpertLinks:
         self._newer_at: int | None = None  # an expert node that answered with a newer epoch
         n = placement.num_nodes
         self._clients: list[ControlClient | None] = [None] * n
+        self._connects = [0] * n  # control connections made to each expert node (event loop)
         self._connecting: list[asyncio.Lock] = [asyncio.Lock() for _ in range(n)]
         self._probe: asyncio.Task | None = None
 
@@ -86,7 +88,13 @@ class ExpertLinks:
                     host, port, token=self.token, role="attention", node_id=self.node_id, timeout_s=self.timeout_s,
                     limits=ControlLimits(send_timeout_s=self.timeout_s))
                 c.start_heartbeat(self.heartbeat_interval_s)  # lets the expert node drop us if we die
+                self._connects[j] += 1
             return c
+
+    def connects(self, j: int) -> int:
+        """How many control connections to expert node j were made: a new one since some moment
+        means the node may have restarted (or its connection broke) since then."""
+        return self._connects[j]
 
     # ---- requests ----------------------------------------------------------------------------
     async def address(self, j: int) -> tuple[str, int]:

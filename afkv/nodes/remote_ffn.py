@@ -107,6 +107,7 @@ class RemoteFFN:
         self._streams = DeviceStreams(device)
         self._dispatch: list[Peer | None] = []  # per expert node: its peer, None while it is lost
         self._combine: list[Peer | None] = []
+        self._joined_over: list[int] = []  # per expert node: links.connects(j) when its peers were joined
         self._send_stream = self._streams.stream()
         self._recv_stream = self._streams.stream()
         self._buffers: dict[tuple, _Buffers] = {}  # (slot, caps, k) -> buffers
@@ -179,6 +180,7 @@ class RemoteFFN:
             dispatch.append(open_peer(kind, ids[0], 0, self.device, links.timeout_s))
             combine_peers.append(open_peer(kind, ids[1], 0, self.device, links.timeout_s))
         self._dispatch, self._combine = dispatch, combine_peers
+        self._joined_over = [links.connects(j) for j in range(links.num_nodes)]
         self._load_tables()
         self._broken = None
         self.generation += 1  # CUDA graphs captured on the old peers are void
@@ -228,12 +230,15 @@ class RemoteFFN:
     def _lose_peers(self) -> None:
         """A step timed out or a peer connection broke: abort every peer, mark the expert
         nodes that do not answer on the control plane lost, and have the step computed again
-        (or fail it when every node answers: the data plane itself is stuck)."""
+        with the peers joined again. A node that answers over a control connection made since
+        its peers were joined restarted (or its connection broke): it is joined again too. When
+        every node answers on the connection of its join, the data plane itself is stuck: the
+        step fails."""
         links = self.links
         log.warning("%s: a step on the fixed-buffer data plane failed; aborting its connections and asking "
                     "the expert nodes", links.node_id)
         aborted = abort_all(self._live_peers(), timeout_s=links.timeout_s)
-        silent = []
+        silent, renewed = [], []
         for j, peer in enumerate(self._dispatch):
             if peer is None:
                 continue
@@ -242,10 +247,14 @@ class RemoteFFN:
             except PeerLostError as exc:
                 links.lost(j, exc)
                 silent.append(j)
+                continue
+            if links.connects(j) != self._joined_over[j]:
+                renewed.append(j)
         self._broken = PeerLostError(
             f"expert node(s) {', '.join(map(str, silent)) or '(none silent)'} did not answer within "
-            f"{links.timeout_s:.0f} s; peers " + ("aborted" if aborted else "abort still running"))
-        if silent:
+            f"{links.timeout_s:.0f} s" + (f", node(s) {', '.join(map(str, renewed))} connected again" if renewed
+                                          else "") + "; peers " + ("aborted" if aborted else "abort still running"))
+        if silent or renewed:
             raise StepRetryError(str(self._broken)) from self._broken
         raise self._broken
 
