@@ -167,6 +167,10 @@ class KVManager:
     def has(self, seq_id: int) -> bool:
         return seq_id in self._tables
 
+    def num_dropped(self, seq_id: int) -> int:
+        """Tokens pruning dropped from the sequence's cache: its token p sits in slot p - num_dropped."""
+        return self._dropped.get(seq_id, 0)
+
     def is_loading(self, seq_id: int) -> bool:
         return bool(self._pending.get(seq_id))
 
