@@ -31,7 +31,7 @@ for arg in "$@"; do
     case $name in
         tests)
             # the files holding GPU tests only: the others may import what the GPU machine lacks (openai, fastapi)
-            timeout "$limit" python3 -m pytest -q -p no:cacheprovider -m gpu --timeout 150 -rfE \
+            timeout "$limit" python3 -m pytest -v -p no:cacheprovider -m gpu --timeout 100 -rfE \
                 ${TEST_FILES:-$(grep -rl "pytest.mark.gpu" tests --include="*.py" | sort)} >"$log" 2>&1 ;;
         kv-quant)
             timeout "$limit" python3 -m afkv.cli bench kv-quant --device cuda --model random:qwen3-30b-a3b --tune \
@@ -56,7 +56,7 @@ for arg in "$@"; do
     name=${arg%%=*}
     echo "---- $name"
     case $name in
-        tests) grep -E "passed|failed|FAILED|ERROR" "$OUT/tests.txt" | tail -n 25 ;;
+        tests) grep -E " FAILED| ERROR|passed|failed|Timeout" "$OUT/tests.txt" | tail -n 60 ;;
         *) tail -n 30 "$OUT/$name.txt" ;;
     esac
 done
