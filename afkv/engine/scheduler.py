@@ -13,8 +13,8 @@ those blocks are read: it keeps its place and the sequences behind it may be adm
 first. The next `prefetch_depth` waiting sequences get their disk blocks read ahead.
 
 KV pruning (afkv.kv.pruning; a request's own or the engine's `[kv.pruning]`): before a running
-sequence's table grows, the KV manager drops what its policy says; the sequence counts the
-dropped tokens, so token p is computed into slot p - num_dropped. A preempted pruned sequence
+sequence's table grows, the KV manager drops what its policy says and counts the dropped
+tokens (`kv.num_dropped`, the one count), so token p is computed into slot p - num_dropped. A preempted pruned sequence
 recomputes from its tokens (pruning again as it goes).
 
 KV transfers: `schedule` collects finished ones first (`kv.poll`) and submits the ones it
@@ -75,7 +75,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq.seq_id)
-        seq.num_computed = seq.num_dropped = 0
+        seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -90,9 +90,9 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            seq.num_dropped += self.kv.prune(seq.seq_id, seq.num_kv_slots)
+            self.kv.prune(seq.seq_id, seq.num_computed - self.kv.num_dropped(seq.seq_id))
             n = min(seq.num_uncomputed, budget)
-            while not self.kv.allocate(seq.seq_id, seq.num_kv_slots + n):
+            while not self.kv.allocate(seq.seq_id, seq.num_computed - self.kv.num_dropped(seq.seq_id) + n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -111,7 +111,6 @@ class Scheduler:
                 i += 1
                 continue
             seq.num_computed = cached
-            seq.num_dropped = 0
             if seq.metrics.first_token_s is None:
                 seq.metrics.num_cached_tokens = min(cached, seq.num_prompt_tokens)
             n = min(seq.num_uncomputed, budget)
@@ -138,7 +137,7 @@ class Scheduler:
         for seq in self.waiting:
             if seq is not keep and self.kv.has(seq.seq_id) and not self.kv.is_loading(seq.seq_id):
                 self.kv.free(seq.seq_id)
-                seq.num_computed = seq.num_dropped = 0
+                seq.num_computed = 0
                 released = True
         return released
 
@@ -169,7 +168,7 @@ class Scheduler:
                     token_ids=tuple(seq.token_ids[start:end]),
                     start_pos=start,
                     block_table=tuple(self.kv.block_table(seq.seq_id)),
-                    num_dropped=seq.num_dropped,
+                    num_dropped=self.kv.num_dropped(seq.seq_id),
                     score_keys=seq.pruning.needs_scores,
                     sample=sample,
                     prompt_targets=targets,
