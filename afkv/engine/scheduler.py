@@ -14,7 +14,7 @@ first. The next `prefetch_depth` waiting sequences get their disk blocks read ah
 
 KV pruning (afkv.kv.pruning; a request's own or the engine's `[kv.pruning]`): before a running
 sequence's table grows, the KV manager drops what its policy says and counts the dropped
-tokens (`kv.num_dropped`), so token p is computed into slot p - num_dropped. A preempted
+tokens (`kv.num_dropped`, the one count), so token p is computed into slot p - num_dropped. A preempted
 pruned sequence recomputes from its tokens (pruning again as it goes).
 
 After a step, `postprocess` commits it: computed tokens and their KV, prompt logprobs, the
