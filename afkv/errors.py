@@ -113,6 +113,11 @@ class RequestFailedError(EngineError):
     pass
 
 
+class EngineFailedError(EngineError):
+    """The engine's step loop stopped on an error it cannot recover from (a bug): every request
+    it held ended with this, and it takes no new ones. Close it and start a new engine."""
+
+
 class ExpertUnavailableError(RequestFailedError):
     """Every expert node holding an expert (or a layer's dense MLP / shared expert) is lost."""
 

@@ -42,6 +42,7 @@ from afkv.errors import (
     EmptyPromptError,
     EngineClosedError,
     EngineError,
+    EngineFailedError,
     ExpertRowsUnavailableError,
     ExpertUnavailableError,
     PeerLostError,
@@ -67,6 +68,7 @@ class EngineState(Enum):
     NEW = "new"
     STARTING = "starting"
     RUNNING = "running"
+    FAILED = "failed"  # the step loop stopped on an unexpected error: no new requests; close it
     CLOSED = "closed"
 
 
@@ -156,6 +158,7 @@ class Engine:
         self._next_id = 0
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._failure: str | None = None  # why the step loop stopped (state FAILED)
         self._executor: ThreadPoolExecutor | None = None
         self._tokenize_executor: ThreadPoolExecutor | None = None
         self._num_steps = 0
@@ -209,7 +212,24 @@ class Engine:
             raise
         self._wakeup = asyncio.Event()
         self._task = loop.create_task(self._run(), name="afkv-step-loop")
+        self._task.add_done_callback(self._on_step_loop_done)
         self._state = EngineState.RUNNING
+
+    def _on_step_loop_done(self, task: asyncio.Task) -> None:
+        """The step loop ends only when cancelled by aclose; any other end is a bug in the step
+        path (the scheduler or the KV manager raised). Its requests would wait forever: end each
+        with EngineFailedError and refuse new ones, so callers and /health see it at once."""
+        if task.cancelled() or self._state is EngineState.CLOSED:
+            return
+        exc = task.exception()
+        log.error("the step loop stopped: %s; failing %d requests", exc, len(self._requests),
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        self._state = EngineState.FAILED
+        self._failure = f"{type(exc).__name__}: {exc}"
+        for req in self._requests.values():
+            req.queue.put_nowait(EngineFailedError(f"the engine's step loop stopped ({self._failure}); "
+                                                   "close this engine and start a new one"))
+        self._requests.clear()
 
     async def aclose(self) -> None:
         if self._state is EngineState.CLOSED:
@@ -222,6 +242,8 @@ class Engine:
             except asyncio.CancelledError:
                 if asyncio.current_task().cancelling():
                     raise
+            except Exception:  # the step loop had failed: reported by _on_step_loop_done
+                pass
         for req in self._requests.values():
             req.queue.put_nowait(EngineClosedError("the engine was closed before the request finished"))
         self._requests.clear()
@@ -406,16 +428,20 @@ class Engine:
         except Exception as exc:  # a chat template that raises, a tokenizer that refuses the text
             raise RequestError(f"cannot tokenize the prompt: {type(exc).__name__}: {exc}") from exc
 
-    async def _add(self, prompt: Prompt, params: SamplingParams | None) -> _Request:
+    def _check_running(self) -> None:
+        if self._state is EngineState.FAILED:
+            raise EngineFailedError(f"the engine's step loop stopped ({self._failure}); close it and start a new one")
         if self._state is not EngineState.RUNNING:
             raise EngineClosedError(f"the engine is {self._state.value}: use `async with Engine(...)` or await start()")
+
+    async def _add(self, prompt: Prompt, params: SamplingParams | None) -> _Request:
+        self._check_running()
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be SamplingParams, not {type(params).__name__}")
         check_prompt_size(prompt, self.max_prompt_chars, self.max_model_len)
         ids = await asyncio.get_running_loop().run_in_executor(self._tokenize_executor, self._tokenize_checked, prompt)
-        if self._state is not EngineState.RUNNING:
-            raise EngineClosedError("the engine was closed while the prompt was tokenized")
+        self._check_running()  # it may have closed or failed while the prompt was tokenized
         if not ids:
             raise EmptyPromptError("the prompt is empty after tokenization")
         if len(ids) >= self.max_model_len:
