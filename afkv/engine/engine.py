@@ -110,10 +110,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def check_prompt_size(prompt: object, max_prompt_chars: int, max_model_len: int) -> None:
+def check_prompt_size(prompt: object, max_prompt_chars: int, max_model_len: int, bound: str = "") -> None:
     """PromptTooLongError for a prompt that cannot fit, before any tokenizing: text of more
     than max_prompt_chars characters (chat: in the messages' contents), or a list of
-    max_model_len or more token ids or messages. O(1) per message: safe on the event loop."""
+    max_model_len or more token ids or messages (`bound`: what sets max_model_len, for the
+    message). O(1) per message: safe on the event loop."""
     if isinstance(prompt, str):
         chars = len(prompt)
     elif isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
@@ -126,7 +127,7 @@ def check_prompt_size(prompt: object, max_prompt_chars: int, max_model_len: int)
                                  f"{max_prompt_chars} (scheduler.max_prompt_chars) before tokenizing")
     if isinstance(prompt, (list, tuple)) and len(prompt) >= max_model_len:
         raise PromptTooLongError(f"the prompt has {len(prompt)} token ids or messages; this engine's context is "
-                                 f"{max_model_len} tokens")
+                                 f"{max_model_len} tokens" + (f", bounded by {bound}" if bound else ""))
 
 
 class _Request:
@@ -452,7 +453,7 @@ class Engine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be SamplingParams, not {type(params).__name__}")
-        check_prompt_size(prompt, self.max_prompt_chars, self.max_model_len)
+        check_prompt_size(prompt, self.max_prompt_chars, self.max_model_len, self._context_bound)
         ids = await asyncio.get_running_loop().run_in_executor(self._tokenize_executor, self._tokenize_checked, prompt)
         self._check_running()  # it may have closed or failed while the prompt was tokenized
         if not ids:

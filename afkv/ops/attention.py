@@ -98,6 +98,7 @@ def _attention_and_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 LOGITS_BUDGET = 2**26  # float32 logits per matmul of attention_partial (256 MiB)
 MAX_KEY_CHUNK = 32768  # keys per matmul of attention_partial at most (its float32 copy of K and V)
+MIN_KEY_CHUNK = 1024  # and at least
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def attention_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     m = torch.full((num_kv, rep * n), float("-inf"), device=q.device)  # [Hkv, rep*n] running max
     s = torch.zeros((num_kv, rep * n), device=q.device)  # [Hkv, rep*n] running sum of exp
     acc = torch.zeros((num_kv, rep * n, head_dim), device=q.device)  # [Hkv, rep*n, D]
-    chunk = max(1024, min(MAX_KEY_CHUNK, LOGITS_BUDGET // (num_heads * n)))
+    chunk = max(MIN_KEY_CHUNK, min(MAX_KEY_CHUNK, LOGITS_BUDGET // (num_heads * n)))
     for a in range(0, num_keys, chunk):
         kc = k[a : a + chunk].float().transpose(0, 1)  # [Hkv, c, D]
         vc = v[a : a + chunk].float().transpose(0, 1)  # [Hkv, c, D]
