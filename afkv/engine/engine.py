@@ -327,7 +327,7 @@ class Engine:
         scratch = self._kv.reserve_scratch_block()  # padding rows of a captured batch write here
         if scratch is None:
             return None
-        max_blocks = layout.num_blocks_for(self.max_model_len)
+        max_blocks = min(layout.num_blocks_for(self.max_model_len), self._kv.pool.num_blocks)  # streamed rows run eagerly
         return DecodeGraphs(model, cache, self.config.scheduler.max_num_seqs, max_blocks, scratch)
 
     @property

@@ -152,3 +152,31 @@ def test_config_errors_name_the_key(kv, key):
     with pytest.raises(ConfigError) as e:
         EngineConfig.from_dict({"kv": kv})
     assert e.value.key == key
+
+
+def test_metrics_show_the_bytes_streamed(tiny_dir):
+    """/metrics (and `afkv run --stats`): bytes streamed and steps that streamed, the stream tier."""
+    from afkv.serve.metrics import engine_samples
+
+    async def main():
+        async with Engine(tiny_dir["llama"], _config(num_blocks=DEVICE_BLOCKS, **STREAM), progress=False) as engine:
+            await engine.complete(random_prompt(100, 200, 7), SamplingParams(max_tokens=3, ignore_eos=True))
+            samples = {(s.name, s.labels): s.value for s in await engine_samples(engine)}
+            node = (("node", "0"),)
+            c = engine.kv_manager.metrics.counters
+            assert samples[("kv_streamed_bytes", node)] == c["bytes_streamed"] > 0
+            assert samples[("kv_streamed_steps", node)] == c["streamed_steps"] > 0
+            assert samples[("kv_spilled_bytes", node + (("to", "stream"),))] == c["bytes_device_to_stream"] > 0
+            assert samples[("kv_tier_capacity_blocks", node + (("tier", "stream"),))] == 256
+
+    asyncio.run(main())
+
+
+def test_the_stream_preset_loads():
+    from pathlib import Path
+
+    from afkv.kv.layout import KVLayout
+
+    cfg = EngineConfig.from_toml(Path(__file__).resolve().parents[2] / "configs" / "long-context-stream.toml")
+    stream = cfg.kv.stream_config(KVLayout(48, 4, 128, cfg.kv.block_size, torch.bfloat16))  # Qwen3-30B-A3B's geometry
+    assert stream.format.name == "int4" and stream.num_blocks * cfg.kv.block_size > 2_000_000  # tokens in 64 GiB
