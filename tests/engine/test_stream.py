@@ -180,3 +180,18 @@ def test_the_stream_preset_loads():
     cfg = EngineConfig.from_toml(Path(__file__).resolve().parents[2] / "configs" / "long-context-stream.toml")
     stream = cfg.kv.stream_config(KVLayout(48, 4, 128, cfg.kv.block_size, torch.bfloat16))  # Qwen3-30B-A3B's geometry
     assert stream.format.name == "int4" and stream.num_blocks * cfg.kv.block_size > 2_000_000  # tokens in 64 GiB
+
+
+def test_preempted_streaming_sequences_recompute_the_same_tokens(tiny_dir):
+    """A device tier too small for two streaming sequences at once: one is preempted (its device
+    and store blocks freed), recomputes, and both give the all-device run's tokens."""
+    prompts = [random_prompt(200, 200, 8), random_prompt(210, 200, 9)]
+    ref = asyncio.run(_generate(tiny_dir["qwen3_moe"], _config(num_blocks=512), prompts))
+
+    def preempted(engine):
+        _streamed(engine)
+        assert engine.stats().num_preemptions > 0
+
+    got = asyncio.run(_generate(tiny_dir["qwen3_moe"], _config(num_blocks=12, **STREAM), prompts, check=preempted))
+    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+    assert max(_logprob_errors(ref, got)) < 1e-4

@@ -130,3 +130,30 @@ def test_partials_merged_by_log_sum_exp_equal_one_softmax(monkeypatch, n):
     assert (A.attention_partial(q, k, v, causal=True).out - want).abs().max() < 1e-5
     empty = A.attention_partial(q, k[:0], v[:0], causal=False)  # no key: weighs nothing
     assert (A.merge_partials([empty, *parts]).out - want).abs().max() < 1e-5
+
+
+def test_micro_batches_split_streamed_and_decode_rows_alike(tiny_dir):
+    """The runner's step with m = 2 micro-batches (AF's ping-pong) equals m = 1 when the step
+    mixes batched decode rows, a streamed decode row and a streamed prefill chunk."""
+    from afkv.engine.runner import ChunkPlan, ModelRunner, SampleSpec
+    from afkv.model.model import load_colocated
+
+    model = load_colocated(tiny_dir["qwen3_moe"], torch.device("cpu"), torch.float32)
+    spec = model.spec
+    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, 4, torch.float32)
+    kv = KVManager(layout, 64, torch.device("cpu"),
+                   stream=StreamConfig(make_format("none", layout), 32, num_sink_tokens=4, window=4, ahead=2))
+    kv.kv.normal_()
+    kv.stream.buf.view(torch.float32).normal_()
+    greedy = SampleSpec(0.0, 0, 1.0, 0, 0, 5)
+    plan = [ChunkPlan(2, (7,), 40, (10, 11, 12), greedy, num_dropped=32, streamed=tuple(range(0, 8))),  # streamed decode
+            ChunkPlan(3, (8, 9, 10), 30, tuple(range(13, 18)), greedy, num_dropped=16,
+                      streamed=tuple(range(8, 12))),  # streamed prefill chunk (ends the first micro-batch)
+            ChunkPlan(0, (5,), 20, tuple(range(0, 6)), greedy),  # plain decode rows (batched)
+            ChunkPlan(1, (6,), 12, tuple(range(6, 10)), greedy)]
+    one = ModelRunner(model, kv.kv, 4, torch.device("cpu"), micro_batches=1, stream=kv.stream_ring).execute(plan)
+    two = ModelRunner(model, kv.kv, 4, torch.device("cpu"), micro_batches=2, stream=kv.stream_ring).execute(plan)
+    assert [r.token_id for r in one] == [r.token_id for r in two]
+    for a, b in zip(one, two):
+        assert abs(a.logprob - b.logprob) < 1e-5
+        assert all(abs(a.top[t] - b.top[t]) < 1e-5 for t in a.top)
