@@ -267,17 +267,17 @@ def run_long_context_bench(model: str, device_name: str, workloads: list[tuple[i
         result["h2d_bytes_per_s"] = h2d = h2d_bandwidth(device)
         progress(f"pinned host -> device: {h2d / 1e9:.1f} GB/s")
     result["decode"] = []
-    for batch, context in workloads:
+    for i, (batch, context) in enumerate(workloads):
         host_tokens = int(context * host_share) // block_size * block_size
         result["decode"] += _decode_rows(attention_model, layout, _Workload(batch, context, host_tokens), formats, steps,
                                          h2d, progress)
-        partial(result)
-    if result["decode"]:
         result["longest_context"] = max(r["context"] for r in result["decode"])
-    if prefill is not None:
-        prompt_tokens, device_tokens, chunk = prefill
-        result["prefill"] = _prefill_row(attention_model, layout, prompt_tokens, device_tokens, chunk, "none", progress)
         partial(result)
+        if i == 0 and prefill is not None:  # before the other workloads: a run cut at its limit keeps one of each
+            prompt_tokens, device_tokens, chunk = prefill
+            result["prefill"] = _prefill_row(attention_model, layout, prompt_tokens, device_tokens, chunk, "none",
+                                             progress)
+            partial(result)
     return result
 
 

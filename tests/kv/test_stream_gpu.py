@@ -22,8 +22,7 @@ from tests.helpers import random_prompt  # noqa: E402
 LAYOUT = KVLayout(num_layers=6, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("name", ["none", "int8", "int4"])
-@pytest.mark.parametrize("ahead", [1, 2])
+@pytest.mark.parametrize("name, ahead", [("none", 1), ("none", 2), ("int8", 2), ("int4", 2)])
 def test_spill_then_stream_every_layer_on_the_gpu(name, ahead):
     """Blocks spilled to the pinned store and streamed back, layer by layer, while the compute
     stream is kept busy: each layer's sections equal the CPU reference of the format."""
@@ -71,7 +70,7 @@ async def _generate(model_dir, cfg, prompts):
         return out, dict(kv.metrics.counters)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe"])
 def test_engine_streamed_equals_all_device_on_the_gpu(tiny_dir, family):
     prompts = [random_prompt(400, 200, 1), random_prompt(420, 200, 2)]
     ref, _ = asyncio.run(_generate(tiny_dir[family], _config(num_blocks=512), prompts))
