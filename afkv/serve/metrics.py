@@ -97,6 +97,9 @@ async def engine_samples(engine) -> list[Sample]:
                               kv.counters.get(key, 0)))
         for key, name, help_ in _STREAMED:
             out.append(Sample(name, "counter", help_, node_label, kv.counters.get(key, 0)))
+        steps = kv.counters.get("streamed_steps", 0)
+        out.append(Sample("kv_streamed_bytes_per_step", "gauge", "Mean KV bytes streamed from host memory per step "
+                          "that streamed", node_label, kv.counters.get("bytes_streamed", 0) / steps if steps else 0.0))
     if getattr(engine, "eplb_enabled", False):
         try:
             value = await engine.expert_balancedness()

@@ -166,6 +166,7 @@ def test_metrics_show_the_bytes_streamed(tiny_dir):
             c = engine.kv_manager.metrics.counters
             assert samples[("kv_streamed_bytes", node)] == c["bytes_streamed"] > 0
             assert samples[("kv_streamed_steps", node)] == c["streamed_steps"] > 0
+            assert samples[("kv_streamed_bytes_per_step", node)] == c["bytes_streamed"] / c["streamed_steps"]
             assert samples[("kv_spilled_bytes", node + (("to", "stream"),))] == c["bytes_device_to_stream"] > 0
             assert samples[("kv_tier_capacity_blocks", node + (("tier", "stream"),))] == 256
 
@@ -183,15 +184,17 @@ def test_the_stream_preset_loads():
 
 
 def test_preempted_streaming_sequences_recompute_the_same_tokens(tiny_dir):
-    """A device tier too small for two streaming sequences at once: one is preempted (its device
-    and store blocks freed), recomputes, and both give the all-device run's tokens."""
-    prompts = [random_prompt(200, 200, 8), random_prompt(210, 200, 9)]
-    ref = asyncio.run(_generate(tiny_dir["qwen3_moe"], _config(num_blocks=512), prompts))
+    """Two sequences admitted together whose generations outgrow a device tier too small for both
+    streaming at once (each keeps a sink block, its window and its partial block): one is
+    preempted (its device and store blocks freed), recomputes, and both give the all-device run's
+    tokens."""
+    prompts = [random_prompt(6, 200, 8), random_prompt(7, 200, 9)]
+    ref = asyncio.run(_generate(tiny_dir["qwen3_moe"], _config(num_blocks=512), prompts, 60))
 
     def preempted(engine):
         _streamed(engine)
         assert engine.stats().num_preemptions > 0
 
-    got = asyncio.run(_generate(tiny_dir["qwen3_moe"], _config(num_blocks=12, **STREAM), prompts, check=preempted))
+    got = asyncio.run(_generate(tiny_dir["qwen3_moe"], _config(num_blocks=6, **STREAM), prompts, 60, check=preempted))
     assert [r.token_ids for r in got] == [r.token_ids for r in ref]
     assert max(_logprob_errors(ref, got)) < 1e-4
