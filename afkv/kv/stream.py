@@ -20,7 +20,8 @@ per layer). One layer of many blocks is then one contiguous run of pinned memory
 consecutive store ids (the store hands out the lowest free ids, so a sequence spilled chunk by
 chunk gets long runs): a plain `copy_(non_blocking=True)` at the link's rate, no gather kernel,
 and quantized formats put compressed bytes on the wire (the device dequantizes a layer's
-sections just before attending them).
+sections just before attending them; int8 / int4 vectors stay Hadamard-rotated: attention
+rotates the query and its output once instead of every key and value).
 
 Streaming (`StreamRing`, `StreamStep`; model worker only): a device staging ring of ahead + 1
 slots, each uint8 [num_blocks, layer_nbytes] (every store block fits one slot, so a step never
@@ -275,6 +276,12 @@ class StreamStep:
             torch.cuda.current_stream(ring.staging.device).wait_event(ring.events[layer % (ring.ahead + 1)])
         return ring.staging[layer % (ring.ahead + 1), : self.num_blocks]
 
+    @property
+    def rotated(self) -> bool:
+        """Whether `blocks` hands out Hadamard-rotated vectors (int8 / int4 host blocks)."""
+        return self.ring.format.rotated
+
     def blocks(self, layer: int, start: int, count: int) -> torch.Tensor:
-        """Streamed blocks start .. start + count of `layer`, decoded: [count, 2, bs, Hkv, D]."""
-        return self.ring.format.decode_layer(self.layer(layer)[start : start + count])
+        """Streamed blocks start .. start + count of `layer`, decoded: [count, 2, bs, Hkv, D]
+        (`rotated`: float32 vectors x @ H, the rotation left to attention)."""
+        return self.ring.format.decode_layer(self.layer(layer)[start : start + count], unrotate=False)

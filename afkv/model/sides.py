@@ -33,6 +33,7 @@ from afkv.model.spec import Family, ModelSpec
 from afkv.model.weights import CheckpointReader
 from afkv.ops import fp8 as fp8_ops
 from afkv.ops.attention import (
+    Partial,
     QuantizedKVCache,
     attention_partial,
     merge_partials,
@@ -44,6 +45,7 @@ from afkv.ops.attention import (
     write_kv,
 )
 from afkv.ops.layers import Rotary, gated_mlp, rms_norm, route_topk
+from afkv.ops.quant import rotate
 
 
 @dataclass
@@ -61,9 +63,11 @@ class SeqChunk:
 class LayerStream(Protocol):
     """A step's blocks streamed from host memory (afkv.kv.stream.StreamStep), layer by layer."""
 
+    rotated: bool  # blocks' vectors are x @ H (afkv.ops.quant.hadamard): attend with the query rotated
+
     def blocks(self, layer: int, start: int, count: int) -> torch.Tensor:
         """Streamed blocks start .. start + count of `layer`, ready on the compute stream:
-        [count, 2, bs, Hkv, D] in the model dtype. Layers are asked in order."""
+        [count, 2, bs, Hkv, D]. Layers are asked in order."""
         ...
 
 
@@ -276,13 +280,18 @@ class AttentionSide:
     def _streamed_attention(i: int, q: torch.Tensor, kv: torch.Tensor, c: SeqChunk, stream: LayerStream) -> torch.Tensor:
         """q [n, H, D] of a chunk whose context is its device blocks (sinks + recent, causal by
         slot) plus streamed blocks (all before every query): the parts merged by log-sum-exp."""
-        acc = paged_attention_partial(q, kv, i, c.block_ids, c.context_len)
         first, count = c.stream
+        p = q.shape[-1] & -q.shape[-1]  # the Hadamard order: rotate(rotate(x)) = p x
+        q_streamed = rotate(q.float()) / p if stream.rotated else q  # [n, H, D]: q @ H / p
+        parts = []
         for a in range(first, first + count, STREAM_PART_BLOCKS):
             blocks = stream.blocks(i, a, min(STREAM_PART_BLOCKS, first + count - a))  # [nb, 2, bs, Hkv, D]
-            part = attention_partial(q, blocks[:, 0].flatten(0, 1), blocks[:, 1].flatten(0, 1), causal=False)
-            acc = merge_partials([acc, part])
-        return acc.out.to(q.dtype)  # [n, H, D]
+            part = attention_partial(q_streamed, blocks[:, 0].flatten(0, 1), blocks[:, 1].flatten(0, 1), causal=False)
+            parts = [merge_partials(parts + [part])]
+        streamed = parts[0]
+        if stream.rotated:  # the output of rotated values, rotated back: out_r @ H / p
+            streamed = Partial(rotate(streamed.out) / p, streamed.lse)
+        return merge_partials([paged_attention_partial(q, kv, i, c.block_ids, c.context_len), streamed]).out.to(q.dtype)
 
     def _residual(self, i: int, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """h + delta; with the fused kernels the post-attention norm is computed in the same

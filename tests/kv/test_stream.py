@@ -157,3 +157,24 @@ def test_micro_batches_split_streamed_and_decode_rows_alike(tiny_dir):
     for a, b in zip(one, two):
         assert abs(a.logprob - b.logprob) < 1e-5
         assert all(abs(a.top[t] - b.top[t]) < 1e-5 for t in a.top)
+
+
+@pytest.mark.parametrize("fmt", ["none", "fp8", "int8", "int4"])
+def test_rotated_sections_attend_like_the_decoded_ones(fmt):
+    """What StreamStep.blocks hands attention (int8 / int4: vectors left rotated) gives the same
+    attention as the decoded blocks once the query and the output are rotated (sides.py)."""
+    from afkv.ops.quant import rotate
+
+    f = make_format(fmt, LAYOUT)
+    rows = f.encode(torch.randn(6, *LAYOUT.block_shape))
+    sections = rows.view(6, LAYOUT.num_layers, f.layer_nbytes)[:, 2].contiguous()  # layer 2
+    plain = f.decode_layer(sections)  # [6, 2, bs, Hkv, D]
+    kept = f.decode_layer(sections, unrotate=False)
+    q = torch.randn(3, 4, LAYOUT.head_dim)
+    p = LAYOUT.head_dim & -LAYOUT.head_dim
+    want = A.attention_partial(q, plain[:, 0].flatten(0, 1), plain[:, 1].flatten(0, 1), causal=False)
+    qr = rotate(q) / p if f.rotated else q
+    got = A.attention_partial(qr, kept[:, 0].flatten(0, 1), kept[:, 1].flatten(0, 1), causal=False)
+    out = rotate(got.out) / p if f.rotated else got.out
+    assert f.rotated == (fmt in ("int8", "int4"))
+    assert (out - want.out).abs().max() < 1e-4 and (got.lse - want.lse).abs().max() < 1e-4
