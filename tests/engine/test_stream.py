@@ -198,3 +198,18 @@ def test_preempted_streaming_sequences_recompute_the_same_tokens(tiny_dir):
     got = asyncio.run(_generate(tiny_dir["qwen3_moe"], _config(num_blocks=6, **STREAM), prompts, 60, check=preempted))
     assert [r.token_ids for r in got] == [r.token_ids for r in ref]
     assert max(_logprob_errors(ref, got)) < 1e-4
+
+
+def test_a_sliding_window_model_refuses_streaming(tmp_path):
+    """Streaming attends every token: a model with a sliding window is refused, naming the key."""
+    from afkv.model.tiny import write_tiny_checkpoint
+
+    model_dir = write_tiny_checkpoint("mixtral", tmp_path / "swa", sliding_window=16)
+
+    async def main():
+        with pytest.raises(ConfigError) as e:
+            async with Engine(model_dir, _config(num_blocks=DEVICE_BLOCKS, **STREAM), progress=False):
+                pass
+        assert e.value.key == "kv.stream_memory_mib" and "sliding window" in str(e.value)
+
+    asyncio.run(main())
