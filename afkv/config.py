@@ -69,7 +69,7 @@ class KVConfig:
     stream_memory_mib: int = 0  # stream store (host memory, spill_format): long sequences' middles, attended from there
     stream_num_blocks: int = 0
     stream_sink_tokens: int = 16  # a streaming sequence's first tokens stay on the device
-    stream_window: int = 1024  # and its last cached tokens; the full blocks between them stream
+    stream_window: int = 4096  # and its last cached tokens; the full blocks between them stream
     stream_ahead: int = 2  # layers copied to the device ahead of the one attended (1 .. 4)
     pruning: KVPruning = field(default_factory=KVPruning)  # [kv.pruning]: the default of every request
 
