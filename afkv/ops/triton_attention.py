@@ -46,7 +46,7 @@ the interpreter.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -83,10 +83,25 @@ def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _compiled(device: torch.device) -> bool:
+    """Do the kernels run compiled for CUDA on `device`? (Else under Triton's CPU interpreter.)"""
+    return device.type == "cuda"
+
+
 def _device_index(t: torch.Tensor) -> int | None:
-    if not t.is_cuda:
+    """The CUDA device whose SMs a launch fills; None under the interpreter."""
+    if not _compiled(t.device):
         return None
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if t.device.index is not None:
+        return t.device.index
+    return torch.cuda.current_device() if t.is_cuda else 0
+
+
+@functools.cache
+def _gpu_family(device_index: int) -> str:
+    """"sm90" for an H100 / H200: the key of the tuned launch tables."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"sm{major}{minor}"
 
 
 def _decode_block_n(head_dim: int, itemsize: int) -> int:
@@ -94,11 +109,13 @@ def _decode_block_n(head_dim: int, itemsize: int) -> int:
     return 64 if head_dim * itemsize <= 256 else 32
 
 
-def num_decode_splits(batch: int, num_kv_heads: int, max_tokens: int, block_n: int, device_index: int | None) -> int:
-    """Chunks each sequence is cut into: enough programs to fill the device, at most one
-    tile of `block_n` tokens per chunk of the longest possible sequence. Shapes only."""
+def num_decode_splits(batch: int, num_kv_heads: int, max_tokens: int, block_n: int, device_index: int | None,
+                      programs_per_sm: int = _PROGRAMS_PER_SM) -> int:
+    """Chunks each sequence is cut into: enough programs to fill the device (`programs_per_sm`
+    per SM), at most one tile of `block_n` tokens per chunk of the longest possible sequence.
+    Shapes only."""
     max_splits = max(1, -(-max_tokens // block_n))
-    want = -(-_PROGRAMS_PER_SM * _sm_count(device_index) // max(1, batch * num_kv_heads))
+    want = -(-programs_per_sm * _sm_count(device_index) // max(1, batch * num_kv_heads))
     return max(1, min(want, max_splits, _MAX_SPLITS))
 
 
@@ -317,11 +334,13 @@ if triton is not None:
     @triton.jit
     def _codes(b, KIND: tl.constexpr, HIGH: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr):
         """uint8 codes [N, C] -> float16 (float32 when IEEE) values, exact: fp8 the e4m3 value;
-        int8 / int4 (the low nibbles, or the high ones when HIGH) the code plus an offset
-        (CVT 0: converted one by one, offset 0; 1: 0x64XX as float16 is 1024 + XX, four codes
-        per pair of byte permutes, offset 1024)."""
+        int8 / int4 (the low nibbles, or the high ones when HIGH) the code plus an offset:
+        CVT 0 converts each code (offset 0); 1 and 2 build the float16 0x64XX = 1024 + XX
+        (offset 1024), 1 by two byte permutes per four codes (CUDA inline PTX), 2 by a bitwise
+        or of 0x6400 (plain Triton: also under the interpreter)."""
+        dt: tl.constexpr = tl.float32 if IEEE else tl.float16
         if KIND == 0:
-            f = b.to(tl.float8e4nv, bitcast=True).to(tl.float16 if CVT else tl.float32)
+            f = b.to(tl.float8e4nv, bitcast=True).to(dt)
         elif CVT == 1:
             if KIND == 1:
                 f = tl.inline_asm_elementwise(
@@ -352,15 +371,19 @@ if triton is not None:
                     }""",
                     constraints="=r,=r,r", args=[b], dtype=tl.float16, is_pure=True, pack=4,
                 )  # fmt: skip
-        elif KIND == 1:
-            f = b.to(tl.float32)
-        elif HIGH:
-            f = (b >> 4).to(tl.float32)
+            f = f.to(dt)
         else:
-            f = (b & 15).to(tl.float32)
-        if IEEE:
-            return f.to(tl.float32)
-        return f.to(tl.float16)
+            c = b
+            if KIND == 2:
+                if HIGH:
+                    c = b >> 4
+                else:
+                    c = b & 15
+            if CVT == 2:
+                f = (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True).to(dt)
+            else:
+                f = c.to(dt)
+        return f
 
     @triton.jit
     def _quant_queries(q, h_ptr, offs_d, dmask, KIND: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -418,7 +441,7 @@ if triton is not None:
         meta = rows16_ptr + (base // 2)[:, None] + (heads_tokens * CODE_DIM + kvh * BLOCK_SIZE + offs_i)[None, :]
         ks = tl.reshape(tl.load(meta, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)  # [N]
         vs = tl.reshape(tl.load(meta + heads_tokens, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)
-        off: tl.constexpr = 1024.0 if (KIND != 0 and CVT == 1) else 0.0  # what _codes adds to int codes
+        off: tl.constexpr = 1024.0 if (KIND != 0 and CVT != 0) else 0.0  # what _codes adds to int codes
         if KIND == 2:
             s = _dot(qa, tl.trans(_codes(kb, KIND, False, CVT, IEEE)), IEEE)
             s += _dot(qb, tl.trans(_codes(kb, KIND, True, CVT, IEEE)), IEEE)  # [M, N]
@@ -492,7 +515,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CODE_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, NUM_SPLITS: tl.constexpr,
         MAX_TAIL: tl.constexpr, TAIL_P2: tl.constexpr, HAS_WINDOW: tl.constexpr, HP_INV: tl.constexpr,
-        CVT: tl.constexpr, IEEE: tl.constexpr,
+        CVT: tl.constexpr, IEEE: tl.constexpr, FP_IEEE: tl.constexpr,
     ):  # fmt: skip
         """Parts 0 .. NUM_SPLITS-1 take chunks of the row's quantized tokens, part NUM_SPLITS
         its staging tail (at most MAX_TAIL blocks at the end of its table)."""
@@ -503,7 +526,7 @@ if triton is not None:
             q_ptr, b, kvh, stride_qb, stride_qh, GROUP, GROUP_ROWS, HEAD_DIM, BLOCK_D
         )
         q = q.to(staging_ptr.dtype.element_ty)
-        if IEEE:
+        if FP_IEEE:
             q = q.to(tl.float32)
         tab = block_tables_ptr + b * stride_bt
         ctx = tl.minimum(tl.load(context_lens_ptr + b), max_tokens).to(tl.int32)
@@ -543,7 +566,7 @@ if triton is not None:
             k, v = _staging_tile(staging_ptr, tab, tok, tmask, kvh, num_blocks, offs_d, dmask,
                                  stride_sb, stride_skv, stride_stok, stride_sh, BLOCK_SIZE)  # fmt: skip
             valid = hmask[:, None] & tmask[None, :]
-            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE)
+            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, FP_IEEE)
         _store_partial(
             out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc, b, heads, hmask, offs_d, dmask,
             stride_ob, stride_oh, num_heads, part, NUM_SPLITS + 1, HEAD_DIM,
@@ -558,7 +581,7 @@ if triton is not None:
         KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, TOKENS_M: tl.constexpr,
         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CODE_DIM: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_CHUNK: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, HP_INV: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HP_INV: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr, FP_IEEE: tl.constexpr,
     ):  # fmt: skip
         """_prefill_kernel's tiles (query tokens x the group's heads) over a quantized device
         tier: first the table's quantized blocks, then its staging blocks (the chunk's own
@@ -582,7 +605,7 @@ if triton is not None:
             other=0.0,
         )  # [M, D]
         q = q.to(staging_ptr.dtype.element_ty)
-        if IEEE:
+        if FP_IEEE:
             q = q.to(tl.float32)
         tab = block_tables_ptr + b * stride_bt
         first = ctx - n + tile * TOKENS_M
@@ -627,16 +650,17 @@ if triton is not None:
             valid = rmask[:, None] & tmask[None, :] & (tok[None, :] <= q_pos[:, None])
             if HAS_WINDOW:
                 valid = valid & (q_pos[:, None] - tok[None, :] < window)
-            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE)
+            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, FP_IEEE)
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         rows = (q_start + tok_q).to(tl.int64) * stride_ot + heads * stride_oh  # [M]
         tl.store(out_ptr + rows[:, None] + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=rmask[:, None] & dmask[None, :])
 
 def _ieee(dtype: torch.dtype, device: torch.device) -> bool:
-    """Multiply in IEEE float32 rather than in `dtype`? For float32, and always under Triton's
-    CPU interpreter, whose tl.dot cannot multiply 16-bit floats."""
-    return device.type != "cuda" or dtype == torch.float32
+    """Multiply full-precision K/V in IEEE float32 rather than in `dtype`? For float32, and for
+    bfloat16 under Triton's CPU interpreter, whose tl.dot gets bfloat16 wrong. float16 the
+    interpreter multiplies as the GPU does, so the CPU tests check the 16-bit arithmetic."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and not _compiled(device))
 
 
 def _group_rows(group: int) -> int:
@@ -820,22 +844,54 @@ def paged_prefill_attention(
 # ---- a quantized device tier (afkv.ops.attention.QuantizedKVCache) -------------------------------
 
 _KINDS = {"fp8": 0, "int8": 1, "int4": 2}
-_CVT = 1  # how CUDA turns int8 / int4 codes into float16 (see _codes)
 
 
 @dataclass(frozen=True)
-class QuantTile:
-    """Launch shape of the quantized decode kernel: tokens per tile of codes, warps, stages."""
+class QuantDecodeConfig:
+    """How the quantized decode kernel is launched (compile-time choices, shapes aside)."""
 
-    block_n: int
+    block_n: int = 128  # tokens per tile of codes (at least one block: the kernel takes max(block_n, bs))
     num_warps: int = 4
     num_stages: int = 2
+    programs_per_sm: int = _PROGRAMS_PER_SM  # split-K: chunks per row until B * Hkv * chunks fills this
+    cvt: int = 2  # how int8 / int4 codes become float16 (_codes: 0 convert, 1 byte permutes, 2 or 0x6400)
+
+    def __post_init__(self) -> None:
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ConfigError(f"block_n must be a power of two >= 16, got {self.block_n}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1 or self.programs_per_sm < 1:
+            raise ConfigError(f"bad launch: {self}")
+        if self.cvt not in (0, 1, 2):
+            raise ConfigError(f"cvt must be 0, 1 or 2, got {self.cvt}")
 
 
-# Per format. Chosen from the compiled code (sm_90: fewest instructions per byte of the main
-# loop without spills; int8's rotation leaves no registers for a second stage), not yet from
-# timings: `afkv bench kv-quant --tune` times the candidates on the GPU.
-QUANT_DECODE_TILES = {"fp8": QuantTile(128), "int8": QuantTile(128, num_stages=1), "int4": QuantTile(128)}
+# The launch per GPU family (_gpu_family) and format, from `afkv bench kv-quant --sweep` on that
+# GPU (it prints the rows to put here); "default" for any other device and the interpreter.
+QUANT_DECODE_CONFIGS: dict[str, dict[str, QuantDecodeConfig]] = {
+    "default": {"fp8": QuantDecodeConfig(64), "int8": QuantDecodeConfig(128, num_stages=1),
+                "int4": QuantDecodeConfig(64)},
+}
+
+
+def quant_decode_config(kind: str, device: torch.device) -> QuantDecodeConfig:
+    """The table's launch of format `kind` on `device` (shapes only: fixed per device, as CUDA
+    graphs need). Under the interpreter byte permutes (inline PTX) become the or of 0x6400,
+    the same arithmetic."""
+    index = _device_index(torch.empty(0, device=device)) if _compiled(device) else None
+    family = _gpu_family(index) if index is not None else "default"
+    config = QUANT_DECODE_CONFIGS.get(family, {}).get(kind) or QUANT_DECODE_CONFIGS["default"][kind]
+    return config if _compiled(device) or config.cvt != 1 else replace(config, cvt=2)
+
+
+def _cvt(cvt: int, geometry: dict) -> int:
+    """The code conversion a launch uses: `cvt`, but 0 (no offset) for products in IEEE float32,
+    where the offset of 1024 would cost more than float32's rounding (a float32 model)."""
+    return 0 if geometry["IEEE"] else cvt
+
+
+def _block_c(code_dim: int) -> int:
+    """Columns of a tile of codes: a power of two, and >= 16 (the K of tl.dot)."""
+    return max(16, _next_pow2(code_dim))
 
 
 def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int) -> tuple:
@@ -855,7 +911,7 @@ def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int) 
         raise ConfigError(f"the quantized kernels take power-of-two block sizes, got {spec.block_size}", key="block_size")
     if not rows.is_contiguous() or rows.data_ptr() % 16 or q.device != rows.device or staging.device != rows.device:
         raise ConfigError("quantized rows must be contiguous, 16-byte aligned and on the queries' device")
-    ieee = _ieee(staging.dtype, q.device)
+    ieee = staging.dtype == torch.float32  # products over codes: float16 unless the model is float32
     dt = torch.float32 if ieee else torch.float16
     had = quant.hadamard(spec.head_dim, q.device, dt) if spec.rotated else rows  # rows: a placeholder, never read
     st = staging[:, layer]  # [num_staging, 2, bs, Hkv, D]
@@ -864,8 +920,8 @@ def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int) 
     strides = (st.stride(0), st.stride(1), st.stride(2), st.stride(3))
     geometry = dict(
         KIND=_KINDS[spec.kind], NUM_KV_HEADS=spec.num_kv_heads, HEAD_DIM=spec.head_dim,
-        BLOCK_D=_next_pow2(spec.head_dim), CODE_DIM=spec.code_dim, BLOCK_C=_next_pow2(spec.code_dim),
-        BLOCK_SIZE=spec.block_size, HP_INV=1.0 / spec.hadamard_order, CVT=_CVT if q.is_cuda else 0, IEEE=ieee,
+        BLOCK_D=_next_pow2(spec.head_dim), CODE_DIM=spec.code_dim, BLOCK_C=_block_c(spec.code_dim),
+        BLOCK_SIZE=spec.block_size, HP_INV=1.0 / spec.hadamard_order, IEEE=ieee, FP_IEEE=_ieee(staging.dtype, q.device),
     )  # fmt: skip
     return (rows, rows.view(spec.scale_dtype), st, had), strides, geometry
 
@@ -880,13 +936,13 @@ def paged_decode_attention_quantized(
     scale: float | None = None,
     *,
     num_splits: int | None = None,
-    tile: QuantTile | None = None,
+    config: QuantDecodeConfig | None = None,
 ) -> torch.Tensor:
     """As afkv.ops.attention.paged_decode_attention_quantized: q [B, H, D] over a quantized
     device tier through block_tables int [B, nb] (a row's quantized blocks first, then at most
     cache.max_tail_blocks staging blocks; padding never read), context_lens int [B] -> [B, H, D]
-    of q.dtype (zeros where context_len is 0). `num_splits` and `tile` override the defaults
-    (tests, the kernel sweep)."""
+    of q.dtype (zeros where context_len is 0). `num_splits` and `config` override the split-K
+    heuristic and the launch table QUANT_DECODE_CONFIGS (tests, the kernel sweep)."""
     batch, num_heads, head_dim = q.shape
     ptrs, strides, geometry = _quant_args(q, cache, layer)
     if block_tables.dim() != 2 or block_tables.shape[0] != batch or tuple(context_lens.shape) != (batch,):
@@ -899,10 +955,14 @@ def paged_decode_attention_quantized(
         return out.zero_()
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
-    tile = tile or QUANT_DECODE_TILES[spec.kind]
+    config = config or quant_decode_config(spec.kind, q.device)
+    if config.cvt == 1 and not _compiled(q.device):
+        raise ConfigError("cvt 1 (inline PTX) runs only compiled for CUDA")
+    block_n = max(config.block_n, spec.block_size)
     max_tokens = max_blocks * spec.block_size
     if num_splits is None:
-        num_splits = num_decode_splits(batch, spec.num_kv_heads, max_tokens, tile.block_n, _device_index(q))
+        num_splits = num_decode_splits(batch, spec.num_kv_heads, max_tokens, block_n, _device_index(q),
+                                       config.programs_per_sm)
     mid_o, mid_lse = _partials(batch, num_heads, num_splits + 1, head_dim, q.device)
     group = num_heads // spec.num_kv_heads
     softmax_scale = head_dim**-0.5 if scale is None else scale
@@ -911,10 +971,11 @@ def paged_decode_attention_quantized(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *strides,
         cache.num_blocks, spec.row_nbytes, layer * spec.layer_nbytes, num_heads, max_tokens, sliding_window or 0,
         softmax_scale * _LOG2E,
-        GROUP=group, GROUP_ROWS=_group_rows(group), BLOCK_N=max(tile.block_n, spec.block_size),
+        GROUP=group, GROUP_ROWS=_group_rows(group), BLOCK_N=block_n,
         BLOCK_N_TAIL=_decode_block_n(head_dim, cache.staging.element_size()), NUM_SPLITS=num_splits,
         MAX_TAIL=cache.max_tail_blocks, TAIL_P2=_next_pow2(cache.max_tail_blocks),
-        HAS_WINDOW=sliding_window is not None, **geometry, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        HAS_WINDOW=sliding_window is not None, CVT=_cvt(config.cvt, geometry), **geometry,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     _merge(mid_o, mid_lse, out, num_splits + 1)
     return out
@@ -953,6 +1014,8 @@ def paged_prefill_attention_quantized(
         cache.num_blocks, spec.row_nbytes, layer * spec.layer_nbytes, block_ids.shape[0] * spec.block_size,
         sliding_window or 0, softmax_scale * _LOG2E,
         GROUP=group, TOKENS_M=tokens_m, BLOCK_M=block_m, BLOCK_N=max(64, spec.block_size), TABLE_CHUNK=128,
-        HAS_WINDOW=sliding_window is not None, **geometry, num_warps=4, num_stages=2,
+        HAS_WINDOW=sliding_window is not None, CVT=_cvt(quant_decode_config(spec.kind, q.device).cvt, geometry),
+        **geometry,
+        num_warps=4, num_stages=2,
     )  # fmt: skip
     return out
