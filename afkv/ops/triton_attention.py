@@ -855,6 +855,7 @@ class QuantDecodeConfig:
     num_stages: int = 2
     programs_per_sm: int = _PROGRAMS_PER_SM  # split-K: chunks per row until B * Hkv * chunks fills this
     cvt: int = 2  # how int8 / int4 codes become float16 (_codes: 0 convert, 1 byte permutes, 2 or 0x6400)
+    max_regs: int | None = None  # registers per thread ptxas may use (None: its choice): more programs per SM
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -863,6 +864,8 @@ class QuantDecodeConfig:
             raise ConfigError(f"bad launch: {self}")
         if self.cvt not in (0, 1, 2):
             raise ConfigError(f"cvt must be 0, 1 or 2, got {self.cvt}")
+        if self.max_regs is not None and not 32 <= self.max_regs <= 255:
+            raise ConfigError(f"max_regs must be in 32 .. 255, got {self.max_regs}")
 
 
 # The launch per GPU family (_gpu_family) and format, from `afkv bench kv-quant --sweep` on that
@@ -871,6 +874,26 @@ QUANT_DECODE_CONFIGS: dict[str, dict[str, QuantDecodeConfig]] = {
     "default": {"fp8": QuantDecodeConfig(64), "int8": QuantDecodeConfig(128, num_stages=1),
                 "int4": QuantDecodeConfig(64)},
 }
+
+
+# What `afkv bench kv-quant --sweep` tries per format (fields as QuantDecodeConfig's; cvt is moot
+# for fp8). Registers decide how many programs an SM holds (sm_90 ptxas, 4 warps, head_dim 128:
+# 200-250 unbounded at 64-128 tokens per tile), hence the capped ones; a cap spills to local memory.
+QUANT_DECODE_SWEEP = tuple(QuantDecodeConfig(*c) for c in (
+    (64, 4, 2, 4, 2, None), (32, 4, 2, 4, 2, None), (128, 4, 1, 4, 2, None), (128, 4, 2, 4, 2, None),
+    (64, 8, 2, 4, 2, None), (128, 8, 2, 4, 2, None), (32, 8, 2, 8, 2, None), (64, 4, 2, 2, 2, None),
+    (64, 4, 2, 8, 2, None), (64, 4, 2, 4, 2, 128), (32, 4, 2, 4, 2, 128), (64, 4, 2, 8, 2, 128),
+    (64, 4, 3, 4, 2, 128), (128, 4, 2, 4, 2, 128), (64, 4, 2, 4, 1, None), (64, 4, 2, 4, 0, None),
+    (64, 4, 2, 4, 1, 128),
+))
+
+
+def sweep_configs(kind: str) -> list[QuantDecodeConfig]:
+    """QUANT_DECODE_SWEEP for format `kind`, without the duplicates cvt makes for fp8."""
+    seen: dict[QuantDecodeConfig, None] = {}
+    for c in QUANT_DECODE_SWEEP:
+        seen.setdefault(replace(c, cvt=2) if kind == "fp8" else c)
+    return list(seen)
 
 
 def quant_decode_config(kind: str, device: torch.device) -> QuantDecodeConfig:
@@ -975,7 +998,7 @@ def paged_decode_attention_quantized(
         BLOCK_N_TAIL=_decode_block_n(head_dim, cache.staging.element_size()), NUM_SPLITS=num_splits,
         MAX_TAIL=cache.max_tail_blocks, TAIL_P2=_next_pow2(cache.max_tail_blocks),
         HAS_WINDOW=sliding_window is not None, CVT=_cvt(config.cvt, geometry), **geometry,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_regs,
     )  # fmt: skip
     _merge(mid_o, mid_lse, out, num_splits + 1)
     return out

@@ -13,7 +13,7 @@ target and launches nothing. Two depths:
 
 Run as a script (by tests/ops/test_sm90_compile.py, in a process without TRITON_INTERPRET):
 
-    python tests/ops/sm90_compile.py ttir|cubin [--usage]
+    python tests/ops/sm90_compile.py ttir|cubin [--sweep] [--usage] [--only=REGEX]
 
 It prints one line per compiled specialization (with --usage: registers and spilled bytes of
 the cubin, by cuobjdump) and exits 1 when any launch fails to compile.
@@ -166,11 +166,12 @@ _SHAPES = [
     (torch.bfloat16, 4, 4, 128, 64),
 ]
 _KINDS = ["fp8", "int8", "int4"]
+_SWEPT = (torch.bfloat16, 32, 4, 128, 16)  # the shape the sweep's variants launch at (Qwen3-30B-A3B)
 
 
-def launches(configs=None):
-    """Yield (label, thunk): each thunk launches one product path on CPU tensors. `configs`:
-    extra QuantDecodeConfig to launch the decode kernel with (the sweep's variants)."""
+def launches(sweep: bool = False):
+    """Yield (label, thunk): each thunk launches one product path on CPU tensors; with `sweep`
+    also the quantized decode kernel in every variant `afkv bench kv-quant --sweep` tries."""
     from afkv.ops import attention, quant
     from afkv.ops import triton_attention as ta
 
@@ -196,7 +197,7 @@ def launches(configs=None):
                     q, c, 1, tables, lens, w)
                 yield f"prefill {tag}", lambda c=cache, w=window: ta.paged_prefill_attention_quantized(
                     torch.zeros(5, h, d, dtype=dtype), c, 1, torch.zeros(3, dtype=torch.int64), 2 * bs, w)
-            for config in configs or ():
+            for config in (ta.sweep_configs(kind) if sweep and (dtype, h, hkv, d, bs) == _SWEPT else ()):
                 yield f"decode {kind} {str(dtype)[6:]} h{h}/{hkv} d{d} bs{bs} {config}", (
                     lambda q=q, c=cache, cfg=config: ta.paged_decode_attention_quantized(q, c, 1, tables, lens,
                                                                                          config=cfg))
@@ -209,7 +210,7 @@ def main(argv: list[str]) -> int:
     log = install(depth)
     failed = 0
     with torch.inference_mode():
-        for label, thunk in launches():
+        for label, thunk in launches("--sweep" in argv):
             if only and not re.search(only, label):
                 continue
             start = len(log)
