@@ -906,6 +906,12 @@ def quant_decode_config(kind: str, device: torch.device) -> QuantDecodeConfig:
     return config if _compiled(device) or config.cvt != 1 else replace(config, cvt=2)
 
 
+# The prefill converts codes by the or of 0x6400 everywhere: the arithmetic the interpreter
+# checks (the byte-permute PTX, cvt 1, gave NaN in the int4 prefill at head_dim 64 on an H100
+# with triton 3.6 while the same arithmetic passes here; the decode sweep checks cvt 1 per GPU).
+_PREFILL_CVT = 2
+
+
 def _cvt(cvt: int, geometry: dict) -> int:
     """The code conversion a launch uses: `cvt`, but 0 (no offset) for products in IEEE float32,
     where the offset of 1024 would cost more than float32's rounding (a float32 model)."""
@@ -1037,8 +1043,7 @@ def paged_prefill_attention_quantized(
         cache.num_blocks, spec.row_nbytes, layer * spec.layer_nbytes, block_ids.shape[0] * spec.block_size,
         sliding_window or 0, softmax_scale * _LOG2E,
         GROUP=group, TOKENS_M=tokens_m, BLOCK_M=block_m, BLOCK_N=max(64, spec.block_size), TABLE_CHUNK=128,
-        HAS_WINDOW=sliding_window is not None, CVT=_cvt(quant_decode_config(spec.kind, q.device).cvt, geometry),
-        **geometry,
+        HAS_WINDOW=sliding_window is not None, CVT=_cvt(_PREFILL_CVT, geometry), **geometry,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     return out
