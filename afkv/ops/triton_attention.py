@@ -39,8 +39,13 @@ blocks, one more part its staging tail. A prefill program reads its table's quan
 then its staging blocks, each in place: no dequantized copy of the context exists anywhere.
 Products over codes run in float16 (the query, the probabilities times the tile-normalised
 scales, and the int4 output before its rotation are rounded to float16; |q| and |V| must stay
-below float16's 65504) with float32 accumulation; IEEE float32 for float32 models and under
-the interpreter.
+below float16's 65504) with float32 accumulation; IEEE float32 for float32 models. The
+interpreter runs the same float16 products (its tl.dot multiplies float16 as the GPU does;
+only bfloat16 products over full-precision K/V run in float32 there, its bfloat16 tl.dot
+being wrong), so the CPU tests check the GPU's arithmetic. The quantized decode kernel's
+launch (tile, warps, stages, split-K, code conversion, register cap) comes from a table per
+GPU family, QUANT_DECODE_CONFIGS, that `afkv bench kv-quant --sweep` fills on that GPU.
+tests/ops/test_sm90_compile.py compiles every launch for sm_90 without a GPU.
 """
 
 from __future__ import annotations
@@ -387,26 +392,27 @@ if triton is not None:
 
     @triton.jit
     def _quant_queries(q, h_ptr, offs_d, dmask, KIND: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       CODE_DIM: tl.constexpr, BLOCK_C: tl.constexpr, HP_INV: tl.constexpr,
+                       TILE_C: tl.constexpr, BLOCK_C: tl.constexpr, HP_INV: tl.constexpr,
                        IEEE: tl.constexpr):  # fmt: skip
         """Queries [M, D] -> what the code products take: (qa, qb, qsum). int8 / int4: the rotated
-        query (q @ H) / p, whole [M, D] in qa (int8) or its halves [M, C] in qa, qb (int4);
-        fp8: qa = q. qsum [M]: the sum of the channels qa and qb hold (the zero points' factor)."""
+        query (q @ H) / p, whole [M, D] in qa (TILE_C = D) or its halves [M, D / 2] in qa, qb
+        (TILE_C = D / 2: int4, or int8 in halves); fp8: qa = q. qsum [M]: the sum of the channels
+        qa and qb hold (the zero points' factor)."""
         dt = tl.float32 if IEEE else tl.float16
         q = q.to(dt)
         qa = q
         qb = q
         if KIND != 0:
             offs_c = tl.arange(0, BLOCK_C)
-            hmask = dmask[:, None] & (offs_c < CODE_DIM)[None, :]
+            hmask = dmask[:, None] & (offs_c < TILE_C)[None, :]
             h_rows = h_ptr + offs_d[:, None] * HEAD_DIM
             ha = tl.load(h_rows + offs_c[None, :], mask=hmask, other=0.0)  # [D, C]: H's columns 0 .. C-1
             qa = (_dot(q, ha, IEEE) * HP_INV).to(dt)  # [M, C]
-            if KIND == 2:
-                hb = tl.load(h_rows + CODE_DIM + offs_c[None, :], mask=hmask, other=0.0)  # [D, C]: columns C ..
+            if TILE_C < HEAD_DIM:
+                hb = tl.load(h_rows + TILE_C + offs_c[None, :], mask=hmask, other=0.0)  # [D, C]: columns C ..
                 qb = (_dot(q, hb, IEEE) * HP_INV).to(dt)
         qsum = tl.sum(qa.to(tl.float32), 1)
-        if KIND == 2:
+        if KIND != 0 and TILE_C < HEAD_DIM:
             qsum += tl.sum(qb.to(tl.float32), 1)
         return qa, qb, qsum
 
@@ -415,14 +421,17 @@ if triton is not None:
         qa, qb, qsum, rows_ptr, rows16_ptr, tab_ptr, t0, lo, hi, valid, kvh, layer_off, row_nbytes, qk_scale,
         m_i, l_i, acc_a, acc_b, acc_z,
         KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, CODE_DIM: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
+        TILE_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         """Online-softmax step over the tile of tokens t0 .. t0 + BLOCK_N - 1 (t0 a multiple of
         BLOCK_SIZE; tokens outside [lo, hi) are not read; `valid` [M, N] masks the scores) held
         in quantized rows. Scores are s_t * (q . c_t) + z_t * sum(q) and values enter as p_t * s_t
         (scaled by the tile's largest s_t) times the codes, plus p_t * z_t: the codes are
-        multiplied as they are, never dequantized. int8 and int4 work in the rotated domain
-        (int4's channels in two halves). Addresses are computed once per block of the tile."""
+        multiplied as they are, never dequantized. int8 and int4 work in the rotated domain,
+        int4's channels in two halves (low and high nibbles), int8's whole or, when TILE_C <
+        CODE_DIM, in two halves too (bytes 0 .. D/2 - 1 and D/2 .. D - 1: smaller tiles, fewer
+        registers). Addresses are computed once per block of the tile."""
+        HALVES: tl.constexpr = KIND == 2 or TILE_C < CODE_DIM
         num_tile_blocks: tl.constexpr = BLOCK_N // BLOCK_SIZE
         heads_tokens: tl.constexpr = NUM_KV_HEADS * BLOCK_SIZE
         offs_j = tl.arange(0, num_tile_blocks)
@@ -435,16 +444,22 @@ if triton is not None:
         base = blk * row_nbytes + layer_off  # [NB] byte offset of this layer's section
         crow = (kvh * BLOCK_SIZE + offs_i) * CODE_DIM  # [bs]
         k_ptrs = rows_ptr + base[:, None, None] + crow[None, :, None] + offs_c[None, None, :]  # [NB, bs, C]
-        cmask = tmask[:, :, None] & (offs_c < CODE_DIM)[None, None, :]
+        cmask = tmask[:, :, None] & (offs_c < TILE_C)[None, None, :]
         kb = tl.reshape(tl.load(k_ptrs, mask=cmask, other=0), [BLOCK_N, BLOCK_C])
         vb = tl.reshape(tl.load(k_ptrs + heads_tokens * CODE_DIM, mask=cmask, other=0), [BLOCK_N, BLOCK_C])
+        kb2 = kb  # int8 in halves: the second half's codes
+        vb2 = vb
+        if KIND == 1 and HALVES:
+            kb2 = tl.reshape(tl.load(k_ptrs + TILE_C, mask=cmask, other=0), [BLOCK_N, BLOCK_C])
+            vb2 = tl.reshape(tl.load(k_ptrs + heads_tokens * CODE_DIM + TILE_C, mask=cmask, other=0),
+                             [BLOCK_N, BLOCK_C])
         meta = rows16_ptr + (base // 2)[:, None] + (heads_tokens * CODE_DIM + kvh * BLOCK_SIZE + offs_i)[None, :]
         ks = tl.reshape(tl.load(meta, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)  # [N]
         vs = tl.reshape(tl.load(meta + heads_tokens, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)
         off: tl.constexpr = 1024.0 if (KIND != 0 and CVT != 0) else 0.0  # what _codes adds to int codes
-        if KIND == 2:
+        if HALVES:
             s = _dot(qa, tl.trans(_codes(kb, KIND, False, CVT, IEEE)), IEEE)
-            s += _dot(qb, tl.trans(_codes(kb, KIND, True, CVT, IEEE)), IEEE)  # [M, N]
+            s += _dot(qb, tl.trans(_codes(kb2, KIND, True, CVT, IEEE)), IEEE)  # [M, N]
         else:
             s = _dot(qa, tl.trans(_codes(kb, KIND, False, CVT, IEEE)), IEEE)  # [M, N]
         s = s * (ks * qk_scale)[None, :]
@@ -461,8 +476,8 @@ if triton is not None:
         v_max = tl.where(v_max > 0.0, v_max, 1.0)
         pw = (p * (vs / v_max)[None, :]).to(tl.float32 if IEEE else tl.float16)  # [M, N], <= 1
         acc_a = acc_a * alpha[:, None] + _dot(pw, _codes(vb, KIND, False, CVT, IEEE), IEEE) * v_max
-        if KIND == 2:
-            acc_b = acc_b * alpha[:, None] + _dot(pw, _codes(vb, KIND, True, CVT, IEEE), IEEE) * v_max
+        if HALVES:
+            acc_b = acc_b * alpha[:, None] + _dot(pw, _codes(vb2, KIND, True, CVT, IEEE), IEEE) * v_max
         if KIND != 0:
             vz = tl.reshape(tl.load(meta + 3 * heads_tokens, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)
             z = tl.sum(p * vz[None, :], 1)
@@ -473,7 +488,7 @@ if triton is not None:
 
     @triton.jit
     def _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, CODE_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, TILE_C: tl.constexpr, BLOCK_C: tl.constexpr,
                       HP_INV: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
         """The quantized tokens' accumulators -> an unnormalised output [M, D] in the model's
         channels (int8 / int4: rotated back), to go on with full-precision tokens."""
@@ -482,13 +497,13 @@ if triton is not None:
         else:
             dt = tl.float32 if IEEE else tl.float16
             offs_c = tl.arange(0, BLOCK_C)
-            hmask = (offs_c < CODE_DIM)[:, None] & dmask[None, :]
+            hmask = (offs_c < TILE_C)[:, None] & dmask[None, :]
             ha = tl.load(h_ptr + offs_c[:, None] * HEAD_DIM + offs_d[None, :], mask=hmask, other=0.0)  # [C, D]
             norm = tl.where(l_i > 0.0, HP_INV / tl.where(l_i > 0.0, l_i, 1.0), 0.0)  # normalised: float16 holds it
             oa = ((acc_a + acc_z[:, None]) * norm[:, None]).to(dt)
             o = _dot(oa, ha, IEEE)
-            if KIND == 2:
-                hb = tl.load(h_ptr + (CODE_DIM + offs_c)[:, None] * HEAD_DIM + offs_d[None, :], mask=hmask, other=0.0)
+            if TILE_C < HEAD_DIM:
+                hb = tl.load(h_ptr + (TILE_C + offs_c)[:, None] * HEAD_DIM + offs_d[None, :], mask=hmask, other=0.0)
                 ob = ((acc_b + acc_z[:, None]) * norm[:, None]).to(dt)
                 o += _dot(ob, hb, IEEE)
             acc = o * l_i[:, None]
@@ -512,7 +527,8 @@ if triton is not None:
         stride_qb, stride_qh, stride_ob, stride_oh, stride_bt, stride_sb, stride_skv, stride_stok, stride_sh,
         num_blocks, row_nbytes, layer_off, num_heads, max_tokens, window, qk_scale,
         KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CODE_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CODE_DIM: tl.constexpr, TILE_C: tl.constexpr,
+        BLOCK_C: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, NUM_SPLITS: tl.constexpr,
         MAX_TAIL: tl.constexpr, TAIL_P2: tl.constexpr, HAS_WINDOW: tl.constexpr, HP_INV: tl.constexpr,
         CVT: tl.constexpr, IEEE: tl.constexpr, FP_IEEE: tl.constexpr,
@@ -547,16 +563,17 @@ if triton is not None:
         acc_a = tl.zeros([GROUP_ROWS, BLOCK_C], tl.float32)
         acc_b = tl.zeros([GROUP_ROWS, BLOCK_C], tl.float32)
         acc_z = tl.zeros([GROUP_ROWS], tl.float32)
-        qa, qb, qsum = _quant_queries(q, h_ptr, offs_d, dmask, KIND, HEAD_DIM, CODE_DIM, BLOCK_C, HP_INV, IEEE)
+        qa, qb, qsum = _quant_queries(q, h_ptr, offs_d, dmask, KIND, HEAD_DIM, TILE_C, BLOCK_C, HP_INV, IEEE)
         offs_n = tl.arange(0, BLOCK_N)
         for t0 in range(lo, hi, BLOCK_N):
             tok = t0 + offs_n  # [N]
             valid = hmask[:, None] & ((tok >= start) & (tok < hi))[None, :]
             m_i, l_i, acc_a, acc_b, acc_z = _quant_tile(
                 qa, qb, qsum, rows_ptr, rows16_ptr, tab, t0, start, hi, valid, kvh, layer_off, row_nbytes, qk_scale,
-                m_i, l_i, acc_a, acc_b, acc_z, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, BLOCK_C, BLOCK_N, CVT, IEEE,
+                m_i, l_i, acc_a, acc_b, acc_z, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, TILE_C, BLOCK_C, BLOCK_N,
+                CVT, IEEE,
             )  # fmt: skip
-        acc = _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND, HEAD_DIM, CODE_DIM, BLOCK_C,
+        acc = _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND, HEAD_DIM, TILE_C, BLOCK_C,
                             HP_INV, IEEE)  # fmt: skip
         tail_end = tl.where(part == NUM_SPLITS, ctx, q_end)
         offs_m = tl.arange(0, BLOCK_N_TAIL)
@@ -580,7 +597,7 @@ if triton is not None:
         num_blocks, row_nbytes, layer_off, max_tokens, window, qk_scale,
         KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, TOKENS_M: tl.constexpr,
         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CODE_DIM: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_CHUNK: tl.constexpr,
+        TILE_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_CHUNK: tl.constexpr,
         HAS_WINDOW: tl.constexpr, HP_INV: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr, FP_IEEE: tl.constexpr,
     ):  # fmt: skip
         """_prefill_kernel's tiles (query tokens x the group's heads) over a quantized device
@@ -627,7 +644,7 @@ if triton is not None:
         acc_a = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         acc_b = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         acc_z = tl.zeros([BLOCK_M], tl.float32)
-        qa, qb, qsum = _quant_queries(q, h_ptr, offs_d, dmask, KIND, HEAD_DIM, CODE_DIM, BLOCK_C, HP_INV, IEEE)
+        qa, qb, qsum = _quant_queries(q, h_ptr, offs_d, dmask, KIND, HEAD_DIM, TILE_C, BLOCK_C, HP_INV, IEEE)
         offs_n = tl.arange(0, BLOCK_N)
         hi_q = tl.minimum(hi, q_end)
         for t0 in range(lo - lo % BLOCK_SIZE, hi_q, BLOCK_N):  # whole blocks
@@ -638,9 +655,10 @@ if triton is not None:
                 valid = valid & (q_pos[:, None] - tok[None, :] < window)
             m_i, l_i, acc_a, acc_b, acc_z = _quant_tile(
                 qa, qb, qsum, rows_ptr, rows16_ptr, tab, t0, lo, hi_q, valid, kvh, layer_off, row_nbytes, qk_scale,
-                m_i, l_i, acc_a, acc_b, acc_z, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, BLOCK_C, BLOCK_N, CVT, IEEE,
+                m_i, l_i, acc_a, acc_b, acc_z, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, TILE_C, BLOCK_C, BLOCK_N,
+                CVT, IEEE,
             )  # fmt: skip
-        acc = _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND, HEAD_DIM, CODE_DIM, BLOCK_C,
+        acc = _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND, HEAD_DIM, TILE_C, BLOCK_C,
                             HP_INV, IEEE)  # fmt: skip
         for t0 in range(tl.maximum(lo, q_end), hi, BLOCK_N):
             tok = t0 + offs_n
@@ -856,6 +874,7 @@ class QuantDecodeConfig:
     programs_per_sm: int = _PROGRAMS_PER_SM  # split-K: chunks per row until B * Hkv * chunks fills this
     cvt: int = 2  # how int8 / int4 codes become float16 (_codes: 0 convert, 1 byte permutes, 2 or 0x6400)
     max_regs: int | None = None  # registers per thread ptxas may use (None: its choice): more programs per SM
+    halves: bool = False  # int8: codes in two tiles of D / 2 columns (fewer registers; moot for fp8, int4)
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -871,7 +890,7 @@ class QuantDecodeConfig:
 # The launch per GPU family (_gpu_family) and format, from `afkv bench kv-quant --sweep` on that
 # GPU (it prints the rows to put here); "default" for any other device and the interpreter.
 QUANT_DECODE_CONFIGS: dict[str, dict[str, QuantDecodeConfig]] = {
-    "default": {"fp8": QuantDecodeConfig(64), "int8": QuantDecodeConfig(128, num_stages=1),
+    "default": {"fp8": QuantDecodeConfig(64), "int8": QuantDecodeConfig(64, halves=True),
                 "int4": QuantDecodeConfig(64)},
 }
 
@@ -884,15 +903,19 @@ QUANT_DECODE_SWEEP = tuple(QuantDecodeConfig(*c) for c in (
     (64, 8, 2, 4, 2, None), (128, 8, 2, 4, 2, None), (32, 8, 2, 8, 2, None), (64, 4, 2, 2, 2, None),
     (64, 4, 2, 8, 2, None), (64, 4, 2, 4, 2, 128), (32, 4, 2, 4, 2, 128), (64, 4, 2, 8, 2, 128),
     (64, 4, 3, 4, 2, 128), (128, 4, 2, 4, 2, 128), (64, 4, 2, 4, 1, None), (64, 4, 2, 4, 0, None),
-    (64, 4, 2, 4, 1, 128),
+    (64, 4, 2, 4, 1, 128), (64, 4, 2, 4, 2, None, True), (128, 4, 1, 4, 2, None, True),
+    (32, 4, 2, 4, 2, None, True), (64, 4, 2, 4, 2, 128, True), (64, 8, 2, 4, 2, None, True),
+    (64, 4, 2, 8, 2, None, True),
 ))
 
 
 def sweep_configs(kind: str) -> list[QuantDecodeConfig]:
-    """QUANT_DECODE_SWEEP for format `kind`, without the duplicates cvt makes for fp8."""
+    """QUANT_DECODE_SWEEP for format `kind`, without the duplicates cvt (fp8) and halves (fp8, int4) make."""
     seen: dict[QuantDecodeConfig, None] = {}
     for c in QUANT_DECODE_SWEEP:
-        seen.setdefault(replace(c, cvt=2) if kind == "fp8" else c)
+        if kind != "int8":
+            c = replace(c, halves=False, cvt=2 if kind == "fp8" else c.cvt)
+        seen.setdefault(c)
     return list(seen)
 
 
@@ -900,8 +923,9 @@ def quant_decode_config(kind: str, device: torch.device) -> QuantDecodeConfig:
     """The table's launch of format `kind` on `device` (shapes only: fixed per device, as CUDA
     graphs need). Under the interpreter byte permutes (inline PTX) become the or of 0x6400,
     the same arithmetic."""
-    index = _device_index(torch.empty(0, device=device)) if _compiled(device) else None
-    family = _gpu_family(index) if index is not None else "default"
+    family = "default"
+    if _compiled(device):
+        family = _gpu_family(device.index if device.index is not None else torch.cuda.current_device())
     config = QUANT_DECODE_CONFIGS.get(family, {}).get(kind) or QUANT_DECODE_CONFIGS["default"][kind]
     return config if _compiled(device) or config.cvt != 1 else replace(config, cvt=2)
 
@@ -923,9 +947,10 @@ def _block_c(code_dim: int) -> int:
     return max(16, _next_pow2(code_dim))
 
 
-def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int) -> tuple:
+def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int, halves: bool = False) -> tuple:
     """Checks, and the arguments both quantized kernels take after q: rows, the rows as 16-bit
-    scale data, this layer's staging view, the rotation, and the geometry."""
+    scale data, this layer's staging view, the rotation, and the geometry (`halves`: int8 codes
+    in two tiles of D / 2 columns, see _quant_tile)."""
     spec = cache.spec
     rows, staging = cache.blocks, cache.staging
     if q.dim() != 3 or q.dtype not in _FLOAT_DTYPES or staging.dtype not in _FLOAT_DTYPES:
@@ -947,9 +972,10 @@ def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int) 
     if st.stride(-1) != 1:
         raise ConfigError("staging blocks must be contiguous along head_dim")
     strides = (st.stride(0), st.stride(1), st.stride(2), st.stride(3))
+    tile_c = spec.head_dim // 2 if halves and spec.kind == "int8" and spec.head_dim % 2 == 0 else spec.code_dim
     geometry = dict(
         KIND=_KINDS[spec.kind], NUM_KV_HEADS=spec.num_kv_heads, HEAD_DIM=spec.head_dim,
-        BLOCK_D=_next_pow2(spec.head_dim), CODE_DIM=spec.code_dim, BLOCK_C=_block_c(spec.code_dim),
+        BLOCK_D=_next_pow2(spec.head_dim), CODE_DIM=spec.code_dim, TILE_C=tile_c, BLOCK_C=_block_c(tile_c),
         BLOCK_SIZE=spec.block_size, HP_INV=1.0 / spec.hadamard_order, IEEE=ieee, FP_IEEE=_ieee(staging.dtype, q.device),
     )  # fmt: skip
     return (rows, rows.view(spec.scale_dtype), st, had), strides, geometry
@@ -973,7 +999,8 @@ def paged_decode_attention_quantized(
     of q.dtype (zeros where context_len is 0). `num_splits` and `config` override the split-K
     heuristic and the launch table QUANT_DECODE_CONFIGS (tests, the kernel sweep)."""
     batch, num_heads, head_dim = q.shape
-    ptrs, strides, geometry = _quant_args(q, cache, layer)
+    config = config or quant_decode_config(cache.spec.kind, q.device)
+    ptrs, strides, geometry = _quant_args(q, cache, layer, config.halves)
     if block_tables.dim() != 2 or block_tables.shape[0] != batch or tuple(context_lens.shape) != (batch,):
         raise ConfigError(f"block_tables must be [{batch}, nb] and context_lens [{batch}], "
                           f"got {tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
@@ -984,7 +1011,6 @@ def paged_decode_attention_quantized(
         return out.zero_()
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
-    config = config or quant_decode_config(spec.kind, q.device)
     if config.cvt == 1 and not _compiled(q.device):
         raise ConfigError("cvt 1 (inline PTX) runs only compiled for CUDA")
     block_n = max(config.block_n, spec.block_size)

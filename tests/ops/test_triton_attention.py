@@ -340,11 +340,12 @@ def test_prefill_quantized_matches_reference(device, kind, case):
 
 def _sweep_variants(kind: str) -> list:
     """The sweep's variants that compute differently under the interpreter (warps, stages and
-    register caps only change the compiled code; cvt 1 is inline PTX: CUDA only)."""
+    register caps only change the compiled code; cvt 1 is inline PTX: CUDA only). int8 in
+    halves among them."""
     seen = {}
     for c in ta.sweep_configs(kind):
         if c.cvt != 1:
-            seen.setdefault((c.block_n, c.programs_per_sm, c.cvt), c)
+            seen.setdefault((c.block_n, c.programs_per_sm, c.cvt, c.halves), c)
     return list(seen.values())
 
 
