@@ -94,12 +94,13 @@ def _compiled(device: torch.device) -> bool:
 
 
 def _device_index(t: torch.Tensor) -> int | None:
-    """The CUDA device whose SMs a launch fills; None under the interpreter."""
-    if not _compiled(t.device):
+    """The CUDA device whose SMs a launch on t's device fills; None under the interpreter."""
+    device = t.device
+    if not _compiled(device):
         return None
-    if t.device.index is not None:
-        return t.device.index
-    return torch.cuda.current_device() if t.is_cuda else 0
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if device.type == "cuda" else 0
 
 
 @functools.cache
@@ -925,7 +926,8 @@ def quant_decode_config(kind: str, device: torch.device) -> QuantDecodeConfig:
     the same arithmetic."""
     family = "default"
     if _compiled(device):
-        family = _gpu_family(device.index if device.index is not None else torch.cuda.current_device())
+        family = _gpu_family(device.index if device.index is not None else
+                             torch.cuda.current_device() if device.type == "cuda" else 0)
     config = QUANT_DECODE_CONFIGS.get(family, {}).get(kind) or QUANT_DECODE_CONFIGS["default"][kind]
     return config if _compiled(device) or config.cvt != 1 else replace(config, cvt=2)
 
