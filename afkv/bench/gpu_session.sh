@@ -34,8 +34,11 @@ for arg in "$@"; do
             timeout "$limit" python3 -m pytest -v -p no:cacheprovider -m gpu --timeout 100 -rfE \
                 ${TEST_FILES:-$(grep -rl "pytest.mark.gpu" tests --include="*.py" | sort)} >"$log" 2>&1 ;;
         kv-quant)
-            timeout "$limit" python3 -m afkv.cli bench kv-quant --device cuda --model random:qwen3-30b-a3b --tune \
-                --steps 8 --json "$OUT/kv-quant.json" >"$log" 2>&1 ;;
+            # --sweep: every launch variant of the quantized decode kernel, checked and timed; the
+            # winners (printed as the QUANT_DECODE_CONFIGS row of this GPU) run the attention steps.
+            # KV_QUANT_ARGS adds flags (--capacity-context 0 skips the capacity phase)
+            timeout "$limit" python3 -m afkv.cli bench kv-quant --device cuda --model random:qwen3-30b-a3b --sweep \
+                --steps 8 ${KV_QUANT_ARGS:-} --json "$OUT/kv-quant.json" >"$log" 2>&1 ;;
         calibrate)
             timeout "$limit" python3 -m afkv.cli bench calibrate --models random:qwen3-30b-a3b,random:mixtral-8x7b \
                 --device cuda --out "$OUT/profile.json" >"$log" 2>&1 ;;

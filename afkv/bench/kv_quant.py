@@ -211,11 +211,14 @@ def _kernel_rows(layout: KVLayout, num_heads: int, formats: list[str], workloads
                     def call(i, config=config):
                         return ta.paged_decode_attention_quantized(q, c.cache, i % num_layers, tables, lens,
                                                                    config=config)
-                    got = call(0).float()
-                    err = ((got - want).abs() - _TOL_REL * want.abs()).max().item()
-                    if not err <= _TOL_ABS:  # NaN too
-                        progress(f"    kernel {fmt} {batch}x{context} {_cfg(config)}: WRONG (excess error {err:.3g})")
-                        rows.append(base | {"config": _cfg(config), "wrong": True, "excess_error": err})
+                    try:
+                        got = call(0).float()
+                        err = ((got - want).abs() - _TOL_REL * want.abs()).max().item()
+                    except Exception as exc:  # noqa: BLE001 - a launch that fails to compile or run: reported
+                        err = f"{type(exc).__name__}: {str(exc)[-300:]}"
+                    if not (isinstance(err, float) and err <= _TOL_ABS):  # NaN too
+                        progress(f"    kernel {fmt} {batch}x{context} {_cfg(config)}: WRONG ({err})")
+                        rows.append(base | {"config": _cfg(config), "wrong": True, "error": err})
                         timings.setdefault(fmt, {}).setdefault(config, []).append(float("inf"))
                         continue
                 seconds = _graph_s(call)
@@ -238,7 +241,8 @@ def _kernel_rows(layout: KVLayout, num_heads: int, formats: list[str], workloads
     chosen = {}
     for fmt, by_config in timings.items():  # the variant whose worst ratio to each workload's best is least
         best = [min(t[w] for t in by_config.values()) for w in range(len(workloads))]
-        chosen[fmt] = min(by_config, key=lambda cfg: max(t / b for t, b in zip(by_config[cfg], best)))
+        if all(b < float("inf") for b in best):
+            chosen[fmt] = min(by_config, key=lambda cfg: max(t / b for t, b in zip(by_config[cfg], best)))
     return rows, chosen
 
 
