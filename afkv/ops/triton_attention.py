@@ -876,6 +876,8 @@ class QuantDecodeConfig:
     cvt: int = 2  # how int8 / int4 codes become float16 (_codes: 0 convert, 1 byte permutes, 2 or 0x6400)
     max_regs: int | None = None  # registers per thread ptxas may use (None: its choice): more programs per SM
     halves: bool = False  # int8: codes in two tiles of D / 2 columns (fewer registers; moot for fp8, int4)
+    min_split_tiles: int = 1  # split-K chunks of at least this many tiles (short contexts: fewer programs,
+    # each paying the fixed cost of a program, the rotation of its queries and output, less often)
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -884,6 +886,8 @@ class QuantDecodeConfig:
             raise ConfigError(f"bad launch: {self}")
         if self.cvt not in (0, 1, 2):
             raise ConfigError(f"cvt must be 0, 1 or 2, got {self.cvt}")
+        if self.min_split_tiles < 1:
+            raise ConfigError(f"min_split_tiles must be >= 1, got {self.min_split_tiles}")
         if self.max_regs is not None and not 32 <= self.max_regs <= 255:
             raise ConfigError(f"max_regs must be in 32 .. 255, got {self.max_regs}")
 
@@ -900,13 +904,15 @@ QUANT_DECODE_CONFIGS: dict[str, dict[str, QuantDecodeConfig]] = {
 # for fp8). Registers decide how many programs an SM holds (sm_90 ptxas, 4 warps, head_dim 128:
 # 200-250 unbounded at 64-128 tokens per tile), hence the capped ones; a cap spills to local memory.
 QUANT_DECODE_SWEEP = tuple(QuantDecodeConfig(*c) for c in (
+    # block_n, warps, stages, programs/SM, cvt, max_regs, halves, min_split_tiles
     (64, 4, 2, 4, 2, None), (32, 4, 2, 4, 2, None), (128, 4, 1, 4, 2, None), (128, 4, 2, 4, 2, None),
-    (64, 8, 2, 4, 2, None), (128, 8, 2, 4, 2, None), (32, 8, 2, 8, 2, None), (64, 4, 2, 2, 2, None),
-    (64, 4, 2, 8, 2, None), (64, 4, 2, 4, 2, 128), (32, 4, 2, 4, 2, 128), (64, 4, 2, 8, 2, 128),
-    (64, 4, 3, 4, 2, 128), (128, 4, 2, 4, 2, 128), (64, 4, 2, 4, 1, None), (64, 4, 2, 4, 0, None),
-    (64, 4, 2, 4, 1, 128), (64, 4, 2, 4, 2, None, True), (128, 4, 1, 4, 2, None, True),
-    (32, 4, 2, 4, 2, None, True), (64, 4, 2, 4, 2, 128, True), (64, 8, 2, 4, 2, None, True),
-    (64, 4, 2, 8, 2, None, True),
+    (64, 8, 2, 4, 2, None), (64, 4, 2, 2, 2, None), (64, 4, 2, 8, 2, None), (64, 4, 2, 4, 2, 128),
+    (32, 4, 2, 4, 2, 128), (64, 4, 2, 8, 2, 128), (128, 4, 2, 4, 2, 128), (64, 4, 2, 4, 1, None),
+    (64, 4, 2, 4, 0, None), (64, 4, 2, 4, 1, 128),
+    (64, 4, 2, 4, 2, None, True), (128, 4, 1, 4, 2, None, True), (32, 4, 2, 4, 2, None, True),
+    (64, 4, 2, 4, 2, 128, True), (64, 8, 2, 4, 2, None, True), (64, 4, 2, 8, 2, None, True),
+    (64, 4, 2, 4, 2, None, True, 4), (64, 4, 2, 4, 2, None, False, 4), (32, 4, 2, 4, 2, None, True, 8),
+    (32, 4, 2, 4, 2, None, False, 8), (64, 4, 2, 4, 2, 128, False, 4),
 ))
 
 
@@ -1018,8 +1024,8 @@ def paged_decode_attention_quantized(
     block_n = max(config.block_n, spec.block_size)
     max_tokens = max_blocks * spec.block_size
     if num_splits is None:
-        num_splits = num_decode_splits(batch, spec.num_kv_heads, max_tokens, block_n, _device_index(q),
-                                       config.programs_per_sm)
+        num_splits = num_decode_splits(batch, spec.num_kv_heads, max_tokens, block_n * config.min_split_tiles,
+                                       _device_index(q), config.programs_per_sm)
     mid_o, mid_lse = _partials(batch, num_heads, num_splits + 1, head_dim, q.device)
     group = num_heads // spec.num_kv_heads
     softmax_scale = head_dim**-0.5 if scale is None else scale

@@ -345,7 +345,7 @@ def _sweep_variants(kind: str) -> list:
     seen = {}
     for c in ta.sweep_configs(kind):
         if c.cvt != 1:
-            seen.setdefault((c.block_n, c.programs_per_sm, c.cvt, c.halves), c)
+            seen.setdefault((c.block_n, c.programs_per_sm, c.cvt, c.halves, c.min_split_tiles), c)
     return list(seen.values())
 
 
