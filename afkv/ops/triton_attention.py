@@ -105,7 +105,7 @@ def _device_index(t: torch.Tensor) -> int | None:
 
 @functools.cache
 def _gpu_family(device_index: int) -> str:
-    """"sm90" for an H100 / H200: the key of the tuned launch tables."""
+    """The key of the tuned launch tables: "sm90" for an H100 / H200."""
     major, minor = torch.cuda.get_device_capability(device_index)
     return f"sm{major}{minor}"
 

@@ -96,8 +96,9 @@ def install(depth: str) -> list[Compiled]:
     """Make every launch from now on compile for sm_90 to `depth` and launch nothing; patch
     afkv.ops.triton_attention to take the decisions it takes on an H100. -> the log of
     compiled specializations (appended to as launches happen)."""
-    import triton
     from triton import knobs
+    from triton._C.libtriton import ir
+    from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
     from triton.runtime import driver
 
@@ -113,9 +114,6 @@ def install(depth: str) -> list[Compiled]:
         if depth == "cubin":
             return None  # go on: Triton compiles, then load_binary records the cubin
         src = ASTSource(fn.jit_function, compile["signature"], compile["constants"], compile["configs"][0])
-        from triton.backends.nvidia.compiler import CUDABackend
-        from triton._C.libtriton import ir
-
         backend = CUDABackend(fake.target)
         options = backend.parse_options({"num_warps": compile["num_warps"], "num_stages": compile["num_stages"]})
         context = ir.context()
@@ -130,7 +128,6 @@ def install(depth: str) -> list[Compiled]:
     ta._sm_count = lambda device_index: 132
     ta._gpu_family = lambda device_index: "sm90"
     assert not type(ta._decode_kernel).__name__.startswith("Interpreted"), "run without TRITON_INTERPRET"
-    del triton
     return log
 
 
