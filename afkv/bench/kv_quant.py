@@ -486,6 +486,11 @@ def format_tables(result: dict) -> str:
         wrong = [r for r in result["kernel"] if r.get("wrong")]
         if wrong:
             lines.append("WRONG (not timed): " + "; ".join(f"{r['format']} {shape(r)} {r['config']}" for r in wrong))
+        if "sweep_table" in result:
+            t = result["sweep_table"]
+            rows = ", ".join(f"{k!r}: QuantDecodeConfig({', '.join(f'{f}={v!r}' for f, v in c.items())})"
+                             for k, c in t["configs"].items())
+            lines.append(f"sweep table (afkv/ops/triton_attention.py): QUANT_DECODE_CONFIGS[{t['family']!r}] = {{{rows}}}")
     lines += _table([("attention step", ""), ("B x context", ""), ("ms", ".2f"), ("tok/s", ".0f"), ("vs auto", ".3f"),
                      ("KV GiB", ".2f"), ("KV vs auto", ".3f")],
                     [[r["format"], shape(r), r["step_s"] * 1e3, r["tok_s"], r["vs_auto"], r["kv_nbytes"] / 2**30,
