@@ -3,11 +3,16 @@ against the model dtype, in one run on one device. Table and JSON.
 
 copy ceiling   a 4 GiB device-to-device copy (bytes read + written per second): what every
                kernel's bytes/s is held to
-kernel         the decode attention kernel alone, per format: B sequences of `context` tokens
-               (blocks scattered at random), enough layers in turn that their KV is several
-               times the L2; bytes/s = the bytes it must read (codes + scale data, or the
-               bf16 cache) / time, and that over the copy ceiling. Quantized formats also try
-               several tile shapes; `--tune` uses the fastest for the rest of the run
+kernel         the decode attention kernel, per format: B sequences of `context` tokens (blocks
+               scattered at random), enough layers in turn that their KV is several times the
+               L2; the GPU's time per launch (a CUDA graph of launches) and the time per call
+               launched from Python (the real launch path: host work included where longer);
+               bytes/s = the bytes it must read (codes + scale data, or the bf16 cache) / GPU
+               time, and that over the copy ceiling. `--sweep`: every variant of
+               triton_attention.QUANT_DECODE_SWEEP too, each checked against the torch reference
+               (a wrong one is reported, not timed); the variant with the least worst ratio to
+               each workload's fastest becomes the format's launch for the rest of the run and is
+               printed as the QUANT_DECODE_CONFIGS row for this GPU family
 attention step the attention node's decode step (embedding, every layer's attention side,
                the lm_head; an FFN that returns zeros: AF disaggregation puts the experts on
                other GPUs) replayed as a CUDA graph, per workload (B x context) and format:
@@ -29,6 +34,7 @@ from __future__ import annotations
 import gc
 import platform
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -119,61 +125,202 @@ class _Cache:
 
 
 # ---- kernel ---------------------------------------------------------------------------------------
-def _kernel_rows(layout: KVLayout, num_heads: int, formats: list[str], workloads: list[tuple[int, int]],
-                 copy_bw: float, tune: bool, progress) -> list[dict]:
-    from afkv.ops import triton_attention as ta
-
-    device = torch.device("cuda", torch.cuda.current_device())
-    rows = []
-    for batch, context in workloads:
-        for fmt in formats:
-            per_layer = _Cache(layout, fmt, batch, context, device, num_layers=1).kv_nbytes
-            num_layers = max(1, min(layout.num_layers, -(-_L2_FLUSH_NBYTES // per_layer)))
-            c = _Cache(layout, fmt, batch, context, device, seed=1, num_layers=num_layers)
-            tables = torch.tensor([list(t) for t in c.tables], device=device)
-            lens = torch.full((batch,), context + 1, dtype=torch.int64, device=device)
-            q = torch.randn(batch, num_heads, layout.head_dim, device=device).to(layout.dtype)
-            sweep = fmt != "auto" and (batch, context) == next((w for w in workloads if w[1] >= 8192), None)
-            tiles = [ta.QuantTile(*t) for t in _TILES] if sweep else [None]  # tile shapes tried on one workload
-            best = None
-            for tile in tiles:
-                if fmt == "auto":
-                    def call(i, tables=tables):
-                        return ta.paged_decode_attention(q, c.cache, i % num_layers, tables, lens)
-                else:
-                    def call(i, tile=tile):
-                        return ta.paged_decode_attention_quantized(q, c.cache, i % num_layers, tables, lens, tile=tile)
-                seconds = _events_s(call, iters=max(20, 2 * num_layers))
-                nbytes = c.kv_nbytes // num_layers
-                row = {"format": fmt, "batch": batch, "context": context, "seconds": seconds, "read_bytes": nbytes,
-                       "bytes_per_s": nbytes / seconds, "vs_copy": nbytes / seconds / copy_bw,
-                       "tile": None if tile is None else [tile.block_n, tile.num_warps, tile.num_stages]}
-                if tile is not None:
-                    progress(f"    kernel {fmt} {batch}x{context} tile {row['tile']}: {seconds * 1e6:.1f} us, "
-                             f"{row['bytes_per_s'] / 1e9:.0f} GB/s ({row['vs_copy']:.0%} of copy)")
-                if best is None or seconds < best["seconds"]:
-                    best = row
-            if tune and fmt != "auto" and best["tile"] is not None:
-                ta.QUANT_DECODE_TILES[fmt] = ta.QuantTile(*best["tile"])
-            rows.append(best)
-            progress(f"  kernel {fmt} {batch}x{context}: {best['seconds'] * 1e6:.1f} us per layer, "
-                     f"{best['bytes_per_s'] / 1e9:.0f} GB/s = {best['vs_copy']:.0%} of copy (tile {best['tile']})")
-            del c
-            torch.cuda.empty_cache()
-    return rows
+_GRAPH_LAUNCHES = 12  # launches per captured graph (over the layers in turn: L2 holds none of them)
+_EAGER_CALLS = 40
+_TOL_ABS, _TOL_REL = 3e-2, 2e-2  # the 16-bit tolerance of tests/ops/test_triton_attention.py
 
 
-def _events_s(fn, iters: int, warmup: int = 3) -> float:
-    for i in range(warmup):
+def _graph_s(fn, launches: int = _GRAPH_LAUNCHES, reps: int = 7) -> float:
+    """The GPU's seconds per call of fn(i): calls i = 0 .. launches - 1 captured in one CUDA
+    graph, the median of `reps` replays over `launches` (no host work in it)."""
+    fn(0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(launches):
+            fn(i)
+    graph.replay()
+    seconds = median_s(graph.replay, reps)
+    del graph
+    return seconds / launches
+
+
+def _eager_s(fn, calls: int = _EAGER_CALLS) -> float:
+    """Seconds per call of fn(i) launched from Python back to back (the real launch path: the
+    host's work per call included where it is longer than the GPU's)."""
+    for i in range(3):
         fn(i)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
-    for i in range(iters):
+    for i in range(calls):
         fn(i)
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / 1e3 / iters
+    return start.elapsed_time(end) / 1e3 / calls
+
+
+def _kernel_cache(layout: KVLayout, fmt: str, batch: int, context: int, device: torch.device) -> "_Cache":
+    """A cache with enough layers that the kernel's calls over them in turn outgrow the L2."""
+    per_layer = _cache_nbytes(layout, fmt, batch, context, 1)
+    num_layers = max(1, min(layout.num_layers, -(-_L2_FLUSH_NBYTES // per_layer)))
+    return _Cache(layout, fmt, batch, context, device, seed=1, num_layers=num_layers)
+
+
+def _reference(c: "_Cache", q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """Layer 0's decode attention in float32 over the dequantized rows (the torch reference)."""
+    from afkv.ops.attention import gather_layer, paged_decode_attention
+
+    scratch = gather_layer(c.cache, 0, tables).float()  # [B, nb, 2, bs, Hkv, D]
+    batch, width = tables.shape
+    ids = torch.arange(batch * width, device=q.device).view(batch, width)
+    return paged_decode_attention(q.float(), scratch.flatten(0, 1)[:, None], 0, ids, lens)
+
+
+def _kernel_rows(layout: KVLayout, num_heads: int, formats: list[str], workloads: list[tuple[int, int]],
+                 copy_bw: float, sweep: bool, progress, device: torch.device) -> tuple[list[dict], dict | None]:
+    """Per workload and format: the decode kernel alone (a CUDA graph of launches over the
+    layers) and through its real launch path (eager calls), in the table's launch; with `sweep`
+    every variant of ta.sweep_configs too, each checked against the torch reference first.
+    -> (rows, the sweep's table: per format the variant fastest over all workloads, or None)."""
+    from afkv.ops import triton_attention as ta
+
+    if sweep and device.type == "cuda":
+        _precompile(layout, num_heads, [f for f in formats if f != "auto"], workloads, progress)
+    rows, timings = [], {}  # timings[fmt][config] = [seconds per workload]
+    for batch, context in workloads:
+        for fmt in formats:
+            c = _kernel_cache(layout, fmt, batch, context, device)
+            tables = torch.tensor([list(t) for t in c.tables], device=device)
+            lens = torch.full((batch,), context + 1, dtype=torch.int64, device=device)
+            q = torch.randn(batch, num_heads, layout.head_dim, device=device).to(layout.dtype)
+            nbytes = c.kv_nbytes // c.layout.num_layers
+            num_layers = c.layout.num_layers
+            base = {"format": fmt, "batch": batch, "context": context, "read_bytes": nbytes}
+            if fmt == "auto":
+                def call(i):
+                    return ta.paged_decode_attention(q, c.cache, i % num_layers, tables, lens)
+                configs = [None]
+            else:
+                table = ta.quant_decode_config(fmt, device)
+                variants = ta.sweep_configs(fmt) if sweep else []
+                configs = [table] + [v for v in variants if v != table and (v.cvt != 1 or device.type == "cuda")]
+                want = _reference(c, q, tables, lens)
+            for config in configs:
+                if config is not None:
+                    def call(i, config=config):
+                        return ta.paged_decode_attention_quantized(q, c.cache, i % num_layers, tables, lens,
+                                                                   config=config)
+                    try:
+                        got = call(0).float()
+                        err = ((got - want).abs() - _TOL_REL * want.abs()).max().item()
+                    except Exception as exc:  # noqa: BLE001 - a launch that fails to compile or run: reported
+                        err = f"{type(exc).__name__}: {str(exc)[-300:]}"
+                    if not (isinstance(err, float) and err <= _TOL_ABS):  # NaN too
+                        progress(f"    kernel {fmt} {batch}x{context} {_cfg(config)}: WRONG ({err})")
+                        rows.append(base | {"config": _cfg(config), "wrong": True, "error": err})
+                        timings.setdefault(fmt, {}).setdefault(config, []).append(float("inf"))
+                        continue
+                seconds = _graph_s(call)
+                row = base | {"config": _cfg(config), "seconds": seconds, "bytes_per_s": nbytes / seconds,
+                              "vs_copy": nbytes / seconds / copy_bw}
+                if config is None or config == configs[0]:
+                    row["table"] = True
+                    row["launch_seconds"] = _eager_s(call)
+                if config is not None:
+                    timings.setdefault(fmt, {}).setdefault(config, []).append(seconds)
+                rows.append(row)
+                progress(f"  kernel {fmt} {batch}x{context} {_cfg(config)}: {seconds * 1e6:.1f} us "
+                         f"({row['bytes_per_s'] / 1e9:.0f} GB/s, {row['vs_copy']:.0%} of copy)"
+                         + (f"; launched from Python {row['launch_seconds'] * 1e6:.1f} us" if "launch_seconds" in row
+                            else ""))
+            del c
+            _empty_cache()
+    if not sweep:
+        return rows, None
+    chosen = {}
+    for fmt, by_config in timings.items():  # the variant whose worst ratio to each workload's best is least
+        best = [min(t[w] for t in by_config.values()) for w in range(len(workloads))]
+        if all(b < float("inf") for b in best):
+            chosen[fmt] = min(by_config, key=lambda cfg: max(t / b for t, b in zip(by_config[cfg], best)))
+    return rows, chosen
+
+
+def _cfg(config) -> str | None:
+    if config is None:
+        return None
+    return (f"n{config.block_n} w{config.num_warps} s{config.num_stages} p{config.programs_per_sm} "
+            f"c{config.cvt} r{config.max_regs or '-'}" + (" halves" if config.halves else "")
+            + (f" t{config.min_split_tiles}" if config.min_split_tiles > 1 else ""))
+
+
+def _cache_nbytes(layout: KVLayout, fmt: str, batch: int, context: int, num_layers: int) -> int:
+    """_Cache.kv_nbytes without building the cache."""
+    bs = layout.block_size
+    per_seq = -(-(context + 1) // bs)
+    one = KVLayout(num_layers, layout.num_kv_heads, layout.head_dim, bs, layout.dtype)
+    tokens = batch * (context + 1)
+    if fmt == "auto":
+        return tokens * one.block_nbytes // bs
+    quantized = batch * (per_seq - 1) * bs
+    return quantized * make_format(fmt, one).nbytes // bs + (tokens - quantized) * one.block_nbytes // bs
+
+
+def _compile_share(jobs: list[tuple]) -> int:
+    """A worker of _precompile: launch each job's kernel once on small tensors whose
+    specialization (constexprs, integer arguments' divisibility) equals the real launch's, so
+    the compiled kernel lands in Triton's disk cache. -> how many compiled."""
+    from afkv.ops import triton_attention as ta
+    from afkv.ops.attention import QuantizedKVCache
+
+    device = torch.device("cuda", 0)
+    done = 0
+    for layout_args, fmt, batch, context, num_heads, config_args, num_layers in jobs:
+        layout = KVLayout(num_layers, *layout_args)
+        spec = make_format(fmt, layout).spec
+        bs = layout.block_size
+        per_seq = -(-(context + 1) // bs)
+        real_rows = max(1, batch * (per_seq - 1))
+        rows = torch.zeros((16 + real_rows % 16, spec.row_nbytes), dtype=torch.uint8, device=device)
+        staging = torch.zeros((batch + 1, *layout.block_shape), dtype=layout.dtype, device=device)
+        cache = QuantizedKVCache(rows, staging, spec, max_tail_blocks=1)
+        tables = torch.zeros((batch, per_seq), dtype=torch.int64, device=device)
+        lens = torch.ones(batch, dtype=torch.int64, device=device)
+        q = torch.zeros(batch, num_heads, layout.head_dim, dtype=layout.dtype, device=device)
+        ta.paged_decode_attention_quantized(q, cache, 0, tables, lens, config=ta.QuantDecodeConfig(*config_args))
+        done += 1
+    torch.cuda.synchronize()
+    return done
+
+
+def _precompile(layout: KVLayout, num_heads: int, formats: list[str], workloads, progress) -> None:
+    """Compile every variant the sweep launches in parallel processes (Triton's compiler runs on
+    one core); the sweep then finds them in Triton's disk cache. Best effort: a failure here
+    only means the sweep compiles as it goes."""
+    import concurrent.futures
+    import multiprocessing
+    import os
+    from dataclasses import astuple
+
+    from afkv.ops import triton_attention as ta
+
+    jobs = []
+    for batch, context in workloads:
+        for fmt in formats:
+            num_layers = max(1, min(layout.num_layers,
+                                    -(-_L2_FLUSH_NBYTES // _cache_nbytes(layout, fmt, batch, context, 1))))
+            args = (layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype)
+            for config in [ta.quant_decode_config(fmt, torch.device("cuda"))] + ta.sweep_configs(fmt):
+                jobs.append((args, fmt, batch, context, num_heads, astuple(config), num_layers))
+    workers = max(1, min(len(jobs), (os.cpu_count() or 2) - 2, 12))
+    t0 = time.perf_counter()
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            done = sum(pool.map(_compile_share, [jobs[i::workers] for i in range(workers)]))
+        progress(f"  compiled {done} kernel launches in {workers} processes in {time.perf_counter() - t0:.0f} s")
+    except Exception as exc:  # noqa: BLE001 - best effort, see the docstring
+        progress(f"  parallel compile failed ({type(exc).__name__}: {exc}); compiling as the sweep goes")
 
 
 # ---- decode steps ---------------------------------------------------------------------------------
@@ -262,7 +409,7 @@ def _empty_cache() -> None:
 
 def run_kv_quant_bench(model: str | None, device_name: str, formats: list[str], workloads: list[tuple[int, int]],
                        block_size: int = 16, steps: int = 10, capacity_context: int | None = 16384,
-                       tune: bool = False, progress=print, partial=None) -> dict:
+                       sweep: bool = False, progress=print, partial=None) -> dict:
     """-> the result (see format_tables); `partial(result)` is called after each phase (a run cut
     short still leaves what it measured)."""
     partial = partial or (lambda _: None)
@@ -282,10 +429,17 @@ def run_kv_quant_bench(model: str | None, device_name: str, formats: list[str], 
     if cuda:
         result["copy_bytes_per_s"] = copy_bw = copy_bandwidth(device)
         progress(f"copy ceiling: {copy_bw / 1e12:.2f} TB/s (read + write)")
-        result["kernel"] = _kernel_rows(layout, spec.num_heads, formats, workloads, copy_bw, tune, progress)
         from afkv.ops import triton_attention as ta
 
-        result["tiles"] = {k: [t.block_n, t.num_warps, t.num_stages] for k, t in ta.QUANT_DECODE_TILES.items()}
+        result["kernel"], chosen = _kernel_rows(layout, spec.num_heads, formats, workloads, copy_bw, sweep, progress,
+                                                 device)
+        family = ta._gpu_family(device.index if device.index is not None else torch.cuda.current_device())
+        if chosen:  # the rest of the run launches the sweep's winners
+            ta.QUANT_DECODE_CONFIGS[family] = chosen
+            result["sweep_table"] = {"family": family, "configs": {k: asdict(v) for k, v in chosen.items()}}
+            progress(f"sweep table: QUANT_DECODE_CONFIGS[{family!r}] = {{"
+                     + ", ".join(f"{k!r}: {v!r}" for k, v in chosen.items()) + "}")
+        result["configs"] = {k: _cfg(ta.quant_decode_config(k, device)) for k in formats if k != "auto"}
         partial(result)
     attention_model = Model(spec, attn, ZeroFFN())
     result["attention_step"] = _attention_rows(attention_model, layout, formats, workloads, steps, progress)
@@ -317,10 +471,26 @@ def format_tables(result: dict) -> str:
     shape = lambda r: f"{r['batch']} x {r['context']}"  # noqa: E731
     if "copy_bytes_per_s" in result:
         lines.append(f"copy ceiling {result['copy_bytes_per_s'] / 1e12:.2f} TB/s ({result['machine']['gpu']})")
-        lines += _table([("kernel", ""), ("B x context", ""), ("us/layer", ".1f"), ("GB/s", ".0f"), ("vs copy", ".0%"),
-                         ("tile", "")],
-                        [[r["format"], shape(r), r["seconds"] * 1e6, r["bytes_per_s"] / 1e9, r["vs_copy"], str(r["tile"])]
-                         for r in result["kernel"]])
+        timed = [r for r in result["kernel"] if "seconds" in r]
+        best = {}
+        for r in timed:
+            key = (r["format"], r["batch"], r["context"])
+            if key not in best or r["seconds"] < best[key]["seconds"]:
+                best[key] = r
+        shown = [r for r in timed if r.get("table") or best[(r["format"], r["batch"], r["context"])] is r]
+        lines += _table([("kernel", ""), ("B x context", ""), ("launch", ""), ("us/layer", ".1f"), ("GB/s", ".0f"),
+                         ("vs copy", ".0%"), ("from Python us", ".1f")],
+                        [[r["format"], shape(r), ("table " if r.get("table") else "best ") + str(r["config"] or ""),
+                          r["seconds"] * 1e6, r["bytes_per_s"] / 1e9, r["vs_copy"],
+                          r["launch_seconds"] * 1e6 if "launch_seconds" in r else None] for r in shown])
+        wrong = [r for r in result["kernel"] if r.get("wrong")]
+        if wrong:
+            lines.append("WRONG (not timed): " + "; ".join(f"{r['format']} {shape(r)} {r['config']}" for r in wrong))
+        if "sweep_table" in result:
+            t = result["sweep_table"]
+            rows = ", ".join(f"{k!r}: QuantDecodeConfig({', '.join(f'{f}={v!r}' for f, v in c.items())})"
+                             for k, c in t["configs"].items())
+            lines.append(f"sweep table (afkv/ops/triton_attention.py): QUANT_DECODE_CONFIGS[{t['family']!r}] = {{{rows}}}")
     lines += _table([("attention step", ""), ("B x context", ""), ("ms", ".2f"), ("tok/s", ".0f"), ("vs auto", ".3f"),
                      ("KV GiB", ".2f"), ("KV vs auto", ".3f")],
                     [[r["format"], shape(r), r["step_s"] * 1e3, r["tok_s"], r["vs_auto"], r["kv_nbytes"] / 2**30,
@@ -349,7 +519,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10, help="timed decode steps per point")
     parser.add_argument("--capacity-context", type=int, default=16384, help="0: skip the capacity phase")
-    parser.add_argument("--tune", action="store_true", help="use the fastest kernel tile found for the steps")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time every launch variant of the quantized decode kernel (checked against the "
+                             "reference), print the table of the fastest per format and use it for the rest")
     parser.add_argument("--json", default=None, help="output path (default: bench-results/kv-quant-<time>.json)")
     args = parser.parse_args(argv)
     cuda = resolve_device(args.device).type == "cuda"
@@ -357,7 +529,7 @@ def main(argv: list[str] | None = None) -> None:
     workloads = [tuple(int(x) for x in w.split("x")) for w in spec.split(",")]
     path = args.json or f"bench-results/kv-quant-{time.strftime('%Y%m%d-%H%M%S')}.json"
     result = run_kv_quant_bench(args.model, args.device, args.formats.split(","), workloads, args.block_size,
-                                args.steps, args.capacity_context or None, args.tune,
+                                args.steps, args.capacity_context or None, args.sweep,
                                 partial=lambda r: write_json(r, path))
     print(format_tables(result))
     print(f"wrote {write_json(result, path)}")

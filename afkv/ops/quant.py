@@ -163,17 +163,25 @@ def _round16(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
     return r
 
 
+def _divisor(value: float, like: torch.Tensor) -> torch.Tensor:
+    """`value` as a 0-dim float32 tensor on `like`'s device. Divide by this, not by a Python
+    number: torch's CUDA kernels turn a division by a scalar into a product with its rounded
+    reciprocal (x / 448 and x * (1 / 448) differ in the last bit), the CPU's divide; by a
+    tensor both divide, correctly rounded, so a block quantizes to the same bytes anywhere."""
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
+
+
 def _quantize_vectors(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """float32 x [..., D] (rotated already for int8 / int4) -> codes uint8 [..., C], scale and zero
     [...] in the scale dtype (zero None for fp8)."""
     sd = spec.scale_dtype
     if spec.kind == "fp8":
-        scale = _round16(x.abs().amax(-1) / FP8_MAX, sd, up=True)  # [...]
+        scale = _round16(x.abs().amax(-1) / _divisor(FP8_MAX, x), sd, up=True)  # [...]
         safe = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
         codes = (x / safe[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
         return codes, scale, None
     zero = _round16(x.amin(-1), sd, up=False)  # [...]
-    scale = _round16((x.amax(-1) - zero.float()) / spec.qmax, sd, up=True)  # [...]
+    scale = _round16((x.amax(-1) - zero.float()) / _divisor(spec.qmax, x), sd, up=True)  # [...]
     safe = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
     codes = torch.round((x - zero.float()[..., None]) / safe[..., None]).clamp_(0, spec.qmax).to(torch.uint8)
     if spec.kind == "int4":

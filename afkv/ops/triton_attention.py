@@ -39,14 +39,19 @@ blocks, one more part its staging tail. A prefill program reads its table's quan
 then its staging blocks, each in place: no dequantized copy of the context exists anywhere.
 Products over codes run in float16 (the query, the probabilities times the tile-normalised
 scales, and the int4 output before its rotation are rounded to float16; |q| and |V| must stay
-below float16's 65504) with float32 accumulation; IEEE float32 for float32 models and under
-the interpreter.
+below float16's 65504) with float32 accumulation; IEEE float32 for float32 models. The
+interpreter runs the same float16 products (its tl.dot multiplies float16 as the GPU does;
+only bfloat16 products over full-precision K/V run in float32 there, its bfloat16 tl.dot
+being wrong), so the CPU tests check the GPU's arithmetic. The quantized decode kernel's
+launch (tile, warps, stages, split-K, code conversion, register cap) comes from a table per
+GPU family, QUANT_DECODE_CONFIGS, that `afkv bench kv-quant --sweep` fills on that GPU.
+tests/ops/test_sm90_compile.py compiles every launch for sm_90 without a GPU.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -83,10 +88,26 @@ def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _compiled(device: torch.device) -> bool:
+    """Do the kernels run compiled for CUDA on `device`? (Else under Triton's CPU interpreter.)"""
+    return device.type == "cuda"
+
+
 def _device_index(t: torch.Tensor) -> int | None:
-    if not t.is_cuda:
+    """The CUDA device whose SMs a launch on t's device fills; None under the interpreter."""
+    device = t.device
+    if not _compiled(device):
         return None
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if device.type == "cuda" else 0
+
+
+@functools.cache
+def _gpu_family(device_index: int) -> str:
+    """The key of the tuned launch tables: "sm90" for an H100 / H200."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"sm{major}{minor}"
 
 
 def _decode_block_n(head_dim: int, itemsize: int) -> int:
@@ -94,11 +115,13 @@ def _decode_block_n(head_dim: int, itemsize: int) -> int:
     return 64 if head_dim * itemsize <= 256 else 32
 
 
-def num_decode_splits(batch: int, num_kv_heads: int, max_tokens: int, block_n: int, device_index: int | None) -> int:
-    """Chunks each sequence is cut into: enough programs to fill the device, at most one
-    tile of `block_n` tokens per chunk of the longest possible sequence. Shapes only."""
+def num_decode_splits(batch: int, num_kv_heads: int, max_tokens: int, block_n: int, device_index: int | None,
+                      programs_per_sm: int = _PROGRAMS_PER_SM) -> int:
+    """Chunks each sequence is cut into: enough programs to fill the device (`programs_per_sm`
+    per SM), at most one tile of `block_n` tokens per chunk of the longest possible sequence.
+    Shapes only."""
     max_splits = max(1, -(-max_tokens // block_n))
-    want = -(-_PROGRAMS_PER_SM * _sm_count(device_index) // max(1, batch * num_kv_heads))
+    want = -(-programs_per_sm * _sm_count(device_index) // max(1, batch * num_kv_heads))
     return max(1, min(want, max_splits, _MAX_SPLITS))
 
 
@@ -317,11 +340,13 @@ if triton is not None:
     @triton.jit
     def _codes(b, KIND: tl.constexpr, HIGH: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr):
         """uint8 codes [N, C] -> float16 (float32 when IEEE) values, exact: fp8 the e4m3 value;
-        int8 / int4 (the low nibbles, or the high ones when HIGH) the code plus an offset
-        (CVT 0: converted one by one, offset 0; 1: 0x64XX as float16 is 1024 + XX, four codes
-        per pair of byte permutes, offset 1024)."""
+        int8 / int4 (the low nibbles, or the high ones when HIGH) the code plus an offset:
+        CVT 0 converts each code (offset 0); 1 and 2 build the float16 0x64XX = 1024 + XX
+        (offset 1024), 1 by two byte permutes per four codes (CUDA inline PTX), 2 by a bitwise
+        or of 0x6400 (plain Triton: also under the interpreter)."""
+        dt: tl.constexpr = tl.float32 if IEEE else tl.float16
         if KIND == 0:
-            f = b.to(tl.float8e4nv, bitcast=True).to(tl.float16 if CVT else tl.float32)
+            f = b.to(tl.float8e4nv, bitcast=True).to(dt)
         elif CVT == 1:
             if KIND == 1:
                 f = tl.inline_asm_elementwise(
@@ -352,38 +377,43 @@ if triton is not None:
                     }""",
                     constraints="=r,=r,r", args=[b], dtype=tl.float16, is_pure=True, pack=4,
                 )  # fmt: skip
-        elif KIND == 1:
-            f = b.to(tl.float32)
-        elif HIGH:
-            f = (b >> 4).to(tl.float32)
+            f = f.to(dt)
         else:
-            f = (b & 15).to(tl.float32)
-        if IEEE:
-            return f.to(tl.float32)
-        return f.to(tl.float16)
+            c = b
+            if KIND == 2:
+                if HIGH:
+                    c = b >> 4
+                else:
+                    c = b & 15
+            if CVT == 2:
+                f = (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True).to(dt)
+            else:
+                f = c.to(dt)
+        return f
 
     @triton.jit
     def _quant_queries(q, h_ptr, offs_d, dmask, KIND: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       CODE_DIM: tl.constexpr, BLOCK_C: tl.constexpr, HP_INV: tl.constexpr,
+                       TILE_C: tl.constexpr, BLOCK_C: tl.constexpr, HP_INV: tl.constexpr,
                        IEEE: tl.constexpr):  # fmt: skip
         """Queries [M, D] -> what the code products take: (qa, qb, qsum). int8 / int4: the rotated
-        query (q @ H) / p, whole [M, D] in qa (int8) or its halves [M, C] in qa, qb (int4);
-        fp8: qa = q. qsum [M]: the sum of the channels qa and qb hold (the zero points' factor)."""
+        query (q @ H) / p, whole [M, D] in qa (TILE_C = D) or its halves [M, D / 2] in qa, qb
+        (TILE_C = D / 2: int4, or int8 in halves); fp8: qa = q. qsum [M]: the sum of the channels
+        qa and qb hold (the zero points' factor)."""
         dt = tl.float32 if IEEE else tl.float16
         q = q.to(dt)
         qa = q
         qb = q
         if KIND != 0:
             offs_c = tl.arange(0, BLOCK_C)
-            hmask = dmask[:, None] & (offs_c < CODE_DIM)[None, :]
+            hmask = dmask[:, None] & (offs_c < TILE_C)[None, :]
             h_rows = h_ptr + offs_d[:, None] * HEAD_DIM
             ha = tl.load(h_rows + offs_c[None, :], mask=hmask, other=0.0)  # [D, C]: H's columns 0 .. C-1
             qa = (_dot(q, ha, IEEE) * HP_INV).to(dt)  # [M, C]
-            if KIND == 2:
-                hb = tl.load(h_rows + CODE_DIM + offs_c[None, :], mask=hmask, other=0.0)  # [D, C]: columns C ..
+            if TILE_C < HEAD_DIM:
+                hb = tl.load(h_rows + TILE_C + offs_c[None, :], mask=hmask, other=0.0)  # [D, C]: columns C ..
                 qb = (_dot(q, hb, IEEE) * HP_INV).to(dt)
         qsum = tl.sum(qa.to(tl.float32), 1)
-        if KIND == 2:
+        if KIND != 0 and TILE_C < HEAD_DIM:
             qsum += tl.sum(qb.to(tl.float32), 1)
         return qa, qb, qsum
 
@@ -392,14 +422,17 @@ if triton is not None:
         qa, qb, qsum, rows_ptr, rows16_ptr, tab_ptr, t0, lo, hi, valid, kvh, layer_off, row_nbytes, qk_scale,
         m_i, l_i, acc_a, acc_b, acc_z,
         KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, CODE_DIM: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
+        TILE_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         """Online-softmax step over the tile of tokens t0 .. t0 + BLOCK_N - 1 (t0 a multiple of
         BLOCK_SIZE; tokens outside [lo, hi) are not read; `valid` [M, N] masks the scores) held
         in quantized rows. Scores are s_t * (q . c_t) + z_t * sum(q) and values enter as p_t * s_t
         (scaled by the tile's largest s_t) times the codes, plus p_t * z_t: the codes are
-        multiplied as they are, never dequantized. int8 and int4 work in the rotated domain
-        (int4's channels in two halves). Addresses are computed once per block of the tile."""
+        multiplied as they are, never dequantized. int8 and int4 work in the rotated domain,
+        int4's channels in two halves (low and high nibbles), int8's whole or, when TILE_C <
+        CODE_DIM, in two halves too (bytes 0 .. D/2 - 1 and D/2 .. D - 1: smaller tiles, fewer
+        registers). Addresses are computed once per block of the tile."""
+        HALVES: tl.constexpr = KIND == 2 or TILE_C < CODE_DIM
         num_tile_blocks: tl.constexpr = BLOCK_N // BLOCK_SIZE
         heads_tokens: tl.constexpr = NUM_KV_HEADS * BLOCK_SIZE
         offs_j = tl.arange(0, num_tile_blocks)
@@ -412,16 +445,22 @@ if triton is not None:
         base = blk * row_nbytes + layer_off  # [NB] byte offset of this layer's section
         crow = (kvh * BLOCK_SIZE + offs_i) * CODE_DIM  # [bs]
         k_ptrs = rows_ptr + base[:, None, None] + crow[None, :, None] + offs_c[None, None, :]  # [NB, bs, C]
-        cmask = tmask[:, :, None] & (offs_c < CODE_DIM)[None, None, :]
+        cmask = tmask[:, :, None] & (offs_c < TILE_C)[None, None, :]
         kb = tl.reshape(tl.load(k_ptrs, mask=cmask, other=0), [BLOCK_N, BLOCK_C])
         vb = tl.reshape(tl.load(k_ptrs + heads_tokens * CODE_DIM, mask=cmask, other=0), [BLOCK_N, BLOCK_C])
+        kb2 = kb  # int8 in halves: the second half's codes
+        vb2 = vb
+        if KIND == 1 and HALVES:
+            kb2 = tl.reshape(tl.load(k_ptrs + TILE_C, mask=cmask, other=0), [BLOCK_N, BLOCK_C])
+            vb2 = tl.reshape(tl.load(k_ptrs + heads_tokens * CODE_DIM + TILE_C, mask=cmask, other=0),
+                             [BLOCK_N, BLOCK_C])
         meta = rows16_ptr + (base // 2)[:, None] + (heads_tokens * CODE_DIM + kvh * BLOCK_SIZE + offs_i)[None, :]
         ks = tl.reshape(tl.load(meta, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)  # [N]
         vs = tl.reshape(tl.load(meta + heads_tokens, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)
-        off: tl.constexpr = 1024.0 if (KIND != 0 and CVT == 1) else 0.0  # what _codes adds to int codes
-        if KIND == 2:
+        off: tl.constexpr = 1024.0 if (KIND != 0 and CVT != 0) else 0.0  # what _codes adds to int codes
+        if HALVES:
             s = _dot(qa, tl.trans(_codes(kb, KIND, False, CVT, IEEE)), IEEE)
-            s += _dot(qb, tl.trans(_codes(kb, KIND, True, CVT, IEEE)), IEEE)  # [M, N]
+            s += _dot(qb, tl.trans(_codes(kb2, KIND, True, CVT, IEEE)), IEEE)  # [M, N]
         else:
             s = _dot(qa, tl.trans(_codes(kb, KIND, False, CVT, IEEE)), IEEE)  # [M, N]
         s = s * (ks * qk_scale)[None, :]
@@ -438,8 +477,8 @@ if triton is not None:
         v_max = tl.where(v_max > 0.0, v_max, 1.0)
         pw = (p * (vs / v_max)[None, :]).to(tl.float32 if IEEE else tl.float16)  # [M, N], <= 1
         acc_a = acc_a * alpha[:, None] + _dot(pw, _codes(vb, KIND, False, CVT, IEEE), IEEE) * v_max
-        if KIND == 2:
-            acc_b = acc_b * alpha[:, None] + _dot(pw, _codes(vb, KIND, True, CVT, IEEE), IEEE) * v_max
+        if HALVES:
+            acc_b = acc_b * alpha[:, None] + _dot(pw, _codes(vb2, KIND, True, CVT, IEEE), IEEE) * v_max
         if KIND != 0:
             vz = tl.reshape(tl.load(meta + 3 * heads_tokens, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)
             z = tl.sum(p * vz[None, :], 1)
@@ -450,7 +489,7 @@ if triton is not None:
 
     @triton.jit
     def _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, CODE_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, TILE_C: tl.constexpr, BLOCK_C: tl.constexpr,
                       HP_INV: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
         """The quantized tokens' accumulators -> an unnormalised output [M, D] in the model's
         channels (int8 / int4: rotated back), to go on with full-precision tokens."""
@@ -459,13 +498,13 @@ if triton is not None:
         else:
             dt = tl.float32 if IEEE else tl.float16
             offs_c = tl.arange(0, BLOCK_C)
-            hmask = (offs_c < CODE_DIM)[:, None] & dmask[None, :]
+            hmask = (offs_c < TILE_C)[:, None] & dmask[None, :]
             ha = tl.load(h_ptr + offs_c[:, None] * HEAD_DIM + offs_d[None, :], mask=hmask, other=0.0)  # [C, D]
             norm = tl.where(l_i > 0.0, HP_INV / tl.where(l_i > 0.0, l_i, 1.0), 0.0)  # normalised: float16 holds it
             oa = ((acc_a + acc_z[:, None]) * norm[:, None]).to(dt)
             o = _dot(oa, ha, IEEE)
-            if KIND == 2:
-                hb = tl.load(h_ptr + (CODE_DIM + offs_c)[:, None] * HEAD_DIM + offs_d[None, :], mask=hmask, other=0.0)
+            if TILE_C < HEAD_DIM:
+                hb = tl.load(h_ptr + (TILE_C + offs_c)[:, None] * HEAD_DIM + offs_d[None, :], mask=hmask, other=0.0)
                 ob = ((acc_b + acc_z[:, None]) * norm[:, None]).to(dt)
                 o += _dot(ob, hb, IEEE)
             acc = o * l_i[:, None]
@@ -489,10 +528,11 @@ if triton is not None:
         stride_qb, stride_qh, stride_ob, stride_oh, stride_bt, stride_sb, stride_skv, stride_stok, stride_sh,
         num_blocks, row_nbytes, layer_off, num_heads, max_tokens, window, qk_scale,
         KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CODE_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CODE_DIM: tl.constexpr, TILE_C: tl.constexpr,
+        BLOCK_C: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, NUM_SPLITS: tl.constexpr,
         MAX_TAIL: tl.constexpr, TAIL_P2: tl.constexpr, HAS_WINDOW: tl.constexpr, HP_INV: tl.constexpr,
-        CVT: tl.constexpr, IEEE: tl.constexpr,
+        CVT: tl.constexpr, IEEE: tl.constexpr, FP_IEEE: tl.constexpr,
     ):  # fmt: skip
         """Parts 0 .. NUM_SPLITS-1 take chunks of the row's quantized tokens, part NUM_SPLITS
         its staging tail (at most MAX_TAIL blocks at the end of its table)."""
@@ -503,7 +543,7 @@ if triton is not None:
             q_ptr, b, kvh, stride_qb, stride_qh, GROUP, GROUP_ROWS, HEAD_DIM, BLOCK_D
         )
         q = q.to(staging_ptr.dtype.element_ty)
-        if IEEE:
+        if FP_IEEE:
             q = q.to(tl.float32)
         tab = block_tables_ptr + b * stride_bt
         ctx = tl.minimum(tl.load(context_lens_ptr + b), max_tokens).to(tl.int32)
@@ -524,16 +564,17 @@ if triton is not None:
         acc_a = tl.zeros([GROUP_ROWS, BLOCK_C], tl.float32)
         acc_b = tl.zeros([GROUP_ROWS, BLOCK_C], tl.float32)
         acc_z = tl.zeros([GROUP_ROWS], tl.float32)
-        qa, qb, qsum = _quant_queries(q, h_ptr, offs_d, dmask, KIND, HEAD_DIM, CODE_DIM, BLOCK_C, HP_INV, IEEE)
+        qa, qb, qsum = _quant_queries(q, h_ptr, offs_d, dmask, KIND, HEAD_DIM, TILE_C, BLOCK_C, HP_INV, IEEE)
         offs_n = tl.arange(0, BLOCK_N)
         for t0 in range(lo, hi, BLOCK_N):
             tok = t0 + offs_n  # [N]
             valid = hmask[:, None] & ((tok >= start) & (tok < hi))[None, :]
             m_i, l_i, acc_a, acc_b, acc_z = _quant_tile(
                 qa, qb, qsum, rows_ptr, rows16_ptr, tab, t0, start, hi, valid, kvh, layer_off, row_nbytes, qk_scale,
-                m_i, l_i, acc_a, acc_b, acc_z, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, BLOCK_C, BLOCK_N, CVT, IEEE,
+                m_i, l_i, acc_a, acc_b, acc_z, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, TILE_C, BLOCK_C, BLOCK_N,
+                CVT, IEEE,
             )  # fmt: skip
-        acc = _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND, HEAD_DIM, CODE_DIM, BLOCK_C,
+        acc = _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND, HEAD_DIM, TILE_C, BLOCK_C,
                             HP_INV, IEEE)  # fmt: skip
         tail_end = tl.where(part == NUM_SPLITS, ctx, q_end)
         offs_m = tl.arange(0, BLOCK_N_TAIL)
@@ -543,7 +584,7 @@ if triton is not None:
             k, v = _staging_tile(staging_ptr, tab, tok, tmask, kvh, num_blocks, offs_d, dmask,
                                  stride_sb, stride_skv, stride_stok, stride_sh, BLOCK_SIZE)  # fmt: skip
             valid = hmask[:, None] & tmask[None, :]
-            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE)
+            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, FP_IEEE)
         _store_partial(
             out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc, b, heads, hmask, offs_d, dmask,
             stride_ob, stride_oh, num_heads, part, NUM_SPLITS + 1, HEAD_DIM,
@@ -557,8 +598,8 @@ if triton is not None:
         num_blocks, row_nbytes, layer_off, max_tokens, window, qk_scale,
         KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, TOKENS_M: tl.constexpr,
         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CODE_DIM: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_CHUNK: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, HP_INV: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
+        TILE_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_CHUNK: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HP_INV: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr, FP_IEEE: tl.constexpr,
     ):  # fmt: skip
         """_prefill_kernel's tiles (query tokens x the group's heads) over a quantized device
         tier: first the table's quantized blocks, then its staging blocks (the chunk's own
@@ -582,7 +623,7 @@ if triton is not None:
             other=0.0,
         )  # [M, D]
         q = q.to(staging_ptr.dtype.element_ty)
-        if IEEE:
+        if FP_IEEE:
             q = q.to(tl.float32)
         tab = block_tables_ptr + b * stride_bt
         first = ctx - n + tile * TOKENS_M
@@ -604,7 +645,7 @@ if triton is not None:
         acc_a = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         acc_b = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         acc_z = tl.zeros([BLOCK_M], tl.float32)
-        qa, qb, qsum = _quant_queries(q, h_ptr, offs_d, dmask, KIND, HEAD_DIM, CODE_DIM, BLOCK_C, HP_INV, IEEE)
+        qa, qb, qsum = _quant_queries(q, h_ptr, offs_d, dmask, KIND, HEAD_DIM, TILE_C, BLOCK_C, HP_INV, IEEE)
         offs_n = tl.arange(0, BLOCK_N)
         hi_q = tl.minimum(hi, q_end)
         for t0 in range(lo - lo % BLOCK_SIZE, hi_q, BLOCK_N):  # whole blocks
@@ -615,9 +656,10 @@ if triton is not None:
                 valid = valid & (q_pos[:, None] - tok[None, :] < window)
             m_i, l_i, acc_a, acc_b, acc_z = _quant_tile(
                 qa, qb, qsum, rows_ptr, rows16_ptr, tab, t0, lo, hi_q, valid, kvh, layer_off, row_nbytes, qk_scale,
-                m_i, l_i, acc_a, acc_b, acc_z, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, BLOCK_C, BLOCK_N, CVT, IEEE,
+                m_i, l_i, acc_a, acc_b, acc_z, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, TILE_C, BLOCK_C, BLOCK_N,
+                CVT, IEEE,
             )  # fmt: skip
-        acc = _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND, HEAD_DIM, CODE_DIM, BLOCK_C,
+        acc = _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND, HEAD_DIM, TILE_C, BLOCK_C,
                             HP_INV, IEEE)  # fmt: skip
         for t0 in range(tl.maximum(lo, q_end), hi, BLOCK_N):
             tok = t0 + offs_n
@@ -627,16 +669,17 @@ if triton is not None:
             valid = rmask[:, None] & tmask[None, :] & (tok[None, :] <= q_pos[:, None])
             if HAS_WINDOW:
                 valid = valid & (q_pos[:, None] - tok[None, :] < window)
-            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE)
+            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, FP_IEEE)
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         rows = (q_start + tok_q).to(tl.int64) * stride_ot + heads * stride_oh  # [M]
         tl.store(out_ptr + rows[:, None] + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=rmask[:, None] & dmask[None, :])
 
 def _ieee(dtype: torch.dtype, device: torch.device) -> bool:
-    """Multiply in IEEE float32 rather than in `dtype`? For float32, and always under Triton's
-    CPU interpreter, whose tl.dot cannot multiply 16-bit floats."""
-    return device.type != "cuda" or dtype == torch.float32
+    """Multiply full-precision K/V in IEEE float32 rather than in `dtype`? For float32, and for
+    bfloat16 under Triton's CPU interpreter, whose tl.dot gets bfloat16 wrong. float16 the
+    interpreter multiplies as the GPU does, so the CPU tests check the 16-bit arithmetic."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and not _compiled(device))
 
 
 def _group_rows(group: int) -> int:
@@ -820,27 +863,102 @@ def paged_prefill_attention(
 # ---- a quantized device tier (afkv.ops.attention.QuantizedKVCache) -------------------------------
 
 _KINDS = {"fp8": 0, "int8": 1, "int4": 2}
-_CVT = 1  # how CUDA turns int8 / int4 codes into float16 (see _codes)
 
 
 @dataclass(frozen=True)
-class QuantTile:
-    """Launch shape of the quantized decode kernel: tokens per tile of codes, warps, stages."""
+class QuantDecodeConfig:
+    """How the quantized decode kernel is launched (compile-time choices, shapes aside)."""
 
-    block_n: int
+    block_n: int = 128  # tokens per tile of codes (at least one block: the kernel takes max(block_n, bs))
     num_warps: int = 4
     num_stages: int = 2
+    programs_per_sm: int = _PROGRAMS_PER_SM  # split-K: chunks per row until B * Hkv * chunks fills this
+    cvt: int = 2  # how int8 / int4 codes become float16 (_codes: 0 convert, 1 byte permutes, 2 or 0x6400)
+    max_regs: int | None = None  # registers per thread ptxas may use (None: its choice): more programs per SM
+    halves: bool = False  # int8: codes in two tiles of D / 2 columns (fewer registers; moot for fp8, int4)
+    min_split_tiles: int = 1  # split-K chunks of at least this many tiles (short contexts: fewer programs,
+    # each paying the fixed cost of a program, the rotation of its queries and output, less often)
+
+    def __post_init__(self) -> None:
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ConfigError(f"block_n must be a power of two >= 16, got {self.block_n}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1 or self.programs_per_sm < 1:
+            raise ConfigError(f"bad launch: {self}")
+        if self.cvt not in (0, 1, 2):
+            raise ConfigError(f"cvt must be 0, 1 or 2, got {self.cvt}")
+        if self.min_split_tiles < 1:
+            raise ConfigError(f"min_split_tiles must be >= 1, got {self.min_split_tiles}")
+        if self.max_regs is not None and not 32 <= self.max_regs <= 255:
+            raise ConfigError(f"max_regs must be in 32 .. 255, got {self.max_regs}")
 
 
-# Per format. Chosen from the compiled code (sm_90: fewest instructions per byte of the main
-# loop without spills; int8's rotation leaves no registers for a second stage), not yet from
-# timings: `afkv bench kv-quant --tune` times the candidates on the GPU.
-QUANT_DECODE_TILES = {"fp8": QuantTile(128), "int8": QuantTile(128, num_stages=1), "int4": QuantTile(128)}
+# The launch per GPU family (_gpu_family) and format, from `afkv bench kv-quant --sweep` on that
+# GPU (it prints the rows to put here); "default" for any other device and the interpreter.
+QUANT_DECODE_CONFIGS: dict[str, dict[str, QuantDecodeConfig]] = {
+    "default": {"fp8": QuantDecodeConfig(64), "int8": QuantDecodeConfig(64, halves=True),
+                "int4": QuantDecodeConfig(64)},
+}
 
 
-def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int) -> tuple:
+# What `afkv bench kv-quant --sweep` tries per format (fields as QuantDecodeConfig's; cvt is moot
+# for fp8). Registers decide how many programs an SM holds (sm_90 ptxas, 4 warps, head_dim 128:
+# 200-250 unbounded at 64-128 tokens per tile), hence the capped ones; a cap spills to local memory.
+QUANT_DECODE_SWEEP = tuple(QuantDecodeConfig(*c) for c in (
+    # block_n, warps, stages, programs/SM, cvt, max_regs, halves, min_split_tiles
+    (64, 4, 2, 4, 2, None), (32, 4, 2, 4, 2, None), (128, 4, 1, 4, 2, None), (128, 4, 2, 4, 2, None),
+    (64, 8, 2, 4, 2, None), (64, 4, 2, 2, 2, None), (64, 4, 2, 8, 2, None), (64, 4, 2, 4, 2, 128),
+    (32, 4, 2, 4, 2, 128), (64, 4, 2, 8, 2, 128), (128, 4, 2, 4, 2, 128), (64, 4, 2, 4, 1, None),
+    (64, 4, 2, 4, 0, None), (64, 4, 2, 4, 1, 128),
+    (64, 4, 2, 4, 2, None, True), (128, 4, 1, 4, 2, None, True), (32, 4, 2, 4, 2, None, True),
+    (64, 4, 2, 4, 2, 128, True), (64, 8, 2, 4, 2, None, True), (64, 4, 2, 8, 2, None, True),
+    (64, 4, 2, 4, 2, None, True, 4), (64, 4, 2, 4, 2, None, False, 4), (32, 4, 2, 4, 2, None, True, 8),
+    (32, 4, 2, 4, 2, None, False, 8), (64, 4, 2, 4, 2, 128, False, 4),
+))
+
+
+def sweep_configs(kind: str) -> list[QuantDecodeConfig]:
+    """QUANT_DECODE_SWEEP for format `kind`, without the duplicates cvt (fp8) and halves (fp8, int4) make."""
+    seen: dict[QuantDecodeConfig, None] = {}
+    for c in QUANT_DECODE_SWEEP:
+        if kind != "int8":
+            c = replace(c, halves=False, cvt=2 if kind == "fp8" else c.cvt)
+        seen.setdefault(c)
+    return list(seen)
+
+
+def quant_decode_config(kind: str, device: torch.device) -> QuantDecodeConfig:
+    """The table's launch of format `kind` on `device` (shapes only: fixed per device, as CUDA
+    graphs need). Under the interpreter byte permutes (inline PTX) become the or of 0x6400,
+    the same arithmetic."""
+    family = "default"
+    if _compiled(device):
+        family = _gpu_family(device.index if device.index is not None else
+                             torch.cuda.current_device() if device.type == "cuda" else 0)
+    config = QUANT_DECODE_CONFIGS.get(family, {}).get(kind) or QUANT_DECODE_CONFIGS["default"][kind]
+    return config if _compiled(device) or config.cvt != 1 else replace(config, cvt=2)
+
+
+# The prefill converts codes by the or of 0x6400 everywhere: the arithmetic the interpreter
+# checks (the byte-permute PTX, cvt 1, gave NaN in the int4 prefill at head_dim 64 on an H100
+# with triton 3.6 while the same arithmetic passes here; the decode sweep checks cvt 1 per GPU).
+_PREFILL_CVT = 2
+
+
+def _cvt(cvt: int, geometry: dict) -> int:
+    """The code conversion a launch uses: `cvt`, but 0 (no offset) for products in IEEE float32,
+    where the offset of 1024 would cost more than float32's rounding (a float32 model)."""
+    return 0 if geometry["IEEE"] else cvt
+
+
+def _block_c(code_dim: int) -> int:
+    """Columns of a tile of codes: a power of two, and >= 16 (the K of tl.dot)."""
+    return max(16, _next_pow2(code_dim))
+
+
+def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int, halves: bool = False) -> tuple:
     """Checks, and the arguments both quantized kernels take after q: rows, the rows as 16-bit
-    scale data, this layer's staging view, the rotation, and the geometry."""
+    scale data, this layer's staging view, the rotation, and the geometry (`halves`: int8 codes
+    in two tiles of D / 2 columns, see _quant_tile)."""
     spec = cache.spec
     rows, staging = cache.blocks, cache.staging
     if q.dim() != 3 or q.dtype not in _FLOAT_DTYPES or staging.dtype not in _FLOAT_DTYPES:
@@ -855,17 +973,18 @@ def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int) 
         raise ConfigError(f"the quantized kernels take power-of-two block sizes, got {spec.block_size}", key="block_size")
     if not rows.is_contiguous() or rows.data_ptr() % 16 or q.device != rows.device or staging.device != rows.device:
         raise ConfigError("quantized rows must be contiguous, 16-byte aligned and on the queries' device")
-    ieee = _ieee(staging.dtype, q.device)
+    ieee = staging.dtype == torch.float32  # products over codes: float16 unless the model is float32
     dt = torch.float32 if ieee else torch.float16
     had = quant.hadamard(spec.head_dim, q.device, dt) if spec.rotated else rows  # rows: a placeholder, never read
     st = staging[:, layer]  # [num_staging, 2, bs, Hkv, D]
     if st.stride(-1) != 1:
         raise ConfigError("staging blocks must be contiguous along head_dim")
     strides = (st.stride(0), st.stride(1), st.stride(2), st.stride(3))
+    tile_c = spec.head_dim // 2 if halves and spec.kind == "int8" and spec.head_dim % 2 == 0 else spec.code_dim
     geometry = dict(
         KIND=_KINDS[spec.kind], NUM_KV_HEADS=spec.num_kv_heads, HEAD_DIM=spec.head_dim,
-        BLOCK_D=_next_pow2(spec.head_dim), CODE_DIM=spec.code_dim, BLOCK_C=_next_pow2(spec.code_dim),
-        BLOCK_SIZE=spec.block_size, HP_INV=1.0 / spec.hadamard_order, CVT=_CVT if q.is_cuda else 0, IEEE=ieee,
+        BLOCK_D=_next_pow2(spec.head_dim), CODE_DIM=spec.code_dim, TILE_C=tile_c, BLOCK_C=_block_c(tile_c),
+        BLOCK_SIZE=spec.block_size, HP_INV=1.0 / spec.hadamard_order, IEEE=ieee, FP_IEEE=_ieee(staging.dtype, q.device),
     )  # fmt: skip
     return (rows, rows.view(spec.scale_dtype), st, had), strides, geometry
 
@@ -880,15 +999,16 @@ def paged_decode_attention_quantized(
     scale: float | None = None,
     *,
     num_splits: int | None = None,
-    tile: QuantTile | None = None,
+    config: QuantDecodeConfig | None = None,
 ) -> torch.Tensor:
     """As afkv.ops.attention.paged_decode_attention_quantized: q [B, H, D] over a quantized
     device tier through block_tables int [B, nb] (a row's quantized blocks first, then at most
     cache.max_tail_blocks staging blocks; padding never read), context_lens int [B] -> [B, H, D]
-    of q.dtype (zeros where context_len is 0). `num_splits` and `tile` override the defaults
-    (tests, the kernel sweep)."""
+    of q.dtype (zeros where context_len is 0). `num_splits` and `config` override the split-K
+    heuristic and the launch table QUANT_DECODE_CONFIGS (tests, the kernel sweep)."""
     batch, num_heads, head_dim = q.shape
-    ptrs, strides, geometry = _quant_args(q, cache, layer)
+    config = config or quant_decode_config(cache.spec.kind, q.device)
+    ptrs, strides, geometry = _quant_args(q, cache, layer, config.halves)
     if block_tables.dim() != 2 or block_tables.shape[0] != batch or tuple(context_lens.shape) != (batch,):
         raise ConfigError(f"block_tables must be [{batch}, nb] and context_lens [{batch}], "
                           f"got {tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
@@ -899,10 +1019,13 @@ def paged_decode_attention_quantized(
         return out.zero_()
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
-    tile = tile or QUANT_DECODE_TILES[spec.kind]
+    if config.cvt == 1 and not _compiled(q.device):
+        raise ConfigError("cvt 1 (inline PTX) runs only compiled for CUDA")
+    block_n = max(config.block_n, spec.block_size)
     max_tokens = max_blocks * spec.block_size
     if num_splits is None:
-        num_splits = num_decode_splits(batch, spec.num_kv_heads, max_tokens, tile.block_n, _device_index(q))
+        num_splits = num_decode_splits(batch, spec.num_kv_heads, max_tokens, block_n * config.min_split_tiles,
+                                       _device_index(q), config.programs_per_sm)
     mid_o, mid_lse = _partials(batch, num_heads, num_splits + 1, head_dim, q.device)
     group = num_heads // spec.num_kv_heads
     softmax_scale = head_dim**-0.5 if scale is None else scale
@@ -911,10 +1034,11 @@ def paged_decode_attention_quantized(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *strides,
         cache.num_blocks, spec.row_nbytes, layer * spec.layer_nbytes, num_heads, max_tokens, sliding_window or 0,
         softmax_scale * _LOG2E,
-        GROUP=group, GROUP_ROWS=_group_rows(group), BLOCK_N=max(tile.block_n, spec.block_size),
+        GROUP=group, GROUP_ROWS=_group_rows(group), BLOCK_N=block_n,
         BLOCK_N_TAIL=_decode_block_n(head_dim, cache.staging.element_size()), NUM_SPLITS=num_splits,
         MAX_TAIL=cache.max_tail_blocks, TAIL_P2=_next_pow2(cache.max_tail_blocks),
-        HAS_WINDOW=sliding_window is not None, **geometry, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        HAS_WINDOW=sliding_window is not None, CVT=_cvt(config.cvt, geometry), **geometry,
+        num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_regs,
     )  # fmt: skip
     _merge(mid_o, mid_lse, out, num_splits + 1)
     return out
@@ -953,6 +1077,7 @@ def paged_prefill_attention_quantized(
         cache.num_blocks, spec.row_nbytes, layer * spec.layer_nbytes, block_ids.shape[0] * spec.block_size,
         sliding_window or 0, softmax_scale * _LOG2E,
         GROUP=group, TOKENS_M=tokens_m, BLOCK_M=block_m, BLOCK_N=max(64, spec.block_size), TABLE_CHUNK=128,
-        HAS_WINDOW=sliding_window is not None, **geometry, num_warps=4, num_stages=2,
+        HAS_WINDOW=sliding_window is not None, CVT=_cvt(_PREFILL_CVT, geometry), **geometry,
+        num_warps=4, num_stages=2,
     )  # fmt: skip
     return out

@@ -247,3 +247,37 @@ def test_bad_specs_and_buffers_are_typed_errors():
         quant.quantize_rows(torch.zeros(2, 1, 2, 4, 2, 16), spec)
     assert quant.scale_dtype_for(torch.float32) == torch.bfloat16
     assert quant.scale_dtype_for(torch.float16) == torch.float16
+
+
+@pytest.mark.parametrize("kind", quant.FORMATS)
+@pytest.mark.parametrize("sdtype", [torch.bfloat16, torch.float16])
+def test_scales_are_the_correctly_rounded_quotient_rounded_up(kind, sdtype):
+    """Bit for bit: s = the scale dtype's smallest value >= fl32(range / qmax), fl32 the correctly
+    rounded float32 quotient (the same on every device). Multiplying by the rounded reciprocal
+    instead (what torch's CUDA division by a Python number does) misses by one step where the
+    quotient is a scale-dtype value: maxima that are multiples of 7 (448 = 7 * 64) for fp8, of
+    255 / 15 for the integer formats, are in the data on purpose."""
+    spec = _spec(kind, sdtype=sdtype, d=16)
+    blocks = _blocks(spec, 3, 11, spread=2.0)
+    qmax = quant.FP8_MAX if kind == "fp8" else _QMAX[kind]
+    step = 1.0 if kind == "fp8" else qmax / 16  # int: a max - min that is a multiple of qmax after the rotation
+    g = torch.Generator().manual_seed(3)
+    mult = torch.randint(1, 60, blocks.shape[:-1], generator=g).float()  # [n, L, 2, bs, H]
+    blocks[..., 0] = mult * 7 * 2.0**-5 * step  # channel 0 sets the max of most vectors
+    blocks = blocks.to(sdtype).float()  # the inputs of a 16-bit model: exact sums in float32
+    rows = quant.quantize_rows(blocks, spec)
+    for i in range(blocks.shape[0]):
+        _, scales, _ = _decode(rows[i].numpy(), kind, 2, 4, 2, 16, sdtype)
+        x = blocks[i].double().numpy().transpose(0, 1, 3, 2, 4)  # [L, 2, H, bs, D]
+        if kind == "fp8":
+            span = np.abs(x).max(-1)
+        else:
+            top = quant.rotate(torch.from_numpy(x).float()).amax(-1).numpy()  # float32, as quantized (tested above)
+            zero = quant._layer_views(rows, spec)["zero"][i].float().numpy()  # [L, 2, H, bs], as stored
+            span = (top - zero).astype(np.float64)  # max - zero, in float32
+        quotient = (span / qmax).astype(np.float32).astype(np.float64)  # correctly rounded float32
+        want = torch.from_numpy(quotient).to(sdtype).double()  # rounded to nearest, then up where below
+        below = want < torch.from_numpy(quotient)
+        up = torch.nextafter(want.to(sdtype), torch.tensor(float("inf"), dtype=sdtype)).double()
+        want = torch.where(below, up, want).numpy()
+        assert np.array_equal(scales, want), (kind, int((scales != want).sum()))

@@ -338,6 +338,40 @@ def test_prefill_quantized_matches_reference(device, kind, case):
     _assert_close(got, want, dtype)
 
 
+def _sweep_variants(kind: str) -> list:
+    """The sweep's variants that compute differently under the interpreter (warps, stages and
+    register caps only change the compiled code; cvt 1 is inline PTX: CUDA only). int8 in
+    halves among them."""
+    seen = {}
+    for c in ta.sweep_configs(kind):
+        if c.cvt != 1:
+            seen.setdefault((c.block_n, c.programs_per_sm, c.cvt, c.halves, c.min_split_tiles), c)
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", _QUANT_KINDS)
+def test_every_sweep_variant_matches_the_reference(device, kind):
+    """Every launch `afkv bench kv-quant --sweep` may put in the table computes the same
+    attention (within the 16-bit tolerance): tile widths, split counts, code conversions, int8
+    in halves (the interpreter); the inline-PTX conversion (CUDA)."""
+    gen = torch.Generator().manual_seed(7)
+    lens = [70, 1, 150, 0]
+    cache, ref_tables, bad_tables = _quant_cache(kind, torch.bfloat16, 2, 64, 16, lens, 2, device, gen)
+    q = torch.randn(len(lens), 8, 64, generator=gen).to(torch.bfloat16)
+    lens_t = torch.tensor(lens)
+    want = _quant_decode_reference(q, cache, 1, ref_tables, lens_t, None)
+    if device == "cpu":
+        variants = _sweep_variants(kind)
+        assert len(variants) >= 5
+    else:  # what only CUDA runs (the sweep checks every variant at its shapes, and compiling all is slow)
+        variants = [c for c in ta.sweep_configs(kind) if c.cvt == 1] or ta.sweep_configs(kind)[:1]
+    for config in variants:
+        got = ta.paged_decode_attention_quantized(q.to(device), cache, 1, bad_tables.to(device), lens_t.to(device),
+                                                  config=config)
+        _assert_close(got, want, torch.bfloat16)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_quantized_kernels_check_their_inputs(device):
     gen = torch.Generator().manual_seed(1)

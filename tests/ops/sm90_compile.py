@@ -1,0 +1,234 @@
+"""Compile the attention kernels for an H100 (CUDA sm_90) on a machine without a GPU.
+
+Triton's interpreter (how the CPU tests run the kernels) never compiles them, so it misses what
+only the compiler rejects (a tl.dot narrower than 16, return types that differ between the
+branches of a function, ...). This drives the product's own launch code (the wrappers of
+afkv.ops.triton_attention, with the decisions they take on CUDA) with CPU tensors while
+Triton's active driver is a stand-in for an sm_90 device: every launch compiles for that
+target and launches nothing. Two depths:
+
+    ttir   the front end only (Python AST -> Triton IR: type and shape errors), fast
+    cubin  the whole pipeline down to ptxas's cubin (layouts, LLVM, PTX, registers), and the
+           shared memory the kernel needs against an H100's 227 KiB
+
+Run as a script (by tests/ops/test_sm90_compile.py, in a process without TRITON_INTERPRET):
+
+    python tests/ops/sm90_compile.py ttir|cubin [--sweep] [--usage] [--only=REGEX]
+
+It prints one line per compiled specialization (with --usage: registers and spilled bytes of
+the cubin, by cuobjdump) and exits 1 when any launch fails to compile.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+H100_SHARED_BYTES = 232448  # opt-in shared memory per block on sm_90
+
+
+@dataclass
+class Compiled:
+    name: str
+    constants: dict
+    shared: int = 0
+    cubin: bytes | None = None
+
+
+class _Launcher:
+    """What the driver's launcher would be: launches nothing."""
+
+    def __init__(self, src, metadata):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+
+class _Utils:
+    def __init__(self, log: list[Compiled]):
+        self.log = log
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": H100_SHARED_BYTES, "multiprocessor_count": 132, "max_num_regs": 65536,
+                "warpSize": 32, "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
+
+    def load_binary(self, name, kernel, shared, device):
+        entry = next((c for c in reversed(self.log) if c.name == name and c.cubin is None), None)
+        if entry is None:  # compiled in an earlier process (Triton's disk cache): no hook call
+            entry = Compiled(name, {})
+            self.log.append(entry)
+        entry.shared, entry.cubin = shared, kernel
+        return None, None, 0, 0, 1024  # module, function, registers, spills, max threads
+
+
+class FakeSm90Driver:
+    """Triton's active driver for an H100 that is not there."""
+
+    def __init__(self, log: list[Compiled]):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", 90, 32)
+        self.utils = _Utils(log)
+        self.launcher_cls = _Launcher
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def install(depth: str) -> list[Compiled]:
+    """Make every launch from now on compile for sm_90 to `depth` and launch nothing; patch
+    afkv.ops.triton_attention to take the decisions it takes on an H100. -> the log of
+    compiled specializations (appended to as launches happen)."""
+    from triton import knobs
+    from triton._C.libtriton import ir
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+    from triton.runtime import driver
+
+    from afkv.ops import triton_attention as ta
+
+    log: list[Compiled] = []
+    fake = FakeSm90Driver(log)
+    driver.set_active(fake)
+
+    def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
+        name = repr.split("[", 1)[0]
+        log.append(Compiled(name, dict(compile["constants"])))
+        if depth == "cubin":
+            return None  # go on: Triton compiles, then load_binary records the cubin
+        src = ASTSource(fn.jit_function, compile["signature"], compile["constants"], compile["configs"][0])
+        backend = CUDABackend(fake.target)
+        options = backend.parse_options({"num_warps": compile["num_warps"], "num_stages": compile["num_stages"]})
+        context = ir.context()
+        ir.load_dialects(context)
+        backend.load_dialects(context)
+        src.make_ir(fake.target, options, backend.get_codegen_implementation(options), backend.get_module_map(),
+                    context)
+        return True  # compiled as far as asked: skip the rest, launch nothing
+
+    knobs.runtime.jit_cache_hook = hook
+    ta._compiled = lambda device: True
+    ta._sm_count = lambda device_index: 132
+    ta._gpu_family = lambda device_index: "sm90"
+    assert not type(ta._decode_kernel).__name__.startswith("Interpreted"), "run without TRITON_INTERPRET"
+    return log
+
+
+def usage(cubin: bytes) -> str:
+    """Registers, spill stores / loads and shared memory of a cubin (cuobjdump -res-usage)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", text)
+    return f"regs {m.group(1)} stack {m.group(2)}" if m else text.strip()[-200:]
+
+
+# ---- the launches: the shapes of the tests and of the models -------------------------------------
+
+# (dtype, num_heads, num_kv_heads, head_dim, block_size): the tiny test models (head_dim 16),
+# the kernel tests' shapes, Qwen3-30B-A3B (32 / 4 x 128) and a GQA-less 128
+_SHAPES = [
+    (torch.float32, 4, 2, 16, 4),
+    (torch.bfloat16, 4, 2, 16, 4),
+    (torch.float16, 4, 2, 16, 16),
+    (torch.float32, 8, 2, 64, 16),
+    (torch.bfloat16, 16, 2, 64, 16),
+    (torch.float32, 16, 2, 64, 4),
+    (torch.bfloat16, 8, 1, 64, 32),
+    (torch.bfloat16, 32, 4, 128, 16),
+    (torch.float16, 32, 4, 128, 16),
+    (torch.float32, 4, 4, 128, 4),
+    (torch.bfloat16, 8, 1, 128, 32),
+    (torch.bfloat16, 4, 4, 128, 64),
+]
+_KINDS = ["fp8", "int8", "int4"]
+_SWEPT = (torch.bfloat16, 32, 4, 128, 16)  # the shape the sweep's variants launch at (Qwen3-30B-A3B)
+
+
+def launches(sweep: bool = False):
+    """Yield (label, thunk): each thunk launches one product path on CPU tensors; with `sweep`
+    also the quantized decode kernel in every variant `afkv bench kv-quant --sweep` tries."""
+    from afkv.ops import attention, quant
+    from afkv.ops import triton_attention as ta
+
+    for dtype, h, hkv, d, bs in _SHAPES:
+        kv = torch.zeros(4, 2, 2, bs, hkv, d, dtype=dtype)
+        tables = torch.zeros(2, 3, dtype=torch.int64)
+        lens = torch.tensor([2 * bs, 1])
+        q = torch.zeros(2, h, d, dtype=dtype)
+        for window in (None, 7):
+            tag = f"{str(dtype)[6:]} h{h}/{hkv} d{d} bs{bs} w{window}"
+            yield f"decode {tag}", lambda q=q, kv=kv, w=window: ta.paged_decode_attention(q, kv, 1, tables, lens, w)
+            yield f"decode 1-split {tag}", lambda q=q, kv=kv, w=window: ta.paged_decode_attention(
+                q, kv, 1, tables, lens, w, num_splits=1)
+            yield f"prefill {tag}", lambda q=q, kv=kv, w=window: ta.paged_prefill_attention(
+                torch.zeros(5, h, d, dtype=dtype), kv, 1, torch.zeros(3, dtype=torch.int64), 2 * bs, w)
+        for kind in _KINDS:
+            spec = quant.QuantSpec(kind, 2, bs, hkv, d, quant.scale_dtype_for(dtype))
+            cache = attention.QuantizedKVCache(torch.zeros(4, spec.row_nbytes, dtype=torch.uint8),
+                                               torch.zeros(3, 2, 2, bs, hkv, d, dtype=dtype), spec, max_tail_blocks=2)
+            for window in (None, 7):
+                tag = f"{kind} {str(dtype)[6:]} h{h}/{hkv} d{d} bs{bs} w{window}"
+                yield f"decode {tag}", lambda q=q, c=cache, w=window: ta.paged_decode_attention_quantized(
+                    q, c, 1, tables, lens, w)
+                yield f"prefill {tag}", lambda c=cache, w=window: ta.paged_prefill_attention_quantized(
+                    torch.zeros(5, h, d, dtype=dtype), c, 1, torch.zeros(3, dtype=torch.int64), 2 * bs, w)
+            for config in (ta.sweep_configs(kind) if sweep and (dtype, h, hkv, d, bs) == _SWEPT else ()):
+                yield f"decode {kind} {str(dtype)[6:]} h{h}/{hkv} d{d} bs{bs} {config}", (
+                    lambda q=q, c=cache, cfg=config: ta.paged_decode_attention_quantized(q, c, 1, tables, lens,
+                                                                                         config=cfg))
+
+
+def main(argv: list[str]) -> int:
+    depth = argv[0] if argv else "ttir"
+    show_usage = "--usage" in argv
+    only = next((a.split("=", 1)[1] for a in argv if a.startswith("--only=")), None)
+    log = install(depth)
+    failed = 0
+    with torch.inference_mode():
+        for label, thunk in launches("--sweep" in argv):
+            if only and not re.search(only, label):
+                continue
+            start = len(log)
+            try:
+                thunk()
+            except Exception:  # noqa: BLE001 - every failure is reported, then the exit status says it
+                failed += 1
+                print(f"FAILED {label}\n{traceback.format_exc(limit=-3)}", flush=True)
+                continue
+            for c in log[start:]:
+                extra = ""
+                if depth == "cubin":
+                    if c.shared > H100_SHARED_BYTES:
+                        failed += 1
+                        extra = f" FAILED: {c.shared} bytes of shared memory"
+                    elif show_usage and c.cubin is not None:
+                        extra = f" shared {c.shared} {usage(c.cubin)}"
+                print(f"ok {label}: {c.name}{extra}", flush=True)
+    print(f"{len(log)} kernel specializations compiled for sm_90 ({depth}), {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
