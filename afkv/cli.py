@@ -305,7 +305,7 @@ def _cmd_launch(args) -> int:
     dep = Deployment(args.config, args.model, log_dir=args.log_dir,
                      restart=RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window))
     d = dep.config.deployment
-    _err(f"afkv: starting {d.attention_nodes} attention + {d.expert_nodes} expert nodes ...")
+    _err(f"afkv: starting {d.attention_nodes} attention + {d.expert_nodes} expert + {d.prefill_nodes} prefill nodes ...")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with dep:
         try:
