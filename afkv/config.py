@@ -227,7 +227,8 @@ class DeploymentConfig:
     """Attention-FFN disaggregation: M attention nodes x N expert nodes (see afkv.nodes), and
     prefill/decode disaggregation: P prefill nodes hand prompts' KV blocks to the attention
     nodes, which then decode (afkv.nodes.handoff). Ranks: attention 0..M-1, expert M..M+N-1,
-    prefill M+N..M+N+P-1. With prefill nodes, expert_nodes may be 0 (decode colocated)."""
+    prefill M+N..M+N+P-1. expert_nodes = 0: the attention nodes run the experts (colocated
+    replicas; with prefill nodes, colocated decode nodes)."""
 
     attention_nodes: int = 1
     expert_nodes: int = 1
@@ -339,8 +340,8 @@ class EngineConfig:
         if d is not None:
             need(d.attention_nodes >= 1, "deployment.attention_nodes", "attention_nodes must be >= 1")
             need(d.prefill_nodes >= 0, "deployment.prefill_nodes", "prefill_nodes must be >= 0")
-            need(d.expert_nodes >= 1 or (d.expert_nodes == 0 and d.prefill_nodes >= 1), "deployment.expert_nodes",
-                 "expert_nodes must be >= 1 (0 only with prefill_nodes: decode nodes then run the experts)")
+            need(d.expert_nodes >= 0, "deployment.expert_nodes", "expert_nodes must be >= 0 (0: the attention "
+                 "nodes run the experts themselves)")
             need(d.prefill_timeout_s > 0, "deployment.prefill_timeout_s", "prefill_timeout_s must be positive")
             need(0 <= d.micro_batches <= 16, "deployment.micro_batches", "micro_batches must be in [0, 16]")
             need(0 <= d.port < 65536, "deployment.port", f"port must be in [0, 65535], got {d.port}")
@@ -360,7 +361,8 @@ class EngineConfig:
         need(e.window_s > 0, "eplb.window_s", f"window_s must be positive, got {e.window_s}")
         need(e.rebalance_interval_s >= 0, "eplb.rebalance_interval_s",
              f"rebalance_interval_s must be >= 0, got {e.rebalance_interval_s}")
-        need(not e.enabled or d is not None, "eplb.enabled", "EPLB balances expert nodes: it needs a [deployment]")
+        need(not e.enabled or (d is not None and d.expert_nodes > 0), "eplb.enabled",
+             "EPLB balances expert nodes: it needs a [deployment] with expert_nodes")
 
 
 def _build(cls, values: dict[str, Any], section: str, source: str | None):

@@ -263,6 +263,8 @@ class Engine:
         self._state = EngineState.FAILED
         self._failure = f"{type(exc).__name__}: {exc}"
         for req in self._requests.values():
+            if req.handoff is not None:
+                req.handoff.cancel()  # frees its blocks; its sequence never reaches the scheduler
             req.queue.put_nowait(EngineFailedError(f"the engine's step loop stopped ({self._failure}); "
                                                    "close this engine and start a new one"))
         self._requests.clear()

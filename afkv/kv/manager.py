@@ -314,6 +314,7 @@ class KVManager:
         for i in indices:
             self.pool.register(table[i], awaited.pop(i))  # False: another block holds it; this one stays private
         self.metrics.counters["handoff_received_blocks"] += len(indices)
+        self.metrics.counters["bytes_handoff_received"] += rows.numel()
 
     def end_handoff(self, seq_id: int) -> int:
         """The hand-off is complete: -> prompt tokens covered (the sequence is then admitted
