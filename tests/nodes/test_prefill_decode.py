@@ -113,3 +113,38 @@ async def test_launch_serves_pd_through_attach(tiny_dir, tmp_path):
             assert [r.token_ids for r in got] == expected
             [kv] = await engine.kv_metrics()
             assert kv.counters["handoff_received_blocks"] > 0
+
+
+def test_deployment_roles_and_validation(tmp_path):
+    from afkv.config import DeploymentConfig, EngineConfig
+    from afkv.errors import ConfigError
+
+    d = DeploymentConfig(attention_nodes=2, expert_nodes=1, prefill_nodes=2)
+    assert d.world_size == 5
+    assert [d.role(r) for r in range(5)] == [("attention", 0), ("attention", 1), ("expert", 0), ("prefill", 0),
+                                            ("prefill", 1)]
+    bad = {"prefill_nodes = -1": "deployment.prefill_nodes",
+           'prefill_nodes = 2\nprefill_devices = ["cpu"]': "deployment.prefill_devices",
+           "prefill_nodes = 2\nprefill_timeout_s = 0": "deployment.prefill_timeout_s"}
+    for lines, key in bad.items():
+        path = tmp_path / "bad.toml"
+        path.write_text(f"[deployment]\n{lines}\n")
+        with pytest.raises(ConfigError) as err:
+            EngineConfig.from_toml(path)
+        assert err.value.key == key and err.value.file == str(path)
+    path = tmp_path / "eplb.toml"
+    path.write_text("[deployment]\nexpert_nodes = 0\nprefill_nodes = 1\n[eplb]\nenabled = true\n")
+    with pytest.raises(ConfigError, match="expert_nodes"):
+        EngineConfig.from_toml(path)
+
+
+async def test_routing_least_queued_then_prefix_affinity():
+    from afkv.config import DeploymentConfig
+    from afkv.nodes.handoff import PrefillLinks
+
+    links = PrefillLinks(DeploymentConfig(expert_nodes=0, prefill_nodes=3), "decode0")
+    h = (4).to_bytes(8, "little") + bytes(8)  # maps to node 4 % 3 = 1
+    assert links.pick(h, set()) == 1  # all idle: the prefix's node
+    links._queued[:] = [0, 100, 0]
+    assert links.pick(h, set()) == 0  # busier: the least queued instead
+    assert links.pick(h, {0}) == 2 and links.pick(h, {0, 1, 2}) is None
