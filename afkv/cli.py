@@ -8,6 +8,7 @@
     afkv bench eplb              expert load balancing under Zipf skew: max/mean node load, tok/s (CPU or GPUs)
     afkv bench kv-quant          long-context decode: fp8/int8/int4 device KV blocks against the model dtype
     afkv bench pd                prefill/decode disaggregation vs colocated: decode ITL p50/p99 under long prompts
+    afkv bench pd-handoff        the KV hand-off: GB/s vs the path's copy limit, last block -> first token
     afkv bench af                1A1F over NCCL vs colocated data parallel (two GPUs, real shapes)
     afkv bench gpu               GPU suite: afkv (CUDA graphs) vs HF generate vs the HBM roofline (real shapes)
     afkv bench plot JSON         PNG plot of a `bench gpu` result
@@ -181,6 +182,18 @@ async def _cmd_bench_pd(args) -> int:
                                 max_num_batched_tokens=args.max_num_batched_tokens, progress=_err)
     print(format_table(result))
     out = write_json(result, args.json or f"bench-results/pd-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    _err(f"afkv: wrote {out}")
+    return 0
+
+
+async def _cmd_bench_pd_handoff(args) -> int:
+    from afkv.bench import write_json
+    from afkv.bench.pd import format_handoff_table, run_handoff_bench
+
+    result = await run_handoff_bench(args.model, tuple(int(n) for n in args.prompt_lens.split(",")),
+                                     args.device_memory_mib, progress=_err)
+    print(format_handoff_table(result))
+    out = write_json(result, args.json or f"bench-results/pd-handoff-{time.strftime('%Y%m%d-%H%M%S')}.json")
     _err(f"afkv: wrote {out}")
     return 0
 
@@ -446,6 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
     bpd.add_argument("--max-num-batched-tokens", type=int, default=512, help="prefill chunk (tokens per step)")
     bpd.add_argument("--json", help="output path (default bench-results/pd-<time>.json)")
 
+    bph = bsub.add_parser("pd-handoff", formatter_class=fmt,
+                          help="the KV hand-off of PD (CPU or one GPU): GB/s vs the path's copy limit, last block "
+                               "-> first token vs colocated TTFT")
+    bph.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    bph.add_argument("--prompt-lens", default="1024,4096", help="comma-separated prompt lengths")
+    bph.add_argument("--device-memory-mib", type=int, default=2048, help="device KV per node")
+    bph.add_argument("--json", help="output path (default bench-results/pd-handoff-<time>.json)")
+
     kvb = bsub.add_parser("kv", help="KV tiers: transfer GB/s against the copy limit; decode with tiers on/off")
     kvb.add_argument("--model", help="checkpoint directory (default: the embedded model)")
     kvb.add_argument("--blocks", type=int, default=128, help="blocks moved at once in the transfer runs")
@@ -572,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_async(_cmd_bench_kv(args))
         if args.command == "bench" and args.bench == "pd":
             return run_async(_cmd_bench_pd(args))
+        if args.command == "bench" and args.bench == "pd-handoff":
+            return run_async(_cmd_bench_pd_handoff(args))
         if args.command == "bench" and args.bench == "af":
             return run_async(_cmd_bench_af(args))
         if args.command == "bench" and args.bench == "eplb":

@@ -521,6 +521,8 @@ class Engine:
                     kv.receive(seq.seq_id, indices, rows, fmt)
             if want is not None:
                 kv.end_handoff(seq.seq_id)
+                seq.metrics.num_handoff_tokens = len(want) * self._layout.block_size
+                seq.metrics.handoff_end_s = time.monotonic()
         except asyncio.CancelledError:
             kv.free(seq.seq_id)
             raise
