@@ -2,8 +2,9 @@
 
 `streams` requests decode all the time (each asks for `gen_len` tokens, then the next one
 starts) while a long prompt (`prompt_len` tokens, `long_tokens` new ones) arrives every
-`interval_s` for `duration_s`. Two deployments (`afkv launch`'s Deployment), one after the other:
+`interval_s` for `duration_s`. Three runs (`afkv launch`'s Deployment), one after the other:
 
+    alone      the colocated node with no long prompts: the decode streams' own ITL (reference)
     colocated  one attention node running the whole model (expert_nodes = 0): decode steps
                carry the long prompts' prefill chunks
     pd         the same node as a decode node + one prefill node: the long prompts' KV is
@@ -43,7 +44,7 @@ import afkv
 from afkv.engine.params import SamplingParams
 from afkv.serve.launch import Deployment
 
-MODES = ("colocated", "pd")
+MODES = ("alone", "colocated", "pd")
 
 
 def _config(path: Path, mode: str, device_memory_mib: int, max_num_batched_tokens: int) -> Path:
@@ -126,7 +127,8 @@ async def _run_mode(mode: str, model: str | None, workdir: Path, args: dict, pro
             window.append(time.perf_counter())
             longs = []
             for _ in range(max(1, round(args["duration_s"] / args["interval_s"]))):
-                longs.append(asyncio.create_task(long_prompt(prompt(args["prompt_len"]))))
+                if mode != "alone":
+                    longs.append(asyncio.create_task(long_prompt(prompt(args["prompt_len"]))))
                 await asyncio.sleep(args["interval_s"])
             window.append(time.perf_counter())
             stop.set()
@@ -168,13 +170,14 @@ async def run_pd_bench(model: str | None = None, streams: int = 8, prompt_len: i
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = old
-    c, p = runs["colocated"], runs["pd"]
+    a, c, p = runs["alone"], runs["colocated"], runs["pd"]
     return {
         "bench": "pd", "model": str(model or "default"), "args": args,
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count()},
         "runs": runs,
         "ratios": {"itl_p50": p["itl_p50_ms"] / c["itl_p50_ms"], "itl_p99": p["itl_p99_ms"] / c["itl_p99_ms"],
-                   "decode_tok_s": p["decode_tok_s"] / c["decode_tok_s"]},
+                   "decode_tok_s": p["decode_tok_s"] / c["decode_tok_s"],
+                   "pd_itl_p99_vs_alone": p["itl_p99_ms"] / a["itl_p99_ms"]},
     }
 
 
@@ -189,7 +192,7 @@ def format_table(result: dict) -> str:
                      f"{r['long_ttft_mean_s']:>11.2f} | {r['long_done']}/{r['long_prompts']}")
     q = result["ratios"]
     lines.append(f"pd / colocated: ITL p50 x{q['itl_p50']:.3f}, ITL p99 x{q['itl_p99']:.3f}, "
-                 f"decode tok/s x{q['decode_tok_s']:.3f}")
+                 f"decode tok/s x{q['decode_tok_s']:.3f}; pd / alone: ITL p99 x{q['pd_itl_p99_vs_alone']:.3f}")
     return "\n".join(lines)
 
 

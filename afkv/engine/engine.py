@@ -47,6 +47,7 @@ from afkv.engine.runner import ChunkResult, ModelRunner
 from afkv.engine.scheduler import Scheduler, SchedulerLimits
 from afkv.engine.sequence import Sequence, SeqStatus
 from afkv.errors import (
+    AfkvError,
     EmptyPromptError,
     EngineClosedError,
     EngineError,
@@ -526,12 +527,15 @@ class Engine:
         except asyncio.CancelledError:
             kv.free(seq.seq_id)
             raise
-        except Exception as exc:
+        except Exception as exc:  # PrefillUnavailableError, a refusal from the prefill node, or a bug
+            log.warning("request %d: KV hand-off failed: %s: %s", seq.seq_id, type(exc).__name__, exc,
+                        exc_info=None if isinstance(exc, AfkvError) else exc)
             kv.free(seq.seq_id)
             self._requests.pop(seq.seq_id, None)
             seq.status = SeqStatus.FINISHED
             if not isinstance(exc, RequestError | EngineError):
-                exc = RequestFailedError(f"request {seq.seq_id} failed: the KV hand-off failed: {exc}")
+                exc = RequestFailedError(f"request {seq.seq_id} failed: the KV hand-off failed: "
+                                         f"{type(exc).__name__}: {exc}")
             req.queue.put_nowait(exc)
             return
         req.handoff = None

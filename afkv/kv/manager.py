@@ -308,9 +308,8 @@ class KVManager:
         owned(rows.shape == (len(indices), fmt.nbytes), f"sequence {seq_id}: {tuple(rows.shape)} rows for "
               f"{len(indices)} blocks of {fmt.nbytes} bytes")
         table = self._tables[seq_id]
-        copier = Copier(self.device.rows, rows, fmt, self.device.format)
         ops = [CopyOp(Direction.TO_DEVICE, table[i], slot) for slot, i in enumerate(indices)]
-        self._jobs.append(self._worker.submit(copier.run, ops))
+        self._jobs.append(self._worker.submit(_import, self.device.rows, self.device.format, rows, fmt, ops))
         for i in indices:
             self.pool.register(table[i], awaited.pop(i))  # False: another block holds it; this one stays private
         self.metrics.counters["handoff_received_blocks"] += len(indices)
@@ -429,6 +428,12 @@ class KVManager:
         self.pruning.check_invariants(self._tables)
         self.device.check_invariants(self._tables)
         self.lower.check_invariants()
+
+
+def _import(device_rows: torch.Tensor, device_format, rows: torch.Tensor, fmt: BlockFormat, ops: list[CopyOp]) -> None:
+    """Worker: rows uint8 [n, fmt.nbytes] (host memory) -> their device blocks (ordered before
+    the next step: on CUDA the compute stream waits for the copy stream)."""
+    Copier(device_rows, rows, fmt, device_format).run(ops)
 
 
 def _export(device_rows: torch.Tensor, device_format, block_ids: list[int], fmt: BlockFormat) -> torch.Tensor:

@@ -201,3 +201,18 @@ async def test_corrupt_row_is_never_used(model, monkeypatch):
         assert damaged and decode._prefill.num_retries == 1
         assert received(decode) == 10
         assert all_free(decode)
+
+
+async def test_prefill_refuses_a_block_whose_hash_differs(model):
+    """A decode node running other weights (or dtype) asks for hashes this prefill node does not
+    compute: the prefill request fails with a RequestError naming it, and frees its blocks."""
+    from afkv.errors import RequestError
+
+    async with Engine(model, dataclasses.replace(config(0, 1), deployment=None), progress=False) as e:
+        with pytest.raises(RequestError, match="hash differs"):
+            async for _ in e.export_prefill(PROMPT[:40], {0: bytes(16)}):
+                pass
+        with pytest.raises(RequestError, match="whole blocks"):
+            async for _ in e.export_prefill(PROMPT[:41], {0: bytes(16)}):
+                pass
+        await wait_until(lambda: all_free(e), what="prefill blocks freed")
