@@ -242,6 +242,7 @@ class DeploymentConfig:
     prefill_devices: tuple[str, ...] = ()  # per prefill node
     expert_timeout_s: float = 10.0  # an expert node silent this long is lost
     prefill_timeout_s: float = 30.0  # a KV hand-off from one prefill node ends within this (else elsewhere)
+    handoff_format: str = "none"  # rows on the wire between prefill and decode nodes: none (raw) | fp8 | int8 | int4
     client_timeout_s: float = 60.0  # an API client silent this long (or this slow sending one frame) is dropped
     heartbeat_interval_s: float = 1.0
     dispatch_capacity: float = 0.0  # rows per (micro-batch, expert node) as a share; 0: from the placement
@@ -343,6 +344,8 @@ class EngineConfig:
             need(d.expert_nodes >= 0, "deployment.expert_nodes", "expert_nodes must be >= 0 (0: the attention "
                  "nodes run the experts themselves)")
             need(d.prefill_timeout_s > 0, "deployment.prefill_timeout_s", "prefill_timeout_s must be positive")
+            need(d.handoff_format in FORMAT_NAMES, "deployment.handoff_format",
+                 f"handoff_format must be one of {', '.join(FORMAT_NAMES)}, got {d.handoff_format!r}")
             need(0 <= d.micro_batches <= 16, "deployment.micro_batches", "micro_batches must be in [0, 16]")
             need(0 <= d.port < 65536, "deployment.port", f"port must be in [0, 65535], got {d.port}")
             need(d.expert_timeout_s > 0, "deployment.expert_timeout_s", "expert_timeout_s must be positive")

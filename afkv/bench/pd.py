@@ -144,7 +144,7 @@ async def _run_mode(mode: str, model: str | None, workdir: Path, args: dict, pro
         "itl_max_ms": 1e3 * max(gaps, default=float("nan")), "decode_tok_s": tokens[0] / span,
         "long_prompts": len(longs), "long_done": len(ttfts),
         "long_ttft_mean_s": sum(ttfts) / len(ttfts) if ttfts else float("nan"), "window_s": span,
-        "num_gaps": len(gaps), "pinned": pinned,
+        "num_gaps": len(gaps), "pinned": pinned, "load_average_1m": os.getloadavg()[0],
         "handoff_received_blocks": metrics.kv.counters.get("handoff_received_blocks", 0),
     }
     progress(f"  {mode:>9}: ITL p50 {res['itl_p50_ms']:.1f} ms, p99 {res['itl_p99_ms']:.1f} ms, decode "

@@ -60,7 +60,7 @@ from afkv.errors import (
     RequestFailedError,
     StepRetryError,
 )
-from afkv.kv.formats import BlockFormat, RawFormat
+from afkv.kv.formats import BlockFormat, RawFormat, make_format
 from afkv.kv.layout import KVLayout
 from afkv.kv.manager import KVManager
 from afkv.kv.metrics import KVMetricsSnapshot
@@ -516,7 +516,7 @@ class Engine:
         want = kv.begin_handoff(seq.seq_id, seq.token_ids, seq.params.pruning or self._scheduler.pruning)
         try:
             if want:
-                fmt = RawFormat(self._layout)
+                fmt = make_format(self.config.deployment.handoff_format, self._layout)
                 whole = kv.num_full_blocks(seq.seq_id) * self._layout.block_size
                 async for indices, rows in self._prefill.fetch(seq.token_ids[:whole], want, fmt):
                     kv.receive(seq.seq_id, indices, rows, fmt)

@@ -13,6 +13,10 @@ Roles (`afkv launch`, `[deployment] prefill_nodes`):
                   end_handoff), then computes the prompt's last partial block and first token
                   itself and decodes
 
+Rows travel in `[deployment] handoff_format` (afkv.kv.formats): raw by default (exact), or
+fp8 / int8 / int4 rows, a quarter to a half of the bytes (decoded into the decode node's device
+format on arrival).
+
 Only full blocks move. A block on the wire is named by its chained hash (afkv.kv.block_pool),
 immutable, and the decode node's prefix machinery finds it like any other cached block; the
 decode node computes at most block_size tokens of a prompt, samples every token itself, and
@@ -24,7 +28,7 @@ admits the request when the last block has landed.
 Protocol (control-plane messages, afkv.transport.control; the decode node is the client):
 
     decode -> prefill  request {"type": "prefill", "hid", "token_ids", "want": [[index, hash]],
-                       "format": digest}  -> ack once started
+                       "format": name, "digest": the format's digest}  -> ack once started
     prefill -> decode  {"type": "kv_blocks", "hid", "indices", "hashes", "crcs", "rows"}  as
                        blocks fill, at most ROWS_FRAME_BYTES of rows each
                        {"type": "prefill_done", "hid"} or {"type": "prefill_failed", "hid", "error"}
@@ -226,7 +230,8 @@ class PrefillLinks:
         timeout_s = self._d.prefill_timeout_s
         try:
             await client.request({"type": "prefill", "hid": hid, "token_ids": list(token_ids),
-                                  "want": [[i, h] for i, h in want.items()], "format": fmt.digest},
+                                  "want": [[i, h] for i, h in want.items()], "format": fmt.name,
+                                  "digest": fmt.digest},
                                  timeout_s=timeout_s)
             while True:
                 try:

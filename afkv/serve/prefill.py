@@ -17,7 +17,7 @@ import logging
 
 from afkv import errors
 from afkv.engine.engine import Engine
-from afkv.kv.formats import RawFormat
+from afkv.kv.formats import FORMAT_NAMES, BlockFormat, make_format
 from afkv.nodes.handoff import MAX_FRAME_BYTES, blocks_to_wire
 from afkv.transport.control import ControlConnection, ControlLimits, ControlServer
 
@@ -69,10 +69,14 @@ class PrefillServer:
             token_ids = msg.get("token_ids")
             if not isinstance(token_ids, list):
                 raise errors.FrameError("a prefill message needs a list 'token_ids'")
-            fmt = RawFormat(self.engine.kv_manager.layout)
-            if msg.get("format") != fmt.digest:
-                raise errors.ConfigError("the decode node asks for KV rows in another format or geometry than this "
-                                         "prefill node's (model, dtype or block_size differ)", key="kv")
+            name = msg.get("format")
+            if name not in FORMAT_NAMES:
+                raise errors.FrameError(f"a prefill message needs 'format' among {', '.join(FORMAT_NAMES)}, "
+                                        f"got {name!r:.20}")
+            fmt = make_format(name, self.engine.kv_manager.layout)
+            if msg.get("digest") != fmt.digest:
+                raise errors.ConfigError("the decode node asks for KV rows of another geometry than this prefill "
+                                         "node's (model, dtype or block_size differ)", key="kv")
             streams[hid] = asyncio.create_task(self._stream(conn, hid, token_ids, want, fmt),
                                                name=f"afkv-prefill {hid}")
             return None
@@ -83,7 +87,7 @@ class PrefillServer:
             return None
         raise errors.FrameError(f"prefill node: unknown message type {kind!r}")
 
-    async def _stream(self, conn: ControlConnection, hid: int, token_ids: list, want: dict, fmt: RawFormat) -> None:
+    async def _stream(self, conn: ControlConnection, hid: int, token_ids: list, want: dict, fmt: BlockFormat) -> None:
         try:
             async for batch in self.engine.export_prefill(token_ids, want, fmt):
                 for frame in blocks_to_wire(hid, batch.indices, batch.hashes, batch.rows):

@@ -103,3 +103,18 @@ def test_rows_land_in_a_quantized_device_tier():
     ref = src.kv[torch.tensor(src.block_table(0)[:4])]
     assert torch.allclose(out, ref, atol=0.05 * float(ref.abs().max()))
     dst.check_invariants()
+
+
+@pytest.mark.parametrize("name", ["fp8", "int8", "int4"])
+def test_quantized_rows_on_the_wire(name):
+    """`[deployment] handoff_format`: a quarter to a half of the bytes cross, decoded on arrival."""
+    src, dst = _prefilled(), KVManager(LAYOUT, 32, CPU)
+    fmt = make_format(name, LAYOUT)
+    assert fmt.nbytes <= RAW.nbytes // 2 + RAW.nbytes // 16
+    want = sorted(dst.begin_handoff(1, PROMPT))
+    dst.receive(1, want, src.export_rows(0, want, fmt).result(), fmt)
+    dst.end_handoff(1)
+    got = dst.kv[torch.tensor(dst.block_table(1))]
+    ref = src.kv[torch.tensor(src.block_table(0)[:4])]
+    assert torch.allclose(got, ref, atol=0.2 * float(ref.abs().max()))
+    assert not torch.equal(got, ref)  # quantized: close, not exact

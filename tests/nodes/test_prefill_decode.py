@@ -148,3 +148,28 @@ async def test_routing_least_queued_then_prefix_affinity():
     links._queued[:] = [0, 100, 0]
     assert links.pick(h, set()) == 0  # busier: the least queued instead
     assert links.pick(h, {0}) == 2 and links.pick(h, {0, 1, 2}) is None
+
+
+async def test_killed_prefill_processes(tiny_dir, tmp_path):
+    """SIGKILL a prefill node process: the decode node's requests go to the other one (same
+    tokens); with both gone, PrefillUnavailableError; no block is left held."""
+    from afkv.errors import PrefillUnavailableError
+
+    model = str(tiny_dir["mixtral"])
+    prompts = prompts_with_shared_prefixes()
+    with Deployment(write_config(tmp_path, 2, 0, timeout_s=5.0), model, start_attention=False) as dep:
+        cfg = dep.attached_config()
+        expected = await colocated(model, cfg, prompts)
+        async with Engine(model, cfg, progress=False) as decode:
+            assert (await decode.complete(prompts[0], PARAMS)).token_ids == expected[0]  # both nodes known
+            dep.kill_node(dep.prefill_rank(0))
+            got = [(await decode.complete(p, PARAMS)).token_ids for p in prompts[1:]]
+            assert got == expected[1:]
+            assert_all_free(decode)
+            dep.kill_node(dep.prefill_rank(1))
+            with pytest.raises(PrefillUnavailableError):
+                async with asyncio.timeout(60):
+                    await decode.complete(random_prompt(30, 256, seed=77), PARAMS)
+            assert_all_free(decode)
+            # a prompt whose blocks the decode node holds needs no prefill node
+            assert (await decode.complete(prompts[4], PARAMS)).token_ids == expected[4]

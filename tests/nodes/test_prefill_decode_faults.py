@@ -216,3 +216,28 @@ async def test_prefill_refuses_a_block_whose_hash_differs(model):
             async for _ in e.export_prefill(PROMPT[:41], {0: bytes(16)}):
                 pass
         await wait_until(lambda: all_free(e), what="prefill blocks freed")
+
+
+async def test_int8_rows_on_the_wire(model):
+    """handoff_format = int8: the hand-off completes with half the bytes; the decode node keeps
+    serving (tokens may differ from colocated: quantized KV)."""
+    store = RendezvousServer("127.0.0.1", 0, TOKEN).start()
+    cfg = config(store.port, 1)
+    cfg = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, handoff_format="int8"))
+    try:
+        async with Engine(model, dataclasses.replace(cfg, deployment=None), progress=False) as prefill:
+            server = PrefillServer(prefill, "127.0.0.1", 0, token=TOKEN)
+            store.set("afkv/prefill/0", f"127.0.0.1:{await server.start()}")
+            try:
+                async with Engine(model, cfg, progress=False) as decode:
+                    async with asyncio.timeout(60):
+                        assert len((await decode.complete(PROMPT, PARAMS)).token_ids) == PARAMS.max_tokens
+                    counters = decode.kv_metrics().counters
+                    assert counters["handoff_received_blocks"] == 10
+                    raw = 10 * decode.kv_manager.layout.block_nbytes
+                    assert counters["bytes_handoff_received"] < raw // 2 + raw // 16
+                    assert all_free(decode)
+            finally:
+                await server.aclose()
+    finally:
+        store.close()
