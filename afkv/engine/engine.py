@@ -94,6 +94,7 @@ class EngineStats:
     num_cached_prompt_tokens: int
     num_generated_tokens: int
     num_step_retries: int = 0  # steps computed again (the fixed-buffer data plane ran out of room, or lost a node)
+    num_handoffs: int = 0  # requests whose prompt KV a prefill node is handing over (PD decode node)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -377,6 +378,7 @@ class Engine:
             num_cached_prompt_tokens=self._scheduler.num_cached_prompt_tokens,
             num_generated_tokens=self._scheduler.num_generated_tokens,
             num_step_retries=self._num_retries,
+            num_handoffs=sum(r.handoff is not None for r in self._requests.values()),
         )
 
     @property

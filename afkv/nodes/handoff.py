@@ -28,9 +28,11 @@ admits the request when the last block has landed.
 Protocol (control-plane messages, afkv.transport.control; the decode node is the client):
 
     decode -> prefill  request {"type": "prefill", "hid", "token_ids", "want": [[index, hash]],
-                       "format": name, "digest": the format's digest}  -> ack once started
+                       "format": name, "digest": the format's digest, "segment": name or None}
+                       -> ack once started
     prefill -> decode  {"type": "kv_blocks", "hid", "indices", "hashes", "crcs", "rows"}  as
-                       blocks fill, at most ROWS_FRAME_BYTES of rows each
+                       blocks fill, at most ROWS_FRAME_BYTES of rows each; or, with the rows
+                       written into the segment's slots, {..., "in_segment": true} and no rows
                        {"type": "prefill_done", "hid"} or {"type": "prefill_failed", "hid", "error"}
     decode -> prefill  {"type": "cancel", "hid"}  notification: the prefill request is aborted
 
@@ -45,10 +47,24 @@ for prefill_timeout_s between two messages, ends that transfer; the blocks still
 asked of the next prefill node; when every node was tried, PrefillUnavailableError. Either
 way the caller frees what it held (KVManager.free: an awaited block was never registered).
 
-Transports: rows cross in control frames over TCP, the host data plane between processes
-(CPUs). On GPUs the same `fetch` contract holds with other carriers chosen by
-afkv.transport.peer's rule: NCCL between two GPUs, CUDA IPC (or pinned host memory) between
-two processes on one GPU; the frames then carry only indices, hashes and checksums.
+Carriers. Rows cross between processes of one host through a shared-memory segment the decode
+node makes per transfer (RowSegment: /dev/shm, mode 0600, a slot per block asked for; the
+prefill node writes each row once, the decode node checks its crc32 there and its worker copies
+it into the cache), and inline in the kv_blocks frames when the prefill node cannot open the
+segment (another host). On a GPU the prefill node's worker first copies the blocks into pinned
+host memory (KVManager.export_rows) and the decode node's worker copies the rows to its device
+(KVManager.receive). The GPU carriers keep this protocol and `fetch`'s contract and change only
+what a kv_blocks message carries, chosen by afkv.transport.peer's rule (designed, not built):
+
+    pinned host (one host)  the segment registered as pinned memory in both processes
+                            (cudaHostRegister): the prefill node's worker copies device -> segment
+                            and the decode node's segment -> device, asynchronously, no bounce
+    CUDA IPC (one GPU)      a device ring of row slots the decode node allocates once per link and
+                            shares as an IPC handle; the prefill node copies device -> device and
+                            records an IPC event the decode node's worker waits on before copying
+                            slots into cache blocks: no host copy, no checksum (nothing left the device)
+    NCCL (two GPUs)         a peer per (prefill, decode) pair: the message announces n rows, the
+                            rows follow as one send/recv of [n, nbytes] on a copy stream
 """
 
 from __future__ import annotations
@@ -56,8 +72,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import mmap
+import os
+import re
+import secrets
 import zlib
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import torch
 
@@ -70,8 +91,57 @@ from afkv.transport.control import ConnState, ControlClient, ControlLimits
 
 log = logging.getLogger("afkv.handoff")
 
-ROWS_FRAME_BYTES = 8 * 2**20  # rows per kv_blocks message (at least one row)
+ROWS_FRAME_BYTES = 8 * 2**20  # rows per kv_blocks message carrying them (at least one row)
 MAX_FRAME_BYTES = 64 * 2**20
+SEGMENT_DIR = Path("/dev/shm")  # POSIX shared memory (Linux): where row segments live
+_SEGMENT_NAME = re.compile(r"afkv-handoff-[0-9]+-[0-9a-f]{16}")
+
+
+class RowSegment:
+    """Decode side: a shared-memory file of row slots for one transfer (slot k: the k-th block
+    asked for, in table order), mode 0600, named in the prefill message. A prefill node on the
+    same host writes rows there and sends only their indices, hashes and checksums. `rows` (and
+    every view of it) keeps the mapping alive after `unlink`."""
+
+    def __init__(self, num_rows: int, nbytes: int):
+        self.name = f"afkv-handoff-{os.getpid()}-{secrets.token_hex(8)}"
+        self.path = SEGMENT_DIR / self.name
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, num_rows * nbytes)
+            mapping = mmap.mmap(fd, num_rows * nbytes)
+        except BaseException:
+            self.unlink()
+            raise
+        finally:
+            os.close(fd)
+        self.rows = torch.frombuffer(mapping, dtype=torch.uint8).view(num_rows, nbytes)  # [num_rows, nbytes]
+
+    @staticmethod
+    def available() -> bool:
+        return SEGMENT_DIR.is_dir() and os.access(SEGMENT_DIR, os.W_OK)
+
+    def unlink(self) -> None:
+        """Remove the name (the memory goes with the last view of `rows`)."""
+        self.path.unlink(missing_ok=True)
+
+
+def open_segment(name: object, num_rows: int, nbytes: int) -> torch.Tensor | None:
+    """Prefill side: the decode node's segment `name` as rows uint8 [num_rows, nbytes]; None when
+    this host has no such segment (the decode node runs elsewhere): rows then travel in frames."""
+    if not isinstance(name, str) or not _SEGMENT_NAME.fullmatch(name):
+        raise errors.FrameError(f"a prefill message's 'segment' is not a row segment name: {name!r:.60}")
+    try:
+        fd = os.open(SEGMENT_DIR / name, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_size != num_rows * nbytes:
+            return None
+        mapping = mmap.mmap(fd, num_rows * nbytes)
+    finally:
+        os.close(fd)
+    return torch.frombuffer(mapping, dtype=torch.uint8).view(num_rows, nbytes)
 
 
 def row_checksums(rows: torch.Tensor) -> list[int]:
@@ -80,37 +150,54 @@ def row_checksums(rows: torch.Tensor) -> list[int]:
     return [zlib.crc32(data[i]) for i in range(rows.shape[0])]
 
 
-def blocks_to_wire(hid: int, indices: Sequence[int], hashes: Sequence[BlockHash], rows: torch.Tensor) -> list[dict]:
-    """kv_blocks messages for rows uint8 [n, nbytes] of table entries `indices`, split so that
-    each carries at most ROWS_FRAME_BYTES of rows (at least one row)."""
+def blocks_to_wire(hid: int, indices: Sequence[int], hashes: Sequence[BlockHash], rows: torch.Tensor,
+                   segment: torch.Tensor | None = None, slots: Sequence[int] = ()) -> list[dict]:
+    """kv_blocks messages for rows uint8 [n, nbytes] of table entries `indices`: with a segment,
+    the rows are copied into its `slots` and the one message names them; else the rows travel
+    in messages of at most ROWS_FRAME_BYTES of rows each (at least one row)."""
     n, nbytes = rows.shape
-    per = max(1, ROWS_FRAME_BYTES // max(nbytes, 1))
     crcs = row_checksums(rows)
+    if segment is not None:
+        segment[torch.tensor(list(slots))] = rows
+        return [{"type": "kv_blocks", "hid": hid, "indices": list(indices), "hashes": list(hashes), "crcs": crcs,
+                 "in_segment": True}]
+    per = max(1, ROWS_FRAME_BYTES // max(nbytes, 1))
     return [{"type": "kv_blocks", "hid": hid, "indices": list(indices[a:a + per]), "hashes": list(hashes[a:a + per]),
              "crcs": crcs[a:a + per], "rows": rows[a:a + per].numpy().tobytes()} for a in range(0, n, per)]
 
 
-def blocks_from_wire(msg: dict, want: dict[int, BlockHash], fmt: BlockFormat) -> tuple[list[int], torch.Tensor]:
+def blocks_from_wire(msg: dict, want: dict[int, BlockHash], fmt: BlockFormat,
+                     segment: RowSegment | None = None, slot_of: dict[int, int] | None = None
+                     ) -> tuple[list[int], torch.Tensor]:
     """Check a kv_blocks message against the blocks asked for -> (indices, rows uint8 [n,
-    nbytes]). CorruptBlockError for a checksum, hash or size that does not match, or a block
-    not asked for (or sent twice)."""
+    nbytes]: from the message, or views of the segment's slots). CorruptBlockError for a
+    checksum, hash or size that does not match, or a block not asked for (or sent twice)."""
     try:
-        indices, hashes, crcs, data = ([int(i) for i in msg["indices"]], list(msg["hashes"]), list(msg["crcs"]),
-                                       msg["rows"])
+        indices, hashes, crcs = [int(i) for i in msg["indices"]], list(msg["hashes"]), list(msg["crcs"])
+        data = None if msg.get("in_segment") else msg["rows"]
     except (KeyError, TypeError, ValueError) as exc:
         raise errors.FrameError(f"malformed kv_blocks message: {exc!r}") from exc
     n = len(indices)
-    if not (isinstance(data, bytes) and len(hashes) == n == len(crcs) and len(data) == n * fmt.nbytes):
-        raise errors.CorruptBlockError(f"kv_blocks: {n} indices, {len(hashes)} hashes, {len(crcs)} checksums and "
-                                       f"{len(data) if isinstance(data, bytes) else '?'} bytes of rows; expected "
-                                       f"{fmt.nbytes} bytes per row")
-    rows = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(n, fmt.nbytes) if n else \
-        torch.empty((0, fmt.nbytes), dtype=torch.uint8)
-    for i, h, crc, got in zip(indices, hashes, crcs, row_checksums(rows)):
+    for i, h in zip(indices, hashes):
         if want.get(i) != h:
             raise errors.CorruptBlockError(f"kv_blocks: block {i} {'is not awaited' if i not in want else 'has hash '}"
                                            f"{'' if i not in want else bytes(h).hex()}; the prefill node and this node "
                                            "disagree on the prompt, model or dtype")
+    if data is None:
+        if segment is None:
+            raise errors.CorruptBlockError("kv_blocks: rows said to be in a segment, but none was offered")
+        slots = [slot_of[i] for i in indices]
+        contiguous = slots == list(range(slots[0], slots[0] + n)) if n else True
+        rows = segment.rows[slots[0]:slots[0] + n] if contiguous and n else segment.rows[torch.tensor(slots)]
+    elif isinstance(data, bytes) and len(data) == n * fmt.nbytes:
+        rows = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(n, fmt.nbytes) if n else \
+            torch.empty((0, fmt.nbytes), dtype=torch.uint8)
+    else:
+        raise errors.CorruptBlockError(f"kv_blocks: {len(data) if isinstance(data, bytes) else '?'} bytes of rows "
+                                       f"for {n} blocks of {fmt.nbytes} bytes")
+    if not len(hashes) == n == len(crcs):
+        raise errors.CorruptBlockError(f"kv_blocks: {n} indices, {len(hashes)} hashes, {len(crcs)} checksums")
+    for i, crc, got in zip(indices, crcs, row_checksums(rows)):
         if crc != got:
             raise errors.CorruptBlockError(f"kv_blocks: block {i} failed its checksum ({got:#x}, sent {crc:#x})")
     return indices, rows
@@ -228,10 +315,12 @@ class PrefillLinks:
         self._queued[j] += len(token_ids)
         ended = False
         timeout_s = self._d.prefill_timeout_s
+        segment = RowSegment(len(want), fmt.nbytes) if RowSegment.available() else None
+        slot_of = {i: k for k, i in enumerate(sorted(want))}
         try:
             await client.request({"type": "prefill", "hid": hid, "token_ids": list(token_ids),
-                                  "want": [[i, h] for i, h in want.items()], "format": fmt.name,
-                                  "digest": fmt.digest},
+                                  "want": [[i, want[i]] for i in sorted(want)], "format": fmt.name,
+                                  "digest": fmt.digest, "segment": None if segment is None else segment.name},
                                  timeout_s=timeout_s)
             while True:
                 try:
@@ -243,7 +332,7 @@ class PrefillLinks:
                     raise msg
                 kind = msg.get("type")
                 if kind == "kv_blocks":
-                    yield blocks_from_wire(msg, want, fmt)
+                    yield blocks_from_wire(msg, want, fmt, segment, slot_of)
                 elif kind == "prefill_done":
                     ended = True
                     if want:
@@ -255,6 +344,8 @@ class PrefillLinks:
                 else:
                     raise errors.FrameError(f"prefill node {j}: unexpected message {kind!r:.50}")
         finally:
+            if segment is not None:
+                segment.unlink()  # the rows received stay mapped until written into the cache
             self._queues.pop(hid, None)
             self._queued[j] -= len(token_ids)
             if not ended and client.state is ConnState.OPEN:

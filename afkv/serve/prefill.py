@@ -3,8 +3,9 @@
 The protocol, checks and faults are afkv.nodes.handoff's (its module docstring). Per message:
 
     prefill   start a stream task: Engine.export_prefill over the prompt, each batch of rows
-              it yields sent as kv_blocks messages, then prefill_done (or prefill_failed with
-              the error, which keeps its class)
+              it yields written into the decode node's segment (when this host has it) or sent
+              in the kv_blocks messages, then prefill_done (or prefill_failed with the error,
+              which keeps its class)
     cancel    cancel that stream: the engine aborts the prefill and frees its blocks
 
 A decode node that goes away takes its streams with it (their sends fail; the engine aborts).
@@ -18,7 +19,7 @@ import logging
 from afkv import errors
 from afkv.engine.engine import Engine
 from afkv.kv.formats import FORMAT_NAMES, BlockFormat, make_format
-from afkv.nodes.handoff import MAX_FRAME_BYTES, blocks_to_wire
+from afkv.nodes.handoff import MAX_FRAME_BYTES, blocks_to_wire, open_segment
 from afkv.transport.control import ControlConnection, ControlLimits, ControlServer
 
 log = logging.getLogger("afkv.prefill")
@@ -77,7 +78,8 @@ class PrefillServer:
             if msg.get("digest") != fmt.digest:
                 raise errors.ConfigError("the decode node asks for KV rows of another geometry than this prefill "
                                          "node's (model, dtype or block_size differ)", key="kv")
-            streams[hid] = asyncio.create_task(self._stream(conn, hid, token_ids, want, fmt),
+            segment = None if msg.get("segment") is None else open_segment(msg["segment"], len(want), fmt.nbytes)
+            streams[hid] = asyncio.create_task(self._stream(conn, hid, token_ids, want, fmt, segment),
                                                name=f"afkv-prefill {hid}")
             return None
         if kind == "cancel":
@@ -87,10 +89,15 @@ class PrefillServer:
             return None
         raise errors.FrameError(f"prefill node: unknown message type {kind!r}")
 
-    async def _stream(self, conn: ControlConnection, hid: int, token_ids: list, want: dict, fmt: BlockFormat) -> None:
+    async def _stream(self, conn: ControlConnection, hid: int, token_ids: list, want: dict, fmt: BlockFormat,
+                      segment) -> None:
+        """`segment`: the decode node's row slots (one per block asked for, in table order), or
+        None: rows go in the frames."""
+        slot_of = {i: k for k, i in enumerate(sorted(want))}
         try:
             async for batch in self.engine.export_prefill(token_ids, want, fmt):
-                for frame in blocks_to_wire(hid, batch.indices, batch.hashes, batch.rows):
+                for frame in blocks_to_wire(hid, batch.indices, batch.hashes, batch.rows, segment,
+                                            [slot_of[i] for i in batch.indices]):
                     await conn.send(frame)
             await conn.send({"type": "prefill_done", "hid": hid})
         except asyncio.CancelledError:

@@ -10,6 +10,7 @@ rows did not land intact, and every block is freed on both sides."""
 import asyncio
 import contextlib
 import dataclasses
+import os
 
 import pytest
 
@@ -17,6 +18,7 @@ from afkv import Engine, EngineConfig, SamplingParams
 from afkv.config import DeploymentConfig, KVConfig, SchedulerConfig
 from afkv.errors import PrefillUnavailableError
 from afkv.kv.block_pool import chain_hashes
+from afkv.nodes.handoff import SEGMENT_DIR
 from afkv.nodes.rendezvous import RendezvousServer
 from afkv.serve import prefill as prefill_module
 from afkv.serve.prefill import PrefillServer
@@ -164,12 +166,13 @@ async def test_cancel_during_hand_off_frees_blocks_everywhere(model):
         async with asyncio.timeout(60):
             await gate.held.wait()
         await wait_until(lambda: received(decode) == 6, what="first batch")
-        assert decode.kv_manager.num_sequences == 1
+        assert decode.kv_manager.num_sequences == 1 and decode.stats().num_handoffs == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         await wait_until(lambda: all_free(decode), what="decode blocks freed")
         await wait_until(lambda: all_free(prefills[0]), what="prefill blocks freed")
+        assert decode.stats().num_handoffs == 0
         # the engines keep serving: the 6 blocks that landed are reused, the rest cross
         expected = await expected_tokens(model)
         servers[0].engine = prefills[0]  # no longer frozen
@@ -178,29 +181,38 @@ async def test_cancel_during_hand_off_frees_blocks_everywhere(model):
         assert received(decode) == 10
 
 
-async def test_corrupt_row_is_never_used(model, monkeypatch):
-    """A row damaged on the wire fails its checksum: nothing of it is written; the blocks still
-    awaited come from the other prefill node, and the tokens are the colocated ones."""
+@pytest.mark.parametrize("carrier", ["segment", "frames"])
+async def test_corrupt_row_is_never_used(model, monkeypatch, carrier):
+    """A row damaged between the two nodes (in the shared segment, or in a frame) fails its
+    checksum: nothing of it is written; the blocks still awaited come from the other prefill
+    node, and the tokens are the colocated ones."""
     expected = await expected_tokens(model)
     damaged = []
     to_wire = prefill_module.blocks_to_wire
 
-    def damaging(hid, indices, hashes, rows):
-        frames = to_wire(hid, indices, hashes, rows)
+    def damaging(hid, indices, hashes, rows, segment=None, slots=()):
+        frames = to_wire(hid, indices, hashes, rows, segment, slots)
         if not damaged:
-            data = bytearray(frames[0]["rows"])
-            data[len(data) // 2] ^= 0x40
-            frames[0]["rows"] = bytes(data)
+            assert (segment is not None) == (carrier == "segment")
+            if segment is not None:
+                segment[slots[0], rows.shape[1] // 2] ^= 0x40
+            else:
+                data = bytearray(frames[0]["rows"])
+                data[len(data) // 2] ^= 0x40
+                frames[0]["rows"] = bytes(data)
             damaged.append(indices[0])
         return frames
 
     monkeypatch.setattr(prefill_module, "blocks_to_wire", damaging)
+    if carrier == "frames":  # as from a prefill node on another host
+        monkeypatch.setattr(prefill_module, "open_segment", lambda name, n, nbytes: None)
     async with cluster(model, 2, gated_after=None) as (decode, prefills, servers, gate, j):
         async with asyncio.timeout(60):
             assert (await decode.complete(PROMPT, PARAMS)).token_ids == expected
         assert damaged and decode._prefill.num_retries == 1
         assert received(decode) == 10
         assert all_free(decode)
+    assert not list(SEGMENT_DIR.glob(f"afkv-handoff-{os.getpid()}-*"))  # every segment unlinked
 
 
 async def test_prefill_refuses_a_block_whose_hash_differs(model):
