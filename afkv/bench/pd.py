@@ -183,7 +183,8 @@ async def run_pd_bench(model: str | None = None, streams: int = 8, prompt_len: i
 
 def format_table(result: dict) -> str:
     a = result["args"]
-    head = f"{'mode':>9} | {'ITL p50 ms':>10} | {'ITL p99 ms':>10} | {'decode tok/s':>12} | {'long TTFT s':>11} | long done"
+    head = (f"{'mode':>9} | {'ITL p50 ms':>10} | {'ITL p99 ms':>10} | {'decode tok/s':>12} | {'long TTFT s':>11} | "
+            "long done")
     lines = [f"{a['streams']} decode streams; a {a['prompt_len']}-token prompt every {a['interval_s']} s for "
              f"{a['duration_s']} s; one core per node ({result['model']})", head, "-" * len(head)]
     for mode in MODES:
@@ -286,7 +287,8 @@ async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ..
 
 
 def format_handoff_table(result: dict) -> str:
-    head = (f"{'tokens':>6} | {'MB':>7} | {'warm GB/s':>9} | {'limit GB/s':>10} | {'share':>6} | {'cold hand-off s':>15} | "
+    head = (f"{'tokens':>6} | {'MB':>7} | {'warm GB/s':>9} | {'limit GB/s':>10} | {'share':>6} | "
+            f"{'cold hand-off s':>15} | "
             f"{'last block->1st tok ms':>22} | {'colocated TTFT ms':>17}")
     lines = [f"KV hand-off, {result['model']} on {result['machine']['device']}", head, "-" * len(head)]
     for r in result["rows"]:

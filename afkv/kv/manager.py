@@ -22,8 +22,9 @@ blocks, shared where the pool holds them and fresh (*awaited*) for the others; `
 writes arrived rows into awaited blocks (a worker job, ordered before any step that reads
 them) and registers them; `end_handoff` checks none is awaited any more. An awaited block is
 never registered, so no other sequence can share a block whose bytes have not landed; `free`
-ends a hand-off at any point. On the sending side `export_rows` reads full blocks as rows. A pruned sequence's table holds its kept tokens, slot s
-at (table[s // block_size], s % block_size); once pruned it registers no more blocks (their
+ends a hand-off at any point. On the sending side `export_rows` reads full blocks as rows.
+
+A pruned sequence's table holds its kept tokens, slot s at (table[s // block_size], s % block_size); once pruned it registers no more blocks (their
 content no longer matches their chained hash). Block identity is the chained hash of a block's
 tokens, computed in one place (block_pool.chain_hashes).
 """
@@ -304,7 +305,8 @@ class KVManager:
         later prompts share them. BlockOwnershipError for an index not awaited."""
         awaited = self._awaited[seq_id]
         for i in indices:
-            owned(i in awaited, f"sequence {seq_id}: hand-off block {i} is not awaited (sent twice, or never asked for)")
+            owned(i in awaited, f"sequence {seq_id}: hand-off block {i} is not awaited (sent twice, or never "
+                                "asked for)")
         owned(rows.shape == (len(indices), fmt.nbytes), f"sequence {seq_id}: {tuple(rows.shape)} rows for "
               f"{len(indices)} blocks of {fmt.nbytes} bytes")
         table = self._tables[seq_id]

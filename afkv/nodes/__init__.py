@@ -25,7 +25,7 @@ Layer map (a module imports only modules to its left):
     rendezvous and transfer import no other module of afkv.nodes; the two sides meet only
     in placement (and on the wire).
 
-Reads afkv.config, afkv.model, afkv.transport, afkv.eplb and afkv.errors; the engine and the
+Reads afkv.config, afkv.model, afkv.kv (handoff), afkv.transport, afkv.eplb and afkv.errors; the engine and the
 serve layer sit above it. A change goes to one room: who computes a row -> dispatch.py; a lost
 or returning expert node -> links.py; buffers, peers and step faults -> remote_ffn.py (attention)
 or expert_plane.py (expert); what an expert node holds -> holdings.py; KV blocks between a

@@ -309,14 +309,19 @@ class PrefillLinks:
     async def _fetch_from(self, j: int, token_ids: Sequence[int], want: dict[int, BlockHash],
                           fmt: BlockFormat) -> AsyncIterator[tuple[list[int], torch.Tensor]]:
         client = await self._client(j)
+        segment = None
+        if RowSegment.available():
+            try:
+                segment = RowSegment(len(want), fmt.nbytes)
+            except OSError as exc:  # shared memory full: the rows travel in the frames
+                log.warning("no shared-memory segment for a KV hand-off (%s): rows go in frames", exc)
+        slot_of = {i: k for k, i in enumerate(sorted(want))}
         hid = next(self._hids)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[hid] = (j, q)
         self._queued[j] += len(token_ids)
         ended = False
         timeout_s = self._d.prefill_timeout_s
-        segment = RowSegment(len(want), fmt.nbytes) if RowSegment.available() else None
-        slot_of = {i: k for k, i in enumerate(sorted(want))}
         try:
             await client.request({"type": "prefill", "hid": hid, "token_ids": list(token_ids),
                                   "want": [[i, want[i]] for i in sorted(want)], "format": fmt.name,
