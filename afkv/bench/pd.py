@@ -282,6 +282,7 @@ async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ..
                              f"colocated TTFT {1e3 * r['colocated_ttft_s']:.1f} ms")
     return {"bench": "pd-handoff", "model": str(model or "default"),
             "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                        "load_average_1m": os.getloadavg()[0],
                         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
             "rows": [rows[n] for n in prompt_lens]}
 

@@ -549,13 +549,29 @@ class Engine:
         """Prefill node: compute the KV of `token_ids` (whole blocks: a decode node computes
         the rest) in chunks, and yield the blocks `want` ({table index: chained hash}) as the
         steps that fill them end, rows in `fmt` (raw by default). RequestError when a block's
-        hash differs from the one asked for (the two nodes disagree on model or dtype).
+        hash differs from the one asked for (the two nodes disagree on model or dtype). When the
+        device pool holds every block already, they are read at once, with no step.
         Closing the iterator aborts the prefill and frees its blocks, as with `generate`."""
         fmt = fmt or RawFormat(self._layout)
         bs = self._layout.block_size
         if len(token_ids) % bs or not want or max(want) >= len(token_ids) // bs or min(want) < 0:
             raise RequestError(f"a prefill hands over whole blocks: {len(token_ids)} tokens, blocks "
                                f"{sorted(want)[:8]} of {bs} tokens asked for")
+        self._check_running()
+        hold = self._next_id
+        if self._kv.hold_cached(hold, token_ids):  # every block is here already: no step to run
+            self._next_id += 1
+            try:
+                hashes = self._kv.block_hashes(hold)
+                bad = [i for i in sorted(want) if hashes[i] != want[i]]
+                if bad:
+                    raise RequestError(f"prefill: block {bad[0]}'s hash differs from the one asked for: the decode "
+                                       "node runs another model, weights or dtype")
+                future = self._kv.export_rows(hold, sorted(want), fmt)  # read before any later step reuses them
+            finally:
+                self._kv.free(hold)
+            yield ExportedBlocks(sorted(want), [want[i] for i in sorted(want)], await asyncio.wrap_future(future))
+            return
         req = await self._add(list(token_ids), SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
         req.export = _Export(want, fmt)
         try:

@@ -22,7 +22,8 @@ blocks, shared where the pool holds them and fresh (*awaited*) for the others; `
 writes arrived rows into awaited blocks (a worker job, ordered before any step that reads
 them) and registers them; `end_handoff` checks none is awaited any more. An awaited block is
 never registered, so no other sequence can share a block whose bytes have not landed; `free`
-ends a hand-off at any point. On the sending side `export_rows` reads full blocks as rows.
+ends a hand-off at any point. On the sending side `export_rows` reads full blocks as rows, of a
+sequence being computed or of a hold on blocks the pool has already (`hold_cached`).
 
 A pruned sequence's table holds its kept tokens, slot s at (table[s // block_size], s % block_size); once pruned it registers no more blocks (their
 content no longer matches their chained hash). Block identity is the chained hash of a block's
@@ -293,6 +294,20 @@ class KVManager:
         self.metrics.counters["handoff_shared_blocks"] += len(hashes) - len(missing)
         self.metrics.counters["handoff_awaited_blocks"] += len(missing)
         return dict(awaited)
+
+    def hold_cached(self, seq_id: int, token_ids: Sequence[int]) -> bool:
+        """Sending side: when the device pool holds every whole block of token_ids, start the
+        sequence's table with them (shared; `export_rows` reads them, `free` ends the hold) ->
+        True; else False and no change (the blocks must be computed)."""
+        owned(seq_id not in self._tables, f"sequence {seq_id} is admitted twice")
+        hashes = list(self._block_hashes(token_ids, len(token_ids) // self.layout.block_size))
+        table = [self.pool.lookup(h) for h in hashes]
+        if not hashes or None in table:
+            return False
+        for block_id in table:
+            self.pool.acquire(block_id)
+        self._tables[seq_id], self._hashes[seq_id] = table, hashes
+        return True
 
     def awaited(self, seq_id: int) -> dict[int, BlockHash]:
         """{table index: hash} of the sequence's hand-off blocks still to receive."""

@@ -118,3 +118,15 @@ def test_quantized_rows_on_the_wire(name):
     ref = src.kv[torch.tensor(src.block_table(0)[:4])]
     assert torch.allclose(got, ref, atol=0.2 * float(ref.abs().max()))
     assert not torch.equal(got, ref)  # quantized: close, not exact
+
+
+def test_hold_cached_shares_only_a_whole_cached_prompt():
+    src = _prefilled()  # blocks 0-3 registered (4 whole blocks of PROMPT[:16]); block 4 is partial
+    assert not src.hold_cached(1, PROMPT[:17] + [99, 98, 97])  # block 4 is not cached
+    assert not src.has(1)
+    assert src.hold_cached(2, PROMPT[:16])
+    assert src.block_table(2) == src.block_table(0)[:4]
+    rows = src.export_rows(2, [1, 3], RAW).result()
+    assert torch.equal(rows[1].view(LAYOUT.dtype).view(LAYOUT.block_shape), src.kv[src.block_table(0)[3]])
+    src.free(2)
+    src.check_invariants()

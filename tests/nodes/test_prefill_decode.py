@@ -94,6 +94,8 @@ async def test_pd_matches_colocated_and_moves_only_missing_blocks(tiny_dir, tmp_
             moved = expected_transfers(prompts)
             assert counters["handoff_received_blocks"] == counters["handoff_awaited_blocks"] == sum(moved)
             assert counters["handoff_shared_blocks"] == sum((len(p) - 1) // BLOCK for p in prompts) - sum(moved)
+            stats = decode.stats()  # handed-over tokens are not counted as found in the cache
+            assert stats.num_cached_prompt_tokens == BLOCK * counters["handoff_shared_blocks"]
             assert_all_free(decode)
             # concurrently, with the prefixes now held: the same tokens, nothing more crosses
             again = await asyncio.gather(*(decode.complete(p, PARAMS) for p in prompts))

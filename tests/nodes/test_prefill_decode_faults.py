@@ -253,3 +253,31 @@ async def test_int8_rows_on_the_wire(model):
                 await server.aclose()
     finally:
         store.close()
+
+
+async def test_blocks_a_prefill_node_holds_are_handed_over_without_a_step(model):
+    """Two decode nodes, one prefill node: the second decode node's request for the same prompt
+    is served from the prefill node's cache (prefix reuse on the prefill side), with no step."""
+    expected = await expected_tokens(model)
+    store = RendezvousServer("127.0.0.1", 0, TOKEN).start()
+    cfg = config(store.port, 1)
+    try:
+        async with Engine(model, dataclasses.replace(cfg, deployment=None), progress=False) as prefill:
+            server = PrefillServer(prefill, "127.0.0.1", 0, token=TOKEN)
+            store.set("afkv/prefill/0", f"127.0.0.1:{await server.start()}")
+            try:
+                async with Engine(model, cfg, progress=False) as a, \
+                        Engine(model, cfg, progress=False, attention_rank=1) as b:
+                    async with asyncio.timeout(60):
+                        assert (await a.complete(PROMPT, PARAMS)).token_ids == expected
+                        steps = prefill.stats().num_steps
+                        assert (await b.complete(PROMPT, PARAMS)).token_ids == expected
+                    assert prefill.stats().num_steps == steps
+                    assert received(a) == received(b) == 10
+                    assert prefill.kv_metrics().counters["handoff_sent_blocks"] == 20
+                    for e in (a, b, prefill):
+                        await wait_until(lambda: all_free(e), what="blocks freed")
+            finally:
+                await server.aclose()
+    finally:
+        store.close()
