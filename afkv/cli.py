@@ -8,13 +8,15 @@
     afkv bench eplb              expert load balancing under Zipf skew: max/mean node load, tok/s (CPU or GPUs)
     afkv bench kv-quant          long-context decode: fp8/int8/int4 device KV blocks against the model dtype
     afkv bench long-context      contexts larger than the GPU: KV streamed from host memory vs the PCIe bound
+    afkv bench pd                prefill/decode disaggregation vs colocated: decode ITL p50/p99 under long prompts
+    afkv bench pd-handoff        the KV hand-off: GB/s vs the path's copy limit, last block -> first token
     afkv bench af                1A1F over NCCL vs colocated data parallel (two GPUs, real shapes)
     afkv bench gpu               GPU suite: afkv (CUDA graphs) vs HF generate vs the HBM roofline (real shapes)
     afkv bench plot JSON         PNG plot of a `bench gpu` result
     afkv bench calibrate         measure this machine for `afkv plan` (one GPU, or the CPU): a profile JSON
     afkv bench kernels WHAT      Triton kernels vs roofline and torch: moe (sweep, bf16/fp8), fused, decode (batch 1)
     afkv plan --model M          predict every deployment of a model on a cluster; write the chosen config
-    afkv launch CONFIG           start a deployment (attention + expert nodes) as local processes
+    afkv launch CONFIG           start a deployment (attention + expert + prefill nodes) as local processes
     afkv make-tiny OUT           write tiny random HF checkpoints of each family (tests)
 """
 
@@ -172,6 +174,31 @@ async def _cmd_bench_serve(args) -> int:
     return 0
 
 
+async def _cmd_bench_pd(args) -> int:
+    from afkv.bench import write_json
+    from afkv.bench.pd import format_table, run_pd_bench
+
+    result = await run_pd_bench(args.model, args.streams, args.prompt_len, args.interval_s, args.duration_s,
+                                args.gen_len, args.long_tokens, device_memory_mib=args.device_memory_mib,
+                                max_num_batched_tokens=args.max_num_batched_tokens, progress=_err)
+    print(format_table(result))
+    out = write_json(result, args.json or f"bench-results/pd-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    _err(f"afkv: wrote {out}")
+    return 0
+
+
+async def _cmd_bench_pd_handoff(args) -> int:
+    from afkv.bench import write_json
+    from afkv.bench.pd import format_handoff_table, run_handoff_bench
+
+    result = await run_handoff_bench(args.model, tuple(int(n) for n in args.prompt_lens.split(",")),
+                                     args.device_memory_mib, progress=_err)
+    print(format_handoff_table(result))
+    out = write_json(result, args.json or f"bench-results/pd-handoff-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    _err(f"afkv: wrote {out}")
+    return 0
+
+
 async def _cmd_bench_kv(args) -> int:
     from afkv.bench import write_json
     from afkv.bench.kv import format_table, run_kv_bench
@@ -306,7 +333,7 @@ def _cmd_launch(args) -> int:
     dep = Deployment(args.config, args.model, log_dir=args.log_dir,
                      restart=RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window))
     d = dep.config.deployment
-    _err(f"afkv: starting {d.attention_nodes} attention + {d.expert_nodes} expert nodes ...")
+    _err(f"afkv: starting {d.attention_nodes} attention + {d.expert_nodes} expert + {d.prefill_nodes} prefill nodes ...")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with dep:
         try:
@@ -418,6 +445,28 @@ def build_parser() -> argparse.ArgumentParser:
     bsv.add_argument("--gen-len", type=int, default=32, help="new tokens per request")
     bsv.add_argument("--repeats", type=int, default=2, help="runs of each side, alternated; the best counts")
     bsv.add_argument("--json", help="output path (default bench-results/serve-<time>.json)")
+
+    bpd = bsub.add_parser("pd", formatter_class=fmt,
+                          help="prefill/decode disaggregation vs colocated (CPU processes, one core each): decode "
+                               "ITL p50/p99 and tok/s while long prompts arrive")
+    bpd.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    bpd.add_argument("--streams", type=int, default=8, help="requests decoding all the time")
+    bpd.add_argument("--prompt-len", type=int, default=2048, help="tokens of each long prompt")
+    bpd.add_argument("--interval-s", type=float, default=1.0, help="a long prompt arrives this often")
+    bpd.add_argument("--duration-s", type=float, default=30.0, help="how long long prompts arrive (the window)")
+    bpd.add_argument("--gen-len", type=int, default=64, help="tokens per decode request (then the next starts)")
+    bpd.add_argument("--long-tokens", type=int, default=4, help="new tokens per long prompt")
+    bpd.add_argument("--device-memory-mib", type=int, default=2048, help="device KV per node")
+    bpd.add_argument("--max-num-batched-tokens", type=int, default=512, help="prefill chunk (tokens per step)")
+    bpd.add_argument("--json", help="output path (default bench-results/pd-<time>.json)")
+
+    bph = bsub.add_parser("pd-handoff", formatter_class=fmt,
+                          help="the KV hand-off of PD (CPU or one GPU): GB/s vs the path's copy limit, last block "
+                               "-> first token vs colocated TTFT")
+    bph.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    bph.add_argument("--prompt-lens", default="1024,4096", help="comma-separated prompt lengths")
+    bph.add_argument("--device-memory-mib", type=int, default=2048, help="device KV per node")
+    bph.add_argument("--json", help="output path (default bench-results/pd-handoff-<time>.json)")
 
     kvb = bsub.add_parser("kv", help="KV tiers: transfer GB/s against the copy limit; decode with tiers on/off")
     kvb.add_argument("--model", help="checkpoint directory (default: the embedded model)")
@@ -547,6 +596,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_async(_cmd_bench_serve(args))
         if args.command == "bench" and args.bench == "kv":
             return run_async(_cmd_bench_kv(args))
+        if args.command == "bench" and args.bench == "pd":
+            return run_async(_cmd_bench_pd(args))
+        if args.command == "bench" and args.bench == "pd-handoff":
+            return run_async(_cmd_bench_pd_handoff(args))
         if args.command == "bench" and args.bench == "af":
             return run_async(_cmd_bench_af(args))
         if args.command == "bench" and args.bench == "eplb":

@@ -8,7 +8,8 @@
                  spill_format, eviction, prefetch_depth, io_threads
     [kv.pruning] policy (none | streaming | h2o), num_sink_tokens, window, budget
     [scheduler]  max_num_seqs, max_num_batched_tokens, max_model_len, max_prompt_chars
-    [deployment] attention/expert node counts, micro-batches, rendezvous, token, timeouts
+    [deployment] attention (decode) / expert / prefill node counts, micro-batches, rendezvous,
+                 token, timeouts
     [eplb]       expert load balancing across expert nodes (needs [deployment])
 
 Unknown sections or keys and impossible values raise ConfigError naming file and key.
@@ -264,17 +265,25 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class DeploymentConfig:
-    """Attention-FFN disaggregation: M attention nodes x N expert nodes (see afkv.nodes)."""
+    """Attention-FFN disaggregation: M attention nodes x N expert nodes (see afkv.nodes), and
+    prefill/decode disaggregation: P prefill nodes hand prompts' KV blocks to the attention
+    nodes, which then decode (afkv.nodes.handoff). Ranks: attention 0..M-1, expert M..M+N-1,
+    prefill M+N..M+N+P-1. expert_nodes = 0: the attention nodes run the experts (colocated
+    replicas; with prefill nodes, colocated decode nodes)."""
 
     attention_nodes: int = 1
     expert_nodes: int = 1
+    prefill_nodes: int = 0  # colocated engines that run chunked prefill only and hand the KV over
     micro_batches: int = 0  # 0: from measured times, m >= 2(1 + T_c/T_f) (MegaScale-Infer), within [2, 4]
     host: str = "127.0.0.1"  # nodes bind here; the rendezvous store listens here
     port: int = 29600  # rendezvous (afkv.nodes.rendezvous); 0: any free port (afkv launch)
     token: str = ""  # shared secret every peer proves it holds; node processes fall back to $AFKV_TOKEN
     attention_devices: tuple[str, ...] = ()  # per attention node: "cpu", "cuda:0", ...; empty: auto
     expert_devices: tuple[str, ...] = ()  # per expert node
+    prefill_devices: tuple[str, ...] = ()  # per prefill node
     expert_timeout_s: float = 10.0  # an expert node silent this long is lost
+    prefill_timeout_s: float = 30.0  # a KV hand-off from one prefill node ends within this (else elsewhere)
+    handoff_format: str = "none"  # rows on the wire between prefill and decode nodes: none (raw) | fp8 | int8 | int4
     client_timeout_s: float = 60.0  # an API client silent this long (or this slow sending one frame) is dropped
     heartbeat_interval_s: float = 1.0
     dispatch_capacity: float = 0.0  # rows per (micro-batch, expert node) as a share; 0: from the placement
@@ -282,10 +291,19 @@ class DeploymentConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "attention_devices", tuple(self.attention_devices))
         object.__setattr__(self, "expert_devices", tuple(self.expert_devices))
+        object.__setattr__(self, "prefill_devices", tuple(self.prefill_devices))
 
     @property
     def world_size(self) -> int:
-        return self.attention_nodes + self.expert_nodes
+        return self.attention_nodes + self.expert_nodes + self.prefill_nodes
+
+    def role(self, rank: int) -> tuple[str, int]:
+        """rank -> (role, index within the role): "attention", "expert" or "prefill"."""
+        if rank < self.attention_nodes:
+            return "attention", rank
+        if rank < self.attention_nodes + self.expert_nodes:
+            return "expert", rank - self.attention_nodes
+        return "prefill", rank - self.attention_nodes - self.expert_nodes
 
 
 @dataclass(frozen=True)
@@ -363,7 +381,12 @@ class EngineConfig:
         d = self.deployment
         if d is not None:
             need(d.attention_nodes >= 1, "deployment.attention_nodes", "attention_nodes must be >= 1")
-            need(d.expert_nodes >= 1, "deployment.expert_nodes", "expert_nodes must be >= 1")
+            need(d.prefill_nodes >= 0, "deployment.prefill_nodes", "prefill_nodes must be >= 0")
+            need(d.expert_nodes >= 0, "deployment.expert_nodes", "expert_nodes must be >= 0 (0: the attention "
+                 "nodes run the experts themselves)")
+            need(d.prefill_timeout_s > 0, "deployment.prefill_timeout_s", "prefill_timeout_s must be positive")
+            need(d.handoff_format in FORMAT_NAMES, "deployment.handoff_format",
+                 f"handoff_format must be one of {', '.join(FORMAT_NAMES)}, got {d.handoff_format!r}")
             need(0 <= d.micro_batches <= 16, "deployment.micro_batches", "micro_batches must be in [0, 16]")
             need(0 <= d.port < 65536, "deployment.port", f"port must be in [0, 65535], got {d.port}")
             need(d.expert_timeout_s > 0, "deployment.expert_timeout_s", "expert_timeout_s must be positive")
@@ -374,14 +397,16 @@ class EngineConfig:
             need(d.host in ("127.0.0.1", "localhost", "::1") or bool(d.token), "deployment.token",
                  f"binding to {d.host!r} (not loopback) requires a shared token")
             for key, devs, n in (("attention_devices", d.attention_devices, d.attention_nodes),
-                                 ("expert_devices", d.expert_devices, d.expert_nodes)):
+                                 ("expert_devices", d.expert_devices, d.expert_nodes),
+                                 ("prefill_devices", d.prefill_devices, d.prefill_nodes)):
                 need(not devs or len(devs) == n, f"deployment.{key}", f"{key} must list {n} devices, got {len(devs)}")
         e = self.eplb
         need(e.slots_per_node >= 0, "eplb.slots_per_node", f"slots_per_node must be >= 0, got {e.slots_per_node}")
         need(e.window_s > 0, "eplb.window_s", f"window_s must be positive, got {e.window_s}")
         need(e.rebalance_interval_s >= 0, "eplb.rebalance_interval_s",
              f"rebalance_interval_s must be >= 0, got {e.rebalance_interval_s}")
-        need(not e.enabled or d is not None, "eplb.enabled", "EPLB balances expert nodes: it needs a [deployment]")
+        need(not e.enabled or (d is not None and d.expert_nodes > 0), "eplb.enabled",
+             "EPLB balances expert nodes: it needs a [deployment] with expert_nodes")
 
 
 def _build(cls, values: dict[str, Any], section: str, source: str | None):

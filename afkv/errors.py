@@ -12,7 +12,8 @@
     ├── EngineError
     │   ├── EngineClosedError     the engine is not running (not started, closed, failed)
     │   ├── RequestFailedError    a request ended by a fault (expert node lost, ...)
-    │   │   └── ExpertUnavailableError  an expert (or dense MLP) it routed to has no live replica
+    │   │   ├── ExpertUnavailableError  an expert (or dense MLP) it routed to has no live replica
+    │   │   └── PrefillUnavailableError no prefill node handed a prompt's KV over within its timeout
     │   └── ExpertRowsUnavailableError  some rows (tokens) of a step need an expert with no live
     │                                   replica: the engine ends their requests only
     ├── KVError
@@ -126,6 +127,12 @@ class ExpertUnavailableError(RequestFailedError):
     def __init__(self, message: str, *, layer: int, expert: int | None, nodes: tuple[int, ...]):
         super().__init__(message)
         self.layer, self.expert, self.nodes = layer, expert, tuple(nodes)
+
+
+class PrefillUnavailableError(RequestFailedError):
+    """Every prefill node was tried for a prompt's KV blocks and none handed them all over
+    (lost mid-transfer, silent past [deployment] prefill_timeout_s, or sent a corrupt block);
+    the decode node freed every block it held for the request."""
 
 
 class ExpertRowsUnavailableError(EngineError):

@@ -14,8 +14,16 @@ step. The scheduler owns the sequences: the engine reads them, and asks it to co
 step (`postprocess`) and to end a request (`finish`, `abort`, `fail`).
 
 Disaggregated (`config.deployment`): the FFN backend is afkv.nodes.remote_ffn.RemoteFFN,
-whose ExpertLinks (`_links`) also serve the EPLB balancer. Clients of a running deployment
-attach through afkv.attach (the serve layer).
+whose ExpertLinks (`_links`) also serve the EPLB balancer (colocated FFN when the deployment
+has no expert nodes). Clients of a running deployment attach through afkv.attach (the serve
+layer).
+
+Prefill/decode disaggregation (`[deployment] prefill_nodes`, afkv.nodes.handoff): this engine
+is a decode node. A prompt with full blocks it lacks is handed off before it is scheduled: the
+blocks are fetched from a prefill node (PrefillLinks, `_prefill`) into the sequence's table,
+then the scheduler admits it like a sequence with a cached prefix. `_Request.handoff` is that
+task; an abort cancels it and frees the blocks. A prefill node's engine answers
+`export_prefill` (the serve layer's PrefillServer calls it).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from afkv.engine.runner import ChunkResult, ModelRunner
 from afkv.engine.scheduler import Scheduler, SchedulerLimits
 from afkv.engine.sequence import Sequence, SeqStatus
 from afkv.errors import (
+    AfkvError,
     ConfigError,
     EmptyPromptError,
     EngineClosedError,
@@ -52,6 +61,7 @@ from afkv.errors import (
     RequestFailedError,
     StepRetryError,
 )
+from afkv.kv.formats import BlockFormat, RawFormat, make_format
 from afkv.kv.layout import KVLayout
 from afkv.kv.manager import KVManager
 from afkv.kv.metrics import KVMetricsSnapshot
@@ -85,6 +95,7 @@ class EngineStats:
     num_cached_prompt_tokens: int
     num_generated_tokens: int
     num_step_retries: int = 0  # steps computed again (the fixed-buffer data plane ran out of room, or lost a node)
+    num_handoffs: int = 0  # requests whose prompt KV a prefill node is handing over (PD decode node)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -137,6 +148,26 @@ class _Request:
         self.text_stream = tokenizer.stream() if tokenizer is not None else None
         self.held_text = ""  # decoded, not yet emitted: it could be the start of a stop string
         self.sent_first_chunk = False
+        self.handoff: asyncio.Task | None = None  # decode node: its KV coming from a prefill node
+        self.export: _Export | None = None  # prefill node: the blocks to hand over
+
+
+class _Export:
+    """A prefill request's hand-over: the blocks asked for ({table index: hash}) not yet read,
+    in the rows of `format`. Read futures go to the request's queue in table order."""
+
+    def __init__(self, want: dict[int, bytes], fmt: BlockFormat):
+        self.want, self.format = dict(want), fmt
+
+
+@dataclass(frozen=True)
+class ExportedBlocks:
+    """Rows of full KV blocks a prefill request hands over: table entries `indices` with their
+    chained hashes, rows uint8 [n, format.nbytes] in host memory."""
+
+    indices: list[int]
+    hashes: list[bytes]
+    rows: torch.Tensor
 
 
 class Engine:
@@ -152,6 +183,7 @@ class Engine:
         self.attention_rank = attention_rank
         self._remote = None  # afkv.nodes.remote_ffn.RemoteFFN when disaggregated
         self._links = None  # its afkv.nodes.links.ExpertLinks
+        self._prefill = None  # afkv.nodes.handoff.PrefillLinks when the deployment has prefill nodes
         self._balancer = None  # afkv.nodes.balancer.Balancer when [eplb] is enabled
         self._kv: KVManager | None = None
         self._state = EngineState.NEW
@@ -165,7 +197,8 @@ class Engine:
         self._tokenize_executor: ThreadPoolExecutor | None = None
         self._num_steps = 0
         self._num_retries = 0  # steps computed again (StepRetryError)
-        self._auto_micro_batches = bool(self.config.deployment and not self.config.deployment.micro_batches)
+        d = self.config.deployment
+        self._auto_micro_batches = bool(d and d.expert_nodes and not d.micro_batches)
         self.spec: ModelSpec | None = None
         self.tokenizer: Tokenizer | None = None
         self.model_dir: Path | None = None
@@ -187,7 +220,12 @@ class Engine:
         self._tokenize_executor = ThreadPoolExecutor(1, thread_name_prefix="afkv-tokenize")
         try:
             await loop.run_in_executor(self._executor, self._load)
-            if self.config.deployment is not None:
+            d = self.config.deployment
+            if d is not None and d.prefill_nodes:
+                from afkv.nodes.handoff import PrefillLinks
+
+                self._prefill = PrefillLinks(d, f"decode{self.attention_rank}")
+            if d is not None and d.expert_nodes:
                 from afkv.nodes.attention import connect_expert_nodes
 
                 self._remote = await connect_expert_nodes(self.spec, self.config.deployment, self.attention_rank,
@@ -229,6 +267,8 @@ class Engine:
         self._state = EngineState.FAILED
         self._failure = f"{type(exc).__name__}: {exc}"
         for req in self._requests.values():
+            if req.handoff is not None:
+                req.handoff.cancel()  # frees its blocks; its sequence never reaches the scheduler
             req.queue.put_nowait(EngineFailedError(f"the engine's step loop stopped ({self._failure}); "
                                                    "close this engine and start a new one"))
         self._requests.clear()
@@ -246,9 +286,15 @@ class Engine:
                     raise
             except Exception:  # the step loop had failed: reported by _on_step_loop_done
                 pass
+        handoffs = [r.handoff for r in self._requests.values() if r.handoff is not None]
+        for task in handoffs:
+            task.cancel()
+        await asyncio.gather(*handoffs, return_exceptions=True)
         for req in self._requests.values():
             req.queue.put_nowait(EngineClosedError("the engine was closed before the request finished"))
         self._requests.clear()
+        if self._prefill is not None:
+            await self._prefill.aclose()
         if self._balancer is not None:
             await self._balancer.aclose()
         if self._remote is not None:
@@ -271,7 +317,7 @@ class Engine:
             torch.cuda.set_device(device)  # this worker thread does all of this engine's GPU work
         self._device, self._dtype = device, dtype
         self.model_dir, upcycle = resolve_model(self._model_path, cfg, self._progress)
-        if cfg.deployment is None:
+        if cfg.deployment is None or not cfg.deployment.expert_nodes:
             model = load_colocated(self.model_dir, device, dtype, upcycle, cfg.model.expert_dtype)
         else:
             spec, attn = load_attention_side(self.model_dir, device, dtype, upcycle)
@@ -292,7 +338,7 @@ class Engine:
         salt = repr((str(self.model_dir.resolve()), spec.upcycle, str(dtype), *experts)).encode()
         self._kv = KVManager(layout, num_blocks, device, salt=salt[-64:], tiers=tiers,
                              worker=self._executor, wakeup=lambda: self._wakeup.set(), quant=quant, stream=stream)
-        m = 1 if cfg.deployment is None else (cfg.deployment.micro_batches or 2)
+        m = 1 if cfg.deployment is None or not cfg.deployment.expert_nodes else (cfg.deployment.micro_batches or 2)
         eos = set(spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -346,6 +392,7 @@ class Engine:
             num_cached_prompt_tokens=self._scheduler.num_cached_prompt_tokens,
             num_generated_tokens=self._scheduler.num_generated_tokens,
             num_step_retries=self._num_retries,
+            num_handoffs=sum(r.handoff is not None for r in self._requests.values()),
         )
 
     @property
@@ -468,9 +515,116 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         seq = Sequence(seq_id, ids, params, seed, self.max_model_len, time.monotonic())
         req = self._requests[seq_id] = _Request(seq, self.tokenizer)
+        if self._prefill is not None and not seq.wants_prompt_logprobs:
+            req.handoff = asyncio.create_task(self._hand_off(req), name=f"afkv-handoff {seq_id}")
+            return req
         self._scheduler.add(seq)
         self._wakeup.set()
         return req
+
+    async def _hand_off(self, req: _Request) -> None:
+        """Decode node: fetch the prompt's full blocks this node lacks from a prefill node into
+        the sequence's table, then let the scheduler admit it (it computes the last partial
+        block and samples). A prompt without such blocks, or that the pool cannot hold now, is
+        computed here. On a failure or a cancel every block taken is freed."""
+        seq = req.seq
+        kv = self._kv
+        want = kv.begin_handoff(seq.seq_id, seq.token_ids, seq.params.pruning or self._scheduler.pruning)
+        try:
+            if want:
+                fmt = make_format(self.config.deployment.handoff_format, self._layout)
+                whole = kv.num_full_blocks(seq.seq_id) * self._layout.block_size
+                async for indices, rows in self._prefill.fetch(seq.token_ids[:whole], want, fmt):
+                    kv.receive(seq.seq_id, indices, rows, fmt)
+            if want is not None:
+                kv.end_handoff(seq.seq_id)
+                seq.metrics.num_handoff_tokens = len(want) * self._layout.block_size
+                seq.metrics.handoff_end_s = time.monotonic()
+        except asyncio.CancelledError:
+            kv.free(seq.seq_id)
+            raise
+        except Exception as exc:  # PrefillUnavailableError, a refusal from the prefill node, or a bug
+            log.warning("request %d: KV hand-off failed: %s: %s", seq.seq_id, type(exc).__name__, exc,
+                        exc_info=None if isinstance(exc, AfkvError) else exc)
+            kv.free(seq.seq_id)
+            self._requests.pop(seq.seq_id, None)
+            seq.status = SeqStatus.FINISHED
+            if not isinstance(exc, RequestError | EngineError):
+                exc = RequestFailedError(f"request {seq.seq_id} failed: the KV hand-off failed: "
+                                         f"{type(exc).__name__}: {exc}")
+            req.queue.put_nowait(exc)
+            return
+        req.handoff = None
+        self._scheduler.add(seq)
+        self._wakeup.set()
+
+    async def export_prefill(self, token_ids: Seq[int], want: dict[int, bytes],
+                             fmt: BlockFormat | None = None) -> AsyncIterator[ExportedBlocks]:
+        """Prefill node: compute the KV of `token_ids` (whole blocks: a decode node computes
+        the rest) in chunks, and yield the blocks `want` ({table index: chained hash}) as the
+        steps that fill them end, rows in `fmt` (raw by default). RequestError when a block's
+        hash differs from the one asked for (the two nodes disagree on model or dtype). When the
+        device pool holds every block already, they are read at once, with no step.
+        Closing the iterator aborts the prefill and frees its blocks, as with `generate`."""
+        fmt = fmt or RawFormat(self._layout)
+        bs = self._layout.block_size
+        if len(token_ids) % bs or not want or max(want) >= len(token_ids) // bs or min(want) < 0:
+            raise RequestError(f"a prefill hands over whole blocks: {len(token_ids)} tokens, blocks "
+                               f"{sorted(want)[:8]} of {bs} tokens asked for")
+        self._check_running()
+        hold = self._next_id
+        if self._kv.hold_cached(hold, token_ids):  # every block is here already: no step to run
+            self._next_id += 1
+            try:
+                hashes = self._kv.block_hashes(hold)
+                bad = [i for i in sorted(want) if hashes[i] != want[i]]
+                if bad:
+                    raise RequestError(f"prefill: block {bad[0]}'s hash differs from the one asked for: the decode "
+                                       "node runs another model, weights or dtype")
+                future = self._kv.export_rows(hold, sorted(want), fmt)  # read before any later step reuses them
+            finally:
+                self._kv.free(hold)
+            yield ExportedBlocks(sorted(want), [want[i] for i in sorted(want)], await asyncio.wrap_future(future))
+            return
+        req = await self._add(list(token_ids), SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        req.export = _Export(want, fmt)
+        try:
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, CompletionChunk):
+                    if req.export.want:
+                        raise RequestFailedError(f"prefill request {req.seq.seq_id} ended without blocks "
+                                                 f"{sorted(req.export.want)}")
+                    return
+                indices, hashes, future = item
+                yield ExportedBlocks(indices, hashes, await asyncio.wrap_future(future))
+        finally:
+            if req.seq.status is not SeqStatus.FINISHED and self._state is EngineState.RUNNING:
+                self._aborts.add(req.seq.seq_id)
+                self._wakeup.set()
+
+    def _export_blocks(self, step: list) -> None:
+        """Prefill requests of a committed step: read the asked-for blocks that became full
+        (the reads run on the worker before the next step; rows go to the request's queue)."""
+        for seq, _ in step:
+            req = self._requests.get(seq.seq_id)
+            if req is None or req.export is None or seq.status is not SeqStatus.RUNNING:
+                continue
+            hashes = self._kv.block_hashes(seq.seq_id)
+            ready = sorted(i for i in req.export.want if i < len(hashes))
+            if not ready:
+                continue
+            bad = [i for i in ready if hashes[i] != req.export.want[i]]
+            if bad:
+                self._fail(seq, RequestError(f"prefill: block {bad[0]}'s hash differs from the one asked for: "
+                                             "the decode node runs another model, weights or dtype"))
+                continue
+            for i in ready:
+                del req.export.want[i]
+            future = self._kv.export_rows(seq.seq_id, ready, req.export.format)
+            req.queue.put_nowait((ready, [hashes[i] for i in ready], future))
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[CompletionChunk]:
         """Stream a completion. Cancelling the consuming task (or closing the iterator) aborts
@@ -540,7 +694,11 @@ class Engine:
             if self._auto_micro_batches and self._num_steps % 32 == 0:
                 self._runner.micro_batches = self._auto_m()
             now = time.monotonic()
-            for seq, res, finish in self._scheduler.postprocess(step, plan, results, now, skip=self._aborts):
+            done = self._scheduler.postprocess(step, plan, results, now, skip=self._aborts)
+            self._export_blocks(step)  # before a finished prefill request frees its blocks
+            for seq, res, finish in done:
+                if seq.seq_id not in self._requests:  # a prefill request _export_blocks failed
+                    continue
                 if res.error is not None:  # the scheduler failed this request alone: the others go on
                     self._deliver(seq, RequestFailedError(f"request {seq.seq_id} failed: {res.error}"))
                 else:
@@ -555,7 +713,11 @@ class Engine:
     def _apply_aborts(self) -> None:
         for seq_id in self._aborts:
             req = self._requests.pop(seq_id, None)
-            if req is not None and req.seq.status is not SeqStatus.FINISHED:
+            if req is not None and req.handoff is not None:
+                req.handoff.cancel()  # frees what it holds; its sequence never reached the scheduler
+                req.seq.status = SeqStatus.FINISHED
+                req.seq.finish_reason = "abort"
+            elif req is not None and req.seq.status is not SeqStatus.FINISHED:
                 self._scheduler.abort(req.seq)
         self._aborts.clear()
 

@@ -151,8 +151,8 @@ class Scheduler:
                 i += 1
                 continue
             seq.num_computed = cached
-            if seq.metrics.first_token_s is None:
-                seq.metrics.num_cached_tokens = min(cached, seq.num_prompt_tokens)
+            if seq.metrics.first_token_s is None:  # tokens a prefill node handed over were not cached here
+                seq.metrics.num_cached_tokens = min(cached, seq.num_prompt_tokens) - seq.metrics.num_handoff_tokens
             n = min(seq.num_uncomputed, budget)
             if not self.kv.allocate(seq.seq_id, seq.num_computed + n):
                 if self._release_waiting(keep=seq):

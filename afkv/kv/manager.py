@@ -18,8 +18,16 @@ tokens to compute. The manager decides *which* blocks a sequence holds; everythi
              tokens each sequence dropped (`num_dropped`)
 
 A prefix block may come from any tier: found in the device pool (shared, ref count + 1), in
-host memory or on disk (see `lower`). A pruned sequence's table holds its kept tokens, slot s
-at (table[s // block_size], s % block_size); once pruned it registers no more blocks (their
+host memory or on disk (see `lower`), or from another node (the KV hand-off of prefill/decode
+disaggregation, afkv.nodes.handoff): `begin_handoff` starts a table with the prompt's full
+blocks, shared where the pool holds them and fresh (*awaited*) for the others; `receive`
+writes arrived rows into awaited blocks (a worker job, ordered before any step that reads
+them) and registers them; `end_handoff` checks none is awaited any more. An awaited block is
+never registered, so no other sequence can share a block whose bytes have not landed; `free`
+ends a hand-off at any point. On the sending side `export_rows` reads full blocks as rows, of a
+sequence being computed or of a hold on blocks the pool has already (`hold_cached`).
+
+A pruned sequence's table holds its kept tokens, slot s at (table[s // block_size], s % block_size); once pruned it registers no more blocks (their
 content no longer matches their chained hash). Block identity is the chained hash of a block's
 tokens, computed in one place (block_pool.chain_hashes).
 """
@@ -36,12 +44,13 @@ from afkv.errors import KVError
 from afkv.kv.block_pool import BlockHash, BlockPool, chain_hashes
 from afkv.kv.checks import owned
 from afkv.kv.device import DeviceQuant, make_device_tier
+from afkv.kv.formats import BlockFormat
 from afkv.kv.layout import KVLayout
 from afkv.kv.metrics import KVMetrics, KVMetricsSnapshot
 from afkv.kv.pruning import KVPruning, PruningState
 from afkv.kv.stream import NoStream, StreamConfig, StreamRing, StreamStore
 from afkv.kv.tiers.config import TierConfig
-from afkv.kv.tiers.copier import InlineExecutor
+from afkv.kv.tiers.copier import Copier, CopyOp, Direction, InlineExecutor
 from afkv.kv.tiers.loader import NoTiers, TierLoader
 from afkv.kv.tiers.stack import TierStack
 from afkv.ops.attention import QuantizedKVCache
@@ -54,7 +63,8 @@ class KVManager:
 
     _tables    sequence id -> device block ids
     _hashes    sequence id -> chained hashes of its full blocks (computed, or matched)
-    _jobs      submitted pruning and quantization jobs not yet polled
+    _jobs      submitted pruning, quantization and hand-off jobs not yet polled
+    _awaited   sequence id -> {table index: hash} of its hand-off blocks whose rows have not landed
 
     `worker` must be the single-threaded executor that runs the model's steps (tier copies
     are ordered with the steps through it); None runs copies inline (no engine).
@@ -90,6 +100,7 @@ class KVManager:
         self._tables: dict[int, list[int]] = {}
         self._hashes: dict[int, list[BlockHash]] = {}
         self._jobs: list[Future] = []
+        self._awaited: dict[int, dict[int, BlockHash]] = {}
         self._closed = False
 
     def _evicted(self, block_id: int, block_hash: BlockHash) -> None:
@@ -275,11 +286,103 @@ class KVManager:
         below when the pool reuses their slots: a preempted sequence is swapped out this way)."""
         table = self._tables.pop(seq_id, None)
         self._hashes.pop(seq_id, None)
+        self._awaited.pop(seq_id, None)  # never registered: their slots go back unshared
         self.lower.forget(seq_id)
         self.pruning.forget(seq_id)
         self.stream.forget(seq_id)
         if table:
             self._release(table)
+
+    # ---- KV hand-off between nodes (prefill/decode disaggregation) ----------------------------
+    def begin_handoff(self, seq_id: int, token_ids: Sequence[int],
+                      pruning: KVPruning | None = None) -> dict[int, BlockHash] | None:
+        """Start the table of a sequence whose prompt KV another node computes: its full blocks
+        (those `match_prefix` looks up: the last prompt token is always computed here) are shared
+        where the device pool holds them, and get a fresh awaited block each otherwise.
+        -> {table index: hash} of the awaited blocks (empty: nothing to receive); None, and no
+        change, when the pool is short or the sequence reuses no prefix (H2O): compute it here."""
+        owned(seq_id not in self._tables, f"sequence {seq_id} is admitted twice")
+        if pruning is not None and pruning.needs_scores:
+            return None
+        hashes = list(self._block_hashes(token_ids, (len(token_ids) - 1) // self.layout.block_size))
+        present = {i: self.pool.lookup(h) for i, h in enumerate(hashes)}
+        missing = [i for i, b in present.items() if b is None]
+        for i, b in present.items():
+            if b is not None:
+                self.pool.acquire(b)  # before allocating: an allocation could evict it
+        fresh = self.pool.allocate(len(missing))
+        if fresh is None:
+            self.pool.release([b for b in present.values() if b is not None])
+            return None
+        self.pruning.admit(seq_id, pruning)
+        fresh_of = dict(zip(missing, fresh))
+        self._tables[seq_id] = [fresh_of[i] if b is None else b for i, b in present.items()]
+        self._hashes[seq_id] = hashes
+        awaited = self._awaited[seq_id] = {i: hashes[i] for i in missing}
+        self.metrics.counters["handoff_shared_blocks"] += len(hashes) - len(missing)
+        self.metrics.counters["handoff_awaited_blocks"] += len(missing)
+        return dict(awaited)
+
+    def hold_cached(self, seq_id: int, token_ids: Sequence[int]) -> bool:
+        """Sending side: when the device pool holds every whole block of token_ids, start the
+        sequence's table with them (shared; `export_rows` reads them, `free` ends the hold) ->
+        True; else False and no change (the blocks must be computed)."""
+        owned(seq_id not in self._tables, f"sequence {seq_id} is admitted twice")
+        hashes = list(self._block_hashes(token_ids, len(token_ids) // self.layout.block_size))
+        table = [self.pool.lookup(h) for h in hashes]
+        if not hashes or None in table:
+            return False
+        for block_id in table:
+            self.pool.acquire(block_id)
+        self._tables[seq_id], self._hashes[seq_id] = table, hashes
+        return True
+
+    def awaited(self, seq_id: int) -> dict[int, BlockHash]:
+        """{table index: hash} of the sequence's hand-off blocks still to receive."""
+        return dict(self._awaited.get(seq_id, {}))
+
+    def receive(self, seq_id: int, indices: Sequence[int], rows: torch.Tensor, fmt: BlockFormat) -> None:
+        """Rows uint8 [n, fmt.nbytes] (host memory, checked by the caller against their
+        checksums and hashes) land in awaited blocks `indices` of the sequence's table: written
+        by a worker job (ordered before every step submitted after it), then registered, so
+        later prompts share them. BlockOwnershipError for an index not awaited."""
+        awaited = self._awaited[seq_id]
+        for i in indices:
+            owned(i in awaited, f"sequence {seq_id}: hand-off block {i} is not awaited (sent twice, or never "
+                                "asked for)")
+        owned(rows.shape == (len(indices), fmt.nbytes), f"sequence {seq_id}: {tuple(rows.shape)} rows for "
+              f"{len(indices)} blocks of {fmt.nbytes} bytes")
+        table = self._tables[seq_id]
+        ops = [CopyOp(Direction.TO_DEVICE, table[i], slot) for slot, i in enumerate(indices)]
+        self._jobs.append(self._worker.submit(_import, self.device.rows, self.device.format, rows, fmt, ops))
+        for i in indices:
+            self.pool.register(table[i], awaited.pop(i))  # False: another block holds it; this one stays private
+        self.metrics.counters["handoff_received_blocks"] += len(indices)
+        self.metrics.counters["bytes_handoff_received"] += rows.numel()
+
+    def end_handoff(self, seq_id: int) -> int:
+        """The hand-off is complete: -> prompt tokens covered (the sequence is then admitted
+        as after `settle`). BlockOwnershipError while a block is still awaited."""
+        awaited = self._awaited.pop(seq_id)
+        owned(not awaited, f"sequence {seq_id}: hand-off ended with blocks {sorted(awaited)} not received")
+        self.device.matched(self._tables[seq_id])
+        return len(self._tables[seq_id]) * self.layout.block_size
+
+    def num_full_blocks(self, seq_id: int) -> int:
+        """Full blocks of the sequence's table whose hash is known (matched or committed)."""
+        return len(self._hashes[seq_id])
+
+    def block_hashes(self, seq_id: int) -> list[BlockHash]:
+        return list(self._hashes[seq_id])
+
+    def export_rows(self, seq_id: int, indices: Sequence[int], fmt: BlockFormat) -> Future:
+        """Read full blocks `indices` of the sequence's table as rows of `fmt` on the worker
+        (after the steps submitted before) -> Future of uint8 [n, fmt.nbytes] in host memory
+        (pinned on CUDA, complete when the future is)."""
+        owned(all(i < len(self._hashes[seq_id]) for i in indices), f"sequence {seq_id}: exporting a block not full")
+        block_ids = [self._tables[seq_id][i] for i in indices]
+        self.metrics.counters["handoff_sent_blocks"] += len(indices)
+        return self._worker.submit(_export, self.device.rows, self.device.format, block_ids, fmt)
 
     # ---- pruning --------------------------------------------------------------------------
     def prune(self, seq_id: int, num_slots: int) -> int:
@@ -374,7 +477,27 @@ class KVManager:
                 refs[block_id] = refs.get(block_id, 0) + 1
         for block_id in range(self.pool.num_blocks):
             owned(self.pool.ref_count(block_id) == refs.get(block_id, 0), f"block {block_id} leaked or double-owned")
+        for seq_id, awaited in self._awaited.items():
+            for i in awaited:
+                owned(self.pool.block_hash(self._tables[seq_id][i]) is None,
+                      f"sequence {seq_id}: awaited hand-off block {i} is registered before its rows landed")
         self.pruning.check_invariants(self._tables)
         self.stream.check_invariants(set(self._tables))
         self.device.check_invariants(self._tables)
         self.lower.check_invariants()
+
+
+def _import(device_rows: torch.Tensor, device_format, rows: torch.Tensor, fmt: BlockFormat, ops: list[CopyOp]) -> None:
+    """Worker: rows uint8 [n, fmt.nbytes] (host memory) -> their device blocks (ordered before
+    the next step: on CUDA the compute stream waits for the copy stream)."""
+    Copier(device_rows, rows, fmt, device_format).run(ops)
+
+
+def _export(device_rows: torch.Tensor, device_format, block_ids: list[int], fmt: BlockFormat) -> torch.Tensor:
+    """Worker: device blocks -> uint8 [n, fmt.nbytes] in host memory."""
+    out = torch.empty((len(block_ids), fmt.nbytes), dtype=torch.uint8, pin_memory=device_rows.is_cuda)  # [n, nbytes]
+    result = Copier(device_rows, out, fmt, device_format).run(
+        [CopyOp(Direction.TO_HOST, b, slot) for slot, b in enumerate(block_ids)])
+    if result.event is not None:
+        result.event.synchronize()  # once per hand-off batch, on the worker: never per layer
+    return out

@@ -16,6 +16,10 @@ Counters (blocks unless the name says bytes):
     corrupt_blocks       a read failed its checks: the block is recomputed
     missing_blocks       a file was gone: the block is recomputed
     disk_io_errors       other failed file operations (delete, index save)
+    handoff_shared_blocks    KV hand-off (PD), decode side: prompt blocks the pool held already
+    handoff_awaited_blocks   ... blocks asked of a prefill node
+    handoff_received_blocks  ... blocks whose rows landed (bytes_handoff_received: their bytes)
+    handoff_sent_blocks      prefill side: blocks read out for a decode node
 Hits by tier: blocks of matched prefixes found on the device, in host memory, on disk.
 Latency: copy (a worker batch), spill (one block write), prefetch (one block read).
 """

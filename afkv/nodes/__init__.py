@@ -13,17 +13,21 @@
     holdings.py      Holdings: an expert node's placements, experts and FFN side; EPLB changes
     expert_plane.py  ExpertPlane: an expert node's side of the data plane, a link per attention node
     expert.py        ExpertNode: the control server and its table of handlers
+    handoff.py       prefill/decode disaggregation: the KV hand-off protocol and checks, and
+                     PrefillLinks, a decode node's links to the prefill nodes (routing, retries)
 
 Layer map (a module imports only modules to its left):
 
     attention side   placement <- dispatch, links <- remote_ffn <- attention (and rendezvous)
                      placement, links <- balancer
     expert side      placement, transfer, expert_stats <- holdings <- expert_plane <- expert
+    prefill side     rendezvous <- handoff (the prefill node's server is afkv.serve.prefill)
     rendezvous and transfer import no other module of afkv.nodes; the two sides meet only
     in placement (and on the wire).
 
-Reads afkv.config, afkv.model, afkv.transport, afkv.eplb and afkv.errors; the engine and the
+Reads afkv.config, afkv.model, afkv.kv (handoff), afkv.transport, afkv.eplb and afkv.errors; the engine and the
 serve layer sit above it. A change goes to one room: who computes a row -> dispatch.py; a lost
 or returning expert node -> links.py; buffers, peers and step faults -> remote_ffn.py (attention)
-or expert_plane.py (expert); what an expert node holds -> holdings.py.
+or expert_plane.py (expert); what an expert node holds -> holdings.py; KV blocks between a
+prefill and a decode node -> handoff.py.
 """

@@ -2,7 +2,8 @@
 
     api.py     ApiServer: an attention node's Engine served to remote clients
     client.py  AttachedEngine: the Engine API over the attention nodes of a deployment
-    node.py    one node process (attention or expert), from the torchrun/SLURM environment
+    prefill.py PrefillServer: a prefill node's Engine serving KV hand-offs (afkv.nodes.handoff)
+    node.py    one node process (attention, expert or prefill), from the torchrun/SLURM environment
     launch.py  Deployment / `afkv launch`: every node of a config as local processes
     http.py    OpenAIServer / `afkv serve`: the OpenAI API over HTTP (FastAPI on uvicorn) in front
                of an Engine or an AttachedEngine

@@ -57,7 +57,7 @@ class RestartPolicy:
 class Deployment:
     """`with Deployment(config_path, model) as dep:` -> dep.address ("host:port" to attach to).
 
-    start_attention=False starts only the expert nodes (the attention nodes are then
+    start_attention=False starts only the expert and prefill nodes (the attention nodes are then
     Engines created elsewhere with attention_rank=i, e.g. in the caller's process)."""
 
     def __init__(self, config_path: str | Path, model: str | Path | None = None, *, start_attention: bool = True,
@@ -111,6 +111,7 @@ class Deployment:
             for rank in range(first, d.world_size):
                 self.start_node(rank)
             self.wait_ready("expert", d.expert_nodes)
+            self.wait_ready("prefill", d.prefill_nodes)
             if self.start_attention:
                 self.wait_ready("attention", d.attention_nodes)
         except BaseException:
@@ -138,8 +139,7 @@ class Deployment:
             out.close()
 
     def _role(self, rank: int) -> tuple[str, int]:
-        d = self.config.deployment
-        return ("attention", rank) if rank < d.attention_nodes else ("expert", rank - d.attention_nodes)
+        return self.config.deployment.role(rank)
 
     def supervise(self) -> None:
         """Restart node processes that exited, within the restart policy (see the module
@@ -172,6 +172,10 @@ class Deployment:
 
     def expert_rank(self, index: int) -> int:
         return self.config.deployment.attention_nodes + index
+
+    def prefill_rank(self, index: int) -> int:
+        d = self.config.deployment
+        return d.attention_nodes + d.expert_nodes + index
 
     def wait_ready(self, role: str, count: int) -> None:
         deadline = time.monotonic() + self.ready_timeout_s

@@ -49,6 +49,7 @@ _STATS = (  # EngineStats field -> (metric, kind, help)
     ("num_steps", "steps", "counter", "Engine steps"),
     ("num_preemptions", "preemptions", "counter", "Requests preempted (KV blocks ran out)"),
     ("num_step_retries", "step_retries", "counter", "Steps computed again (data plane out of room, node lost)"),
+    ("num_handoffs", "num_requests_handing_off", "gauge", "Requests whose prompt KV a prefill node is handing over"),
 )
 _MOVES = (  # KV metrics counter -> (metric, label)
     ("bytes_device_to_host", "kv_spilled_bytes", ("to", "host")),
@@ -100,6 +101,10 @@ async def engine_samples(engine) -> list[Sample]:
         steps = kv.counters.get("streamed_steps", 0)
         out.append(Sample("kv_streamed_bytes_per_step", "gauge", "Mean KV bytes streamed from host memory per step "
                           "that streamed", node_label, kv.counters.get("bytes_streamed", 0) / steps if steps else 0.0))
+        out.append(Sample("kv_handoff_received_blocks", "counter", "KV blocks received from prefill nodes (PD)",
+                          node_label, kv.counters.get("handoff_received_blocks", 0)))
+        out.append(Sample("kv_handoff_shared_blocks", "counter", "Prompt KV blocks a PD hand-off found held already "
+                          "(not transferred)", node_label, kv.counters.get("handoff_shared_blocks", 0)))
     if getattr(engine, "eplb_enabled", False):
         try:
             value = await engine.expert_balancedness()

@@ -3,8 +3,9 @@
 Started by `afkv launch` or by torchrun/SLURM with RANK, WORLD_SIZE, MASTER_ADDR and
 MASTER_PORT set, plus AFKV_CONFIG (deployment TOML), AFKV_MODEL (checkpoint directory;
 empty for the default model) and the deployment's shared token (`[deployment] token`, else
-AFKV_TOKEN: a node refuses to start without one). Ranks 0..M-1 are attention nodes,
-M..M+N-1 expert nodes. SIGTERM/SIGINT or a "shutdown" message stop it.
+AFKV_TOKEN: a node refuses to start without one). Ranks 0..M-1 are attention (decode) nodes,
+M..M+N-1 expert nodes, M+N..M+N+P-1 prefill nodes (afkv.nodes.handoff: a colocated engine
+behind a PrefillServer). SIGTERM/SIGINT or a "shutdown" message stop it.
 
 Rendezvous (afkv.nodes.rendezvous): at MASTER_ADDR:AFKV_RENDEZVOUS_PORT (default
 MASTER_PORT; MASTER_PORT + 1 under torchrun, whose agent holds MASTER_PORT), hosted by rank
@@ -30,6 +31,7 @@ from afkv.nodes.rendezvous import RendezvousServer, open_store, publish
 from afkv.serve import run_async
 from afkv.serve.api import ApiServer
 from afkv.serve.client import NUM_ATTENTION_KEY
+from afkv.serve.prefill import PrefillServer
 
 log = logging.getLogger("afkv.node")
 
@@ -79,6 +81,22 @@ async def serve_attention(cfg: EngineConfig, model: str | None, index: int, stor
         await api.aclose()
 
 
+async def serve_prefill(cfg: EngineConfig, model: str | None, index: int, store_host: str, store_port: int) -> None:
+    """A prefill node: the whole model in this process (colocated), serving KV hand-offs."""
+    d = cfg.deployment
+    device = d.prefill_devices[index] if d.prefill_devices else cfg.model.device
+    local = dataclasses.replace(cfg, deployment=None, eplb=dataclasses.replace(cfg.eplb, enabled=False),
+                                model=dataclasses.replace(cfg.model, device=device))
+    async with Engine(model, local, progress=False) as engine:
+        server = PrefillServer(engine, d.host, 0, token=d.token or None, client_timeout_s=d.client_timeout_s)
+        port = await server.start()
+        store = open_store(store_host, store_port, False, token=d.token)
+        await asyncio.to_thread(publish, store, "prefill", index, d.host, port)
+        log.info("prefill node %d serving on %s:%d", index, d.host, port)
+        await _stop_event().wait()
+        await server.aclose()
+
+
 def main() -> int:
     logging.basicConfig(level=os.environ.get("AFKV_LOG", "WARNING"), format="%(asctime)s %(name)s %(message)s")
     try:
@@ -115,10 +133,9 @@ def main() -> int:
             hosted = RendezvousServer(store_host, store_port, token).start()
             hosted.set(NUM_ATTENTION_KEY, str(d.attention_nodes))
         try:
-            if rank < d.attention_nodes:
-                coro = serve_attention(cfg, model, rank, store_host, store_port)
-            else:
-                coro = serve_expert(cfg, model, rank - d.attention_nodes, store_host, store_port)
+            role, index = d.role(rank)
+            serve = {"attention": serve_attention, "expert": serve_expert, "prefill": serve_prefill}[role]
+            coro = serve(cfg, model, index, store_host, store_port)
             run_async(coro)
             log.info("node %d stopped", rank)
         finally:

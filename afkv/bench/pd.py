@@ -1,0 +1,299 @@
+"""`afkv bench pd`: the prefill-decode interference that PD disaggregation removes (CPU processes).
+
+`streams` requests decode all the time (each asks for `gen_len` tokens, then the next one
+starts) while a long prompt (`prompt_len` tokens, `long_tokens` new ones) arrives every
+`interval_s` for `duration_s`. Three runs (`afkv launch`'s Deployment), one after the other:
+
+    alone      the colocated node with no long prompts: the decode streams' own ITL (reference)
+    colocated  one attention node running the whole model (expert_nodes = 0): decode steps
+               carry the long prompts' prefill chunks
+    pd         the same node as a decode node + one prefill node: the long prompts' KV is
+               computed there and handed over (afkv.nodes.handoff)
+
+`afkv bench pd-handoff` (CPU or one GPU; every node a process on the same device): the KV
+hand-off itself, per prompt length. A colocated node gives the baseline TTFT; then a deployment
+of two decode nodes and one prefill node: the prompt goes to decode node 0 ("cold": its blocks
+leave the prefill node as its chunks fill them, overlapping the prefill) and then to decode
+node 1 ("warm": the prefill node holds the prompt's blocks already, so the hand-off is the
+transfer alone, plus the prefill node computing the last block again). Reported from the decode
+nodes' own clocks (RequestMetrics): hand-off time, bytes, GB/s of the warm hand-off against the
+copy limit of the path measured in the same run (one GPU: device -> pinned host -> device;
+CPU: one memcpy of the same bytes), and the time from the last block landing to the first
+token against the colocated TTFT.
+
+In `afkv bench pd`, each node process is pinned to its own core (os.sched_setaffinity: the decode / colocated node
+on the first core, the prefill node on the second) with one torch thread; the client (this
+process) is left unpinned. Measured where the client sees the chunks: inter-token latency
+(ITL) of the decode streams within the window (p50, p99), their tokens/s, and the long
+prompts' TTFT; ratios pd / colocated from the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import afkv
+from afkv.engine.params import SamplingParams
+from afkv.serve.launch import Deployment
+
+MODES = ("alone", "colocated", "pd")
+
+
+def _config(path: Path, mode: str, device_memory_mib: int, max_num_batched_tokens: int) -> Path:
+    path.write_text(f"""
+[kv]
+device_memory_mib = {device_memory_mib}
+[scheduler]
+max_num_batched_tokens = {max_num_batched_tokens}
+[deployment]
+attention_nodes = 1
+expert_nodes = 0
+prefill_nodes = {1 if mode == "pd" else 0}
+port = 0
+prefill_timeout_s = 600
+client_timeout_s = 600
+""")
+    return path
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def _pin(dep: Deployment, cores: list[int]) -> dict[int, list[int]]:
+    """rank -> the core its process runs on (decode/attention node first, prefill second)."""
+    pinned = {}
+    for rank, proc in sorted(dep.procs.items()):
+        core = cores[rank % len(cores)]
+        os.sched_setaffinity(proc.pid, {core})
+        pinned[rank] = [core]
+    return pinned
+
+
+async def _run_mode(mode: str, model: str | None, workdir: Path, args: dict, progress) -> dict:
+    cfg = _config(workdir / f"{mode}.toml", mode, args["device_memory_mib"], args["max_num_batched_tokens"])
+    with Deployment(cfg, model, log_dir=workdir / f"logs-{mode}") as dep:
+        pinned = _pin(dep, args["cores"]) if len(args["cores"]) >= 2 else {}
+        async with await afkv.attach(dep.address, token=dep.token, peer_timeout_s=600) as engine:
+            vocab_hi = 40000 if model is None else 200
+            g = torch.Generator().manual_seed(0)
+
+            def prompt(n: int) -> list[int]:
+                return torch.randint(10, vocab_hi, (n,), generator=g).tolist()
+
+            # warm-up: a short request and one long prompt (both paths, every kernel size)
+            await engine.complete(prompt(16), SamplingParams(max_tokens=4, ignore_eos=True))
+            await engine.complete(prompt(args["prompt_len"]), SamplingParams(max_tokens=1, ignore_eos=True))
+            gaps: list[float] = []
+            tokens = [0]
+            window: list[float] = []
+            stop = asyncio.Event()
+
+            async def stream() -> None:
+                params = SamplingParams(max_tokens=args["gen_len"], ignore_eos=True)
+                while not stop.is_set():
+                    last = None
+                    async for chunk in engine.generate(prompt(16), params):
+                        now = time.perf_counter()
+                        if window and window[0] <= now and (len(window) == 1 or now <= window[1]):
+                            tokens[0] += len(chunk.token_ids)
+                            if last is not None:
+                                gaps.append(now - last)
+                        last = now
+                        if stop.is_set():
+                            break
+
+            ttfts: list[float] = []
+
+            async def long_prompt(p: list[int]) -> None:
+                sent = time.perf_counter()
+                async for _ in engine.generate(p, SamplingParams(max_tokens=args["long_tokens"], ignore_eos=True)):
+                    ttfts.append(time.perf_counter() - sent)
+                    break
+
+            streams = [asyncio.create_task(stream()) for _ in range(args["streams"])]
+            await asyncio.sleep(args["settle_s"])  # every stream decoding
+            window.append(time.perf_counter())
+            longs = []
+            for _ in range(max(1, round(args["duration_s"] / args["interval_s"]))):
+                if mode != "alone":
+                    longs.append(asyncio.create_task(long_prompt(prompt(args["prompt_len"]))))
+                await asyncio.sleep(args["interval_s"])
+            window.append(time.perf_counter())
+            stop.set()
+            for t in longs:
+                t.cancel()  # those still prefilling are aborted (and their hand-offs cancelled)
+            for t in streams + longs:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            [metrics] = await engine.node_metrics()
+    span = window[1] - window[0]
+    res = {
+        "itl_p50_ms": 1e3 * _percentile(gaps, 0.5), "itl_p99_ms": 1e3 * _percentile(gaps, 0.99),
+        "itl_max_ms": 1e3 * max(gaps, default=float("nan")), "decode_tok_s": tokens[0] / span,
+        "long_prompts": len(longs), "long_done": len(ttfts),
+        "long_ttft_mean_s": sum(ttfts) / len(ttfts) if ttfts else float("nan"), "window_s": span,
+        "num_gaps": len(gaps), "pinned": pinned, "load_average_1m": os.getloadavg()[0],
+        "handoff_received_blocks": metrics.kv.counters.get("handoff_received_blocks", 0),
+    }
+    progress(f"  {mode:>9}: ITL p50 {res['itl_p50_ms']:.1f} ms, p99 {res['itl_p99_ms']:.1f} ms, decode "
+             f"{res['decode_tok_s']:.1f} tok/s, long prompts {res['long_done']}/{res['long_prompts']} "
+             f"(TTFT {res['long_ttft_mean_s']:.2f} s)")
+    return res
+
+
+async def run_pd_bench(model: str | None = None, streams: int = 8, prompt_len: int = 2048, interval_s: float = 1.0,
+                       duration_s: float = 30.0, gen_len: int = 64, long_tokens: int = 4, settle_s: float = 2.0,
+                       device_memory_mib: int = 2048, max_num_batched_tokens: int = 512, progress=print) -> dict:
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    args = {"streams": streams, "prompt_len": prompt_len, "interval_s": interval_s, "duration_s": duration_s,
+            "gen_len": gen_len, "long_tokens": long_tokens, "settle_s": settle_s,
+            "device_memory_mib": device_memory_mib, "max_num_batched_tokens": max_num_batched_tokens, "cores": cores}
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # one torch thread per node process: one core each
+    try:
+        with tempfile.TemporaryDirectory(prefix="afkv-bench-pd-") as tmp:
+            runs = {mode: await _run_mode(mode, model, Path(tmp), args, progress) for mode in MODES}
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    a, c, p = runs["alone"], runs["colocated"], runs["pd"]
+    return {
+        "bench": "pd", "model": str(model or "default"), "args": args,
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count()},
+        "runs": runs,
+        "ratios": {"itl_p50": p["itl_p50_ms"] / c["itl_p50_ms"], "itl_p99": p["itl_p99_ms"] / c["itl_p99_ms"],
+                   "decode_tok_s": p["decode_tok_s"] / c["decode_tok_s"],
+                   "pd_itl_p99_vs_alone": p["itl_p99_ms"] / a["itl_p99_ms"]},
+    }
+
+
+def format_table(result: dict) -> str:
+    a = result["args"]
+    head = (f"{'mode':>9} | {'ITL p50 ms':>10} | {'ITL p99 ms':>10} | {'decode tok/s':>12} | {'long TTFT s':>11} | "
+            "long done")
+    lines = [f"{a['streams']} decode streams; a {a['prompt_len']}-token prompt every {a['interval_s']} s for "
+             f"{a['duration_s']} s; one core per node ({result['model']})", head, "-" * len(head)]
+    for mode in MODES:
+        r = result["runs"][mode]
+        lines.append(f"{mode:>9} | {r['itl_p50_ms']:>10.1f} | {r['itl_p99_ms']:>10.1f} | {r['decode_tok_s']:>12.1f} | "
+                     f"{r['long_ttft_mean_s']:>11.2f} | {r['long_done']}/{r['long_prompts']}")
+    q = result["ratios"]
+    lines.append(f"pd / colocated: ITL p50 x{q['itl_p50']:.3f}, ITL p99 x{q['itl_p99']:.3f}, "
+                 f"decode tok/s x{q['decode_tok_s']:.3f}; pd / alone: ITL p99 x{q['pd_itl_p99_vs_alone']:.3f}")
+    return "\n".join(lines)
+
+
+def _copy_limit_gbs(nbytes: int, device: str) -> tuple[float, str]:
+    """GB/s of the path the hand-off could reach at best (best of 5 copies of max(nbytes, 64 MiB),
+    so that a small hand-off does not time call overheads): on CUDA device -> pinned host ->
+    device, on the CPU one memcpy."""
+    nbytes = max(nbytes, 64 * 2**20)
+    if device.startswith("cuda"):
+        src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty_like(src)
+        best = float("inf")
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            host.copy_(src, non_blocking=True)
+            dst.copy_(host, non_blocking=True)
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        return nbytes / best / 1e9, "device -> pinned host -> device"
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9, "host memcpy"
+
+
+def _handoff_config(path: Path, prefill: bool, device_memory_mib: int) -> Path:
+    path.write_text(f"""
+[kv]
+device_memory_mib = {device_memory_mib}
+[deployment]
+attention_nodes = {2 if prefill else 1}
+expert_nodes = 0
+prefill_nodes = {1 if prefill else 0}
+port = 0
+prefill_timeout_s = 600
+client_timeout_s = 600
+""")
+    return path
+
+
+async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ...] = (1024, 4096),
+                            device_memory_mib: int = 2048, progress=print) -> dict:
+    vocab_hi = 40000 if model is None else 200
+    g = torch.Generator().manual_seed(1)
+    prompts = {n: torch.randint(10, vocab_hi, (n,), generator=g).tolist() for n in prompt_lens}
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    rows: dict[int, dict] = {n: {"prompt_len": n} for n in prompt_lens}
+    with tempfile.TemporaryDirectory(prefix="afkv-bench-pd-handoff-") as tmp:
+        with Deployment(_handoff_config(Path(tmp) / "colocated.toml", False, device_memory_mib), model) as dep:
+            async with await afkv.attach(dep.address, token=dep.token, peer_timeout_s=600) as engine:
+                await engine.complete(prompts[prompt_lens[0]][::-1], params)  # warm-up
+                for n in prompt_lens:
+                    m = (await engine.complete(prompts[n], params)).metrics
+                    rows[n]["colocated_ttft_s"] = m.ttft_s
+        with Deployment(_handoff_config(Path(tmp) / "pd.toml", True, device_memory_mib), model) as dep:
+            async with await afkv.attach(dep.address, token=dep.token, peer_timeout_s=600) as engine:
+                for warm in (prompts[prompt_lens[0]][::-1], prompts[prompt_lens[0]][::-1]):
+                    await engine.complete(warm, params)  # warm-up: decode node 0, then 1 (round-robin)
+                for n in prompt_lens:
+                    before = [k.counters.get("bytes_handoff_received", 0) for k in await engine.kv_metrics()]
+                    cold = (await engine.complete(prompts[n], params)).metrics  # decode node 0
+                    warm = (await engine.complete(prompts[n], params)).metrics  # decode node 1
+                    after = [k.counters.get("bytes_handoff_received", 0) for k in await engine.kv_metrics()]
+                    nbytes = after[1] - before[1]
+                    r = rows[n]
+                    r |= {"handoff_bytes": nbytes, "handoff_tokens": warm.num_handoff_tokens,
+                          "cold_ttft_s": cold.ttft_s, "cold_handoff_s": cold.handoff_end_s - cold.arrival_s,
+                          "cold_last_block_to_first_token_s": cold.first_token_s - cold.handoff_end_s,
+                          "warm_handoff_s": warm.handoff_end_s - warm.arrival_s,
+                          "warm_last_block_to_first_token_s": warm.first_token_s - warm.handoff_end_s}
+                    r["warm_handoff_gbs"] = nbytes / r["warm_handoff_s"] / 1e9
+                    device = "cuda" if torch.cuda.is_available() else "cpu"
+                    r["limit_gbs"], r["limit_path"] = _copy_limit_gbs(max(nbytes, 1), device)
+                    r["share_of_limit"] = r["warm_handoff_gbs"] / r["limit_gbs"]
+                    r["last_block_to_first_token_vs_colocated_ttft"] = (r["cold_last_block_to_first_token_s"]
+                                                                        / r["colocated_ttft_s"])
+                    progress(f"  {n} tokens: {nbytes / 1e6:.1f} MB handed over; warm {r['warm_handoff_gbs']:.3f} GB/s "
+                             f"({100 * r['share_of_limit']:.1f}% of {r['limit_gbs']:.1f} GB/s, {r['limit_path']}); "
+                             f"last block -> first token {1e3 * r['cold_last_block_to_first_token_s']:.1f} ms vs "
+                             f"colocated TTFT {1e3 * r['colocated_ttft_s']:.1f} ms")
+    return {"bench": "pd-handoff", "model": str(model or "default"),
+            "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                        "load_average_1m": os.getloadavg()[0],
+                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+            "rows": [rows[n] for n in prompt_lens]}
+
+
+def format_handoff_table(result: dict) -> str:
+    head = (f"{'tokens':>6} | {'MB':>7} | {'warm GB/s':>9} | {'limit GB/s':>10} | {'share':>6} | "
+            f"{'cold hand-off s':>15} | "
+            f"{'last block->1st tok ms':>22} | {'colocated TTFT ms':>17}")
+    lines = [f"KV hand-off, {result['model']} on {result['machine']['device']}", head, "-" * len(head)]
+    for r in result["rows"]:
+        lines.append(f"{r['prompt_len']:>6} | {r['handoff_bytes'] / 1e6:>7.1f} | {r['warm_handoff_gbs']:>9.3f} | "
+                     f"{r['limit_gbs']:>10.1f} | {100 * r['share_of_limit']:>5.1f}% | {r['cold_handoff_s']:>15.3f} | "
+                     f"{1e3 * r['cold_last_block_to_first_token_s']:>22.1f} | {1e3 * r['colocated_ttft_s']:>17.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""The KV manager's hand-off API (prefill/decode disaggregation): a table started from blocks
+the pool holds plus awaited ones, rows received into them, exported rows, and the accounting
+when a hand-off ends early."""
+
+import pytest
+import torch
+
+from afkv.errors import BlockOwnershipError
+from afkv.kv.device import DeviceQuant
+from afkv.kv.formats import RawFormat, make_format
+from afkv.kv.layout import KVLayout
+from afkv.kv.manager import KVManager
+from afkv.kv.pruning import KVPruning
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
+CPU = torch.device("cpu")
+RAW = RawFormat(LAYOUT)
+PROMPT = list(range(10, 27))  # 17 tokens: 4 full blocks to hand off (the last token is computed here)
+
+
+def _prefilled(tokens=PROMPT) -> KVManager:
+    """A 'prefill node': the prompt's blocks computed (random values) and committed."""
+    kv = KVManager(LAYOUT, 32, CPU)
+    kv.match_prefix(0, tokens)
+    assert kv.allocate(0, len(tokens))
+    kv.kv.copy_(torch.randn(kv.kv.shape, generator=torch.Generator().manual_seed(0)))
+    kv.commit(0, tokens, len(tokens))
+    return kv
+
+
+def test_rows_cross_and_the_sequence_is_admitted_with_them():
+    src = _prefilled()
+    dst = KVManager(LAYOUT, 32, CPU)
+    want = dst.begin_handoff(7, PROMPT)
+    assert sorted(want) == [0, 1, 2, 3] and list(want.values()) == src.block_hashes(0)[:4]
+    dst.check_invariants()  # awaited blocks are not registered
+    rows = src.export_rows(0, [2, 0], RAW).result()  # uint8 [2, nbytes]
+    assert rows.shape == (2, RAW.nbytes)
+    dst.receive(7, [2, 0], rows, RAW)
+    assert sorted(dst.awaited(7)) == [1, 3]
+    dst.receive(7, [1, 3], src.export_rows(0, [1, 3], RAW).result(), RAW)
+    assert dst.end_handoff(7) == 16
+    src_table, dst_table = src.block_table(0), dst.block_table(7)
+    for i in range(4):
+        assert torch.equal(dst.kv[dst_table[i]], src.kv[src_table[i]])
+        assert dst.pool.lookup(src.block_hashes(0)[i]) == dst_table[i]  # shared with later prompts
+    assert dst.settle(7) == 16  # the scheduler's admission sees a matched prefix
+    assert dst.allocate(7, 18)
+    dst.check_invariants()
+    counters = dst.metrics_snapshot().counters
+    assert counters["handoff_received_blocks"] == counters["handoff_awaited_blocks"] == 4
+
+
+def test_only_missing_blocks_are_awaited():
+    dst = KVManager(LAYOUT, 32, CPU)
+    dst.match_prefix(1, PROMPT[:9])  # a local sequence computed the first 2 blocks
+    assert dst.allocate(1, 9)
+    dst.commit(1, PROMPT[:9], 9)
+    want = dst.begin_handoff(2, PROMPT)
+    assert sorted(want) == [2, 3]
+    table = dst.block_table(2)
+    assert table[:2] == dst.block_table(1)[:2] and all(dst.pool.ref_count(b) == 2 for b in table[:2])
+    dst.free(1)
+    dst.free(2)  # mid-hand-off: the awaited blocks go back unregistered, the shared ones stay cached
+    dst.check_invariants()
+    assert dst.pool.num_free_blocks == 32 and dst.pool.num_held_blocks == 2
+    assert dst.metrics_snapshot().counters["handoff_shared_blocks"] == 2
+
+
+def test_misuse_is_refused():
+    src, dst = _prefilled(), KVManager(LAYOUT, 32, CPU)
+    dst.begin_handoff(3, PROMPT)
+    rows = src.export_rows(0, [0], RAW).result()
+    dst.receive(3, [0], rows, RAW)
+    with pytest.raises(BlockOwnershipError, match="not awaited"):
+        dst.receive(3, [0], rows, RAW)  # sent twice
+    with pytest.raises(BlockOwnershipError, match="not received"):
+        dst.end_handoff(3)
+    with pytest.raises(BlockOwnershipError, match="admitted twice"):
+        dst.begin_handoff(3, PROMPT)
+    with pytest.raises(BlockOwnershipError, match="not full"):
+        src.export_rows(0, [4], RAW)  # the partial last block never leaves
+
+
+def test_no_room_or_h2o_leaves_nothing_behind():
+    dst = KVManager(LAYOUT, 3, CPU)
+    assert dst.begin_handoff(1, PROMPT) is None  # 4 blocks needed, 3 in the pool
+    assert dst.begin_handoff(2, PROMPT, KVPruning(policy="h2o", budget=8)) is None
+    assert dst.num_sequences == 0 and dst.pool.num_free_blocks == 3
+    dst.check_invariants()
+
+
+def test_rows_land_in_a_quantized_device_tier():
+    """Raw rows on the wire, int8 rows on the device: quantized on arrival (read in place)."""
+    src = _prefilled()
+    fmt = make_format("int8", LAYOUT)
+    dst = KVManager(LAYOUT, 32, CPU, quant=DeviceQuant(fmt, 0, 16))
+    want = dst.begin_handoff(1, PROMPT)
+    dst.receive(1, sorted(want), src.export_rows(0, sorted(want), RAW).result(), RAW)
+    dst.end_handoff(1)
+    out = torch.empty((4, *LAYOUT.block_shape))
+    fmt.decode(dst.blocks[torch.tensor(dst.block_table(1))], out)
+    ref = src.kv[torch.tensor(src.block_table(0)[:4])]
+    assert torch.allclose(out, ref, atol=0.05 * float(ref.abs().max()))
+    dst.check_invariants()
+
+
+@pytest.mark.parametrize("name", ["fp8", "int8", "int4"])
+def test_quantized_rows_on_the_wire(name):
+    """`[deployment] handoff_format`: a quarter to a half of the bytes cross, decoded on arrival."""
+    src, dst = _prefilled(), KVManager(LAYOUT, 32, CPU)
+    fmt = make_format(name, LAYOUT)
+    assert fmt.nbytes <= RAW.nbytes // 2 + RAW.nbytes // 16
+    want = sorted(dst.begin_handoff(1, PROMPT))
+    dst.receive(1, want, src.export_rows(0, want, fmt).result(), fmt)
+    dst.end_handoff(1)
+    got = dst.kv[torch.tensor(dst.block_table(1))]
+    ref = src.kv[torch.tensor(src.block_table(0)[:4])]
+    assert torch.allclose(got, ref, atol=0.2 * float(ref.abs().max()))
+    assert not torch.equal(got, ref)  # quantized: close, not exact
+
+
+def test_hold_cached_shares_only_a_whole_cached_prompt():
+    src = _prefilled()  # blocks 0-3 registered (4 whole blocks of PROMPT[:16]); block 4 is partial
+    assert not src.hold_cached(1, PROMPT[:17] + [99, 98, 97])  # block 4 is not cached
+    assert not src.has(1)
+    assert src.hold_cached(2, PROMPT[:16])
+    assert src.block_table(2) == src.block_table(0)[:4]
+    rows = src.export_rows(2, [1, 3], RAW).result()
+    assert torch.equal(rows[1].view(LAYOUT.dtype).view(LAYOUT.block_shape), src.kv[src.block_table(0)[3]])
+    src.free(2)
+    src.check_invariants()
