@@ -173,7 +173,8 @@ def moe_sweep(models: list[str], tokens: list[int], dtypes: list[str], *, copies
     until then)."""
     from afkv.bench.calibrate import gemm_peak
     from afkv.bench.steps import copy_bandwidth
-    from afkv.model.sides import FFNSide, _Stacked, fused_ops
+    from afkv.model.sides import FFNSide, _Stacked
+    from afkv.ops.kernels import select_kernels
     from afkv.ops import triton_moe
 
     device = _require_gpu()
@@ -215,7 +216,7 @@ def moe_sweep(models: list[str], tokens: list[int], dtypes: list[str], *, copies
                        "bound": "weights" if bytes_s >= flops_s else "flops", "moe_s": moe_s,
                        "share": max(bytes_s, flops_s) / moe_s, "config": asdict(cfg)}
                 if dtype == "bf16" and num_tokens in grouped_tokens:
-                    tf = fused_ops(device)
+                    tf = select_kernels(device).fused
                     st = [_Stacked(layer["gate_up"], layer["down"], local) for layer in layers]
                     ref = [functools.partial(FFNSide._grouped, st[c % copies], x, ids, weights, tf)
                            for c in range(_calls(num_tokens))]

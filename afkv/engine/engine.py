@@ -45,7 +45,7 @@ from afkv.errors import (
     RequestFailedError,
     StepRetryError,
 )
-from afkv.kv.layout import KVLayout
+from afkv.kv.layout import Layout, layout_for
 from afkv.kv.manager import KVManager
 from afkv.kv.metrics import KVMetricsSnapshot
 from afkv.model.graphs import DecodeGraphs
@@ -259,7 +259,7 @@ class Engine:
         self._model = model
         self.spec = spec = model.spec
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
-        self._layout = layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, cfg.kv.block_size, dtype)
+        self._layout = layout = layout_for(spec, cfg.kv.block_size, dtype)
         num_blocks, quant = cfg.kv.device_tier(layout, cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens,
                                                cfg.source)
         tiers = cfg.kv.tier_config(layout, cfg.source)
@@ -282,7 +282,7 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self._eos_ids = frozenset(eos)
 
-    def _decode_graphs(self, model: Model, layout: KVLayout, cache) -> DecodeGraphs | None:
+    def _decode_graphs(self, model: Model, layout: Layout, cache) -> DecodeGraphs | None:
         """CUDA graphs for decode steps when this engine can replay them: a CUDA device, an FFN
         backend whose step is GPU work only (local, or NCCL) and the Triton decode kernels
         (`cache`: the device cache or a quantized device tier, as the runner reads it)."""

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from afkv.kv.formats import QuantFormat
+from afkv.kv.formats import LatentQuantFormat, QuantFormat
 
 
 @dataclass(frozen=True)
 class DeviceQuant:
-    format: QuantFormat  # how the device tier stores a full block
+    format: QuantFormat | LatentQuantFormat  # how the device tier stores a full block
     fp_window: int  # tokens kept in full precision beyond the partial block
     num_staging_blocks: int
 

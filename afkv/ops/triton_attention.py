@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from afkv.errors import ConfigError
+from afkv.ops.launch import device_index, next_pow2, sm_count
 from afkv.ops import attention, quant
 
 try:
@@ -72,21 +73,7 @@ def available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
-
-@functools.cache
-def _sm_count(device_index: int | None) -> int:
-    if device_index is None:  # CPU (interpreter): small, so tests see several splits
-        return 1
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _device_index(t: torch.Tensor) -> int | None:
-    if not t.is_cuda:
-        return None
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
 def _decode_block_n(head_dim: int, itemsize: int) -> int:
@@ -98,7 +85,7 @@ def num_decode_splits(batch: int, num_kv_heads: int, max_tokens: int, block_n: i
     """Chunks each sequence is cut into: enough programs to fill the device, at most one
     tile of `block_n` tokens per chunk of the longest possible sequence. Shapes only."""
     max_splits = max(1, -(-max_tokens // block_n))
-    want = -(-_PROGRAMS_PER_SM * _sm_count(device_index) // max(1, batch * num_kv_heads))
+    want = -(-_PROGRAMS_PER_SM * sm_count(device_index) // max(1, batch * num_kv_heads))
     return max(1, min(want, max_splits, _MAX_SPLITS))
 
 
@@ -640,7 +627,7 @@ def _ieee(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def _group_rows(group: int) -> int:
-    return max(_MIN_GROUP_ROWS, _next_pow2(group))
+    return max(_MIN_GROUP_ROWS, next_pow2(group))
 
 
 def _check_cache(kv: torch.Tensor, layer: int, q: torch.Tensor) -> None:
@@ -665,7 +652,7 @@ def _merge(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, num_pa
     batch, num_heads, head_dim = out.shape
     _reduce_kernel[(batch, num_heads)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads,
-        NUM_PARTS=num_parts, PARTS_P2=_next_pow2(num_parts), HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
+        NUM_PARTS=num_parts, PARTS_P2=next_pow2(num_parts), HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
         num_warps=4,
     )  # fmt: skip
 
@@ -716,7 +703,7 @@ def paged_decode_attention(
     block_n = _decode_block_n(head_dim, kv.element_size())
     max_tokens = max_blocks * block_size
     if num_splits is None:
-        num_splits = num_decode_splits(batch, num_kv_heads, max_tokens, block_n, _device_index(q))
+        num_splits = num_decode_splits(batch, num_kv_heads, max_tokens, block_n, device_index(q))
     mid_o, mid_lse = _partials(batch, num_heads, num_splits, head_dim, q.device)
     scale = head_dim**-0.5 if scale is None else scale
     ieee = _ieee(kv.dtype, q.device)
@@ -725,7 +712,7 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         num_heads, max_tokens, sliding_window or 0, scale * _LOG2E,
-        GROUP=group, GROUP_ROWS=_group_rows(group), HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
+        GROUP=group, GROUP_ROWS=_group_rows(group), HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         HAS_WINDOW=sliding_window is not None, IEEE=ieee,
         num_warps=4, num_stages=2,
@@ -737,7 +724,7 @@ def paged_decode_attention(
 
 def _prefill_tiles(group: int) -> tuple[int, int]:
     """-> (rows per tile, query tokens per tile): rows = tokens x the query group."""
-    block_m = max(64, _next_pow2(group))
+    block_m = max(64, next_pow2(group))
     return block_m, block_m // group
 
 
@@ -787,7 +774,7 @@ def paged_prefill_attention_varlen(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         block_tables.shape[1] * block_size, sliding_window or 0, scale * _LOG2E,
-        GROUP=group, TOKENS_M=tokens_m, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
+        GROUP=group, TOKENS_M=tokens_m, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None,
         IEEE=ieee, num_warps=4, num_stages=2,
     )  # fmt: skip
@@ -864,7 +851,7 @@ def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int) 
     strides = (st.stride(0), st.stride(1), st.stride(2), st.stride(3))
     geometry = dict(
         KIND=_KINDS[spec.kind], NUM_KV_HEADS=spec.num_kv_heads, HEAD_DIM=spec.head_dim,
-        BLOCK_D=_next_pow2(spec.head_dim), CODE_DIM=spec.code_dim, BLOCK_C=_next_pow2(spec.code_dim),
+        BLOCK_D=next_pow2(spec.head_dim), CODE_DIM=spec.code_dim, BLOCK_C=next_pow2(spec.code_dim),
         BLOCK_SIZE=spec.block_size, HP_INV=1.0 / spec.hadamard_order, CVT=_CVT if q.is_cuda else 0, IEEE=ieee,
     )  # fmt: skip
     return (rows, rows.view(spec.scale_dtype), st, had), strides, geometry
@@ -902,7 +889,7 @@ def paged_decode_attention_quantized(
     tile = tile or QUANT_DECODE_TILES[spec.kind]
     max_tokens = max_blocks * spec.block_size
     if num_splits is None:
-        num_splits = num_decode_splits(batch, spec.num_kv_heads, max_tokens, tile.block_n, _device_index(q))
+        num_splits = num_decode_splits(batch, spec.num_kv_heads, max_tokens, tile.block_n, device_index(q))
     mid_o, mid_lse = _partials(batch, num_heads, num_splits + 1, head_dim, q.device)
     group = num_heads // spec.num_kv_heads
     softmax_scale = head_dim**-0.5 if scale is None else scale
@@ -913,7 +900,7 @@ def paged_decode_attention_quantized(
         softmax_scale * _LOG2E,
         GROUP=group, GROUP_ROWS=_group_rows(group), BLOCK_N=max(tile.block_n, spec.block_size),
         BLOCK_N_TAIL=_decode_block_n(head_dim, cache.staging.element_size()), NUM_SPLITS=num_splits,
-        MAX_TAIL=cache.max_tail_blocks, TAIL_P2=_next_pow2(cache.max_tail_blocks),
+        MAX_TAIL=cache.max_tail_blocks, TAIL_P2=next_pow2(cache.max_tail_blocks),
         HAS_WINDOW=sliding_window is not None, **geometry, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
     _merge(mid_o, mid_lse, out, num_splits + 1)
