@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from afkv.model.tiny import FAMILIES as TINY_FAMILIES
 from afkv.serve import run_async
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -520,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny", help="write tiny random HF checkpoints (needs transformers)")
     tiny.add_argument("out")
-    tiny.add_argument("--family", default="all", choices=["all", "llama", "mixtral", "qwen2_moe", "qwen3_moe"])
+    tiny.add_argument("--family", default="all", choices=["all", *TINY_FAMILIES])
     tiny.add_argument("--seed", type=int, default=0)
     return p
 

@@ -34,11 +34,13 @@ from afkv.engine.runner import ChunkResult, ModelRunner
 from afkv.engine.scheduler import Scheduler, SchedulerLimits
 from afkv.engine.sequence import Sequence, SeqStatus
 from afkv.errors import (
+    ConfigError,
     EmptyPromptError,
     EngineClosedError,
     EngineError,
     ExpertRowsUnavailableError,
     ExpertUnavailableError,
+    InvalidSamplingParamsError,
     PeerLostError,
     PromptTooLongError,
     RequestError,
@@ -100,6 +102,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+_MLA_H2O = ("H2O pruning is not available for MLA models (DeepSeek): it compacts keys and values per token "
+            "and scores them on the GQA attention path, and an MLA cache holds latents; use policy \"streaming\"")
 
 
 def check_prompt_size(prompt: object, max_prompt_chars: int, max_model_len: int) -> None:
@@ -259,6 +265,8 @@ class Engine:
         self._model = model
         self.spec = spec = model.spec
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        if spec.is_mla and cfg.kv.pruning.needs_scores:
+            raise ConfigError(_MLA_H2O, file=cfg.source, key="kv.pruning.policy")
         self._layout = layout = layout_for(spec, cfg.kv.block_size, dtype)
         num_blocks, quant = cfg.kv.device_tier(layout, cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens,
                                                cfg.source)
@@ -417,6 +425,8 @@ class Engine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be SamplingParams, not {type(params).__name__}")
+        if self.spec.is_mla and params.pruning is not None and params.pruning.needs_scores:
+            raise InvalidSamplingParamsError(f"pruning: {_MLA_H2O}")
         check_prompt_size(prompt, self.max_prompt_chars, self.max_model_len)
         ids = await asyncio.get_running_loop().run_in_executor(self._tokenize_executor, self._tokenize_checked, prompt)
         if self._state is not EngineState.RUNNING:

@@ -415,18 +415,17 @@ def _deepseek_parts(cfg: dict, family: Family, source: str, num_experts: int, to
         raise UnsupportedModelError(f"{source}: DeepSeek with attention_bias/mlp_bias is not supported")
     if cfg.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (only silu)")
-    try:
-        mla = MLASpec(
-            q_lora_rank=int(cfg.get("q_lora_rank") or 0),
-            kv_lora_rank=int(cfg["kv_lora_rank"]),
-            qk_nope_head_dim=int(cfg["qk_nope_head_dim"]),
-            qk_rope_head_dim=int(cfg["qk_rope_head_dim"]),
-            v_head_dim=int(cfg["v_head_dim"]),
-            rope_interleave=family is Family.DEEPSEEK_V2 or bool(cfg.get("rope_interleave", True)),
-            softmax_scale=0.0,
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source}: missing or invalid MLA field {exc}") from exc
+    dims = {}
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CheckpointError(f"{source}: MLA field {key} must be an integer, got {value!r}")
+        dims[key] = value
+    q_lora = cfg.get("q_lora_rank") or 0
+    if isinstance(q_lora, bool) or not isinstance(q_lora, int):
+        raise CheckpointError(f"{source}: MLA field q_lora_rank must be an integer or null, got {q_lora!r}")
+    mla = MLASpec(q_lora_rank=q_lora, **dims, softmax_scale=0.0,
+                  rope_interleave=family is Family.DEEPSEEK_V2 or bool(cfg.get("rope_interleave", True)))
     if mla.qk_rope_head_dim % 2 or mla.kv_lora_rank <= 0:
         raise CheckpointError(f"{source}: qk_rope_head_dim must be even and kv_lora_rank positive")
     scoring = cfg.get("scoring_func") or ("sigmoid" if family is Family.DEEPSEEK_V3 else "softmax")
