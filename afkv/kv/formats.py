@@ -3,8 +3,8 @@
     RawFormat          the model dtype's bytes, unchanged (exact), for any layout
     QuantFormat        fp8 / int8 / int4 rows of a KVLayout (afkv.ops.quant: one scale, and
                        zero point, per (token, kv head) in 16-bit; int4 over Hadamard-rotated vectors)
-    LatentQuantFormat  fp8 / int8 / int4 rows of a LatentLayout (MLA: the compressed KV per token
-                       and 128-value group, the rotary key in 16-bit; afkv.ops.quant)
+    LatentQuantFormat  fp8 / int8 rows of a LatentLayout (MLA: the compressed KV per token and
+                       128-value group, the rotary key in 16-bit; afkv.ops.quant; int4 refused)
 
 A format sees blocks as a tensor [n, *layout.block_shape] and stores each as one uint8 row
 of `nbytes`, so a block moves between tiers as one transfer. It is the only code that knows
@@ -95,7 +95,8 @@ class LatentQuantFormat:
 
     @staticmethod
     def of(kind: str, layout: LatentLayout) -> LatentQuantFormat:
-        """`kind` (fp8 | int8 | int4) for latent blocks of `layout`, scale data in its 16-bit dtype."""
+        """`kind` (fp8 | int8) for latent blocks of `layout`, scale data in its 16-bit dtype
+        (ConfigError for int4, which does not hold accuracy on latents)."""
         spec = quant.LatentQuantSpec(kind, layout.num_layers, layout.block_size, layout.kv_lora_rank, layout.rope_dim,
                                      quant.scale_dtype_for(layout.dtype))
         return LatentQuantFormat(layout, spec)

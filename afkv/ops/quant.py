@@ -272,18 +272,21 @@ def dequantize_rows(rows: torch.Tensor, spec: QuantSpec, dtype: torch.dtype,
 #
 # A latent block [num_layers, block_size, r + dr] holds, per token and layer, the compressed KV
 # (r values) and the rotated shared key (dr values). A quantized latent row keeps FlashMLA's
-# split: the compressed part as codes with one scale (and, for the integer formats, one zero
-# point) per token and group of LATENT_GROUP values, the rotary part unquantized in the scale
-# dtype (its products with the query's rotary part are what positions hang on). Per layer:
+# split: the compressed part as codes with one scale (and, for int8, one zero point) per token
+# and group of LATENT_GROUP values, the rotary part unquantized in the scale dtype (its products
+# with the query's rotary part are what positions hang on). Per layer:
 #
-#     codes u8 [bs, C] | scale [bs, G] | zero [bs, G] (int8, int4) | rope [bs, dr] | padding to 16 bytes
+#     codes u8 [bs, r] | scale [bs, G] | zero [bs, G] (int8) | rope [bs, dr] | padding to 16 bytes
 #
-# (C = r, or r // 2 for int4 with channel j in the low nibble and r/2 + j in the high one; G =
-# ceil(r / LATENT_GROUP); scale data and rope in the 16-bit scale dtype). Bytes per token and
-# layer at r = 512, dr = 64, bfloat16 (1152 unquantized): fp8 648 (0.56x; FlashMLA's float32
-# scales: 656), int8 656 (0.57x), int4 400 (0.35x). No rotation: the kernels dequantize a tile in
-# registers (value = code x scale + zero) and multiply in the model dtype.
+# (G = ceil(r / LATENT_GROUP); scale data and rope in the 16-bit scale dtype). Bytes per token
+# and layer at r = 512, dr = 64, bfloat16 (1152 unquantized): fp8 648 (0.56x; FlashMLA's float32
+# scales: 656), int8 656 (0.57x). No rotation: the kernels dequantize a tile in registers (value
+# = code x scale + zero) and multiply in the model dtype. int4 is refused: on the real-weight
+# proxy of tests/model/test_deepseek_serving.py (SmolLM2-135M's RMS-normed attention inputs
+# quantized this way) it cost +37% perplexity (fp8 +0.09%, int8 -0.2%); with a Hadamard
+# rotation per 64 values +1.7%, which would need the rotation inside the kernel.
 
+LATENT_FORMATS = ("fp8", "int8")
 LATENT_GROUP = 128
 
 
@@ -291,7 +294,7 @@ LATENT_GROUP = 128
 class LatentQuantSpec:
     """One quantized latent row format: its kind and the latent block geometry it stores."""
 
-    kind: str  # fp8 | int8 | int4
+    kind: str  # fp8 | int8
     num_layers: int
     block_size: int
     kv_lora_rank: int  # r: the quantized part
@@ -299,25 +302,22 @@ class LatentQuantSpec:
     scale_dtype: torch.dtype
 
     def __post_init__(self) -> None:
-        if self.kind not in FORMATS:
-            raise ConfigError(f"quantized format must be one of {', '.join(FORMATS)}, got {self.kind!r}", key="format")
+        if self.kind == "int4":
+            raise ConfigError("int4 does not hold accuracy for MLA latents (+37% perplexity on the real-weight "
+                              "proxy, fp8 +0.09%, int8 -0.2%): use fp8 or int8", key="format")
+        if self.kind not in LATENT_FORMATS:
+            raise ConfigError(f"quantized latent format must be one of {', '.join(LATENT_FORMATS)}, got {self.kind!r}",
+                              key="format")
         if self.scale_dtype not in (torch.float16, torch.bfloat16):
             raise ConfigError(f"scale data must be float16 or bfloat16, got {self.scale_dtype}")
-        if self.kind == "int4" and self.kv_lora_rank % 2:
-            raise ConfigError(f"int4 packs two values per byte: kv_lora_rank {self.kv_lora_rank} must be even",
-                              key="kv_lora_rank")
 
     @property
     def qmax(self) -> int:
-        return {"fp8": 0, "int8": 255, "int4": 15}[self.kind]
+        return {"fp8": 0, "int8": 255}[self.kind]
 
     @property
     def has_zero(self) -> bool:
-        return self.kind != "fp8"
-
-    @property
-    def code_dim(self) -> int:
-        return self.kv_lora_rank // 2 if self.kind == "int4" else self.kv_lora_rank
+        return self.kind == "int8"
 
     @property
     def group_size(self) -> int:
@@ -330,7 +330,7 @@ class LatentQuantSpec:
     def offsets(self) -> dict[str, int]:
         """Byte offset of each section inside a layer section (all even: 16-bit aligned)."""
         bs = self.block_size
-        codes = -(-bs * self.code_dim // 2) * 2
+        codes = -(-bs * self.kv_lora_rank // 2) * 2
         meta = bs * self.num_groups * 2
         out = {"codes": 0, "scale": codes}
         out["zero"] = codes + meta
@@ -352,7 +352,7 @@ class LatentQuantSpec:
 
 
 def _latent_views(rows: torch.Tensor, spec: LatentQuantSpec) -> dict[str, torch.Tensor]:
-    """rows uint8 [n, row_nbytes] -> views: codes [n, L, bs, C], scale / zero [n, L, bs, G],
+    """rows uint8 [n, row_nbytes] -> views: codes [n, L, bs, r], scale / zero [n, L, bs, G],
     rope [n, L, bs, dr]. No copy (rows must be contiguous)."""
     n, bs, g = rows.shape[0], spec.block_size, spec.num_groups
     lay = rows.view(n, spec.num_layers, spec.layer_nbytes)
@@ -362,7 +362,7 @@ def _latent_views(rows: torch.Tensor, spec: LatentQuantSpec) -> dict[str, torch.
         nbytes = count * dtype.itemsize
         return lay[:, :, off[name] : off[name] + nbytes].view(dtype).view(n, spec.num_layers, *shape)
 
-    views = {"codes": section("codes", bs * spec.code_dim, torch.uint8, (bs, spec.code_dim)),
+    views = {"codes": section("codes", bs * spec.kv_lora_rank, torch.uint8, (bs, spec.kv_lora_rank)),
              "scale": section("scale", bs * g, spec.scale_dtype, (bs, g)),
              "rope": section("rope", bs * spec.rope_dim, spec.scale_dtype, (bs, spec.rope_dim))}
     if spec.has_zero:
@@ -388,8 +388,8 @@ def check_latent_rows(rows: torch.Tensor, spec: LatentQuantSpec) -> None:
 def quantize_latent_rows(blocks: torch.Tensor, spec: LatentQuantSpec, out: torch.Tensor | None = None) -> torch.Tensor:
     """blocks [n, L, bs, r + dr] (float) -> rows uint8 [n, row_nbytes] on the blocks' device,
     written into `out` when given. Bounds per value as for the KV formats: fp8 |x - x'| <=
-    max(|x| / 16, s / 1024), int8 / int4 |x - x'| <= s / 2 (s the value's group scale); the
-    rotary part is rounded to the scale dtype."""
+    max(|x| / 16, s / 1024), int8 |x - x'| <= s / 2 (s the value's group scale); the rotary
+    part is rounded to the scale dtype."""
     if blocks.dim() != 4 or tuple(blocks.shape[1:]) != spec.block_shape or not blocks.dtype.is_floating_point:
         raise ConfigError(f"latent blocks must be float [n, {', '.join(map(str, spec.block_shape))}], "
                           f"got {blocks.dtype} {tuple(blocks.shape)}")
@@ -411,9 +411,6 @@ def quantize_latent_rows(blocks: torch.Tensor, spec: LatentQuantSpec, out: torch
         safe = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
         codes = torch.round((x - zero.float()[..., None]) / safe[..., None]).clamp_(0, spec.qmax).to(torch.uint8)
     codes = codes.flatten(-2)[..., :r]  # [n, L, bs, r]
-    if spec.kind == "int4":
-        half = r // 2
-        codes = codes[..., :half] | (codes[..., half:] << 4)  # [n, L, bs, r / 2]
     out.view(n, spec.num_layers, spec.layer_nbytes).zero_()  # the padding
     views = _latent_views(out, spec)
     views["codes"].copy_(codes)
@@ -433,9 +430,7 @@ def dequantize_latent_layers(rows: torch.Tensor, spec: LatentQuantSpec, dtype: t
         rows = rows.contiguous()
     views = _latent_views(rows, spec)
     pick = (slice(None), layers)
-    codes, scale = views["codes"][pick], views["scale"][pick].float()  # [n, (l,) bs, C], [n, (l,) bs, G]
-    if spec.kind == "int4":
-        codes = torch.cat((codes & 0xF, codes >> 4), -1)  # [..., r]
+    codes, scale = views["codes"][pick], views["scale"][pick].float()  # [n, (l,) bs, r], [n, (l,) bs, G]
     values = codes.view(torch.float8_e4m3fn).float() if spec.kind == "fp8" else codes.float()
     g = _grouped(values, spec) * scale[..., None]  # [..., G, group]
     if spec.has_zero:

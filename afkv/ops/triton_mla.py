@@ -5,8 +5,8 @@ references in afkv.ops.mla:
     paged_mla_prefill   one sequence's chunk of absorbed queries, causal        (ref: mla.mla_attention)
 
 The cache is the latent cache [num_blocks, L, bs, r + dr] of the model dtype, or a quantized
-device tier (afkv.ops.attention.QuantizedKVCache with a LatentQuantSpec: fp8 / int8 / int4
-rows plus staging blocks; a block id < num_blocks names a row, num_blocks + s staging block s,
+device tier (afkv.ops.attention.QuantizedKVCache with a LatentQuantSpec: fp8 / int8 rows plus
+staging blocks; a block id < num_blocks names a row, num_blocks + s staging block s,
 in any order).
 
 Flash-decoding with multi-query attention of r + dr wide keys and r wide values: grid
@@ -23,7 +23,7 @@ grid depends on shapes only (CUDA-graph capturable), and only attended tokens ar
 Quantized rows are dequantized in registers per tile (code x group scale + zero point; the
 rotary part is stored in 16-bit), rounded to the staging dtype as the reference's scratch
 buffer is, then multiplied like raw latents: decode is bound by reading the latents, and the
-rows are 0.56x (fp8), 0.57x (int8) or 0.35x (int4) of bfloat16's bytes. 16-bit caches multiply
+rows are 0.56x (fp8) or 0.57x (int8) of bfloat16's bytes. 16-bit caches multiply
 in their dtype with float32 accumulation; float32 and the interpreter in IEEE float32.
 
 A prefill chunk of n queries runs as n decode rows sharing the sequence's table, row i
@@ -54,7 +54,7 @@ except ImportError:  # the CPU CI: callers use the torch references
     triton = None
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_KINDS = {"raw": -1, "fp8": 0, "int8": 1, "int4": 2}
+_KINDS = {"raw": -1, "fp8": 0, "int8": 1}
 
 
 @functools.cache
@@ -82,7 +82,7 @@ if triton is not None:
         cache_ptr, rows_ptr, rows16_ptr, blk, tok_in, tmask, offs_r, rmask, offs_p, pmask,
         stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off,
         RANK: tl.constexpr, ROPE: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr,
-        CODE_DIM: tl.constexpr, OFF_SCALE: tl.constexpr, OFF_ZERO: tl.constexpr, OFF_ROPE: tl.constexpr,
+        OFF_SCALE: tl.constexpr, OFF_ZERO: tl.constexpr, OFF_ROPE: tl.constexpr,
     ):  # fmt: skip
         """Latents of a tile: c [N, R] and k_pe [N, P] in the cache's (staging) dtype; tokens
         outside tmask are zeros and not read."""
@@ -101,17 +101,11 @@ if triton is not None:
                          other=0.0)  # fmt: skip
             rbase = tl.where(is_row, blk, 0) * row_nbytes + layer_nbytes_off  # [N] byte offset of the layer section
             cm = qmask[:, None] & rmask[None, :]
-            if KIND == 2:  # int4: channel j in the low nibble of byte j, channel r/2 + j in its high nibble
-                half: tl.constexpr = RANK // 2
-                byte = tl.where(offs_r < half, offs_r, offs_r - half)
-                b = tl.load(rows_ptr + rbase[:, None] + tok_in[:, None] * CODE_DIM + byte[None, :], mask=cm, other=0)
-                code = tl.where((offs_r < half)[None, :], b & 15, b >> 4).to(tl.float32)
+            b = tl.load(rows_ptr + rbase[:, None] + tok_in[:, None] * RANK + offs_r[None, :], mask=cm, other=0)
+            if KIND == 0:
+                code = b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
             else:
-                b = tl.load(rows_ptr + rbase[:, None] + tok_in[:, None] * CODE_DIM + offs_r[None, :], mask=cm, other=0)
-                if KIND == 0:
-                    code = b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                else:
-                    code = b.to(tl.float32)
+                code = b.to(tl.float32)
             meta = (rbase // 2)[:, None] + tok_in[:, None] * NUM_GROUPS + (offs_r // GROUP)[None, :]  # [N, R]
             value = code * tl.load(rows16_ptr + meta + OFF_SCALE // 2, mask=cm, other=0.0).to(tl.float32)
             if KIND != 0:
@@ -129,7 +123,7 @@ if triton is not None:
         num_heads, max_tokens, qk_scale, num_blocks, row_nbytes, layer_nbytes_off,
         RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        KIND: tl.constexpr, GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr, CODE_DIM: tl.constexpr,
+        KIND: tl.constexpr, GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr,
         OFF_SCALE: tl.constexpr, OFF_ZERO: tl.constexpr, OFF_ROPE: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         hb = tl.program_id(0)
@@ -162,7 +156,7 @@ if triton is not None:
             c, pe = _latent_tile(
                 cache_ptr, rows_ptr, rows16_ptr, blk, tok % BLOCK_SIZE, tmask, offs_r, rmask, offs_p, pmask,
                 stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off,
-                RANK, ROPE, KIND, GROUP, NUM_GROUPS, CODE_DIM, OFF_SCALE, OFF_ZERO, OFF_ROPE,
+                RANK, ROPE, KIND, GROUP, NUM_GROUPS, OFF_SCALE, OFF_ZERO, OFF_ROPE,
             )  # fmt: skip
             c = c.to(dt)
             pe = pe.to(dt)
@@ -208,11 +202,11 @@ def _cache_args(q: torch.Tensor, cache: torch.Tensor | attention.QuantizedKVCach
             raise ConfigError("quantized latent rows must be contiguous and on the queries' device")
         off = spec.offsets()
         geometry = dict(KIND=_KINDS[spec.kind], GROUP=spec.group_size, NUM_GROUPS=spec.num_groups,
-                        CODE_DIM=spec.code_dim, OFF_SCALE=off["scale"], OFF_ZERO=off["zero"], OFF_ROPE=off["rope"])
+                        OFF_SCALE=off["scale"], OFF_ZERO=off["zero"], OFF_ROPE=off["rope"])
         rows_args = (rows, rows.view(spec.scale_dtype), cache.num_blocks, spec.row_nbytes, layer * spec.layer_nbytes)
     else:
         lat = cache
-        geometry = dict(KIND=-1, GROUP=1, NUM_GROUPS=1, CODE_DIM=1, OFF_SCALE=0, OFF_ZERO=0, OFF_ROPE=0)
+        geometry = dict(KIND=-1, GROUP=1, NUM_GROUPS=1, OFF_SCALE=0, OFF_ZERO=0, OFF_ROPE=0)
         rows_args = (cache, cache, 0, 0, 0)  # placeholders, never read
     if lat.dim() != 4 or lat.dtype not in _FLOAT_DTYPES or lat.stride(-1) != 1:
         raise ConfigError(f"the latent cache must be float [num_blocks, L, bs, r + dr] with unit stride on its "
