@@ -96,7 +96,7 @@ async def _cmd_serve(args) -> int:
     import os
     import signal
 
-    from afkv import Engine
+    from afkv import Engine, attach
     from afkv.serve.http import OpenAIServer, ServedModel, check_bind
 
     api_key = args.api_key or os.environ.get("AFKV_API_KEY") or None
@@ -104,7 +104,7 @@ async def _cmd_serve(args) -> int:
     name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
     if args.attach:
         _err(f"afkv: attaching to the deployment at {args.attach} ...")
-        engine = await Engine.attach(args.attach, token=args.token or os.environ.get("AFKV_TOKEN") or None)
+        engine = await attach(args.attach, token=args.token or os.environ.get("AFKV_TOKEN") or None)
         tokenizer = await asyncio.to_thread(_tokenizer_of, args.model)
     else:
         _err(f"afkv: loading {args.model or 'the default model (SmolLM2-135M-Instruct, upcycled to MoE)'} ...")
@@ -206,7 +206,7 @@ async def _cmd_bench_eplb(args) -> int:
     result = await run_eplb_bench(args.exponent, args.expert_nodes, args.slots_per_node, args.batch,
                                   args.prompt_len, args.gen_len, args.repeats, args.seed, args.hidden_size,
                                   args.intermediate_size, args.layers, args.experts, devices=devices,
-                                  dtype=args.dtype, data_plane=args.data_plane)
+                                  dtype=args.dtype)
     print(format_table(result))
     out = write_json(result, args.json or f"bench-results/eplb-{time.strftime('%Y%m%d-%H%M%S')}.json")
     print(f"wrote {out}")
@@ -311,12 +311,12 @@ def _cmd_launch(args) -> int:
     with dep:
         try:
             if dep.token_made_up:  # stdout: the address, then the token nobody else knows
-                _err(f"afkv: deployment ready; attach with afkv.Engine.attach({dep.address!r}, token=TOKEN) where "
+                _err(f"afkv: deployment ready; attach with afkv.attach({dep.address!r}, token=TOKEN) where "
                      "TOKEN is the second line of the output (or AFKV_TOKEN=TOKEN in the environment) -- Ctrl-C "
                      "stops it")
                 print(f"{dep.address}\n{dep.token}", flush=True)
             else:
-                _err(f"afkv: deployment ready; attach with afkv.Engine.attach({dep.address!r}, token=...) with the "
+                _err(f"afkv: deployment ready; attach with afkv.attach({dep.address!r}, token=...) with the "
                      "deployment's token -- Ctrl-C stops it")
                 print(dep.address, flush=True)
             while True:
@@ -464,7 +464,6 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--devices", help="the attention node's device, then each expert node's, comma-separated "
                                       "(e.g. cuda:0,cuda:0,cuda:1); default: all on the CPU")
     ep.add_argument("--dtype", default="float32")
-    ep.add_argument("--data-plane", default="auto", choices=("auto", "fixed", "messages"))
     ep.add_argument("--json", help="output path (default bench-results/eplb-<time>.json)")
 
     kvq = bsub.add_parser("kv-quant", add_help=False,

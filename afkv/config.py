@@ -236,10 +236,7 @@ class DeploymentConfig:
     expert_timeout_s: float = 10.0  # an expert node silent this long is lost
     client_timeout_s: float = 60.0  # an API client silent this long (or this slow sending one frame) is dropped
     heartbeat_interval_s: float = 1.0
-    # hidden states between nodes: "fixed" (fixed-capacity buffers, CUDA-graph friendly: NCCL on GPUs,
-    # sockets on CPUs), "messages" (one control-plane frame per expert node and layer); auto: fixed on GPUs
-    data_plane: str = "auto"
-    dispatch_capacity: float = 0.0  # fixed: rows per (micro-batch, expert node) as a share; 0: from the placement
+    dispatch_capacity: float = 0.0  # rows per (micro-batch, expert node) as a share; 0: from the placement
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attention_devices", tuple(self.attention_devices))
@@ -253,7 +250,7 @@ class DeploymentConfig:
 @dataclass(frozen=True)
 class EplbConfig:
     """Expert load balancing (afkv.eplb, afkv.nodes.balancer): redundant expert slots on the expert
-    nodes, load statistics, rebalancing while serving (either data plane)."""
+    nodes, load statistics, rebalancing while serving."""
 
     enabled: bool = False
     slots_per_node: int = 0  # expert slots per node and MoE layer; 0: ceil(experts / expert_nodes), no replicas
@@ -331,8 +328,6 @@ class EngineConfig:
             need(d.expert_timeout_s > 0, "deployment.expert_timeout_s", "expert_timeout_s must be positive")
             need(d.client_timeout_s > 0, "deployment.client_timeout_s", "client_timeout_s must be positive")
             need(d.heartbeat_interval_s > 0, "deployment.heartbeat_interval_s", "heartbeat_interval_s must be positive")
-            need(d.data_plane in ("auto", "fixed", "messages"), "deployment.data_plane",
-                 f"data_plane must be auto, fixed or messages, got {d.data_plane!r}")
             need(0 <= d.dispatch_capacity <= 1, "deployment.dispatch_capacity",
                  f"dispatch_capacity must be in [0, 1] (0: from the placement), got {d.dispatch_capacity}")
             need(d.host in ("127.0.0.1", "localhost", "::1") or bool(d.token), "deployment.token",

@@ -17,7 +17,10 @@
     │                                   replica: the engine ends their requests only
     ├── KVError
     │   ├── CorruptBlockError     a stored KV block failed its checksum or is unreadable
-    │   └── TierError             a KV tier cannot be used (full, unwritable)
+    │   ├── TierError             a KV tier cannot be used (full, unwritable)
+    │   ├── BlockOwnershipError   a KV block was freed twice, shared unregistered, held by the wrong
+    │   │                         owner, or a sequence's table was used out of order (a bug: data at risk)
+    │   └── TierAccountingError   a tier's slots, pins or byte counts disagree (a bug: data at risk)
     └── TransportError
         ├── FrameError            malformed control frame or message
         │   └── FrameTooLargeError
@@ -25,9 +28,9 @@
         ├── PeerLostError         peer died or stopped answering within the timeout
         └── RemoteError           the peer failed with an error this process cannot rebuild
 
-Rules: `assert` for internal invariants; a typed return for an expected
-"no room now"; these exceptions for misuse and faults, raised with
-`raise X(...) from exc` at boundaries.
+Rules: `assert` for internal invariants that cannot hurt data; a typed return for an expected
+"no room now"; these exceptions for misuse, faults and every invariant that guards data
+(block ownership, tier accounting), raised with `raise X(...) from exc` at boundaries.
 
 Across processes (the API protocol, control-plane error replies) an error travels as
 `error_to_wire(exc)`: {"class": name, "message": the message it was made with, "fields":
@@ -110,6 +113,11 @@ class RequestFailedError(EngineError):
     pass
 
 
+class EngineFailedError(EngineError):
+    """The engine's step loop stopped on an error it cannot recover from (a bug): every request
+    it held ended with this, and it takes no new ones. Close it and start a new engine."""
+
+
 class ExpertUnavailableError(RequestFailedError):
     """Every expert node holding an expert (or a layer's dense MLP / shared expert) is lost."""
 
@@ -147,6 +155,15 @@ class CorruptBlockError(KVError):
 
 class TierError(KVError):
     pass
+
+
+class BlockOwnershipError(KVError):
+    """A KV block's ownership broke (freed twice, shared while unregistered, registered twice,
+    a table used out of order): continuing could hand one sequence another's KV."""
+
+
+class TierAccountingError(KVError):
+    """A tier's bookkeeping disagrees with itself (slots, pins, entries being loaded)."""
 
 
 class TransportError(AfkvError):

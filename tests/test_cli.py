@@ -178,7 +178,7 @@ def test_check_memory_names_what_fits():
 
     layout = KVLayout(2, 2, 16, 16, torch.float32)  # 8 KiB blocks
     kv = KVConfig(device_memory_mib=64, host_memory_mib=64)
-    tiers = TierConfig(make_format("none", 16, layout), host_num_blocks=8192)  # 64 MiB
+    tiers = TierConfig(make_format("none", layout), host_num_blocks=8192)  # 64 MiB
     gib = 2**30
     kv.check_memory(layout, 8192, None, tiers, "cpu", available={"host": gib, "device": gib})
     with pytest.raises(ConfigError, match=r"at most 57 MiB fits.*key 'kv.device_memory_mib'"):

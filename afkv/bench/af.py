@@ -41,7 +41,7 @@ async def af_phase(model_name: str, batches, context, block_size, steps, micro_b
     """1A1F: attention on cuda:0 (decode steps as CUDA graphs, NCCL sends/receives inside),
     experts on cuda:1 (an expert node process; its steps replay CUDA graphs too)."""
     from afkv.nodes.attention import connect_expert_nodes
-    from afkv.nodes.nccl_ffn import capacity
+    from afkv.nodes.dispatch import capacity
     from afkv.serve.launch import Deployment
 
     dev = torch.device("cuda:0")
@@ -83,7 +83,7 @@ expert_timeout_s = 120.0
                 run = lambda: graphs.run(*step[:6], m).argmax(-1)  # noqa: E731
                 tpot = await loop.run_in_executor(ex, torch.inference_mode()(median_s), run, steps)
                 caps = [capacity(n) for n in graphs.sizes(b, m)]
-                t_ffn = (await backend.control.request_all({"type": "ffn_time", "caps": caps, "reps": 5}))[0]["seconds"]
+                t_ffn = (await backend.links.request_all({"type": "ffn_time", "caps": caps, "reps": 5}))[0]["seconds"]
                 ta = t_attn.get(b)
                 row = {"tpot_s": tpot, "tok_s_per_gpu": b / tpot / 2, "t_attn_s": ta, "t_ffn_s": t_ffn, "caps": caps,
                        "step_over_max": tpot / max(ta or 0.0, t_ffn)}

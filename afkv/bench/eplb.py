@@ -1,7 +1,7 @@
 """`afkv bench eplb`: expert load balancing under Zipf-skewed routing, CPU or GPU processes.
 
 A synthetic Mixtral checkpoint whose routers prefer experts by a Zipf law
-(`write_zipf_checkpoint`) is served by one attention node (this process) and N expert
+(afkv.model.tiny.write_zipf_checkpoint) is served by one attention node (this process) and N expert
 nodes (processes on loopback), twice in the same run:
 
     no EPLB   contiguous shards, no replicas (the baseline)
@@ -15,8 +15,8 @@ run. Greedy tokens of both runs are compared (they must be equal).
 On GPUs (`devices`: the attention node's device, then one per expert node) the expert nodes
 should sit on different GPUs, so that a node's load is its GPU's work and the rebalance copies
 experts GPU to GPU over NCCL. With two GPUs the attention node shares the first GPU with
-expert node 0, which NCCL's data plane refuses (one GPU per rank): use data_plane "messages"
-there.
+expert node 0; NCCL refuses two ranks on one GPU, so that pair's hidden states go through
+host memory (the host peer, afkv.transport.peer).
 """
 
 from __future__ import annotations
@@ -30,61 +30,7 @@ from pathlib import Path
 
 import torch
 
-from afkv.eplb import zipf_router_bias
-
-_GATE = "model.layers.{}.block_sparse_moe.gate.weight"
-
-
-def write_zipf_checkpoint(out_dir: str | Path, exponent: float = 1.0, seed: int = 0, *, num_experts: int = 8,
-                          num_layers: int = 3, hidden_size: int = 64, intermediate_size: int = 48,
-                          top_k: int = 2, noise_std: float = 1.3, router_bias: torch.Tensor | None = None) -> Path:
-    """A random Mixtral checkpoint whose router logits are about zipf_router_bias(E, exponent)
-    plus per-token noise, so experts are picked with Zipf-like popularity.
-
-    A random model has no router bias term, so one is built in: embedding channel 0 is a
-    constant, which reaches every router input; router column 0 turns it into the bias.
-    The other router columns are made orthogonal to the mean router input (no common
-    preference) and scaled to give logit noise of `noise_std` per token. Means are measured
-    with transformers on random tokens, layer by layer. Layer i's bias uses seed*1000 + i;
-    `router_bias` [layers, experts] (log popularity) replaces the Zipf biases when given.
-    Needs transformers (the `test` extra)."""
-    import transformers
-    from safetensors.torch import load_file, save_file
-
-    from afkv.model.tiny import write_tiny_checkpoint
-
-    out = write_tiny_checkpoint("mixtral", out_dir, seed=seed, num_local_experts=num_experts,
-                                num_hidden_layers=num_layers, hidden_size=hidden_size,
-                                intermediate_size=intermediate_size, num_experts_per_tok=top_k)
-    path = Path(out) / "model.safetensors"
-    tensors = load_file(path)
-    embed = tensors["model.embed_tokens.weight"]  # [V, H]
-    embed[:, 0] = embed[:, 1:].pow(2).mean().sqrt() * 8  # a constant channel, several times the others' RMS
-    tokens = torch.randint(3, embed.shape[0], (16, 48), generator=torch.Generator().manual_seed(seed))
-    for layer in range(num_layers):
-        save_file(tensors, path, metadata={"format": "pt"})
-        model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-        seen = []
-        norm = model.model.layers[layer].post_attention_layernorm
-        hook = norm.register_forward_hook(lambda mod, inp, outp: seen.append(outp.detach()))
-        with torch.no_grad():
-            model(tokens)
-        hook.remove()
-        x = seen[0].reshape(-1, hidden_size)  # [N, H] router inputs
-        gate = tensors[_GATE.format(layer)]  # [E, H]
-        rest = x[:, 1:]  # [N, H-1]
-        mean = rest.mean(0)  # [H-1]
-        unit = mean / mean.norm()
-        w = gate[:, 1:] - (gate[:, 1:] @ unit)[:, None] * unit[None, :]  # [E, H-1] no common preference
-        noise = (rest - mean) @ w.T  # [N, E]
-        w = w * (noise_std / noise.std(0).clamp_min(1e-6))[:, None]
-        bias = (zipf_router_bias(num_experts, exponent, seed * 1000 + layer) if router_bias is None
-                else router_bias[layer].float())  # [E]
-        gate[:, 1:] = w
-        gate[:, 0] = (bias - bias.mean()) / x[:, 0].mean() - (w @ mean) / x[:, 0].mean()
-    save_file(tensors, path, metadata={"format": "pt"})
-    return Path(out)
-
+from afkv.model.tiny import write_zipf_checkpoint
 
 _CONFIG = """
 [model]
@@ -101,7 +47,6 @@ expert_nodes = {experts}
 micro_batches = 1
 port = 0
 expert_timeout_s = 60.0
-data_plane = "{data_plane}"
 {devices}
 [eplb]
 enabled = true
@@ -114,15 +59,13 @@ async def _node_loads(engine) -> "dict[int, torch.Tensor]":
     return await engine._balancer.node_loads()  # node -> [L, E] tokens since start (window longer than the run)
 
 
-def _config_text(experts: int, slots: int, devices: list[str] | None, dtype: str, data_plane: str) -> str:
+def _config_text(experts: int, slots: int, devices: list[str] | None, dtype: str) -> str:
     if not devices:
-        return _CONFIG.format(experts=experts, slots=slots, device="cpu", dtype=dtype, data_plane=data_plane,
-                              devices="")
+        return _CONFIG.format(experts=experts, slots=slots, device="cpu", dtype=dtype, devices="")
     if len(devices) != experts + 1:
         raise ValueError(f"devices: the attention node's then one per expert node ({experts + 1}), got {devices}")
     placed = f"attention_devices = {json.dumps(devices[:1])}\nexpert_devices = {json.dumps(devices[1:])}"  # TOML arrays
-    return _CONFIG.format(experts=experts, slots=slots, device=devices[0], dtype=dtype, data_plane=data_plane,
-                          devices=placed)
+    return _CONFIG.format(experts=experts, slots=slots, device=devices[0], dtype=dtype, devices=placed)
 
 
 async def _run_mode(model_dir: Path, work: Path, config: str, slots: int, rebalance: bool, prompts, params,
@@ -139,7 +82,7 @@ async def _run_mode(model_dir: Path, work: Path, config: str, slots: int, rebala
         async with Engine(model_dir, cfg, progress=False) as engine:
             await asyncio.gather(*(engine.complete(p, params) for p in prompts))  # warm-up: loads to balance on
             report = await engine.rebalance() if rebalance else None
-            moved = await engine._remote.request_all({"type": "stats"})  # weights copied by the rebalance
+            moved = await engine._links.request_all({"type": "stats"})  # weights copied by the rebalance
             start = await _node_loads(engine)
             t0 = time.perf_counter()
             tokens = None
@@ -148,8 +91,8 @@ async def _run_mode(model_dir: Path, work: Path, config: str, slots: int, rebala
                 tokens = [d.token_ids for d in done]
             wall_s = time.perf_counter() - t0
             end = await _node_loads(engine)
-            finished = await engine._remote.request_all({"type": "stats"})
-            placement = engine._remote.placement
+            finished = await engine._links.request_all({"type": "stats"})
+            placement = engine._links.placement
     router = torch.tensor(placement.has_router)
     per_node = torch.stack([(end[j] - start[j]).sum(-1) for j in sorted(end)], -1)[router]  # [L_moe, N]
     generated = repeats * len(prompts) * params.max_tokens
@@ -177,7 +120,7 @@ async def run_eplb_bench(exponent: float = 1.0, expert_nodes: int = 2, slots_per
                          prompt_len: int = 16, gen_len: int = 32, repeats: int = 2, seed: int = 0,
                          hidden_size: int = 256, intermediate_size: int = 1024, num_layers: int = 4,
                          num_experts: int = 8, work_dir: str | Path | None = None, devices: list[str] | None = None,
-                         dtype: str = "float32", data_plane: str = "auto") -> dict:
+                         dtype: str = "float32") -> dict:
     import tempfile
 
     from afkv import SamplingParams
@@ -193,7 +136,7 @@ async def run_eplb_bench(exponent: float = 1.0, expert_nodes: int = 2, slots_per
         base_slots = -(-num_experts // expert_nodes)
         modes = []
         for slots, rebalance in ((base_slots, False), (slots_per_node, True)):
-            config = _config_text(expert_nodes, slots, devices, dtype, data_plane)
+            config = _config_text(expert_nodes, slots, devices, dtype)
             modes.append(await _run_mode(model_dir, work, config, slots, rebalance, prompts, params, repeats))
         baseline, eplb = modes
     base_tokens, eplb_tokens = baseline.pop("token_ids"), eplb.pop("token_ids")
@@ -204,8 +147,7 @@ async def run_eplb_bench(exponent: float = 1.0, expert_nodes: int = 2, slots_per
         "args": {"exponent": exponent, "expert_nodes": expert_nodes, "slots_per_node": slots_per_node,
                  "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "repeats": repeats, "seed": seed,
                  "hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_layers": num_layers,
-                 "num_experts": num_experts, "devices": devices or ["cpu"] * (expert_nodes + 1), "dtype": dtype,
-                 "data_plane": data_plane},
+                 "num_experts": num_experts, "devices": devices or ["cpu"] * (expert_nodes + 1), "dtype": dtype},
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "baseline": baseline, "eplb": eplb, "greedy_tokens_equal": differing == 0,
         "differing_sequences": differing,
@@ -218,8 +160,7 @@ def format_table(result: dict) -> str:
     a = result["args"]
     rows = [f"Zipf exponent {a['exponent']}, {a['expert_nodes']} expert nodes, {a['num_experts']} experts x "
             f"{a['num_layers']} layers (H {a['hidden_size']}, I {a['intermediate_size']}), batch {a['batch']}, "
-            f"{a['gen_len']} new tokens x {a['repeats']}; devices {', '.join(a['devices'])} ({a['dtype']}, data plane "
-            f"{a['data_plane']})",
+            f"{a['gen_len']} new tokens x {a['repeats']}; devices {', '.join(a['devices'])} ({a['dtype']})",
             "| mode | slots/node | max/mean node load | load vs baseline | tok/s | tok/s vs baseline | "
             "expert compute / wall per node |",
             "|---|---:|---:|---:|---:|---:|---|"]

@@ -10,7 +10,12 @@ torch work (loading, forward passes, sampling); one more ("afkv-tokenize") rende
 tokenizes prompts, after a size check on the loop (text above `max_prompt_chars` is
 refused before tokenizing). The scheduler, sequences and KV block tables are touched only
 on the loop thread, between steps; the worker only sees an immutable plan of the current
-step.
+step. The scheduler owns the sequences: the engine reads them, and asks it to commit a
+step (`postprocess`) and to end a request (`finish`, `abort`, `fail`).
+
+Disaggregated (`config.deployment`): the FFN backend is afkv.nodes.remote_ffn.RemoteFFN,
+whose ExpertLinks (`_links`) also serve the EPLB balancer. Clients of a running deployment
+attach through afkv.attach (the serve layer).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from afkv.errors import (
     EmptyPromptError,
     EngineClosedError,
     EngineError,
+    EngineFailedError,
     ExpertRowsUnavailableError,
     ExpertUnavailableError,
     InvalidSamplingParamsError,
@@ -64,6 +70,7 @@ class EngineState(Enum):
     NEW = "new"
     STARTING = "starting"
     RUNNING = "running"
+    FAILED = "failed"  # the step loop stopped on an unexpected error: no new requests; close it
     CLOSED = "closed"
 
 
@@ -147,7 +154,8 @@ class Engine:
         self._model_path = str(model) if model else (self.config.model.path or None)
         self._progress = progress
         self.attention_rank = attention_rank
-        self._remote = None  # RemoteFFN when disaggregated
+        self._remote = None  # afkv.nodes.remote_ffn.RemoteFFN when disaggregated
+        self._links = None  # its afkv.nodes.links.ExpertLinks
         self._balancer = None  # afkv.nodes.balancer.Balancer when [eplb] is enabled
         self._kv: KVManager | None = None
         self._state = EngineState.NEW
@@ -156,24 +164,15 @@ class Engine:
         self._next_id = 0
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._failure: str | None = None  # why the step loop stopped (state FAILED)
         self._executor: ThreadPoolExecutor | None = None
         self._tokenize_executor: ThreadPoolExecutor | None = None
         self._num_steps = 0
         self._num_retries = 0  # steps computed again (StepRetryError)
-        self._counts = {"prompt": 0, "cached": 0, "generated": 0}
         self._auto_micro_batches = bool(self.config.deployment and not self.config.deployment.micro_batches)
         self.spec: ModelSpec | None = None
         self.tokenizer: Tokenizer | None = None
         self.model_dir: Path | None = None
-
-    @staticmethod
-    async def attach(address: str, token: str | None = None, timeout_s: float = 30.0, peer_timeout_s: float = 10.0):
-        """Connect to a running deployment (`afkv launch`; `address` is its rendezvous,
-        host:port; `token` its token, default $AFKV_TOKEN). Returns an AttachedEngine with
-        this same async API (generate, complete, stats); see afkv.serve.client."""
-        from afkv.serve.client import AttachedEngine  # serving sits above the engine
-
-        return await AttachedEngine.connect(address, token, timeout_s, peer_timeout_s)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> "Engine":
@@ -197,6 +196,7 @@ class Engine:
 
                 self._remote = await connect_expert_nodes(self.spec, self.config.deployment, self.attention_rank,
                                                           self._device, self._dtype, self._executor, self.config.eplb)
+                self._links = self._remote.links
                 self._model.ffn = self._remote
                 if self._runner.graphs is None:  # the NCCL data plane can be captured too
                     self._runner.graphs = await loop.run_in_executor(self._executor, self._decode_graphs, self._model,
@@ -204,8 +204,7 @@ class Engine:
                 if self.config.eplb.enabled:
                     from afkv.nodes.balancer import Balancer
 
-                    self._balancer = Balancer(getattr(self._remote, "control", self._remote), self.spec,
-                                              self.config.eplb)
+                    self._balancer = Balancer(self._links, self.spec, self.config.eplb)
                     if self.attention_rank == 0:  # the coordinator: the only node that changes the placement
                         self._balancer.start_periodic()
         except BaseException:
@@ -219,7 +218,24 @@ class Engine:
             raise
         self._wakeup = asyncio.Event()
         self._task = loop.create_task(self._run(), name="afkv-step-loop")
+        self._task.add_done_callback(self._on_step_loop_done)
         self._state = EngineState.RUNNING
+
+    def _on_step_loop_done(self, task: asyncio.Task) -> None:
+        """The step loop ends only when cancelled by aclose; any other end is a bug in the step
+        path (the scheduler or the KV manager raised). Its requests would wait forever: end each
+        with EngineFailedError and refuse new ones, so callers and /health see it at once."""
+        if task.cancelled() or self._state is EngineState.CLOSED:
+            return
+        exc = task.exception()
+        log.error("the step loop stopped: %s; failing %d requests", exc, len(self._requests),
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        self._state = EngineState.FAILED
+        self._failure = f"{type(exc).__name__}: {exc}"
+        for req in self._requests.values():
+            req.queue.put_nowait(EngineFailedError(f"the engine's step loop stopped ({self._failure}); "
+                                                   "close this engine and start a new one"))
+        self._requests.clear()
 
     async def aclose(self) -> None:
         if self._state is EngineState.CLOSED:
@@ -232,6 +248,8 @@ class Engine:
             except asyncio.CancelledError:
                 if asyncio.current_task().cancelling():
                     raise
+            except Exception:  # the step loop had failed: reported by _on_step_loop_done
+                pass
         for req in self._requests.values():
             req.queue.put_nowait(EngineClosedError("the engine was closed before the request finished"))
         self._requests.clear()
@@ -277,18 +295,17 @@ class Engine:
         self._kv = KVManager(layout, num_blocks, device, salt=salt[-64:], tiers=tiers,
                              worker=self._executor, wakeup=lambda: self._wakeup.set(), quant=quant)
         m = 1 if cfg.deployment is None else (cfg.deployment.micro_batches or 2)
+        eos = set(spec.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
         self._scheduler = Scheduler(self._kv, SchedulerLimits(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens),
-                                    cfg.kv.pruning)
+                                    cfg.kv.pruning, frozenset(eos))
         self.max_model_len = min(cfg.scheduler.max_model_len or spec.max_position, spec.max_position, self._kv.capacity_tokens)
         longest = self.tokenizer.max_token_chars if self.tokenizer is not None else 1
         self.max_prompt_chars = cfg.scheduler.max_prompt_chars or 2 * self.max_model_len * longest
         cache = self._kv.attention_cache
         self._runner = ModelRunner(model, cache, layout.block_size, device, micro_batches=m,
                                    graphs=self._decode_graphs(model, layout, cache), key_mass=self._kv.key_mass)
-        eos = set(spec.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self._eos_ids = frozenset(eos)
 
     def _decode_graphs(self, model: Model, layout: Layout, cache) -> DecodeGraphs | None:
         """CUDA graphs for decode steps when this engine can replay them: a CUDA device, an FFN
@@ -319,9 +336,9 @@ class Engine:
             num_blocks=self._kv.pool.num_blocks,
             num_steps=self._num_steps,
             num_preemptions=self._scheduler.num_preemptions,
-            num_prompt_tokens=self._counts["prompt"],
-            num_cached_prompt_tokens=self._counts["cached"],
-            num_generated_tokens=self._counts["generated"],
+            num_prompt_tokens=self._scheduler.num_prompt_tokens,
+            num_cached_prompt_tokens=self._scheduler.num_cached_prompt_tokens,
+            num_generated_tokens=self._scheduler.num_generated_tokens,
             num_step_retries=self._num_retries,
         )
 
@@ -380,7 +397,7 @@ class Engine:
         per_node = await balancer.node_loads()
         if not per_node:
             raise PeerLostError("no expert node answered for load statistics")
-        router = torch.tensor(balancer.remote.placement.has_router)  # [L] layers with experts
+        router = torch.tensor(balancer.links.placement.has_router)  # [L] layers with experts
         return node_balancedness(torch.stack([n.sum(-1) for n in per_node.values()], -1)[router])  # [L_moe, N]
 
     async def rebalance(self):
@@ -419,9 +436,14 @@ class Engine:
         except Exception as exc:  # a chat template that raises, a tokenizer that refuses the text
             raise RequestError(f"cannot tokenize the prompt: {type(exc).__name__}: {exc}") from exc
 
-    async def _add(self, prompt: Prompt, params: SamplingParams | None) -> _Request:
+    def _check_running(self) -> None:
+        if self._state is EngineState.FAILED:
+            raise EngineFailedError(f"the engine's step loop stopped ({self._failure}); close it and start a new one")
         if self._state is not EngineState.RUNNING:
             raise EngineClosedError(f"the engine is {self._state.value}: use `async with Engine(...)` or await start()")
+
+    async def _add(self, prompt: Prompt, params: SamplingParams | None) -> _Request:
+        self._check_running()
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be SamplingParams, not {type(params).__name__}")
@@ -429,8 +451,7 @@ class Engine:
             raise InvalidSamplingParamsError(f"pruning: {_MLA_H2O}")
         check_prompt_size(prompt, self.max_prompt_chars, self.max_model_len)
         ids = await asyncio.get_running_loop().run_in_executor(self._tokenize_executor, self._tokenize_checked, prompt)
-        if self._state is not EngineState.RUNNING:
-            raise EngineClosedError("the engine was closed while the prompt was tokenized")
+        self._check_running()  # it may have closed or failed while the prompt was tokenized
         if not ids:
             raise EmptyPromptError("the prompt is empty after tokenization")
         if len(ids) >= self.max_model_len:
@@ -444,7 +465,6 @@ class Engine:
         seq = Sequence(seq_id, ids, params, seed, self.max_model_len, time.monotonic())
         req = self._requests[seq_id] = _Request(seq, self.tokenizer)
         self._scheduler.add(seq)
-        self._counts["prompt"] += len(ids)
         self._wakeup.set()
         return req
 
@@ -510,19 +530,17 @@ class Engine:
                                                      expert=exc.expert, nodes=exc.nodes)
                     else:
                         err = RequestFailedError(f"request {seq.seq_id} failed: {exc}")
-                    self._finish_with_error(seq, err)
+                    self._fail(seq, err)
                 continue
             self._num_steps += 1
             if self._auto_micro_batches and self._num_steps % 32 == 0:
                 self._runner.micro_batches = self._auto_m()
             now = time.monotonic()
-            for (seq, n), chunk, res in zip(step, plan, results):
-                if seq.seq_id in self._aborts or seq.status is not SeqStatus.RUNNING:
-                    continue
-                if res.error is not None:  # this request alone: the others of the step go on
-                    self._finish_with_error(seq, RequestFailedError(f"request {seq.seq_id} failed: {res.error}"))
-                    continue
-                self._advance(seq, n, chunk.start_pos, res, now)
+            for seq, res, finish in self._scheduler.postprocess(step, plan, results, now, skip=self._aborts):
+                if res.error is not None:  # the scheduler failed this request alone: the others go on
+                    self._deliver(seq, RequestFailedError(f"request {seq.seq_id} failed: {res.error}"))
+                else:
+                    self._emit(seq, res, finish, now)
 
     def _auto_m(self) -> int:
         """MegaScale-Infer's rule m >= 2(1 + T_c/T_f), T_f = max(T_attn, T_ffn), kept in [2, 4]."""
@@ -534,9 +552,7 @@ class Engine:
         for seq_id in self._aborts:
             req = self._requests.pop(seq_id, None)
             if req is not None and req.seq.status is not SeqStatus.FINISHED:
-                self._scheduler.remove(req.seq)
-                req.seq.status = SeqStatus.FINISHED
-                req.seq.finish_reason = "abort"
+                self._scheduler.abort(req.seq)
         self._aborts.clear()
 
     def _fail_rows(self, step: list, plan: list, exc: ExpertRowsUnavailableError) -> None:
@@ -550,47 +566,25 @@ class Engine:
             start = end
             if cause is not None:
                 failed.append(seq.seq_id)
-                self._finish_with_error(seq, ExpertUnavailableError(
+                self._fail(seq, ExpertUnavailableError(
                     f"request {seq.seq_id} failed: {cause}", layer=cause.layer, expert=cause.expert, nodes=cause.nodes))
         log.warning("step: %d of %d requests routed to experts without a live replica, ended: %s; computing "
                     "the others again", len(failed), len(step), failed)
 
-    def _finish_with_error(self, seq: Sequence, exc: BaseException) -> None:
-        self._scheduler.remove(seq)
-        seq.status = SeqStatus.FINISHED
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        self._scheduler.fail(seq)
+        self._deliver(seq, exc)
+
+    def _deliver(self, seq: Sequence, exc: BaseException) -> None:
+        """The request of an ended sequence gets `exc`."""
         req = self._requests.pop(seq.seq_id, None)
         if req is not None:
             req.queue.put_nowait(exc)
 
-    def _advance(self, seq: Sequence, n: int, start_pos: int, res: ChunkResult, now: float) -> None:
-        seq.num_computed += n
-        self._kv.commit(seq.seq_id, seq.token_ids, seq.num_computed)
-        if res.prompt_logprobs:
-            for j, entry in enumerate(res.prompt_logprobs):
-                pos = start_pos + 1 + j
-                while len(seq.prompt_logprobs) <= pos:
-                    seq.prompt_logprobs.append(None)
-                seq.prompt_logprobs[pos] = entry
-        if res.token_id is None:
-            return
+    def _emit(self, seq: Sequence, res: ChunkResult, finish: str | None, now: float) -> None:
+        """Stream the token the scheduler appended: its text (a stop string ends the request
+        too), and the request's end when it finished."""
         tok = res.token_id
-        seq.token_ids.append(tok)
-        seq.logprobs.append(res.logprob)
-        if seq.top_logprobs is not None:
-            seq.top_logprobs.append(res.top or {})
-        m = seq.metrics
-        if m.first_token_s is None:
-            m.first_token_s = now
-            self._counts["cached"] += m.num_cached_tokens
-        m.token_times_s.append(now)
-        self._counts["generated"] += 1
-
-        p = seq.params
-        finish = None
-        if (not p.ignore_eos and tok in self._eos_ids) or tok in p.stop_token_ids:
-            finish = "stop"
-        elif seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= seq.max_len:
-            finish = "length"
         req = self._requests[seq.seq_id]
         text_delta, stopped = self._detokenize(req, finish is not None)
         if stopped:
@@ -607,12 +601,9 @@ class Engine:
             chunk.prompt_token_ids = seq.token_ids[: seq.num_prompt_tokens]
             req.sent_first_chunk = True
         if finish is not None:
-            seq.finish_reason = finish
-            seq.status = SeqStatus.FINISHED
-            m.finished_s = now
+            self._scheduler.finish(seq, finish, now)
             chunk.finish_reason = finish
-            chunk.metrics = m
-            self._scheduler.remove(seq)
+            chunk.metrics = seq.metrics
             del self._requests[seq.seq_id]
         req.queue.put_nowait(chunk)
 

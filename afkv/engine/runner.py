@@ -1,7 +1,8 @@
 """ModelRunner: executes one scheduled step on the model worker thread.
 
-The event loop hands it a `StepPlan` of plain Python values and gets plain Python
-values back; all torch work (building inputs, the forward pass, sampling) happens here.
+The event loop hands it a step's plan (a list of ChunkPlan: plain Python values) and gets
+ChunkResults (plain Python values) back; all torch work (building inputs, the forward pass,
+sampling) happens here.
 """
 
 from __future__ import annotations

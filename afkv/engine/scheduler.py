@@ -13,9 +13,15 @@ those blocks are read: it keeps its place and the sequences behind it may be adm
 first. The next `prefetch_depth` waiting sequences get their disk blocks read ahead.
 
 KV pruning (afkv.kv.pruning; a request's own or the engine's `[kv.pruning]`): before a running
-sequence's table grows, the KV manager drops what its policy says; the sequence counts the
-dropped tokens, so token p is computed into slot p - num_dropped. A preempted pruned sequence
-recomputes from its tokens (pruning again as it goes).
+sequence's table grows, the KV manager drops what its policy says and counts the dropped
+tokens (`kv.num_dropped`, the one count), so token p is computed into slot p - num_dropped. A preempted
+pruned sequence recomputes from its tokens (pruning again as it goes).
+
+After a step, `postprocess` commits it: computed tokens and their KV, prompt logprobs, the
+sampled token, a finish by token rules (EOS, stop token ids, length), or the failure of a
+request whose sampling failed. The engine adds what only text can tell (a stop string) with
+`finish`, and ends requests with `abort` and `fail`. These are the only places a sequence
+changes after it was added (nano-vllm's `postprocess` shape).
 
 KV transfers: `schedule` collects finished ones first (`kv.poll`) and submits the ones it
 queued last (`kv.flush`), before the engine submits the step it planned.
@@ -27,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass
 from itertools import islice
 
-from afkv.engine.runner import ChunkPlan, SampleSpec
+from afkv.engine.runner import ChunkPlan, ChunkResult, SampleSpec
 from afkv.engine.sequence import Sequence, SeqStatus
 from afkv.kv.manager import KVManager
 from afkv.kv.pruning import KVPruning
@@ -40,31 +46,38 @@ class SchedulerLimits:
 
 
 class Scheduler:
-    """Owner of the waiting queue, the running list and the set of sequences prefetched.
+    """Owner of the waiting queue, the running list, the set of sequences prefetched, and of
+    every Sequence added to it (the engine only reads them).
 
     Waiting sequences hold KV blocks only while their prefix is loading (and within one
     `schedule` call): one that cannot get blocks releases them, along with every other
     waiting sequence that is not loading, so with nothing running the head always fits."""
 
-    def __init__(self, kv: KVManager, limits: SchedulerLimits, pruning: KVPruning | None = None):
+    def __init__(self, kv: KVManager, limits: SchedulerLimits, pruning: KVPruning | None = None,
+                 eos_ids: frozenset[int] = frozenset()):
         self.kv = kv
         self.limits = limits
         self.pruning = pruning or KVPruning()  # for requests that do not set their own
+        self.eos_ids = eos_ids  # sampled, they end a request (unless it ignores EOS)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_prompt_tokens = 0  # of the sequences added
+        self.num_cached_prompt_tokens = 0  # found in the cache, counted at each request's first token
+        self.num_generated_tokens = 0
         self._prefetched: set[int] = set()  # waiting sequence ids whose disk blocks were read ahead
 
     def add(self, seq: Sequence) -> None:
         if seq.pruning is None:
             seq.pruning = self.pruning
         self.waiting.append(seq)
+        self.num_prompt_tokens += seq.num_prompt_tokens
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def remove(self, seq: Sequence) -> None:
-        """Take a sequence out (finished or aborted) and free its blocks."""
+    def _remove(self, seq: Sequence) -> None:
+        """Take a sequence out and free its blocks."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -72,10 +85,32 @@ class Scheduler:
         self._prefetched.discard(seq.seq_id)
         self.kv.free(seq.seq_id)
 
+    def finish(self, seq: Sequence, reason: str, now: float) -> None:
+        """End a sequence that completed ("stop", "length")."""
+        self._remove(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.metrics.finished_s = now
+
+    def abort(self, seq: Sequence) -> None:
+        """End a sequence its caller gave up on."""
+        self._remove(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = "abort"
+
+    def fail(self, seq: Sequence) -> None:
+        """End a sequence by a fault (its request gets the error)."""
+        self._remove(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def _num_slots(self, seq: Sequence) -> int:
+        """Tokens of `seq` held in the KV cache."""
+        return seq.num_computed - self.kv.num_dropped(seq.seq_id)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq.seq_id)
-        seq.num_computed = seq.num_dropped = 0
+        seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -90,9 +125,9 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            seq.num_dropped += self.kv.prune(seq.seq_id, seq.num_kv_slots)
+            self.kv.prune(seq.seq_id, self._num_slots(seq))
             n = min(seq.num_uncomputed, budget)
-            while not self.kv.allocate(seq.seq_id, seq.num_kv_slots + n):
+            while not self.kv.allocate(seq.seq_id, self._num_slots(seq) + n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -111,7 +146,6 @@ class Scheduler:
                 i += 1
                 continue
             seq.num_computed = cached
-            seq.num_dropped = 0
             if seq.metrics.first_token_s is None:
                 seq.metrics.num_cached_tokens = min(cached, seq.num_prompt_tokens)
             n = min(seq.num_uncomputed, budget)
@@ -138,7 +172,7 @@ class Scheduler:
         for seq in self.waiting:
             if seq is not keep and self.kv.has(seq.seq_id) and not self.kv.is_loading(seq.seq_id):
                 self.kv.free(seq.seq_id)
-                seq.num_computed = seq.num_dropped = 0
+                seq.num_computed = 0
                 released = True
         return released
 
@@ -169,11 +203,56 @@ class Scheduler:
                     token_ids=tuple(seq.token_ids[start:end]),
                     start_pos=start,
                     block_table=tuple(self.kv.block_table(seq.seq_id)),
-                    num_dropped=seq.num_dropped,
+                    num_dropped=self.kv.num_dropped(seq.seq_id),
                     score_keys=seq.pruning.needs_scores,
                     sample=sample,
                     prompt_targets=targets,
                     num_prompt_top=seq.params.prompt_logprobs or 0,
                 )
             )
+        return out
+
+    def postprocess(self, step: list[tuple[Sequence, int]], plan: list[ChunkPlan], results: list[ChunkResult],
+                    now: float, skip: set[int] = frozenset()) -> list[tuple[Sequence, ChunkResult, str | None]]:
+        """Commit a computed step. Per running sequence (not in `skip`: aborted meanwhile): its
+        chunk's tokens are computed and their full blocks registered, prompt logprobs kept, the
+        sampled token appended; a sequence whose sampling failed is failed instead. -> (sequence,
+        its result, finish reason by token rules or None) for each sequence that failed or got a
+        token; a finish reason is not applied yet (the engine may find a stop string first)."""
+        out = []
+        for (seq, n), chunk, res in zip(step, plan, results):
+            if seq.seq_id in skip or seq.status is not SeqStatus.RUNNING:
+                continue
+            if res.error is not None:  # this request alone: the others of the step go on
+                self.fail(seq)
+                out.append((seq, res, None))
+                continue
+            seq.num_computed += n
+            self.kv.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+            if res.prompt_logprobs:
+                for j, entry in enumerate(res.prompt_logprobs):
+                    pos = chunk.start_pos + 1 + j
+                    while len(seq.prompt_logprobs) <= pos:
+                        seq.prompt_logprobs.append(None)
+                    seq.prompt_logprobs[pos] = entry
+            if res.token_id is None:
+                continue
+            tok = res.token_id
+            seq.token_ids.append(tok)
+            seq.logprobs.append(res.logprob)
+            if seq.top_logprobs is not None:
+                seq.top_logprobs.append(res.top or {})
+            m = seq.metrics
+            if m.first_token_s is None:
+                m.first_token_s = now
+                self.num_cached_prompt_tokens += m.num_cached_tokens
+            m.token_times_s.append(now)
+            self.num_generated_tokens += 1
+            p = seq.params
+            finish = None
+            if (not p.ignore_eos and tok in self.eos_ids) or tok in p.stop_token_ids:
+                finish = "stop"
+            elif seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= seq.max_len:
+                finish = "length"
+            out.append((seq, res, finish))
         return out

@@ -1,4 +1,8 @@
-"""Sequence: one request's state inside the engine (owned by the scheduler, loop thread only)."""
+"""Sequence: one request's state inside the engine.
+
+Owned by the Scheduler (afkv.engine.scheduler), on the loop thread: only it changes a
+sequence once added; the engine reads them. Tokens pruning dropped from its cache are
+counted by the KV manager (`KVManager.num_dropped`)."""
 
 from __future__ import annotations
 
@@ -22,8 +26,7 @@ class Sequence:
         self.token_ids: list[int] = list(prompt_ids)  # prompt + output
         self.num_prompt_tokens = len(prompt_ids)
         self.max_len = max_len  # total tokens allowed (context limit)
-        self.num_computed = 0  # tokens whose KV was computed (kept in the cache, or pruned from it)
-        self.num_dropped = 0  # computed tokens pruned from the cache: token p sits in slot p - num_dropped
+        self.num_computed = 0  # tokens whose KV was computed (kept in the cache, or pruned from it: KVManager.num_dropped)
         self.pruning: KVPruning | None = params.pruning  # None: the engine's default (set by the scheduler)
         self.status = SeqStatus.WAITING
         self.finish_reason: str | None = None
@@ -43,11 +46,6 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed
-
-    @property
-    def num_kv_slots(self) -> int:
-        """Tokens held in the KV cache."""
-        return self.num_computed - self.num_dropped
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
+
+from afkv.kv.checks import owned
 
 BlockHash = bytes
 
@@ -27,6 +29,17 @@ def chain_hash(parent: BlockHash | None, token_ids: Sequence[int], salt: bytes =
     return h.digest()
 
 
+def chain_hashes(token_ids: Sequence[int], block_size: int, num_blocks: int, salt: bytes = b"",
+                 known: Sequence[BlockHash] = ()) -> Iterator[BlockHash]:
+    """The chained hashes of blocks len(known) .. num_blocks - 1 of token_ids (each a full block
+    of block_size tokens), continuing the chain `known` (the hashes of the blocks before). The one
+    place block hashes are computed: prefix matching, prefetching and registration all use it."""
+    parent = known[-1] if known else None
+    for b in range(len(known), num_blocks):
+        parent = chain_hash(parent, token_ids[b * block_size : (b + 1) * block_size], salt)
+        yield parent
+
+
 class BlockPool:
     """Owner of (and the only code that touches) these fields:
 
@@ -37,7 +50,7 @@ class BlockPool:
     """
 
     def __init__(self, num_blocks: int, on_evict: Callable[[int, BlockHash], None] | None = None):
-        assert num_blocks > 0
+        assert num_blocks > 0  # sized by the config, which refuses 0
         self.num_blocks = num_blocks
         self._on_evict = on_evict
         self._ref_counts = [0] * num_blocks
@@ -83,14 +96,14 @@ class BlockPool:
 
     def acquire(self, block_id: int) -> None:
         """Take one more reference on a cached block (prefix hit)."""
-        assert self._hash_of[block_id] is not None, "only registered blocks are shared"
+        owned(self._hash_of[block_id] is not None, f"block {block_id} is shared but not registered")
         if self._ref_counts[block_id] == 0:
             del self._free[block_id]
         self._ref_counts[block_id] += 1
 
     def release(self, block_ids: Sequence[int]) -> None:
         for block_id in block_ids:
-            assert self._ref_counts[block_id] > 0, f"double free of block {block_id}"
+            owned(self._ref_counts[block_id] > 0, f"double free of block {block_id}")
             self._ref_counts[block_id] -= 1
             if self._ref_counts[block_id] == 0:
                 self._free[block_id] = None
@@ -98,8 +111,8 @@ class BlockPool:
     def register(self, block_id: int, block_hash: BlockHash) -> bool:
         """Record that a full block holds the content `block_hash`. False when another block
         already holds the same content (this one then stays private and is freed as usual)."""
-        assert self._ref_counts[block_id] > 0
-        assert self._hash_of[block_id] is None
+        owned(self._ref_counts[block_id] > 0, f"block {block_id} is registered while free")
+        owned(self._hash_of[block_id] is None, f"block {block_id} is registered twice")
         if block_hash in self._cached:
             return False
         self._cached[block_hash] = block_id
@@ -107,9 +120,10 @@ class BlockPool:
         return True
 
     def check_invariants(self) -> None:
-        """Accounting invariants (used by tests)."""
-        assert all(r >= 0 for r in self._ref_counts)
-        assert set(self._free) == {b for b, r in enumerate(self._ref_counts) if r == 0}
+        """Accounting invariants (tests; BlockOwnershipError naming the first that fails)."""
+        owned(all(r >= 0 for r in self._ref_counts), "a negative ref count")
+        owned(set(self._free) == {b for b, r in enumerate(self._ref_counts) if r == 0},
+              "the free list differs from the blocks with ref count 0")
         for h, b in self._cached.items():
-            assert self._hash_of[b] == h
-        assert sum(h is not None for h in self._hash_of) == len(self._cached)
+            owned(self._hash_of[b] == h, f"block {b} is cached under a hash it does not hold")
+        owned(sum(h is not None for h in self._hash_of) == len(self._cached), "registered blocks differ from the cache")

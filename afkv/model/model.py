@@ -1,6 +1,6 @@
 """The decoder layer loop, joining the attention side to an FFN backend at the AF seam.
 
-With m micro-batches the loop is the ping-pong of DESIGN.md: while the FFN backend
+With m micro-batches the loop is a ping-pong (MegaScale-Infer's): while the FFN backend
 works on micro-batch i of layer l, the attention side computes micro-batch i+1.
 
     for layer l:

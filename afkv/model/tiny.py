@@ -1,4 +1,6 @@
-"""Tiny random Hugging Face checkpoints of each supported family, for tests and CI.
+"""Tiny random Hugging Face checkpoints of each supported family, for tests and CI, and a
+Mixtral whose routers prefer experts by a Zipf law (`write_zipf_checkpoint`: EPLB tests and
+`afkv bench eplb`).
 
 Written through transformers' own config and model classes (`pip install transformers`),
 so the files are exactly what a real checkpoint of that family looks like.
@@ -7,6 +9,10 @@ so the files are exactly what a real checkpoint of that family looks like.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 FAMILIES = ("llama", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 
@@ -94,3 +100,58 @@ def write_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, std: 
     out = Path(out_dir)
     model.save_pretrained(out)
     return out
+
+
+_GATE = "model.layers.{}.block_sparse_moe.gate.weight"
+
+
+def write_zipf_checkpoint(out_dir: str | Path, exponent: float = 1.0, seed: int = 0, *, num_experts: int = 8,
+                          num_layers: int = 3, hidden_size: int = 64, intermediate_size: int = 48,
+                          top_k: int = 2, noise_std: float = 1.3, router_bias: torch.Tensor | None = None) -> Path:
+    """A random Mixtral checkpoint whose router logits are about zipf_router_bias(E, exponent)
+    plus per-token noise, so experts are picked with Zipf-like popularity.
+
+    A random model has no router bias term, so one is built in: embedding channel 0 is a
+    constant, which reaches every router input; router column 0 turns it into the bias.
+    The other router columns are made orthogonal to the mean router input (no common
+    preference) and scaled to give logit noise of `noise_std` per token. Means are measured
+    with transformers on random tokens, layer by layer. Layer i's bias uses seed*1000 + i;
+    `router_bias` [layers, experts] (log popularity) replaces the Zipf biases when given.
+    Needs transformers (the `test` extra)."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from afkv.eplb import zipf_router_bias
+
+    out = write_tiny_checkpoint("mixtral", out_dir, seed=seed, num_local_experts=num_experts,
+                                num_hidden_layers=num_layers, hidden_size=hidden_size,
+                                intermediate_size=intermediate_size, num_experts_per_tok=top_k)
+    path = Path(out) / "model.safetensors"
+    tensors = load_file(path)
+    embed = tensors["model.embed_tokens.weight"]  # [V, H]
+    embed[:, 0] = embed[:, 1:].pow(2).mean().sqrt() * 8  # a constant channel, several times the others' RMS
+    tokens = torch.randint(3, embed.shape[0], (16, 48), generator=torch.Generator().manual_seed(seed))
+    for layer in range(num_layers):
+        save_file(tensors, path, metadata={"format": "pt"})
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        seen = []
+        norm = model.model.layers[layer].post_attention_layernorm
+        hook = norm.register_forward_hook(lambda mod, inp, outp: seen.append(outp.detach()))
+        with torch.no_grad():
+            model(tokens)
+        hook.remove()
+        x = seen[0].reshape(-1, hidden_size)  # [N, H] router inputs
+        gate = tensors[_GATE.format(layer)]  # [E, H]
+        rest = x[:, 1:]  # [N, H-1]
+        mean = rest.mean(0)  # [H-1]
+        unit = mean / mean.norm()
+        w = gate[:, 1:] - (gate[:, 1:] @ unit)[:, None] * unit[None, :]  # [E, H-1] no common preference
+        noise = (rest - mean) @ w.T  # [N, E]
+        w = w * (noise_std / noise.std(0).clamp_min(1e-6))[:, None]
+        bias = (zipf_router_bias(num_experts, exponent, seed * 1000 + layer) if router_bias is None
+                else router_bias[layer].float())  # [E]
+        gate[:, 1:] = w
+        gate[:, 0] = (bias - bias.mean()) / x[:, 0].mean() - (w @ mean) / x[:, 0].mean()
+    save_file(tensors, path, metadata={"format": "pt"})
+    return Path(out)

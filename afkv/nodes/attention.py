@@ -1,36 +1,25 @@
-"""Attention-node side of a deployment: find the expert nodes and connect the RemoteFFN."""
+"""Attention-node side of a deployment: find the expert nodes, link them, join the data plane."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 import torch
 
 from afkv.config import DeploymentConfig, EplbConfig
 from afkv.errors import ConfigError
 from afkv.model.spec import ModelSpec
+from afkv.nodes.links import ExpertLinks
 from afkv.nodes.placement import initial_placement
 from afkv.nodes.remote_ffn import RemoteFFN
 from afkv.nodes.rendezvous import lookup, open_store
 
-if TYPE_CHECKING:
-    from afkv.nodes.nccl_ffn import NcclFFN
-
-
-def uses_fixed_buffers(d: DeploymentConfig, device: torch.device) -> bool:
-    """Whether an attention node on `device` uses the fixed-buffer data plane."""
-    if d.data_plane == "auto":
-        return device.type == "cuda"
-    return d.data_plane == "fixed"
-
 
 async def connect_expert_nodes(spec: ModelSpec, d: DeploymentConfig, rank: int, device: torch.device,
-                               dtype: torch.dtype, executor, eplb: EplbConfig | None = None) -> "RemoteFFN | NcclFFN":
-    """Find the expert nodes through the rendezvous store and connect to each: control plane
-    always; with the fixed-buffer data plane (GPUs by default: NCCL) also its connections,
-    made on `executor` (the model worker thread). The placement starts as every node
-    computes it from the config (`initial_placement`)."""
+                               dtype: torch.dtype, executor, eplb: EplbConfig | None = None) -> RemoteFFN:
+    """Find the expert nodes through the rendezvous store, connect to each (ExpertLinks) and
+    join the data plane's peers with each, on `executor` (the model worker thread). The
+    placement starts as every node computes it from the config (`initial_placement`)."""
     eplb = eplb or EplbConfig()
     try:
         placement = initial_placement(spec, d.expert_nodes, eplb.slots_per_node if eplb.enabled else 0)
@@ -46,15 +35,11 @@ async def connect_expert_nodes(spec: ModelSpec, d: DeploymentConfig, rank: int, 
         [address] = await asyncio.to_thread(lookup, store, "expert", j + 1, timeout_s, j)
         return address
 
-    remote = RemoteFFN(placement, resolve, f"attention{rank}", d.token or None, d.expert_timeout_s,
-                       asyncio.get_running_loop(), d.heartbeat_interval_s, executor=executor, rank=rank)
-    await remote.connect()
-    if not uses_fixed_buffers(d, device):
-        return remote
-    from afkv.nodes.nccl_ffn import NcclFFN
-
+    links = ExpertLinks(placement, resolve, f"attention{rank}", d.token or None, d.expert_timeout_s,
+                        asyncio.get_running_loop(), d.heartbeat_interval_s, executor=executor)
+    await links.connect()
     try:
-        return await NcclFFN.connect(remote, spec, store, rank, device, dtype, executor, d.dispatch_capacity, d.host)
+        return await RemoteFFN.connect(links, spec, store, rank, device, dtype, executor, d.dispatch_capacity, d.host)
     except BaseException:
-        await remote.aclose()
+        await links.aclose()
         raise

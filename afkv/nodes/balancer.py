@@ -34,7 +34,7 @@ from afkv.eplb import rebalance
 from afkv.errors import AfkvError, EngineError, PeerLostError
 from afkv.model.spec import ModelSpec
 from afkv.nodes.placement import eplb_placement, num_slots_per_node
-from afkv.nodes.remote_ffn import RemoteFFN
+from afkv.nodes.links import ExpertLinks
 from afkv.transport.tensors import unpack_tensor
 
 log = logging.getLogger("afkv.balancer")
@@ -58,20 +58,20 @@ def node_balancedness(node_loads: torch.Tensor) -> float:
 
 
 class Balancer:
-    def __init__(self, remote: RemoteFFN, spec: ModelSpec, cfg: EplbConfig):
-        self.remote, self.spec, self.cfg = remote, spec, cfg
+    def __init__(self, links: ExpertLinks, spec: ModelSpec, cfg: EplbConfig):
+        self.links, self.spec, self.cfg = links, spec, cfg
         self._lock = asyncio.Lock()  # one rebalance at a time
         self._periodic: asyncio.Task | None = None
         self.last_report: RebalanceReport | None = None
 
     def _live(self) -> list[int]:
-        dead = set(self.remote.dead)
-        return [j for j in range(self.remote.placement.num_nodes) if j not in dead]
+        dead = set(self.links.dead)
+        return [j for j in range(self.links.num_nodes) if j not in dead]
 
     async def node_loads(self, nodes: list[int] | None = None) -> dict[int, torch.Tensor]:
         """node -> its window counts [L, E] int64 (nodes that do not answer are left out)."""
         nodes = self._live() if nodes is None else nodes
-        replies = await asyncio.gather(*(self.remote._request(j, {"type": "stats"}) for j in nodes),
+        replies = await asyncio.gather(*(self.links.request(j, {"type": "stats"}) for j in nodes),
                                        return_exceptions=True)
         out = {}
         for j, r in zip(nodes, replies):
@@ -96,8 +96,8 @@ class Balancer:
 
     async def _rebalance(self) -> RebalanceReport:
         t0 = time.perf_counter()
-        remote, spec = self.remote, self.spec
-        old = remote.placement
+        links, spec = self.links, self.spec
+        old = links.placement
         live = self._live()
         per_node_loads = await self.node_loads(live)
         live = [j for j in live if j in per_node_loads]
@@ -115,15 +115,11 @@ class Balancer:
         after = new.node_loads(loads)[router][:, live]  # [L_moe, N_live]
         added = sum(len(n - o) for j in live for n, o in zip(new.held(j), old.held(j)))
 
-        peers = [[j, *await remote.address(j)] for j in live]
+        peers = [[j, *await links.address(j)] for j in live]
         msg = {"type": "eplb_prepare", "placement": new.to_msg(), "peers": peers}
-        await remote.request_all(msg, live)  # a node lost here aborts: nodes keep serving the old placement too
-        loop = asyncio.get_running_loop()
-        if remote.executor is not None:
-            await loop.run_in_executor(remote.executor, remote.adopt, new)  # between two steps
-        else:
-            remote.adopt(new)
-        commits = await asyncio.gather(*(remote._request(j, {"type": "eplb_commit", "epoch": new.epoch})
+        await links.request_all(msg, live)  # a node lost here aborts: nodes keep serving the old placement too
+        await links.switch(new)  # between two steps
+        commits = await asyncio.gather(*(links.request(j, {"type": "eplb_commit", "epoch": new.epoch})
                                          for j in live), return_exceptions=True)
         for j, c in zip(live, commits):
             if isinstance(c, BaseException):  # it rejoins later with eplb_set

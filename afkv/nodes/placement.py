@@ -5,18 +5,15 @@ expert (`replica_nodes` [L, E, R], -1 padded; `num_replicas` [L, E]). The shared
 and the dense MLP of layer l live on one node, `dense_node[l]` (not replicated).
 
 - `contiguous_placement`: no replicas, node j holds experts [j*E/N, (j+1)*E/N) of every
-  layer (the placement without EPLB; the GPU data plane supports only this one).
+  layer (the placement without EPLB).
 - `eplb_placement`: built from `afkv.eplb.rebalance` output (phy2log per node's slots); a
   hot expert may live on several nodes, and the replicas of one expert are spread over
   distinct nodes where slots allow, so that losing one node leaves a replica elsewhere.
 
-Dispatch (`route`): each (token, expert) pair goes to one replica of its expert, chosen
-by `afkv.eplb.split_among_replicas` (the n-th pair of an expert in row-major order goes to
-replica (n + offset) % live replicas): deterministic and even. Replicas on nodes in `dead`
-are skipped; a pair whose expert has no live replica raises ExpertUnavailableError
-(`unavailable` lists the rows that need such experts, so a caller can leave them out).
-A node receives the rows with at least one pair for it; the ids of pairs it must not
-compute are replaced by `sentinel` (an expert id held by nobody) with weight 0.
+Dispatch is written once, in afkv.nodes.dispatch, over `live_tables` (the replicas of each
+expert on live nodes): each (token, expert) pair goes to one live replica of its expert, and a
+token needing an expert with none ends with `unavailable_error`. `sentinel` is an expert id
+held by nobody: it marks the pairs a node must not compute.
 
 An ExpertPlacement is immutable; `epoch` orders the placements of one deployment.
 """
@@ -27,21 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from afkv.eplb import split_among_replicas
 from afkv.errors import ExpertUnavailableError
 from afkv.model.spec import ModelSpec
 from afkv.transport.tensors import pack_tensor, unpack_tensor
-
-
-@dataclass(frozen=True)
-class Part:
-    """The share of one micro-batch layer sent to one expert node."""
-
-    node: int
-    rows: torch.Tensor | None  # [n] int64 row indices, or None for every row
-    topk_ids: torch.Tensor  # [n, k] int64, pairs of other nodes set to the sentinel
-    topk_weights: torch.Tensor  # [n, k] float32, 0 where the id is the sentinel
-    dense: bool  # this node also computes the layer's dense MLP / shared expert (not replicated)
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,12 +83,11 @@ class ExpertPlacement:
                if self.has_shared[i] or not self.has_router[i]):
             return False
         return all(bool((counts[:-1] > 0)[self.num_replicas[layer] > 0].all())
-                   for layer, (_, counts) in enumerate(self._live_tables(dead)))
+                   for layer, (_, counts) in enumerate(self.live_tables(dead)))
 
-    # ---- dispatch --------------------------------------------------------------------------
-    def _live_tables(self, dead: frozenset[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def live_tables(self, dead: frozenset[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (replica nodes [E + 1, R] with dead ones removed, live counts [E + 1]); the
-        last row is the sentinel's (no node)."""
+        last row is the sentinel's (no node). The tables afkv.nodes.dispatch routes with."""
         tables = self._live.get(dead)
         if tables is None:
             tables = []
@@ -118,79 +102,18 @@ class ExpertPlacement:
             self._live[dead] = tables
         return tables
 
-    def route(self, layer: int, topk_ids: torch.Tensor, offset: int = 0,
-              dead: frozenset[int] = frozenset()) -> torch.Tensor:
-        """topk_ids [T, k] -> node of each pair [T, k] int64 (-1 for sentinel pairs)."""
-        nodes, counts = self._live_tables(dead)[layer]
-        ids = topk_ids.cpu().long()
-        real = ids != self.sentinel  # [T, k]
-        chosen = split_among_replicas(ids, nodes, counts.clamp_min(1), offset)  # [T, k]
-        missing = real & (chosen < 0)
-        if bool(missing.any()):
-            expert = int(ids[missing][0])
-            holders = tuple(int(n) for n in self.replica_nodes[layer, expert] if n >= 0)
-            raise ExpertUnavailableError(
-                f"expert {expert} of layer {layer} has no live replica (held by expert node(s) "
-                f"{', '.join(map(str, holders))}, lost)", layer=layer, expert=expert, nodes=holders)
-        return torch.where(real, chosen, -1)
-
-    def unavailable(self, layer: int, topk_ids: torch.Tensor, dead: frozenset[int],
-                    with_dense: bool = True) -> list[tuple[torch.Tensor, ExpertUnavailableError]]:
-        """Rows of topk_ids [T, k] that need a part with no live node -> [(rows [n] int64, error)],
-        one entry per lost expert (or the dense / shared part, which every row needs)."""
-        if with_dense and (self.has_shared[layer] or not self.has_router[layer]):
-            try:
-                self._dense_home(layer, dead)
-            except ExpertUnavailableError as exc:
-                return [(torch.arange(topk_ids.shape[0]), exc)]
-        if not self.has_router[layer] or not dead:
-            return []
-        _, counts = self._live_tables(dead)[layer]
-        ids = topk_ids.cpu().long()  # [T, k]
-        lost = (counts[ids] == 0) & (ids != self.sentinel)  # [T, k]
-        out = []
-        for expert in ids[lost].unique().tolist():
-            rows = ((ids == expert) & lost).any(-1).nonzero().flatten()  # [n]
-            holders = tuple(int(n) for n in self.replica_nodes[layer, expert] if n >= 0)
-            out.append((rows, ExpertUnavailableError(
-                f"expert {expert} of layer {layer} has no live replica (held by expert node(s) "
-                f"{', '.join(map(str, holders))}, lost)", layer=layer, expert=expert, nodes=holders)))
-        return out
-
-    def parts(self, layer: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor, offset: int = 0,
-              dead: frozenset[int] = frozenset(), with_dense: bool = True) -> list[Part]:
-        """Split one micro-batch layer's pairs among expert nodes (see the module docstring).
-        with_dense=False: the dense / shared part was already sent (a re-dispatch)."""
-        if not self.has_router[layer]:
-            if not with_dense:
-                return []
-            return [Part(self._dense_home(layer, dead), None, topk_ids, topk_weights, True)]
-        chosen = self.route(layer, topk_ids, offset, dead)  # [T, k]
-        ids, w = topk_ids.cpu(), topk_weights.cpu()
-        dense = self._dense_home(layer, dead) if with_dense and self.has_shared[layer] else -1
-        out = []
-        for node in range(self.num_nodes):
-            mine = chosen == node  # [T, k]
-            if node == dense:
-                rows = None
-            else:
-                rows = mine.any(-1).nonzero().flatten()  # [n]
-                if not rows.numel():
-                    continue
-                mine = mine[rows]
-            sel_ids = ids if rows is None else ids[rows]
-            sel_w = w if rows is None else w[rows]
-            out.append(Part(node, rows, torch.where(mine, sel_ids, self.sentinel),
-                            torch.where(mine, sel_w, torch.zeros((), dtype=sel_w.dtype)), node == dense))
-        return out
-
-    def _dense_home(self, layer: int, dead: frozenset[int]) -> int:
-        node = self.dense_node[layer]
-        if node in dead:
-            raise ExpertUnavailableError(
+    def unavailable_error(self, layer: int, expert: int | None) -> ExpertUnavailableError:
+        """What a token needing routed `expert` of `layer` (None: the layer's dense MLP / shared
+        expert) gets when none of its nodes is live."""
+        if expert is None:
+            node = self.dense_node[layer]
+            return ExpertUnavailableError(
                 f"the dense MLP / shared expert of layer {layer} lives only on expert node {node}, lost",
                 layer=layer, expert=None, nodes=(node,))
-        return node
+        holders = tuple(int(n) for n in self.replica_nodes[layer, expert] if n >= 0)
+        return ExpertUnavailableError(
+            f"expert {expert} of layer {layer} has no live replica (held by expert node(s) "
+            f"{', '.join(map(str, holders))}, lost)", layer=layer, expert=expert, nodes=holders)
 
     # ---- wire format -----------------------------------------------------------------------
     def to_msg(self) -> dict:
@@ -258,7 +181,9 @@ def eplb_placement(spec: ModelSpec, num_nodes: int, phy2log: torch.Tensor, nodes
     widths, shared, has_router = _layer_shape(spec)
     e_max = max(widths + [1])
     num_layers, num_slots = phy2log.shape
-    assert num_layers == spec.num_layers and num_slots % len(nodes) == 0
+    if num_layers != spec.num_layers or num_slots % len(nodes):
+        raise ValueError(f"phy2log of {num_layers} layers x {num_slots} slots does not fit {spec.num_layers} layers "
+                         f"on {len(nodes)} nodes")
     per_node = num_slots // len(nodes)
     phy2log = spread_replicas(phy2log, len(nodes))
     slot_node = torch.tensor(nodes, dtype=torch.int64).repeat_interleave(per_node)  # [S]

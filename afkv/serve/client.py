@@ -1,7 +1,7 @@
 """AttachedEngine: the async API of Engine, served by the attention nodes of a running
 deployment (`afkv launch`). Requests are spread over the attention nodes round-robin.
 
-    async with await afkv.Engine.attach("127.0.0.1:29600", token="...") as engine:
+    async with await afkv.attach("127.0.0.1:29600", token="...") as engine:
         async for chunk in engine.generate(prompt, params): ...
 
 The address is the deployment's rendezvous; the token is the deployment's (default
@@ -68,7 +68,7 @@ class AttachedEngine:
     from a request's start to its end."""
 
     def __init__(self, rendezvous: RendezvousClient, num_attention: int, peer_timeout_s: float):
-        """Use `await AttachedEngine.connect(...)` (or `afkv.Engine.attach`)."""
+        """Use `await afkv.attach(...)` (AttachedEngine.connect)."""
         self._rendezvous = rendezvous
         self._peer_timeout_s = peer_timeout_s
         self._clients: list[ControlClient | None] = [None] * num_attention
@@ -242,3 +242,11 @@ class AttachedEngine:
             raise errors.EngineClosedError("this attached engine is closed")
         clients = [await self._client(i) for i in range(len(self._clients))]
         return [await c.request(msg, timeout_s=self._peer_timeout_s) for c in clients]
+
+
+async def attach(address: str, token: str | None = None, timeout_s: float = 30.0,
+                 peer_timeout_s: float = 10.0) -> AttachedEngine:
+    """Connect to a running deployment (`afkv launch`; `address` is its rendezvous,
+    host:port; `token` its token, default $AFKV_TOKEN). Returns an AttachedEngine with the
+    Engine's async API (generate, complete, stats). `afkv.attach` is this function."""
+    return await AttachedEngine.connect(address, token, timeout_s, peer_timeout_s)

@@ -2,7 +2,9 @@
 
 Nodes (attention nodes, expert nodes, the launcher) exchange small control
 messages here: registration, heartbeats, step metadata, placement updates,
-shutdown. Hidden states never travel this way (that is the NCCL data plane).
+shutdown. Hidden states never travel this way: they take the data plane's peers
+(afkv.transport.peer). Expert weights copied between expert nodes may, in bounded frames
+(afkv.nodes.transfer).
 
 Frame on the wire:
 

@@ -1,8 +1,9 @@
-"""Fixed-buffer data plane without GPUs: NcclPeer's calls over one TCP connection.
+"""The host peer of the fixed-buffer data plane: NcclPeer's calls over one TCP connection.
 
-The attention node's NcclFFN and the expert node's step loop send and receive whole
-fixed-capacity buffers through a peer object (afkv.transport.nccl.NcclPeer on GPUs). On a
-machine without GPUs HostPeer stands in, so the same code runs in tests and CI:
+The attention node's RemoteFFN and the expert node's step loop send and receive whole
+fixed-capacity buffers through a Peer (afkv.transport.peer). Between two GPUs that is NCCL;
+on machines without GPUs, and between two processes on one GPU (which NCCL refuses),
+HostPeer carries the same calls through host memory, so the same code runs in tests and CI:
 
 - `new_host_id(host)` opens a listening socket and names it "host:port:nonce"; the id goes
   through the rendezvous store like an NCCL unique id. Rank 0 accepts on it, rank 1
@@ -51,7 +52,9 @@ def _tune(sock: socket.socket) -> None:
 
 
 class HostPeer:
-    """This process's end of a two-rank connection with one peer (NcclPeer's interface)."""
+    """This process's end of a two-rank connection with one peer (afkv.transport.peer.Peer)."""
+
+    graph_safe = False  # every call is host work: never inside a CUDA graph
 
     def __init__(self, unique_id: str, rank: int, device: torch.device, timeout_s: float = 30.0):
         self.device, self.timeout_s = device, timeout_s

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import threading
-import time
 from contextlib import contextmanager
 
 import torch
@@ -70,7 +68,9 @@ def new_unique_id() -> str:
 
 
 class NcclPeer:
-    """This process's end of a two-rank communicator with one peer."""
+    """This process's end of a two-rank communicator with one peer (afkv.transport.peer.Peer)."""
+
+    graph_safe = True  # sends and receives are GPU work: a CUDA graph can capture them
 
     def __init__(self, unique_id: str, rank: int, device: torch.device):
         self.device = device
@@ -111,15 +111,3 @@ class NcclPeer:
         finally:
             _check(_lib().ncclGroupEnd(), "ncclGroupEnd")
 
-
-def abort_all(peers: list[NcclPeer], timeout_s: float) -> bool:
-    """Abort communicators concurrently, one thread each (an abort frees device memory, which
-    waits for every kernel on the device, including those of the communicators not yet
-    aborted). -> whether all returned within timeout_s."""
-    threads = [threading.Thread(target=p.abort, name="afkv-nccl-abort", daemon=True) for p in peers]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout_s
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    return not any(t.is_alive() for t in threads)

@@ -1,6 +1,6 @@
 """Streams and events of one device: CUDA's, or host stand-ins with the same calls.
 
-The fixed-buffer data plane (afkv.nodes.nccl_ffn, the expert node's step loop) orders its
+The fixed-buffer data plane (afkv.nodes.remote_ffn, afkv.nodes.expert_plane) orders its
 sends, receives and compute with streams and events. On a CPU the same code runs with
 host streams: torch work there is synchronous, so every wait is already satisfied, an
 event only notes the time it was recorded (for timings), and the transport's calls do

@@ -92,3 +92,35 @@ def test_sampling_cannot_overflow():
                                         (0.7, 0, 1.0, gens[3])])
     assert ok.tolist() == [True, True, False, False]
     assert tokens[0] == 1 and tokens[1] in (2, 3)
+
+
+async def test_a_step_loop_that_raises_fails_its_requests_instead_of_hanging(tiny_dir, monkeypatch):
+    """A bug in the step path (here the scheduler raising) stops the step loop: every request it
+    held ends with EngineFailedError within a bound, new requests are refused with it, the state
+    says FAILED (so /health reports it), and the engine still closes."""
+    from afkv.engine.engine import EngineState
+    from afkv.errors import EngineFailedError
+
+    async with Engine(tiny_dir["mixtral"], _cfg(), progress=False) as engine:
+        ok = await engine.complete(random_prompt(5, 256, seed=0), GOOD)
+        assert ok.token_ids
+        scheduler = engine._scheduler
+        calls = {"n": 0}
+        schedule = scheduler.schedule
+
+        def broken():
+            calls["n"] += 1
+            if calls["n"] > 2:  # a request is already running when the bug strikes
+                raise AttributeError("injected bug in the scheduler")
+            return schedule()
+
+        monkeypatch.setattr(scheduler, "schedule", broken)
+        pending = [engine.complete(random_prompt(5 + i, 256, seed=i), SamplingParams(max_tokens=64, ignore_eos=True))
+                   for i in range(3)]
+        results = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), timeout=60)
+        assert all(isinstance(r, EngineFailedError) for r in results), results
+        assert "injected bug" in str(results[0])
+        assert engine.state is EngineState.FAILED
+        with pytest.raises(EngineFailedError, match="injected bug"):
+            await engine.complete(random_prompt(5, 256, seed=9), GOOD)
+    assert engine.state is EngineState.CLOSED

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -232,3 +233,50 @@ def test_equal_prefixes_share_blocks(tokens, block_size):
     cached = kv.match_prefix(1, tokens + [3])
     assert cached == len(tokens) // block_size * block_size
     assert kv.block_table(1) == kv.block_table(0)[: cached // block_size]
+
+
+_OPTIMIZED = """
+from afkv.errors import BlockOwnershipError, TierAccountingError
+from afkv.kv.block_pool import BlockPool, chain_hash
+from afkv.kv.formats import RawFormat
+from afkv.kv.layout import KVLayout
+from afkv.kv.tiers.host import HostTier
+import pytest
+import torch
+assert False, "python -O strips asserts: this line must not run"
+pool = BlockPool(2)
+[b] = pool.allocate(1)
+pool.release([b])
+try:
+    pool.release([b])
+except BlockOwnershipError as e:
+    print("pool:", e)
+host = HostTier(RawFormat(KVLayout(1, 1, 2, 2, torch.float32)), 2, "lru", pin_memory=False)
+host.reserve(chain_hash(None, [1]), loading=False)
+try:
+    host.reserve(chain_hash(None, [1]), loading=False)
+except TierAccountingError as e:
+    print("host:", e)
+"""
+
+
+def test_invariants_that_guard_data_are_typed_errors_even_under_python_O():
+    """Block ownership and tier accounting raise KVError subclasses, which `python -O` keeps
+    (it strips asserts): a double free, a sequence admitted twice, a host entry reserved twice."""
+    from afkv.errors import BlockOwnershipError, KVError
+
+    kv = _manager()
+    kv.match_prefix(0, [1, 2, 3])
+    assert kv.allocate(0, 3)
+    with pytest.raises(BlockOwnershipError, match="admitted twice"):
+        kv.match_prefix(0, [1, 2, 3])
+    block = kv.block_table(0)[0]
+    kv.free(0)
+    with pytest.raises(BlockOwnershipError, match=f"double free of block {block}"):
+        kv.pool.release([block])
+    assert issubclass(BlockOwnershipError, KVError)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.run([sys.executable, "-O", "-c", _OPTIMIZED], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert "pool: double free of block 0" in child.stdout and "host: host entry" in child.stdout, child.stdout

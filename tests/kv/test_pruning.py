@@ -146,6 +146,7 @@ def test_streaming_releases_shared_prefix_blocks_without_touching_them():
     assert all(kv.pool.ref_count(b) == 2 for b in shared)
     before = kv.kv.clone()
     assert kv.prune(1, 16) == 8  # blocks 1 and 2 (slots 4..11) go; sink block 0 and window block 3 stay
+    assert kv.num_dropped(1) == 8 and kv.num_dropped(0) == 0  # the one count, which the scheduler reads
     assert kv.block_table(1) == [shared[0], kv.block_table(1)[1]]
     assert [kv.pool.ref_count(b) for b in shared] == [2, 1, 1]
     kv.flush()

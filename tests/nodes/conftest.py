@@ -1,9 +1,9 @@
 """Fixtures shared by the EPLB tests: a synthetic Mixtral whose routers prefer experts by a
-Zipf law (afkv.bench.eplb.write_zipf_checkpoint), and its spec."""
+Zipf law (afkv.model.tiny.write_zipf_checkpoint), and its spec."""
 
 import pytest
 
-from afkv.bench.eplb import write_zipf_checkpoint
+from afkv.model.tiny import write_zipf_checkpoint
 from afkv.model.model import open_checkpoint
 
 

@@ -1,6 +1,8 @@
-"""Attention-FFN disaggregation on the CPU: expert nodes as processes on loopback.
+"""Attention-FFN disaggregation on the CPU: expert nodes as processes on loopback, the
+fixed-buffer data plane over host peers.
 
-Every topology and micro-batch count must give the colocated engine's greedy tokens.
+Every topology and micro-batch count must give the colocated engine's greedy tokens (each
+expert node receives only its rows; qwen2_moe: plus the shared expert's, every row).
 """
 
 import asyncio
@@ -12,6 +14,7 @@ import time
 
 import pytest
 
+import afkv
 from afkv import Engine, EngineConfig, SamplingParams
 from afkv.errors import AuthError, PromptTooLongError, RequestFailedError, TransportError
 from afkv.serve.launch import Deployment
@@ -50,7 +53,7 @@ async def _colocated(model, cfg: EngineConfig, prompts, params=PARAMS):
         return [r.token_ids for r in await asyncio.gather(*(e.complete(p, params) for p in prompts))]
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe", "default"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "qwen3_moe", "default"])
 def model(request, tiny_dir, default_model_dir):
     return None if request.param == "default" else str(tiny_dir[request.param])
 
@@ -67,6 +70,7 @@ async def test_topologies_match_colocated(model, attention, experts, tmp_path):
         for e in engines:
             await e.start()
         try:
+            assert type(engines[0]._remote).__name__ == "RemoteFFN"
             for m in (1, 2, 3):
                 for e in engines:
                     e.set_micro_batches(m)
@@ -155,11 +159,10 @@ async def test_token_required_and_bad_frames_rejected(tiny_dir, tmp_path):
             async with asyncio.timeout(5):
                 await reader.read()  # the node closes the connection
             writer.close()
-        # a malformed ffn request from an authenticated peer gets an error, the node keeps serving
+        # a malformed step from an authenticated peer gets an error, the node keeps serving
         client = await ControlClient.connect(host, port, token="s3cret", role="attention", node_id="probe")
-        with pytest.raises(TransportError, match="tensor frame holds 1 bytes"):
-            await client.request({"type": "ffn", "layer": 0, "x": {"dtype": "float32", "shape": [1, 7], "data": b"x"},
-                                  "ids": {}, "w": {}}, timeout_s=5)
+        with pytest.raises(TransportError, match="malformed step"):
+            await client.request({"type": "step", "caps": "x", "mb_caps": [16]}, timeout_s=5)
         await client.aclose()
         async with Engine(model, _attached_config(path, dep), progress=False) as engine:
             assert len((await engine.complete([1, 2, 3], PARAMS)).token_ids) == 12
@@ -171,7 +174,7 @@ async def test_launch_and_attach(tiny_dir, tmp_path):
     prompts = [random_prompt(5 + i, 256, seed=i) for i in range(4)]
     with Deployment(path, model) as dep:
         expected = await _colocated(model, _attached_config(path, dep), prompts)
-        async with await Engine.attach(dep.address, token=dep.token) as engine:
+        async with await afkv.attach(dep.address, token=dep.token) as engine:
             got = await asyncio.gather(*(engine.complete(p, PARAMS) for p in prompts))
             assert [g.token_ids for g in got] == expected
             assert got[0].prompt_token_ids == prompts[0] and got[0].metrics.ttft_s > 0

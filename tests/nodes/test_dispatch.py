@@ -1,12 +1,11 @@
-"""Per-peer dispatch of the fixed-buffer data plane (afkv.nodes.dispatch), against the CPU
-data plane's reference split (ExpertPlacement.route / parts)."""
+"""The routing rule and per-peer dispatch of the data plane (afkv.nodes.dispatch), against a
+plain-Python reference of the documented rule."""
 
 import pytest
 import torch
 
 from afkv.model.spec import ModelSpec
-from afkv.nodes.dispatch import DispatchTables, combine, pack
-from afkv.nodes.nccl_ffn import capacity, peer_capacity, row_shares
+from afkv.nodes.dispatch import DispatchTables, capacity, combine, pack, peer_capacity, row_shares
 from afkv.nodes.placement import contiguous_placement, eplb_placement
 
 
@@ -38,27 +37,62 @@ def _partial(x, ids, w, sentinel):
     return y
 
 
+def _reference_route(p, layer, ids, offset, dead):
+    """The rule as documented, one pair at a time: the n-th pair of an expert (row-major)
+    goes to its live replica (n + offset) % (live replicas), in replica order; -1 for the
+    sentinel and for an expert without a live replica."""
+    out = torch.full_like(ids, -1)
+    seen: dict[int, int] = {}
+    for r in range(ids.shape[0]):
+        for c in range(ids.shape[1]):
+            e = int(ids[r, c])
+            if e == p.sentinel:
+                continue
+            live = [int(n) for n in p.replica_nodes[layer, e] if n >= 0 and int(n) not in dead]
+            n = seen.get(e, 0)
+            seen[e] = n + 1
+            if live:
+                out[r, c] = live[(n + offset) % len(live)]
+    return out
+
+
 @pytest.mark.parametrize("offset", [0, 3])
-def test_assign_matches_the_cpu_split_with_replicas_and_dead_nodes(offset):
+def test_assign_follows_the_rule_with_replicas_and_dead_nodes(offset):
     spec = _spec()
     phy2log = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2]] * spec.num_layers)  # 3 nodes x 4 slots
     p = eplb_placement(spec, 3, phy2log, [0, 1, 2], epoch=1)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 8, (40, 2), generator=gen)
     ids[5, 1] = p.sentinel
-    for dead in (frozenset(), frozenset({1})):
+    holder = int(p.replica_nodes[0, 5, 0])  # expert 5 has one replica
+    for dead in (frozenset(), frozenset({1}), frozenset({holder})):
         t = DispatchTables(p, torch.device("cpu"), dead)
-        got = t.assign(0, ids, torch.tensor(offset))
-        live = p.unavailable(0, ids, dead)
-        if live:  # experts without a live replica: -1 there, the reference split elsewhere
-            lost = torch.zeros_like(ids, dtype=torch.bool)
-            for rows, exc in live:
-                lost[rows] |= ids[rows] == exc.expert
-            assert bool((got[lost] == -1).all())
-            assert t.lost_rows(0, ids).nonzero().flatten().tolist() == sorted({int(r) for r, _ in lost.nonzero()})
-        else:
-            assert torch.equal(got, p.route(0, ids, offset, dead))
-            assert not bool(t.lost_rows(0, ids).any())
+        want = _reference_route(p, 0, ids, offset, dead)
+        assert torch.equal(t.assign(0, ids, torch.tensor(offset)), want)
+        # a row needing an expert without a live replica is lost, naming the lowest such expert
+        missing = (want == -1) & (ids != p.sentinel)  # [T, k]
+        codes = t.lost_code(0, ids)
+        for r in range(ids.shape[0]):
+            if not bool(missing[r].any()):
+                assert codes[r] == 0
+                continue
+            exc = t.lost_error(int(codes[r]))
+            assert (exc.layer, exc.expert) == (0, int(ids[r][missing[r]].min()))
+            assert set(exc.nodes) <= dead and "no live replica" in str(exc)
+        assert bool(missing.any()) == (holder in dead)
+
+
+def test_lost_dense_part_names_its_node():
+    spec = _spec(shared=16)  # a shared expert per layer, on node dense_node[layer]
+    p = contiguous_placement(spec, 2)
+    home = p.dense_node[1]
+    t = DispatchTables(p, torch.device("cpu"), frozenset({home}))
+    ids = torch.tensor([[0, 1], [6, 7]])
+    codes = t.lost_code(1, ids)
+    assert bool((codes > 0).all())
+    exc = t.lost_error(int(codes[0]))
+    assert (exc.layer, exc.expert, exc.nodes) == (1, None, (home,))
+    assert f"lives only on expert node {home}" in str(exc)
 
 
 def test_pack_sends_each_peer_only_its_rows_and_combine_restores_the_sum():

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from afkv import Engine, EngineConfig, SamplingParams
-from afkv.bench.eplb import write_zipf_checkpoint
+from afkv.model.tiny import write_zipf_checkpoint
 from afkv.eplb import zipf_router_bias
 from afkv.errors import ConfigError, EngineError, ExpertUnavailableError
+from afkv.nodes.dispatch import DispatchTables, pack
 from afkv.nodes.placement import contiguous_placement, eplb_placement, initial_placement, spread_replicas
 from afkv.serve.launch import Deployment
 from tests.helpers import random_prompt
@@ -18,8 +19,8 @@ from tests.helpers import random_prompt
 PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
 
 
-def _config(tmp_path, experts, *, slots=0, enabled=True, timeout_s=5.0, extra="", plane="messages"):
-    path = tmp_path / f"eplb-{experts}f-{slots}-{plane}.toml"
+def _config(tmp_path, experts, *, slots=0, enabled=True, timeout_s=5.0, extra=""):
+    path = tmp_path / f"eplb-{experts}f-{slots}.toml"
     path.write_text(f"""
 [kv]
 block_size = 4
@@ -33,7 +34,6 @@ micro_batches = 2
 port = 0
 expert_timeout_s = {timeout_s}
 heartbeat_interval_s = 0.5
-data_plane = "{plane}"
 [eplb]
 enabled = {str(enabled).lower()}
 slots_per_node = {slots}
@@ -42,12 +42,9 @@ slots_per_node = {slots}
     return path
 
 
-PLANES = pytest.mark.parametrize("plane", ["messages", "fixed"])
-
-
 def _ctl(engine):
-    """The attention node's control plane to the expert nodes (RemoteFFN) on either data plane."""
-    return getattr(engine._remote, "control", engine._remote)
+    """The attention node's links to the expert nodes (ExpertLinks)."""
+    return engine._links
 
 
 def _attached(path, dep):
@@ -66,33 +63,39 @@ def test_route_splits_pairs_evenly_over_live_replicas(spec):
     p = eplb_placement(spec, 3, phy2log, [0, 1, 2], epoch=1)
     assert sorted(int(n) for n in p.replica_nodes[0, 0] if n >= 0) == [0, 1, 2]  # spread: one per node
     ids = torch.tensor([[0, 1]] * 9 + [[0, 5]] * 3)  # [12, 2]: expert 0 twelve times
-    nodes = p.route(0, ids, offset=0)
+    cpu = torch.device("cpu")
+    nodes = DispatchTables(p, cpu).assign(0, ids, 0)
     assert torch.bincount(nodes[:, 0], minlength=3).tolist() == [4, 4, 4]
-    assert torch.equal(p.route(0, ids, offset=0), nodes)  # deterministic
+    assert torch.equal(DispatchTables(p, cpu).assign(0, ids, 0), nodes)  # deterministic
     # node 0 lost: expert 0 goes to its two other replicas, evenly
-    nodes = p.route(0, ids, offset=0, dead=frozenset({0}))
+    t = DispatchTables(p, cpu, frozenset({0}))
+    nodes = t.assign(0, ids, 0)
     assert torch.bincount(nodes[:, 0], minlength=3).tolist() == [0, 6, 6]
-    # each part holds only its own pairs; together they are every pair exactly once
-    parts = p.parts(0, ids, torch.ones(12, 2), dead=frozenset({0}))
+    # each peer's buffer holds only its own pairs; together they are every pair exactly once
+    cap, x = 12, torch.randn(12, spec.hidden_size)
+    src, xb = torch.zeros(3, cap, dtype=torch.int64), torch.zeros(3, cap, spec.hidden_size)
+    idsb, wb = torch.zeros(3, cap, 2, dtype=torch.int32), torch.zeros(3, cap, 2)
+    pack(nodes, ids, torch.ones(12, 2), x, -1, p.sentinel, torch.full((3,), cap), src, xb, idsb, wb)
     seen = torch.zeros(12, 2, dtype=torch.int64)
-    for part in parts:
-        rows = torch.arange(12) if part.rows is None else part.rows
-        real = part.topk_ids != p.sentinel
+    for node in range(3):
+        rows = src[node][src[node] < 12]
+        real = idsb[node, : rows.numel()] != p.sentinel
         seen[rows] += real.long()
-        assert bool((part.topk_weights[~real] == 0).all())
-        held = p.held(part.node)[0]
-        assert all(int(e) in held for e in part.topk_ids[real])
+        assert bool((wb[node, : rows.numel()][~real] == 0).all())
+        held = p.held(node)[0]
+        assert all(int(e) in held for e in idsb[node, : rows.numel()][real])
     assert bool((seen == 1).all())
-    # expert 5 lives only on one node: losing it is a clear error naming layer and expert
+    assert not bool(t.lost_code(0, ids).any())
+    # expert 5 lives only on one node: the rows needing it (rows 9-11) are lost, with an error
+    # naming layer, expert and node; other rows stay routable
     holder = int(p.replica_nodes[0, 5, 0])
-    with pytest.raises(ExpertUnavailableError, match="expert 5 of layer 0") as info:
-        p.route(0, ids, dead=frozenset({holder}))
-    assert info.value.layer == 0 and info.value.expert == 5 and info.value.nodes == (holder,)
+    t = DispatchTables(p, cpu, frozenset({holder}))
+    codes = t.lost_code(0, ids)
+    assert codes.nonzero().flatten().tolist() == [9, 10, 11]
+    exc = t.lost_error(int(codes[9]))
+    assert isinstance(exc, ExpertUnavailableError) and "expert 5 of layer 0" in str(exc)
+    assert exc.layer == 0 and exc.expert == 5 and exc.nodes == (holder,)
     assert p.covered(frozenset()) and not p.covered(frozenset({holder}))
-    # the rows needing it are named instead (rows 9-11 pick expert 5); other rows stay routable
-    [(rows, exc)] = p.unavailable(0, ids, frozenset({holder}))
-    assert rows.tolist() == [9, 10, 11] and exc.expert == 5 and exc.nodes == (holder,)
-    assert p.unavailable(0, ids, frozenset({0})) == []
 
 
 def test_spread_replicas_keeps_counts_and_separates_copies():
@@ -122,10 +125,9 @@ def test_eplb_config_needs_a_deployment(tmp_path):
 
 
 # ---- processes ---------------------------------------------------------------------------------
-@PLANES
-async def test_load_stats_reach_the_coordinator_and_follow_the_zipf_router(zipf_dir, spec, tmp_path, plane):
+async def test_load_stats_reach_the_coordinator_and_follow_the_zipf_router(zipf_dir, spec, tmp_path):
     model = str(zipf_dir)
-    path = _config(tmp_path, 2, plane=plane)
+    path = _config(tmp_path, 2)
     prompts = [random_prompt(8 + i, 256, seed=10 + i) for i in range(6)]
     with Deployment(path, model, start_attention=False) as dep:
         async with Engine(model, _attached(path, dep), progress=False) as engine:
@@ -142,10 +144,9 @@ async def test_load_stats_reach_the_coordinator_and_follow_the_zipf_router(zipf_
         assert loads[layer, hottest] >= loads[layer].float().mean()
 
 
-@PLANES
-async def test_live_rebalance_keeps_greedy_tokens(zipf_dir, tmp_path, plane):
+async def test_live_rebalance_keeps_greedy_tokens(zipf_dir, tmp_path):
     model = str(zipf_dir)
-    path = _config(tmp_path, 2, slots=6, plane=plane)
+    path = _config(tmp_path, 2, slots=6)
     prompts = [random_prompt(6 + 3 * i, 256, seed=20 + i) for i in range(6)]
     long = SamplingParams(max_tokens=30, ignore_eos=True)
     with Deployment(path, model, start_attention=False) as dep:
@@ -182,10 +183,9 @@ async def test_live_rebalance_keeps_greedy_tokens(zipf_dir, tmp_path, plane):
             assert kv.num_sequences == 0 and kv.pool.num_free_blocks == kv.pool.num_blocks
 
 
-@PLANES
-async def test_periodic_rebalance_and_second_attention_node_follows(zipf_dir, tmp_path, plane):
+async def test_periodic_rebalance_and_second_attention_node_follows(zipf_dir, tmp_path):
     model = str(zipf_dir)
-    path = _config(tmp_path, 2, slots=6, extra="rebalance_interval_s = 0.5", plane=plane)
+    path = _config(tmp_path, 2, slots=6, extra="rebalance_interval_s = 0.5")
     text = path.read_text().replace("attention_nodes = 1", "attention_nodes = 2")
     path.write_text(text)
     prompts = [random_prompt(7 + i, 256, seed=40 + i) for i in range(4)]
@@ -209,10 +209,9 @@ async def test_periodic_rebalance_and_second_attention_node_follows(zipf_dir, tm
                 assert _ctl(other).placement.epoch == epoch  # learnt from the expert nodes' answers
 
 
-@PLANES
-async def test_expert_node_loss_with_replicas_keeps_tokens_then_rejoins(zipf_dir, tmp_path, plane):
+async def test_expert_node_loss_with_replicas_keeps_tokens_then_rejoins(zipf_dir, tmp_path):
     model = str(zipf_dir)
-    path = _config(tmp_path, 2, slots=8, plane=plane)  # every expert on both nodes
+    path = _config(tmp_path, 2, slots=8)  # every expert on both nodes
     prompts = [random_prompt(6 + 2 * i, 256, seed=30 + i) for i in range(4)]
     long = SamplingParams(max_tokens=40, ignore_eos=True)
     with Deployment(path, model, start_attention=False) as dep:
@@ -239,10 +238,9 @@ async def test_expert_node_loss_with_replicas_keeps_tokens_then_rejoins(zipf_dir
             assert (await _ctl(engine).request_all({"type": "stats"}, [1]))[0]["tokens"] > before
 
 
-@PLANES
-async def test_expert_node_loss_without_replicas_fails_clearly_and_engine_keeps_serving(zipf_dir, tmp_path, plane):
+async def test_expert_node_loss_without_replicas_fails_clearly_and_engine_keeps_serving(zipf_dir, tmp_path):
     model = str(zipf_dir)
-    path = _config(tmp_path, 2, slots=0, timeout_s=3.0, plane=plane)
+    path = _config(tmp_path, 2, slots=0, timeout_s=3.0)
     prompts = [random_prompt(6 + i, 256, seed=50 + i) for i in range(3)]
     long = SamplingParams(max_tokens=400, ignore_eos=True)
     with Deployment(path, model, start_attention=False) as dep:

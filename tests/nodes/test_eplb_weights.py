@@ -61,12 +61,12 @@ async def test_expert_node_holds_its_slots_per_layer_and_copies_gained_experts_f
     nodes = await _nodes(spec, zipf_dir, old, torch.bfloat16)
     try:
         for j, n in enumerate(nodes):
-            assert [set(e) for e in n._ffn.experts] == [set(h) for h in old.held(j)]
+            assert [set(e) for e in n.holdings.ffn.experts] == [set(h) for h in old.held(j)]
         # the holders' copies differ from the checkpoint: only a copy from them can match
         for j, n in enumerate(nodes):
-            for layer, experts in enumerate(n._ffn.experts):
+            for layer, experts in enumerate(n.holdings.ffn.experts):
                 for e in experts:
-                    n._ffn.expert_weights(layer, e)[0].add_(1.0)
+                    n.holdings.ffn.expert_weights(layer, e)[0].add_(1.0)
         peers = [[j, "127.0.0.1", n.port] for j, n in enumerate(nodes)]
         for j, n in enumerate(nodes):
             reply = await _ask(n, {"type": "eplb_prepare", "placement": new.to_msg(), "peers": peers})
@@ -77,14 +77,15 @@ async def test_expert_node_holds_its_slots_per_layer_and_copies_gained_experts_f
         for j, n in enumerate(nodes):
             holder = nodes[1 - j]
             for layer, e in gained[j]:
-                for mine, theirs in zip(n._ffn.expert_weights(layer, e), holder._ffn.expert_weights(layer, e)):
+                for mine, theirs in zip(n.holdings.ffn.expert_weights(layer, e), holder.holdings.ffn.expert_weights(layer, e)):
                     assert mine.dtype == torch.bfloat16 and torch.equal(_bytes(mine), _bytes(theirs))
-            assert n.stats.experts_received == len(gained[j]) and n.stats.experts_from_checkpoint == 0
+            stats = n.stats.snapshot()
+            assert stats["experts_received"] == len(gained[j]) and stats["experts_from_checkpoint"] == 0
         for n in nodes:
             assert (await _ask(n, {"type": "eplb_commit", "epoch": 1}))["epoch"] == 1
         for j, n in enumerate(nodes):  # after the commit each layer holds exactly its slots
-            assert [set(e) for e in n._ffn.experts] == [set(h) for h in new.held(j)]
-            assert [len(e) for e in n._ffn.experts] == [s.gate_up.shape[0] for s in n._ffn.stacked]
+            assert [set(e) for e in n.holdings.ffn.experts] == [set(h) for h in new.held(j)]
+            assert [len(e) for e in n.holdings.ffn.experts] == [s.gate_up.shape[0] for s in n.holdings.ffn.stacked]
     finally:
         for n in nodes:
             await n.aclose()
@@ -99,10 +100,11 @@ async def test_gained_experts_without_a_live_holder_come_from_the_checkpoint(spe
         peers = [[0, "127.0.0.1", port], [1, "127.0.0.1", nodes[1].port]]
         await _ask(nodes[1], {"type": "eplb_set", "placement": new.to_msg(), "peers": peers})
         n = nodes[1]
-        assert n.stats.experts_received == 0 and n.stats.experts_from_checkpoint == 4
+        stats = n.stats.snapshot()
+        assert stats["experts_received"] == 0 and stats["experts_from_checkpoint"] == 4
         ref = load_ffn_side(spec, zipf_dir, CPU, torch.float32)
         for layer, e in [(0, 0), (1, 3), (2, 1), (2, 2)]:
-            for mine, want in zip(n._ffn.expert_weights(layer, e), ref.expert_weights(layer, e)):
+            for mine, want in zip(n.holdings.ffn.expert_weights(layer, e), ref.expert_weights(layer, e)):
                 assert torch.equal(mine, want)
     finally:
         for n in nodes:
@@ -119,7 +121,7 @@ async def test_transfer_splits_large_experts_into_bounded_frames(spec, zipf_dir)
         assert missing == [(1, 6)]  # held by node 1, not node 0
         assert sorted(got) == [(0, 1), (1, 3)]
         for (layer, e), pair in got.items():
-            for mine, theirs in zip(pair, nodes[0]._ffn.expert_weights(layer, e)):
+            for mine, theirs in zip(pair, nodes[0].holdings.ffn.expert_weights(layer, e)):
                 assert torch.equal(mine, theirs)
     finally:
         for n in nodes:
@@ -137,7 +139,7 @@ async def test_nccl_transfer_falls_back_to_frames_when_the_holder_is_not_on_anot
         got, missing = await transfer.fetch(0, [(0, 1), (2, 3), (1, 6)])
         assert missing == [(1, 6)] and sorted(got) == [(0, 1), (2, 3)]
         for (layer, e), pair in got.items():
-            for mine, theirs in zip(pair, nodes[0]._ffn.expert_weights(layer, e)):
+            for mine, theirs in zip(pair, nodes[0].holdings.ffn.expert_weights(layer, e)):
                 assert torch.equal(mine, theirs)
         assert transfer.nccl_bytes == 0
         reply = await _ask(nodes[0], {"type": "expert_weights_nccl", "experts": [[0, 1]], "nccl_id": "", "gpu": ""})

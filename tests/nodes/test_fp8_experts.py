@@ -47,9 +47,9 @@ async def test_eplb_copies_fp8_experts_between_nodes(spec, zipf_dir):
         for j, n in enumerate(nodes):
             holder = nodes[1 - j]
             gained = [(layer, e) for layer in range(spec.num_layers) for e in new.held(j)[layer] - old.held(j)[layer]]
-            assert gained and n.stats.experts_received == len(gained)
+            assert gained and n.stats.snapshot()["experts_received"] == len(gained)
             for layer, e in gained:
-                mine, theirs = n._ffn.experts[layer][e], holder._ffn.experts[layer][e]
+                mine, theirs = n.holdings.ffn.experts[layer][e], holder.holdings.ffn.experts[layer][e]
                 assert mine.gate_up.dtype == torch.float8_e4m3fn
                 assert torch.equal(mine.gate_up.view(torch.uint8), theirs.gate_up.view(torch.uint8))
                 assert torch.equal(mine.down.view(torch.uint8), theirs.down.view(torch.uint8))

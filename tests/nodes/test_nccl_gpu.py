@@ -114,7 +114,7 @@ async def _death_and_rejoin(model: str, path: str, graphs: bool) -> None:
         cfg = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port, token=dep.token),
                                   model=dataclasses.replace(cfg.model, cuda_graphs=graphs))
         async with Engine(model, cfg, progress=False) as e:
-            assert type(e._remote).__name__ == "NcclFFN"
+            assert type(e._remote).__name__ == "RemoteFFN" and e._remote.graph_safe
             expected = [r.token_ids for r in await asyncio.gather(*(e.complete(p, params) for p in prompts))]
             assert (e._runner.graph_steps > 0) == graphs
             started = asyncio.Event()
@@ -135,7 +135,7 @@ async def _death_and_rejoin(model: str, path: str, graphs: bool) -> None:
             graph_steps = e._runner.graph_steps
             dep.start_node(dep.expert_rank(0))
             dep.wait_ready("expert", 1)
-            control = e._remote.control
+            control = e._links
             async with asyncio.timeout(60):  # the control plane's probe joins the node again
                 while control.dead:
                     await asyncio.sleep(0.1)
@@ -252,7 +252,7 @@ def test_nccl_per_peer_dispatch_matches_colocated(tiny_dir, tmp_path, attention,
             for e in engines:
                 await e.start()
             try:
-                assert type(engines[0]._remote).__name__ == "NcclFFN"
+                assert type(engines[0]._remote).__name__ == "RemoteFFN" and engines[0]._remote.graph_safe
                 for m in (1, 2):
                     for e in engines:
                         e.set_micro_batches(m)
@@ -275,7 +275,7 @@ def _eplb_setup(tmp_path, **placing):
     pytest.importorskip("cupy")
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    from afkv.bench.eplb import write_zipf_checkpoint
+    from afkv.model.tiny import write_zipf_checkpoint
 
     model = str(write_zipf_checkpoint(tmp_path / "zipf", exponent=1.0, seed=1))
     path = _write_gpu(tmp_path, 1, 2, eplb="[eplb]\nenabled = true\nslots_per_node = 6\n", **placing)
@@ -294,7 +294,7 @@ def test_nccl_eplb_replicas_and_live_rebalance(tmp_path):
         with Deployment(path, model, start_attention=False) as dep:
             af = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port, token=dep.token))
             async with Engine(model, af, progress=False) as e:
-                assert type(e._remote).__name__ == "NcclFFN"
+                assert type(e._remote).__name__ == "RemoteFFN" and e._remote.graph_safe
                 first = [r.token_ids for r in await asyncio.gather(*(e.complete(p, params) for p in prompts))]
                 running = [asyncio.create_task(e.complete(p, params)) for p in prompts]
                 while e.stats().num_generated_tokens < len(prompts) * params.max_tokens + 10:
@@ -303,7 +303,7 @@ def test_nccl_eplb_replicas_and_live_rebalance(tmp_path):
                 report = await e.rebalance()
                 during = [r.token_ids for r in await asyncio.gather(*running)]
                 after = [r.token_ids for r in await asyncio.gather(*(e.complete(p, params) for p in prompts))]
-                stats = await e._remote.control.request_all({"type": "stats"})
+                stats = await e._links.request_all({"type": "stats"})
                 return first, during, after, report, stats, loads
 
     first, during, after, report, stats, loads = asyncio.run(run())
@@ -318,23 +318,22 @@ def test_nccl_eplb_replicas_and_live_rebalance(tmp_path):
 def test_eplb_copies_experts_between_gpus_over_nccl(tmp_path):
     """Expert nodes on two GPUs: a live rebalance copies the gained experts GPU to GPU over
     NCCL (no host copy), and tokens stay those of the colocated engine. The attention node
-    shares cuda:0 with expert node 0, so its data plane is "messages" (NCCL's fixed-buffer
-    plane needs one GPU per rank)."""
-    model, path, cfg, prompts, params, expected = _eplb_setup(
-        tmp_path, extra='data_plane = "messages"', expert_devices=["cuda:0", "cuda:1"])
+    shares cuda:0 with expert node 0, so that pair's data plane is a host peer (NCCL needs one
+    GPU per rank) and the other pair's NCCL: no CUDA graphs."""
+    model, path, cfg, prompts, params, expected = _eplb_setup(tmp_path, expert_devices=["cuda:0", "cuda:1"])
 
     async def run():
         with Deployment(path, model, start_attention=False) as dep:
             af = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port, token=dep.token))
             async with Engine(model, af, progress=False) as e:
-                assert type(e._remote).__name__ == "RemoteFFN"
+                assert type(e._remote).__name__ == "RemoteFFN" and not e._remote.graph_safe
                 running = [asyncio.create_task(e.complete(p, params)) for p in prompts]
                 while e.stats().num_generated_tokens < 20:
                     await asyncio.sleep(0.01)
                 report = await e.rebalance()
                 during = [r.token_ids for r in await asyncio.gather(*running)]
                 after = [r.token_ids for r in await asyncio.gather(*(e.complete(p, params) for p in prompts))]
-                stats = await e._remote.request_all({"type": "stats"})
+                stats = await e._links.request_all({"type": "stats"})
                 return during, after, report, stats
 
     during, after, report, stats = asyncio.run(run())

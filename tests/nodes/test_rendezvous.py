@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from afkv import Engine, SamplingParams
+import afkv
+from afkv import SamplingParams
 from afkv.errors import AuthError, PeerLostError
 from afkv.nodes.rendezvous import RendezvousClient, RendezvousServer, lookup, open_store
 from afkv.serve.launch import Deployment
@@ -116,8 +117,8 @@ async def test_store_poisoning_fails_against_a_deployment(tiny_dir, tmp_path, co
         with pytest.raises(AuthError):
             await ControlClient.connect(eh, ep, role="attention", node_id="intruder")
         with pytest.raises(AuthError):
-            await Engine.attach(dep.address, token="not-" + dep.token)
-        async with await Engine.attach(dep.address, token=dep.token) as engine:
+            await afkv.attach(dep.address, token="not-" + dep.token)
+        async with await afkv.attach(dep.address, token=dep.token) as engine:
             done = await engine.complete([1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
             assert len(done.token_ids) == 4
         assert all(p.poll() is None for p in dep.procs.values())  # nobody was stopped

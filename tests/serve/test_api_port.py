@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from afkv import Engine, SamplingParams
+import afkv
+from afkv import SamplingParams
 from afkv.errors import FrameError, FrameTooLargeError, PeerLostError, PromptTooLongError
 from afkv.nodes.rendezvous import lookup
 from afkv.serve.api import params_to_wire
@@ -29,7 +30,7 @@ def dep(tiny_text_dir, tmp_path_factory):
 
 @pytest.fixture
 async def expected(dep):
-    async with await Engine.attach(dep.address, token=dep.token) as engine:
+    async with await afkv.attach(dep.address, token=dep.token) as engine:
         return (await engine.complete("hello", STREAM)).token_ids
 
 
@@ -117,7 +118,7 @@ async def test_frames_are_bounded_per_message_type(dep, expected):
 async def test_huge_text_prompt_beside_a_stream(dep, expected):
     """A client sends a 3 MiB text prompt while another streams: the stream is unharmed (the
     node's loop never tokenizes: it refuses the frame unread, or tokenizes on its thread)."""
-    async with await Engine.attach(dep.address, token=dep.token) as engine:
+    async with await afkv.attach(dep.address, token=dep.token) as engine:
         beside = asyncio.create_task(engine.complete("hello", STREAM))
         raw = Raw()
         client = await raw.connect(dep, "huge")
@@ -135,7 +136,7 @@ async def test_huge_text_prompt_beside_a_stream(dep, expected):
 async def test_a_bad_request_beside_three_good_ones(dep, expected):
     """Parameters that only a raw client can send (bool for an int, a tiny temperature) fail
     that request alone, typed; three good requests in flight at the same time finish."""
-    async with await Engine.attach(dep.address, token=dep.token) as engine:
+    async with await afkv.attach(dep.address, token=dep.token) as engine:
         raw = Raw()
         client = await raw.connect(dep, "bad-params")
         try:

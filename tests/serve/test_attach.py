@@ -9,6 +9,7 @@ import dataclasses
 import openai
 import pytest
 
+import afkv
 from afkv import Engine, EngineConfig, SamplingParams
 from afkv.model.tokenizer import Tokenizer
 from afkv.serve.launch import Deployment
@@ -44,7 +45,7 @@ async def test_serve_attach_answers_as_colocated(tiny_chat_dir, tmp_path):
         chat = await local.complete(MESSAGES, greedy)
         text = await local.complete("The capital of France is", greedy)
     with Deployment(path, tiny_chat_dir, log_dir=log_dir) as dep:
-        async with await Engine.attach(dep.address, token=dep.token) as attached:
+        async with await afkv.attach(dep.address, token=dep.token) as attached:
             async with live_server(attached, "tiny", Tokenizer(tiny_chat_dir)) as (server, url):
                 client = openai_client(url)
                 got = await client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10,

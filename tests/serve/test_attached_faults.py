@@ -1,4 +1,4 @@
-"""Faults seen by an attached client (`Engine.attach`) of a deployment of real processes on
+"""Faults seen by an attached client (`afkv.attach`) of a deployment of real processes on
 loopback: every request ends with a typed error or its last chunk, within a bound."""
 
 import asyncio
@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from afkv import Engine, EngineStats, SamplingParams
+import afkv
+from afkv import EngineStats, SamplingParams
 from afkv.errors import ExpertUnavailableError, PeerLostError
 from afkv.serve.launch import Deployment
 from tests.nodes.test_disaggregated import _write_config
@@ -35,7 +36,7 @@ async def test_expert_fault_reaches_the_attached_client_typed(tiny_dir, tmp_path
     path = _write_config(tmp_path, 1, 1, timeout_s=3.0)
     with Deployment(path, tiny_dir["mixtral"]) as dep:
         expert = dep.procs[dep.expert_rank(0)]
-        async with await Engine.attach(dep.address, token=dep.token) as engine:
+        async with await afkv.attach(dep.address, token=dep.token) as engine:
             task = await _first_chunk_then_wait(engine, [5, 6, 7])
             if fault == "kill":
                 dep.kill_node(dep.expert_rank(0))
@@ -58,7 +59,7 @@ async def test_frozen_attention_node_ends_the_attached_request(tiny_dir, tmp_pat
     path = _write_config(tmp_path, 1, 1)
     with Deployment(path, tiny_dir["mixtral"]) as dep:
         attention = dep.procs[0]
-        async with await Engine.attach(dep.address, token=dep.token, peer_timeout_s=2.0) as engine:
+        async with await afkv.attach(dep.address, token=dep.token, peer_timeout_s=2.0) as engine:
             task = await _first_chunk_then_wait(engine, [5, 6, 7])
             attention.send_signal(signal.SIGSTOP)
             try:
@@ -79,4 +80,4 @@ async def test_attach_where_nothing_listens_fails_at_once():
         port = s.getsockname()[1]
     with pytest.raises(PeerLostError, match="nothing listens"):
         async with asyncio.timeout(10):  # the attach timeout (60 s) is not waited for
-            await Engine.attach(f"127.0.0.1:{port}", token="t", timeout_s=60.0)
+            await afkv.attach(f"127.0.0.1:{port}", token="t", timeout_s=60.0)

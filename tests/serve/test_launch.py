@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from afkv import Engine, SamplingParams
+import afkv
+from afkv import SamplingParams
 from afkv.errors import AuthError
 from tests.nodes.test_disaggregated import _write_config
 
@@ -58,8 +59,8 @@ async def test_launch_restarts_a_lost_expert_node_then_gives_up(tiny_dir, tmp_pa
             token = (await proc.stdout.readline()).decode().strip()  # made up: no token configured
         assert address.startswith("127.0.0.1:") and len(token) >= 32
         with pytest.raises(AuthError):
-            await Engine.attach(address, token="guess")
-        async with await Engine.attach(address, token=token) as engine:
+            await afkv.attach(address, token="guess")
+        async with await afkv.attach(address, token=token) as engine:
             assert len((await engine.complete([5, 6, 7], PARAMS)).token_ids) == 8
             [expert] = [pid for pid, rank in _children(proc.pid).items() if rank == 1]
             os.kill(expert, signal.SIGKILL)

@@ -8,7 +8,8 @@ import socket
 import subprocess
 import sys
 
-from afkv import Engine, SamplingParams
+import afkv
+from afkv import SamplingParams
 from afkv.nodes.rendezvous import RendezvousClient
 from tests.nodes.test_disaggregated import _write_config
 
@@ -36,7 +37,7 @@ async def test_rank_0_hosts_the_rendezvous(tiny_dir, tmp_path):
         # as nodes do: wait for rank 0's rendezvous to come up, then for the attention node to register
         rendezvous = RendezvousClient("127.0.0.1", port, token, timeout_s=BOUND_S, wait_for_server=True)
         await asyncio.to_thread(rendezvous.wait, ["afkv/attention/0"], BOUND_S)
-        async with await Engine.attach(f"127.0.0.1:{port}", token=token) as engine:
+        async with await afkv.attach(f"127.0.0.1:{port}", token=token) as engine:
             done = await engine.complete([5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True))
             assert len(done.token_ids) == 4
     finally:

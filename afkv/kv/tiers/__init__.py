@@ -9,5 +9,7 @@
     disk.py     DiskTier: one file per block, crc32 per block, msgpack index, private directory
     stack.py    TierStack: the only code that moves bytes between tiers (demote, promote,
                 spill, fetch), submitted at flush and collected at poll
+    loader.py   TierLoader: a sequence's matched prefix brought up from host or disk, settled
+                where a read failed; NoTiers, the same calls for a device-only cache
 Imports afkv.kv.{layout, block_pool, formats, metrics}, afkv.ops and afkv.errors.
 """

@@ -45,6 +45,7 @@ import numpy as np
 
 from afkv.errors import CorruptBlockError, TierError
 from afkv.kv.block_pool import BlockHash
+from afkv.kv.checks import accounted
 from afkv.kv.formats import BlockFormat
 from afkv.kv.tiers.fileio import FileIO
 from afkv.kv.tiers.policy import PinCounts, make_order
@@ -75,7 +76,7 @@ class DiskTier:
 
     def __init__(self, path: Path, fmt: BlockFormat, num_blocks: int, policy: str, lock_fd: int,
                  entries: list[tuple[BlockHash, int]], claim: socket.socket | None = None):
-        assert num_blocks > 0
+        assert num_blocks > 0  # validated by the config
         self.path, self.format, self.num_blocks = path, fmt, num_blocks
         self._lock_fd: int | None = lock_fd
         self._claim = claim  # the path's abstract socket (Linux), released by close()
@@ -168,7 +169,7 @@ class DiskTier:
         """Room for a new file, evicting the oldest unpinned files when full. -> the evicted
         hashes (their files are the caller's to delete); None when full of pinned or
         in-flight files (then nothing changes)."""
-        assert block_hash not in self
+        accounted(block_hash not in self, f"disk entry {block_hash.hex()} is reserved twice")
         need = self.num_used + 1 - self.num_blocks
         victims = []
         if need > 0:
@@ -190,13 +191,13 @@ class DiskTier:
 
     def remove(self, block_hash: BlockHash) -> None:
         """Forget a readable block (evicted, or its file is bad); the caller deletes the file."""
-        assert block_hash not in self._pins
+        accounted(block_hash not in self._pins, f"removing disk entry {block_hash.hex()} while a read uses it")
         del self._checksums[block_hash]
         self._order.remove(block_hash)
         self.index_dirty = True
 
     def pin(self, block_hash: BlockHash) -> None:
-        assert block_hash in self._checksums
+        accounted(block_hash in self._checksums, f"pinning disk entry {block_hash.hex()}, which is not readable")
         self._pins.pin(block_hash)
 
     def unpin(self, block_hash: BlockHash) -> None:
@@ -228,11 +229,11 @@ class DiskTier:
         self._claim = None
 
     def check_invariants(self) -> None:
-        assert self.num_used <= self.num_blocks
-        assert not (set(self._checksums) & self._writing)
-        assert len(self._order) == len(self._checksums)
-        assert all(h in self._order for h in self._checksums)
-        assert set(self._pins) <= set(self._checksums)
+        accounted(self.num_used <= self.num_blocks, "disk tier over capacity")
+        accounted(not (set(self._checksums) & self._writing), "a disk entry is readable while being written")
+        accounted(len(self._order) == len(self._checksums) and all(h in self._order for h in self._checksums),
+                  "disk eviction order differs from entries")
+        accounted(set(self._pins) <= set(self._checksums), "a disk pin without an entry")
 
 
 # ---- blocking file I/O (I/O threads, or start-up) -------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from afkv.kv.block_pool import BlockHash
+from afkv.kv.checks import accounted
 from afkv.kv.formats import BlockFormat
 from afkv.kv.tiers.copier import Fence
 from afkv.kv.tiers.policy import PinCounts, make_order
@@ -28,7 +29,7 @@ class HostTier:
     """
 
     def __init__(self, fmt: BlockFormat, num_blocks: int, policy: str, pin_memory: bool):
-        assert num_blocks > 0
+        assert num_blocks > 0  # validated by the config
         self.format = fmt
         self.num_blocks = num_blocks
         self.buf = torch.empty((num_blocks, fmt.nbytes), dtype=torch.uint8, pin_memory=pin_memory)
@@ -67,7 +68,7 @@ class HostTier:
         """A slot for a new entry, evicting the oldest evictable entry when none is free.
         -> (slot, evicted hash or None); None when every entry is pinned or loading (then
         nothing changes)."""
-        assert block_hash not in self._slot_of
+        accounted(block_hash not in self._slot_of, f"host entry {block_hash.hex()} is reserved twice")
         evicted = None
         if not self._free:
             evicted = next((h for h in self._order.oldest_first() if self._evictable(h)), None)
@@ -89,7 +90,7 @@ class HostTier:
             self._remove(block_hash)
 
     def pin(self, block_hash: BlockHash) -> None:
-        assert block_hash in self._slot_of
+        accounted(block_hash in self._slot_of, f"pinning host entry {block_hash.hex()}, which is not there")
         self._pins.pin(block_hash)
 
     def unpin(self, block_hash: BlockHash) -> None:
@@ -105,7 +106,7 @@ class HostTier:
         return block_hash not in self._pins and block_hash not in self._loading
 
     def _remove(self, block_hash: BlockHash) -> None:
-        assert block_hash not in self._pins
+        accounted(block_hash not in self._pins, f"removing host entry {block_hash.hex()} while I/O uses it")
         slot = self._slot_of.pop(block_hash)
         self._hash_of[slot] = None
         self._order.remove(block_hash)
@@ -113,11 +114,12 @@ class HostTier:
 
     def check_invariants(self) -> None:
         """Accounting invariants (used by tests)."""
-        assert len(self._slot_of) + len(self._free) == self.num_blocks
-        assert len(set(self._free)) == len(self._free)
+        accounted(len(self._slot_of) + len(self._free) == self.num_blocks, "host slot leaked")
+        accounted(len(set(self._free)) == len(self._free), "a host slot is free twice")
         for h, slot in self._slot_of.items():
-            assert self._hash_of[slot] == h
-        assert sum(h is not None for h in self._hash_of) == len(self._slot_of)
-        assert len(self._order) == len(self._slot_of)
-        assert self._loading <= set(self._slot_of)
-        assert set(self._pins) <= set(self._slot_of) and all(n > 0 for n in self._pins.values())
+            accounted(self._hash_of[slot] == h, f"host slot {slot} holds another entry")
+        accounted(sum(h is not None for h in self._hash_of) == len(self._slot_of), "host slots differ from entries")
+        accounted(len(self._order) == len(self._slot_of), "host eviction order differs from entries")
+        accounted(self._loading <= set(self._slot_of), "a host entry loads without a slot")
+        accounted(set(self._pins) <= set(self._slot_of) and all(n > 0 for n in self._pins.values()),
+                  "a host pin without an entry")

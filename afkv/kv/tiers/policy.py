@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 
+from afkv.kv.checks import accounted
+
 EVICTION_POLICIES = ("lru", "fifo")
 
 
@@ -20,7 +22,7 @@ class LRUOrder:
         self._order: OrderedDict[Hashable, None] = OrderedDict()
 
     def insert(self, key: Hashable) -> None:
-        assert key not in self._order
+        accounted(key not in self._order, f"entry {key!r} is inserted twice")
         self._order[key] = None
 
     def touch(self, key: Hashable) -> None:
@@ -41,7 +43,7 @@ class LRUOrder:
 
 class FIFOOrder(LRUOrder):
     def touch(self, key: Hashable) -> None:
-        assert key in self._order
+        accounted(key in self._order, f"entry {key!r} is not in the tier")
 
 
 def make_order(policy: str) -> LRUOrder:

@@ -35,6 +35,7 @@ import torch
 
 from afkv.errors import CorruptBlockError, KVError
 from afkv.kv.block_pool import BlockHash
+from afkv.kv.checks import accounted
 from afkv.kv.formats import QuantFormat
 from afkv.kv.metrics import KVMetrics, TierUsage
 from afkv.kv.tiers.config import TierConfig
@@ -154,7 +155,7 @@ class TierStack:
     def promote(self, block_hash: BlockHash, block_id: int) -> None:
         """Copy a readable host entry into device block `block_id` (before the next step)."""
         slot = self.host.lookup(block_hash)
-        assert slot is not None, "promote only what locate() says is in host memory"
+        accounted(slot is not None, f"promoting {block_hash.hex()}, which is not readable in host memory")
         self.host.touch(block_hash)
         self._ops.append(CopyOp(Direction.TO_DEVICE, block_id, slot))
         self.metrics.counters["promotions"] += 1
@@ -166,7 +167,8 @@ class TierStack:
         being fetched into."""
         if self.host.is_loading(block_hash):
             return True
-        assert self.disk is not None and self.disk.lookup(block_hash) is not None
+        accounted(self.disk is not None and self.disk.lookup(block_hash) is not None,
+                  f"fetching {block_hash.hex()}, which is not on disk")
         if ahead and len(self._fetches) >= max(1, self.host.num_blocks // 2):
             return False
         reserved = self.host.reserve(block_hash, loading=True)
@@ -343,7 +345,7 @@ class TierStack:
     def close(self) -> None:
         """Write the index (TierError if it cannot) and release the disk directory. Call with
         nothing in flight."""
-        assert not self.in_flight() and not self._ops and not self._queued
+        accounted(not self.in_flight() and not self._ops and not self._queued, "closing the tiers with work in flight")
         if self.disk is not None:
             try:
                 write_index(self.disk.path, self.disk.index_bytes())
@@ -355,7 +357,7 @@ class TierStack:
 
     async def aclose(self) -> None:
         """As close, with the index written on an I/O thread."""
-        assert not self.in_flight() and not self._ops and not self._queued
+        accounted(not self.in_flight() and not self._ops and not self._queued, "closing the tiers with work in flight")
         if self.disk is not None:
             try:
                 await asyncio.wrap_future(self._io.submit(write_index, self.disk.path, self.disk.index_bytes()))
@@ -369,7 +371,7 @@ class TierStack:
         self.host.check_invariants()
         if self.disk is not None:
             self.disk.check_invariants()
-        assert all(self.host.is_loading(h) for h in self._fetches)
+        accounted(all(self.host.is_loading(h) for h in self._fetches), "a disk read into a host entry not loading")
 
 
 def _run_io(prev: Future | None, fence: Fence | None, fn, *args):
