@@ -1,7 +1,8 @@
 """DeepSeek-V2 / V3 served end to end on the CPU (tiny random checkpoints): latent KV blocks
-through host memory and disk, a disaggregated deployment (1 attention node, 2 expert nodes)
-against colocated, quantized latent formats (device tier and spill), pruning; and the accuracy
-evidence for the quantized latent formats.
+through host memory and disk, preemption and prefix reuse on a small device tier, a
+disaggregated deployment (1 attention node, 2 expert nodes) against colocated, quantized latent
+formats (device tier and spill), pruning; and the accuracy evidence for the quantized latent
+formats. GPU runs of the same families: tests/model/test_deepseek_gpu.py.
 
 Accuracy evidence (no DeepSeek weights can be had here):
 - the tiny families: logprob error against the unquantized run, per generation step (largest
@@ -95,6 +96,38 @@ async def test_latent_blocks_spill_through_host_and_disk(deepseek_dir, family, t
         again = await _rounds(engine, _workload()[:3], rounds=1)
         assert engine.kv_metrics().hit_blocks["disk"] > 0
     assert again[0] == reference[0][:3]
+
+
+@pytest.mark.parametrize("family", DEEPSEEK)
+async def test_preemption_and_prefix_reuse_on_a_small_device_tier(deepseek_dir, family):
+    """14 device blocks for four running sequences of ~10 blocks each: sequences are preempted
+    and recomputed, the shared 24-token prefix is matched on the device, and the greedy tokens
+    are the roomy run's; every block comes back."""
+    async with Engine(deepseek_dir[family], _cfg(num_blocks=1024), progress=False) as e:
+        reference = await _rounds(e, _workload())
+    async with Engine(deepseek_dir[family], _cfg(num_blocks=14), progress=False) as engine:
+        got = await _rounds(engine, _workload())
+        await _idle(engine)
+        stats, m = engine.stats(), engine.kv_metrics()
+        engine.kv_manager.check_invariants()
+    assert got == reference
+    assert stats.num_preemptions > 0 and m.hit_blocks["device"] > 0
+    assert stats.num_free_blocks == stats.num_blocks
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+async def test_preemption_over_quantized_latents_leaks_nothing(deepseek_dir, fmt):
+    """The same pressure over a quantized latent device tier: every request completes, staging
+    slots and blocks all come back."""
+    cfg = _cfg(num_blocks=14, device_format=fmt, fp_window=4)
+    async with Engine(deepseek_dir["deepseek_v3"], cfg, progress=False) as engine:
+        got = await _rounds(engine, _workload(), rounds=1)
+        await _idle(engine)
+        stats, kv = engine.stats(), engine.kv_manager
+        kv.check_invariants()
+        assert kv.num_free_staging_blocks == kv.quant.num_staging_blocks
+    assert all(len(t) == GREEDY.max_tokens for t in got[0])
+    assert stats.num_preemptions > 0 and stats.num_free_blocks == stats.num_blocks
 
 
 @pytest.mark.parametrize("family", DEEPSEEK)
