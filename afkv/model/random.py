@@ -81,6 +81,11 @@ class RandomCheckpoint:
         self.spec, self.std = spec, std
         self._shapes = _hf_shapes(spec)
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's Hugging Face name -> shape."""
+        return dict(self._shapes)
+
     def __contains__(self, name: str) -> bool:
         return name in self._shapes
 
