@@ -12,8 +12,9 @@ Triton decode kernels (afkv.ops.triton_attention, afkv.ops.triton_mla for MLA la
 grids depend on shapes, not on context lengths; over the device cache or a quantized device
 tier, whose padding rows write a scratch staging block), for grouped-GEMM experts (LocalFFN)
 and for the data plane of expert nodes (afkv.nodes.remote_ffn.RemoteFFN: fixed-capacity
-buffers, sends and receives on streams forked from the captured one). Host work of a remote FFN (announcing the step to the expert nodes, the bounded wait
-for its end) happens around each replay, not in the graph. When capture fails (an op that
+buffers, sends and receives on streams forked from the captured one). Host work of a remote
+FFN (announcing the step to the expert nodes, the bounded wait for its end) happens around
+each replay, not in the graph. When capture fails (an op that
 syncs), `DecodeGraphs.capture` raises `GraphCaptureError` and the caller keeps running eagerly.
 """
 

@@ -126,7 +126,8 @@ class Balancer:
         if per_node * len(live) < num_experts:
             raise EngineError(f"{len(live)} live expert node(s) x {per_node} slots cannot hold {num_experts} experts")
         # hierarchical when the hosts divide the groups (afkv.eplb falls back to global otherwise)
-        phy2log = rebalance(loads, per_node * len(live), spec.num_expert_groups, num_hosts, len(live)).phy2log  # [L, S]
+        placed = rebalance(loads, per_node * len(live), spec.num_expert_groups, num_hosts, len(live))
+        phy2log = placed.phy2log  # [L, S]
         new = eplb_placement(spec, old.num_nodes, phy2log, live, epoch=old.epoch + 1)
         router = torch.tensor(old.has_router)
         measured = torch.stack([per_node_loads[j].sum(-1) for j in live], -1)[router]  # [L_moe, N_live]
