@@ -133,7 +133,8 @@ async def test_preemption_over_quantized_latents_leaks_nothing(deepseek_dir, fmt
 @pytest.mark.parametrize("family", DEEPSEEK)
 async def test_disaggregated_1a2f_matches_colocated(deepseek_dir, family, tmp_path):
     """One attention node (MLA, norms, routers) and two expert nodes (routed and shared experts,
-    the dense first layer), the data plane's CPU path (host peers), m = 1 and 2: colocated's greedy tokens."""
+    the dense first layer), the data plane's CPU path (host peers), m = 1 and 2: colocated's
+    greedy tokens."""
     path = tmp_path / "deploy.toml"
     path.write_text("""
 [kv]
