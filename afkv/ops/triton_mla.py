@@ -73,7 +73,7 @@ class MLATile:
     num_stages: int = 2
 
 
-DEFAULT_TILE = MLATile()  # SGLang's grouped MLA decode shape; `afkv bench kernels mla --tune` times others
+DEFAULT_TILE = MLATile()  # SGLang's grouped MLA decode shape; `afkv bench kernels mla --tune 1` times others
 
 
 if triton is not None:
