@@ -7,6 +7,7 @@
     afkv bench kv                KV tiers: transfer GB/s against the copy limit; decode with tiers on/off
     afkv bench eplb              expert load balancing under Zipf skew: max/mean node load, tok/s (CPU or GPUs)
     afkv bench kv-quant          long-context decode: fp8/int8/int4 device KV blocks against the model dtype
+    afkv bench long-context      contexts larger than the GPU: KV streamed from host memory vs the PCIe bound
     afkv bench af                1A1F over NCCL vs colocated data parallel (two GPUs, real shapes)
     afkv bench gpu               GPU suite: afkv (CUDA graphs) vs HF generate vs the HBM roofline (real shapes)
     afkv bench plot JSON         PNG plot of a `bench gpu` result
@@ -470,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="long-context decode with fp8/int8/int4 device KV blocks against the model dtype")
     kvq.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m afkv.bench.kv_quant (--help)")
 
+    lc = bsub.add_parser("long-context", add_help=False,
+                         help="contexts larger than the GPU: decode with KV streamed from host memory vs the PCIe bound")
+    lc.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m afkv.bench.long_context (--help)")
+
     gpu = bsub.add_parser("gpu", help="GPU suite: afkv (CUDA graphs) vs HF generate vs the HBM roofline, real shapes")
     gpu.add_argument("--models", default="qwen3-30b-a3b,mixtral-8x7b",
                      help="comma-separated: qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite, deepseek-v3-8l")
@@ -533,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and not (args.command == "bench" and args.bench in ("kv-quant", "kernels")):
+    if extra and not (args.command == "bench" and args.bench in ("kv-quant", "kernels", "long-context")):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "run":
@@ -554,6 +559,11 @@ def main(argv: list[str] | None = None) -> int:
             from afkv.bench.kv_quant import main as kv_quant_main
 
             kv_quant_main(extra + args.args)
+            return 0
+        if args.command == "bench" and args.bench == "long-context":
+            from afkv.bench.long_context import main as long_context_main
+
+            long_context_main(extra + args.args)
             return 0
         if args.command == "bench" and args.bench == "kernels":
             from afkv.bench.kernels import main as kernels_main

@@ -2,7 +2,8 @@
 
     [model]      path, dtype, device, cuda_graphs, expert_dtype
     [upcycle]    sparse upcycling of a dense Llama checkpoint (the default model)
-    [kv]         block_size, num_blocks / device_memory_mib, device_format / fp_window
+    [kv]         block_size, num_blocks / device_memory_mib, device_format / fp_window,
+                 stream_memory_mib / stream_num_blocks, stream_sink_tokens, stream_window, stream_ahead
                  (quantized device tier); tiers below the device: host_*, disk_*,
                  spill_format, eviction, prefetch_depth, io_threads
     [kv.pruning] policy (none | streaming | h2o), num_sink_tokens, window, budget
@@ -27,6 +28,7 @@ from afkv.kv.device import DeviceQuant, staging_blocks_needed
 from afkv.kv.formats import FORMAT_NAMES, make_format
 from afkv.kv.layout import Layout
 from afkv.kv.pruning import KVPruning
+from afkv.kv.stream import StreamConfig
 from afkv.kv.tiers.config import TierConfig
 from afkv.kv.tiers.disk import HEADER_NBYTES
 from afkv.kv.tiers.policy import EVICTION_POLICIES
@@ -64,11 +66,20 @@ class KVConfig:
     io_threads: int = 4  # disk I/O threads
     device_format: str = "auto"  # auto (the model dtype) | fp8 | int8 | int4: how the device tier stores full blocks
     fp_window: int = 0  # quantized device tier: recent tokens kept in full precision besides the partial block
+    stream_memory_mib: int = 0  # stream store (host memory, spill_format): long sequences' middles, attended from there
+    stream_num_blocks: int = 0
+    stream_sink_tokens: int = 16  # a streaming sequence's first tokens stay on the device
+    stream_window: int = 4096  # and its last cached tokens; the full blocks between them stream
+    stream_ahead: int = 2  # layers copied to the device ahead of the one attended (1 .. 4)
     pruning: KVPruning = field(default_factory=KVPruning)  # [kv.pruning]: the default of every request
 
     @property
     def has_host_tier(self) -> bool:
         return self.host_memory_mib > 0 or self.host_num_blocks > 0
+
+    @property
+    def has_stream(self) -> bool:
+        return self.stream_memory_mib > 0 or self.stream_num_blocks > 0
 
     @property
     def has_disk_tier(self) -> bool:
@@ -97,6 +108,15 @@ class KVConfig:
         need(self.has_disk_tier or not self.disk_path, "kv.disk_capacity_mib",
              "disk_path is set but the disk tier has no size (disk_capacity_mib or disk_num_blocks)")
         self.pruning.validate(lambda ok, key, msg: need(ok, f"kv.pruning.{key}", msg))
+        for key in ("stream_memory_mib", "stream_num_blocks", "stream_sink_tokens"):
+            need(getattr(self, key) >= 0, f"kv.{key}", f"{key} must be >= 0, got {getattr(self, key)}")
+        need(self.stream_window >= 1, "kv.stream_window", f"stream_window must be >= 1, got {self.stream_window}")
+        need(1 <= self.stream_ahead <= 4, "kv.stream_ahead", f"stream_ahead must be 1 .. 4, got {self.stream_ahead}")
+        if self.has_stream:
+            need(self.device_format == "auto", "kv.device_format",
+                 "streaming (stream_memory_mib) reads device blocks in the model dtype: use device_format = \"auto\"")
+            need(not self.pruning.enabled, "kv.pruning.policy",
+                 "streaming (stream_memory_mib) keeps every token: use [kv.pruning] policy = \"none\"")
 
     def device_tier(self, layout: Layout, max_num_seqs: int, max_num_batched_tokens: int,
                     source: str | None = None) -> tuple[int, DeviceQuant | None]:
@@ -121,6 +141,18 @@ class KVConfig:
                               f"max_num_seqs {max_num_seqs}, max_num_batched_tokens {max_num_batched_tokens}, "
                               f"fp_window {self.fp_window}) plus one block", file=source, key="kv.device_memory_mib")
         return num_blocks, quant
+
+    def stream_config(self, layout: Layout, source: str | None = None) -> StreamConfig | None:
+        """The stream store for blocks of `layout` (in spill_format), or None (streaming off).
+        ConfigError naming file and key when it holds no block."""
+        if not self.has_stream:
+            return None
+        fmt = self._format(self.spill_format, layout, source, "kv.spill_format")
+        num_blocks = self.stream_num_blocks or self.stream_memory_mib * 2**20 // fmt.nbytes
+        if num_blocks == 0:
+            raise ConfigError(f"the stream store ({self.stream_memory_mib} MiB) is smaller than one block "
+                              f"({fmt.nbytes} bytes as {fmt.name})", file=source, key="kv.stream_memory_mib")
+        return StreamConfig(fmt, num_blocks, self.stream_sink_tokens, self.stream_window, self.stream_ahead)
 
     @staticmethod
     def _format(name: str, layout: Layout, source: str | None, key: str):
@@ -154,21 +186,30 @@ class KVConfig:
 
     def check_memory(self, layout: Layout, num_device_blocks: int, quant: DeviceQuant | None,
                      tiers: TierConfig | None, device_type: str, source: str | None = None,
-                     available: dict[str, int] | None = None) -> None:
-        """Before allocating: the device tier must fit the device's free memory, the host tier
-        the host's available memory (on a CPU device both share it). ConfigError naming the key
-        and what fits. `available` (bytes, "device"/"host") defaults to this machine's now."""
+                     available: dict[str, int] | None = None, stream: StreamConfig | None = None) -> None:
+        """Before allocating: the device tier (and the stream's staging ring) must fit the
+        device's free memory, the host tier and the stream store the host's available memory
+        (on a CPU device both share it). ConfigError naming the key and what fits. `available`
+        (bytes, "device"/"host") defaults to this machine's now."""
         available = available or available_memory(device_type)
         device_nbytes = num_device_blocks * (layout.block_nbytes if quant is None else quant.format.nbytes)
         if quant is not None:
             device_nbytes += quant.num_staging_blocks * layout.block_nbytes
+        if stream is not None:
+            device_nbytes += (stream.ahead + 1) * stream.num_blocks * stream.format.layer_nbytes
         where = "GPU memory" if device_type == "cuda" else "memory"
         device_key = "kv.num_blocks" if self.num_blocks else "kv.device_memory_mib"
         _need_fits(device_nbytes, available["device"], f"the device KV tier ({num_device_blocks} blocks)",
                    f"this machine has {_gib(available['device'])} of {where} available", device_key, source)
+        host_available = available["host"] - (device_nbytes if device_type == "cpu" else 0)
+        if stream is not None:
+            stream_key = "kv.stream_num_blocks" if self.stream_num_blocks else "kv.stream_memory_mib"
+            stream_nbytes = stream.num_blocks * stream.format.nbytes
+            _need_fits(stream_nbytes, host_available, f"the stream store ({stream.num_blocks} blocks as {stream.format.name})",
+                       f"{_gib(host_available)} of memory is available", stream_key, source)
+            host_available -= stream_nbytes
         if tiers is None:
             return
-        host_available = available["host"] - (device_nbytes if device_type == "cpu" else 0)
         host_key = "kv.host_num_blocks" if self.host_num_blocks else "kv.host_memory_mib"
         _need_fits(tiers.host_num_blocks * tiers.format.nbytes, host_available,
                    f"the host KV tier ({tiers.host_num_blocks} blocks as {tiers.format.name})",

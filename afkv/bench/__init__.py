@@ -5,6 +5,8 @@ reported next to a baseline measured in the same run. RESULTS.md keeps the runs'
     serve.py    the HTTP server (afkv serve) vs the in-process Engine: tok/s and TTFT
     kv.py       KV tier bandwidths against the copy limit; decode with tiers off / on
     kv_quant.py quantized device KV (fp8/int8/int4): kernel bytes/s vs copy, decode steps, capacity
+    long_context.py  contexts larger than the GPU: decode with KV streamed from host memory against the
+                pinned-H2D bound and the all-device run; prefill past the device tier (long_context_gpu.sh)
     af.py       1A1F over NCCL vs colocated data parallel on two GPUs (real shapes)
     gpu.py      one GPU: afkv (CUDA graphs) vs transformers vs the HBM copy ceiling, plot
     eplb.py     expert load balancing under Zipf skew (CPU processes)

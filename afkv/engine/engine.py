@@ -115,10 +115,11 @@ _MLA_H2O = ("H2O pruning is not available for MLA models (DeepSeek): it compacts
             "and scores them on the GQA attention path, and an MLA cache holds latents; use policy \"streaming\"")
 
 
-def check_prompt_size(prompt: object, max_prompt_chars: int, max_model_len: int) -> None:
+def check_prompt_size(prompt: object, max_prompt_chars: int, max_model_len: int, bound: str = "") -> None:
     """PromptTooLongError for a prompt that cannot fit, before any tokenizing: text of more
     than max_prompt_chars characters (chat: in the messages' contents), or a list of
-    max_model_len or more token ids or messages. O(1) per message: safe on the event loop."""
+    max_model_len or more token ids or messages (`bound`: what sets max_model_len, for the
+    message). O(1) per message: safe on the event loop."""
     if isinstance(prompt, str):
         chars = len(prompt)
     elif isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
@@ -131,7 +132,7 @@ def check_prompt_size(prompt: object, max_prompt_chars: int, max_model_len: int)
                                  f"{max_prompt_chars} (scheduler.max_prompt_chars) before tokenizing")
     if isinstance(prompt, (list, tuple)) and len(prompt) >= max_model_len:
         raise PromptTooLongError(f"the prompt has {len(prompt)} token ids or messages; this engine's context is "
-                                 f"{max_model_len} tokens")
+                                 f"{max_model_len} tokens" + (f", bounded by {bound}" if bound else ""))
 
 
 class _Request:
@@ -289,11 +290,18 @@ class Engine:
         num_blocks, quant = cfg.kv.device_tier(layout, cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens,
                                                cfg.source)
         tiers = cfg.kv.tier_config(layout, cfg.source)
-        cfg.kv.check_memory(layout, num_blocks, quant, tiers, device.type, cfg.source)  # before allocating
+        stream = cfg.kv.stream_config(layout, cfg.source)
+        if stream is not None and spec.is_mla:
+            raise ConfigError("streaming (stream_memory_mib) feeds K/V blocks to the GQA attention path; MLA latents "
+                              "(DeepSeek) are not streamed", file=cfg.source, key="kv.stream_memory_mib")
+        if stream is not None and spec.sliding_window is not None:
+            raise ConfigError(f"streaming (stream_memory_mib) attends every token; this model uses a sliding window of "
+                              f"{spec.sliding_window}", file=cfg.source, key="kv.stream_memory_mib")
+        cfg.kv.check_memory(layout, num_blocks, quant, tiers, device.type, cfg.source, stream=stream)  # before allocating
         experts = () if cfg.model.expert_dtype == "auto" else (cfg.model.expert_dtype,)  # other weights: other KV
         salt = repr((str(self.model_dir.resolve()), spec.upcycle, str(dtype), *experts)).encode()
         self._kv = KVManager(layout, num_blocks, device, salt=salt[-64:], tiers=tiers,
-                             worker=self._executor, wakeup=lambda: self._wakeup.set(), quant=quant)
+                             worker=self._executor, wakeup=lambda: self._wakeup.set(), quant=quant, stream=stream)
         m = 1 if cfg.deployment is None else (cfg.deployment.micro_batches or 2)
         eos = set(spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -301,11 +309,19 @@ class Engine:
         self._scheduler = Scheduler(self._kv, SchedulerLimits(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens),
                                     cfg.kv.pruning, frozenset(eos))
         self.max_model_len = min(cfg.scheduler.max_model_len or spec.max_position, spec.max_position, self._kv.capacity_tokens)
+        if self.max_model_len == self._kv.capacity_tokens:
+            self._context_bound = ("the device tier plus the stream store ([kv] num_blocks / device_memory_mib + "
+                                   "stream_memory_mib / stream_num_blocks)" if stream is not None else
+                                   "the device tier ([kv] num_blocks / device_memory_mib; [kv] stream_memory_mib "
+                                   "streams longer contexts from host memory)")
+        else:
+            self._context_bound = "[scheduler] max_model_len or the model's max_position_embeddings"
         longest = self.tokenizer.max_token_chars if self.tokenizer is not None else 1
         self.max_prompt_chars = cfg.scheduler.max_prompt_chars or 2 * self.max_model_len * longest
         cache = self._kv.attention_cache
         self._runner = ModelRunner(model, cache, layout.block_size, device, micro_batches=m,
-                                   graphs=self._decode_graphs(model, layout, cache), key_mass=self._kv.key_mass)
+                                   graphs=self._decode_graphs(model, layout, cache), key_mass=self._kv.key_mass,
+                                   stream=self._kv.stream_ring)
 
     def _decode_graphs(self, model: Model, layout: Layout, cache) -> DecodeGraphs | None:
         """CUDA graphs for decode steps when this engine can replay them: a CUDA device, an FFN
@@ -321,7 +337,7 @@ class Engine:
         scratch = self._kv.reserve_scratch_block()  # padding rows of a captured batch write here
         if scratch is None:
             return None
-        max_blocks = layout.num_blocks_for(self.max_model_len)
+        max_blocks = min(layout.num_blocks_for(self.max_model_len), self._kv.pool.num_blocks)  # streamed rows run eagerly
         return DecodeGraphs(model, cache, self.config.scheduler.max_num_seqs, max_blocks, scratch)
 
     @property
@@ -449,7 +465,7 @@ class Engine:
             raise RequestError(f"params must be SamplingParams, not {type(params).__name__}")
         if self.spec.is_mla and params.pruning is not None and params.pruning.needs_scores:
             raise InvalidSamplingParamsError(f"pruning: {_MLA_H2O}")
-        check_prompt_size(prompt, self.max_prompt_chars, self.max_model_len)
+        check_prompt_size(prompt, self.max_prompt_chars, self.max_model_len, self._context_bound)
         ids = await asyncio.get_running_loop().run_in_executor(self._tokenize_executor, self._tokenize_checked, prompt)
         self._check_running()  # it may have closed or failed while the prompt was tokenized
         if not ids:
@@ -457,7 +473,7 @@ class Engine:
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"the prompt has {len(ids)} tokens; this engine's context is {self.max_model_len} tokens "
-                "(prompt plus at least one new token)"
+                f"(prompt plus at least one new token), bounded by {self._context_bound}"
             )
         seq_id = self._next_id
         self._next_id += 1

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from afkv.errors import KVError
+from afkv.kv.stream import StreamRing
 from afkv.model.graphs import DecodeGraphs, GraphCaptureError
 from afkv.model.model import Model
 from afkv.model.sides import DecodeRows, SeqChunk, StepInputs
@@ -40,8 +42,9 @@ class ChunkPlan:
     sample: SampleSpec | None  # set when this chunk reaches the end of the known tokens
     prompt_targets: tuple[int, ...] = ()  # prompt tokens following each row, when prompt logprobs are asked
     num_prompt_top: int = 0
-    num_dropped: int = 0  # KV pruning: tokens before start_pos dropped from the cache; token p is in slot p - num_dropped
+    num_dropped: int = 0  # tokens before start_pos not in block_table (pruned, or streamed): token p is in slot p - num_dropped
     score_keys: bool = False  # KV pruning (H2O): accumulate the attention mass of the cached tokens
+    streamed: tuple[int, ...] = ()  # stream store ids of its context's middle, attended from host memory (afkv.kv.stream)
 
 
 @dataclass
@@ -55,15 +58,17 @@ class ChunkResult:
 
 def _decode_only(plan: list[ChunkPlan]) -> bool:
     return all(len(c.token_ids) == 1 and c.sample is not None and not c.prompt_targets
-               and not c.num_dropped and not c.score_keys for c in plan)
+               and not c.num_dropped and not c.score_keys and not c.streamed for c in plan)
 
 
 class ModelRunner:
     def __init__(self, model: Model, kv: torch.Tensor | QuantizedKVCache, block_size: int, device: torch.device,
-                 micro_batches: int = 1, graphs: DecodeGraphs | None = None, key_mass: torch.Tensor | None = None):
+                 micro_batches: int = 1, graphs: DecodeGraphs | None = None, key_mass: torch.Tensor | None = None,
+                 stream: StreamRing | None = None):
         # kv: the device cache, or a quantized device tier (block ids in plans then name rows or staging blocks)
         self.model, self.kv, self.block_size, self.device = model, kv, block_size, device
         self.key_mass = key_mass  # [num_blocks, block_size] float32 (KVManager.key_mass), for H2O chunks
+        self.stream = stream  # KVManager.stream_ring: streams the host-resident blocks of chunks with `streamed`
         self.micro_batches = micro_batches  # read once per step: the engine may change it between steps
         self.graphs = graphs  # CUDA graphs of decode-only steps, when the model allows them
         self.graph_steps = 0
@@ -84,7 +89,7 @@ class ModelRunner:
             nb = -(-ctx // bs)
             spans.append((start, n, ctx, len(tables), nb))
             tables.extend(c.block_table[:nb])
-        singles = [s for s, c in zip(spans, plan) if s[1] == 1 and not c.score_keys]
+        singles = [s for s, c in zip(spans, plan) if s[1] == 1 and not c.score_keys and not c.streamed]
         batched = len(singles) >= 2  # single-token chunks attend in one call
         width = max((s[4] for s in singles), default=0) if batched else 0
         extra: list[int] = []
@@ -96,14 +101,25 @@ class ModelRunner:
         flat = torch.tensor(ids + pos + blocks + offsets + tables + extra, dtype=torch.int64).to(self.device)
         cols = flat[: 4 * t_count].view(4, t_count)
         table_dev = flat[4 * t_count : 4 * t_count + len(tables)]
-        chunks = [SeqChunk(s[0], s[1], s[2], table_dev[s[3] : s[3] + s[4]], c.score_keys) for s, c in zip(spans, plan)]
+        streamed: list[int] = []  # every chunk's streamed store ids, in chunk order
+        where: list[tuple[int, int] | None] = []  # per chunk: (first, count) of its ids in `streamed`
+        for c in plan:
+            where.append((len(streamed), len(c.streamed)) if c.streamed else None)
+            streamed.extend(c.streamed)
+        chunks = [SeqChunk(s[0], s[1], s[2], table_dev[s[3] : s[3] + s[4]], c.score_keys, w)
+                  for s, c, w in zip(spans, plan, where)]
         decode = None
         if batched:
             b = len(singles)
             rest = flat[4 * t_count + len(tables) :]
             decode = DecodeRows(rest[:b], rest[2 * b :].view(b, width), rest[b : 2 * b], every_row=b == len(plan) == t_count)
         key_mass = self.key_mass if any(c.score_keys for c in plan) else None
-        return StepInputs(cols[0], cols[1], cols[2], cols[3], chunks, decode, key_mass=key_mass)
+        stream = None
+        if streamed:
+            if self.stream is None:
+                raise KVError("a step has blocks streamed from host memory but this runner has no stream ring")
+            stream = self.stream.begin(streamed)
+        return StepInputs(cols[0], cols[1], cols[2], cols[3], chunks, decode, key_mass=key_mass, stream=stream)
 
     def _graph_logits(self, plan: list[ChunkPlan]) -> torch.Tensor | None:
         """Logits [B, V] of a decode-only step through its CUDA graph, or None to run eagerly."""

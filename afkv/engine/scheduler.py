@@ -23,6 +23,10 @@ request whose sampling failed. The engine adds what only text can tell (a stop s
 `finish`, and ends requests with `abort` and `fail`. These are the only places a sequence
 changes after it was added (nano-vllm's `postprocess` shape).
 
+Contexts larger than the device (`[kv] stream_*`, afkv.kv.stream): before a running sequence's
+table grows, the KV manager also moves the middle of a long sequence to host memory (`kv.place`),
+counted in the same `num_dropped`; its plan names those blocks, which attention streams.
+
 KV transfers: `schedule` collects finished ones first (`kv.poll`) and submits the ones it
 queued last (`kv.flush`), before the engine submits the step it planned.
 """
@@ -126,6 +130,7 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
             self.kv.prune(seq.seq_id, self._num_slots(seq))
+            self.kv.place(seq.seq_id, self._num_slots(seq))
             n = min(seq.num_uncomputed, budget)
             while not self.kv.allocate(seq.seq_id, self._num_slots(seq) + n):
                 victim = self.running[-1]
@@ -187,6 +192,7 @@ class Scheduler:
 
     def plan(self, step: list[tuple[Sequence, int]]) -> list[ChunkPlan]:
         out = []
+        num_streamed = 0
         for seq, n in step:
             start = seq.num_computed
             end = start + n
@@ -205,11 +211,14 @@ class Scheduler:
                     block_table=tuple(self.kv.block_table(seq.seq_id)),
                     num_dropped=self.kv.num_dropped(seq.seq_id),
                     score_keys=seq.pruning.needs_scores,
+                    streamed=tuple(self.kv.streamed_blocks(seq.seq_id)),
                     sample=sample,
                     prompt_targets=targets,
                     num_prompt_top=seq.params.prompt_logprobs or 0,
                 )
             )
+            num_streamed += len(out[-1].streamed)
+        self.kv.count_streamed(num_streamed)
         return out
 
     def postprocess(self, step: list[tuple[Sequence, int]], plan: list[ChunkPlan], results: list[ChunkResult],

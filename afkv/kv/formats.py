@@ -7,7 +7,9 @@
                        128-value group, the rotary key in 16-bit; afkv.ops.quant; int4 refused)
 
 A format sees blocks as a tensor [n, *layout.block_shape] and stores each as one uint8 row
-of `nbytes`, so a block moves between tiers as one transfer. It is the only code that knows
+of `nbytes`, so a block moves between tiers as one transfer. Every row is num_layers sections
+of `layer_nbytes`, one per layer, so one layer of a block can move (and be decoded) alone:
+what streaming attention (afkv.kv.stream) copies to the device layer by layer. It is the only code that knows
 what an attention layer caches and how (the attention kernels read the rows it writes through
 afkv.ops.quant's layout): tiers, the manager and transfers move opaque rows, and a new
 attention type adds a format here, not a tier or a manager. `digest` names the format, its
@@ -17,6 +19,7 @@ version and the geometry: a stored row is only ever decoded by a format with the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -53,6 +56,17 @@ class RawFormat:
         """rows uint8 [n, nbytes] -> out [n, *block_shape] (same device)."""
         out.copy_(rows.contiguous().view(self.layout.dtype).view(out.shape))
 
+    rotated = False  # decode_layer's vectors are the cached ones
+
+    @property
+    def layer_nbytes(self) -> int:
+        return self.nbytes // self.layout.num_layers
+
+    def decode_layer(self, sections: torch.Tensor, unrotate: bool = True) -> torch.Tensor:
+        """One layer's sections uint8 [n, layer_nbytes] -> [n, 2, bs, Hkv, D] (a view, no copy)."""
+        lay = self.layout
+        return sections.view(lay.dtype).view(sections.shape[0], 2, lay.block_size, lay.num_kv_heads, lay.head_dim)
+
 
 @dataclass(frozen=True)
 class QuantFormat:
@@ -86,6 +100,23 @@ class QuantFormat:
     def decode(self, rows: torch.Tensor, out: torch.Tensor) -> None:
         """rows uint8 [n, nbytes] -> out [n, *block_shape] (same device), dequantized."""
         quant.dequantize_rows(rows, self.spec, self.layout.dtype, out=out)
+
+    @property
+    def layer_nbytes(self) -> int:
+        return self.spec.layer_nbytes
+
+    @property
+    def rotated(self) -> bool:
+        """Whether decode_layer(..., unrotate=False) leaves the vectors rotated (int8, int4)."""
+        return self.spec.rotated
+
+    def decode_layer(self, sections: torch.Tensor, unrotate: bool = True) -> torch.Tensor:
+        """One layer's sections uint8 [n, layer_nbytes] -> [n, 2, bs, Hkv, D] in the model dtype
+        (a section is a one-layer row of the same kind); unrotate=False: float32 vectors still
+        rotated where the format rotates (afkv.ops.quant.dequantize_layers)."""
+        one = dataclasses.replace(self.spec, num_layers=1)
+        dtype = self.layout.dtype if unrotate else torch.float32
+        return quant.dequantize_layers(sections, one, dtype, 0, unrotate)  # [n, 2, bs, Hkv, D]
 
 
 @dataclass(frozen=True)

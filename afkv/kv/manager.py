@@ -10,6 +10,8 @@ tokens to compute. The manager decides *which* blocks a sequence holds; everythi
     lower    the tiers below the device (tiers/loader.py): a matched block found in host memory
              or on disk is brought up (a disk read makes the sequence *loading*; `settle`
              cuts the table where a read failed); NoTiers when there are none
+    stream   the stream store (stream.py): the middle of a long sequence moved to host memory,
+             attended layer by layer from there (`place`); NoStream when streaming is off
     pruning  the pruning policy's per-sequence state (pruning.py): StreamingLLM drops blocks
              from the table, H2O compacts its kept tokens in place (such a sequence is
              *private*: it neither reuses nor registers prefix blocks); the one count of
@@ -30,12 +32,14 @@ from concurrent.futures import Executor, Future, wait
 
 import torch
 
+from afkv.errors import KVError
 from afkv.kv.block_pool import BlockHash, BlockPool, chain_hashes
 from afkv.kv.checks import owned
 from afkv.kv.device import DeviceQuant, make_device_tier
 from afkv.kv.layout import Layout
 from afkv.kv.metrics import KVMetrics, KVMetricsSnapshot
 from afkv.kv.pruning import KVPruning, PruningState
+from afkv.kv.stream import NoStream, StreamConfig, StreamRing, StreamStore
 from afkv.kv.tiers.config import TierConfig
 from afkv.kv.tiers.copier import InlineExecutor
 from afkv.kv.tiers.loader import NoTiers, TierLoader
@@ -58,9 +62,11 @@ class KVManager:
 
     def __init__(self, layout: Layout, num_blocks: int, device: torch.device, salt: bytes = b"",
                  tiers: TierConfig | None = None, worker: Executor | None = None,
-                 wakeup: Callable[[], None] | None = None, quant: DeviceQuant | None = None):
+                 wakeup: Callable[[], None] | None = None, quant: DeviceQuant | None = None,
+                 stream: StreamConfig | None = None):
         """quant: store full device blocks quantized (`kv` is then the staging blocks and
-        `blocks` the quantized rows)."""
+        `blocks` the quantized rows). stream: move the middle of long sequences to a stream store
+        in host memory (needs a device tier in the model dtype)."""
         self.layout = layout
         self.salt = salt
         self.metrics = KVMetrics()
@@ -73,6 +79,14 @@ class KVManager:
                               device_format=self.device.format)
             self.lower = TierLoader(stack, self.pool, self.metrics)
         self.pruning = PruningState(layout, self.pool, self.device.kv, self.metrics, self.device.writes_in_place)
+        self.stream: StreamStore | NoStream = NoStream()
+        self.stream_ring: StreamRing | None = None  # what the runner streams a step's host blocks with
+        if stream is not None:
+            if quant is not None or stream.format.layout != layout:
+                raise KVError("streaming needs a device tier in the model dtype ([kv] device_format = \"auto\") "
+                              "and a store of the cache's geometry")
+            self.stream = StreamStore(stream, device, self.metrics)
+            self.stream_ring = StreamRing(self.stream, device)
         self._tables: dict[int, list[int]] = {}
         self._hashes: dict[int, list[BlockHash]] = {}
         self._jobs: list[Future] = []
@@ -125,7 +139,9 @@ class KVManager:
 
     @property
     def capacity_tokens(self) -> int:
-        return self.pool.num_blocks * self.layout.block_size
+        """Tokens the device tier and the stream store hold together."""
+        store_blocks = 0 if self.stream.config is None else self.stream.config.num_blocks
+        return (self.pool.num_blocks + store_blocks) * self.layout.block_size
 
     @property
     def prefetch_depth(self) -> int:
@@ -138,9 +154,20 @@ class KVManager:
         return self.device.block_ids(self._tables[seq_id])
 
     def num_dropped(self, seq_id: int) -> int:
-        """Tokens pruning dropped from the sequence's cache (the one count): token p of it
-        sits in slot p - num_dropped; its cached tokens are num_computed - num_dropped."""
-        return self.pruning.num_dropped(seq_id)
+        """Tokens of the sequence before its device slots that its table does not hold (the one
+        count): dropped by pruning, or streamed from the stream store. Token p of it sits in
+        slot p - num_dropped; its device slots are num_computed - num_dropped."""
+        return self.pruning.num_dropped(seq_id) + self.stream.num_tokens(seq_id)
+
+    def streamed_blocks(self, seq_id: int) -> list[int]:
+        """The stream store ids of the sequence's middle, in token order (empty when none)."""
+        return self.stream.ids(seq_id)
+
+    def count_streamed(self, num_blocks: int) -> None:
+        """A step was planned that streams num_blocks store blocks (metrics)."""
+        if num_blocks:
+            self.metrics.counters["streamed_steps"] += 1
+            self.metrics.counters["bytes_streamed"] += num_blocks * self.stream.format.nbytes
 
     def has(self, seq_id: int) -> bool:
         return seq_id in self._tables
@@ -233,11 +260,11 @@ class KVManager:
         """Register the blocks that became full and computed, so later prompts can share them;
         quantized device tier: queue the quantization of the full blocks that left the window."""
         table, hashes = self._tables[seq_id], self._hashes[seq_id]
-        if not self.pruning.is_private(seq_id):
+        if not self.pruning.is_private(seq_id) and not self.stream.has(seq_id):
             for h in self._block_hashes(token_ids, num_computed // self.layout.block_size, hashes):
                 self.pool.register(table[len(hashes)], h)
                 hashes.append(h)
-        self.device.committed(table, num_computed - self.pruning.num_dropped(seq_id))
+        self.device.committed(table, num_computed - self.num_dropped(seq_id))
 
     def _release(self, block_ids: Sequence[int]) -> None:
         self.pool.release(block_ids)
@@ -250,6 +277,7 @@ class KVManager:
         self._hashes.pop(seq_id, None)
         self.lower.forget(seq_id)
         self.pruning.forget(seq_id)
+        self.stream.forget(seq_id)
         if table:
             self._release(table)
 
@@ -260,6 +288,16 @@ class KVManager:
         yet; `num_dropped` keeps the total). Freed blocks go back to the pool now; an H2O copy
         runs at the next flush."""
         return self.pruning.prune(seq_id, self._tables[seq_id], num_slots, self._release)
+
+    # ---- streaming ------------------------------------------------------------------------
+    def place(self, seq_id: int, num_slots: int) -> int:
+        """Move the middle of a long sequence (num_slots device slots) to the stream store, sinks
+        and recent window staying on the device (call between steps, before growing its table,
+        as `prune`). -> tokens moved (0: streaming off, a pruned sequence, nothing to move, or
+        the store full). A streaming sequence registers no more prefix blocks."""
+        if self.pruning.prunes(seq_id):
+            return 0
+        return self.stream.place(seq_id, self._tables[seq_id], num_slots, self._release)
 
     # ---- transfers --------------------------------------------------------------------------
     def poll(self) -> None:
@@ -272,10 +310,11 @@ class KVManager:
 
     def flush(self) -> None:
         """Submit the transfers queued by this scheduling pass (before its step is submitted):
-        pruning copies first (they read blocks this pass released, which tier copies of this
-        pass may fill), then quantization (a block demoted in this pass is read from its row),
-        then the copies between tiers."""
-        for job in (self.pruning.flush(self._worker), self.device.flush(self._worker)):
+        pruning copies and spills to the stream store first (they read blocks this pass
+        released, which tier copies of this pass may fill), then quantization (a block demoted
+        in this pass is read from its row), then the copies between tiers."""
+        for job in (self.pruning.flush(self._worker), self.stream.flush(self._worker, self.device.kv),
+                    self.device.flush(self._worker)):
             if job is not None:
                 self._jobs.append(job)
         self.lower.flush()
@@ -322,7 +361,7 @@ class KVManager:
 
     # ---- metrics and checks -------------------------------------------------------------------
     def metrics_snapshot(self) -> KVMetricsSnapshot:
-        return self.metrics.snapshot((self.device.usage(), *self.lower.usage()))
+        return self.metrics.snapshot((self.device.usage(), *self.lower.usage(), *self.stream.usage()))
 
     def check_invariants(self) -> None:
         """Accounting invariants across the manager, the pool, the device tier, pruning and the
@@ -336,5 +375,6 @@ class KVManager:
         for block_id in range(self.pool.num_blocks):
             owned(self.pool.ref_count(block_id) == refs.get(block_id, 0), f"block {block_id} leaked or double-owned")
         self.pruning.check_invariants(self._tables)
+        self.stream.check_invariants(set(self._tables))
         self.device.check_invariants(self._tables)
         self.lower.check_invariants()

@@ -152,6 +152,10 @@ class PruningState:
             return False
         return True
 
+    def prunes(self, seq_id: int) -> bool:
+        """Whether the sequence runs under a pruning policy."""
+        return seq_id in self._specs
+
     def is_private(self, seq_id: int) -> bool:
         return seq_id in self._private
 

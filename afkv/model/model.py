@@ -91,7 +91,7 @@ def split_micro_batches(inputs: StepInputs, m: int) -> list[StepInputs]:
     for g in groups:
         start, end = g[0].start, g[-1].start + g[-1].length
         rows = slice(start, end)
-        n = sum(c.length == 1 for c in g)
+        n = sum(c.length == 1 and not c.score_keys and c.stream is None for c in g)  # the parent's decode rows
         decode = None
         if parent is not None and n:
             sel = slice(singles, singles + n)
@@ -100,7 +100,8 @@ def split_micro_batches(inputs: StepInputs, m: int) -> list[StepInputs]:
         singles += n
         out.append(StepInputs(
             inputs.token_ids[rows], inputs.positions[rows], inputs.slot_blocks[rows], inputs.slot_offsets[rows],
-            [SeqChunk(c.start - start, c.length, c.context_len, c.block_ids) for c in g], decode,
+            [SeqChunk(c.start - start, c.length, c.context_len, c.block_ids, c.score_keys, c.stream) for c in g], decode,
+            key_mass=inputs.key_mass, stream=inputs.stream,
         ))
     return out
 

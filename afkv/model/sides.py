@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +34,18 @@ from afkv.errors import DeviceError
 from afkv.model.spec import Family, ModelSpec
 from afkv.model.weights import CheckpointReader
 from afkv.ops import fp8 as fp8_ops
-from afkv.ops.attention import QuantizedKVCache, paged_attention, write_kv
+from afkv.ops.attention import (
+    Partial,
+    QuantizedKVCache,
+    attention_partial,
+    merge_partials,
+    paged_attention,
+    paged_attention_partial,
+    write_kv,
+)
 from afkv.ops.kernels import Kernels, select_kernels
 from afkv.ops.layers import Rotary, gated_mlp, rms_norm, route_grouped_topk, route_topk
+from afkv.ops.quant import rotate
 
 
 @dataclass
@@ -47,6 +57,21 @@ class SeqChunk:
     context_len: int  # tokens in KV after this step (cached + this chunk)
     block_ids: torch.Tensor  # [num_blocks] int64, the sequence's block table prefix covering context_len
     score_keys: bool = False  # H2O: attended alone, adding to StepInputs.key_mass
+    stream: tuple[int, int] | None = None  # (first, count) of its blocks in StepInputs.stream: attended alone
+
+
+class LayerStream(Protocol):
+    """A step's blocks streamed from host memory (afkv.kv.stream.StreamStep), layer by layer."""
+
+    rotated: bool  # blocks' vectors are x @ H (afkv.ops.quant.hadamard): attend with the query rotated
+
+    def blocks(self, layer: int, start: int, count: int) -> torch.Tensor:
+        """Streamed blocks start .. start + count of `layer`, ready on the compute stream:
+        [count, 2, bs, Hkv, D]. Layers are asked in order."""
+        ...
+
+
+STREAM_PART_BLOCKS = 4096  # streamed blocks attended per partial (bounds the decoded scratch of a quantized format)
 
 
 @dataclass
@@ -70,6 +95,7 @@ class StepInputs:
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [T, D]: computed by the first layer
     staging_slots: torch.Tensor | None = None  # quantized device tier: slot_blocks - num_blocks (first layer)
     key_mass: torch.Tensor | None = None  # [num_blocks, block_size] float32, for chunks with score_keys
+    stream: LayerStream | None = None  # the blocks of chunks with `stream`, streamed from host memory
 
     def __post_init__(self) -> None:
         if self.decode is None:
@@ -77,7 +103,7 @@ class StepInputs:
 
 
 def decode_rows(chunks: list[SeqChunk], device: torch.device) -> DecodeRows | None:
-    singles = [c for c in chunks if c.length == 1 and not c.score_keys]
+    singles = [c for c in chunks if c.length == 1 and not c.score_keys and c.stream is None]
     if len(singles) < 2:
         return None
     nb = max(c.block_ids.numel() for c in singles)
@@ -270,15 +296,34 @@ class AttentionSide(AttentionSideBase):
             # the Triton kernels read only each row's context (the references gather the padded table)
             out[d.rows] = decode(q[d.rows], kv, i, d.block_tables, d.context_lens, spec.sliding_window)
         for c in inputs.chunks:
-            if d is not None and c.length == 1 and not c.score_keys:
+            if d is not None and c.length == 1 and not c.score_keys and c.stream is None:
                 continue
             rows = slice(c.start, c.start + c.length)
-            if c.score_keys:  # H2O: the torch reference also returns each key's attention mass
+            if c.stream is not None:
+                out[rows] = self._streamed_attention(i, q[rows], kv, c, inputs.stream)
+            elif c.score_keys:  # H2O: the torch reference also returns each key's attention mass
                 out[rows] = paged_attention(q[rows], kv, i, c.block_ids, c.context_len, spec.sliding_window,
                                             inputs.key_mass)
             else:
                 out[rows] = prefill(q[rows], kv, i, c.block_ids, c.context_len, spec.sliding_window)
         return self._residual(i, h, F.linear(out.flatten(1), w["o"]))  # [T, H]
+
+    @staticmethod
+    def _streamed_attention(i: int, q: torch.Tensor, kv: torch.Tensor, c: SeqChunk, stream: LayerStream) -> torch.Tensor:
+        """q [n, H, D] of a chunk whose context is its device blocks (sinks + recent, causal by
+        slot) plus streamed blocks (all before every query): the parts merged by log-sum-exp."""
+        first, count = c.stream
+        p = q.shape[-1] & -q.shape[-1]  # the Hadamard order: rotate(rotate(x)) = p x
+        q_streamed = rotate(q.float()) / p if stream.rotated else q  # [n, H, D]: q @ H / p
+        parts = []
+        for a in range(first, first + count, STREAM_PART_BLOCKS):
+            blocks = stream.blocks(i, a, min(STREAM_PART_BLOCKS, first + count - a))  # [nb, 2, bs, Hkv, D]
+            part = attention_partial(q_streamed, blocks[:, 0].flatten(0, 1), blocks[:, 1].flatten(0, 1), causal=False)
+            parts = [merge_partials(parts + [part])]
+        streamed = parts[0]
+        if stream.rotated:  # the output of rotated values, rotated back: out_r @ H / p
+            streamed = Partial(rotate(streamed.out) / p, streamed.lse)
+        return merge_partials([paged_attention_partial(q, kv, i, c.block_ids, c.context_len), streamed]).out.to(q.dtype)
 
 
 @dataclass

@@ -14,6 +14,10 @@ buffer, then attended); afkv.ops.triton_attention reads the rows in place (afkv.
 picks one per device). MLA latent caches use the same container with a LatentQuantSpec
 (afkv.ops.mla).
 
+Streamed contexts (afkv.kv.stream): `attention_partial` attends one part of a query's keys and
+keeps its log-sum-exp; `merge_partials` combines parts of disjoint keys exactly (the device
+blocks of a sequence and the blocks streamed from host memory are two such parts).
+
 Key mass (H2O): `paged_attention(..., key_mass=m)` also adds, to each cached token's entry of
 m [num_blocks, block_size] float32, the attention probability it received from this call's
 queries, summed over query heads and queries (the caller sums over layers). It then computes
@@ -90,6 +94,72 @@ def _attention_and_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)  # [H, n, N]
     out = probs @ vh  # [H, n, D]
     return out.transpose(0, 1).to(q.dtype), probs.sum((0, 1))
+
+
+# ---- partial attention and its log-sum-exp merge (streamed contexts: afkv.kv.stream) ----------
+
+LOGITS_BUDGET = 2**26  # float32 logits per matmul of attention_partial (256 MiB)
+MAX_KEY_CHUNK = 32768  # keys per matmul of attention_partial at most (its float32 copy of K and V)
+MIN_KEY_CHUNK = 1024  # and at least
+
+
+@dataclass(frozen=True)
+class Partial:
+    """Attention of queries over one part of their keys: the normalised output and the
+    log-sum-exp of the scaled logits, float32. Parts of disjoint keys merge exactly."""
+
+    out: torch.Tensor  # [n, H, D] float32
+    lse: torch.Tensor  # [n, H] float32 (-inf where the part held no key visible to the query)
+
+
+def attention_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Partial:
+    """q [n, H, D] over k, v [N, Hkv, D] (GQA: H a multiple of Hkv). causal: query i is the token
+    at key index N - n + i and sees keys up to it; else every key is visible. Keys are taken a
+    chunk at a time (online softmax; LOGITS_BUDGET, MAX_KEY_CHUNK), so memory does not grow with N."""
+    n, num_heads, head_dim = q.shape
+    num_keys, num_kv = k.shape[0], k.shape[1]
+    rep = num_heads // num_kv
+    qg = (q.float() * head_dim**-0.5).view(n, num_kv, rep, head_dim).permute(1, 2, 0, 3).reshape(num_kv, rep * n, head_dim)  # [Hkv, rep*n, D]
+    q_idx = (torch.arange(n, device=q.device) + num_keys - n).repeat(rep)  # [rep*n] key index of each query row
+    m = torch.full((num_kv, rep * n), float("-inf"), device=q.device)  # [Hkv, rep*n] running max
+    s = torch.zeros((num_kv, rep * n), device=q.device)  # [Hkv, rep*n] running sum of exp
+    acc = torch.zeros((num_kv, rep * n, head_dim), device=q.device)  # [Hkv, rep*n, D]
+    chunk = max(MIN_KEY_CHUNK, min(MAX_KEY_CHUNK, LOGITS_BUDGET // (num_heads * n)))
+    for a in range(0, num_keys, chunk):
+        kc = k[a : a + chunk].float().transpose(0, 1)  # [Hkv, c, D]
+        vc = v[a : a + chunk].float().transpose(0, 1)  # [Hkv, c, D]
+        logits = qg @ kc.transpose(1, 2)  # [Hkv, rep*n, c]
+        if causal:
+            k_idx = torch.arange(a, a + kc.shape[1], device=q.device)  # [c]
+            logits = logits.masked_fill(k_idx[None, None, :] > q_idx[None, :, None], float("-inf"))
+        m_new = torch.maximum(m, logits.amax(-1))  # [Hkv, rep*n]
+        base = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with nothing visible yet
+        p = torch.exp(logits - base[..., None])  # [Hkv, rep*n, c]
+        scale = torch.exp(m - base)  # [Hkv, rep*n]
+        s = s * scale + p.sum(-1)
+        acc = acc * scale[..., None] + p @ vc
+        m = m_new
+    out = acc / torch.where(s > 0, s, torch.ones_like(s))[..., None]  # [Hkv, rep*n, D]
+    lse = torch.where(s > 0, m + torch.log(s), torch.full_like(s, float("-inf")))  # [Hkv, rep*n]
+    out = out.view(num_kv, rep, n, head_dim).permute(2, 0, 1, 3).reshape(n, num_heads, head_dim)  # [n, H, D]
+    return Partial(out, lse.view(num_kv, rep, n).permute(2, 0, 1).reshape(n, num_heads))
+
+
+def merge_partials(parts: list[Partial]) -> Partial:
+    """Attention over the union of the parts' (disjoint) keys (log-sum-exp weights)."""
+    lse = torch.stack([p.lse for p in parts])  # [P, n, H]
+    total = torch.logsumexp(lse, 0)  # [n, H]
+    safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)  # no key anywhere: weights 0
+    weights = torch.exp(lse - safe)  # [P, n, H]; a part with no visible key weighs 0
+    out = sum(w[..., None] * p.out for w, p in zip(weights, parts))  # [n, H, D]
+    return Partial(out, total)
+
+
+def paged_attention_partial(q: torch.Tensor, kv: torch.Tensor, layer: int, block_ids: torch.Tensor,
+                            context_len: int) -> Partial:
+    """paged_attention's causal attention (no sliding window) as a Partial, to merge with other parts."""
+    k, v = gather_kv(kv, layer, block_ids, context_len)  # [N, Hkv, D]
+    return attention_partial(q, k, v, causal=True)
 
 
 def paged_decode_attention(

@@ -229,9 +229,9 @@ def _row(p: Prediction, base: Prediction) -> str:
     d = p.deployment
     if not p.feasible:
         return f"{d.label:<22} {'-':>6} {'-':>8} {'-':>10} {'-':>6} {'-':>9}  {p.regime}"
-    ratio = p.tok_s_per_gpu / base.tok_s_per_gpu if base.feasible else float("nan")
+    ratio = f"{p.tok_s_per_gpu / base.tok_s_per_gpu:.2f}" if base.feasible else "-"  # no colocated baseline
     note = "" if p.runnable else "  (not in afkv yet)"
-    return (f"{d.label:<22} {p.seqs:>6} {p.step.tpot_s * 1e3:>8.2f} {p.tok_s_per_gpu:>10.0f} {ratio:>6.2f} "
+    return (f"{d.label:<22} {p.seqs:>6} {p.step.tpot_s * 1e3:>8.2f} {p.tok_s_per_gpu:>10.0f} {ratio:>6} "
             f"{p.kv_seqs:>9}  {p.regime}{note}")
 
 

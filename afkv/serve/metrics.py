@@ -55,6 +55,11 @@ _MOVES = (  # KV metrics counter -> (metric, label)
     ("bytes_host_to_disk", "kv_spilled_bytes", ("to", "disk")),
     ("bytes_host_to_device", "kv_promoted_bytes", ("from", "host")),
     ("bytes_disk_to_host", "kv_promoted_bytes", ("from", "disk")),
+    ("bytes_device_to_stream", "kv_spilled_bytes", ("to", "stream")),
+)
+_STREAMED = (  # KV metrics counter -> (metric, help): long contexts streamed from host memory (afkv.kv.stream)
+    ("bytes_streamed", "kv_streamed_bytes", "KV bytes attention streamed from the stream store (host memory), all steps"),
+    ("streamed_steps", "kv_streamed_steps", "Steps that streamed KV from host memory (bytes per step: the ratio)"),
 )
 
 
@@ -90,6 +95,11 @@ async def engine_samples(engine) -> list[Sample]:
             what = "spilled down to" if name == "kv_spilled_bytes" else "promoted up from"
             out.append(Sample(name, "counter", f"KV bytes {what} a tier", node_label + (label,),
                               kv.counters.get(key, 0)))
+        for key, name, help_ in _STREAMED:
+            out.append(Sample(name, "counter", help_, node_label, kv.counters.get(key, 0)))
+        steps = kv.counters.get("streamed_steps", 0)
+        out.append(Sample("kv_streamed_bytes_per_step", "gauge", "Mean KV bytes streamed from host memory per step "
+                          "that streamed", node_label, kv.counters.get("bytes_streamed", 0) / steps if steps else 0.0))
     if getattr(engine, "eplb_enabled", False):
         try:
             value = await engine.expert_balancedness()

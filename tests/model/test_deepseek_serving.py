@@ -231,7 +231,7 @@ async def test_quantized_spill_formats_serve_every_request(deepseek_dir, tmp_pat
     assert m.tiers[1].format == fmt and m.tiers[1].block_nbytes < 0.6 * m.tiers[0].block_nbytes
 
 
-def test_int4_latents_and_h2o_are_refused(deepseek_dir):
+def test_int4_latents_h2o_and_streaming_are_refused(deepseek_dir):
     with pytest.raises(ConfigError, match="int4 does not hold accuracy") as e:
         asyncio.run(_generate(deepseek_dir["deepseek_v2"], _qcfg("int4"), PROMPTS[:1]))
     assert e.value.key == "kv.device_format"
@@ -239,6 +239,10 @@ def test_int4_latents_and_h2o_are_refused(deepseek_dir):
     with pytest.raises(ConfigError, match="H2O") as e:
         asyncio.run(_generate(deepseek_dir["deepseek_v2"], h2o, PROMPTS[:1]))
     assert e.value.key == "kv.pruning.policy"
+    stream = EngineConfig.from_dict({"kv": {"block_size": BS, "stream_memory_mib": 4}})
+    with pytest.raises(ConfigError, match="MLA latents") as e:
+        asyncio.run(_generate(deepseek_dir["deepseek_v3"], stream, PROMPTS[:1]))
+    assert e.value.key == "kv.stream_memory_mib"
 
 
 async def test_streaming_pruning_and_per_request_h2o(deepseek_dir):

@@ -1,0 +1,180 @@
+"""The stream store and ring (afkv.kv.stream) and the partial attention they feed
+(afkv.ops.attention): placement, spilled bytes, the layer-by-layer ring, the log-sum-exp merge.
+The engine-level oracles are in tests/engine/test_stream.py."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from afkv.errors import TierAccountingError
+from afkv.kv.formats import make_format
+from afkv.kv.layout import KVLayout
+from afkv.kv.manager import KVManager
+from afkv.kv.stream import StreamConfig, runs
+from afkv.ops import attention as A
+
+LAYOUT = KVLayout(num_layers=5, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
+
+
+def _manager(fmt: str = "none", num_blocks: int = 32, store_blocks: int = 16, ahead: int = 2, window: int = 6):
+    cfg = StreamConfig(make_format(fmt, LAYOUT), store_blocks, num_sink_tokens=4, window=window, ahead=ahead)
+    return KVManager(LAYOUT, num_blocks, torch.device("cpu"), stream=cfg)
+
+
+def _grow(kv: KVManager, seq_id: int, num_slots: int) -> None:
+    """Allocate num_slots device slots (as computed) and fill them with random KV."""
+    assert kv.allocate(seq_id, num_slots)
+    table = kv.block_table(seq_id)
+    kv.kv[table] = torch.randn(len(table), *LAYOUT.block_shape)
+
+
+def test_placement_keeps_sinks_and_window_and_streams_the_middle():
+    kv = _manager()
+    kv.match_prefix(1, [])
+    _grow(kv, 1, 40)  # 10 blocks: sink block 0, window = the last 6 slots (blocks 8, 9)
+    table = list(kv.block_table(1))
+    before = kv.kv[table].clone()
+    assert kv.place(1, 40) == 7 * 4  # blocks 1 .. 7 (block 8 holds slot 34, in the window)
+    assert kv.block_table(1) == [table[0], table[8], table[9]]
+    assert kv.num_dropped(1) == 28
+    assert kv.pool.num_free_blocks == 32 - 3
+    kv.flush()  # the spill copy (inline: no worker)
+    ids = kv.streamed_blocks(1)
+    assert ids == list(range(7))
+    for layer in range(LAYOUT.num_layers):
+        assert torch.equal(kv.stream.buf[layer, ids].view(torch.float32).view(7, *LAYOUT.block_shape[1:]),
+                           before[1:8, layer])
+    assert kv.place(1, 12) == 0  # nothing more until the window moves on
+    kv.check_invariants()
+    kv.free(1)
+    kv.check_invariants()
+    assert kv.stream.num_free_blocks == 16 and kv.pool.num_free_blocks == 32
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
+def test_quantized_store_holds_each_layer_as_its_row_section(fmt):
+    kv = _manager(fmt)
+    kv.match_prefix(1, [])
+    _grow(kv, 1, 40)
+    table = list(kv.block_table(1))
+    f = kv.stream.format
+    rows = f.encode(kv.kv[table[1:8]])  # what a host tier would store
+    want = torch.empty(7, *LAYOUT.block_shape)
+    f.decode(rows, want)
+    kv.place(1, 40)
+    kv.flush()
+    ids = kv.streamed_blocks(1)
+    for layer in range(LAYOUT.num_layers):
+        assert torch.equal(f.decode_layer(kv.stream.buf[layer, ids]), want[:, layer])
+    assert kv.stream.usage()[0].block_nbytes == f.nbytes < LAYOUT.block_nbytes
+
+
+def test_a_full_store_streams_what_fits_and_the_rest_stays_on_the_device():
+    kv = _manager(store_blocks=3)
+    kv.match_prefix(1, [])
+    _grow(kv, 1, 40)
+    assert kv.place(1, 40) == 12
+    assert len(kv.block_table(1)) == 7
+    assert kv.metrics.counters["stream_store_full"] == 1
+    kv.check_invariants()
+
+
+def test_a_freed_sequence_drops_its_queued_spills_and_a_new_one_reuses_the_ids():
+    kv = _manager()
+    for seq in (1, 2):
+        kv.match_prefix(seq, [])
+        _grow(kv, seq, 40)
+    kv.place(1, 40)
+    kv.free(1)  # before the flush: its spills must not land on ids seq 2 gets now
+    kv.place(2, 40)
+    table2 = kv.streamed_blocks(2)
+    assert table2 == list(range(7))
+    kv.flush()
+    kv.check_invariants()
+
+
+@pytest.mark.parametrize("ahead", [1, 2, 4])
+def test_the_ring_hands_each_layer_its_own_sections(ahead):
+    kv = _manager(ahead=ahead)
+    kv.stream.buf.copy_(torch.randint(0, 255, kv.stream.buf.shape, dtype=torch.uint8))
+    ids = [5, 6, 7, 2, 9, 10]  # runs (5-7), (2), (9-10)
+    assert runs(ids) == [(0, 5, 3), (3, 2, 1), (4, 9, 2)]
+    step = kv.stream_ring.begin(ids)
+    for layer in range(LAYOUT.num_layers):
+        for _ in range(2):  # one call per micro-batch
+            assert torch.equal(step.layer(layer), kv.stream.buf[layer, ids])
+    with pytest.raises(TierAccountingError):
+        kv.stream_ring.begin(ids).layer(1)  # layers in order
+
+
+def _reference(q, k, v):
+    """Causal SDPA: query i at key index N - n + i."""
+    n, num_keys = q.shape[0], k.shape[0]
+    mask = torch.arange(num_keys)[None, :] <= (torch.arange(n) + num_keys - n)[:, None]
+    return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                          enable_gqa=True).transpose(0, 1)
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_partials_merged_by_log_sum_exp_equal_one_softmax(monkeypatch, n):
+    """Keys split into a non-causal head part and a causal tail, each taken in several chunks."""
+    monkeypatch.setattr(A, "MAX_KEY_CHUNK", 7)
+    monkeypatch.setattr(A, "MIN_KEY_CHUNK", 7)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(n, 8, 16), torch.randn(45, 2, 16), torch.randn(45, 2, 16)
+    want = _reference(q, k, v)
+    parts = [A.attention_partial(q, k[:13], v[:13], causal=False), A.attention_partial(q, k[13:30], v[13:30], causal=False),
+             A.attention_partial(q, k[30:], v[30:], causal=True)]
+    got = A.merge_partials(parts).out
+    assert (got - want).abs().max() < 1e-5
+    assert (A.attention_partial(q, k, v, causal=True).out - want).abs().max() < 1e-5
+    empty = A.attention_partial(q, k[:0], v[:0], causal=False)  # no key: weighs nothing
+    assert (A.merge_partials([empty, *parts]).out - want).abs().max() < 1e-5
+
+
+def test_micro_batches_split_streamed_and_decode_rows_alike(tiny_dir):
+    """The runner's step with m = 2 micro-batches (AF's ping-pong) equals m = 1 when the step
+    mixes batched decode rows, a streamed decode row and a streamed prefill chunk."""
+    from afkv.engine.runner import ChunkPlan, ModelRunner, SampleSpec
+    from afkv.model.model import load_colocated
+
+    model = load_colocated(tiny_dir["qwen3_moe"], torch.device("cpu"), torch.float32)
+    spec = model.spec
+    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, 4, torch.float32)
+    kv = KVManager(layout, 64, torch.device("cpu"),
+                   stream=StreamConfig(make_format("none", layout), 32, num_sink_tokens=4, window=4, ahead=2))
+    kv.kv.normal_()
+    kv.stream.buf.view(torch.float32).normal_()
+    greedy = SampleSpec(0.0, 0, 1.0, 0, 0, 5)
+    plan = [ChunkPlan(2, (7,), 40, (10, 11, 12), greedy, num_dropped=32, streamed=tuple(range(0, 8))),  # streamed decode
+            ChunkPlan(3, (8, 9, 10), 30, tuple(range(13, 18)), greedy, num_dropped=16,
+                      streamed=tuple(range(8, 12))),  # streamed prefill chunk (ends the first micro-batch)
+            ChunkPlan(0, (5,), 20, tuple(range(0, 6)), greedy),  # plain decode rows (batched)
+            ChunkPlan(1, (6,), 12, tuple(range(6, 10)), greedy)]
+    one = ModelRunner(model, kv.kv, 4, torch.device("cpu"), micro_batches=1, stream=kv.stream_ring).execute(plan)
+    two = ModelRunner(model, kv.kv, 4, torch.device("cpu"), micro_batches=2, stream=kv.stream_ring).execute(plan)
+    assert [r.token_id for r in one] == [r.token_id for r in two]
+    for a, b in zip(one, two):
+        assert abs(a.logprob - b.logprob) < 1e-5
+        assert all(abs(a.top[t] - b.top[t]) < 1e-5 for t in a.top)
+
+
+@pytest.mark.parametrize("fmt", ["none", "fp8", "int8", "int4"])
+def test_rotated_sections_attend_like_the_decoded_ones(fmt):
+    """What StreamStep.blocks hands attention (int8 / int4: vectors left rotated) gives the same
+    attention as the decoded blocks once the query and the output are rotated (sides.py)."""
+    from afkv.ops.quant import rotate
+
+    f = make_format(fmt, LAYOUT)
+    rows = f.encode(torch.randn(6, *LAYOUT.block_shape))
+    sections = rows.view(6, LAYOUT.num_layers, f.layer_nbytes)[:, 2].contiguous()  # layer 2
+    plain = f.decode_layer(sections)  # [6, 2, bs, Hkv, D]
+    kept = f.decode_layer(sections, unrotate=False)
+    q = torch.randn(3, 4, LAYOUT.head_dim)
+    p = LAYOUT.head_dim & -LAYOUT.head_dim
+    want = A.attention_partial(q, plain[:, 0].flatten(0, 1), plain[:, 1].flatten(0, 1), causal=False)
+    qr = rotate(q) / p if f.rotated else q
+    got = A.attention_partial(qr, kept[:, 0].flatten(0, 1), kept[:, 1].flatten(0, 1), causal=False)
+    out = rotate(got.out) / p if f.rotated else got.out
+    assert f.rotated == (fmt in ("int8", "int4"))
+    assert (out - want.out).abs().max() < 1e-4 and (got.lse - want.lse).abs().max() < 1e-4
