@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from afkv.model.tiny import FAMILIES as TINY_FAMILIES
 from afkv.serve import run_async
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -247,7 +248,7 @@ def _cmd_bench_gpu(args) -> int:
     split = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     result = run_gpu_suite(args.models.split(","), split(args.batch_sizes), args.context, args.steps,
                            hf=not args.no_hf, hf_batches=split(args.hf_batch_sizes) if args.hf_batch_sizes else None,
-                           log=_err)
+                           expert_dtype=args.expert_dtype, log=_err)
     print(format_table(result))
     stem = args.json or f"bench-results/gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out = write_json(result, stem)
@@ -524,7 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m afkv.bench.long_context (--help)")
 
     gpu = bsub.add_parser("gpu", help="GPU suite: afkv (CUDA graphs) vs HF generate vs the HBM roofline, real shapes")
-    gpu.add_argument("--models", default="qwen3-30b-a3b,mixtral-8x7b", help="comma-separated: qwen3-30b-a3b, mixtral-8x7b")
+    gpu.add_argument("--models", default="qwen3-30b-a3b,mixtral-8x7b",
+                     help="comma-separated: qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite, deepseek-v3-8l")
+    gpu.add_argument("--expert-dtype", default="auto", choices=["auto", "fp8"],
+                     help="how afkv holds the routed experts (fp8: deepseek-v3-8l on one 80 GB GPU)")
     gpu.add_argument("--batch-sizes", default="1,16,64,256")
     gpu.add_argument("--hf-batch-sizes", help="batches for HF generate (default: --batch-sizes)")
     gpu.add_argument("--context", type=int, default=2048)
@@ -573,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny", help="write tiny random HF checkpoints (needs transformers)")
     tiny.add_argument("out")
-    tiny.add_argument("--family", default="all", choices=["all", "llama", "mixtral", "qwen2_moe", "qwen3_moe"])
+    tiny.add_argument("--family", default="all", choices=["all", *TINY_FAMILIES])
     tiny.add_argument("--seed", type=int, default=0)
     return p
 

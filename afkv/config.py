@@ -27,7 +27,7 @@ from typing import Any
 from afkv.errors import ConfigError
 from afkv.kv.device import DeviceQuant, staging_blocks_needed
 from afkv.kv.formats import FORMAT_NAMES, make_format
-from afkv.kv.layout import KVLayout
+from afkv.kv.layout import Layout
 from afkv.kv.pruning import KVPruning
 from afkv.kv.stream import StreamConfig
 from afkv.kv.tiers.config import TierConfig
@@ -119,7 +119,7 @@ class KVConfig:
             need(not self.pruning.enabled, "kv.pruning.policy",
                  "streaming (stream_memory_mib) keeps every token: use [kv.pruning] policy = \"none\"")
 
-    def device_tier(self, layout: KVLayout, max_num_seqs: int, max_num_batched_tokens: int,
+    def device_tier(self, layout: Layout, max_num_seqs: int, max_num_batched_tokens: int,
                     source: str | None = None) -> tuple[int, DeviceQuant | None]:
         """-> (device blocks, DeviceQuant or None for blocks in the model dtype). A quantized
         device tier spends device_memory_mib on its staging blocks (full precision, sized for
@@ -143,7 +143,7 @@ class KVConfig:
                               f"fp_window {self.fp_window}) plus one block", file=source, key="kv.device_memory_mib")
         return num_blocks, quant
 
-    def stream_config(self, layout: KVLayout, source: str | None = None) -> StreamConfig | None:
+    def stream_config(self, layout: Layout, source: str | None = None) -> StreamConfig | None:
         """The stream store for blocks of `layout` (in spill_format), or None (streaming off).
         ConfigError naming file and key when it holds no block."""
         if not self.has_stream:
@@ -156,7 +156,7 @@ class KVConfig:
         return StreamConfig(fmt, num_blocks, self.stream_sink_tokens, self.stream_window, self.stream_ahead)
 
     @staticmethod
-    def _format(name: str, layout: KVLayout, source: str | None, key: str):
+    def _format(name: str, layout: Layout, source: str | None, key: str):
         """The block format `name` for the model's geometry; ConfigError naming file and key when
         the model cannot use it."""
         try:
@@ -164,7 +164,7 @@ class KVConfig:
         except ConfigError as e:
             raise ConfigError(f"{key} = {name!r} does not fit the model: {e}", file=source, key=key) from e
 
-    def tier_config(self, layout: KVLayout, source: str | None = None) -> TierConfig | None:
+    def tier_config(self, layout: Layout, source: str | None = None) -> TierConfig | None:
         """The tiers below the device for blocks of `layout`, or None (device only).
         ConfigError naming file and key when a size or quantization does not fit the model."""
         if not self.has_host_tier:
@@ -185,7 +185,7 @@ class KVConfig:
         return TierConfig(fmt, host_num_blocks, disk_num_blocks, Path(self.disk_path).expanduser(), self.eviction,
                           self.prefetch_depth, self.io_threads, disk_capacity_key=disk_key)
 
-    def check_memory(self, layout: KVLayout, num_device_blocks: int, quant: DeviceQuant | None,
+    def check_memory(self, layout: Layout, num_device_blocks: int, quant: DeviceQuant | None,
                      tiers: TierConfig | None, device_type: str, source: str | None = None,
                      available: dict[str, int] | None = None, stream: StreamConfig | None = None) -> None:
         """Before allocating: the device tier (and the stream's staging ring) must fit the

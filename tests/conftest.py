@@ -4,6 +4,7 @@ import pytest
 import torch
 
 FAMILIES = ("llama", "mixtral", "qwen2_moe", "qwen3_moe")
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")  # MLA families: a latent KV cache (tests/model/test_deepseek*.py)
 
 if not torch.cuda.is_available():
     # Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter. It must be
@@ -34,6 +35,15 @@ def tiny_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     return {fam: write_tiny_checkpoint(fam, root / fam, seed=i) for i, fam in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="session")
+def deepseek_dir(tmp_path_factory):
+    """family -> directory of a tiny random DeepSeek-V2 / V3 checkpoint written by transformers."""
+    from afkv.model.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-deepseek")
+    return {fam: write_tiny_checkpoint(fam, root / fam, seed=10 + i) for i, fam in enumerate(DEEPSEEK)}
 
 
 @pytest.fixture(scope="session")

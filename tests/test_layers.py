@@ -6,9 +6,6 @@ under TYPE_CHECKING: all of them), and resolved to the afkv module it names. The
 - each import goes down the map (or stays inside its own package);
 - the module graph has no cycle;
 - tests import afkv.bench only where a benchmark itself is under test (test_bench_*).
-
-`KNOWN_CYCLES` lists cycles that another change removes, each with its reason; the test
-fails when one of them is gone too, so the list cannot go stale.
 """
 
 from __future__ import annotations
@@ -20,13 +17,6 @@ import afkv
 
 ROOT = Path(afkv.__file__).parent
 TESTS = Path(__file__).parent
-
-# Import cycles that stay until another change lands -> why.
-KNOWN_CYCLES: dict[tuple[str, ...], str] = {
-    ("afkv.ops.attention", "afkv.ops.triton_attention"):
-        "triton_attention's in-file benchmark (bench_decode, main) calls ops.attention; it moves to afkv/bench",
-}
-
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT.parent).with_suffix("").parts
@@ -131,12 +121,7 @@ def test_imports_follow_the_layer_map():
 
 
 def test_no_import_cycles():
-    assert [c for c in cycles(graph()) if c not in KNOWN_CYCLES] == []
-
-
-def test_known_cycles_still_exist():
-    """An entry of KNOWN_CYCLES that is gone must be deleted (no stale excuses)."""
-    assert [c for c in KNOWN_CYCLES if c not in cycles(graph())] == []
+    assert cycles(graph()) == []
 
 
 def _bench_tests(path: Path) -> set[int]:

@@ -37,7 +37,8 @@ def hf_phase(name: str, batches: list[int], context: int, log, short: int = 4, l
     dev = torch.device("cuda:0")
     cfg_dict = dict(REAL_SHAPES[name])
     arch = cfg_dict.pop("architectures")[0]
-    model_type = {"Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral"}[arch]
+    model_type = {"Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral",
+                  "DeepseekV2ForCausalLM": "deepseek_v2", "DeepseekV3ForCausalLM": "deepseek_v3"}[arch]
     cfg = AutoConfig.for_model(model_type, **cfg_dict)
     t0 = time.perf_counter()
     with torch.device(dev):
@@ -90,7 +91,10 @@ def _best_within(rows: dict, limit_s: float) -> dict:
 
 
 def run_gpu_suite(models: list[str], batches: list[int], context: int, steps: int = 10, block_size: int = 16,
-                  hf: bool = True, hf_batches: list[int] | None = None, log=print) -> dict:
+                  hf: bool = True, hf_batches: list[int] | None = None, expert_dtype: str = "auto",
+                  log=print) -> dict:
+    """`expert_dtype` fp8: afkv holds the routed experts in fp8 (a model whose bf16 experts do
+    not fit, as DeepSeek-V3 cut to 8 layers on one H100); HF generate keeps bf16."""
     if not torch.cuda.is_available():
         raise DeviceError("afkv bench gpu needs a CUDA GPU (this machine has none)")
     from afkv.ops import triton_attention
@@ -102,14 +106,15 @@ def run_gpu_suite(models: list[str], batches: list[int], context: int, steps: in
     copy_bw = copy_bandwidth(dev)
     log(f"HBM copy bandwidth (read + write): {copy_bw / 1e12:.2f} TB/s")
     out = {"bench": "gpu", "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "context": context,
-           "copy_bytes_per_s": copy_bw, "date": time.strftime("%Y-%m-%d"), "models": {}}
+           "copy_bytes_per_s": copy_bw, "date": time.strftime("%Y-%m-%d"), "expert_dtype": expert_dtype,
+           "models": {}}
     for name in models:
         log(f"{name}:")
         res: dict = {}
         if hf:
             res["hf"] = hf_phase(name, hf_batches or batches, context, log)
         res["afkv"] = colocated_phase(name, batches, context, block_size, steps, copy_bw, log,
-                                      eager_batches={batches[0], batches[-1]})
+                                      eager_batches={batches[0], batches[-1]}, expert_dtype=expert_dtype)
         res["best_within_50ms"] = {"afkv": _best_within(res["afkv"], TPOT_LIMIT_S),
                                    "hf": _best_within(res.get("hf", {}), TPOT_LIMIT_S)}
         out["models"][name] = res
@@ -117,7 +122,9 @@ def run_gpu_suite(models: list[str], batches: list[int], context: int, steps: in
 
 
 def format_table(r: dict) -> str:
-    lines = [f"{r['device']}, torch {r['torch']}, context {r['context']}, HBM copy {r['copy_bytes_per_s'] / 1e12:.2f} TB/s"]
+    experts = f", routed experts {r['expert_dtype']}" if r.get("expert_dtype", "auto") != "auto" else ""
+    lines = [f"{r['device']}, torch {r['torch']}, context {r['context']}, HBM copy {r['copy_bytes_per_s'] / 1e12:.2f} TB/s"
+             + experts]
     head = (f"{'model':>14} | {'batch':>5} | {'afkv TPOT ms':>12} | {'afkv tok/s':>10} | {'eager TPOT ms':>13} | "
             f"{'HF TPOT ms':>10} | {'HF tok/s':>8} | {'afkv/HF':>7} | {'roofline':>8} | {'T_attn ms':>9} | {'attn roofline':>13}")
     lines += [head, "-" * len(head)]

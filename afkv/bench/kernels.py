@@ -10,6 +10,11 @@ replace, on one GPU (python -m afkv.bench.kernels, or `afkv bench kernels ...`).
     decode  a batch-1 decode step of a real-shape model (random weights): TPOT as a CUDA graph
             (as `afkv bench gpu` measures it), T_attn (the FFN returning zeros), and the kernels of
             one step by name (count, device time; torch.profiler over an eager step)
+    mla     the paged MLA decode kernel (afkv.ops.triton_mla) at DeepSeek-V3 (128 heads) and
+            V2-Lite (16 heads) shapes over bf16 / fp8 / int8 latents: GB/s against the copy
+            ceiling, TFLOP/s against the GEMM peak (FlashMLA's figures); with the table of
+            mla-bytes: latent bytes per token per format and the longest context on one H200
+            (arithmetic; `mla-bytes` alone runs without a GPU)
 
 One timer for every kernel figure (time_s): the calls captured in one CUDA graph, replayed
 between CUDA events, as a decode step runs (no launch overhead). MoE calls cycle over weight
@@ -23,6 +28,7 @@ import argparse
 import functools
 import gc
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -173,7 +179,8 @@ def moe_sweep(models: list[str], tokens: list[int], dtypes: list[str], *, copies
     until then)."""
     from afkv.bench.calibrate import gemm_peak
     from afkv.bench.steps import copy_bandwidth
-    from afkv.model.sides import FFNSide, _Stacked, fused_ops
+    from afkv.model.sides import FFNSide, _Stacked
+    from afkv.ops.kernels import select_kernels
     from afkv.ops import triton_moe
 
     device = _require_gpu()
@@ -215,7 +222,7 @@ def moe_sweep(models: list[str], tokens: list[int], dtypes: list[str], *, copies
                        "bound": "weights" if bytes_s >= flops_s else "flops", "moe_s": moe_s,
                        "share": max(bytes_s, flops_s) / moe_s, "config": asdict(cfg)}
                 if dtype == "bf16" and num_tokens in grouped_tokens:
-                    tf = fused_ops(device)
+                    tf = select_kernels(device).fused
                     st = [_Stacked(layer["gate_up"], layer["down"], local) for layer in layers]
                     ref = [functools.partial(FFNSide._grouped, st[c % copies], x, ids, weights, tf)
                            for c in range(_calls(num_tokens))]
@@ -400,10 +407,7 @@ def decode_bench(model: str, batch: int, context: int, steps: int, expert_dtypes
             graphs = DecodeGraphs(mm, kv, batch, len(step[5][0]), nblocks, buckets=[batch])
             row[label] = median_s(lambda: graphs.run(*step[:6], 1).argmax(-1), steps)  # noqa: B023
             del graphs
-        need = step_bytes(spec, batch, context)
-        if expert_dtype == "fp8":
-            need["ffn"] /= 2
-        row["bytes"] = need
+        row["bytes"] = step_bytes(spec, batch, context)  # fp8 routed experts: one byte a weight
         if profile:
             kernels = _kernel_table(m, eager_inputs(step, device), kv)
             row["kernels"] = kernels
@@ -434,18 +438,193 @@ def format_decode(result: dict, top: int = 12) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# MLA decode (DeepSeek)
+
+MLA_HEADS = {"deepseek-v3": 128, "deepseek-v2-lite": 16}  # query heads; both cache r = 512, dr = 64
+MLA_RANK, MLA_ROPE = 512, 64
+MLA_FORMATS = ("bf16", "fp8", "int8")
+MLA_WORKLOADS = ((1, 16384), (16, 4096), (64, 4096), (128, 8192))  # (batch, cached tokens per sequence)
+MLA_TILES = ((16, 32, 4, 2), (16, 64, 4, 2), (16, 32, 8, 2), (16, 64, 8, 3), (32, 32, 8, 2))  # MLATile fields
+_MLA_FLUSH_NBYTES = 512 << 20  # latents cycled through per timing: far beyond L2
+H200_USABLE_BYTES = 139 << 30  # one H200 as torch sees it
+_KV_SHARE = 0.9  # of what the weights leave: the rest for activations, CUDA graphs, staging
+
+
+def mla_token_nbytes(fmt: str, block_size: int = 64) -> float:
+    """Bytes one token's latent takes in one layer: bf16 (576 values), or a quantized latent
+    row (codes, scales, zero points, the 16-bit rotary part) divided by its tokens."""
+    from afkv.ops import quant
+
+    if fmt == "bf16":
+        return (MLA_RANK + MLA_ROPE) * 2
+    spec = quant.LatentQuantSpec(fmt, 1, block_size, MLA_RANK, MLA_ROPE, torch.bfloat16)
+    return spec.layer_nbytes / block_size
+
+
+def _weight_nbytes(model: str, num_layers: int | None = None, expert_dtype: str = "auto") -> int:
+    """Bytes of a model's weights as afkv holds them: 16-bit, routed experts one byte each in fp8."""
+    from afkv.model.random import REAL_SHAPES, RandomCheckpoint
+    from afkv.model.spec import spec_from_hf_config
+
+    cfg = dict(REAL_SHAPES[model], **({"num_hidden_layers": num_layers} if num_layers else {}))
+    shapes = RandomCheckpoint(spec_from_hf_config(cfg, source=model)).shapes
+    fp8 = expert_dtype == "fp8"
+    return sum(math.prod(shape) * (1 if fp8 and ".mlp.experts." in name else 2) for name, shape in shapes.items())
+
+
+def mla_capacity(block_size: int = 64) -> dict:
+    """Per latent format: bytes per token (one layer; DeepSeek-V3's 61 and V2-Lite's 27), the
+    ratio to bf16, and the KV tokens (the longest context, or the sum over a batch) one H200
+    holds beside each model that fits there (its weights as afkv holds them; 90% of the rest
+    for KV). Arithmetic, no device needed."""
+    models = {"deepseek-v2-lite (bf16)": ("deepseek-v2-lite", None, "auto"),
+              "deepseek-v3-8l (fp8 experts)": ("deepseek-v3-8l", None, "fp8"),
+              "deepseek-v3 61l (fp8 experts)": ("deepseek-v3-8l", 61, "fp8")}
+    weights = {label: _weight_nbytes(*args) for label, args in models.items()}
+    layers = {"deepseek-v2-lite (bf16)": 27, "deepseek-v3-8l (fp8 experts)": 8, "deepseek-v3 61l (fp8 experts)": 61}
+    rows = []
+    for fmt in MLA_FORMATS:
+        per_layer = mla_token_nbytes(fmt, block_size)
+        row = {"format": fmt, "bytes_per_token_layer": per_layer, "vs_bf16": per_layer / mla_token_nbytes("bf16"),
+               "bytes_per_token_v3": 61 * per_layer, "bytes_per_token_v2_lite": 27 * per_layer, "h200_tokens": {}}
+        for label, w in weights.items():
+            room = (H200_USABLE_BYTES - w) * _KV_SHARE
+            row["h200_tokens"][label] = int(room // (layers[label] * per_layer)) if room > 0 else 0
+        rows.append(row)
+    return {"block_size": block_size, "h200_usable_bytes": H200_USABLE_BYTES, "weights_bytes": weights, "rows": rows}
+
+
+def format_capacity(result: dict) -> str:
+    labels = list(result["weights_bytes"])
+    lines = [f"MLA latent bytes per token (block {result['block_size']}) and the KV tokens one H200 holds beside the "
+             f"weights ({result['h200_usable_bytes'] / 2**30:.0f} GiB, 90% of what the weights leave; weights: "
+             + ", ".join(f"{k} {v / 1e9:.0f} GB" for k, v in result["weights_bytes"].items())
+             + "); one sequence is capped at 163,840 positions",
+             f"{'format':>6} {'B/token/layer':>14} {'vs bf16':>8} {'V3 61l B/token':>15} {'V2-Lite B/token':>16} "
+             + " ".join(f"{k:>30}" for k in labels)]
+    for r in result["rows"]:
+        fits = " ".join(f"{_tokens(r['h200_tokens'][k]):>30}" for k in labels)
+        lines.append(f"{r['format']:>6} {r['bytes_per_token_layer']:>14.1f} {r['vs_bf16']:>8.3f} "
+                     f"{r['bytes_per_token_v3']:>15,.0f} {r['bytes_per_token_v2_lite']:>16,.0f} {fits}")
+    lines.append("FlashMLA's fp8 cache: 656 B/token/layer (0.57x of bf16)")
+    return "\n".join(lines)
+
+
+def _tokens(n: int) -> str:
+    return f"{n:,} tokens" if n else "does not fit"
+
+
+def _mla_cache(fmt: str, num_blocks: int, num_layers: int, block_size: int, device: torch.device):
+    """A latent cache of random values: bf16 [nb, L, bs, 576], or a quantized device tier whose
+    blocks are all rows (one staging block, never read)."""
+    from afkv.ops import quant
+    from afkv.ops.attention import QuantizedKVCache
+
+    shape = (num_layers, block_size, MLA_RANK + MLA_ROPE)
+    if fmt == "bf16":
+        return torch.empty((num_blocks, *shape), dtype=torch.bfloat16, device=device).normal_()
+    spec = quant.LatentQuantSpec(fmt, num_layers, block_size, MLA_RANK, MLA_ROPE, torch.bfloat16)
+    rows = torch.empty(num_blocks, spec.row_nbytes, dtype=torch.uint8, device=device)
+    step = max(1, (256 << 20) // (math.prod(shape) * 4))  # float32 blocks quantized per call
+    for i in range(0, num_blocks, step):
+        n = min(step, num_blocks - i)
+        quant.quantize_latent_rows(torch.randn((n, *shape), device=device), spec, out=rows[i : i + n])
+    staging = torch.zeros((1, *shape), dtype=torch.bfloat16, device=device)
+    return QuantizedKVCache(rows, staging, spec, max_tail_blocks=1)
+
+
+@torch.inference_mode()
+def mla_sweep(formats: list[str], workloads: list[tuple[int, int]], *, block_size: int = 64, tune: bool = False,
+              replays: int = 5, log=print) -> dict:
+    """The Triton paged MLA decode kernel (afkv.ops.triton_mla) at DeepSeek-V3's and V2-Lite's
+    shapes: time per layer call, latent bytes read / time against the HBM copy ceiling, FLOPs
+    / time against the dense bf16 GEMM peak (both measured here), and the roofline share
+    max(bytes / copy, FLOPs / peak) / time. Calls cycle over layers (> 512 MiB of latents).
+    `tune`: the tiles of MLA_TILES timed on the first workload with batch >= 16, per model and
+    format; the fastest runs the rest."""
+    from afkv.bench.calibrate import gemm_peak
+    from afkv.bench.steps import copy_bandwidth
+    from afkv.ops import triton_mla
+
+    device = _require_gpu()
+    copy_bw = copy_bandwidth(device)
+    peak = gemm_peak(device, torch.bfloat16, 8192)
+    log(f"HBM copy {copy_bw / 1e12:.2f} TB/s, bf16 GEMM peak {peak / 1e12:.0f} TFLOP/s")
+    scale = (128 + MLA_ROPE) ** -0.5
+    rows = []
+    for model, heads in MLA_HEADS.items():
+        for fmt in formats:
+            tiles = [triton_mla.DEFAULT_TILE]
+            tune_at = next((w for w in workloads if w[0] >= 16), None) if tune else None
+            for batch, context in workloads:
+                per_seq = -(-context // block_size)
+                token_nbytes = mla_token_nbytes(fmt, block_size)
+                layer_nbytes = batch * per_seq * block_size * token_nbytes
+                num_layers = max(1, min(16, -(-_MLA_FLUSH_NBYTES // int(layer_nbytes))))
+                cache = _mla_cache(fmt, batch * per_seq, num_layers, block_size, device)
+                tables = torch.arange(batch * per_seq, device=device).view(batch, per_seq)  # [B, nb]
+                lens = torch.full((batch,), context, dtype=torch.int64, device=device)  # [B]
+                q = (torch.randn(batch, heads, MLA_RANK + MLA_ROPE, device=device) * 0.1).to(torch.bfloat16)
+                candidates = ([triton_mla.MLATile(*t) for t in MLA_TILES if t[0] <= max(16, heads)]
+                              if (batch, context) == tune_at else tiles)
+                best = None
+                for tile in candidates:
+                    fns = [functools.partial(triton_mla.paged_mla_decode, q, cache, layer, tables, lens, scale,
+                                             MLA_RANK, tile=tile) for layer in range(num_layers)]
+                    seconds = time_s(fns, replays, device)
+                    if best is None or seconds < best[0]:
+                        best = (seconds, tile)
+                    if len(candidates) > 1:
+                        log(f"    {model} {fmt} {batch}x{context} tile {asdict(tile)}: {seconds * 1e6:.1f} us")
+                seconds, tile = best
+                tiles = [tile]
+                read = batch * context * token_nbytes
+                flops = 2 * batch * context * heads * (2 * MLA_RANK + MLA_ROPE)  # q.latent and P @ c
+                row = {"model": model, "format": fmt, "batch": batch, "context": context, "heads": heads,
+                       "seconds": seconds, "read_bytes": read, "bytes_per_s": read / seconds,
+                       "vs_copy": read / seconds / copy_bw, "flops_per_s": flops / seconds,
+                       "vs_peak": flops / seconds / peak,
+                       "roofline_share": max(read / copy_bw, flops / peak) / seconds, "tile": asdict(tile)}
+                rows.append(row)
+                log(_mla_line(row))
+                del cache
+                torch.cuda.empty_cache()
+    return {"device": torch.cuda.get_device_name(device), "copy_bytes_per_s": copy_bw, "bf16_peak_flops": peak,
+            "block_size": block_size, "rows": rows}
+
+
+def _mla_line(r: dict) -> str:
+    return (f"{r['model']:>16} {r['format']:>5} {r['batch']:>5} {r['context']:>7} {r['seconds'] * 1e6:>9.1f} "
+            f"{r['bytes_per_s'] / 1e9:>7.0f} {r['vs_copy']:>7.0%} {r['flops_per_s'] / 1e12:>7.0f} {r['vs_peak']:>7.0%} "
+            f"{r['roofline_share']:>8.0%}")
+
+
+def format_mla(result: dict) -> str:
+    head = (f"{'model':>16} {'fmt':>5} {'batch':>5} {'context':>7} {'us/layer':>9} {'GB/s':>7} {'vs copy':>7} "
+            f"{'TFLOP/s':>7} {'vs peak':>7} {'roofline':>8}")
+    return "\n".join([f"MLA decode kernel, {result['device']}: HBM copy {result['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+                      f"bf16 GEMM {result['bf16_peak_flops'] / 1e12:.0f} TFLOP/s, block {result['block_size']} "
+                      f"(anchor: FlashMLA ~3000 GB/s, 660 TFLOP/s on H800)", head, "-" * len(head)]
+                     + [_mla_line(r) for r in result["rows"]])
+
+
+# ----------------------------------------------------------------------------------------------
 # command line
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="afkv bench kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("moe", "fused", "decode"))
+    p.add_argument("what", choices=("moe", "fused", "decode", "mla", "mla-bytes"))
     p.add_argument("--models", default=",".join(MOE_SHAPES), help="moe: comma-separated expert shapes")
     p.add_argument("--tokens", default=",".join(map(str, MOE_TOKENS)), help="moe: routed tokens per layer")
     p.add_argument("--dtypes", default="bf16,fp8", help="moe: expert weights, bf16 and/or fp8")
     p.add_argument("--copies", type=int, default=2, help="moe: weight copies cycled through (distinct layers)")
     p.add_argument("--replays", type=int, default=3)
-    p.add_argument("--tune", default="", help="moe: token counts at which to time candidate tile configs")
+    p.add_argument("--tune", default="", help="moe: token counts at which to time candidate tile configs; "
+                   "mla: any value times MLA_TILES")
+    p.add_argument("--mla-formats", default=",".join(MLA_FORMATS), help="mla: latent formats, bf16 / fp8 / int8")
+    p.add_argument("--mla-workloads", default=",".join(f"{b}x{c}" for b, c in MLA_WORKLOADS),
+                   help="mla: BATCHxCONTEXT, comma-separated")
     p.add_argument("--fused-tokens", default="1,64,256", help="fused: token counts")
     p.add_argument("--model", default="random:qwen3-30b-a3b", help="decode: random:<name> or a checkpoint")
     p.add_argument("--batch", type=int, default=1, help="decode: sequences")
@@ -471,6 +650,14 @@ def main(argv: list[str] | None = None) -> int:
         result["decode"] = decode_bench(args.model, args.batch, args.context, args.steps, split(args.expert_dtypes),
                                         profile=not args.no_profile, log=log)
         tables.append(format_decode(result["decode"]))
+    if args.what in ("mla", "mla-bytes"):
+        result["capacity"] = mla_capacity()
+        tables.append(format_capacity(result["capacity"]))
+    if args.what == "mla":
+        workloads = [tuple(int(x) for x in w.split("x")) for w in split(args.mla_workloads)]
+        result["mla"] = mla_sweep(split(args.mla_formats), workloads, tune=bool(args.tune), replays=args.replays,
+                                  log=log)
+        tables.append(format_mla(result["mla"]))
     if args.what == "fused":
         device = _require_gpu()
         rows = [r for t in split(args.fused_tokens) for r in fused_bench(int(t), **FUSED_SHAPES, device=device)]

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from afkv.kv.layout import layout_for
 from afkv.model.graphs import DecodeGraphs
 from afkv.model.model import Model, load_colocated
 from afkv.model.sides import SeqChunk, StepInputs
@@ -42,7 +43,8 @@ def fits(spec, batch, context, block_size, free_bytes: int, dtype) -> bool:
 
 
 def random_kv(spec, num_blocks: int, block_size: int, dtype, device) -> torch.Tensor:
-    shape = (num_blocks, spec.num_layers, 2, block_size, spec.num_kv_heads, spec.head_dim)
+    """The device cache [num_blocks, *block_shape] of the model's layout (K/V or MLA latents)."""
+    shape = (num_blocks, *layout_for(spec, block_size, dtype).block_shape)
     return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.5)  # in place: KV may be ~100 GB
 
 
@@ -64,20 +66,34 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 10) 
     return 2 * nbytes / sorted(times)[len(times) // 2]
 
 
+def _attention_layer_params(spec) -> int:
+    """Weights of one attention layer (projections and norms): GQA, or MLA's (q_a / q_b or q,
+    kv_a, kv_a_layernorm, kv_b, o)."""
+    h, mla = spec.hidden_size, spec.mla
+    if mla is None:
+        d = spec.head_dim
+        return h * (spec.num_heads + 2 * spec.num_kv_heads) * d + spec.num_heads * d * h + 2 * h
+    heads, ql = spec.num_heads, mla.q_lora_rank
+    q = h * ql + ql + ql * heads * mla.qk_head_dim if ql else h * heads * mla.qk_head_dim
+    kv = h * mla.latent_dim + mla.kv_lora_rank + mla.kv_lora_rank * heads * (mla.qk_nope_head_dim + mla.v_head_dim)
+    return q + kv + heads * mla.v_head_dim * h + 2 * h
+
+
 def step_bytes(spec, batch: int, context: int, itemsize: int = 2) -> dict[str, float]:
     """Bytes one decode step must move at least, per side: every attention-side weight once
     (embedding rows aside), the batch's KV, and the experts the batch touches (uniform routing:
-    E * (1 - (1 - k/E)^B) distinct experts per MoE layer)."""
-    h, d = spec.hidden_size, spec.head_dim
-    attn_layer = h * (spec.num_heads + 2 * spec.num_kv_heads) * d + spec.num_heads * d * h + 2 * h
-    attn = spec.num_layers * attn_layer + spec.vocab_size * h  # + lm_head
+    E * (1 - (1 - k/E)^B) distinct experts per MoE layer; one byte per weight when the routed
+    experts are held in fp8, their block scales aside)."""
+    h = spec.hidden_size
+    routed_itemsize = 1 if spec.expert_dtype == "fp8" else itemsize
+    attn = spec.num_layers * _attention_layer_params(spec) + spec.vocab_size * h  # + lm_head
     ffn = 0.0
     for i in range(spec.num_layers):
         if spec.sparse_layers[i]:
             e, k = spec.num_experts, spec.layer_top_k(i)
             attn += spec.num_experts * h  # router
             touched = e * (1 - (1 - k / e) ** batch)
-            ffn += touched * 3 * h * spec.moe_intermediate_size
+            ffn += touched * 3 * h * spec.moe_intermediate_size * routed_itemsize / itemsize
             if spec.shared_expert_intermediate_size:
                 ffn += 3 * h * spec.shared_expert_intermediate_size
         else:
@@ -122,11 +138,11 @@ def median_s(fn, steps: int, warmup: int = 2) -> float:
 
 @torch.inference_mode()
 def colocated_phase(name: str, batches: list[int], context: int, block_size: int, steps: int, copy_bw: float,
-                    log, eager_batches: set[int]) -> dict:
+                    log, eager_batches: set[int], expert_dtype: str = "auto") -> dict:
     dev = torch.device("cuda:0")
     t0 = time.perf_counter()
-    model = load_colocated(f"random:{name}", dev, torch.bfloat16)
-    log(f"  afkv: loaded random:{name} on {dev} in {time.perf_counter() - t0:.0f} s")
+    model = load_colocated(f"random:{name}", dev, torch.bfloat16, expert_dtype=expert_dtype)
+    log(f"  afkv: loaded random:{name} (routed experts {expert_dtype}) on {dev} in {time.perf_counter() - t0:.0f} s")
     spec = model.spec
     zero = Model(spec, model.attn, ZeroFFN())
     rows: dict[int, dict] = {}

@@ -55,6 +55,7 @@ from afkv.errors import (
     EngineFailedError,
     ExpertRowsUnavailableError,
     ExpertUnavailableError,
+    InvalidSamplingParamsError,
     PeerLostError,
     PromptTooLongError,
     RequestError,
@@ -62,7 +63,7 @@ from afkv.errors import (
     StepRetryError,
 )
 from afkv.kv.formats import BlockFormat, RawFormat, make_format
-from afkv.kv.layout import KVLayout
+from afkv.kv.layout import Layout, layout_for
 from afkv.kv.manager import KVManager
 from afkv.kv.metrics import KVMetricsSnapshot
 from afkv.model.graphs import DecodeGraphs
@@ -119,6 +120,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+_MLA_H2O = ("H2O pruning is not available for MLA models (DeepSeek): it compacts keys and values per token "
+            "and scores them on the GQA attention path, and an MLA cache holds latents; use policy \"streaming\"")
 
 
 def check_prompt_size(prompt: object, max_prompt_chars: int, max_model_len: int, bound: str = "") -> None:
@@ -325,11 +330,16 @@ class Engine:
         self._model = model
         self.spec = spec = model.spec
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
-        self._layout = layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, cfg.kv.block_size, dtype)
+        if spec.is_mla and cfg.kv.pruning.needs_scores:
+            raise ConfigError(_MLA_H2O, file=cfg.source, key="kv.pruning.policy")
+        self._layout = layout = layout_for(spec, cfg.kv.block_size, dtype)
         num_blocks, quant = cfg.kv.device_tier(layout, cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens,
                                                cfg.source)
         tiers = cfg.kv.tier_config(layout, cfg.source)
         stream = cfg.kv.stream_config(layout, cfg.source)
+        if stream is not None and spec.is_mla:
+            raise ConfigError("streaming (stream_memory_mib) feeds K/V blocks to the GQA attention path; MLA latents "
+                              "(DeepSeek) are not streamed", file=cfg.source, key="kv.stream_memory_mib")
         if stream is not None and spec.sliding_window is not None:
             raise ConfigError(f"streaming (stream_memory_mib) attends every token; this model uses a sliding window of "
                               f"{spec.sliding_window}", file=cfg.source, key="kv.stream_memory_mib")
@@ -359,7 +369,7 @@ class Engine:
                                    graphs=self._decode_graphs(model, layout, cache), key_mass=self._kv.key_mass,
                                    stream=self._kv.stream_ring)
 
-    def _decode_graphs(self, model: Model, layout: KVLayout, cache) -> DecodeGraphs | None:
+    def _decode_graphs(self, model: Model, layout: Layout, cache) -> DecodeGraphs | None:
         """CUDA graphs for decode steps when this engine can replay them: a CUDA device, an FFN
         backend whose step is GPU work only (local, or NCCL) and the Triton decode kernels
         (`cache`: the device cache or a quantized device tier, as the runner reads it)."""
@@ -500,6 +510,8 @@ class Engine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be SamplingParams, not {type(params).__name__}")
+        if self.spec.is_mla and params.pruning is not None and params.pruning.needs_scores:
+            raise InvalidSamplingParamsError(f"pruning: {_MLA_H2O}")
         check_prompt_size(prompt, self.max_prompt_chars, self.max_model_len, self._context_bound)
         ids = await asyncio.get_running_loop().run_in_executor(self._tokenize_executor, self._tokenize_checked, prompt)
         self._check_running()  # it may have closed or failed while the prompt was tokenized

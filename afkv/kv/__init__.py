@@ -1,10 +1,10 @@
 """The paged KV cache of an attention node, and the tiers below the device.
 
-    layout.py      KVLayout: block geometry and bytes (frozen spec)
+    layout.py      KVLayout | LatentLayout (MLA): block geometry and bytes (frozen specs)
     checks.py      owned / accounted: invariants that guard data raise typed errors
     block_pool.py  BlockPool: the only owner of free blocks, ref counts and the prefix-hash map
                    of the device tier; chain_hashes, the one place block hashes are computed
-    formats.py     BlockFormat: a block as one row of bytes (none | fp8 | int8 | int4)
+    formats.py     BlockFormat: a block as one row of bytes (none | fp8 | int8 | int4; MLA latents too)
     device.py      the device tier: PlainDevice (the cache in the model dtype) or
                    QuantizedDevice (quantized rows plus full-precision staging blocks for each
                    sequence's most recent tokens); owns the tensors attention reads
@@ -29,8 +29,9 @@
     stream store (pinned, layer-major)     beside L2: a running sequence's middle; each step
          | spill as it leaves the window   ^ streamed per layer into the staging ring
 
-A block is block_size tokens x all layers (K and V), contiguous, so that it moves between
-tiers as one transfer: kv[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim].
+A block is block_size tokens x all layers (K and V, or MLA latents), contiguous, so that it moves
+between tiers as one transfer: kv[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+(KVLayout) or kv[num_blocks, num_layers, block_size, kv_lora_rank + rope_dim] (LatentLayout).
 Block identity in every tier is the chained hash of its tokens (block_pool.chain_hashes).
 Imports afkv.model (specs), afkv.ops and afkv.errors only.
 """

@@ -2,9 +2,9 @@
 
     PlainDevice      the cache kv[num_blocks, *block_shape] in the model dtype: a pool block id
                      is its index; attention reads and writes it in place
-    QuantizedDevice  (`[kv] device_format` fp8 / int8 / int4) full blocks stored as quantized
-                     rows (afkv.kv.formats) and each sequence's most recent tokens in
-                     full-precision staging blocks:
+    QuantizedDevice  (`[kv] device_format` fp8 / int8 / int4; fp8 / int8 for MLA latents)
+                     full blocks stored as quantized rows (afkv.kv.formats) and each
+                     sequence's most recent tokens in full-precision staging blocks:
 
     new tokens  -> staging block (full precision; written by attention)
     block full and out of the window -> quantized into its device row (a worker job, ordered
@@ -37,15 +37,15 @@ import torch
 from afkv.errors import KVError
 from afkv.kv.block_pool import BlockPool
 from afkv.kv.checks import owned
-from afkv.kv.formats import QuantFormat
-from afkv.kv.layout import KVLayout
+from afkv.kv.formats import LatentQuantFormat, QuantFormat
+from afkv.kv.layout import Layout
 from afkv.kv.metrics import KVMetrics, TierUsage
 from afkv.ops.attention import QuantizedKVCache
 
 
 @dataclass(frozen=True)
 class DeviceQuant:
-    format: QuantFormat  # how the device tier stores a full block
+    format: QuantFormat | LatentQuantFormat  # how the device tier stores a full block
     fp_window: int  # tokens kept in full precision beyond the partial block
     num_staging_blocks: int
 
@@ -73,7 +73,7 @@ class PlainDevice:
     blocks = None
     writes_in_place = True  # H2O compaction rewrites slots of kv
 
-    def __init__(self, layout: KVLayout, pool: BlockPool, device: torch.device, metrics: KVMetrics):
+    def __init__(self, layout: Layout, pool: BlockPool, device: torch.device, metrics: KVMetrics):
         self.layout, self.pool, self.metrics = layout, pool, metrics
         self.kv = torch.zeros((pool.num_blocks, *layout.block_shape), dtype=layout.dtype, device=device)
         self.rows = self.kv  # what the tiers below copy from and to
@@ -236,7 +236,7 @@ class QuantizedDevice:
 DeviceTier = PlainDevice | QuantizedDevice
 
 
-def make_device_tier(layout: KVLayout, pool: BlockPool, device: torch.device, metrics: KVMetrics,
+def make_device_tier(layout: Layout, pool: BlockPool, device: torch.device, metrics: KVMetrics,
                      quant: DeviceQuant | None) -> DeviceTier:
     """The device tier for `quant` (None: blocks in the model dtype)."""
     if quant is None:

@@ -1,8 +1,10 @@
 """Block formats: how a tier stores one KV block as one row of bytes.
 
-    RawFormat    the model dtype's bytes, unchanged (exact)
-    QuantFormat  fp8 / int8 / int4 rows (afkv.ops.quant: one scale, and zero point, per
-                 (token, kv head) in 16-bit; int4 over Hadamard-rotated vectors)
+    RawFormat          the model dtype's bytes, unchanged (exact), for any layout
+    QuantFormat        fp8 / int8 / int4 rows of a KVLayout (afkv.ops.quant: one scale, and
+                       zero point, per (token, kv head) in 16-bit; int4 over Hadamard-rotated vectors)
+    LatentQuantFormat  fp8 / int8 rows of a LatentLayout (MLA: the compressed KV per token and
+                       128-value group, the rotary key in 16-bit; afkv.ops.quant; int4 refused)
 
 A format sees blocks as a tensor [n, *layout.block_shape] and stores each as one uint8 row
 of `nbytes`, so a block moves between tiers as one transfer. Every row is num_layers sections
@@ -10,9 +12,9 @@ of `layer_nbytes`, one per layer, so one layer of a block can move (and be decod
 what streaming attention (afkv.kv.stream) copies to the device layer by layer. It is the only code that knows
 what an attention layer caches and how (the attention kernels read the rows it writes through
 afkv.ops.quant's layout): tiers, the manager and transfers move opaque rows, and a new
-attention type (MLA latents) adds a format here, not a tier or a manager. `digest` names the
-format, its version and the geometry: a stored row is only ever decoded by a format with the
-same digest (a disk file of another digest is recomputed, never read).
+attention type adds a format here, not a tier or a manager. `digest` names the format, its
+version and the geometry: a stored row is only ever decoded by a format with the same digest
+(a disk file of another digest is recomputed, never read).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from afkv.kv.layout import KVLayout
+from afkv.kv.layout import KVLayout, LatentLayout, Layout
 from afkv.ops import quant
 
 FORMAT_NAMES = ("none", *quant.FORMATS)
@@ -32,7 +34,7 @@ _ROW_VERSION = 2  # 1: float32 KIVI groups (2026-11); 2: per-(token, head) 16-bi
 
 @dataclass(frozen=True)
 class RawFormat:
-    layout: KVLayout
+    layout: Layout
 
     @property
     def name(self) -> str:
@@ -117,13 +119,49 @@ class QuantFormat:
         return quant.dequantize_layers(sections, one, dtype, 0, unrotate)  # [n, 2, bs, Hkv, D]
 
 
-BlockFormat = RawFormat | QuantFormat
+@dataclass(frozen=True)
+class LatentQuantFormat:
+    layout: LatentLayout
+    spec: quant.LatentQuantSpec
+
+    @staticmethod
+    def of(kind: str, layout: LatentLayout) -> LatentQuantFormat:
+        """`kind` (fp8 | int8) for latent blocks of `layout`, scale data in its 16-bit dtype
+        (ConfigError for int4, which does not hold accuracy on latents)."""
+        spec = quant.LatentQuantSpec(kind, layout.num_layers, layout.block_size, layout.kv_lora_rank, layout.rope_dim,
+                                     quant.scale_dtype_for(layout.dtype))
+        return LatentQuantFormat(layout, spec)
+
+    @property
+    def name(self) -> str:
+        return self.spec.kind
+
+    @property
+    def nbytes(self) -> int:
+        return self.spec.row_nbytes
+
+    @property
+    def digest(self) -> bytes:
+        return _digest(f"latent-v1|{self.name}|{self.spec.scale_dtype}|{self.layout.block_shape}|{self.layout.dtype}")
+
+    def encode(self, blocks: torch.Tensor) -> torch.Tensor:
+        """blocks [n, L, bs, r + dr] -> uint8 [n, nbytes] on the blocks' device."""
+        return quant.quantize_latent_rows(blocks, self.spec)
+
+    def decode(self, rows: torch.Tensor, out: torch.Tensor) -> None:
+        """rows uint8 [n, nbytes] -> out [n, L, bs, r + dr] (same device), dequantized."""
+        quant.dequantize_latent_rows(rows, self.spec, self.layout.dtype, out=out)
 
 
-def make_format(name: str, layout: KVLayout) -> BlockFormat:
+BlockFormat = RawFormat | QuantFormat | LatentQuantFormat
+
+
+def make_format(name: str, layout: Layout) -> BlockFormat:
     """`name` is one of FORMAT_NAMES (validated by the config)."""
     if name == "none":
         return RawFormat(layout)
+    if isinstance(layout, LatentLayout):
+        return LatentQuantFormat.of(name, layout)
     return QuantFormat.of(name, layout)
 
 

@@ -45,7 +45,7 @@ from afkv.kv.block_pool import BlockHash, BlockPool, chain_hashes
 from afkv.kv.checks import owned
 from afkv.kv.device import DeviceQuant, make_device_tier
 from afkv.kv.formats import BlockFormat
-from afkv.kv.layout import KVLayout
+from afkv.kv.layout import Layout
 from afkv.kv.metrics import KVMetrics, KVMetricsSnapshot
 from afkv.kv.pruning import KVPruning, PruningState
 from afkv.kv.stream import NoStream, StreamConfig, StreamRing, StreamStore
@@ -70,7 +70,7 @@ class KVManager:
     are ordered with the steps through it); None runs copies inline (no engine).
     """
 
-    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device, salt: bytes = b"",
+    def __init__(self, layout: Layout, num_blocks: int, device: torch.device, salt: bytes = b"",
                  tiers: TierConfig | None = None, worker: Executor | None = None,
                  wakeup: Callable[[], None] | None = None, quant: DeviceQuant | None = None,
                  stream: StreamConfig | None = None):

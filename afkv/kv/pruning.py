@@ -33,7 +33,7 @@ import torch
 
 from afkv.kv.block_pool import BlockPool
 from afkv.kv.checks import owned
-from afkv.kv.layout import KVLayout
+from afkv.kv.layout import Layout
 from afkv.kv.metrics import KVMetrics
 
 log = logging.getLogger("afkv.kv")
@@ -122,7 +122,7 @@ class PruningState:
     (H2O), accumulated by attention on the worker, moved with its token by compaction. `kv` is
     the device cache H2O compacts in place (a device tier that `writes_in_place`)."""
 
-    def __init__(self, layout: KVLayout, pool: BlockPool, kv: torch.Tensor, metrics: KVMetrics,
+    def __init__(self, layout: Layout, pool: BlockPool, kv: torch.Tensor, metrics: KVMetrics,
                  in_place: bool):
         self.layout, self.pool, self.kv, self.metrics = layout, pool, kv, metrics
         self.in_place = in_place  # False: H2O is not available (its requests run unpruned)

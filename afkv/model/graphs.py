@@ -8,12 +8,13 @@ out of the graph; the caller samples the first B.
 
 What can be captured: every op of the step must run without a host synchronisation and
 with shapes that depend only on the bucket. That holds for the attention side with the
-Triton decode kernels (afkv.ops.triton_attention: their grids depend on shapes, not on
-context lengths; over the device cache or a quantized device tier, whose padding rows write
-a scratch staging block), for grouped-GEMM experts (LocalFFN) and for the NCCL data plane
-(NcclFFN: fixed-capacity buffers, sends and receives on streams forked from the captured
-one). Host work of a remote FFN (announcing the step to the expert nodes, the bounded wait
-for its end) happens around each replay, not in the graph. When capture fails (an op that
+Triton decode kernels (afkv.ops.triton_attention, afkv.ops.triton_mla for MLA latents: their
+grids depend on shapes, not on context lengths; over the device cache or a quantized device
+tier, whose padding rows write a scratch staging block), for grouped-GEMM experts (LocalFFN)
+and for the data plane of expert nodes (afkv.nodes.remote_ffn.RemoteFFN: fixed-capacity
+buffers, sends and receives on streams forked from the captured one). Host work of a remote
+FFN (announcing the step to the expert nodes, the bounded wait for its end) happens around
+each replay, not in the graph. When capture fails (an op that
 syncs), `DecodeGraphs.capture` raises `GraphCaptureError` and the caller keeps running eagerly.
 """
 

@@ -19,9 +19,10 @@ from typing import Protocol
 
 import torch
 
-from afkv.model.sides import AttentionSide, DecodeRows, FFNSide, SeqChunk, StepInputs
+from afkv.model.sides import AttentionSide, AttentionSideBase, DecodeRows, FFNSide, SeqChunk, StepInputs
 from afkv.model.spec import ModelSpec, UpcycleSpec, load_spec
 from afkv.model.weights import CheckpointReader
+from afkv.ops.kernels import Kernels, select_kernels
 
 
 class FFNHandle(Protocol):
@@ -116,7 +117,7 @@ class LayerTimings:
 
 
 class Model:
-    def __init__(self, spec: ModelSpec, attn: AttentionSide, ffn: FFNBackend):
+    def __init__(self, spec: ModelSpec, attn: AttentionSideBase, ffn: FFNBackend):
         self.spec, self.attn, self.ffn = spec, attn, ffn
         self.timings = LayerTimings()
 
@@ -166,11 +167,22 @@ def open_checkpoint(model: str | Path, upcycle: UpcycleSpec | None = None, exper
     return spec, reader
 
 
+def attention_side(spec: ModelSpec, reader, device: torch.device, dtype: torch.dtype,
+                   kernels: Kernels | None = None) -> AttentionSideBase:
+    """The attention side of a model's family: MLA for DeepSeek, else RoPE + GQA."""
+    if spec.is_mla:
+        from afkv.model.deepseek import MLAAttentionSide
+
+        return MLAAttentionSide(spec, reader, device, dtype, kernels)
+    return AttentionSide(spec, reader, device, dtype, kernels)
+
+
 def load_attention_side(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
-                        upcycle: UpcycleSpec | None = None, expert_dtype: str = "auto") -> tuple[ModelSpec, AttentionSide]:
+                        upcycle: UpcycleSpec | None = None, expert_dtype: str = "auto",
+                        kernels: Kernels | None = None) -> tuple[ModelSpec, AttentionSideBase]:
     spec, reader = open_checkpoint(model_dir, upcycle, expert_dtype)
     try:
-        return spec, AttentionSide(spec, reader, device, dtype)
+        return spec, attention_side(spec, reader, device, dtype, kernels)
     finally:
         reader.close()
 
@@ -178,12 +190,13 @@ def load_attention_side(model_dir: str | Path, device: torch.device, dtype: torc
 def load_ffn_side(spec: ModelSpec, model_dir: str | Path, device: torch.device, dtype: torch.dtype,
                   expert_ids: frozenset[int] | dict[int, frozenset[int]] | None = None,
                   dense_layers: frozenset[int] | None = None,
-                  expert_tensors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None) -> FFNSide:
+                  expert_tensors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  kernels: Kernels | None = None) -> FFNSide:
     """`expert_ids`: all, the same ids in every layer, or per layer; `expert_tensors`: (layer,
     expert) -> tensors at hand, not read from the checkpoint (see FFNSide)."""
     _, reader = open_checkpoint(model_dir, spec.upcycle)
     try:
-        return FFNSide(spec, reader, device, dtype, expert_ids, dense_layers, expert_tensors)
+        return FFNSide(spec, reader, device, dtype, expert_ids, dense_layers, expert_tensors, kernels)
     finally:
         reader.close()
 
@@ -192,6 +205,8 @@ def load_colocated(
     model_dir: str | Path, device: torch.device, dtype: torch.dtype, upcycle: UpcycleSpec | None = None,
     expert_dtype: str = "auto",
 ) -> Model:
-    """Both halves in one process (the baseline every disaggregated topology is compared to)."""
-    spec, attn = load_attention_side(model_dir, device, dtype, upcycle, expert_dtype)
-    return Model(spec, attn, LocalFFN(load_ffn_side(spec, model_dir, device, dtype)))
+    """Both halves in one process (the baseline every disaggregated topology is compared to);
+    the kernels are chosen once for both."""
+    kernels = select_kernels(device)
+    spec, attn = load_attention_side(model_dir, device, dtype, upcycle, expert_dtype, kernels)
+    return Model(spec, attn, LocalFFN(load_ffn_side(spec, model_dir, device, dtype, kernels=kernels)))

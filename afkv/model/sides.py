@@ -2,7 +2,8 @@
 
     AttentionSide   embedding, attention (RoPE, GQA, q/k norm, paged KV), norms,
                     router/top-k, final norm, lm_head            -> lives on attention nodes
-    FFNSide         routed experts, shared expert (+ its gate), dense MLPs
+                    (afkv.model.deepseek.MLAAttentionSide: the same with MLA over latents)
+    FFNSide         routed experts, shared expert(s) (+ a gate), dense MLPs
                                                                   -> lives on expert nodes
 The seam is one call per layer:
 
@@ -16,11 +17,12 @@ Routed experts are held in the model dtype, or with ModelSpec.expert_dtype "fp8"
 128 x 128 block scales (afkv.ops.fp8): taken as stored from FP8 checkpoints with such blocks,
 quantized at load otherwise; run by the Triton fused-MoE kernel on CUDA (fp8 tensor cores)
 and by its torch reference on the CPU. Shared experts and dense MLPs keep the model dtype.
+
+Which kernels a side runs is chosen once, when it is built (afkv.ops.kernels.Kernels).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,12 +41,10 @@ from afkv.ops.attention import (
     merge_partials,
     paged_attention,
     paged_attention_partial,
-    paged_attention_quantized,
-    paged_decode_attention,
-    paged_decode_attention_quantized,
     write_kv,
 )
-from afkv.ops.layers import Rotary, gated_mlp, rms_norm, route_topk
+from afkv.ops.kernels import Kernels, select_kernels
+from afkv.ops.layers import Rotary, gated_mlp, rms_norm, route_grouped_topk, route_topk
 from afkv.ops.quant import rotate
 
 
@@ -115,51 +115,6 @@ def decode_rows(chunks: list[SeqChunk], device: torch.device) -> DecodeRows | No
     return DecodeRows(rows, tables, lens)
 
 
-def fused_ops(device: torch.device):
-    """afkv.ops.triton_fused on CUDA where triton is installed (one kernel per norm, per
-    q/k-norm + rotary + K/V write, per routing), else None: the torch compositions."""
-    if device.type != "cuda":
-        return None
-    from afkv.ops import triton_fused  # imports triton: only on GPU machines
-
-    return triton_fused if triton_fused.available() else None
-
-
-def moe_ops(device: torch.device):
-    """afkv.ops.triton_moe on CUDA where triton is installed, else None (torch grouped GEMMs).
-    AFKV_MOE_KERNEL=grouped keeps torch's grouped GEMMs on CUDA too (a tuning switch)."""
-    if device.type != "cuda" or os.environ.get("AFKV_MOE_KERNEL", "auto") == "grouped":
-        return None
-    from afkv.ops import triton_moe  # imports triton: only on GPU machines
-
-    return triton_moe if triton_moe.available() else None
-
-
-def prefill_attention_for(q: torch.Tensor, kv: torch.Tensor | QuantizedKVCache):
-    """A quantized device tier's attention (Triton on CUDA, else the torch reference); else the
-    Triton paged prefill kernel on CUDA where triton is installed, else the torch reference."""
-    if isinstance(kv, QuantizedKVCache):
-        return paged_attention_quantized
-    if q.is_cuda:
-        from afkv.ops import triton_attention  # imports triton: only on GPU machines
-
-        if triton_attention.available():
-            return triton_attention.paged_prefill_attention
-    return paged_attention
-
-
-def decode_attention_for(q: torch.Tensor, kv: torch.Tensor | QuantizedKVCache):
-    """As prefill_attention_for, for the batched decode rows."""
-    if isinstance(kv, QuantizedKVCache):
-        return paged_decode_attention_quantized
-    if q.is_cuda:
-        from afkv.ops import triton_attention  # imports triton: only on GPU machines
-
-        if triton_attention.available():
-            return triton_attention.paged_decode_attention
-    return paged_decode_attention
-
-
 @dataclass
 class Routed:
     x: torch.Tensor  # [T, H] normalised hidden states, the FFN input
@@ -177,9 +132,17 @@ def _moe_prefix(spec: ModelSpec, reader: CheckpointReader, i: int) -> str:
     return f"{_layer_prefix(i)}mlp."
 
 
-class AttentionSide:
-    def __init__(self, spec: ModelSpec, reader: CheckpointReader, device: torch.device, dtype: torch.dtype):
+class AttentionSideBase:
+    """What every family's attention side holds and does besides attention itself: the
+    embedding, per layer the two norms and the router, the final norm and lm_head, routing
+    and logits. A family's side loads its attention weights in `_load_attention` and attends
+    in `attention` (AttentionSide: RoPE + GQA; afkv.model.deepseek.MLAAttentionSide: MLA)."""
+
+    def __init__(self, spec: ModelSpec, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
+                 kernels: Kernels | None = None):
+        """kernels: what this side runs (afkv.ops.kernels.select_kernels(device) when None)."""
         self.spec, self.device, self.dtype = spec, device, dtype
+        self.kernels = kernels or select_kernels(device)
 
         def get(name: str) -> torch.Tensor:
             return reader.get(name, dtype, device)
@@ -188,21 +151,19 @@ class AttentionSide:
         self.layers = []
         for i in range(spec.num_layers):
             p = _layer_prefix(i)
-            a = p + "self_attn."
             layer = {
                 "input_norm": get(p + "input_layernorm.weight"),
                 "post_norm": get(p + "post_attention_layernorm.weight"),
-                # q, k and v in one matrix: one pass over the weights per layer
-                "qkv": torch.cat([get(a + f"{n}_proj.weight") for n in "qkv"]),  # [(Hq + 2 Hkv) D, H]
-                "o": get(a + "o_proj.weight"),
+                **self._load_attention(i, reader, get),
             }
-            if spec.qkv_bias:
-                layer["qkv_bias"] = torch.cat([get(a + f"{n}_proj.bias") for n in "qkv"])
-            if spec.qk_norm:
-                layer["q_norm"] = get(a + "q_norm.weight")
-                layer["k_norm"] = get(a + "k_norm.weight")
             if spec.sparse_layers[i]:
-                layer["router"] = get(_moe_prefix(spec, reader, i) + "gate.weight")  # [E, H]
+                m = _moe_prefix(spec, reader, i)
+                if spec.router is None:
+                    layer["router"] = get(m + "gate.weight")  # [E, H]
+                else:  # DeepSeek: routed in float32, as transformers keeps the router
+                    layer["router"] = reader.get(m + "gate.weight", torch.float32, device)  # [E, H]
+                    if spec.router.has_correction_bias:
+                        layer["router_bias"] = reader.get(m + "gate.e_score_correction_bias", torch.float32, device)
             elif spec.upcycle is not None:
                 layer["router"] = self._upcycle_router(i)
             self.layers.append(layer)
@@ -211,9 +172,16 @@ class AttentionSide:
             self.lm_head = self.embed_tokens
         else:
             self.lm_head = get("lm_head.weight")  # [V, H]
-        self.rotary = Rotary(spec.head_dim, spec.rope_theta, device)
-        self._tf = fused_ops(device)
+        self._tf = self.kernels.fused  # fused norms, rotary + K/V write, routing (None: torch compositions)
         self._post: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, post-norm of h) from a fused add + norm
+
+    def _load_attention(self, layer: int, reader: CheckpointReader, get) -> dict[str, torch.Tensor]:
+        """The attention weights of `layer` (entries of self.layers[layer])."""
+        raise NotImplementedError
+
+    def attention(self, i: int, h: torch.Tensor, inputs: StepInputs, kv) -> torch.Tensor:
+        """h [T, H] -> h + attention(norm(h)); writes this step's KV of layer i into kv."""
+        raise NotImplementedError
 
     def _upcycle_router(self, layer: int) -> torch.Tensor:
         up = self.spec.upcycle
@@ -224,11 +192,76 @@ class AttentionSide:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens[token_ids]  # [T, H]
 
+    def _input_norm(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        w, eps = self.layers[i]["input_norm"], self.spec.rms_norm_eps
+        return self._tf.rms_norm(h, w, eps) if self._tf else rms_norm(h, w, eps)  # [T, H]
+
+    def _residual(self, i: int, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """h + delta; with the fused kernels the post-attention norm is computed in the same
+        kernel and kept for `route`."""
+        if self._tf is None:
+            return h + delta
+        h_new, x = self._tf.add_rms_norm(h, delta, self.layers[i]["post_norm"], self.spec.rms_norm_eps)
+        self._post = (h_new, x)
+        return h_new
+
+    def route(self, i: int, h: torch.Tensor) -> Routed:
+        """Post-attention norm and router top-k of layer i (a dense layer routes to expert 0)."""
+        spec, w, tf = self.spec, self.layers[i], self._tf
+        post, self._post = self._post, None
+        if post is not None and post[0] is h:  # normed by attention's fused residual add
+            x = post[1]
+        else:
+            x = rms_norm(h, w["post_norm"], spec.rms_norm_eps)  # [T, H]
+        router = w.get("router")
+        if router is None:
+            ids = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)  # [T, 1]
+            return Routed(x, ids, torch.ones(x.shape[0], 1, device=x.device))
+        r = spec.router
+        if r is not None and spec.sparse_layers[i]:
+            logits = F.linear(x.float(), router)  # [T, E] float32
+            ids, weights = route_grouped_topk(
+                logits, spec.top_k, sigmoid=r.scoring == "sigmoid", num_groups=r.num_groups if r.method != "greedy"
+                else 1, topk_groups=r.topk_groups, correction_bias=w.get("router_bias"), renormalize=r.renormalize,
+                scaling_factor=r.scaling_factor)  # [T, k]
+            return Routed(x, ids, weights)
+        logits = F.linear(x, router)  # [T, E]
+        renorm = spec.norm_topk_prob if spec.sparse_layers[i] else True
+        ids, weights = (tf.route_topk if tf else route_topk)(logits, spec.layer_top_k(i), renorm)  # [T, k]
+        return Routed(x, ids, weights)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [T, H] -> logits [T, V] in float32."""
+        norm = self._tf.rms_norm if self._tf else rms_norm
+        return F.linear(norm(h, self.norm, self.spec.rms_norm_eps), self.lm_head).float()
+
+
+class AttentionSide(AttentionSideBase):
+    """Attention with RoPE and GQA (q/k norm, qkv bias by family) over the paged KV cache."""
+
+    def __init__(self, spec: ModelSpec, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
+                 kernels: Kernels | None = None):
+        super().__init__(spec, reader, device, dtype, kernels)
+        self.rotary = Rotary(spec.head_dim, spec.rope_theta, device)
+
+    def _load_attention(self, layer: int, reader: CheckpointReader, get) -> dict[str, torch.Tensor]:
+        spec = self.spec
+        a = _layer_prefix(layer) + "self_attn."
+        # q, k and v in one matrix: one pass over the weights per layer
+        out = {"qkv": torch.cat([get(a + f"{n}_proj.weight") for n in "qkv"]),  # [(Hq + 2 Hkv) D, H]
+               "o": get(a + "o_proj.weight")}
+        if spec.qkv_bias:
+            out["qkv_bias"] = torch.cat([get(a + f"{n}_proj.bias") for n in "qkv"])
+        if spec.qk_norm:
+            out["q_norm"] = get(a + "q_norm.weight")
+            out["k_norm"] = get(a + "k_norm.weight")
+        return out
+
     def attention(self, i: int, h: torch.Tensor, inputs: StepInputs, kv: torch.Tensor | QuantizedKVCache) -> torch.Tensor:
         """h [T, H] -> h + attention(norm(h)); writes this step's K/V of layer i into kv."""
         spec, w, tf = self.spec, self.layers[i], self._tf
         eps = spec.rms_norm_eps
-        x = tf.rms_norm(h, w["input_norm"], eps) if tf else rms_norm(h, w["input_norm"], eps)  # [T, H]
+        x = self._input_norm(i, h)  # [T, H]
         qkv = F.linear(x, w["qkv"], w.get("qkv_bias"))  # [T, (Hq + 2 Hkv) D]
         if inputs.rope is None:  # the same for every layer of the step
             inputs.rope = self.rotary.cos_sin(inputs.positions, qkv.dtype)  # [T, D] each
@@ -254,7 +287,7 @@ class AttentionSide:
             k = Rotary.apply(k, cos, sin)
             write_kv(cache, i, slot_blocks, inputs.slot_offsets, k, v)
         d = inputs.decode
-        decode = decode_attention_for(q, kv)
+        decode, prefill = self.kernels.attention_for(kv)
         if d is not None and d.every_row:  # a decode-only step: no gather or scatter of rows
             return self._residual(i, h, F.linear(
                 decode(q, kv, i, d.block_tables, d.context_lens, spec.sliding_window).flatten(1), w["o"]))
@@ -272,8 +305,7 @@ class AttentionSide:
                 out[rows] = paged_attention(q[rows], kv, i, c.block_ids, c.context_len, spec.sliding_window,
                                             inputs.key_mass)
             else:
-                out[rows] = prefill_attention_for(q, kv)(q[rows], kv, i, c.block_ids, c.context_len,
-                                                         spec.sliding_window)
+                out[rows] = prefill(q[rows], kv, i, c.block_ids, c.context_len, spec.sliding_window)
         return self._residual(i, h, F.linear(out.flatten(1), w["o"]))  # [T, H]
 
     @staticmethod
@@ -292,37 +324,6 @@ class AttentionSide:
         if stream.rotated:  # the output of rotated values, rotated back: out_r @ H / p
             streamed = Partial(rotate(streamed.out) / p, streamed.lse)
         return merge_partials([paged_attention_partial(q, kv, i, c.block_ids, c.context_len), streamed]).out.to(q.dtype)
-
-    def _residual(self, i: int, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """h + delta; with the fused kernels the post-attention norm is computed in the same
-        kernel and kept for `route`."""
-        if self._tf is None:
-            return h + delta
-        h_new, x = self._tf.add_rms_norm(h, delta, self.layers[i]["post_norm"], self.spec.rms_norm_eps)
-        self._post = (h_new, x)
-        return h_new
-
-    def route(self, i: int, h: torch.Tensor) -> Routed:
-        """Post-attention norm and router top-k of layer i (a dense layer routes to expert 0)."""
-        spec, w, tf = self.spec, self.layers[i], self._tf
-        post, self._post = self._post, None
-        if post is not None and post[0] is h:  # normed by attention's fused residual add
-            x = post[1]
-        else:
-            x = rms_norm(h, w["post_norm"], spec.rms_norm_eps)  # [T, H]
-        router = w.get("router")
-        if router is None:
-            ids = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)  # [T, 1]
-            return Routed(x, ids, torch.ones(x.shape[0], 1, device=x.device))
-        logits = F.linear(x, router)  # [T, E]
-        renorm = spec.norm_topk_prob if spec.sparse_layers[i] else True
-        ids, weights = (tf.route_topk if tf else route_topk)(logits, spec.layer_top_k(i), renorm)  # [T, k]
-        return Routed(x, ids, weights)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h [T, H] -> logits [T, V] in float32."""
-        norm = self._tf.rms_norm if self._tf else rms_norm
-        return F.linear(norm(h, self.norm, self.spec.rms_norm_eps), self.lm_head).float()
 
 
 @dataclass
@@ -404,8 +405,10 @@ class FFNSide:
         expert_ids: frozenset[int] | Mapping[int, frozenset[int]] | None = None,
         dense_layers: frozenset[int] | None = None,
         expert_tensors: Mapping[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        kernels: Kernels | None = None,
     ):
         self.spec, self.device, self.dtype = spec, device, dtype
+        kernels = kernels or select_kernels(device)
         tensors = expert_tensors or {}
 
         def held_in(layer: int, num_experts: int) -> list[int]:
@@ -417,11 +420,12 @@ class FFNSide:
 
         self.experts: list[dict[int, _Expert]] = []  # per layer: logical expert id -> weights
         self.dense: list[_Expert | None] = []  # per layer: dense MLP (dense layers)
-        self.shared: list[tuple[_Expert, torch.Tensor] | None] = []  # per layer: shared expert + gate [1, H]
+        # per layer: shared expert(s) + gate [1, H] (None: always on, DeepSeek's shared experts)
+        self.shared: list[tuple[_Expert, torch.Tensor | None] | None] = []
         self.stacked: list[_Stacked | None] = []  # per layer: the routed experts stacked (distinct experts)
         self.grouped = grouped_mm_works(device, dtype)  # else one GEMM pair per expert
-        self._tf = fused_ops(device)  # fused SiLU-and-multiply of the grouped path (CUDA with triton)
-        self._moe = moe_ops(device)  # the Triton fused-MoE kernels (CUDA with triton)
+        self._tf = kernels.fused  # fused SiLU-and-multiply of the grouped path (CUDA with triton)
+        self._moe = kernels.moe  # the Triton fused-MoE kernels (CUDA with triton)
         self.fp8 = spec.expert_dtype == "fp8"  # routed experts as e4m3 with block scales
         if self.fp8 and device.type == "cuda" and (self._moe is None or not self._moe.fp8_available(device)):
             raise DeviceError("expert_dtype fp8 on CUDA needs the Triton fused-MoE kernel (pip install triton, "
@@ -444,9 +448,9 @@ class FFNSide:
                 experts, stacked = self._stack(experts)
                 if with_dense and spec.shared_expert_intermediate_size:
                     m = _moe_prefix(spec, reader, i)
-                    s = m + "shared_expert."
+                    s = m + ("shared_expert." if spec.shared_expert_gated else "shared_experts.")
                     mlp = _Expert.of(get(s + "gate_proj.weight"), get(s + "up_proj.weight"), get(s + "down_proj.weight"))
-                    shared = (mlp, get(m + "shared_expert_gate.weight"))
+                    shared = (mlp, get(m + "shared_expert_gate.weight") if spec.shared_expert_gated else None)
             elif spec.upcycle is not None:
                 # Upcycled dense layer: every expert is the same dense MLP (shared tensors).
                 held = held_in(i, spec.upcycle.num_experts)
@@ -552,7 +556,8 @@ class FFNSide:
         shared = self.shared[i]
         if shared is not None:
             mlp, gate = shared
-            out = out + torch.sigmoid(F.linear(x, gate)) * gated_mlp(x, mlp.gate_up, mlp.down)
+            y = gated_mlp(x, mlp.gate_up, mlp.down)  # [T, H]
+            out = out + (y if gate is None else torch.sigmoid(F.linear(x, gate)) * y)
         return out
 
     @staticmethod

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-FAMILIES = ("llama", "mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = ("llama", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 
 _COMMON = dict(
     vocab_size=256,
@@ -49,6 +49,26 @@ def tiny_config(family: str, **overrides):
             **_COMMON, intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
             norm_topk_prob=True, head_dim=16,
         )
+    elif family in ("deepseek_v2", "deepseek_v3"):
+        # odd shapes: 5 heads, kv rank 40, q rank 24, nope/rope/value 12/6/10; the first layer dense;
+        # YaRN as the released configs state it (factor 40 there), mscale != mscale_all_dim in V3
+        def yarn(mscale: float, mscale_all_dim: float) -> dict:
+            return {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                        "original_max_position_embeddings": 128, "beta_fast": 32, "beta_slow": 1,
+                                        "mscale": mscale, "mscale_all_dim": mscale_all_dim}}
+
+        common = {k: v for k, v in _COMMON.items() if k != "num_key_value_heads"}
+        mla = dict(num_attention_heads=5, num_key_value_heads=5, kv_lora_rank=40, qk_nope_head_dim=12,
+                   qk_rope_head_dim=6, v_head_dim=10, intermediate_size=96, moe_intermediate_size=24,
+                   first_k_dense_replace=1, n_shared_experts=2)
+        if family == "deepseek_v2":  # V2-Lite's routing: plain q, softmax, greedy, no renormalisation
+            cfg = transformers.DeepseekV2Config(**common | mla | {"hidden_size": 60}, q_lora_rank=None, n_routed_experts=8,
+                                                num_experts_per_tok=3, topk_method="greedy", norm_topk_prob=False,
+                                                routed_scaling_factor=1.5, **yarn(0.707, 0.707))
+        else:  # V3's: q_lora, sigmoid + correction bias, 4 groups of 3, the best 2 groups, top-3
+            cfg = transformers.DeepseekV3Config(**common | mla, q_lora_rank=24, n_routed_experts=12,
+                                                num_experts_per_tok=3, n_group=4, topk_group=2, norm_topk_prob=True,
+                                                routed_scaling_factor=2.5, rope_interleave=True, **yarn(1.0, 0.8))
     else:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     for key, value in overrides.items():
@@ -74,6 +94,9 @@ def write_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, std: 
                 p.copy_(1.0 + std * torch.randn_like(p))
             else:
                 p.copy_(std * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: a bias that changes which experts win
+                b.copy_(0.05 * torch.randn_like(b))
     out = Path(out_dir)
     model.save_pretrained(out)
     return out

@@ -5,7 +5,10 @@ the placement, so epochs never fork. Any attention node may read the load statis
 
     loads()      every live expert node's sliding-window counts, summed -> [L, E]
     rebalance()  1. loads -> afkv.eplb.rebalance over the live nodes' slots -> new placement
-                    (epoch + 1; replicas of one expert spread over distinct nodes)
+                    (epoch + 1; replicas of one expert spread over distinct nodes); with
+                    group-limited routing (DeepSeek-V3: 8 groups, 4 per token) and expert
+                    nodes on several hosts, EPLB's hierarchical policy packs whole expert
+                    groups onto hosts (`host_order`), so a token's experts span few hosts
                  2. eplb_prepare to every live node, with the live nodes' addresses: it
                     copies the experts it gains from a live node holding them (the
                     checkpoint only when none can) and keeps the old ones, so both
@@ -57,6 +60,18 @@ def node_balancedness(node_loads: torch.Tensor) -> float:
     return float(node_loads.amax(-1).sum() / mean) if mean > 0 else 1.0
 
 
+def host_order(live: list[int], hosts: dict[int, str]) -> tuple[list[int], int]:
+    """The live expert nodes ordered host by host, and the number of hosts: EPLB's nodes, each
+    a run of consecutive "GPUs" (expert nodes). Hosts holding unequal numbers of live nodes
+    cannot be EPLB nodes: then (live, 1), one node (the global policy)."""
+    by_host: dict[str, list[int]] = {}
+    for j in live:
+        by_host.setdefault(hosts[j], []).append(j)
+    if len({len(nodes) for nodes in by_host.values()}) != 1:
+        return list(live), 1
+    return [j for host in sorted(by_host) for j in by_host[host]], len(by_host)
+
+
 class Balancer:
     def __init__(self, links: ExpertLinks, spec: ModelSpec, cfg: EplbConfig):
         self.links, self.spec, self.cfg = links, spec, cfg
@@ -103,19 +118,23 @@ class Balancer:
         live = [j for j in live if j in per_node_loads]
         if not live:
             raise PeerLostError("no live expert node to place experts on")
+        addresses = {j: await links.address(j) for j in live}
+        live, num_hosts = host_order(live, {j: host for j, (host, _) in addresses.items()})
         loads = torch.stack([per_node_loads[j] for j in live]).sum(0).to(torch.float64)  # [L, E]
         per_node = num_slots_per_node(spec, old.num_nodes, self.cfg.slots_per_node)
         num_experts = loads.shape[1]
         if per_node * len(live) < num_experts:
             raise EngineError(f"{len(live)} live expert node(s) x {per_node} slots cannot hold {num_experts} experts")
-        phy2log = rebalance(loads, per_node * len(live), 1, 1, len(live)).phy2log  # [L, S]
+        # hierarchical when the hosts divide the groups (afkv.eplb falls back to global otherwise)
+        placed = rebalance(loads, per_node * len(live), spec.num_expert_groups, num_hosts, len(live))
+        phy2log = placed.phy2log  # [L, S]
         new = eplb_placement(spec, old.num_nodes, phy2log, live, epoch=old.epoch + 1)
         router = torch.tensor(old.has_router)
         measured = torch.stack([per_node_loads[j].sum(-1) for j in live], -1)[router]  # [L_moe, N_live]
         after = new.node_loads(loads)[router][:, live]  # [L_moe, N_live]
         added = sum(len(n - o) for j in live for n, o in zip(new.held(j), old.held(j)))
 
-        peers = [[j, *await links.address(j)] for j in live]
+        peers = [[j, *addresses[j]] for j in live]
         msg = {"type": "eplb_prepare", "placement": new.to_msg(), "peers": peers}
         await links.request_all(msg, live)  # a node lost here aborts: nodes keep serving the old placement too
         await links.switch(new)  # between two steps

@@ -29,7 +29,7 @@ import threading
 import time
 from datetime import timedelta
 
-from afkv.errors import AuthError, ConfigError, FrameError, PeerLostError, TransportError
+from afkv.errors import ConfigError, FrameError, PeerLostError, TransportError
 from afkv.transport.control import (
     HEADER,
     HELLO_MAX_BYTES,

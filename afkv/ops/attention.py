@@ -9,8 +9,10 @@ rotation of their true position, and causality by slot equals causality by posit
 
 Quantized device tier (`[kv] device_format` fp8/int8/int4): `QuantizedKVCache` holds full blocks
 as quantized rows (afkv.ops.quant) and recent tokens in full-precision staging blocks; the
-`*_quantized` functions read both: on CUDA through the Triton kernels (rows read in place), here
-as the torch reference (the context dequantized into a scratch buffer, then attended).
+`*_quantized` functions here are the torch references (the context dequantized into a scratch
+buffer, then attended); afkv.ops.triton_attention reads the rows in place (afkv.ops.kernels
+picks one per device). MLA latent caches use the same container with a LatentQuantSpec
+(afkv.ops.mla).
 
 Streamed contexts (afkv.kv.stream): `attention_partial` attends one part of a query's keys and
 keeps its log-sum-exp; `merge_partials` combines parts of disjoint keys exactly (the device
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from afkv.ops.quant import QuantSpec, dequantize_layers
+from afkv.ops.quant import LatentQuantSpec, QuantSpec, dequantize_layers
 
 
 def write_kv(
@@ -203,8 +205,8 @@ class QuantizedKVCache:
     """
 
     blocks: torch.Tensor  # uint8 [num_blocks, spec.row_nbytes]
-    staging: torch.Tensor  # [num_staging, L, 2, bs, Hkv, D] of the model dtype
-    spec: QuantSpec
+    staging: torch.Tensor  # [num_staging, *block_shape] of the model dtype ([.., L, 2, bs, Hkv, D]; MLA [.., L, bs, Dl])
+    spec: QuantSpec | LatentQuantSpec
     max_tail_blocks: int
 
     @property
@@ -228,23 +230,11 @@ def gather_layer(cache: QuantizedKVCache, layer: int, block_ids: torch.Tensor) -
     return out.view(*block_ids.shape, *out.shape[1:])
 
 
-def _triton_for(q: torch.Tensor):
-    """afkv.ops.triton_attention on CUDA where triton is installed, else None (torch reference)."""
-    if not q.is_cuda:
-        return None
-    from afkv.ops import triton_attention  # imports triton: only on GPU machines
-
-    return triton_attention if triton_attention.available() else None
-
-
 def paged_attention_quantized(q: torch.Tensor, cache: QuantizedKVCache, layer: int, block_ids: torch.Tensor,
                               context_len: int, sliding_window: int | None = None) -> torch.Tensor:
-    """paged_attention over a quantized device tier. q [n, H, D] -> [n, H, D]. On CUDA with
-    triton the kernel reads rows and staging blocks in place; elsewhere (the torch reference)
-    the sequence's blocks of this layer are dequantized into a scratch buffer first."""
-    ta = _triton_for(q)
-    if ta is not None:
-        return ta.paged_prefill_attention_quantized(q, cache, layer, block_ids, context_len, sliding_window)
+    """paged_attention over a quantized device tier (the torch reference of afkv.ops.triton_attention's
+    kernel): q [n, H, D] -> [n, H, D]; the sequence's blocks of this layer are dequantized into a
+    scratch buffer first."""
     scratch = gather_layer(cache, layer, block_ids)[:, None]  # [nb, 1, 2, bs, Hkv, D]
     ids = torch.arange(block_ids.shape[0], device=q.device)  # [nb]
     return paged_attention(q, scratch, 0, ids, context_len, sliding_window)
@@ -252,13 +242,9 @@ def paged_attention_quantized(q: torch.Tensor, cache: QuantizedKVCache, layer: i
 
 def paged_decode_attention_quantized(q: torch.Tensor, cache: QuantizedKVCache, layer: int, block_tables: torch.Tensor,
                                      context_lens: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
-    """paged_decode_attention over a quantized device tier: q [B, H, D]; block_tables [B, nb]
-    (padded with any valid id); context_lens [B] -> [B, H, D]. On CUDA with triton the fused
-    kernel (afkv.ops.triton_attention); elsewhere the rows are dequantized into a scratch
-    buffer (the torch reference)."""
-    ta = _triton_for(q)
-    if ta is not None:
-        return ta.paged_decode_attention_quantized(q, cache, layer, block_tables, context_lens, sliding_window)
+    """paged_decode_attention over a quantized device tier (the torch reference of the fused
+    kernel): q [B, H, D]; block_tables [B, nb] (padded with any valid id); context_lens [B] ->
+    [B, H, D]; the rows are dequantized into a scratch buffer."""
     batch, width = block_tables.shape
     scratch = gather_layer(cache, layer, block_tables).flatten(0, 1)[:, None]  # [B * nb, 1, 2, bs, Hkv, D]
     ids = torch.arange(batch * width, device=q.device).view(batch, width)  # [B, nb]

@@ -276,3 +276,185 @@ def dequantize_rows(rows: torch.Tensor, spec: QuantSpec, dtype: torch.dtype,
     if tuple(out.shape) != tuple(x.shape) or out.dtype != dtype:
         raise ConfigError(f"out must be {dtype} {tuple(x.shape)}, got {out.dtype} {tuple(out.shape)}")
     return out.copy_(x)
+
+
+# ---- MLA latents (DeepSeek-V2/V3) -------------------------------------------------------------
+#
+# A latent block [num_layers, block_size, r + dr] holds, per token and layer, the compressed KV
+# (r values) and the rotated shared key (dr values). A quantized latent row keeps FlashMLA's
+# split: the compressed part as codes with one scale (and, for int8, one zero point) per token
+# and group of LATENT_GROUP values, the rotary part unquantized in the scale dtype (its products
+# with the query's rotary part are what positions hang on). Per layer:
+#
+#     codes u8 [bs, r] | scale [bs, G] | zero [bs, G] (int8) | rope [bs, dr] | padding to 16 bytes
+#
+# (G = ceil(r / LATENT_GROUP); scale data and rope in the 16-bit scale dtype). Bytes per token
+# and layer at r = 512, dr = 64, bfloat16 (1152 unquantized): fp8 648 (0.56x; FlashMLA's float32
+# scales: 656), int8 656 (0.57x). No rotation: the kernels dequantize a tile in registers (value
+# = code x scale + zero) and multiply in the model dtype. int4 is refused: on the real-weight
+# proxy of tests/model/test_deepseek_serving.py (SmolLM2-135M's RMS-normed attention inputs
+# quantized this way) it cost +37% perplexity (fp8 +0.09%, int8 -0.2%); with a Hadamard
+# rotation per 64 values +1.7%, which would need the rotation inside the kernel.
+
+LATENT_FORMATS = ("fp8", "int8")
+LATENT_GROUP = 128
+
+
+@dataclass(frozen=True)
+class LatentQuantSpec:
+    """One quantized latent row format: its kind and the latent block geometry it stores."""
+
+    kind: str  # fp8 | int8
+    num_layers: int
+    block_size: int
+    kv_lora_rank: int  # r: the quantized part
+    rope_dim: int  # dr: kept in the scale dtype
+    scale_dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        if self.kind == "int4":
+            raise ConfigError("int4 does not hold accuracy for MLA latents (+37% perplexity on the real-weight "
+                              "proxy, fp8 +0.09%, int8 -0.2%): use fp8 or int8", key="format")
+        if self.kind not in LATENT_FORMATS:
+            raise ConfigError(f"quantized latent format must be one of {', '.join(LATENT_FORMATS)}, got {self.kind!r}",
+                              key="format")
+        if self.scale_dtype not in (torch.float16, torch.bfloat16):
+            raise ConfigError(f"scale data must be float16 or bfloat16, got {self.scale_dtype}")
+
+    @property
+    def qmax(self) -> int:
+        return {"fp8": 0, "int8": 255}[self.kind]
+
+    @property
+    def has_zero(self) -> bool:
+        return self.kind == "int8"
+
+    @property
+    def group_size(self) -> int:
+        return min(LATENT_GROUP, self.kv_lora_rank)
+
+    @property
+    def num_groups(self) -> int:
+        return -(-self.kv_lora_rank // self.group_size)
+
+    def offsets(self) -> dict[str, int]:
+        """Byte offset of each section inside a layer section (all even: 16-bit aligned)."""
+        bs = self.block_size
+        codes = -(-bs * self.kv_lora_rank // 2) * 2
+        meta = bs * self.num_groups * 2
+        out = {"codes": 0, "scale": codes}
+        out["zero"] = codes + meta
+        out["rope"] = codes + meta * (2 if self.has_zero else 1)
+        return out
+
+    @property
+    def layer_nbytes(self) -> int:
+        raw = self.offsets()["rope"] + self.block_size * self.rope_dim * 2
+        return -(-raw // _ALIGN) * _ALIGN
+
+    @property
+    def row_nbytes(self) -> int:
+        return self.num_layers * self.layer_nbytes
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        return (self.num_layers, self.block_size, self.kv_lora_rank + self.rope_dim)
+
+
+def _latent_views(rows: torch.Tensor, spec: LatentQuantSpec) -> dict[str, torch.Tensor]:
+    """rows uint8 [n, row_nbytes] -> views: codes [n, L, bs, r], scale / zero [n, L, bs, G],
+    rope [n, L, bs, dr]. No copy (rows must be contiguous)."""
+    n, bs, g = rows.shape[0], spec.block_size, spec.num_groups
+    lay = rows.view(n, spec.num_layers, spec.layer_nbytes)
+    off = spec.offsets()
+
+    def section(name: str, count: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        nbytes = count * dtype.itemsize
+        return lay[:, :, off[name] : off[name] + nbytes].view(dtype).view(n, spec.num_layers, *shape)
+
+    views = {"codes": section("codes", bs * spec.kv_lora_rank, torch.uint8, (bs, spec.kv_lora_rank)),
+             "scale": section("scale", bs * g, spec.scale_dtype, (bs, g)),
+             "rope": section("rope", bs * spec.rope_dim, spec.scale_dtype, (bs, spec.rope_dim))}
+    if spec.has_zero:
+        views["zero"] = section("zero", bs * g, spec.scale_dtype, (bs, g))
+    return views
+
+
+def _grouped(x: torch.Tensor, spec: LatentQuantSpec) -> torch.Tensor:
+    """x [..., r] -> [..., G, group]; a partial last group is padded with its last value (which
+    changes neither its largest magnitude nor its range)."""
+    pad = spec.num_groups * spec.group_size - x.shape[-1]
+    if pad:
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], -1)
+    return x.unflatten(-1, (spec.num_groups, spec.group_size))
+
+
+def check_latent_rows(rows: torch.Tensor, spec: LatentQuantSpec) -> None:
+    if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.shape[1] != spec.row_nbytes:
+        raise CorruptBlockError(f"{spec.kind} latent rows of this geometry are uint8 [n, {spec.row_nbytes}], "
+                                f"got {rows.dtype} {tuple(rows.shape)}")
+
+
+def quantize_latent_rows(blocks: torch.Tensor, spec: LatentQuantSpec, out: torch.Tensor | None = None) -> torch.Tensor:
+    """blocks [n, L, bs, r + dr] (float) -> rows uint8 [n, row_nbytes] on the blocks' device,
+    written into `out` when given. Bounds per value as for the KV formats: fp8 |x - x'| <=
+    max(|x| / 16, s / 1024), int8 |x - x'| <= s / 2 (s the value's group scale); the rotary
+    part is rounded to the scale dtype."""
+    if blocks.dim() != 4 or tuple(blocks.shape[1:]) != spec.block_shape or not blocks.dtype.is_floating_point:
+        raise ConfigError(f"latent blocks must be float [n, {', '.join(map(str, spec.block_shape))}], "
+                          f"got {blocks.dtype} {tuple(blocks.shape)}")
+    n, r, sd = blocks.shape[0], spec.kv_lora_rank, spec.scale_dtype
+    if out is None:
+        out = torch.empty((n, spec.row_nbytes), dtype=torch.uint8, device=blocks.device)
+    check_latent_rows(out, spec)
+    if not out.is_contiguous():
+        raise ConfigError("out must be contiguous")
+    x = _grouped(blocks[..., :r].float(), spec)  # [n, L, bs, G, g]
+    if spec.kind == "fp8":
+        scale = _round16(x.abs().amax(-1) / FP8_MAX, sd, up=True)  # [n, L, bs, G]
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
+        codes = (x / safe[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+        zero = None
+    else:
+        zero = _round16(x.amin(-1), sd, up=False)
+        scale = _round16((x.amax(-1) - zero.float()) / spec.qmax, sd, up=True)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
+        codes = torch.round((x - zero.float()[..., None]) / safe[..., None]).clamp_(0, spec.qmax).to(torch.uint8)
+    codes = codes.flatten(-2)[..., :r]  # [n, L, bs, r]
+    out.view(n, spec.num_layers, spec.layer_nbytes).zero_()  # the padding
+    views = _latent_views(out, spec)
+    views["codes"].copy_(codes)
+    views["scale"].copy_(scale)
+    if zero is not None:
+        views["zero"].copy_(zero)
+    views["rope"].copy_(blocks[..., r:].to(sd))
+    return out
+
+
+def dequantize_latent_layers(rows: torch.Tensor, spec: LatentQuantSpec, dtype: torch.dtype,
+                             layers: slice | int = slice(None)) -> torch.Tensor:
+    """rows uint8 [n, row_nbytes] -> latents of `layers` [n, l, bs, r + dr] ([n, bs, r + dr] for
+    one layer) in `dtype`."""
+    check_latent_rows(rows, spec)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    views = _latent_views(rows, spec)
+    pick = (slice(None), layers)
+    codes, scale = views["codes"][pick], views["scale"][pick].float()  # [n, (l,) bs, r], [n, (l,) bs, G]
+    values = codes.view(torch.float8_e4m3fn).float() if spec.kind == "fp8" else codes.float()
+    g = _grouped(values, spec) * scale[..., None]  # [..., G, group]
+    if spec.has_zero:
+        g = g + views["zero"][pick].float()[..., None]
+    c = g.flatten(-2)[..., : spec.kv_lora_rank]
+    return torch.cat([c, views["rope"][pick].float()], -1).to(dtype)
+
+
+def dequantize_latent_rows(rows: torch.Tensor, spec: LatentQuantSpec, dtype: torch.dtype,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """rows uint8 [n, row_nbytes] -> blocks [n, L, bs, r + dr] of `dtype` (into `out` when given)."""
+    x = dequantize_latent_layers(rows, spec, dtype)
+    if out is None:
+        return x
+    if tuple(out.shape) != tuple(x.shape) or out.dtype != dtype:
+        raise ConfigError(f"out must be {dtype} {tuple(x.shape)}, got {out.dtype} {tuple(out.shape)}")
+    return out.copy_(x)

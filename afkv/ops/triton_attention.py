@@ -56,6 +56,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from afkv.errors import ConfigError
+from afkv.ops.launch import device_index, next_pow2
 from afkv.ops import attention, quant
 
 try:
@@ -77,8 +78,6 @@ def available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 @functools.cache
@@ -683,7 +682,7 @@ def _ieee(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def _group_rows(group: int) -> int:
-    return max(_MIN_GROUP_ROWS, _next_pow2(group))
+    return max(_MIN_GROUP_ROWS, next_pow2(group))
 
 
 def _check_cache(kv: torch.Tensor, layer: int, q: torch.Tensor) -> None:
@@ -708,7 +707,7 @@ def _merge(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, num_pa
     batch, num_heads, head_dim = out.shape
     _reduce_kernel[(batch, num_heads)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads,
-        NUM_PARTS=num_parts, PARTS_P2=_next_pow2(num_parts), HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
+        NUM_PARTS=num_parts, PARTS_P2=next_pow2(num_parts), HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
         num_warps=4,
     )  # fmt: skip
 
@@ -759,7 +758,7 @@ def paged_decode_attention(
     block_n = _decode_block_n(head_dim, kv.element_size())
     max_tokens = max_blocks * block_size
     if num_splits is None:
-        num_splits = num_decode_splits(batch, num_kv_heads, max_tokens, block_n, _device_index(q))
+        num_splits = num_decode_splits(batch, num_kv_heads, max_tokens, block_n, device_index(q))
     mid_o, mid_lse = _partials(batch, num_heads, num_splits, head_dim, q.device)
     scale = head_dim**-0.5 if scale is None else scale
     ieee = _ieee(kv.dtype, q.device)
@@ -768,7 +767,7 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         num_heads, max_tokens, sliding_window or 0, scale * _LOG2E,
-        GROUP=group, GROUP_ROWS=_group_rows(group), HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
+        GROUP=group, GROUP_ROWS=_group_rows(group), HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         HAS_WINDOW=sliding_window is not None, IEEE=ieee,
         num_warps=4, num_stages=2,
@@ -780,7 +779,7 @@ def paged_decode_attention(
 
 def _prefill_tiles(group: int) -> tuple[int, int]:
     """-> (rows per tile, query tokens per tile): rows = tokens x the query group."""
-    block_m = max(64, _next_pow2(group))
+    block_m = max(64, next_pow2(group))
     return block_m, block_m // group
 
 
@@ -830,7 +829,7 @@ def paged_prefill_attention_varlen(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         block_tables.shape[1] * block_size, sliding_window or 0, scale * _LOG2E,
-        GROUP=group, TOKENS_M=tokens_m, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
+        GROUP=group, TOKENS_M=tokens_m, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None,
         IEEE=ieee, num_warps=4, num_stages=2,
     )  # fmt: skip
@@ -952,7 +951,7 @@ def _cvt(cvt: int, geometry: dict) -> int:
 
 def _block_c(code_dim: int) -> int:
     """Columns of a tile of codes: a power of two, and >= 16 (the K of tl.dot)."""
-    return max(16, _next_pow2(code_dim))
+    return max(16, next_pow2(code_dim))
 
 
 def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int, halves: bool = False) -> tuple:
@@ -983,7 +982,7 @@ def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int, 
     tile_c = spec.head_dim // 2 if halves and spec.kind == "int8" and spec.head_dim % 2 == 0 else spec.code_dim
     geometry = dict(
         KIND=_KINDS[spec.kind], NUM_KV_HEADS=spec.num_kv_heads, HEAD_DIM=spec.head_dim,
-        BLOCK_D=_next_pow2(spec.head_dim), CODE_DIM=spec.code_dim, TILE_C=tile_c, BLOCK_C=_block_c(tile_c),
+        BLOCK_D=next_pow2(spec.head_dim), CODE_DIM=spec.code_dim, TILE_C=tile_c, BLOCK_C=_block_c(tile_c),
         BLOCK_SIZE=spec.block_size, HP_INV=1.0 / spec.hadamard_order, IEEE=ieee, FP_IEEE=_ieee(staging.dtype, q.device),
     )  # fmt: skip
     return (rows, rows.view(spec.scale_dtype), st, had), strides, geometry
@@ -1036,7 +1035,7 @@ def paged_decode_attention_quantized(
         softmax_scale * _LOG2E,
         GROUP=group, GROUP_ROWS=_group_rows(group), BLOCK_N=block_n,
         BLOCK_N_TAIL=_decode_block_n(head_dim, cache.staging.element_size()), NUM_SPLITS=num_splits,
-        MAX_TAIL=cache.max_tail_blocks, TAIL_P2=_next_pow2(cache.max_tail_blocks),
+        MAX_TAIL=cache.max_tail_blocks, TAIL_P2=next_pow2(cache.max_tail_blocks),
         HAS_WINDOW=sliding_window is not None, CVT=_cvt(config.cvt, geometry), **geometry,
         num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_regs,
     )  # fmt: skip

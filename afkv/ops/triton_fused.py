@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from afkv.errors import ConfigError
+from afkv.ops.launch import next_pow2
 from afkv.ops.attention import write_kv
 from afkv.ops.layers import Rotary
 from afkv.ops.layers import rms_norm as ref_rms_norm
-from afkv.ops.layers import route_topk as ref_route_topk
 
 try:
     import triton
@@ -58,9 +58,6 @@ def available() -> bool:
     """True when triton imports and torch sees a CUDA device."""
     return triton is not None and torch.cuda.is_available()
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def _round_code(dtype: torch.dtype) -> int:
@@ -249,7 +246,7 @@ def _launch_norm(x2, delta2, sum2, weight, out2, eps: float) -> None:
     rows, dim = x2.shape
     if rows == 0:
         return
-    block = _next_pow2(dim)
+    block = next_pow2(dim)
     has_delta = delta2 is not None
     _rms_norm_kernel[(rows,)](
         x2, delta2 if has_delta else x2, sum2 if has_delta else x2, weight.contiguous(), out2,
@@ -383,8 +380,8 @@ def qk_norm_rope_write(
     cos = cos if cos.stride(-1) == 1 else cos.contiguous()
     sin = sin if sin.stride(-1) == 1 else sin.contiguous()
     k_cache, v_cache = kv[:, layer, 0], kv[:, layer, 1]  # [num_blocks, bs, Hkv, D]
-    block_half = _next_pow2(head_dim // 2)
-    block_heads = min(_next_pow2(total), max(1, 512 // block_half))
+    block_half = next_pow2(head_dim // 2)
+    block_heads = min(next_pow2(total), max(1, 512 // block_half))
     has_norm = q_norm is not None
     grid = (num_tokens, -(-total // block_heads))
     _qk_norm_rope_write_kernel[grid](
@@ -418,7 +415,7 @@ def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tu
     logits = _rows(router_logits)
     _route_topk_kernel[(num_tokens,)](
         logits, ids, weights, logits.stride(0), num_experts,
-        TOP_K=top_k, BLOCK_E=_next_pow2(num_experts), BLOCK_K=_next_pow2(top_k), RENORMALIZE=renormalize,
+        TOP_K=top_k, BLOCK_E=next_pow2(num_experts), BLOCK_K=next_pow2(top_k), RENORMALIZE=renormalize,
         LIBDEVICE=logits.is_cuda,
         num_warps=4 if num_experts > 128 else 1, enable_fp_fusion=False,
     )  # fmt: skip
@@ -441,7 +438,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if num_rows == 0 or inter == 0:
         return out
     gate_up = _rows(gate_up)
-    block = min(_next_pow2(inter), 1024)
+    block = min(next_pow2(inter), 1024)
     _silu_mul_kernel[(num_rows, -(-inter // block))](
         gate_up, out, gate_up.stride(0), out.stride(0), inter,
         BLOCK=block, ROUND=_round_code(gate_up.dtype), LIBDEVICE=gate_up.is_cuda, num_warps=4,

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import torch
 
 from afkv.errors import ConfigError
+from afkv.ops.launch import next_pow2, sm_count
 from afkv.ops.fp8 import AMAX_EPS, BLOCK as FP8_BLOCK, FP8, FP8_MAX, scale_shape
 
 try:
@@ -89,15 +90,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-@functools.cache
-def _sm_count(device_index: int | None) -> int:
-    if device_index is None:  # CPU (interpreter): small, so tests see split K
-        return 1
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @dataclass(frozen=True)
@@ -135,7 +127,7 @@ def default_config(
     if rows > 64:  # compute-bound: dense-GEMM tiles
         return BlockConfig(block_m=128, gate_up_block_n=128, down_block_n=128, block_k=128 if fp8 else 64,
                            split_k=1, group_m=8, num_warps=8, num_stages=3 if fp8 else 4)
-    block_m = min(64, max(16, _next_pow2(rows)))
+    block_m = min(64, max(16, next_pow2(rows)))
     row_blocks = active * _cdiv(rows, block_m)
     target = _PROGRAMS_PER_SM * sm_count
     widest = 128 if fp8 else 64  # fp8 tiles read half the bytes per column: twice the columns
@@ -146,7 +138,7 @@ def default_config(
             bn //= 2
         return bn
 
-    block_k = 128 if fp8 else min(128, max(16, _next_pow2(min(hidden, inter))))
+    block_k = 128 if fp8 else min(128, max(16, next_pow2(min(hidden, inter))))
     down_n = block_n(hidden)
     split_k = 1
     while (
@@ -417,12 +409,12 @@ def _align(
     max_blocks = _max_blocks(num_pairs, num_held, block_m)
     pairs = torch.empty(max_blocks * block_m, dtype=torch.int32, device=ids.device)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=ids.device)
-    chunk = min(_ALIGN_CHUNK, max(16, _next_pow2(num_pairs)))
+    chunk = min(_ALIGN_CHUNK, max(16, next_pow2(num_pairs)))
     programs = _cdiv(num_pairs, chunk)
     _align_kernel[(programs,)](
         ids, local, pairs, block_expert,
         num_pairs, num_held, local.numel() - 1, max_blocks, _cdiv(max_blocks, programs),
-        BLOCK_M=block_m, CHUNK=chunk, BLOCK_E=_next_pow2(num_held + 1), BLOCK_B=_ALIGN_BLOCKS, num_warps=4,
+        BLOCK_M=block_m, CHUNK=chunk, BLOCK_E=next_pow2(num_held + 1), BLOCK_B=_ALIGN_BLOCKS, num_warps=4,
     )  # fmt: skip
     return pairs, block_expert
 
@@ -487,7 +479,7 @@ def moe_mlp(
     device_index = None
     if x.is_cuda:
         device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    cfg = config or default_config(num_pairs, num_held, hidden, inter, _sm_count(device_index), fp8)
+    cfg = config or default_config(num_pairs, num_held, hidden, inter, sm_count(device_index), fp8)
     if fp8 and cfg.block_k != FP8_BLOCK:
         raise ConfigError(f"fp8 expert weights need block_k {FP8_BLOCK}, got {cfg.block_k}")
     ieee = x.dtype == torch.float32
@@ -518,7 +510,7 @@ def moe_mlp(
     )  # fmt: skip
     y = torch.empty_like(x)  # [T, H]
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
-    block_h = min(1024, _next_pow2(hidden))
+    block_h = min(1024, next_pow2(hidden))
     _combine_kernel[(num_tokens, _cdiv(hidden, block_h))](
         out, y, ids, local,
         hidden, num_held, local.numel() - 1, out.stride(0), out.stride(1), y.stride(0),

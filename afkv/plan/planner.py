@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from afkv.errors import ConfigError
 from afkv.plan.kernels import Kernels, Link
 from afkv.plan.latency import Deployment, Kind, Step, step
-from afkv.plan.profile import KVFormatCost, Profile
+from afkv.plan.profile import Profile
 from afkv.plan.shapes import Shapes
 
 BLOCK_SIZE = 16

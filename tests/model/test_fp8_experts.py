@@ -12,7 +12,6 @@ differences of the same size (relative L2 0.009-0.10).
 """
 
 import json
-import shutil
 
 import pytest
 import torch

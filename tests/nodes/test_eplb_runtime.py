@@ -12,8 +12,10 @@ from afkv.model.tiny import write_zipf_checkpoint
 from afkv.eplb import zipf_router_bias
 from afkv.errors import ConfigError, EngineError, ExpertUnavailableError
 from afkv.nodes.dispatch import DispatchTables, pack
+from afkv.nodes.balancer import host_order
 from afkv.nodes.placement import contiguous_placement, eplb_placement, initial_placement, spread_replicas
 from afkv.serve.launch import Deployment
+from afkv.transport.tensors import pack_tensor
 from tests.helpers import random_prompt
 
 PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -333,3 +335,57 @@ async def test_lost_expert_without_replica_ends_only_the_requests_routed_to_it(n
             assert again.token_ids == traced[clean[-1]][0]
             kv = engine.kv_manager
             assert kv.num_sequences == 0 and kv.pool.num_free_blocks == kv.pool.num_blocks
+
+
+# ---- hierarchical EPLB: expert groups per host ------------------------------------------------
+class _Links:
+    """The part of ExpertLinks the Balancer uses: expert nodes on the given hosts, node 0
+    reporting `loads`; switch adopts the placement."""
+
+    def __init__(self, spec, hosts: list[str], loads: torch.Tensor):
+        self.placement = initial_placement(spec, len(hosts))
+        self.num_nodes, self.dead, self.hosts, self.loads = len(hosts), (), hosts, loads
+
+    async def request(self, j, msg):
+        if msg["type"] == "stats":
+            return {"loads": pack_tensor(self.loads if j == 0 else torch.zeros_like(self.loads))}
+        return {}
+
+    async def request_all(self, msg, nodes):
+        return [{} for _ in nodes]
+
+    async def address(self, j):
+        return self.hosts[j], 9000 + j
+
+    async def switch(self, placement):
+        self.placement = placement
+
+
+def test_host_order_runs_each_host_consecutively():
+    assert host_order([0, 1, 2, 3], {0: "b", 1: "a", 2: "b", 3: "a"}) == ([1, 3, 0, 2], 2)
+    assert host_order([0, 1, 2], {0: "a", 1: "a", 2: "b"}) == ([0, 1, 2], 1)  # unequal hosts: one EPLB node
+
+
+async def test_rebalance_packs_whole_expert_groups_onto_hosts(deepseek_dir):
+    """DeepSeek-V3's group-limited routing (tiny: 12 experts in 4 groups) over four expert nodes
+    on two hosts: each group's experts end up on one host. The loads make group 0's three
+    experts the heaviest, which the global policy puts on three nodes (both hosts)."""
+    from afkv.config import EplbConfig
+    from afkv.model.model import open_checkpoint
+    from afkv.nodes.balancer import Balancer
+
+    spec, reader = open_checkpoint(deepseek_dir["deepseek_v3"])
+    reader.close()
+    assert spec.num_expert_groups == 4
+    loads = torch.ones(spec.num_layers, spec.num_experts, dtype=torch.int64)  # [L, E]
+    loads[:, :3] = 100
+    hosts = ["h1", "h0", "h1", "h0"]
+    links = _Links(spec, hosts, loads)
+    await Balancer(links, spec, EplbConfig(enabled=True)).rebalance()
+    moe_layers = [layer for layer in range(spec.num_layers) if links.placement.has_router[layer]]
+    assert moe_layers
+    for layer in moe_layers:
+        nodes = links.placement.replica_nodes[layer]  # [E, R]
+        for g in range(4):
+            held_by = {hosts[n] for n in nodes[3 * g : 3 * g + 3].flatten().tolist() if n >= 0}
+            assert len(held_by) == 1, (layer, g, held_by)

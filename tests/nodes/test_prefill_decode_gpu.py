@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from afkv import Engine, EngineConfig, SamplingParams
+from afkv import Engine, EngineConfig
 from afkv.serve.launch import Deployment
 from tests.nodes.test_prefill_decode import PARAMS, expected_transfers, prompts_with_shared_prefixes
 

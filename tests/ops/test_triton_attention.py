@@ -17,6 +17,7 @@ queries, and probabilities times scales, rounded to float16).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -473,7 +474,7 @@ def test_decode_quantized_is_cuda_graph_capturable(kind):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", _QUANT_KINDS)
-def test_the_model_step_on_a_quantized_tier_runs_the_kernels_like_the_reference(tiny_dir, kind, device, monkeypatch):
+def test_the_model_step_on_a_quantized_tier_runs_the_kernels_like_the_reference(tiny_dir, kind, device):
     """The attention side over a quantized device tier (prefill chunks through the prefill
     kernel, then a batched decode step through the decode kernel, the K/V write into staging
     blocks), against the same steps through the torch reference: CPU under the interpreter, or
@@ -482,17 +483,24 @@ def test_the_model_step_on_a_quantized_tier_runs_the_kernels_like_the_reference(
     from afkv.kv.formats import make_format
     from afkv.kv.layout import KVLayout
     from afkv.kv.manager import KVManager
-    from afkv.model.model import load_colocated
+    from afkv.model.model import LocalFFN, Model, attention_side, load_ffn_side, open_checkpoint
     from afkv.model.sides import SeqChunk, StepInputs
+    from afkv.ops.kernels import torch_kernels
 
     device = torch.device(device)
-    model = load_colocated(tiny_dir["qwen3_moe"], device, torch.float32)
-    spec = model.spec
+    spec, reader = open_checkpoint(tiny_dir["qwen3_moe"])
+    ffn = LocalFFN(load_ffn_side(spec, tiny_dir["qwen3_moe"], device, torch.float32))
+    reference = torch_kernels()
+    kernels = dataclasses.replace(reference, decode_quantized=ta.paged_decode_attention_quantized,
+                                  prefill_quantized=ta.paged_prefill_attention_quantized)
+    models = {use: Model(spec, attention_side(spec, reader, device, torch.float32, k), ffn)
+              for use, k in ((True, kernels), (False, reference))}
+    reader.close()
     layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, 4, torch.float32)
     prompts = {0: list(range(3, 16)), 1: list(range(40, 47))}  # 13 and 7 tokens
 
     def run(use_kernels: bool) -> torch.Tensor:
-        monkeypatch.setattr(attention, "_triton_for", lambda q: ta if use_kernels else None)
+        model = models[use_kernels]
         quant_cfg = DeviceQuant(make_format(kind, layout), 4, staging_blocks_needed(4, 4, 2, 16))
         kv = KVManager(layout, 16, device, quant=quant_cfg)
         cache = kv.attention_cache

@@ -1,0 +1,188 @@
+"""afkv.ops.triton_mla (paged MLA decode over latents) against the torch references
+(afkv.ops.mla).
+
+Skipped without triton. Without a GPU the kernel runs on CPU tensors under Triton's
+interpreter (TRITON_INTERPRET=1, set before triton is imported; IEEE float32 products); with
+a GPU it runs compiled (marked gpu), where DeepSeek's real shapes (r = 512, dr = 64, 16 and 128
+heads, long contexts) and a CUDA-graph capture are checked too.
+
+Tolerances: float32 caches 2e-5 (summation order only). 16-bit caches against float32
+attention over the same latents: 3e-2 + 2e-2 * |ref| (products in bfloat16, probabilities
+rounded to bfloat16 before P @ c, as flash attention does). Quantized tiers against the
+reference over the same rows (both dequantize to the staging dtype), with the same tolerances.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+_CUDA = torch.cuda.is_available()
+if not _CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton and the kernels are defined (at import)
+pytest.importorskip("triton")
+
+from afkv.errors import ConfigError  # noqa: E402
+from afkv.ops import mla, quant  # noqa: E402
+from afkv.ops import triton_mla as tm  # noqa: E402
+from afkv.ops.attention import QuantizedKVCache  # noqa: E402
+
+if not _CUDA and not type(tm._mla_decode_kernel).__name__.startswith("Interpreted"):
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: run with TRITON_INTERPRET=1",
+                allow_module_level=True)
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(_CUDA, reason="the interpreter runs only where CUDA is absent")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")]),
+]
+_BAD_BLOCK = 1 << 40  # block tables' padding: reading it would fault (GPU) or fail (interpreter)
+
+
+def _tol(dtype: torch.dtype) -> dict:
+    return dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+
+
+def _tables(lens: list[int], bs: int, nb: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scrambled tables over nb blocks (the reference's padded with block 0, the kernel's with
+    an id that must never be read)."""
+    width = max(-(-n // bs) for n in lens)
+    ref = torch.zeros(len(lens), width, dtype=torch.int64)
+    bad = torch.full((len(lens), width), _BAD_BLOCK, dtype=torch.int64)
+    for i, n in enumerate(lens):
+        ids = torch.randperm(nb, generator=gen)[: -(-n // bs)]
+        ref[i, : len(ids)] = ids
+        bad[i, : len(ids)] = ids
+    return ref, bad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_heads,rank,rope", [(5, 40, 6), (20, 32, 16)])  # odd heads; more than a head block
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_matches_reference(device, num_heads, rank, rope, splits):
+    gen = torch.Generator().manual_seed(num_heads + splits)
+    bs, layers = 4, 2
+    lens = [17, 1, 0, 9, 40]  # a row with nothing cached yields zeros
+    cache = torch.randn(14, layers, bs, rank + rope, generator=gen)
+    ref_tables, bad_tables = _tables(lens, bs, 14, gen)
+    q = torch.randn(len(lens), num_heads, rank + rope, generator=gen)
+    lens_t = torch.tensor(lens)
+    want = mla.mla_decode_attention(q, cache, 1, ref_tables, lens_t, 0.3, rank)
+    got = tm.paged_mla_decode(q.to(device), cache.to(device), 1, bad_tables.to(device), lens_t.to(device), 0.3, rank,
+                              num_splits=splits)
+    torch.testing.assert_close(got.cpu(), want, **_tol(torch.float32))
+    assert torch.equal(got[2].cpu(), torch.zeros(num_heads, rank))
+
+
+def _quant_cache(kind: str, dtype: torch.dtype, rank: int, rope: int, bs: int, lens: list[int], device, gen,
+                 num_layers: int = 2):
+    """A quantized device tier: per row its blocks split between quantized rows and staging
+    blocks (some rows all staging), plus tables for the reference and the kernel."""
+    spec = quant.LatentQuantSpec(kind, num_layers, bs, rank, rope, quant.scale_dtype_for(dtype))
+    per_row = [-(-n // bs) for n in lens]
+    num_rows, num_staging = sum(per_row), sum(per_row) + 1
+    rows = quant.quantize_latent_rows(torch.randn(num_rows, num_layers, bs, rank + rope, generator=gen), spec)
+    staging = torch.randn(num_staging, num_layers, bs, rank + rope, generator=gen).to(dtype)
+    width = max(per_row)
+    ref = torch.zeros(len(lens), width, dtype=torch.int64)
+    bad = torch.full((len(lens), width), _BAD_BLOCK, dtype=torch.int64)
+    next_row, next_staging = 0, 0
+    for i, n in enumerate(per_row):
+        split = n // 2 if i % 3 else n  # a third of the rows all quantized, the others half and half
+        ids = list(range(next_row, next_row + split)) + [num_rows + next_staging + j for j in range(n - split)]
+        next_row += split
+        next_staging += n - split
+        ref[i, :n] = torch.tensor(ids)
+        bad[i, :n] = torch.tensor(ids)
+    cache = QuantizedKVCache(rows.to(device), staging.to(device), spec, max_tail_blocks=width)
+    return cache, ref, bad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_decode_over_quantized_rows_and_staging(device, kind):
+    gen = torch.Generator().manual_seed(7)
+    lens = [13, 29, 5, 1]
+    cache, ref_tables, bad_tables = _quant_cache(kind, torch.float32, 40, 6, 4, lens, device, gen)
+    q = torch.randn(len(lens), 5, 46, generator=gen)
+    lens_t = torch.tensor(lens)
+    cpu_cache = QuantizedKVCache(cache.blocks.cpu(), cache.staging.cpu(), cache.spec, cache.max_tail_blocks)
+    want = mla.mla_decode_attention(q, cpu_cache, 1, ref_tables, lens_t, 0.25, 40)
+    got = tm.paged_mla_decode(q.to(device), cache, 1, bad_tables.to(device), lens_t.to(device), 0.25, 40, num_splits=2)
+    torch.testing.assert_close(got.cpu(), want, **_tol(torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_rows_are_causal(device):
+    """A chunk of n queries: row i sees context_len - n + 1 + i tokens (the reference's mask)."""
+    gen = torch.Generator().manual_seed(3)
+    cache = torch.randn(8, 1, 4, 46, generator=gen)
+    table = torch.randperm(8, generator=gen)[:6]
+    q = torch.randn(7, 5, 46, generator=gen)
+    want = mla.mla_attention(q, cache, 0, table, 22, 0.3, 40)
+    got = tm.paged_mla_prefill(q.to(device), cache.to(device), 0, table.to(device), 22, 0.3, 40)
+    torch.testing.assert_close(got.cpu(), want, **_tol(torch.float32))
+
+
+def test_bad_arguments_are_refused():
+    cache = torch.zeros(4, 2, 4, 46)
+    q = torch.zeros(2, 5, 46)
+    tables, lens = torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, dtype=torch.int64)
+    with pytest.raises(ConfigError, match="layer"):
+        tm.paged_mla_decode(q, cache, 2, tables, lens, 0.3, 40)
+    with pytest.raises(ConfigError, match="do not fit"):
+        tm.paged_mla_decode(torch.zeros(2, 5, 44), cache, 0, tables, lens, 0.3, 40)
+    with pytest.raises(ConfigError, match="block_tables"):
+        tm.paged_mla_decode(q, cache, 0, tables[:1], lens, 0.3, 40)
+    with pytest.raises(ConfigError, match="latent cache"):
+        tm.paged_mla_decode(q, torch.zeros(4, 2, 2, 4, 46), 0, tables, lens, 0.3, 40)
+
+
+@pytest.mark.parametrize("num_heads", [16, 128])  # V2-Lite, V3
+@pytest.mark.parametrize("kind", ["raw", "fp8", "int8"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
+def test_decode_real_shapes_bf16(num_heads, kind):
+    """DeepSeek's shapes in bfloat16 over long random contexts, against float32 attention over
+    the same latents (quantized: the same rows dequantized)."""
+    gen = torch.Generator().manual_seed(num_heads)
+    lens = torch.randint(1, 5000, (12,), generator=gen).tolist()
+    bs = 64
+    if kind == "raw":
+        nb = sum(-(-n // bs) for n in lens) + 1
+        cache = torch.randn(nb, 1, bs, 576, generator=gen).to(torch.bfloat16)
+        ref_tables, tables = _tables(lens, bs, nb, gen)
+        ref_cache, dev_cache = cache.float(), cache.cuda()
+    else:
+        dev_cache, ref_tables, tables = _quant_cache(kind, torch.bfloat16, 512, 64, bs, lens, "cuda", gen, num_layers=1)
+        ref_cache = QuantizedKVCache(dev_cache.blocks.cpu(), dev_cache.staging.cpu().float(), dev_cache.spec, 1)
+    q = (torch.randn(len(lens), num_heads, 576, generator=gen) * 0.1).to(torch.bfloat16)
+    lens_t = torch.tensor(lens)
+    want = mla.mla_decode_attention(q.float(), ref_cache, 0, ref_tables, lens_t, 0.1352, 512)
+    got = tm.paged_mla_decode(q.cuda(), dev_cache, 0, tables.cuda(), lens_t.cuda(), 0.1352, 512)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float().cpu(), want, **_tol(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
+def test_decode_is_cuda_graph_capturable():
+    gen = torch.Generator().manual_seed(5)
+    lens = [300, 40, 1, 129]
+    cache = torch.randn(20, 2, 64, 576, generator=gen).to(torch.bfloat16).cuda()
+    ref_tables, _ = _tables(lens, 64, 20, gen)
+    tables = ref_tables.cuda()
+    q = torch.randn(4, 16, 576, generator=gen).to(torch.bfloat16).cuda()
+    lens_t = torch.tensor(lens, device="cuda")
+    tm.paged_mla_decode(q, cache, 1, tables, lens_t, 0.13, 512)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tm.paged_mla_decode(q, cache, 1, tables, lens_t, 0.13, 512)
+    new_lens = torch.tensor([0, 33, 1, 120], device="cuda")
+    lens_t.copy_(new_lens)
+    graph.replay()
+    want = mla.mla_decode_attention(q.float().cpu(), cache.float().cpu(), 1, ref_tables, new_lens.cpu(), 0.13, 512)
+    torch.testing.assert_close(out.clone()[1:].float().cpu(), want[1:], **_tol(torch.bfloat16))
+    assert (out[0] == 0).all()
