@@ -23,16 +23,14 @@ frozen node from a quiet one; at most 256 connections.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import logging
 
 from afkv import errors
 from afkv.engine.engine import Engine
 from afkv.engine.params import CompletionChunk, KVPruning, SamplingParams
-from afkv.transport.control import MAX_FRAME_BYTES, ControlConnection, ControlLimits, ControlServer
+from afkv.serve.streams import StreamServer
+from afkv.transport.control import MAX_FRAME_BYTES, ControlConnection, ControlLimits
 
-log = logging.getLogger("afkv.api")
 
 _PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 SMALL_MESSAGE_BYTES = 64 * 1024
@@ -100,50 +98,25 @@ def chunk_to_wire(c: CompletionChunk) -> dict:
     return out
 
 
-class ApiServer:
-    """Serves an Engine to remote clients; one task per streaming request.
+class ApiServer(StreamServer):
+    """Serves an Engine to remote clients: each generate message is a stream (StreamServer)
+    of the request's chunks; abort cancels it."""
 
-    Owns `_streams`: per connection, rid -> the task streaming that request (added by
-    `generate`, removed by the task when it ends)."""
+    KEY, FAILED, PEER, WHAT, WHERE = "rid", "failed", "client", "request", "the attention node"
 
     def __init__(self, engine: Engine, host: str, port: int = 0, token: str | None = None,
                  client_timeout_s: float = 60.0):
         self.engine = engine
-        self._server = ControlServer(self._handle, host=host, port=port, token=token,
-                                     limits=api_limits(engine, client_timeout_s))
-        self._streams: dict[ControlConnection, dict[int, asyncio.Task]] = {}
-
-    @property
-    def port(self) -> int:
-        return self._server.port
-
-    async def start(self) -> int:
-        await self._server.start()
-        return self._server.port
-
-    async def aclose(self) -> None:
-        tasks = [t for streams in self._streams.values() for t in streams.values()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self._server.aclose()
+        super().__init__(host, port, token, api_limits(engine, client_timeout_s))
 
     async def _handle(self, conn: ControlConnection, msg: dict) -> dict | None:
         kind = msg["type"]
         if kind == "generate":
-            rid = msg.get("rid")
-            if isinstance(rid, bool) or not isinstance(rid, int):
-                raise errors.FrameError(f"a generate message needs an int 'rid', got {rid!r:.50}")
-            streams = self._streams.setdefault(conn, {})
-            if rid in streams:
-                raise errors.FrameError(f"rid {rid} is already streaming on this connection")
-            streams[rid] = asyncio.create_task(self._stream(conn, rid, msg), name=f"afkv-api-stream {rid}")
+            rid = self._stream_id(msg)
+            self._start(conn, rid, lambda: self._generate(conn, rid, msg), f"afkv-api-stream {rid}")
             return None
         if kind == "abort":
-            rid = msg.get("rid")
-            task = self._streams.get(conn, {}).get(rid) if isinstance(rid, int) else None
-            if task is not None:
-                task.cancel()
+            self._cancel(conn, msg.get("rid"))
             return None
         if kind == "stats":
             return {"type": "stats", **dataclasses.asdict(self.engine.stats()), "layer": self.engine.layer_timings(),
@@ -159,30 +132,7 @@ class ApiServer:
             return {"type": "ok"}
         raise errors.FrameError(f"attention node API: unknown message type {kind!r}")
 
-    async def _stream(self, conn: ControlConnection, rid: int, msg: dict) -> None:
-        try:
-            params = params_from_wire(msg.get("params"))
-            async for chunk in self.engine.generate(msg.get("prompt"), params):
-                await conn.send({"type": "chunk", "rid": rid, "chunk": chunk_to_wire(chunk)})
-        except asyncio.CancelledError:
-            raise
-        except errors.TransportError as exc:
-            log.info("client of request %d is gone: %s", rid, exc)
-        except errors.AfkvError as exc:
-            await self._fail(conn, rid, exc)
-        except Exception as exc:  # a bug: still end the client's request, never leave it waiting
-            log.exception("request %d failed", rid)
-            await self._fail(conn, rid, errors.RequestFailedError(
-                f"request {rid} failed on the attention node: {type(exc).__name__}: {exc}"))
-        finally:
-            streams = self._streams.get(conn)
-            if streams is not None and streams.get(rid) is asyncio.current_task():
-                del streams[rid]
-                if not streams:
-                    del self._streams[conn]
-
-    async def _fail(self, conn: ControlConnection, rid: int, exc: errors.AfkvError) -> None:
-        try:
-            await conn.send({"type": "failed", "rid": rid, "error": errors.error_to_wire(exc)})
-        except errors.TransportError:
-            log.info("client of request %s is gone; its error was: %s", rid, exc)
+    async def _generate(self, conn: ControlConnection, rid: int, msg: dict) -> None:
+        params = params_from_wire(msg.get("params"))
+        async for chunk in self.engine.generate(msg.get("prompt"), params):
+            await conn.send({"type": "chunk", "rid": rid, "chunk": chunk_to_wire(chunk)})

@@ -13,23 +13,23 @@ A decode node that goes away takes its streams with it (their sends fail; the en
 
 from __future__ import annotations
 
-import asyncio
-import logging
 
 from afkv import errors
 from afkv.engine.engine import Engine
 from afkv.kv.formats import FORMAT_NAMES, BlockFormat, make_format
 from afkv.nodes.handoff import MAX_FRAME_BYTES, blocks_to_wire, open_segment
-from afkv.transport.control import ControlConnection, ControlLimits, ControlServer
+from afkv.serve.streams import StreamServer
+from afkv.transport.control import ControlConnection, ControlLimits
 
-log = logging.getLogger("afkv.prefill")
 
 HEARTBEAT_INTERVAL_S = 1.0
 
 
-class PrefillServer:
-    """Owns `_streams`: per connection, hid -> the task streaming that hand-off (added by a
-    prefill message, removed by the task when it ends)."""
+class PrefillServer(StreamServer):
+    """Serves KV hand-offs: each prefill message is a stream (StreamServer) of the prompt's rows;
+    cancel cancels it."""
+
+    KEY, FAILED, PEER, WHAT, WHERE = "hid", "prefill_failed", "decode node", "hand-off", "the prefill node"
 
     def __init__(self, engine: Engine, host: str, port: int = 0, token: str | None = None,
                  client_timeout_s: float = 60.0):
@@ -39,33 +39,12 @@ class PrefillServer:
                                idle_timeout_s=client_timeout_s, frame_timeout_s=client_timeout_s,
                                heartbeat_interval_s=HEARTBEAT_INTERVAL_S, message_bytes={"prefill": prompt_bytes},
                                default_message_bytes=64 * 2**10)
-        self._server = ControlServer(self._handle, host=host, port=port, token=token, limits=limits)
-        self._streams: dict[ControlConnection, dict[int, asyncio.Task]] = {}
-
-    @property
-    def port(self) -> int:
-        return self._server.port
-
-    async def start(self) -> int:
-        await self._server.start()
-        return self._server.port
-
-    async def aclose(self) -> None:
-        tasks = [t for streams in self._streams.values() for t in streams.values()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self._server.aclose()
+        super().__init__(host, port, token, limits)
 
     async def _handle(self, conn: ControlConnection, msg: dict) -> dict | None:
         kind = msg["type"]
-        hid = msg.get("hid")
-        if isinstance(hid, bool) or not isinstance(hid, int):
-            raise errors.FrameError(f"a {kind!r:.20} message needs an int 'hid', got {hid!r:.50}")
-        streams = self._streams.setdefault(conn, {})
+        hid = self._stream_id(msg)
         if kind == "prefill":
-            if hid in streams:
-                raise errors.FrameError(f"hid {hid} is already handing off on this connection")
             want = _want_from_wire(msg.get("want"))
             token_ids = msg.get("token_ids")
             if not isinstance(token_ids, list):
@@ -79,49 +58,24 @@ class PrefillServer:
                 raise errors.ConfigError("the decode node asks for KV rows of another geometry than this prefill "
                                          "node's (model, dtype or block_size differ)", key="kv")
             segment = None if msg.get("segment") is None else open_segment(msg["segment"], len(want), fmt.nbytes)
-            streams[hid] = asyncio.create_task(self._stream(conn, hid, token_ids, want, fmt, segment),
-                                               name=f"afkv-prefill {hid}")
+            self._start(conn, hid, lambda: self._hand_off(conn, hid, token_ids, want, fmt, segment),
+                        f"afkv-prefill {hid}")
             return None
         if kind == "cancel":
-            task = streams.get(hid)
-            if task is not None:
-                task.cancel()
+            self._cancel(conn, hid)
             return None
         raise errors.FrameError(f"prefill node: unknown message type {kind!r}")
 
-    async def _stream(self, conn: ControlConnection, hid: int, token_ids: list, want: dict, fmt: BlockFormat,
-                      segment) -> None:
+    async def _hand_off(self, conn: ControlConnection, hid: int, token_ids: list, want: dict, fmt: BlockFormat,
+                        segment) -> None:
         """`segment`: the decode node's row slots (one per block asked for, in table order), or
         None: rows go in the frames."""
         slot_of = {i: k for k, i in enumerate(sorted(want))}
-        try:
-            async for batch in self.engine.export_prefill(token_ids, want, fmt):
-                for frame in blocks_to_wire(hid, batch.indices, batch.hashes, batch.rows, segment,
-                                            [slot_of[i] for i in batch.indices]):
-                    await conn.send(frame)
-            await conn.send({"type": "prefill_done", "hid": hid})
-        except asyncio.CancelledError:
-            raise
-        except errors.TransportError as exc:
-            log.info("decode node of hand-off %d is gone: %s", hid, exc)
-        except errors.AfkvError as exc:
-            await self._fail(conn, hid, exc)
-        except Exception as exc:  # a bug: still end the decode node's transfer, never leave it waiting
-            log.exception("hand-off %d failed", hid)
-            await self._fail(conn, hid, errors.RequestFailedError(
-                f"hand-off {hid} failed on the prefill node: {type(exc).__name__}: {exc}"))
-        finally:
-            streams = self._streams.get(conn)
-            if streams is not None and streams.get(hid) is asyncio.current_task():
-                del streams[hid]
-                if not streams:
-                    del self._streams[conn]
-
-    async def _fail(self, conn: ControlConnection, hid: int, exc: errors.AfkvError) -> None:
-        try:
-            await conn.send({"type": "prefill_failed", "hid": hid, "error": errors.error_to_wire(exc)})
-        except errors.TransportError:
-            log.info("decode node of hand-off %d is gone; its error was: %s", hid, exc)
+        async for batch in self.engine.export_prefill(token_ids, want, fmt):
+            for frame in blocks_to_wire(hid, batch.indices, batch.hashes, batch.rows, segment,
+                                        [slot_of[i] for i in batch.indices]):
+                await conn.send(frame)
+        await conn.send({"type": "prefill_done", "hid": hid})
 
 
 def _want_from_wire(wire: object) -> dict[int, bytes]:
