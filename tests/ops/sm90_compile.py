@@ -3,7 +3,7 @@
 Triton's interpreter (how the CPU tests run the kernels) never compiles them, so it misses what
 only the compiler rejects (a tl.dot narrower than 16, return types that differ between the
 branches of a function, ...). This drives the product's own launch code (the wrappers of
-afkv.ops.triton_attention, with the decisions they take on CUDA) with CPU tensors while
+afkv.ops.triton_attention and afkv.ops.triton_mla, with the decisions they take on CUDA) with CPU tensors while
 Triton's active driver is a stand-in for an sm_90 device: every launch compiles for that
 target and launches nothing. Two depths:
 
@@ -21,6 +21,7 @@ the cubin, by cuobjdump) and exits 1 when any launch fails to compile.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -127,6 +128,9 @@ def install(depth: str) -> list[Compiled]:
     ta._compiled = lambda device: True
     ta._sm_count = lambda device_index: 132
     ta._gpu_family = lambda device_index: "sm90"
+    from afkv.ops import triton_mla as tm
+
+    tm._ieee = lambda dtype, device: dtype == torch.float32  # its CUDA decision: 16-bit dots unless float32
     assert not type(ta._decode_kernel).__name__.startswith("Interpreted"), "run without TRITON_INTERPRET"
     return log
 
@@ -200,6 +204,35 @@ def launches(sweep: bool = False):
                                                                                          config=cfg))
 
 
+_MLA_SHAPES = [  # (dtype, heads, kv_lora_rank, rope dims, block size): DeepSeek-V3 and V2-Lite, the tiny test model
+    (torch.bfloat16, 128, 512, 64, 64), (torch.bfloat16, 16, 512, 64, 64), (torch.float16, 16, 512, 64, 64),
+    (torch.float32, 4, 32, 16, 4), (torch.bfloat16, 4, 32, 16, 4),
+]
+
+
+def mla_launches():
+    """Yield (label, thunk) for the paged MLA decode and prefill (afkv.ops.triton_mla) over raw
+    latents and every quantized latent format, at DeepSeek's shapes and the tiny model's."""
+    from afkv.ops import attention, quant
+    from afkv.ops import triton_mla as tm
+
+    for dtype, h, rank, rope, bs in _MLA_SHAPES:
+        tables = torch.zeros(2, 3, dtype=torch.int64)
+        lens = torch.tensor([2 * bs, 1])
+        q = torch.zeros(2, h, rank + rope, dtype=dtype)
+        caches = {"raw": torch.zeros(4, 2, bs, rank + rope, dtype=dtype)}
+        for kind in ("fp8", "int8"):
+            spec = quant.LatentQuantSpec(kind, 2, bs, rank, rope, quant.scale_dtype_for(dtype))
+            caches[kind] = attention.QuantizedKVCache(torch.zeros(4, spec.row_nbytes, dtype=torch.uint8),
+                                                      torch.zeros(3, 2, bs, rank + rope, dtype=dtype), spec,
+                                                      max_tail_blocks=2)
+        for kind, cache in caches.items():
+            tag = f"mla {kind} {str(dtype)[6:]} h{h} r{rank}+{rope} bs{bs}"
+            yield f"decode {tag}", lambda q=q, c=cache, r=rank: tm.paged_mla_decode(q, c, 1, tables, lens, 0.1, r)
+            yield f"prefill {tag}", lambda c=cache, h=h, r=rank, p=rope, dt=dtype: tm.paged_mla_prefill(
+                torch.zeros(3, h, r + p, dtype=dt), c, 1, torch.zeros(3, dtype=torch.int64), 2 * bs, 0.1, r)
+
+
 def main(argv: list[str]) -> int:
     depth = argv[0] if argv else "ttir"
     show_usage = "--usage" in argv
@@ -207,7 +240,8 @@ def main(argv: list[str]) -> int:
     log = install(depth)
     failed = 0
     with torch.inference_mode():
-        for label, thunk in launches("--sweep" in argv):
+        # lazily: a thunk reads some of its shape from the loop that yields it
+        for label, thunk in itertools.chain(launches("--sweep" in argv), mla_launches()):
             if only and not re.search(only, label):
                 continue
             start = len(log)

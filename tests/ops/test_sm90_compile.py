@@ -1,4 +1,5 @@
-"""Every attention kernel launch of afkv.ops.triton_attention compiles for an H100 (sm_90),
+"""Every attention kernel launch of afkv.ops.triton_attention and afkv.ops.triton_mla compiles
+for an H100 (sm_90),
 checked without a GPU: tests/ops/sm90_compile.py drives the product's launch code against a
 stand-in sm_90 driver, in its own process (the other kernel tests import triton under
 TRITON_INTERPRET=1, which never compiles). The front end (TTIR) for every shape the tests and
@@ -32,6 +33,7 @@ def test_every_launch_compiles_to_triton_ir_for_sm90():
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert " 0 failed" in out.stdout
     assert "_decode_quant_kernel" in out.stdout and "_prefill_quant_kernel" in out.stdout
+    assert "_mla_decode_kernel" in out.stdout
 
 
 def test_the_model_shapes_compile_to_cubin_for_sm90():
@@ -40,3 +42,11 @@ def test_the_model_shapes_compile_to_cubin_for_sm90():
     for kernel in ("_decode_kernel", "_prefill_kernel", "_decode_quant_kernel", "_prefill_quant_kernel",
                    "_reduce_kernel"):
         assert kernel in out.stdout
+
+
+def test_deepseek_mla_compiles_to_cubin_for_sm90():
+    """The paged MLA decode at DeepSeek-V3's shapes (128 heads, 512 + 64 latent, block 64) over
+    raw, fp8 and int8 latents: the whole pipeline, shared memory within an H100's."""
+    out = _run("cubin", "--only=mla .* bfloat16 h128")
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    assert out.stdout.count("_mla_decode_kernel") == 6  # decode and prefill x three formats
