@@ -46,6 +46,10 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA, colocated, triton installed)
     expert_dtype: str = "auto"  # auto (the model dtype) | fp8: routed experts as e4m3 with 128 x 128 block scales
+    # torch intra-op threads of the engine's model thread on a CPU device (torch.set_num_threads there;
+    # torch keeps it for threads started later); 0: leave torch's setting. On a machine shared with busy
+    # jobs fewer threads degrade far less (README, "Configuration").
+    cpu_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -368,6 +372,8 @@ class EngineConfig:
 
         need(self.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
              f"dtype must be auto, float32, bfloat16 or float16, got {self.model.dtype!r}")
+        need(self.model.cpu_threads >= 0, "model.cpu_threads",
+             f"cpu_threads must be 0 (torch's default) or a thread count, got {self.model.cpu_threads}")
         need(self.model.expert_dtype in EXPERT_DTYPES, "model.expert_dtype",
              f"expert_dtype must be one of {', '.join(EXPERT_DTYPES)}, got {self.model.expert_dtype!r}")
         need(self.model.device == "auto" or self.model.device == "cpu" or self.model.device.startswith("cuda"),

@@ -320,6 +320,8 @@ class Engine:
         dtype = resolve_dtype(cfg.model.dtype, device)
         if device.type == "cuda":
             torch.cuda.set_device(device)  # this worker thread does all of this engine's GPU work
+        elif cfg.model.cpu_threads:
+            torch.set_num_threads(cfg.model.cpu_threads)
         self._device, self._dtype = device, dtype
         self.model_dir, upcycle = resolve_model(self._model_path, cfg, self._progress)
         if cfg.deployment is None or not cfg.deployment.expert_nodes:

@@ -259,3 +259,19 @@ def test_unknown_config_key_and_bad_values(tmp_path):
     f.write_text("[scheduler]\nmax_num_seqs = 'many'\n")
     with pytest.raises(ConfigError, match=r"scheduler\.max_num_seqs"):
         EngineConfig.from_toml(f)
+
+
+async def test_cpu_threads_sets_the_model_threads_intra_op_threads(tiny_dir):
+    """[model] cpu_threads: on a CPU device the engine's model thread (where every step runs)
+    uses that many torch intra-op threads; a negative count is refused naming the key. (torch
+    keeps the count for threads started later in the process: the second engine restores it.)"""
+    with pytest.raises(ConfigError, match=r"model\.cpu_threads"):
+        EngineConfig.from_dict({"model": {"cpu_threads": -1}})
+    loop = asyncio.get_running_loop()
+    default = torch.get_num_threads()
+    want = 1 if default != 1 else 2
+    for threads, expect in ((want, want), (default, default)):
+        cfg = EngineConfig.from_dict({"model": {"cpu_threads": threads}, "kv": {"block_size": 4, "num_blocks": 64}})
+        async with Engine(tiny_dir["llama"], cfg, progress=False) as engine:
+            assert (await engine.complete(random_prompt(5, 256, seed=0), GREEDY)).token_ids
+            assert await loop.run_in_executor(engine._executor, torch.get_num_threads) == expect
