@@ -47,9 +47,19 @@ class ModelConfig:
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA, colocated, triton installed)
     expert_dtype: str = "auto"  # auto (the model dtype) | fp8: routed experts as e4m3 with 128 x 128 block scales
     # torch intra-op threads of the engine's model thread on a CPU device (torch.set_num_threads there;
-    # torch keeps it for threads started later); 0: leave torch's setting. On a machine shared with busy
-    # jobs fewer threads degrade far less (README, "Configuration").
+    # torch keeps it for threads started later); 0: auto, one core left to the event loop and the rest
+    # of the process (default_cpu_threads). Why: README, "CPU threads on a shared machine".
     cpu_threads: int = 0
+
+
+def default_cpu_threads() -> int:
+    """OMP_NUM_THREADS when set (the user's choice); else the cores this process may run on,
+    less one for the event loop, tokenizer and server threads (at least one): parallel regions
+    of the model thread then do not wait on a core that other work holds."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import platform
 import subprocess
@@ -95,7 +96,8 @@ async def run_decode_bench(
     busy_processes: int = 0,
     repeats: int = 1,
 ) -> dict:
-    """threads: torch's intra-op threads for both (0: as they are); busy_processes: that many
+    """threads: torch's intra-op threads for both (0: transformers as torch has them, afkv its
+    [model] cpu_threads); busy_processes: that many
     spinning processes run meanwhile (a machine shared with another job); repeats: runs of
     each, alternated, the median counts."""
     if with_hf:  # before loading anything
@@ -107,7 +109,8 @@ async def run_decode_bench(
                               "or pass --no-hf to time afkv alone") from exc
     cfg = config or EngineConfig()
     if threads:
-        torch.set_num_threads(threads)  # afkv's worker and transformers alike
+        torch.set_num_threads(threads)  # transformers (this thread) and afkv's model thread alike
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cpu_threads=threads))
     with _busy(busy_processes):
         rows = await _run(model, cfg, batch_sizes, prompt_len, gen_len, with_hf, repeats, progress)
     return {

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from afkv.config import EngineConfig
+from afkv.config import EngineConfig, default_cpu_threads
 from afkv.engine.params import Completion, CompletionChunk, SamplingParams
 from afkv.engine.runner import ChunkResult, ModelRunner
 from afkv.engine.scheduler import Scheduler, SchedulerLimits
@@ -320,8 +320,8 @@ class Engine:
         dtype = resolve_dtype(cfg.model.dtype, device)
         if device.type == "cuda":
             torch.cuda.set_device(device)  # this worker thread does all of this engine's GPU work
-        elif cfg.model.cpu_threads:
-            torch.set_num_threads(cfg.model.cpu_threads)
+        else:
+            torch.set_num_threads(cfg.model.cpu_threads or default_cpu_threads())
         self._device, self._dtype = device, dtype
         self.model_dir, upcycle = resolve_model(self._model_path, cfg, self._progress)
         if cfg.deployment is None or not cfg.deployment.expert_nodes:

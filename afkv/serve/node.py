@@ -110,10 +110,12 @@ def main() -> int:
     model = os.environ.get("AFKV_MODEL") or None
     log.info("node %d of %d starting (config %s, model %s, store %s:%d)", rank, world, os.environ["AFKV_CONFIG"],
              model or "default", store_host, store_port)
-    if "OMP_NUM_THREADS" not in os.environ:  # node processes of one machine share its cores
+    if "OMP_NUM_THREADS" not in os.environ and not cfg.model.cpu_threads:  # nodes of one machine share its cores
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world, 1)))
+        share = max(1, (os.cpu_count() or 1) // max(world, 1))
+        torch.set_num_threads(share)  # an expert node's threads
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cpu_threads=share))  # an attention node's
     try:
         d = cfg.deployment
         if d is None:

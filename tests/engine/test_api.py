@@ -1,11 +1,13 @@
 """The async API on tiny random checkpoints (token-id prompts)."""
 
 import asyncio
+import os
 
 import pytest
 import torch
 
 from afkv import Engine, EngineConfig, SamplingParams
+from afkv.config import default_cpu_threads
 from afkv.errors import (
     ConfigError,
     EmptyPromptError,
@@ -263,14 +265,14 @@ def test_unknown_config_key_and_bad_values(tmp_path):
 
 async def test_cpu_threads_sets_the_model_threads_intra_op_threads(tiny_dir):
     """[model] cpu_threads: on a CPU device the engine's model thread (where every step runs)
-    uses that many torch intra-op threads; a negative count is refused naming the key. (torch
-    keeps the count for threads started later in the process: the second engine restores it.)"""
+    uses that many torch intra-op threads, by default (0) all cores this process may use but
+    one; a negative count is refused naming the key."""
     with pytest.raises(ConfigError, match=r"model\.cpu_threads"):
         EngineConfig.from_dict({"model": {"cpu_threads": -1}})
     loop = asyncio.get_running_loop()
-    default = torch.get_num_threads()
-    want = 1 if default != 1 else 2
-    for threads, expect in ((want, want), (default, default)):
+    auto = max(1, len(os.sched_getaffinity(0)) - 1)
+    assert default_cpu_threads() == auto
+    for threads, expect in ((auto + 1, auto + 1), (0, auto)):
         cfg = EngineConfig.from_dict({"model": {"cpu_threads": threads}, "kv": {"block_size": 4, "num_blocks": 64}})
         async with Engine(tiny_dir["llama"], cfg, progress=False) as engine:
             assert (await engine.complete(random_prompt(5, 256, seed=0), GREEDY)).token_ids
