@@ -383,7 +383,8 @@ class EngineConfig:
         need(self.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
              f"dtype must be auto, float32, bfloat16 or float16, got {self.model.dtype!r}")
         need(self.model.cpu_threads >= 0, "model.cpu_threads",
-             f"cpu_threads must be 0 (torch's default) or a thread count, got {self.model.cpu_threads}")
+             f"cpu_threads must be 0 (auto: OMP_NUM_THREADS, else the cores less one) or a thread count, "
+             f"got {self.model.cpu_threads}")
         need(self.model.expert_dtype in EXPERT_DTYPES, "model.expert_dtype",
              f"expert_dtype must be one of {', '.join(EXPERT_DTYPES)}, got {self.model.expert_dtype!r}")
         need(self.model.device == "auto" or self.model.device == "cpu" or self.model.device.startswith("cuda"),
