@@ -23,6 +23,7 @@ Which kernels a side runs is chosen once, when it is built (afkv.ops.kernels.Ker
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -132,7 +133,7 @@ def _moe_prefix(spec: ModelSpec, reader: CheckpointReader, i: int) -> str:
     return f"{_layer_prefix(i)}mlp."
 
 
-class AttentionSideBase:
+class AttentionSideBase(abc.ABC):
     """What every family's attention side holds and does besides attention itself: the
     embedding, per layer the two norms and the router, the final norm and lm_head, routing
     and logits. A family's side loads its attention weights in `_load_attention` and attends
@@ -175,13 +176,13 @@ class AttentionSideBase:
         self._tf = self.kernels.fused  # fused norms, rotary + K/V write, routing (None: torch compositions)
         self._post: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, post-norm of h) from a fused add + norm
 
+    @abc.abstractmethod
     def _load_attention(self, layer: int, reader: CheckpointReader, get) -> dict[str, torch.Tensor]:
         """The attention weights of `layer` (entries of self.layers[layer])."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def attention(self, i: int, h: torch.Tensor, inputs: StepInputs, kv) -> torch.Tensor:
         """h [T, H] -> h + attention(norm(h)); writes this step's KV of layer i into kv."""
-        raise NotImplementedError
 
     def _upcycle_router(self, layer: int) -> torch.Tensor:
         up = self.spec.upcycle

@@ -207,7 +207,7 @@ def _cache_args(q: torch.Tensor, cache: torch.Tensor | attention.QuantizedKVCach
     else:
         lat = cache
         geometry = dict(KIND=-1, GROUP=1, NUM_GROUPS=1, OFF_SCALE=0, OFF_ZERO=0, OFF_ROPE=0)
-        rows_args = (cache, cache, 0, 0, 0)  # placeholders, never read
+        rows_args = (cache, cache, 0, 0, 0)  # the quantized-row arguments: KIND -1 compiles their reads out
     if lat.dim() != 4 or lat.dtype not in _FLOAT_DTYPES or lat.stride(-1) != 1:
         raise ConfigError(f"the latent cache must be float [num_blocks, L, bs, r + dr] with unit stride on its "
                           f"last dim, got {lat.dtype} {tuple(lat.shape)}")

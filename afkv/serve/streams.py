@@ -10,6 +10,7 @@ still ends the peer's stream, as RequestFailedError, so nothing waits forever.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,7 @@ from afkv.transport.control import ControlConnection, ControlLimits, ControlServ
 log = logging.getLogger("afkv.serve")
 
 
-class StreamServer:
+class StreamServer(abc.ABC):
     """Owns `_streams`: per connection, stream id -> the task streaming it (added by `_start`,
     removed by the task when it ends). Subclasses name their protocol with the class fields and
     answer messages in `_handle`."""
@@ -50,8 +51,9 @@ class StreamServer:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._server.aclose()
 
+    @abc.abstractmethod
     async def _handle(self, conn: ControlConnection, msg: dict) -> dict | None:
-        raise NotImplementedError
+        """One message of `conn` -> the reply, or None (streams answer on their own)."""
 
     def _stream_id(self, msg: dict) -> int:
         sid = msg.get(self.KEY)
