@@ -6,7 +6,8 @@
 #
 # Phases:
 #   tests       every GPU test of one device (pytest -m gpu; two-GPU tests skip), per-test timeout;
-#               TEST_FILES (space-separated) narrows it to those files
+#               TEST_FILES (space-separated) narrows it to those files; PYTEST_ARGS adds options
+#               (-n 8 with pytest-xdist carried: the Triton compiles run in parallel)
 #   kv-quant    afkv bench kv-quant on Qwen3-30B-A3B shapes (kernel sweep vs copy, attention step, capacity)
 #   calibrate   afkv bench calibrate (a profile for afkv plan) on Qwen3-30B-A3B and Mixtral-8x7B shapes
 #   kernels     afkv/bench/kernels_gpu.sh (fused-MoE sweep, batch-1 TPOT)
@@ -31,7 +32,7 @@ for arg in "$@"; do
     case $name in
         tests)
             # the files holding GPU tests only: the others may import what the GPU machine lacks (openai, fastapi)
-            timeout "$limit" python3 -m pytest -v -p no:cacheprovider -m gpu --timeout 100 -rfE \
+            timeout "$limit" python3 -m pytest -v -p no:cacheprovider -m gpu --timeout 100 -rfE ${PYTEST_ARGS:-} \
                 ${TEST_FILES:-$(grep -rl "pytest.mark.gpu" tests --include="*.py" | sort)} >"$log" 2>&1 ;;
         kv-quant)
             # KV_QUANT_ARGS (default --sweep: every launch variant of the quantized decode kernel,
