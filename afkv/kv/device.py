@@ -67,7 +67,10 @@ def staging_blocks_needed(block_size: int, fp_window: int, max_num_seqs: int, ma
 
 
 class PlainDevice:
-    """Blocks in the model dtype: kv [num_blocks, *block_shape], read and written in place."""
+    """Blocks in the model dtype: kv [num_blocks, *block_shape], read and written in place.
+
+    Owner of scratch_blocks (loop thread): pool blocks reserved for CUDA graphs' padding rows,
+    held (one reference each) for the cache's life and in no sequence's table."""
 
     quant = None
     blocks = None
@@ -78,6 +81,7 @@ class PlainDevice:
         self.kv = torch.zeros((pool.num_blocks, *layout.block_shape), dtype=layout.dtype, device=device)
         self.rows = self.kv  # what the tiers below copy from and to
         self.format = None  # the Copier's device format: the cache itself
+        self.scratch_blocks: list[int] = []
 
     @property
     def attention_cache(self) -> torch.Tensor:
@@ -107,7 +111,10 @@ class PlainDevice:
 
     def reserve_scratch_block(self) -> int | None:
         blocks = self.pool.allocate(1)
-        return None if blocks is None else blocks[0]
+        if blocks is None:
+            return None
+        self.scratch_blocks.append(blocks[0])
+        return blocks[0]
 
     def flush(self, worker: Executor) -> Future | None:
         return None
@@ -131,6 +138,7 @@ class QuantizedDevice:
     nbytes] the quantized rows; block_ids names a staging block num_blocks + its slot."""
 
     writes_in_place = False
+    scratch_blocks: tuple[int, ...] = ()  # its scratch is a staging slot, not a pool block
 
     def __init__(self, quant: DeviceQuant, pool: BlockPool, device: torch.device, metrics: KVMetrics):
         layout = quant.format.layout

@@ -470,7 +470,7 @@ class KVManager:
         """Accounting invariants across the manager, the pool, the device tier, pruning and the
         tiers below (tests); BlockOwnershipError or TierAccountingError naming the first broken."""
         self.pool.check_invariants()
-        refs: dict[int, int] = {}
+        refs: dict[int, int] = {block_id: 1 for block_id in self.device.scratch_blocks}
         for seq_id, table in self._tables.items():
             owned(len(set(table)) == len(table), f"sequence {seq_id} holds a block twice")
             for block_id in table:

@@ -149,6 +149,25 @@ def test_manager_prefix_sharing_and_free():
     kv.pool.check_invariants()
 
 
+def test_graph_scratch_block_is_held_outside_every_table():
+    """CUDA graphs' padding rows write a reserved pool block: it is never handed to a sequence,
+    never freed, and the manager's accounting counts it (found on the GPU, where graphs reserve it)."""
+    kv = _manager(num_blocks=4)
+    scratch = kv.reserve_scratch_block()
+    kv.check_invariants()
+    prompt = list(range(12))  # 3 blocks: every block but the scratch one
+    kv.match_prefix(1, prompt)
+    assert kv.allocate(1, len(prompt)) and scratch not in kv.block_table(1)
+    kv.commit(1, prompt, len(prompt))
+    kv.match_prefix(2, [99] * 4)
+    assert not kv.allocate(2, 4)  # the scratch block is not free
+    kv.free(2)
+    kv.check_invariants()
+    kv.free(1)
+    kv.check_invariants()
+    assert kv.pool.num_free_blocks == 3 and kv.pool.ref_count(scratch) == 1
+
+
 class PoolMachine(RuleBasedStateMachine):
     """Random allocate / append / fork (prefix share) / free sequences: accounting stays exact."""
 
