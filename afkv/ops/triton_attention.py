@@ -896,6 +896,11 @@ class QuantDecodeConfig:
 QUANT_DECODE_CONFIGS: dict[str, dict[str, QuantDecodeConfig]] = {
     "default": {"fp8": QuantDecodeConfig(64), "int8": QuantDecodeConfig(64, halves=True),
                 "int4": QuantDecodeConfig(64)},
+    # H100 80GB HBM3, 2026-12-07 (afkv/bench/RESULTS.md, session 3 call 1): the best of 56 variants
+    # at 8 x 16384 and 2 x 65536 on Qwen3-30B-A3B shapes
+    "sm90": {"fp8": QuantDecodeConfig(32),
+             "int8": QuantDecodeConfig(64, max_regs=128, halves=True),
+             "int4": QuantDecodeConfig(64, max_regs=128)},
 }
 
 
