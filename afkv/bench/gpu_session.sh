@@ -13,6 +13,7 @@
 #   kernels     afkv/bench/kernels_gpu.sh (fused-MoE sweep, batch-1 TPOT)
 #   deepseek    afkv/bench/deepseek_gpu.sh, where present
 #   long-context afkv/bench/long_context_gpu.sh, where present
+#   pd          afkv/bench/pd_gpu.sh (prefill and decode as two processes on one GPU), where present
 # Run from the repository root with it on PYTHONPATH (NCCL_NVLS_ENABLE=0 is set here).
 set -u
 OUT=${1:?usage: gpu_session.sh OUT PHASE[=SECONDS] ...}
@@ -50,6 +51,8 @@ for arg in "$@"; do
             timeout "$limit" bash afkv/bench/deepseek_gpu.sh "$OUT/deepseek" >"$log" 2>&1 ;;
         long-context)
             timeout "$limit" bash afkv/bench/long_context_gpu.sh "$OUT/long-context" >"$log" 2>&1 ;;
+        pd)
+            timeout "$limit" bash afkv/bench/pd_gpu.sh "$OUT/pd" >"$log" 2>&1 ;;
         *)
             echo "unknown phase $name" | tee "$log" ;;
     esac
