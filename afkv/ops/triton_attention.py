@@ -948,9 +948,16 @@ def quant_decode_config(kind: str, device: torch.device) -> QuantDecodeConfig:
 
 
 # The prefill converts codes by the or of 0x6400 everywhere: the arithmetic the interpreter
-# checks (the byte-permute PTX, cvt 1, gave NaN in the int4 prefill at head_dim 64 on an H100
-# with triton 3.6 while the same arithmetic passes here; the decode sweep checks cvt 1 per GPU).
+# checks (the decode sweep checks cvt 1, the byte permutes, per GPU).
 _PREFILL_CVT = 2
+# Columns of the prefill's tiles of int8 / int4 codes, at least (padding columns are masked: code
+# 0, query and rotation columns 0). Its dots have 64 rows, so on an H100 they are wgmma; the
+# int4 prefill at head_dim 64, the one launch whose wgmma tiles were 32 columns wide (64-byte
+# swizzled operands), gave all-NaN outputs on an H100 with triton 3.6 with either code
+# conversion, where every launch with 64 columns or more (int8 at head_dim 64, int4 at 128, the
+# same kernel) and the interpreter's same arithmetic were right. At 64 its dots have the shapes
+# and layouts of int8 at head_dim 64.
+_PREFILL_MIN_BLOCK_C = 64
 
 
 def _cvt(cvt: int, geometry: dict) -> int:
@@ -1079,6 +1086,8 @@ def paged_prefill_attention_quantized(
     group = num_heads // spec.num_kv_heads
     block_m, tokens_m = _prefill_tiles(group)
     softmax_scale = head_dim**-0.5 if scale is None else scale
+    if geometry["KIND"] != _KINDS["fp8"] and not geometry["IEEE"]:  # tensor-core products over rotated codes
+        geometry["BLOCK_C"] = max(geometry["BLOCK_C"], _PREFILL_MIN_BLOCK_C)
     _prefill_quant_kernel[(-(-n // tokens_m), spec.num_kv_heads, 1)](
         q, *ptrs, block_ids, cu_seqlens, context_lens, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_ids.shape[0], *strides,
