@@ -912,16 +912,15 @@ QUANT_DECODE_CONFIGS: dict[str, dict[str, QuantDecodeConfig]] = {
 # What `afkv bench kv-quant --sweep` tries per format (fields as QuantDecodeConfig's; cvt is moot
 # for fp8). Registers decide how many programs an SM holds (sm_90 ptxas, 4 warps, head_dim 128:
 # 200-250 unbounded at 64-128 tokens per tile), hence the capped ones; a cap spills to local memory.
+# The H100 sweep of 2026-12-07 kept the table's winners and their neighbours (8 warps, 2 programs
+# per SM, 128-token tiles with a cap, cvt 0 lost everywhere); the kernel reads a few KiB per tile,
+# so a deeper pipeline (3 stages: more loads in flight per SM) is the new candidate.
 QUANT_DECODE_SWEEP = tuple(QuantDecodeConfig(*c) for c in (
     # block_n, warps, stages, programs/SM, cvt, max_regs, halves, min_split_tiles
-    (64, 4, 2, 4, 2, None), (32, 4, 2, 4, 2, None), (128, 4, 1, 4, 2, None), (128, 4, 2, 4, 2, None),
-    (64, 8, 2, 4, 2, None), (64, 4, 2, 2, 2, None), (64, 4, 2, 8, 2, None), (64, 4, 2, 4, 2, 128),
-    (32, 4, 2, 4, 2, 128), (64, 4, 2, 8, 2, 128), (128, 4, 2, 4, 2, 128), (64, 4, 2, 4, 1, None),
-    (64, 4, 2, 4, 0, None), (64, 4, 2, 4, 1, 128),
-    (64, 4, 2, 4, 2, None, True), (128, 4, 1, 4, 2, None, True), (32, 4, 2, 4, 2, None, True),
-    (64, 4, 2, 4, 2, 128, True), (64, 8, 2, 4, 2, None, True), (64, 4, 2, 8, 2, None, True),
-    (64, 4, 2, 4, 2, None, True, 4), (64, 4, 2, 4, 2, None, False, 4), (32, 4, 2, 4, 2, None, True, 8),
-    (32, 4, 2, 4, 2, None, False, 8), (64, 4, 2, 4, 2, 128, False, 4),
+    (64, 4, 2, 4, 2, None), (32, 4, 2, 4, 2, None), (128, 4, 1, 4, 2, None), (64, 4, 2, 4, 2, 128),
+    (64, 4, 2, 8, 2, 128), (64, 4, 2, 4, 1, 128), (64, 4, 2, 4, 2, 128, True), (64, 4, 2, 4, 2, 128, False, 4),
+    (32, 4, 3, 4, 2, None), (64, 4, 3, 4, 2, 128), (64, 4, 3, 4, 2, 128, True), (64, 4, 3, 8, 2, 128, True),
+    (32, 4, 3, 4, 2, 128, True),
 ))
 
 
