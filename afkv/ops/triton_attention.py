@@ -20,8 +20,10 @@ sequence and one contiguous chunk of that sequence's attended range [start, cont
 (GQA) and keeps an online softmax in float32; a reduce kernel merges the chunks' partial
 (log-sum-exp, output). Chunks are cut per sequence from its own length, so sequences of
 different lengths keep every program's work about equal. The grid and num_splits depend only
-on shapes (B, Hkv, max blocks per sequence) and the device's SM count, never on tensor
-values, so a decode step that calls this is CUDA-graph capturable; only blocks holding
+on the batch's power-of-two ceiling, Hkv and the device's SM count, never on tensor values,
+so a decode step that calls this is CUDA-graph capturable, and a row's chunks (hence its
+result, to the bit) are the same in a graph of a padded batch and wider tables as eagerly
+(tests/ops: test_decode_rows_do_not_depend_on_the_batch_padding); only blocks holding
 attended tokens are read (never the padding of a block table), and a row with context_len 0
 reads nothing and yields zeros.
 
@@ -114,14 +116,15 @@ def _decode_block_n(head_dim: int, itemsize: int) -> int:
     return 64 if head_dim * itemsize <= 256 else 32
 
 
-def num_decode_splits(batch: int, num_kv_heads: int, max_tokens: int, block_n: int, device_index: int | None,
+def num_decode_splits(batch: int, num_kv_heads: int, device_index: int | None,
                       programs_per_sm: int = _PROGRAMS_PER_SM) -> int:
-    """Chunks each sequence is cut into: enough programs to fill the device (`programs_per_sm`
-    per SM), at most one tile of `block_n` tokens per chunk of the longest possible sequence.
-    Shapes only."""
-    max_splits = max(1, -(-max_tokens // block_n))
-    want = -(-programs_per_sm * _sm_count(device_index) // max(1, batch * num_kv_heads))
-    return max(1, min(want, max_splits, _MAX_SPLITS))
+    """Parts each sequence may be cut into: enough programs to fill the device (`programs_per_sm`
+    per SM) for the batch rounded up to a power of two. Nothing else: neither the batch's exact
+    size nor its table's width, so a row is cut the same way, and its result has the same bits,
+    eagerly and in a CUDA graph of a padded batch (every power of two is a graph bucket) with a
+    wider table; a row uses only the parts its own length fills (_chunk_bounds)."""
+    want = -(-programs_per_sm * _sm_count(device_index) // max(1, next_pow2(batch) * num_kv_heads))
+    return max(1, min(want, _MAX_SPLITS))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,10 +176,12 @@ if triton is not None:
             tl.store(mid_lse_ptr + row, lse, mask=hmask)
 
     @triton.jit
-    def _chunk_bounds(start, end, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-        """[lo, hi) of chunk `split` of [start, end): whole tiles, the last chunk shorter."""
+    def _chunk_bounds(start, end, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr = 1):
+        """[lo, hi) of chunk `split` of [start, end): whole tiles, at least MIN_TILES of them,
+        the last chunk shorter; chunks past the span are empty. From the row's span and the
+        launch's constants only (the same cut in any batch)."""
         span = end - start
-        chunk = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        chunk = tl.maximum(tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N), MIN_TILES) * BLOCK_N
         lo = start + split * chunk
         hi = tl.minimum(lo + chunk, end)
         return lo, hi
@@ -531,7 +536,7 @@ if triton is not None:
         BLOCK_C: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, NUM_SPLITS: tl.constexpr,
         MAX_TAIL: tl.constexpr, TAIL_P2: tl.constexpr, HAS_WINDOW: tl.constexpr, HP_INV: tl.constexpr,
-        CVT: tl.constexpr, IEEE: tl.constexpr, FP_IEEE: tl.constexpr,
+        CVT: tl.constexpr, IEEE: tl.constexpr, FP_IEEE: tl.constexpr, MIN_TILES: tl.constexpr,
     ):  # fmt: skip
         """Parts 0 .. NUM_SPLITS-1 take chunks of the row's quantized tokens, part NUM_SPLITS
         its staging tail (at most MAX_TAIL blocks at the end of its table)."""
@@ -556,7 +561,7 @@ if triton is not None:
         ids = tl.load(tab + cols, mask=cmask, other=0)
         num_staging = tl.sum((cmask & (ids >= num_blocks)).to(tl.int32), 0)
         q_end = tl.maximum(tl.minimum((num_used - num_staging) * BLOCK_SIZE, ctx), start)
-        lo, hi = _chunk_bounds(start - start % BLOCK_SIZE, q_end, part, NUM_SPLITS, BLOCK_N)  # whole blocks
+        lo, hi = _chunk_bounds(start - start % BLOCK_SIZE, q_end, part, NUM_SPLITS, BLOCK_N, MIN_TILES)  # whole blocks
         hi = tl.where(part < NUM_SPLITS, hi, lo)
         m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_ROWS], tl.float32)
@@ -758,7 +763,7 @@ def paged_decode_attention(
     block_n = _decode_block_n(head_dim, kv.element_size())
     max_tokens = max_blocks * block_size
     if num_splits is None:
-        num_splits = num_decode_splits(batch, num_kv_heads, max_tokens, block_n, device_index(q))
+        num_splits = num_decode_splits(batch, num_kv_heads, device_index(q))
     mid_o, mid_lse = _partials(batch, num_heads, num_splits, head_dim, q.device)
     scale = head_dim**-0.5 if scale is None else scale
     ieee = _ieee(kv.dtype, q.device)
@@ -875,7 +880,7 @@ class QuantDecodeConfig:
     cvt: int = 2  # how int8 / int4 codes become float16 (_codes: 0 convert, 1 byte permutes, 2 or 0x6400)
     max_regs: int | None = None  # registers per thread ptxas may use (None: its choice): more programs per SM
     halves: bool = False  # int8: codes in two tiles of D / 2 columns (fewer registers; moot for fp8, int4)
-    min_split_tiles: int = 1  # split-K chunks of at least this many tiles (short contexts: fewer programs,
+    min_split_tiles: int = 1  # split-K chunks of at least this many tiles (short contexts: fewer busy programs,
     # each paying the fixed cost of a program, the rotation of its queries and output, less often)
 
     def __post_init__(self) -> None:
@@ -907,16 +912,15 @@ QUANT_DECODE_CONFIGS: dict[str, dict[str, QuantDecodeConfig]] = {
 # What `afkv bench kv-quant --sweep` tries per format (fields as QuantDecodeConfig's; cvt is moot
 # for fp8). Registers decide how many programs an SM holds (sm_90 ptxas, 4 warps, head_dim 128:
 # 200-250 unbounded at 64-128 tokens per tile), hence the capped ones; a cap spills to local memory.
+# The H100 sweep of 2026-12-07 kept the table's winners and their neighbours (8 warps, 2 programs
+# per SM, 128-token tiles with a cap, cvt 0 lost everywhere); the kernel reads a few KiB per tile,
+# so a deeper pipeline (3 stages: more loads in flight per SM) is the new candidate.
 QUANT_DECODE_SWEEP = tuple(QuantDecodeConfig(*c) for c in (
     # block_n, warps, stages, programs/SM, cvt, max_regs, halves, min_split_tiles
-    (64, 4, 2, 4, 2, None), (32, 4, 2, 4, 2, None), (128, 4, 1, 4, 2, None), (128, 4, 2, 4, 2, None),
-    (64, 8, 2, 4, 2, None), (64, 4, 2, 2, 2, None), (64, 4, 2, 8, 2, None), (64, 4, 2, 4, 2, 128),
-    (32, 4, 2, 4, 2, 128), (64, 4, 2, 8, 2, 128), (128, 4, 2, 4, 2, 128), (64, 4, 2, 4, 1, None),
-    (64, 4, 2, 4, 0, None), (64, 4, 2, 4, 1, 128),
-    (64, 4, 2, 4, 2, None, True), (128, 4, 1, 4, 2, None, True), (32, 4, 2, 4, 2, None, True),
-    (64, 4, 2, 4, 2, 128, True), (64, 8, 2, 4, 2, None, True), (64, 4, 2, 8, 2, None, True),
-    (64, 4, 2, 4, 2, None, True, 4), (64, 4, 2, 4, 2, None, False, 4), (32, 4, 2, 4, 2, None, True, 8),
-    (32, 4, 2, 4, 2, None, False, 8), (64, 4, 2, 4, 2, 128, False, 4),
+    (64, 4, 2, 4, 2, None), (32, 4, 2, 4, 2, None), (128, 4, 1, 4, 2, None), (64, 4, 2, 4, 2, 128),
+    (64, 4, 2, 8, 2, 128), (64, 4, 2, 4, 1, 128), (64, 4, 2, 4, 2, 128, True), (64, 4, 2, 4, 2, 128, False, 4),
+    (32, 4, 3, 4, 2, None), (64, 4, 3, 4, 2, 128), (64, 4, 3, 4, 2, 128, True), (64, 4, 3, 8, 2, 128, True),
+    (32, 4, 3, 4, 2, 128, True),
 ))
 
 
@@ -943,9 +947,16 @@ def quant_decode_config(kind: str, device: torch.device) -> QuantDecodeConfig:
 
 
 # The prefill converts codes by the or of 0x6400 everywhere: the arithmetic the interpreter
-# checks (the byte-permute PTX, cvt 1, gave NaN in the int4 prefill at head_dim 64 on an H100
-# with triton 3.6 while the same arithmetic passes here; the decode sweep checks cvt 1 per GPU).
+# checks (the decode sweep checks cvt 1, the byte permutes, per GPU).
 _PREFILL_CVT = 2
+# Columns of the prefill's tiles of int8 / int4 codes, at least (padding columns are masked: code
+# 0, query and rotation columns 0). Its dots have 64 rows, so on an H100 they are wgmma; the
+# int4 prefill at head_dim 64, the one launch whose wgmma tiles were 32 columns wide (64-byte
+# swizzled operands), gave all-NaN outputs on an H100 with triton 3.6 with either code
+# conversion, where every launch with 64 columns or more (int8 at head_dim 64, int4 at 128, the
+# same kernel) and the interpreter's same arithmetic were right. At 64 its dots have the shapes
+# and layouts of int8 at head_dim 64.
+_PREFILL_MIN_BLOCK_C = 64
 
 
 def _cvt(cvt: int, geometry: dict) -> int:
@@ -1028,8 +1039,7 @@ def paged_decode_attention_quantized(
     block_n = max(config.block_n, spec.block_size)
     max_tokens = max_blocks * spec.block_size
     if num_splits is None:
-        num_splits = num_decode_splits(batch, spec.num_kv_heads, max_tokens, block_n * config.min_split_tiles,
-                                       _device_index(q), config.programs_per_sm)
+        num_splits = num_decode_splits(batch, spec.num_kv_heads, _device_index(q), config.programs_per_sm)
     mid_o, mid_lse = _partials(batch, num_heads, num_splits + 1, head_dim, q.device)
     group = num_heads // spec.num_kv_heads
     softmax_scale = head_dim**-0.5 if scale is None else scale
@@ -1040,7 +1050,7 @@ def paged_decode_attention_quantized(
         softmax_scale * _LOG2E,
         GROUP=group, GROUP_ROWS=_group_rows(group), BLOCK_N=block_n,
         BLOCK_N_TAIL=_decode_block_n(head_dim, cache.staging.element_size()), NUM_SPLITS=num_splits,
-        MAX_TAIL=cache.max_tail_blocks, TAIL_P2=next_pow2(cache.max_tail_blocks),
+        MAX_TAIL=cache.max_tail_blocks, TAIL_P2=next_pow2(cache.max_tail_blocks), MIN_TILES=config.min_split_tiles,
         HAS_WINDOW=sliding_window is not None, CVT=_cvt(config.cvt, geometry), **geometry,
         num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_regs,
     )  # fmt: skip
@@ -1075,6 +1085,8 @@ def paged_prefill_attention_quantized(
     group = num_heads // spec.num_kv_heads
     block_m, tokens_m = _prefill_tiles(group)
     softmax_scale = head_dim**-0.5 if scale is None else scale
+    if geometry["KIND"] != _KINDS["fp8"] and not geometry["IEEE"]:  # tensor-core products over rotated codes
+        geometry["BLOCK_C"] = max(geometry["BLOCK_C"], _PREFILL_MIN_BLOCK_C)
     _prefill_quant_kernel[(-(-n // tokens_m), spec.num_kv_heads, 1)](
         q, *ptrs, block_ids, cu_seqlens, context_lens, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_ids.shape[0], *strides,

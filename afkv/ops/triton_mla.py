@@ -253,7 +253,7 @@ def paged_mla_decode(
     max_tokens = max_blocks * block_size
     head_blocks = -(-num_heads // tile.block_h)
     if num_splits is None:
-        num_splits = num_decode_splits(batch, head_blocks, max_tokens, tile.block_n, device_index(q))
+        num_splits = num_decode_splits(batch, head_blocks, device_index(q))
     mid_o, mid_lse = _partials(batch, num_heads, num_splits, kv_lora_rank, q.device)
     _mla_decode_kernel[(head_blocks, num_splits, batch)](
         q, lat, rows, rows16, block_tables, context_lens, out, mid_o, mid_lse,

@@ -156,10 +156,12 @@ def test_decode_custom_scale(device):
     _assert_close(got, want, torch.float32)
 
 
-def test_num_splits_depends_on_shapes_only():
-    assert ta.num_decode_splits(1, 4, 2048, 64, None) == 1
-    assert ta.num_decode_splits(1, 1, 4096, 64, None) == 4
-    assert ta.num_decode_splits(1, 1, 16, 64, None) == 1
+def test_num_splits_depends_on_the_batch_power_of_two_only(monkeypatch):
+    monkeypatch.setattr(ta, "_sm_count", lambda device_index: 132)
+    assert ta.num_decode_splits(1, 4, 0) == 64  # 4 programs per SM over 4 heads, at most 64 parts
+    assert ta.num_decode_splits(8, 4, 0) == 17
+    assert ta.num_decode_splits(5, 4, 0) == ta.num_decode_splits(8, 4, 0)  # a graph's bucket of 8 rows
+    assert ta.num_decode_splits(256, 4, 0) == 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -308,6 +310,37 @@ def test_decode_quantized_matches_reference(device, kind, case):
     for b, n in enumerate(context_lens):
         if n == 0:
             assert (got[b] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["auto", *_QUANT_KINDS])
+def test_decode_rows_do_not_depend_on_the_batch_padding(device, kind, monkeypatch):
+    """What a CUDA graph of the decode step changes: the batch is padded to its bucket (rows
+    of context 0 here; the graph's attend a scratch block) and the tables to the graph's width.
+    Each real row's output keeps its bits (the same chunks and the same merge), whatever the
+    device's SM count makes of the split. float32: no rounding of the output hides a change
+    of summation order."""
+    monkeypatch.setattr(ta, "_sm_count", lambda device_index: 6)  # 6 SMs: 5 and 8 rows of 2 heads split alike
+    gen = torch.Generator().manual_seed(3)
+    lens = [70, 300, 1, 33, 197]
+    if kind == "auto":
+        kv = _cache(48, 1, 16, 2, 64, torch.float32, device, gen)
+        ref_tables, bad_tables = _tables(lens, 16, 48, gen)
+
+        def decode(q, tables, lens_t):
+            return ta.paged_decode_attention(q, kv, 0, tables, lens_t)
+    else:
+        cache, ref_tables, bad_tables = _quant_cache(kind, torch.float32, 2, 64, 16, lens, 2, device, gen)
+
+        def decode(q, tables, lens_t):
+            return ta.paged_decode_attention_quantized(q, cache, 1, tables, lens_t)
+    q = torch.randn(8, 8, 64, generator=gen).to(torch.float32)
+    lens_t = torch.tensor(lens + [0, 0, 0])
+    wide = torch.cat([bad_tables, torch.full((5, 7), _BAD_BLOCK)], 1)
+    padded = torch.cat([wide, torch.full((3, wide.shape[1]), _BAD_BLOCK)])
+    eager = decode(q[:5].to(device), bad_tables.to(device), lens_t[:5].to(device))
+    graph = decode(q.to(device), padded.to(device), lens_t.to(device))
+    assert torch.equal(eager.cpu(), graph[:5].cpu())
 
 
 _QUANT_PREFILL_CASES = [
