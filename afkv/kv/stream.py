@@ -50,6 +50,7 @@ import torch
 from afkv.kv.checks import accounted, owned
 from afkv.kv.formats import BlockFormat
 from afkv.kv.metrics import KVMetrics, TierUsage
+from afkv.ops.attention import QuantizedKVCache
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,16 @@ class StreamStep:
         if ring.copy_stream is not None:
             torch.cuda.current_stream(ring.staging.device).wait_event(ring.events[layer % (ring.ahead + 1)])
         return ring.staging[layer % (ring.ahead + 1), : self.num_blocks]
+
+    @property
+    def block_size(self) -> int:
+        return self.ring.format.layout.block_size
+
+    def cache(self, layer: int) -> torch.Tensor | QuantizedKVCache:
+        """The streamed blocks of `layer` as a one-layer attention cache that the decode kernels
+        read in place (staging index i is block i): the model dtype's [num_blocks, 1, 2, bs, Hkv,
+        D], or quantized one-layer rows (BlockFormat.layer_cache). Ready on the compute stream."""
+        return self.ring.format.layer_cache(self.layer(layer))
 
     @property
     def rotated(self) -> bool:

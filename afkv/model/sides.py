@@ -65,6 +65,12 @@ class LayerStream(Protocol):
     """A step's blocks streamed from host memory (afkv.kv.stream.StreamStep), layer by layer."""
 
     rotated: bool  # blocks' vectors are x @ H (afkv.ops.quant.hadamard): attend with the query rotated
+    block_size: int
+
+    def cache(self, layer: int) -> torch.Tensor | QuantizedKVCache:
+        """The streamed blocks of `layer` as a one-layer cache the decode kernels read in place
+        (block i = streamed block i), ready on the compute stream. Layers are asked in order."""
+        ...
 
     def blocks(self, layer: int, start: int, count: int) -> torch.Tensor:
         """Streamed blocks start .. start + count of `layer`, ready on the compute stream:
@@ -105,7 +111,7 @@ class StepInputs:
 
 def decode_rows(chunks: list[SeqChunk], device: torch.device) -> DecodeRows | None:
     singles = [c for c in chunks if c.length == 1 and not c.score_keys and c.stream is None]
-    if len(singles) < 2:
+    if not singles:
         return None
     nb = max(c.block_ids.numel() for c in singles)
     tables = torch.zeros(len(singles), nb, dtype=torch.int64, device=device)  # pad with block 0: masked out
@@ -309,11 +315,22 @@ class AttentionSide(AttentionSideBase):
                 out[rows] = prefill(q[rows], kv, i, c.block_ids, c.context_len, spec.sliding_window)
         return self._residual(i, h, F.linear(out.flatten(1), w["o"]))  # [T, H]
 
-    @staticmethod
-    def _streamed_attention(i: int, q: torch.Tensor, kv: torch.Tensor, c: SeqChunk, stream: LayerStream) -> torch.Tensor:
+    def _streamed_attention(self, i: int, q: torch.Tensor, kv: torch.Tensor | QuantizedKVCache, c: SeqChunk,
+                            stream: LayerStream) -> torch.Tensor:
         """q [n, H, D] of a chunk whose context is its device blocks (sinks + recent, causal by
-        slot) plus streamed blocks (all before every query): the parts merged by log-sum-exp."""
+        slot) plus streamed blocks (all before every query): the parts merged by log-sum-exp.
+        A decode row (n = 1) runs the decode kernels over both parts, the streamed one read in
+        place from the ring slot (quantized codes included); a prefill chunk the torch partials."""
         first, count = c.stream
+        if q.shape[0] == 1:
+            dev = q.device
+            table = torch.arange(first, first + count, device=dev)[None]  # [1, count]: staging indexes
+            num_streamed = torch.full((1,), count * stream.block_size, dtype=torch.int64, device=dev)
+            cache = stream.cache(i)
+            streamed = self.kernels.partial_for(cache)(q, cache, 0, table, num_streamed)
+            num_own = torch.full((1,), c.context_len, dtype=torch.int64, device=dev)
+            own = self.kernels.partial_for(kv)(q, kv, i, c.block_ids[None], num_own)
+            return merge_partials([own, streamed]).out.to(q.dtype)
         p = q.shape[-1] & -q.shape[-1]  # the Hadamard order: rotate(rotate(x)) = p x
         q_streamed = rotate(q.float()) / p if stream.rotated else q  # [n, H, D]: q @ H / p
         parts = []

@@ -25,7 +25,8 @@ LAYOUT = KVLayout(num_layers=6, num_kv_heads=2, head_dim=64, block_size=16, dtyp
 @pytest.mark.parametrize("name, ahead", [("none", 1), ("none", 2), ("int8", 2), ("int4", 2)])
 def test_spill_then_stream_every_layer_on_the_gpu(name, ahead):
     """Blocks spilled to the pinned store and streamed back, layer by layer, while the compute
-    stream is kept busy: each layer's sections equal the CPU reference of the format."""
+    stream is kept busy: each layer's sections are the bytes the format encodes on the CPU, and
+    decode to the CPU reference (int8 / int4: still Hadamard-rotated, as attention takes them)."""
     fmt = make_format(name, LAYOUT)
     cfg = StreamConfig(fmt, num_blocks=64, num_sink_tokens=16, window=16, ahead=ahead)
     kv = KVManager(LAYOUT, 80, torch.device("cuda"), stream=cfg)
@@ -39,17 +40,18 @@ def test_spill_then_stream_every_layer_on_the_gpu(name, ahead):
     kv.flush()  # spills on the compute stream, into pinned memory
     ids = kv.streamed_blocks(1)
     kv.kv[table[1:49]] = 0  # the device blocks are reused: the store must hold its own bytes
-    want = torch.empty(48, *LAYOUT.block_shape, dtype=torch.bfloat16)
-    fmt.decode(fmt.encode(blocks[1:49]), want)  # the CPU reference
+    rows = fmt.encode(blocks[1:49]).view(48, LAYOUT.num_layers, fmt.layer_nbytes)  # the CPU reference
     step = kv.stream_ring.begin(ids)
-    got = []
+    got, sections = [], []
     busy = torch.randn(2048, 2048, device="cuda")
     for layer in range(LAYOUT.num_layers):
         busy = busy @ busy.T / 2048  # compute-stream work between layers
-        got.append(step.blocks(layer, 0, 48).clone())  # ordered after the layer's copy by its event
+        sections.append(step.layer(layer).clone())  # ordered after the layer's copy by its event
+        got.append(step.blocks(layer, 0, 48).clone())
     torch.cuda.synchronize()
     for layer in range(LAYOUT.num_layers):
-        assert torch.equal(got[layer].cpu(), want[:, layer])
+        assert torch.equal(sections[layer].cpu(), rows[:, layer])
+        assert torch.equal(got[layer].cpu(), fmt.decode_layer(rows[:, layer].contiguous(), unrotate=False))
     kv.free(1)
     kv.check_invariants()
 
