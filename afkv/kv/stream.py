@@ -19,9 +19,11 @@ host format (`[kv] spill_format`: none, fp8, int8, int4; afkv.kv.formats: a row 
 per layer). One layer of many blocks is then one contiguous run of pinned memory per run of
 consecutive store ids (the store hands out the lowest free ids, so a sequence spilled chunk by
 chunk gets long runs): a plain `copy_(non_blocking=True)` at the link's rate, no gather kernel,
-and quantized formats put compressed bytes on the wire (the device dequantizes a layer's
-sections just before attending them; int8 / int4 vectors stay Hadamard-rotated: attention
-rotates the query and its output once instead of every key and value).
+and quantized formats put compressed bytes on the wire. A decode row reads a layer's ring slot
+in place (`StreamStep.cache`: a one-layer cache for the decode kernels, whose quantized one
+multiplies the codes in registers); a prefill chunk takes `StreamStep.blocks`, the sections
+decoded (int8 / int4 vectors left Hadamard-rotated: attention rotates the query and its output
+once instead of every key and value).
 
 Streaming (`StreamRing`, `StreamStep`; model worker only): a device staging ring of ahead + 1
 slots, each uint8 [num_blocks, layer_nbytes] (every store block fits one slot, so a step never
