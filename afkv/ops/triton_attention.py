@@ -782,6 +782,7 @@ def _decode(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: torch.T
         return
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    context_lens = context_lens if context_lens.stride(0) == 1 else context_lens.contiguous()  # read as [B]
     k_cache = kv[:, layer, 0]  # [num_blocks, bs, Hkv, D]
     v_cache = kv[:, layer, 1]
     group = num_heads // num_kv_heads
@@ -1079,6 +1080,7 @@ def _decode_quantized(q: torch.Tensor, cache: attention.QuantizedKVCache, layer:
         return
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    context_lens = context_lens if context_lens.stride(0) == 1 else context_lens.contiguous()  # read as [B]
     if config.cvt == 1 and not _compiled(q.device):
         raise ConfigError("cvt 1 (inline PTX) runs only compiled for CUDA")
     block_n = max(config.block_n, spec.block_size)

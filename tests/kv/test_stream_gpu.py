@@ -82,3 +82,27 @@ def test_engine_streamed_equals_all_device_on_the_gpu(tiny_dir, family):
     assert [r.token_ids for r in got] == [r.token_ids for r in ref]
     for r, g in zip(ref, got):
         assert max(abs(a - b) for a, b in zip(r.logprobs, g.logprobs)) < 1e-3
+
+
+BOUNDS = {"int8": (0.04, 0.25), "int4": (0.3, 0.6)}  # tests/engine/test_stream.py's (95th percentile, max)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_host_blocks_decode_through_the_kernels_within_the_formats_bounds(tiny_dir, fmt):
+    """Decode rows of streaming sequences read the quantized ring slot with the Triton decode
+    kernel (codes in registers) and merge it with the device part by log-sum-exp: logprobs stay
+    within the format's bounds of the streamed run in the model dtype ('none'), as on the CPU."""
+    prompts = [random_prompt(400, 200, 1), random_prompt(420, 200, 2)]
+    stream = dict(num_blocks=20, stream_num_blocks=256, stream_sink_tokens=4, stream_window=8)
+    ref, _ = asyncio.run(_generate(tiny_dir["qwen3_moe"], _config(**stream), prompts))
+    got, counters = asyncio.run(_generate(tiny_dir["qwen3_moe"], _config(**stream, spill_format=fmt), prompts))
+    assert counters["streamed_steps"] > 0
+    errors = []
+    for r, g in zip(ref, got):
+        for i, (a, b) in enumerate(zip(r.logprobs, g.logprobs)):
+            if r.token_ids[: i + 1] != g.token_ids[: i + 1]:
+                break
+            errors.append(abs(a - b))
+    p95 = sorted(errors)[int(0.95 * (len(errors) - 1))]
+    assert len(errors) >= 8 and max(errors) > 0  # the quantized middle was read
+    assert p95 <= BOUNDS[fmt][0] and max(errors) <= BOUNDS[fmt][1]

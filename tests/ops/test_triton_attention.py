@@ -554,7 +554,7 @@ def test_decode_partials_match_the_reference_and_merge_exactly(device, kind):
     cache = fmt.layer_cache(fmt.encode(blocks).to(device))  # one-layer rows, as a ring slot
     q = torch.randn(3, 8, 64, generator=gen).to(torch.bfloat16).to(device)  # [B, H, D]
     tables = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10], [0, 1, 2, 3, 0, 0, 0, 0], [0] * 8], device=device)
-    lens = torch.tensor([128, 64, 0], device=device)
+    lens = torch.tensor([[128, 64, 0], [1, 1, 1]], device=device).T[:, 0]  # [3], strided: read as it is
     got_fn, ref_fn = ((ta.paged_decode_partial, attention.paged_decode_partial) if kind == "none" else
                       (ta.paged_decode_partial_quantized, attention.paged_decode_partial_quantized))
     got, want = got_fn(q, cache, 0, tables, lens), ref_fn(q, cache, 0, tables, lens)
