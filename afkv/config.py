@@ -132,6 +132,9 @@ class KVConfig:
                  "streaming (stream_memory_mib) reads device blocks in the model dtype: use device_format = \"auto\"")
             need(not self.pruning.enabled, "kv.pruning.policy",
                  "streaming (stream_memory_mib) keeps every token: use [kv.pruning] policy = \"none\"")
+            need(self.spill_format == "none" or self.block_size & (self.block_size - 1) == 0, "kv.block_size",
+                 f"streamed {self.spill_format} blocks are read by the quantized decode kernel, which takes "
+                 f"power-of-two block sizes: got block_size {self.block_size}")
 
     def device_tier(self, layout: Layout, max_num_seqs: int, max_num_batched_tokens: int,
                     source: str | None = None) -> tuple[int, DeviceQuant | None]:

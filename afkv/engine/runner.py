@@ -90,7 +90,7 @@ class ModelRunner:
             spans.append((start, n, ctx, len(tables), nb))
             tables.extend(c.block_table[:nb])
         singles = [s for s, c in zip(spans, plan) if s[1] == 1 and not c.score_keys and not c.streamed]
-        batched = len(singles) >= 2  # single-token chunks attend in one call
+        batched = bool(singles)  # single-token chunks attend in one call of the decode kernel (split-K)
         width = max((s[4] for s in singles), default=0) if batched else 0
         extra: list[int] = []
         if batched:

@@ -27,6 +27,7 @@ import torch
 
 from afkv.kv.layout import KVLayout, LatentLayout, Layout
 from afkv.ops import quant
+from afkv.ops.attention import QuantizedKVCache
 
 FORMAT_NAMES = ("none", *quant.FORMATS)
 _ROW_VERSION = 2  # 1: float32 KIVI groups (2026-11); 2: per-(token, head) 16-bit scales
@@ -66,6 +67,11 @@ class RawFormat:
         """One layer's sections uint8 [n, layer_nbytes] -> [n, 2, bs, Hkv, D] (a view, no copy)."""
         lay = self.layout
         return sections.view(lay.dtype).view(sections.shape[0], 2, lay.block_size, lay.num_kv_heads, lay.head_dim)
+
+    def layer_cache(self, sections: torch.Tensor) -> torch.Tensor:
+        """One layer's sections uint8 [n, layer_nbytes] -> a one-layer KV cache [n, 1, 2, bs, Hkv, D]
+        that the paged attention kernels read in place (a view)."""
+        return self.decode_layer(sections)[:, None]
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,15 @@ class QuantFormat:
         one = dataclasses.replace(self.spec, num_layers=1)
         dtype = self.layout.dtype if unrotate else torch.float32
         return quant.dequantize_layers(sections, one, dtype, 0, unrotate)  # [n, 2, bs, Hkv, D]
+
+    def layer_cache(self, sections: torch.Tensor) -> QuantizedKVCache:
+        """One layer's sections uint8 [n, layer_nbytes] -> a quantized cache of one-layer rows
+        that the quantized decode kernel reads in place (codes never dequantized to memory); no
+        staging block is ever named (its one placeholder block is never read)."""
+        lay = self.layout
+        placeholder = torch.empty((1, 1, 2, lay.block_size, lay.num_kv_heads, lay.head_dim), dtype=lay.dtype,
+                                  device=sections.device)
+        return QuantizedKVCache(sections, placeholder, dataclasses.replace(self.spec, num_layers=1), 1)
 
 
 @dataclass(frozen=True)

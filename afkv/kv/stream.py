@@ -19,9 +19,11 @@ host format (`[kv] spill_format`: none, fp8, int8, int4; afkv.kv.formats: a row 
 per layer). One layer of many blocks is then one contiguous run of pinned memory per run of
 consecutive store ids (the store hands out the lowest free ids, so a sequence spilled chunk by
 chunk gets long runs): a plain `copy_(non_blocking=True)` at the link's rate, no gather kernel,
-and quantized formats put compressed bytes on the wire (the device dequantizes a layer's
-sections just before attending them; int8 / int4 vectors stay Hadamard-rotated: attention
-rotates the query and its output once instead of every key and value).
+and quantized formats put compressed bytes on the wire. A decode row reads a layer's ring slot
+in place (`StreamStep.cache`: a one-layer cache for the decode kernels, whose quantized one
+multiplies the codes in registers); a prefill chunk takes `StreamStep.blocks`, the sections
+decoded (int8 / int4 vectors left Hadamard-rotated: attention rotates the query and its output
+once instead of every key and value).
 
 Streaming (`StreamRing`, `StreamStep`; model worker only): a device staging ring of ahead + 1
 slots, each uint8 [num_blocks, layer_nbytes] (every store block fits one slot, so a step never
@@ -50,6 +52,7 @@ import torch
 from afkv.kv.checks import accounted, owned
 from afkv.kv.formats import BlockFormat
 from afkv.kv.metrics import KVMetrics, TierUsage
+from afkv.ops.attention import QuantizedKVCache
 
 
 @dataclass(frozen=True)
@@ -275,6 +278,16 @@ class StreamStep:
         if ring.copy_stream is not None:
             torch.cuda.current_stream(ring.staging.device).wait_event(ring.events[layer % (ring.ahead + 1)])
         return ring.staging[layer % (ring.ahead + 1), : self.num_blocks]
+
+    @property
+    def block_size(self) -> int:
+        return self.ring.format.layout.block_size
+
+    def cache(self, layer: int) -> torch.Tensor | QuantizedKVCache:
+        """The streamed blocks of `layer` as a one-layer attention cache that the decode kernels
+        read in place (staging index i is block i): the model dtype's [num_blocks, 1, 2, bs, Hkv,
+        D], or quantized one-layer rows (BlockFormat.layer_cache). Ready on the compute stream."""
+        return self.ring.format.layer_cache(self.layer(layer))
 
     @property
     def rotated(self) -> bool:

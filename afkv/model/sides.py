@@ -65,11 +65,49 @@ class LayerStream(Protocol):
     """A step's blocks streamed from host memory (afkv.kv.stream.StreamStep), layer by layer."""
 
     rotated: bool  # blocks' vectors are x @ H (afkv.ops.quant.hadamard): attend with the query rotated
+    block_size: int
+
+    def cache(self, layer: int) -> torch.Tensor | QuantizedKVCache:
+        """The streamed blocks of `layer` as a one-layer cache the decode kernels read in place
+        (block i = streamed block i), ready on the compute stream. Layers are asked in order."""
+        ...
 
     def blocks(self, layer: int, start: int, count: int) -> torch.Tensor:
         """Streamed blocks start .. start + count of `layer`, ready on the compute stream:
         [count, 2, bs, Hkv, D]. Layers are asked in order."""
         ...
+
+
+@dataclass
+class StreamRows:
+    """The single-token chunks of a step with streamed blocks (decode rows of streaming
+    sequences), attended in one call per part: their device blocks and their streamed ones."""
+
+    rows: torch.Tensor  # [S] int64 row of each in the flattened batch
+    block_tables: torch.Tensor  # [S, nb] int64 device tables, padded with block 0 (never read)
+    context_lens: torch.Tensor  # [S] int64 device slots
+    stream_tables: torch.Tensor  # [S, ns] int64 ring indexes of their streamed blocks, padded (never read)
+    stream_lens: torch.Tensor  # [S] int64 streamed tokens
+
+
+def stream_rows(chunks: list[SeqChunk], block_size: int, device: torch.device) -> StreamRows:
+    """The StreamRows of `chunks` (S = 0 when none): one pinned host -> device copy, no host
+    synchronisation; the device tables are gathered on the device."""
+    singles = [c for c in chunks if c.length == 1 and c.stream is not None]
+    nb = max((c.block_ids.numel() for c in singles), default=0)
+    ns = max((c.stream[1] for c in singles), default=0)
+    tables = torch.zeros(len(singles), nb, dtype=torch.int64, device=device)  # [S, nb]
+    for j, c in enumerate(singles):
+        tables[j, : c.block_ids.numel()] = c.block_ids
+    meta = torch.tensor([[c.start for c in singles], [c.context_len for c in singles],
+                         [c.stream[0] for c in singles], [c.stream[1] for c in singles]],
+                        dtype=torch.int64).view(4, len(singles))  # rows, device slots, first, count; each [S]
+    if device.type == "cuda":
+        meta = meta.pin_memory()
+    rows, lens, first, count = meta.to(device, non_blocking=True)  # contiguous rows: the kernels take them
+    last = (count - 1).clamp(min=0)[:, None]  # [S, 1] padding repeats a row's last streamed block
+    stream_tables = first[:, None] + torch.minimum(torch.arange(ns, device=device)[None, :], last)  # [S, ns]
+    return StreamRows(rows, tables, lens, stream_tables, count * block_size)
 
 
 STREAM_PART_BLOCKS = 4096  # streamed blocks attended per partial (bounds the decoded scratch of a quantized format)
@@ -97,6 +135,7 @@ class StepInputs:
     staging_slots: torch.Tensor | None = None  # quantized device tier: slot_blocks - num_blocks (first layer)
     key_mass: torch.Tensor | None = None  # [num_blocks, block_size] float32, for chunks with score_keys
     stream: LayerStream | None = None  # the blocks of chunks with `stream`, streamed from host memory
+    stream_rows: StreamRows | None = None  # the decode rows among those chunks (the first layer builds it)
 
     def __post_init__(self) -> None:
         if self.decode is None:
@@ -105,7 +144,7 @@ class StepInputs:
 
 def decode_rows(chunks: list[SeqChunk], device: torch.device) -> DecodeRows | None:
     singles = [c for c in chunks if c.length == 1 and not c.score_keys and c.stream is None]
-    if len(singles) < 2:
+    if not singles:
         return None
     nb = max(c.block_ids.numel() for c in singles)
     tables = torch.zeros(len(singles), nb, dtype=torch.int64, device=device)  # pad with block 0: masked out
@@ -296,9 +335,14 @@ class AttentionSide(AttentionSideBase):
         if d is not None:
             # the Triton kernels read only each row's context (the references gather the padded table)
             out[d.rows] = decode(q[d.rows], kv, i, d.block_tables, d.context_lens, spec.sliding_window)
+        if inputs.stream is not None:
+            if inputs.stream_rows is None:  # the same for every layer of the step
+                inputs.stream_rows = stream_rows(inputs.chunks, inputs.stream.block_size, q.device)
+            if inputs.stream_rows.rows.numel():
+                out[inputs.stream_rows.rows] = self._streamed_decode(i, q, kv, inputs.stream_rows, inputs.stream)
         for c in inputs.chunks:
-            if d is not None and c.length == 1 and not c.score_keys and c.stream is None:
-                continue
+            if c.length == 1 and (c.stream is not None or d is not None and not c.score_keys):
+                continue  # attended above
             rows = slice(c.start, c.start + c.length)
             if c.stream is not None:
                 out[rows] = self._streamed_attention(i, q[rows], kv, c, inputs.stream)
@@ -309,10 +353,22 @@ class AttentionSide(AttentionSideBase):
                 out[rows] = prefill(q[rows], kv, i, c.block_ids, c.context_len, spec.sliding_window)
         return self._residual(i, h, F.linear(out.flatten(1), w["o"]))  # [T, H]
 
+    def _streamed_decode(self, i: int, q: torch.Tensor, kv: torch.Tensor | QuantizedKVCache, sr: StreamRows,
+                         stream: LayerStream) -> torch.Tensor:
+        """The decode rows of streaming sequences, q [T, H, D] at sr.rows -> [S, H, D]: the decode
+        kernels over their device blocks and over their streamed blocks, read in place from the
+        ring slot (quantized codes included), merged by log-sum-exp. One call per part."""
+        qs = q[sr.rows]  # [S, H, D]
+        cache = stream.cache(i)
+        streamed = self.kernels.partial_for(cache)(qs, cache, 0, sr.stream_tables, sr.stream_lens)
+        own = self.kernels.partial_for(kv)(qs, kv, i, sr.block_tables, sr.context_lens)
+        return merge_partials([own, streamed]).out.to(q.dtype)
+
     @staticmethod
     def _streamed_attention(i: int, q: torch.Tensor, kv: torch.Tensor, c: SeqChunk, stream: LayerStream) -> torch.Tensor:
-        """q [n, H, D] of a chunk whose context is its device blocks (sinks + recent, causal by
-        slot) plus streamed blocks (all before every query): the parts merged by log-sum-exp."""
+        """q [n, H, D] of a prefill chunk whose context is its device blocks (sinks + recent,
+        causal by slot) plus streamed blocks (all before every query): the torch partials over
+        each, merged by log-sum-exp (decode rows: _streamed_decode)."""
         first, count = c.stream
         p = q.shape[-1] & -q.shape[-1]  # the Hadamard order: rotate(rotate(x)) = p x
         q_streamed = rotate(q.float()) / p if stream.rotated else q  # [n, H, D]: q @ H / p

@@ -162,6 +162,28 @@ def paged_attention_partial(q: torch.Tensor, kv: torch.Tensor, layer: int, block
     return attention_partial(q, k, v, causal=True)
 
 
+def paged_decode_partial(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: torch.Tensor,
+                         context_lens: torch.Tensor) -> Partial:
+    """paged_decode_attention (no sliding window) as a Partial: q [B, H, D] -> output [B, H, D]
+    and log-sum-exp [B, H], float32 (-inf and zeros where context_len is 0)."""
+    bsz, num_heads, head_dim = q.shape
+    _, nb = block_tables.shape
+    blocks = kv[block_tables, layer]  # [B, nb, 2, bs, Hkv, D]
+    visible = torch.arange(nb * blocks.shape[3], device=q.device)[None, :] < context_lens[:, None]  # [B, N]
+    blocks = torch.where(visible.view(bsz, nb, 1, -1, 1, 1), blocks, torch.zeros((), dtype=blocks.dtype,
+                                                                                  device=q.device))  # as paged_decode_attention
+    k = blocks[:, :, 0].flatten(1, 2).float()  # [B, N, Hkv, D]
+    v = blocks[:, :, 1].flatten(1, 2).float()
+    num_kv = k.shape[2]
+    qg = q.float().view(bsz, num_kv, num_heads // num_kv, head_dim) * head_dim**-0.5  # [B, Hkv, rep, D]
+    logits = torch.einsum("bgrd,bngd->bgrn", qg, k)  # [B, Hkv, rep, N]
+    logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, -1)  # [B, Hkv, rep]
+    probs = torch.exp(logits - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    out = torch.einsum("bgrn,bngd->bgrd", probs, v)  # [B, Hkv, rep, D]
+    return Partial(out.reshape(bsz, num_heads, head_dim), lse.reshape(bsz, num_heads))
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -177,12 +199,15 @@ def paged_decode_attention(
     masked out, so they take no part in its result. Returns [B, H, D]."""
     bsz, nb = block_tables.shape
     blocks = kv[block_tables, layer]  # [B, nb, 2, bs, Hkv, D]
-    k = blocks[:, :, 0].flatten(1, 2)  # [B, N, Hkv, D]
-    v = blocks[:, :, 1].flatten(1, 2)
-    k_pos = torch.arange(k.shape[1], device=q.device)  # [N]
+    k_pos = torch.arange(nb * blocks.shape[3], device=q.device)  # [N]
     mask = k_pos[None, :] < context_lens[:, None]  # [B, N]
     if sliding_window is not None:
         mask &= (context_lens[:, None] - 1 - k_pos[None, :]) < sliding_window
+    # slots past a row's context hold whatever their block held: zeroed, so that none is NaN (a
+    # masked score of a NaN key, or a weight 0 on a NaN value, would still give NaN)
+    blocks = torch.where(mask.view(bsz, nb, 1, -1, 1, 1), blocks, torch.zeros((), dtype=blocks.dtype, device=q.device))
+    k = blocks[:, :, 0].flatten(1, 2)  # [B, N, Hkv, D]
+    v = blocks[:, :, 1].flatten(1, 2)
     out = F.scaled_dot_product_attention(
         q[:, :, None].to(k.dtype), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], enable_gqa=True
     )  # [B, H, 1, D]
@@ -249,3 +274,13 @@ def paged_decode_attention_quantized(q: torch.Tensor, cache: QuantizedKVCache, l
     scratch = gather_layer(cache, layer, block_tables).flatten(0, 1)[:, None]  # [B * nb, 1, 2, bs, Hkv, D]
     ids = torch.arange(batch * width, device=q.device).view(batch, width)  # [B, nb]
     return paged_decode_attention(q, scratch, 0, ids, context_lens, sliding_window)
+
+
+def paged_decode_partial_quantized(q: torch.Tensor, cache: QuantizedKVCache, layer: int, block_tables: torch.Tensor,
+                                   context_lens: torch.Tensor) -> Partial:
+    """paged_decode_partial over a quantized device tier (the torch reference of the fused
+    kernel's partial): the rows are dequantized into a scratch buffer first."""
+    batch, width = block_tables.shape
+    scratch = gather_layer(cache, layer, block_tables).flatten(0, 1)[:, None]  # [B * nb, 1, 2, bs, Hkv, D]
+    ids = torch.arange(batch * width, device=q.device).view(batch, width)  # [B, nb]
+    return paged_decode_partial(q, scratch, 0, ids, context_lens)

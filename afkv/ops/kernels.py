@@ -32,6 +32,8 @@ class Kernels:
     prefill: Callable  # (q, kv, layer, block_ids, context_len, window) -> [n, H, D]
     decode_quantized: Callable  # the same over a QuantizedKVCache
     prefill_quantized: Callable
+    decode_partial: Callable  # (q, kv, layer, block_tables, context_lens) -> Partial: decode with its log-sum-exp
+    decode_partial_quantized: Callable  # the same over a QuantizedKVCache
     mla_decode: Callable  # (q_abs, cache, layer, block_tables, context_lens, scale, r) -> [B, H, r]
     mla_prefill: Callable  # (q_abs, cache, layer, block_ids, context_len, scale, r) -> [n, H, r], causal
     graph_safe: bool  # every attention kernel reads only each row's context, with shape-only grids
@@ -42,11 +44,18 @@ class Kernels:
             return self.decode_quantized, self.prefill_quantized
         return self.decode, self.prefill
 
+    def partial_for(self, kv) -> Callable:
+        """decode_partial over `kv`: the device cache (or a streamed ring slot) or quantized rows."""
+        if isinstance(kv, attention.QuantizedKVCache):
+            return self.decode_partial_quantized
+        return self.decode_partial
+
 
 def torch_kernels() -> Kernels:
     """The torch references (every device)."""
     return Kernels(None, None, attention.paged_decode_attention, attention.paged_attention,
                    attention.paged_decode_attention_quantized, attention.paged_attention_quantized,
+                   attention.paged_decode_partial, attention.paged_decode_partial_quantized,
                    mla.mla_decode_attention, mla.mla_attention, graph_safe=False)
 
 
@@ -66,6 +75,8 @@ def select_kernels(device: torch.device) -> Kernels:
         prefill=triton_attention.paged_prefill_attention,
         decode_quantized=triton_attention.paged_decode_attention_quantized,
         prefill_quantized=triton_attention.paged_prefill_attention_quantized,
+        decode_partial=triton_attention.paged_decode_partial,
+        decode_partial_quantized=triton_attention.paged_decode_partial_quantized,
         mla_decode=triton_mla.paged_mla_decode,
         mla_prefill=triton_mla.paged_mla_prefill,
         graph_safe=True,

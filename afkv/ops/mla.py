@@ -93,6 +93,8 @@ def mla_decode_attention(q: torch.Tensor, cache: torch.Tensor | QuantizedKVCache
     lat = gather_latents(cache, layer, block_tables).flatten(1, 2)  # [B, N, Dl]
     k_pos = torch.arange(lat.shape[1], device=q.device)  # [N]
     mask = (k_pos[None, :] < context_lens[:, None])[:, None, :]  # [B, 1, N]
+    lat = torch.where(mask.transpose(1, 2), lat, torch.zeros((), dtype=lat.dtype, device=lat.device))  # past the
+    # context: whatever the block held, zeroed (a masked NaN would still give NaN)
     return _attend(q[:, None], lat, mask, scale, kv_lora_rank)[:, 0].to(q.dtype)
 
 

@@ -68,6 +68,7 @@ except ImportError:  # the CPU CI: callers use the torch references
     triton = None
 
 _LOG2E = 1.4426950408889634
+
 _MIN_GROUP_ROWS = 16  # tl.dot needs M >= 16
 _PROGRAMS_PER_SM = 4  # decode: split until B * Hkv * num_splits reaches this many programs per SM
 _MAX_SPLITS = 64
@@ -247,10 +248,12 @@ if triton is not None:
 
     @triton.jit
     def _reduce_kernel(
-        mid_o_ptr, mid_lse_ptr, out_ptr, stride_ob, stride_oh, num_heads,
+        mid_o_ptr, mid_lse_ptr, out_ptr, lse_ptr, stride_ob, stride_oh, num_heads,
         NUM_PARTS: tl.constexpr, PARTS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_LSE: tl.constexpr,
     ):  # fmt: skip
-        """Merge the parts of one (sequence, head): weights 2^(lse - max); zeros when all are empty."""
+        """Merge the parts of one (sequence, head): weights 2^(lse - max); zeros when all are empty.
+        HAS_LSE: also store the row's log-sum-exp [B, H] (natural log; -inf when empty)."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs_s = tl.arange(0, PARTS_P2)
@@ -267,6 +270,9 @@ if triton is not None:
         den = tl.sum(w, 0)
         res = tl.sum(w[:, None] * o, 0) / tl.where(den > 0.0, den, 1.0)  # [D]
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=dmask)
+        if HAS_LSE:
+            total = tl.where(den > 0.0, (m + tl.log2(tl.where(den > 0.0, den, 1.0))) * 0.6931471805599453, float("-inf"))
+            tl.store(lse_ptr + b * num_heads + h, total)
 
     @triton.jit
     def _prefill_kernel(
@@ -708,12 +714,14 @@ def _check_cache(kv: torch.Tensor, layer: int, q: torch.Tensor) -> None:
         raise ConfigError(f"q on {q.device} but kv on {kv.device}")
 
 
-def _merge(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, num_parts: int) -> None:
+def _merge(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, num_parts: int,
+           lse: torch.Tensor | None = None) -> None:
+    """The split-K parts -> out [B, H, D] (and, when given, each row's log-sum-exp into lse [B, H] float32)."""
     batch, num_heads, head_dim = out.shape
     _reduce_kernel[(batch, num_heads)](
-        mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads,
+        mid_o, mid_lse, out, mid_lse if lse is None else lse, out.stride(0), out.stride(1), num_heads,
         NUM_PARTS=num_parts, PARTS_P2=next_pow2(num_parts), HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
-        num_warps=4,
+        HAS_LSE=lse is not None, num_warps=4,
     )  # fmt: skip
 
 
@@ -743,6 +751,26 @@ def paged_decode_attention(
     Hkv, D], block_tables int [B, nb] (padding never read), context_lens int [B] on q's device
     -> [B, H, D] of q.dtype (zeros where context_len is 0). context_len is clamped to nb * bs.
     `scale` defaults to D**-0.5; `num_splits` overrides the split-K heuristic (tests)."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [B, H, D]
+    _decode(q, kv, layer, block_tables, context_lens, sliding_window, scale, num_splits, out, None)
+    return out
+
+
+def paged_decode_partial(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: torch.Tensor,
+                         context_lens: torch.Tensor, *, num_splits: int | None = None) -> attention.Partial:
+    """As afkv.ops.attention.paged_decode_partial: paged_decode_attention (no sliding window) as
+    a Partial (output and log-sum-exp [B, H], float32) to merge with other parts of the keys."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # [B, H, D]
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)  # [B, H]
+    _decode(q, kv, layer, block_tables, context_lens, None, None, num_splits, out, lse)
+    return attention.Partial(out, lse)
+
+
+def _decode(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: torch.Tensor, context_lens: torch.Tensor,
+            sliding_window: int | None, scale: float | None, num_splits: int | None, out: torch.Tensor,
+            lse: torch.Tensor | None) -> None:
+    """paged_decode_attention into `out` [B, H, D]; with `lse` [B, H] float32 also each row's
+    log-sum-exp (at least two split-K parts then: the reduce writes it)."""
     _check_cache(kv, layer, q)
     batch, num_heads, head_dim = q.shape
     _, _, _, block_size, num_kv_heads, _ = kv.shape
@@ -751,12 +779,15 @@ def paged_decode_attention(
             f"block_tables must be [{batch}, nb] and context_lens [{batch}], "
             f"got {tuple(block_tables.shape)} and {tuple(context_lens.shape)}"
         )
-    out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)  # [B, H, D]
     max_blocks = block_tables.shape[1]
     if batch == 0 or max_blocks == 0:
-        return out.zero_()
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    context_lens = context_lens if context_lens.stride(0) == 1 else context_lens.contiguous()  # read as [B]
     k_cache = kv[:, layer, 0]  # [num_blocks, bs, Hkv, D]
     v_cache = kv[:, layer, 1]
     group = num_heads // num_kv_heads
@@ -764,6 +795,8 @@ def paged_decode_attention(
     max_tokens = max_blocks * block_size
     if num_splits is None:
         num_splits = num_decode_splits(batch, num_kv_heads, device_index(q))
+    if lse is not None:
+        num_splits = max(2, num_splits)  # an empty part costs one program
     mid_o, mid_lse = _partials(batch, num_heads, num_splits, head_dim, q.device)
     scale = head_dim**-0.5 if scale is None else scale
     ieee = _ieee(kv.dtype, q.device)
@@ -778,8 +811,7 @@ def paged_decode_attention(
         num_warps=4, num_stages=2,
     )  # fmt: skip
     if num_splits > 1:
-        _merge(mid_o, mid_lse, out, num_splits)
-    return out
+        _merge(mid_o, mid_lse, out, num_splits, lse)
 
 
 def _prefill_tiles(group: int) -> tuple[int, int]:
@@ -1021,6 +1053,29 @@ def paged_decode_attention_quantized(
     cache.max_tail_blocks staging blocks; padding never read), context_lens int [B] -> [B, H, D]
     of q.dtype (zeros where context_len is 0). `num_splits` and `config` override the split-K
     heuristic and the launch table QUANT_DECODE_CONFIGS (tests, the kernel sweep)."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [B, H, D]
+    _decode_quantized(q, cache, layer, block_tables, context_lens, sliding_window, scale, num_splits, config, out,
+                      None)
+    return out
+
+
+def paged_decode_partial_quantized(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int,
+                                   block_tables: torch.Tensor, context_lens: torch.Tensor, *,
+                                   num_splits: int | None = None) -> attention.Partial:
+    """As afkv.ops.attention.paged_decode_partial_quantized: the quantized decode (no sliding
+    window) as a Partial (output and log-sum-exp [B, H], float32). Streamed contexts run it over
+    a ring slot of one-layer rows (afkv.kv.stream): the codes are read in place, never dequantized."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # [B, H, D]
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)  # [B, H]
+    _decode_quantized(q, cache, layer, block_tables, context_lens, None, None, num_splits, None, out, lse)
+    return attention.Partial(out, lse)
+
+
+def _decode_quantized(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int, block_tables: torch.Tensor,
+                      context_lens: torch.Tensor, sliding_window: int | None, scale: float | None,
+                      num_splits: int | None, config: QuantDecodeConfig | None, out: torch.Tensor,
+                      lse: torch.Tensor | None) -> None:
+    """paged_decode_attention_quantized into `out` [B, H, D] (and each row's log-sum-exp into `lse`)."""
     batch, num_heads, head_dim = q.shape
     config = config or quant_decode_config(cache.spec.kind, q.device)
     ptrs, strides, geometry = _quant_args(q, cache, layer, config.halves)
@@ -1028,12 +1083,15 @@ def paged_decode_attention_quantized(
         raise ConfigError(f"block_tables must be [{batch}, nb] and context_lens [{batch}], "
                           f"got {tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
     spec = cache.spec
-    out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)  # [B, H, D]
     max_blocks = block_tables.shape[1]
     if batch == 0 or max_blocks == 0:
-        return out.zero_()
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    context_lens = context_lens if context_lens.stride(0) == 1 else context_lens.contiguous()  # read as [B]
     if config.cvt == 1 and not _compiled(q.device):
         raise ConfigError("cvt 1 (inline PTX) runs only compiled for CUDA")
     block_n = max(config.block_n, spec.block_size)
@@ -1054,8 +1112,7 @@ def paged_decode_attention_quantized(
         HAS_WINDOW=sliding_window is not None, CVT=_cvt(config.cvt, geometry), **geometry,
         num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_regs,
     )  # fmt: skip
-    _merge(mid_o, mid_lse, out, num_splits + 1)
-    return out
+    _merge(mid_o, mid_lse, out, num_splits + 1, lse)
 
 
 def paged_prefill_attention_quantized(

@@ -147,6 +147,7 @@ def test_cancellation_mid_stream_frees_every_block(tiny_dir):
     ({"stream_num_blocks": 8, "pruning": {"policy": "streaming"}}, "kv.pruning.policy"),
     ({"stream_window": 0}, "kv.stream_window"),
     ({"stream_ahead": 0}, "kv.stream_ahead"),
+    ({"stream_num_blocks": 8, "spill_format": "int4", "block_size": 12}, "kv.block_size"),
 ])
 def test_config_errors_name_the_key(kv, key):
     with pytest.raises(ConfigError) as e:

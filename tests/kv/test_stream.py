@@ -69,6 +69,36 @@ def test_quantized_store_holds_each_layer_as_its_row_section(fmt):
     assert kv.stream.usage()[0].block_nbytes == f.nbytes < LAYOUT.block_nbytes
 
 
+@pytest.mark.parametrize("fmt", ["none", "fp8", "int8", "int4"])
+def test_streamed_blocks_are_the_formats_sections_decoded_as_attention_takes_them(fmt):
+    """Spilled, then streamed through the ring: each layer's sections are the rows the format
+    encodes, `blocks` their decode_layer(unrotate=False) (int8 / int4: rotated float32, not the
+    unrotated model dtype: comparing those made the GPU test fail), and `cache` the same
+    blocks for the decode kernels."""
+    kv = _manager(fmt)
+    kv.match_prefix(1, [])
+    _grow(kv, 1, 40)
+    table = list(kv.block_table(1))
+    f = kv.stream.format
+    rows = f.encode(kv.kv[table[1:8]]).view(7, LAYOUT.num_layers, f.layer_nbytes)  # [7, L, lnb]
+    kv.place(1, 40)
+    kv.flush()
+    step = kv.stream_ring.begin(kv.streamed_blocks(1))
+    for layer in range(LAYOUT.num_layers):
+        sections = rows[:, layer].contiguous()
+        assert torch.equal(step.layer(layer), sections)
+        got = step.blocks(layer, 0, 7)
+        assert torch.equal(got, f.decode_layer(sections, unrotate=False))
+        assert got.dtype == (torch.float32 if f.rotated else LAYOUT.dtype)
+        cache = step.cache(layer)
+        if fmt == "none":
+            assert torch.equal(cache[:, 0], f.decode_layer(sections))
+        else:
+            assert torch.equal(cache.blocks, sections) and cache.spec.num_layers == 1
+    kv.free(1)
+    kv.check_invariants()
+
+
 def test_a_full_store_streams_what_fits_and_the_rest_stays_on_the_device():
     kv = _manager(store_blocks=3)
     kv.match_prefix(1, [])

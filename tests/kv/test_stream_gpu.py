@@ -25,7 +25,8 @@ LAYOUT = KVLayout(num_layers=6, num_kv_heads=2, head_dim=64, block_size=16, dtyp
 @pytest.mark.parametrize("name, ahead", [("none", 1), ("none", 2), ("int8", 2), ("int4", 2)])
 def test_spill_then_stream_every_layer_on_the_gpu(name, ahead):
     """Blocks spilled to the pinned store and streamed back, layer by layer, while the compute
-    stream is kept busy: each layer's sections equal the CPU reference of the format."""
+    stream is kept busy: each layer's sections are the bytes the format encodes on the CPU, and
+    decode to the CPU reference (int8 / int4: still Hadamard-rotated, as attention takes them)."""
     fmt = make_format(name, LAYOUT)
     cfg = StreamConfig(fmt, num_blocks=64, num_sink_tokens=16, window=16, ahead=ahead)
     kv = KVManager(LAYOUT, 80, torch.device("cuda"), stream=cfg)
@@ -39,17 +40,18 @@ def test_spill_then_stream_every_layer_on_the_gpu(name, ahead):
     kv.flush()  # spills on the compute stream, into pinned memory
     ids = kv.streamed_blocks(1)
     kv.kv[table[1:49]] = 0  # the device blocks are reused: the store must hold its own bytes
-    want = torch.empty(48, *LAYOUT.block_shape, dtype=torch.bfloat16)
-    fmt.decode(fmt.encode(blocks[1:49]), want)  # the CPU reference
+    rows = fmt.encode(blocks[1:49]).view(48, LAYOUT.num_layers, fmt.layer_nbytes)  # the CPU reference
     step = kv.stream_ring.begin(ids)
-    got = []
+    got, sections = [], []
     busy = torch.randn(2048, 2048, device="cuda")
     for layer in range(LAYOUT.num_layers):
         busy = busy @ busy.T / 2048  # compute-stream work between layers
-        got.append(step.blocks(layer, 0, 48).clone())  # ordered after the layer's copy by its event
+        sections.append(step.layer(layer).clone())  # ordered after the layer's copy by its event
+        got.append(step.blocks(layer, 0, 48).clone())
     torch.cuda.synchronize()
     for layer in range(LAYOUT.num_layers):
-        assert torch.equal(got[layer].cpu(), want[:, layer])
+        assert torch.equal(sections[layer].cpu(), rows[:, layer])
+        assert torch.equal(got[layer].cpu(), fmt.decode_layer(rows[:, layer].contiguous(), unrotate=False))
     kv.free(1)
     kv.check_invariants()
 
@@ -80,3 +82,27 @@ def test_engine_streamed_equals_all_device_on_the_gpu(tiny_dir, family):
     assert [r.token_ids for r in got] == [r.token_ids for r in ref]
     for r, g in zip(ref, got):
         assert max(abs(a - b) for a, b in zip(r.logprobs, g.logprobs)) < 1e-3
+
+
+BOUNDS = {"int8": (0.04, 0.25), "int4": (0.3, 0.6)}  # tests/engine/test_stream.py's (95th percentile, max)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_host_blocks_decode_through_the_kernels_within_the_formats_bounds(tiny_dir, fmt):
+    """Decode rows of streaming sequences read the quantized ring slot with the Triton decode
+    kernel (codes in registers) and merge it with the device part by log-sum-exp: logprobs stay
+    within the format's bounds of the streamed run in the model dtype ('none'), as on the CPU."""
+    prompts = [random_prompt(400, 200, 1), random_prompt(420, 200, 2)]
+    stream = dict(num_blocks=20, stream_num_blocks=256, stream_sink_tokens=4, stream_window=8)
+    ref, _ = asyncio.run(_generate(tiny_dir["qwen3_moe"], _config(**stream), prompts))
+    got, counters = asyncio.run(_generate(tiny_dir["qwen3_moe"], _config(**stream, spill_format=fmt), prompts))
+    assert counters["streamed_steps"] > 0
+    errors = []
+    for r, g in zip(ref, got):
+        for i, (a, b) in enumerate(zip(r.logprobs, g.logprobs)):
+            if r.token_ids[: i + 1] != g.token_ids[: i + 1]:
+                break
+            errors.append(abs(a - b))
+    p95 = sorted(errors)[int(0.95 * (len(errors) - 1))]
+    assert len(errors) >= 8 and max(errors) > 0  # the quantized middle was read
+    assert p95 <= BOUNDS[fmt][0] and max(errors) <= BOUNDS[fmt][1]

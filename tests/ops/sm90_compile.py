@@ -188,6 +188,8 @@ def launches(sweep: bool = False):
                 q, kv, 1, tables, lens, w, num_splits=1)
             yield f"prefill {tag}", lambda q=q, kv=kv, w=window: ta.paged_prefill_attention(
                 torch.zeros(5, h, d, dtype=dtype), kv, 1, torch.zeros(3, dtype=torch.int64), 2 * bs, w)
+        yield f"decode partial {str(dtype)[6:]} h{h}/{hkv} d{d} bs{bs} wNone", (
+            lambda q=q, kv=kv: ta.paged_decode_partial(q, kv, 1, tables, lens))
         for kind in _KINDS:
             spec = quant.QuantSpec(kind, 2, bs, hkv, d, quant.scale_dtype_for(dtype))
             cache = attention.QuantizedKVCache(torch.zeros(4, spec.row_nbytes, dtype=torch.uint8),
@@ -198,6 +200,8 @@ def launches(sweep: bool = False):
                     q, c, 1, tables, lens, w)
                 yield f"prefill {tag}", lambda c=cache, w=window: ta.paged_prefill_attention_quantized(
                     torch.zeros(5, h, d, dtype=dtype), c, 1, torch.zeros(3, dtype=torch.int64), 2 * bs, w)
+            yield f"decode partial {kind} {str(dtype)[6:]} h{h}/{hkv} d{d} bs{bs} wNone", (
+                lambda q=q, c=cache: ta.paged_decode_partial_quantized(q, c, 1, tables, lens))
             for config in (ta.sweep_configs(kind) if sweep and (dtype, h, hkv, d, bs) == _SWEPT else ()):
                 yield f"decode {kind} {str(dtype)[6:]} h{h}/{hkv} d{d} bs{bs} {config}", (
                     lambda q=q, c=cache, cfg=config: ta.paged_decode_attention_quantized(q, c, 1, tables, lens,

@@ -565,3 +565,81 @@ def test_the_model_step_on_a_quantized_tier_runs_the_kernels_like_the_reference(
         return logits
 
     _assert_close(run(True), run(False), torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode partials (output and log-sum-exp): streamed contexts (afkv.kv.stream) merge them
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["none", *_QUANT_KINDS])
+def test_decode_partials_match_the_reference_and_merge_exactly(device, kind):
+    """paged_decode_partial(_quantized): output and log-sum-exp equal the torch reference's; a
+    context cut in two parts and merged equals the whole (an empty row: lse -inf, zeros). The
+    quantized cache is one-layer rows, as a streamed ring slot (BlockFormat.layer_cache)."""
+    from afkv.kv.formats import make_format
+    from afkv.kv.layout import KVLayout
+
+    gen = torch.Generator().manual_seed(7)
+    layout = KVLayout(num_layers=1, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.bfloat16)
+    fmt = make_format(kind, layout)
+    blocks = torch.randn(12, *layout.block_shape, generator=gen).to(torch.bfloat16)  # [12, 1, 2, bs, Hkv, D]
+    cache = fmt.layer_cache(fmt.encode(blocks).to(device))  # one-layer rows, as a ring slot
+    q = torch.randn(3, 8, 64, generator=gen).to(torch.bfloat16).to(device)  # [B, H, D]
+    tables = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10], [0, 1, 2, 3, 0, 0, 0, 0], [0] * 8], device=device)
+    lens = torch.tensor([[128, 64, 0], [1, 1, 1]], device=device).T[:, 0]  # [3], strided: read as it is
+    got_fn, ref_fn = ((ta.paged_decode_partial, attention.paged_decode_partial) if kind == "none" else
+                      (ta.paged_decode_partial_quantized, attention.paged_decode_partial_quantized))
+    got, want = got_fn(q, cache, 0, tables, lens), ref_fn(q, cache, 0, tables, lens)
+    assert got.out.dtype == got.lse.dtype == torch.float32
+    _assert_close(got.out[:2], want.out[:2], torch.bfloat16)
+    torch.testing.assert_close(got.lse[:2].cpu(), want.lse[:2].cpu(), atol=2e-2, rtol=0)
+    assert torch.isinf(got.lse[2]).all() and (got.lse[2] < 0).all() and (got.out[2] == 0).all()
+    head = got_fn(q[:1], cache, 0, tables[:1, :3], torch.tensor([48], device=device))  # blocks 3 .. 5
+    tail = got_fn(q[:1], cache, 0, tables[:1, 3:], torch.tensor([80], device=device))  # blocks 6 .. 10
+    merged = attention.merge_partials([head, tail])
+    torch.testing.assert_close(merged.out.cpu(), got.out[:1].cpu(), atol=2e-3, rtol=0)
+    torch.testing.assert_close(merged.lse.cpu(), got.lse[:1].cpu(), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["none", "int8", "int4"])
+def test_a_streamed_decode_step_runs_the_kernels_like_the_reference(tiny_dir, kind, device):
+    """The attention side's decode of streamed sequences (device blocks + blocks streamed through
+    the ring, host format `kind`) through the Triton decode partials, against the same step
+    through the torch references."""
+    from afkv.engine.runner import ChunkPlan, ModelRunner, SampleSpec
+    from afkv.kv.formats import make_format
+    from afkv.kv.layout import KVLayout
+    from afkv.kv.manager import KVManager
+    from afkv.kv.stream import StreamConfig
+    from afkv.model.model import LocalFFN, Model, attention_side, load_ffn_side, open_checkpoint
+    from afkv.ops.kernels import torch_kernels
+
+    device = torch.device(device)
+    spec, reader = open_checkpoint(tiny_dir["qwen3_moe"])
+    ffn = LocalFFN(load_ffn_side(spec, tiny_dir["qwen3_moe"], device, torch.float32))
+    reference = torch_kernels()
+    kernels = dataclasses.replace(reference, decode=ta.paged_decode_attention, decode_partial=ta.paged_decode_partial,
+                                  decode_partial_quantized=ta.paged_decode_partial_quantized)
+    sides = {use: attention_side(spec, reader, device, torch.float32, k) for use, k in ((True, kernels), (False, reference))}
+    reader.close()
+    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, 4, torch.float32)
+    kv = KVManager(layout, 32, device, stream=StreamConfig(make_format(kind, layout), 24, num_sink_tokens=4, window=4,
+                                                           ahead=2))
+    gen = torch.Generator().manual_seed(3)
+    kv.kv.copy_(torch.randn(kv.kv.shape, generator=gen))
+    fmt = kv.stream.format
+    rows = fmt.encode(torch.randn(24, *layout.block_shape, generator=gen).to(device))  # [24, nbytes]
+    kv.stream.buf.copy_(rows.view(24, layout.num_layers, fmt.layer_nbytes).transpose(0, 1))
+    greedy = SampleSpec(0.0, 0, 1.0, 0, 0, 5)
+    plan = [ChunkPlan(0, (7,), 52, (0, 1, 2), greedy, num_dropped=44, streamed=tuple(range(0, 11))),
+            ChunkPlan(1, (9,), 40, (3, 4, 5, 6), greedy, num_dropped=28, streamed=tuple(range(12, 19))),
+            ChunkPlan(2, (5,), 20, tuple(range(7, 13)), greedy)]  # a plain decode row beside them
+    results = {}
+    for use, side in sides.items():
+        runner = ModelRunner(Model(spec, side, ffn), kv.kv, 4, device, stream=kv.stream_ring)
+        results[use] = runner.execute(plan)
+    for a, b in zip(results[True], results[False]):
+        assert a.token_id == b.token_id
+        assert abs(a.logprob - b.logprob) < 2e-3
