@@ -114,6 +114,43 @@ def test_decode_over_quantized_rows_and_staging(device, kind):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["raw", "fp8", "int8"])
+@pytest.mark.parametrize("tile", [tm.MLATile(block_n=16, rank_chunk=64), tm.MLATile(block_h=32, block_n=32)],
+                         ids=["tile-in-block", "tiles-across-blocks"])
+def test_decode_tiles_and_chunks(device, kind, tile):
+    """Tiles inside one cache block (the tile's block id read once: a quantized tile or a
+    staging tile, per tile) and across blocks (per token), latents in several chunks (raw:
+    rank_chunk; quantized: scale groups of 128, the last one partial), more heads than a head
+    block and fewer than two."""
+    gen = torch.Generator().manual_seed(11)
+    rank, rope, bs, heads = 160, 16, 16, 20
+    lens = [70, 33, 16, 1, 0]
+    if kind == "raw":
+        nb = sum(-(-n // bs) for n in lens) + 2
+        cache = torch.randn(nb, 2, bs, rank + rope, generator=gen)
+        ref_tables, bad_tables = _tables(lens, bs, nb, gen)
+        ref_cache, dev_cache = cache, cache.to(device)
+    else:
+        dev_cache, ref_tables, bad_tables = _quant_cache(kind, torch.float32, rank, rope, bs, lens, device, gen)
+        ref_cache = QuantizedKVCache(dev_cache.blocks.cpu(), dev_cache.staging.cpu(), dev_cache.spec,
+                                     dev_cache.max_tail_blocks)
+    q = torch.randn(len(lens), heads, rank + rope, generator=gen)
+    lens_t = torch.tensor(lens)
+    want = mla.mla_decode_attention(q, ref_cache, 1, ref_tables, lens_t, 0.2, rank)
+    got = tm.paged_mla_decode(q.to(device), dev_cache, 1, bad_tables.to(device), lens_t.to(device), 0.2, rank,
+                              num_splits=2, tile=tile)
+    torch.testing.assert_close(got.cpu(), want, **_tol(torch.float32))
+    assert torch.equal(got[4].cpu(), torch.zeros(heads, rank))
+
+
+def test_bad_tiles_are_refused():
+    with pytest.raises(ConfigError, match="block_n"):
+        tm.MLATile(block_n=24)
+    with pytest.raises(ConfigError, match="rank_chunk"):
+        tm.MLATile(rank_chunk=8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_prefill_rows_are_causal(device):
     """A chunk of n queries: row i sees context_len - n + 1 + i tokens (the reference's mask)."""
     gen = torch.Generator().manual_seed(3)
