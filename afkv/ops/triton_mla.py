@@ -93,11 +93,11 @@ if triton is not None:
     def _latent_tile(
         cache_ptr, rows_ptr, rows16_ptr, blk, tok_in, tmask, offs_c, cmask, offs_g, gmask, offs_p, pmask,
         stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off, DT: tl.constexpr,
-        RANK: tl.constexpr, ROPE: tl.constexpr, KIND: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+        CDT: tl.constexpr, RANK: tl.constexpr, ROPE: tl.constexpr, KIND: tl.constexpr, NUM_CHUNKS: tl.constexpr,
         OFF_SCALE: tl.constexpr, OFF_ZERO: tl.constexpr, OFF_ROPE: tl.constexpr, ONE_BLOCK: tl.constexpr,
     ):  # fmt: skip
-        """The latents of a tile, as chunks: c [N, C, CP] of DT (raw values, or the codes of
-        quantized rows, exact in 16 bits), each chunk's scale and zero point [N, C] (float32:
+        """The latents of a tile, as chunks: c [N, C, CP] of CDT (raw values, or the codes of
+        quantized rows: exact in 16 bits), each chunk's scale and zero point [N, C] (float32:
         value = c * scale + zero; 1 and 0 for raw values) and the rotary keys k_pe [N, P] of DT.
         `blk` is the tile's block id (a scalar) when ONE_BLOCK, else each token's [N]. Tokens
         outside tmask are zeros and not read."""
@@ -106,7 +106,7 @@ if triton is not None:
         gm = tmask[:, None] & gmask[None, :]  # [N, C]
         if KIND == -1:
             base = blk * stride_cb + layer_off + tok_in * stride_ct  # [N]
-            c = tl.load(cache_ptr + base[:, None, None] + offs_c[None, :, :], mask=cm, other=0.0).to(DT)
+            c = tl.load(cache_ptr + base[:, None, None] + offs_c[None, :, :], mask=cm, other=0.0).to(CDT)
             pe = tl.load(cache_ptr + base[:, None] + RANK + offs_p[None, :], mask=pm, other=0.0).to(DT)
             scale = tl.where(gm, 1.0, 0.0)  # [N, C]
             zero = tl.zeros_like(scale)
@@ -120,9 +120,11 @@ if triton is not None:
             codes = rows_ptr + rbase3 + tok_in[:, None, None] * RANK + offs_c[None, :, :]  # [N, C, CP]
             b = tl.load(codes, mask=cm & rmask3, other=0)
             if KIND == 0:
-                c = b.to(tl.float8e4nv, bitcast=True).to(DT)
+                c = b.to(tl.float8e4nv, bitcast=True).to(CDT)  # one cvt per two codes to float16
+            elif CDT == tl.float16:  # 1024 + code in float16's bits, minus 1024: exact, no int -> float cvt
+                c = (b.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
             else:
-                c = b.to(DT)
+                c = b.to(CDT)
             meta = rbase2 // 2 + tok_in[:, None] * NUM_CHUNKS + offs_g[None, :]  # [N, C] 16-bit offsets
             scale = tl.load(rows16_ptr + meta + OFF_SCALE // 2, mask=gm & rmask2, other=0.0).to(tl.float32)
             if KIND == 1:
@@ -135,7 +137,7 @@ if triton is not None:
             if ONE_BLOCK:
                 if not is_row:  # the tile is in a staging block (a sequence's newest tokens): rare
                     sb = sbase + tok_in * stride_ct  # [N]
-                    c = tl.load(cache_ptr + sb[:, None, None] + offs_c[None, :, :], mask=cm, other=0.0).to(DT)
+                    c = tl.load(cache_ptr + sb[:, None, None] + offs_c[None, :, :], mask=cm, other=0.0).to(CDT)
                     pe = tl.load(cache_ptr + sb[:, None] + RANK + offs_p[None, :], mask=pm, other=0.0).to(DT)
                     scale = tl.where(gm, 1.0, 0.0)
                     zero = tl.zeros_like(scale)
@@ -143,7 +145,7 @@ if triton is not None:
                 fmask = tmask & (blk >= num_blocks)  # [N]
                 sb = sbase + tok_in * stride_ct  # [N]
                 cf = tl.load(cache_ptr + sb[:, None, None] + offs_c[None, :, :], mask=cm & fmask[:, None, None],
-                             other=0.0).to(DT)  # fmt: skip
+                             other=0.0).to(CDT)  # fmt: skip
                 pf = tl.load(cache_ptr + sb[:, None] + RANK + offs_p[None, :], mask=pm & fmask[:, None],
                              other=0.0).to(DT)  # fmt: skip
                 c = tl.where(fmask[:, None, None], cf, c)
@@ -176,11 +178,18 @@ if triton is not None:
         offs_p = tl.arange(0, BLOCK_P)
         pmask = offs_p < ROPE
         DT: tl.constexpr = tl.float32 if IEEE else cache_ptr.dtype.element_ty
+        # quantized codes multiply in float16 (fp8 and int8 codes convert to it cheaply and exactly)
+        CDT: tl.constexpr = tl.float16 if KIND >= 0 and not IEEE else DT
         q_rows = q_ptr + b * stride_qb + heads * stride_qh  # [H]
         q_lat = tl.load(q_rows[None, :, None] + offs_c[:, None, :], mask=hmask[None, :, None] & cmask[:, None, :],
-                        other=0.0).to(DT)  # [C, H, CP]  # fmt: skip
+                        other=0.0).to(tl.float32)  # [C, H, CP]  # fmt: skip
         q_pe = tl.load(q_rows[:, None] + RANK + offs_p[None, :], mask=hmask[:, None] & pmask[None, :],
                        other=0.0).to(DT)  # [H, P]  # fmt: skip
+        q_mul = 1.0
+        if CDT != DT:  # float16 products: a power of two brings the queries' largest to 2^13 (no overflow)
+            q_max = tl.max(tl.max(tl.max(tl.abs(q_lat), 2), 1), 0)
+            q_mul = tl.where(q_max > 0.0, tl.exp2(13.0 - tl.floor(tl.log2(tl.where(q_max > 0.0, q_max, 1.0)))), 1.0)
+        q_lat = (q_lat * q_mul).to(CDT)
         q_sum = tl.sum(q_lat.to(tl.float32), 2)  # [C, H]: what a chunk's zero point adds to a score, per unit
         end = tl.minimum(tl.load(context_lens_ptr + b), max_tokens)
         lo, hi = _chunk_bounds(end * 0, end, split, NUM_SPLITS, BLOCK_N)
@@ -199,7 +208,7 @@ if triton is not None:
                 blk = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
             c, scale, zero, pe = _latent_tile(
                 cache_ptr, rows_ptr, rows16_ptr, blk, tok % BLOCK_SIZE, tmask, offs_c, cmask, offs_g, gmask, offs_p,
-                pmask, stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off, DT,
+                pmask, stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off, DT, CDT,
                 RANK, ROPE, KIND, NUM_CHUNKS, OFF_SCALE, OFF_ZERO, OFF_ROPE, ONE_BLOCK,
             )  # fmt: skip
             if IEEE:
@@ -212,9 +221,9 @@ if triton is not None:
             if KIND == -1:
                 s += tl.sum(s_c, 0)
             elif KIND == 1:
-                s += tl.sum(s_c * scale_t + q_sum[:, :, None] * tl.trans(zero)[:, None, :], 0)
+                s += tl.sum(s_c * scale_t + q_sum[:, :, None] * tl.trans(zero)[:, None, :], 0) / q_mul
             else:
-                s += tl.sum(s_c * scale_t, 0)
+                s += tl.sum(s_c * scale_t, 0) / q_mul
             s = tl.where(hmask[:, None] & tmask[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))  # [H]
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -222,14 +231,17 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_ref)
             l_i = l_i * alpha + tl.sum(p, 1)
             if KIND == -1:
-                p_c = tl.broadcast_to(p.to(DT)[None, :, :], [BLOCK_C, BLOCK_H, BLOCK_N])
-            else:
-                p_c = (p[None, :, :] * scale_t).to(DT)  # [C, H, N]: the scales folded into the probabilities
+                p_c = tl.broadcast_to(p.to(CDT)[None, :, :], [BLOCK_C, BLOCK_H, BLOCK_N])
+                p_mul = tl.full([BLOCK_C, 1, 1], 1.0, tl.float32)
+            else:  # the scales folded into the probabilities, over the tile's largest (float16's range)
+                p_mul = tl.max(scale_t, 2, keep_dims=True)  # [C, 1, 1]
+                p_mul = tl.where(p_mul > 0.0, p_mul, 1.0)
+                p_c = (p[None, :, :] * (scale_t / p_mul)).to(CDT)  # [C, H, N]
             if IEEE:
                 pv = tl.dot(p_c, tl.permute(c, (1, 0, 2)), input_precision="ieee")  # [C, H, CP]
             else:
                 pv = tl.dot(p_c, tl.permute(c, (1, 0, 2)))
-            acc = acc * alpha[None, :, None] + pv
+            acc = acc * alpha[None, :, None] + pv * p_mul
             if KIND == 1:
                 acc_zero = acc_zero * alpha[None, :] + tl.sum(p[None, :, :] * tl.trans(zero)[:, None, :], 2)
             m_i = m_new
