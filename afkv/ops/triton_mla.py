@@ -93,11 +93,13 @@ if triton is not None:
     def _latent_tile(
         cache_ptr, rows_ptr, rows16_ptr, blk, tok_in, tmask, offs_c, cmask, offs_g, gmask, offs_p, pmask,
         stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off, DT: tl.constexpr,
-        CDT: tl.constexpr, RANK: tl.constexpr, ROPE: tl.constexpr, KIND: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+        CDT: tl.constexpr, RANK: tl.constexpr, ROPE: tl.constexpr, KIND: tl.constexpr, CHUNK: tl.constexpr,
+        GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr,
         OFF_SCALE: tl.constexpr, OFF_ZERO: tl.constexpr, OFF_ROPE: tl.constexpr, ONE_BLOCK: tl.constexpr,
     ):  # fmt: skip
         """The latents of a tile, as chunks: c [N, C, CP] of CDT (raw values, or the codes of
-        quantized rows: exact in 16 bits), each chunk's scale and zero point [N, C] (float32:
+        quantized rows: exact in 16 bits; a chunk lies in one scale group), each chunk's scale
+        and zero point [N, C] (float32:
         value = c * scale + zero; 1 and 0 for raw values) and the rotary keys k_pe [N, P] of DT.
         `blk` is the tile's block id (a scalar) when ONE_BLOCK, else each token's [N]. Tokens
         outside tmask are zeros and not read."""
@@ -125,7 +127,7 @@ if triton is not None:
                 c = (b.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
             else:
                 c = b.to(CDT)
-            meta = rbase2 // 2 + tok_in[:, None] * NUM_CHUNKS + offs_g[None, :]  # [N, C] 16-bit offsets
+            meta = rbase2 // 2 + tok_in[:, None] * NUM_GROUPS + (offs_g * CHUNK // GROUP)[None, :]  # [N, C] 16-bit
             scale = tl.load(rows16_ptr + meta + OFF_SCALE // 2, mask=gm & rmask2, other=0.0).to(tl.float32)
             if KIND == 1:
                 zero = tl.load(rows16_ptr + meta + OFF_ZERO // 2, mask=gm & rmask2, other=0.0).to(tl.float32)
@@ -160,7 +162,7 @@ if triton is not None:
         stride_qb, stride_qh, stride_ob, stride_oh, stride_cb, stride_ct, layer_off, stride_bt,
         num_heads, max_tokens, qk_scale, num_blocks, row_nbytes, layer_nbytes_off,
         RANK: tl.constexpr, ROPE: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_CP: tl.constexpr, BLOCK_P: tl.constexpr,
+        GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CP: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
         KIND: tl.constexpr, OFF_SCALE: tl.constexpr, OFF_ZERO: tl.constexpr, OFF_ROPE: tl.constexpr,
         IEEE: tl.constexpr,
@@ -209,7 +211,7 @@ if triton is not None:
             c, scale, zero, pe = _latent_tile(
                 cache_ptr, rows_ptr, rows16_ptr, blk, tok % BLOCK_SIZE, tmask, offs_c, cmask, offs_g, gmask, offs_p,
                 pmask, stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off, DT, CDT,
-                RANK, ROPE, KIND, NUM_CHUNKS, OFF_SCALE, OFF_ZERO, OFF_ROPE, ONE_BLOCK,
+                RANK, ROPE, KIND, CHUNK, GROUP, NUM_GROUPS, OFF_SCALE, OFF_ZERO, OFF_ROPE, ONE_BLOCK,
             )  # fmt: skip
             if IEEE:
                 s_c = tl.dot(q_lat, tl.permute(c, (1, 2, 0)), input_precision="ieee")  # [C, H, N]
@@ -289,12 +291,12 @@ def _cache_args(q: torch.Tensor, cache: torch.Tensor | attention.QuantizedKVCach
         if not rows.is_contiguous() or rows.device != q.device:
             raise ConfigError("quantized latent rows must be contiguous and on the queries' device")
         off = spec.offsets()
-        geometry = dict(KIND=_KINDS[spec.kind], CHUNK=spec.group_size, NUM_CHUNKS=spec.num_groups,
+        geometry = dict(KIND=_KINDS[spec.kind], GROUP=spec.group_size, NUM_GROUPS=spec.num_groups,
                         OFF_SCALE=off["scale"], OFF_ZERO=off["zero"], OFF_ROPE=off["rope"])
         rows_args = (rows, rows.view(spec.scale_dtype), cache.num_blocks, spec.row_nbytes, layer * spec.layer_nbytes)
     else:
         lat = cache
-        geometry = dict(KIND=-1, CHUNK=0, NUM_CHUNKS=0, OFF_SCALE=0, OFF_ZERO=0, OFF_ROPE=0)  # chunks: the tile's
+        geometry = dict(KIND=-1, GROUP=kv_lora_rank, NUM_GROUPS=1, OFF_SCALE=0, OFF_ZERO=0, OFF_ROPE=0)
         rows_args = (cache, cache, 0, 0, 0)  # the quantized-row arguments: KIND -1 compiles their reads out
     if lat.dim() != 4 or lat.dtype not in _FLOAT_DTYPES or lat.stride(-1) != 1:
         raise ConfigError(f"the latent cache must be float [num_blocks, L, bs, r + dr] with unit stride on its "
@@ -343,9 +345,10 @@ def paged_mla_decode(
     if num_splits is None:
         num_splits = num_decode_splits(batch, head_blocks, max_tokens, tile.block_n, device_index(q),
                                        tile.programs_per_sm)
-    if geometry["KIND"] == -1:
-        chunk = min(tile.rank_chunk, kv_lora_rank)
-        geometry.update(CHUNK=chunk, NUM_CHUNKS=-(-kv_lora_rank // chunk))
+    chunk = min(tile.rank_chunk, geometry["GROUP"])  # the tile's; a quantized row's inside one scale group
+    if geometry["KIND"] >= 0 and geometry["GROUP"] % chunk:
+        chunk = geometry["GROUP"]
+    geometry.update(CHUNK=chunk, NUM_CHUNKS=-(-kv_lora_rank // chunk))
     mid_o, mid_lse = _partials(batch, num_heads, num_splits, kv_lora_rank, q.device)
     _mla_decode_kernel[(head_blocks, num_splits, batch)](
         q, lat, rows, rows16, block_tables, context_lens, out, mid_o, mid_lse,
