@@ -25,7 +25,7 @@ timeout "${TESTS_S:-50}" python3 -m pytest -q -p no:cacheprovider -m gpu -rfE \
 tail -n 2 "$OUT/tests.txt"
 
 phase "MLA decode kernel: GB/s vs copy, TFLOP/s vs GEMM peak; latent bytes per token"
-timeout "${MLA_S:-45}" python3 -m afkv.bench.kernels mla ${TUNE:+--tune 1} --replays 5 \
+timeout "${MLA_S:-45}" python3 -m afkv.bench.kernels mla ${TUNE:+--tune 1 --deadline-s $(( ${MLA_S:-45} * 2 / 3 ))} --replays 5 \
     --json "$OUT/mla.json" >"$OUT/mla.txt" 2>&1
 tail -n 3 "$OUT/mla.txt"
 

@@ -49,7 +49,6 @@ try:
     import triton
     import triton.language as tl
 
-    from afkv.ops.triton_attention import _chunk_bounds
 except ImportError:  # the CPU CI: callers use the torch references
     triton = None
 
@@ -85,7 +84,27 @@ class MLATile:
             raise ConfigError(f"bad MLATile {self}")
 
 
-DEFAULT_TILE = MLATile()  # `afkv bench kernels mla --tune 1` times the others (afkv.bench.kernels.MLA_TILES)
+# The launch per (many query heads, quantized latents): 8 warps over 8 chunks of 64 (each warp a
+# chunk of the batched products), no spills on sm_90 (tests/ops/sm90_compile.py --usage); V3's
+# 128 heads in blocks of 32 (each latent tile read by 4 programs, from L2 after the first).
+# `afkv bench kernels mla --tune 1` times CANDIDATE_TILES beside them.
+DEFAULT_TILES = {
+    (False, False): MLATile(16, 32, 8, 2, 64),
+    (False, True): MLATile(16, 32, 8, 2, 64),
+    (True, False): MLATile(32, 32, 8, 2, 64),
+    (True, True): MLATile(32, 16, 8, 2, 64),
+}
+
+
+CANDIDATE_TILES = tuple(MLATile(*fields) for fields in (
+    (16, 32, 4, 2, 128, 2), (16, 32, 8, 2, 64, 4), (16, 16, 8, 2, 64, 2), (16, 32, 16, 2, 32, 2),
+    (32, 32, 8, 2, 64, 2), (32, 16, 8, 2, 64, 2), (64, 16, 8, 2, 64, 2),
+))
+
+
+def default_tile(num_heads: int, quantized: bool) -> MLATile:
+    """The launch for `num_heads` query heads over raw or quantized latents."""
+    return DEFAULT_TILES[(num_heads > 16, quantized)]
 
 
 if triton is not None:
@@ -160,10 +179,10 @@ if triton is not None:
     def _mla_decode_kernel(
         q_ptr, cache_ptr, rows_ptr, rows16_ptr, block_tables_ptr, context_lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
         stride_qb, stride_qh, stride_ob, stride_oh, stride_cb, stride_ct, layer_off, stride_bt,
-        num_heads, max_tokens, qk_scale, num_blocks, row_nbytes, layer_nbytes_off,
+        num_heads, max_tokens, qk_scale, num_blocks, row_nbytes, layer_nbytes_off, num_splits,
         RANK: tl.constexpr, ROPE: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
         GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CP: tl.constexpr, BLOCK_P: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
         KIND: tl.constexpr, OFF_SCALE: tl.constexpr, OFF_ZERO: tl.constexpr, OFF_ROPE: tl.constexpr,
         IEEE: tl.constexpr,
     ):  # fmt: skip
@@ -194,7 +213,9 @@ if triton is not None:
         q_lat = (q_lat * q_mul).to(CDT)
         q_sum = tl.sum(q_lat.to(tl.float32), 2)  # [C, H]: what a chunk's zero point adds to a score, per unit
         end = tl.minimum(tl.load(context_lens_ptr + b), max_tokens)
-        lo, hi = _chunk_bounds(end * 0, end, split, NUM_SPLITS, BLOCK_N)
+        chunk_len = tl.cdiv(tl.cdiv(end, num_splits), BLOCK_N) * BLOCK_N  # whole tiles; the last split shorter
+        lo = split * chunk_len
+        hi = tl.minimum(lo + chunk_len, end)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_CP], tl.float32)
@@ -249,24 +270,24 @@ if triton is not None:
             m_i = m_new
         _store_chunked(
             out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc + acc_zero[:, :, None], b, heads, hmask, offs_c, cmask,
-            stride_ob, stride_oh, num_heads, split, NUM_SPLITS, RANK,
+            stride_ob, stride_oh, num_heads, split, num_splits, SPLIT, RANK,
         )  # fmt: skip
 
     @triton.jit
     def _store_chunked(
         out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc, b, heads, hmask, offs_c, cmask,
-        stride_ob, stride_oh, num_heads, part, NUM_PARTS: tl.constexpr, RANK: tl.constexpr,
+        stride_ob, stride_oh, num_heads, part, num_parts, SPLIT: tl.constexpr, RANK: tl.constexpr,
     ):  # fmt: skip
         """afkv.ops.triton_attention's _store_partial for an output in chunks acc [C, H, CP]
         (columns offs_c [C, CP])."""
         has = l_i > 0.0
         o = acc / tl.where(has, l_i, 1.0)[None, :, None]  # [C, H, CP]
         mask = hmask[None, :, None] & cmask[:, None, :]
-        if NUM_PARTS == 1:
+        if not SPLIT:
             ptrs = out_ptr + b * stride_ob + heads[None, :, None] * stride_oh + offs_c[:, None, :]
             tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            row = (b * num_heads + heads) * NUM_PARTS + part  # [H]
+            row = (b * num_heads + heads) * num_parts + part  # [H]
             tl.store(mid_o_ptr + row[None, :, None] * RANK + offs_c[:, None, :], o, mask=mask)
             lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
             tl.store(mid_lse_ptr + row, lse, mask=hmask)
@@ -338,7 +359,7 @@ def paged_mla_decode(
         return out.zero_()
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
-    tile = tile or DEFAULT_TILE
+    tile = tile or default_tile(num_heads, geometry["KIND"] >= 0)
     block_size = lat.shape[2]
     max_tokens = max_blocks * block_size
     head_blocks = -(-num_heads // tile.block_h)
@@ -353,10 +374,10 @@ def paged_mla_decode(
     _mla_decode_kernel[(head_blocks, num_splits, batch)](
         q, lat, rows, rows16, block_tables, context_lens, out, mid_o, mid_lse,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), lat.stride(0), lat.stride(2), layer * lat.stride(1),
-        block_tables.stride(0), num_heads, max_tokens, scale * _LOG2E, num_blocks, row_nbytes, layer_bytes,
+        block_tables.stride(0), num_heads, max_tokens, scale * _LOG2E, num_blocks, row_nbytes, layer_bytes, num_splits,
         RANK=kv_lora_rank, ROPE=width - kv_lora_rank, BLOCK_C=next_pow2(geometry["NUM_CHUNKS"]),
         BLOCK_CP=max(16, next_pow2(geometry["CHUNK"])), BLOCK_P=max(16, next_pow2(width - kv_lora_rank)),
-        BLOCK_H=tile.block_h, BLOCK_SIZE=block_size, BLOCK_N=tile.block_n, NUM_SPLITS=num_splits,
+        BLOCK_H=tile.block_h, BLOCK_SIZE=block_size, BLOCK_N=tile.block_n, SPLIT=num_splits > 1,
         IEEE=_ieee(lat.dtype, q.device), **geometry, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
     if num_splits > 1:
