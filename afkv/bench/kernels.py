@@ -568,8 +568,7 @@ def mla_sweep(formats: list[str], workloads: list[tuple[int, int]], *, block_siz
                 tables = torch.arange(batch * per_seq, device=device).view(batch, per_seq)  # [B, nb]
                 lens = torch.full((batch,), context, dtype=torch.int64, device=device)  # [B]
                 q = (torch.randn(batch, heads, MLA_RANK + MLA_ROPE, device=device) * 0.1).to(torch.bfloat16)
-                calls = lambda t: [functools.partial(triton_mla.paged_mla_decode, q, cache, layer, tables, lens,  # noqa: E731
-                                                     scale, MLA_RANK, tile=t) for layer in range(num_layers)]
+                calls = functools.partial(_mla_calls, q, cache, tables, lens, scale, num_layers)
                 if (batch, context) == tune_at:
                     tile, trials = _mla_tune(default, heads, q, cache, tables, lens, scale, calls, replays, device,
                                              deadline, log)
@@ -589,6 +588,14 @@ def mla_sweep(formats: list[str], workloads: list[tuple[int, int]], *, block_siz
                 torch.cuda.empty_cache()
     return {"device": torch.cuda.get_device_name(device), "copy_bytes_per_s": copy_bw, "bf16_peak_flops": peak,
             "block_size": block_size, "rows": rows, "tuned": tuned}
+
+
+def _mla_calls(q, cache, tables, lens, scale, num_layers, tile) -> list:
+    """One decode call per layer of the cache (the timer cycles over them)."""
+    from afkv.ops import triton_mla
+
+    return [functools.partial(triton_mla.paged_mla_decode, q, cache, layer, tables, lens, scale, MLA_RANK, tile=tile)
+            for layer in range(num_layers)]
 
 
 def _mla_tune(default, heads, q, cache, tables, lens, scale, calls, replays, device, deadline, log):

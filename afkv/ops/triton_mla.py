@@ -12,19 +12,28 @@ in any order).
 Flash-decoding with multi-query attention of r + dr wide keys and r wide values: grid
 (head blocks, splits, rows). A program takes BLOCK_H query heads of one row and one chunk of
 its context; per tile of BLOCK_N tokens it loads the latents once ([BLOCK_N, r] and the
-[BLOCK_N, dr] rotary keys) and computes every head's scores (q_abs . latent: two tl.dot)
-and P @ c for all BLOCK_H heads with that one load. The head blocks of a (row, split) are
-consecutive programs, so with more heads than BLOCK_H (V3's 128) a tile is read from HBM by
-the first of them and from L2 by the rest; V2-Lite's 16 heads are one head block. Split-K
-cuts each row's context into chunks of whole tiles (enough programs to fill the device), and
-afkv.ops.triton_attention's reduce kernel merges the partial (log-sum-exp, output) pairs; the
-grid depends on shapes only (CUDA-graph capturable), and only attended tokens are read.
+[BLOCK_N, dr] rotary keys) and computes every head's scores and P @ c for all BLOCK_H heads
+with that one load. The latent is cut into C chunks of `rank_chunk` values and both products
+run as batched tl.dot over the chunks ([C, H, chunk] x [C, chunk, N] -> scores summed over C;
+[C, H, N] x [C, N, chunk] -> the output in chunks): independent chains of short products
+(a 512-deep dot per head block is one long dependent chain of tensor-core steps), one chunk
+per warp. The head blocks of a (row, split) are consecutive programs, so with more heads than
+BLOCK_H (V3's 128) a tile is read from HBM by the first of them and from L2 by the rest.
+Split-K cuts each row's context into chunks of whole tiles (the split count is a runtime
+argument: one compile per launch shape), and afkv.ops.triton_attention's reduce kernel merges
+the partial (log-sum-exp, output) pairs; the grid depends on shapes only (CUDA-graph
+capturable), and only attended tokens are read. When a tile lies in one cache block
+(BLOCK_SIZE a multiple of BLOCK_N) its block id is read once.
 
-Quantized rows are dequantized in registers per tile (code x group scale + zero point; the
-rotary part is stored in 16-bit), rounded to the staging dtype as the reference's scratch
-buffer is, then multiplied like raw latents: decode is bound by reading the latents, and the
-rows are 0.56x (fp8) or 0.57x (int8) of bfloat16's bytes. 16-bit caches multiply
-in their dtype with float32 accumulation; float32 and the interpreter in IEEE float32.
+Quantized rows are never dequantized element by element: a chunk lies in one scale group, so
+its scale and zero point factor out of the products. Scores: scale x (q . codes) + zero x
+sum(q) per chunk; output: (P x scale / the tile's largest scale) @ codes, times that largest,
+plus sum(P x zero). The codes multiply in float16, which holds them exactly and takes them
+cheaply (fp8: one cvt per two codes; int8: the bits 0x6400 | code are 1024 + code, minus
+1024), with the queries scaled into float16's range by a power of two per program; the
+rotary part (stored in 16 bits) multiplies in the model dtype. Staging blocks (full
+precision) multiply with scale 1 and zero 0. 16-bit caches multiply in their dtype with
+float32 accumulation; float32 and the interpreter in IEEE float32.
 
 A prefill chunk of n queries runs as n decode rows sharing the sequence's table, row i
 attending to the first context_len - n + 1 + i tokens (causality by context length), so
