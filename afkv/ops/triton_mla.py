@@ -266,7 +266,7 @@ if triton is not None:
                 p_c = tl.broadcast_to(p.to(CDT)[None, :, :], [BLOCK_C, BLOCK_H, BLOCK_N])
                 p_mul = tl.full([BLOCK_C, 1, 1], 1.0, tl.float32)
             else:  # the scales folded into the probabilities, over the tile's largest (float16's range)
-                p_mul = tl.max(scale_t, 2, keep_dims=True)  # [C, 1, 1]
+                p_mul = tl.max(scale_t, 2)[:, :, None]  # [C, 1, 1]
                 p_mul = tl.where(p_mul > 0.0, p_mul, 1.0)
                 p_c = (p[None, :, :] * (scale_t / p_mul)).to(CDT)  # [C, H, N]
             if IEEE:
