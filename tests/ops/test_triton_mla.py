@@ -182,7 +182,8 @@ def test_bad_arguments_are_refused():
 @pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
 def test_decode_real_shapes_bf16(num_heads, kind):
     """DeepSeek's shapes in bfloat16 over long random contexts, against float32 attention over
-    the same latents (quantized: the same rows dequantized)."""
+    the same latents (quantized: the same rows dequantized): the default launch and every
+    candidate the tuning times (triton_mla.CANDIDATE_TILES)."""
     gen = torch.Generator().manual_seed(num_heads)
     lens = torch.randint(1, 5000, (12,), generator=gen).tolist()
     bs = 64
@@ -197,8 +198,29 @@ def test_decode_real_shapes_bf16(num_heads, kind):
     q = (torch.randn(len(lens), num_heads, 576, generator=gen) * 0.1).to(torch.bfloat16)
     lens_t = torch.tensor(lens)
     want = mla.mla_decode_attention(q.float(), ref_cache, 0, ref_tables, lens_t, 0.1352, 512)
-    got = tm.paged_mla_decode(q.cuda(), dev_cache, 0, tables.cuda(), lens_t.cuda(), 0.1352, 512)
-    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    for tile in [None, *(t for t in tm.CANDIDATE_TILES if t.block_h <= max(16, num_heads))]:
+        got = tm.paged_mla_decode(q.cuda(), dev_cache, 0, tables.cuda(), lens_t.cuda(), 0.1352, 512, tile=tile)
+        assert got.dtype == torch.bfloat16 and torch.isfinite(got).all(), tile
+        torch.testing.assert_close(got.float().cpu(), want, **_tol(torch.bfloat16), msg=lambda m, t=tile: f"{t}: {m}")
+
+
+@pytest.mark.parametrize("magnitude", [3e4, 1e-6])  # beyond float16's largest; below its smallest normal
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
+def test_quantized_decode_holds_queries_of_any_magnitude(kind, magnitude):
+    """Quantized codes multiply in float16 with the queries scaled into its range per program:
+    bfloat16 queries far outside float16's range (softmax scale 0.1 / magnitude) give float32
+    attention's output."""
+    gen = torch.Generator().manual_seed(17)
+    lens = torch.randint(1, 3000, (6,), generator=gen).tolist()
+    dev_cache, ref_tables, tables = _quant_cache(kind, torch.bfloat16, 512, 64, 64, lens, "cuda", gen, num_layers=1)
+    ref_cache = QuantizedKVCache(dev_cache.blocks.cpu(), dev_cache.staging.cpu().float(), dev_cache.spec, 1)
+    q = (torch.randn(len(lens), 128, 576, generator=gen) * magnitude).to(torch.bfloat16)
+    lens_t = torch.tensor(lens)
+    want = mla.mla_decode_attention(q.float(), ref_cache, 0, ref_tables, lens_t, 0.1 / magnitude, 512)
+    got = tm.paged_mla_decode(q.cuda(), dev_cache, 0, tables.cuda(), lens_t.cuda(), 0.1 / magnitude, 512)
+    assert torch.isfinite(got).all()
     torch.testing.assert_close(got.float().cpu(), want, **_tol(torch.bfloat16))
 
 
