@@ -600,13 +600,16 @@ def _mla_calls(q, cache, tables, lens, scale, num_layers, tile) -> list:
 
 def _mla_tune(default, heads, q, cache, tables, lens, scale, calls, replays, device, deadline, log):
     """Time the default launch and triton_mla.CANDIDATE_TILES (of at most `heads` heads per
-    program, or 16); each result checked against float32 attention over the same latents.
+    program, or 16; whole-latent scores over raw latents only); each result checked against
+    float32 attention over the same latents.
     -> (the fastest tile that matched, [{tile, us | error}])."""
     from afkv.ops import mla, triton_mla
 
-    cache_f = cache[:, :1].float() if isinstance(cache, torch.Tensor) else cache  # layer 0
+    cache_f = cache[:, :1].float() if raw else cache  # layer 0
     want = mla.mla_decode_attention(q.float(), cache_f, 0, tables, lens, scale, MLA_RANK)  # [B, H, r]
-    candidates = [default] + [t for t in triton_mla.CANDIDATE_TILES if t.block_h <= max(16, heads) and t != default]
+    raw = isinstance(cache, torch.Tensor)
+    candidates = [default] + [t for t in triton_mla.CANDIDATE_TILES
+                              if t.block_h <= max(16, heads) and t != default and (raw or not t.whole_scores)]
     best, trials = None, []
     for tile in candidates:
         if deadline is not None and time.monotonic() > deadline:

@@ -74,8 +74,9 @@ def available() -> bool:
 @dataclass(frozen=True)
 class MLATile:
     """Launch shape: query heads per program, tokens per tile, warps, stages, the chunk of
-    the latent each batch of the chunked products takes (raw latents; a quantized format's
-    chunk is its scale group), programs per SM that split-K aims at."""
+    the latent each batch of the chunked products takes (a quantized row's chunk lies in one
+    scale group: at most the group), programs per SM that split-K aims at, and (raw latents
+    only) scores as one product over the whole latent instead of summed chunks."""
 
     block_h: int = 16
     block_n: int = 32
@@ -83,6 +84,7 @@ class MLATile:
     num_stages: int = 2
     rank_chunk: int = 128
     programs_per_sm: int = 2
+    whole_scores: bool = False  # raw latents: the scores as one product over the whole latent (chunks: P @ c)
 
     def __post_init__(self) -> None:
         for name in ("block_h", "block_n", "rank_chunk"):
@@ -93,21 +95,22 @@ class MLATile:
             raise ConfigError(f"bad MLATile {self}")
 
 
-# The launch per (many query heads, quantized latents): 8 warps over 8 chunks of 64 (each warp a
-# chunk of the batched products), no spills on sm_90 (tests/ops/sm90_compile.py --usage); V3's
-# 128 heads in blocks of 32 (each latent tile read by 4 programs, from L2 after the first).
+# The launch per (many query heads, quantized latents): 8 warps, the latent in 8 chunks of 64
+# (one chunk of P @ c per warp), no spills on sm_90 (tests/ops/sm90_compile.py --usage); raw
+# latents take their scores as one product (fewer barriers and shuffles than summing chunks
+# across warps), quantized ones need the chunks (a scale per chunk); V3's 128 heads in blocks
+# of 32 (each latent tile read by 4 programs, from L2 after the first).
 # `afkv bench kernels mla --tune 1` times CANDIDATE_TILES beside them.
 DEFAULT_TILES = {
-    (False, False): MLATile(16, 32, 8, 2, 64),
+    (False, False): MLATile(16, 32, 8, 2, 64, 2, whole_scores=True),
     (False, True): MLATile(16, 32, 8, 2, 64),
-    (True, False): MLATile(32, 32, 8, 2, 64),
+    (True, False): MLATile(32, 32, 8, 2, 64, 2, whole_scores=True),
     (True, True): MLATile(32, 16, 8, 2, 64),
 }
-
-
 CANDIDATE_TILES = tuple(MLATile(*fields) for fields in (
     (16, 32, 4, 2, 128, 2), (16, 32, 8, 2, 64, 4), (16, 16, 8, 2, 64, 2), (16, 32, 16, 2, 32, 2),
     (32, 32, 8, 2, 64, 2), (32, 16, 8, 2, 64, 2), (64, 16, 8, 2, 64, 2),
+    (16, 32, 8, 2, 64, 2, True), (16, 64, 8, 2, 64, 2, True), (32, 32, 8, 2, 64, 2, True),  # raw latents only
 ))
 
 
@@ -193,7 +196,7 @@ if triton is not None:
         GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CP: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
         KIND: tl.constexpr, OFF_SCALE: tl.constexpr, OFF_ZERO: tl.constexpr, OFF_ROPE: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, WHOLE_SCORES: tl.constexpr,
     ):  # fmt: skip
         hb = tl.program_id(0)
         split = tl.program_id(1)
@@ -221,6 +224,9 @@ if triton is not None:
             q_mul = tl.where(q_max > 0.0, tl.exp2(13.0 - tl.floor(tl.log2(tl.where(q_max > 0.0, q_max, 1.0)))), 1.0)
         q_lat = (q_lat * q_mul).to(CDT)
         q_sum = tl.sum(q_lat.to(tl.float32), 2)  # [C, H]: what a chunk's zero point adds to a score, per unit
+        WHOLE: tl.constexpr = WHOLE_SCORES and KIND == -1  # raw latents: scores as one product over the latent
+        if WHOLE:
+            q_whole = tl.reshape(tl.permute(q_lat, (1, 0, 2)), [BLOCK_H, BLOCK_C * BLOCK_CP])  # [H, C x CP]
         end = tl.minimum(tl.load(context_lens_ptr + b), max_tokens)
         chunk_len = tl.cdiv(tl.cdiv(end, num_splits), BLOCK_N) * BLOCK_N  # whole tiles; the last split shorter
         lo = split * chunk_len
@@ -243,19 +249,17 @@ if triton is not None:
                 pmask, stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off, DT, CDT,
                 RANK, ROPE, KIND, CHUNK, GROUP, NUM_GROUPS, OFF_SCALE, OFF_ZERO, OFF_ROPE, ONE_BLOCK,
             )  # fmt: skip
-            if IEEE:
-                s_c = tl.dot(q_lat, tl.permute(c, (1, 2, 0)), input_precision="ieee")  # [C, H, N]
-                s = tl.dot(q_pe, tl.trans(pe), input_precision="ieee")  # [H, N]
-            else:
-                s_c = tl.dot(q_lat, tl.permute(c, (1, 2, 0)))
-                s = tl.dot(q_pe, tl.trans(pe))
+            s = _dot(q_pe, tl.trans(pe), IEEE)  # [H, N]
             scale_t = tl.trans(scale)[:, None, :]  # [C, 1, N]
-            if KIND == -1:
-                s += tl.sum(s_c, 0)
+            if WHOLE:
+                s += _dot(q_whole, tl.trans(tl.reshape(c, [BLOCK_N, BLOCK_C * BLOCK_CP])), IEEE)
+            elif KIND == -1:
+                s += tl.sum(_dot(q_lat, tl.permute(c, (1, 2, 0)), IEEE), 0)  # [C, H, N] summed over the chunks
             elif KIND == 1:
+                s_c = _dot(q_lat, tl.permute(c, (1, 2, 0)), IEEE)
                 s += tl.sum(s_c * scale_t + q_sum[:, :, None] * tl.trans(zero)[:, None, :], 0) / q_mul
             else:
-                s += tl.sum(s_c * scale_t, 0) / q_mul
+                s += tl.sum(_dot(q_lat, tl.permute(c, (1, 2, 0)), IEEE) * scale_t, 0) / q_mul
             s = tl.where(hmask[:, None] & tmask[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))  # [H]
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -269,10 +273,7 @@ if triton is not None:
                 p_mul = tl.max(scale_t, 2)[:, :, None]  # [C, 1, 1]
                 p_mul = tl.where(p_mul > 0.0, p_mul, 1.0)
                 p_c = (p[None, :, :] * (scale_t / p_mul)).to(CDT)  # [C, H, N]
-            if IEEE:
-                pv = tl.dot(p_c, tl.permute(c, (1, 0, 2)), input_precision="ieee")  # [C, H, CP]
-            else:
-                pv = tl.dot(p_c, tl.permute(c, (1, 0, 2)))
+            pv = _dot(p_c, tl.permute(c, (1, 0, 2)), IEEE)  # [C, H, CP]
             acc = acc * alpha[None, :, None] + pv * p_mul
             if KIND == 1:
                 acc_zero = acc_zero * alpha[None, :] + tl.sum(p[None, :, :] * tl.trans(zero)[:, None, :], 2)
@@ -281,6 +282,12 @@ if triton is not None:
             out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc + acc_zero[:, :, None], b, heads, hmask, offs_c, cmask,
             stride_ob, stride_oh, num_heads, split, num_splits, SPLIT, RANK,
         )  # fmt: skip
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
 
     @triton.jit
     def _store_chunked(
@@ -387,7 +394,8 @@ def paged_mla_decode(
         RANK=kv_lora_rank, ROPE=width - kv_lora_rank, BLOCK_C=next_pow2(geometry["NUM_CHUNKS"]),
         BLOCK_CP=max(16, next_pow2(geometry["CHUNK"])), BLOCK_P=max(16, next_pow2(width - kv_lora_rank)),
         BLOCK_H=tile.block_h, BLOCK_SIZE=block_size, BLOCK_N=tile.block_n, SPLIT=num_splits > 1,
-        IEEE=_ieee(lat.dtype, q.device), **geometry, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        IEEE=_ieee(lat.dtype, q.device), WHOLE_SCORES=tile.whole_scores, **geometry,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _merge(mid_o, mid_lse, out, num_splits)

@@ -234,7 +234,7 @@ def mla_launches(sweep: bool = False):
             yield f"prefill {tag}", lambda c=cache, h=h, r=rank, p=rope, dt=dtype: tm.paged_mla_prefill(
                 torch.zeros(3, h, r + p, dtype=dt), c, 1, torch.zeros(3, dtype=torch.int64), 2 * bs, 0.1, r)
             for tile in (tm.CANDIDATE_TILES if sweep and rank == 512 and dtype == torch.bfloat16 else ()):
-                if tile.block_h <= h:
+                if tile.block_h <= h and (kind == "raw" or not tile.whole_scores):
                     yield f"decode {tag} {tile}", lambda q=q, c=cache, r=rank, t=tile: tm.paged_mla_decode(
                         q, c, 1, tables, lens, 0.1, r, tile=t)
 

@@ -115,8 +115,9 @@ def test_decode_over_quantized_rows_and_staging(device, kind):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["raw", "fp8", "int8"])
-@pytest.mark.parametrize("tile", [tm.MLATile(block_n=16, rank_chunk=64), tm.MLATile(block_h=32, block_n=32)],
-                         ids=["tile-in-block", "tiles-across-blocks"])
+@pytest.mark.parametrize("tile", [tm.MLATile(block_n=16, rank_chunk=64), tm.MLATile(block_h=32, block_n=32),
+                                  tm.MLATile(block_n=16, rank_chunk=64, whole_scores=True)],
+                         ids=["tile-in-block", "tiles-across-blocks", "whole-scores"])
 def test_decode_tiles_and_chunks(device, kind, tile):
     """Tiles inside one cache block (the tile's block id read once: a quantized tile or a
     staging tile, per tile) and across blocks (per token), latents in several chunks (raw:
@@ -198,7 +199,8 @@ def test_decode_real_shapes_bf16(num_heads, kind):
     q = (torch.randn(len(lens), num_heads, 576, generator=gen) * 0.1).to(torch.bfloat16)
     lens_t = torch.tensor(lens)
     want = mla.mla_decode_attention(q.float(), ref_cache, 0, ref_tables, lens_t, 0.1352, 512)
-    for tile in [None, *(t for t in tm.CANDIDATE_TILES if t.block_h <= max(16, num_heads))]:
+    for tile in [None, *(t for t in tm.CANDIDATE_TILES
+                         if t.block_h <= max(16, num_heads) and (kind == "raw" or not t.whole_scores))]:
         got = tm.paged_mla_decode(q.cuda(), dev_cache, 0, tables.cuda(), lens_t.cuda(), 0.1352, 512, tile=tile)
         assert got.dtype == torch.bfloat16 and torch.isfinite(got).all(), tile
         torch.testing.assert_close(got.float().cpu(), want, **_tol(torch.bfloat16), msg=lambda m, t=tile: f"{t}: {m}")
