@@ -130,8 +130,8 @@ if triton is not None:
     ):  # fmt: skip
         """The latents of a tile, as chunks: c [N, C, CP] of CDT (raw values, or the codes of
         quantized rows: exact in 16 bits; a chunk lies in one scale group), each chunk's scale
-        and zero point [N, C] (float32:
-        value = c * scale + zero; 1 and 0 for raw values) and the rotary keys k_pe [N, P] of DT.
+        and zero point [N, C] (float32: value = c * scale + zero; 1 and 0 for raw values and
+        staging blocks) and the rotary keys k_pe [N, P] of DT.
         `blk` is the tile's block id (a scalar) when ONE_BLOCK, else each token's [N]. Tokens
         outside tmask are zeros and not read."""
         cm = tmask[:, None, None] & cmask[None, :, :]  # [N, C, CP]
@@ -193,7 +193,8 @@ if triton is not None:
         stride_qb, stride_qh, stride_ob, stride_oh, stride_cb, stride_ct, layer_off, stride_bt,
         num_heads, max_tokens, qk_scale, num_blocks, row_nbytes, layer_nbytes_off, num_splits,
         RANK: tl.constexpr, ROPE: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
-        GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CP: tl.constexpr, BLOCK_P: tl.constexpr,
+        GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_CP: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
         KIND: tl.constexpr, OFF_SCALE: tl.constexpr, OFF_ZERO: tl.constexpr, OFF_ROPE: tl.constexpr,
         IEEE: tl.constexpr, WHOLE_SCORES: tl.constexpr,
@@ -203,7 +204,7 @@ if triton is not None:
         b = tl.program_id(2)
         heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [H]
         hmask = heads < num_heads
-        offs_g = tl.arange(0, BLOCK_C)  # [C] chunk of the latent (a quantization group)
+        offs_g = tl.arange(0, BLOCK_C)  # [C] chunk of the latent (inside one quantization group)
         gmask = offs_g < NUM_CHUNKS
         offs_j = tl.arange(0, BLOCK_CP)  # [CP] value within its chunk
         offs_c = offs_g[:, None] * CHUNK + offs_j[None, :]  # [C, CP] latent column
