@@ -10,7 +10,9 @@
 # downloaded). Each phase has its own time limit (seconds, environment: TESTS_S, MLA_S, V3_S,
 # LONG_S, V2_S) so a slow phase cannot starve the others; the HF phase is last, being the
 # slowest. Every phase writes its log and JSON under OUT; the summary comes last. TUNE=1 also
-# times the MLA kernel's candidate tiles. About 200 s on one H100.
+# times the MLA kernel's candidate launches (triton_mla.CANDIDATE_TILES, each checked against
+# float32 attention; tuning stops at two thirds of MLA_S, then the rows run with the winners):
+# MLA_S=90 for it. About 200 s on one H100.
 set -u
 OUT=${1:?usage: deepseek_gpu.sh OUT}
 mkdir -p "$OUT"
@@ -25,7 +27,7 @@ timeout "${TESTS_S:-50}" python3 -m pytest -q -p no:cacheprovider -m gpu -rfE \
 tail -n 2 "$OUT/tests.txt"
 
 phase "MLA decode kernel: GB/s vs copy, TFLOP/s vs GEMM peak; latent bytes per token"
-timeout "${MLA_S:-45}" python3 -m afkv.bench.kernels mla ${TUNE:+--tune 1} --replays 5 \
+timeout "${MLA_S:-45}" python3 -m afkv.bench.kernels mla ${TUNE:+--tune 1 --deadline-s $(( ${MLA_S:-45} * 2 / 3 ))} --replays 5 \
     --json "$OUT/mla.json" >"$OUT/mla.txt" 2>&1
 tail -n 3 "$OUT/mla.txt"
 

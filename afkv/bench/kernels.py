@@ -31,6 +31,7 @@ import json
 import math
 import time
 from dataclasses import asdict
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -444,7 +445,6 @@ MLA_HEADS = {"deepseek-v3": 128, "deepseek-v2-lite": 16}  # query heads; both ca
 MLA_RANK, MLA_ROPE = 512, 64
 MLA_FORMATS = ("bf16", "fp8", "int8")
 MLA_WORKLOADS = ((1, 16384), (16, 4096), (64, 4096), (128, 8192))  # (batch, cached tokens per sequence)
-MLA_TILES = ((16, 32, 4, 2), (16, 64, 4, 2), (16, 32, 8, 2), (16, 64, 8, 3), (32, 32, 8, 2))  # MLATile fields
 _MLA_FLUSH_NBYTES = 512 << 20  # latents cycled through per timing: far beyond L2
 H200_USABLE_BYTES = 139 << 30  # one H200 as torch sees it
 _KV_SHARE = 0.9  # of what the weights leave: the rest for activations, CUDA graphs, staging
@@ -535,13 +535,15 @@ def _mla_cache(fmt: str, num_blocks: int, num_layers: int, block_size: int, devi
 
 @torch.inference_mode()
 def mla_sweep(formats: list[str], workloads: list[tuple[int, int]], *, block_size: int = 64, tune: bool = False,
-              replays: int = 5, log=print) -> dict:
+              replays: int = 5, deadline: float | None = None, log=print) -> dict:
     """The Triton paged MLA decode kernel (afkv.ops.triton_mla) at DeepSeek-V3's and V2-Lite's
     shapes: time per layer call, latent bytes read / time against the HBM copy ceiling, FLOPs
     / time against the dense bf16 GEMM peak (both measured here), and the roofline share
     max(bytes / copy, FLOPs / peak) / time. Calls cycle over layers (> 512 MiB of latents).
-    `tune`: the tiles of MLA_TILES timed on the first workload with batch >= 16, per model and
-    format; the fastest runs the rest."""
+    `tune`: per model and format, the default launch and triton_mla.CANDIDATE_TILES timed
+    on the first workload with batch >= 16, each checked against float32 attention over the
+    same latents (a candidate that does not compile, fit or match is reported and left out);
+    the fastest runs the rest. Tuning stops at `deadline` (time.monotonic())."""
     from afkv.bench.calibrate import gemm_peak
     from afkv.bench.steps import copy_bandwidth
     from afkv.ops import triton_mla
@@ -551,10 +553,11 @@ def mla_sweep(formats: list[str], workloads: list[tuple[int, int]], *, block_siz
     peak = gemm_peak(device, torch.bfloat16, 8192)
     log(f"HBM copy {copy_bw / 1e12:.2f} TB/s, bf16 GEMM peak {peak / 1e12:.0f} TFLOP/s")
     scale = (128 + MLA_ROPE) ** -0.5
-    rows = []
+    rows, tuned = [], []
     for model, heads in MLA_HEADS.items():
         for fmt in formats:
-            tiles = [triton_mla.DEFAULT_TILE]
+            default = triton_mla.default_tile(heads, fmt != "bf16")
+            tile = default
             tune_at = next((w for w in workloads if w[0] >= 16), None) if tune else None
             for batch, context in workloads:
                 per_seq = -(-context // block_size)
@@ -565,19 +568,13 @@ def mla_sweep(formats: list[str], workloads: list[tuple[int, int]], *, block_siz
                 tables = torch.arange(batch * per_seq, device=device).view(batch, per_seq)  # [B, nb]
                 lens = torch.full((batch,), context, dtype=torch.int64, device=device)  # [B]
                 q = (torch.randn(batch, heads, MLA_RANK + MLA_ROPE, device=device) * 0.1).to(torch.bfloat16)
-                candidates = ([triton_mla.MLATile(*t) for t in MLA_TILES if t[0] <= max(16, heads)]
-                              if (batch, context) == tune_at else tiles)
-                best = None
-                for tile in candidates:
-                    fns = [functools.partial(triton_mla.paged_mla_decode, q, cache, layer, tables, lens, scale,
-                                             MLA_RANK, tile=tile) for layer in range(num_layers)]
-                    seconds = time_s(fns, replays, device)
-                    if best is None or seconds < best[0]:
-                        best = (seconds, tile)
-                    if len(candidates) > 1:
-                        log(f"    {model} {fmt} {batch}x{context} tile {asdict(tile)}: {seconds * 1e6:.1f} us")
-                seconds, tile = best
-                tiles = [tile]
+                calls = functools.partial(_mla_calls, q, cache, tables, lens, scale, num_layers)
+                if (batch, context) == tune_at:
+                    tile, trials = _mla_tune(default, heads, q, cache, tables, lens, scale, calls, replays, device,
+                                             deadline, log)
+                    tuned.append({"model": model, "format": fmt, "batch": batch, "context": context,
+                                  "default": asdict(default), "best": asdict(tile), "trials": trials})
+                seconds = time_s(calls(tile), replays, device)
                 read = batch * context * token_nbytes
                 flops = 2 * batch * context * heads * (2 * MLA_RANK + MLA_ROPE)  # q.latent and P @ c
                 row = {"model": model, "format": fmt, "batch": batch, "context": context, "heads": heads,
@@ -590,22 +587,81 @@ def mla_sweep(formats: list[str], workloads: list[tuple[int, int]], *, block_siz
                 del cache
                 torch.cuda.empty_cache()
     return {"device": torch.cuda.get_device_name(device), "copy_bytes_per_s": copy_bw, "bf16_peak_flops": peak,
-            "block_size": block_size, "rows": rows}
+            "block_size": block_size, "rows": rows, "tuned": tuned}
+
+
+def _mla_calls(q, cache, tables, lens, scale, num_layers, tile) -> list:
+    """One decode call per layer of the cache (the timer cycles over them)."""
+    from afkv.ops import triton_mla
+
+    return [functools.partial(triton_mla.paged_mla_decode, q, cache, layer, tables, lens, scale, MLA_RANK, tile=tile)
+            for layer in range(num_layers)]
+
+
+def _mla_tune(default, heads, q, cache, tables, lens, scale, calls, replays, device, deadline, log):
+    """Time the default launch and triton_mla.CANDIDATE_TILES (of at most `heads` heads per
+    program, or 16; whole-latent scores over raw latents only); each result checked against
+    float32 attention over the same latents.
+    -> (the fastest tile that matched, [{tile, us | error}])."""
+    from afkv.ops import mla, triton_mla
+
+    cache_f = cache[:, :1].float() if raw else cache  # layer 0
+    want = mla.mla_decode_attention(q.float(), cache_f, 0, tables, lens, scale, MLA_RANK)  # [B, H, r]
+    raw = isinstance(cache, torch.Tensor)
+    candidates = [default] + [t for t in triton_mla.CANDIDATE_TILES
+                              if t.block_h <= max(16, heads) and t != default and (raw or not t.whole_scores)]
+    best, trials = None, []
+    for tile in candidates:
+        if deadline is not None and time.monotonic() > deadline:
+            log(f"    tile {_tile_str(tile)}: skipped (deadline)")
+            continue
+        try:
+            got = triton_mla.paged_mla_decode(q, cache, 0, tables, lens, scale, MLA_RANK, tile=tile).float()
+            err = ((got - want).abs() - 2e-2 * want.abs()).max().item()  # the GPU tests' bound: 3e-2 + 2e-2 |ref|
+            if not err <= 3e-2:
+                raise ValueError(f"does not match float32 attention (excess {err:.3g})")
+            seconds = time_s(calls(tile), replays, device)
+        except Exception as exc:  # noqa: BLE001 - a candidate that fails is reported and left out
+            trials.append({"tile": asdict(tile), "error": f"{type(exc).__name__}: {str(exc)[:160]}"})
+            log(f"    tile {_tile_str(tile)}: {trials[-1]['error']}")
+            continue
+        trials.append({"tile": asdict(tile), "us": seconds * 1e6})
+        log(f"    tile {_tile_str(tile)}: {seconds * 1e6:.1f} us" + (" (default)" if tile == default else ""))
+        if best is None or seconds < best[0]:
+            best = (seconds, tile)
+    if best is None:
+        return default, trials
+    log(f"    best {_tile_str(best[1])}")
+    return best[1], trials
+
+
+def _tile_str(t) -> str:
+    return f"h{t.block_h} n{t.block_n} w{t.num_warps} s{t.num_stages} chunk{t.rank_chunk} pps{t.programs_per_sm}"
 
 
 def _mla_line(r: dict) -> str:
     return (f"{r['model']:>16} {r['format']:>5} {r['batch']:>5} {r['context']:>7} {r['seconds'] * 1e6:>9.1f} "
             f"{r['bytes_per_s'] / 1e9:>7.0f} {r['vs_copy']:>7.0%} {r['flops_per_s'] / 1e12:>7.0f} {r['vs_peak']:>7.0%} "
-            f"{r['roofline_share']:>8.0%}")
+            f"{r['roofline_share']:>8.0%}  {_tile_str(SimpleNamespace(**r['tile']))}")
 
 
 def format_mla(result: dict) -> str:
     head = (f"{'model':>16} {'fmt':>5} {'batch':>5} {'context':>7} {'us/layer':>9} {'GB/s':>7} {'vs copy':>7} "
-            f"{'TFLOP/s':>7} {'vs peak':>7} {'roofline':>8}")
+            f"{'TFLOP/s':>7} {'vs peak':>7} {'roofline':>8}  tile")
     return "\n".join([f"MLA decode kernel, {result['device']}: HBM copy {result['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
                       f"bf16 GEMM {result['bf16_peak_flops'] / 1e12:.0f} TFLOP/s, block {result['block_size']} "
                       f"(anchor: FlashMLA ~3000 GB/s, 660 TFLOP/s on H800)", head, "-" * len(head)]
-                     + [_mla_line(r) for r in result["rows"]])
+                     + [_mla_line(r) for r in result["rows"]]
+                     + [_tuned_line(t) for t in result.get("tuned", ())])
+
+
+def _tuned_line(t: dict) -> str:
+    us = {_tile_str(SimpleNamespace(**x["tile"])): x["us"] for x in t["trials"] if "us" in x}
+    best, default = _tile_str(SimpleNamespace(**t["best"])), _tile_str(SimpleNamespace(**t["default"]))
+    failed = sum("error" in x for x in t["trials"])
+    ratio = f", {us[default] / us[best]:.2f}x the default ({default})" if default in us and best in us else ""
+    return (f"tuned {t['model']} {t['format']} at {t['batch']}x{t['context']}: {best} {us.get(best, float('nan')):.1f} us"
+            f"{ratio}; {len(us)} timed, {failed} failed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -621,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--copies", type=int, default=2, help="moe: weight copies cycled through (distinct layers)")
     p.add_argument("--replays", type=int, default=3)
     p.add_argument("--tune", default="", help="moe: token counts at which to time candidate tile configs; "
-                   "mla: any value times MLA_TILES")
+                   "mla: any value times triton_mla.CANDIDATE_TILES")
     p.add_argument("--mla-formats", default=",".join(MLA_FORMATS), help="mla: latent formats, bf16 / fp8 / int8")
     p.add_argument("--mla-workloads", default=",".join(f"{b}x{c}" for b, c in MLA_WORKLOADS),
                    help="mla: BATCHxCONTEXT, comma-separated")
@@ -632,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="decode: timed steps (median)")
     p.add_argument("--expert-dtypes", default="auto", help="decode: comma-separated, auto and/or fp8")
     p.add_argument("--no-profile", action="store_true", help="decode: skip the per-kernel table")
-    p.add_argument("--deadline-s", type=float, help="moe: skip the points (and tuning) left after this many seconds")
+    p.add_argument("--deadline-s", type=float, help="moe: skip the points (and tuning) left after this many seconds; mla: the tuning")
     p.add_argument("--json", help="output path (default bench-results/kernels-<what>-<time>.json)")
     args = p.parse_args(argv)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
@@ -656,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "mla":
         workloads = [tuple(int(x) for x in w.split("x")) for w in split(args.mla_workloads)]
         result["mla"] = mla_sweep(split(args.mla_formats), workloads, tune=bool(args.tune), replays=args.replays,
-                                  log=log)
+                                  deadline=deadline, log=log)
         tables.append(format_mla(result["mla"]))
     if args.what == "fused":
         device = _require_gpu()

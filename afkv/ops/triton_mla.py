@@ -12,19 +12,28 @@ in any order).
 Flash-decoding with multi-query attention of r + dr wide keys and r wide values: grid
 (head blocks, splits, rows). A program takes BLOCK_H query heads of one row and one chunk of
 its context; per tile of BLOCK_N tokens it loads the latents once ([BLOCK_N, r] and the
-[BLOCK_N, dr] rotary keys) and computes every head's scores (q_abs . latent: two tl.dot)
-and P @ c for all BLOCK_H heads with that one load. The head blocks of a (row, split) are
-consecutive programs, so with more heads than BLOCK_H (V3's 128) a tile is read from HBM by
-the first of them and from L2 by the rest; V2-Lite's 16 heads are one head block. Split-K
-cuts each row's context into chunks of whole tiles (enough programs to fill the device), and
-afkv.ops.triton_attention's reduce kernel merges the partial (log-sum-exp, output) pairs; the
-grid depends on shapes only (CUDA-graph capturable), and only attended tokens are read.
+[BLOCK_N, dr] rotary keys) and computes every head's scores and P @ c for all BLOCK_H heads
+with that one load. The latent is cut into C chunks of `rank_chunk` values and both products
+run as batched tl.dot over the chunks ([C, H, chunk] x [C, chunk, N] -> scores summed over C;
+[C, H, N] x [C, N, chunk] -> the output in chunks): independent chains of short products
+(a 512-deep dot per head block is one long dependent chain of tensor-core steps), one chunk
+per warp. The head blocks of a (row, split) are consecutive programs, so with more heads than
+BLOCK_H (V3's 128) a tile is read from HBM by the first of them and from L2 by the rest.
+Split-K cuts each row's context into chunks of whole tiles (the split count is a runtime
+argument: one compile per launch shape), and afkv.ops.triton_attention's reduce kernel merges
+the partial (log-sum-exp, output) pairs; the grid depends on shapes only (CUDA-graph
+capturable), and only attended tokens are read. When a tile lies in one cache block
+(BLOCK_SIZE a multiple of BLOCK_N) its block id is read once.
 
-Quantized rows are dequantized in registers per tile (code x group scale + zero point; the
-rotary part is stored in 16-bit), rounded to the staging dtype as the reference's scratch
-buffer is, then multiplied like raw latents: decode is bound by reading the latents, and the
-rows are 0.56x (fp8) or 0.57x (int8) of bfloat16's bytes. 16-bit caches multiply
-in their dtype with float32 accumulation; float32 and the interpreter in IEEE float32.
+Quantized rows are never dequantized element by element: a chunk lies in one scale group, so
+its scale and zero point factor out of the products. Scores: scale x (q . codes) + zero x
+sum(q) per chunk; output: (P x scale / the tile's largest scale) @ codes, times that largest,
+plus sum(P x zero). The codes multiply in float16, which holds them exactly and takes them
+cheaply (fp8: one cvt per two codes; int8: the bits 0x6400 | code are 1024 + code, minus
+1024), with the queries scaled into float16's range by a power of two per program; the
+rotary part (stored in 16 bits) multiplies in the model dtype. Staging blocks (full
+precision) multiply with scale 1 and zero 0. 16-bit caches multiply in their dtype with
+float32 accumulation; float32 and the interpreter in IEEE float32.
 
 A prefill chunk of n queries runs as n decode rows sharing the sequence's table, row i
 attending to the first context_len - n + 1 + i tokens (causality by context length), so
@@ -49,7 +58,6 @@ try:
     import triton
     import triton.language as tl
 
-    from afkv.ops.triton_attention import _chunk_bounds, _store_partial
 except ImportError:  # the CPU CI: callers use the torch references
     triton = None
 
@@ -65,121 +73,241 @@ def available() -> bool:
 
 @dataclass(frozen=True)
 class MLATile:
-    """Launch shape: query heads per program, tokens per tile, warps, stages."""
+    """Launch shape: query heads per program, tokens per tile, warps, stages, the chunk of
+    the latent each batch of the chunked products takes (a quantized row's chunk lies in one
+    scale group: at most the group), programs per SM that split-K aims at, and (raw latents
+    only) scores as one product over the whole latent instead of summed chunks."""
 
     block_h: int = 16
     block_n: int = 32
     num_warps: int = 4
     num_stages: int = 2
+    rank_chunk: int = 128
+    programs_per_sm: int = 2
+    whole_scores: bool = False  # raw latents: the scores as one product over the whole latent (chunks: P @ c)
+
+    def __post_init__(self) -> None:
+        for name in ("block_h", "block_n", "rank_chunk"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ConfigError(f"MLATile.{name} must be a power of two >= 16, got {value}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1 or self.programs_per_sm < 1:
+            raise ConfigError(f"bad MLATile {self}")
 
 
-DEFAULT_TILE = MLATile()  # SGLang's grouped MLA decode shape; `afkv bench kernels mla --tune 1` times others
+# The launch per (many query heads, quantized latents): 8 warps, the latent in 8 chunks of 64
+# (one chunk of P @ c per warp), no spills on sm_90 (tests/ops/sm90_compile.py --usage); raw
+# latents take their scores as one product (fewer barriers and shuffles than summing chunks
+# across warps), quantized ones need the chunks (a scale per chunk); V3's 128 heads in blocks
+# of 32 (each latent tile read by 4 programs, from L2 after the first).
+# `afkv bench kernels mla --tune 1` times CANDIDATE_TILES beside them.
+DEFAULT_TILES = {
+    (False, False): MLATile(16, 32, 8, 2, 64, 2, whole_scores=True),
+    (False, True): MLATile(16, 32, 8, 2, 64),
+    (True, False): MLATile(32, 32, 8, 2, 64, 2, whole_scores=True),
+    (True, True): MLATile(32, 16, 8, 2, 64),
+}
+CANDIDATE_TILES = tuple(MLATile(*fields) for fields in (
+    (16, 32, 4, 2, 128, 2), (16, 32, 8, 2, 64, 4), (16, 16, 8, 2, 64, 2), (16, 32, 16, 2, 32, 2),
+    (32, 32, 8, 2, 64, 2), (32, 16, 8, 2, 64, 2), (64, 16, 8, 2, 64, 2),
+    (16, 32, 8, 2, 64, 2, True), (16, 64, 8, 2, 64, 2, True), (32, 32, 8, 2, 64, 2, True),  # raw latents only
+))
+
+
+def default_tile(num_heads: int, quantized: bool) -> MLATile:
+    """The launch for `num_heads` query heads over raw or quantized latents."""
+    return DEFAULT_TILES[(num_heads > 16, quantized)]
 
 
 if triton is not None:
     @triton.jit
     def _latent_tile(
-        cache_ptr, rows_ptr, rows16_ptr, blk, tok_in, tmask, offs_r, rmask, offs_p, pmask,
-        stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off,
-        RANK: tl.constexpr, ROPE: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr,
-        OFF_SCALE: tl.constexpr, OFF_ZERO: tl.constexpr, OFF_ROPE: tl.constexpr,
+        cache_ptr, rows_ptr, rows16_ptr, blk, tok_in, tmask, offs_c, cmask, offs_g, gmask, offs_p, pmask,
+        stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off, DT: tl.constexpr,
+        CDT: tl.constexpr, RANK: tl.constexpr, ROPE: tl.constexpr, KIND: tl.constexpr, CHUNK: tl.constexpr,
+        GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr,
+        OFF_SCALE: tl.constexpr, OFF_ZERO: tl.constexpr, OFF_ROPE: tl.constexpr, ONE_BLOCK: tl.constexpr,
     ):  # fmt: skip
-        """Latents of a tile: c [N, R] and k_pe [N, P] in the cache's (staging) dtype; tokens
+        """The latents of a tile, as chunks: c [N, C, CP] of CDT (raw values, or the codes of
+        quantized rows: exact in 16 bits; a chunk lies in one scale group), each chunk's scale
+        and zero point [N, C] (float32: value = c * scale + zero; 1 and 0 for raw values and
+        staging blocks) and the rotary keys k_pe [N, P] of DT.
+        `blk` is the tile's block id (a scalar) when ONE_BLOCK, else each token's [N]. Tokens
         outside tmask are zeros and not read."""
+        cm = tmask[:, None, None] & cmask[None, :, :]  # [N, C, CP]
+        pm = tmask[:, None] & pmask[None, :]  # [N, P]
+        gm = tmask[:, None] & gmask[None, :]  # [N, C]
         if KIND == -1:
             base = blk * stride_cb + layer_off + tok_in * stride_ct  # [N]
-            c = tl.load(cache_ptr + base[:, None] + offs_r[None, :], mask=tmask[:, None] & rmask[None, :], other=0.0)
-            pe = tl.load(cache_ptr + base[:, None] + RANK + offs_p[None, :], mask=tmask[:, None] & pmask[None, :],
-                         other=0.0)  # fmt: skip
+            c = tl.load(cache_ptr + base[:, None, None] + offs_c[None, :, :], mask=cm, other=0.0).to(CDT)
+            pe = tl.load(cache_ptr + base[:, None] + RANK + offs_p[None, :], mask=pm, other=0.0).to(DT)
+            scale = tl.where(gm, 1.0, 0.0)  # [N, C]
+            zero = tl.zeros_like(scale)
         else:
-            is_row = blk < num_blocks  # [N]
-            fmask = tmask & (blk >= num_blocks)
-            qmask = tmask & is_row
-            sbase = tl.maximum(blk - num_blocks, 0) * stride_cb + layer_off + tok_in * stride_ct  # [N]
-            c = tl.load(cache_ptr + sbase[:, None] + offs_r[None, :], mask=fmask[:, None] & rmask[None, :], other=0.0)
-            pe = tl.load(cache_ptr + sbase[:, None] + RANK + offs_p[None, :], mask=fmask[:, None] & pmask[None, :],
-                         other=0.0)  # fmt: skip
-            rbase = tl.where(is_row, blk, 0) * row_nbytes + layer_nbytes_off  # [N] byte offset of the layer section
-            cm = qmask[:, None] & rmask[None, :]
-            b = tl.load(rows_ptr + rbase[:, None] + tok_in[:, None] * RANK + offs_r[None, :], mask=cm, other=0)
+            is_row = blk < num_blocks
+            rbase = tl.where(is_row, blk, 0) * row_nbytes + layer_nbytes_off  # byte offset of the layer section
+            if ONE_BLOCK:  # scalars
+                rbase2, rbase3, rmask2, rmask3 = rbase, rbase, is_row, is_row
+            else:  # per token
+                rbase2, rbase3, rmask2, rmask3 = rbase[:, None], rbase[:, None, None], is_row[:, None], is_row[:, None, None]
+            codes = rows_ptr + rbase3 + tok_in[:, None, None] * RANK + offs_c[None, :, :]  # [N, C, CP]
+            b = tl.load(codes, mask=cm & rmask3, other=0)
             if KIND == 0:
-                code = b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                c = b.to(tl.float8e4nv, bitcast=True).to(CDT)  # one cvt per two codes to float16
+            elif CDT == tl.float16:  # 1024 + code in float16's bits, minus 1024: exact, no int -> float cvt
+                c = (b.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
             else:
-                code = b.to(tl.float32)
-            meta = (rbase // 2)[:, None] + tok_in[:, None] * NUM_GROUPS + (offs_r // GROUP)[None, :]  # [N, R]
-            value = code * tl.load(rows16_ptr + meta + OFF_SCALE // 2, mask=cm, other=0.0).to(tl.float32)
-            if KIND != 0:
-                value += tl.load(rows16_ptr + meta + OFF_ZERO // 2, mask=cm, other=0.0).to(tl.float32)
-            rope = (rbase + OFF_ROPE) // 2 + tok_in * ROPE  # [N] 16-bit offset of each token's rotary key
-            pe_q = tl.load(rows16_ptr + rope[:, None] + offs_p[None, :], mask=qmask[:, None] & pmask[None, :], other=0.0)
-            c = tl.where(is_row[:, None], value.to(c.dtype), c)
-            pe = tl.where(is_row[:, None], pe_q.to(pe.dtype), pe)
-        return c, pe
+                c = b.to(CDT)
+            meta = rbase2 // 2 + tok_in[:, None] * NUM_GROUPS + (offs_g * CHUNK // GROUP)[None, :]  # [N, C] 16-bit
+            scale = tl.load(rows16_ptr + meta + OFF_SCALE // 2, mask=gm & rmask2, other=0.0).to(tl.float32)
+            if KIND == 1:
+                zero = tl.load(rows16_ptr + meta + OFF_ZERO // 2, mask=gm & rmask2, other=0.0).to(tl.float32)
+            else:
+                zero = tl.zeros_like(scale)
+            rope = (rbase2 + OFF_ROPE) // 2 + tok_in[:, None] * ROPE + offs_p[None, :]  # [N, P]
+            pe = tl.load(rows16_ptr + rope, mask=pm & rmask2, other=0.0).to(DT)
+            sbase = tl.maximum(blk - num_blocks, 0) * stride_cb + layer_off  # staging block(s)
+            if ONE_BLOCK:
+                if not is_row:  # the tile is in a staging block (a sequence's newest tokens): rare
+                    sb = sbase + tok_in * stride_ct  # [N]
+                    c = tl.load(cache_ptr + sb[:, None, None] + offs_c[None, :, :], mask=cm, other=0.0).to(CDT)
+                    pe = tl.load(cache_ptr + sb[:, None] + RANK + offs_p[None, :], mask=pm, other=0.0).to(DT)
+                    scale = tl.where(gm, 1.0, 0.0)
+                    zero = tl.zeros_like(scale)
+            else:
+                fmask = tmask & (blk >= num_blocks)  # [N]
+                sb = sbase + tok_in * stride_ct  # [N]
+                cf = tl.load(cache_ptr + sb[:, None, None] + offs_c[None, :, :], mask=cm & fmask[:, None, None],
+                             other=0.0).to(CDT)  # fmt: skip
+                pf = tl.load(cache_ptr + sb[:, None] + RANK + offs_p[None, :], mask=pm & fmask[:, None],
+                             other=0.0).to(DT)  # fmt: skip
+                c = tl.where(fmask[:, None, None], cf, c)
+                pe = tl.where(fmask[:, None], pf, pe)
+                scale = tl.where(fmask[:, None], 1.0, scale)
+                zero = tl.where(fmask[:, None], 0.0, zero)
+        return c, scale, zero, pe
 
     @triton.jit
     def _mla_decode_kernel(
         q_ptr, cache_ptr, rows_ptr, rows16_ptr, block_tables_ptr, context_lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
         stride_qb, stride_qh, stride_ob, stride_oh, stride_cb, stride_ct, layer_off, stride_bt,
-        num_heads, max_tokens, qk_scale, num_blocks, row_nbytes, layer_nbytes_off,
-        RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        KIND: tl.constexpr, GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr,
-        OFF_SCALE: tl.constexpr, OFF_ZERO: tl.constexpr, OFF_ROPE: tl.constexpr, IEEE: tl.constexpr,
+        num_heads, max_tokens, qk_scale, num_blocks, row_nbytes, layer_nbytes_off, num_splits,
+        RANK: tl.constexpr, ROPE: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+        GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_CP: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+        KIND: tl.constexpr, OFF_SCALE: tl.constexpr, OFF_ZERO: tl.constexpr, OFF_ROPE: tl.constexpr,
+        IEEE: tl.constexpr, WHOLE_SCORES: tl.constexpr,
     ):  # fmt: skip
         hb = tl.program_id(0)
         split = tl.program_id(1)
         b = tl.program_id(2)
         heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [H]
         hmask = heads < num_heads
-        offs_r = tl.arange(0, BLOCK_R)
-        rmask = offs_r < RANK
+        offs_g = tl.arange(0, BLOCK_C)  # [C] chunk of the latent (inside one quantization group)
+        gmask = offs_g < NUM_CHUNKS
+        offs_j = tl.arange(0, BLOCK_CP)  # [CP] value within its chunk
+        offs_c = offs_g[:, None] * CHUNK + offs_j[None, :]  # [C, CP] latent column
+        cmask = gmask[:, None] & (offs_j < CHUNK)[None, :] & (offs_c < RANK)
         offs_p = tl.arange(0, BLOCK_P)
         pmask = offs_p < ROPE
-        q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
-        q_lat = tl.load(q_rows + offs_r[None, :], mask=hmask[:, None] & rmask[None, :], other=0.0)  # [H, R]
-        q_pe = tl.load(q_rows + RANK + offs_p[None, :], mask=hmask[:, None] & pmask[None, :], other=0.0)  # [H, P]
-        dt = cache_ptr.dtype.element_ty
-        if IEEE:
-            dt = tl.float32
-        q_lat = q_lat.to(dt)
-        q_pe = q_pe.to(dt)
+        DT: tl.constexpr = tl.float32 if IEEE else cache_ptr.dtype.element_ty
+        # quantized codes multiply in float16 (fp8 and int8 codes convert to it cheaply and exactly)
+        CDT: tl.constexpr = tl.float16 if KIND >= 0 and not IEEE else DT
+        q_rows = q_ptr + b * stride_qb + heads * stride_qh  # [H]
+        q_lat = tl.load(q_rows[None, :, None] + offs_c[:, None, :], mask=hmask[None, :, None] & cmask[:, None, :],
+                        other=0.0).to(tl.float32)  # [C, H, CP]  # fmt: skip
+        q_pe = tl.load(q_rows[:, None] + RANK + offs_p[None, :], mask=hmask[:, None] & pmask[None, :],
+                       other=0.0).to(DT)  # [H, P]  # fmt: skip
+        q_mul = 1.0
+        if CDT != DT:  # float16 products: a power of two brings the queries' largest to 2^13 (no overflow)
+            q_max = tl.max(tl.max(tl.max(tl.abs(q_lat), 2), 1), 0)
+            q_mul = tl.where(q_max > 0.0, tl.exp2(13.0 - tl.floor(tl.log2(tl.where(q_max > 0.0, q_max, 1.0)))), 1.0)
+        q_lat = (q_lat * q_mul).to(CDT)
+        q_sum = tl.sum(q_lat.to(tl.float32), 2)  # [C, H]: what a chunk's zero point adds to a score, per unit
+        WHOLE: tl.constexpr = WHOLE_SCORES and KIND == -1  # raw latents: scores as one product over the latent
+        if WHOLE:
+            q_whole = tl.reshape(tl.permute(q_lat, (1, 0, 2)), [BLOCK_H, BLOCK_C * BLOCK_CP])  # [H, C x CP]
         end = tl.minimum(tl.load(context_lens_ptr + b), max_tokens)
-        lo, hi = _chunk_bounds(end * 0, end, split, NUM_SPLITS, BLOCK_N)
+        chunk_len = tl.cdiv(tl.cdiv(end, num_splits), BLOCK_N) * BLOCK_N  # whole tiles; the last split shorter
+        lo = split * chunk_len
+        hi = tl.minimum(lo + chunk_len, end)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_CP], tl.float32)
+        acc_zero = tl.zeros([BLOCK_C, BLOCK_H], tl.float32)  # sum of p * zero point, per chunk (int8)
         offs_n = tl.arange(0, BLOCK_N)
+        ONE_BLOCK: tl.constexpr = BLOCK_SIZE % BLOCK_N == 0  # a tile lies in one cache block
         for t0 in range(lo, hi, BLOCK_N):
             tok = t0 + offs_n  # [N]
             tmask = tok < hi
-            blk = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
-            c, pe = _latent_tile(
-                cache_ptr, rows_ptr, rows16_ptr, blk, tok % BLOCK_SIZE, tmask, offs_r, rmask, offs_p, pmask,
-                stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off,
-                RANK, ROPE, KIND, GROUP, NUM_GROUPS, OFF_SCALE, OFF_ZERO, OFF_ROPE,
-            )  # fmt: skip
-            c = c.to(dt)
-            pe = pe.to(dt)
-            if IEEE:
-                s = tl.dot(q_lat, tl.trans(c), input_precision="ieee") + tl.dot(q_pe, tl.trans(pe), input_precision="ieee")
+            if ONE_BLOCK:
+                blk = tl.load(block_tables_ptr + b * stride_bt + t0 // BLOCK_SIZE).to(tl.int64)
             else:
-                s = tl.dot(q_lat, tl.trans(c)) + tl.dot(q_pe, tl.trans(pe))  # [H, N]
+                blk = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
+            c, scale, zero, pe = _latent_tile(
+                cache_ptr, rows_ptr, rows16_ptr, blk, tok % BLOCK_SIZE, tmask, offs_c, cmask, offs_g, gmask, offs_p,
+                pmask, stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off, DT, CDT,
+                RANK, ROPE, KIND, CHUNK, GROUP, NUM_GROUPS, OFF_SCALE, OFF_ZERO, OFF_ROPE, ONE_BLOCK,
+            )  # fmt: skip
+            s = _dot(q_pe, tl.trans(pe), IEEE)  # [H, N]
+            scale_t = tl.trans(scale)[:, None, :]  # [C, 1, N]
+            if WHOLE:
+                s += _dot(q_whole, tl.trans(tl.reshape(c, [BLOCK_N, BLOCK_C * BLOCK_CP])), IEEE)
+            elif KIND == -1:
+                s += tl.sum(_dot(q_lat, tl.permute(c, (1, 2, 0)), IEEE), 0)  # [C, H, N] summed over the chunks
+            elif KIND == 1:
+                s_c = _dot(q_lat, tl.permute(c, (1, 2, 0)), IEEE)
+                s += tl.sum(s_c * scale_t + q_sum[:, :, None] * tl.trans(zero)[:, None, :], 0) / q_mul
+            else:
+                s += tl.sum(_dot(q_lat, tl.permute(c, (1, 2, 0)), IEEE) * scale_t, 0) / q_mul
             s = tl.where(hmask[:, None] & tmask[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))  # [H]
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_ref[:, None])  # [H, N]
             alpha = tl.exp2(m_i - m_ref)
             l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                pv = tl.dot(p.to(dt), c, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(dt), c)  # [H, R]
-            acc = acc * alpha[:, None] + pv
+            if KIND == -1:
+                p_c = tl.broadcast_to(p.to(CDT)[None, :, :], [BLOCK_C, BLOCK_H, BLOCK_N])
+                p_mul = tl.full([BLOCK_C, 1, 1], 1.0, tl.float32)
+            else:  # the scales folded into the probabilities, over the tile's largest (float16's range)
+                p_mul = tl.max(scale_t, 2)[:, :, None]  # [C, 1, 1]
+                p_mul = tl.where(p_mul > 0.0, p_mul, 1.0)
+                p_c = (p[None, :, :] * (scale_t / p_mul)).to(CDT)  # [C, H, N]
+            pv = _dot(p_c, tl.permute(c, (1, 0, 2)), IEEE)  # [C, H, CP]
+            acc = acc * alpha[None, :, None] + pv * p_mul
+            if KIND == 1:
+                acc_zero = acc_zero * alpha[None, :] + tl.sum(p[None, :, :] * tl.trans(zero)[:, None, :], 2)
             m_i = m_new
-        _store_partial(
-            out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc, b, heads, hmask, offs_r, rmask,
-            stride_ob, stride_oh, num_heads, split, NUM_SPLITS, RANK,
+        _store_chunked(
+            out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc + acc_zero[:, :, None], b, heads, hmask, offs_c, cmask,
+            stride_ob, stride_oh, num_heads, split, num_splits, SPLIT, RANK,
         )  # fmt: skip
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _store_chunked(
+        out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc, b, heads, hmask, offs_c, cmask,
+        stride_ob, stride_oh, num_heads, part, num_parts, SPLIT: tl.constexpr, RANK: tl.constexpr,
+    ):  # fmt: skip
+        """afkv.ops.triton_attention's _store_partial for an output in chunks acc [C, H, CP]
+        (columns offs_c [C, CP])."""
+        has = l_i > 0.0
+        o = acc / tl.where(has, l_i, 1.0)[None, :, None]  # [C, H, CP]
+        mask = hmask[None, :, None] & cmask[:, None, :]
+        if not SPLIT:
+            ptrs = out_ptr + b * stride_ob + heads[None, :, None] * stride_oh + offs_c[:, None, :]
+            tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            row = (b * num_heads + heads) * num_parts + part  # [H]
+            tl.store(mid_o_ptr + row[None, :, None] * RANK + offs_c[:, None, :], o, mask=mask)
+            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            tl.store(mid_lse_ptr + row, lse, mask=hmask)
 
 
 def _ieee(dtype: torch.dtype, device: torch.device) -> bool:
@@ -206,7 +334,7 @@ def _cache_args(q: torch.Tensor, cache: torch.Tensor | attention.QuantizedKVCach
         rows_args = (rows, rows.view(spec.scale_dtype), cache.num_blocks, spec.row_nbytes, layer * spec.layer_nbytes)
     else:
         lat = cache
-        geometry = dict(KIND=-1, GROUP=1, NUM_GROUPS=1, OFF_SCALE=0, OFF_ZERO=0, OFF_ROPE=0)
+        geometry = dict(KIND=-1, GROUP=kv_lora_rank, NUM_GROUPS=1, OFF_SCALE=0, OFF_ZERO=0, OFF_ROPE=0)
         rows_args = (cache, cache, 0, 0, 0)  # the quantized-row arguments: KIND -1 compiles their reads out
     if lat.dim() != 4 or lat.dtype not in _FLOAT_DTYPES or lat.stride(-1) != 1:
         raise ConfigError(f"the latent cache must be float [num_blocks, L, bs, r + dr] with unit stride on its "
@@ -248,20 +376,25 @@ def paged_mla_decode(
         return out.zero_()
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
-    tile = tile or DEFAULT_TILE
+    tile = tile or default_tile(num_heads, geometry["KIND"] >= 0)
     block_size = lat.shape[2]
     max_tokens = max_blocks * block_size
     head_blocks = -(-num_heads // tile.block_h)
     if num_splits is None:
-        num_splits = num_decode_splits(batch, head_blocks, device_index(q))
+        num_splits = num_decode_splits(batch, head_blocks, device_index(q), tile.programs_per_sm)
+    chunk = min(tile.rank_chunk, geometry["GROUP"])  # the tile's; a quantized row's inside one scale group
+    if geometry["KIND"] >= 0 and geometry["GROUP"] % chunk:
+        chunk = geometry["GROUP"]
+    geometry.update(CHUNK=chunk, NUM_CHUNKS=-(-kv_lora_rank // chunk))
     mid_o, mid_lse = _partials(batch, num_heads, num_splits, kv_lora_rank, q.device)
     _mla_decode_kernel[(head_blocks, num_splits, batch)](
         q, lat, rows, rows16, block_tables, context_lens, out, mid_o, mid_lse,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), lat.stride(0), lat.stride(2), layer * lat.stride(1),
-        block_tables.stride(0), num_heads, max_tokens, scale * _LOG2E, num_blocks, row_nbytes, layer_bytes,
-        RANK=kv_lora_rank, ROPE=width - kv_lora_rank, BLOCK_R=max(16, next_pow2(kv_lora_rank)),
-        BLOCK_P=max(16, next_pow2(width - kv_lora_rank)), BLOCK_H=tile.block_h, BLOCK_SIZE=block_size,
-        BLOCK_N=tile.block_n, NUM_SPLITS=num_splits, IEEE=_ieee(lat.dtype, q.device), **geometry,
+        block_tables.stride(0), num_heads, max_tokens, scale * _LOG2E, num_blocks, row_nbytes, layer_bytes, num_splits,
+        RANK=kv_lora_rank, ROPE=width - kv_lora_rank, BLOCK_C=next_pow2(geometry["NUM_CHUNKS"]),
+        BLOCK_CP=max(16, next_pow2(geometry["CHUNK"])), BLOCK_P=max(16, next_pow2(width - kv_lora_rank)),
+        BLOCK_H=tile.block_h, BLOCK_SIZE=block_size, BLOCK_N=tile.block_n, SPLIT=num_splits > 1,
+        IEEE=_ieee(lat.dtype, q.device), WHOLE_SCORES=tile.whole_scores, **geometry,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
     if num_splits > 1:

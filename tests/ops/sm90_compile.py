@@ -214,9 +214,11 @@ _MLA_SHAPES = [  # (dtype, heads, kv_lora_rank, rope dims, block size): DeepSeek
 ]
 
 
-def mla_launches():
+def mla_launches(sweep: bool = False):
     """Yield (label, thunk) for the paged MLA decode and prefill (afkv.ops.triton_mla) over raw
-    latents and every quantized latent format, at DeepSeek's shapes and the tiny model's."""
+    latents and every quantized latent format, at DeepSeek's shapes and the tiny model's; with
+    `sweep` also the decode in every candidate launch `afkv bench kernels mla --tune 1` times
+    (triton_mla.CANDIDATE_TILES) at DeepSeek's shapes."""
     from afkv.ops import attention, quant
     from afkv.ops import triton_mla as tm
 
@@ -235,6 +237,10 @@ def mla_launches():
             yield f"decode {tag}", lambda q=q, c=cache, r=rank: tm.paged_mla_decode(q, c, 1, tables, lens, 0.1, r)
             yield f"prefill {tag}", lambda c=cache, h=h, r=rank, p=rope, dt=dtype: tm.paged_mla_prefill(
                 torch.zeros(3, h, r + p, dtype=dt), c, 1, torch.zeros(3, dtype=torch.int64), 2 * bs, 0.1, r)
+            for tile in (tm.CANDIDATE_TILES if sweep and rank == 512 and dtype == torch.bfloat16 else ()):
+                if tile.block_h <= h and (kind == "raw" or not tile.whole_scores):
+                    yield f"decode {tag} {tile}", lambda q=q, c=cache, r=rank, t=tile: tm.paged_mla_decode(
+                        q, c, 1, tables, lens, 0.1, r, tile=t)
 
 
 def main(argv: list[str]) -> int:
@@ -245,7 +251,7 @@ def main(argv: list[str]) -> int:
     failed = 0
     with torch.inference_mode():
         # lazily: a thunk reads some of its shape from the loop that yields it
-        for label, thunk in itertools.chain(launches("--sweep" in argv), mla_launches()):
+        for label, thunk in itertools.chain(launches("--sweep" in argv), mla_launches("--sweep" in argv)):
             if only and not re.search(only, label):
                 continue
             start = len(log)

@@ -47,6 +47,22 @@ def test_the_model_shapes_compile_to_cubin_for_sm90():
 def test_deepseek_mla_compiles_to_cubin_for_sm90():
     """The paged MLA decode at DeepSeek-V3's shapes (128 heads, 512 + 64 latent, block 64) over
     raw, fp8 and int8 latents: the whole pipeline, shared memory within an H100's."""
-    out = _run("cubin", "--only=mla .* bfloat16 h128")
+    out = _run("cubin", "--only=mla .* bfloat16 h128", "--usage")
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert out.stdout.count("_mla_decode_kernel") == 6  # decode and prefill x three formats
+    print("\n".join(line for line in out.stdout.splitlines() if "_mla_decode_kernel" in line))  # registers, spills
+
+
+def test_mla_candidate_launches_compile_to_cubin_for_sm90():
+    """Every launch the MLA kernel tuning times (triton_mla.CANDIDATE_TILES) at DeepSeek-V3's
+    and V2-Lite's shapes over raw, fp8 and int8 latents, down to cubin within an H100's shared
+    memory; registers and spilled bytes printed (-s shows them)."""
+    out = _run("cubin", "--sweep", "--usage", "--only=^decode mla .* bfloat16 h(128|16) .*MLATile")
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if "_mla_decode_kernel" in line]
+    from afkv.ops import triton_mla as tm
+
+    launches = [(h, kind, t) for h in (128, 16) for kind in ("raw", "fp8", "int8") for t in tm.CANDIDATE_TILES
+                if t.block_h <= h and (kind == "raw" or not t.whole_scores)]
+    assert len(lines) == len(launches)
+    print("\n".join(lines))

@@ -114,6 +114,44 @@ def test_decode_over_quantized_rows_and_staging(device, kind):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["raw", "fp8", "int8"])
+@pytest.mark.parametrize("tile", [tm.MLATile(block_n=16, rank_chunk=64), tm.MLATile(block_h=32, block_n=32),
+                                  tm.MLATile(block_n=16, rank_chunk=64, whole_scores=True)],
+                         ids=["tile-in-block", "tiles-across-blocks", "whole-scores"])
+def test_decode_tiles_and_chunks(device, kind, tile):
+    """Tiles inside one cache block (the tile's block id read once: a quantized tile or a
+    staging tile, per tile) and across blocks (per token), latents in several chunks (raw:
+    rank_chunk; quantized: scale groups of 128, the last one partial), more heads than a head
+    block and fewer than two."""
+    gen = torch.Generator().manual_seed(11)
+    rank, rope, bs, heads = 160, 16, 16, 20
+    lens = [70, 33, 16, 1, 0]
+    if kind == "raw":
+        nb = sum(-(-n // bs) for n in lens) + 2
+        cache = torch.randn(nb, 2, bs, rank + rope, generator=gen)
+        ref_tables, bad_tables = _tables(lens, bs, nb, gen)
+        ref_cache, dev_cache = cache, cache.to(device)
+    else:
+        dev_cache, ref_tables, bad_tables = _quant_cache(kind, torch.float32, rank, rope, bs, lens, device, gen)
+        ref_cache = QuantizedKVCache(dev_cache.blocks.cpu(), dev_cache.staging.cpu(), dev_cache.spec,
+                                     dev_cache.max_tail_blocks)
+    q = torch.randn(len(lens), heads, rank + rope, generator=gen)
+    lens_t = torch.tensor(lens)
+    want = mla.mla_decode_attention(q, ref_cache, 1, ref_tables, lens_t, 0.2, rank)
+    got = tm.paged_mla_decode(q.to(device), dev_cache, 1, bad_tables.to(device), lens_t.to(device), 0.2, rank,
+                              num_splits=2, tile=tile)
+    torch.testing.assert_close(got.cpu(), want, **_tol(torch.float32))
+    assert torch.equal(got[4].cpu(), torch.zeros(heads, rank))
+
+
+def test_bad_tiles_are_refused():
+    with pytest.raises(ConfigError, match="block_n"):
+        tm.MLATile(block_n=24)
+    with pytest.raises(ConfigError, match="rank_chunk"):
+        tm.MLATile(rank_chunk=8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_prefill_rows_are_causal(device):
     """A chunk of n queries: row i sees context_len - n + 1 + i tokens (the reference's mask)."""
     gen = torch.Generator().manual_seed(3)
@@ -139,13 +177,24 @@ def test_bad_arguments_are_refused():
         tm.paged_mla_decode(q, torch.zeros(4, 2, 2, 4, 46), 0, tables, lens, 0.3, 40)
 
 
+def _tile_id(tile) -> str:
+    if tile is None:
+        return "default"
+    return (f"h{tile.block_h}-n{tile.block_n}-w{tile.num_warps}-s{tile.num_stages}-c{tile.rank_chunk}"
+            f"-p{tile.programs_per_sm}" + ("-whole" if tile.whole_scores else ""))
+
+
+@pytest.mark.parametrize("tile", [None, *tm.CANDIDATE_TILES], ids=_tile_id)
 @pytest.mark.parametrize("num_heads", [16, 128])  # V2-Lite, V3
 @pytest.mark.parametrize("kind", ["raw", "fp8", "int8"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
-def test_decode_real_shapes_bf16(num_heads, kind):
+def test_decode_real_shapes_bf16(num_heads, kind, tile):
     """DeepSeek's shapes in bfloat16 over long random contexts, against float32 attention over
-    the same latents (quantized: the same rows dequantized)."""
+    the same latents (quantized: the same rows dequantized): the default launch and every
+    candidate the tuning times (triton_mla.CANDIDATE_TILES) that applies."""
+    if tile is not None and (tile.block_h > num_heads or (kind != "raw" and tile.whole_scores)):
+        pytest.skip("the tuning does not time this launch here")
     gen = torch.Generator().manual_seed(num_heads)
     lens = torch.randint(1, 5000, (12,), generator=gen).tolist()
     bs = 64
@@ -160,8 +209,28 @@ def test_decode_real_shapes_bf16(num_heads, kind):
     q = (torch.randn(len(lens), num_heads, 576, generator=gen) * 0.1).to(torch.bfloat16)
     lens_t = torch.tensor(lens)
     want = mla.mla_decode_attention(q.float(), ref_cache, 0, ref_tables, lens_t, 0.1352, 512)
-    got = tm.paged_mla_decode(q.cuda(), dev_cache, 0, tables.cuda(), lens_t.cuda(), 0.1352, 512)
+    got = tm.paged_mla_decode(q.cuda(), dev_cache, 0, tables.cuda(), lens_t.cuda(), 0.1352, 512, tile=tile)
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float().cpu(), want, **_tol(torch.bfloat16))
+
+
+@pytest.mark.parametrize("magnitude", [3e4, 1e-6])  # beyond float16's largest; below its smallest normal
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
+def test_quantized_decode_holds_queries_of_any_magnitude(kind, magnitude):
+    """Quantized codes multiply in float16 with the queries scaled into its range per program:
+    bfloat16 queries far outside float16's range (softmax scale 0.1 / magnitude) give float32
+    attention's output."""
+    gen = torch.Generator().manual_seed(17)
+    lens = torch.randint(1, 3000, (6,), generator=gen).tolist()
+    dev_cache, ref_tables, tables = _quant_cache(kind, torch.bfloat16, 512, 64, 64, lens, "cuda", gen, num_layers=1)
+    ref_cache = QuantizedKVCache(dev_cache.blocks.cpu(), dev_cache.staging.cpu().float(), dev_cache.spec, 1)
+    q = (torch.randn(len(lens), 128, 576, generator=gen) * magnitude).to(torch.bfloat16)
+    lens_t = torch.tensor(lens)
+    want = mla.mla_decode_attention(q.float(), ref_cache, 0, ref_tables, lens_t, 0.1 / magnitude, 512)
+    got = tm.paged_mla_decode(q.cuda(), dev_cache, 0, tables.cuda(), lens_t.cuda(), 0.1 / magnitude, 512)
+    assert torch.isfinite(got).all()
     torch.testing.assert_close(got.float().cpu(), want, **_tol(torch.bfloat16))
 
 
