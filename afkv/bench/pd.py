@@ -17,9 +17,10 @@ leave the prefill node as its chunks fill them, overlapping the prefill) and the
 node 1 ("warm": the prefill node holds the prompt's blocks already, so the hand-off is the
 transfer alone, plus the prefill node computing the last block again). Reported from the decode
 nodes' own clocks (RequestMetrics): hand-off time, bytes, GB/s of the warm hand-off against the
-copy limit of the path measured in the same run (one GPU: device -> pinned host -> device;
-CPU: one memcpy of the same bytes), and the time from the last block landing to the first
-token against the colocated TTFT.
+copy limit of the path it took, measured in the same run (one GPU, CUDA IPC: one device ->
+device copy of the same bytes; a host carrier on a GPU: device -> pinned host -> device; CPU:
+one memcpy), and the time from the last block landing to the first token against the
+colocated TTFT.
 
 In `afkv bench pd`, each node process is pinned to its own core (os.sched_setaffinity: the decode / colocated node
 on the first core, the prefill node on the second) with one torch thread; the client (this
@@ -197,32 +198,36 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _copy_limit_gbs(nbytes: int, device: str) -> tuple[float, str]:
-    """GB/s of the path the hand-off could reach at best (best of 5 copies of max(nbytes, 64 MiB),
-    so that a small hand-off does not time call overheads): on CUDA device -> pinned host ->
-    device, on the CPU one memcpy."""
+def _copy_limit_gbs(nbytes: int, path: str) -> float:
+    """GB/s of the path the hand-off took, at best (best of 5 copies of max(nbytes, 64 MiB), so
+    that a small hand-off does not time call overheads): "device" one device -> device copy
+    (CUDA IPC: the rows never leave the GPU), "pinned" device -> pinned host -> device (the
+    host carriers on a GPU, at best), "host" one memcpy (CPU nodes)."""
     nbytes = max(nbytes, 64 * 2**20)
-    if device.startswith("cuda"):
-        src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    if path == "host":
+        src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
         dst = torch.empty_like(src)
-        best = float("inf")
-        for _ in range(5):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            host.copy_(src, non_blocking=True)
-            dst.copy_(host, non_blocking=True)
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t)
-        return nbytes / best / 1e9, "device -> pinned host -> device"
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
-    dst = torch.empty_like(src)
+        copies = [(dst, src)]
+    else:
+        src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        copies = [(dst, src)] if path == "device" else [(host, src), (dst, host)]
     best = float("inf")
     for _ in range(5):
+        if src.is_cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
-        dst.copy_(src)
+        for a, b in copies:
+            a.copy_(b, non_blocking=True)
+        if src.is_cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
-    return nbytes / best / 1e9, "host memcpy"
+    return nbytes / best / 1e9
+
+
+LIMIT_PATHS = {"device": "device -> device copy (CUDA IPC)", "pinned": "device -> pinned host -> device",
+               "host": "host memcpy"}
 
 
 def _handoff_config(path: Path, prefill: bool, device_memory_mib: int) -> Path:
@@ -247,6 +252,7 @@ async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ..
     prompts = {n: torch.randint(10, vocab_hi, (n,), generator=g).tolist() for n in prompt_lens}
     params = SamplingParams(max_tokens=1, ignore_eos=True)
     rows: dict[int, dict] = {n: {"prompt_len": n} for n in prompt_lens}
+    cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="afkv-bench-pd-handoff-") as tmp:
         with Deployment(_handoff_config(Path(tmp) / "colocated.toml", False, device_memory_mib), model) as dep:
             async with await afkv.attach(dep.address, token=dep.token, peer_timeout_s=600) as engine:
@@ -257,43 +263,56 @@ async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ..
         with Deployment(_handoff_config(Path(tmp) / "pd.toml", True, device_memory_mib), model) as dep:
             async with await afkv.attach(dep.address, token=dep.token, peer_timeout_s=600) as engine:
                 for warm in (prompts[prompt_lens[0]][::-1], prompts[prompt_lens[0]][::-1]):
-                    await engine.complete(warm, params)  # warm-up: decode node 0, then 1 (round-robin)
+                    await engine.complete(warm, params)  # warm-up: decode node 0, then 1 (equal free KV: in turn)
                 for n in prompt_lens:
-                    before = [k.counters.get("bytes_handoff_received", 0) for k in await engine.kv_metrics()]
+                    before = [k.counters for k in await engine.kv_metrics()]
                     cold = (await engine.complete(prompts[n], params)).metrics  # decode node 0
                     warm = (await engine.complete(prompts[n], params)).metrics  # decode node 1
-                    after = [k.counters.get("bytes_handoff_received", 0) for k in await engine.kv_metrics()]
-                    nbytes = after[1] - before[1]
+                    after = [k.counters for k in await engine.kv_metrics()]
+
+                    def delta(node: int, key: str) -> int:
+                        return after[node].get(key, 0) - before[node].get(key, 0)
+
+                    nbytes = delta(1, "bytes_handoff_received")
+                    if not (delta(0, "bytes_handoff_received") == nbytes > 0):
+                        raise RuntimeError(f"{n} tokens: the cold and warm requests did not go to decode nodes 0 "
+                                           f"and 1 ({delta(0, 'bytes_handoff_received')} and {nbytes} bytes received)")
+                    in_device = delta(1, "handoff_received_device_blocks")
+                    path = "host" if not cuda else "device" if in_device == delta(1, "handoff_received_blocks") \
+                        else "pinned"
                     r = rows[n]
                     r |= {"handoff_bytes": nbytes, "handoff_tokens": warm.num_handoff_tokens,
+                          "carrier": "CUDA IPC" if path == "device" else "host memory",
                           "cold_ttft_s": cold.ttft_s, "cold_handoff_s": cold.handoff_end_s - cold.arrival_s,
                           "cold_last_block_to_first_token_s": cold.first_token_s - cold.handoff_end_s,
                           "warm_handoff_s": warm.handoff_end_s - warm.arrival_s,
                           "warm_last_block_to_first_token_s": warm.first_token_s - warm.handoff_end_s}
                     r["warm_handoff_gbs"] = nbytes / r["warm_handoff_s"] / 1e9
-                    device = "cuda" if torch.cuda.is_available() else "cpu"
-                    r["limit_gbs"], r["limit_path"] = _copy_limit_gbs(max(nbytes, 1), device)
+                    r["limit_gbs"], r["limit_path"] = _copy_limit_gbs(nbytes, path), LIMIT_PATHS[path]
                     r["share_of_limit"] = r["warm_handoff_gbs"] / r["limit_gbs"]
                     r["last_block_to_first_token_vs_colocated_ttft"] = (r["cold_last_block_to_first_token_s"]
                                                                         / r["colocated_ttft_s"])
-                    progress(f"  {n} tokens: {nbytes / 1e6:.1f} MB handed over; warm {r['warm_handoff_gbs']:.3f} GB/s "
-                             f"({100 * r['share_of_limit']:.1f}% of {r['limit_gbs']:.1f} GB/s, {r['limit_path']}); "
-                             f"last block -> first token {1e3 * r['cold_last_block_to_first_token_s']:.1f} ms vs "
-                             f"colocated TTFT {1e3 * r['colocated_ttft_s']:.1f} ms")
+                    progress(f"  {n} tokens: {nbytes / 1e6:.1f} MB handed over ({r['carrier']}); warm "
+                             f"{r['warm_handoff_gbs']:.3f} GB/s ({100 * r['share_of_limit']:.1f}% of "
+                             f"{r['limit_gbs']:.1f} GB/s, {r['limit_path']}); last block -> first token "
+                             f"{1e3 * r['cold_last_block_to_first_token_s']:.1f} ms vs colocated TTFT "
+                             f"{1e3 * r['colocated_ttft_s']:.1f} ms")
     return {"bench": "pd-handoff", "model": str(model or "default"),
             "machine": {"platform": platform.platform(), "torch": torch.__version__,
                         "load_average_1m": os.getloadavg()[0],
-                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+                        "device": torch.cuda.get_device_name() if cuda else "cpu"},
             "rows": [rows[n] for n in prompt_lens]}
 
 
 def format_handoff_table(result: dict) -> str:
-    head = (f"{'tokens':>6} | {'MB':>7} | {'warm GB/s':>9} | {'limit GB/s':>10} | {'share':>6} | "
+    head = (f"{'tokens':>6} | {'carrier':>11} | {'MB':>7} | {'warm GB/s':>9} | {'limit GB/s':>10} | {'share':>6} | "
             f"{'cold hand-off s':>15} | "
             f"{'last block->1st tok ms':>22} | {'colocated TTFT ms':>17}")
-    lines = [f"KV hand-off, {result['model']} on {result['machine']['device']}", head, "-" * len(head)]
+    limits = sorted({r["limit_path"] for r in result["rows"]})
+    lines = [f"KV hand-off, {result['model']} on {result['machine']['device']}; limit: {', '.join(limits)} of the "
+             "same bytes, same run", head, "-" * len(head)]
     for r in result["rows"]:
-        lines.append(f"{r['prompt_len']:>6} | {r['handoff_bytes'] / 1e6:>7.1f} | {r['warm_handoff_gbs']:>9.3f} | "
+        lines.append(f"{r['prompt_len']:>6} | {r['carrier']:>11} | {r['handoff_bytes'] / 1e6:>7.1f} | {r['warm_handoff_gbs']:>9.3f} | "
                      f"{r['limit_gbs']:>10.1f} | {100 * r['share_of_limit']:>5.1f}% | {r['cold_handoff_s']:>15.3f} | "
                      f"{1e3 * r['cold_last_block_to_first_token_s']:>22.1f} | {1e3 * r['colocated_ttft_s']:>17.1f}")
     return "\n".join(lines)

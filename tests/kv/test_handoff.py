@@ -130,3 +130,32 @@ def test_hold_cached_shares_only_a_whole_cached_prompt():
     assert torch.equal(rows[1].view(LAYOUT.dtype).view(LAYOUT.block_shape), src.kv[src.block_table(0)[3]])
     src.free(2)
     src.check_invariants()
+
+
+def test_exported_rows_land_in_the_given_slots():
+    """export_rows with `into` (a decode node's segment: slot k for the k-th block asked for)
+    writes the rows there on the worker and returns those slots: the same bytes as a plain export."""
+    src = _prefilled()
+    plain = src.export_rows(0, [1, 2], RAW).result()  # [2, nbytes]
+    into = torch.zeros((4, RAW.nbytes), dtype=torch.uint8)  # [4 slots, nbytes]
+    got = src.export_rows(0, [1, 2], RAW, into, [2, 3]).result()
+    assert torch.equal(got, plain) and torch.equal(into[2:], plain)
+    assert not into[:2].any()  # other slots untouched
+    got = src.export_rows(0, [0, 3], RAW, into, [3, 0]).result()  # slots in any order
+    assert torch.equal(into[3], src.export_rows(0, [0], RAW).result()[0])
+    assert torch.equal(into[0], src.export_rows(0, [3], RAW).result()[0]) and torch.equal(got[1], into[0])
+
+
+def test_rows_said_to_be_in_a_segment_never_offered_are_refused():
+    """A kv_blocks message naming a carrier the decode node did not offer (a device segment on a
+    CPU node, a shared-memory segment it has not made) is a CorruptBlockError, not a read of
+    memory that is not there."""
+    from afkv.errors import CorruptBlockError
+    from afkv.nodes.handoff import blocks_from_wire
+
+    want = {0: bytes(16)}
+    for flag in ("in_device", "in_segment"):
+        msg = {"type": "kv_blocks", "hid": 0, "indices": [0], "hashes": [bytes(16)],
+               "crcs": [] if flag == "in_device" else [0], flag: True}
+        with pytest.raises(CorruptBlockError, match="was offered"):
+            blocks_from_wire(msg, want, RAW, None, {0: 0}, None)
