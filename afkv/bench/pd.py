@@ -26,7 +26,11 @@ In `afkv bench pd`, each node process is pinned to its own core (os.sched_setaff
 on the first core, the prefill node on the second) with one torch thread; the client (this
 process) is left unpinned. Measured where the client sees the chunks: inter-token latency
 (ITL) of the decode streams within the window (p50, p99), their tokens/s, and the long
-prompts' TTFT; ratios pd / colocated from the same run.
+prompts' TTFT; ratios pd / colocated from the same run. Per node process, the CPU seconds it
+got within the window and the seconds it was runnable but waited for its core
+(/proc/PID/task/*/schedstat): colocated uses one core and leaves the other to the client and
+the machine's other jobs, PD keeps both busy, so on a shared machine PD's nodes wait for their
+cores more (that, not the hand-off, made PD's long-prompt TTFT worse in RESULTS.md's runs).
 """
 
 from __future__ import annotations
@@ -70,6 +74,20 @@ def _percentile(xs: list[float], q: float) -> float:
         return float("nan")
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def _sched_s(pid: int) -> tuple[float, float] | None:
+    """(seconds on a CPU, seconds runnable but waiting for one) of every thread of process
+    `pid` so far (Linux /proc/PID/task/*/schedstat); None where there is no such file."""
+    run = wait = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                r, w, _ = f.read().split()
+            run, wait = run + int(r), wait + int(w)
+    except (OSError, ValueError):
+        return None
+    return run / 1e9, wait / 1e9
 
 
 def _pin(dep: Deployment, cores: list[int]) -> dict[int, list[int]]:
@@ -126,12 +144,14 @@ async def _run_mode(mode: str, model: str | None, workdir: Path, args: dict, pro
             streams = [asyncio.create_task(stream()) for _ in range(args["streams"])]
             await asyncio.sleep(args["settle_s"])  # every stream decoding
             window.append(time.perf_counter())
+            sched0 = {rank: _sched_s(proc.pid) for rank, proc in dep.procs.items()}
             longs = []
             for _ in range(max(1, round(args["duration_s"] / args["interval_s"]))):
                 if mode != "alone":
                     longs.append(asyncio.create_task(long_prompt(prompt(args["prompt_len"]))))
                 await asyncio.sleep(args["interval_s"])
             window.append(time.perf_counter())
+            sched1 = {rank: _sched_s(proc.pid) for rank, proc in dep.procs.items()}
             stop.set()
             for t in longs:
                 t.cancel()  # those still prefilling are aborted (and their hand-offs cancelled)
@@ -146,11 +166,18 @@ async def _run_mode(mode: str, model: str | None, workdir: Path, args: dict, pro
         "long_prompts": len(longs), "long_done": len(ttfts),
         "long_ttft_mean_s": sum(ttfts) / len(ttfts) if ttfts else float("nan"), "window_s": span,
         "num_gaps": len(gaps), "pinned": pinned, "load_average_1m": os.getloadavg()[0],
+        # per node process (rank) within the window: CPU seconds, and seconds it was runnable
+        # but another process held its core (the machine's other jobs, the client)
+        "cpu_s": {r: sched1[r][0] - sched0[r][0] for r in sched0 if sched0[r] and sched1.get(r)},
+        "runq_wait_s": {r: sched1[r][1] - sched0[r][1] for r in sched0 if sched0[r] and sched1.get(r)},
         "handoff_received_blocks": metrics.kv.counters.get("handoff_received_blocks", 0),
     }
+    share = {r: res["cpu_s"][r] / (res["cpu_s"][r] + res["runq_wait_s"][r]) for r in res["cpu_s"]
+             if res["cpu_s"][r] + res["runq_wait_s"][r] > 0}
     progress(f"  {mode:>9}: ITL p50 {res['itl_p50_ms']:.1f} ms, p99 {res['itl_p99_ms']:.1f} ms, decode "
              f"{res['decode_tok_s']:.1f} tok/s, long prompts {res['long_done']}/{res['long_prompts']} "
-             f"(TTFT {res['long_ttft_mean_s']:.2f} s)")
+             f"(TTFT {res['long_ttft_mean_s']:.2f} s); node CPU s (share of runnable time) "
+             + ", ".join(f"rank {r}: {res['cpu_s'][r]:.1f} ({100 * share[r]:.0f}%)" for r in sorted(share)))
     return res
 
 

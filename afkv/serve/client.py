@@ -193,16 +193,17 @@ class AttachedEngine:
         if not isinstance(params, SamplingParams):
             raise errors.RequestError(f"params must be SamplingParams, not {type(params).__name__}")
         i = self._pick()
-        client = await self._client(i)
-        check_prompt_size(prompt, *self._limits[i])  # a larger one would not fit in a frame the node reads
         rid = next(self._rids)
-        q: asyncio.Queue = asyncio.Queue()
-        self._queues[rid] = (i, q)
-        self._unstarted[rid] = estimate_prompt_tokens(prompt)
+        self._unstarted[rid] = estimate_prompt_tokens(prompt)  # counted before any await: a burst spreads
         self._pending[i] += self._unstarted[rid]
         self._in_flight[i] += 1
+        client = None
         finished = False
         try:
+            client = await self._client(i)
+            check_prompt_size(prompt, *self._limits[i])  # a larger one would not fit in a frame the node reads
+            q: asyncio.Queue = asyncio.Queue()
+            self._queues[rid] = (i, q)
             await client.request({"type": "generate", "rid": rid, "prompt": prompt, "params": params_to_wire(params)},
                                  timeout_s=self._peer_timeout_s)
             while True:
@@ -218,7 +219,7 @@ class AttachedEngine:
             self._queues.pop(rid, None)
             self._started(rid, i)
             self._in_flight[i] -= 1
-            if not finished and client.state is ConnState.OPEN:
+            if not finished and client is not None and client.state is ConnState.OPEN:
                 try:
                     await client.send({"type": "abort", "rid": rid})
                 except errors.TransportError:
