@@ -192,6 +192,8 @@ def open_device_segment(wire: object, num_rows: int, nbytes: int, device: torch.
         uuid, rows, width = wire["uuid"], wire["rows"], wire["nbytes"]
         fields = (wire["handle"], int(wire["size"]), int(wire["offset"]), wire["ref_handle"], int(wire["ref_offset"]),
                   wire["event"], bool(wire["event_sync"]))
+        if not all(isinstance(wire[k], bytes) for k in ("handle", "ref_handle", "event")):
+            raise TypeError("its handles are not bytes")
     except (KeyError, TypeError, ValueError) as exc:
         raise errors.FrameError(f"a prefill message's 'device_segment' is malformed: {exc!r}") from exc
     if (rows, width) != (num_rows, nbytes):
