@@ -258,7 +258,11 @@ LIMIT_PATHS = {"device": "device -> device copy (CUDA IPC)", "pinned": "device -
 
 
 def _handoff_config(path: Path, prefill: bool, device_memory_mib: int) -> Path:
+    # No CUDA graphs: what is timed is prefill and the first token (a prefill step), never a
+    # replayed decode step, and three processes capturing graphs on one GPU cost start-up time.
     path.write_text(f"""
+[model]
+cuda_graphs = false
 [kv]
 device_memory_mib = {device_memory_mib}
 [deployment]

@@ -29,7 +29,7 @@ def _needs_gpu():
 async def _settled(baseline: int, timeout_s: float = 20.0) -> int:
     """torch.cuda.memory_allocated() once it is back to `baseline` (device segments are freed
     when the prefill node has let them go, which it does after its last message), or after
-    timeout_s: the value then (timeout 0: the value now)."""
+    timeout_s: the value then."""
     deadline = time.monotonic() + timeout_s
     while True:
         torch.cuda.ipc_collect()
@@ -81,13 +81,14 @@ prefill_timeout_s = 30.0
                 # three hand-offs at once, each through its own device segment; the first round
                 # only brings every buffer the engine keeps for such a batch
                 warm = [random_prompt(n, 256, seed=400 + n) for n in (17, 33, 50)]
+                idle = torch.cuda.memory_allocated()
                 await asyncio.gather(*(e.complete(p, PARAMS) for p in warm))
                 before = e.kv_metrics().counters["handoff_received_device_blocks"]
-                baseline = await _settled(0, 0.0)
+                baseline = await _settled(idle)  # what the engine keeps, once the warm segments are gone
                 got += [c.token_ids for c in await asyncio.gather(*(e.complete(p, PARAMS) for p in more))]
                 assert got == expected
                 assert e.kv_metrics().counters["handoff_received_device_blocks"] - before == 4 + 8 + 12
-                assert await _settled(baseline) == baseline  # every device segment freed
+                assert await _settled(baseline) <= baseline  # every device segment freed
                 e.kv_manager.check_invariants()
 
     asyncio.run(run())
