@@ -78,16 +78,17 @@ prefill_timeout_s = 30.0
                 counters = e.kv_metrics().counters
                 assert counters["handoff_received_blocks"] == sum(expected_transfers(prompts))
                 assert counters.get("handoff_received_device_blocks", 0) == counters["handoff_received_blocks"]
-                # three hand-offs at once, each through its own device segment; the first round
-                # only brings every buffer the engine keeps for such a batch
+                # three hand-offs at once, each through its own device segment (this round also
+                # brings every buffer the engine keeps for such a batch)
                 warm = [random_prompt(n, 256, seed=400 + n) for n in (17, 33, 50)]
                 idle = torch.cuda.memory_allocated()
-                await asyncio.gather(*(e.complete(p, PARAMS) for p in warm))
                 before = e.kv_metrics().counters["handoff_received_device_blocks"]
-                baseline = await _settled(idle)  # what the engine keeps, once the warm segments are gone
-                got += [c.token_ids for c in await asyncio.gather(*(e.complete(p, PARAMS) for p in more))]
-                assert got == expected
+                await asyncio.gather(*(e.complete(p, PARAMS) for p in warm))
                 assert e.kv_metrics().counters["handoff_received_device_blocks"] - before == 4 + 8 + 12
+                baseline = await _settled(idle)  # what the engine keeps, once the warm segments are gone
+                got += [(await e.complete(p, PARAMS)).token_ids for p in more]
+                assert got == expected
+                assert e.kv_metrics().counters["handoff_received_device_blocks"] - before == 2 * (4 + 8 + 12)
                 assert await _settled(baseline) <= baseline  # every device segment freed
                 e.kv_manager.check_invariants()
 
