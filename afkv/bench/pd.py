@@ -17,15 +17,20 @@ leave the prefill node as its chunks fill them, overlapping the prefill) and the
 node 1 ("warm": the prefill node holds the prompt's blocks already, so the hand-off is the
 transfer alone, plus the prefill node computing the last block again). Reported from the decode
 nodes' own clocks (RequestMetrics): hand-off time, bytes, GB/s of the warm hand-off against the
-copy limit of the path measured in the same run (one GPU: device -> pinned host -> device;
-CPU: one memcpy of the same bytes), and the time from the last block landing to the first
-token against the colocated TTFT.
+copy limit of the path it took, measured in the same run (one GPU, CUDA IPC: one device ->
+device copy of the same bytes; a host carrier on a GPU: device -> pinned host -> device; CPU:
+one memcpy), and the time from the last block landing to the first token against the
+colocated TTFT.
 
 In `afkv bench pd`, each node process is pinned to its own core (os.sched_setaffinity: the decode / colocated node
 on the first core, the prefill node on the second) with one torch thread; the client (this
 process) is left unpinned. Measured where the client sees the chunks: inter-token latency
 (ITL) of the decode streams within the window (p50, p99), their tokens/s, and the long
-prompts' TTFT; ratios pd / colocated from the same run.
+prompts' TTFT; ratios pd / colocated from the same run. Per node process, the CPU seconds it
+got within the window and the seconds it was runnable but waited for its core
+(/proc/PID/task/*/schedstat): colocated uses one core and leaves the other to the client and
+the machine's other jobs, PD keeps both busy, so on a shared machine PD's nodes wait for their
+cores more (that, not the hand-off, made PD's long-prompt TTFT worse in RESULTS.md's runs).
 """
 
 from __future__ import annotations
@@ -69,6 +74,20 @@ def _percentile(xs: list[float], q: float) -> float:
         return float("nan")
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def _sched_s(pid: int) -> tuple[float, float] | None:
+    """(seconds on a CPU, seconds runnable but waiting for one) of every thread of process
+    `pid` so far (Linux /proc/PID/task/*/schedstat); None where there is no such file."""
+    run = wait = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                r, w, _ = f.read().split()
+            run, wait = run + int(r), wait + int(w)
+    except (OSError, ValueError):
+        return None
+    return run / 1e9, wait / 1e9
 
 
 def _pin(dep: Deployment, cores: list[int]) -> dict[int, list[int]]:
@@ -125,12 +144,14 @@ async def _run_mode(mode: str, model: str | None, workdir: Path, args: dict, pro
             streams = [asyncio.create_task(stream()) for _ in range(args["streams"])]
             await asyncio.sleep(args["settle_s"])  # every stream decoding
             window.append(time.perf_counter())
+            sched0 = {rank: _sched_s(proc.pid) for rank, proc in dep.procs.items()}
             longs = []
             for _ in range(max(1, round(args["duration_s"] / args["interval_s"]))):
                 if mode != "alone":
                     longs.append(asyncio.create_task(long_prompt(prompt(args["prompt_len"]))))
                 await asyncio.sleep(args["interval_s"])
             window.append(time.perf_counter())
+            sched1 = {rank: _sched_s(proc.pid) for rank, proc in dep.procs.items()}
             stop.set()
             for t in longs:
                 t.cancel()  # those still prefilling are aborted (and their hand-offs cancelled)
@@ -145,11 +166,18 @@ async def _run_mode(mode: str, model: str | None, workdir: Path, args: dict, pro
         "long_prompts": len(longs), "long_done": len(ttfts),
         "long_ttft_mean_s": sum(ttfts) / len(ttfts) if ttfts else float("nan"), "window_s": span,
         "num_gaps": len(gaps), "pinned": pinned, "load_average_1m": os.getloadavg()[0],
+        # per node process (rank) within the window: CPU seconds, and seconds it was runnable
+        # but another process held its core (the machine's other jobs, the client)
+        "cpu_s": {r: sched1[r][0] - sched0[r][0] for r in sched0 if sched0[r] and sched1.get(r)},
+        "runq_wait_s": {r: sched1[r][1] - sched0[r][1] for r in sched0 if sched0[r] and sched1.get(r)},
         "handoff_received_blocks": metrics.kv.counters.get("handoff_received_blocks", 0),
     }
+    share = {r: res["cpu_s"][r] / (res["cpu_s"][r] + res["runq_wait_s"][r]) for r in res["cpu_s"]
+             if res["cpu_s"][r] + res["runq_wait_s"][r] > 0}
     progress(f"  {mode:>9}: ITL p50 {res['itl_p50_ms']:.1f} ms, p99 {res['itl_p99_ms']:.1f} ms, decode "
              f"{res['decode_tok_s']:.1f} tok/s, long prompts {res['long_done']}/{res['long_prompts']} "
-             f"(TTFT {res['long_ttft_mean_s']:.2f} s)")
+             f"(TTFT {res['long_ttft_mean_s']:.2f} s); node CPU s (share of runnable time) "
+             + ", ".join(f"rank {r}: {res['cpu_s'][r]:.1f} ({100 * share[r]:.0f}%)" for r in sorted(share)))
     return res
 
 
@@ -197,36 +225,44 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _copy_limit_gbs(nbytes: int, device: str) -> tuple[float, str]:
-    """GB/s of the path the hand-off could reach at best (best of 5 copies of max(nbytes, 64 MiB),
-    so that a small hand-off does not time call overheads): on CUDA device -> pinned host ->
-    device, on the CPU one memcpy."""
+def _copy_limit_gbs(nbytes: int, path: str) -> float:
+    """GB/s of the path the hand-off took, at best (best of 5 copies of max(nbytes, 64 MiB), so
+    that a small hand-off does not time call overheads): "device" one device -> device copy
+    (CUDA IPC: the rows never leave the GPU), "pinned" device -> pinned host -> device (the
+    host carriers on a GPU, at best), "host" one memcpy (CPU nodes)."""
     nbytes = max(nbytes, 64 * 2**20)
-    if device.startswith("cuda"):
-        src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    if path == "host":
+        src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
         dst = torch.empty_like(src)
-        best = float("inf")
-        for _ in range(5):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            host.copy_(src, non_blocking=True)
-            dst.copy_(host, non_blocking=True)
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t)
-        return nbytes / best / 1e9, "device -> pinned host -> device"
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
-    dst = torch.empty_like(src)
+        copies = [(dst, src)]
+    else:
+        src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        copies = [(dst, src)] if path == "device" else [(host, src), (dst, host)]
     best = float("inf")
     for _ in range(5):
+        if src.is_cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
-        dst.copy_(src)
+        for a, b in copies:
+            a.copy_(b, non_blocking=True)
+        if src.is_cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
-    return nbytes / best / 1e9, "host memcpy"
+    return nbytes / best / 1e9
+
+
+LIMIT_PATHS = {"device": "device -> device copy (CUDA IPC)", "pinned": "device -> pinned host -> device",
+               "host": "host memcpy"}
 
 
 def _handoff_config(path: Path, prefill: bool, device_memory_mib: int) -> Path:
+    # No CUDA graphs: what is timed is prefill and the first token (a prefill step), never a
+    # replayed decode step, and three processes capturing graphs on one GPU cost start-up time.
     path.write_text(f"""
+[model]
+cuda_graphs = false
 [kv]
 device_memory_mib = {device_memory_mib}
 [deployment]
@@ -247,6 +283,7 @@ async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ..
     prompts = {n: torch.randint(10, vocab_hi, (n,), generator=g).tolist() for n in prompt_lens}
     params = SamplingParams(max_tokens=1, ignore_eos=True)
     rows: dict[int, dict] = {n: {"prompt_len": n} for n in prompt_lens}
+    cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="afkv-bench-pd-handoff-") as tmp:
         with Deployment(_handoff_config(Path(tmp) / "colocated.toml", False, device_memory_mib), model) as dep:
             async with await afkv.attach(dep.address, token=dep.token, peer_timeout_s=600) as engine:
@@ -257,43 +294,56 @@ async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ..
         with Deployment(_handoff_config(Path(tmp) / "pd.toml", True, device_memory_mib), model) as dep:
             async with await afkv.attach(dep.address, token=dep.token, peer_timeout_s=600) as engine:
                 for warm in (prompts[prompt_lens[0]][::-1], prompts[prompt_lens[0]][::-1]):
-                    await engine.complete(warm, params)  # warm-up: decode node 0, then 1 (round-robin)
+                    await engine.complete(warm, params)  # warm-up: decode node 0, then 1 (equal free KV: in turn)
                 for n in prompt_lens:
-                    before = [k.counters.get("bytes_handoff_received", 0) for k in await engine.kv_metrics()]
+                    before = [k.counters for k in await engine.kv_metrics()]
                     cold = (await engine.complete(prompts[n], params)).metrics  # decode node 0
                     warm = (await engine.complete(prompts[n], params)).metrics  # decode node 1
-                    after = [k.counters.get("bytes_handoff_received", 0) for k in await engine.kv_metrics()]
-                    nbytes = after[1] - before[1]
+                    after = [k.counters for k in await engine.kv_metrics()]
+
+                    def delta(node: int, key: str) -> int:
+                        return after[node].get(key, 0) - before[node].get(key, 0)
+
+                    nbytes = delta(1, "bytes_handoff_received")
+                    if not (delta(0, "bytes_handoff_received") == nbytes > 0):
+                        raise RuntimeError(f"{n} tokens: the cold and warm requests did not go to decode nodes 0 "
+                                           f"and 1 ({delta(0, 'bytes_handoff_received')} and {nbytes} bytes received)")
+                    in_device = delta(1, "handoff_received_device_blocks")
+                    path = "host" if not cuda else "device" if in_device == delta(1, "handoff_received_blocks") \
+                        else "pinned"
                     r = rows[n]
                     r |= {"handoff_bytes": nbytes, "handoff_tokens": warm.num_handoff_tokens,
+                          "carrier": "CUDA IPC" if path == "device" else "host memory",
                           "cold_ttft_s": cold.ttft_s, "cold_handoff_s": cold.handoff_end_s - cold.arrival_s,
                           "cold_last_block_to_first_token_s": cold.first_token_s - cold.handoff_end_s,
                           "warm_handoff_s": warm.handoff_end_s - warm.arrival_s,
                           "warm_last_block_to_first_token_s": warm.first_token_s - warm.handoff_end_s}
                     r["warm_handoff_gbs"] = nbytes / r["warm_handoff_s"] / 1e9
-                    device = "cuda" if torch.cuda.is_available() else "cpu"
-                    r["limit_gbs"], r["limit_path"] = _copy_limit_gbs(max(nbytes, 1), device)
+                    r["limit_gbs"], r["limit_path"] = _copy_limit_gbs(nbytes, path), LIMIT_PATHS[path]
                     r["share_of_limit"] = r["warm_handoff_gbs"] / r["limit_gbs"]
                     r["last_block_to_first_token_vs_colocated_ttft"] = (r["cold_last_block_to_first_token_s"]
                                                                         / r["colocated_ttft_s"])
-                    progress(f"  {n} tokens: {nbytes / 1e6:.1f} MB handed over; warm {r['warm_handoff_gbs']:.3f} GB/s "
-                             f"({100 * r['share_of_limit']:.1f}% of {r['limit_gbs']:.1f} GB/s, {r['limit_path']}); "
-                             f"last block -> first token {1e3 * r['cold_last_block_to_first_token_s']:.1f} ms vs "
-                             f"colocated TTFT {1e3 * r['colocated_ttft_s']:.1f} ms")
+                    progress(f"  {n} tokens: {nbytes / 1e6:.1f} MB handed over ({r['carrier']}); warm "
+                             f"{r['warm_handoff_gbs']:.3f} GB/s ({100 * r['share_of_limit']:.1f}% of "
+                             f"{r['limit_gbs']:.1f} GB/s, {r['limit_path']}); last block -> first token "
+                             f"{1e3 * r['cold_last_block_to_first_token_s']:.1f} ms vs colocated TTFT "
+                             f"{1e3 * r['colocated_ttft_s']:.1f} ms")
     return {"bench": "pd-handoff", "model": str(model or "default"),
             "machine": {"platform": platform.platform(), "torch": torch.__version__,
                         "load_average_1m": os.getloadavg()[0],
-                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+                        "device": torch.cuda.get_device_name() if cuda else "cpu"},
             "rows": [rows[n] for n in prompt_lens]}
 
 
 def format_handoff_table(result: dict) -> str:
-    head = (f"{'tokens':>6} | {'MB':>7} | {'warm GB/s':>9} | {'limit GB/s':>10} | {'share':>6} | "
+    head = (f"{'tokens':>6} | {'carrier':>11} | {'MB':>7} | {'warm GB/s':>9} | {'limit GB/s':>10} | {'share':>6} | "
             f"{'cold hand-off s':>15} | "
             f"{'last block->1st tok ms':>22} | {'colocated TTFT ms':>17}")
-    lines = [f"KV hand-off, {result['model']} on {result['machine']['device']}", head, "-" * len(head)]
+    limits = sorted({r["limit_path"] for r in result["rows"]})
+    lines = [f"KV hand-off, {result['model']} on {result['machine']['device']}; limit: {', '.join(limits)} of the "
+             "same bytes, same run", head, "-" * len(head)]
     for r in result["rows"]:
-        lines.append(f"{r['prompt_len']:>6} | {r['handoff_bytes'] / 1e6:>7.1f} | {r['warm_handoff_gbs']:>9.3f} | "
+        lines.append(f"{r['prompt_len']:>6} | {r['carrier']:>11} | {r['handoff_bytes'] / 1e6:>7.1f} | {r['warm_handoff_gbs']:>9.3f} | "
                      f"{r['limit_gbs']:>10.1f} | {100 * r['share_of_limit']:>5.1f}% | {r['cold_handoff_s']:>15.3f} | "
                      f"{1e3 * r['cold_last_block_to_first_token_s']:>22.1f} | {1e3 * r['colocated_ttft_s']:>17.1f}")
     return "\n".join(lines)

@@ -159,16 +159,20 @@ class _Request:
 
 class _Export:
     """A prefill request's hand-over: the blocks asked for ({table index: hash}) not yet read,
-    in the rows of `format`. Read futures go to the request's queue in table order."""
+    in the rows of `format`, read into `into`'s slots (slot k: the k-th block asked for) or,
+    with no `into`, into fresh host buffers. Read futures go to the request's queue in table
+    order."""
 
-    def __init__(self, want: dict[int, bytes], fmt: BlockFormat):
-        self.want, self.format = dict(want), fmt
+    def __init__(self, want: dict[int, bytes], fmt: BlockFormat, into: torch.Tensor | None):
+        self.want, self.format, self.into = dict(want), fmt, into
+        self.slot_of = {i: k for k, i in enumerate(sorted(want))}
 
 
 @dataclass(frozen=True)
 class ExportedBlocks:
     """Rows of full KV blocks a prefill request hands over: table entries `indices` with their
-    chained hashes, rows uint8 [n, format.nbytes] in host memory."""
+    chained hashes, rows uint8 [n, format.nbytes]: in host memory, or the slots of the
+    export's `into` they were written to (host or device memory)."""
 
     indices: list[int]
     hashes: list[bytes]
@@ -411,6 +415,14 @@ class Engine:
     def kv_manager(self) -> KVManager:
         return self._kv
 
+    @property
+    def free_kv_tokens(self) -> int:
+        """Device KV tokens not yet promised (what a router compares between decode nodes): the
+        pool's free blocks (cached ones included: they are evicted on demand) less the prompts
+        waiting for admission. Negative when the waiting prompts need more than is free."""
+        waiting = sum(len(seq.token_ids) for seq in self._scheduler.waiting)
+        return self._kv.pool.num_free_blocks * self._layout.block_size - waiting
+
     def kv_metrics(self) -> KVMetricsSnapshot:
         """Per-tier occupancy, hits by tier, bytes moved each way, copy/spill/prefetch latency."""
         return self._kv.metrics_snapshot()
@@ -548,7 +560,7 @@ class Engine:
             if want:
                 fmt = make_format(self.config.deployment.handoff_format, self._layout)
                 whole = kv.num_full_blocks(seq.seq_id) * self._layout.block_size
-                async for indices, rows in self._prefill.fetch(seq.token_ids[:whole], want, fmt):
+                async for indices, rows in self._prefill.fetch(seq.token_ids[:whole], want, fmt, kv.kv.device):
                     kv.receive(seq.seq_id, indices, rows, fmt)
             if want is not None:
                 kv.end_handoff(seq.seq_id)
@@ -572,11 +584,13 @@ class Engine:
         self._scheduler.add(seq)
         self._wakeup.set()
 
-    async def export_prefill(self, token_ids: Seq[int], want: dict[int, bytes],
-                             fmt: BlockFormat | None = None) -> AsyncIterator[ExportedBlocks]:
+    async def export_prefill(self, token_ids: Seq[int], want: dict[int, bytes], fmt: BlockFormat | None = None,
+                             into: torch.Tensor | None = None) -> AsyncIterator[ExportedBlocks]:
         """Prefill node: compute the KV of `token_ids` (whole blocks: a decode node computes
         the rest) in chunks, and yield the blocks `want` ({table index: chained hash}) as the
-        steps that fill them end, rows in `fmt` (raw by default). RequestError when a block's
+        steps that fill them end, rows in `fmt` (raw by default), written by the worker into
+        `into` (uint8 [len(want), fmt.nbytes], host or this engine's device; slot k: the k-th
+        smallest index asked for: the decode node's segment) when given. RequestError when a block's
         hash differs from the one asked for (the two nodes disagree on model or dtype). When the
         device pool holds every block already, they are read at once, with no step.
         Closing the iterator aborts the prefill and frees its blocks, as with `generate`."""
@@ -595,13 +609,14 @@ class Engine:
                 if bad:
                     raise RequestError(f"prefill: block {bad[0]}'s hash differs from the one asked for: the decode "
                                        "node runs another model, weights or dtype")
-                future = self._kv.export_rows(hold, sorted(want), fmt)  # read before any later step reuses them
+                future = self._kv.export_rows(hold, sorted(want), fmt, into,  # read before a later step reuses them
+                                              None if into is None else list(range(len(want))))
             finally:
                 self._kv.free(hold)
             yield ExportedBlocks(sorted(want), [want[i] for i in sorted(want)], await asyncio.wrap_future(future))
             return
         req = await self._add(list(token_ids), SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
-        req.export = _Export(want, fmt)
+        req.export = _Export(want, fmt, into)
         try:
             while True:
                 item = await req.queue.get()
@@ -637,7 +652,9 @@ class Engine:
                 continue
             for i in ready:
                 del req.export.want[i]
-            future = self._kv.export_rows(seq.seq_id, ready, req.export.format)
+            x = req.export
+            future = self._kv.export_rows(seq.seq_id, ready, x.format, x.into,
+                                          None if x.into is None else [x.slot_of[i] for i in ready])
             req.queue.put_nowait((ready, [hashes[i] for i in ready], future))
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[CompletionChunk]:

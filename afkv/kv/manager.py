@@ -342,10 +342,11 @@ class KVManager:
         return dict(self._awaited.get(seq_id, {}))
 
     def receive(self, seq_id: int, indices: Sequence[int], rows: torch.Tensor, fmt: BlockFormat) -> None:
-        """Rows uint8 [n, fmt.nbytes] (host memory, checked by the caller against their
-        checksums and hashes) land in awaited blocks `indices` of the sequence's table: written
-        by a worker job (ordered before every step submitted after it), then registered, so
-        later prompts share them. BlockOwnershipError for an index not awaited."""
+        """Rows uint8 [n, fmt.nbytes] (host memory checked by the caller against their
+        checksums and hashes, or a device segment of this cache's GPU that another process
+        filled: CUDA IPC) land in awaited blocks `indices` of the sequence's table: written by a
+        worker job (ordered before every step submitted after it), then registered, so later
+        prompts share them. BlockOwnershipError for an index not awaited."""
         awaited = self._awaited[seq_id]
         for i in indices:
             owned(i in awaited, f"sequence {seq_id}: hand-off block {i} is not awaited (sent twice, or never "
@@ -358,6 +359,8 @@ class KVManager:
         for i in indices:
             self.pool.register(table[i], awaited.pop(i))  # False: another block holds it; this one stays private
         self.metrics.counters["handoff_received_blocks"] += len(indices)
+        if rows.is_cuda:
+            self.metrics.counters["handoff_received_device_blocks"] += len(indices)  # CUDA IPC: never left the GPU
         self.metrics.counters["bytes_handoff_received"] += rows.numel()
 
     def end_handoff(self, seq_id: int) -> int:
@@ -375,14 +378,18 @@ class KVManager:
     def block_hashes(self, seq_id: int) -> list[BlockHash]:
         return list(self._hashes[seq_id])
 
-    def export_rows(self, seq_id: int, indices: Sequence[int], fmt: BlockFormat) -> Future:
+    def export_rows(self, seq_id: int, indices: Sequence[int], fmt: BlockFormat, into: torch.Tensor | None = None,
+                    slots: Sequence[int] | None = None) -> Future:
         """Read full blocks `indices` of the sequence's table as rows of `fmt` on the worker
-        (after the steps submitted before) -> Future of uint8 [n, fmt.nbytes] in host memory
-        (pinned on CUDA, complete when the future is)."""
+        (after the steps submitted before) -> Future of uint8 [n, fmt.nbytes], complete when
+        the rows are: in host memory (pinned on CUDA), or, with `into` (uint8 [m, fmt.nbytes],
+        host memory or this cache's device), written into its rows `slots` (then the future's
+        value is those rows)."""
         owned(all(i < len(self._hashes[seq_id]) for i in indices), f"sequence {seq_id}: exporting a block not full")
         block_ids = [self._tables[seq_id][i] for i in indices]
         self.metrics.counters["handoff_sent_blocks"] += len(indices)
-        return self._worker.submit(_export, self.device.rows, self.device.format, block_ids, fmt)
+        return self._worker.submit(_export, self.device.rows, self.device.format, block_ids, fmt, into,
+                                   list(range(len(block_ids))) if slots is None else list(slots))
 
     # ---- pruning --------------------------------------------------------------------------
     def prune(self, seq_id: int, num_slots: int) -> int:
@@ -488,16 +495,28 @@ class KVManager:
 
 
 def _import(device_rows: torch.Tensor, device_format, rows: torch.Tensor, fmt: BlockFormat, ops: list[CopyOp]) -> None:
-    """Worker: rows uint8 [n, fmt.nbytes] (host memory) -> their device blocks (ordered before
-    the next step: on CUDA the compute stream waits for the copy stream)."""
-    Copier(device_rows, rows, fmt, device_format).run(ops)
+    """Worker: rows uint8 [n, fmt.nbytes] (host memory, or a device segment) -> their device
+    blocks (ordered before the next step: on CUDA the compute stream waits for the copy stream)."""
+    result = Copier(device_rows, rows, fmt, device_format).run(ops)
+    if rows.is_cuda and result.event is not None:
+        # A device segment is shared with another process (CUDA IPC), where the caching
+        # allocator's stream tracking does not reach: the slots may be reused once this job
+        # ends, so the copy must be done by then. Once per hand-off batch, never per layer.
+        result.event.synchronize()
 
 
-def _export(device_rows: torch.Tensor, device_format, block_ids: list[int], fmt: BlockFormat) -> torch.Tensor:
-    """Worker: device blocks -> uint8 [n, fmt.nbytes] in host memory."""
-    out = torch.empty((len(block_ids), fmt.nbytes), dtype=torch.uint8, pin_memory=device_rows.is_cuda)  # [n, nbytes]
+def _export(device_rows: torch.Tensor, device_format, block_ids: list[int], fmt: BlockFormat,
+            into: torch.Tensor | None, slots: list[int]) -> torch.Tensor:
+    """Worker: device blocks -> rows uint8 [n, fmt.nbytes]: `into`'s rows `slots`, or a new
+    host buffer (pinned on CUDA); complete on return."""
+    out = torch.empty((len(block_ids), fmt.nbytes), dtype=torch.uint8, pin_memory=device_rows.is_cuda) \
+        if into is None else into  # [n or m, nbytes]
     result = Copier(device_rows, out, fmt, device_format).run(
-        [CopyOp(Direction.TO_HOST, b, slot) for slot, b in enumerate(block_ids)])
+        [CopyOp(Direction.TO_HOST, b, slot) for slot, b in zip(slots, block_ids)])
     if result.event is not None:
         result.event.synchronize()  # once per hand-off batch, on the worker: never per layer
-    return out
+    if into is None:
+        return out
+    contiguous = slots == list(range(slots[0], slots[0] + len(slots))) if slots else True
+    return into[slots[0]:slots[0] + len(slots)] if contiguous and slots else \
+        into[torch.tensor(slots, device=into.device)]

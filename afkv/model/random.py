@@ -3,7 +3,10 @@ downloaded there, and writing a 60 GB checkpoint first would take longer than th
 
 `random:<name>` names a model: `random:qwen3-30b-a3b`, `random:mixtral-8x7b`,
 `random:deepseek-v2-lite`, `random:deepseek-v3-8l` (DeepSeek-V3's config cut to its first 8
-layers: the 3 dense ones and 5 MoE layers; 56 GB of routed experts in fp8). Every tensor
+layers: the 3 dense ones and 5 MoE layers; 56 GB of routed experts in fp8),
+`random:qwen3-30b-a3b-16e` (Qwen3-30B-A3B with 16 of its 128 experts per layer: every
+attention and KV shape real, 48 layers x 4 KV heads x 128, 96 KiB of bf16 KV per token, in
+10 GB of weights, so that several nodes fit one GPU: the PD hand-off benchmark). Every tensor
 is drawn by a generator seeded from its name, so every process (attention node, expert
 nodes, the colocated baseline) builds identical weights without exchanging any.
 """
@@ -24,6 +27,13 @@ REAL_SHAPES: dict[str, dict] = {
         "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048,
         "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
         "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+        "num_experts_per_tok": 8, "norm_topk_prob": True, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960, "tie_word_embeddings": False, "eos_token_id": 151645,
+    },
+    "qwen3-30b-a3b-16e": {
+        "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048,
+        "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 16,
         "num_experts_per_tok": 8, "norm_topk_prob": True, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
         "max_position_embeddings": 40960, "tie_word_embeddings": False, "eos_token_id": 151645,
     },

@@ -28,15 +28,18 @@ admits the request when the last block has landed.
 Protocol (control-plane messages, afkv.transport.control; the decode node is the client):
 
     decode -> prefill  request {"type": "prefill", "hid", "token_ids", "want": [[index, hash]],
-                       "format": name, "digest": the format's digest, "segment": name or None}
-                       -> ack once started
+                       "format": name, "digest": the format's digest, "segment": name or None,
+                       "device_segment": DeviceSegment.wire or None} -> {"type": "ack", "carrier":
+                       "device" | "segment" | "frames"} once started (what the rows will take)
     prefill -> decode  {"type": "kv_blocks", "hid", "indices", "hashes", "crcs", "rows"}  as
                        blocks fill, at most ROWS_FRAME_BYTES of rows each; or, with the rows
-                       written into the segment's slots, {..., "in_segment": true} and no rows
+                       written into the segment's slots, {..., "in_segment": true} and no rows;
+                       or, written into the device segment's slots, {..., "in_device": true},
+                       no rows and no checksums
                        {"type": "prefill_done", "hid"} or {"type": "prefill_failed", "hid", "error"}
     decode -> prefill  {"type": "cancel", "hid"}  notification: the prefill request is aborted
 
-Checks on every hop that leaves a device: each row travels with the crc32 of its bytes,
+Checks on every hop that leaves a device (the frames and the shared-memory segment): each row travels with the crc32 of its bytes,
 checked on arrival before anything is written; each block's hash must be the one asked for
 (the two nodes agree on model, weights and dtype); the format digest must match. A failed
 check is a CorruptBlockError for that transfer: the blocks not yet received are asked of
@@ -47,24 +50,33 @@ for prefill_timeout_s between two messages, ends that transfer; the blocks still
 asked of the next prefill node; when every node was tried, PrefillUnavailableError. Either
 way the caller frees what it held (KVManager.free: an awaited block was never registered).
 
-Carriers. Rows cross between processes of one host through a shared-memory segment the decode
-node makes per transfer (RowSegment: /dev/shm, mode 0600, a slot per block asked for; the
-prefill node writes each row once, the decode node checks its crc32 there and its worker copies
-it into the cache), and inline in the kv_blocks frames when the prefill node cannot open the
-segment (another host). On a GPU the prefill node's worker first copies the blocks into pinned
-host memory (KVManager.export_rows) and the decode node's worker copies the rows to its device
-(KVManager.receive). The GPU carriers keep this protocol and `fetch`'s contract and change only
-what a kv_blocks message carries, chosen by afkv.transport.peer's rule (designed, not built):
+Carriers, chosen per transfer by what the prefill node can open (the decode node offers what
+it has; the prefill node takes the first that works, in this order):
 
-    pinned host (one host)  the segment registered as pinned memory in both processes
-                            (cudaHostRegister): the prefill node's worker copies device -> segment
-                            and the decode node's segment -> device, asynchronously, no bounce
-    CUDA IPC (one GPU)      a device ring of row slots the decode node allocates once per link and
-                            shares as an IPC handle; the prefill node copies device -> device and
-                            records an IPC event the decode node's worker waits on before copying
-                            slots into cache blocks: no host copy, no checksum (nothing left the device)
-    NCCL (two GPUs)         a peer per (prefill, decode) pair: the message announces n rows, the
-                            rows follow as one send/recv of [n, nbytes] on a copy stream
+    CUDA IPC (one GPU)      the decode node's KV is on a GPU: it allocates a device buffer of
+                            row slots for the transfer (DeviceSegment) and offers it as a CUDA IPC
+                            handle (torch's CUDA tensor sharing; the fields travel in msgpack).
+                            A prefill node on the same GPU (same UUID) opens it and its worker
+                            copies its blocks device -> device into the slots, waits for the copy,
+                            and sends only indices and hashes; the decode node's worker copies the
+                            slots into its cache blocks (device -> device). No host copy, no
+                            checksum: nothing left the device. torch's IPC reference counting keeps
+                            the buffer allocated while the prefill node holds it open, so a late
+                            writer never writes into memory the decode node gave to anything else.
+    shared memory (one host) a /dev/shm file of row slots (RowSegment, mode 0600); the prefill
+                            node's worker writes each row there once (device -> segment), the
+                            decode node checks its crc32 there and its worker copies it into the
+                            cache. On CUDA this is the fallback when IPC cannot be opened (another
+                            GPU, a platform without CUDA IPC); the copies then go through pageable
+                            memory.
+    frames (other hosts)    rows inline in the kv_blocks messages (at most ROWS_FRAME_BYTES each),
+                            when the prefill node can open neither.
+
+Why CUDA IPC rather than pinned host memory on one GPU: the rows never cross PCIe (two D2D copies
+at HBM speed instead of D2H + H2D at ~25 GB/s each way), no checksum is needed, and the buffer is
+one allocation per transfer with no page pinning (cudaHostRegister of a per-transfer /dev/shm
+segment costs about as much as the copy it would speed up). The NCCL carrier between two GPUs
+(a peer per (prefill, decode) pair, rows as one send/recv on a copy stream) is designed, not built.
 """
 
 from __future__ import annotations
@@ -81,6 +93,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import torch
+from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
 from afkv import errors
 from afkv.config import DeploymentConfig
@@ -144,6 +157,60 @@ def open_segment(name: object, num_rows: int, nbytes: int) -> torch.Tensor | Non
     return torch.frombuffer(mapping, dtype=torch.uint8).view(num_rows, nbytes)
 
 
+class DeviceSegment:
+    """Decode side, CUDA: a device buffer of row slots for one transfer (slot k: the k-th block
+    asked for), offered to the prefill node as a CUDA IPC handle (`wire`: msgpack-safe fields of
+    torch's CUDA tensor sharing, plus the GPU's UUID so that only a process on the same GPU
+    opens it). `rows` keeps the buffer alive; torch keeps it allocated after that until the
+    prefill node lets it go (an IPC reference count in shared memory, counting one for the
+    offer). A prefill node that did not open it says so in its ack: `decline` then drops the
+    offer's count here, else the buffer would stay allocated for good."""
+
+    def __init__(self, num_rows: int, nbytes: int, device: torch.device):
+        torch.cuda.ipc_collect()  # buffers of earlier transfers that every prefill node has released
+        self.rows = torch.empty((num_rows, nbytes), dtype=torch.uint8, device=device)  # [num_rows, nbytes]
+        _, args = reduce_tensor(self.rows)
+        (_, _, _, _, _, _, _, handle, size_bytes, offset_bytes, _, ref_handle, ref_offset, event_handle,
+         event_sync) = args
+        self.wire = {"uuid": str(torch.cuda.get_device_properties(device).uuid), "rows": num_rows, "nbytes": nbytes,
+                     "handle": handle, "size": size_bytes, "offset": offset_bytes, "ref_handle": ref_handle,
+                     "ref_offset": ref_offset, "event": event_handle, "event_sync": bool(event_sync)}
+
+    def decline(self) -> None:
+        """The prefill node did not open the buffer: release the reference the offer counted."""
+        torch.UntypedStorage._release_ipc_counter_cuda(self.wire["ref_handle"], self.wire["ref_offset"])
+
+
+def open_device_segment(wire: object, num_rows: int, nbytes: int, device: torch.device) -> torch.Tensor | None:
+    """Prefill side: the decode node's DeviceSegment as rows uint8 [num_rows, nbytes] on
+    `device` (this node's KV device); None when it is on another GPU or host, or CUDA IPC
+    cannot open it here (rows then take the shared-memory segment or the frames). Blocks on
+    the CUDA driver: call it off the event loop."""
+    if wire is None or device.type != "cuda":
+        return None
+    try:
+        uuid, rows, width = wire["uuid"], wire["rows"], wire["nbytes"]
+        fields = (wire["handle"], int(wire["size"]), int(wire["offset"]), wire["ref_handle"], int(wire["ref_offset"]),
+                  wire["event"], bool(wire["event_sync"]))
+        if not all(isinstance(wire[k], bytes) for k in ("handle", "ref_handle", "event")):
+            raise TypeError("its handles are not bytes")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise errors.FrameError(f"a prefill message's 'device_segment' is malformed: {exc!r}") from exc
+    if (rows, width) != (num_rows, nbytes):
+        raise errors.FrameError(f"a prefill message's device segment has {rows} x {width} bytes of slots for "
+                                f"{num_rows} blocks of {nbytes} bytes")
+    if uuid != str(torch.cuda.get_device_properties(device).uuid):
+        return None
+    handle, size_bytes, offset_bytes, ref_handle, ref_offset, event_handle, event_sync = fields
+    try:
+        return rebuild_cuda_tensor(torch.Tensor, torch.Size((num_rows, nbytes)), (nbytes, 1), 0,
+                                   torch.storage.TypedStorage, torch.uint8, device.index or 0, handle, size_bytes,
+                                   offset_bytes, False, ref_handle, ref_offset, event_handle, event_sync)
+    except RuntimeError as exc:  # no CUDA IPC between these processes (platform, permissions)
+        log.warning("cannot open the decode node's device segment (%s): rows go through host memory", exc)
+        return None
+
+
 def row_checksums(rows: torch.Tensor) -> list[int]:
     """crc32 of each row of uint8 [n, nbytes] (host memory)."""
     data = rows.numpy()
@@ -151,14 +218,18 @@ def row_checksums(rows: torch.Tensor) -> list[int]:
 
 
 def blocks_to_wire(hid: int, indices: Sequence[int], hashes: Sequence[BlockHash], rows: torch.Tensor,
-                   segment: torch.Tensor | None = None, slots: Sequence[int] = ()) -> list[dict]:
-    """kv_blocks messages for rows uint8 [n, nbytes] of table entries `indices`: with a segment,
-    the rows are copied into its `slots` and the one message names them; else the rows travel
-    in messages of at most ROWS_FRAME_BYTES of rows each (at least one row)."""
+                   carrier: str) -> list[dict]:
+    """kv_blocks messages for rows uint8 [n, nbytes] of table entries `indices`. carrier
+    "device": the rows are already in the decode node's device segment (one message, no
+    checksums); "segment": already in its shared-memory segment (one message, with their
+    checksums); "frames": the rows travel in messages of at most ROWS_FRAME_BYTES of rows each
+    (at least one row)."""
     n, nbytes = rows.shape
+    if carrier == "device":
+        return [{"type": "kv_blocks", "hid": hid, "indices": list(indices), "hashes": list(hashes), "crcs": [],
+                 "in_device": True}]
     crcs = row_checksums(rows)
-    if segment is not None:
-        segment[torch.tensor(list(slots))] = rows
+    if carrier == "segment":
         return [{"type": "kv_blocks", "hid": hid, "indices": list(indices), "hashes": list(hashes), "crcs": crcs,
                  "in_segment": True}]
     per = max(1, ROWS_FRAME_BYTES // max(nbytes, 1))
@@ -166,15 +237,17 @@ def blocks_to_wire(hid: int, indices: Sequence[int], hashes: Sequence[BlockHash]
              "crcs": crcs[a:a + per], "rows": rows[a:a + per].numpy().tobytes()} for a in range(0, n, per)]
 
 
-def blocks_from_wire(msg: dict, want: dict[int, BlockHash], fmt: BlockFormat,
-                     segment: RowSegment | None = None, slot_of: dict[int, int] | None = None
+def blocks_from_wire(msg: dict, want: dict[int, BlockHash], fmt: BlockFormat, segment: RowSegment | None = None,
+                     slot_of: dict[int, int] | None = None, device_segment: DeviceSegment | None = None
                      ) -> tuple[list[int], torch.Tensor]:
     """Check a kv_blocks message against the blocks asked for -> (indices, rows uint8 [n,
-    nbytes]: from the message, or views of the segment's slots). CorruptBlockError for a
-    checksum, hash or size that does not match, or a block not asked for (or sent twice)."""
+    nbytes]: from the message, or views of the segment's slots: host or device memory).
+    CorruptBlockError for a checksum, hash or size that does not match, or a block not asked
+    for (or sent twice); rows said to be in a segment of the other kind than `segment`."""
     try:
         indices, hashes, crcs = [int(i) for i in msg["indices"]], list(msg["hashes"]), list(msg["crcs"])
-        data = None if msg.get("in_segment") else msg["rows"]
+        in_device, in_segment = bool(msg.get("in_device")), bool(msg.get("in_segment"))
+        data = None if in_device or in_segment else msg["rows"]
     except (KeyError, TypeError, ValueError) as exc:
         raise errors.FrameError(f"malformed kv_blocks message: {exc!r}") from exc
     n = len(indices)
@@ -183,20 +256,25 @@ def blocks_from_wire(msg: dict, want: dict[int, BlockHash], fmt: BlockFormat,
             raise errors.CorruptBlockError(f"kv_blocks: block {i} {'is not awaited' if i not in want else 'has hash '}"
                                            f"{'' if i not in want else bytes(h).hex()}; the prefill node and this node "
                                            "disagree on the prompt, model or dtype")
+    if len(hashes) != n or len(crcs) != (0 if in_device else n):
+        raise errors.CorruptBlockError(f"kv_blocks: {n} indices, {len(hashes)} hashes, {len(crcs)} checksums")
     if data is None:
+        segment = device_segment if in_device else segment
         if segment is None:
-            raise errors.CorruptBlockError("kv_blocks: rows said to be in a segment, but none was offered")
+            raise errors.CorruptBlockError(f"kv_blocks: rows said to be in a {'device ' * in_device}segment, but none "
+                                           "was offered")
         slots = [slot_of[i] for i in indices]
         contiguous = slots == list(range(slots[0], slots[0] + n)) if n else True
-        rows = segment.rows[slots[0]:slots[0] + n] if contiguous and n else segment.rows[torch.tensor(slots)]
+        rows = segment.rows[slots[0]:slots[0] + n] if contiguous and n else \
+            segment.rows[torch.tensor(slots, device=segment.rows.device)]
+        if in_device:
+            return indices, rows  # never left the device: nothing to check
     elif isinstance(data, bytes) and len(data) == n * fmt.nbytes:
         rows = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(n, fmt.nbytes) if n else \
             torch.empty((0, fmt.nbytes), dtype=torch.uint8)
     else:
         raise errors.CorruptBlockError(f"kv_blocks: {len(data) if isinstance(data, bytes) else '?'} bytes of rows "
                                        f"for {n} blocks of {fmt.nbytes} bytes")
-    if not len(hashes) == n == len(crcs):
-        raise errors.CorruptBlockError(f"kv_blocks: {n} indices, {len(hashes)} hashes, {len(crcs)} checksums")
     for i, crc, got in zip(indices, crcs, row_checksums(rows)):
         if crc != got:
             raise errors.CorruptBlockError(f"kv_blocks: block {i} failed its checksum ({got:#x}, sent {crc:#x})")
@@ -278,11 +356,12 @@ class PrefillLinks:
             entry[1].put_nowait(msg)
         return None
 
-    async def fetch(self, token_ids: Sequence[int], want: dict[int, BlockHash],
-                    fmt: BlockFormat) -> AsyncIterator[tuple[list[int], torch.Tensor]]:
+    async def fetch(self, token_ids: Sequence[int], want: dict[int, BlockHash], fmt: BlockFormat,
+                    device: torch.device) -> AsyncIterator[tuple[list[int], torch.Tensor]]:
         """The blocks `want` ({table index: hash}) of the prompt `token_ids` (whole blocks), from
         the prefill nodes: yields (indices, rows uint8 [n, fmt.nbytes]) as they arrive, each
-        checked. A node that fails hands the blocks still awaited to the next;
+        checked; rows in host memory, or on `device` (this node's KV device) when they came
+        through CUDA IPC. A node that fails hands the blocks still awaited to the next;
         PrefillUnavailableError when every node failed (the causes in its message)."""
         want = dict(want)
         tried: set[int] = set()
@@ -295,7 +374,7 @@ class PrefillLinks:
                     f"no prefill node handed over {len(want)} KV block(s): {'; '.join(causes)}")
             tried.add(j)
             try:
-                async for indices, rows in self._fetch_from(j, token_ids, want, fmt):
+                async for indices, rows in self._fetch_from(j, token_ids, want, fmt, device):
                     for i in indices:
                         del want[i]
                     yield indices, rows
@@ -306,9 +385,15 @@ class PrefillLinks:
                     log.warning("KV hand-off from prefill node %d failed (%s); %d block(s) still awaited", j, exc,
                                 len(want))
 
-    async def _fetch_from(self, j: int, token_ids: Sequence[int], want: dict[int, BlockHash],
-                          fmt: BlockFormat) -> AsyncIterator[tuple[list[int], torch.Tensor]]:
+    async def _fetch_from(self, j: int, token_ids: Sequence[int], want: dict[int, BlockHash], fmt: BlockFormat,
+                          device: torch.device) -> AsyncIterator[tuple[list[int], torch.Tensor]]:
         client = await self._client(j)
+        device_segment = None
+        if device.type == "cuda":
+            try:
+                device_segment = await asyncio.to_thread(DeviceSegment, len(want), fmt.nbytes, device)
+            except RuntimeError as exc:  # no room for the slots, or no CUDA IPC here: rows go through host memory
+                log.warning("no device segment for a KV hand-off (%s): rows go through host memory", exc)
         segment = None
         if RowSegment.available():
             try:
@@ -323,10 +408,14 @@ class PrefillLinks:
         ended = False
         timeout_s = self._d.prefill_timeout_s
         try:
-            await client.request({"type": "prefill", "hid": hid, "token_ids": list(token_ids),
-                                  "want": [[i, want[i]] for i in sorted(want)], "format": fmt.name,
-                                  "digest": fmt.digest, "segment": None if segment is None else segment.name},
-                                 timeout_s=timeout_s)
+            ack = await client.request({"type": "prefill", "hid": hid, "token_ids": list(token_ids),
+                                        "want": [[i, want[i]] for i in sorted(want)], "format": fmt.name,
+                                        "digest": fmt.digest, "segment": None if segment is None else segment.name,
+                                        "device_segment": None if device_segment is None else device_segment.wire},
+                                       timeout_s=timeout_s)
+            if device_segment is not None and ack.get("carrier") != "device":
+                device_segment.decline()
+                device_segment = None
             while True:
                 try:
                     msg = await asyncio.wait_for(q.get(), timeout_s)
@@ -337,7 +426,7 @@ class PrefillLinks:
                     raise msg
                 kind = msg.get("type")
                 if kind == "kv_blocks":
-                    yield blocks_from_wire(msg, want, fmt, segment, slot_of)
+                    yield blocks_from_wire(msg, want, fmt, segment, slot_of, device_segment)
                 elif kind == "prefill_done":
                     ended = True
                     if want:

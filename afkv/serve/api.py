@@ -2,11 +2,12 @@
 
 Messages (msgpack over the control plane, afkv.transport.control):
     client -> node   {"type": "generate", "rid", "prompt", "params"}     request: "ack" once started
-    node -> client   {"type": "chunk", "rid", "chunk"} ...                the last has finish_reason
+    node -> client   {"type": "chunk", "rid", "chunk", "free_kv"} ...     the last has finish_reason;
+                                                                          free_kv: Engine.free_kv_tokens
                      {"type": "failed", "rid", "error"}                    error: afkv.errors.error_to_wire
     client -> node   {"type": "abort", "rid"}                             notification
     client -> node   {"type": "stats"} / {"type": "set_micro_batches", "m"}   requests
-                     {"type": "limits"} -> {"max_prompt_chars", "max_model_len"}
+                     {"type": "limits"} -> {"max_prompt_chars", "max_model_len", "free_kv"}
 
 `rid` is the client's name for one stream: an int, unique among the streams in flight on its
 connection. A generate without an int rid, or with one in flight, is answered with a
@@ -123,7 +124,7 @@ class ApiServer(StreamServer):
                     "kv": dataclasses.asdict(self.engine.kv_metrics()), "micro_batches": self.engine.micro_batches}
         if kind == "limits":
             return {"type": "limits", "max_prompt_chars": self.engine.max_prompt_chars,
-                    "max_model_len": self.engine.max_model_len}
+                    "max_model_len": self.engine.max_model_len, "free_kv": self.engine.free_kv_tokens}
         if kind == "set_micro_batches":
             m = msg.get("m")
             if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 16:
@@ -135,4 +136,5 @@ class ApiServer(StreamServer):
     async def _generate(self, conn: ControlConnection, rid: int, msg: dict) -> None:
         params = params_from_wire(msg.get("params"))
         async for chunk in self.engine.generate(msg.get("prompt"), params):
-            await conn.send({"type": "chunk", "rid": rid, "chunk": chunk_to_wire(chunk)})
+            await conn.send({"type": "chunk", "rid": rid, "chunk": chunk_to_wire(chunk),
+                             "free_kv": self.engine.free_kv_tokens})

@@ -1,5 +1,9 @@
 """AttachedEngine: the async API of Engine, served by the attention nodes of a running
-deployment (`afkv launch`). Requests are spread over the attention nodes round-robin.
+deployment (`afkv launch`). Each request goes to the attention node (the decode node, with
+prefill nodes) with the most free KV: the node's last report (Engine.free_kv_tokens, sent with
+every chunk) less what the client sent it since that has not started streaming (prompt tokens,
+estimated at 4 characters a token for text); among equals, the fewest requests in flight, then
+in turn.
 
     async with await afkv.attach("127.0.0.1:29600", token="...") as engine:
         async for chunk in engine.generate(prompt, params): ...
@@ -64,8 +68,10 @@ class NodeMetrics:
 
 class AttachedEngine:
     """Owns one control connection per attention node (`_clients`, None until first used or
-    after it was lost), and `_queues`: rid -> (attention node, the queue its chunks go to),
-    from a request's start to its end."""
+    after it was lost), `_queues`: rid -> (attention node, the queue its chunks go to), from a
+    request's start to its end, and the routing state (loop thread only): `_free_kv` (each
+    node's last report), `_unstarted` (rid -> its prompt's estimated tokens, until its first
+    chunk), `_pending` (per node, the sum of those), `_in_flight` (requests per node)."""
 
     def __init__(self, rendezvous: RendezvousClient, num_attention: int, peer_timeout_s: float):
         """Use `await afkv.attach(...)` (AttachedEngine.connect)."""
@@ -76,7 +82,11 @@ class AttachedEngine:
         self._connecting = [asyncio.Lock() for _ in range(num_attention)]
         self._watchers: set[asyncio.Task] = set()
         self._name = f"client-{uuid.uuid4().hex[:12]}"
-        self._turn = itertools.count()  # round-robin over the attention nodes
+        self._turn = itertools.count()  # the last tie-break: in turn
+        self._free_kv = [0] * num_attention
+        self._pending = [0] * num_attention
+        self._in_flight = [0] * num_attention
+        self._unstarted: dict[int, int] = {}
         self._rids = itertools.count()
         self._queues: dict[int, tuple[int, asyncio.Queue]] = {}
         self._closed = False
@@ -135,6 +145,7 @@ class AttachedEngine:
             try:
                 sizes = await c.request({"type": "limits"}, timeout_s=self._peer_timeout_s)
                 self._limits[i] = (int(sizes["max_prompt_chars"]), int(sizes["max_model_len"]))
+                self._free_kv[i] = int(sizes["free_kv"])
             except BaseException:
                 await c.aclose()
                 raise
@@ -163,6 +174,10 @@ class AttachedEngine:
                 log.warning("attention node %s: %s", conn.peer, errors.error_from_wire(msg.get("error")))
             return None
         if msg["type"] == "chunk":
+            free_kv = msg.get("free_kv")
+            if isinstance(free_kv, int) and not isinstance(free_kv, bool):
+                self._free_kv[entry[0]] = free_kv
+            self._started(rid, entry[0])
             try:
                 q.put_nowait(chunk_from_wire(msg["chunk"]))
             except (KeyError, TypeError, ValueError) as exc:
@@ -177,14 +192,18 @@ class AttachedEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise errors.RequestError(f"params must be SamplingParams, not {type(params).__name__}")
-        i = next(self._turn) % len(self._clients)
-        client = await self._client(i)
-        check_prompt_size(prompt, *self._limits[i])  # a larger one would not fit in a frame the node reads
+        i = self._pick()
         rid = next(self._rids)
-        q: asyncio.Queue = asyncio.Queue()
-        self._queues[rid] = (i, q)
+        self._unstarted[rid] = estimate_prompt_tokens(prompt)  # counted before any await: a burst spreads
+        self._pending[i] += self._unstarted[rid]
+        self._in_flight[i] += 1
+        client = None
         finished = False
         try:
+            client = await self._client(i)
+            check_prompt_size(prompt, *self._limits[i])  # a larger one would not fit in a frame the node reads
+            q: asyncio.Queue = asyncio.Queue()
+            self._queues[rid] = (i, q)
             await client.request({"type": "generate", "rid": rid, "prompt": prompt, "params": params_to_wire(params)},
                                  timeout_s=self._peer_timeout_s)
             while True:
@@ -198,11 +217,26 @@ class AttachedEngine:
                     return
         finally:
             self._queues.pop(rid, None)
-            if not finished and client.state is ConnState.OPEN:
+            self._started(rid, i)
+            self._in_flight[i] -= 1
+            if not finished and client is not None and client.state is ConnState.OPEN:
                 try:
                     await client.send({"type": "abort", "rid": rid})
                 except errors.TransportError:
                     pass  # gone meanwhile: the node drops the request when it cannot send to us
+
+    def _pick(self) -> int:
+        """The attention node for the next request (the routing rule: the module docstring)."""
+        n = len(self._clients)
+        turn = next(self._turn) % n
+        return max(range(n), key=lambda i: (self._free_kv[i] - self._pending[i], -self._in_flight[i],
+                                            -((i - turn) % n)))
+
+    def _started(self, rid: int, i: int) -> None:
+        """Request rid on node i streams (or ended): the node's reports count its KV from now on."""
+        tokens = self._unstarted.pop(rid, None)
+        if tokens is not None:
+            self._pending[i] -= tokens
 
     async def complete(self, prompt, params: SamplingParams | None = None) -> Completion:
         chunks = [c async for c in self.generate(prompt, params)]
@@ -242,6 +276,17 @@ class AttachedEngine:
             raise errors.EngineClosedError("this attached engine is closed")
         clients = [await self._client(i) for i in range(len(self._clients))]
         return [await c.request(msg, timeout_s=self._peer_timeout_s) for c in clients]
+
+
+def estimate_prompt_tokens(prompt: object) -> int:
+    """Tokens a prompt will take, before the node tokenizes it: a token list's length; text
+    (or chat messages' contents) at 4 characters a token. O(1) per message."""
+    if isinstance(prompt, str):
+        return len(prompt) // 4 + 1
+    if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+        return sum(len(m["content"]) // 4 + 1 if isinstance(m, dict) and isinstance(m.get("content"), str) else 1
+                   for m in prompt)
+    return len(prompt) if isinstance(prompt, (list, tuple)) else 1
 
 
 async def attach(address: str, token: str | None = None, timeout_s: float = 30.0,

@@ -2,10 +2,11 @@
 
 The protocol, checks and faults are afkv.nodes.handoff's (its module docstring). Per message:
 
-    prefill   start a stream task: Engine.export_prefill over the prompt, each batch of rows
-              it yields written into the decode node's segment (when this host has it) or sent
-              in the kv_blocks messages, then prefill_done (or prefill_failed with the error,
-              which keeps its class)
+    prefill   start a stream task: Engine.export_prefill over the prompt, its worker writing
+              the rows straight into the decode node's device segment (CUDA IPC, when this
+              process is on the same GPU) or shared-memory segment (when this host has it);
+              else the rows it yields go in the kv_blocks messages; then prefill_done (or
+              prefill_failed with the error, which keeps its class)
     cancel    cancel that stream: the engine aborts the prefill and frees its blocks
 
 A decode node that goes away takes its streams with it (their sends fail; the engine aborts).
@@ -13,11 +14,14 @@ A decode node that goes away takes its streams with it (their sends fail; the en
 
 from __future__ import annotations
 
+import asyncio
+
+import torch
 
 from afkv import errors
 from afkv.engine.engine import Engine
 from afkv.kv.formats import FORMAT_NAMES, BlockFormat, make_format
-from afkv.nodes.handoff import MAX_FRAME_BYTES, blocks_to_wire, open_segment
+from afkv.nodes.handoff import MAX_FRAME_BYTES, blocks_to_wire, open_device_segment, open_segment
 from afkv.serve.streams import StreamServer
 from afkv.transport.control import ControlConnection, ControlLimits
 
@@ -40,6 +44,7 @@ class PrefillServer(StreamServer):
                                heartbeat_interval_s=HEARTBEAT_INTERVAL_S, message_bytes={"prefill": prompt_bytes},
                                default_message_bytes=64 * 2**10)
         super().__init__(host, port, token, limits)
+        self.carriers = {"device": 0, "segment": 0, "frames": 0}  # hand-offs started per carrier
 
     async def _handle(self, conn: ControlConnection, msg: dict) -> dict | None:
         kind = msg["type"]
@@ -57,23 +62,36 @@ class PrefillServer(StreamServer):
             if msg.get("digest") != fmt.digest:
                 raise errors.ConfigError("the decode node asks for KV rows of another geometry than this prefill "
                                          "node's (model, dtype or block_size differ)", key="kv")
-            segment = None if msg.get("segment") is None else open_segment(msg["segment"], len(want), fmt.nbytes)
-            self._start(conn, hid, lambda: self._hand_off(conn, hid, token_ids, want, fmt, segment),
+            into, carrier = await self._open_carrier(msg, len(want), fmt)
+            self._start(conn, hid, lambda: self._hand_off(conn, hid, token_ids, want, fmt, into, carrier),
                         f"afkv-prefill {hid}")
-            return None
+            return {"type": "ack", "carrier": carrier}
         if kind == "cancel":
             self._cancel(conn, hid)
             return None
         raise errors.FrameError(f"prefill node: unknown message type {kind!r}")
 
+    async def _open_carrier(self, msg: dict, num_rows: int, fmt: BlockFormat) -> tuple[torch.Tensor | None, str]:
+        """The first of the decode node's device segment, its shared-memory segment, the frames,
+        that this process can open (afkv.nodes.handoff) -> (its rows or None, its name)."""
+        device = self.engine.kv_manager.kv.device
+        if msg.get("device_segment") is not None:
+            into = await asyncio.to_thread(open_device_segment, msg["device_segment"], num_rows, fmt.nbytes, device)
+            if into is not None:
+                return into, "device"
+        if msg.get("segment") is not None:
+            into = open_segment(msg["segment"], num_rows, fmt.nbytes)
+            if into is not None:
+                return into, "segment"
+        return None, "frames"
+
     async def _hand_off(self, conn: ControlConnection, hid: int, token_ids: list, want: dict, fmt: BlockFormat,
-                        segment) -> None:
-        """`segment`: the decode node's row slots (one per block asked for, in table order), or
-        None: rows go in the frames."""
-        slot_of = {i: k for k, i in enumerate(sorted(want))}
-        async for batch in self.engine.export_prefill(token_ids, want, fmt):
-            for frame in blocks_to_wire(hid, batch.indices, batch.hashes, batch.rows, segment,
-                                        [slot_of[i] for i in batch.indices]):
+                        into: torch.Tensor | None, carrier: str) -> None:
+        """`into`: the decode node's row slots (one per block asked for, in table order) that
+        `carrier` names, or None: rows go in the frames."""
+        self.carriers[carrier] += 1
+        async for batch in self.engine.export_prefill(token_ids, want, fmt, into):
+            for frame in blocks_to_wire(hid, batch.indices, batch.hashes, batch.rows, carrier):
                 await conn.send(frame)
         await conn.send({"type": "prefill_done", "hid": hid})
 

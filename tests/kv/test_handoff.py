@@ -130,3 +130,50 @@ def test_hold_cached_shares_only_a_whole_cached_prompt():
     assert torch.equal(rows[1].view(LAYOUT.dtype).view(LAYOUT.block_shape), src.kv[src.block_table(0)[3]])
     src.free(2)
     src.check_invariants()
+
+
+def test_exported_rows_land_in_the_given_slots():
+    """export_rows with `into` (a decode node's segment: slot k for the k-th block asked for)
+    writes the rows there on the worker and returns those slots: the same bytes as a plain export."""
+    src = _prefilled()
+    plain = src.export_rows(0, [1, 2], RAW).result()  # [2, nbytes]
+    into = torch.zeros((4, RAW.nbytes), dtype=torch.uint8)  # [4 slots, nbytes]
+    got = src.export_rows(0, [1, 2], RAW, into, [2, 3]).result()
+    assert torch.equal(got, plain) and torch.equal(into[2:], plain)
+    assert not into[:2].any()  # other slots untouched
+    got = src.export_rows(0, [0, 3], RAW, into, [3, 0]).result()  # slots in any order
+    assert torch.equal(into[3], src.export_rows(0, [0], RAW).result()[0])
+    assert torch.equal(into[0], src.export_rows(0, [3], RAW).result()[0]) and torch.equal(got[1], into[0])
+
+
+def test_rows_said_to_be_in_a_segment_never_offered_are_refused():
+    """A kv_blocks message naming a carrier the decode node did not offer (a device segment on a
+    CPU node, a shared-memory segment it has not made) is a CorruptBlockError, not a read of
+    memory that is not there."""
+    from afkv.errors import CorruptBlockError
+    from afkv.nodes.handoff import blocks_from_wire
+
+    want = {0: bytes(16)}
+    for flag in ("in_device", "in_segment"):
+        msg = {"type": "kv_blocks", "hid": 0, "indices": [0], "hashes": [bytes(16)],
+               "crcs": [] if flag == "in_device" else [0], flag: True}
+        with pytest.raises(CorruptBlockError, match="was offered"):
+            blocks_from_wire(msg, want, RAW, None, {0: 0}, None)
+
+
+def test_malformed_device_segment_offer_is_a_frame_error():
+    """A prefill node reads a device-segment offer only when it is well formed and sized for the
+    blocks asked for (FrameError otherwise); a CPU node never opens one (None: host carriers)."""
+    from afkv.errors import FrameError
+    from afkv.nodes.handoff import open_device_segment
+
+    wire = {"uuid": "GPU-0", "rows": 2, "nbytes": RAW.nbytes, "handle": b"h", "size": 2 * RAW.nbytes, "offset": 0,
+            "ref_handle": b"r", "ref_offset": 0, "event": b"e", "event_sync": True}
+    assert open_device_segment(wire, 2, RAW.nbytes, CPU) is None
+    if not torch.cuda.is_available():
+        return
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    for bad in ({**wire, "handle": "h"}, {k: v for k, v in wire.items() if k != "size"}, {**wire, "rows": 3}):
+        with pytest.raises(FrameError):
+            open_device_segment(bad, 2, RAW.nbytes, cuda)
+    assert open_device_segment(wire, 2, RAW.nbytes, cuda) is None  # another GPU's UUID

@@ -117,6 +117,26 @@ async def test_launch_serves_pd_through_attach(tiny_dir, tmp_path):
             assert kv.counters["handoff_received_blocks"] > 0
 
 
+async def test_decode_node_is_picked_by_free_kv(tiny_dir, tmp_path):
+    """Two decode nodes: a request goes to the one with the most free KV (reported with every
+    chunk), not in turn. A long prompt decoding on node 0 holds 76 of its 256 blocks; the short
+    prompts sent while it streams all go to node 1 (in turn, every other one would go to node
+    0). Routing happens as they are sent, within milliseconds of the long request's first token,
+    which has 199 more steps to go."""
+    model = str(tiny_dir["mixtral"])
+    with Deployment(write_config(tmp_path, 1, 0, attention=2), model) as dep:
+        async with await afkv.attach(dep.address, token=dep.token) as engine:
+            long = engine.generate(random_prompt(301, 256, seed=7), SamplingParams(max_tokens=200, ignore_eos=True))
+            await anext(long)  # on node 0: both nodes had the whole pool free, node 0 first in turn
+            before = [s.num_prompt_tokens for s in await engine.stats()]
+            shorts = [random_prompt(9, 256, seed=20 + k) for k in range(4)]
+            await asyncio.gather(*(engine.complete(p, PARAMS) for p in shorts))
+            after = [s.num_prompt_tokens for s in await engine.stats()]
+            assert after[0] == before[0] and after[1] - before[1] == sum(map(len, shorts))
+            assert (await anext(long)).finish_reason is None  # still decoding on node 0 meanwhile
+            await long.aclose()
+
+
 def test_deployment_roles_and_validation(tmp_path):
     from afkv.config import DeploymentConfig, EngineConfig
     from afkv.errors import ConfigError

@@ -47,8 +47,8 @@ class Gated:
     def max_model_len(self):
         return self.engine.max_model_len
 
-    async def export_prefill(self, token_ids, want, fmt):
-        async with contextlib.aclosing(self.engine.export_prefill(token_ids, want, fmt)) as batches:
+    async def export_prefill(self, token_ids, want, fmt, into=None):
+        async with contextlib.aclosing(self.engine.export_prefill(token_ids, want, fmt, into)) as batches:
             n = 0
             async for batch in batches:
                 yield batch
@@ -190,12 +190,12 @@ async def test_corrupt_row_is_never_used(model, monkeypatch, carrier):
     damaged = []
     to_wire = prefill_module.blocks_to_wire
 
-    def damaging(hid, indices, hashes, rows, segment=None, slots=()):
-        frames = to_wire(hid, indices, hashes, rows, segment, slots)
+    def damaging(hid, indices, hashes, rows, used):
+        frames = to_wire(hid, indices, hashes, rows, used)
         if not damaged:
-            assert (segment is not None) == (carrier == "segment")
-            if segment is not None:
-                segment[slots[0], rows.shape[1] // 2] ^= 0x40
+            assert used == carrier
+            if used == "segment":  # rows: the segment's slots, already written
+                rows[0, rows.shape[1] // 2] ^= 0x40
             else:
                 data = bytearray(frames[0]["rows"])
                 data[len(data) // 2] ^= 0x40

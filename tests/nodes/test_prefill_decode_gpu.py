@@ -1,26 +1,47 @@
 """One GPU, PD: a prefill node and the decode node as two processes on the same GPU (and an
-expert node there too). The rows leave the prefill node's GPU through pinned host memory
-(KVManager.export_rows), cross as checked frames, and land in the decode node's GPU cache on
-its worker (KVManager.receive); greedy tokens equal the colocated engine's on the same GPU,
-and only the blocks the decode node lacks cross."""
+expert node there too). The rows cross through CUDA IPC (afkv.nodes.handoff.DeviceSegment:
+the decode node's device buffer of row slots, which the prefill node's worker fills device ->
+device), land in the decode node's GPU cache on its worker (KVManager.receive), greedy tokens
+equal the colocated engine's on the same GPU, only the blocks the decode node lacks cross, and
+no device segment stays allocated once every hand-off ended."""
 
 import asyncio
 import dataclasses
+import time
 
 import pytest
 import torch
 
 from afkv import Engine, EngineConfig
+from afkv.nodes.handoff import DeviceSegment
 from afkv.serve.launch import Deployment
+from tests.helpers import random_prompt
 from tests.nodes.test_prefill_decode import PARAMS, expected_transfers, prompts_with_shared_prefixes
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("experts", [0, 1], ids=["1P1D", "1P1D1E"])
-def test_pd_on_one_gpu_matches_colocated(tiny_dir, tmp_path, experts):
+def _needs_gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
+
+
+async def _settled(baseline: int, timeout_s: float = 20.0) -> int:
+    """torch.cuda.memory_allocated() once it is back to `baseline` (device segments are freed
+    when the prefill node has let them go, which it does after its last message), or after
+    timeout_s: the value then."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        torch.cuda.ipc_collect()
+        now = torch.cuda.memory_allocated()
+        if now <= baseline or time.monotonic() > deadline:
+            return now
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("experts", [0, 1], ids=["1P1D", "1P1D1E"])
+def test_pd_on_one_gpu_matches_colocated(tiny_dir, tmp_path, experts):
+    _needs_gpu()
     model = str(tiny_dir["qwen3_moe"])
     path = tmp_path / "pd-gpu.toml"
     path.write_text(f"""
@@ -44,17 +65,55 @@ expert_timeout_s = 30.0
 prefill_timeout_s = 30.0
 """.replace("'", '"'))
     prompts = prompts_with_shared_prefixes()
+    more = [random_prompt(n, 256, seed=300 + n) for n in (17, 33, 50)]  # new prompts: 4, 8, 12 blocks cross
     cfg = EngineConfig.from_toml(path)
 
     async def run():
         async with Engine(model, dataclasses.replace(cfg, deployment=None), progress=False) as e:
-            expected = [(await e.complete(p, PARAMS)).token_ids for p in prompts]
+            expected = [(await e.complete(p, PARAMS)).token_ids for p in prompts + more]
         with Deployment(path, model, start_attention=False) as dep:
             pd = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port, token=dep.token))
             async with Engine(model, pd, progress=False) as e:
                 got = [(await e.complete(p, PARAMS)).token_ids for p in prompts]
+                counters = e.kv_metrics().counters
+                assert counters["handoff_received_blocks"] == sum(expected_transfers(prompts))
+                assert counters.get("handoff_received_device_blocks", 0) == counters["handoff_received_blocks"]
+                # three hand-offs at once, each through its own device segment (this round also
+                # brings every buffer the engine keeps for such a batch)
+                warm = [random_prompt(n, 256, seed=400 + n) for n in (17, 33, 50)]
+                idle = torch.cuda.memory_allocated()
+                before = e.kv_metrics().counters["handoff_received_device_blocks"]
+                await asyncio.gather(*(e.complete(p, PARAMS) for p in warm))
+                assert e.kv_metrics().counters["handoff_received_device_blocks"] - before == 4 + 8 + 12
+                baseline = await _settled(idle)  # what the engine keeps, once the warm segments are gone
+                got += [(await e.complete(p, PARAMS)).token_ids for p in more]
                 assert got == expected
-                assert e.kv_metrics().counters["handoff_received_blocks"] == sum(expected_transfers(prompts))
+                assert e.kv_metrics().counters["handoff_received_device_blocks"] - before == 2 * (4 + 8 + 12)
+                assert await _settled(baseline) <= baseline  # every device segment freed
                 e.kv_manager.check_invariants()
 
     asyncio.run(run())
+
+
+def test_declined_device_segment_is_freed():
+    """A device segment the prefill node did not open (another GPU, no CUDA IPC) stays
+    allocated while the offer counts (torch's IPC reference count) until the decode node
+    declines it for the prefill node; then it is freed."""
+    _needs_gpu()
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.ipc_collect()
+    baseline = torch.cuda.memory_allocated(device)
+    seg = DeviceSegment(8, 2**20, device)
+    wire = dict(seg.wire)
+    assert torch.cuda.memory_allocated(device) >= baseline + 8 * 2**20
+    del seg
+    torch.cuda.ipc_collect()
+    assert torch.cuda.memory_allocated(device) >= baseline + 8 * 2**20  # the offer still counts: kept
+    torch.UntypedStorage._release_ipc_counter_cuda(wire["ref_handle"], wire["ref_offset"])  # what decline() does
+    torch.cuda.ipc_collect()
+    assert torch.cuda.memory_allocated(device) == baseline
+    seg = DeviceSegment(8, 2**20, device)
+    seg.decline()
+    del seg
+    torch.cuda.ipc_collect()
+    assert torch.cuda.memory_allocated(device) == baseline
