@@ -605,9 +605,9 @@ def _mla_tune(default, heads, q, cache, tables, lens, scale, calls, replays, dev
     -> (the fastest tile that matched, [{tile, us | error}])."""
     from afkv.ops import mla, triton_mla
 
+    raw = isinstance(cache, torch.Tensor)
     cache_f = cache[:, :1].float() if raw else cache  # layer 0
     want = mla.mla_decode_attention(q.float(), cache_f, 0, tables, lens, scale, MLA_RANK)  # [B, H, r]
-    raw = isinstance(cache, torch.Tensor)
     candidates = [default] + [t for t in triton_mla.CANDIDATE_TILES
                               if t.block_h <= max(16, heads) and t != default and (raw or not t.whole_scores)]
     best, trials = None, []

@@ -255,3 +255,37 @@ def test_decode_is_cuda_graph_capturable():
     want = mla.mla_decode_attention(q.float().cpu(), cache.float().cpu(), 1, ref_tables, new_lens.cpu(), 0.13, 512)
     torch.testing.assert_close(out.clone()[1:].float().cpu(), want[1:], **_tol(torch.bfloat16))
     assert (out[0] == 0).all()
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_bench_tuning_checks_each_launch_against_float32_attention(fmt, monkeypatch):
+    """`afkv bench kernels mla --tune 1`'s tuner on a small cache under the interpreter (a
+    smoke test of its reference path: it once read `raw` before setting it): the default launch
+    matches the float32 reference and is timed, a launch that cannot run is reported and left out."""
+    if _CUDA:
+        pytest.skip("the interpreter runs only where CUDA is absent")
+    from afkv.bench import kernels
+
+    broken = tm.MLATile(block_h=16, block_n=16, rank_chunk=128)
+    monkeypatch.setattr(tm, "CANDIDATE_TILES", (broken,))
+    real = tm.paged_mla_decode
+
+    def decode(*args, tile=None, **kw):
+        if tile == broken:
+            raise RuntimeError("this launch does not compile")
+        return real(*args, tile=tile, **kw)
+
+    monkeypatch.setattr(tm, "paged_mla_decode", decode)
+    torch.manual_seed(0)
+    cache = kernels._mla_cache(fmt, 2, 1, 16, torch.device("cpu"))
+    tables = torch.arange(2).view(1, 2)  # [B, nb]
+    lens = torch.tensor([27])
+    q = (torch.randn(1, 16, kernels.MLA_RANK + kernels.MLA_ROPE) * 0.1).to(torch.bfloat16)
+    scale = (128 + kernels.MLA_ROPE) ** -0.5
+    default = tm.default_tile(16, fmt != "bf16")
+    calls = lambda tile: kernels._mla_calls(q, cache, tables, lens, scale, 1, tile)  # noqa: E731
+    best, trials = kernels._mla_tune(default, 16, q, cache, tables, lens, scale, calls, 1, torch.device("cpu"),
+                                     None, lambda *_: None)
+    assert best == default
+    assert [t.get("us") is not None for t in trials] == [True, False]
+    assert "does not compile" in trials[1]["error"]
