@@ -5,6 +5,7 @@ replica is a 503 (the typed error crosses the attached connection with its field
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import openai
 import pytest
@@ -16,6 +17,8 @@ from afkv.serve.launch import Deployment
 from afkv.serve.metrics import engine_samples
 from tests.serve.conftest import http, live_server, metric_sum, openai_client, scrape, wait_until
 
+# a node's log line for a lost peer, whichever way the socket ended (afkv.transport.control)
+LOSS = re.compile(r"control connection ended: .*(closed the connection|end of stream|connection broken|no whole frame)")
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -75,12 +78,14 @@ async def test_serve_attach_answers_as_colocated(tiny_chat_dir, tmp_path):
                     await client.completions.create(model="tiny", prompt="The capital", max_tokens=3)
                 assert exc.value.status_code == 503 and exc.value.body["code"] == "ExpertUnavailableError"
                 assert (await http(url, "/health"))[0] == 200  # the attention node answers: the server keeps serving
+                # the attention node logs the loss with its reason before it is killed in turn; the
+                # reason's wording depends on how the kernel ended the socket (FIN, or RST when bytes
+                # were left unread, or a frame cut short)
+                await wait_until(lambda: LOSS.search((log_dir / "node0.log").read_text()), 30,
+                                 "the attention node to log the loss of its expert node")
                 dep.kill_node(0)
                 assert (await http(url, "/health"))[0] == 503  # no attention node answers
                 await client.close()
-        await wait_until(lambda: "control connection ended" in (log_dir / "node0.log").read_text(), 30,
-                         "the attention node to log the loss")
-        assert "closed the connection" in (log_dir / "node0.log").read_text()
 
 
 async def test_disaggregated_metrics_and_503(tiny_dir, tmp_path):
