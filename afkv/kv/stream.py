@@ -75,7 +75,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from afkv.errors import CorruptBlockError
+from afkv.errors import CorruptBlockError, TierError
 from afkv.kv.checks import accounted, owned
 from afkv.kv.formats import BlockFormat
 from afkv.kv.metrics import KVMetrics, TierUsage
@@ -297,8 +297,8 @@ class StreamDisk:
     """Stream blocks past the store's host region: store ids num_blocks .. total_blocks - 1,
     one block file each in the disk tier's format (afkv.kv.tiers.disk: a header with the
     payload's crc32; the block hash is the store id), the payload a row of the host format:
-    one section per layer. Every step reads each layer's sections at their offsets, a layer
-    ahead of use like the store's copies, and checks the accumulated crc32 after the last.
+    one section per layer. Every step reads each layer's sections at their offsets, `ahead`
+    layers before use like the store's copies, and checks the accumulated crc32 after the last.
 
     Owner: one I/O thread does every write and read, in submission order (a block's write,
     submitted with its spill, precedes every read of it), and owns `_crcs` (store id -> the
@@ -306,10 +306,21 @@ class StreamDisk:
     disk_path, removed at close: the files are scratch, never reused by another engine."""
 
     def __init__(self, config: StreamConfig, fileio: FileIO):
+        """TierError naming the settings when the directory cannot be made or its file system
+        has no room for disk_blocks files."""
         assert config.disk_path is not None  # config.disk_blocks > 0
-        config.disk_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fmt = config.format
+        try:
+            config.disk_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            free = shutil.disk_usage(config.disk_path).free
+        except OSError as exc:
+            raise TierError(f"stream disk {config.disk_path}: {exc}; set kv.stream_disk_path") from exc
+        need = config.disk_blocks * (HEADER_NBYTES + fmt.nbytes)
+        if need > free:
+            raise TierError(f"stream disk {config.disk_path}: {config.disk_blocks} blocks need {need} bytes but its file "
+                            f"system has {free} free; lower kv.stream_disk_mib / kv.stream_disk_num_blocks")
         self.path = Path(tempfile.mkdtemp(prefix="afkv-stream-", dir=config.disk_path))
-        self.format, self.first, self.fileio = config.format, config.num_blocks, fileio
+        self.format, self.fileio = fmt, fileio
         self.io = ThreadPoolExecutor(1, thread_name_prefix="afkv-stream-io")
         self._crcs: dict[int, int] = {}
         self._closed = False

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from afkv.errors import TierAccountingError
+from afkv.errors import TierAccountingError, TierError
 from afkv.kv.formats import make_format
 from afkv.kv.layout import KVLayout
 from afkv.kv.manager import KVManager
@@ -210,6 +210,12 @@ def test_a_corrupt_disk_block_is_named_and_read_as_zeros(tmp_path, where):
     kv.free(1)
     kv.check_invariants()
     kv.close()
+
+
+def test_a_stream_disk_its_file_system_cannot_hold_is_refused_naming_the_setting(tmp_path):
+    with pytest.raises(TierError, match="kv.stream_disk_mib"):
+        _manager(disk=tmp_path, disk_blocks=2**50)
+    assert os.listdir(tmp_path) == []
 
 
 def _reference(q, k, v):
