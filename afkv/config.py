@@ -3,7 +3,8 @@
     [model]      path, dtype, device, cuda_graphs, expert_dtype
     [upcycle]    sparse upcycling of a dense Llama checkpoint (the default model)
     [kv]         block_size, num_blocks / device_memory_mib, device_format / fp_window,
-                 stream_memory_mib / stream_num_blocks, stream_sink_tokens, stream_window, stream_ahead
+                 stream_memory_mib / stream_num_blocks, stream_sink_tokens, stream_window, stream_ahead,
+                 stream_disk_mib / stream_disk_num_blocks, stream_disk_path
                  (quantized device tier); tiers below the device: host_*, disk_*,
                  spill_format, eviction, prefetch_depth, io_threads
     [kv.pruning] policy (none | streaming | h2o), num_sink_tokens, window, budget
@@ -86,6 +87,9 @@ class KVConfig:
     stream_sink_tokens: int = 16  # a streaming sequence's first tokens stay on the device
     stream_window: int = 4096  # and its last cached tokens; the full blocks between them stream
     stream_ahead: int = 2  # layers copied to the device ahead of the one attended (1 .. 4)
+    stream_disk_mib: int = 0  # stream blocks past the store: block files read back layer by layer every step
+    stream_disk_num_blocks: int = 0
+    stream_disk_path: str = ""  # directory that holds them (a private subdirectory per engine; ~ expanded)
     pruning: KVPruning = field(default_factory=KVPruning)  # [kv.pruning]: the default of every request
 
     @property
@@ -123,10 +127,18 @@ class KVConfig:
         need(self.has_disk_tier or not self.disk_path, "kv.disk_capacity_mib",
              "disk_path is set but the disk tier has no size (disk_capacity_mib or disk_num_blocks)")
         self.pruning.validate(lambda ok, key, msg: need(ok, f"kv.pruning.{key}", msg))
-        for key in ("stream_memory_mib", "stream_num_blocks", "stream_sink_tokens"):
+        for key in ("stream_memory_mib", "stream_num_blocks", "stream_sink_tokens", "stream_disk_mib",
+                    "stream_disk_num_blocks"):
             need(getattr(self, key) >= 0, f"kv.{key}", f"{key} must be >= 0, got {getattr(self, key)}")
         need(self.stream_window >= 1, "kv.stream_window", f"stream_window must be >= 1, got {self.stream_window}")
         need(1 <= self.stream_ahead <= 4, "kv.stream_ahead", f"stream_ahead must be 1 .. 4, got {self.stream_ahead}")
+        has_stream_disk = self.stream_disk_mib > 0 or self.stream_disk_num_blocks > 0
+        need(self.has_stream or not has_stream_disk, "kv.stream_memory_mib",
+             "stream_disk_mib holds stream blocks past the stream store: set stream_memory_mib too")
+        need(bool(self.stream_disk_path) or not has_stream_disk, "kv.stream_disk_path",
+             "stream_disk_mib needs stream_disk_path")
+        need(has_stream_disk or not self.stream_disk_path, "kv.stream_disk_mib",
+             "stream_disk_path is set but has no size (stream_disk_mib or stream_disk_num_blocks)")
         if self.has_stream:
             need(self.device_format == "auto", "kv.device_format",
                  "streaming (stream_memory_mib) reads device blocks in the model dtype: use device_format = \"auto\"")
@@ -170,7 +182,13 @@ class KVConfig:
         if num_blocks == 0:
             raise ConfigError(f"the stream store ({self.stream_memory_mib} MiB) is smaller than one block "
                               f"({fmt.nbytes} bytes as {fmt.name})", file=source, key="kv.stream_memory_mib")
-        return StreamConfig(fmt, num_blocks, self.stream_sink_tokens, self.stream_window, self.stream_ahead)
+        disk_blocks = self.stream_disk_num_blocks or self.stream_disk_mib * 2**20 // fmt.nbytes
+        if self.stream_disk_mib and not disk_blocks:
+            raise ConfigError(f"stream_disk_mib ({self.stream_disk_mib} MiB) is smaller than one block "
+                              f"({fmt.nbytes} bytes as {fmt.name})", file=source, key="kv.stream_disk_mib")
+        disk_path = Path(self.stream_disk_path).expanduser() if disk_blocks else None
+        return StreamConfig(fmt, num_blocks, self.stream_sink_tokens, self.stream_window, self.stream_ahead,
+                            disk_blocks, disk_path)
 
     @staticmethod
     def _format(name: str, layout: Layout, source: str | None, key: str):

@@ -362,8 +362,9 @@ class Engine:
                                     cfg.kv.pruning, frozenset(eos))
         self.max_model_len = min(cfg.scheduler.max_model_len or spec.max_position, spec.max_position, self._kv.capacity_tokens)
         if self.max_model_len == self._kv.capacity_tokens:
-            self._context_bound = ("the device tier plus the stream store ([kv] num_blocks / device_memory_mib + "
-                                   "stream_memory_mib / stream_num_blocks)" if stream is not None else
+            self._context_bound = ("the device tier plus the stream store and its disk ([kv] num_blocks / "
+                                   "device_memory_mib + stream_memory_mib / stream_num_blocks + stream_disk_mib / "
+                                   "stream_disk_num_blocks)" if stream is not None else
                                    "the device tier ([kv] num_blocks / device_memory_mib; [kv] stream_memory_mib "
                                    "streams longer contexts from host memory)")
         else:

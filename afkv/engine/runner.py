@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from afkv.errors import KVError
-from afkv.kv.stream import StreamRing
+from afkv.kv.stream import StreamRing, StreamStep
 from afkv.model.graphs import DecodeGraphs, GraphCaptureError
 from afkv.model.model import Model
 from afkv.model.sides import DecodeRows, SeqChunk, StepInputs
@@ -156,8 +156,9 @@ class ModelRunner:
                 if c.sample is not None:
                     rows.append(chunk.start + chunk.length - 1)
             if not rows:
-                return [ChunkResult() for _ in plan]
+                return _fail_corrupt(plan, [ChunkResult() for _ in plan], inputs.stream)
             logits = self.model.attn.logits(h[torch.tensor(rows, device=h.device)])  # [R, V] float32
+            return _fail_corrupt(plan, self._sample(plan, logits), inputs.stream)
         return self._sample(plan, logits)
 
     def _sample(self, plan: list[ChunkPlan], logits: torch.Tensor) -> list[ChunkResult]:
@@ -220,3 +221,15 @@ def _top(host: dict[str, list], row: int, n: int) -> dict[int, float]:
     if n <= 0:
         return {}
     return dict(zip(host["top_ids"][row][:n], host["top_lp"][row][:n]))
+
+
+def _fail_corrupt(plan: list[ChunkPlan], results: list[ChunkResult], stream: StreamStep | None) -> list[ChunkResult]:
+    """End the requests whose streamed disk blocks failed their checks this step (their
+    attention read zeros for them): nothing of the step is committed for them."""
+    if stream is None or not stream.corrupt:
+        return results
+    for c, res in zip(plan, results):
+        bad = next((s for s in c.streamed if s in stream.corrupt), None)
+        if bad is not None:
+            res.error = f"streamed KV block {bad} is corrupt on disk ({stream.corrupt[bad]})"
+    return results

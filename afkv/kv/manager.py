@@ -150,8 +150,8 @@ class KVManager:
 
     @property
     def capacity_tokens(self) -> int:
-        """Tokens the device tier and the stream store hold together."""
-        store_blocks = 0 if self.stream.config is None else self.stream.config.num_blocks
+        """Tokens the device tier and the stream store (with its disk) hold together."""
+        store_blocks = 0 if self.stream.config is None else self.stream.config.total_blocks
         return (self.pool.num_blocks + store_blocks) * self.layout.block_size
 
     @property
@@ -450,6 +450,7 @@ class KVManager:
         self._closed = True
         self.drain()
         self.lower.close()
+        self.stream.close()
 
     async def aclose(self) -> None:
         """As close, without blocking the event loop."""
@@ -468,6 +469,7 @@ class KVManager:
             await asyncio.wait([asyncio.wrap_future(f) for f in futures])
             self.poll()
         await self.lower.aclose()
+        await asyncio.get_running_loop().run_in_executor(None, self.stream.close)
 
     # ---- metrics and checks -------------------------------------------------------------------
     def metrics_snapshot(self) -> KVMetricsSnapshot:

@@ -11,6 +11,7 @@ prompts: fp8 0.043 / 0.149, int8 0.012 / 0.014, int4 0.213 / 0.233 (long context
 quantized keys than test_device_quant's short prompts; the maxima are router flips)."""
 
 import asyncio
+import os
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ import torch
 from afkv.config import EngineConfig
 from afkv.engine.engine import Engine
 from afkv.engine.params import SamplingParams
-from afkv.errors import ConfigError, PromptTooLongError
+from afkv.errors import ConfigError, PromptTooLongError, RequestFailedError
 from tests.helpers import hf_greedy, hf_model, random_prompt
 
 BS = 4
@@ -41,7 +42,7 @@ async def _generate(model_dir, cfg: EngineConfig, prompts, max_tokens=8, check=N
         kv = engine.kv_manager
         kv.check_invariants()
         assert kv.pool.num_free_blocks == kv.pool.num_blocks  # everything released
-        assert kv.stream.num_free_blocks == (kv.stream.config.num_blocks if kv.stream.config else 0)
+        assert kv.stream.num_free_blocks == (kv.stream.config.total_blocks if kv.stream.config else 0)
         if check is not None:
             check(engine)
         return out
@@ -81,6 +82,66 @@ def test_streamed_sequences_equal_the_all_device_run(tiny_dir, family):
         assert p95 <= BOUNDS[fmt][0] and max(errors) <= BOUNDS[fmt][1]
 
 
+def _on_disk(engine) -> None:
+    _streamed(engine)
+    assert engine.kv_manager.metrics.counters["stream_disk_spills"] > 0
+
+
+def _disk(path, store_blocks: int = 16) -> dict:
+    """A store of store_blocks over a disk of 256 blocks under `path`."""
+    return STREAM | {"stream_num_blocks": store_blocks, "stream_disk_num_blocks": 256, "stream_disk_path": str(path)}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_sequences_past_device_and_store_stream_from_disk_like_the_all_device_run(tiny_dir, tmp_path, family):
+    """Two sequences of 400+ tokens on a 40-token device tier and a 16-block store: most of
+    their middles are block files, read back layer by layer every step."""
+    prompts = [random_prompt(400, 200, 1), random_prompt(420, 200, 2)]
+    ref = asyncio.run(_generate(tiny_dir[family], _config(num_blocks=512), prompts))
+    got = asyncio.run(_generate(tiny_dir[family], _config(num_blocks=2 * DEVICE_BLOCKS, **_disk(tmp_path)), prompts,
+                                check=_on_disk))
+    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+    assert max(_logprob_errors(ref, got)) < 1e-4
+    assert list(tmp_path.iterdir()) == []  # the engine's disk directory went with it
+
+
+def test_a_corrupt_disk_block_fails_its_request_alone_and_frees_every_block(tiny_dir, tmp_path):
+    """A byte of a streamed block file flipped between steps: that request ends with an error
+    naming the block file; every device, store and disk block is free; the engine serves on."""
+    async def main():
+        async with Engine(tiny_dir["qwen3_moe"], _config(num_blocks=2 * DEVICE_BLOCKS, **_disk(tmp_path)),
+                          progress=False) as engine:
+            kv = engine.kv_manager
+            params = SamplingParams(max_tokens=100, ignore_eos=True)
+            other = asyncio.create_task(engine.complete(random_prompt(10, 200, 11), SamplingParams(max_tokens=4)))
+            gen = engine.generate(random_prompt(200, 200, 10), params)
+            with pytest.raises(RequestFailedError, match="streamed KV block .* corrupt on disk") as e:
+                async for _ in gen:
+                    disk = [i for i in streamed_ids(kv) if i >= kv.stream.config.num_blocks]
+                    if disk and kv.metrics.counters["streamed_steps"] >= 2 and not corrupted:
+                        await asyncio.wrap_future(kv.stream.disk.io.submit(lambda: None))  # its file is written
+                        name = kv.stream.disk.file(disk[0])
+                        fd = os.open(name, os.O_RDWR)
+                        os.pwrite(fd, bytes([os.pread(fd, 1, 100)[0] ^ 0xFF]), 100)
+                        os.close(fd)
+                        corrupted.append(name)
+            assert str(corrupted[0]) in str(e.value)
+            assert len((await other).token_ids) == 4  # the other request (too short to stream) went on
+            kv.check_invariants()
+            assert kv.num_sequences == 0
+            assert kv.pool.num_free_blocks == kv.pool.num_blocks
+            assert kv.stream.num_free_blocks == kv.stream.config.total_blocks
+            out = await engine.complete([5, 6, 7], SamplingParams(max_tokens=2))  # still serving
+            assert len(out.token_ids) == 2
+
+    def streamed_ids(kv):
+        """The store ids of the one streaming sequence (the long one)."""
+        return [i for ids in kv.stream._ids.values() for i in ids]
+
+    corrupted = []
+    asyncio.run(main())
+
+
 def test_default_model_streamed_equals_transformers(default_model_dir):
     """The dense default model (SmolLM2): a 300-token prompt on a 40-token device tier gives
     transformers' greedy tokens."""
@@ -117,16 +178,21 @@ def test_a_request_larger_than_device_plus_store_is_refused(tiny_dir):
     asyncio.run(main())
 
 
-def test_cancellation_mid_stream_frees_every_block(tiny_dir):
-    """A streaming request cancelled between steps: device blocks and store blocks all free."""
+@pytest.mark.parametrize("disk", [False, True])
+def test_cancellation_mid_stream_frees_every_block(tiny_dir, tmp_path, disk):
+    """A streaming request cancelled between steps: device, store and disk blocks all free."""
+    stream = _disk(tmp_path) if disk else STREAM
+
     async def main():
-        async with Engine(tiny_dir["qwen3_moe"], _config(num_blocks=DEVICE_BLOCKS, **STREAM), progress=False) as engine:
+        async with Engine(tiny_dir["qwen3_moe"], _config(num_blocks=DEVICE_BLOCKS, **stream), progress=False) as engine:
             kv = engine.kv_manager
             gen = engine.generate(random_prompt(200, 200, 6), SamplingParams(max_tokens=100, ignore_eos=True))
             async for _ in gen:
-                if kv.metrics.counters["streamed_steps"] >= 2:
+                if kv.metrics.counters["streamed_steps"] >= 2 and (not disk or kv.metrics.counters["stream_disk_spills"]):
                     break
-            assert kv.stream.num_free_blocks < kv.stream.config.num_blocks  # it was streaming
+            assert kv.stream.num_free_blocks < kv.stream.config.total_blocks  # it was streaming
+            if disk:
+                assert any(i >= kv.stream.config.num_blocks for ids in kv.stream._ids.values() for i in ids)
             await gen.aclose()
             for _ in range(100):  # the step loop frees the aborted request's blocks (bounded wait)
                 if kv.num_sequences == 0:
@@ -135,7 +201,7 @@ def test_cancellation_mid_stream_frees_every_block(tiny_dir):
             kv.check_invariants()
             assert kv.num_sequences == 0
             assert kv.pool.num_free_blocks == kv.pool.num_blocks
-            assert kv.stream.num_free_blocks == kv.stream.config.num_blocks
+            assert kv.stream.num_free_blocks == kv.stream.config.total_blocks
             out = await engine.complete([5, 6, 7], SamplingParams(max_tokens=2))  # still serving
             assert len(out.token_ids) == 2
 
@@ -147,6 +213,10 @@ def test_cancellation_mid_stream_frees_every_block(tiny_dir):
     ({"stream_num_blocks": 8, "pruning": {"policy": "streaming"}}, "kv.pruning.policy"),
     ({"stream_window": 0}, "kv.stream_window"),
     ({"stream_ahead": 0}, "kv.stream_ahead"),
+    ({"stream_disk_num_blocks": 8, "stream_disk_path": "/tmp/x"}, "kv.stream_memory_mib"),
+    ({"stream_num_blocks": 8, "stream_disk_num_blocks": 8}, "kv.stream_disk_path"),
+    ({"stream_num_blocks": 8, "stream_disk_path": "/tmp/x"}, "kv.stream_disk_mib"),
+    ({"stream_num_blocks": 8, "stream_disk_mib": -1, "stream_disk_path": "/tmp/x"}, "kv.stream_disk_mib"),
     ({"stream_num_blocks": 8, "spill_format": "int4", "block_size": 12}, "kv.block_size"),
 ])
 def test_config_errors_name_the_key(kv, key):

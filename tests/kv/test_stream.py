@@ -2,22 +2,28 @@
 (afkv.ops.attention): placement, spilled bytes, the layer-by-layer ring, the log-sum-exp merge.
 The engine-level oracles are in tests/engine/test_stream.py."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from afkv.errors import TierAccountingError
+from afkv.errors import TierAccountingError, TierError
 from afkv.kv.formats import make_format
 from afkv.kv.layout import KVLayout
 from afkv.kv.manager import KVManager
 from afkv.kv.stream import StreamConfig, runs
+from afkv.kv.tiers.disk import HEADER_NBYTES
 from afkv.ops import attention as A
 
 LAYOUT = KVLayout(num_layers=5, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
 
 
-def _manager(fmt: str = "none", num_blocks: int = 32, store_blocks: int = 16, ahead: int = 2, window: int = 6):
-    cfg = StreamConfig(make_format(fmt, LAYOUT), store_blocks, num_sink_tokens=4, window=window, ahead=ahead)
+def _manager(fmt: str = "none", num_blocks: int = 32, store_blocks: int = 16, ahead: int = 2, window: int = 6,
+             disk: Path | None = None, disk_blocks: int = 0):
+    cfg = StreamConfig(make_format(fmt, LAYOUT), store_blocks, num_sink_tokens=4, window=window, ahead=ahead,
+                       disk_blocks=disk_blocks, disk_path=disk)
     return KVManager(LAYOUT, num_blocks, torch.device("cpu"), stream=cfg)
 
 
@@ -135,6 +141,81 @@ def test_the_ring_hands_each_layer_its_own_sections(ahead):
             assert torch.equal(step.layer(layer), kv.stream.buf[layer, ids])
     with pytest.raises(TierAccountingError):
         kv.stream_ring.begin(ids).layer(1)  # layers in order
+
+
+def _streamed_rows(kv: KVManager, seq_id: int, num_slots: int) -> torch.Tensor:
+    """Place the sequence's middle and flush: -> the host-format rows of the streamed device
+    blocks uint8 [n, L, lnb], in store-id order of the sequence."""
+    fmt = kv.stream.format
+    table = list(kv.block_table(seq_id))
+    kv.place(seq_id, num_slots)
+    moved = [b for b in table if b not in kv.block_table(seq_id)]
+    rows = fmt.encode(kv.kv[moved]).view(len(moved), LAYOUT.num_layers, fmt.layer_nbytes)
+    kv.flush()
+    kv.drain()
+    kv.stream.disk.io.submit(lambda: None).result()  # the files are written (the I/O thread is FIFO)
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["none", "int4"])
+def test_blocks_past_the_store_stream_from_disk_with_the_stores_sections(tmp_path, fmt):
+    """A store of 3 blocks over a disk of 16: the sequence's middle (7 blocks) is 3 host ids then disk ids;
+    every layer of a step reads both, each block's own sections; the disk files go at close."""
+    kv = _manager(fmt, store_blocks=3, disk=tmp_path, disk_blocks=16)
+    kv.match_prefix(1, [])
+    _grow(kv, 1, 40)
+    rows = _streamed_rows(kv, 1, 40)  # [7, L, lnb]
+    ids = kv.streamed_blocks(1)
+    assert ids == list(range(7)) and kv.metrics.counters["stream_disk_spills"] == 4
+    assert sorted(os.listdir(kv.stream.disk.path)) == sorted(kv.stream.disk.file(i).name for i in range(3, 7))
+    for order in (ids, ids[::-1]):  # runs of host and disk ids at any staging positions
+        step = kv.stream_ring.begin(order)
+        for layer in range(LAYOUT.num_layers):
+            assert torch.equal(step.layer(layer), rows[[ids.index(i) for i in order], layer])
+        assert step.corrupt == {}
+    kv.check_invariants()
+    kv.free(1)
+    kv.check_invariants()
+    assert kv.stream.num_free_blocks == 19
+    kv.close()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["first layer", "last layer", "header", "gone"])
+def test_a_corrupt_disk_block_is_named_and_read_as_zeros(tmp_path, where):
+    """A flipped byte anywhere in the file (or the file gone) is caught by the crc32 of its
+    sections or its header checks; the other blocks of the step read right."""
+    kv = _manager(store_blocks=2, disk=tmp_path, disk_blocks=16)
+    kv.match_prefix(1, [])
+    _grow(kv, 1, 40)
+    rows = _streamed_rows(kv, 1, 40)
+    ids = kv.streamed_blocks(1)
+    bad = ids[3]
+    name = kv.stream.disk.file(bad)
+    lnb = kv.stream.format.layer_nbytes
+    if where == "gone":
+        name.unlink()
+    else:
+        offset = {"first layer": HEADER_NBYTES + 1, "last layer": HEADER_NBYTES + (LAYOUT.num_layers - 1) * lnb + 3,
+                  "header": 48}[where]  # byte 48: the crc32 stored in the header
+        fd = os.open(name, os.O_RDWR)
+        os.pwrite(fd, bytes([os.pread(fd, 1, offset)[0] ^ 0xFF]), offset)
+        os.close(fd)
+    step = kv.stream_ring.begin(ids)
+    for layer in range(LAYOUT.num_layers):
+        got = step.layer(layer)
+        good = [i for i, s in enumerate(ids) if s != bad]
+        assert torch.equal(got[good], rows[good, layer])
+    assert list(step.corrupt) == [bad] and str(name) in step.corrupt[bad]
+    kv.free(1)
+    kv.check_invariants()
+    kv.close()
+
+
+def test_a_stream_disk_its_file_system_cannot_hold_is_refused_naming_the_setting(tmp_path):
+    with pytest.raises(TierError, match="kv.stream_disk_mib"):
+        _manager(disk=tmp_path, disk_blocks=2**50)
+    assert os.listdir(tmp_path) == []
 
 
 def _reference(q, k, v):

@@ -22,13 +22,16 @@ from tests.helpers import random_prompt  # noqa: E402
 LAYOUT = KVLayout(num_layers=6, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("name, ahead", [("none", 1), ("none", 2), ("int8", 2), ("int4", 2)])
-def test_spill_then_stream_every_layer_on_the_gpu(name, ahead):
-    """Blocks spilled to the pinned store and streamed back, layer by layer, while the compute
+@pytest.mark.parametrize("name, ahead, disk", [("none", 1, False), ("none", 2, False), ("int8", 2, False),
+                                              ("int4", 2, False), ("none", 2, True), ("int4", 1, True)])
+def test_spill_then_stream_every_layer_on_the_gpu(tmp_path, name, ahead, disk):
+    """Blocks spilled to the pinned store (disk: 20 of them, the other 28 to block files read
+    back through pinned bounce slots) and streamed back, layer by layer, while the compute
     stream is kept busy: each layer's sections are the bytes the format encodes on the CPU, and
     decode to the CPU reference (int8 / int4: still Hadamard-rotated, as attention takes them)."""
     fmt = make_format(name, LAYOUT)
-    cfg = StreamConfig(fmt, num_blocks=64, num_sink_tokens=16, window=16, ahead=ahead)
+    cfg = StreamConfig(fmt, num_blocks=20 if disk else 64, num_sink_tokens=16, window=16, ahead=ahead,
+                       disk_blocks=64 if disk else 0, disk_path=tmp_path if disk else None)
     kv = KVManager(LAYOUT, 80, torch.device("cuda"), stream=cfg)
     assert kv.stream.buf.is_pinned()
     kv.match_prefix(1, [])
@@ -52,8 +55,10 @@ def test_spill_then_stream_every_layer_on_the_gpu(name, ahead):
     for layer in range(LAYOUT.num_layers):
         assert torch.equal(sections[layer].cpu(), rows[:, layer])
         assert torch.equal(got[layer].cpu(), fmt.decode_layer(rows[:, layer].contiguous(), unrotate=False))
+    assert step.corrupt == {}
     kv.free(1)
     kv.check_invariants()
+    kv.close()
 
 
 def _config(**kv) -> EngineConfig:
@@ -72,13 +77,16 @@ async def _generate(model_dir, cfg, prompts):
         return out, dict(kv.metrics.counters)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe"])
-def test_engine_streamed_equals_all_device_on_the_gpu(tiny_dir, family):
+@pytest.mark.parametrize("family, disk", [("qwen3_moe", False), ("qwen3_moe", True)])
+def test_engine_streamed_equals_all_device_on_the_gpu(tiny_dir, tmp_path, family, disk):
     prompts = [random_prompt(400, 200, 1), random_prompt(420, 200, 2)]
     ref, _ = asyncio.run(_generate(tiny_dir[family], _config(num_blocks=512), prompts))
-    got, counters = asyncio.run(_generate(tiny_dir[family], _config(num_blocks=20, stream_num_blocks=256,
-                                                                    stream_sink_tokens=4, stream_window=8), prompts))
+    store = (dict(stream_num_blocks=16, stream_disk_num_blocks=256, stream_disk_path=str(tmp_path)) if disk
+             else dict(stream_num_blocks=256))
+    got, counters = asyncio.run(_generate(tiny_dir[family], _config(num_blocks=20, **store, stream_sink_tokens=4,
+                                                                    stream_window=8), prompts))
     assert counters["streamed_steps"] > 0 and counters["stream_spills"] > 0
+    assert (counters["stream_disk_spills"] > 0) == disk
     assert [r.token_ids for r in got] == [r.token_ids for r in ref]
     for r, g in zip(ref, got):
         assert max(abs(a - b) for a, b in zip(r.logprobs, g.logprobs)) < 1e-3

@@ -255,18 +255,26 @@ def write_block(path: Path, fmt_digest: bytes, block_hash: BlockHash, payload: n
 def read_block(path: Path, fmt_digest: bytes, block_hash: BlockHash, crc: int, out: np.ndarray, fileio: FileIO) -> None:
     """Read one block's bytes into `out` (uint8 [nbytes]) and verify them.
     CorruptBlockError on any mismatch; FileNotFoundError when the file is gone."""
-    name = path / block_file_name(block_hash)
-    header = _read_header(name, out.nbytes)
-    magic, digest, stored_hash, nbytes, stored_crc = header
-    if digest != fmt_digest or stored_hash != block_hash:
-        raise CorruptBlockError(f"{name}: holds another block or format")
-    if stored_crc != crc:
-        raise CorruptBlockError(f"{name}: checksum in the header differs from the index")
+    name = check_header(path, fmt_digest, block_hash, crc, out.nbytes)
     got = fileio.read_into(name, HEADER_NBYTES, out)
     if got != out.nbytes:
         raise CorruptBlockError(f"{name}: truncated ({got} of {out.nbytes} bytes read)")
     if zlib.crc32(out) != crc:
         raise CorruptBlockError(f"{name}: checksum mismatch")
+
+
+def check_header(path: Path, fmt_digest: bytes, block_hash: BlockHash, crc: int, payload_nbytes: int) -> Path:
+    """The block file's header against what was written (read_block's checks before the
+    payload) -> the file's name. CorruptBlockError on any mismatch; FileNotFoundError when
+    the file is gone. A reader of sections (afkv.kv.stream) checks zlib.crc32 of the payload,
+    accumulated section by section in file order, against `crc` at the end."""
+    name = path / block_file_name(block_hash)
+    magic, digest, stored_hash, nbytes, stored_crc = _read_header(name, payload_nbytes)
+    if digest != fmt_digest or stored_hash != block_hash:
+        raise CorruptBlockError(f"{name}: holds another block or format")
+    if stored_crc != crc:
+        raise CorruptBlockError(f"{name}: checksum in the header differs from the index")
+    return name
 
 
 def delete_block(path: Path, block_hash: BlockHash) -> None:
