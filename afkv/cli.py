@@ -335,7 +335,10 @@ def _cmd_launch(args) -> int:
                      restart=RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window))
     d = dep.config.deployment
     _err(f"afkv: starting {d.attention_nodes} attention + {d.expert_nodes} expert + {d.prefill_nodes} prefill nodes ...")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Ctrl-C and SIGTERM stop the deployment, also where SIGINT was inherited ignored (a job
+    # started in the background by a shell without job control: Python then installs no handler)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     with dep:
         try:
             if dep.token_made_up:  # stdout: the address, then the token nobody else knows

@@ -188,15 +188,17 @@ async def test_launch_and_attach(tiny_dir, tmp_path):
 
 def test_cli_launch_stops_cleanly_on_ctrl_c(tiny_dir, tmp_path):
     path = _write_config(tmp_path, 1, 1)
+    # started with SIGINT ignored, as a shell without job control starts a background job (CI):
+    # Python then installs no KeyboardInterrupt handler, and launch must install its own
     proc = subprocess.Popen([sys.executable, "-m", "afkv.cli", "launch", str(path), "--model", str(tiny_dir["llama"])],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         address = proc.stdout.readline().strip()
         assert address.startswith("127.0.0.1:")
         proc.send_signal(signal.SIGINT)
-        # communicate drains both pipes while waiting: the launcher and its nodes log to stderr,
-        # and an undrained pipe that fills blocks them (a 2-core CI machine under load logs more).
-        # The bound covers the nodes' 15 s of grace before SIGKILL.
+        # communicate drains both pipes while waiting (the launcher and its nodes log to stderr);
+        # the bound covers the nodes' 15 s of grace before SIGKILL
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err[-2000:]
         assert "stopping" in err
