@@ -58,6 +58,7 @@ try:
     import triton
     import triton.language as tl
 
+    from afkv.ops.triton_attention import _dot
 except ImportError:  # the CPU CI: callers use the torch references
     triton = None
 
@@ -283,12 +284,6 @@ if triton is not None:
             out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc + acc_zero[:, :, None], b, heads, hmask, offs_c, cmask,
             stride_ob, stride_oh, num_heads, split, num_splits, SPLIT, RANK,
         )  # fmt: skip
-
-    @triton.jit
-    def _dot(a, b, IEEE: tl.constexpr):
-        if IEEE:
-            return tl.dot(a, b, input_precision="ieee")
-        return tl.dot(a, b)
 
     @triton.jit
     def _store_chunked(
