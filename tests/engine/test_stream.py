@@ -105,6 +105,17 @@ def test_sequences_past_device_and_store_stream_from_disk_like_the_all_device_ru
     assert list(tmp_path.iterdir()) == []  # the engine's disk directory went with it
 
 
+async def _all_freed_and_serving(engine) -> None:
+    """No sequence left, every device and store block free, and the engine still answers."""
+    kv = engine.kv_manager
+    kv.check_invariants()
+    assert kv.num_sequences == 0
+    assert kv.pool.num_free_blocks == kv.pool.num_blocks
+    assert kv.stream.num_free_blocks == kv.stream.config.total_blocks
+    out = await engine.complete([5, 6, 7], SamplingParams(max_tokens=2))  # still serving
+    assert len(out.token_ids) == 2
+
+
 def test_a_corrupt_disk_block_fails_its_request_alone_and_frees_every_block(tiny_dir, tmp_path):
     """A byte of a streamed block file flipped between steps: that request ends with an error
     naming the block file; every device, store and disk block is free; the engine serves on."""
@@ -127,12 +138,7 @@ def test_a_corrupt_disk_block_fails_its_request_alone_and_frees_every_block(tiny
                         corrupted.append(name)
             assert str(corrupted[0]) in str(e.value)
             assert len((await other).token_ids) == 4  # the other request (too short to stream) went on
-            kv.check_invariants()
-            assert kv.num_sequences == 0
-            assert kv.pool.num_free_blocks == kv.pool.num_blocks
-            assert kv.stream.num_free_blocks == kv.stream.config.total_blocks
-            out = await engine.complete([5, 6, 7], SamplingParams(max_tokens=2))  # still serving
-            assert len(out.token_ids) == 2
+            await _all_freed_and_serving(engine)
 
     def streamed_ids(kv):
         """The store ids of the one streaming sequence (the long one)."""
@@ -198,12 +204,7 @@ def test_cancellation_mid_stream_frees_every_block(tiny_dir, tmp_path, disk):
                 if kv.num_sequences == 0:
                     break
                 await asyncio.sleep(0.05)
-            kv.check_invariants()
-            assert kv.num_sequences == 0
-            assert kv.pool.num_free_blocks == kv.pool.num_blocks
-            assert kv.stream.num_free_blocks == kv.stream.config.total_blocks
-            out = await engine.complete([5, 6, 7], SamplingParams(max_tokens=2))  # still serving
-            assert len(out.token_ids) == 2
+            await _all_freed_and_serving(engine)
 
     asyncio.run(main())
 
