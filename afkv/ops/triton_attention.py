@@ -989,6 +989,13 @@ _PREFILL_CVT = 2
 # same kernel) and the interpreter's same arithmetic were right. At 64 its dots have the shapes
 # and layouts of int8 at head_dim 64.
 _PREFILL_MIN_BLOCK_C = 64
+# Below this head_dim the int4 prefill multiplies in IEEE float32 (no tensor cores): on an H100
+# with triton 3.6 its 16-bit wgmma launches at head_dim 16 and 32 (8 and 16 code columns per
+# half, padded to 64) gave wrong rows (up to 3.6e3 off; compute-sanitizer memcheck clean), and in
+# the engine, on the tiny models, an illegal memory access further on; int8 and fp8 at the same
+# head_dims, int4 at 64 and 128, the decode kernel and the interpreter were right. Real models'
+# head_dims are 64 or more; the tiny test models' is 16.
+_PREFILL_INT4_MIN_HEAD_DIM = 64
 
 
 def _cvt(cvt: int, geometry: dict) -> int:
@@ -1002,10 +1009,12 @@ def _block_c(code_dim: int) -> int:
     return max(16, next_pow2(code_dim))
 
 
-def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int, halves: bool = False) -> tuple:
+def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int, halves: bool = False,
+                ieee: bool = False) -> tuple:
     """Checks, and the arguments both quantized kernels take after q: rows, the rows as 16-bit
     scale data, this layer's staging view, the rotation, and the geometry (`halves`: int8 codes
-    in two tiles of D / 2 columns, see _quant_tile)."""
+    in two tiles of D / 2 columns, see _quant_tile; `ieee`: products over codes in IEEE float32
+    whatever the model dtype)."""
     spec = cache.spec
     rows, staging = cache.blocks, cache.staging
     if q.dim() != 3 or q.dtype not in _FLOAT_DTYPES or staging.dtype not in _FLOAT_DTYPES:
@@ -1020,7 +1029,7 @@ def _quant_args(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int, 
         raise ConfigError(f"the quantized kernels take power-of-two block sizes, got {spec.block_size}", key="block_size")
     if not rows.is_contiguous() or rows.data_ptr() % 16 or q.device != rows.device or staging.device != rows.device:
         raise ConfigError("quantized rows must be contiguous, 16-byte aligned and on the queries' device")
-    ieee = staging.dtype == torch.float32  # products over codes: float16 unless the model is float32
+    ieee = ieee or staging.dtype == torch.float32  # products over codes: float16 unless the model is float32
     dt = torch.float32 if ieee else torch.float16
     had = quant.hadamard(spec.head_dim, q.device, dt) if spec.rotated else rows  # rows: a placeholder, never read
     st = staging[:, layer]  # [num_staging, 2, bs, Hkv, D]
@@ -1128,7 +1137,8 @@ def paged_prefill_attention_quantized(
     context_len - n .. context_len - 1 of one sequence whose table block_ids int [nb] lists its
     quantized blocks first, then its staging blocks (this chunk's own among them) -> [n, H, D]."""
     n, num_heads, head_dim = q.shape
-    ptrs, strides, geometry = _quant_args(q, cache, layer)
+    small_int4 = cache.spec.kind == "int4" and cache.spec.head_dim < _PREFILL_INT4_MIN_HEAD_DIM  # on every device: one arithmetic
+    ptrs, strides, geometry = _quant_args(q, cache, layer, ieee=small_int4)
     spec = cache.spec
     if block_ids.dim() != 1 or not n <= context_len <= block_ids.shape[0] * spec.block_size:
         raise ConfigError(f"{n} new queries, context_len {context_len} and {tuple(block_ids.shape)} blocks do not fit")

@@ -237,6 +237,7 @@ _QUANT_DECODE_CASES = [
     (torch.float32, 16, 2, 64, 4, [33, 2, 9], 3, 7, 2),
     (torch.bfloat16, 8, 1, 64, 32, [0, 90, 31], 2, None, 4),
     (torch.float16, 8, 2, 128, 16, [64, 7], 1, 20, 1),
+    (torch.float16, 4, 2, 16, 16, [65, 40, 3], 1, None, None),  # the tiny models' head_dim
 ]
 
 
@@ -350,6 +351,9 @@ _QUANT_PREFILL_CASES = [
     (torch.bfloat16, 16, 2, 64, 16, (70, 70), None),
     (torch.bfloat16, 8, 1, 128, 32, (3, 129), 33),
     (torch.float16, 32, 4, 128, 16, (40, 90), None),
+    (torch.float16, 4, 2, 16, 16, (24, 65), None),  # the tiny models' head_dim (16) and 32
+    (torch.bfloat16, 4, 2, 16, 16, (64, 64), None),
+    (torch.bfloat16, 8, 2, 32, 16, (50, 120), None),
 ]
 
 
