@@ -96,17 +96,17 @@ class MLATile:
             raise ConfigError(f"bad MLATile {self}")
 
 
-# The launch per (many query heads, quantized latents): 8 warps, the latent in 8 chunks of 64
-# (one chunk of P @ c per warp), no spills on sm_90 (tests/ops/sm90_compile.py --usage); raw
-# latents take their scores as one product (fewer barriers and shuffles than summing chunks
-# across warps), quantized ones need the chunks (a scale per chunk); V3's 128 heads in blocks
-# of 32 (each latent tile read by 4 programs, from L2 after the first).
+# The launch per (many query heads, quantized latents): the tuner's winners at 16 rows x 4096
+# on an H100 80GB HBM3 (afkv/bench/RESULTS.md, 2026-12-07 session 4 call 1; `afkv bench kernels
+# mla --tune 1`), against the earlier defaults in the same run: V3 bf16 16 heads x 64 tokens,
+# scores as one product, 1.60x faster; V3 fp8 / int8 and every V2-Lite format 16 heads x 32
+# tokens, 4 warps, the latent in chunks of 128: 1.43x / 1.67x, 1.20x (bf16), 1.75x / 1.70x.
 # `afkv bench kernels mla --tune 1` times CANDIDATE_TILES beside them.
 DEFAULT_TILES = {
-    (False, False): MLATile(16, 32, 8, 2, 64, 2, whole_scores=True),
-    (False, True): MLATile(16, 32, 8, 2, 64),
-    (True, False): MLATile(32, 32, 8, 2, 64, 2, whole_scores=True),
-    (True, True): MLATile(32, 16, 8, 2, 64),
+    (False, False): MLATile(16, 32, 4, 2, 128, 2),
+    (False, True): MLATile(16, 32, 4, 2, 128, 2),
+    (True, False): MLATile(16, 64, 8, 2, 64, 2, whole_scores=True),
+    (True, True): MLATile(16, 32, 4, 2, 128, 2),
 }
 CANDIDATE_TILES = tuple(MLATile(*fields) for fields in (
     (16, 32, 4, 2, 128, 2), (16, 32, 8, 2, 64, 4), (16, 16, 8, 2, 64, 2), (16, 32, 16, 2, 32, 2),
