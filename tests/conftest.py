@@ -16,6 +16,21 @@ def pytest_configure(config):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+_STICKY_CUDA_ERRORS = ("illegal memory access", "illegal instruction", "misaligned address", "unspecified launch failure")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logreport(report):
+    """A sticky CUDA error (an illegal address, say) leaves this process's CUDA context unusable:
+    every later GPU test of the process would fail with it. Under pytest-xdist the worker ends
+    right after reporting the failure, and xdist starts a fresh one for the rest of the tests,
+    so one kernel fault shows as one failure (found on the H100: one int4 prefill fault failed a
+    worker's 28 later tests)."""
+    if (report.failed and os.environ.get("PYTEST_XDIST_WORKER") and torch.cuda.is_available()
+            and any(e in str(report.longrepr) for e in _STICKY_CUDA_ERRORS)):
+        os._exit(3)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """Never write to the user's cache: the default model converts into a session directory."""
