@@ -82,6 +82,7 @@ from afkv.errors import CorruptBlockError, TierError
 from afkv.kv.checks import accounted, owned
 from afkv.kv.formats import BlockFormat
 from afkv.kv.metrics import KVMetrics, TierUsage
+from afkv.kv.pinned import PinnedRegion
 from afkv.kv.tiers.disk import HEADER_NBYTES, block_file_name, check_header, write_block
 from afkv.kv.tiers.fileio import FileIO, default_fileio
 from afkv.ops.attention import QuantizedKVCache
@@ -128,11 +129,26 @@ class StreamStore:
     model worker: spills on the compute stream, before the step that made them; read by the
     copy stream of StreamRing, which waits for the compute stream first."""
 
-    def __init__(self, config: StreamConfig, device: torch.device, metrics: KVMetrics, fileio: FileIO | None = None):
+    def __init__(self, config: StreamConfig, device: torch.device, metrics: KVMetrics, fileio: FileIO | None = None,
+                 host: torch.Tensor | None = None):
+        """host: uint8 memory to lay `buf` in (its first num_layers x num_blocks x layer_nbytes
+        bytes; page-locked on CUDA, owned by the caller), or None: a PinnedRegion of its own on
+        CUDA (exactly its size), plain memory on a CPU."""
         fmt = config.format
         self.config, self.format, self.metrics = config, fmt, metrics
-        self.buf = torch.empty((fmt.layout.num_layers, config.num_blocks, fmt.layer_nbytes), dtype=torch.uint8,
-                               pin_memory=device.type == "cuda")
+        self.device = device
+        shape = (fmt.layout.num_layers, config.num_blocks, fmt.layer_nbytes)
+        nbytes = shape[0] * shape[1] * shape[2]
+        self._region = None
+        if host is None:
+            if device.type == "cuda":
+                self._region = PinnedRegion(nbytes, cuda=True)
+                host = self._region.tensor
+            else:
+                host = torch.empty(nbytes, dtype=torch.uint8)
+        accounted(host.dtype == torch.uint8 and host.is_contiguous() and host.numel() >= nbytes,
+                  f"a stream store of {nbytes} bytes laid in a region of {host.numel()}")
+        self.buf = host[:nbytes].view(shape)  # [L, num_blocks, lnb]
         self.disk = StreamDisk(config, fileio or default_fileio()) if config.disk_blocks else None
         self._free: list[int] = list(range(config.total_blocks))  # the host ids first
         self._ids: dict[int, list[int]] = {}
@@ -228,9 +244,13 @@ class StreamStore:
                                   cfg.disk_blocks, self.format.nbytes))
 
     def close(self) -> None:
-        """Wait for the disk I/O and remove the disk directory (blocking; twice is a no-op)."""
+        """Wait for the disk I/O and remove the disk directory; unlock its own host region once
+        the device is idle (blocking; twice is a no-op)."""
         if self.disk is not None:
             self.disk.close()
+        if self._region is not None:
+            torch.cuda.synchronize(self.device)  # no copy from buf in flight
+            self._region.close()
 
     def check_invariants(self, seq_ids: set[int]) -> None:
         held = [i for ids in self._ids.values() for i in ids]
