@@ -20,8 +20,9 @@ prefill        a prompt longer than the device tier through the real scheduler (
 
 Host memory: one PinnedRegion (afkv.kv.pinned: exactly its size, huge pages faulted in on every
 core, then registered with CUDA) holds the store of every format in turn; its size is the
-largest store the rows ask for, capped by `--host-gib` (default: 55% of the host memory this
-process may still take, /proc/meminfo and the cgroup limit). A format whose store does not fit
+largest store the rows ask for, capped by `--host-gib` (default: the host memory this process
+may still take, /proc/meminfo and the cgroup limit, less HOST_HEADROOM: on a 128 GiB host bf16
+blocks of 1M tokens, 72 GiB, fit). A format whose store does not fit
 runs the longest context (same host share, whole blocks) that does: the table says which. The
 time to pin the region and to fill each format's store is printed and kept in the JSON.
 
@@ -56,6 +57,7 @@ from afkv.kv.pinned import PinnedRegion
 from afkv.kv.stream import StreamConfig, StreamRing, StreamStore
 from afkv.model.model import Model, load_attention_side
 
+HOST_HEADROOM = 32 << 30  # host memory left unlocked by default (the process, the OS)
 _GREEDY = SampleSpec(temperature=0.0, top_k=0, top_p=1.0, seed=0, step=0, num_top_logprobs=None)
 
 
@@ -298,7 +300,10 @@ def run_long_context_bench(model: str, device_name: str, workloads: list[tuple[i
     asked = [_Workload(b, c, int(c * host_share) // block_size * block_size) for b, c in workloads]
     fmts = [make_format(name, layout) for name in formats]
     need = max(w.batch * (w.host_tokens // block_size) * f.nbytes for w in asked for f in fmts)
-    budget = int(host_gib * 2**30) if host_gib else (int(0.55 * host_memory_available()) if cuda else need)
+    if host_gib:
+        budget = int(host_gib * 2**30)
+    else:  # a small host still runs short contexts
+        budget = max(host_memory_available() - HOST_HEADROOM, 2 << 30) if cuda else need
     region_nbytes = min(need, budget)
     start = time.perf_counter()
     region = PinnedRegion(max(region_nbytes, 2 << 30) if cuda else region_nbytes, cuda)
@@ -410,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--formats", default="int4,int8,none",
                         help="host formats (none = the model dtype), in the order they run")
     parser.add_argument("--host-gib", type=float, default=None,
-                        help="cap on the page-locked host region (default on CUDA: 55%% of the memory available)")
+                        help="cap on the page-locked host region (default on CUDA: the memory available less 32 GiB)")
     parser.add_argument("--host-share", type=float, default=0.75, help="share of each context in host memory")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3, help="timed decode steps per point (after one warm-up)")

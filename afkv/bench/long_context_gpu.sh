@@ -9,7 +9,7 @@
 #
 # Run from the repository root with it on PYTHONPATH. Phase limits (seconds, environment): TESTS_S
 # (70: the first Triton compiles happen here), BENCH_S (160); WORKLOADS, FORMATS, PREFILL, HOST_GIB
-# (cap on the host region; default 55% of the available memory) override the bench's defaults.
+# (cap on the host region; default: the available memory less 32 GiB) override the bench's defaults.
 # Every phase writes its log (the bench its JSON after each row: a run cut at its limit keeps
 # what it measured) under OUT; the summary comes last.
 set -u
