@@ -18,6 +18,14 @@ decode         per workload (B sequences x context) and host format (none = the 
 prefill        a prompt longer than the device tier through the real scheduler (chunked prefill
                spilling as it goes: KVManager.place): tokens/s and bytes spilled
 
+Host memory: one PinnedRegion (afkv.kv.pinned: exactly its size, huge pages faulted in on every
+core, then registered with CUDA) holds the store of every format in turn; its size is the
+largest store the rows ask for, capped by `--host-gib` (default: the host memory this process
+may still take, /proc/meminfo and the cgroup limit, less HOST_HEADROOM: on a 128 GiB host bf16
+blocks of 1M tokens, 72 GiB, fit). A format whose store does not fit
+runs the longest context (same host share, whole blocks) that does: the table says which. The
+time to pin the region and to fill each format's store is printed and kept in the JSON.
+
 Wall-clock seconds per step (the runner's step ends with its one host synchronisation), median
 of `--steps` after one warm-up. KV is random: the store is filled from a few random blocks
 encoded in the host format (realistic codes and scales), the device blocks drawn at random.
@@ -30,6 +38,7 @@ import gc
 import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -44,9 +53,11 @@ from afkv.kv.formats import make_format
 from afkv.kv.layout import KVLayout
 from afkv.kv.manager import KVManager
 from afkv.kv.metrics import KVMetrics
+from afkv.kv.pinned import PinnedRegion
 from afkv.kv.stream import StreamConfig, StreamRing, StreamStore
 from afkv.model.model import Model, load_attention_side
 
+HOST_HEADROOM = 32 << 30  # host memory left unlocked by default (the process, the OS)
 _GREEDY = SampleSpec(temperature=0.0, top_k=0, top_p=1.0, seed=0, step=0, num_top_logprobs=None)
 
 
@@ -61,10 +72,23 @@ def _empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def h2d_bandwidth(device: torch.device, nbytes: int = 2 << 30, reps: int = 8) -> float:
-    """Bytes/s of one pinned host -> device copy of nbytes (median)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+def host_memory_available() -> int:
+    """Bytes of host memory this process may still take: MemAvailable, within the cgroup's limit."""
+    avail = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                 if line.startswith("MemAvailable:"))
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            avail = min(avail, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit readable
+    return avail
+
+
+def h2d_bandwidth(device: torch.device, host: torch.Tensor, nbytes: int = 2 << 30, reps: int = 8) -> float:
+    """Bytes/s of one pinned host -> device copy of nbytes (median) from the page-locked `host`."""
+    src = host[:nbytes]
+    dst = torch.empty(src.numel(), dtype=torch.uint8, device=device)
     times = []
     for i in range(reps + 2):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -74,9 +98,9 @@ def h2d_bandwidth(device: torch.device, nbytes: int = 2 << 30, reps: int = 8) ->
         e.synchronize()
         if i >= 2:
             times.append(s.elapsed_time(e) / 1e3)
-    del src, dst
+    del dst
     _empty_cache()
-    return nbytes / sorted(times)[len(times) // 2]
+    return src.numel() / sorted(times)[len(times) // 2]
 
 
 @dataclass
@@ -94,17 +118,22 @@ class _Workload:
 
 
 def _fill_store(store: StreamStore, device: torch.device, gen: torch.Generator) -> None:
-    """Every store block: one of 64 random blocks encoded in the store's format."""
+    """Every store block: one of up to 1024 random blocks encoded in the store's format (one
+    copy per layer and 1024 blocks: device -> pinned host at the link's rate)."""
     fmt = store.format
     lay = fmt.layout
-    distinct = min(64, store.config.num_blocks)
-    blocks = torch.empty((distinct, *lay.block_shape), dtype=lay.dtype, device=device).normal_(0.0, 1.0, generator=gen)
-    layers = fmt.encode(blocks).view(distinct, lay.num_layers, fmt.layer_nbytes).transpose(0, 1).contiguous()  # [L, d, lnb]
+    distinct = min(1024, store.config.num_blocks)
+    layers = torch.empty((lay.num_layers, distinct, fmt.layer_nbytes), dtype=torch.uint8, device=device)
+    for a in range(0, distinct, 64):  # encoded 64 blocks at a time: bounded device memory
+        n = min(64, distinct - a)
+        blocks = torch.empty((n, *lay.block_shape), dtype=lay.dtype, device=device).normal_(0.0, 1.0, generator=gen)
+        layers[:, a : a + n] = fmt.encode(blocks).view(n, lay.num_layers, fmt.layer_nbytes).transpose(0, 1)  # [L, n, lnb]
     for start in range(0, store.config.num_blocks, distinct):
         n = min(distinct, store.config.num_blocks - start)
         for layer in range(lay.num_layers):
             store.buf[layer, start : start + n].copy_(layers[layer, :n], non_blocking=device.type == "cuda")
     _sync(device)
+    del layers
 
 
 def _plans(w: _Workload, layout: KVLayout, vocab: int, streamed: bool) -> tuple[list[ChunkPlan], int]:
@@ -133,50 +162,55 @@ def _step_s(runner: ModelRunner, plan: list[ChunkPlan], steps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _decode_rows(model: Model, layout: KVLayout, w: _Workload, formats: list[str], steps: int, h2d: float | None,
-                 progress) -> list[dict]:
+def _fit(w: _Workload, block_nbytes: int, region_nbytes: int, block_size: int, host_share: float) -> _Workload:
+    """w, or where its host blocks (of block_nbytes) overflow the region, the longest context of
+    the same batch and host share whose host blocks fit (whole blocks)."""
+    if w.batch * (w.host_tokens // block_size) * block_nbytes <= region_nbytes:
+        return w
+    host_tokens = region_nbytes // block_nbytes // w.batch * block_size
+    return _Workload(w.batch, max(host_tokens + block_size, round(host_tokens / host_share / block_size) * block_size),
+                     host_tokens)
+
+
+def _device_kv(layout: KVLayout, num_blocks: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    return torch.empty((num_blocks, *layout.block_shape), dtype=layout.dtype, device=device).normal_(0.0, 1.0,
+                                                                                                   generator=gen)
+
+
+def _device_only_s(model: Model, layout: KVLayout, w: _Workload, steps: int, gen: torch.Generator, progress) -> float:
+    """The step over the device-resident blocks alone (the bound's device part)."""
     device = model.attn.embed_tokens.device
-    gen = torch.Generator(device=device).manual_seed(0)
-    bs = layout.block_size
-    vocab = model.spec.vocab_size
-    rows = []
-    plan_dev, num_dev_blocks = _plans(w, layout, vocab, streamed=False)
-    kv = torch.empty((num_dev_blocks, *layout.block_shape), dtype=layout.dtype, device=device).normal_(0.0, 1.0,
-                                                                                                       generator=gen)
-    device_only_s = _step_s(ModelRunner(model, kv, bs, device), plan_dev, steps)
-    progress(f"  {w.batch} x {w.context}: device-only part ({w.device_tokens} tokens each) {device_only_s * 1e3:.1f} ms")
-    host_blocks = w.batch * w.host_tokens // bs
-    for fmt_name in formats:
-        fmt = make_format(fmt_name, layout)
-        store = StreamStore(StreamConfig(fmt, host_blocks, num_sink_tokens=0, window=1, ahead=2), device, KVMetrics())
-        _fill_store(store, device, gen)
-        runner = ModelRunner(model, kv, bs, device, stream=StreamRing(store, device))
-        plan, _ = _plans(w, layout, vocab, streamed=True)
-        seconds = _step_s(runner, plan, steps)
-        host_nbytes = host_blocks * fmt.nbytes
-        row = {"batch": w.batch, "context": w.context, "format": fmt_name, "device_tokens": w.device_tokens,
-               "host_tokens": w.host_tokens, "host_share": w.host_tokens / w.context, "host_bytes": host_nbytes,
-               "step_s": seconds, "device_only_s": device_only_s, "streamed_bytes_per_s": host_nbytes / seconds}
-        if h2d:
-            row["bound_s"] = host_nbytes / h2d + device_only_s
-            row["vs_bound"] = seconds / row["bound_s"]
-            row["vs_h2d"] = row["streamed_bytes_per_s"] / h2d
-        rows.append(row)
-        progress(f"  {w.batch} x {w.context} {fmt_name}: step {seconds * 1e3:.1f} ms, {host_nbytes / 2**30:.2f} GiB "
-                 f"streamed = {row['streamed_bytes_per_s'] / 1e9:.1f} GB/s"
-                 + (f" ({row['vs_h2d']:.0%} of h2d), {row['vs_bound']:.2f}x the bound" if h2d else ""))
-        del runner, store
-        _empty_cache()
-    base = next((r for r in rows if r["format"] == "none"), None)
-    for r in rows:
-        if base is not None:
-            r["speedup_vs_none"] = base["step_s"] / r["step_s"]
+    plan, num_blocks = _plans(w, layout, model.spec.vocab_size, streamed=False)
+    kv = _device_kv(layout, num_blocks, device, gen)
+    seconds = _step_s(ModelRunner(model, kv, layout.block_size, device), plan, steps)
+    progress(f"  {w.batch} x {w.context}: device-only part ({w.device_tokens} tokens each) {seconds * 1e3:.1f} ms")
     del kv
     _empty_cache()
-    rows_all = _all_device_s(model, layout, w, steps, progress)
-    for r in rows:
-        r["all_device_s"] = rows_all
-    return rows
+    return seconds
+
+
+def _decode_row(model: Model, layout: KVLayout, w: _Workload, ring: StreamRing, steps: int, h2d: float | None,
+                device_only_s: float, gen: torch.Generator, progress) -> dict:
+    """The streamed decode step of w, its host blocks read from the store of `ring` (filled)."""
+    device = model.attn.embed_tokens.device
+    fmt = ring.format
+    plan, num_blocks = _plans(w, layout, model.spec.vocab_size, streamed=True)
+    kv = _device_kv(layout, num_blocks, device, gen)
+    seconds = _step_s(ModelRunner(model, kv, layout.block_size, device, stream=ring), plan, steps)
+    del kv
+    _empty_cache()
+    host_nbytes = w.batch * (w.host_tokens // layout.block_size) * fmt.nbytes
+    row = {"batch": w.batch, "context": w.context, "format": fmt.name, "device_tokens": w.device_tokens,
+           "host_tokens": w.host_tokens, "host_share": w.host_tokens / w.context, "host_bytes": host_nbytes,
+           "step_s": seconds, "device_only_s": device_only_s, "streamed_bytes_per_s": host_nbytes / seconds}
+    if h2d:
+        row["bound_s"] = host_nbytes / h2d + device_only_s
+        row["vs_bound"] = seconds / row["bound_s"]
+        row["vs_h2d"] = row["streamed_bytes_per_s"] / h2d
+    progress(f"  {w.batch} x {w.context} {fmt.name}: step {seconds * 1e3:.1f} ms, {host_nbytes / 2**30:.2f} GiB "
+             f"streamed = {row['streamed_bytes_per_s'] / 1e9:.1f} GB/s"
+             + (f" ({row['vs_h2d']:.0%} of h2d), {row['vs_bound']:.2f}x the bound" if h2d else ""))
+    return row
 
 
 def _all_device_s(model: Model, layout: KVLayout, w: _Workload, steps: int, progress) -> float | None:
@@ -247,8 +281,9 @@ def _prefill_row(model: Model, layout: KVLayout, prompt_tokens: int, device_toke
 
 def run_long_context_bench(model: str, device_name: str, workloads: list[tuple[int, int]], formats: list[str],
                            host_share: float = 0.75, block_size: int = 16, steps: int = 3,
-                           prefill: tuple[int, int, int] | None = None, progress=print, partial=None) -> dict:
-    """-> the result (see format_tables); `partial(result)` after each phase."""
+                           prefill: tuple[int, int, int] | None = None, host_gib: float | None = None,
+                           progress=print, partial=None) -> dict:
+    """-> the result (see format_tables); `partial(result)` after each row."""
     partial = partial or (lambda _: None)
     device = resolve_device(device_name)
     dtype = resolve_dtype("auto", device)
@@ -262,22 +297,69 @@ def run_long_context_bench(model: str, device_name: str, workloads: list[tuple[i
               "host_share": host_share,
               "machine": {"platform": platform.platform(), "torch": torch.__version__, "device": str(device),
                           "gpu": torch.cuda.get_device_name(device) if cuda else None}}
+    asked = [_Workload(b, c, int(c * host_share) // block_size * block_size) for b, c in workloads]
+    fmts = [make_format(name, layout) for name in formats]
+    need = max(w.batch * (w.host_tokens // block_size) * f.nbytes for w in asked for f in fmts)
+    if host_gib:
+        budget = int(host_gib * 2**30)
+    else:  # a small host still runs short contexts
+        budget = max(host_memory_available() - HOST_HEADROOM, 2 << 30) if cuda else need
+    region_nbytes = min(need, budget)
+    start = time.perf_counter()
+    region = PinnedRegion(max(region_nbytes, 2 << 30) if cuda else region_nbytes, cuda)
+    pin_s = time.perf_counter() - start
+    result["host_region"] = {"nbytes": region.nbytes, "needed_nbytes": need, "budget_nbytes": budget, "pin_s": pin_s}
+    progress(f"host region: {region.nbytes / 2**30:.1f} GiB (the rows ask for {need / 2**30:.1f}, budget "
+             f"{budget / 2**30:.1f}) page-locked in {pin_s:.1f} s = {region.nbytes / pin_s / 1e9:.1f} GB/s")
     h2d = None
     if cuda:
-        result["h2d_bytes_per_s"] = h2d = h2d_bandwidth(device)
+        result["h2d_bytes_per_s"] = h2d = h2d_bandwidth(device, region.tensor)
         progress(f"pinned host -> device: {h2d / 1e9:.1f} GB/s")
+    gen = torch.Generator(device=device).manual_seed(0)
     result["decode"] = []
-    for i, (batch, context) in enumerate(workloads):
-        host_tokens = int(context * host_share) // block_size * block_size
-        result["decode"] += _decode_rows(attention_model, layout, _Workload(batch, context, host_tokens), formats, steps,
-                                         h2d, progress)
-        result["longest_context"] = max(r["context"] for r in result["decode"])
-        partial(result)
-        if i == 0 and prefill is not None:  # before the other workloads: a run cut at its limit keeps one of each
-            prompt_tokens, device_tokens, chunk = prefill
-            result["prefill"] = _prefill_row(attention_model, layout, prompt_tokens, device_tokens, chunk, "none",
-                                             progress)
+    device_only: dict[tuple[int, int], float] = {}
+    fill_s: dict[str, float] = {}
+    for fmt in fmts:
+        fitted = [_fit(w, fmt.nbytes, region_nbytes, block_size, host_share) for w in asked]
+        num_blocks = max(w.batch * (w.host_tokens // block_size) for w in fitted)
+        store = StreamStore(StreamConfig(fmt, num_blocks, num_sink_tokens=0, window=1, ahead=2), device, KVMetrics(),
+                            host=region.tensor)
+        start = time.perf_counter()
+        _fill_store(store, device, gen)
+        fill_s[fmt.name] = time.perf_counter() - start
+        progress(f"{fmt.name}: {num_blocks * fmt.nbytes / 2**30:.1f} GiB of host blocks filled in {fill_s[fmt.name]:.1f} s"
+                 + "".join(f"; {w.batch} x {w.context} does not fit: {f.batch} x {f.context} instead"
+                           for w, f in zip(asked, fitted) if f != w))
+        ring = StreamRing(store, device)
+        for w in fitted:
+            key = (w.batch, w.context)
+            if key not in device_only:
+                device_only[key] = _device_only_s(attention_model, layout, w, steps, gen, progress)
+            result["decode"].append(_decode_row(attention_model, layout, w, ring, steps, h2d, device_only[key], gen,
+                                                progress))
+            result["longest_context"] = max(r["context"] for r in result["decode"])
+            result["fill_s"] = fill_s
             partial(result)
+        del ring, store
+        _empty_cache()
+    _sync(device)
+    region.close()
+    del region
+    gc.collect()
+    base = {(r["batch"], r["context"]): r["step_s"] for r in result["decode"] if r["format"] == "none"}
+    all_device = {}
+    for r in result["decode"]:
+        key = (r["batch"], r["context"])
+        if key in base:
+            r["speedup_vs_none"] = base[key] / r["step_s"]
+        if key not in all_device:
+            all_device[key] = _all_device_s(attention_model, layout, _Workload(*key, r["host_tokens"]), steps, progress)
+        r["all_device_s"] = all_device[key]
+    partial(result)
+    if prefill is not None:
+        prompt_tokens, device_tokens, chunk = prefill
+        result["prefill"] = _prefill_row(attention_model, layout, prompt_tokens, device_tokens, chunk, "none", progress)
+        partial(result)
     return result
 
 
@@ -293,6 +375,11 @@ def _table(head: list[tuple[str, str]], rows: list[list]) -> list[str]:
 
 def format_tables(result: dict) -> str:
     lines = []
+    if "host_region" in result:
+        h = result["host_region"]
+        lines.append(f"host region {h['nbytes'] / 2**30:.1f} GiB (asked {h['needed_nbytes'] / 2**30:.1f}) page-locked in "
+                     f"{h['pin_s']:.1f} s; stores filled in "
+                     + ", ".join(f"{k} {v:.1f} s" for k, v in result.get("fill_s", {}).items()))
     if "h2d_bytes_per_s" in result:
         lines.append(f"pinned host -> device {result['h2d_bytes_per_s'] / 1e9:.1f} GB/s ({result['machine']['gpu']})")
     lines += _table([("B x context", ""), ("host", ""), ("on host", ".0%"), ("host GiB", ".2f"), ("step ms", ".1f"),
@@ -323,8 +410,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="afkv bench long-context", description=main.__doc__)
     parser.add_argument("--model", default="random:qwen3-30b-a3b", help="checkpoint directory or random:<name>")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    parser.add_argument("--workloads", default="", help="BxCONTEXT,... (default: 1x393216,8x49152 on CUDA, 1x96 on CPU)")
-    parser.add_argument("--formats", default="none,int8,int4", help="host formats (none = the model dtype)")
+    parser.add_argument("--workloads", default="",
+                        help="BxCONTEXT,... (default: 1x1048576,8x131072 on CUDA, 1x96 on CPU)")
+    parser.add_argument("--formats", default="int4,int8,none",
+                        help="host formats (none = the model dtype), in the order they run")
+    parser.add_argument("--host-gib", type=float, default=None,
+                        help="cap on the page-locked host region (default on CUDA: the memory available less 32 GiB)")
     parser.add_argument("--host-share", type=float, default=0.75, help="share of each context in host memory")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3, help="timed decode steps per point (after one warm-up)")
@@ -333,13 +424,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="output path (default: bench-results/long-context-<time>.json)")
     args = parser.parse_args(argv)
     cuda = resolve_device(args.device).type == "cuda"
-    spec = args.workloads or ("1x393216,8x49152" if cuda else "1x96")
+    spec = args.workloads or ("1x1048576,8x131072" if cuda else "1x96")
     workloads = [tuple(int(x) for x in w.split("x")) for w in spec.split(",")]
     pre = args.prefill or ("32768,8192,2048" if cuda else "256,128,32")
     prefill = None if pre == "0" else tuple(int(x) for x in pre.split(","))
     path = args.json or f"bench-results/long-context-{time.strftime('%Y%m%d-%H%M%S')}.json"
     result = run_long_context_bench(args.model, args.device, workloads, args.formats.split(","), args.host_share,
-                                    args.block_size, args.steps, prefill, partial=lambda r: write_json(r, path))
+                                    args.block_size, args.steps, prefill, args.host_gib,
+                                    partial=lambda r: write_json(r, path))
     print(format_tables(result))
     print(f"wrote {write_json(result, path)}")
 

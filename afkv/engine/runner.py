@@ -54,6 +54,8 @@ class ChunkResult:
     top: dict[int, float] | None = None
     prompt_logprobs: list[dict[int, float]] | None = None
     error: str | None = None  # sampling failed for this row alone (e.g. non-finite logits): its request ends
+    corrupt: dict[int, str] | None = None  # streamed disk blocks of its context that failed their checks (store id
+    # -> why): attention read zeros for them, so nothing of the step is kept; the scheduler recomputes its KV
 
 
 def _decode_only(plan: list[ChunkPlan]) -> bool:
@@ -156,9 +158,9 @@ class ModelRunner:
                 if c.sample is not None:
                     rows.append(chunk.start + chunk.length - 1)
             if not rows:
-                return _fail_corrupt(plan, [ChunkResult() for _ in plan], inputs.stream)
+                return _mark_corrupt(plan, [ChunkResult() for _ in plan], inputs.stream)
             logits = self.model.attn.logits(h[torch.tensor(rows, device=h.device)])  # [R, V] float32
-            return _fail_corrupt(plan, self._sample(plan, logits), inputs.stream)
+            return _mark_corrupt(plan, self._sample(plan, logits), inputs.stream)
         return self._sample(plan, logits)
 
     def _sample(self, plan: list[ChunkPlan], logits: torch.Tensor) -> list[ChunkResult]:
@@ -223,13 +225,13 @@ def _top(host: dict[str, list], row: int, n: int) -> dict[int, float]:
     return dict(zip(host["top_ids"][row][:n], host["top_lp"][row][:n]))
 
 
-def _fail_corrupt(plan: list[ChunkPlan], results: list[ChunkResult], stream: StreamStep | None) -> list[ChunkResult]:
-    """End the requests whose streamed disk blocks failed their checks this step (their
-    attention read zeros for them): nothing of the step is committed for them."""
+def _mark_corrupt(plan: list[ChunkPlan], results: list[ChunkResult], stream: StreamStep | None) -> list[ChunkResult]:
+    """Name, in the result of each chunk, its streamed disk blocks that failed their checks this
+    step (its attention read zeros for them)."""
     if stream is None or not stream.corrupt:
         return results
     for c, res in zip(plan, results):
-        bad = next((s for s in c.streamed if s in stream.corrupt), None)
-        if bad is not None:
-            res.error = f"streamed KV block {bad} is corrupt on disk ({stream.corrupt[bad]})"
+        bad = {s: stream.corrupt[s] for s in c.streamed if s in stream.corrupt}
+        if bad:
+            res.corrupt = bad
     return results

@@ -25,7 +25,11 @@ changes after it was added (nano-vllm's `postprocess` shape).
 
 Contexts larger than the device (`[kv] stream_*`, afkv.kv.stream): before a running sequence's
 table grows, the KV manager also moves the middle of a long sequence to host memory (`kv.place`),
-counted in the same `num_dropped`; its plan names those blocks, which attention streams.
+counted in the same `num_dropped`; its plan names those blocks, which attention streams. A step
+in which a streamed disk block of a sequence failed its checks (ChunkResult.corrupt) is not
+committed for it: the sequence goes back to the head of the waiting queue with its blocks freed
+and computes its KV again from its tokens (the preemption path), at most
+MAX_STREAM_RECOMPUTES times; after that its request fails (a disk that corrupts what it is given).
 
 KV transfers: `schedule` collects finished ones first (`kv.poll`) and submits the ones it
 queued last (`kv.flush`), before the engine submits the step it planned.
@@ -33,6 +37,7 @@ queued last (`kv.flush`), before the engine submits the step it planned.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass
 from itertools import islice
@@ -41,6 +46,10 @@ from afkv.engine.runner import ChunkPlan, ChunkResult, SampleSpec
 from afkv.engine.sequence import Sequence, SeqStatus
 from afkv.kv.manager import KVManager
 from afkv.kv.pruning import KVPruning
+
+log = logging.getLogger("afkv.scheduler")
+
+MAX_STREAM_RECOMPUTES = 2  # per sequence: corrupt streamed disk blocks recomputed, then its request fails
 
 
 @dataclass(frozen=True)
@@ -111,13 +120,34 @@ class Scheduler:
         """Tokens of `seq` held in the KV cache."""
         return seq.num_computed - self.kv.num_dropped(seq.seq_id)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _requeue(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and put it first in the waiting queue: it computes its
+        KV again from its tokens (prompt and sampled ones; cached prefix blocks are found again)."""
         self.running.remove(seq)
         self.kv.free(seq.seq_id)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._requeue(seq)
         self.num_preemptions += 1
+
+    def _recompute_corrupt(self, seq: Sequence, res: ChunkResult) -> bool:
+        """A streamed disk block of the sequence failed its checks this step: requeue it to
+        compute its KV again (-> True), or, past MAX_STREAM_RECOMPUTES, set res.error (-> False)."""
+        assert res.corrupt
+        self.kv.count_corrupt(len(res.corrupt))
+        sid, why = next(iter(res.corrupt.items()))
+        if seq.num_recomputes >= MAX_STREAM_RECOMPUTES:
+            res.error = (f"streamed KV block {sid} is corrupt on disk ({why}), after its KV was computed again "
+                         f"{seq.num_recomputes} times")
+            return False
+        seq.num_recomputes += 1
+        log.warning("request %d: streamed KV block %d is corrupt on disk (%s); computing its %d tokens again",
+                    seq.seq_id, sid, why, seq.num_computed)
+        self._requeue(seq)
+        return True
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """-> [(sequence, number of tokens to compute this step)]; empty when idle or blocked."""
@@ -225,12 +255,15 @@ class Scheduler:
                     now: float, skip: set[int] = frozenset()) -> list[tuple[Sequence, ChunkResult, str | None]]:
         """Commit a computed step. Per running sequence (not in `skip`: aborted meanwhile): its
         chunk's tokens are computed and their full blocks registered, prompt logprobs kept, the
-        sampled token appended; a sequence whose sampling failed is failed instead. -> (sequence,
+        sampled token appended; a sequence whose sampling failed is failed instead, one that read a
+        corrupt streamed block computes its KV again (_recompute_corrupt). -> (sequence,
         its result, finish reason by token rules or None) for each sequence that failed or got a
         token; a finish reason is not applied yet (the engine may find a stop string first)."""
         out = []
         for (seq, n), chunk, res in zip(step, plan, results):
             if seq.seq_id in skip or seq.status is not SeqStatus.RUNNING:
+                continue
+            if res.corrupt and self._recompute_corrupt(seq, res):
                 continue
             if res.error is not None:  # this request alone: the others of the step go on
                 self.fail(seq)

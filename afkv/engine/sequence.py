@@ -27,6 +27,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_ids)
         self.max_len = max_len  # total tokens allowed (context limit)
         self.num_computed = 0  # tokens whose KV was computed (kept in the cache, or pruned from it: KVManager.num_dropped)
+        self.num_recomputes = 0  # times its KV was computed again because a streamed disk block was corrupt
         self.pruning: KVPruning | None = params.pruning  # None: the engine's default (set by the scheduler)
         self.status = SeqStatus.WAITING
         self.finish_reason: str | None = None

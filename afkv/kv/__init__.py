@@ -13,6 +13,8 @@
                    in pinned host memory, layer-major; NoStream when off) and StreamRing /
                    StreamStep (the device staging ring attention streams it through, layer
                    by layer, on a copy stream)
+    pinned.py      PinnedRegion: page-locked host memory of exactly the size asked for (the
+                   stream store's; torch's pinned allocator rounds up to a power of two)
     tiers/         host memory and disk below the device, every move between tiers, and
                    loading a matched prefix from them (TierLoader; NoTiers when device only)
     metrics.py     KVMetrics: counters, occupancy and latency; frozen snapshots

@@ -180,6 +180,11 @@ class KVManager:
             self.metrics.counters["streamed_steps"] += 1
             self.metrics.counters["bytes_streamed"] += num_blocks * self.stream.format.nbytes
 
+    def count_corrupt(self, num_blocks: int) -> None:
+        """Streamed disk blocks failed their checks in a step (metrics: `corrupt_blocks`); their
+        sequence computes its KV again."""
+        self.metrics.counters["corrupt_blocks"] += num_blocks
+
     def has(self, seq_id: int) -> bool:
         return seq_id in self._tables
 

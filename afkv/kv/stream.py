@@ -45,8 +45,10 @@ is one section per layer) into a host bounce slot, on StreamDisk's one I/O threa
 layers before use like the store's copies (a step waits only when a read is late), and checks
 each block's crc32, accumulated over its sections, after the last layer. A block that fails
 (flipped bytes, a bad header, a missing or short file) reads as zeros and is named in
-`StreamStep.corrupt`; the runner ends the requests that own one (RequestFailedError naming the
-file; the rest of the step goes on) and their device, store and disk blocks are freed. The
+`StreamStep.corrupt`; the runner names them in the results of the requests that own one, whose
+step is not committed: the scheduler frees their device, store and disk blocks and computes their
+KV again from their tokens (the rest of the step goes on; a request whose blocks keep failing
+ends with RequestFailedError naming the file, afkv.engine.scheduler.MAX_STREAM_RECOMPUTES). The
 device ring holds ahead + 1 layers of every store id, host and disk. A spill to disk waits for
 the device once (the encoded rows to the host) and queues the file writes on the I/O thread,
 ahead of every read of them. The files live in a private directory (mkdtemp) under
@@ -55,9 +57,10 @@ admission with the settings named.
 
 Limits of this first version: the store is its own pinned region (not the LRU host tier);
 streamed blocks are private to their sequence (a streaming sequence stops registering prefix
-blocks, like a pruned one); a preempted streaming sequence recomputes; a corrupt disk block
-ends its request (recomputing its KV in place would need a prefill of the past tokens into
-streamed slots, not built); disk reads are one pread per block and layer on one thread.
+blocks, like a pruned one); a preempted streaming sequence, or one that read a corrupt disk
+block, recomputes all of its KV (recomputing only the bad block in place would need a prefill of
+its tokens into streamed slots, not built); disk reads are one pread per block and layer on one
+thread.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ from afkv.errors import CorruptBlockError, TierError
 from afkv.kv.checks import accounted, owned
 from afkv.kv.formats import BlockFormat
 from afkv.kv.metrics import KVMetrics, TierUsage
+from afkv.kv.pinned import PinnedRegion
 from afkv.kv.tiers.disk import HEADER_NBYTES, block_file_name, check_header, write_block
 from afkv.kv.tiers.fileio import FileIO, default_fileio
 from afkv.ops.attention import QuantizedKVCache
@@ -125,11 +129,26 @@ class StreamStore:
     model worker: spills on the compute stream, before the step that made them; read by the
     copy stream of StreamRing, which waits for the compute stream first."""
 
-    def __init__(self, config: StreamConfig, device: torch.device, metrics: KVMetrics, fileio: FileIO | None = None):
+    def __init__(self, config: StreamConfig, device: torch.device, metrics: KVMetrics, fileio: FileIO | None = None,
+                 host: torch.Tensor | None = None):
+        """host: uint8 memory to lay `buf` in (its first num_layers x num_blocks x layer_nbytes
+        bytes; page-locked on CUDA, owned by the caller), or None: a PinnedRegion of its own on
+        CUDA (exactly its size), plain memory on a CPU."""
         fmt = config.format
         self.config, self.format, self.metrics = config, fmt, metrics
-        self.buf = torch.empty((fmt.layout.num_layers, config.num_blocks, fmt.layer_nbytes), dtype=torch.uint8,
-                               pin_memory=device.type == "cuda")
+        self.device = device
+        shape = (fmt.layout.num_layers, config.num_blocks, fmt.layer_nbytes)
+        nbytes = shape[0] * shape[1] * shape[2]
+        self._region = None
+        if host is None:
+            if device.type == "cuda":
+                self._region = PinnedRegion(nbytes, cuda=True)
+                host = self._region.tensor
+            else:
+                host = torch.empty(nbytes, dtype=torch.uint8)
+        accounted(host.dtype == torch.uint8 and host.is_contiguous() and host.numel() >= nbytes,
+                  f"a stream store of {nbytes} bytes laid in a region of {host.numel()}")
+        self.buf = host[:nbytes].view(shape)  # [L, num_blocks, lnb]
         self.disk = StreamDisk(config, fileio or default_fileio()) if config.disk_blocks else None
         self._free: list[int] = list(range(config.total_blocks))  # the host ids first
         self._ids: dict[int, list[int]] = {}
@@ -225,9 +244,13 @@ class StreamStore:
                                   cfg.disk_blocks, self.format.nbytes))
 
     def close(self) -> None:
-        """Wait for the disk I/O and remove the disk directory (blocking; twice is a no-op)."""
+        """Wait for the disk I/O and remove the disk directory; unlock its own host region once
+        the device is idle (blocking; twice is a no-op)."""
         if self.disk is not None:
             self.disk.close()
+        if self._region is not None:
+            torch.cuda.synchronize(self.device)  # no copy from buf in flight
+            self._region.close()
 
     def check_invariants(self, seq_ids: set[int]) -> None:
         held = [i for ids in self._ids.values() for i in ids]
@@ -341,7 +364,7 @@ class StreamDisk:
             self._crcs.pop(sid, None)
             try:
                 self._crcs[sid] = write_block(self.path, self.format.digest, self.block_hash(sid), row, self.fileio)
-            except OSError as exc:  # its reads find no checksum: the sequence that owns it fails
+            except OSError as exc:  # its reads find no checksum: its sequence recomputes
                 log.error("stream block %d: cannot write %s: %s", sid, self.file(sid), exc)
 
     def read(self, layer: int, store_ids: list[int], out: np.ndarray, state: DiskRead,
@@ -419,8 +442,8 @@ class StreamRing:
 class StreamStep:
     """One step's layer-by-layer stream (model worker only). `layer(l)` must be called for
     l = 0, 1, ... in order (repeated calls for the same layer, one per micro-batch, are free).
-    Disk blocks found bad (`corrupt`: store id -> why) are zeros in attention: the runner ends
-    the requests that own them after the step."""
+    Disk blocks found bad (`corrupt`: store id -> why) are zeros in attention: the runner names
+    them in the results of the requests that own them, which compute their KV again."""
 
     def __init__(self, ring: StreamRing, store_ids: Sequence[int]):
         first_disk = ring.store.config.num_blocks

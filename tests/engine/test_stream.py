@@ -116,35 +116,68 @@ async def _all_freed_and_serving(engine) -> None:
     assert len(out.token_ids) == 2
 
 
-def test_a_corrupt_disk_block_fails_its_request_alone_and_frees_every_block(tiny_dir, tmp_path):
-    """A byte of a streamed block file flipped between steps: that request ends with an error
-    naming the block file; every device, store and disk block is free; the engine serves on."""
+async def _flip_a_disk_block(kv) -> str | None:
+    """Flip a byte of the file of a streamed disk block (once its write landed) -> its name, or
+    None while no streamed block is on disk."""
+    disk = [i for ids in kv.stream._ids.values() for i in ids if i >= kv.stream.config.num_blocks]
+    if not disk:
+        return None
+    await asyncio.wrap_future(kv.stream.disk.io.submit(lambda: None))  # its file is written
+    name = kv.stream.disk.file(disk[0])
+    fd = os.open(name, os.O_RDWR)
+    os.pwrite(fd, bytes([os.pread(fd, 1, 100)[0] ^ 0xFF]), 100)
+    os.close(fd)
+    return str(name)
+
+
+def test_a_corrupt_disk_block_is_recomputed_and_gives_the_same_tokens(tiny_dir, tmp_path):
+    """A byte of a streamed block file flipped between decode steps: the next step finds it,
+    the sequence computes its KV again from its tokens (its blocks freed, then spilled anew) and
+    its greedy tokens equal the uncorrupted run's; a short request beside it goes on; afterwards
+    every device, store and disk block is free and the engine serves on."""
+    prompt, params = random_prompt(200, 200, 10), SamplingParams(max_tokens=12, ignore_eos=True)
+    cfg = _config(num_blocks=2 * DEVICE_BLOCKS, **_disk(tmp_path))
+
+    async def main(corrupt: bool):
+        async with Engine(tiny_dir["qwen3_moe"], cfg, progress=False) as engine:
+            kv = engine.kv_manager
+            other = asyncio.create_task(engine.complete(random_prompt(10, 200, 11), SamplingParams(max_tokens=4)))
+            tokens, flipped = [], []
+            async for chunk in engine.generate(prompt, params):
+                tokens += chunk.token_ids
+                if corrupt and not flipped and kv.metrics.counters["streamed_steps"] >= 2:
+                    flipped += filter(None, [await _flip_a_disk_block(kv)])
+            assert len((await other).token_ids) == 4
+            c = kv.metrics.counters
+            assert c["stream_disk_spills"] > 0
+            assert c["corrupt_blocks"] == (1 if corrupt else 0) and bool(flipped) == corrupt
+            assert engine.stats().num_preemptions == 0  # a recompute is not a preemption
+            await _all_freed_and_serving(engine)
+            return tokens
+
+    ref = asyncio.run(main(corrupt=False))
+    assert asyncio.run(main(corrupt=True)) == ref and len(ref) == 12
+
+
+def test_a_disk_that_keeps_corrupting_fails_the_request_after_its_recomputes(tiny_dir, tmp_path):
+    """A block file flipped after every token: the sequence is computed again
+    MAX_STREAM_RECOMPUTES times, then its request ends with an error naming the block file;
+    every device, store and disk block is free; the engine serves on."""
+    from afkv.engine.scheduler import MAX_STREAM_RECOMPUTES
+
     async def main():
         async with Engine(tiny_dir["qwen3_moe"], _config(num_blocks=2 * DEVICE_BLOCKS, **_disk(tmp_path)),
                           progress=False) as engine:
             kv = engine.kv_manager
-            params = SamplingParams(max_tokens=100, ignore_eos=True)
-            other = asyncio.create_task(engine.complete(random_prompt(10, 200, 11), SamplingParams(max_tokens=4)))
-            gen = engine.generate(random_prompt(200, 200, 10), params)
+            gen = engine.generate(random_prompt(200, 200, 10), SamplingParams(max_tokens=100, ignore_eos=True))
+            flipped = []
             with pytest.raises(RequestFailedError, match="streamed KV block .* corrupt on disk") as e:
                 async for _ in gen:
-                    disk = [i for i in streamed_ids(kv) if i >= kv.stream.config.num_blocks]
-                    if disk and kv.metrics.counters["streamed_steps"] >= 2 and not corrupted:
-                        await asyncio.wrap_future(kv.stream.disk.io.submit(lambda: None))  # its file is written
-                        name = kv.stream.disk.file(disk[0])
-                        fd = os.open(name, os.O_RDWR)
-                        os.pwrite(fd, bytes([os.pread(fd, 1, 100)[0] ^ 0xFF]), 100)
-                        os.close(fd)
-                        corrupted.append(name)
-            assert str(corrupted[0]) in str(e.value)
-            assert len((await other).token_ids) == 4  # the other request (too short to stream) went on
+                    flipped += filter(None, [await _flip_a_disk_block(kv)])
+            assert flipped[-1] in str(e.value) and f"computed again {MAX_STREAM_RECOMPUTES} times" in str(e.value)
+            assert kv.metrics.counters["corrupt_blocks"] == MAX_STREAM_RECOMPUTES + 1
             await _all_freed_and_serving(engine)
 
-    def streamed_ids(kv):
-        """The store ids of the one streaming sequence (the long one)."""
-        return [i for ids in kv.stream._ids.values() for i in ids]
-
-    corrupted = []
     asyncio.run(main())
 
 

@@ -2,7 +2,12 @@
 GPU): streamed decode rows per host format against the same run's device-only and all-device
 steps, and a prefill past the device tier that spills and streams."""
 
+import torch
+
 from afkv.bench.long_context import format_tables, run_long_context_bench
+from afkv.kv.formats import make_format
+from afkv.kv.layout import KVLayout
+from afkv.model.spec import load_spec
 
 
 def test_long_context_bench_reports_rows_and_prefill(tiny_dir):
@@ -17,3 +22,24 @@ def test_long_context_bench_reports_rows_and_prefill(tiny_dir):
     p = result["prefill"]
     assert p["bytes_spilled"] > 0 and p["bytes_streamed"] > 0 and p["steps"] == 96 // 16
     assert result["longest_context"] == 64 and "prefill" in format_tables(result)
+
+
+def test_a_format_that_overflows_the_host_region_runs_the_longest_context_that_fits(tiny_dir):
+    """--host-gib caps the one host region every format's store is laid in in turn: int4 blocks
+    of 2 x 128 fit it, bf16 ones do not, so bf16 runs the longest context of the same batch and
+    host share whose blocks fit (whole blocks), and the table names it."""
+    spec = load_spec(tiny_dir["llama"])
+    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, 8, torch.float32)
+    int4 = make_format("int4", layout).nbytes
+    host_blocks = 2 * (96 // 8)  # 2 x 128 tokens, 75% on the host
+    result = run_long_context_bench(str(tiny_dir["llama"]), "cpu", [(2, 128)], ["int4", "none"], block_size=8,
+                                    steps=1, host_gib=host_blocks * int4 / 2**30, progress=lambda *_: None)
+    [q, raw] = result["decode"]
+    assert (q["format"], q["context"], q["host_tokens"]) == ("int4", 128, 96)
+    fits = host_blocks * int4 // make_format("none", layout).nbytes // 2 * 8  # host tokens per sequence
+    assert raw["format"] == "none" and raw["host_tokens"] == fits < 96 and raw["context"] < 128
+    assert raw["host_bytes"] <= result["host_region"]["nbytes"] == host_blocks * int4
+    assert abs(raw["host_share"] - 0.75) < 0.1 and raw["context"] % 8 == 0
+    assert "speedup_vs_none" not in q  # other contexts: no ratio
+    assert result["host_region"]["pin_s"] >= 0 and set(result["fill_s"]) == {"int4", "none"}
+    assert "page-locked" in format_tables(result)
