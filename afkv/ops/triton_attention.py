@@ -428,45 +428,112 @@ if triton is not None:
         return qa, qb, qsum
 
     @triton.jit
-    def _quant_tile(
-        qa, qb, qsum, rows_ptr, rows16_ptr, tab_ptr, t0, lo, hi, valid, kvh, layer_off, row_nbytes, qk_scale,
-        m_i, l_i, acc_a, acc_b, acc_z,
+    def _quant_meta(
+        rows16_ptr, tab_ptr, t0, lo, hi, kvh, layer_off, row_nbytes,
         KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, CODE_DIM: tl.constexpr,
-        TILE_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):  # fmt: skip
-        """Online-softmax step over the tile of tokens t0 .. t0 + BLOCK_N - 1 (t0 a multiple of
-        BLOCK_SIZE; tokens outside [lo, hi) are not read; `valid` [M, N] masks the scores) held
-        in quantized rows. Scores are s_t * (q . c_t) + z_t * sum(q) and values enter as p_t * s_t
-        (scaled by the tile's largest s_t) times the codes, plus p_t * z_t: the codes are
-        multiplied as they are, never dequantized. int8 and int4 work in the rotated domain,
-        int4's channels in two halves (low and high nibbles), int8's whole or, when TILE_C <
-        CODE_DIM, in two halves too (bytes 0 .. D/2 - 1 and D/2 .. D - 1: smaller tiles, fewer
-        registers). Addresses are computed once per block of the tile."""
-        HALVES: tl.constexpr = KIND == 2 or TILE_C < CODE_DIM
+        """Where the tile of tokens t0 .. t0 + BLOCK_N - 1 lives (t0 a multiple of BLOCK_SIZE;
+        tokens outside [lo, hi) are not read: a tile wholly past hi reads nothing) and its scale
+        data: (base [NB] int64, the byte offset of this layer's section of each of its blocks'
+        rows; ks, vs, kz, vz [N] in the scale dtype, kz and vz ks and vs again for fp8)."""
         num_tile_blocks: tl.constexpr = BLOCK_N // BLOCK_SIZE
         heads_tokens: tl.constexpr = NUM_KV_HEADS * BLOCK_SIZE
         offs_j = tl.arange(0, num_tile_blocks)
         offs_i = tl.arange(0, BLOCK_SIZE)
-        offs_c = tl.arange(0, BLOCK_C)
         tok = t0 + offs_j[:, None] * BLOCK_SIZE + offs_i[None, :]  # [NB, bs]
         tmask = (tok >= lo) & (tok < hi)
         bmask = t0 + offs_j * BLOCK_SIZE < hi
         blk = tl.load(tab_ptr + t0 // BLOCK_SIZE + offs_j, mask=bmask, other=0).to(tl.int64)  # [NB] row ids
-        base = blk * row_nbytes + layer_off  # [NB] byte offset of this layer's section
-        crow = (kvh * BLOCK_SIZE + offs_i) * CODE_DIM  # [bs]
-        k_ptrs = rows_ptr + base[:, None, None] + crow[None, :, None] + offs_c[None, None, :]  # [NB, bs, C]
-        cmask = tmask[:, :, None] & (offs_c < TILE_C)[None, None, :]
-        kb = tl.reshape(tl.load(k_ptrs, mask=cmask, other=0), [BLOCK_N, BLOCK_C])
-        vb = tl.reshape(tl.load(k_ptrs + heads_tokens * CODE_DIM, mask=cmask, other=0), [BLOCK_N, BLOCK_C])
-        kb2 = kb  # int8 in halves: the second half's codes
-        vb2 = vb
-        if KIND == 1 and HALVES:
-            kb2 = tl.reshape(tl.load(k_ptrs + TILE_C, mask=cmask, other=0), [BLOCK_N, BLOCK_C])
-            vb2 = tl.reshape(tl.load(k_ptrs + heads_tokens * CODE_DIM + TILE_C, mask=cmask, other=0),
-                             [BLOCK_N, BLOCK_C])
+        base = blk * row_nbytes + layer_off  # [NB]
         meta = rows16_ptr + (base // 2)[:, None] + (heads_tokens * CODE_DIM + kvh * BLOCK_SIZE + offs_i)[None, :]
-        ks = tl.reshape(tl.load(meta, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)  # [N]
-        vs = tl.reshape(tl.load(meta + heads_tokens, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)
+        ks = tl.reshape(tl.load(meta, mask=tmask, other=0.0), [BLOCK_N])  # [N]
+        vs = tl.reshape(tl.load(meta + heads_tokens, mask=tmask, other=0.0), [BLOCK_N])
+        kz = ks
+        vz = vs
+        if KIND != 0:
+            kz = tl.reshape(tl.load(meta + 2 * heads_tokens, mask=tmask, other=0.0), [BLOCK_N])
+            vz = tl.reshape(tl.load(meta + 3 * heads_tokens, mask=tmask, other=0.0), [BLOCK_N])
+        return base, ks, vs, kz, vz
+
+    @triton.jit
+    def _quant_codes(
+        rows_ptr, base, t0, lo, hi, kvh,
+        KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, CODE_DIM: tl.constexpr,
+        TILE_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+    ):  # fmt: skip
+        """The codes of the tile at t0 whose blocks' sections start at `base` (_quant_meta):
+        (kb, vb, kb2, vb2), kb2 and vb2 the second half's of int8 in halves (else kb, vb again),
+        each uint8 [N, C] or, loaded as 32-bit words (value codes when WORDS >= 1, key codes
+        when WORDS == 2), uint32 [N, C / 4] (_bytes makes them [N, C]). Addresses are computed
+        once per block of the tile."""
+        HALVES: tl.constexpr = KIND == 1 and TILE_C < CODE_DIM
+        num_tile_blocks: tl.constexpr = BLOCK_N // BLOCK_SIZE
+        v_off: tl.constexpr = NUM_KV_HEADS * BLOCK_SIZE * CODE_DIM  # value codes follow the key codes
+        offs_j = tl.arange(0, num_tile_blocks)
+        offs_i = tl.arange(0, BLOCK_SIZE)
+        tok = t0 + offs_j[:, None] * BLOCK_SIZE + offs_i[None, :]  # [NB, bs]
+        tmask = (tok >= lo) & (tok < hi)
+        crow = base[:, None] + ((kvh * BLOCK_SIZE + offs_i) * CODE_DIM)[None, :]  # [NB, bs] byte offsets
+        offs_c = tl.arange(0, BLOCK_C)
+        b_ptrs = rows_ptr + crow[:, :, None] + offs_c[None, None, :]  # [NB, bs, C]
+        bmask = tmask[:, :, None] & (offs_c < TILE_C)[None, None, :]
+        offs_w = tl.arange(0, BLOCK_C // 4)
+        w_ptrs = rows_ptr.to(tl.pointer_type(tl.uint32)) + (crow // 4)[:, :, None] + offs_w[None, None, :]  # [NB, bs, C/4]
+        wmask = tmask[:, :, None] & (offs_w < TILE_C // 4)[None, None, :]
+        if WORDS == 2:
+            kb = tl.reshape(tl.load(w_ptrs, mask=wmask, other=0), [BLOCK_N, BLOCK_C // 4])
+            kb2 = kb
+            if HALVES:
+                kb2 = tl.reshape(tl.load(w_ptrs + TILE_C // 4, mask=wmask, other=0), [BLOCK_N, BLOCK_C // 4])
+        else:
+            kb = tl.reshape(tl.load(b_ptrs, mask=bmask, other=0), [BLOCK_N, BLOCK_C])
+            kb2 = kb
+            if HALVES:
+                kb2 = tl.reshape(tl.load(b_ptrs + TILE_C, mask=bmask, other=0), [BLOCK_N, BLOCK_C])
+        if WORDS >= 1:
+            vb = tl.reshape(tl.load(w_ptrs + v_off // 4, mask=wmask, other=0), [BLOCK_N, BLOCK_C // 4])
+            vb2 = vb
+            if HALVES:
+                vb2 = tl.reshape(tl.load(w_ptrs + (v_off + TILE_C) // 4, mask=wmask, other=0), [BLOCK_N, BLOCK_C // 4])
+        else:
+            vb = tl.reshape(tl.load(b_ptrs + v_off, mask=bmask, other=0), [BLOCK_N, BLOCK_C])
+            vb2 = vb
+            if HALVES:
+                vb2 = tl.reshape(tl.load(b_ptrs + v_off + TILE_C, mask=bmask, other=0), [BLOCK_N, BLOCK_C])
+        return kb, vb, kb2, vb2
+
+    @triton.jit
+    def _bytes(w):
+        """uint32 words [N, W] -> their bytes [N, 4W] uint8, in memory order (little-endian)."""
+        b0 = (w & 0xFF).to(tl.uint8)
+        b1 = ((w >> 8) & 0xFF).to(tl.uint8)
+        b2 = ((w >> 16) & 0xFF).to(tl.uint8)
+        b3 = (w >> 24).to(tl.uint8)
+        return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), [w.shape[0], 4 * w.shape[1]])
+
+    @triton.jit
+    def _quant_math(
+        qa, qb, qsum, kb, vb, kb2, vb2, ks, vs, kz, vz, valid, qk_scale, m_i, l_i, acc_a, acc_b, acc_z,
+        KIND: tl.constexpr, CODE_DIM: tl.constexpr, TILE_C: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
+        WORDS: tl.constexpr = 0,
+    ):  # fmt: skip
+        """Online-softmax step over one tile of quantized tokens (_quant_meta's and _quant_codes' values; `valid`
+        [M, N] masks the scores). Scores are s_t * (q . c_t) + z_t * sum(q) and values enter
+        as p_t * s_t (scaled by the tile's largest s_t) times the codes, plus p_t * z_t: the
+        codes are multiplied as they are, never dequantized. int8 and int4 work in the rotated
+        domain, int4's channels in two halves (low and high nibbles), int8's whole or, when
+        TILE_C < CODE_DIM, in two halves too (bytes 0 .. D/2 - 1 and D/2 .. D - 1: smaller
+        tiles, fewer registers)."""
+        HALVES: tl.constexpr = KIND == 2 or TILE_C < CODE_DIM
+        if WORDS == 2:
+            kb = _bytes(kb)
+            kb2 = _bytes(kb2) if KIND == 1 and HALVES else kb
+        if WORDS >= 1:
+            vb = _bytes(vb)
+            vb2 = _bytes(vb2) if KIND == 1 and HALVES else vb
+        ks = ks.to(tl.float32)
+        vs = vs.to(tl.float32)
         off: tl.constexpr = 1024.0 if (KIND != 0 and CVT != 0) else 0.0  # what _codes adds to int codes
         if HALVES:
             s = _dot(qa, tl.trans(_codes(kb, KIND, False, CVT, IEEE)), IEEE)
@@ -475,8 +542,7 @@ if triton is not None:
             s = _dot(qa, tl.trans(_codes(kb, KIND, False, CVT, IEEE)), IEEE)  # [M, N]
         s = s * (ks * qk_scale)[None, :]
         if KIND != 0:  # zero points, less what the codes' offset added
-            kz = tl.reshape(tl.load(meta + 2 * heads_tokens, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)
-            s += qsum[:, None] * ((kz - off * ks) * qk_scale)[None, :]
+            s += qsum[:, None] * ((kz.to(tl.float32) - off * ks) * qk_scale)[None, :]
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # [M]
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -490,12 +556,27 @@ if triton is not None:
         if HALVES:
             acc_b = acc_b * alpha[:, None] + _dot(pw, _codes(vb2, KIND, True, CVT, IEEE), IEEE) * v_max
         if KIND != 0:
-            vz = tl.reshape(tl.load(meta + 3 * heads_tokens, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)
-            z = tl.sum(p * vz[None, :], 1)
+            z = tl.sum(p * vz.to(tl.float32)[None, :], 1)
             if off != 0.0:  # the offset entered through the rounded weights pw: take off exactly that
                 z -= off * v_max * tl.sum(pw.to(tl.float32), 1)
             acc_z = acc_z * alpha + z
         return m_new, l_i, acc_a, acc_b, acc_z
+
+    @triton.jit
+    def _quant_tile(
+        qa, qb, qsum, rows_ptr, rows16_ptr, tab_ptr, t0, lo, hi, valid, kvh, layer_off, row_nbytes, qk_scale,
+        m_i, l_i, acc_a, acc_b, acc_z,
+        KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, CODE_DIM: tl.constexpr,
+        TILE_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
+        WORDS: tl.constexpr = 0,
+    ):  # fmt: skip
+        """One online-softmax step over the tile at t0: _quant_meta, _quant_codes, _quant_math."""
+        base, ks, vs, kz, vz = _quant_meta(rows16_ptr, tab_ptr, t0, lo, hi, kvh, layer_off, row_nbytes,
+                                           KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, BLOCK_N)  # fmt: skip
+        kb, vb, kb2, vb2 = _quant_codes(rows_ptr, base, t0, lo, hi, kvh, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM,
+                                        TILE_C, BLOCK_C, BLOCK_N, WORDS)  # fmt: skip
+        return _quant_math(qa, qb, qsum, kb, vb, kb2, vb2, ks, vs, kz, vz, valid, qk_scale, m_i, l_i, acc_a, acc_b,
+                           acc_z, KIND, CODE_DIM, TILE_C, CVT, IEEE, WORDS)  # fmt: skip
 
     @triton.jit
     def _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND: tl.constexpr,
@@ -543,6 +624,7 @@ if triton is not None:
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, NUM_SPLITS: tl.constexpr,
         MAX_TAIL: tl.constexpr, TAIL_P2: tl.constexpr, HAS_WINDOW: tl.constexpr, HP_INV: tl.constexpr,
         CVT: tl.constexpr, IEEE: tl.constexpr, FP_IEEE: tl.constexpr, MIN_TILES: tl.constexpr,
+        PREFETCH: tl.constexpr, WORDS: tl.constexpr,
     ):  # fmt: skip
         """Parts 0 .. NUM_SPLITS-1 take chunks of the row's quantized tokens, part NUM_SPLITS
         its staging tail (at most MAX_TAIL blocks at the end of its table)."""
@@ -576,14 +658,42 @@ if triton is not None:
         acc_z = tl.zeros([GROUP_ROWS], tl.float32)
         qa, qb, qsum = _quant_queries(q, h_ptr, offs_d, dmask, KIND, HEAD_DIM, TILE_C, BLOCK_C, HP_INV, IEEE)
         offs_n = tl.arange(0, BLOCK_N)
-        for t0 in range(lo, hi, BLOCK_N):
-            tok = t0 + offs_n  # [N]
-            valid = hmask[:, None] & ((tok >= start) & (tok < hi))[None, :]
-            m_i, l_i, acc_a, acc_b, acc_z = _quant_tile(
-                qa, qb, qsum, rows_ptr, rows16_ptr, tab, t0, start, hi, valid, kvh, layer_off, row_nbytes, qk_scale,
-                m_i, l_i, acc_a, acc_b, acc_z, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, TILE_C, BLOCK_C, BLOCK_N,
-                CVT, IEEE,
-            )  # fmt: skip
+        if PREFETCH:  # the next tile's block ids and scale data (and codes: 2) load before this tile's products
+            base, ks, vs, kz, vz = _quant_meta(rows16_ptr, tab, lo, start, hi, kvh, layer_off, row_nbytes,
+                                               KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, BLOCK_N)  # fmt: skip
+            if PREFETCH == 2:
+                kb, vb, kb2, vb2 = _quant_codes(rows_ptr, base, lo, start, hi, kvh, KIND, NUM_KV_HEADS, BLOCK_SIZE,
+                                                CODE_DIM, TILE_C, BLOCK_C, BLOCK_N, WORDS)  # fmt: skip
+            for t0 in range(lo, hi, BLOCK_N):
+                if PREFETCH == 1:
+                    kb, vb, kb2, vb2 = _quant_codes(rows_ptr, base, t0, start, hi, kvh, KIND, NUM_KV_HEADS,
+                                                    BLOCK_SIZE, CODE_DIM, TILE_C, BLOCK_C, BLOCK_N, WORDS)  # fmt: skip
+                nbase, nks, nvs, nkz, nvz = _quant_meta(
+                    rows16_ptr, tab, t0 + BLOCK_N, start, hi, kvh, layer_off, row_nbytes,
+                    KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, BLOCK_N,
+                )  # fmt: skip
+                if PREFETCH == 2:
+                    nkb, nvb, nkb2, nvb2 = _quant_codes(rows_ptr, nbase, t0 + BLOCK_N, start, hi, kvh, KIND,
+                                                        NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, TILE_C, BLOCK_C, BLOCK_N,
+                                                        WORDS)  # fmt: skip
+                tok = t0 + offs_n  # [N]
+                valid = hmask[:, None] & ((tok >= start) & (tok < hi))[None, :]
+                m_i, l_i, acc_a, acc_b, acc_z = _quant_math(
+                    qa, qb, qsum, kb, vb, kb2, vb2, ks, vs, kz, vz, valid, qk_scale, m_i, l_i, acc_a, acc_b, acc_z,
+                    KIND, CODE_DIM, TILE_C, CVT, IEEE, WORDS,
+                )  # fmt: skip
+                base, ks, vs, kz, vz = nbase, nks, nvs, nkz, nvz
+                if PREFETCH == 2:
+                    kb, vb, kb2, vb2 = nkb, nvb, nkb2, nvb2
+        else:
+            for t0 in range(lo, hi, BLOCK_N):
+                tok = t0 + offs_n  # [N]
+                valid = hmask[:, None] & ((tok >= start) & (tok < hi))[None, :]
+                m_i, l_i, acc_a, acc_b, acc_z = _quant_tile(
+                    qa, qb, qsum, rows_ptr, rows16_ptr, tab, t0, start, hi, valid, kvh, layer_off, row_nbytes,
+                    qk_scale, m_i, l_i, acc_a, acc_b, acc_z, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, TILE_C,
+                    BLOCK_C, BLOCK_N, CVT, IEEE, WORDS,
+                )  # fmt: skip
         acc = _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND, HEAD_DIM, TILE_C, BLOCK_C,
                             HP_INV, IEEE)  # fmt: skip
         tail_end = tl.where(part == NUM_SPLITS, ctx, q_end)
@@ -914,6 +1024,12 @@ class QuantDecodeConfig:
     halves: bool = False  # int8: codes in two tiles of D / 2 columns (fewer registers; moot for fp8, int4)
     min_split_tiles: int = 1  # split-K chunks of at least this many tiles (short contexts: fewer busy programs,
     # each paying the fixed cost of a program, the rotation of its queries and output, less often)
+    prefetch: int = 0  # load tile i + 1's block ids and scale data (1), and its codes too (2), before tile i's
+    # products, into registers: Triton's pipeliner leaves the 16-bit scale loads synchronous (each tile waited for
+    # one from HBM) and, with num_stages 2, issues its copies of tile i + 1 after tile i's products
+    words: int = 0  # codes load as bytes (0), value codes (1) or key and value codes (2) as 32-bit words, split
+    # into bytes where used: Triton's pipeliner prefetches a uint8 value tile into registers, one register per
+    # code; words it copies into shared memory (cp.async)
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -926,6 +1042,8 @@ class QuantDecodeConfig:
             raise ConfigError(f"min_split_tiles must be >= 1, got {self.min_split_tiles}")
         if self.max_regs is not None and not 32 <= self.max_regs <= 255:
             raise ConfigError(f"max_regs must be in 32 .. 255, got {self.max_regs}")
+        if self.prefetch not in (0, 1, 2) or self.words not in (0, 1, 2):
+            raise ConfigError(f"prefetch and words must be 0, 1 or 2, got {self.prefetch} and {self.words}")
 
 
 # The launch per GPU family (_gpu_family) and format, from `afkv bench kv-quant --sweep` on that
@@ -1118,8 +1236,9 @@ def _decode_quantized(q: torch.Tensor, cache: attention.QuantizedKVCache, layer:
         GROUP=group, GROUP_ROWS=_group_rows(group), BLOCK_N=block_n,
         BLOCK_N_TAIL=_decode_block_n(head_dim, cache.staging.element_size()), NUM_SPLITS=num_splits,
         MAX_TAIL=cache.max_tail_blocks, TAIL_P2=next_pow2(cache.max_tail_blocks), MIN_TILES=config.min_split_tiles,
-        HAS_WINDOW=sliding_window is not None, CVT=_cvt(config.cvt, geometry), **geometry,
-        num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_regs,
+        HAS_WINDOW=sliding_window is not None, CVT=_cvt(config.cvt, geometry), PREFETCH=config.prefetch,
+        WORDS=config.words,
+        **geometry, num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_regs,
     )  # fmt: skip
     _merge(mid_o, mid_lse, out, num_splits + 1, lse)
 
