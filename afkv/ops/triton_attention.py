@@ -428,24 +428,29 @@ if triton is not None:
         return qa, qb, qsum
 
     @triton.jit
+    def _tile_blocks(tab_ptr, t0, hi, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+        """[NB] int32: the row ids of the blocks of the tile of tokens t0 .. t0 + BLOCK_N - 1 (t0
+        a multiple of BLOCK_SIZE); 0 for blocks at or past hi, whose table entries are not read."""
+        offs_j = tl.arange(0, BLOCK_N // BLOCK_SIZE)
+        bmask = t0 + offs_j * BLOCK_SIZE < hi
+        return tl.load(tab_ptr + t0 // BLOCK_SIZE + offs_j, mask=bmask, other=0).to(tl.int32)
+
+    @triton.jit
     def _quant_meta(
-        rows16_ptr, tab_ptr, t0, lo, hi, kvh, layer_off, row_nbytes,
+        rows16_ptr, blk, t0, lo, hi, kvh, layer_off, row_nbytes,
         KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, CODE_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):  # fmt: skip
-        """Where the tile of tokens t0 .. t0 + BLOCK_N - 1 lives (t0 a multiple of BLOCK_SIZE;
-        tokens outside [lo, hi) are not read: a tile wholly past hi reads nothing) and its scale
-        data: (base [NB] int64, the byte offset of this layer's section of each of its blocks'
-        rows; ks, vs, kz, vz [N] in the scale dtype, kz and vz ks and vs again for fp8)."""
+        """The scale data of the tile of tokens t0 .. t0 + BLOCK_N - 1 held in the rows `blk`
+        (_tile_blocks; tokens outside [lo, hi) are not read: a tile wholly past hi
+        reads nothing): ks, vs, kz, vz [N] in the scale dtype (kz and vz: ks and vs again for fp8)."""
         num_tile_blocks: tl.constexpr = BLOCK_N // BLOCK_SIZE
         heads_tokens: tl.constexpr = NUM_KV_HEADS * BLOCK_SIZE
         offs_j = tl.arange(0, num_tile_blocks)
         offs_i = tl.arange(0, BLOCK_SIZE)
         tok = t0 + offs_j[:, None] * BLOCK_SIZE + offs_i[None, :]  # [NB, bs]
         tmask = (tok >= lo) & (tok < hi)
-        bmask = t0 + offs_j * BLOCK_SIZE < hi
-        blk = tl.load(tab_ptr + t0 // BLOCK_SIZE + offs_j, mask=bmask, other=0).to(tl.int64)  # [NB] row ids
-        base = blk * row_nbytes + layer_off  # [NB]
+        base = blk.to(tl.int64) * row_nbytes + layer_off  # [NB] byte offset of this layer's section
         meta = rows16_ptr + (base // 2)[:, None] + (heads_tokens * CODE_DIM + kvh * BLOCK_SIZE + offs_i)[None, :]
         ks = tl.reshape(tl.load(meta, mask=tmask, other=0.0), [BLOCK_N])  # [N]
         vs = tl.reshape(tl.load(meta + heads_tokens, mask=tmask, other=0.0), [BLOCK_N])
@@ -454,15 +459,15 @@ if triton is not None:
         if KIND != 0:
             kz = tl.reshape(tl.load(meta + 2 * heads_tokens, mask=tmask, other=0.0), [BLOCK_N])
             vz = tl.reshape(tl.load(meta + 3 * heads_tokens, mask=tmask, other=0.0), [BLOCK_N])
-        return base, ks, vs, kz, vz
+        return ks, vs, kz, vz
 
     @triton.jit
     def _quant_codes(
-        rows_ptr, base, t0, lo, hi, kvh,
+        rows_ptr, blk, t0, lo, hi, kvh, layer_off, row_nbytes,
         KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, CODE_DIM: tl.constexpr,
         TILE_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
     ):  # fmt: skip
-        """The codes of the tile at t0 whose blocks' sections start at `base` (_quant_meta):
+        """The codes of the tile at t0 held in the rows `blk` (_tile_blocks):
         (kb, vb, kb2, vb2), kb2 and vb2 the second half's of int8 in halves (else kb, vb again),
         each uint8 [N, C] or, loaded as 32-bit words (value codes when WORDS >= 1, key codes
         when WORDS == 2), uint32 [N, C / 4] (_bytes makes them [N, C]). Addresses are computed
@@ -474,6 +479,7 @@ if triton is not None:
         offs_i = tl.arange(0, BLOCK_SIZE)
         tok = t0 + offs_j[:, None] * BLOCK_SIZE + offs_i[None, :]  # [NB, bs]
         tmask = (tok >= lo) & (tok < hi)
+        base = blk.to(tl.int64) * row_nbytes + layer_off  # [NB]
         crow = base[:, None] + ((kvh * BLOCK_SIZE + offs_i) * CODE_DIM)[None, :]  # [NB, bs] byte offsets
         offs_c = tl.arange(0, BLOCK_C)
         b_ptrs = rows_ptr + crow[:, :, None] + offs_c[None, None, :]  # [NB, bs, C]
@@ -570,10 +576,11 @@ if triton is not None:
         TILE_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
         WORDS: tl.constexpr = 0,
     ):  # fmt: skip
-        """One online-softmax step over the tile at t0: _quant_meta, _quant_codes, _quant_math."""
-        base, ks, vs, kz, vz = _quant_meta(rows16_ptr, tab_ptr, t0, lo, hi, kvh, layer_off, row_nbytes,
-                                           KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, BLOCK_N)  # fmt: skip
-        kb, vb, kb2, vb2 = _quant_codes(rows_ptr, base, t0, lo, hi, kvh, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM,
+        """One online-softmax step over the tile at t0: _tile_blocks, _quant_meta, _quant_codes, _quant_math."""
+        blk = _tile_blocks(tab_ptr, t0, hi, BLOCK_SIZE, BLOCK_N)
+        ks, vs, kz, vz = _quant_meta(rows16_ptr, blk, t0, lo, hi, kvh, layer_off, row_nbytes, KIND, NUM_KV_HEADS,
+                                     BLOCK_SIZE, CODE_DIM, BLOCK_N)  # fmt: skip
+        kb, vb, kb2, vb2 = _quant_codes(rows_ptr, blk, t0, lo, hi, kvh, layer_off, row_nbytes, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM,
                                         TILE_C, BLOCK_C, BLOCK_N, WORDS)  # fmt: skip
         return _quant_math(qa, qb, qsum, kb, vb, kb2, vb2, ks, vs, kz, vz, valid, qk_scale, m_i, l_i, acc_a, acc_b,
                            acc_z, KIND, CODE_DIM, TILE_C, CVT, IEEE, WORDS)  # fmt: skip
@@ -658,32 +665,40 @@ if triton is not None:
         acc_z = tl.zeros([GROUP_ROWS], tl.float32)
         qa, qb, qsum = _quant_queries(q, h_ptr, offs_d, dmask, KIND, HEAD_DIM, TILE_C, BLOCK_C, HP_INV, IEEE)
         offs_n = tl.arange(0, BLOCK_N)
-        if PREFETCH:  # the next tile's block ids and scale data (and codes: 2) load before this tile's products
-            base, ks, vs, kz, vz = _quant_meta(rows16_ptr, tab, lo, start, hi, kvh, layer_off, row_nbytes,
-                                               KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, BLOCK_N)  # fmt: skip
+        if PREFETCH:  # tile i + 1's scale data (2: and codes, and tile i + 2's block ids) load before tile i's products
+            blk = _tile_blocks(tab, lo, hi, BLOCK_SIZE, BLOCK_N)
+            ks, vs, kz, vz = _quant_meta(rows16_ptr, blk, lo, start, hi, kvh, layer_off, row_nbytes, KIND,
+                                         NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, BLOCK_N)  # fmt: skip
             if PREFETCH == 2:
-                kb, vb, kb2, vb2 = _quant_codes(rows_ptr, base, lo, start, hi, kvh, KIND, NUM_KV_HEADS, BLOCK_SIZE,
-                                                CODE_DIM, TILE_C, BLOCK_C, BLOCK_N, WORDS)  # fmt: skip
+                nblk = _tile_blocks(tab, lo + BLOCK_N, hi, BLOCK_SIZE, BLOCK_N)
+                kb, vb, kb2, vb2 = _quant_codes(rows_ptr, blk, lo, start, hi, kvh, layer_off, row_nbytes, KIND,
+                                                NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, TILE_C, BLOCK_C, BLOCK_N,
+                                                WORDS)  # fmt: skip
             for t0 in range(lo, hi, BLOCK_N):
-                if PREFETCH == 1:
-                    kb, vb, kb2, vb2 = _quant_codes(rows_ptr, base, t0, start, hi, kvh, KIND, NUM_KV_HEADS,
-                                                    BLOCK_SIZE, CODE_DIM, TILE_C, BLOCK_C, BLOCK_N, WORDS)  # fmt: skip
-                nbase, nks, nvs, nkz, nvz = _quant_meta(
-                    rows16_ptr, tab, t0 + BLOCK_N, start, hi, kvh, layer_off, row_nbytes,
-                    KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, BLOCK_N,
-                )  # fmt: skip
+                if PREFETCH == 1:  # codes: Triton's pipeliner
+                    kb, vb, kb2, vb2 = _quant_codes(rows_ptr, blk, t0, start, hi, kvh, layer_off, row_nbytes, KIND,
+                                                    NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, TILE_C, BLOCK_C, BLOCK_N,
+                                                    WORDS)  # fmt: skip
+                    nblk = _tile_blocks(tab, t0 + BLOCK_N, hi, BLOCK_SIZE, BLOCK_N)
+                else:
+                    nnblk = _tile_blocks(tab, t0 + 2 * BLOCK_N, hi, BLOCK_SIZE, BLOCK_N)
+                nks, nvs, nkz, nvz = _quant_meta(rows16_ptr, nblk, t0 + BLOCK_N, start, hi, kvh, layer_off, row_nbytes,
+                                                 KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, BLOCK_N)  # fmt: skip
                 if PREFETCH == 2:
-                    nkb, nvb, nkb2, nvb2 = _quant_codes(rows_ptr, nbase, t0 + BLOCK_N, start, hi, kvh, KIND,
-                                                        NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, TILE_C, BLOCK_C, BLOCK_N,
-                                                        WORDS)  # fmt: skip
+                    nkb, nvb, nkb2, nvb2 = _quant_codes(rows_ptr, nblk, t0 + BLOCK_N, start, hi, kvh, layer_off,
+                                                        row_nbytes, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, TILE_C,
+                                                        BLOCK_C, BLOCK_N, WORDS)  # fmt: skip
                 tok = t0 + offs_n  # [N]
                 valid = hmask[:, None] & ((tok >= start) & (tok < hi))[None, :]
                 m_i, l_i, acc_a, acc_b, acc_z = _quant_math(
                     qa, qb, qsum, kb, vb, kb2, vb2, ks, vs, kz, vz, valid, qk_scale, m_i, l_i, acc_a, acc_b, acc_z,
                     KIND, CODE_DIM, TILE_C, CVT, IEEE, WORDS,
                 )  # fmt: skip
-                base, ks, vs, kz, vz = nbase, nks, nvs, nkz, nvz
-                if PREFETCH == 2:
+                ks, vs, kz, vz = nks, nvs, nkz, nvz
+                if PREFETCH == 1:
+                    blk = nblk
+                else:
+                    blk, nblk = nblk, nnblk
                     kb, vb, kb2, vb2 = nkb, nvb, nkb2, nvb2
         else:
             for t0 in range(lo, hi, BLOCK_N):
@@ -1024,8 +1039,8 @@ class QuantDecodeConfig:
     halves: bool = False  # int8: codes in two tiles of D / 2 columns (fewer registers; moot for fp8, int4)
     min_split_tiles: int = 1  # split-K chunks of at least this many tiles (short contexts: fewer busy programs,
     # each paying the fixed cost of a program, the rotation of its queries and output, less often)
-    prefetch: int = 0  # load tile i + 1's block ids and scale data (1), and its codes too (2), before tile i's
-    # products, into registers: Triton's pipeliner leaves the 16-bit scale loads synchronous (each tile waited for
+    prefetch: int = 0  # load tile i + 1's block ids and scale data (1), or also its codes and tile i + 2's block
+    # ids (2), before tile i's products, into registers: Triton's pipeliner leaves the 16-bit scale loads synchronous (each tile waited for
     # one from HBM) and, with num_stages 2, issues its copies of tile i + 1 after tile i's products
     words: int = 0  # codes load as bytes (0), value codes (1) or key and value codes (2) as 32-bit words, split
     # into bytes where used: Triton's pipeliner prefetches a uint8 value tile into registers, one register per
