@@ -1076,16 +1076,18 @@ QUANT_DECODE_CONFIGS: dict[str, dict[str, QuantDecodeConfig]] = {
 
 # What `afkv bench kv-quant --sweep` tries per format (fields as QuantDecodeConfig's; cvt is moot
 # for fp8). Registers decide how many programs an SM holds (sm_90 ptxas, 4 warps, head_dim 128:
-# 200-250 unbounded at 64-128 tokens per tile), hence the capped ones; a cap spills to local memory.
-# The H100 sweep of 2026-12-07 kept the table's winners and their neighbours (8 warps, 2 programs
-# per SM, 128-token tiles with a cap, cvt 0 lost everywhere); the kernel reads a few KiB per tile,
-# so a deeper pipeline (3 stages: more loads in flight per SM) is the new candidate.
+# 4 programs at 128 or fewer), hence the capped ones; a cap spills to local memory. The H100 sweep
+# of 2026-12-07 (session 3) took 88-110 us at 8 x 16384 whatever the bytes (fp8 and int8 read the
+# same, int4 half): each tile waited for its scale data (16-bit loads, synchronous: Triton's
+# pipeliner leaves them) after its codes, and value codes sat in registers one per code. Kept: the
+# table's winners and the best of each format there; new: prefetch (scale data, block ids and, with
+# 2 and no pipeliner, the codes one tile ahead) with codes loaded as 32-bit words.
 QUANT_DECODE_SWEEP = tuple(QuantDecodeConfig(*c) for c in (
-    # block_n, warps, stages, programs/SM, cvt, max_regs, halves, min_split_tiles
-    (64, 4, 2, 4, 2, None), (32, 4, 2, 4, 2, None), (128, 4, 1, 4, 2, None), (64, 4, 2, 4, 2, 128),
-    (64, 4, 2, 8, 2, 128), (64, 4, 2, 4, 1, 128), (64, 4, 2, 4, 2, 128, True), (64, 4, 2, 4, 2, 128, False, 4),
-    (32, 4, 3, 4, 2, None), (64, 4, 3, 4, 2, 128), (64, 4, 3, 4, 2, 128, True), (64, 4, 3, 8, 2, 128, True),
-    (32, 4, 3, 4, 2, 128, True),
+    # block_n, warps, stages, programs/SM, cvt, max_regs, halves, min_split_tiles, prefetch, words
+    (32, 4, 2, 4, 2, None), (64, 4, 2, 4, 2, 128), (64, 4, 2, 4, 2, 128, True), (64, 4, 2, 4, 2, 128, False, 4),
+    (64, 4, 3, 4, 2, 128, True), (32, 4, 3, 4, 2, 128, True),
+    (32, 4, 2, 4, 2, 128, True, 1, 1, 2), (64, 4, 2, 4, 2, 128, True, 1, 1, 2), (32, 4, 3, 4, 2, 128, True, 1, 1, 2),
+    (32, 4, 1, 4, 2, 128, True, 1, 2, 2), (32, 4, 1, 4, 2, None, True, 1, 2, 2), (64, 4, 2, 3, 2, 128, True, 1, 1, 2),
 ))
 
 
