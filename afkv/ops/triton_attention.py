@@ -522,7 +522,7 @@ if triton is not None:
     def _quant_math(
         qa, qb, qsum, kb, vb, kb2, vb2, ks, vs, kz, vz, valid, qk_scale, m_i, l_i, acc_a, acc_b, acc_z,
         KIND: tl.constexpr, CODE_DIM: tl.constexpr, TILE_C: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
-        WORDS: tl.constexpr = 0,
+        WORDS: tl.constexpr = 0, DEFER: tl.constexpr = False,
     ):  # fmt: skip
         """Online-softmax step over one tile of quantized tokens (_quant_meta's and _quant_codes' values; `valid`
         [M, N] masks the scores). Scores are s_t * (q . c_t) + z_t * sum(q) and values enter
@@ -530,7 +530,9 @@ if triton is not None:
         codes are multiplied as they are, never dequantized. int8 and int4 work in the rotated
         domain, int4's channels in two halves (low and high nibbles), int8's whole or, when
         TILE_C < CODE_DIM, in two halves too (bytes 0 .. D/2 - 1 and D/2 .. D - 1: smaller
-        tiles, fewer registers)."""
+        tiles, fewer registers). DEFER: l_i and acc_z are [M, N], per row and token of the
+        tile, summed over the tokens once after the last tile (two fewer reductions across
+        warps per tile; fp8: one); else [M]."""
         HALVES: tl.constexpr = KIND == 2 or TILE_C < CODE_DIM
         if WORDS == 2:
             kb = _bytes(kb)
@@ -554,16 +556,24 @@ if triton is not None:
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_ref[:, None])  # [M, N]
         alpha = tl.exp2(m_i - m_ref)  # [M]
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if DEFER:
+            l_i = l_i * alpha[:, None] + p
+        else:
+            l_i = l_i * alpha + tl.sum(p, 1)
         v_max = tl.max(vs, 0)
         v_max = tl.where(v_max > 0.0, v_max, 1.0)
         pw = (p * (vs / v_max)[None, :]).to(tl.float32 if IEEE else tl.float16)  # [M, N], <= 1
         acc_a = acc_a * alpha[:, None] + _dot(pw, _codes(vb, KIND, False, CVT, IEEE), IEEE) * v_max
         if HALVES:
             acc_b = acc_b * alpha[:, None] + _dot(pw, _codes(vb2, KIND, True, CVT, IEEE), IEEE) * v_max
-        if KIND != 0:
-            z = tl.sum(p * vz.to(tl.float32)[None, :], 1)
+        if KIND != 0 and DEFER:
+            z = p * vz.to(tl.float32)[None, :]  # [M, N]
             if off != 0.0:  # the offset entered through the rounded weights pw: take off exactly that
+                z -= (off * v_max) * pw.to(tl.float32)
+            acc_z = acc_z * alpha[:, None] + z
+        elif KIND != 0:
+            z = tl.sum(p * vz.to(tl.float32)[None, :], 1)
+            if off != 0.0:
                 z -= off * v_max * tl.sum(pw.to(tl.float32), 1)
             acc_z = acc_z * alpha + z
         return m_new, l_i, acc_a, acc_b, acc_z
@@ -574,7 +584,7 @@ if triton is not None:
         m_i, l_i, acc_a, acc_b, acc_z,
         KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, CODE_DIM: tl.constexpr,
         TILE_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
-        WORDS: tl.constexpr = 0,
+        WORDS: tl.constexpr = 0, DEFER: tl.constexpr = False,
     ):  # fmt: skip
         """One online-softmax step over the tile at t0: _tile_blocks, _quant_meta, _quant_codes, _quant_math."""
         blk = _tile_blocks(tab_ptr, t0, hi, BLOCK_SIZE, BLOCK_N)
@@ -583,7 +593,7 @@ if triton is not None:
         kb, vb, kb2, vb2 = _quant_codes(rows_ptr, blk, t0, lo, hi, kvh, layer_off, row_nbytes, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM,
                                         TILE_C, BLOCK_C, BLOCK_N, WORDS)  # fmt: skip
         return _quant_math(qa, qb, qsum, kb, vb, kb2, vb2, ks, vs, kz, vz, valid, qk_scale, m_i, l_i, acc_a, acc_b,
-                           acc_z, KIND, CODE_DIM, TILE_C, CVT, IEEE, WORDS)  # fmt: skip
+                           acc_z, KIND, CODE_DIM, TILE_C, CVT, IEEE, WORDS, DEFER)  # fmt: skip
 
     @triton.jit
     def _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND: tl.constexpr,
@@ -631,7 +641,7 @@ if triton is not None:
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, NUM_SPLITS: tl.constexpr,
         MAX_TAIL: tl.constexpr, TAIL_P2: tl.constexpr, HAS_WINDOW: tl.constexpr, HP_INV: tl.constexpr,
         CVT: tl.constexpr, IEEE: tl.constexpr, FP_IEEE: tl.constexpr, MIN_TILES: tl.constexpr,
-        PREFETCH: tl.constexpr, WORDS: tl.constexpr,
+        PREFETCH: tl.constexpr, WORDS: tl.constexpr, DEFER: tl.constexpr,
     ):  # fmt: skip
         """Parts 0 .. NUM_SPLITS-1 take chunks of the row's quantized tokens, part NUM_SPLITS
         its staging tail (at most MAX_TAIL blocks at the end of its table)."""
@@ -659,10 +669,14 @@ if triton is not None:
         lo, hi = _chunk_bounds(start - start % BLOCK_SIZE, q_end, part, NUM_SPLITS, BLOCK_N, MIN_TILES)  # whole blocks
         hi = tl.where(part < NUM_SPLITS, hi, lo)
         m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_ROWS], tl.float32)
         acc_a = tl.zeros([GROUP_ROWS, BLOCK_C], tl.float32)
         acc_b = tl.zeros([GROUP_ROWS, BLOCK_C], tl.float32)
-        acc_z = tl.zeros([GROUP_ROWS], tl.float32)
+        if DEFER:
+            l_i = tl.zeros([GROUP_ROWS, BLOCK_N], tl.float32)
+            acc_z = tl.zeros([GROUP_ROWS, BLOCK_N], tl.float32)
+        else:
+            l_i = tl.zeros([GROUP_ROWS], tl.float32)
+            acc_z = tl.zeros([GROUP_ROWS], tl.float32)
         qa, qb, qsum = _quant_queries(q, h_ptr, offs_d, dmask, KIND, HEAD_DIM, TILE_C, BLOCK_C, HP_INV, IEEE)
         offs_n = tl.arange(0, BLOCK_N)
         if PREFETCH:  # tile i + 1's scale data (2: and codes, and tile i + 2's block ids) load before tile i's products
@@ -692,7 +706,7 @@ if triton is not None:
                 valid = hmask[:, None] & ((tok >= start) & (tok < hi))[None, :]
                 m_i, l_i, acc_a, acc_b, acc_z = _quant_math(
                     qa, qb, qsum, kb, vb, kb2, vb2, ks, vs, kz, vz, valid, qk_scale, m_i, l_i, acc_a, acc_b, acc_z,
-                    KIND, CODE_DIM, TILE_C, CVT, IEEE, WORDS,
+                    KIND, CODE_DIM, TILE_C, CVT, IEEE, WORDS, DEFER,
                 )  # fmt: skip
                 ks, vs, kz, vz = nks, nvs, nkz, nvz
                 if PREFETCH == 1:
@@ -707,8 +721,11 @@ if triton is not None:
                 m_i, l_i, acc_a, acc_b, acc_z = _quant_tile(
                     qa, qb, qsum, rows_ptr, rows16_ptr, tab, t0, start, hi, valid, kvh, layer_off, row_nbytes,
                     qk_scale, m_i, l_i, acc_a, acc_b, acc_z, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, TILE_C,
-                    BLOCK_C, BLOCK_N, CVT, IEEE, WORDS,
+                    BLOCK_C, BLOCK_N, CVT, IEEE, WORDS, DEFER,
                 )  # fmt: skip
+        if DEFER:
+            l_i = tl.sum(l_i, 1)
+            acc_z = tl.sum(acc_z, 1)
         acc = _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND, HEAD_DIM, TILE_C, BLOCK_C,
                             HP_INV, IEEE)  # fmt: skip
         tail_end = tl.where(part == NUM_SPLITS, ctx, q_end)
@@ -1045,6 +1062,8 @@ class QuantDecodeConfig:
     words: int = 0  # codes load as bytes (0), value codes (1) or key and value codes (2) as 32-bit words, split
     # into bytes where used: Triton's pipeliner prefetches a uint8 value tile into registers, one register per
     # code; words it copies into shared memory (cp.async)
+    deferred_sums: bool = False  # softmax denominators and zero-point terms summed over a tile's tokens once, after
+    # the last tile (kept per query row and tile column): two (fp8: one) fewer reductions across warps per tile
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -1081,13 +1100,14 @@ QUANT_DECODE_CONFIGS: dict[str, dict[str, QuantDecodeConfig]] = {
 # same, int4 half): each tile waited for its scale data (16-bit loads, synchronous: Triton's
 # pipeliner leaves them) after its codes, and value codes sat in registers one per code. Kept: the
 # table's winners and the best of each format there; new: prefetch (scale data, block ids and, with
-# 2 and no pipeliner, the codes one tile ahead) with codes loaded as 32-bit words.
+# 2 and no pipeliner, the codes one tile ahead) with codes loaded as 32-bit words, and deferred sums.
 QUANT_DECODE_SWEEP = tuple(QuantDecodeConfig(*c) for c in (
-    # block_n, warps, stages, programs/SM, cvt, max_regs, halves, min_split_tiles, prefetch, words
+    # block_n, warps, stages, programs/SM, cvt, max_regs, halves, min_split_tiles, prefetch, words, deferred_sums
     (32, 4, 2, 4, 2, None), (64, 4, 2, 4, 2, 128), (64, 4, 2, 4, 2, 128, True), (64, 4, 2, 4, 2, 128, False, 4),
     (64, 4, 3, 4, 2, 128, True), (32, 4, 3, 4, 2, 128, True),
     (32, 4, 2, 4, 2, 128, True, 1, 1, 2), (64, 4, 2, 4, 2, 128, True, 1, 1, 2), (32, 4, 3, 4, 2, 128, True, 1, 1, 2),
-    (32, 4, 1, 4, 2, 128, True, 1, 2, 2), (32, 4, 1, 4, 2, None, True, 1, 2, 2), (64, 4, 2, 3, 2, 128, True, 1, 1, 2),
+    (32, 4, 1, 4, 2, 128, True, 1, 2, 2), (64, 4, 2, 3, 2, 128, True, 1, 1, 2),
+    (32, 4, 2, 4, 2, 128, True, 1, 1, 2, True), (32, 4, 1, 4, 2, 128, True, 1, 2, 2, True),
 ))
 
 
@@ -1254,7 +1274,7 @@ def _decode_quantized(q: torch.Tensor, cache: attention.QuantizedKVCache, layer:
         BLOCK_N_TAIL=_decode_block_n(head_dim, cache.staging.element_size()), NUM_SPLITS=num_splits,
         MAX_TAIL=cache.max_tail_blocks, TAIL_P2=next_pow2(cache.max_tail_blocks), MIN_TILES=config.min_split_tiles,
         HAS_WINDOW=sliding_window is not None, CVT=_cvt(config.cvt, geometry), PREFETCH=config.prefetch,
-        WORDS=config.words,
+        WORDS=config.words, DEFER=config.deferred_sums,
         **geometry, num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_regs,
     )  # fmt: skip
     _merge(mid_o, mid_lse, out, num_splits + 1, lse)
