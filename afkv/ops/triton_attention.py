@@ -1159,6 +1159,12 @@ def _cvt(cvt: int, geometry: dict) -> int:
     return 0 if geometry["IEEE"] else cvt
 
 
+def _words(words: int, geometry: dict) -> int:
+    """The code loads a launch uses: `words` (QuantDecodeConfig), but bytes (0) where a row's codes
+    of one (token, head), or int8's halves of them, are not whole 32-bit words (the same arithmetic)."""
+    return words if geometry["CODE_DIM"] % 4 == 0 and geometry["TILE_C"] % 4 == 0 else 0
+
+
 def _block_c(code_dim: int) -> int:
     """Columns of a tile of codes: a power of two, and >= 16 (the K of tl.dot)."""
     return max(16, next_pow2(code_dim))
@@ -1274,7 +1280,7 @@ def _decode_quantized(q: torch.Tensor, cache: attention.QuantizedKVCache, layer:
         BLOCK_N_TAIL=_decode_block_n(head_dim, cache.staging.element_size()), NUM_SPLITS=num_splits,
         MAX_TAIL=cache.max_tail_blocks, TAIL_P2=next_pow2(cache.max_tail_blocks), MIN_TILES=config.min_split_tiles,
         HAS_WINDOW=sliding_window is not None, CVT=_cvt(config.cvt, geometry), PREFETCH=config.prefetch,
-        WORDS=config.words, DEFER=config.deferred_sums,
+        WORDS=_words(config.words, geometry), DEFER=config.deferred_sums,
         **geometry, num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_regs,
     )  # fmt: skip
     _merge(mid_o, mid_lse, out, num_splits + 1, lse)

@@ -343,6 +343,24 @@ def test_decode_quantized_load_variants_equal_loading_in_place(device, kind, cas
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_code_words_fall_back_to_bytes_where_codes_are_not_whole_words(device, kind):
+    """head_dim 20: int4's 10 code bytes per (token, head), int8's halves of 10 bytes, are not
+    32-bit words; a launch asking for words loads bytes there (an unaligned word load faults)."""
+    gen = torch.Generator().manual_seed(5)
+    lens = [40, 7]
+    cache, ref_tables, bad_tables = _quant_cache(kind, torch.float32, 2, 20, 16, lens, 1, device, gen)
+    q = torch.randn(2, 4, 20, generator=gen)
+    lens_t = torch.tensor(lens)
+    want = _quant_decode_reference(q, cache, 1, ref_tables, lens_t, None)
+    got = [ta.paged_decode_attention_quantized(q.to(device), cache, 1, bad_tables.to(device), lens_t.to(device),
+                                               config=ta.QuantDecodeConfig(16, halves=True, prefetch=2, words=words))
+           for words in (0, 2)]
+    _assert_close(got[0], want, torch.float32)
+    assert torch.equal(got[0].cpu(), got[1].cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["auto", *_QUANT_KINDS])
 def test_decode_rows_do_not_depend_on_the_batch_padding(device, kind, monkeypatch):
     """What a CUDA graph of the decode step changes: the batch is padded to its bucket (rows
