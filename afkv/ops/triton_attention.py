@@ -45,8 +45,10 @@ below float16's 65504) with float32 accumulation; IEEE float32 for float32 model
 interpreter runs the same float16 products (its tl.dot multiplies float16 as the GPU does;
 only bfloat16 products over full-precision K/V run in float32 there, its bfloat16 tl.dot
 being wrong), so the CPU tests check the GPU's arithmetic. The quantized decode kernel's
-launch (tile, warps, stages, split-K, code conversion, register cap) comes from a table per
-GPU family, QUANT_DECODE_CONFIGS, that `afkv bench kv-quant --sweep` fills on that GPU.
+launch (tile, warps, stages, split-K, code conversion, register cap, how tiles load: the next
+tile's scale data and codes ahead of this tile's products, codes as 32-bit words; sums over a
+tile's tokens deferred) comes from a table per GPU family, QUANT_DECODE_CONFIGS, that
+`afkv bench kv-quant --sweep` fills on that GPU.
 tests/ops/test_sm90_compile.py compiles every launch for sm_90 without a GPU.
 """
 
