@@ -320,7 +320,7 @@ def test_decode_quantized_load_variants_equal_loading_in_place(device, kind, cas
     """How the kernel loads its tiles (QuantDecodeConfig: the next tile's scale data ahead,
     prefetch 1, or also its codes, 2; codes as 32-bit words, value codes 1, key and value codes 2)
     changes when and how bytes arrive, never what is computed: the same bits as in-place byte
-    loads of the same tiles and splits (windows, staging tails, several tiles per chunk, head_dim
+    loads of the same tiles and splits (under the interpreter; compiled, within the tolerance) (windows, staging tails, several tiles per chunk, head_dim
     16: 8-byte int4 rows, 4-token blocks). Deferred sums (each tile's sums over its tokens taken
     once at the end: another order) against the reference."""
     if device == "cuda" and _QUANT_DECODE_CASES.index(case) not in (2, 5):  # each case compiles 4 launches
@@ -340,7 +340,11 @@ def test_decode_quantized_load_variants_equal_loading_in_place(device, kind, cas
     got = decode(in_place)
     _assert_close(got, want, dtype)
     for fields in (dict(prefetch=1, words=1), dict(prefetch=2, words=2, num_stages=1)):
-        assert torch.equal(decode(dataclasses.replace(in_place, **fields)).cpu(), got.cpu()), fields
+        variant = decode(dataclasses.replace(in_place, **fields))
+        if device == "cpu":
+            assert torch.equal(variant, got), fields
+        else:  # compiled differently: the compiler may contract other products into FMAs
+            _assert_close(variant, want, dtype)
     _assert_close(decode(dataclasses.replace(in_place, prefetch=2, words=2, deferred_sums=True)), want, dtype)
 
 
