@@ -487,7 +487,8 @@ if triton is not None:
         b_ptrs = rows_ptr + crow[:, :, None] + offs_c[None, None, :]  # [NB, bs, C]
         bmask = tmask[:, :, None] & (offs_c < TILE_C)[None, None, :]
         offs_w = tl.arange(0, BLOCK_C // 4)
-        w_ptrs = rows_ptr.to(tl.pointer_type(tl.uint32)) + (crow // 4)[:, :, None] + offs_w[None, None, :]  # [NB, bs, C/4]
+        words = rows_ptr.to(tl.pointer_type(tl.uint32))
+        w_ptrs = words + (crow // 4)[:, :, None] + offs_w[None, None, :]  # [NB, bs, C/4]
         wmask = tmask[:, :, None] & (offs_w < TILE_C // 4)[None, None, :]
         if WORDS == 2:
             kb = tl.reshape(tl.load(w_ptrs, mask=wmask, other=0), [BLOCK_N, BLOCK_C // 4])
@@ -526,8 +527,8 @@ if triton is not None:
         KIND: tl.constexpr, CODE_DIM: tl.constexpr, TILE_C: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
         WORDS: tl.constexpr = 0, DEFER: tl.constexpr = False,
     ):  # fmt: skip
-        """Online-softmax step over one tile of quantized tokens (_quant_meta's and _quant_codes' values; `valid`
-        [M, N] masks the scores). Scores are s_t * (q . c_t) + z_t * sum(q) and values enter
+        """Online-softmax step over one tile of quantized tokens (_quant_meta's and _quant_codes'
+        values; `valid` [M, N] masks the scores). Scores are s_t * (q . c_t) + z_t * sum(q) and values enter
         as p_t * s_t (scaled by the tile's largest s_t) times the codes, plus p_t * z_t: the
         codes are multiplied as they are, never dequantized. int8 and int4 work in the rotated
         domain, int4's channels in two halves (low and high nibbles), int8's whole or, when
@@ -592,8 +593,8 @@ if triton is not None:
         blk = _tile_blocks(tab_ptr, t0, hi, BLOCK_SIZE, BLOCK_N)
         ks, vs, kz, vz = _quant_meta(rows16_ptr, blk, t0, lo, hi, kvh, layer_off, row_nbytes, KIND, NUM_KV_HEADS,
                                      BLOCK_SIZE, CODE_DIM, BLOCK_N)  # fmt: skip
-        kb, vb, kb2, vb2 = _quant_codes(rows_ptr, blk, t0, lo, hi, kvh, layer_off, row_nbytes, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM,
-                                        TILE_C, BLOCK_C, BLOCK_N, WORDS)  # fmt: skip
+        kb, vb, kb2, vb2 = _quant_codes(rows_ptr, blk, t0, lo, hi, kvh, layer_off, row_nbytes, KIND, NUM_KV_HEADS,
+                                        BLOCK_SIZE, CODE_DIM, TILE_C, BLOCK_C, BLOCK_N, WORDS)  # fmt: skip
         return _quant_math(qa, qb, qsum, kb, vb, kb2, vb2, ks, vs, kz, vz, valid, qk_scale, m_i, l_i, acc_a, acc_b,
                            acc_z, KIND, CODE_DIM, TILE_C, CVT, IEEE, WORDS, DEFER)  # fmt: skip
 
@@ -681,7 +682,7 @@ if triton is not None:
             acc_z = tl.zeros([GROUP_ROWS], tl.float32)
         qa, qb, qsum = _quant_queries(q, h_ptr, offs_d, dmask, KIND, HEAD_DIM, TILE_C, BLOCK_C, HP_INV, IEEE)
         offs_n = tl.arange(0, BLOCK_N)
-        if PREFETCH:  # tile i + 1's scale data (2: and codes, and tile i + 2's block ids) load before tile i's products
+        if PREFETCH:  # tile i + 1's scale data (2: codes, tile i + 2's block ids) load before tile i's products
             blk = _tile_blocks(tab, lo, hi, BLOCK_SIZE, BLOCK_N)
             ks, vs, kz, vz = _quant_meta(rows16_ptr, blk, lo, start, hi, kvh, layer_off, row_nbytes, KIND,
                                          NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, BLOCK_N)  # fmt: skip
@@ -1059,8 +1060,9 @@ class QuantDecodeConfig:
     min_split_tiles: int = 1  # split-K chunks of at least this many tiles (short contexts: fewer busy programs,
     # each paying the fixed cost of a program, the rotation of its queries and output, less often)
     prefetch: int = 0  # load tile i + 1's block ids and scale data (1), or also its codes and tile i + 2's block
-    # ids (2), before tile i's products, into registers: Triton's pipeliner leaves the 16-bit scale loads synchronous (each tile waited for
-    # one from HBM) and, with num_stages 2, issues its copies of tile i + 1 after tile i's products
+    # ids (2; with num_stages 1), before tile i's products, into registers: Triton's pipeliner leaves the 16-bit
+    # scale loads synchronous (each tile waited for one from HBM) and, with num_stages 2, issues its copies of
+    # tile i + 1 after tile i's products
     words: int = 0  # codes load as bytes (0), value codes (1) or key and value codes (2) as 32-bit words, split
     # into bytes where used: Triton's pipeliner prefetches a uint8 value tile into registers, one register per
     # code; words it copies into shared memory (cp.async)

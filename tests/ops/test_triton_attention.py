@@ -320,9 +320,10 @@ def test_decode_quantized_load_variants_equal_loading_in_place(device, kind, cas
     """How the kernel loads its tiles (QuantDecodeConfig: the next tile's scale data ahead,
     prefetch 1, or also its codes, 2; codes as 32-bit words, value codes 1, key and value codes 2)
     changes when and how bytes arrive, never what is computed: the same bits as in-place byte
-    loads of the same tiles and splits (under the interpreter; compiled, within the tolerance) (windows, staging tails, several tiles per chunk, head_dim
-    16: 8-byte int4 rows, 4-token blocks). Deferred sums (each tile's sums over its tokens taken
-    once at the end: another order) against the reference."""
+    loads of the same tiles and splits (windows, staging tails, several tiles per chunk, head_dim
+    16: 8-byte int4 rows, 4-token blocks) under the interpreter; compiled, within the tolerance.
+    Deferred sums (each tile's sums over its tokens taken once at the end: another order)
+    against the reference."""
     if device == "cuda" and _QUANT_DECODE_CASES.index(case) not in (2, 5):  # each case compiles 4 launches
         pytest.skip("on CUDA: 4-token blocks with a window, and head_dim 16 (the GPU tests' time)")
     dtype, num_heads, num_kv_heads, head_dim, block_size, context_lens, max_tail, window, num_splits = case
