@@ -251,7 +251,9 @@ def _cfg(config) -> str | None:
         return None
     return (f"n{config.block_n} w{config.num_warps} s{config.num_stages} p{config.programs_per_sm} "
             f"c{config.cvt} r{config.max_regs or '-'}" + (" halves" if config.halves else "")
-            + (f" t{config.min_split_tiles}" if config.min_split_tiles > 1 else ""))
+            + (f" t{config.min_split_tiles}" if config.min_split_tiles > 1 else "")
+            + (f" pf{config.prefetch}" if config.prefetch else "") + (f" wd{config.words}" if config.words else "")
+            + (" defer" if config.deferred_sums else ""))
 
 
 def _cache_nbytes(layout: KVLayout, fmt: str, batch: int, context: int, num_layers: int) -> int:

@@ -45,8 +45,10 @@ below float16's 65504) with float32 accumulation; IEEE float32 for float32 model
 interpreter runs the same float16 products (its tl.dot multiplies float16 as the GPU does;
 only bfloat16 products over full-precision K/V run in float32 there, its bfloat16 tl.dot
 being wrong), so the CPU tests check the GPU's arithmetic. The quantized decode kernel's
-launch (tile, warps, stages, split-K, code conversion, register cap) comes from a table per
-GPU family, QUANT_DECODE_CONFIGS, that `afkv bench kv-quant --sweep` fills on that GPU.
+launch (tile, warps, stages, split-K, code conversion, register cap, how tiles load: the next
+tile's scale data and codes ahead of this tile's products, codes as 32-bit words; sums over a
+tile's tokens deferred) comes from a table per GPU family, QUANT_DECODE_CONFIGS, that
+`afkv bench kv-quant --sweep` fills on that GPU.
 tests/ops/test_sm90_compile.py compiles every launch for sm_90 without a GPU.
 """
 
@@ -428,45 +430,121 @@ if triton is not None:
         return qa, qb, qsum
 
     @triton.jit
-    def _quant_tile(
-        qa, qb, qsum, rows_ptr, rows16_ptr, tab_ptr, t0, lo, hi, valid, kvh, layer_off, row_nbytes, qk_scale,
-        m_i, l_i, acc_a, acc_b, acc_z,
+    def _tile_blocks(tab_ptr, t0, hi, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+        """[NB] int32: the row ids of the blocks of the tile of tokens t0 .. t0 + BLOCK_N - 1 (t0
+        a multiple of BLOCK_SIZE); 0 for blocks at or past hi, whose table entries are not read."""
+        offs_j = tl.arange(0, BLOCK_N // BLOCK_SIZE)
+        bmask = t0 + offs_j * BLOCK_SIZE < hi
+        return tl.load(tab_ptr + t0 // BLOCK_SIZE + offs_j, mask=bmask, other=0).to(tl.int32)
+
+    @triton.jit
+    def _quant_meta(
+        rows16_ptr, blk, t0, lo, hi, kvh, layer_off, row_nbytes,
         KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, CODE_DIM: tl.constexpr,
-        TILE_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):  # fmt: skip
-        """Online-softmax step over the tile of tokens t0 .. t0 + BLOCK_N - 1 (t0 a multiple of
-        BLOCK_SIZE; tokens outside [lo, hi) are not read; `valid` [M, N] masks the scores) held
-        in quantized rows. Scores are s_t * (q . c_t) + z_t * sum(q) and values enter as p_t * s_t
-        (scaled by the tile's largest s_t) times the codes, plus p_t * z_t: the codes are
-        multiplied as they are, never dequantized. int8 and int4 work in the rotated domain,
-        int4's channels in two halves (low and high nibbles), int8's whole or, when TILE_C <
-        CODE_DIM, in two halves too (bytes 0 .. D/2 - 1 and D/2 .. D - 1: smaller tiles, fewer
-        registers). Addresses are computed once per block of the tile."""
-        HALVES: tl.constexpr = KIND == 2 or TILE_C < CODE_DIM
+        """The scale data of the tile of tokens t0 .. t0 + BLOCK_N - 1 held in the rows `blk`
+        (_tile_blocks; tokens outside [lo, hi) are not read: a tile wholly past hi
+        reads nothing): ks, vs, kz, vz [N] in the scale dtype (kz and vz: ks and vs again for fp8)."""
         num_tile_blocks: tl.constexpr = BLOCK_N // BLOCK_SIZE
         heads_tokens: tl.constexpr = NUM_KV_HEADS * BLOCK_SIZE
         offs_j = tl.arange(0, num_tile_blocks)
         offs_i = tl.arange(0, BLOCK_SIZE)
-        offs_c = tl.arange(0, BLOCK_C)
         tok = t0 + offs_j[:, None] * BLOCK_SIZE + offs_i[None, :]  # [NB, bs]
         tmask = (tok >= lo) & (tok < hi)
-        bmask = t0 + offs_j * BLOCK_SIZE < hi
-        blk = tl.load(tab_ptr + t0 // BLOCK_SIZE + offs_j, mask=bmask, other=0).to(tl.int64)  # [NB] row ids
-        base = blk * row_nbytes + layer_off  # [NB] byte offset of this layer's section
-        crow = (kvh * BLOCK_SIZE + offs_i) * CODE_DIM  # [bs]
-        k_ptrs = rows_ptr + base[:, None, None] + crow[None, :, None] + offs_c[None, None, :]  # [NB, bs, C]
-        cmask = tmask[:, :, None] & (offs_c < TILE_C)[None, None, :]
-        kb = tl.reshape(tl.load(k_ptrs, mask=cmask, other=0), [BLOCK_N, BLOCK_C])
-        vb = tl.reshape(tl.load(k_ptrs + heads_tokens * CODE_DIM, mask=cmask, other=0), [BLOCK_N, BLOCK_C])
-        kb2 = kb  # int8 in halves: the second half's codes
-        vb2 = vb
-        if KIND == 1 and HALVES:
-            kb2 = tl.reshape(tl.load(k_ptrs + TILE_C, mask=cmask, other=0), [BLOCK_N, BLOCK_C])
-            vb2 = tl.reshape(tl.load(k_ptrs + heads_tokens * CODE_DIM + TILE_C, mask=cmask, other=0),
-                             [BLOCK_N, BLOCK_C])
+        base = blk.to(tl.int64) * row_nbytes + layer_off  # [NB] byte offset of this layer's section
         meta = rows16_ptr + (base // 2)[:, None] + (heads_tokens * CODE_DIM + kvh * BLOCK_SIZE + offs_i)[None, :]
-        ks = tl.reshape(tl.load(meta, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)  # [N]
-        vs = tl.reshape(tl.load(meta + heads_tokens, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)
+        ks = tl.reshape(tl.load(meta, mask=tmask, other=0.0), [BLOCK_N])  # [N]
+        vs = tl.reshape(tl.load(meta + heads_tokens, mask=tmask, other=0.0), [BLOCK_N])
+        kz = ks
+        vz = vs
+        if KIND != 0:
+            kz = tl.reshape(tl.load(meta + 2 * heads_tokens, mask=tmask, other=0.0), [BLOCK_N])
+            vz = tl.reshape(tl.load(meta + 3 * heads_tokens, mask=tmask, other=0.0), [BLOCK_N])
+        return ks, vs, kz, vz
+
+    @triton.jit
+    def _quant_codes(
+        rows_ptr, blk, t0, lo, hi, kvh, layer_off, row_nbytes,
+        KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, CODE_DIM: tl.constexpr,
+        TILE_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+    ):  # fmt: skip
+        """The codes of the tile at t0 held in the rows `blk` (_tile_blocks):
+        (kb, vb, kb2, vb2), kb2 and vb2 the second half's of int8 in halves (else kb, vb again),
+        each uint8 [N, C] or, loaded as 32-bit words (value codes when WORDS >= 1, key codes
+        when WORDS == 2), uint32 [N, C / 4] (_bytes makes them [N, C]). Addresses are computed
+        once per block of the tile."""
+        HALVES: tl.constexpr = KIND == 1 and TILE_C < CODE_DIM
+        num_tile_blocks: tl.constexpr = BLOCK_N // BLOCK_SIZE
+        v_off: tl.constexpr = NUM_KV_HEADS * BLOCK_SIZE * CODE_DIM  # value codes follow the key codes
+        offs_j = tl.arange(0, num_tile_blocks)
+        offs_i = tl.arange(0, BLOCK_SIZE)
+        tok = t0 + offs_j[:, None] * BLOCK_SIZE + offs_i[None, :]  # [NB, bs]
+        tmask = (tok >= lo) & (tok < hi)
+        base = blk.to(tl.int64) * row_nbytes + layer_off  # [NB]
+        crow = base[:, None] + ((kvh * BLOCK_SIZE + offs_i) * CODE_DIM)[None, :]  # [NB, bs] byte offsets
+        offs_c = tl.arange(0, BLOCK_C)
+        b_ptrs = rows_ptr + crow[:, :, None] + offs_c[None, None, :]  # [NB, bs, C]
+        bmask = tmask[:, :, None] & (offs_c < TILE_C)[None, None, :]
+        offs_w = tl.arange(0, BLOCK_C // 4)
+        words = rows_ptr.to(tl.pointer_type(tl.uint32))
+        w_ptrs = words + (crow // 4)[:, :, None] + offs_w[None, None, :]  # [NB, bs, C/4]
+        wmask = tmask[:, :, None] & (offs_w < TILE_C // 4)[None, None, :]
+        if WORDS == 2:
+            kb = tl.reshape(tl.load(w_ptrs, mask=wmask, other=0), [BLOCK_N, BLOCK_C // 4])
+            kb2 = kb
+            if HALVES:
+                kb2 = tl.reshape(tl.load(w_ptrs + TILE_C // 4, mask=wmask, other=0), [BLOCK_N, BLOCK_C // 4])
+        else:
+            kb = tl.reshape(tl.load(b_ptrs, mask=bmask, other=0), [BLOCK_N, BLOCK_C])
+            kb2 = kb
+            if HALVES:
+                kb2 = tl.reshape(tl.load(b_ptrs + TILE_C, mask=bmask, other=0), [BLOCK_N, BLOCK_C])
+        if WORDS >= 1:
+            vb = tl.reshape(tl.load(w_ptrs + v_off // 4, mask=wmask, other=0), [BLOCK_N, BLOCK_C // 4])
+            vb2 = vb
+            if HALVES:
+                vb2 = tl.reshape(tl.load(w_ptrs + (v_off + TILE_C) // 4, mask=wmask, other=0), [BLOCK_N, BLOCK_C // 4])
+        else:
+            vb = tl.reshape(tl.load(b_ptrs + v_off, mask=bmask, other=0), [BLOCK_N, BLOCK_C])
+            vb2 = vb
+            if HALVES:
+                vb2 = tl.reshape(tl.load(b_ptrs + v_off + TILE_C, mask=bmask, other=0), [BLOCK_N, BLOCK_C])
+        return kb, vb, kb2, vb2
+
+    @triton.jit
+    def _bytes(w):
+        """uint32 words [N, W] -> their bytes [N, 4W] uint8, in memory order (little-endian)."""
+        b0 = (w & 0xFF).to(tl.uint8)
+        b1 = ((w >> 8) & 0xFF).to(tl.uint8)
+        b2 = ((w >> 16) & 0xFF).to(tl.uint8)
+        b3 = (w >> 24).to(tl.uint8)
+        return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), [w.shape[0], 4 * w.shape[1]])
+
+    @triton.jit
+    def _quant_math(
+        qa, qb, qsum, kb, vb, kb2, vb2, ks, vs, kz, vz, valid, qk_scale, m_i, l_i, acc_a, acc_b, acc_z,
+        KIND: tl.constexpr, CODE_DIM: tl.constexpr, TILE_C: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
+        WORDS: tl.constexpr = 0, DEFER: tl.constexpr = False,
+    ):  # fmt: skip
+        """Online-softmax step over one tile of quantized tokens (_quant_meta's and _quant_codes'
+        values; `valid` [M, N] masks the scores). Scores are s_t * (q . c_t) + z_t * sum(q) and values enter
+        as p_t * s_t (scaled by the tile's largest s_t) times the codes, plus p_t * z_t: the
+        codes are multiplied as they are, never dequantized. int8 and int4 work in the rotated
+        domain, int4's channels in two halves (low and high nibbles), int8's whole or, when
+        TILE_C < CODE_DIM, in two halves too (bytes 0 .. D/2 - 1 and D/2 .. D - 1: smaller
+        tiles, fewer registers). DEFER: l_i and acc_z are [M, N], per row and token of the
+        tile, summed over the tokens once after the last tile (two fewer reductions across
+        warps per tile; fp8: one); else [M]."""
+        HALVES: tl.constexpr = KIND == 2 or TILE_C < CODE_DIM
+        if WORDS == 2:
+            kb = _bytes(kb)
+            kb2 = _bytes(kb2) if KIND == 1 and HALVES else kb
+        if WORDS >= 1:
+            vb = _bytes(vb)
+            vb2 = _bytes(vb2) if KIND == 1 and HALVES else vb
+        ks = ks.to(tl.float32)
+        vs = vs.to(tl.float32)
         off: tl.constexpr = 1024.0 if (KIND != 0 and CVT != 0) else 0.0  # what _codes adds to int codes
         if HALVES:
             s = _dot(qa, tl.trans(_codes(kb, KIND, False, CVT, IEEE)), IEEE)
@@ -475,27 +553,50 @@ if triton is not None:
             s = _dot(qa, tl.trans(_codes(kb, KIND, False, CVT, IEEE)), IEEE)  # [M, N]
         s = s * (ks * qk_scale)[None, :]
         if KIND != 0:  # zero points, less what the codes' offset added
-            kz = tl.reshape(tl.load(meta + 2 * heads_tokens, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)
-            s += qsum[:, None] * ((kz - off * ks) * qk_scale)[None, :]
+            s += qsum[:, None] * ((kz.to(tl.float32) - off * ks) * qk_scale)[None, :]
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # [M]
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_ref[:, None])  # [M, N]
         alpha = tl.exp2(m_i - m_ref)  # [M]
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if DEFER:
+            l_i = l_i * alpha[:, None] + p
+        else:
+            l_i = l_i * alpha + tl.sum(p, 1)
         v_max = tl.max(vs, 0)
         v_max = tl.where(v_max > 0.0, v_max, 1.0)
         pw = (p * (vs / v_max)[None, :]).to(tl.float32 if IEEE else tl.float16)  # [M, N], <= 1
         acc_a = acc_a * alpha[:, None] + _dot(pw, _codes(vb, KIND, False, CVT, IEEE), IEEE) * v_max
         if HALVES:
             acc_b = acc_b * alpha[:, None] + _dot(pw, _codes(vb2, KIND, True, CVT, IEEE), IEEE) * v_max
-        if KIND != 0:
-            vz = tl.reshape(tl.load(meta + 3 * heads_tokens, mask=tmask, other=0.0), [BLOCK_N]).to(tl.float32)
-            z = tl.sum(p * vz[None, :], 1)
+        if KIND != 0 and DEFER:
+            z = p * vz.to(tl.float32)[None, :]  # [M, N]
             if off != 0.0:  # the offset entered through the rounded weights pw: take off exactly that
+                z -= (off * v_max) * pw.to(tl.float32)
+            acc_z = acc_z * alpha[:, None] + z
+        elif KIND != 0:
+            z = tl.sum(p * vz.to(tl.float32)[None, :], 1)
+            if off != 0.0:
                 z -= off * v_max * tl.sum(pw.to(tl.float32), 1)
             acc_z = acc_z * alpha + z
         return m_new, l_i, acc_a, acc_b, acc_z
+
+    @triton.jit
+    def _quant_tile(
+        qa, qb, qsum, rows_ptr, rows16_ptr, tab_ptr, t0, lo, hi, valid, kvh, layer_off, row_nbytes, qk_scale,
+        m_i, l_i, acc_a, acc_b, acc_z,
+        KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, CODE_DIM: tl.constexpr,
+        TILE_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
+        WORDS: tl.constexpr = 0, DEFER: tl.constexpr = False,
+    ):  # fmt: skip
+        """One online-softmax step over the tile at t0: _tile_blocks, _quant_meta, _quant_codes, _quant_math."""
+        blk = _tile_blocks(tab_ptr, t0, hi, BLOCK_SIZE, BLOCK_N)
+        ks, vs, kz, vz = _quant_meta(rows16_ptr, blk, t0, lo, hi, kvh, layer_off, row_nbytes, KIND, NUM_KV_HEADS,
+                                     BLOCK_SIZE, CODE_DIM, BLOCK_N)  # fmt: skip
+        kb, vb, kb2, vb2 = _quant_codes(rows_ptr, blk, t0, lo, hi, kvh, layer_off, row_nbytes, KIND, NUM_KV_HEADS,
+                                        BLOCK_SIZE, CODE_DIM, TILE_C, BLOCK_C, BLOCK_N, WORDS)  # fmt: skip
+        return _quant_math(qa, qb, qsum, kb, vb, kb2, vb2, ks, vs, kz, vz, valid, qk_scale, m_i, l_i, acc_a, acc_b,
+                           acc_z, KIND, CODE_DIM, TILE_C, CVT, IEEE, WORDS, DEFER)  # fmt: skip
 
     @triton.jit
     def _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND: tl.constexpr,
@@ -543,6 +644,7 @@ if triton is not None:
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, NUM_SPLITS: tl.constexpr,
         MAX_TAIL: tl.constexpr, TAIL_P2: tl.constexpr, HAS_WINDOW: tl.constexpr, HP_INV: tl.constexpr,
         CVT: tl.constexpr, IEEE: tl.constexpr, FP_IEEE: tl.constexpr, MIN_TILES: tl.constexpr,
+        PREFETCH: tl.constexpr, WORDS: tl.constexpr, DEFER: tl.constexpr,
     ):  # fmt: skip
         """Parts 0 .. NUM_SPLITS-1 take chunks of the row's quantized tokens, part NUM_SPLITS
         its staging tail (at most MAX_TAIL blocks at the end of its table)."""
@@ -570,20 +672,63 @@ if triton is not None:
         lo, hi = _chunk_bounds(start - start % BLOCK_SIZE, q_end, part, NUM_SPLITS, BLOCK_N, MIN_TILES)  # whole blocks
         hi = tl.where(part < NUM_SPLITS, hi, lo)
         m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_ROWS], tl.float32)
         acc_a = tl.zeros([GROUP_ROWS, BLOCK_C], tl.float32)
         acc_b = tl.zeros([GROUP_ROWS, BLOCK_C], tl.float32)
-        acc_z = tl.zeros([GROUP_ROWS], tl.float32)
+        if DEFER:
+            l_i = tl.zeros([GROUP_ROWS, BLOCK_N], tl.float32)
+            acc_z = tl.zeros([GROUP_ROWS, BLOCK_N], tl.float32)
+        else:
+            l_i = tl.zeros([GROUP_ROWS], tl.float32)
+            acc_z = tl.zeros([GROUP_ROWS], tl.float32)
         qa, qb, qsum = _quant_queries(q, h_ptr, offs_d, dmask, KIND, HEAD_DIM, TILE_C, BLOCK_C, HP_INV, IEEE)
         offs_n = tl.arange(0, BLOCK_N)
-        for t0 in range(lo, hi, BLOCK_N):
-            tok = t0 + offs_n  # [N]
-            valid = hmask[:, None] & ((tok >= start) & (tok < hi))[None, :]
-            m_i, l_i, acc_a, acc_b, acc_z = _quant_tile(
-                qa, qb, qsum, rows_ptr, rows16_ptr, tab, t0, start, hi, valid, kvh, layer_off, row_nbytes, qk_scale,
-                m_i, l_i, acc_a, acc_b, acc_z, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, TILE_C, BLOCK_C, BLOCK_N,
-                CVT, IEEE,
-            )  # fmt: skip
+        if PREFETCH:  # tile i + 1's scale data (2: codes, tile i + 2's block ids) load before tile i's products
+            blk = _tile_blocks(tab, lo, hi, BLOCK_SIZE, BLOCK_N)
+            ks, vs, kz, vz = _quant_meta(rows16_ptr, blk, lo, start, hi, kvh, layer_off, row_nbytes, KIND,
+                                         NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, BLOCK_N)  # fmt: skip
+            if PREFETCH == 2:
+                nblk = _tile_blocks(tab, lo + BLOCK_N, hi, BLOCK_SIZE, BLOCK_N)
+                kb, vb, kb2, vb2 = _quant_codes(rows_ptr, blk, lo, start, hi, kvh, layer_off, row_nbytes, KIND,
+                                                NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, TILE_C, BLOCK_C, BLOCK_N,
+                                                WORDS)  # fmt: skip
+            for t0 in range(lo, hi, BLOCK_N):
+                if PREFETCH == 1:  # codes: Triton's pipeliner
+                    kb, vb, kb2, vb2 = _quant_codes(rows_ptr, blk, t0, start, hi, kvh, layer_off, row_nbytes, KIND,
+                                                    NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, TILE_C, BLOCK_C, BLOCK_N,
+                                                    WORDS)  # fmt: skip
+                    nblk = _tile_blocks(tab, t0 + BLOCK_N, hi, BLOCK_SIZE, BLOCK_N)
+                else:
+                    nnblk = _tile_blocks(tab, t0 + 2 * BLOCK_N, hi, BLOCK_SIZE, BLOCK_N)
+                nks, nvs, nkz, nvz = _quant_meta(rows16_ptr, nblk, t0 + BLOCK_N, start, hi, kvh, layer_off, row_nbytes,
+                                                 KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, BLOCK_N)  # fmt: skip
+                if PREFETCH == 2:
+                    nkb, nvb, nkb2, nvb2 = _quant_codes(rows_ptr, nblk, t0 + BLOCK_N, start, hi, kvh, layer_off,
+                                                        row_nbytes, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, TILE_C,
+                                                        BLOCK_C, BLOCK_N, WORDS)  # fmt: skip
+                tok = t0 + offs_n  # [N]
+                valid = hmask[:, None] & ((tok >= start) & (tok < hi))[None, :]
+                m_i, l_i, acc_a, acc_b, acc_z = _quant_math(
+                    qa, qb, qsum, kb, vb, kb2, vb2, ks, vs, kz, vz, valid, qk_scale, m_i, l_i, acc_a, acc_b, acc_z,
+                    KIND, CODE_DIM, TILE_C, CVT, IEEE, WORDS, DEFER,
+                )  # fmt: skip
+                ks, vs, kz, vz = nks, nvs, nkz, nvz
+                if PREFETCH == 1:
+                    blk = nblk
+                else:
+                    blk, nblk = nblk, nnblk
+                    kb, vb, kb2, vb2 = nkb, nvb, nkb2, nvb2
+        else:
+            for t0 in range(lo, hi, BLOCK_N):
+                tok = t0 + offs_n  # [N]
+                valid = hmask[:, None] & ((tok >= start) & (tok < hi))[None, :]
+                m_i, l_i, acc_a, acc_b, acc_z = _quant_tile(
+                    qa, qb, qsum, rows_ptr, rows16_ptr, tab, t0, start, hi, valid, kvh, layer_off, row_nbytes,
+                    qk_scale, m_i, l_i, acc_a, acc_b, acc_z, KIND, NUM_KV_HEADS, BLOCK_SIZE, CODE_DIM, TILE_C,
+                    BLOCK_C, BLOCK_N, CVT, IEEE, WORDS, DEFER,
+                )  # fmt: skip
+        if DEFER:
+            l_i = tl.sum(l_i, 1)
+            acc_z = tl.sum(acc_z, 1)
         acc = _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND, HEAD_DIM, TILE_C, BLOCK_C,
                             HP_INV, IEEE)  # fmt: skip
         tail_end = tl.where(part == NUM_SPLITS, ctx, q_end)
@@ -914,6 +1059,15 @@ class QuantDecodeConfig:
     halves: bool = False  # int8: codes in two tiles of D / 2 columns (fewer registers; moot for fp8, int4)
     min_split_tiles: int = 1  # split-K chunks of at least this many tiles (short contexts: fewer busy programs,
     # each paying the fixed cost of a program, the rotation of its queries and output, less often)
+    prefetch: int = 0  # load tile i + 1's block ids and scale data (1), or also its codes and tile i + 2's block
+    # ids (2; with num_stages 1), before tile i's products, into registers: Triton's pipeliner leaves the 16-bit
+    # scale loads synchronous (each tile waited for one from HBM) and, with num_stages 2, issues its copies of
+    # tile i + 1 after tile i's products
+    words: int = 0  # codes load as bytes (0), value codes (1) or key and value codes (2) as 32-bit words, split
+    # into bytes where used: Triton's pipeliner prefetches a uint8 value tile into registers, one register per
+    # code; words it copies into shared memory (cp.async)
+    deferred_sums: bool = False  # softmax denominators and zero-point terms summed over a tile's tokens once, after
+    # the last tile (kept per query row and tile column): two (fp8: one) fewer reductions across warps per tile
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -926,6 +1080,8 @@ class QuantDecodeConfig:
             raise ConfigError(f"min_split_tiles must be >= 1, got {self.min_split_tiles}")
         if self.max_regs is not None and not 32 <= self.max_regs <= 255:
             raise ConfigError(f"max_regs must be in 32 .. 255, got {self.max_regs}")
+        if self.prefetch not in (0, 1, 2) or self.words not in (0, 1, 2):
+            raise ConfigError(f"prefetch and words must be 0, 1 or 2, got {self.prefetch} and {self.words}")
 
 
 # The launch per GPU family (_gpu_family) and format, from `afkv bench kv-quant --sweep` on that
@@ -943,16 +1099,19 @@ QUANT_DECODE_CONFIGS: dict[str, dict[str, QuantDecodeConfig]] = {
 
 # What `afkv bench kv-quant --sweep` tries per format (fields as QuantDecodeConfig's; cvt is moot
 # for fp8). Registers decide how many programs an SM holds (sm_90 ptxas, 4 warps, head_dim 128:
-# 200-250 unbounded at 64-128 tokens per tile), hence the capped ones; a cap spills to local memory.
-# The H100 sweep of 2026-12-07 kept the table's winners and their neighbours (8 warps, 2 programs
-# per SM, 128-token tiles with a cap, cvt 0 lost everywhere); the kernel reads a few KiB per tile,
-# so a deeper pipeline (3 stages: more loads in flight per SM) is the new candidate.
+# 4 programs at 128 or fewer), hence the capped ones; a cap spills to local memory. The H100 sweep
+# of 2026-12-07 (session 3) took 88-110 us at 8 x 16384 whatever the bytes (fp8 and int8 read the
+# same, int4 half): each tile waited for its scale data (16-bit loads, synchronous: Triton's
+# pipeliner leaves them) after its codes, and value codes sat in registers one per code. Kept: the
+# table's winners and the best of each format there; new: prefetch (scale data, block ids and, with
+# 2 and no pipeliner, the codes one tile ahead) with codes loaded as 32-bit words, and deferred sums.
 QUANT_DECODE_SWEEP = tuple(QuantDecodeConfig(*c) for c in (
-    # block_n, warps, stages, programs/SM, cvt, max_regs, halves, min_split_tiles
-    (64, 4, 2, 4, 2, None), (32, 4, 2, 4, 2, None), (128, 4, 1, 4, 2, None), (64, 4, 2, 4, 2, 128),
-    (64, 4, 2, 8, 2, 128), (64, 4, 2, 4, 1, 128), (64, 4, 2, 4, 2, 128, True), (64, 4, 2, 4, 2, 128, False, 4),
-    (32, 4, 3, 4, 2, None), (64, 4, 3, 4, 2, 128), (64, 4, 3, 4, 2, 128, True), (64, 4, 3, 8, 2, 128, True),
-    (32, 4, 3, 4, 2, 128, True),
+    # block_n, warps, stages, programs/SM, cvt, max_regs, halves, min_split_tiles, prefetch, words, deferred_sums
+    (32, 4, 2, 4, 2, None), (64, 4, 2, 4, 2, 128), (64, 4, 2, 4, 2, 128, True), (64, 4, 2, 4, 2, 128, False, 4),
+    (64, 4, 3, 4, 2, 128, True), (32, 4, 3, 4, 2, 128, True),
+    (32, 4, 2, 4, 2, 128, True, 1, 1, 2), (64, 4, 2, 4, 2, 128, True, 1, 1, 2), (32, 4, 3, 4, 2, 128, True, 1, 1, 2),
+    (32, 4, 1, 4, 2, 128, True, 1, 2, 2), (64, 4, 2, 3, 2, 128, True, 1, 1, 2),
+    (32, 4, 2, 4, 2, 128, True, 1, 1, 2, True), (32, 4, 1, 4, 2, 128, True, 1, 2, 2, True),
 ))
 
 
@@ -1002,6 +1161,12 @@ def _cvt(cvt: int, geometry: dict) -> int:
     """The code conversion a launch uses: `cvt`, but 0 (no offset) for products in IEEE float32,
     where the offset of 1024 would cost more than float32's rounding (a float32 model)."""
     return 0 if geometry["IEEE"] else cvt
+
+
+def _words(words: int, geometry: dict) -> int:
+    """The code loads a launch uses: `words` (QuantDecodeConfig), but bytes (0) where a row's codes
+    of one (token, head), or int8's halves of them, are not whole 32-bit words (the same arithmetic)."""
+    return words if geometry["CODE_DIM"] % 4 == 0 and geometry["TILE_C"] % 4 == 0 else 0
 
 
 def _block_c(code_dim: int) -> int:
@@ -1118,8 +1283,9 @@ def _decode_quantized(q: torch.Tensor, cache: attention.QuantizedKVCache, layer:
         GROUP=group, GROUP_ROWS=_group_rows(group), BLOCK_N=block_n,
         BLOCK_N_TAIL=_decode_block_n(head_dim, cache.staging.element_size()), NUM_SPLITS=num_splits,
         MAX_TAIL=cache.max_tail_blocks, TAIL_P2=next_pow2(cache.max_tail_blocks), MIN_TILES=config.min_split_tiles,
-        HAS_WINDOW=sliding_window is not None, CVT=_cvt(config.cvt, geometry), **geometry,
-        num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_regs,
+        HAS_WINDOW=sliding_window is not None, CVT=_cvt(config.cvt, geometry), PREFETCH=config.prefetch,
+        WORDS=_words(config.words, geometry), DEFER=config.deferred_sums,
+        **geometry, num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_regs,
     )  # fmt: skip
     _merge(mid_o, mid_lse, out, num_splits + 1, lse)
 

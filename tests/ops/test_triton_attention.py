@@ -314,6 +314,60 @@ def test_decode_quantized_matches_reference(device, kind, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", _QUANT_KINDS)
+@pytest.mark.parametrize("case", _QUANT_DECODE_CASES, ids=_quant_decode_id)
+def test_decode_quantized_load_variants_equal_loading_in_place(device, kind, case):
+    """How the kernel loads its tiles (QuantDecodeConfig: the next tile's scale data ahead,
+    prefetch 1, or also its codes, 2; codes as 32-bit words, value codes 1, key and value codes 2)
+    changes when and how bytes arrive, never what is computed: the same bits as in-place byte
+    loads of the same tiles and splits (windows, staging tails, several tiles per chunk, head_dim
+    16: 8-byte int4 rows, 4-token blocks) under the interpreter; compiled, within the tolerance.
+    Deferred sums (each tile's sums over its tokens taken once at the end: another order)
+    against the reference."""
+    if device == "cuda" and _QUANT_DECODE_CASES.index(case) not in (2, 5):  # each case compiles 4 launches
+        pytest.skip("on CUDA: 4-token blocks with a window, and head_dim 16 (the GPU tests' time)")
+    dtype, num_heads, num_kv_heads, head_dim, block_size, context_lens, max_tail, window, num_splits = case
+    gen = torch.Generator().manual_seed(sum(context_lens) + 3 * len(kind))
+    cache, ref_tables, bad_tables = _quant_cache(kind, dtype, num_kv_heads, head_dim, block_size, context_lens,
+                                                 max_tail, device, gen)
+    q = torch.randn(len(context_lens), num_heads, head_dim, generator=gen).to(dtype)  # [B, H, D]
+    lens = torch.tensor(context_lens)
+    want = _quant_decode_reference(q, cache, 1, ref_tables, lens, window)
+    in_place = ta.QuantDecodeConfig(max(16, block_size), halves=kind == "int8")
+
+    def decode(config):
+        return ta.paged_decode_attention_quantized(q.to(device), cache, 1, bad_tables.to(device), lens.to(device),
+                                                   window, num_splits=num_splits, config=config)
+    got = decode(in_place)
+    _assert_close(got, want, dtype)
+    for fields in (dict(prefetch=1, words=1), dict(prefetch=2, words=2, num_stages=1)):
+        variant = decode(dataclasses.replace(in_place, **fields))
+        if device == "cpu":
+            assert torch.equal(variant, got), fields
+        else:  # compiled differently: the compiler may contract other products into FMAs
+            _assert_close(variant, want, dtype)
+    _assert_close(decode(dataclasses.replace(in_place, prefetch=2, words=2, deferred_sums=True)), want, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_code_words_fall_back_to_bytes_where_codes_are_not_whole_words(device, kind):
+    """head_dim 20: int4's 10 code bytes per (token, head), int8's halves of 10 bytes, are not
+    32-bit words; a launch asking for words loads bytes there (an unaligned word load faults)."""
+    gen = torch.Generator().manual_seed(5)
+    lens = [40, 7]
+    cache, ref_tables, bad_tables = _quant_cache(kind, torch.float32, 2, 20, 16, lens, 1, device, gen)
+    q = torch.randn(2, 4, 20, generator=gen)
+    lens_t = torch.tensor(lens)
+    want = _quant_decode_reference(q, cache, 1, ref_tables, lens_t, None)
+    got = [ta.paged_decode_attention_quantized(q.to(device), cache, 1, bad_tables.to(device), lens_t.to(device),
+                                               config=ta.QuantDecodeConfig(16, halves=True, prefetch=2, words=words))
+           for words in (0, 2)]
+    _assert_close(got[0], want, torch.float32)
+    assert torch.equal(got[0].cpu(), got[1].cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["auto", *_QUANT_KINDS])
 def test_decode_rows_do_not_depend_on_the_batch_padding(device, kind, monkeypatch):
     """What a CUDA graph of the decode step changes: the batch is padded to its bucket (rows
@@ -332,16 +386,18 @@ def test_decode_rows_do_not_depend_on_the_batch_padding(device, kind, monkeypatc
             return ta.paged_decode_attention(q, kv, 0, tables, lens_t)
     else:
         cache, ref_tables, bad_tables = _quant_cache(kind, torch.float32, 2, 64, 16, lens, 2, device, gen)
+        prefetching = ta.QuantDecodeConfig(32, num_stages=1, prefetch=2, words=2, deferred_sums=True)
 
         def decode(q, tables, lens_t):
-            return ta.paged_decode_attention_quantized(q, cache, 1, tables, lens_t)
+            return torch.stack([ta.paged_decode_attention_quantized(q, cache, 1, tables, lens_t, config=config)
+                                for config in (None, prefetching)])  # the table's launch, a prefetching one
     q = torch.randn(8, 8, 64, generator=gen).to(torch.float32)
     lens_t = torch.tensor(lens + [0, 0, 0])
     wide = torch.cat([bad_tables, torch.full((5, 7), _BAD_BLOCK)], 1)
     padded = torch.cat([wide, torch.full((3, wide.shape[1]), _BAD_BLOCK)])
     eager = decode(q[:5].to(device), bad_tables.to(device), lens_t[:5].to(device))
     graph = decode(q.to(device), padded.to(device), lens_t.to(device))
-    assert torch.equal(eager.cpu(), graph[:5].cpu())
+    assert torch.equal(eager.cpu(), graph[..., :5, :, :].cpu())
 
 
 _QUANT_PREFILL_CASES = [
@@ -379,11 +435,12 @@ def test_prefill_quantized_matches_reference(device, kind, case):
 def _sweep_variants(kind: str) -> list:
     """The sweep's variants that compute differently under the interpreter (warps, stages and
     register caps only change the compiled code; cvt 1 is inline PTX: CUDA only). int8 in
-    halves among them."""
+    halves, prefetching, codes as words and deferred sums among them."""
     seen = {}
     for c in ta.sweep_configs(kind):
         if c.cvt != 1:
-            seen.setdefault((c.block_n, c.programs_per_sm, c.cvt, c.halves, c.min_split_tiles), c)
+            seen.setdefault((c.block_n, c.programs_per_sm, c.cvt, c.halves, c.min_split_tiles, c.prefetch, c.words,
+                             c.deferred_sums), c)
     return list(seen.values())
 
 
@@ -401,9 +458,11 @@ def test_every_sweep_variant_matches_the_reference(device, kind):
     want = _quant_decode_reference(q, cache, 1, ref_tables, lens_t, None)
     if device == "cpu":
         variants = _sweep_variants(kind)
-        assert len(variants) >= 5
-    else:  # what only CUDA runs (the sweep checks every variant at its shapes, and compiling all is slow)
-        variants = [c for c in ta.sweep_configs(kind) if c.cvt == 1] or ta.sweep_configs(kind)[:1]
+        assert len(variants) >= 5 and any(c.prefetch == 2 and c.words == 2 for c in variants)
+        assert any(c.deferred_sums for c in variants)
+    else:  # what only CUDA runs or compiles differently (the sweep checks every variant at its shapes, and
+        # compiling all is slow): inline PTX, the loads' variants
+        variants = [c for c in ta.sweep_configs(kind) if c.cvt == 1 or c.prefetch or c.words or c.deferred_sums]
     for config in variants:
         got = ta.paged_decode_attention_quantized(q.to(device), cache, 1, bad_tables.to(device), lens_t.to(device),
                                                   config=config)
