@@ -89,7 +89,7 @@ import os
 import re
 import secrets
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -357,12 +357,14 @@ class PrefillLinks:
         return None
 
     async def fetch(self, token_ids: Sequence[int], want: dict[int, BlockHash], fmt: BlockFormat,
-                    device: torch.device) -> AsyncIterator[tuple[list[int], torch.Tensor]]:
+                    device: torch.device, acked: Callable[[], None] | None = None
+                    ) -> AsyncIterator[tuple[list[int], torch.Tensor]]:
         """The blocks `want` ({table index: hash}) of the prompt `token_ids` (whole blocks), from
         the prefill nodes: yields (indices, rows uint8 [n, fmt.nbytes]) as they arrive, each
         checked; rows in host memory, or on `device` (this node's KV device) when they came
-        through CUDA IPC. A node that fails hands the blocks still awaited to the next;
-        PrefillUnavailableError when every node failed (the causes in its message)."""
+        through CUDA IPC. `acked()` is called when a prefill node acknowledges the transfer (its
+        carrier open: what follows is the copy). A node that fails hands the blocks still awaited
+        to the next; PrefillUnavailableError when every node failed (the causes in its message)."""
         want = dict(want)
         tried: set[int] = set()
         causes: list[str] = []
@@ -374,7 +376,7 @@ class PrefillLinks:
                     f"no prefill node handed over {len(want)} KV block(s): {'; '.join(causes)}")
             tried.add(j)
             try:
-                async for indices, rows in self._fetch_from(j, token_ids, want, fmt, device):
+                async for indices, rows in self._fetch_from(j, token_ids, want, fmt, device, acked):
                     for i in indices:
                         del want[i]
                     yield indices, rows
@@ -386,7 +388,8 @@ class PrefillLinks:
                                 len(want))
 
     async def _fetch_from(self, j: int, token_ids: Sequence[int], want: dict[int, BlockHash], fmt: BlockFormat,
-                          device: torch.device) -> AsyncIterator[tuple[list[int], torch.Tensor]]:
+                          device: torch.device, acked: Callable[[], None] | None
+                          ) -> AsyncIterator[tuple[list[int], torch.Tensor]]:
         client = await self._client(j)
         device_segment = None
         if device.type == "cuda":
@@ -413,6 +416,8 @@ class PrefillLinks:
                                         "digest": fmt.digest, "segment": None if segment is None else segment.name,
                                         "device_segment": None if device_segment is None else device_segment.wire},
                                        timeout_s=timeout_s)
+            if acked is not None:
+                acked()
             if device_segment is not None and ack.get("carrier") != "device":
                 device_segment.decline()
                 device_segment = None
