@@ -294,17 +294,17 @@ async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ..
     with tempfile.TemporaryDirectory(prefix="afkv-bench-pd-handoff-") as tmp:
         with Deployment(_handoff_config(Path(tmp) / "colocated.toml", False, device_memory_mib), model) as dep:
             async with await afkv.attach(dep.address, token=dep.token, peer_timeout_s=600) as engine:
-                for n in prompt_lens:  # warm-up, per length: its kernels' first compilation
+                for n in prompt_lens:  # each length after a warm-up of its own: its kernels' first compilation
                     rows[n]["colocated_first_ttft_s"] = (await engine.complete(prompts[n][::-1], params)).metrics.ttft_s
-                for n in prompt_lens:
                     m = (await engine.complete(prompts[n], params)).metrics
                     rows[n]["colocated_ttft_s"] = m.ttft_s
         with Deployment(_handoff_config(Path(tmp) / "pd.toml", True, device_memory_mib), model) as dep:
             async with await afkv.attach(dep.address, token=dep.token, peer_timeout_s=600) as engine:
-                for n in prompt_lens:  # warm-up, per length: decode node 0, then 1 (equal free KV: in turn)
+                for n in prompt_lens:
+                    # Warm-up of this length just before it (as the measured pair: decode node 0, then
+                    # 1; equal free KV: in turn), so the two nodes' last reports are of equal prompts.
                     for _ in range(2):
                         await engine.complete(prompts[n][::-1], params)
-                for n in prompt_lens:
                     before = [k.counters for k in await engine.kv_metrics()]
                     cold = (await engine.complete(prompts[n], params)).metrics  # decode node 0
                     warm = (await engine.complete(prompts[n], params)).metrics  # decode node 1
