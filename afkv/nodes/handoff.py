@@ -57,9 +57,11 @@ it has; the prefill node takes the first that works, in this order):
                             row slots for the transfer (DeviceSegment) and offers it as a CUDA IPC
                             handle (torch's CUDA tensor sharing; the fields travel in msgpack).
                             A prefill node on the same GPU (same UUID) opens it and its worker
-                            copies its blocks device -> device into the slots, waits for the copy,
-                            and sends only indices and hashes; the decode node's worker copies the
-                            slots into its cache blocks (device -> device). No host copy, no
+                            enqueues the copy of its blocks device -> device into the slots (one
+                            copy per run of blocks, or one gather kernel: Copier), a thread of the
+                            KV manager waits for it, and only indices and hashes are sent; the
+                            decode node's worker copies the slots into its cache blocks (a few
+                            copies or one scatter kernel, device -> device). No host copy, no
                             checksum: nothing left the device. torch's IPC reference counting keeps
                             the buffer allocated while the prefill node holds it open, so a late
                             writer never writes into memory the decode node gave to anything else.
