@@ -15,12 +15,19 @@ hand-off itself, per prompt length. A colocated node gives the baseline TTFT; th
 of two decode nodes and one prefill node: the prompt goes to decode node 0 ("cold": its blocks
 leave the prefill node as its chunks fill them, overlapping the prefill) and then to decode
 node 1 ("warm": the prefill node holds the prompt's blocks already, so the hand-off is the
-transfer alone, plus the prefill node computing the last block again). Reported from the decode
-nodes' own clocks (RequestMetrics): hand-off time, bytes, GB/s of the warm hand-off against the
-copy limit of the path it took, measured in the same run (one GPU, CUDA IPC: one device ->
-device copy of the same bytes; a host carrier on a GPU: device -> pinned host -> device; CPU:
-one memcpy), and the time from the last block landing to the first token against the
-colocated TTFT.
+transfer alone). Reported from the decode nodes' own clocks (RequestMetrics): hand-off time,
+bytes, GB/s of the warm hand-off against the copy limit of the path it took, measured in the same
+run (one GPU, CUDA IPC: one device -> device copy of the same bytes; a host carrier on a GPU:
+device -> pinned host -> device; CPU: one memcpy), the warm hand-off split at the prefill node's
+ack into its set-up (arrival -> ack: hashes, the carrier's allocation, the request, the prefill
+node opening the carrier) and its transfer (ack -> last block: the copies and their messages),
+and the time from the last block landing to the first token against the colocated TTFT.
+
+Every node first serves, per prompt length, a prompt of that length that shares no block with the
+measured one (its TTFT is `colocated_first_ttft_s`): a length's first prompt in a process pays the
+one-time JIT compilation of the kernel specializations its shapes need (Triton specializes integer
+arguments on divisibility by 16: an 8000-token prompt's last 512-token chunk ends at a 500-block
+table, unlike 1024 or 4096 tokens), which is not what the bench measures.
 
 In `afkv bench pd`, each node process is pinned to its own core (os.sched_setaffinity: the decode / colocated node
 on the first core, the prefill node on the second) with one torch thread; the client (this
@@ -287,15 +294,17 @@ async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ..
     with tempfile.TemporaryDirectory(prefix="afkv-bench-pd-handoff-") as tmp:
         with Deployment(_handoff_config(Path(tmp) / "colocated.toml", False, device_memory_mib), model) as dep:
             async with await afkv.attach(dep.address, token=dep.token, peer_timeout_s=600) as engine:
-                await engine.complete(prompts[prompt_lens[0]][::-1], params)  # warm-up
-                for n in prompt_lens:
+                for n in prompt_lens:  # each length after a warm-up of its own: its kernels' first compilation
+                    rows[n]["colocated_first_ttft_s"] = (await engine.complete(prompts[n][::-1], params)).metrics.ttft_s
                     m = (await engine.complete(prompts[n], params)).metrics
                     rows[n]["colocated_ttft_s"] = m.ttft_s
         with Deployment(_handoff_config(Path(tmp) / "pd.toml", True, device_memory_mib), model) as dep:
             async with await afkv.attach(dep.address, token=dep.token, peer_timeout_s=600) as engine:
-                for warm in (prompts[prompt_lens[0]][::-1], prompts[prompt_lens[0]][::-1]):
-                    await engine.complete(warm, params)  # warm-up: decode node 0, then 1 (equal free KV: in turn)
                 for n in prompt_lens:
+                    # Warm-up of this length just before it (as the measured pair: decode node 0, then
+                    # 1; equal free KV: in turn), so the two nodes' last reports are of equal prompts.
+                    for _ in range(2):
+                        await engine.complete(prompts[n][::-1], params)
                     before = [k.counters for k in await engine.kv_metrics()]
                     cold = (await engine.complete(prompts[n], params)).metrics  # decode node 0
                     warm = (await engine.complete(prompts[n], params)).metrics  # decode node 1
@@ -317,17 +326,22 @@ async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ..
                           "cold_ttft_s": cold.ttft_s, "cold_handoff_s": cold.handoff_end_s - cold.arrival_s,
                           "cold_last_block_to_first_token_s": cold.first_token_s - cold.handoff_end_s,
                           "warm_handoff_s": warm.handoff_end_s - warm.arrival_s,
+                          "warm_setup_s": warm.handoff_ack_s - warm.arrival_s,
+                          "warm_transfer_s": warm.handoff_end_s - warm.handoff_ack_s,
                           "warm_last_block_to_first_token_s": warm.first_token_s - warm.handoff_end_s}
                     r["warm_handoff_gbs"] = nbytes / r["warm_handoff_s"] / 1e9
+                    r["warm_transfer_gbs"] = nbytes / r["warm_transfer_s"] / 1e9
                     r["limit_gbs"], r["limit_path"] = _copy_limit_gbs(nbytes, path), LIMIT_PATHS[path]
                     r["share_of_limit"] = r["warm_handoff_gbs"] / r["limit_gbs"]
                     r["last_block_to_first_token_vs_colocated_ttft"] = (r["cold_last_block_to_first_token_s"]
                                                                         / r["colocated_ttft_s"])
                     progress(f"  {n} tokens: {nbytes / 1e6:.1f} MB handed over ({r['carrier']}); warm "
                              f"{r['warm_handoff_gbs']:.3f} GB/s ({100 * r['share_of_limit']:.1f}% of "
-                             f"{r['limit_gbs']:.1f} GB/s, {r['limit_path']}); last block -> first token "
+                             f"{r['limit_gbs']:.1f} GB/s, {r['limit_path']}): set-up {1e3 * r['warm_setup_s']:.2f} ms, "
+                             f"transfer {1e3 * r['warm_transfer_s']:.2f} ms ({r['warm_transfer_gbs']:.1f} GB/s); "
+                             f"last block -> first token "
                              f"{1e3 * r['cold_last_block_to_first_token_s']:.1f} ms vs colocated TTFT "
-                             f"{1e3 * r['colocated_ttft_s']:.1f} ms")
+                             f"{1e3 * r['colocated_ttft_s']:.1f} ms (first run {1e3 * r['colocated_first_ttft_s']:.1f} ms)")
     return {"bench": "pd-handoff", "model": str(model or "default"),
             "machine": {"platform": platform.platform(), "torch": torch.__version__,
                         "load_average_1m": os.getloadavg()[0],
@@ -337,13 +351,15 @@ async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ..
 
 def format_handoff_table(result: dict) -> str:
     head = (f"{'tokens':>6} | {'carrier':>11} | {'MB':>7} | {'warm GB/s':>9} | {'limit GB/s':>10} | {'share':>6} | "
-            f"{'cold hand-off s':>15} | "
-            f"{'last block->1st tok ms':>22} | {'colocated TTFT ms':>17}")
+            f"{'set-up ms':>9} | {'transfer ms':>11} | {'transfer GB/s':>13} | {'cold hand-off s':>15} | "
+            f"{'last block->1st tok ms':>22} | {'colocated TTFT ms':>17} | {'(first run) ms':>14}")
     limits = sorted({r["limit_path"] for r in result["rows"]})
     lines = [f"KV hand-off, {result['model']} on {result['machine']['device']}; limit: {', '.join(limits)} of the "
              "same bytes, same run", head, "-" * len(head)]
     for r in result["rows"]:
         lines.append(f"{r['prompt_len']:>6} | {r['carrier']:>11} | {r['handoff_bytes'] / 1e6:>7.1f} | {r['warm_handoff_gbs']:>9.3f} | "
-                     f"{r['limit_gbs']:>10.1f} | {100 * r['share_of_limit']:>5.1f}% | {r['cold_handoff_s']:>15.3f} | "
-                     f"{1e3 * r['cold_last_block_to_first_token_s']:>22.1f} | {1e3 * r['colocated_ttft_s']:>17.1f}")
+                     f"{r['limit_gbs']:>10.1f} | {100 * r['share_of_limit']:>5.1f}% | {1e3 * r['warm_setup_s']:>9.2f} | "
+                     f"{1e3 * r['warm_transfer_s']:>11.2f} | {r['warm_transfer_gbs']:>13.1f} | {r['cold_handoff_s']:>15.3f} | "
+                     f"{1e3 * r['cold_last_block_to_first_token_s']:>22.1f} | {1e3 * r['colocated_ttft_s']:>17.1f} | "
+                     f"{1e3 * r['colocated_first_ttft_s']:>14.1f}")
     return "\n".join(lines)

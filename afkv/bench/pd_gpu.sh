@@ -5,7 +5,8 @@
 # measured in the same run, the path CUDA IPC takes; last block -> first token against the
 # colocated TTFT), table + JSON under OUT. Model: random:qwen3-30b-a3b-16e (Qwen3-30B-A3B with
 # 16 of its 128 experts: every KV shape real, 96 KiB of KV per token, 10 GB of weights per
-# process, so that three processes fit one H100). With TESTS_S > 0 the PD GPU tests run first.
+# process, so that three processes fit one H100). With TESTS_S > 0 the PD GPU tests (and the
+# copier's, whose indexed copies the CUDA IPC hand-off takes) run first.
 #
 #   afkv/bench/pd_gpu.sh OUT
 #
@@ -20,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/machi
 
 if [ "${TESTS_S:-0}" -gt 0 ]; then
     echo "== tests (at $((SECONDS - start)) s)"
-    timeout "$TESTS_S" python3 -m pytest -v -p no:cacheprovider -m gpu -rfE tests/nodes/test_prefill_decode_gpu.py \
+    timeout "$TESTS_S" python3 -m pytest -v -p no:cacheprovider -m gpu -rfE tests/nodes/test_prefill_decode_gpu.py tests/kv/test_copier_gpu.py \
         >"$OUT/tests.txt" 2>&1
     echo "   exit $? after $((SECONDS - start)) s"
     grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests.txt" | tail -n 8

@@ -561,7 +561,11 @@ class Engine:
             if want:
                 fmt = make_format(self.config.deployment.handoff_format, self._layout)
                 whole = kv.num_full_blocks(seq.seq_id) * self._layout.block_size
-                async for indices, rows in self._prefill.fetch(seq.token_ids[:whole], want, fmt, kv.kv.device):
+                def acked() -> None:
+                    seq.metrics.handoff_ack_s = time.monotonic()
+
+                async for indices, rows in self._prefill.fetch(seq.token_ids[:whole], want, fmt, kv.kv.device,
+                                                               acked):
                     kv.receive(seq.seq_id, indices, rows, fmt)
             if want is not None:
                 kv.end_handoff(seq.seq_id)

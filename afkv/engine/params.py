@@ -106,6 +106,7 @@ class RequestMetrics:
     token_times_s: list[float] = field(default_factory=list)  # time each new token was produced
     finished_s: float | None = None
     num_handoff_tokens: int = 0  # PD decode node: prompt tokens whose KV blocks a prefill node handed over
+    handoff_ack_s: float | None = None  # PD decode node: when the prefill node acknowledged (its carrier open)
     handoff_end_s: float | None = None  # PD decode node: when the hand-off ended (its last block landed)
 
     @property

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future, wait
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 
 import torch
 
@@ -67,7 +67,9 @@ class KVManager:
     _awaited   sequence id -> {table index: hash} of its hand-off blocks whose rows have not landed
 
     `worker` must be the single-threaded executor that runs the model's steps (tier copies
-    are ordered with the steps through it); None runs copies inline (no engine).
+    are ordered with the steps through it); None runs copies inline (no engine). On CUDA a
+    thread of its own (`_waiter`) waits for exported rows, so that the worker only enqueues
+    their copies and goes on to the next step.
     """
 
     def __init__(self, layout: Layout, num_blocks: int, device: torch.device, salt: bytes = b"",
@@ -101,6 +103,7 @@ class KVManager:
         self._hashes: dict[int, list[BlockHash]] = {}
         self._jobs: list[Future] = []
         self._awaited: dict[int, dict[int, BlockHash]] = {}
+        self._waiter = ThreadPoolExecutor(1, thread_name_prefix="afkv-kv-export") if device.type == "cuda" else None
         self._closed = False
 
     def _evicted(self, block_id: int, block_hash: BlockHash) -> None:
@@ -389,12 +392,15 @@ class KVManager:
         (after the steps submitted before) -> Future of uint8 [n, fmt.nbytes], complete when
         the rows are: in host memory (pinned on CUDA), or, with `into` (uint8 [m, fmt.nbytes],
         host memory or this cache's device), written into its rows `slots` (then the future's
-        value is those rows)."""
+        value is those rows). On CUDA the worker only enqueues the copies (the steps after them
+        are ordered behind them on the device) and `_waiter` waits for them: a prefill node's
+        worker goes on launching its next chunk while a chunk's blocks leave."""
         owned(all(i < len(self._hashes[seq_id]) for i in indices), f"sequence {seq_id}: exporting a block not full")
         block_ids = [self._tables[seq_id][i] for i in indices]
         self.metrics.counters["handoff_sent_blocks"] += len(indices)
-        return self._worker.submit(_export, self.device.rows, self.device.format, block_ids, fmt, into,
-                                   list(range(len(block_ids))) if slots is None else list(slots))
+        job = self._worker.submit(_export, self.device.rows, self.device.format, block_ids, fmt, into,
+                                  list(range(len(block_ids))) if slots is None else list(slots))
+        return when_copied(job, self._waiter)
 
     # ---- pruning --------------------------------------------------------------------------
     def prune(self, seq_id: int, num_slots: int) -> int:
@@ -454,6 +460,8 @@ class KVManager:
             return
         self._closed = True
         self.drain()
+        if self._waiter is not None:
+            self._waiter.shutdown()
         self.lower.close()
         self.stream.close()
 
@@ -475,6 +483,8 @@ class KVManager:
             self.poll()
         await self.lower.aclose()
         await asyncio.get_running_loop().run_in_executor(None, self.stream.close)
+        if self._waiter is not None:
+            await asyncio.to_thread(self._waiter.shutdown)
 
     # ---- metrics and checks -------------------------------------------------------------------
     def metrics_snapshot(self) -> KVMetricsSnapshot:
@@ -513,17 +523,48 @@ def _import(device_rows: torch.Tensor, device_format, rows: torch.Tensor, fmt: B
 
 
 def _export(device_rows: torch.Tensor, device_format, block_ids: list[int], fmt: BlockFormat,
-            into: torch.Tensor | None, slots: list[int]) -> torch.Tensor:
-    """Worker: device blocks -> rows uint8 [n, fmt.nbytes]: `into`'s rows `slots`, or a new
-    host buffer (pinned on CUDA); complete on return."""
+            into: torch.Tensor | None, slots: list[int]) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Worker: device blocks -> (rows uint8 [n, fmt.nbytes]: `into`'s rows `slots`, or a new
+    host buffer (pinned on CUDA); the CUDA event after which they are complete, None: complete
+    on return)."""
     out = torch.empty((len(block_ids), fmt.nbytes), dtype=torch.uint8, pin_memory=device_rows.is_cuda) \
         if into is None else into  # [n or m, nbytes]
     result = Copier(device_rows, out, fmt, device_format).run(
         [CopyOp(Direction.TO_HOST, b, slot) for slot, b in zip(slots, block_ids)])
-    if result.event is not None:
-        result.event.synchronize()  # once per hand-off batch, on the worker: never per layer
     if into is None:
-        return out
+        return out, result.event
     contiguous = slots == list(range(slots[0], slots[0] + len(slots))) if slots else True
-    return into[slots[0]:slots[0] + len(slots)] if contiguous and slots else \
-        into[torch.tensor(slots, device=into.device)]
+    return (into[slots[0]:slots[0] + len(slots)] if contiguous and slots else
+            into[torch.tensor(slots, device=into.device)]), result.event  # the gather: after the copies
+
+
+def when_copied(job: Future, waiter: Executor | None) -> Future:
+    """Future of (value, event | None) -> Future of value, complete once the event has
+    completed too, `waiter` waiting for it (never the thread that ran `job`); a failure of
+    either is the result's."""
+    done: Future = Future()
+
+    def wait_event(value, event) -> None:
+        try:
+            event.synchronize()
+        except BaseException as exc:  # handed to whoever reads the future
+            done.set_exception(exc)
+            return
+        done.set_result(value)
+
+    def chain(job: Future) -> None:
+        exc = job.exception()
+        if exc is not None:
+            done.set_exception(exc)
+            return
+        value, event = job.result()
+        if event is None:
+            done.set_result(value)
+            return
+        try:
+            waiter.submit(wait_event, value, event)
+        except RuntimeError as exc:  # the manager closed meanwhile
+            done.set_exception(exc)
+
+    job.add_done_callback(chain)
+    return done

@@ -57,9 +57,11 @@ it has; the prefill node takes the first that works, in this order):
                             row slots for the transfer (DeviceSegment) and offers it as a CUDA IPC
                             handle (torch's CUDA tensor sharing; the fields travel in msgpack).
                             A prefill node on the same GPU (same UUID) opens it and its worker
-                            copies its blocks device -> device into the slots, waits for the copy,
-                            and sends only indices and hashes; the decode node's worker copies the
-                            slots into its cache blocks (device -> device). No host copy, no
+                            enqueues the copy of its blocks device -> device into the slots (one
+                            copy per run of blocks, or one gather kernel: Copier), a thread of the
+                            KV manager waits for it, and only indices and hashes are sent; the
+                            decode node's worker copies the slots into its cache blocks (a few
+                            copies or one scatter kernel, device -> device). No host copy, no
                             checksum: nothing left the device. torch's IPC reference counting keeps
                             the buffer allocated while the prefill node holds it open, so a late
                             writer never writes into memory the decode node gave to anything else.
@@ -89,7 +91,7 @@ import os
 import re
 import secrets
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -357,12 +359,14 @@ class PrefillLinks:
         return None
 
     async def fetch(self, token_ids: Sequence[int], want: dict[int, BlockHash], fmt: BlockFormat,
-                    device: torch.device) -> AsyncIterator[tuple[list[int], torch.Tensor]]:
+                    device: torch.device, acked: Callable[[], None] | None = None
+                    ) -> AsyncIterator[tuple[list[int], torch.Tensor]]:
         """The blocks `want` ({table index: hash}) of the prompt `token_ids` (whole blocks), from
         the prefill nodes: yields (indices, rows uint8 [n, fmt.nbytes]) as they arrive, each
         checked; rows in host memory, or on `device` (this node's KV device) when they came
-        through CUDA IPC. A node that fails hands the blocks still awaited to the next;
-        PrefillUnavailableError when every node failed (the causes in its message)."""
+        through CUDA IPC. `acked()` is called when a prefill node acknowledges the transfer (its
+        carrier open: what follows is the copy). A node that fails hands the blocks still awaited
+        to the next; PrefillUnavailableError when every node failed (the causes in its message)."""
         want = dict(want)
         tried: set[int] = set()
         causes: list[str] = []
@@ -374,7 +378,7 @@ class PrefillLinks:
                     f"no prefill node handed over {len(want)} KV block(s): {'; '.join(causes)}")
             tried.add(j)
             try:
-                async for indices, rows in self._fetch_from(j, token_ids, want, fmt, device):
+                async for indices, rows in self._fetch_from(j, token_ids, want, fmt, device, acked):
                     for i in indices:
                         del want[i]
                     yield indices, rows
@@ -386,7 +390,8 @@ class PrefillLinks:
                                 len(want))
 
     async def _fetch_from(self, j: int, token_ids: Sequence[int], want: dict[int, BlockHash], fmt: BlockFormat,
-                          device: torch.device) -> AsyncIterator[tuple[list[int], torch.Tensor]]:
+                          device: torch.device, acked: Callable[[], None] | None
+                          ) -> AsyncIterator[tuple[list[int], torch.Tensor]]:
         client = await self._client(j)
         device_segment = None
         if device.type == "cuda":
@@ -413,6 +418,8 @@ class PrefillLinks:
                                         "digest": fmt.digest, "segment": None if segment is None else segment.name,
                                         "device_segment": None if device_segment is None else device_segment.wire},
                                        timeout_s=timeout_s)
+            if acked is not None:
+                acked()
             if device_segment is not None and ack.get("carrier") != "device":
                 device_segment.decline()
                 device_segment = None

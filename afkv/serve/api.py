@@ -95,7 +95,8 @@ def chunk_to_wire(c: CompletionChunk) -> dict:
         out["metrics"] = {"arrival_s": m.arrival_s, "num_prompt_tokens": m.num_prompt_tokens,
                           "num_cached_tokens": m.num_cached_tokens, "first_token_s": m.first_token_s,
                           "token_times_s": m.token_times_s, "finished_s": m.finished_s,
-                          "num_handoff_tokens": m.num_handoff_tokens, "handoff_end_s": m.handoff_end_s}
+                          "num_handoff_tokens": m.num_handoff_tokens, "handoff_ack_s": m.handoff_ack_s,
+                          "handoff_end_s": m.handoff_end_s}
     return out
 
 

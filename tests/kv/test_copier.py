@@ -69,3 +69,32 @@ def test_demotion_writes_the_slot_each_op_names_and_round_trips(make):
     assert (kv[3] - _content(6)).abs().max() < TOL  # slot 0 held block 5
     assert (kv[4] - _content(2)).abs().max() < TOL  # slot 3 held block 1
     assert (kv[5] - _content(50)).abs().max() < TOL  # slot 4, rewritten in the batch by block 0
+
+
+@pytest.mark.parametrize("width", [48, 12, 6, 5])  # int64, int32, int16 words, bytes
+@pytest.mark.parametrize("pairs", ["one_run", "few_runs", "scattered", "gather", "scatter"])
+def test_move_rows_equals_one_copy_per_row(width, pairs):
+    """move_rows puts src row s_k in dst row d_k for every k, whether it takes slice copies (runs)
+    or one indexed kernel (many runs: gather into a range of dst rows, scatter from a range of
+    src rows, or both scattered), for every row width, and touches no other row."""
+    from afkv.kv.tiers.copier import MAX_RUNS, move_rows
+
+    g = torch.Generator().manual_seed(width)
+    src = torch.randint(0, 256, (40, width), dtype=torch.uint8, generator=g)
+    strided_a, strided_b = [(7 * k) % 40 for k in range(20)], [(13 * k + 5) % 40 for k in range(20)]  # 20 runs
+    dst_rows, src_rows = {
+        "one_run": (list(range(3, 13)), list(range(20, 30))),
+        "few_runs": ([0, 1, 2, 9, 10, 30], [5, 6, 7, 1, 2, 39]),
+        "scattered": (strided_a, strided_b),
+        "gather": (list(range(4, 24)), strided_b),
+        "scatter": (strided_a, list(range(11, 31))),
+    }[pairs]
+    assert 20 > MAX_RUNS
+    storage = torch.randint(0, 256, (41, width), dtype=torch.uint8, generator=g)
+    want = storage[1:].clone()
+    dst = storage[1:]  # [40, width], a view one row into its storage (the odd widths' words differ)
+    move_rows(dst, dst_rows, src, src_rows)
+    for d, s in zip(dst_rows, src_rows):
+        want[d] = src[s]
+    assert torch.equal(dst, want)
+    assert torch.equal(storage[1:], want)  # written in place, through the view

@@ -177,3 +177,46 @@ def test_malformed_device_segment_offer_is_a_frame_error():
         with pytest.raises(FrameError):
             open_device_segment(bad, 2, RAW.nbytes, cuda)
     assert open_device_segment(wire, 2, RAW.nbytes, cuda) is None  # another GPU's UUID
+
+
+def test_exported_rows_complete_once_their_copies_have():
+    """when_copied (export_rows on CUDA): the worker hands back rows and the event after which
+    they are complete; the future completes only once a waiter thread has seen the event complete
+    (never blocking the worker), and hands on every failure instead of hanging."""
+    import threading
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from afkv.kv.manager import when_copied
+
+    class Event:  # a CUDA event whose copies end when the test says
+        def __init__(self, fail=False):
+            self.gate, self.fail, self.thread = threading.Event(), fail, None
+
+        def synchronize(self):
+            self.thread = threading.current_thread().name
+            assert self.gate.wait(30)
+            if self.fail:
+                raise RuntimeError("CUDA error")
+
+    def finished(value, event):
+        job = Future()
+        job.set_result((value, event))
+        return job
+
+    with ThreadPoolExecutor(1, thread_name_prefix="waiter") as waiter:
+        assert when_copied(finished("rows", None), waiter).result(30) == "rows"  # CPU: complete on return
+        event = Event()
+        done = when_copied(finished("rows", event), waiter)
+        assert not done.done()  # copies still running
+        event.gate.set()
+        assert done.result(30) == "rows" and event.thread.startswith("waiter")
+        failing = Event(fail=True)
+        failing.gate.set()
+        with pytest.raises(RuntimeError, match="CUDA error"):
+            when_copied(finished("rows", failing), waiter).result(30)
+        job = Future()
+        job.set_exception(KeyError("worker"))
+        with pytest.raises(KeyError):
+            when_copied(job, waiter).result(30)
+    with pytest.raises(RuntimeError):  # the manager closed: an error, not a future that never ends
+        when_copied(finished("rows", Event()), waiter).result(30)

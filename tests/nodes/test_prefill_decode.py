@@ -105,7 +105,8 @@ async def test_pd_matches_colocated_and_moves_only_missing_blocks(tiny_dir, tmp_
 
 
 async def test_launch_serves_pd_through_attach(tiny_dir, tmp_path):
-    """`afkv launch` starts every role; an attached client gets the colocated tokens."""
+    """`afkv launch` starts every role; an attached client gets the colocated tokens and the
+    hand-off's times."""
     model = str(tiny_dir["mixtral"])
     prompts = prompts_with_shared_prefixes()
     with Deployment(write_config(tmp_path, 1, 1), model) as dep:
@@ -115,6 +116,10 @@ async def test_launch_serves_pd_through_attach(tiny_dir, tmp_path):
             assert [r.token_ids for r in got] == expected
             [kv] = await engine.kv_metrics()
             assert kv.counters["handoff_received_blocks"] > 0
+            handed = [r.metrics for r in got if r.metrics.num_handoff_tokens]
+            assert handed  # their hand-off's times cross the attached connection, in order:
+            for m in handed:  # arrival, the prefill node's ack (carrier open), last block, first token
+                assert m.arrival_s <= m.handoff_ack_s <= m.handoff_end_s <= m.first_token_s
 
 
 async def test_decode_node_is_picked_by_free_kv(tiny_dir, tmp_path):

@@ -9,6 +9,9 @@ No lock, no host synchronisation on the loop thread.
 On CUDA the batch runs on its own copy stream (pinned host buffer, non-blocking copies),
 after the work already queued on the compute stream; the compute stream then waits for the
 batch's event, and threads other than the worker wait for it through the batch's Fence.
+A batch's rows move in a few large copies (`move_rows`): one per run of consecutive blocks
+and slots, or one indexed kernel when both sides are on the device (a KV hand-off through
+CUDA IPC), never one per block.
 """
 
 from __future__ import annotations
@@ -94,22 +97,21 @@ class Copier:
         rows, buf, fmt = self.rows, self.buf, self.format
         cuda = self.stream is not None
         to_host = group[0].direction is Direction.TO_HOST
-        if self.same:  # bytes as they are: one copy per block, no staging
-            for op in group:
-                if to_host:
-                    buf[op.slot].copy_(rows[op.block_id], non_blocking=cuda)
-                else:
-                    rows[op.block_id].copy_(buf[op.slot], non_blocking=cuda)
+        if self.same:  # bytes as they are, no staging: a few large copies
+            block_ids, slots = [op.block_id for op in group], [op.slot for op in group]
+            if to_host:
+                move_rows(buf, slots, rows, block_ids, cuda)
+            else:
+                move_rows(rows, block_ids, buf, slots, cuda)
             return
-        ids = torch.tensor([op.block_id for op in group], device=rows.device)  # [n]
+        ids = _index([op.block_id for op in group], rows.device)  # [n]
+        slots, staged_rows = [op.slot for op in group], list(range(len(group)))
         if to_host:
             encoded = fmt.encode(self._device_blocks(ids))  # [n, nbytes] on the device
-            for i, op in enumerate(group):  # one transfer per block (pinned memory on CUDA)
-                buf[op.slot].copy_(encoded[i], non_blocking=cuda)
+            move_rows(buf, slots, encoded, staged_rows, cuda)
             return
         staged = torch.empty((len(group), fmt.nbytes), dtype=torch.uint8, device=rows.device)  # [n, nbytes]
-        for i, op in enumerate(group):
-            staged[i].copy_(buf[op.slot], non_blocking=cuda)
+        move_rows(staged, staged_rows, buf, slots, cuda)
         blocks = torch.empty((len(group), *self._block_shape()), dtype=self._dtype(), device=rows.device)
         fmt.decode(staged, blocks)  # [n, *block_shape]
         if self.device_format is None:
@@ -130,6 +132,65 @@ class Copier:
 
     def _dtype(self) -> torch.dtype:
         return self.kv.dtype if self.device_format is None else self.device_format.layout.dtype
+
+
+MAX_RUNS = 8  # above this many runs of consecutive rows, rows on one device move in one indexed kernel
+
+
+def move_rows(dst: torch.Tensor, dst_rows: list[int], src: torch.Tensor, src_rows: list[int],
+              non_blocking: bool = False) -> None:
+    """dst[dst_rows[k]] = src[src_rows[k]] for every k, rows of uint8 [*, nbytes] (dst_rows
+    distinct). One slice copy per run of rows consecutive on both sides (a pool hands out runs of
+    blocks, and slots are taken in order, so a batch is usually one run); when there are more than
+    MAX_RUNS runs and both tensors are on one device, one gather (index_select into a range of dst
+    rows) or scatter (index_copy_ from a range of src rows) kernel, moving 8-byte words where the
+    row width allows. Never a host synchronisation: on CUDA the index tensors go through pinned
+    memory on the current stream."""
+    runs = _runs(dst_rows, src_rows)
+    if len(runs) <= MAX_RUNS or dst.device != src.device:
+        for d, s, n in runs:
+            dst[d:d + n].copy_(src[s:s + n], non_blocking=non_blocking)
+        return
+    wide_dst, wide_src = _words(dst), _words(src)
+    if wide_dst.dtype != wide_src.dtype:
+        wide_dst, wide_src = dst, src
+    n = len(dst_rows)
+    if dst_rows == list(range(dst_rows[0], dst_rows[0] + n)):
+        torch.index_select(wide_src, 0, _index(src_rows, src.device), out=wide_dst[dst_rows[0]:dst_rows[0] + n])
+    elif src_rows == list(range(src_rows[0], src_rows[0] + n)):
+        wide_dst.index_copy_(0, _index(dst_rows, dst.device), wide_src[src_rows[0]:src_rows[0] + n])
+    else:
+        wide_dst.index_copy_(0, _index(dst_rows, dst.device), wide_src.index_select(0, _index(src_rows, src.device)))
+
+
+def _runs(dst_rows: list[int], src_rows: list[int]) -> list[tuple[int, int, int]]:
+    """(dst row, src row, length) of each run of pairs consecutive on both sides, in order."""
+    runs: list[tuple[int, int, int]] = []
+    for d, s in zip(dst_rows, src_rows):
+        if runs and runs[-1][0] + runs[-1][2] == d and runs[-1][1] + runs[-1][2] == s:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((d, s, 1))
+    return runs
+
+
+def _words(rows: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, nbytes] rows as the same memory in the widest of int64 / int32 / int16 that the
+    row width and the tensor's offset allow (an indexed kernel moves one element per thread)."""
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        size = dtype.itemsize
+        if rows.shape[1] % size == 0 and rows.stride(0) % size == 0 and rows.storage_offset() % size == 0 \
+                and rows.stride(1) == 1:
+            return rows.view(dtype)  # [n, nbytes / size]
+    return rows
+
+
+def _index(values: list[int], device: torch.device) -> torch.Tensor:
+    """values as int64 [n] on `device`; on CUDA copied from pinned memory, without blocking the host."""
+    index = torch.tensor(values, dtype=torch.int64)  # [n]
+    if device.type != "cuda":
+        return index
+    return index.pin_memory().to(device, non_blocking=True)
 
 
 def _groups(ops: list[CopyOp]) -> Iterator[list[CopyOp]]:
