@@ -76,8 +76,10 @@ def available() -> bool:
 class MLATile:
     """Launch shape: query heads per program, tokens per tile, warps, stages, the chunk of
     the latent each batch of the chunked products takes (a quantized row's chunk lies in one
-    scale group: at most the group), programs per SM that split-K aims at, and (raw latents
-    only) scores as one product over the whole latent instead of summed chunks."""
+    scale group: at most the group), programs per SM that split-K aims at, (raw latents only)
+    scores as one product over the whole latent instead of summed chunks, and `flat`: the
+    other kernel, _mla_flat_kernel (2-D products over the whole latent from one load of the
+    tile, quantized rows dequantized first; rank_chunk and whole_scores do not apply)."""
 
     block_h: int = 16
     block_n: int = 32
@@ -86,6 +88,7 @@ class MLATile:
     rank_chunk: int = 128
     programs_per_sm: int = 2
     whole_scores: bool = False  # raw latents: the scores as one product over the whole latent (chunks: P @ c)
+    flat: bool = False  # _mla_flat_kernel instead of the chunked _mla_decode_kernel
 
     def __post_init__(self) -> None:
         for name in ("block_h", "block_n", "rank_chunk"):
@@ -94,6 +97,8 @@ class MLATile:
                 raise ConfigError(f"MLATile.{name} must be a power of two >= 16, got {value}")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1 or self.programs_per_sm < 1:
             raise ConfigError(f"bad MLATile {self}")
+        if self.flat and self.whole_scores:
+            raise ConfigError("MLATile.flat takes its scores over the whole latent already: whole_scores does not apply")
 
 
 # The launch per (many query heads, quantized latents): 8 warps, the latent in 8 chunks of 64
@@ -280,29 +285,165 @@ if triton is not None:
             if KIND == 1:
                 acc_zero = acc_zero * alpha[None, :] + tl.sum(p[None, :, :] * tl.trans(zero)[:, None, :], 2)
             m_i = m_new
-        _store_chunked(
-            out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc + acc_zero[:, :, None], b, heads, hmask, offs_c, cmask,
-            stride_ob, stride_oh, num_heads, split, num_splits, SPLIT, RANK,
+        has = l_i > 0.0
+        o = (acc + acc_zero[:, :, None]) / tl.where(has, l_i, 1.0)[None, :, None]  # [C, H, CP]
+        _store_out(
+            out_ptr, mid_o_ptr, mid_lse_ptr, m_i, has, l_i, o, b, heads, hmask, heads[None, :, None],
+            offs_c[:, None, :], hmask[None, :, None] & cmask[:, None, :], stride_ob, stride_oh, num_heads, split,
+            num_splits, SPLIT, RANK,
         )  # fmt: skip
 
     @triton.jit
-    def _store_chunked(
-        out_ptr, mid_o_ptr, mid_lse_ptr, m_i, l_i, acc, b, heads, hmask, offs_c, cmask,
+    def _flat_latent_tile(
+        cache_ptr, rows_ptr, rows16_ptr, blk, tok_in, tmask, offs_w, wmask, offs_g, gmask, offs_j, jmask, offs_p,
+        pmask, stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off, DT: tl.constexpr,
+        RANK: tl.constexpr, ROPE: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GP: tl.constexpr,
+        OFF_SCALE: tl.constexpr, OFF_ZERO: tl.constexpr, OFF_ROPE: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """The latents of a tile as one matrix c [N, W] of DT (W = BLOCK_G x BLOCK_GP columns:
+        scale group g's value j in column g x BLOCK_GP + j; raw latents are one group) and the
+        rotary keys k_pe [N, P] of DT. Raw latents load straight into c (nothing between the
+        load and the products: the load is pipelined into shared memory); quantized rows are
+        dequantized as afkv.ops.quant does (code x scale + zero in float32, rounded to DT)
+        and staging blocks read as they are. `blk` as in _latent_tile."""
+        pm = tmask[:, None] & pmask[None, :]  # [N, P]
+        if KIND == -1:
+            base = blk * stride_cb + layer_off + tok_in * stride_ct  # [N]
+            if RANK == BLOCK_GP:  # no column masked: the mask stays constant along the row
+                cm = tmask[:, None]
+            else:
+                cm = tmask[:, None] & wmask[None, :]
+            c = tl.load(cache_ptr + base[:, None] + offs_w[None, :], mask=cm, other=0.0).to(DT)  # [N, W]
+            pe = tl.load(cache_ptr + base[:, None] + RANK + offs_p[None, :], mask=pm, other=0.0).to(DT)
+        else:
+            cols = offs_g[:, None] * GROUP + offs_j[None, :]  # [G, GP] latent column
+            cm = tmask[:, None, None] & (gmask[:, None] & jmask[None, :] & (cols < RANK))[None, :, :]  # [N, G, GP]
+            gm = tmask[:, None] & gmask[None, :]  # [N, G]
+            is_row = blk < num_blocks
+            rbase = tl.where(is_row, blk, 0) * row_nbytes + layer_nbytes_off  # byte offset of the layer section
+            if ONE_BLOCK:  # scalars
+                rbase2, rbase3, rmask2, rmask3 = rbase, rbase, is_row, is_row
+            else:  # per token
+                rbase2, rbase3, rmask2, rmask3 = rbase[:, None], rbase[:, None, None], is_row[:, None], is_row[:, None, None]
+            b = tl.load(rows_ptr + rbase3 + tok_in[:, None, None] * RANK + cols[None, :, :], mask=cm & rmask3, other=0)
+            if KIND == 0:
+                v = b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            else:
+                v = b.to(tl.float32)
+            meta = rbase2 // 2 + tok_in[:, None] * NUM_GROUPS + offs_g[None, :]  # [N, G] 16-bit
+            scale = tl.load(rows16_ptr + meta + OFF_SCALE // 2, mask=gm & rmask2, other=0.0).to(tl.float32)
+            v = v * scale[:, :, None]  # [N, G, GP]
+            if KIND == 1:
+                zero = tl.load(rows16_ptr + meta + OFF_ZERO // 2, mask=gm & rmask2, other=0.0).to(tl.float32)
+                v = v + tl.where(cm, zero[:, :, None], 0.0)
+            rope = (rbase2 + OFF_ROPE) // 2 + tok_in[:, None] * ROPE + offs_p[None, :]  # [N, P]
+            pe = tl.load(rows16_ptr + rope, mask=pm & rmask2, other=0.0).to(DT)
+            sbase = tl.maximum(blk - num_blocks, 0) * stride_cb + layer_off  # staging block(s)
+            if ONE_BLOCK:
+                if not is_row:  # the tile is in a staging block (a sequence's newest tokens): rare
+                    sb = sbase + tok_in * stride_ct  # [N]
+                    v = tl.load(cache_ptr + sb[:, None, None] + cols[None, :, :], mask=cm, other=0.0).to(tl.float32)
+                    pe = tl.load(cache_ptr + sb[:, None] + RANK + offs_p[None, :], mask=pm, other=0.0).to(DT)
+            else:
+                fmask = tmask & (blk >= num_blocks)  # [N]
+                sb = sbase + tok_in * stride_ct  # [N]
+                vf = tl.load(cache_ptr + sb[:, None, None] + cols[None, :, :], mask=cm & fmask[:, None, None],
+                             other=0.0).to(tl.float32)  # fmt: skip
+                pf = tl.load(cache_ptr + sb[:, None] + RANK + offs_p[None, :], mask=pm & fmask[:, None],
+                             other=0.0).to(DT)  # fmt: skip
+                v = tl.where(fmask[:, None, None], vf, v)
+                pe = tl.where(fmask[:, None], pf, pe)
+            c = tl.reshape(v.to(DT), [BLOCK_N, BLOCK_G * BLOCK_GP])
+        return c, pe
+
+    @triton.jit
+    def _mla_flat_kernel(
+        q_ptr, cache_ptr, rows_ptr, rows16_ptr, block_tables_ptr, context_lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+        stride_qb, stride_qh, stride_ob, stride_oh, stride_cb, stride_ct, layer_off, stride_bt,
+        num_heads, max_tokens, qk_scale, num_blocks, row_nbytes, layer_nbytes_off, num_splits,
+        RANK: tl.constexpr, ROPE: tl.constexpr, GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_GP: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+        KIND: tl.constexpr, OFF_SCALE: tl.constexpr, OFF_ZERO: tl.constexpr, OFF_ROPE: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """MLATile.flat: the decode as two 2-D products per tile over the whole latent, as
+        FlashMLA does: scores q [H, W] @ c^T and the output P [H, N] @ c [N, W], both from one
+        load of the tile c [N, W] (raw latents: straight from HBM into shared memory, pipelined;
+        quantized: dequantized to the model dtype first), the accumulator [H, W] float32 (with
+        64 heads and 8 warps the tensor cores' 64-row products split W between warp groups).
+        Columns as in _flat_latent_tile; grid and split-K as _mla_decode_kernel."""
+        hb = tl.program_id(0)
+        split = tl.program_id(1)
+        b = tl.program_id(2)
+        heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [H]
+        hmask = heads < num_heads
+        W: tl.constexpr = BLOCK_G * BLOCK_GP
+        offs_w = tl.arange(0, W)  # [W] column of the tile's matrix
+        col = (offs_w // BLOCK_GP) * GROUP + offs_w % BLOCK_GP  # [W] latent column it holds
+        wmask = (offs_w % BLOCK_GP < GROUP) & (col < RANK)
+        offs_g = tl.arange(0, BLOCK_G)
+        gmask = offs_g < NUM_GROUPS
+        offs_j = tl.arange(0, BLOCK_GP)
+        jmask = offs_j < GROUP
+        offs_p = tl.arange(0, BLOCK_P)
+        pmask = offs_p < ROPE
+        DT: tl.constexpr = tl.float32 if IEEE else cache_ptr.dtype.element_ty
+        q_rows = q_ptr + b * stride_qb + heads * stride_qh  # [H]
+        q_lat = tl.load(q_rows[:, None] + col[None, :], mask=hmask[:, None] & wmask[None, :], other=0.0).to(DT)  # [H, W]
+        q_pe = tl.load(q_rows[:, None] + RANK + offs_p[None, :], mask=hmask[:, None] & pmask[None, :],
+                       other=0.0).to(DT)  # [H, P]  # fmt: skip
+        end = tl.minimum(tl.load(context_lens_ptr + b), max_tokens)
+        chunk_len = tl.cdiv(tl.cdiv(end, num_splits), BLOCK_N) * BLOCK_N  # whole tiles; the last split shorter
+        lo = split * chunk_len
+        hi = tl.minimum(lo + chunk_len, end)
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, W], tl.float32)
+        offs_n = tl.arange(0, BLOCK_N)
+        ONE_BLOCK: tl.constexpr = BLOCK_SIZE % BLOCK_N == 0  # a tile lies in one cache block
+        for t0 in range(lo, hi, BLOCK_N):
+            tok = t0 + offs_n  # [N]
+            tmask = tok < hi
+            if ONE_BLOCK:
+                blk = tl.load(block_tables_ptr + b * stride_bt + t0 // BLOCK_SIZE).to(tl.int64)
+            else:
+                blk = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
+            c, pe = _flat_latent_tile(
+                cache_ptr, rows_ptr, rows16_ptr, blk, tok % BLOCK_SIZE, tmask, offs_w, wmask, offs_g, gmask, offs_j,
+                jmask, offs_p, pmask, stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off, DT,
+                RANK, ROPE, KIND, GROUP, NUM_GROUPS, BLOCK_N, BLOCK_G, BLOCK_GP, OFF_SCALE, OFF_ZERO, OFF_ROPE,
+                ONE_BLOCK,
+            )  # fmt: skip
+            s = _dot(q_lat, tl.trans(c), IEEE) + _dot(q_pe, tl.trans(pe), IEEE)  # [H, N]
+            s = tl.where(hmask[:, None] & tmask[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # [H]
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_ref[:, None])  # [H, N]
+            alpha = tl.exp2(m_i - m_ref)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(DT), c, IEEE)  # [H, W]
+            m_i = m_new
+        has = l_i > 0.0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]  # [H, W]
+        _store_out(out_ptr, mid_o_ptr, mid_lse_ptr, m_i, has, l_i, o, b, heads, hmask, heads[:, None], col[None, :],
+                   hmask[:, None] & wmask[None, :], stride_ob, stride_oh, num_heads, split, num_splits, SPLIT, RANK)
+
+    @triton.jit
+    def _store_out(
+        out_ptr, mid_o_ptr, mid_lse_ptr, m_i, has, l_i, o, b, heads, hmask, head_of, col_of, mask,
         stride_ob, stride_oh, num_heads, part, num_parts, SPLIT: tl.constexpr, RANK: tl.constexpr,
     ):  # fmt: skip
-        """afkv.ops.triton_attention's _store_partial for an output in chunks acc [C, H, CP]
-        (columns offs_c [C, CP])."""
-        has = l_i > 0.0
-        o = acc / tl.where(has, l_i, 1.0)[None, :, None]  # [C, H, CP]
-        mask = hmask[None, :, None] & cmask[:, None, :]
+        """afkv.ops.triton_attention's _store_partial for a normalised output o of any layout
+        (the chunked [C, H, CP] or the flat [H, W]): head_of, col_of and mask broadcast to o's
+        shape (each value's head, latent column, and whether it is one); m_i, l_i, has [H]."""
         if not SPLIT:
-            ptrs = out_ptr + b * stride_ob + heads[None, :, None] * stride_oh + offs_c[:, None, :]
-            tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + b * stride_ob + head_of * stride_oh + col_of, o.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            row = (b * num_heads + heads) * num_parts + part  # [H]
-            tl.store(mid_o_ptr + row[None, :, None] * RANK + offs_c[:, None, :], o, mask=mask)
+            tl.store(mid_o_ptr + ((b * num_heads + head_of) * num_parts + part) * RANK + col_of, o, mask=mask)
             lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-            tl.store(mid_lse_ptr + row, lse, mask=hmask)
+            tl.store(mid_lse_ptr + (b * num_heads + heads) * num_parts + part, lse, mask=hmask)
 
 
 def _ieee(dtype: torch.dtype, device: torch.device) -> bool:
@@ -377,21 +518,26 @@ def paged_mla_decode(
     head_blocks = -(-num_heads // tile.block_h)
     if num_splits is None:
         num_splits = num_decode_splits(batch, head_blocks, device_index(q), tile.programs_per_sm)
-    chunk = min(tile.rank_chunk, geometry["GROUP"])  # the tile's; a quantized row's inside one scale group
-    if geometry["KIND"] >= 0 and geometry["GROUP"] % chunk:
-        chunk = geometry["GROUP"]
-    geometry.update(CHUNK=chunk, NUM_CHUNKS=-(-kv_lora_rank // chunk))
     mid_o, mid_lse = _partials(batch, num_heads, num_splits, kv_lora_rank, q.device)
-    _mla_decode_kernel[(head_blocks, num_splits, batch)](
+    args = (
         q, lat, rows, rows16, block_tables, context_lens, out, mid_o, mid_lse,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), lat.stride(0), lat.stride(2), layer * lat.stride(1),
         block_tables.stride(0), num_heads, max_tokens, scale * _LOG2E, num_blocks, row_nbytes, layer_bytes, num_splits,
-        RANK=kv_lora_rank, ROPE=width - kv_lora_rank, BLOCK_C=next_pow2(geometry["NUM_CHUNKS"]),
-        BLOCK_CP=max(16, next_pow2(geometry["CHUNK"])), BLOCK_P=max(16, next_pow2(width - kv_lora_rank)),
-        BLOCK_H=tile.block_h, BLOCK_SIZE=block_size, BLOCK_N=tile.block_n, SPLIT=num_splits > 1,
-        IEEE=_ieee(lat.dtype, q.device), WHOLE_SCORES=tile.whole_scores, **geometry,
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
+    launch = dict(RANK=kv_lora_rank, ROPE=width - kv_lora_rank, BLOCK_P=max(16, next_pow2(width - kv_lora_rank)),
+                  BLOCK_H=tile.block_h, BLOCK_SIZE=block_size, BLOCK_N=tile.block_n, SPLIT=num_splits > 1,
+                  IEEE=_ieee(lat.dtype, q.device), num_warps=tile.num_warps, num_stages=tile.num_stages)
+    grid = (head_blocks, num_splits, batch)
+    if tile.flat:  # columns: each scale group padded to a power of two (raw latents: one group)
+        _mla_flat_kernel[grid](*args, BLOCK_G=next_pow2(geometry["NUM_GROUPS"]),
+                               BLOCK_GP=max(16, next_pow2(geometry["GROUP"])), **geometry, **launch)
+    else:
+        chunk = min(tile.rank_chunk, geometry["GROUP"])  # the tile's; a quantized row's inside one scale group
+        if geometry["KIND"] >= 0 and geometry["GROUP"] % chunk:
+            chunk = geometry["GROUP"]
+        geometry.update(CHUNK=chunk, NUM_CHUNKS=-(-kv_lora_rank // chunk))
+        _mla_decode_kernel[grid](*args, BLOCK_C=next_pow2(geometry["NUM_CHUNKS"]), BLOCK_CP=max(16, next_pow2(chunk)),
+                                 WHOLE_SCORES=tile.whole_scores, **geometry, **launch)
     if num_splits > 1:
         _merge(mid_o, mid_lse, out, num_splits)
     return out
