@@ -106,7 +106,11 @@ class MLATile:
 # latents take their scores as one product (fewer barriers and shuffles than summing chunks
 # across warps), quantized ones need the chunks (a scale per chunk); V3's 128 heads in blocks
 # of 32 (each latent tile read by 4 programs, from L2 after the first).
-# `afkv bench kernels mla --tune 1` times CANDIDATE_TILES beside them.
+# `afkv bench kernels mla --tune 1` times CANDIDATE_TILES beside them. Registers / spilled
+# bytes on sm_90 (tests/ops/sm90_compile.py --usage, V3 128 heads, bf16): the chunked kernel
+# 122-224 / 0 over raw latents and 201-255 / up to 624 over fp8 / int8 ones, all on mma.sync
+# (3-D products); flat raw 128-255 / 0 on wgmma with the tile async-copied (h64 n32 w16: 128
+# registers), flat fp8 / int8 255 / 200-550 (the dequantized tile).
 DEFAULT_TILES = {
     (False, False): MLATile(16, 32, 8, 2, 64, 2, whole_scores=True),
     (False, True): MLATile(16, 32, 8, 2, 64),
@@ -114,9 +118,11 @@ DEFAULT_TILES = {
     (True, True): MLATile(32, 16, 8, 2, 64),
 }
 CANDIDATE_TILES = tuple(MLATile(*fields) for fields in (
-    (16, 32, 4, 2, 128, 2), (16, 32, 8, 2, 64, 4), (16, 16, 8, 2, 64, 2), (16, 32, 16, 2, 32, 2),
-    (32, 32, 8, 2, 64, 2), (32, 16, 8, 2, 64, 2), (64, 16, 8, 2, 64, 2),
-    (16, 32, 8, 2, 64, 2, True), (16, 64, 8, 2, 64, 2, True), (32, 32, 8, 2, 64, 2, True),  # raw latents only
+    (16, 32, 4, 2, 128, 2), (16, 32, 8, 2, 64, 2, True), (16, 64, 8, 2, 64, 2, True),
+    (32, 32, 8, 2, 64, 2, True),  # whole_scores: raw latents only
+    # flat (_mla_flat_kernel): 64 heads on tensor-core rows of 64 (V3), the output split over 2 or 4 warp groups
+    (64, 32, 8, 2, 64, 2, False, True), (64, 32, 16, 2, 64, 2, False, True), (64, 16, 8, 4, 64, 2, False, True),
+    (64, 16, 8, 1, 64, 2, False, True), (16, 32, 4, 2, 64, 2, False, True), (16, 64, 4, 2, 64, 2, False, True),
 ))
 
 
@@ -328,14 +334,14 @@ if triton is not None:
                 rbase2, rbase3, rmask2, rmask3 = rbase[:, None], rbase[:, None, None], is_row[:, None], is_row[:, None, None]
             b = tl.load(rows_ptr + rbase3 + tok_in[:, None, None] * RANK + cols[None, :, :], mask=cm & rmask3, other=0)
             if KIND == 0:
-                v = b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                v = b.to(tl.float8e4nv, bitcast=True).to(DT)
             else:
-                v = b.to(tl.float32)
+                v = b.to(DT)
             meta = rbase2 // 2 + tok_in[:, None] * NUM_GROUPS + offs_g[None, :]  # [N, G] 16-bit
-            scale = tl.load(rows16_ptr + meta + OFF_SCALE // 2, mask=gm & rmask2, other=0.0).to(tl.float32)
+            scale = tl.load(rows16_ptr + meta + OFF_SCALE // 2, mask=gm & rmask2, other=0.0).to(DT)
             v = v * scale[:, :, None]  # [N, G, GP]
             if KIND == 1:
-                zero = tl.load(rows16_ptr + meta + OFF_ZERO // 2, mask=gm & rmask2, other=0.0).to(tl.float32)
+                zero = tl.load(rows16_ptr + meta + OFF_ZERO // 2, mask=gm & rmask2, other=0.0).to(DT)
                 v = v + tl.where(cm, zero[:, :, None], 0.0)
             rope = (rbase2 + OFF_ROPE) // 2 + tok_in[:, None] * ROPE + offs_p[None, :]  # [N, P]
             pe = tl.load(rows16_ptr + rope, mask=pm & rmask2, other=0.0).to(DT)
@@ -343,18 +349,18 @@ if triton is not None:
             if ONE_BLOCK:
                 if not is_row:  # the tile is in a staging block (a sequence's newest tokens): rare
                     sb = sbase + tok_in * stride_ct  # [N]
-                    v = tl.load(cache_ptr + sb[:, None, None] + cols[None, :, :], mask=cm, other=0.0).to(tl.float32)
+                    v = tl.load(cache_ptr + sb[:, None, None] + cols[None, :, :], mask=cm, other=0.0).to(DT)
                     pe = tl.load(cache_ptr + sb[:, None] + RANK + offs_p[None, :], mask=pm, other=0.0).to(DT)
             else:
                 fmask = tmask & (blk >= num_blocks)  # [N]
                 sb = sbase + tok_in * stride_ct  # [N]
                 vf = tl.load(cache_ptr + sb[:, None, None] + cols[None, :, :], mask=cm & fmask[:, None, None],
-                             other=0.0).to(tl.float32)  # fmt: skip
+                             other=0.0).to(DT)  # fmt: skip
                 pf = tl.load(cache_ptr + sb[:, None] + RANK + offs_p[None, :], mask=pm & fmask[:, None],
                              other=0.0).to(DT)  # fmt: skip
                 v = tl.where(fmask[:, None, None], vf, v)
                 pe = tl.where(fmask[:, None], pf, pe)
-            c = tl.reshape(v.to(DT), [BLOCK_N, BLOCK_G * BLOCK_GP])
+            c = tl.reshape(v, [BLOCK_N, BLOCK_G * BLOCK_GP])
         return c, pe
 
     @triton.jit
@@ -551,13 +557,16 @@ def paged_mla_prefill(
     context_len: int,
     scale: float,
     kv_lora_rank: int,
+    *,
+    tile: MLATile | None = None,
 ) -> torch.Tensor:
     """As afkv.ops.mla.mla_attention: absorbed queries q [n, H, r + dr] of positions context_len
     - n .. context_len - 1 of one sequence with table block_ids int [nb] -> [n, H, r]: n decode
-    rows over the same table, row i attending to context_len - n + 1 + i tokens."""
+    rows over the same table, row i attending to context_len - n + 1 + i tokens. `tile` as
+    paged_mla_decode's."""
     n = q.shape[0]
     if block_ids.dim() != 1 or not n <= context_len:
         raise ConfigError(f"{n} new queries, context_len {context_len} and {tuple(block_ids.shape)} blocks do not fit")
     tables = block_ids[None].expand(n, -1)  # [n, nb], one read of the table per row
     lens = torch.arange(context_len - n + 1, context_len + 1, device=q.device)  # [n]
-    return paged_mla_decode(q, cache, layer, tables, lens, scale, kv_lora_rank)
+    return paged_mla_decode(q, cache, layer, tables, lens, scale, kv_lora_rank, tile=tile)
