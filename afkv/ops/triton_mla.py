@@ -25,7 +25,20 @@ the partial (log-sum-exp, output) pairs; the grid depends on shapes only (CUDA-g
 capturable), and only attended tokens are read. When a tile lies in one cache block
 (BLOCK_SIZE a multiple of BLOCK_N) its block id is read once.
 
-Quantized rows are never dequantized element by element: a chunk lies in one scale group, so
+Two kernels, chosen by MLATile.flat (afkv bench kernels mla --tune 1 times both):
+
+  chunked (_mla_decode_kernel) as above: 3-D batched products, which Triton lowers to
+      mma.sync on sm_90 (no wgmma), quantized rows multiplied as codes (below);
+  flat (_mla_flat_kernel), FlashMLA's structure: two 2-D products per tile over the whole
+      latent (scores q [H, r] @ c^T, output P @ c [N, r]) that both read one copy of the tile
+      in shared memory; raw latents go there straight from HBM by cp.async, pipelined
+      (nothing between the load and the products); with 64 heads and 8 or 16 warps the
+      products are wgmma rows of 64 with the [64, 512] float32 accumulator split over 2 or 4
+      warp groups (V3: two programs per row instead of four or eight). Quantized rows are
+      dequantized to the model dtype first (as afkv.ops.quant does); their tiles in staging
+      blocks are taken in a second pass (see the kernel).
+
+Quantized rows (chunked kernel) are never dequantized element by element: a chunk lies in one scale group, so
 its scale and zero point factor out of the products. Scores: scale x (q . codes) + zero x
 sum(q) per chunk; output: (P x scale / the tile's largest scale) @ codes, times that largest,
 plus sum(P x zero). The codes multiply in float16, which holds them exactly and takes them
@@ -98,7 +111,8 @@ class MLATile:
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1 or self.programs_per_sm < 1:
             raise ConfigError(f"bad MLATile {self}")
         if self.flat and self.whole_scores:
-            raise ConfigError("MLATile.flat takes its scores over the whole latent already: whole_scores does not apply")
+            raise ConfigError("MLATile.flat takes its scores over the whole latent already: "
+                              "whole_scores does not apply")
 
 
 # The launch per (many query heads, quantized latents): 8 warps, the latent in 8 chunks of 64
@@ -120,9 +134,10 @@ DEFAULT_TILES = {
 CANDIDATE_TILES = tuple(MLATile(*fields) for fields in (
     (16, 32, 4, 2, 128, 2), (16, 32, 8, 2, 64, 2, True), (16, 64, 8, 2, 64, 2, True),
     (32, 32, 8, 2, 64, 2, True),  # whole_scores: raw latents only
-    # flat (_mla_flat_kernel): 64 heads on tensor-core rows of 64 (V3), the output split over 2 or 4 warp groups
-    (64, 32, 8, 2, 64, 2, False, True), (64, 32, 16, 2, 64, 2, False, True), (64, 16, 8, 4, 64, 2, False, True),
-    (64, 16, 8, 1, 64, 2, False, True), (16, 32, 4, 2, 64, 2, False, True), (16, 64, 4, 2, 64, 2, False, True),
+    # flat (_mla_flat_kernel): V3 in 64-head programs (wgmma rows of 64, the output split over 2 or 4
+    # warp groups), V2-Lite in one program of 16
+    (64, 32, 8, 2, 64, 2, False, True), (64, 64, 8, 2, 64, 2, False, True), (64, 32, 16, 2, 64, 2, False, True),
+    (64, 16, 8, 4, 64, 2, False, True), (16, 32, 4, 2, 64, 2, False, True), (16, 64, 4, 2, 64, 2, False, True),
 ))
 
 
@@ -300,68 +315,78 @@ if triton is not None:
         )  # fmt: skip
 
     @triton.jit
-    def _flat_latent_tile(
-        cache_ptr, rows_ptr, rows16_ptr, blk, tok_in, tmask, offs_w, wmask, offs_g, gmask, offs_j, jmask, offs_p,
-        pmask, stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off, DT: tl.constexpr,
+    def _flat_raw_tile(cache_ptr, base, tmask, col, wmask, offs_p, pmask, RANK: tl.constexpr, DT: tl.constexpr,
+                       ALL_COLS: tl.constexpr):  # fmt: skip
+        """Raw latents (the cache, or staging blocks) of the tokens at element offsets base [N]:
+        c [N, W] (column w holds latent column col[w], where wmask) and the rotary keys k_pe
+        [N, P], of DT. Nothing between the load and the products: it is pipelined into shared
+        memory. Tokens outside tmask are zeros and not read."""
+        cm = tmask[:, None] if ALL_COLS else tmask[:, None] & wmask[None, :]  # ALL_COLS: constant along a row
+        c = tl.load(cache_ptr + base[:, None] + col[None, :], mask=cm, other=0.0).to(DT)
+        pe = tl.load(cache_ptr + base[:, None] + RANK + offs_p[None, :], mask=tmask[:, None] & pmask[None, :],
+                     other=0.0).to(DT)  # fmt: skip
+        return c, pe
+
+    @triton.jit
+    def _flat_rows_tile(
+        cache_ptr, rows_ptr, rows16_ptr, blk, tok_in, tmask, offs_g, gmask, offs_j, jmask, offs_p, pmask,
+        stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off, DT: tl.constexpr,
         RANK: tl.constexpr, ROPE: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GP: tl.constexpr,
         OFF_SCALE: tl.constexpr, OFF_ZERO: tl.constexpr, OFF_ROPE: tl.constexpr, ONE_BLOCK: tl.constexpr,
     ):  # fmt: skip
-        """The latents of a tile as one matrix c [N, W] of DT (W = BLOCK_G x BLOCK_GP columns:
-        scale group g's value j in column g x BLOCK_GP + j; raw latents are one group) and the
-        rotary keys k_pe [N, P] of DT. Raw latents load straight into c (nothing between the
-        load and the products: the load is pipelined into shared memory); quantized rows are
-        dequantized as afkv.ops.quant does (code x scale + zero in float32, rounded to DT)
-        and staging blocks read as they are. `blk` as in _latent_tile."""
+        """Quantized rows of a tile dequantized as afkv.ops.quant does (code x scale + zero, in
+        DT: one rounding of the exact product) -> c [N, W] (scale group g's value j in column
+        g x BLOCK_GP + j) and k_pe [N, P], of DT. `blk` as in _latent_tile. When ONE_BLOCK a
+        tile in a staging block is zeros (the kernel takes those tiles in a second pass);
+        otherwise each token in a staging block is read from it."""
+        cols = offs_g[:, None] * GROUP + offs_j[None, :]  # [G, GP] latent column
+        cm = tmask[:, None, None] & (gmask[:, None] & jmask[None, :] & (cols < RANK))[None, :, :]  # [N, G, GP]
+        gm = tmask[:, None] & gmask[None, :]  # [N, G]
         pm = tmask[:, None] & pmask[None, :]  # [N, P]
-        if KIND == -1:
-            base = blk * stride_cb + layer_off + tok_in * stride_ct  # [N]
-            if RANK == BLOCK_GP:  # no column masked: the mask stays constant along the row
-                cm = tmask[:, None]
-            else:
-                cm = tmask[:, None] & wmask[None, :]
-            c = tl.load(cache_ptr + base[:, None] + offs_w[None, :], mask=cm, other=0.0).to(DT)  # [N, W]
-            pe = tl.load(cache_ptr + base[:, None] + RANK + offs_p[None, :], mask=pm, other=0.0).to(DT)
+        is_row = blk < num_blocks
+        rbase = tl.where(is_row, blk, 0) * row_nbytes + layer_nbytes_off  # byte offset of the layer section
+        if ONE_BLOCK:  # scalars
+            rbase2, rbase3, rmask2, rmask3 = rbase, rbase, is_row, is_row
+        else:  # per token
+            rbase2, rbase3 = rbase[:, None], rbase[:, None, None]
+            rmask2, rmask3 = is_row[:, None], is_row[:, None, None]
+        b = tl.load(rows_ptr + rbase3 + tok_in[:, None, None] * RANK + cols[None, :, :], mask=cm & rmask3, other=0)
+        if KIND == 0:
+            v = b.to(tl.float8e4nv, bitcast=True).to(DT)
         else:
-            cols = offs_g[:, None] * GROUP + offs_j[None, :]  # [G, GP] latent column
-            cm = tmask[:, None, None] & (gmask[:, None] & jmask[None, :] & (cols < RANK))[None, :, :]  # [N, G, GP]
-            gm = tmask[:, None] & gmask[None, :]  # [N, G]
-            is_row = blk < num_blocks
-            rbase = tl.where(is_row, blk, 0) * row_nbytes + layer_nbytes_off  # byte offset of the layer section
-            if ONE_BLOCK:  # scalars
-                rbase2, rbase3, rmask2, rmask3 = rbase, rbase, is_row, is_row
-            else:  # per token
-                rbase2, rbase3, rmask2, rmask3 = rbase[:, None], rbase[:, None, None], is_row[:, None], is_row[:, None, None]
-            b = tl.load(rows_ptr + rbase3 + tok_in[:, None, None] * RANK + cols[None, :, :], mask=cm & rmask3, other=0)
-            if KIND == 0:
-                v = b.to(tl.float8e4nv, bitcast=True).to(DT)
-            else:
-                v = b.to(DT)
-            meta = rbase2 // 2 + tok_in[:, None] * NUM_GROUPS + offs_g[None, :]  # [N, G] 16-bit
-            scale = tl.load(rows16_ptr + meta + OFF_SCALE // 2, mask=gm & rmask2, other=0.0).to(DT)
-            v = v * scale[:, :, None]  # [N, G, GP]
-            if KIND == 1:
-                zero = tl.load(rows16_ptr + meta + OFF_ZERO // 2, mask=gm & rmask2, other=0.0).to(DT)
-                v = v + tl.where(cm, zero[:, :, None], 0.0)
-            rope = (rbase2 + OFF_ROPE) // 2 + tok_in[:, None] * ROPE + offs_p[None, :]  # [N, P]
-            pe = tl.load(rows16_ptr + rope, mask=pm & rmask2, other=0.0).to(DT)
-            sbase = tl.maximum(blk - num_blocks, 0) * stride_cb + layer_off  # staging block(s)
-            if ONE_BLOCK:
-                if not is_row:  # the tile is in a staging block (a sequence's newest tokens): rare
-                    sb = sbase + tok_in * stride_ct  # [N]
-                    v = tl.load(cache_ptr + sb[:, None, None] + cols[None, :, :], mask=cm, other=0.0).to(DT)
-                    pe = tl.load(cache_ptr + sb[:, None] + RANK + offs_p[None, :], mask=pm, other=0.0).to(DT)
-            else:
-                fmask = tmask & (blk >= num_blocks)  # [N]
-                sb = sbase + tok_in * stride_ct  # [N]
-                vf = tl.load(cache_ptr + sb[:, None, None] + cols[None, :, :], mask=cm & fmask[:, None, None],
-                             other=0.0).to(DT)  # fmt: skip
-                pf = tl.load(cache_ptr + sb[:, None] + RANK + offs_p[None, :], mask=pm & fmask[:, None],
-                             other=0.0).to(DT)  # fmt: skip
-                v = tl.where(fmask[:, None, None], vf, v)
-                pe = tl.where(fmask[:, None], pf, pe)
-            c = tl.reshape(v, [BLOCK_N, BLOCK_G * BLOCK_GP])
-        return c, pe
+            v = b.to(DT)
+        meta = rbase2 // 2 + tok_in[:, None] * NUM_GROUPS + offs_g[None, :]  # [N, G] 16-bit
+        scale = tl.load(rows16_ptr + meta + OFF_SCALE // 2, mask=gm & rmask2, other=0.0).to(DT)
+        v = v * scale[:, :, None]  # [N, G, GP]
+        if KIND == 1:
+            zero = tl.load(rows16_ptr + meta + OFF_ZERO // 2, mask=gm & rmask2, other=0.0).to(DT)
+            v = v + tl.where(cm, zero[:, :, None], 0.0)
+        rope = (rbase2 + OFF_ROPE) // 2 + tok_in[:, None] * ROPE + offs_p[None, :]  # [N, P]
+        pe = tl.load(rows16_ptr + rope, mask=pm & rmask2, other=0.0).to(DT)
+        if not ONE_BLOCK:
+            fmask = tmask & (blk >= num_blocks)  # [N]
+            sb = tl.maximum(blk - num_blocks, 0) * stride_cb + layer_off + tok_in * stride_ct  # [N]
+            vf = tl.load(cache_ptr + sb[:, None, None] + cols[None, :, :], mask=cm & fmask[:, None, None],
+                         other=0.0).to(DT)  # fmt: skip
+            pf = tl.load(cache_ptr + sb[:, None] + RANK + offs_p[None, :], mask=pm & fmask[:, None], other=0.0).to(DT)
+            v = tl.where(fmask[:, None, None], vf, v)
+            pe = tl.where(fmask[:, None], pf, pe)
+        return tl.reshape(v, [BLOCK_N, BLOCK_G * BLOCK_GP]), pe
+
+    @triton.jit
+    def _flat_step(q_lat, q_pe, c, pe, valid, hmask, m_i, l_i, acc, qk_scale, DT: tl.constexpr, IEEE: tl.constexpr):
+        """Online softmax over one tile: q_lat [H, W], q_pe [H, P], c [N, W], k_pe [N, P], valid
+        [N] -> running max m_i [H] (log2 units), sum l_i [H], unnormalised output acc [H, W]."""
+        s = _dot(q_lat, tl.trans(c), IEEE) + _dot(q_pe, tl.trans(pe), IEEE)  # [H, N]
+        s = tl.where(hmask[:, None] & valid[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # [H]
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])  # [H, N]
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(DT), c, IEEE)  # [H, W]
+        return m_new, l_i, acc
 
     @triton.jit
     def _mla_flat_kernel(
@@ -377,9 +402,13 @@ if triton is not None:
         """MLATile.flat: the decode as two 2-D products per tile over the whole latent, as
         FlashMLA does: scores q [H, W] @ c^T and the output P [H, N] @ c [N, W], both from one
         load of the tile c [N, W] (raw latents: straight from HBM into shared memory, pipelined;
-        quantized: dequantized to the model dtype first), the accumulator [H, W] float32 (with
-        64 heads and 8 warps the tensor cores' 64-row products split W between warp groups).
-        Columns as in _flat_latent_tile; grid and split-K as _mla_decode_kernel."""
+        quantized rows: dequantized to the model dtype first), the accumulator [H, W] float32
+        (with 64 heads and 8 warps the tensor cores' 64-row products split W between warp
+        groups). Columns: each scale group padded to BLOCK_GP (raw latents: one group). When a
+        tile lies in one cache block, quantized rows' tiles in staging blocks are taken in a
+        second pass over the table (a branch in the main loop keeps a second tile live: the
+        accumulator spills on sm_90); the softmax does not depend on the order of tiles. Grid
+        and split-K as _mla_decode_kernel."""
         hb = tl.program_id(0)
         split = tl.program_id(1)
         b = tl.program_id(2)
@@ -387,8 +416,12 @@ if triton is not None:
         hmask = heads < num_heads
         W: tl.constexpr = BLOCK_G * BLOCK_GP
         offs_w = tl.arange(0, W)  # [W] column of the tile's matrix
-        col = (offs_w // BLOCK_GP) * GROUP + offs_w % BLOCK_GP  # [W] latent column it holds
+        if KIND == -1:  # one group: the identity
+            col = offs_w
+        else:
+            col = (offs_w // BLOCK_GP) * GROUP + offs_w % BLOCK_GP  # [W] the latent column it holds
         wmask = (offs_w % BLOCK_GP < GROUP) & (col < RANK)
+        ALL_COLS: tl.constexpr = W == RANK  # no padded column
         offs_g = tl.arange(0, BLOCK_G)
         gmask = offs_g < NUM_GROUPS
         offs_j = tl.arange(0, BLOCK_GP)
@@ -397,7 +430,8 @@ if triton is not None:
         pmask = offs_p < ROPE
         DT: tl.constexpr = tl.float32 if IEEE else cache_ptr.dtype.element_ty
         q_rows = q_ptr + b * stride_qb + heads * stride_qh  # [H]
-        q_lat = tl.load(q_rows[:, None] + col[None, :], mask=hmask[:, None] & wmask[None, :], other=0.0).to(DT)  # [H, W]
+        q_lat = tl.load(q_rows[:, None] + col[None, :], mask=hmask[:, None] & wmask[None, :],
+                        other=0.0).to(DT)  # [H, W]  # fmt: skip
         q_pe = tl.load(q_rows[:, None] + RANK + offs_p[None, :], mask=hmask[:, None] & pmask[None, :],
                        other=0.0).to(DT)  # [H, P]  # fmt: skip
         end = tl.minimum(tl.load(context_lens_ptr + b), max_tokens)
@@ -409,28 +443,37 @@ if triton is not None:
         acc = tl.zeros([BLOCK_H, W], tl.float32)
         offs_n = tl.arange(0, BLOCK_N)
         ONE_BLOCK: tl.constexpr = BLOCK_SIZE % BLOCK_N == 0  # a tile lies in one cache block
+        staged = 0  # ONE_BLOCK, quantized rows: tiles in staging blocks, left for the second pass
         for t0 in range(lo, hi, BLOCK_N):
             tok = t0 + offs_n  # [N]
             tmask = tok < hi
             if ONE_BLOCK:
                 blk = tl.load(block_tables_ptr + b * stride_bt + t0 // BLOCK_SIZE).to(tl.int64)
+                staged += (blk >= num_blocks).to(tl.int32)
             else:
                 blk = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
-            c, pe = _flat_latent_tile(
-                cache_ptr, rows_ptr, rows16_ptr, blk, tok % BLOCK_SIZE, tmask, offs_w, wmask, offs_g, gmask, offs_j,
-                jmask, offs_p, pmask, stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off, DT,
-                RANK, ROPE, KIND, GROUP, NUM_GROUPS, BLOCK_N, BLOCK_G, BLOCK_GP, OFF_SCALE, OFF_ZERO, OFF_ROPE,
-                ONE_BLOCK,
-            )  # fmt: skip
-            s = _dot(q_lat, tl.trans(c), IEEE) + _dot(q_pe, tl.trans(pe), IEEE)  # [H, N]
-            s = tl.where(hmask[:, None] & tmask[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # [H]
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_ref[:, None])  # [H, N]
-            alpha = tl.exp2(m_i - m_ref)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(DT), c, IEEE)  # [H, W]
-            m_i = m_new
+            if KIND == -1:
+                base = blk * stride_cb + layer_off + (tok % BLOCK_SIZE) * stride_ct  # [N]
+                c, pe = _flat_raw_tile(cache_ptr, base, tmask, col, wmask, offs_p, pmask, RANK, DT, ALL_COLS)
+                valid = tmask
+            else:
+                c, pe = _flat_rows_tile(
+                    cache_ptr, rows_ptr, rows16_ptr, blk, tok % BLOCK_SIZE, tmask, offs_g, gmask, offs_j, jmask,
+                    offs_p, pmask, stride_cb, stride_ct, layer_off, num_blocks, row_nbytes, layer_nbytes_off, DT,
+                    RANK, ROPE, KIND, GROUP, NUM_GROUPS, BLOCK_N, BLOCK_G, BLOCK_GP, OFF_SCALE, OFF_ZERO, OFF_ROPE,
+                    ONE_BLOCK,
+                )  # fmt: skip
+                valid = tmask & (blk < num_blocks) if ONE_BLOCK else tmask  # ONE_BLOCK: staging tiles come next
+            m_i, l_i, acc = _flat_step(q_lat, q_pe, c, pe, valid, hmask, m_i, l_i, acc, qk_scale, DT, IEEE)
+        if KIND >= 0 and ONE_BLOCK and staged > 0:  # the tiles in staging blocks (a sequence's newest tokens: few)
+            for t0 in range(lo, hi, BLOCK_N):
+                blk = tl.load(block_tables_ptr + b * stride_bt + t0 // BLOCK_SIZE).to(tl.int64)
+                if blk >= num_blocks:
+                    tok = t0 + offs_n  # [N]
+                    tmask = tok < hi
+                    base = (blk - num_blocks) * stride_cb + layer_off + (tok % BLOCK_SIZE) * stride_ct  # [N]
+                    c, pe = _flat_raw_tile(cache_ptr, base, tmask, col, wmask, offs_p, pmask, RANK, DT, ALL_COLS)
+                    m_i, l_i, acc = _flat_step(q_lat, q_pe, c, pe, tmask, hmask, m_i, l_i, acc, qk_scale, DT, IEEE)
         has = l_i > 0.0
         o = acc / tl.where(has, l_i, 1.0)[:, None]  # [H, W]
         _store_out(out_ptr, mid_o_ptr, mid_lse_ptr, m_i, has, l_i, o, b, heads, hmask, heads[:, None], col[None, :],

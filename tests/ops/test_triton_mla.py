@@ -273,14 +273,18 @@ def test_decode_real_shapes_bf16(num_heads, kind, tile):
     torch.testing.assert_close(got.float().cpu(), want, **_tol(torch.bfloat16))
 
 
+_V3_FLAT = tm.MLATile(64, 32, 8, 2, flat=True)
+
+
 @pytest.mark.parametrize("magnitude", [3e4, 1e-6])  # beyond float16's largest; below its smallest normal
 @pytest.mark.parametrize("kind", ["fp8", "int8"])
+@pytest.mark.parametrize("tile", [None, _V3_FLAT], ids=["default", "flat"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
-def test_quantized_decode_holds_queries_of_any_magnitude(kind, magnitude):
-    """Quantized codes multiply in float16 with the queries scaled into its range per program:
-    bfloat16 queries far outside float16's range (softmax scale 0.1 / magnitude) give float32
-    attention's output."""
+def test_quantized_decode_holds_queries_of_any_magnitude(kind, magnitude, tile):
+    """Quantized codes multiply in float16 with the queries scaled into its range per program
+    (the chunked kernel), or dequantized to bfloat16 (the flat one): bfloat16 queries far
+    outside float16's range (softmax scale 0.1 / magnitude) give float32 attention's output."""
     gen = torch.Generator().manual_seed(17)
     lens = torch.randint(1, 3000, (6,), generator=gen).tolist()
     dev_cache, ref_tables, tables = _quant_cache(kind, torch.bfloat16, 512, 64, 64, lens, "cuda", gen, num_layers=1)
@@ -288,14 +292,15 @@ def test_quantized_decode_holds_queries_of_any_magnitude(kind, magnitude):
     q = (torch.randn(len(lens), 128, 576, generator=gen) * magnitude).to(torch.bfloat16)
     lens_t = torch.tensor(lens)
     want = mla.mla_decode_attention(q.float(), ref_cache, 0, ref_tables, lens_t, 0.1 / magnitude, 512)
-    got = tm.paged_mla_decode(q.cuda(), dev_cache, 0, tables.cuda(), lens_t.cuda(), 0.1 / magnitude, 512)
+    got = tm.paged_mla_decode(q.cuda(), dev_cache, 0, tables.cuda(), lens_t.cuda(), 0.1 / magnitude, 512, tile=tile)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.float().cpu(), want, **_tol(torch.bfloat16))
 
 
+@pytest.mark.parametrize("tile", [None, tm.MLATile(16, 32, 4, 2, flat=True)], ids=["default", "flat"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
-def test_decode_is_cuda_graph_capturable():
+def test_decode_is_cuda_graph_capturable(tile):
     gen = torch.Generator().manual_seed(5)
     lens = [300, 40, 1, 129]
     cache = torch.randn(20, 2, 64, 576, generator=gen).to(torch.bfloat16).cuda()
@@ -303,11 +308,11 @@ def test_decode_is_cuda_graph_capturable():
     tables = ref_tables.cuda()
     q = torch.randn(4, 16, 576, generator=gen).to(torch.bfloat16).cuda()
     lens_t = torch.tensor(lens, device="cuda")
-    tm.paged_mla_decode(q, cache, 1, tables, lens_t, 0.13, 512)  # compile outside the capture
+    tm.paged_mla_decode(q, cache, 1, tables, lens_t, 0.13, 512, tile=tile)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = tm.paged_mla_decode(q, cache, 1, tables, lens_t, 0.13, 512)
+        out = tm.paged_mla_decode(q, cache, 1, tables, lens_t, 0.13, 512, tile=tile)
     new_lens = torch.tensor([0, 33, 1, 120], device="cuda")
     lens_t.copy_(new_lens)
     graph.replay()
