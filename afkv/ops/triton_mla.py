@@ -121,10 +121,11 @@ class MLATile:
 # across warps), quantized ones need the chunks (a scale per chunk); V3's 128 heads in blocks
 # of 32 (each latent tile read by 4 programs, from L2 after the first).
 # `afkv bench kernels mla --tune 1` times CANDIDATE_TILES beside them. Registers / spilled
-# bytes on sm_90 (tests/ops/sm90_compile.py --usage, V3 128 heads, bf16): the chunked kernel
-# 122-224 / 0 over raw latents and 201-255 / up to 624 over fp8 / int8 ones, all on mma.sync
-# (3-D products); flat raw 128-255 / 0 on wgmma with the tile async-copied (h64 n32 w16: 128
-# registers), flat fp8 / int8 255 / 200-550 (the dequantized tile).
+# bytes on sm_90 (tests/ops/sm90_compile.py --usage, bf16, V3's 128 heads): the chunked kernel
+# (mma.sync: 3-D products) 122-219 / 0 over raw latents, 203-255 / 0-624 over fp8 / int8; the
+# flat one (wgmma at 64 heads, the tile cp.async'd) 128-255 / 0 over raw latents, fp8 / int8
+# 255 / 280-1912 but (cuobjdump -sass) none or two reloads a tile in the main loop: the spill
+# code is in the staging pass.
 DEFAULT_TILES = {
     (False, False): MLATile(16, 32, 8, 2, 64, 2, whole_scores=True),
     (False, True): MLATile(16, 32, 8, 2, 64),
@@ -132,12 +133,12 @@ DEFAULT_TILES = {
     (True, True): MLATile(32, 16, 8, 2, 64),
 }
 CANDIDATE_TILES = tuple(MLATile(*fields) for fields in (
-    (16, 32, 4, 2, 128, 2), (16, 32, 8, 2, 64, 2, True), (16, 64, 8, 2, 64, 2, True),
-    (32, 32, 8, 2, 64, 2, True),  # whole_scores: raw latents only
-    # flat (_mla_flat_kernel): V3 in 64-head programs (wgmma rows of 64, the output split over 2 or 4
-    # warp groups), V2-Lite in one program of 16
+    # flat (_mla_flat_kernel), first (the tuning stops at its deadline): V3 in 64-head programs (wgmma
+    # rows of 64, the output split over 2 or 4 warp groups), V2-Lite in one program of 16
     (64, 32, 8, 2, 64, 2, False, True), (64, 64, 8, 2, 64, 2, False, True), (64, 32, 16, 2, 64, 2, False, True),
     (64, 16, 8, 4, 64, 2, False, True), (16, 32, 4, 2, 64, 2, False, True), (16, 64, 4, 2, 64, 2, False, True),
+    (16, 32, 4, 2, 128, 2), (16, 32, 8, 2, 64, 2, True), (16, 64, 8, 2, 64, 2, True),
+    (32, 32, 8, 2, 64, 2, True),  # whole_scores: raw latents only
 ))
 
 
