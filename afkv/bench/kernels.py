@@ -636,7 +636,8 @@ def _mla_tune(default, heads, q, cache, tables, lens, scale, calls, replays, dev
 
 
 def _tile_str(t) -> str:
-    return f"h{t.block_h} n{t.block_n} w{t.num_warps} s{t.num_stages} chunk{t.rank_chunk} pps{t.programs_per_sm}"
+    flat = " flat" if getattr(t, "flat", False) else ""  # JSON written before MLATile.flat has none
+    return f"h{t.block_h} n{t.block_n} w{t.num_warps} s{t.num_stages} chunk{t.rank_chunk} pps{t.programs_per_sm}{flat}"
 
 
 def _mla_line(r: dict) -> str:

@@ -59,7 +59,7 @@ def test_mla_candidate_launches_compile_to_cubin_for_sm90():
     memory; registers and spilled bytes printed (-s shows them)."""
     out = _run("cubin", "--sweep", "--usage", "--only=^decode mla .* bfloat16 h(128|16) .*MLATile")
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
-    lines = [line for line in out.stdout.splitlines() if "_mla_decode_kernel" in line]
+    lines = [line for line in out.stdout.splitlines() if "_mla_decode_kernel" in line or "_mla_flat_kernel" in line]
     from afkv.ops import triton_mla as tm
 
     launches = [(h, kind, t) for h in (128, 16) for kind in ("raw", "fp8", "int8") for t in tm.CANDIDATE_TILES

@@ -116,8 +116,10 @@ def test_decode_over_quantized_rows_and_staging(device, kind):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["raw", "fp8", "int8"])
 @pytest.mark.parametrize("tile", [tm.MLATile(block_n=16, rank_chunk=64), tm.MLATile(block_h=32, block_n=32),
-                                  tm.MLATile(block_n=16, rank_chunk=64, whole_scores=True)],
-                         ids=["tile-in-block", "tiles-across-blocks", "whole-scores"])
+                                  tm.MLATile(block_n=16, rank_chunk=64, whole_scores=True),
+                                  tm.MLATile(block_n=16, flat=True), tm.MLATile(block_h=32, block_n=32, flat=True)],
+                         ids=["tile-in-block", "tiles-across-blocks", "whole-scores", "flat-in-block",
+                              "flat-across-blocks"])
 def test_decode_tiles_and_chunks(device, kind, tile):
     """Tiles inside one cache block (the tile's block id read once: a quantized tile or a
     staging tile, per tile) and across blocks (per token), latents in several chunks (raw:
@@ -144,22 +146,79 @@ def test_decode_tiles_and_chunks(device, kind, tile):
     assert torch.equal(got[4].cpu(), torch.zeros(heads, rank))
 
 
+_FLAT_TILES = [tm.MLATile(block_n=16, flat=True), tm.MLATile(block_h=32, block_n=32, num_warps=8, flat=True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["raw", "fp8", "int8"])
+@pytest.mark.parametrize("tile", _FLAT_TILES, ids=["in-block", "across-blocks"])
+def test_flat_kernel_matches_reference(device, dtype, kind, tile):
+    """MLATile.flat (_mla_flat_kernel) in every cache dtype over raw latents and quantized rows
+    with staging blocks (scale groups of 128, the last one partial: padded columns), split-K,
+    rows with nothing cached, more heads than a head block."""
+    gen = torch.Generator().manual_seed(23)
+    rank, rope, bs, heads = 160, 16, 16, 20
+    lens = [70, 0, 33, 16, 1]
+    if kind == "raw":
+        nb = sum(-(-n // bs) for n in lens) + 2
+        cache = torch.randn(nb, 2, bs, rank + rope, generator=gen).to(dtype)
+        ref_tables, bad_tables = _tables(lens, bs, nb, gen)
+        ref_cache, dev_cache = cache.float(), cache.to(device)
+    else:
+        dev_cache, ref_tables, bad_tables = _quant_cache(kind, dtype, rank, rope, bs, lens, device, gen)
+        ref_cache = QuantizedKVCache(dev_cache.blocks.cpu(), dev_cache.staging.cpu(), dev_cache.spec,
+                                     dev_cache.max_tail_blocks)
+    q = torch.randn(len(lens), heads, rank + rope, generator=gen).to(dtype)
+    lens_t = torch.tensor(lens)
+    want = mla.mla_decode_attention(q.float(), ref_cache, 1, ref_tables, lens_t, 0.2, rank).float()
+    got = tm.paged_mla_decode(q.to(device), dev_cache, 1, bad_tables.to(device), lens_t.to(device), 0.2, rank,
+                              num_splits=3, tile=tile)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float().cpu(), want, **_tol(dtype))
+    assert torch.equal(got[1].cpu(), torch.zeros(heads, rank, dtype=dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tile", [None, *_FLAT_TILES], ids=["default", "flat-in-block", "flat-across-blocks"])
+def test_padding_rows_leave_a_row_bit_identical(device, tile):
+    """A row's output has the same bits alone and in a batch padded as a CUDA graph bucket pads
+    it (rows with nothing cached, a wider table of ids never read) at the same split count."""
+    gen = torch.Generator().manual_seed(29)
+    rank, rope, bs = 64, 16, 16
+    cache = torch.randn(8, 1, bs, rank + rope, generator=gen).to(device)
+    q = torch.randn(1, 20, rank + rope, generator=gen).to(device)
+    table = torch.randperm(8, generator=gen)[:5].view(1, 5).to(device)
+    alone = tm.paged_mla_decode(q, cache, 0, table, torch.tensor([70], device=device), 0.2, rank, num_splits=2,
+                                tile=tile)
+    padded_q = torch.cat([q, torch.randn(3, 20, rank + rope, generator=gen).to(device)])
+    padded_table = torch.full((4, 7), _BAD_BLOCK, dtype=torch.int64, device=device)
+    padded_table[0, :5] = table[0]
+    lens = torch.tensor([70, 0, 0, 0], device=device)
+    padded = tm.paged_mla_decode(padded_q, cache, 0, padded_table, lens, 0.2, rank, num_splits=2, tile=tile)
+    assert torch.equal(padded[0], alone[0])
+    assert torch.equal(padded[1:].cpu(), torch.zeros(3, 20, rank))
+
+
 def test_bad_tiles_are_refused():
     with pytest.raises(ConfigError, match="block_n"):
         tm.MLATile(block_n=24)
     with pytest.raises(ConfigError, match="rank_chunk"):
         tm.MLATile(rank_chunk=8)
+    with pytest.raises(ConfigError, match="whole_scores"):
+        tm.MLATile(flat=True, whole_scores=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_prefill_rows_are_causal(device):
+@pytest.mark.parametrize("tile", [None, tm.MLATile(flat=True)], ids=["default", "flat"])
+def test_prefill_rows_are_causal(device, tile):
     """A chunk of n queries: row i sees context_len - n + 1 + i tokens (the reference's mask)."""
     gen = torch.Generator().manual_seed(3)
     cache = torch.randn(8, 1, 4, 46, generator=gen)
     table = torch.randperm(8, generator=gen)[:6]
     q = torch.randn(7, 5, 46, generator=gen)
     want = mla.mla_attention(q, cache, 0, table, 22, 0.3, 40)
-    got = tm.paged_mla_prefill(q.to(device), cache.to(device), 0, table.to(device), 22, 0.3, 40)
+    got = tm.paged_mla_prefill(q.to(device), cache.to(device), 0, table.to(device), 22, 0.3, 40, tile=tile)
     torch.testing.assert_close(got.cpu(), want, **_tol(torch.float32))
 
 
@@ -181,7 +240,7 @@ def _tile_id(tile) -> str:
     if tile is None:
         return "default"
     return (f"h{tile.block_h}-n{tile.block_n}-w{tile.num_warps}-s{tile.num_stages}-c{tile.rank_chunk}"
-            f"-p{tile.programs_per_sm}" + ("-whole" if tile.whole_scores else ""))
+            f"-p{tile.programs_per_sm}" + ("-whole" if tile.whole_scores else "") + ("-flat" if tile.flat else ""))
 
 
 @pytest.mark.parametrize("tile", [None, *tm.CANDIDATE_TILES], ids=_tile_id)
@@ -214,14 +273,18 @@ def test_decode_real_shapes_bf16(num_heads, kind, tile):
     torch.testing.assert_close(got.float().cpu(), want, **_tol(torch.bfloat16))
 
 
+_V3_FLAT = tm.MLATile(64, 32, 8, 2, flat=True)
+
+
 @pytest.mark.parametrize("magnitude", [3e4, 1e-6])  # beyond float16's largest; below its smallest normal
 @pytest.mark.parametrize("kind", ["fp8", "int8"])
+@pytest.mark.parametrize("tile", [None, _V3_FLAT], ids=["default", "flat"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
-def test_quantized_decode_holds_queries_of_any_magnitude(kind, magnitude):
-    """Quantized codes multiply in float16 with the queries scaled into its range per program:
-    bfloat16 queries far outside float16's range (softmax scale 0.1 / magnitude) give float32
-    attention's output."""
+def test_quantized_decode_holds_queries_of_any_magnitude(kind, magnitude, tile):
+    """Quantized codes multiply in float16 with the queries scaled into its range per program
+    (the chunked kernel), or dequantized to bfloat16 (the flat one): bfloat16 queries far
+    outside float16's range (softmax scale 0.1 / magnitude) give float32 attention's output."""
     gen = torch.Generator().manual_seed(17)
     lens = torch.randint(1, 3000, (6,), generator=gen).tolist()
     dev_cache, ref_tables, tables = _quant_cache(kind, torch.bfloat16, 512, 64, 64, lens, "cuda", gen, num_layers=1)
@@ -229,14 +292,15 @@ def test_quantized_decode_holds_queries_of_any_magnitude(kind, magnitude):
     q = (torch.randn(len(lens), 128, 576, generator=gen) * magnitude).to(torch.bfloat16)
     lens_t = torch.tensor(lens)
     want = mla.mla_decode_attention(q.float(), ref_cache, 0, ref_tables, lens_t, 0.1 / magnitude, 512)
-    got = tm.paged_mla_decode(q.cuda(), dev_cache, 0, tables.cuda(), lens_t.cuda(), 0.1 / magnitude, 512)
+    got = tm.paged_mla_decode(q.cuda(), dev_cache, 0, tables.cuda(), lens_t.cuda(), 0.1 / magnitude, 512, tile=tile)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.float().cpu(), want, **_tol(torch.bfloat16))
 
 
+@pytest.mark.parametrize("tile", [None, tm.MLATile(16, 32, 4, 2, flat=True)], ids=["default", "flat"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
-def test_decode_is_cuda_graph_capturable():
+def test_decode_is_cuda_graph_capturable(tile):
     gen = torch.Generator().manual_seed(5)
     lens = [300, 40, 1, 129]
     cache = torch.randn(20, 2, 64, 576, generator=gen).to(torch.bfloat16).cuda()
@@ -244,11 +308,11 @@ def test_decode_is_cuda_graph_capturable():
     tables = ref_tables.cuda()
     q = torch.randn(4, 16, 576, generator=gen).to(torch.bfloat16).cuda()
     lens_t = torch.tensor(lens, device="cuda")
-    tm.paged_mla_decode(q, cache, 1, tables, lens_t, 0.13, 512)  # compile outside the capture
+    tm.paged_mla_decode(q, cache, 1, tables, lens_t, 0.13, 512, tile=tile)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = tm.paged_mla_decode(q, cache, 1, tables, lens_t, 0.13, 512)
+        out = tm.paged_mla_decode(q, cache, 1, tables, lens_t, 0.13, 512, tile=tile)
     new_lens = torch.tensor([0, 33, 1, 120], device="cuda")
     lens_t.copy_(new_lens)
     graph.replay()
