@@ -120,6 +120,9 @@ class MLATile:
 # mla --tune 1`), against the earlier defaults in the same run: V3 bf16 16 heads x 64 tokens,
 # scores as one product, 1.60x faster; V3 fp8 / int8 and every V2-Lite format 16 heads x 32
 # tokens, 4 warps, the latent in chunks of 128: 1.43x / 1.67x, 1.20x (bf16), 1.75x / 1.70x.
+# V3 (more than 16 heads): the flat kernel, 64 heads x 64 tokens, 8 warps, the tuner's winner for
+# bf16, fp8 and int8 at 16 x 4096 in session 4's last call (H100): 114.5 / 129.9 / 136.8 us, 4.08x
+# / 5.42x / 4.94x faster than the chunked defaults above in the same run.
 # `afkv bench kernels mla --tune 1` times CANDIDATE_TILES beside them.
 # Registers / spilled
 # bytes on sm_90 (tests/ops/sm90_compile.py --usage, bf16, V3's 128 heads): the chunked kernel
@@ -130,8 +133,8 @@ class MLATile:
 DEFAULT_TILES = {
     (False, False): MLATile(16, 32, 4, 2, 128, 2),
     (False, True): MLATile(16, 32, 4, 2, 128, 2),
-    (True, False): MLATile(16, 64, 8, 2, 64, 2, whole_scores=True),
-    (True, True): MLATile(16, 32, 4, 2, 128, 2),
+    (True, False): MLATile(64, 64, 8, 2, 64, 2, flat=True),
+    (True, True): MLATile(64, 64, 8, 2, 64, 2, flat=True),
 }
 CANDIDATE_TILES = tuple(MLATile(*fields) for fields in (
     # flat (_mla_flat_kernel), first (the tuning stops at its deadline): V3 in 64-head programs (wgmma
