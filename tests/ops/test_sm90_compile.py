@@ -49,8 +49,9 @@ def test_deepseek_mla_compiles_to_cubin_for_sm90():
     raw, fp8 and int8 latents: the whole pipeline, shared memory within an H100's."""
     out = _run("cubin", "--only=mla .* bfloat16 h128", "--usage")
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
-    assert out.stdout.count("_mla_decode_kernel") == 6  # decode and prefill x three formats
-    print("\n".join(line for line in out.stdout.splitlines() if "_mla_decode_kernel" in line))  # registers, spills
+    mla = [line for line in out.stdout.splitlines() if "_mla_decode_kernel" in line or "_mla_flat_kernel" in line]
+    assert len(mla) == 6  # decode and prefill x three formats, whichever kernel the default tile names
+    print("\n".join(mla))  # registers, spills
 
 
 def test_mla_candidate_launches_compile_to_cubin_for_sm90():
