@@ -136,6 +136,16 @@ def num_decode_splits(batch: int, num_kv_heads: int, device_index: int | None,
 
 if triton is not None:
     @triton.jit
+    def _online_max(s, m_i):
+        """Online softmax's rescaling: scores s [M, N] (log2 units, -inf where masked) and the
+        running max m_i [M] -> (new max [M], p = exp2(s - max) [M, N], alpha = exp2(m_i - max)
+        [M], the factor the running sums and outputs take). Rows with nothing attended yet keep
+        p and alpha finite (0 and 1)."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # [M]
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        return m_new, tl.exp2(s - m_ref[:, None]), tl.exp2(m_i - m_ref)
+
+    @triton.jit
     def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
         """Online-softmax step. q [M, D] (products run in q's dtype: IEEE float32 when IEEE),
         k, v [N, D], valid [M, N] -> running max m_i [M] (log2 units), sum l_i [M],
@@ -147,10 +157,7 @@ if triton is not None:
         else:
             s = tl.dot(q, tl.trans(k))  # [M, N]
         s = tl.where(valid, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # [M]
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing attended yet
-        p = tl.exp2(s - m_ref[:, None])  # [M, N]
-        alpha = tl.exp2(m_i - m_ref)  # [M]
+        m_new, p, alpha = _online_max(s, m_i)  # [M], [M, N], [M]
         l_i = l_i * alpha + tl.sum(p, 1)
         if IEEE:
             pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")  # [M, D]
@@ -555,10 +562,7 @@ if triton is not None:
         if KIND != 0:  # zero points, less what the codes' offset added
             s += qsum[:, None] * ((kz.to(tl.float32) - off * ks) * qk_scale)[None, :]
         s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # [M]
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_ref[:, None])  # [M, N]
-        alpha = tl.exp2(m_i - m_ref)  # [M]
+        m_new, p, alpha = _online_max(s, m_i)  # [M], [M, N], [M]
         if DEFER:
             l_i = l_i * alpha[:, None] + p
         else:

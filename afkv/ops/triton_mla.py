@@ -71,7 +71,7 @@ try:
     import triton
     import triton.language as tl
 
-    from afkv.ops.triton_attention import _dot
+    from afkv.ops.triton_attention import _dot, _online_max
 except ImportError:  # the CPU CI: callers use the torch references
     triton = None
 
@@ -294,10 +294,7 @@ if triton is not None:
             else:
                 s += tl.sum(_dot(q_lat, tl.permute(c, (1, 2, 0)), IEEE) * scale_t, 0) / q_mul
             s = tl.where(hmask[:, None] & tmask[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # [H]
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_ref[:, None])  # [H, N]
-            alpha = tl.exp2(m_i - m_ref)
+            m_new, p, alpha = _online_max(s, m_i)  # [H], [H, N], [H]
             l_i = l_i * alpha + tl.sum(p, 1)
             if KIND == -1:
                 p_c = tl.broadcast_to(p.to(CDT)[None, :, :], [BLOCK_C, BLOCK_H, BLOCK_N])
@@ -385,10 +382,7 @@ if triton is not None:
         [N] -> running max m_i [H] (log2 units), sum l_i [H], unnormalised output acc [H, W]."""
         s = _dot(q_lat, tl.trans(c), IEEE) + _dot(q_pe, tl.trans(pe), IEEE)  # [H, N]
         s = tl.where(hmask[:, None] & valid[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # [H]
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_ref[:, None])  # [H, N]
-        alpha = tl.exp2(m_i - m_ref)
+        m_new, p, alpha = _online_max(s, m_i)  # [H], [H, N], [H]
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(DT), c, IEEE)  # [H, W]
         return m_new, l_i, acc
