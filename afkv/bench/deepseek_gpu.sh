@@ -12,7 +12,8 @@
 # slowest. Every phase writes its log and JSON under OUT; the summary comes last. TUNE=1 also
 # times the MLA kernel's candidate launches (triton_mla.CANDIDATE_TILES, each checked against
 # float32 attention; tuning stops at two thirds of MLA_S, then the rows run with the winners):
-# MLA_S=90 for it. About 200 s on one H100.
+# MLA_S=90 for it; MLA_MODELS (e.g. deepseek-v2-lite) narrows that phase to some models.
+# About 200 s on one H100.
 set -u
 OUT=${1:?usage: deepseek_gpu.sh OUT}
 mkdir -p "$OUT"
@@ -28,7 +29,7 @@ tail -n 2 "$OUT/tests.txt"
 
 phase "MLA decode kernel: GB/s vs copy, TFLOP/s vs GEMM peak; latent bytes per token"
 timeout "${MLA_S:-45}" python3 -m afkv.bench.kernels mla ${TUNE:+--tune 1 --deadline-s $(( ${MLA_S:-45} * 2 / 3 ))} --replays 5 \
-    --json "$OUT/mla.json" >"$OUT/mla.txt" 2>&1
+    ${MLA_MODELS:+--mla-models "$MLA_MODELS"} --json "$OUT/mla.json" >"$OUT/mla.txt" 2>&1
 tail -n 3 "$OUT/mla.txt"
 
 phase "DeepSeek-V3 (8 layers, fp8 routed experts), context 2048"

@@ -534,8 +534,9 @@ def _mla_cache(fmt: str, num_blocks: int, num_layers: int, block_size: int, devi
 
 
 @torch.inference_mode()
-def mla_sweep(formats: list[str], workloads: list[tuple[int, int]], *, block_size: int = 64, tune: bool = False,
-              replays: int = 5, deadline: float | None = None, log=print) -> dict:
+def mla_sweep(formats: list[str], workloads: list[tuple[int, int]], *, models: tuple[str, ...] = tuple(MLA_HEADS),
+              block_size: int = 64, tune: bool = False, replays: int = 5, deadline: float | None = None,
+              log=print) -> dict:
     """The Triton paged MLA decode kernel (afkv.ops.triton_mla) at DeepSeek-V3's and V2-Lite's
     shapes: time per layer call, latent bytes read / time against the HBM copy ceiling, FLOPs
     / time against the dense bf16 GEMM peak (both measured here), and the roofline share
@@ -554,7 +555,8 @@ def mla_sweep(formats: list[str], workloads: list[tuple[int, int]], *, block_siz
     log(f"HBM copy {copy_bw / 1e12:.2f} TB/s, bf16 GEMM peak {peak / 1e12:.0f} TFLOP/s")
     scale = (128 + MLA_ROPE) ** -0.5
     rows, tuned = [], []
-    for model, heads in MLA_HEADS.items():
+    for model in models:
+        heads = MLA_HEADS[model]
         for fmt in formats:
             default = triton_mla.default_tile(heads, fmt != "bf16")
             tile = default
@@ -680,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune", default="", help="moe: token counts at which to time candidate tile configs; "
                    "mla: any value times triton_mla.CANDIDATE_TILES")
     p.add_argument("--mla-formats", default=",".join(MLA_FORMATS), help="mla: latent formats, bf16 / fp8 / int8")
+    p.add_argument("--mla-models", default=",".join(MLA_HEADS), help=f"mla: of {', '.join(MLA_HEADS)}")
     p.add_argument("--mla-workloads", default=",".join(f"{b}x{c}" for b, c in MLA_WORKLOADS),
                    help="mla: BATCHxCONTEXT, comma-separated")
     p.add_argument("--fused-tokens", default="1,64,256", help="fused: token counts")
@@ -712,8 +715,11 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(format_capacity(result["capacity"]))
     if args.what == "mla":
         workloads = [tuple(int(x) for x in w.split("x")) for w in split(args.mla_workloads)]
-        result["mla"] = mla_sweep(split(args.mla_formats), workloads, tune=bool(args.tune), replays=args.replays,
-                                  deadline=deadline, log=log)
+        unknown = sorted(set(split(args.mla_models)) - set(MLA_HEADS))
+        if unknown:
+            p.error(f"--mla-models: unknown {', '.join(unknown)}; known: {', '.join(MLA_HEADS)}")
+        result["mla"] = mla_sweep(split(args.mla_formats), workloads, models=tuple(split(args.mla_models)),
+                                  tune=bool(args.tune), replays=args.replays, deadline=deadline, log=log)
         tables.append(format_mla(result["mla"]))
     if args.what == "fused":
         device = _require_gpu()
