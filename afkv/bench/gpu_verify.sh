@@ -14,7 +14,7 @@ set -u
 OUT=${1:?usage: gpu_verify.sh OUT}
 work=$(mktemp -d)
 export PYTEST_ARGS="${PYTEST_ARGS:--n 8}" KV_QUANT_ARGS="${KV_QUANT_ARGS:---sweep --capacity-context 0}"
-export TESTS_S=0 MLA_S="${MLA_S:-85}" TUNE=1 V3_S="${V3_S:-0}" LONG_S=0 V2_S=0 BENCH_S="${BENCH_S:-145}" PREFILL=0 HANDOFF_S="${HANDOFF_S:-100}"
+export TESTS_S=0 MLA_S="${MLA_S:-85}" TUNE=1 V3_S="${V3_S:-0}" LONG_S="${LONG_S:-0}" V2_S="${V2_S:-0}" BENCH_S="${BENCH_S:-145}" PREFILL=0 HANDOFF_S="${HANDOFF_S:-100}"
 # PHASES splits it over two device calls (each has 600 s), e.g. "tests=200 kv-quant=80 deepseek=100"
 # then "long-context=150 pd=105"
 bash afkv/bench/gpu_session.sh "$work/o" ${PHASES:-tests=200 kv-quant=70 deepseek=90 long-context=150 pd=105}
