@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
 
 
 def pytest_configure(config):
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # CI runs two pytest-xdist workers on two cores: one torch thread each
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 _STICKY_CUDA_ERRORS = ("illegal memory access", "illegal instruction", "misaligned address", "unspecified launch failure")
