@@ -47,8 +47,8 @@ class Gated:
     def max_model_len(self):
         return self.engine.max_model_len
 
-    async def export_prefill(self, token_ids, want, fmt, into=None):
-        async with contextlib.aclosing(self.engine.export_prefill(token_ids, want, fmt, into)) as batches:
+    async def export_prefill(self, token_ids, want, fmt, into=None, slots=None):
+        async with contextlib.aclosing(self.engine.export_prefill(token_ids, want, fmt, into, slots)) as batches:
             n = 0
             async for batch in batches:
                 yield batch
@@ -205,7 +205,7 @@ async def test_corrupt_row_is_never_used(model, monkeypatch, carrier):
 
     monkeypatch.setattr(prefill_module, "blocks_to_wire", damaging)
     if carrier == "frames":  # as from a prefill node on another host
-        monkeypatch.setattr(prefill_module, "open_segment", lambda name, n, nbytes: None)
+        monkeypatch.setattr(prefill_module, "open_segment", lambda offer, nbytes: None)
     async with cluster(model, 2, gated_after=None) as (decode, prefills, servers, gate, j):
         async with asyncio.timeout(60):
             assert (await decode.complete(PROMPT, PARAMS)).token_ids == expected
