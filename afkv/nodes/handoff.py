@@ -284,8 +284,10 @@ class Lease:
 
     def abandon(self) -> None:
         """Whether the prefill node still writes is unknown: never hand the slots out again."""
-        self._writer_done = self._released = True
-        self.staging.retire(self.buffer)
+        if not self._released:
+            self._writer_done = self._released = True
+            self.staging.retire(self.buffer)
+            self.staging.give_back(self.buffer, self.slots)
 
     def _release(self) -> None:
         if not self._released:
@@ -298,12 +300,14 @@ class Staging:
     "segment": a RowSegment), allocated once and kept while the connection lasts, so that a
     transfer costs no allocation and no handle opening (the prefill node keeps the buffer open
     under its id). Transfers lease disjoint slots; a transfer that needs more than are free gets
-    a new buffer of max(capacity, in use + needed) rows (grown), the old one retired: freed when
+    a new buffer of max(capacity, leased + needed) rows (grown: leased counts every buffer's
+    slots in flight, so a burst of transfers sizes the buffer for the next), the old one retired: freed when
     its last lease is given back (and, for a device buffer, when the prefill node has let its
     handle go: it does when it sees the new id, or when the connection ends).
 
     Owns (loop thread only): `buffer` (the one new leases come from), `_free` (its free slots,
     ascending: an idle buffer hands out one run of slots, so copies into it are one slice),
+    `_leased` (slots of every buffer held by leases),
     `num_buffers` (allocations so far: the set-up a cached staging saves)."""
 
     def __init__(self, kind: str, make: Callable[[int], DeviceSegment | RowSegment]):
@@ -312,6 +316,7 @@ class Staging:
         self.buffer: DeviceSegment | RowSegment | None = None
         self._free: list[int] = []
         self._growing = asyncio.Lock()
+        self._leased = 0  # slots held by leases, of every buffer
         self.num_buffers = 0
 
     async def lease(self, n: int) -> Lease:
@@ -319,16 +324,18 @@ class Staging:
         buffer is allocated off the event loop (the CUDA driver may block)."""
         async with self._growing:
             if self.buffer is None or len(self._free) < n:
-                in_use = 0 if self.buffer is None else self.buffer.num_rows - len(self._free)
-                capacity = max(n + in_use, 0 if self.buffer is None else self.buffer.num_rows)
+                capacity = max(n + self._leased, 0 if self.buffer is None else self.buffer.num_rows)
                 buffer = await asyncio.to_thread(self._make, capacity)
                 self.retire(self.buffer)
                 self.buffer, self._free = buffer, list(range(capacity))
                 self.num_buffers += 1
             slots, self._free = self._free[:n], self._free[n:]
+            self._leased += n
             return Lease(self, self.buffer, slots)
 
     def give_back(self, buffer: DeviceSegment | RowSegment, slots: list[int]) -> None:
+        """A lease's end (abandoned: `buffer` retired, the slots never handed out again)."""
+        self._leased -= len(slots)
         if buffer is self.buffer:
             self._free = sorted(self._free + slots)
 
