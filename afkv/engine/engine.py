@@ -241,7 +241,7 @@ class Engine:
             if d is not None and d.prefill_nodes:
                 from afkv.nodes.handoff import PrefillLinks
 
-                self._prefill = PrefillLinks(d, f"decode{self.attention_rank}")
+                self._prefill = PrefillLinks(d, f"decode{self.attention_rank}", self._kv.metrics.counters)
             if d is not None and d.expert_nodes:
                 from afkv.nodes.attention import connect_expert_nodes
 

@@ -28,16 +28,23 @@ admits the request when the last block has landed.
 Protocol (control-plane messages, afkv.transport.control; the decode node is the client):
 
     decode -> prefill  request {"type": "prefill", "hid", "token_ids", "want": [[index, hash]],
-                       "format": name, "digest": the format's digest, "segment": name or None,
-                       "device_segment": DeviceSegment.wire or None} -> {"type": "ack", "carrier":
-                       "device" | "segment" | "frames"} once started (what the rows will take)
+                       "format": name, "digest": the format's digest, "segment": offer or None,
+                       "device_segment": offer or None} -> {"type": "ack", "carrier": "device" |
+                       "segment" | "frames"} once started (what the rows will take); an offer
+                       names the link's staging buffer (a RowSegment's {"name", "rows"}, a
+                       DeviceSegment's CUDA IPC fields with its "id") and "slots": the row of
+                       the k-th block asked for (table order)
     prefill -> decode  {"type": "kv_blocks", "hid", "indices", "hashes", "crcs", "rows"}  as
                        blocks fill, at most ROWS_FRAME_BYTES of rows each; or, with the rows
                        written into the segment's slots, {..., "in_segment": true} and no rows;
                        or, written into the device segment's slots, {..., "in_device": true},
                        no rows and no checksums
-                       {"type": "prefill_done", "hid"} or {"type": "prefill_failed", "hid", "error"}
-    decode -> prefill  {"type": "cancel", "hid"}  notification: the prefill request is aborted
+                       then exactly one of {"type": "prefill_done", "hid"}, {"type":
+                       "prefill_failed", "hid", "error"}, {"type": "prefill_cancelled", "hid"}
+    decode -> prefill  {"type": "cancel", "hid"}  notification: the prefill request is aborted;
+                       answered by prefill_cancelled once no write into its slots is in flight
+                       (at once when the stream already ended or never started: messages of a
+                       connection are handled in order, so the answer follows the request's)
 
 Checks on every hop that leaves a device (the frames and the shared-memory segment): each row travels with the crc32 of its bytes,
 checked on arrival before anything is written; each block's hash must be the one asked for
@@ -50,35 +57,45 @@ for prefill_timeout_s between two messages, ends that transfer; the blocks still
 asked of the next prefill node; when every node was tried, PrefillUnavailableError. Either
 way the caller frees what it held (KVManager.free: an awaited block was never registered).
 
-Carriers, chosen per transfer by what the prefill node can open (the decode node offers what
-it has; the prefill node takes the first that works, in this order):
+Carriers, chosen per link by what the prefill node can open (the decode node offers what it
+has on a link's first transfer; the prefill node takes the first that works, in this order; later
+transfers offer only that one):
 
-    CUDA IPC (one GPU)      the decode node's KV is on a GPU: it allocates a device buffer of
-                            row slots for the transfer (DeviceSegment) and offers it as a CUDA IPC
-                            handle (torch's CUDA tensor sharing; the fields travel in msgpack).
-                            A prefill node on the same GPU (same UUID) opens it and its worker
-                            enqueues the copy of its blocks device -> device into the slots (one
-                            copy per run of blocks, or one gather kernel: Copier), a thread of the
-                            KV manager waits for it, and only indices and hashes are sent; the
-                            decode node's worker copies the slots into its cache blocks (a few
-                            copies or one scatter kernel, device -> device). No host copy, no
-                            checksum: nothing left the device. torch's IPC reference counting keeps
-                            the buffer allocated while the prefill node holds it open, so a late
-                            writer never writes into memory the decode node gave to anything else.
-    shared memory (one host) a /dev/shm file of row slots (RowSegment, mode 0600); the prefill
-                            node's worker writes each row there once (device -> segment), the
-                            decode node checks its crc32 there and its worker copies it into the
-                            cache. On CUDA this is the fallback when IPC cannot be opened (another
-                            GPU, a platform without CUDA IPC); the copies then go through pageable
-                            memory.
+    CUDA IPC (one GPU)      the decode node's KV is on a GPU: its row slots are a device buffer
+                            (DeviceSegment), offered as a CUDA IPC handle (torch's CUDA tensor
+                            sharing; the fields travel in msgpack). A prefill node on the same GPU
+                            (same UUID) opens it and its worker enqueues the copy of its blocks
+                            device -> device into the slots (one copy per run of blocks, or one
+                            gather kernel: Copier), a thread of the KV manager waits for it, and
+                            only indices and hashes are sent; the decode node's worker copies the
+                            slots into its cache blocks (a few copies or one scatter kernel,
+                            device -> device). No host copy, no checksum: nothing left the device.
+    shared memory (one host) a /dev/shm file of row slots (RowSegment, mode 0600, its name unlinked
+                            once the prefill node has opened it); the prefill node's worker writes
+                            each row there once (device -> segment), the decode node checks its
+                            crc32 there and its worker copies it into the cache. On CUDA this is the
+                            fallback when IPC cannot be opened (another GPU, a platform without CUDA
+                            IPC); the copies then go through pageable memory.
     frames (other hosts)    rows inline in the kv_blocks messages (at most ROWS_FRAME_BYTES each),
                             when the prefill node can open neither.
 
+Staging (the slots of one link): the buffer is allocated once per link and the prefill node opens
+it once, keeping it open under its id while the connection lasts; a transfer leases slots of it
+(Lease) and costs no allocation and no handle. The ordering rule that lets slots be reused: a
+transfer's slots go back only when (1) the prefill node has ended the transfer (its terminal
+message, sent after every write into them completed: export_prefill waits for its copies even
+when cancelled) and (2) the decode node's copies out of them are done (the futures of its
+KVManager.receive jobs). A cancelled or failed transfer therefore drains: the decode node sends
+cancel and gives the slots back at prefill_cancelled; a connection that ends drops the link's
+buffers (freed once the prefill node lets its handle go: torch's IPC reference count keeps a
+device buffer allocated while another process holds it open, so a late writer never writes into
+memory given to anything else). Transfers at once lease disjoint slots; one that finds too few
+free gets a grown buffer (every slot in flight + its own), the old one retired.
+
 Why CUDA IPC rather than pinned host memory on one GPU: the rows never cross PCIe (two D2D copies
-at HBM speed instead of D2H + H2D at ~25 GB/s each way), no checksum is needed, and the buffer is
-one allocation per transfer with no page pinning (cudaHostRegister of a per-transfer /dev/shm
-segment costs about as much as the copy it would speed up). The NCCL carrier between two GPUs
-(a peer per (prefill, decode) pair, rows as one send/recv on a copy stream) is designed, not built.
+at HBM speed instead of D2H + H2D at ~25 GB/s each way), no checksum is needed, and no page
+pinning. The NCCL carrier between two GPUs (a peer per (prefill, decode) pair, rows as one
+send/recv on a copy stream) is designed, not built.
 """
 
 from __future__ import annotations
@@ -91,6 +108,7 @@ import os
 import re
 import secrets
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -434,9 +452,12 @@ class PrefillLinks:
     Staging), `_draining` (hand-off id -> (node, leases) of transfers that ended here before
     the prefill node's terminal message: their slots wait for it)."""
 
-    def __init__(self, d: DeploymentConfig, name: str):
+    def __init__(self, d: DeploymentConfig, name: str, counters: Counter[str] | None = None):
+        """counters: where staging allocations are counted ("handoff_staging_buffers": the
+        KV manager's, so that metrics show them)."""
         self._d = d
         self._name = name
+        self._counters: Counter[str] = Counter() if counters is None else counters
         self._clients: list[ControlClient | None] = [None] * d.prefill_nodes
         self._connecting = [asyncio.Lock() for _ in range(d.prefill_nodes)]
         self._probing = [asyncio.Lock() for _ in range(d.prefill_nodes)]
@@ -573,10 +594,12 @@ class PrefillLinks:
             staging = self._stagings[j].get((kind, fmt.nbytes))
             if staging is None:
                 staging = self._stagings[j][kind, fmt.nbytes] = Staging(kind, makers[kind])
+            made = staging.num_buffers
             try:
                 leases[kind] = await staging.lease(n)
             except (RuntimeError, OSError) as exc:  # no room for the slots, no CUDA IPC, shared memory full
                 log.warning("no %s staging for a KV hand-off (%s): rows take the next carrier", kind, exc)
+            self._counters["handoff_staging_buffers"] += staging.num_buffers - made
         return leases
 
     async def _fetch_from(self, j: int, token_ids: Sequence[int], want: dict[int, BlockHash], fmt: BlockFormat,
