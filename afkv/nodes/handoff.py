@@ -324,7 +324,8 @@ class Staging:
     handle go: it does when it sees the new id, or when the connection ends).
 
     Owns (loop thread only): `buffer` (the one new leases come from), `_free` (its free slots,
-    ascending: an idle buffer hands out one run of slots, so copies into it are one slice),
+    ascending; a lease takes the first run of consecutive slots that fits, so that copies into
+    it are one slice and the prefill node's rows are one view of it),
     `_leased` (slots of every buffer held by leases),
     `num_buffers` (allocations so far: the set-up a cached staging saves)."""
 
@@ -347,7 +348,9 @@ class Staging:
                 self.retire(self.buffer)
                 self.buffer, self._free = buffer, list(range(capacity))
                 self.num_buffers += 1
-            slots, self._free = self._free[:n], self._free[n:]
+            free = self._free  # ascending: the first run of n consecutive slots, else the n lowest
+            at = next((k for k in range(len(free) - n + 1) if free[k + n - 1] - free[k] == n - 1), 0)
+            slots, self._free = free[at:at + n], free[:at] + free[at + n:]
             self._leased += n
             return Lease(self, self.buffer, slots)
 

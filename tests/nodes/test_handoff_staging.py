@@ -92,3 +92,15 @@ async def test_abandoned_slots_retire_their_buffer():
     a.abandon()
     b = await s.lease(2)
     assert b.buffer is made[1] and s.num_buffers == 2 and s._leased == 2
+
+
+async def test_a_lease_takes_a_run_of_consecutive_slots_where_one_is_free():
+    s, _ = staging()
+    (await s.lease(7)).writer_done()  # a buffer of 7 slots, all free
+    a, b, c = await s.lease(1), await s.lease(1), await s.lease(5)
+    assert (a.slots, b.slots, c.slots) == ([0], [1], [2, 3, 4, 5, 6])
+    a.writer_done()
+    c.writer_done()  # free: 0, 2-6
+    assert (await s.lease(3)).slots == [2, 3, 4]  # a run, not the lowest three (0, 2, 3)
+    assert (await s.lease(2)).slots == [5, 6]
+    assert (await s.lease(1)).slots == [0] and s.num_buffers == 1
