@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import platform
 import tempfile
@@ -431,12 +432,12 @@ def _rows_point(n: int, row_nbytes: int, reps: int, kernels: list[str], device: 
     run = list(range(n))
     limit_s = _row_copy_s(lambda: slots.copy_(pool[:n]), device, reps)
     for kernel in kernels:
-        export_s = _row_copy_s(lambda: move_rows(slots, run, pool, blocks, indexed=kernel), device, reps)
+        export_s = _row_copy_s(functools.partial(move_rows, slots, run, pool, blocks, indexed=kernel), device, reps)
         ok = torch.equal(slots, pool[torch.tensor(blocks, device=device)])
-        target = pool.clone()
-        import_s = _row_copy_s(lambda: move_rows(target, blocks, slots, run, indexed=kernel), device, reps)
+        target = pool.clone()  # [blocks, nbytes]
+        import_s = _row_copy_s(functools.partial(move_rows, target, blocks, slots, run, indexed=kernel), device,
+                               reps)
         ok = ok and torch.equal(target[torch.tensor(blocks, device=device)], slots)
-        del target
         nbytes = n * row_nbytes
         r = {"blocks": n, "row_nbytes": row_nbytes, "mb": nbytes / 1e6, "kernel": kernel, "correct": ok,
              "limit_gbs": nbytes / limit_s / 1e9, "export_gbs": nbytes / export_s / 1e9,

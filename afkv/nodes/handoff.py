@@ -272,10 +272,11 @@ def open_device_segment(offer: object, nbytes: int, device: torch.device) -> tup
 class Lease:
     """Slots `slots` of a Staging buffer, held by one transfer (slot k: the k-th block asked
     for). They go back to the staging only when both writer and reader are done with them:
-    the prefill node (a terminal message for the transfer: prefill_done, prefill_failed,
-    prefill_cancelled; or its refusal of the request) and this node's copies out of them (the
-    futures of `KVManager.receive` jobs, `imported`). A transfer whose end is unknown (its
-    request timed out) is `abandon`ed: its slots never come back and its buffer is retired."""
+    the prefill node (its terminal message for the transfer: prefill_done, prefill_failed, or
+    prefill_cancelled, its answer to a cancel) and this node's copies out of them (the futures
+    of `KVManager.receive` jobs, `imported`). A transfer whose prefill node cannot be asked (the
+    connection failed while cancelling) is `abandon`ed: its slots never come back and its buffer
+    is retired."""
 
     def __init__(self, staging: Staging, buffer: DeviceSegment | RowSegment, slots: list[int]):
         self.staging, self.buffer, self.slots = staging, buffer, slots
@@ -319,15 +320,15 @@ class Staging:
     transfer costs no allocation and no handle opening (the prefill node keeps the buffer open
     under its id). Transfers lease disjoint slots; a transfer that needs more than are free gets
     a new buffer of max(capacity, leased + needed) rows (grown: leased counts every buffer's
-    slots in flight, so a burst of transfers sizes the buffer for the next), the old one retired: freed when
-    its last lease is given back (and, for a device buffer, when the prefill node has let its
-    handle go: it does when it sees the new id, or when the connection ends).
+    slots in flight, so a burst of transfers sizes the buffer for the next), the old one
+    retired: freed when its last lease is given back (and, for a device buffer, when the
+    prefill node has let its handle go: it does when it sees the new id, or when the connection
+    ends).
 
     Owns (loop thread only): `buffer` (the one new leases come from), `_free` (its free slots,
     ascending; a lease takes the first run of consecutive slots that fits, so that copies into
-    it are one slice and the prefill node's rows are one view of it),
-    `_leased` (slots of every buffer held by leases),
-    `num_buffers` (allocations so far: the set-up a cached staging saves)."""
+    it are one slice and the prefill node's rows are one view of it), `_leased` (slots of every
+    buffer held by leases), `num_buffers` (allocations so far: the set-up a kept buffer saves)."""
 
     def __init__(self, kind: str, make: Callable[[int], DeviceSegment | RowSegment]):
         self.kind = kind
@@ -640,7 +641,8 @@ class PrefillLinks:
                     lease.writer_done()  # never written
                     del leases[kind]
             if self._carrier[j] is None and carrier in ("device", "segment", "frames"):
-                self._carrier[j] = carrier
+                self._carrier[j] = carrier  # the link's stagings of other kinds are not offered again
+                self._stagings[j] = {key: st for key, st in self._stagings[j].items() if key[0] == carrier}
             if probing:
                 probing = False
                 probe.release()
