@@ -10,6 +10,7 @@
     afkv bench long-context      contexts larger than the GPU: KV streamed from host memory vs the PCIe bound
     afkv bench pd                prefill/decode disaggregation vs colocated: decode ITL p50/p99 under long prompts
     afkv bench pd-handoff        the KV hand-off: GB/s vs the path's copy limit, last block -> first token
+    afkv bench pd-rows           the hand-off's indexed row copies (each kernel) vs one copy of the same bytes
     afkv bench af                1A1F over NCCL vs colocated data parallel (two GPUs, real shapes)
     afkv bench gpu               GPU suite: afkv (CUDA graphs) vs HF generate vs the HBM roofline (real shapes)
     afkv bench plot JSON         PNG plot of a `bench gpu` result
@@ -186,6 +187,18 @@ async def _cmd_bench_pd(args) -> int:
     out = write_json(result, args.json or f"bench-results/pd-{time.strftime('%Y%m%d-%H%M%S')}.json")
     _err(f"afkv: wrote {out}")
     return 0
+
+
+def _cmd_bench_pd_rows(args) -> int:
+    from afkv.bench import write_json
+    from afkv.bench.pd import format_rows_table, run_rows_bench
+
+    result = run_rows_bench(tuple(int(n) for n in args.counts.split(",")), args.row_kib * 2**10, args.reps,
+                            progress=_err)
+    print(format_rows_table(result))
+    out = write_json(result, args.json or f"bench-results/pd-rows-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    _err(f"afkv: wrote {out}")
+    return 0 if all(r["correct"] for r in result["rows"]) else 1
 
 
 async def _cmd_bench_pd_handoff(args) -> int:
@@ -472,6 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
     bph.add_argument("--device-memory-mib", type=int, default=2048, help="device KV per node")
     bph.add_argument("--json", help="output path (default bench-results/pd-handoff-<time>.json)")
 
+    bpr = bsub.add_parser("pd-rows", formatter_class=fmt,
+                          help="the KV hand-off's indexed row copies (CPU or one GPU), each kernel, vs one copy")
+    bpr.add_argument("--counts", default="64,256,500", help="comma-separated blocks per hand-off")
+    bpr.add_argument("--row-kib", type=int, default=1536, help="row (one KV block) KiB: Qwen3-30B-A3B's 16 tokens")
+    bpr.add_argument("--reps", type=int, default=10, help="timed calls per point")
+    bpr.add_argument("--json", help="output path (default bench-results/pd-rows-<time>.json)")
+
     kvb = bsub.add_parser("kv", help="KV tiers: transfer GB/s against the copy limit; decode with tiers on/off")
     kvb.add_argument("--model", help="checkpoint directory (default: the embedded model)")
     kvb.add_argument("--blocks", type=int, default=128, help="blocks moved at once in the transfer runs")
@@ -607,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_async(_cmd_bench_pd(args))
         if args.command == "bench" and args.bench == "pd-handoff":
             return run_async(_cmd_bench_pd_handoff(args))
+        if args.command == "bench" and args.bench == "pd-rows":
+            return _cmd_bench_pd_rows(args)
         if args.command == "bench" and args.bench == "af":
             return run_async(_cmd_bench_af(args))
         if args.command == "bench" and args.bench == "eplb":

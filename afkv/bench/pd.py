@@ -19,15 +19,25 @@ transfer alone). Reported from the decode nodes' own clocks (RequestMetrics): ha
 bytes, GB/s of the warm hand-off against the copy limit of the path it took, measured in the same
 run (one GPU, CUDA IPC: one device -> device copy of the same bytes; a host carrier on a GPU:
 device -> pinned host -> device; CPU: one memcpy), the warm hand-off split at the prefill node's
-ack into its set-up (arrival -> ack: hashes, the carrier's allocation, the request, the prefill
-node opening the carrier) and its transfer (ack -> last block: the copies and their messages),
-and the time from the last block landing to the first token against the colocated TTFT.
+ack into its set-up (arrival -> ack: hashes, slots of the link's staging buffer, the request; a
+buffer is allocated and opened by the prefill node only when a link's first transfer, or one
+larger than any before, needs it: the warm-ups of each length do, so the measured pair allocates
+none, `new_staging_buffers` says so) and its transfer (ack -> last block: the copies and their
+messages), and the time from the last block landing to the first token against the colocated TTFT.
 
 Every node first serves, per prompt length, a prompt of that length that shares no block with the
 measured one (its TTFT is `colocated_first_ttft_s`): a length's first prompt in a process pays the
 one-time JIT compilation of the kernel specializations its shapes need (Triton specializes integer
 arguments on divisibility by 16: an 8000-token prompt's last 512-token chunk ends at a 500-block
 table, unlike 1024 or 4096 tokens), which is not what the bench measures.
+
+`afkv bench pd-rows` (CPU or one GPU, one process): the hand-off's indexed row copies alone, at
+a real KV block's row (Qwen3-30B-A3B: 1.5 MiB per 16-token block) and a hand-off's block counts:
+"export" (scattered cache blocks -> a run of staging slots, the prefill node's copy) and "import"
+(a run of slots -> scattered blocks, the decode node's), each through every indexed kernel of
+move_rows (torch's index_select / index_copy_; on CUDA also the Triton copy_rows), against one
+slice copy of the same bytes (the limit), in the same run; every result checked against a
+per-row copy.
 
 In `afkv bench pd`, each node process is pinned to its own core (os.sched_setaffinity: the decode / colocated node
 on the first core, the prefill node on the second) with one torch thread; the client (this
@@ -44,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import platform
 import tempfile
@@ -54,6 +65,7 @@ import torch
 
 import afkv
 from afkv.engine.params import SamplingParams
+from afkv.kv.tiers.copier import INDEXED_KERNELS, move_rows
 from afkv.serve.launch import Deployment
 
 MODES = ("alone", "colocated", "pd")
@@ -328,7 +340,10 @@ async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ..
                           "warm_handoff_s": warm.handoff_end_s - warm.arrival_s,
                           "warm_setup_s": warm.handoff_ack_s - warm.arrival_s,
                           "warm_transfer_s": warm.handoff_end_s - warm.handoff_ack_s,
-                          "warm_last_block_to_first_token_s": warm.first_token_s - warm.handoff_end_s}
+                          "warm_last_block_to_first_token_s": warm.first_token_s - warm.handoff_end_s,
+                          # staging buffers the measured pair allocated (0: the links' cached ones, sized by
+                          # the warm-ups, took them: no allocation, no handle opened)
+                          "new_staging_buffers": delta(0, "handoff_staging_buffers") + delta(1, "handoff_staging_buffers")}
                     r["warm_handoff_gbs"] = nbytes / r["warm_handoff_s"] / 1e9
                     r["warm_transfer_gbs"] = nbytes / r["warm_transfer_s"] / 1e9
                     r["limit_gbs"], r["limit_path"] = _copy_limit_gbs(nbytes, path), LIMIT_PATHS[path]
@@ -338,7 +353,8 @@ async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ..
                     progress(f"  {n} tokens: {nbytes / 1e6:.1f} MB handed over ({r['carrier']}); warm "
                              f"{r['warm_handoff_gbs']:.3f} GB/s ({100 * r['share_of_limit']:.1f}% of "
                              f"{r['limit_gbs']:.1f} GB/s, {r['limit_path']}): set-up {1e3 * r['warm_setup_s']:.2f} ms, "
-                             f"transfer {1e3 * r['warm_transfer_s']:.2f} ms ({r['warm_transfer_gbs']:.1f} GB/s); "
+                             f"transfer {1e3 * r['warm_transfer_s']:.2f} ms ({r['warm_transfer_gbs']:.1f} GB/s), "
+                             f"{r['new_staging_buffers']} new staging buffers; "
                              f"last block -> first token "
                              f"{1e3 * r['cold_last_block_to_first_token_s']:.1f} ms vs colocated TTFT "
                              f"{1e3 * r['colocated_ttft_s']:.1f} ms (first run {1e3 * r['colocated_first_ttft_s']:.1f} ms)")
@@ -351,7 +367,7 @@ async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ..
 
 def format_handoff_table(result: dict) -> str:
     head = (f"{'tokens':>6} | {'carrier':>11} | {'MB':>7} | {'warm GB/s':>9} | {'limit GB/s':>10} | {'share':>6} | "
-            f"{'set-up ms':>9} | {'transfer ms':>11} | {'transfer GB/s':>13} | {'cold hand-off s':>15} | "
+            f"{'set-up ms':>9} | {'transfer ms':>11} | {'transfer GB/s':>13} | {'new bufs':>8} | {'cold hand-off s':>15} | "
             f"{'last block->1st tok ms':>22} | {'colocated TTFT ms':>17} | {'(first run) ms':>14}")
     limits = sorted({r["limit_path"] for r in result["rows"]})
     lines = [f"KV hand-off, {result['model']} on {result['machine']['device']}; limit: {', '.join(limits)} of the "
@@ -359,7 +375,89 @@ def format_handoff_table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"{r['prompt_len']:>6} | {r['carrier']:>11} | {r['handoff_bytes'] / 1e6:>7.1f} | {r['warm_handoff_gbs']:>9.3f} | "
                      f"{r['limit_gbs']:>10.1f} | {100 * r['share_of_limit']:>5.1f}% | {1e3 * r['warm_setup_s']:>9.2f} | "
-                     f"{1e3 * r['warm_transfer_s']:>11.2f} | {r['warm_transfer_gbs']:>13.1f} | {r['cold_handoff_s']:>15.3f} | "
+                     f"{1e3 * r['warm_transfer_s']:>11.2f} | {r['warm_transfer_gbs']:>13.1f} | "
+                     f"{r['new_staging_buffers']:>8} | {r['cold_handoff_s']:>15.3f} | "
                      f"{1e3 * r['cold_last_block_to_first_token_s']:>22.1f} | {1e3 * r['colocated_ttft_s']:>17.1f} | "
                      f"{1e3 * r['colocated_first_ttft_s']:>14.1f}")
+    return "\n".join(lines)
+
+
+def _row_copy_s(fn, device: torch.device, reps: int) -> float:
+    """Seconds per call of fn (one warm-up call; CUDA: between events, the calls back to back)."""
+    fn()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / reps
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def run_rows_bench(counts: tuple[int, ...] = (64, 256, 500), row_nbytes: int = 1536 * 2**10, reps: int = 10,
+                   progress=print) -> dict:
+    """On the CPU with one torch thread (as a node process runs in `afkv bench pd`: on a shared
+    machine a second thread's barrier waits on a busy core)."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    kernels = [k for k in INDEXED_KERNELS if k == "torch" or device.type == "cuda"]
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for n in counts:
+            rows += _rows_point(n, row_nbytes, reps, kernels, device, g, progress)
+    finally:
+        torch.set_num_threads(threads)
+    return {"bench": "pd-rows", "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                                            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                                            "load_average_1m": os.getloadavg()[0],
+                                            "torch_threads": threads if device.type == "cuda" else 1},
+            "reps": reps, "rows": rows}
+
+
+def _rows_point(n: int, row_nbytes: int, reps: int, kernels: list[str], device: torch.device, g: torch.Generator,
+                progress) -> list[dict]:
+    rows = []
+    pool = torch.randint(0, 256, (2 * n + 8, row_nbytes), dtype=torch.uint8, device=device)  # [blocks, nbytes]
+    slots = torch.empty((n, row_nbytes), dtype=torch.uint8, device=device)  # [n, nbytes]
+    blocks = torch.randperm(pool.shape[0], generator=g)[:n].tolist()  # scattered: n runs
+    run = list(range(n))
+    limit_s = _row_copy_s(lambda: slots.copy_(pool[:n]), device, reps)
+    for kernel in kernels:
+        export_s = _row_copy_s(functools.partial(move_rows, slots, run, pool, blocks, indexed=kernel), device, reps)
+        ok = torch.equal(slots, pool[torch.tensor(blocks, device=device)])
+        target = pool.clone()  # [blocks, nbytes]
+        import_s = _row_copy_s(functools.partial(move_rows, target, blocks, slots, run, indexed=kernel), device,
+                               reps)
+        ok = ok and torch.equal(target[torch.tensor(blocks, device=device)], slots)
+        nbytes = n * row_nbytes
+        r = {"blocks": n, "row_nbytes": row_nbytes, "mb": nbytes / 1e6, "kernel": kernel, "correct": ok,
+             "limit_gbs": nbytes / limit_s / 1e9, "export_gbs": nbytes / export_s / 1e9,
+             "import_gbs": nbytes / import_s / 1e9, "export_ms": 1e3 * export_s, "import_ms": 1e3 * import_s}
+        r["export_share"], r["import_share"] = r["export_gbs"] / r["limit_gbs"], r["import_gbs"] / r["limit_gbs"]
+        rows.append(r)
+        progress(f"  {n} blocks of {row_nbytes / 2**20:.2f} MiB, {kernel}: export {r['export_gbs']:.1f} GB/s "
+                 f"({100 * r['export_share']:.0f}%), import {r['import_gbs']:.1f} GB/s "
+                 f"({100 * r['import_share']:.0f}%) of one copy's {r['limit_gbs']:.1f} GB/s; "
+                 f"{'correct' if ok else 'WRONG'}")
+    return rows
+
+
+def format_rows_table(result: dict) -> str:
+    head = (f"{'blocks':>6} | {'MB':>7} | {'kernel':>6} | {'export GB/s':>11} | {'share':>6} | {'import GB/s':>11} | "
+            f"{'share':>6} | {'one copy GB/s':>13} | correct")
+    lines = [f"Hand-off row copies (scattered blocks <-> a run of slots) on {result['machine']['device']}; limit: one "
+             "slice copy of the same bytes, same run", head, "-" * len(head)]
+    for r in result["rows"]:
+        lines.append(f"{r['blocks']:>6} | {r['mb']:>7.1f} | {r['kernel']:>6} | {r['export_gbs']:>11.1f} | "
+                     f"{100 * r['export_share']:>5.1f}% | {r['import_gbs']:>11.1f} | {100 * r['import_share']:>5.1f}% | "
+                     f"{r['limit_gbs']:>13.1f} | {'yes' if r['correct'] else 'NO'}")
     return "\n".join(lines)

@@ -34,7 +34,7 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator, Sequence as Seq
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -159,13 +159,21 @@ class _Request:
 
 class _Export:
     """A prefill request's hand-over: the blocks asked for ({table index: hash}) not yet read,
-    in the rows of `format`, read into `into`'s slots (slot k: the k-th block asked for) or,
-    with no `into`, into fresh host buffers. Read futures go to the request's queue in table
-    order."""
+    in the rows of `format`, read into `into`'s rows (the k-th block asked for into row
+    slots[k]) or, with no `into`, into fresh host buffers. Read futures go to the request's
+    queue in table order; `issued` keeps them all (the export ends once they are done)."""
 
-    def __init__(self, want: dict[int, bytes], fmt: BlockFormat, into: torch.Tensor | None):
+    def __init__(self, want: dict[int, bytes], fmt: BlockFormat, into: torch.Tensor | None, slots: list[int]):
         self.want, self.format, self.into = dict(want), fmt, into
-        self.slot_of = {i: k for k, i in enumerate(sorted(want))}
+        self.slot_of = dict(zip(sorted(want), slots))
+        self.issued: list[Future] = []
+
+
+async def _settled(futures: list[Future]) -> None:
+    """Wait until every future is done (whatever its outcome: its reader reports failures)."""
+    pending = [asyncio.wrap_future(f) for f in futures if not f.done()]
+    if pending:
+        await asyncio.wait(pending)
 
 
 @dataclass(frozen=True)
@@ -233,7 +241,7 @@ class Engine:
             if d is not None and d.prefill_nodes:
                 from afkv.nodes.handoff import PrefillLinks
 
-                self._prefill = PrefillLinks(d, f"decode{self.attention_rank}")
+                self._prefill = PrefillLinks(d, f"decode{self.attention_rank}", self._kv.metrics.counters)
             if d is not None and d.expert_nodes:
                 from afkv.nodes.attention import connect_expert_nodes
 
@@ -564,9 +572,9 @@ class Engine:
                 def acked() -> None:
                     seq.metrics.handoff_ack_s = time.monotonic()
 
-                async for indices, rows in self._prefill.fetch(seq.token_ids[:whole], want, fmt, kv.kv.device,
-                                                               acked):
-                    kv.receive(seq.seq_id, indices, rows, fmt)
+                await self._prefill.fetch(seq.token_ids[:whole], want, fmt, kv.kv.device,
+                                          lambda indices, rows, slots: kv.receive(seq.seq_id, indices, rows, fmt,
+                                                                                  slots), acked)
             if want is not None:
                 kv.end_handoff(seq.seq_id)
                 seq.metrics.num_handoff_tokens = len(want) * self._layout.block_size
@@ -590,20 +598,27 @@ class Engine:
         self._wakeup.set()
 
     async def export_prefill(self, token_ids: Seq[int], want: dict[int, bytes], fmt: BlockFormat | None = None,
-                             into: torch.Tensor | None = None) -> AsyncIterator[ExportedBlocks]:
+                             into: torch.Tensor | None = None, slots: Seq[int] | None = None
+                             ) -> AsyncIterator[ExportedBlocks]:
         """Prefill node: compute the KV of `token_ids` (whole blocks: a decode node computes
         the rest) in chunks, and yield the blocks `want` ({table index: chained hash}) as the
         steps that fill them end, rows in `fmt` (raw by default), written by the worker into
-        `into` (uint8 [len(want), fmt.nbytes], host or this engine's device; slot k: the k-th
-        smallest index asked for: the decode node's segment) when given. RequestError when a block's
+        `into` (uint8 [m, fmt.nbytes], host or this engine's device: the decode node's staging
+        buffer) when given, the k-th smallest index asked for into its row slots[k] (default k). RequestError when a block's
         hash differs from the one asked for (the two nodes disagree on model or dtype). When the
         device pool holds every block already, they are read at once, with no step.
-        Closing the iterator aborts the prefill and frees its blocks, as with `generate`."""
+        Closing the iterator aborts the prefill and frees its blocks, as with `generate`; it
+        returns once no write into `into` is in flight any more (its slots can then be reused)."""
         fmt = fmt or RawFormat(self._layout)
         bs = self._layout.block_size
         if len(token_ids) % bs or not want or max(want) >= len(token_ids) // bs or min(want) < 0:
             raise RequestError(f"a prefill hands over whole blocks: {len(token_ids)} tokens, blocks "
                                f"{sorted(want)[:8]} of {bs} tokens asked for")
+        slots = list(range(len(want))) if slots is None else list(slots)
+        if into is not None and (len(slots) != len(want) or len(set(slots)) != len(slots)
+                                 or not all(0 <= k < into.shape[0] for k in slots)):
+            raise RequestError(f"a prefill into {into.shape[0]} row slots needs {len(want)} distinct slots, "
+                               f"got {slots[:8]}")
         self._check_running()
         hold = self._next_id
         if self._kv.hold_cached(hold, token_ids):  # every block is here already: no step to run
@@ -615,13 +630,17 @@ class Engine:
                     raise RequestError(f"prefill: block {bad[0]}'s hash differs from the one asked for: the decode "
                                        "node runs another model, weights or dtype")
                 future = self._kv.export_rows(hold, sorted(want), fmt, into,  # read before a later step reuses them
-                                              None if into is None else list(range(len(want))))
+                                              None if into is None else slots)
             finally:
                 self._kv.free(hold)
-            yield ExportedBlocks(sorted(want), [want[i] for i in sorted(want)], await asyncio.wrap_future(future))
+            try:
+                rows = await asyncio.wrap_future(future)
+            finally:
+                await _settled([future])  # (cancelled while it writes into `into`)
+            yield ExportedBlocks(sorted(want), [want[i] for i in sorted(want)], rows)
             return
         req = await self._add(list(token_ids), SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
-        req.export = _Export(want, fmt, into)
+        req.export = _Export(want, fmt, into, slots)
         try:
             while True:
                 item = await req.queue.get()
@@ -635,9 +654,12 @@ class Engine:
                 indices, hashes, future = item
                 yield ExportedBlocks(indices, hashes, await asyncio.wrap_future(future))
         finally:
+            export, req.export = req.export, None  # no more reads start (into `into` or anywhere)
             if req.seq.status is not SeqStatus.FINISHED and self._state is EngineState.RUNNING:
                 self._aborts.add(req.seq.seq_id)
                 self._wakeup.set()
+            if export is not None:
+                await _settled(export.issued)  # those started have written their rows
 
     def _export_blocks(self, step: list) -> None:
         """Prefill requests of a committed step: read the asked-for blocks that became full
@@ -660,6 +682,7 @@ class Engine:
             x = req.export
             future = self._kv.export_rows(seq.seq_id, ready, x.format, x.into,
                                           None if x.into is None else [x.slot_of[i] for i in ready])
+            x.issued.append(future)
             req.queue.put_nowait((ready, [hashes[i] for i in ready], future))
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[CompletionChunk]:

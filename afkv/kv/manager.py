@@ -349,27 +349,35 @@ class KVManager:
         """{table index: hash} of the sequence's hand-off blocks still to receive."""
         return dict(self._awaited.get(seq_id, {}))
 
-    def receive(self, seq_id: int, indices: Sequence[int], rows: torch.Tensor, fmt: BlockFormat) -> None:
-        """Rows uint8 [n, fmt.nbytes] (host memory checked by the caller against their
-        checksums and hashes, or a device segment of this cache's GPU that another process
-        filled: CUDA IPC) land in awaited blocks `indices` of the sequence's table: written by a
-        worker job (ordered before every step submitted after it), then registered, so later
-        prompts share them. BlockOwnershipError for an index not awaited."""
+    def receive(self, seq_id: int, indices: Sequence[int], rows: torch.Tensor, fmt: BlockFormat,
+                slots: Sequence[int] | None = None) -> Future:
+        """Rows uint8 [m, fmt.nbytes] (host memory checked by the caller against their
+        checksums and hashes, or a staging buffer on this cache's GPU that another process
+        filled: CUDA IPC) land in awaited blocks `indices` of the sequence's table, block
+        indices[k] from rows[slots[k]] (default k): written by a worker job (ordered before every
+        step submitted after it), then registered, so later prompts share them. -> the job's
+        Future: the rows may be overwritten once it is done. BlockOwnershipError for an index not
+        awaited."""
         awaited = self._awaited[seq_id]
         for i in indices:
             owned(i in awaited, f"sequence {seq_id}: hand-off block {i} is not awaited (sent twice, or never "
                                 "asked for)")
-        owned(rows.shape == (len(indices), fmt.nbytes), f"sequence {seq_id}: {tuple(rows.shape)} rows for "
-              f"{len(indices)} blocks of {fmt.nbytes} bytes")
+        slots = list(range(len(indices))) if slots is None else list(slots)
+        owned(rows.dim() == 2 and rows.shape[1] == fmt.nbytes and len(slots) == len(indices)
+              and all(0 <= k < rows.shape[0] for k in slots),
+              f"sequence {seq_id}: rows {tuple(rows.shape)}, slots {slots[:8]} for {len(indices)} blocks of "
+              f"{fmt.nbytes} bytes")
         table = self._tables[seq_id]
-        ops = [CopyOp(Direction.TO_DEVICE, table[i], slot) for slot, i in enumerate(indices)]
-        self._jobs.append(self._worker.submit(_import, self.device.rows, self.device.format, rows, fmt, ops))
+        ops = [CopyOp(Direction.TO_DEVICE, table[i], slot) for slot, i in zip(slots, indices)]
+        job = self._worker.submit(_import, self.device.rows, self.device.format, rows, fmt, ops)
+        self._jobs.append(job)
         for i in indices:
             self.pool.register(table[i], awaited.pop(i))  # False: another block holds it; this one stays private
         self.metrics.counters["handoff_received_blocks"] += len(indices)
         if rows.is_cuda:
             self.metrics.counters["handoff_received_device_blocks"] += len(indices)  # CUDA IPC: never left the GPU
-        self.metrics.counters["bytes_handoff_received"] += rows.numel()
+        self.metrics.counters["bytes_handoff_received"] += len(indices) * fmt.nbytes
+        return job
 
     def end_handoff(self, seq_id: int) -> int:
         """The hand-off is complete: -> prompt tokens covered (the sequence is then admitted

@@ -28,16 +28,23 @@ admits the request when the last block has landed.
 Protocol (control-plane messages, afkv.transport.control; the decode node is the client):
 
     decode -> prefill  request {"type": "prefill", "hid", "token_ids", "want": [[index, hash]],
-                       "format": name, "digest": the format's digest, "segment": name or None,
-                       "device_segment": DeviceSegment.wire or None} -> {"type": "ack", "carrier":
-                       "device" | "segment" | "frames"} once started (what the rows will take)
+                       "format": name, "digest": the format's digest, "segment": offer or None,
+                       "device_segment": offer or None} -> {"type": "ack", "carrier": "device" |
+                       "segment" | "frames"} once started (what the rows will take); an offer
+                       names the link's staging buffer (a RowSegment's {"name", "rows"}, a
+                       DeviceSegment's CUDA IPC fields with its "id") and "slots": the row of
+                       the k-th block asked for (table order)
     prefill -> decode  {"type": "kv_blocks", "hid", "indices", "hashes", "crcs", "rows"}  as
                        blocks fill, at most ROWS_FRAME_BYTES of rows each; or, with the rows
                        written into the segment's slots, {..., "in_segment": true} and no rows;
                        or, written into the device segment's slots, {..., "in_device": true},
                        no rows and no checksums
-                       {"type": "prefill_done", "hid"} or {"type": "prefill_failed", "hid", "error"}
-    decode -> prefill  {"type": "cancel", "hid"}  notification: the prefill request is aborted
+                       then exactly one of {"type": "prefill_done", "hid"}, {"type":
+                       "prefill_failed", "hid", "error"}, {"type": "prefill_cancelled", "hid"}
+    decode -> prefill  {"type": "cancel", "hid"}  notification: the prefill request is aborted;
+                       answered by prefill_cancelled once no write into its slots is in flight
+                       (at once when the stream already ended or never started: messages of a
+                       connection are handled in order, so the answer follows the request's)
 
 Checks on every hop that leaves a device (the frames and the shared-memory segment): each row travels with the crc32 of its bytes,
 checked on arrival before anything is written; each block's hash must be the one asked for
@@ -50,35 +57,45 @@ for prefill_timeout_s between two messages, ends that transfer; the blocks still
 asked of the next prefill node; when every node was tried, PrefillUnavailableError. Either
 way the caller frees what it held (KVManager.free: an awaited block was never registered).
 
-Carriers, chosen per transfer by what the prefill node can open (the decode node offers what
-it has; the prefill node takes the first that works, in this order):
+Carriers, chosen per link by what the prefill node can open (the decode node offers what it
+has on a link's first transfer; the prefill node takes the first that works, in this order; later
+transfers offer only that one):
 
-    CUDA IPC (one GPU)      the decode node's KV is on a GPU: it allocates a device buffer of
-                            row slots for the transfer (DeviceSegment) and offers it as a CUDA IPC
-                            handle (torch's CUDA tensor sharing; the fields travel in msgpack).
-                            A prefill node on the same GPU (same UUID) opens it and its worker
-                            enqueues the copy of its blocks device -> device into the slots (one
-                            copy per run of blocks, or one gather kernel: Copier), a thread of the
-                            KV manager waits for it, and only indices and hashes are sent; the
-                            decode node's worker copies the slots into its cache blocks (a few
-                            copies or one scatter kernel, device -> device). No host copy, no
-                            checksum: nothing left the device. torch's IPC reference counting keeps
-                            the buffer allocated while the prefill node holds it open, so a late
-                            writer never writes into memory the decode node gave to anything else.
-    shared memory (one host) a /dev/shm file of row slots (RowSegment, mode 0600); the prefill
-                            node's worker writes each row there once (device -> segment), the
-                            decode node checks its crc32 there and its worker copies it into the
-                            cache. On CUDA this is the fallback when IPC cannot be opened (another
-                            GPU, a platform without CUDA IPC); the copies then go through pageable
-                            memory.
+    CUDA IPC (one GPU)      the decode node's KV is on a GPU: its row slots are a device buffer
+                            (DeviceSegment), offered as a CUDA IPC handle (torch's CUDA tensor
+                            sharing; the fields travel in msgpack). A prefill node on the same GPU
+                            (same UUID) opens it and its worker enqueues the copy of its blocks
+                            device -> device into the slots (one copy per run of blocks, or one
+                            gather kernel: Copier), a thread of the KV manager waits for it, and
+                            only indices and hashes are sent; the decode node's worker copies the
+                            slots into its cache blocks (a few copies or one scatter kernel,
+                            device -> device). No host copy, no checksum: nothing left the device.
+    shared memory (one host) a /dev/shm file of row slots (RowSegment, mode 0600, its name unlinked
+                            once the prefill node has opened it); the prefill node's worker writes
+                            each row there once (device -> segment), the decode node checks its
+                            crc32 there and its worker copies it into the cache. On CUDA this is the
+                            fallback when IPC cannot be opened (another GPU, a platform without CUDA
+                            IPC); the copies then go through pageable memory.
     frames (other hosts)    rows inline in the kv_blocks messages (at most ROWS_FRAME_BYTES each),
                             when the prefill node can open neither.
 
+Staging (the slots of one link): the buffer is allocated once per link and the prefill node opens
+it once, keeping it open under its id while the connection lasts; a transfer leases slots of it
+(Lease) and costs no allocation and no handle. The ordering rule that lets slots be reused: a
+transfer's slots go back only when (1) the prefill node has ended the transfer (its terminal
+message, sent after every write into them completed: export_prefill waits for its copies even
+when cancelled) and (2) the decode node's copies out of them are done (the futures of its
+KVManager.receive jobs). A cancelled or failed transfer therefore drains: the decode node sends
+cancel and gives the slots back at prefill_cancelled; a connection that ends drops the link's
+buffers (freed once the prefill node lets its handle go: torch's IPC reference count keeps a
+device buffer allocated while another process holds it open, so a late writer never writes into
+memory given to anything else). Transfers at once lease disjoint slots; one that finds too few
+free gets a grown buffer (every slot in flight + its own), the old one retired.
+
 Why CUDA IPC rather than pinned host memory on one GPU: the rows never cross PCIe (two D2D copies
-at HBM speed instead of D2H + H2D at ~25 GB/s each way), no checksum is needed, and the buffer is
-one allocation per transfer with no page pinning (cudaHostRegister of a per-transfer /dev/shm
-segment costs about as much as the copy it would speed up). The NCCL carrier between two GPUs
-(a peer per (prefill, decode) pair, rows as one send/recv on a copy stream) is designed, not built.
+at HBM speed instead of D2H + H2D at ~25 GB/s each way), no checksum is needed, and no page
+pinning. The NCCL carrier between two GPUs (a peer per (prefill, decode) pair, rows as one
+send/recv on a copy stream) is designed, not built.
 """
 
 from __future__ import annotations
@@ -91,7 +108,9 @@ import os
 import re
 import secrets
 import zlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -118,8 +137,11 @@ class RowSegment:
     same host writes rows there and sends only their indices, hashes and checksums. `rows` (and
     every view of it) keeps the mapping alive after `unlink`."""
 
+    kind = "segment"
+
     def __init__(self, num_rows: int, nbytes: int):
         self.name = f"afkv-handoff-{os.getpid()}-{secrets.token_hex(8)}"
+        self.num_rows = num_rows
         self.path = SEGMENT_DIR / self.name
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
@@ -136,16 +158,31 @@ class RowSegment:
     def available() -> bool:
         return SEGMENT_DIR.is_dir() and os.access(SEGMENT_DIR, os.W_OK)
 
+    @property
+    def offer(self) -> dict:
+        return {"name": self.name, "rows": self.num_rows}
+
     def unlink(self) -> None:
         """Remove the name (the memory goes with the last view of `rows`)."""
         self.path.unlink(missing_ok=True)
 
+    def answered(self, opened: bool) -> None:
+        """The prefill node has tried to open the segment (opened or not): the name can go."""
+        self.unlink()
 
-def open_segment(name: object, num_rows: int, nbytes: int) -> torch.Tensor | None:
-    """Prefill side: the decode node's segment `name` as rows uint8 [num_rows, nbytes]; None when
-    this host has no such segment (the decode node runs elsewhere): rows then travel in frames."""
-    if not isinstance(name, str) or not _SEGMENT_NAME.fullmatch(name):
-        raise errors.FrameError(f"a prefill message's 'segment' is not a row segment name: {name!r:.60}")
+    close = unlink
+
+
+def open_segment(offer: object, nbytes: int) -> torch.Tensor | None:
+    """Prefill side: the decode node's segment ({"name", "rows"}) as rows uint8 [rows, nbytes];
+    None when this host has no such segment (the decode node runs elsewhere): rows then travel in
+    frames."""
+    try:
+        name, num_rows = offer["name"], int(offer["rows"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise errors.FrameError(f"a prefill message's 'segment' is malformed: {exc!r}") from exc
+    if not isinstance(name, str) or not _SEGMENT_NAME.fullmatch(name) or num_rows <= 0:
+        raise errors.FrameError(f"a prefill message's 'segment' is not a row segment: {name!r:.60}, {num_rows} rows")
     try:
         fd = os.open(SEGMENT_DIR / name, os.O_RDWR)
     except OSError:
@@ -160,57 +197,178 @@ def open_segment(name: object, num_rows: int, nbytes: int) -> torch.Tensor | Non
 
 
 class DeviceSegment:
-    """Decode side, CUDA: a device buffer of row slots for one transfer (slot k: the k-th block
-    asked for), offered to the prefill node as a CUDA IPC handle (`wire`: msgpack-safe fields of
-    torch's CUDA tensor sharing, plus the GPU's UUID so that only a process on the same GPU
-    opens it). `rows` keeps the buffer alive; torch keeps it allocated after that until the
-    prefill node lets it go (an IPC reference count in shared memory, counting one for the
-    offer). A prefill node that did not open it says so in its ack: `decline` then drops the
-    offer's count here, else the buffer would stay allocated for good."""
+    """Decode side, CUDA: a device buffer of row slots, offered to the prefill node as a CUDA IPC
+    handle (`offer`: msgpack-safe fields of torch's CUDA tensor sharing, the GPU's UUID so that
+    only a process on the same GPU opens it, and an id unique in this process, under which the
+    prefill node keeps it open). `rows` keeps the buffer alive; torch keeps it allocated after
+    that until the prefill node lets it go (an IPC reference count in shared memory, counting
+    one for the offer). A prefill node that did not open it says so in its ack: `answered(False)` then
+    drops the offer's count here, else the buffer would stay allocated for good."""
+
+    kind = "device"
+    _ids = itertools.count()
 
     def __init__(self, num_rows: int, nbytes: int, device: torch.device):
-        torch.cuda.ipc_collect()  # buffers of earlier transfers that every prefill node has released
+        torch.cuda.ipc_collect()  # buffers that every prefill node has released
+        self.num_rows = num_rows
         self.rows = torch.empty((num_rows, nbytes), dtype=torch.uint8, device=device)  # [num_rows, nbytes]
         _, args = reduce_tensor(self.rows)
         (_, _, _, _, _, _, _, handle, size_bytes, offset_bytes, _, ref_handle, ref_offset, event_handle,
          event_sync) = args
-        self.wire = {"uuid": str(torch.cuda.get_device_properties(device).uuid), "rows": num_rows, "nbytes": nbytes,
-                     "handle": handle, "size": size_bytes, "offset": offset_bytes, "ref_handle": ref_handle,
-                     "ref_offset": ref_offset, "event": event_handle, "event_sync": bool(event_sync)}
+        self.offer = {"id": next(self._ids), "uuid": str(torch.cuda.get_device_properties(device).uuid),
+                      "rows": num_rows, "nbytes": nbytes, "handle": handle, "size": size_bytes,
+                      "offset": offset_bytes, "ref_handle": ref_handle, "ref_offset": ref_offset,
+                      "event": event_handle, "event_sync": bool(event_sync)}
+        self.opened: bool | None = None  # by the prefill node; None: no answer yet
+
+    def answered(self, opened: bool) -> None:
+        """The prefill node's first ack naming this buffer: opened (it keeps it open for the
+        connection) or not (the offer's reference is released here)."""
+        if self.opened is None:
+            self.opened = opened
+            if not opened:
+                self.decline()
 
     def decline(self) -> None:
         """The prefill node did not open the buffer: release the reference the offer counted."""
-        torch.UntypedStorage._release_ipc_counter_cuda(self.wire["ref_handle"], self.wire["ref_offset"])
+        torch.UntypedStorage._release_ipc_counter_cuda(self.offer["ref_handle"], self.offer["ref_offset"])
+
+    def close(self) -> None:
+        """Nothing to do: the memory goes with the last view of `rows` and the prefill node's
+        handle (an offer never answered keeps its count: the prefill node may hold it open)."""
 
 
-def open_device_segment(wire: object, num_rows: int, nbytes: int, device: torch.device) -> torch.Tensor | None:
-    """Prefill side: the decode node's DeviceSegment as rows uint8 [num_rows, nbytes] on
-    `device` (this node's KV device); None when it is on another GPU or host, or CUDA IPC
+def open_device_segment(offer: object, nbytes: int, device: torch.device) -> tuple[int, torch.Tensor] | None:
+    """Prefill side: the decode node's DeviceSegment -> (its id, rows uint8 [rows, nbytes] on
+    `device`, this node's KV device); None when it is on another GPU or host, or CUDA IPC
     cannot open it here (rows then take the shared-memory segment or the frames). Blocks on
     the CUDA driver: call it off the event loop."""
-    if wire is None or device.type != "cuda":
+    if offer is None or device.type != "cuda":
         return None
     try:
-        uuid, rows, width = wire["uuid"], wire["rows"], wire["nbytes"]
-        fields = (wire["handle"], int(wire["size"]), int(wire["offset"]), wire["ref_handle"], int(wire["ref_offset"]),
-                  wire["event"], bool(wire["event_sync"]))
-        if not all(isinstance(wire[k], bytes) for k in ("handle", "ref_handle", "event")):
+        seg_id, uuid, rows, width = int(offer["id"]), offer["uuid"], int(offer["rows"]), offer["nbytes"]
+        fields = (offer["handle"], int(offer["size"]), int(offer["offset"]), offer["ref_handle"],
+                  int(offer["ref_offset"]), offer["event"], bool(offer["event_sync"]))
+        if not all(isinstance(offer[k], bytes) for k in ("handle", "ref_handle", "event")):
             raise TypeError("its handles are not bytes")
     except (KeyError, TypeError, ValueError) as exc:
         raise errors.FrameError(f"a prefill message's 'device_segment' is malformed: {exc!r}") from exc
-    if (rows, width) != (num_rows, nbytes):
+    if width != nbytes or rows <= 0:
         raise errors.FrameError(f"a prefill message's device segment has {rows} x {width} bytes of slots for "
-                                f"{num_rows} blocks of {nbytes} bytes")
+                                f"blocks of {nbytes} bytes")
     if uuid != str(torch.cuda.get_device_properties(device).uuid):
         return None
     handle, size_bytes, offset_bytes, ref_handle, ref_offset, event_handle, event_sync = fields
     try:
-        return rebuild_cuda_tensor(torch.Tensor, torch.Size((num_rows, nbytes)), (nbytes, 1), 0,
-                                   torch.storage.TypedStorage, torch.uint8, device.index or 0, handle, size_bytes,
-                                   offset_bytes, False, ref_handle, ref_offset, event_handle, event_sync)
+        return seg_id, rebuild_cuda_tensor(torch.Tensor, torch.Size((rows, nbytes)), (nbytes, 1), 0,
+                                           torch.storage.TypedStorage, torch.uint8, device.index or 0, handle,
+                                           size_bytes, offset_bytes, False, ref_handle, ref_offset, event_handle,
+                                           event_sync)
     except RuntimeError as exc:  # no CUDA IPC between these processes (platform, permissions)
         log.warning("cannot open the decode node's device segment (%s): rows go through host memory", exc)
         return None
+
+
+class Lease:
+    """Slots `slots` of a Staging buffer, held by one transfer (slot k: the k-th block asked
+    for). They go back to the staging only when both writer and reader are done with them:
+    the prefill node (its terminal message for the transfer: prefill_done, prefill_failed, or
+    prefill_cancelled, its answer to a cancel) and this node's copies out of them (the futures
+    of `KVManager.receive` jobs, `imported`). A transfer whose prefill node cannot be asked (the
+    connection failed while cancelling) is `abandon`ed: its slots never come back and its buffer
+    is retired."""
+
+    def __init__(self, staging: Staging, buffer: DeviceSegment | RowSegment, slots: list[int]):
+        self.staging, self.buffer, self.slots = staging, buffer, slots
+        self.slot_of: dict[int, int] = {}  # block table index -> its slot (set by the transfer)
+        self._imports: list[Future] = []
+        self._writer_done = False
+        self._released = False
+
+    def imported(self, future: Future | None) -> None:
+        if future is not None:
+            self._imports.append(future)
+
+    def writer_done(self) -> None:
+        """The prefill node writes no more into the slots: give them back once the copies out
+        of them have completed (a callback on the event loop, never a wait)."""
+        if self._writer_done:
+            return
+        self._writer_done = True
+        pending = [asyncio.wrap_future(f) for f in self._imports if not f.done()]
+        if not pending:
+            self._release()
+            return
+        asyncio.gather(*pending, return_exceptions=True).add_done_callback(lambda _: self._release())
+
+    def abandon(self) -> None:
+        """Whether the prefill node still writes is unknown: never hand the slots out again."""
+        if not self._released:
+            self._writer_done = self._released = True
+            self.staging.retire(self.buffer)
+            self.staging.give_back(self.buffer, self.slots)
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.staging.give_back(self.buffer, self.slots)
+
+
+class Staging:
+    """Decode side: the row slots of one prefill link's carrier ("device": a DeviceSegment,
+    "segment": a RowSegment), allocated once and kept while the connection lasts, so that a
+    transfer costs no allocation and no handle opening (the prefill node keeps the buffer open
+    under its id). Transfers lease disjoint slots; a transfer that needs more than are free gets
+    a new buffer of max(capacity, leased + needed) rows (grown: leased counts every buffer's
+    slots in flight, so a burst of transfers sizes the buffer for the next), the old one
+    retired: freed when its last lease is given back (and, for a device buffer, when the
+    prefill node has let its handle go: it does when it sees the new id, or when the connection
+    ends).
+
+    Owns (loop thread only): `buffer` (the one new leases come from), `_free` (its free slots,
+    ascending; a lease takes the first run of consecutive slots that fits, so that copies into
+    it are one slice and the prefill node's rows are one view of it), `_leased` (slots of every
+    buffer held by leases), `num_buffers` (allocations so far: the set-up a kept buffer saves)."""
+
+    def __init__(self, kind: str, make: Callable[[int], DeviceSegment | RowSegment]):
+        self.kind = kind
+        self._make = make
+        self.buffer: DeviceSegment | RowSegment | None = None
+        self._free: list[int] = []
+        self._growing = asyncio.Lock()
+        self._leased = 0  # slots held by leases, of every buffer
+        self.num_buffers = 0
+
+    async def lease(self, n: int) -> Lease:
+        """n slots (raises what allocating a new buffer raises: RuntimeError, OSError); a new
+        buffer is allocated off the event loop (the CUDA driver may block)."""
+        async with self._growing:
+            if self.buffer is None or len(self._free) < n:
+                capacity = max(n + self._leased, 0 if self.buffer is None else self.buffer.num_rows)
+                buffer = await asyncio.to_thread(self._make, capacity)
+                self.retire(self.buffer)
+                self.buffer, self._free = buffer, list(range(capacity))
+                self.num_buffers += 1
+            free = self._free  # ascending: the first run of n consecutive slots, else the n lowest
+            at = next((k for k in range(len(free) - n + 1) if free[k + n - 1] - free[k] == n - 1), 0)
+            slots, self._free = free[at:at + n], free[:at] + free[at + n:]
+            self._leased += n
+            return Lease(self, self.buffer, slots)
+
+    def give_back(self, buffer: DeviceSegment | RowSegment, slots: list[int]) -> None:
+        """A lease's end (abandoned: `buffer` retired, the slots never handed out again)."""
+        self._leased -= len(slots)
+        if buffer is self.buffer:
+            self._free = sorted(self._free + slots)
+
+    def retire(self, buffer: DeviceSegment | RowSegment | None) -> None:
+        """No more leases from `buffer` (those held keep it alive until given back)."""
+        if buffer is not None and buffer is self.buffer:
+            self.buffer, self._free = None, []
+            buffer.close()
+
+    def close(self) -> None:
+        self.retire(self.buffer)
 
 
 def row_checksums(rows: torch.Tensor) -> list[int]:
@@ -239,13 +397,13 @@ def blocks_to_wire(hid: int, indices: Sequence[int], hashes: Sequence[BlockHash]
              "crcs": crcs[a:a + per], "rows": rows[a:a + per].numpy().tobytes()} for a in range(0, n, per)]
 
 
-def blocks_from_wire(msg: dict, want: dict[int, BlockHash], fmt: BlockFormat, segment: RowSegment | None = None,
-                     slot_of: dict[int, int] | None = None, device_segment: DeviceSegment | None = None
-                     ) -> tuple[list[int], torch.Tensor]:
-    """Check a kv_blocks message against the blocks asked for -> (indices, rows uint8 [n,
-    nbytes]: from the message, or views of the segment's slots: host or device memory).
-    CorruptBlockError for a checksum, hash or size that does not match, or a block not asked
-    for (or sent twice); rows said to be in a segment of the other kind than `segment`."""
+def blocks_from_wire(msg: dict, want: dict[int, BlockHash], fmt: BlockFormat, lease: Lease | None = None
+                     ) -> tuple[list[int], torch.Tensor, list[int]]:
+    """Check a kv_blocks message against the blocks asked for -> (indices, rows uint8 [m,
+    nbytes], slots: block indices[k] is rows[slots[k]]): the message's rows, or the rows of the
+    lease's staging buffer (host or device memory). CorruptBlockError for a checksum, hash or
+    size that does not match, a block not asked for (or sent twice), or rows said to be in a
+    buffer of another kind than the lease's."""
     try:
         indices, hashes, crcs = [int(i) for i in msg["indices"]], list(msg["hashes"]), list(msg["crcs"])
         in_device, in_segment = bool(msg.get("in_device")), bool(msg.get("in_segment"))
@@ -261,43 +419,57 @@ def blocks_from_wire(msg: dict, want: dict[int, BlockHash], fmt: BlockFormat, se
     if len(hashes) != n or len(crcs) != (0 if in_device else n):
         raise errors.CorruptBlockError(f"kv_blocks: {n} indices, {len(hashes)} hashes, {len(crcs)} checksums")
     if data is None:
-        segment = device_segment if in_device else segment
-        if segment is None:
+        kind = "device" if in_device else "segment"
+        if lease is None or lease.staging.kind != kind:
             raise errors.CorruptBlockError(f"kv_blocks: rows said to be in a {'device ' * in_device}segment, but none "
                                            "was offered")
-        slots = [slot_of[i] for i in indices]
-        contiguous = slots == list(range(slots[0], slots[0] + n)) if n else True
-        rows = segment.rows[slots[0]:slots[0] + n] if contiguous and n else \
-            segment.rows[torch.tensor(slots, device=segment.rows.device)]
+        rows, slots = lease.buffer.rows, [lease.slot_of[i] for i in indices]
         if in_device:
-            return indices, rows  # never left the device: nothing to check
+            return indices, rows, slots  # never left the device: nothing to check
+        data = rows.numpy()
+        got = [zlib.crc32(data[k]) for k in slots]
     elif isinstance(data, bytes) and len(data) == n * fmt.nbytes:
         rows = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(n, fmt.nbytes) if n else \
             torch.empty((0, fmt.nbytes), dtype=torch.uint8)
+        slots, got = list(range(n)), row_checksums(rows)
     else:
         raise errors.CorruptBlockError(f"kv_blocks: {len(data) if isinstance(data, bytes) else '?'} bytes of rows "
                                        f"for {n} blocks of {fmt.nbytes} bytes")
-    for i, crc, got in zip(indices, crcs, row_checksums(rows)):
-        if crc != got:
-            raise errors.CorruptBlockError(f"kv_blocks: block {i} failed its checksum ({got:#x}, sent {crc:#x})")
-    return indices, rows
+    for i, crc, c in zip(indices, crcs, got):
+        if crc != c:
+            raise errors.CorruptBlockError(f"kv_blocks: block {i} failed its checksum ({c:#x}, sent {crc:#x})")
+    return indices, rows, slots
+
+
+TERMINAL = ("prefill_done", "prefill_failed", "prefill_cancelled")  # a transfer's last message
 
 
 class PrefillLinks:
-    """A decode node's links to the prefill nodes: routing and the transfers in flight.
+    """A decode node's links to the prefill nodes: routing, the transfers in flight and the
+    row slots each link keeps (Staging).
 
     Owns (loop thread only): `_clients` (one control connection per prefill node, None until
     first used or after it was lost), `_queued` (prompt tokens this node has in flight on each
     prefill node: the routing load), `_queues` (hand-off id -> (node, the queue its messages
-    go to), from a transfer's start to its end)."""
+    go to), from a transfer's start to its end), `_carrier` (per node, the carrier it took on
+    this connection: None until its first ack), `_stagings` (per node, (kind, row bytes) -> its
+    Staging), `_draining` (hand-off id -> (node, leases) of transfers that ended here before
+    the prefill node's terminal message: their slots wait for it)."""
 
-    def __init__(self, d: DeploymentConfig, name: str):
+    def __init__(self, d: DeploymentConfig, name: str, counters: Counter[str] | None = None):
+        """counters: where staging allocations are counted ("handoff_staging_buffers": the
+        KV manager's, so that metrics show them)."""
         self._d = d
         self._name = name
+        self._counters: Counter[str] = Counter() if counters is None else counters
         self._clients: list[ControlClient | None] = [None] * d.prefill_nodes
         self._connecting = [asyncio.Lock() for _ in range(d.prefill_nodes)]
+        self._probing = [asyncio.Lock() for _ in range(d.prefill_nodes)]
         self._queued = [0] * d.prefill_nodes
         self._queues: dict[int, tuple[int, asyncio.Queue]] = {}
+        self._carrier: list[str | None] = [None] * d.prefill_nodes
+        self._stagings: list[dict[tuple[str, int], Staging]] = [{} for _ in range(d.prefill_nodes)]
+        self._draining: dict[int, tuple[int, list[Lease]]] = {}
         self._hids = itertools.count()
         self._watchers: set[asyncio.Task] = set()
         self._store = None
@@ -311,6 +483,12 @@ class PrefillLinks:
         for w in list(self._watchers):
             w.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
+        for j in range(self._d.prefill_nodes):
+            self._drop_link(j)
+
+    def stagings(self, j: int) -> list[Staging]:
+        """Prefill node j's stagings (tests and benchmarks read their allocations)."""
+        return list(self._stagings[j].values())
 
     def pick(self, first_hash: BlockHash, exclude: set[int]) -> int | None:
         """The prefill node for a prompt: least queued tokens; among equals, the node its first
@@ -325,6 +503,7 @@ class PrefillLinks:
             c = self._clients[j]
             if c is not None and c.state is ConnState.OPEN:
                 return c
+            self._drop_link(j)  # what a lost connection's prefill node held open is not reused
             d = self._d
             if self._store is None:
                 self._store = await asyncio.to_thread(open_store, d.host, d.port, False, d.prefill_timeout_s,
@@ -344,29 +523,50 @@ class PrefillLinks:
             watcher.add_done_callback(self._watchers.discard)
             return c
 
+    def _drop_link(self, j: int) -> None:
+        """Forget prefill node j's carrier and stagings (its connection ended): their buffers
+        are freed when the last lease and the prefill node's handles let them go."""
+        self._carrier[j] = None
+        for staging in self._stagings[j].values():
+            staging.close()
+        self._stagings[j] = {}
+        for hid, (node, _) in list(self._draining.items()):
+            if node == j:
+                del self._draining[hid]  # their buffers are retired: the slots are never handed out again
+
     async def _watch(self, j: int, client: ControlClient) -> None:
         """When the connection to prefill node j ends, end every transfer it was serving."""
         await client.wait_closed()
         for node, q in list(self._queues.values()):
             if node == j:
                 q.put_nowait(errors.PeerLostError(f"prefill node {j} lost: {client.closed_reason}"))
+        if self._clients[j] is client:
+            self._drop_link(j)
 
     async def _on_message(self, conn, msg: dict) -> None:
         hid = msg.get("hid")
-        entry = self._queues.get(hid) if isinstance(hid, int) and not isinstance(hid, bool) else None
+        if not isinstance(hid, int) or isinstance(hid, bool):
+            return None
+        entry = self._queues.get(hid)
         if entry is not None:
             entry[1].put_nowait(msg)
+        elif hid in self._draining and msg.get("type") in TERMINAL:
+            for lease in self._draining.pop(hid)[1]:
+                lease.writer_done()
         return None
 
     async def fetch(self, token_ids: Sequence[int], want: dict[int, BlockHash], fmt: BlockFormat,
-                    device: torch.device, acked: Callable[[], None] | None = None
-                    ) -> AsyncIterator[tuple[list[int], torch.Tensor]]:
-        """The blocks `want` ({table index: hash}) of the prompt `token_ids` (whole blocks), from
-        the prefill nodes: yields (indices, rows uint8 [n, fmt.nbytes]) as they arrive, each
-        checked; rows in host memory, or on `device` (this node's KV device) when they came
-        through CUDA IPC. `acked()` is called when a prefill node acknowledges the transfer (its
-        carrier open: what follows is the copy). A node that fails hands the blocks still awaited
-        to the next; PrefillUnavailableError when every node failed (the causes in its message)."""
+                    device: torch.device, receive: Callable[[list[int], torch.Tensor, list[int]], Future | None],
+                    acked: Callable[[], None] | None = None) -> None:
+        """Hand the blocks `want` ({table index: hash}) of the prompt `token_ids` (whole blocks)
+        over from the prefill nodes: each batch, checked, goes to `receive(indices, rows uint8
+        [m, fmt.nbytes], slots)` (block indices[k] is rows[slots[k]]: a frame's rows in host
+        memory, or the staging buffer's, host or on `device`, this node's KV device, through CUDA
+        IPC), which returns the Future of its copy out of them (the slots are reused once it is
+        done) or None (copied already). `acked()` is called when a prefill node acknowledges the
+        transfer (its carrier open: what follows is the copy). A node that fails hands the blocks
+        still awaited to the next; PrefillUnavailableError when every node failed (the causes in
+        its message)."""
         want = dict(want)
         tried: set[int] = set()
         causes: list[str] = []
@@ -378,10 +578,7 @@ class PrefillLinks:
                     f"no prefill node handed over {len(want)} KV block(s): {'; '.join(causes)}")
             tried.add(j)
             try:
-                async for indices, rows in self._fetch_from(j, token_ids, want, fmt, device, acked):
-                    for i in indices:
-                        del want[i]
-                    yield indices, rows
+                await self._fetch_from(j, token_ids, want, fmt, device, receive, acked)
             except (errors.PeerLostError, errors.CorruptBlockError, errors.FrameError) as exc:
                 causes.append(f"prefill node {j}: {exc}")
                 if want:
@@ -389,40 +586,69 @@ class PrefillLinks:
                     log.warning("KV hand-off from prefill node %d failed (%s); %d block(s) still awaited", j, exc,
                                 len(want))
 
+    async def _leases(self, j: int, kinds: Sequence[str], n: int, fmt: BlockFormat,
+                      device: torch.device) -> dict[str, Lease]:
+        """n slots of each carrier in `kinds` that this node can offer prefill node j."""
+        makers = {"device": lambda rows: DeviceSegment(rows, fmt.nbytes, device),
+                  "segment": lambda rows: RowSegment(rows, fmt.nbytes)}
+        leases = {}
+        for kind in kinds:
+            if kind == "device" and device.type != "cuda" or kind == "segment" and not RowSegment.available():
+                continue
+            staging = self._stagings[j].get((kind, fmt.nbytes))
+            if staging is None:
+                staging = self._stagings[j][kind, fmt.nbytes] = Staging(kind, makers[kind])
+            made = staging.num_buffers
+            try:
+                leases[kind] = await staging.lease(n)
+            except (RuntimeError, OSError) as exc:  # no room for the slots, no CUDA IPC, shared memory full
+                log.warning("no %s staging for a KV hand-off (%s): rows take the next carrier", kind, exc)
+            self._counters["handoff_staging_buffers"] += staging.num_buffers - made
+        return leases
+
     async def _fetch_from(self, j: int, token_ids: Sequence[int], want: dict[int, BlockHash], fmt: BlockFormat,
-                          device: torch.device, acked: Callable[[], None] | None
-                          ) -> AsyncIterator[tuple[list[int], torch.Tensor]]:
+                          device: torch.device, receive: Callable[[list[int], torch.Tensor, list[int]], Future | None],
+                          acked: Callable[[], None] | None) -> None:
         client = await self._client(j)
-        device_segment = None
-        if device.type == "cuda":
-            try:
-                device_segment = await asyncio.to_thread(DeviceSegment, len(want), fmt.nbytes, device)
-            except RuntimeError as exc:  # no room for the slots, or no CUDA IPC here: rows go through host memory
-                log.warning("no device segment for a KV hand-off (%s): rows go through host memory", exc)
-        segment = None
-        if RowSegment.available():
-            try:
-                segment = RowSegment(len(want), fmt.nbytes)
-            except OSError as exc:  # shared memory full: the rows travel in the frames
-                log.warning("no shared-memory segment for a KV hand-off (%s): rows go in frames", exc)
-        slot_of = {i: k for k, i in enumerate(sorted(want))}
+        probe, probing = self._probing[j], False
+        if self._carrier[j] is None:
+            await probe.acquire()  # one transfer finds the carrier; the others wait for its ack
+            probing = self._carrier[j] is None
+            if not probing:
+                probe.release()
+        kinds = ("device", "segment") if self._carrier[j] is None else (self._carrier[j],)
         hid = next(self._hids)
+        leases: dict[str, Lease] = {}
         q: asyncio.Queue = asyncio.Queue()
         self._queues[hid] = (j, q)
         self._queued[j] += len(token_ids)
         ended = False
         timeout_s = self._d.prefill_timeout_s
         try:
+            leases = await self._leases(j, kinds, len(want), fmt, device)
+            for lease in leases.values():
+                lease.slot_of = dict(zip(sorted(want), lease.slots))
+            offers = {kind: {**lease.buffer.offer, "slots": lease.slots} for kind, lease in leases.items()}
             ack = await client.request({"type": "prefill", "hid": hid, "token_ids": list(token_ids),
                                         "want": [[i, want[i]] for i in sorted(want)], "format": fmt.name,
-                                        "digest": fmt.digest, "segment": None if segment is None else segment.name,
-                                        "device_segment": None if device_segment is None else device_segment.wire},
-                                       timeout_s=timeout_s)
+                                        "digest": fmt.digest, "segment": offers.get("segment"),
+                                        "device_segment": offers.get("device")}, timeout_s=timeout_s)
+            carrier = ack.get("carrier")
+            for kind, lease in list(leases.items()):
+                lease.buffer.answered(kind == carrier)
+                if kind != carrier:
+                    lease.staging.retire(lease.buffer)  # the prefill node did not open it: not offered again
+                    lease.writer_done()  # never written
+                    del leases[kind]
+            if self._carrier[j] is None and carrier in ("device", "segment", "frames"):
+                self._carrier[j] = carrier  # the link's stagings of other kinds are not offered again
+                self._stagings[j] = {key: st for key, st in self._stagings[j].items() if key[0] == carrier}
+            if probing:
+                probing = False
+                probe.release()
             if acked is not None:
                 acked()
-            if device_segment is not None and ack.get("carrier") != "device":
-                device_segment.decline()
-                device_segment = None
+            lease = next(iter(leases.values()), None)
             while True:
                 try:
                     msg = await asyncio.wait_for(q.get(), timeout_s)
@@ -433,24 +659,44 @@ class PrefillLinks:
                     raise msg
                 kind = msg.get("type")
                 if kind == "kv_blocks":
-                    yield blocks_from_wire(msg, want, fmt, segment, slot_of, device_segment)
-                elif kind == "prefill_done":
+                    indices, rows, slots = blocks_from_wire(msg, want, fmt, lease)
+                    future = receive(indices, rows, slots)
+                    if lease is not None:
+                        lease.imported(future)
+                    for i in indices:
+                        del want[i]
+                elif kind in TERMINAL:
                     ended = True
+                    if kind == "prefill_failed":
+                        raise errors.error_from_wire(msg.get("error"))
+                    if kind == "prefill_cancelled":
+                        raise errors.PeerLostError(f"prefill node {j} cancelled the transfer (closing)")
                     if want:
                         raise errors.CorruptBlockError(f"prefill node {j} ended without blocks {sorted(want)}")
                     return
-                elif kind == "prefill_failed":
-                    ended = True
-                    raise errors.error_from_wire(msg.get("error"))
                 else:
                     raise errors.FrameError(f"prefill node {j}: unexpected message {kind!r:.50}")
         finally:
-            if segment is not None:
-                segment.unlink()  # the rows received stay mapped until written into the cache
+            if probing:
+                probe.release()  # the probe failed: the next transfer tries
             self._queues.pop(hid, None)
             self._queued[j] -= len(token_ids)
-            if not ended and client.state is ConnState.OPEN:
-                try:
-                    await client.send({"type": "cancel", "hid": hid})
-                except errors.TransportError:
-                    pass  # gone meanwhile: the prefill node aborts what it cannot send
+            await self._end(j, client, hid, list(leases.values()), ended)
+
+    async def _end(self, j: int, client: ControlClient, hid: int, leases: list[Lease], ended: bool) -> None:
+        """A transfer's end on this side: its slots go back when the prefill node has ended it
+        (now, or at its answer to the cancel sent here; a prefill node that cannot be told
+        keeps them: its buffer is retired) and this node's copies out of them are done."""
+        if ended:
+            for lease in leases:
+                lease.writer_done()
+            return
+        if client.state is ConnState.OPEN:
+            try:
+                self._draining[hid] = (j, leases)
+                await client.send({"type": "cancel", "hid": hid})  # answered by prefill_cancelled
+                return
+            except errors.TransportError:
+                self._draining.pop(hid, None)  # gone meanwhile: the prefill node aborts what it cannot send
+        for lease in leases:
+            lease.abandon()

@@ -3,11 +3,14 @@
 The protocol, checks and faults are afkv.nodes.handoff's (its module docstring). Per message:
 
     prefill   start a stream task: Engine.export_prefill over the prompt, its worker writing
-              the rows straight into the decode node's device segment (CUDA IPC, when this
-              process is on the same GPU) or shared-memory segment (when this host has it);
-              else the rows it yields go in the kv_blocks messages; then prefill_done (or
-              prefill_failed with the error, which keeps its class)
-    cancel    cancel that stream: the engine aborts the prefill and frees its blocks
+              the rows straight into the slots named of the decode node's staging buffer: its
+              device buffer (CUDA IPC, when this process is on the same GPU) or shared-memory
+              segment (when this host has it), opened once per buffer and kept open for the
+              connection; else the rows it yields go in the kv_blocks messages; then
+              prefill_done (or prefill_failed with the error, which keeps its class)
+    cancel    cancel that stream: the engine aborts the prefill and frees its blocks; once no
+              write into the slots is in flight any more, prefill_cancelled (at once for a
+              stream already ended or never started): the decode node then reuses the slots
 
 A decode node that goes away takes its streams with it (their sends fail; the engine aborts).
 """
@@ -15,6 +18,7 @@ A decode node that goes away takes its streams with it (their sends fail; the en
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import torch
 
@@ -23,7 +27,7 @@ from afkv.engine.engine import Engine
 from afkv.kv.formats import FORMAT_NAMES, BlockFormat, make_format
 from afkv.nodes.handoff import MAX_FRAME_BYTES, blocks_to_wire, open_device_segment, open_segment
 from afkv.serve.streams import StreamServer
-from afkv.transport.control import ControlConnection, ControlLimits
+from afkv.transport.control import ConnState, ControlConnection, ControlLimits
 
 
 HEARTBEAT_INTERVAL_S = 1.0
@@ -45,6 +49,14 @@ class PrefillServer(StreamServer):
                                default_message_bytes=64 * 2**10)
         super().__init__(host, port, token, limits)
         self.carriers = {"device": 0, "segment": 0, "frames": 0}  # hand-offs started per carrier
+        self.num_opened = 0  # staging buffers opened (a decode node's link opens one, until it grows it)
+        # per connection, carrier -> (the decode node's id of its staging buffer, its rows open
+        # here): kept open while the connection lasts, so a transfer opens nothing
+        self._opened: dict[ControlConnection, dict[str, tuple[object, torch.Tensor]]] = {}
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        self._opened.clear()
 
     async def _handle(self, conn: ControlConnection, msg: dict) -> dict | None:
         kind = msg["type"]
@@ -62,38 +74,73 @@ class PrefillServer(StreamServer):
             if msg.get("digest") != fmt.digest:
                 raise errors.ConfigError("the decode node asks for KV rows of another geometry than this prefill "
                                          "node's (model, dtype or block_size differ)", key="kv")
-            into, carrier = await self._open_carrier(msg, len(want), fmt)
-            self._start(conn, hid, lambda: self._hand_off(conn, hid, token_ids, want, fmt, into, carrier),
+            into, slots, carrier = await self._open_carrier(conn, msg, len(want), fmt)
+            self._start(conn, hid, lambda: self._hand_off(conn, hid, token_ids, want, fmt, into, slots, carrier),
                         f"afkv-prefill {hid}")
             return {"type": "ack", "carrier": carrier}
         if kind == "cancel":
-            self._cancel(conn, hid)
+            if self._streams.get(conn, {}).get(hid) is None:  # refused, or ended: its last message is sent
+                await conn.send({"type": "prefill_cancelled", "hid": hid})
+            self._cancel(conn, hid)  # the stream answers once its writes are done
             return None
         raise errors.FrameError(f"prefill node: unknown message type {kind!r}")
 
-    async def _open_carrier(self, msg: dict, num_rows: int, fmt: BlockFormat) -> tuple[torch.Tensor | None, str]:
-        """The first of the decode node's device segment, its shared-memory segment, the frames,
-        that this process can open (afkv.nodes.handoff) -> (its rows or None, its name)."""
-        device = self.engine.kv_manager.kv.device
-        if msg.get("device_segment") is not None:
-            into = await asyncio.to_thread(open_device_segment, msg["device_segment"], num_rows, fmt.nbytes, device)
-            if into is not None:
-                return into, "device"
-        if msg.get("segment") is not None:
-            into = open_segment(msg["segment"], num_rows, fmt.nbytes)
-            if into is not None:
-                return into, "segment"
-        return None, "frames"
+    async def _open_carrier(self, conn: ControlConnection, msg: dict, num_rows: int, fmt: BlockFormat
+                            ) -> tuple[torch.Tensor | None, list[int] | None, str]:
+        """The first of the decode node's device buffer, its shared-memory segment, the frames,
+        that this process can open (afkv.nodes.handoff), kept open for the connection under the
+        decode node's id -> (its rows or None, the slots of this transfer, its name)."""
+        for gone in [c for c in self._opened if c.state is ConnState.CLOSED]:
+            del self._opened[gone]  # a decode node's buffers are let go with its connection
+        opened = self._opened.setdefault(conn, {})
+        for carrier in ("device", "segment"):
+            offer = msg.get("device_segment" if carrier == "device" else "segment")
+            if offer is None:
+                continue
+            if not isinstance(offer, dict):
+                raise errors.FrameError(f"a prefill message's {carrier} offer is not a map")
+            key = offer.get("id" if carrier == "device" else "name")
+            if carrier not in opened or opened[carrier][0] != key:
+                opened.pop(carrier, None)  # an older buffer of this link: let go (transfers in flight keep theirs)
+                if carrier == "device":
+                    got = await asyncio.to_thread(open_device_segment, offer, fmt.nbytes,
+                                                  self.engine.kv_manager.kv.device)
+                    rows = None if got is None else got[1]
+                else:
+                    rows = open_segment(offer, fmt.nbytes)
+                if rows is None:
+                    continue
+                opened[carrier] = (key, rows)
+                self.num_opened += 1
+            rows = opened[carrier][1]
+            return rows, _slots_from_wire(offer.get("slots"), num_rows, rows.shape[0]), carrier
+        return None, None, "frames"
 
     async def _hand_off(self, conn: ControlConnection, hid: int, token_ids: list, want: dict, fmt: BlockFormat,
-                        into: torch.Tensor | None, carrier: str) -> None:
-        """`into`: the decode node's row slots (one per block asked for, in table order) that
-        `carrier` names, or None: rows go in the frames."""
+                        into: torch.Tensor | None, slots: list[int] | None, carrier: str) -> None:
+        """`into`: the decode node's staging rows that `carrier` names (block k asked for, in
+        table order, goes to its row slots[k]), or None: rows go in the frames. Ends with
+        prefill_done, prefill_failed (StreamServer) or, cancelled, prefill_cancelled once no
+        write into `into` is in flight any more (the decode node then reuses the slots)."""
         self.carriers[carrier] += 1
-        async for batch in self.engine.export_prefill(token_ids, want, fmt, into):
-            for frame in blocks_to_wire(hid, batch.indices, batch.hashes, batch.rows, carrier):
-                await conn.send(frame)
-        await conn.send({"type": "prefill_done", "hid": hid})
+        try:
+            async with contextlib.aclosing(self.engine.export_prefill(token_ids, want, fmt, into, slots)) as batches:
+                async for batch in batches:
+                    for frame in blocks_to_wire(hid, batch.indices, batch.hashes, batch.rows, carrier):
+                        await conn.send(frame)
+            await conn.send({"type": "prefill_done", "hid": hid})
+        except asyncio.CancelledError:  # (even during prefill_done's send: one more end message does no harm)
+            with contextlib.suppress(errors.TransportError):
+                await conn.send({"type": "prefill_cancelled", "hid": hid})
+            raise
+
+
+def _slots_from_wire(wire: object, num_blocks: int, num_rows: int) -> list[int]:
+    if not isinstance(wire, list) or len(wire) != num_blocks or len(set(wire)) != num_blocks or \
+            not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < num_rows for k in wire):
+        raise errors.FrameError(f"a prefill message's staging needs 'slots': {num_blocks} distinct rows of "
+                                f"{num_rows}, got {wire!r:.80}")
+    return wire
 
 
 def _want_from_wire(wire: object) -> dict[int, bytes]:

@@ -7,7 +7,7 @@ import torch
 
 from afkv.kv.formats import RawFormat
 from afkv.kv.layout import KVLayout
-from afkv.kv.tiers.copier import MAX_RUNS, Copier, CopyOp, Direction, move_rows
+from afkv.kv.tiers.copier import INDEXED_KERNELS, MAX_RUNS, Copier, CopyOp, Direction, move_rows
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -17,10 +17,11 @@ PAIRS = {"one_run": (list(range(3, 13)), list(range(20, 30))), "scattered": (STR
          "gather": (list(range(4, 24)), STRIDED_B), "scatter": (STRIDED_A, list(range(11, 31)))}
 
 
+@pytest.mark.parametrize("indexed", INDEXED_KERNELS)
 @pytest.mark.parametrize("width", [4096, 1000, 6])
 @pytest.mark.parametrize("pairs", list(PAIRS))
 @pytest.mark.parametrize("where", ["device", "to_host", "to_device"])
-def test_move_rows_on_cuda(where, pairs, width):
+def test_move_rows_on_cuda(where, pairs, width, indexed):
     assert len(STRIDED_A) > MAX_RUNS
     g = torch.Generator().manual_seed(width)
     src = torch.randint(0, 256, (40, width), dtype=torch.uint8, generator=g)
@@ -35,7 +36,7 @@ def test_move_rows_on_cuda(where, pairs, width):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        move_rows(dst_t, dst_rows, src_t, src_rows, non_blocking=True)
+        move_rows(dst_t, dst_rows, src_t, src_rows, non_blocking=True, indexed=indexed)
     stream.synchronize()
     assert torch.equal(dst_t.cpu(), want)
 

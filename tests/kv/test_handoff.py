@@ -158,25 +158,26 @@ def test_rows_said_to_be_in_a_segment_never_offered_are_refused():
         msg = {"type": "kv_blocks", "hid": 0, "indices": [0], "hashes": [bytes(16)],
                "crcs": [] if flag == "in_device" else [0], flag: True}
         with pytest.raises(CorruptBlockError, match="was offered"):
-            blocks_from_wire(msg, want, RAW, None, {0: 0}, None)
+            blocks_from_wire(msg, want, RAW, None)
 
 
 def test_malformed_device_segment_offer_is_a_frame_error():
-    """A prefill node reads a device-segment offer only when it is well formed and sized for the
-    blocks asked for (FrameError otherwise); a CPU node never opens one (None: host carriers)."""
+    """A prefill node reads a device-segment offer only when it is well formed and its rows are
+    of the format's width (FrameError otherwise); a CPU node never opens one (None: host carriers)."""
     from afkv.errors import FrameError
     from afkv.nodes.handoff import open_device_segment
 
-    wire = {"uuid": "GPU-0", "rows": 2, "nbytes": RAW.nbytes, "handle": b"h", "size": 2 * RAW.nbytes, "offset": 0,
-            "ref_handle": b"r", "ref_offset": 0, "event": b"e", "event_sync": True}
-    assert open_device_segment(wire, 2, RAW.nbytes, CPU) is None
+    wire = {"id": 0, "uuid": "GPU-0", "rows": 2, "nbytes": RAW.nbytes, "handle": b"h", "size": 2 * RAW.nbytes,
+            "offset": 0, "ref_handle": b"r", "ref_offset": 0, "event": b"e", "event_sync": True}
+    assert open_device_segment(wire, RAW.nbytes, CPU) is None
     if not torch.cuda.is_available():
         return
     cuda = torch.device("cuda", torch.cuda.current_device())
-    for bad in ({**wire, "handle": "h"}, {k: v for k, v in wire.items() if k != "size"}, {**wire, "rows": 3}):
+    for bad in ({**wire, "handle": "h"}, {k: v for k, v in wire.items() if k != "size"}, {**wire, "rows": 0},
+                {**wire, "nbytes": RAW.nbytes + 1}):
         with pytest.raises(FrameError):
-            open_device_segment(bad, 2, RAW.nbytes, cuda)
-    assert open_device_segment(wire, 2, RAW.nbytes, cuda) is None  # another GPU's UUID
+            open_device_segment(bad, RAW.nbytes, cuda)
+    assert open_device_segment(wire, RAW.nbytes, cuda) is None  # another GPU's UUID
 
 
 def test_exported_rows_complete_once_their_copies_have():

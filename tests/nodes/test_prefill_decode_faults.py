@@ -47,8 +47,8 @@ class Gated:
     def max_model_len(self):
         return self.engine.max_model_len
 
-    async def export_prefill(self, token_ids, want, fmt, into=None):
-        async with contextlib.aclosing(self.engine.export_prefill(token_ids, want, fmt, into)) as batches:
+    async def export_prefill(self, token_ids, want, fmt, into=None, slots=None):
+        async with contextlib.aclosing(self.engine.export_prefill(token_ids, want, fmt, into, slots)) as batches:
             n = 0
             async for batch in batches:
                 yield batch
@@ -173,12 +173,39 @@ async def test_cancel_during_hand_off_frees_blocks_everywhere(model):
         await wait_until(lambda: all_free(decode), what="decode blocks freed")
         await wait_until(lambda: all_free(prefills[0]), what="prefill blocks freed")
         assert decode.stats().num_handoffs == 0
-        # the engines keep serving: the 6 blocks that landed are reused, the rest cross
+        # the prefill node answered the cancel once its writes were done: the slots are free
+        [staging] = decode._prefill.stagings(0)
+        await wait_until(lambda: staging._leased == 0, what="staging slots given back")
+        # the engines keep serving: the 6 blocks that landed are reused, the rest cross, through
+        # the same staging segment (no new one, none opened again)
         expected = await expected_tokens(model)
         servers[0].engine = prefills[0]  # no longer frozen
         async with asyncio.timeout(60):
             assert (await decode.complete(PROMPT, PARAMS)).token_ids == expected
         assert received(decode) == 10
+        assert staging.num_buffers == 1 and servers[0].num_opened == 1 and servers[0].carriers["segment"] == 2
+
+
+async def test_one_staging_segment_serves_every_transfer_of_a_link(model):
+    """The link's shared-memory staging segment is made and opened once: later transfers lease
+    its slots (one at a time, or several at once after it grew to hold them), its name is gone
+    from /dev/shm once the prefill node opened it, and the tokens are the colocated ones."""
+    prompts = [random_prompt(n, 256, seed=500 + n) for n in (41, 33, 21, 37, 29, 25)]  # 10, 8, 5, 9, 7, 6 blocks
+    async with Engine(model, dataclasses.replace(config(0, 1), deployment=None), progress=False) as e:
+        expected = [(await e.complete(p, PARAMS)).token_ids for p in prompts]
+    async with cluster(model, 1, gated_after=None) as (decode, prefills, servers, gate, j):
+        async with asyncio.timeout(60):
+            got = [(await decode.complete(p, PARAMS)).token_ids for p in prompts[:3]]
+        [staging] = decode._prefill.stagings(0)
+        assert staging.kind == "segment" and staging.num_buffers == 1 and servers[0].num_opened == 1
+        assert not list(SEGMENT_DIR.glob(f"afkv-handoff-{os.getpid()}-*"))  # unlinked once opened
+        async with asyncio.timeout(60):  # three at once: 24 slots, the segment grows once
+            got += [c.token_ids for c in await asyncio.gather(*(decode.complete(p, PARAMS) for p in prompts[3:]))]
+        assert got == expected
+        assert staging.num_buffers <= 2 and servers[0].num_opened == staging.num_buffers
+        assert servers[0].carriers == {"device": 0, "segment": 6, "frames": 0}
+        await wait_until(lambda: staging._leased == 0, what="staging slots given back")
+        assert all_free(decode)
 
 
 @pytest.mark.parametrize("carrier", ["segment", "frames"])
@@ -205,7 +232,7 @@ async def test_corrupt_row_is_never_used(model, monkeypatch, carrier):
 
     monkeypatch.setattr(prefill_module, "blocks_to_wire", damaging)
     if carrier == "frames":  # as from a prefill node on another host
-        monkeypatch.setattr(prefill_module, "open_segment", lambda name, n, nbytes: None)
+        monkeypatch.setattr(prefill_module, "open_segment", lambda offer, nbytes: None)
     async with cluster(model, 2, gated_after=None) as (decode, prefills, servers, gate, j):
         async with asyncio.timeout(60):
             assert (await decode.complete(PROMPT, PARAMS)).token_ids == expected

@@ -243,6 +243,17 @@ def mla_launches(sweep: bool = False):
                         q, c, 1, tables, lens, 0.1, r, tile=t)
 
 
+def row_launches(sweep: bool = False):
+    """Yield (label, thunk) for copy_rows (afkv.ops.triton_rows, the KV hand-off's Triton row
+    copy) on rows of int64 words of a Qwen3-30B-A3B KV block (1.5 MiB) and on odd byte rows."""
+    from afkv.ops import triton_rows
+
+    idx = torch.zeros(2, dtype=torch.int64)
+    for dtype, width in ((torch.int64, 48 * 2 * 4 * 16 * 128 * 2 // 8), (torch.uint8, 6)):
+        rows = torch.zeros(3, width, dtype=dtype)
+        yield f"rows {str(dtype)[6:]} w{width}", lambda r=rows: triton_rows.copy_rows(r, idx, r, idx)
+
+
 def main(argv: list[str]) -> int:
     depth = argv[0] if argv else "ttir"
     show_usage = "--usage" in argv
@@ -251,7 +262,8 @@ def main(argv: list[str]) -> int:
     failed = 0
     with torch.inference_mode():
         # lazily: a thunk reads some of its shape from the loop that yields it
-        for label, thunk in itertools.chain(launches("--sweep" in argv), mla_launches("--sweep" in argv)):
+        for label, thunk in itertools.chain(launches("--sweep" in argv), mla_launches("--sweep" in argv),
+                                            row_launches()):
             if only and not re.search(only, label):
                 continue
             start = len(log)

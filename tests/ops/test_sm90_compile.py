@@ -67,3 +67,13 @@ def test_mla_candidate_launches_compile_to_cubin_for_sm90():
                 if t.block_h <= h and (kind == "raw" or not t.whole_scores)]
     assert len(lines) == len(launches)
     print("\n".join(lines))
+
+
+def test_row_copy_compiles_to_cubin_for_sm90():
+    """The hand-off's Triton row copy (afkv.ops.triton_rows) at a real KV block's row of words and
+    at odd byte rows, down to cubin; registers and spills printed (-s shows them)."""
+    out = _run("cubin", "--only=^rows ", "--usage")
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if "_copy_rows_kernel" in line]
+    assert len(rows) == 2
+    print("\n".join(rows))

@@ -25,6 +25,7 @@ from enum import Enum
 import torch
 
 from afkv.kv.formats import BlockFormat, QuantFormat, RawFormat
+from afkv.ops import triton_rows
 
 
 class Direction(Enum):
@@ -135,17 +136,23 @@ class Copier:
 
 
 MAX_RUNS = 8  # above this many runs of consecutive rows, rows on one device move in one indexed kernel
+# The indexed kernel for rows on one GPU: "torch" (index_select / index_copy_ over 8-byte words)
+# or "triton" (afkv.ops.triton_rows.copy_rows: 16-byte vector copies, one row index per program),
+# a candidate that `afkv bench pd-rows` times against it on the GPU; the default stays what was measured.
+INDEXED_KERNELS = ("torch", "triton")
+INDEXED_KERNEL = "torch"
 
 
 def move_rows(dst: torch.Tensor, dst_rows: list[int], src: torch.Tensor, src_rows: list[int],
-              non_blocking: bool = False) -> None:
+              non_blocking: bool = False, indexed: str = INDEXED_KERNEL) -> None:
     """dst[dst_rows[k]] = src[src_rows[k]] for every k, rows of uint8 [*, nbytes] (dst_rows
     distinct). One slice copy per run of rows consecutive on both sides (a pool hands out runs of
     blocks, and slots are taken in order, so a batch is usually one run); when there are more than
-    MAX_RUNS runs and both tensors are on one device, one gather (index_select into a range of dst
-    rows) or scatter (index_copy_ from a range of src rows) kernel, moving 8-byte words where the
-    row width allows. Never a host synchronisation: on CUDA the index tensors go through pinned
-    memory on the current stream."""
+    MAX_RUNS runs and both tensors are on one device, one indexed kernel (`indexed`, among
+    INDEXED_KERNELS; "triton" on CUDA only): torch's gather (index_select into a range of dst
+    rows) or scatter (index_copy_ from a range of src rows), or Triton's copy_rows, moving 8-byte
+    words where the row width allows. Never a host synchronisation: on CUDA the index tensors go
+    through pinned memory on the current stream."""
     runs = _runs(dst_rows, src_rows)
     if len(runs) <= MAX_RUNS or dst.device != src.device:
         for d, s, n in runs:
@@ -155,6 +162,9 @@ def move_rows(dst: torch.Tensor, dst_rows: list[int], src: torch.Tensor, src_row
     if wide_dst.dtype != wide_src.dtype:
         wide_dst, wide_src = dst, src
     n = len(dst_rows)
+    if indexed == "triton" and dst.is_cuda:
+        triton_rows.copy_rows(wide_dst, _index(dst_rows, dst.device), wide_src, _index(src_rows, src.device))
+        return
     if dst_rows == list(range(dst_rows[0], dst_rows[0] + n)):
         torch.index_select(wide_src, 0, _index(src_rows, src.device), out=wide_dst[dst_rows[0]:dst_rows[0] + n])
     elif src_rows == list(range(src_rows[0], src_rows[0] + n)):
