@@ -1109,6 +1109,14 @@ QUANT_DECODE_CONFIGS: dict[str, dict[str, QuantDecodeConfig]] = {
 # pipeliner leaves them) after its codes, and value codes sat in registers one per code. Kept: the
 # table's winners and the best of each format there; new: prefetch (scale data, block ids and, with
 # 2 and no pipeliner, the codes one tile ahead) with codes loaded as 32-bit words, and deferred sums.
+# Two warps (session 5): with 16 query rows (one tl.dot row tile) the warps split a tile's tokens, so
+# every row max and sum, the value scales' max and the probabilities' way into P @ V cross warps
+# (shared memory, barriers), and each warp reloads the whole query operand per tile for fewer tokens.
+# sm_90 cubins (tests/ops/sm90_compile.py, nvdisasm), warp-instructions per token and kv head in the
+# main loop: the table's 4-warp launches fp8 64, int8 67, int4 68; 2 warps, 64-token tiles, no
+# spills, 255 registers (4 programs per SM): fp8 33 (prefetch 1, words 2), int8 44 (deferred sums),
+# int4 41 (cvt 1, deferred sums); capped at 168 registers (6 programs per SM) fp8 38, 48 bytes
+# spilled. 1 warp and 128-token tiles at 2 warps spill more.
 QUANT_DECODE_SWEEP = tuple(QuantDecodeConfig(*c) for c in (
     # block_n, warps, stages, programs/SM, cvt, max_regs, halves, min_split_tiles, prefetch, words, deferred_sums
     (32, 4, 2, 4, 2, None), (64, 4, 2, 4, 2, 128), (64, 4, 2, 4, 2, 128, True), (64, 4, 2, 4, 2, 128, False, 4),
@@ -1116,6 +1124,9 @@ QUANT_DECODE_SWEEP = tuple(QuantDecodeConfig(*c) for c in (
     (32, 4, 2, 4, 2, 128, True, 1, 1, 2), (64, 4, 2, 4, 2, 128, True, 1, 1, 2), (32, 4, 3, 4, 2, 128, True, 1, 1, 2),
     (32, 4, 1, 4, 2, 128, True, 1, 2, 2), (64, 4, 2, 3, 2, 128, True, 1, 1, 2),
     (32, 4, 2, 4, 2, 128, True, 1, 1, 2, True), (32, 4, 1, 4, 2, 128, True, 1, 2, 2, True),
+    (64, 2, 2, 4, 2, None, True, 1, 1, 2), (64, 2, 2, 4, 2, None, True, 1, 0, 0, True),
+    (64, 2, 2, 4, 1, None, True, 1, 0, 0, True), (64, 2, 2, 4, 1, None, True), (64, 2, 3, 4, 2, None, True),
+    (64, 2, 2, 6, 2, 168, True, 1, 1, 2),
 ))
 
 
