@@ -1170,8 +1170,8 @@ QUANT_DECODE_CONFIGS: dict[str, dict[str, QuantDecodeConfig]] = {
 # main loop: the table's 4-warp launches fp8 64, int8 67, int4 68; 2 warps, 64-token tiles, no
 # spills, 248-255 registers (4 programs per SM), prefetch 1, words 2, cvt 1 (_word_codes), deferred
 # sums: fp8 29, int8 32, int4 34 (44 and 41 with codes loaded as bytes, fp8 33 with words split);
-# capped at 168 registers (6 programs per SM), no deferred sums: fp8 34, int8 35, int4 38, spilling
-# 48-320 bytes. 1 warp and 128-token tiles spill more.
+# capped at 200 registers (5 programs per SM: 10 warps; 5 x 43 KiB of shared memory), no deferred
+# sums: fp8 32, int8 34, int4 37, spilling 0 / 104 / 168 bytes. 1 warp and 128-token tiles spill more.
 QUANT_DECODE_SWEEP = tuple(QuantDecodeConfig(*c) for c in (
     # block_n, warps, stages, programs/SM, cvt, max_regs, halves, min_split_tiles, prefetch, words, deferred_sums
     (32, 4, 2, 4, 2, None), (64, 4, 2, 4, 2, 128), (64, 4, 2, 4, 2, 128, True), (64, 4, 2, 4, 2, 128, False, 4),
@@ -1181,7 +1181,7 @@ QUANT_DECODE_SWEEP = tuple(QuantDecodeConfig(*c) for c in (
     (32, 4, 2, 4, 2, 128, True, 1, 1, 2, True), (32, 4, 1, 4, 2, 128, True, 1, 2, 2, True),
     (64, 2, 2, 4, 2, None, True, 1, 1, 2), (64, 2, 2, 4, 1, None, True, 1, 1, 2),
     (64, 2, 2, 4, 1, None, True, 1, 1, 2, True), (64, 2, 2, 4, 2, None, True, 1, 0, 0, True),
-    (64, 2, 2, 6, 1, 168, True, 1, 1, 2),
+    (64, 2, 2, 5, 1, 200, True, 1, 1, 2),
 ))
 
 
