@@ -358,13 +358,21 @@ if triton is not None:
 
     @triton.jit
     def _codes(b, KIND: tl.constexpr, HIGH: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr):
-        """uint8 codes [N, C] -> float16 (float32 when IEEE) values, exact: fp8 the e4m3 value;
+        """uint8 codes [N, C], or the same bytes as uint32 words [N, C / 4] (memory order,
+        little-endian) -> float16 (float32 when IEEE) values [N, C], exact: fp8 the e4m3 value;
         int8 / int4 (the low nibbles, or the high ones when HIGH) the code plus an offset:
         CVT 0 converts each code (offset 0); 1 and 2 build the float16 0x64XX = 1024 + XX
         (offset 1024), 1 by two byte permutes per four codes (CUDA inline PTX), 2 by a bitwise
-        or of 0x6400 (plain Triton: also under the interpreter)."""
+        or of 0x6400 (plain Triton: also under the interpreter). Words of int8 / int4 codes with
+        CVT 1 or 2, of fp8 codes with CVT 1, are converted as words (_word_codes); other words
+        are split into bytes first."""
         dt: tl.constexpr = tl.float32 if IEEE else tl.float16
-        if KIND == 0:
+        WORD_CODES: tl.constexpr = b.dtype == tl.uint32 and CVT != 0 and (KIND != 0 or CVT == 1)
+        if b.dtype == tl.uint32 and not WORD_CODES:
+            b = _bytes(b)
+        if WORD_CODES:
+            f = _word_codes(b, KIND, HIGH, CVT).to(dt)
+        elif KIND == 0:
             f = b.to(tl.float8e4nv, bitcast=True).to(dt)
         elif CVT == 1:
             if KIND == 1:
@@ -479,7 +487,7 @@ if triton is not None:
         """The codes of the tile at t0 held in the rows `blk` (_tile_blocks):
         (kb, vb, kb2, vb2), kb2 and vb2 the second half's of int8 in halves (else kb, vb again),
         each uint8 [N, C] or, loaded as 32-bit words (value codes when WORDS >= 1, key codes
-        when WORDS == 2), uint32 [N, C / 4] (_bytes makes them [N, C]). Addresses are computed
+        when WORDS == 2), uint32 [N, C / 4] (_codes takes either). Addresses are computed
         once per block of the tile."""
         HALVES: tl.constexpr = KIND == 1 and TILE_C < CODE_DIM
         num_tile_blocks: tl.constexpr = BLOCK_N // BLOCK_SIZE
@@ -520,6 +528,57 @@ if triton is not None:
         return kb, vb, kb2, vb2
 
     @triton.jit
+    def _halves(x):
+        """uint32 [N, W] -> its low and high 16 bits as float16 [N, W] each (bitcasts)."""
+        lo = (x & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+        hi = (x >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+        return lo, hi
+
+    @triton.jit
+    def _word_codes(w, KIND: tl.constexpr, HIGH: tl.constexpr, CVT: tl.constexpr):
+        """Codes as uint32 words [N, W] -> float16 [N, 4W] in memory order: fp8 (CVT 1 only) the
+        e4m3 values; int8 / int4 0x64XX = 1024 + code per byte (int4: its low nibble, or its high
+        one when HIGH). From each word in place, as two float16 pairs: fp8 two conversions of
+        two codes each, int8 / int4 CVT 1 bytes 0 and 1, 2 and 3 by two byte permutes (int4:
+        after a mask, or a shift and a mask; CUDA inline PTX); CVT 2 bytes 0 and 2, 1 and 3 by
+        a mask and an or each (plain Triton: also under the interpreter). No split of the word
+        into four bytes (a register each) that the conversion then packs again (_bytes, _codes)."""
+        if KIND == 0:
+            p01, p23 = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b16 l, h;
+                mov.b32 {l, h}, $2;
+                cvt.rn.f16x2.e4m3x2 $0, l;
+                cvt.rn.f16x2.e4m3x2 $1, h;
+                }""",
+                constraints="=r,=r,r", args=[w], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1,
+            )  # fmt: skip
+            f0, f1 = _halves(p01)
+            f2, f3 = _halves(p23)
+        elif CVT == 1:
+            if KIND == 1:
+                pre: tl.constexpr = "mov.b32 t, $2;"
+            elif HIGH:
+                pre: tl.constexpr = "shr.b32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F;"
+            else:
+                pre: tl.constexpr = "and.b32 t, $2, 0x0F0F0F0F;"
+            p01, p23 = tl.inline_asm_elementwise(
+                asm="{ .reg .b32 t; " + pre + """
+                prmt.b32 $0, t, 0x64646464, 0x4140;
+                prmt.b32 $1, t, 0x64646464, 0x4342;
+                }""",
+                constraints="=r,=r,r", args=[w], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1,
+            )  # fmt: skip
+            f0, f1 = _halves(p01)
+            f2, f3 = _halves(p23)
+        else:
+            mask: tl.constexpr = 0x000F000F if KIND == 2 else 0x00FF00FF
+            c = w >> 4 if KIND == 2 and HIGH else w
+            f0, f2 = _halves((c & mask) | 0x64006400)
+            f1, f3 = _halves(((c >> 8) & mask) | 0x64006400)
+        return tl.reshape(tl.join(tl.join(f0, f2), tl.join(f1, f3)), [w.shape[0], 4 * w.shape[1]])
+
+    @triton.jit
     def _bytes(w):
         """uint32 words [N, W] -> their bytes [N, 4W] uint8, in memory order (little-endian)."""
         b0 = (w & 0xFF).to(tl.uint8)
@@ -532,7 +591,7 @@ if triton is not None:
     def _quant_math(
         qa, qb, qsum, kb, vb, kb2, vb2, ks, vs, kz, vz, valid, qk_scale, m_i, l_i, acc_a, acc_b, acc_z,
         KIND: tl.constexpr, CODE_DIM: tl.constexpr, TILE_C: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr,
-        WORDS: tl.constexpr = 0, DEFER: tl.constexpr = False,
+        DEFER: tl.constexpr = False,
     ):  # fmt: skip
         """Online-softmax step over one tile of quantized tokens (_quant_meta's and _quant_codes'
         values; `valid` [M, N] masks the scores). Scores are s_t * (q . c_t) + z_t * sum(q) and values enter
@@ -544,12 +603,6 @@ if triton is not None:
         tile, summed over the tokens once after the last tile (two fewer reductions across
         warps per tile; fp8: one); else [M]."""
         HALVES: tl.constexpr = KIND == 2 or TILE_C < CODE_DIM
-        if WORDS == 2:
-            kb = _bytes(kb)
-            kb2 = _bytes(kb2) if KIND == 1 and HALVES else kb
-        if WORDS >= 1:
-            vb = _bytes(vb)
-            vb2 = _bytes(vb2) if KIND == 1 and HALVES else vb
         ks = ks.to(tl.float32)
         vs = vs.to(tl.float32)
         off: tl.constexpr = 1024.0 if (KIND != 0 and CVT != 0) else 0.0  # what _codes adds to int codes
@@ -600,7 +653,7 @@ if triton is not None:
         kb, vb, kb2, vb2 = _quant_codes(rows_ptr, blk, t0, lo, hi, kvh, layer_off, row_nbytes, KIND, NUM_KV_HEADS,
                                         BLOCK_SIZE, CODE_DIM, TILE_C, BLOCK_C, BLOCK_N, WORDS)  # fmt: skip
         return _quant_math(qa, qb, qsum, kb, vb, kb2, vb2, ks, vs, kz, vz, valid, qk_scale, m_i, l_i, acc_a, acc_b,
-                           acc_z, KIND, CODE_DIM, TILE_C, CVT, IEEE, WORDS, DEFER)  # fmt: skip
+                           acc_z, KIND, CODE_DIM, TILE_C, CVT, IEEE, DEFER)  # fmt: skip
 
     @triton.jit
     def _quant_result(l_i, acc_a, acc_b, acc_z, h_ptr, offs_d, dmask, KIND: tl.constexpr,
@@ -713,7 +766,7 @@ if triton is not None:
                 valid = hmask[:, None] & ((tok >= start) & (tok < hi))[None, :]
                 m_i, l_i, acc_a, acc_b, acc_z = _quant_math(
                     qa, qb, qsum, kb, vb, kb2, vb2, ks, vs, kz, vz, valid, qk_scale, m_i, l_i, acc_a, acc_b, acc_z,
-                    KIND, CODE_DIM, TILE_C, CVT, IEEE, WORDS, DEFER,
+                    KIND, CODE_DIM, TILE_C, CVT, IEEE, DEFER,
                 )  # fmt: skip
                 ks, vs, kz, vz = nks, nvs, nkz, nvz
                 if PREFETCH == 1:
@@ -1058,7 +1111,8 @@ class QuantDecodeConfig:
     num_warps: int = 4
     num_stages: int = 2
     programs_per_sm: int = _PROGRAMS_PER_SM  # split-K: chunks per row until B * Hkv * chunks fills this
-    cvt: int = 2  # how int8 / int4 codes become float16 (_codes: 0 convert, 1 byte permutes, 2 or 0x6400)
+    cvt: int = 2  # how int8 / int4 codes become float16 (_codes: 0 convert, 1 byte permutes, 2 or 0x6400); fp8
+    # codes loaded as words: 1 converts the words by inline PTX, else they are split into bytes (_word_codes)
     max_regs: int | None = None  # registers per thread ptxas may use (None: its choice): more programs per SM
     halves: bool = False  # int8: codes in two tiles of D / 2 columns (fewer registers; moot for fp8, int4)
     min_split_tiles: int = 1  # split-K chunks of at least this many tiles (short contexts: fewer busy programs,
@@ -1067,9 +1121,9 @@ class QuantDecodeConfig:
     # ids (2; with num_stages 1), before tile i's products, into registers: Triton's pipeliner leaves the 16-bit
     # scale loads synchronous (each tile waited for one from HBM) and, with num_stages 2, issues its copies of
     # tile i + 1 after tile i's products
-    words: int = 0  # codes load as bytes (0), value codes (1) or key and value codes (2) as 32-bit words, split
-    # into bytes where used: Triton's pipeliner prefetches a uint8 value tile into registers, one register per
-    # code; words it copies into shared memory (cp.async)
+    words: int = 0  # codes load as bytes (0), value codes (1) or key and value codes (2) as 32-bit words,
+    # converted as words (int8, int4: _word_codes) or split into bytes (fp8, cvt 0): Triton's pipeliner prefetches
+    # a uint8 value tile into registers, one register per code; words it copies into shared memory (cp.async)
     deferred_sums: bool = False  # softmax denominators and zero-point terms summed over a tile's tokens once, after
     # the last tile (kept per query row and tile column): two (fp8: one) fewer reductions across warps per tile
 
@@ -1109,6 +1163,15 @@ QUANT_DECODE_CONFIGS: dict[str, dict[str, QuantDecodeConfig]] = {
 # pipeliner leaves them) after its codes, and value codes sat in registers one per code. Kept: the
 # table's winners and the best of each format there; new: prefetch (scale data, block ids and, with
 # 2 and no pipeliner, the codes one tile ahead) with codes loaded as 32-bit words, and deferred sums.
+# Two warps (session 5): with 16 query rows (one tl.dot row tile) the warps split a tile's tokens, so
+# every row max and sum, the value scales' max and the probabilities' way into P @ V cross warps
+# (shared memory, barriers), and each warp reloads the whole query operand per tile for fewer tokens.
+# sm_90 cubins (tests/ops/sm90_compile.py, nvdisasm), warp-instructions per token and kv head in the
+# main loop: the table's 4-warp launches fp8 64, int8 67, int4 68; 2 warps, 64-token tiles, no
+# spills, 248-255 registers (4 programs per SM), prefetch 1, words 2, cvt 1 (_word_codes), deferred
+# sums: fp8 29, int8 32, int4 34 (44 and 41 with codes loaded as bytes, fp8 33 with words split);
+# capped at 200 registers (5 programs per SM: 10 warps; 5 x 43 KiB of shared memory), no deferred
+# sums: fp8 32, int8 34, int4 37, spilling 0 / 104 / 168 bytes. 1 warp and 128-token tiles spill more.
 QUANT_DECODE_SWEEP = tuple(QuantDecodeConfig(*c) for c in (
     # block_n, warps, stages, programs/SM, cvt, max_regs, halves, min_split_tiles, prefetch, words, deferred_sums
     (32, 4, 2, 4, 2, None), (64, 4, 2, 4, 2, 128), (64, 4, 2, 4, 2, 128, True), (64, 4, 2, 4, 2, 128, False, 4),
@@ -1116,15 +1179,19 @@ QUANT_DECODE_SWEEP = tuple(QuantDecodeConfig(*c) for c in (
     (32, 4, 2, 4, 2, 128, True, 1, 1, 2), (64, 4, 2, 4, 2, 128, True, 1, 1, 2), (32, 4, 3, 4, 2, 128, True, 1, 1, 2),
     (32, 4, 1, 4, 2, 128, True, 1, 2, 2), (64, 4, 2, 3, 2, 128, True, 1, 1, 2),
     (32, 4, 2, 4, 2, 128, True, 1, 1, 2, True), (32, 4, 1, 4, 2, 128, True, 1, 2, 2, True),
+    (64, 2, 2, 4, 2, None, True, 1, 1, 2), (64, 2, 2, 4, 1, None, True, 1, 1, 2),
+    (64, 2, 2, 4, 1, None, True, 1, 1, 2, True), (64, 2, 2, 4, 2, None, True, 1, 0, 0, True),
+    (64, 2, 2, 5, 1, 200, True, 1, 1, 2),
 ))
 
 
 def sweep_configs(kind: str) -> list[QuantDecodeConfig]:
-    """QUANT_DECODE_SWEEP for format `kind`, without the duplicates cvt (fp8) and halves (fp8, int4) make."""
+    """QUANT_DECODE_SWEEP for format `kind`, without the duplicates cvt (fp8: only words with cvt 1
+    differ) and halves (fp8, int4) make."""
     seen: dict[QuantDecodeConfig, None] = {}
     for c in QUANT_DECODE_SWEEP:
         if kind != "int8":
-            c = replace(c, halves=False, cvt=2 if kind == "fp8" else c.cvt)
+            c = replace(c, halves=False, cvt=c.cvt if kind != "fp8" or (c.cvt == 1 and c.words) else 2)
         seen.setdefault(c)
     return list(seen)
 

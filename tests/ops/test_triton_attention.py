@@ -322,8 +322,8 @@ def test_decode_quantized_load_variants_equal_loading_in_place(device, kind, cas
     changes when and how bytes arrive, never what is computed: the same bits as in-place byte
     loads of the same tiles and splits (windows, staging tails, several tiles per chunk, head_dim
     16: 8-byte int4 rows, 4-token blocks) under the interpreter; compiled, within the tolerance.
-    Deferred sums (each tile's sums over its tokens taken once at the end: another order)
-    against the reference."""
+    Deferred sums (each tile's sums over its tokens taken once at the end: another order) and,
+    on CUDA, words converted by byte permutes (cvt 1) against the reference."""
     if device == "cuda" and _QUANT_DECODE_CASES.index(case) not in (2, 5):  # each case compiles 4 launches
         pytest.skip("on CUDA: 4-token blocks with a window, and head_dim 16 (the GPU tests' time)")
     dtype, num_heads, num_kv_heads, head_dim, block_size, context_lens, max_tail, window, num_splits = case
@@ -347,6 +347,8 @@ def test_decode_quantized_load_variants_equal_loading_in_place(device, kind, cas
         else:  # compiled differently: the compiler may contract other products into FMAs
             _assert_close(variant, want, dtype)
     _assert_close(decode(dataclasses.replace(in_place, prefetch=2, words=2, deferred_sums=True)), want, dtype)
+    if device == "cuda":  # words converted by byte permutes (inline PTX: CUDA only)
+        _assert_close(decode(dataclasses.replace(in_place, prefetch=1, words=2, cvt=1)), want, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
