@@ -27,8 +27,7 @@ LAYOUT = KVLayout(num_layers=6, num_kv_heads=2, head_dim=64, block_size=16, dtyp
 def test_spill_then_stream_every_layer_on_the_gpu(tmp_path, name, ahead, disk):
     """Blocks spilled to the pinned store (disk: 20 of them, the other 28 to block files read
     back through pinned bounce slots) and streamed back, layer by layer, while the compute
-    stream is kept busy: each layer's sections are the bytes the format encodes on the CPU, and
-    decode to the CPU reference (int8 / int4: still Hadamard-rotated, as attention takes them)."""
+    stream is kept busy: each layer's sections are the bytes the format encodes on the CPU."""
     fmt = make_format(name, LAYOUT)
     cfg = StreamConfig(fmt, num_blocks=20 if disk else 64, num_sink_tokens=16, window=16, ahead=ahead,
                        disk_blocks=64 if disk else 0, disk_path=tmp_path if disk else None)
@@ -45,16 +44,14 @@ def test_spill_then_stream_every_layer_on_the_gpu(tmp_path, name, ahead, disk):
     kv.kv[table[1:49]] = 0  # the device blocks are reused: the store must hold its own bytes
     rows = fmt.encode(blocks[1:49]).view(48, LAYOUT.num_layers, fmt.layer_nbytes)  # the CPU reference
     step = kv.stream_ring.begin(ids)
-    got, sections = [], []
+    sections = []
     busy = torch.randn(2048, 2048, device="cuda")
     for layer in range(LAYOUT.num_layers):
         busy = busy @ busy.T / 2048  # compute-stream work between layers
         sections.append(step.layer(layer).clone())  # ordered after the layer's copy by its event
-        got.append(step.blocks(layer, 0, 48).clone())
     torch.cuda.synchronize()
     for layer in range(LAYOUT.num_layers):
         assert torch.equal(sections[layer].cpu(), rows[:, layer])
-        assert torch.equal(got[layer].cpu(), fmt.decode_layer(rows[:, layer].contiguous(), unrotate=False))
     assert step.corrupt == {}
     kv.free(1)
     kv.check_invariants()
