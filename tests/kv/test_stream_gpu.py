@@ -122,7 +122,7 @@ def test_quantized_host_blocks_decode_through_the_kernels_within_the_formats_bou
 def test_prefill_partials_at_qwen3_30b_shapes_match_the_reference(fmt):
     """A streaming sequence's prefill chunk at Qwen3-30B-A3B's shapes (32 / 4 heads of 128, bf16,
     block 16) on the GPU: 1000 queries (not a multiple of the tile) over a ring slot of 96 blocks
-    in host format `fmt`, no mask (codes read in place), and over 40 device blocks, causal; each
+    in host format `fmt`, no mask (codes read in place), and over 80 device blocks, causal; each
     part's output and log-sum-exp against the float32 torch reference, and the merge against
     causal attention over both."""
     from afkv.ops import attention as A
@@ -141,10 +141,10 @@ def test_prefill_partials_at_qwen3_30b_shapes_match_the_reference(fmt):
     want = reference(q.float(), ring, 0, ids, 96 * 16, causal=False)
     torch.testing.assert_close(got.out, want.out, atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(got.lse, want.lse, atol=2e-2, rtol=0)
-    kv = torch.randn(48, 1, 2, 16, 4, 128, device="cuda").to(torch.bfloat16)  # the device tier
-    table = torch.randperm(48, device="cuda")[:40]
-    own = ta.paged_prefill_partial(q, kv, 0, table, 40 * 16 - 7)
-    own_ref = A.paged_attention_partial(q.float(), kv.float(), 0, table, 40 * 16 - 7)
+    kv = torch.randn(88, 1, 2, 16, 4, 128, device="cuda").to(torch.bfloat16)  # the device tier
+    table = torch.randperm(88, device="cuda")[:80]
+    own = ta.paged_prefill_partial(q, kv, 0, table, 80 * 16 - 7)  # the chunk: the last 1000 of 1273 slots
+    own_ref = A.paged_attention_partial(q.float(), kv.float(), 0, table, 80 * 16 - 7)
     torch.testing.assert_close(own.out, own_ref.out, atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(own.lse, own_ref.lse, atol=2e-2, rtol=0)
     merged = A.merge_partials([own, got]).out
