@@ -995,6 +995,15 @@ def _decode(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: torch.T
         _merge(mid_o, mid_lse, out, num_splits, lse)
 
 
+def _one_sequence(n: int, context_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefill kernels' cu_seqlens [0, n] and context_lens [context_len] (int64) for one
+    sequence, filled on the device: no copy from pageable host memory (on CUDA a host
+    synchronisation per layer)."""
+    cu_seqlens = torch.zeros(2, dtype=torch.int64, device=device)
+    cu_seqlens[1:] = n
+    return cu_seqlens, torch.full((1,), context_len, dtype=torch.int64, device=device)
+
+
 def _prefill_tiles(group: int) -> tuple[int, int]:
     """-> (rows per tile, query tokens per tile): rows = tokens x the query group."""
     block_m = max(64, next_pow2(group))
@@ -1081,8 +1090,7 @@ def paged_prefill_attention(
     n = q.shape[0]
     if not n <= context_len <= block_ids.shape[0] * kv.shape[3]:
         raise ConfigError(f"{n} new queries, context_len {context_len} and {block_ids.shape[0]} blocks do not fit")
-    cu_seqlens_q = torch.tensor([0, n], dtype=torch.int64, device=q.device)
-    context_lens = torch.tensor([context_len], dtype=torch.int64, device=q.device)
+    cu_seqlens_q, context_lens = _one_sequence(n, context_len, q.device)
     return paged_prefill_attention_varlen(
         q, kv, layer, block_ids[None], cu_seqlens_q, context_lens, n, sliding_window, scale
     )
@@ -1099,8 +1107,7 @@ def paged_prefill_partial(q: torch.Tensor, kv: torch.Tensor, layer: int, block_i
     _check_part(n, context_len, block_ids, kv.shape[3], causal)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # [n, H, D]
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)  # [n, H]
-    cu_seqlens_q = torch.tensor([0, n], dtype=torch.int64, device=q.device)
-    context_lens = torch.tensor([context_len], dtype=torch.int64, device=q.device)
+    cu_seqlens_q, context_lens = _one_sequence(n, context_len, q.device)
     _prefill(q, kv, layer, block_ids[None], cu_seqlens_q, context_lens, n, None, None, out, lse, causal)
     return attention.Partial(out, lse)
 
@@ -1415,8 +1422,7 @@ def _prefill_quantized(q: torch.Tensor, cache: attention.QuantizedKVCache, layer
         return
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_ids = block_ids if block_ids.stride(-1) == 1 else block_ids.contiguous()
-    cu_seqlens = torch.tensor([0, n], dtype=torch.int64, device=q.device)
-    context_lens = torch.tensor([context_len], dtype=torch.int64, device=q.device)
+    cu_seqlens, context_lens = _one_sequence(n, context_len, q.device)
     group = num_heads // spec.num_kv_heads
     block_m, tokens_m = _prefill_tiles(group)
     softmax_scale = head_dim**-0.5 if scale is None else scale
