@@ -283,6 +283,9 @@ def _prefill_row(model: Model, layout: KVLayout, prompt_tokens: int, device_toke
         plan = sched.plan(step)
         sched.postprocess(step, plan, runner.execute(plan), time.perf_counter())
         num_steps += 1
+        _sync(device)  # each step's time in the log (a run cut at its limit shows how far it got)
+        progress(f"    step {num_steps}: {min(num_steps * chunk, prompt_tokens)} of {prompt_tokens} tokens, "
+                 f"{time.perf_counter() - start:.1f} s")
     seconds = time.perf_counter() - start
     counters = kv.metrics.counters
     flops = prefill_attention_flops(model.spec, prompt_tokens)

@@ -9,8 +9,9 @@
 #   afkv/bench/long_context_gpu.sh OUT
 #
 # Run from the repository root with it on PYTHONPATH. Phase limits (seconds, environment): TESTS_S
-# (150: the first Triton compiles happen here), BENCH_S (160: the decode rows), PREFILL_S (200: the
-# prefill row; a 256k prompt is ~2.7e16 FLOP of attention, ~110 s at 250 TFLOP/s); 0 skips a phase.
+# (150: the first Triton compiles happen here; PYTEST_ARGS="-n 8" spreads them over pytest-xdist
+# workers), BENCH_S (160: the decode rows), PREFILL_S (240: the prefill row; a 256k prompt is
+# ~2.7e16 FLOP of attention, ~110 s at 250 TFLOP/s; each step's progress is logged); 0 skips a phase.
 # WORKLOADS, FORMATS, HOST_GIB (cap on the host region; default: the available memory less 32 GiB)
 # override the decode rows' defaults; PREFILL (PROMPT,DEVICE_TOKENS,CHUNK) and PREFILL_FORMAT (none,
 # fp8, int8, int4) the prefill row's (PREFILL=0: none). The prefill row alone: TESTS_S=0 BENCH_S=0.
@@ -25,7 +26,7 @@ phase() { echo "== $1 ($((SECONDS - start)) s)"; }
 timeout() { if [ "$1" = 0 ]; then echo "   skipped"; return 0; fi; command timeout "$@"; }
 
 phase "GPU tests (streaming; the prefill and decode partials)"
-timeout "${TESTS_S:-150}" python3 -m pytest -v -p no:cacheprovider -m gpu tests/kv/test_stream_gpu.py \
+timeout "${TESTS_S:-150}" python3 -m pytest -v -p no:cacheprovider ${PYTEST_ARGS:-} -m gpu tests/kv/test_stream_gpu.py \
     tests/ops/test_triton_attention.py -k "stream or partial" >"$OUT/tests.txt" 2>&1
 tail -n 3 "$OUT/tests.txt"
 
@@ -37,7 +38,7 @@ echo "   exit $?"
 
 phase "afkv bench long-context (prefill row)"
 [ "${PREFILL:-}" = 0 ] && PREFILL_S=0  # PREFILL=0: no prefill row (gpu_verify.sh)
-timeout "${PREFILL_S:-200}" python3 -m afkv.cli bench long-context --device cuda --model random:qwen3-30b-a3b \
+timeout "${PREFILL_S:-240}" python3 -m afkv.cli bench long-context --device cuda --model random:qwen3-30b-a3b \
     --workloads 0 --prefill "${PREFILL:-262144,32768,16384}" --prefill-format "${PREFILL_FORMAT:-none}" \
     --json "$OUT/long-context-prefill.json" >"$OUT/prefill.txt" 2>&1
 echo "   exit $?"
