@@ -16,7 +16,11 @@ decode         per workload (B sequences x context) and host format (none = the 
                  all-device = the whole context on the device (where it fits), eager, same runner
                streamed GB/s = host bytes per step / step time (vs h2d)
 prefill        a prompt longer than the device tier through the real scheduler (chunked prefill
-               spilling as it goes: KVManager.place): tokens/s and bytes spilled
+               spilling as it goes: KVManager.place; each chunk attends its device blocks and its
+               streamed ones with the prefill kernels' partials): tokens/s, bytes spilled and
+               streamed, and two cheap shares of the time: attention FLOPs / time (the rate the
+               whole prefill sustains, a lower bound on the kernels') and the time the streamed
+               bytes need at the pinned H2D rate (measured on the prefill's own pinned store)
 
 Host memory: one PinnedRegion (afkv.kv.pinned: exactly its size, huge pages faulted in on every
 core, then registered with CUDA) holds the store of every format in turn; its size is the
@@ -58,6 +62,14 @@ from afkv.kv.stream import StreamConfig, StreamRing, StreamStore
 from afkv.model.model import Model, load_attention_side
 
 HOST_HEADROOM = 32 << 30  # host memory left unlocked by default (the process, the OS)
+# The prefill row on CUDA: a 256k prompt on a 32k-token device tier (87.5% of its KV, 21 GiB of bf16
+# on Qwen3-30B-A3B shapes, ends on the host), chunks of 16k. Attention is 2.7e16 FLOP whatever the
+# split; each chunk streams its host part once per layer, so the chunk sets the bytes streamed
+# (~P^2 / 2C tokens: 192 GiB, ~3.5 s at 55 GB/s; a layer's host part, <= 0.5 GiB, copies in <= 10 ms
+# behind the copy stream while the layer before attends for ~0.1 s at 250 TFLOP/s) and the launch's
+# width (C / 8 query tiles x 4 kv heads = 8192 programs); the device tier holds the sinks, a 16k
+# window and the chunk.
+PREFILL_CUDA = "262144,32768,16384"
 _GREEDY = SampleSpec(temperature=0.0, top_k=0, top_p=1.0, seed=0, step=0, num_top_logprobs=None)
 
 
@@ -233,10 +245,18 @@ def _all_device_s(model: Model, layout: KVLayout, w: _Workload, steps: int, prog
     return seconds
 
 
+def prefill_attention_flops(spec, prompt_tokens: int) -> float:
+    """FLOPs of a causal prefill's attention (QK^T and PV, 2 x 2 x head_dim per query head and
+    visible key) over every layer: query p sees p + 1 keys."""
+    pairs = prompt_tokens * (prompt_tokens + 1) / 2
+    return 4.0 * spec.head_dim * spec.num_heads * pairs * spec.num_layers
+
+
 def _prefill_row(model: Model, layout: KVLayout, prompt_tokens: int, device_tokens: int, chunk: int, fmt_name: str,
                  progress) -> dict:
     """One prompt of prompt_tokens on a device tier of device_tokens, through KVManager.place
-    and the Scheduler: chunks of `chunk` tokens, the middle spilled as the prompt goes."""
+    and the Scheduler: chunks of `chunk` tokens, the middle spilled as the prompt goes (sinks: one
+    block; window: the device tier less a chunk and 3 blocks)."""
     device = model.attn.embed_tokens.device
     bs = layout.block_size
     fmt = make_format(fmt_name, layout)
@@ -263,14 +283,26 @@ def _prefill_row(model: Model, layout: KVLayout, prompt_tokens: int, device_toke
         plan = sched.plan(step)
         sched.postprocess(step, plan, runner.execute(plan), time.perf_counter())
         num_steps += 1
+        _sync(device)  # each step's time in the log (a run cut at its limit shows how far it got)
+        progress(f"    step {num_steps}: {min(num_steps * chunk, prompt_tokens)} of {prompt_tokens} tokens, "
+                 f"{time.perf_counter() - start:.1f} s")
     seconds = time.perf_counter() - start
     counters = kv.metrics.counters
+    flops = prefill_attention_flops(model.spec, prompt_tokens)
     row = {"prompt_tokens": prompt_tokens, "device_tokens": device_tokens, "chunk": chunk, "format": fmt_name,
-           "steps": num_steps, "seconds": seconds, "tok_s": prompt_tokens / seconds,
-           "bytes_spilled": counters["bytes_device_to_stream"], "bytes_streamed": counters["bytes_streamed"]}
-    progress(f"  prefill {prompt_tokens} tokens on a {device_tokens}-token device tier ({fmt_name}): {seconds:.1f} s, "
-             f"{row['tok_s']:.0f} tok/s; spilled {row['bytes_spilled'] / 2**30:.2f} GiB, streamed "
-             f"{row['bytes_streamed'] / 2**30:.2f} GiB over {num_steps} steps")
+           "host_share": 1 - device_tokens / prompt_tokens, "steps": num_steps, "seconds": seconds,
+           "tok_s": prompt_tokens / seconds, "bytes_spilled": counters["bytes_device_to_stream"],
+           "bytes_streamed": counters["bytes_streamed"], "attention_flops": flops,
+           "attention_flops_per_s": flops / seconds}
+    if device.type == "cuda":
+        h2d = h2d_bandwidth(device, kv.stream.buf.view(-1), min(2 << 30, kv.stream.buf.numel()))
+        row.update(h2d_bytes_per_s=h2d, stream_s_at_h2d=row["bytes_streamed"] / h2d)
+    progress(f"  prefill {prompt_tokens} tokens on a {device_tokens}-token device tier ({fmt_name}, chunks of {chunk}):"
+             f" {seconds:.1f} s, {row['tok_s']:.0f} tok/s, attention {flops / seconds / 1e12:.0f} TFLOP/s over the"
+             f" whole time; spilled {row['bytes_spilled'] / 2**30:.2f} GiB, streamed "
+             f"{row['bytes_streamed'] / 2**30:.2f} GiB over {num_steps} steps"
+             + (f" ({row['stream_s_at_h2d']:.1f} s at {row['h2d_bytes_per_s'] / 1e9:.1f} GB/s)" if "h2d_bytes_per_s" in row
+                else ""))
     sched.finish(seq, "length", time.perf_counter())
     kv.drain()
     kv.check_invariants()
@@ -282,8 +314,9 @@ def _prefill_row(model: Model, layout: KVLayout, prompt_tokens: int, device_toke
 def run_long_context_bench(model: str, device_name: str, workloads: list[tuple[int, int]], formats: list[str],
                            host_share: float = 0.75, block_size: int = 16, steps: int = 3,
                            prefill: tuple[int, int, int] | None = None, host_gib: float | None = None,
-                           progress=print, partial=None) -> dict:
-    """-> the result (see format_tables); `partial(result)` after each row."""
+                           progress=print, partial=None, prefill_format: str = "none") -> dict:
+    """-> the result (see format_tables); `partial(result)` after each row. No workloads or no
+    formats: the prefill row alone."""
     partial = partial or (lambda _: None)
     device = resolve_device(device_name)
     dtype = resolve_dtype("auto", device)
@@ -297,6 +330,24 @@ def run_long_context_bench(model: str, device_name: str, workloads: list[tuple[i
               "host_share": host_share,
               "machine": {"platform": platform.platform(), "torch": torch.__version__, "device": str(device),
                           "gpu": torch.cuda.get_device_name(device) if cuda else None}}
+    if workloads and formats:
+        _decode_rows(result, attention_model, layout, workloads, formats, host_share, block_size, steps, host_gib,
+                     progress, partial)
+    if prefill is not None:
+        prompt_tokens, device_tokens, chunk = prefill
+        result["prefill"] = _prefill_row(attention_model, layout, prompt_tokens, device_tokens, chunk, prefill_format,
+                                         progress)
+        partial(result)
+    return result
+
+
+def _decode_rows(result: dict, attention_model: Model, layout: KVLayout, workloads: list[tuple[int, int]],
+                 formats: list[str], host_share: float, block_size: int, steps: int, host_gib: float | None,
+                 progress, partial) -> None:
+    """The decode rows of every workload and host format into result["decode"] (with the host
+    region, the H2D rate, the device-only and all-device steps)."""
+    device = attention_model.attn.embed_tokens.device
+    cuda = device.type == "cuda"
     asked = [_Workload(b, c, int(c * host_share) // block_size * block_size) for b, c in workloads]
     fmts = [make_format(name, layout) for name in formats]
     need = max(w.batch * (w.host_tokens // block_size) * f.nbytes for w in asked for f in fmts)
@@ -356,11 +407,6 @@ def run_long_context_bench(model: str, device_name: str, workloads: list[tuple[i
             all_device[key] = _all_device_s(attention_model, layout, _Workload(*key, r["host_tokens"]), steps, progress)
         r["all_device_s"] = all_device[key]
     partial(result)
-    if prefill is not None:
-        prompt_tokens, device_tokens, chunk = prefill
-        result["prefill"] = _prefill_row(attention_model, layout, prompt_tokens, device_tokens, chunk, "none", progress)
-        partial(result)
-    return result
 
 
 def _table(head: list[tuple[str, str]], rows: list[list]) -> list[str]:
@@ -382,7 +428,7 @@ def format_tables(result: dict) -> str:
                      + ", ".join(f"{k} {v:.1f} s" for k, v in result.get("fill_s", {}).items()))
     if "h2d_bytes_per_s" in result:
         lines.append(f"pinned host -> device {result['h2d_bytes_per_s'] / 1e9:.1f} GB/s ({result['machine']['gpu']})")
-    lines += _table([("B x context", ""), ("host", ""), ("on host", ".0%"), ("host GiB", ".2f"), ("step ms", ".1f"),
+    lines += [] if "decode" not in result else _table([("B x context", ""), ("host", ""), ("on host", ".0%"), ("host GiB", ".2f"), ("step ms", ".1f"),
                      ("GB/s", ".1f"), ("vs h2d", ".0%"), ("bound ms", ".1f"), ("vs bound", ".2f"),
                      ("dev-part ms", ".1f"), ("all-dev ms", ".1f"), ("vs none", ".2f")],
                     [[f"{r['batch']} x {r['context']}", r["format"], r["host_share"], r["host_bytes"] / 2**30,
@@ -394,10 +440,12 @@ def format_tables(result: dict) -> str:
         lines.append(f"longest context served: {result['longest_context']} tokens")
     if "prefill" in result:
         p = result["prefill"]
-        lines += _table([("prefill", "d"), ("device tier", "d"), ("chunk", "d"), ("s", ".1f"), ("tok/s", ".0f"),
-                         ("spilled GiB", ".2f"), ("streamed GiB", ".2f")],
-                        [[p["prompt_tokens"], p["device_tokens"], p["chunk"], p["seconds"], p["tok_s"],
-                          p["bytes_spilled"] / 2**30, p["bytes_streamed"] / 2**30]])
+        lines += _table([("prefill", "d"), ("host", ""), ("device tier", "d"), ("on host", ".0%"), ("chunk", "d"),
+                         ("s", ".1f"), ("tok/s", ".0f"), ("attn TFLOP/s", ".0f"), ("spilled GiB", ".2f"),
+                         ("streamed GiB", ".2f"), ("stream s at h2d", ".1f")],
+                        [[p["prompt_tokens"], p["format"], p["device_tokens"], p["host_share"], p["chunk"],
+                          p["seconds"], p["tok_s"], p["attention_flops_per_s"] / 1e12, p["bytes_spilled"] / 2**30,
+                          p["bytes_streamed"] / 2**30, p.get("stream_s_at_h2d")]])
     return "\n".join(lines)
 
 
@@ -411,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="random:qwen3-30b-a3b", help="checkpoint directory or random:<name>")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--workloads", default="",
-                        help="BxCONTEXT,... (default: 1x1048576,8x131072 on CUDA, 1x96 on CPU)")
+                        help="BxCONTEXT,... (default: 1x1048576,8x131072 on CUDA, 1x96 on CPU); 0: no decode rows")
     parser.add_argument("--formats", default="int4,int8,none",
                         help="host formats (none = the model dtype), in the order they run")
     parser.add_argument("--host-gib", type=float, default=None,
@@ -420,18 +468,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3, help="timed decode steps per point (after one warm-up)")
     parser.add_argument("--prefill", default="",
-                        help="PROMPT,DEVICE_TOKENS,CHUNK (default: 32768,8192,2048 on CUDA, 256,128,32 on CPU); 0: skip")
+                        help="PROMPT,DEVICE_TOKENS,CHUNK (default: 262144,32768,16384 on CUDA, 256,128,32 on CPU); "
+                             "0: skip")
+    parser.add_argument("--prefill-format", default="none", help="host format of the prefill row's stream store")
     parser.add_argument("--json", default=None, help="output path (default: bench-results/long-context-<time>.json)")
     args = parser.parse_args(argv)
     cuda = resolve_device(args.device).type == "cuda"
     spec = args.workloads or ("1x1048576,8x131072" if cuda else "1x96")
-    workloads = [tuple(int(x) for x in w.split("x")) for w in spec.split(",")]
-    pre = args.prefill or ("32768,8192,2048" if cuda else "256,128,32")
+    workloads = [] if spec == "0" else [tuple(int(x) for x in w.split("x")) for w in spec.split(",")]
+    pre = args.prefill or (PREFILL_CUDA if cuda else "256,128,32")
     prefill = None if pre == "0" else tuple(int(x) for x in pre.split(","))
     path = args.json or f"bench-results/long-context-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    result = run_long_context_bench(args.model, args.device, workloads, args.formats.split(","), args.host_share,
-                                    args.block_size, args.steps, prefill, args.host_gib,
-                                    partial=lambda r: write_json(r, path))
+    result = run_long_context_bench(args.model, args.device, workloads, [f for f in args.formats.split(",") if f],
+                                    args.host_share, args.block_size, args.steps, prefill, args.host_gib,
+                                    partial=lambda r: write_json(r, path), prefill_format=args.prefill_format)
     print(format_tables(result))
     print(f"wrote {write_json(result, path)}")
 

@@ -57,13 +57,11 @@ class RawFormat:
         """rows uint8 [n, nbytes] -> out [n, *block_shape] (same device)."""
         out.copy_(rows.contiguous().view(self.layout.dtype).view(out.shape))
 
-    rotated = False  # decode_layer's vectors are the cached ones
-
     @property
     def layer_nbytes(self) -> int:
         return self.nbytes // self.layout.num_layers
 
-    def decode_layer(self, sections: torch.Tensor, unrotate: bool = True) -> torch.Tensor:
+    def decode_layer(self, sections: torch.Tensor) -> torch.Tensor:
         """One layer's sections uint8 [n, layer_nbytes] -> [n, 2, bs, Hkv, D] (a view, no copy)."""
         lay = self.layout
         return sections.view(lay.dtype).view(sections.shape[0], 2, lay.block_size, lay.num_kv_heads, lay.head_dim)
@@ -111,18 +109,11 @@ class QuantFormat:
     def layer_nbytes(self) -> int:
         return self.spec.layer_nbytes
 
-    @property
-    def rotated(self) -> bool:
-        """Whether decode_layer(..., unrotate=False) leaves the vectors rotated (int8, int4)."""
-        return self.spec.rotated
-
-    def decode_layer(self, sections: torch.Tensor, unrotate: bool = True) -> torch.Tensor:
+    def decode_layer(self, sections: torch.Tensor) -> torch.Tensor:
         """One layer's sections uint8 [n, layer_nbytes] -> [n, 2, bs, Hkv, D] in the model dtype
-        (a section is a one-layer row of the same kind); unrotate=False: float32 vectors still
-        rotated where the format rotates (afkv.ops.quant.dequantize_layers)."""
+        (a section is a one-layer row of the same kind)."""
         one = dataclasses.replace(self.spec, num_layers=1)
-        dtype = self.layout.dtype if unrotate else torch.float32
-        return quant.dequantize_layers(sections, one, dtype, 0, unrotate)  # [n, 2, bs, Hkv, D]
+        return quant.dequantize_layers(sections, one, self.layout.dtype, 0)  # [n, 2, bs, Hkv, D]
 
     def layer_cache(self, sections: torch.Tensor) -> QuantizedKVCache:
         """One layer's sections uint8 [n, layer_nbytes] -> a quantized cache of one-layer rows

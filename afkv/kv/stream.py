@@ -19,11 +19,10 @@ host format (`[kv] spill_format`: none, fp8, int8, int4; afkv.kv.formats: a row 
 per layer). One layer of many blocks is then one contiguous run of pinned memory per run of
 consecutive store ids (the store hands out the lowest free ids, so a sequence spilled chunk by
 chunk gets long runs): a plain `copy_(non_blocking=True)` at the link's rate, no gather kernel,
-and quantized formats put compressed bytes on the wire. A decode row reads a layer's ring slot
-in place (`StreamStep.cache`: a one-layer cache for the decode kernels, whose quantized one
-multiplies the codes in registers); a prefill chunk takes `StreamStep.blocks`, the sections
-decoded (int8 / int4 vectors left Hadamard-rotated: attention rotates the query and its output
-once instead of every key and value).
+and quantized formats put compressed bytes on the wire. Attention reads a layer's ring slot in
+place (`StreamStep.cache`: a one-layer cache for the decode and prefill kernels, whose quantized
+ones multiply the codes in registers and rotate the query and output for int8 / int4; on a CPU
+the torch references dequantize it into a scratch buffer).
 
 Streaming (`StreamRing`, `StreamStep`; model worker only): a device staging ring of ahead + 1
 slots, each uint8 [num_blocks, layer_nbytes] (every store block fits one slot, so a step never
@@ -524,17 +523,7 @@ class StreamStep:
         return self.ring.format.layout.block_size
 
     def cache(self, layer: int) -> torch.Tensor | QuantizedKVCache:
-        """The streamed blocks of `layer` as a one-layer attention cache that the decode kernels
+        """The streamed blocks of `layer` as a one-layer attention cache that the attention kernels
         read in place (staging index i is block i): the model dtype's [num_blocks, 1, 2, bs, Hkv,
         D], or quantized one-layer rows (BlockFormat.layer_cache). Ready on the compute stream."""
         return self.ring.format.layer_cache(self.layer(layer))
-
-    @property
-    def rotated(self) -> bool:
-        """Whether `blocks` hands out Hadamard-rotated vectors (int8 / int4 host blocks)."""
-        return self.ring.format.rotated
-
-    def blocks(self, layer: int, start: int, count: int) -> torch.Tensor:
-        """Streamed blocks start .. start + count of `layer`, decoded: [count, 2, bs, Hkv, D]
-        (`rotated`: float32 vectors x @ H, the rotation left to attention)."""
-        return self.ring.format.decode_layer(self.layer(layer)[start : start + count], unrotate=False)

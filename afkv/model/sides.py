@@ -36,17 +36,13 @@ from afkv.model.spec import Family, ModelSpec
 from afkv.model.weights import CheckpointReader
 from afkv.ops import fp8 as fp8_ops
 from afkv.ops.attention import (
-    Partial,
     QuantizedKVCache,
-    attention_partial,
     merge_partials,
     paged_attention,
-    paged_attention_partial,
     write_kv,
 )
 from afkv.ops.kernels import Kernels, select_kernels
 from afkv.ops.layers import Rotary, gated_mlp, rms_norm, route_grouped_topk, route_topk
-from afkv.ops.quant import rotate
 
 
 @dataclass
@@ -64,17 +60,11 @@ class SeqChunk:
 class LayerStream(Protocol):
     """A step's blocks streamed from host memory (afkv.kv.stream.StreamStep), layer by layer."""
 
-    rotated: bool  # blocks' vectors are x @ H (afkv.ops.quant.hadamard): attend with the query rotated
     block_size: int
 
     def cache(self, layer: int) -> torch.Tensor | QuantizedKVCache:
-        """The streamed blocks of `layer` as a one-layer cache the decode kernels read in place
-        (block i = streamed block i), ready on the compute stream. Layers are asked in order."""
-        ...
-
-    def blocks(self, layer: int, start: int, count: int) -> torch.Tensor:
-        """Streamed blocks start .. start + count of `layer`, ready on the compute stream:
-        [count, 2, bs, Hkv, D]. Layers are asked in order."""
+        """The streamed blocks of `layer` as a one-layer cache the attention kernels read in
+        place (block i = streamed block i), ready on the compute stream. Layers are asked in order."""
         ...
 
 
@@ -108,9 +98,6 @@ def stream_rows(chunks: list[SeqChunk], block_size: int, device: torch.device) -
     last = (count - 1).clamp(min=0)[:, None]  # [S, 1] padding repeats a row's last streamed block
     stream_tables = first[:, None] + torch.minimum(torch.arange(ns, device=device)[None, :], last)  # [S, ns]
     return StreamRows(rows, tables, lens, stream_tables, count * block_size)
-
-
-STREAM_PART_BLOCKS = 4096  # streamed blocks attended per partial (bounds the decoded scratch of a quantized format)
 
 
 @dataclass
@@ -364,23 +351,18 @@ class AttentionSide(AttentionSideBase):
         own = self.kernels.partial_for(kv)(qs, kv, i, sr.block_tables, sr.context_lens)
         return merge_partials([own, streamed]).out.to(q.dtype)
 
-    @staticmethod
-    def _streamed_attention(i: int, q: torch.Tensor, kv: torch.Tensor, c: SeqChunk, stream: LayerStream) -> torch.Tensor:
+    def _streamed_attention(self, i: int, q: torch.Tensor, kv: torch.Tensor | QuantizedKVCache, c: SeqChunk,
+                            stream: LayerStream) -> torch.Tensor:
         """q [n, H, D] of a prefill chunk whose context is its device blocks (sinks + recent,
-        causal by slot) plus streamed blocks (all before every query): the torch partials over
-        each, merged by log-sum-exp (decode rows: _streamed_decode)."""
+        causal by slot) plus streamed blocks (all before every query, no mask): the prefill
+        partials over each, the streamed ones read in place from the ring slot (quantized codes
+        included), merged by log-sum-exp. One call per part."""
         first, count = c.stream
-        p = q.shape[-1] & -q.shape[-1]  # the Hadamard order: rotate(rotate(x)) = p x
-        q_streamed = rotate(q.float()) / p if stream.rotated else q  # [n, H, D]: q @ H / p
-        parts = []
-        for a in range(first, first + count, STREAM_PART_BLOCKS):
-            blocks = stream.blocks(i, a, min(STREAM_PART_BLOCKS, first + count - a))  # [nb, 2, bs, Hkv, D]
-            part = attention_partial(q_streamed, blocks[:, 0].flatten(0, 1), blocks[:, 1].flatten(0, 1), causal=False)
-            parts = [merge_partials(parts + [part])]
-        streamed = parts[0]
-        if stream.rotated:  # the output of rotated values, rotated back: out_r @ H / p
-            streamed = Partial(rotate(streamed.out) / p, streamed.lse)
-        return merge_partials([paged_attention_partial(q, kv, i, c.block_ids, c.context_len), streamed]).out.to(q.dtype)
+        cache = stream.cache(i)
+        ids = torch.arange(first, first + count, device=q.device)  # [count] its blocks in the ring slot
+        streamed = self.kernels.prefill_partial_for(cache)(q, cache, 0, ids, count * stream.block_size, causal=False)
+        own = self.kernels.prefill_partial_for(kv)(q, kv, i, c.block_ids, c.context_len)
+        return merge_partials([own, streamed]).out.to(q.dtype)
 
 
 @dataclass

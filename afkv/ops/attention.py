@@ -156,10 +156,11 @@ def merge_partials(parts: list[Partial]) -> Partial:
 
 
 def paged_attention_partial(q: torch.Tensor, kv: torch.Tensor, layer: int, block_ids: torch.Tensor,
-                            context_len: int) -> Partial:
-    """paged_attention's causal attention (no sliding window) as a Partial, to merge with other parts."""
+                            context_len: int, causal: bool = True) -> Partial:
+    """paged_attention's causal attention (no sliding window) as a Partial, to merge with other
+    parts; causal False: every query sees all context_len keys (a part that precedes them all)."""
     k, v = gather_kv(kv, layer, block_ids, context_len)  # [N, Hkv, D]
-    return attention_partial(q, k, v, causal=True)
+    return attention_partial(q, k, v, causal)
 
 
 def paged_decode_partial(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: torch.Tensor,
@@ -274,6 +275,16 @@ def paged_decode_attention_quantized(q: torch.Tensor, cache: QuantizedKVCache, l
     scratch = gather_layer(cache, layer, block_tables).flatten(0, 1)[:, None]  # [B * nb, 1, 2, bs, Hkv, D]
     ids = torch.arange(batch * width, device=q.device).view(batch, width)  # [B, nb]
     return paged_decode_attention(q, scratch, 0, ids, context_lens, sliding_window)
+
+
+def paged_attention_partial_quantized(q: torch.Tensor, cache: QuantizedKVCache, layer: int, block_ids: torch.Tensor,
+                                      context_len: int, causal: bool = True) -> Partial:
+    """paged_attention_partial over a quantized cache (the torch reference of the fused kernel's
+    prefill partial): the blocks are dequantized into a scratch buffer first (int8 / int4
+    rotated back: the query and output stay in the model's channels)."""
+    scratch = gather_layer(cache, layer, block_ids)[:, None]  # [nb, 1, 2, bs, Hkv, D]
+    ids = torch.arange(block_ids.shape[0], device=q.device)  # [nb]
+    return paged_attention_partial(q, scratch, 0, ids, context_len, causal)
 
 
 def paged_decode_partial_quantized(q: torch.Tensor, cache: QuantizedKVCache, layer: int, block_tables: torch.Tensor,

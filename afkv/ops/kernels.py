@@ -34,6 +34,8 @@ class Kernels:
     prefill_quantized: Callable
     decode_partial: Callable  # (q, kv, layer, block_tables, context_lens) -> Partial: decode with its log-sum-exp
     decode_partial_quantized: Callable  # the same over a QuantizedKVCache
+    prefill_partial: Callable  # (q, kv, layer, block_ids, context_len, causal) -> Partial: prefill with its log-sum-exp
+    prefill_partial_quantized: Callable  # the same over a QuantizedKVCache
     mla_decode: Callable  # (q_abs, cache, layer, block_tables, context_lens, scale, r) -> [B, H, r]
     mla_prefill: Callable  # (q_abs, cache, layer, block_ids, context_len, scale, r) -> [n, H, r], causal
     graph_safe: bool  # every attention kernel reads only each row's context, with shape-only grids
@@ -50,12 +52,19 @@ class Kernels:
             return self.decode_partial_quantized
         return self.decode_partial
 
+    def prefill_partial_for(self, kv) -> Callable:
+        """prefill_partial over `kv`: the device cache (or a streamed ring slot) or quantized rows."""
+        if isinstance(kv, attention.QuantizedKVCache):
+            return self.prefill_partial_quantized
+        return self.prefill_partial
+
 
 def torch_kernels() -> Kernels:
     """The torch references (every device)."""
     return Kernels(None, None, attention.paged_decode_attention, attention.paged_attention,
                    attention.paged_decode_attention_quantized, attention.paged_attention_quantized,
                    attention.paged_decode_partial, attention.paged_decode_partial_quantized,
+                   attention.paged_attention_partial, attention.paged_attention_partial_quantized,
                    mla.mla_decode_attention, mla.mla_attention, graph_safe=False)
 
 
@@ -77,6 +86,8 @@ def select_kernels(device: torch.device) -> Kernels:
         prefill_quantized=triton_attention.paged_prefill_attention_quantized,
         decode_partial=triton_attention.paged_decode_partial,
         decode_partial_quantized=triton_attention.paged_decode_partial_quantized,
+        prefill_partial=triton_attention.paged_prefill_partial,
+        prefill_partial_quantized=triton_attention.paged_prefill_partial_quantized,
         mla_decode=triton_mla.paged_mla_decode,
         mla_prefill=triton_mla.paged_mla_prefill,
         graph_safe=True,

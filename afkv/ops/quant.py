@@ -250,11 +250,9 @@ def quantize_rows(blocks: torch.Tensor, spec: QuantSpec, out: torch.Tensor | Non
 
 
 def dequantize_layers(rows: torch.Tensor, spec: QuantSpec, dtype: torch.dtype,
-                      layers: slice | int = slice(None), unrotate: bool = True) -> torch.Tensor:
+                      layers: slice | int = slice(None)) -> torch.Tensor:
     """rows uint8 [n, row_nbytes] -> K/V of `layers` [n, l, 2, bs, H, D] ([n, 2, bs, H, D]
-    for one layer) in `dtype`. unrotate=False (int8, int4) leaves the vectors rotated, x @ H:
-    attention over them equals attention over x with the query rotated, q @ H / p, and the
-    output rotated back, out @ H / p (one rotation per query instead of one per key)."""
+    for one layer) in `dtype` (int8, int4: rotated back)."""
     check_rows(rows, spec)
     if not rows.is_contiguous():
         rows = rows.contiguous()
@@ -262,7 +260,7 @@ def dequantize_layers(rows: torch.Tensor, spec: QuantSpec, dtype: torch.dtype,
     pick = (slice(None), layers)
     x = _dequantize_vectors(views["codes"][pick], views["scale"][pick],
                             views["zero"][pick] if spec.has_zero else None, spec)  # [n, (l,) 2, H, bs, D]
-    if spec.rotated and unrotate:
+    if spec.rotated:
         x = rotate(x) / spec.hadamard_order
     return x.transpose(-3, -2).to(dtype)  # [n, (l,) 2, bs, H, D]
 

@@ -7,6 +7,10 @@
                                        (afkv.ops.quant) plus full-precision staging blocks
                                        (ref: attention.paged_decode_attention_quantized)
     paged_prefill_attention_quantized  a prefill chunk over the same (ref: attention.paged_attention_quantized)
+    paged_decode_partial(_quantized)   decode / prefill as a Partial: output and log-sum-exp, float32, to
+    paged_prefill_partial(_quantized)  merge with other parts of the keys (streamed contexts, afkv.kv.stream);
+                                       the prefill's causal or not (a part that precedes every query)
+                                       (ref: attention.paged_decode_partial, attention.paged_attention_partial)
 
 Callers check `available()` and fall back to the torch references where it is False. The
 functions themselves run their kernels on whatever device the tensors are on: CPU tensors
@@ -285,16 +289,18 @@ if triton is not None:
 
     @triton.jit
     def _prefill_kernel(
-        q_ptr, k_ptr, v_ptr, block_tables_ptr, cu_seqlens_ptr, context_lens_ptr, out_ptr,
-        stride_qt, stride_qh, stride_ot, stride_oh,
+        q_ptr, k_ptr, v_ptr, block_tables_ptr, cu_seqlens_ptr, context_lens_ptr, out_ptr, lse_ptr,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
         stride_kv_block, stride_kv_tok, stride_kv_head, stride_bt,
         max_tokens, window, qk_scale,
         GROUP: tl.constexpr, TOKENS_M: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr = True, HAS_LSE: tl.constexpr = False,
     ):  # fmt: skip
         """Rows of a tile are (query token, head of the group) pairs, token-major: TOKENS_M
-        tokens x GROUP heads, so one K/V tile serves the whole group."""
+        tokens x GROUP heads, so one K/V tile serves the whole group. CAUSAL False: every
+        query sees the whole context (a part of keys that all precede the queries: no mask,
+        no window); HAS_LSE: each row's log-sum-exp too (_store_prefill)."""
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         b = tl.program_id(2)
@@ -317,7 +323,10 @@ if triton is not None:
         if IEEE:
             q = q.to(tl.float32)
         first = ctx - n + tile * TOKENS_M  # position of the tile's first query
-        hi = tl.minimum(first + TOKENS_M, ctx)  # keys [lo, hi) can be attended by the tile
+        if CAUSAL:
+            hi = tl.minimum(first + TOKENS_M, ctx)  # keys [lo, hi) can be attended by the tile
+        else:
+            hi = ctx
         lo = first * 0
         if HAS_WINDOW:
             lo = tl.maximum(first - window + 1, 0)
@@ -335,14 +344,29 @@ if triton is not None:
             kv_mask = tmask[:, None] & dmask[None, :]
             k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            valid = rmask[:, None] & tmask[None, :] & (tok[None, :] <= q_pos[:, None])
+            valid = rmask[:, None] & tmask[None, :]
+            if CAUSAL:
+                valid = valid & (tok[None, :] <= q_pos[:, None])
             if HAS_WINDOW:
                 valid = valid & (q_pos[:, None] - tok[None, :] < window)
             m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE)
-        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        rows = (q_start + tok_q).to(tl.int64) * stride_ot + heads * stride_oh  # [M]
-        ptrs = out_ptr + rows[:, None] + offs_d[None, :]
+        _store_prefill(out_ptr, lse_ptr, m_i, l_i, acc, q_start + tok_q, heads, rmask, offs_d, dmask,
+                       stride_ot, stride_oh, stride_lt, HAS_LSE)
+
+    @triton.jit
+    def _store_prefill(out_ptr, lse_ptr, m_i, l_i, acc, rows, heads, rmask, offs_d, dmask,
+                       stride_ot, stride_oh, stride_lt, HAS_LSE: tl.constexpr):  # fmt: skip
+        """Write a prefill tile's rows (query token `rows`, head `heads`): the normalised output
+        and, with HAS_LSE, the log-sum-exp of the scaled logits (natural log, from the running
+        max in log2 units; -inf where the row attended nothing, its output zeros)."""
+        has = l_i > 0.0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]  # [M, D]
+        rows = rows.to(tl.int64)
+        ptrs = out_ptr + (rows * stride_ot + heads * stride_oh)[:, None] + offs_d[None, :]
         tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+        if HAS_LSE:
+            lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+            tl.store(lse_ptr + rows * stride_lt + heads, lse, mask=rmask)
 
     # ---- quantized rows (afkv.ops.quant) ----------------------------------------------------
     # KIND: 0 fp8, 1 int8, 2 int4. CVT (CUDA): codes become float16 four at a time through
@@ -805,17 +829,20 @@ if triton is not None:
     @triton.jit
     def _prefill_quant_kernel(
         q_ptr, rows_ptr, rows16_ptr, staging_ptr, h_ptr, block_tables_ptr, cu_seqlens_ptr, context_lens_ptr,
-        out_ptr,
-        stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_sb, stride_skv, stride_stok, stride_sh,
+        out_ptr, lse_ptr,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_bt, stride_sb, stride_skv, stride_stok,
+        stride_sh,
         num_blocks, row_nbytes, layer_off, max_tokens, window, qk_scale,
         KIND: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, TOKENS_M: tl.constexpr,
         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CODE_DIM: tl.constexpr,
         TILE_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_CHUNK: tl.constexpr,
         HAS_WINDOW: tl.constexpr, HP_INV: tl.constexpr, CVT: tl.constexpr, IEEE: tl.constexpr, FP_IEEE: tl.constexpr,
+        CAUSAL: tl.constexpr = True, HAS_LSE: tl.constexpr = False,
     ):  # fmt: skip
         """_prefill_kernel's tiles (query tokens x the group's heads) over a quantized device
         tier: first the table's quantized blocks, then its staging blocks (the chunk's own
-        tokens among them), both read where they are."""
+        tokens among them), both read where they are. CAUSAL and HAS_LSE as _prefill_kernel's
+        (a streamed ring slot: one-layer rows, every key before every query)."""
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         b = tl.program_id(2)
@@ -839,7 +866,10 @@ if triton is not None:
             q = q.to(tl.float32)
         tab = block_tables_ptr + b * stride_bt
         first = ctx - n + tile * TOKENS_M
-        hi = tl.minimum(first + TOKENS_M, ctx)
+        if CAUSAL:
+            hi = tl.minimum(first + TOKENS_M, ctx)
+        else:
+            hi = ctx
         lo = first * 0
         if HAS_WINDOW:
             lo = tl.maximum(first - window + 1, 0)
@@ -863,7 +893,9 @@ if triton is not None:
         for t0 in range(lo - lo % BLOCK_SIZE, hi_q, BLOCK_N):  # whole blocks
             tok = t0 + offs_n
             tmask = (tok >= lo) & (tok < hi_q)
-            valid = rmask[:, None] & tmask[None, :] & (tok[None, :] <= q_pos[:, None])
+            valid = rmask[:, None] & tmask[None, :]
+            if CAUSAL:
+                valid = valid & (tok[None, :] <= q_pos[:, None])
             if HAS_WINDOW:
                 valid = valid & (q_pos[:, None] - tok[None, :] < window)
             m_i, l_i, acc_a, acc_b, acc_z = _quant_tile(
@@ -878,14 +910,14 @@ if triton is not None:
             tmask = tok < hi
             k, v = _staging_tile(staging_ptr, tab, tok, tmask, kvh, num_blocks, offs_d, dmask,
                                  stride_sb, stride_skv, stride_stok, stride_sh, BLOCK_SIZE)  # fmt: skip
-            valid = rmask[:, None] & tmask[None, :] & (tok[None, :] <= q_pos[:, None])
+            valid = rmask[:, None] & tmask[None, :]
+            if CAUSAL:
+                valid = valid & (tok[None, :] <= q_pos[:, None])
             if HAS_WINDOW:
                 valid = valid & (q_pos[:, None] - tok[None, :] < window)
             m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, FP_IEEE)
-        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        rows = (q_start + tok_q).to(tl.int64) * stride_ot + heads * stride_oh  # [M]
-        tl.store(out_ptr + rows[:, None] + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & dmask[None, :])
+        _store_prefill(out_ptr, lse_ptr, m_i, l_i, acc, q_start + tok_q, heads, rmask, offs_d, dmask,
+                       stride_ot, stride_oh, stride_lt, HAS_LSE)
 
 def _ieee(dtype: torch.dtype, device: torch.device) -> bool:
     """Multiply full-precision K/V in IEEE float32 rather than in `dtype`? For float32, and for
@@ -1016,6 +1048,15 @@ def _decode(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: torch.T
         _merge(mid_o, mid_lse, out, num_splits, lse)
 
 
+def _one_sequence(n: int, context_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefill kernels' cu_seqlens [0, n] and context_lens [context_len] (int64) for one
+    sequence, filled on the device: no copy from pageable host memory (on CUDA a host
+    synchronisation per layer)."""
+    cu_seqlens = torch.zeros(2, dtype=torch.int64, device=device)
+    cu_seqlens[1:] = n
+    return cu_seqlens, torch.full((1,), context_len, dtype=torch.int64, device=device)
+
+
 def _prefill_tiles(group: int) -> tuple[int, int]:
     """-> (rows per tile, query tokens per tile): rows = tokens x the query group."""
     block_m = max(64, next_pow2(group))
@@ -1042,17 +1083,30 @@ def paged_prefill_attention_varlen(
     -> [T, H, D] of q.dtype; sequence b's rows equal attention.paged_attention(q_b, kv, layer,
     block_tables[b], context_lens[b], sliding_window)."""
     _check_cache(kv, layer, q)
-    num_tokens, num_heads, head_dim = q.shape
-    _, _, _, block_size, num_kv_heads, _ = kv.shape
     batch = block_tables.shape[0]
     if block_tables.dim() != 2 or tuple(cu_seqlens_q.shape) != (batch + 1,) or tuple(context_lens.shape) != (batch,):
         raise ConfigError(
             f"block_tables must be [B, nb], cu_seqlens_q [B + 1] and context_lens [B], got "
             f"{tuple(block_tables.shape)}, {tuple(cu_seqlens_q.shape)} and {tuple(context_lens.shape)}"
         )
-    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)  # [T, H, D]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D]
+    _prefill(q, kv, layer, block_tables, cu_seqlens_q, context_lens, max_q_len, sliding_window, scale, out)
+    return out
+
+
+def _prefill(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+             context_lens: torch.Tensor, max_q_len: int, sliding_window: int | None, scale: float | None,
+             out: torch.Tensor, lse: torch.Tensor | None = None, causal: bool = True) -> None:
+    """The prefill kernel into `out` [T, H, D] (and each row's log-sum-exp into `lse` [T, H]
+    float32); causal False: every query sees its whole context (no window then)."""
+    num_tokens, num_heads, head_dim = q.shape
+    _, _, _, block_size, num_kv_heads, _ = kv.shape
+    batch = block_tables.shape[0]
     if num_tokens == 0 or batch == 0 or max_q_len <= 0:
-        return out
+        if lse is not None:
+            lse.fill_(float("-inf"))
+            out.zero_()
+        return
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
     k_cache = kv[:, layer, 0]  # [num_blocks, bs, Hkv, D]
@@ -1064,15 +1118,14 @@ def paged_prefill_attention_varlen(
     ieee = _ieee(kv.dtype, q.device)
     grid = (-(-max_q_len // tokens_m), num_kv_heads, batch)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out, out if lse is None else lse,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), 0 if lse is None else lse.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         block_tables.shape[1] * block_size, sliding_window or 0, scale * _LOG2E,
         GROUP=group, TOKENS_M=tokens_m, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None,
-        IEEE=ieee, num_warps=4, num_stages=2,
+        IEEE=ieee, CAUSAL=causal, HAS_LSE=lse is not None, num_warps=4, num_stages=2,
     )  # fmt: skip
-    return out
 
 
 def paged_prefill_attention(
@@ -1090,11 +1143,33 @@ def paged_prefill_attention(
     n = q.shape[0]
     if not n <= context_len <= block_ids.shape[0] * kv.shape[3]:
         raise ConfigError(f"{n} new queries, context_len {context_len} and {block_ids.shape[0]} blocks do not fit")
-    cu_seqlens_q = torch.tensor([0, n], dtype=torch.int64, device=q.device)
-    context_lens = torch.tensor([context_len], dtype=torch.int64, device=q.device)
+    cu_seqlens_q, context_lens = _one_sequence(n, context_len, q.device)
     return paged_prefill_attention_varlen(
         q, kv, layer, block_ids[None], cu_seqlens_q, context_lens, n, sliding_window, scale
     )
+
+
+def paged_prefill_partial(q: torch.Tensor, kv: torch.Tensor, layer: int, block_ids: torch.Tensor, context_len: int,
+                          causal: bool = True) -> attention.Partial:
+    """As afkv.ops.attention.paged_attention_partial: q [n, H, D] over one sequence's context of
+    context_len tokens (table block_ids int [nb]) as a Partial (output [n, H, D] and log-sum-exp
+    [n, H], float32). causal: the queries are its last n tokens, as paged_prefill_attention;
+    else every query sees every key (a streamed ring slot: blocks that precede all queries)."""
+    _check_cache(kv, layer, q)
+    n = q.shape[0]
+    _check_part(n, context_len, block_ids, kv.shape[3], causal)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # [n, H, D]
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)  # [n, H]
+    cu_seqlens_q, context_lens = _one_sequence(n, context_len, q.device)
+    _prefill(q, kv, layer, block_ids[None], cu_seqlens_q, context_lens, n, None, None, out, lse, causal)
+    return attention.Partial(out, lse)
+
+
+def _check_part(n: int, context_len: int, block_ids: torch.Tensor, block_size: int, causal: bool) -> None:
+    """A prefill partial's n queries over context_len tokens of block_ids [nb] (causal: n <= context_len)."""
+    if block_ids.dim() != 1 or not (n if causal else 0) <= context_len <= block_ids.shape[0] * block_size:
+        raise ConfigError(f"{n} queries ({'causal' if causal else 'no mask'}), context_len {context_len} and "
+                          f"{tuple(block_ids.shape)} blocks of {block_size} tokens do not fit")
 
 
 
@@ -1373,31 +1448,60 @@ def paged_prefill_attention_quantized(
     """As afkv.ops.attention.paged_attention_quantized: q [n, H, D], the queries of positions
     context_len - n .. context_len - 1 of one sequence whose table block_ids int [nb] lists its
     quantized blocks first, then its staging blocks (this chunk's own among them) -> [n, H, D]."""
+    spec = cache.spec
+    if block_ids.dim() != 1 or not q.shape[0] <= context_len <= block_ids.shape[0] * spec.block_size:
+        raise ConfigError(f"{q.shape[0]} new queries, context_len {context_len} and {tuple(block_ids.shape)} blocks "
+                          f"do not fit")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [n, H, D]
+    _prefill_quantized(q, cache, layer, block_ids, context_len, sliding_window, scale, out)
+    return out
+
+
+def paged_prefill_partial_quantized(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int,
+                                    block_ids: torch.Tensor, context_len: int, causal: bool = True) -> attention.Partial:
+    """As afkv.ops.attention.paged_attention_partial_quantized: paged_prefill_partial over a
+    quantized cache (causal: a device tier's chunk; else a streamed ring slot of one-layer
+    rows, every key before every query): codes read in place, the query and output rotated
+    in the kernel for int8 / int4, as the quantized prefill."""
+    n = q.shape[0]
+    _check_part(n, context_len, block_ids, cache.spec.block_size, causal)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # [n, H, D]
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)  # [n, H]
+    _prefill_quantized(q, cache, layer, block_ids, context_len, None, None, out, lse, causal)
+    return attention.Partial(out, lse)
+
+
+def _prefill_quantized(q: torch.Tensor, cache: attention.QuantizedKVCache, layer: int, block_ids: torch.Tensor,
+                       context_len: int, sliding_window: int | None, scale: float | None, out: torch.Tensor,
+                       lse: torch.Tensor | None = None, causal: bool = True) -> None:
+    """The quantized prefill kernel into `out` [n, H, D] (and each row's log-sum-exp into `lse`
+    [n, H] float32); causal False: every query sees the whole context (no window then)."""
     n, num_heads, head_dim = q.shape
     small_int4 = cache.spec.kind == "int4" and cache.spec.head_dim < _PREFILL_INT4_MIN_HEAD_DIM  # on every device: one arithmetic
     ptrs, strides, geometry = _quant_args(q, cache, layer, ieee=small_int4)
     spec = cache.spec
-    if block_ids.dim() != 1 or not n <= context_len <= block_ids.shape[0] * spec.block_size:
-        raise ConfigError(f"{n} new queries, context_len {context_len} and {tuple(block_ids.shape)} blocks do not fit")
-    out = torch.empty(n, num_heads, head_dim, dtype=q.dtype, device=q.device)  # [n, H, D]
     if n == 0:
-        return out
+        return
+    if block_ids.shape[0] == 0:  # nothing to attend (a part with no key)
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_ids = block_ids if block_ids.stride(-1) == 1 else block_ids.contiguous()
-    cu_seqlens = torch.tensor([0, n], dtype=torch.int64, device=q.device)
-    context_lens = torch.tensor([context_len], dtype=torch.int64, device=q.device)
+    cu_seqlens, context_lens = _one_sequence(n, context_len, q.device)
     group = num_heads // spec.num_kv_heads
     block_m, tokens_m = _prefill_tiles(group)
     softmax_scale = head_dim**-0.5 if scale is None else scale
     if geometry["KIND"] != _KINDS["fp8"] and not geometry["IEEE"]:  # tensor-core products over rotated codes
         geometry["BLOCK_C"] = max(geometry["BLOCK_C"], _PREFILL_MIN_BLOCK_C)
     _prefill_quant_kernel[(-(-n // tokens_m), spec.num_kv_heads, 1)](
-        q, *ptrs, block_ids, cu_seqlens, context_lens, out,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_ids.shape[0], *strides,
+        q, *ptrs, block_ids, cu_seqlens, context_lens, out, out if lse is None else lse,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), 0 if lse is None else lse.stride(0),
+        block_ids.shape[0], *strides,
         cache.num_blocks, spec.row_nbytes, layer * spec.layer_nbytes, block_ids.shape[0] * spec.block_size,
         sliding_window or 0, softmax_scale * _LOG2E,
         GROUP=group, TOKENS_M=tokens_m, BLOCK_M=block_m, BLOCK_N=max(64, spec.block_size), TABLE_CHUNK=128,
-        HAS_WINDOW=sliding_window is not None, CVT=_cvt(_PREFILL_CVT, geometry), **geometry,
-        num_warps=4, num_stages=2,
+        HAS_WINDOW=sliding_window is not None, CVT=_cvt(_PREFILL_CVT, geometry), CAUSAL=causal,
+        HAS_LSE=lse is not None, **geometry, num_warps=4, num_stages=2,
     )  # fmt: skip
-    return out

@@ -76,11 +76,10 @@ def test_quantized_store_holds_each_layer_as_its_row_section(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["none", "fp8", "int8", "int4"])
-def test_streamed_blocks_are_the_formats_sections_decoded_as_attention_takes_them(fmt):
+def test_streamed_blocks_are_the_formats_sections_read_as_attention_takes_them(fmt):
     """Spilled, then streamed through the ring: each layer's sections are the rows the format
-    encodes, `blocks` their decode_layer(unrotate=False) (int8 / int4: rotated float32, not the
-    unrotated model dtype: comparing those made the GPU test fail), and `cache` the same
-    blocks for the decode kernels."""
+    encodes, and `cache` those sections as a one-layer cache for the attention kernels (the
+    model dtype's blocks, or the quantized rows themselves)."""
     kv = _manager(fmt)
     kv.match_prefix(1, [])
     _grow(kv, 1, 40)
@@ -93,9 +92,6 @@ def test_streamed_blocks_are_the_formats_sections_decoded_as_attention_takes_the
     for layer in range(LAYOUT.num_layers):
         sections = rows[:, layer].contiguous()
         assert torch.equal(step.layer(layer), sections)
-        got = step.blocks(layer, 0, 7)
-        assert torch.equal(got, f.decode_layer(sections, unrotate=False))
-        assert got.dtype == (torch.float32 if f.rotated else LAYOUT.dtype)
         cache = step.cache(layer)
         if fmt == "none":
             assert torch.equal(cache[:, 0], f.decode_layer(sections))
@@ -268,24 +264,3 @@ def test_micro_batches_split_streamed_and_decode_rows_alike(tiny_dir):
     for a, b in zip(one, two):
         assert abs(a.logprob - b.logprob) < 1e-5
         assert all(abs(a.top[t] - b.top[t]) < 1e-5 for t in a.top)
-
-
-@pytest.mark.parametrize("fmt", ["none", "fp8", "int8", "int4"])
-def test_rotated_sections_attend_like_the_decoded_ones(fmt):
-    """What StreamStep.blocks hands attention (int8 / int4: vectors left rotated) gives the same
-    attention as the decoded blocks once the query and the output are rotated (sides.py)."""
-    from afkv.ops.quant import rotate
-
-    f = make_format(fmt, LAYOUT)
-    rows = f.encode(torch.randn(6, *LAYOUT.block_shape))
-    sections = rows.view(6, LAYOUT.num_layers, f.layer_nbytes)[:, 2].contiguous()  # layer 2
-    plain = f.decode_layer(sections)  # [6, 2, bs, Hkv, D]
-    kept = f.decode_layer(sections, unrotate=False)
-    q = torch.randn(3, 4, LAYOUT.head_dim)
-    p = LAYOUT.head_dim & -LAYOUT.head_dim
-    want = A.attention_partial(q, plain[:, 0].flatten(0, 1), plain[:, 1].flatten(0, 1), causal=False)
-    qr = rotate(q) / p if f.rotated else q
-    got = A.attention_partial(qr, kept[:, 0].flatten(0, 1), kept[:, 1].flatten(0, 1), causal=False)
-    out = rotate(got.out) / p if f.rotated else got.out
-    assert f.rotated == (fmt in ("int8", "int4"))
-    assert (out - want.out).abs().max() < 1e-4 and (got.lse - want.lse).abs().max() < 1e-4

@@ -190,6 +190,10 @@ def launches(sweep: bool = False):
                 torch.zeros(5, h, d, dtype=dtype), kv, 1, torch.zeros(3, dtype=torch.int64), 2 * bs, w)
         yield f"decode partial {str(dtype)[6:]} h{h}/{hkv} d{d} bs{bs} wNone", (
             lambda q=q, kv=kv: ta.paged_decode_partial(q, kv, 1, tables, lens))
+        for causal in (True, False):  # a streaming sequence's chunk: its device part, its ring slot
+            yield f"prefill partial causal={causal} {str(dtype)[6:]} h{h}/{hkv} d{d} bs{bs} wNone", (
+                lambda kv=kv, c=causal: ta.paged_prefill_partial(torch.zeros(5, h, d, dtype=dtype), kv, 1,
+                                                                 torch.zeros(3, dtype=torch.int64), 2 * bs, c))
         for kind in _KINDS:
             spec = quant.QuantSpec(kind, 2, bs, hkv, d, quant.scale_dtype_for(dtype))
             cache = attention.QuantizedKVCache(torch.zeros(4, spec.row_nbytes, dtype=torch.uint8),
@@ -202,6 +206,10 @@ def launches(sweep: bool = False):
                     torch.zeros(5, h, d, dtype=dtype), c, 1, torch.zeros(3, dtype=torch.int64), 2 * bs, w)
             yield f"decode partial {kind} {str(dtype)[6:]} h{h}/{hkv} d{d} bs{bs} wNone", (
                 lambda q=q, c=cache: ta.paged_decode_partial_quantized(q, c, 1, tables, lens))
+            for causal in (True, False):
+                yield f"prefill partial causal={causal} {kind} {str(dtype)[6:]} h{h}/{hkv} d{d} bs{bs} wNone", (
+                    lambda c=cache, cz=causal: ta.paged_prefill_partial_quantized(
+                        torch.zeros(5, h, d, dtype=dtype), c, 1, torch.zeros(3, dtype=torch.int64), 2 * bs, cz))
             for config in (ta.sweep_configs(kind) if sweep and (dtype, h, hkv, d, bs) == _SWEPT else ()):
                 yield f"decode {kind} {str(dtype)[6:]} h{h}/{hkv} d{d} bs{bs} {config}", (
                     lambda q=q, c=cache, cfg=config: ta.paged_decode_attention_quantized(q, c, 1, tables, lens,

@@ -669,10 +669,10 @@ def test_decode_partials_match_the_reference_and_merge_exactly(device, kind):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["none", "int8", "int4"])
-def test_a_streamed_decode_step_runs_the_kernels_like_the_reference(tiny_dir, kind, device):
-    """The attention side's decode of streamed sequences (device blocks + blocks streamed through
-    the ring, host format `kind`) through the Triton decode partials, against the same step
-    through the torch references."""
+def test_a_streamed_step_runs_the_kernels_like_the_reference(tiny_dir, kind, device):
+    """The attention side's decode rows and prefill chunk of streamed sequences (device blocks +
+    blocks streamed through the ring, host format `kind`) through the Triton decode and prefill
+    partials, against the same step through the torch references."""
     from afkv.engine.runner import ChunkPlan, ModelRunner, SampleSpec
     from afkv.kv.formats import make_format
     from afkv.kv.layout import KVLayout
@@ -686,7 +686,9 @@ def test_a_streamed_decode_step_runs_the_kernels_like_the_reference(tiny_dir, ki
     ffn = LocalFFN(load_ffn_side(spec, tiny_dir["qwen3_moe"], device, torch.float32))
     reference = torch_kernels()
     kernels = dataclasses.replace(reference, decode=ta.paged_decode_attention, decode_partial=ta.paged_decode_partial,
-                                  decode_partial_quantized=ta.paged_decode_partial_quantized)
+                                  decode_partial_quantized=ta.paged_decode_partial_quantized,
+                                  prefill_partial=ta.paged_prefill_partial,
+                                  prefill_partial_quantized=ta.paged_prefill_partial_quantized)
     sides = {use: attention_side(spec, reader, device, torch.float32, k) for use, k in ((True, kernels), (False, reference))}
     reader.close()
     layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, 4, torch.float32)
@@ -700,7 +702,9 @@ def test_a_streamed_decode_step_runs_the_kernels_like_the_reference(tiny_dir, ki
     greedy = SampleSpec(0.0, 0, 1.0, 0, 0, 5)
     plan = [ChunkPlan(0, (7,), 52, (0, 1, 2), greedy, num_dropped=44, streamed=tuple(range(0, 11))),
             ChunkPlan(1, (9,), 40, (3, 4, 5, 6), greedy, num_dropped=28, streamed=tuple(range(12, 19))),
-            ChunkPlan(2, (5,), 20, tuple(range(7, 13)), greedy)]  # a plain decode row beside them
+            ChunkPlan(2, (5,), 20, tuple(range(7, 13)), greedy),  # a plain decode row beside them
+            ChunkPlan(3, (8, 9, 10, 11, 12, 13), 40, tuple(range(13, 20)), greedy, num_dropped=20,
+                      streamed=tuple(range(19, 24)))]  # a prefill chunk of 6 over 5 streamed blocks
     results = {}
     for use, side in sides.items():
         runner = ModelRunner(Model(spec, side, ffn), kv.kv, 4, device, stream=kv.stream_ring)
@@ -708,3 +712,112 @@ def test_a_streamed_decode_step_runs_the_kernels_like_the_reference(tiny_dir, ki
     for a, b in zip(results[True], results[False]):
         assert a.token_id == b.token_id
         assert abs(a.logprob - b.logprob) < 2e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# prefill partials: a chunk of a streaming sequence attends its device blocks (causal) and its
+# streamed ring slot (no mask) with the prefill kernels, each part's log-sum-exp kept for the merge
+
+_PREFILL_PARTIAL_CASES = [
+    # dtype, num_heads, num_kv_heads, head_dim, block_size, n, context_len (queries not a multiple of the tile)
+    (torch.float32, 4, 4, 128, 16, 5, 37),
+    (torch.bfloat16, 8, 2, 64, 16, 21, 70),
+    (torch.float16, 12, 4, 64, 32, 19, 100),
+    (torch.bfloat16, 16, 2, 128, 16, 3, 16),
+]
+
+
+def _assert_partial(got: attention.Partial, want: attention.Partial, dtype: torch.dtype) -> None:
+    """Output as _assert_close's tolerances; log-sum-exp within 2e-2 (16-bit) or 2e-5; -inf where the reference's is."""
+    assert got.out.dtype == got.lse.dtype == torch.float32 and got.lse.shape == want.lse.shape
+    empty = torch.isinf(want.lse.cpu())
+    assert torch.equal(torch.isinf(got.lse.cpu()), empty) and (got.lse.cpu()[empty] < 0).all()
+    assert (got.out.cpu()[empty] == 0).all()
+    torch.testing.assert_close(got.out.cpu(), want.out.float().cpu(), **_tol(dtype))
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.lse.cpu()[~empty], want.lse.cpu()[~empty], atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", _PREFILL_PARTIAL_CASES,
+                         ids=lambda c: f"{str(c[0])[6:]}-h{c[1]}-kv{c[2]}-d{c[3]}-bs{c[4]}-n{c[5]}-ctx{c[6]}")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "no-mask"])
+def test_prefill_partials_match_the_reference(device, case, causal):
+    """paged_prefill_partial: output and log-sum-exp equal attention.paged_attention_partial's
+    (float32, over the same blocks), causal (the device part) or not (a streamed part); an
+    empty part (context 0, or no block at all) gives lse -inf and zeros."""
+    dtype, num_heads, num_kv_heads, head_dim, block_size, n, context_len = case
+    gen = torch.Generator().manual_seed(n * 7 + context_len)
+    needed = -(-context_len // block_size)
+    kv = _cache(needed + 3, 2, block_size, num_kv_heads, head_dim, dtype, device, gen)
+    block_ids = torch.randperm(needed + 3, generator=gen)[:needed].to(device)
+    q = torch.randn(n, num_heads, head_dim, generator=gen).to(dtype).to(device)  # [n, H, D]
+    want = attention.paged_attention_partial(q.float().cpu(), kv.float().cpu(), 1, block_ids.cpu(), context_len, causal)
+    _assert_partial(ta.paged_prefill_partial(q, kv, 1, block_ids, context_len, causal), want, dtype)
+    if not causal:
+        for ids, ctx in ((block_ids, 0), (block_ids[:0], 0)):
+            got = ta.paged_prefill_partial(q, kv, 1, ids, ctx, causal=False)
+            assert torch.isinf(got.lse).all() and (got.lse < 0).all() and (got.out == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", _QUANT_KINDS)
+@pytest.mark.parametrize("dtype, head_dim, n, num_blocks", [(torch.bfloat16, 64, 21, 5), (torch.float32, 128, 9, 3),
+                                                             (torch.bfloat16, 128, 70, 2)])
+def test_prefill_partials_over_a_streamed_ring_slot_match_the_reference(device, kind, dtype, head_dim, n, num_blocks):
+    """paged_prefill_partial_quantized over one-layer rows (a ring slot: BlockFormat.layer_cache),
+    no mask, the codes read in place (int8 / int4: the query and output rotated in the kernel),
+    against the torch reference over the dequantized blocks; blocks named in any order; an
+    empty part gives lse -inf and zeros."""
+    from afkv.kv.formats import make_format
+    from afkv.kv.layout import KVLayout
+
+    gen = torch.Generator().manual_seed(head_dim + n)
+    layout = KVLayout(num_layers=1, num_kv_heads=2, head_dim=head_dim, block_size=16, dtype=dtype)
+    fmt = make_format(kind, layout)
+    blocks = torch.randn(num_blocks + 2, *layout.block_shape, generator=gen).to(dtype)  # [nb + 2, 1, 2, bs, Hkv, D]
+    cache = fmt.layer_cache(fmt.encode(blocks).to(device))
+    ids = torch.randperm(num_blocks + 2, generator=gen)[:num_blocks].to(device)
+    q = torch.randn(n, 8, head_dim, generator=gen).to(dtype).to(device)  # [n, H, D]
+    ref = fmt.layer_cache(fmt.encode(blocks))
+    want = attention.paged_attention_partial_quantized(q.float().cpu(), ref, 0, ids.cpu(), num_blocks * 16, causal=False)
+    got = ta.paged_prefill_partial_quantized(q, cache, 0, ids, num_blocks * 16, causal=False)
+    _assert_partial(got, want, dtype)
+    empty = ta.paged_prefill_partial_quantized(q, cache, 0, ids[:0], 0, causal=False)
+    assert torch.isinf(empty.lse).all() and (empty.out == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", _QUANT_KINDS)
+def test_causal_prefill_partials_over_a_quantized_tier_match_the_reference(device, kind):
+    """paged_prefill_partial_quantized, causal, over a quantized device tier (rows, then staging
+    blocks holding the chunk): the same as the torch reference's partial."""
+    dtype, num_heads, num_kv_heads, head_dim, block_size, n, context_len = torch.bfloat16, 8, 2, 64, 16, 19, 75
+    gen = torch.Generator().manual_seed(5)
+    needed = -(-context_len // block_size)
+    num_staging = needed - (context_len - n) // block_size
+    cache, ref_tables, bad_tables = _quant_cache(kind, dtype, num_kv_heads, head_dim, block_size, [context_len],
+                                                 num_staging, device, gen)
+    q = torch.randn(n, num_heads, head_dim, generator=gen).to(dtype)  # [n, H, D]
+    want = attention.paged_attention_partial_quantized(q.float(), _quant_reference_cache(cache), 1,
+                                                       ref_tables[0, :needed], context_len)
+    got = ta.paged_prefill_partial_quantized(q.to(device), cache, 1, bad_tables[0, :needed].to(device), context_len)
+    _assert_partial(got, want, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_and_streamed_prefill_partials_merge_to_attention_over_both(device):
+    """A chunk's two parts (its device blocks, causal; blocks before them, no mask) merged by
+    log-sum-exp equal causal attention over the whole context: the identity the streamed
+    prefill rests on (AttentionSide._streamed_attention)."""
+    dtype, bs = torch.bfloat16, 16
+    gen = torch.Generator().manual_seed(9)
+    kv = _cache(8, 1, bs, 2, 64, dtype, device, gen)  # blocks 0 .. 2 the streamed part, 3 .. 7 the device part
+    n, device_len = 23, 70
+    q = torch.randn(n, 8, 64, generator=gen).to(dtype).to(device)
+    streamed = ta.paged_prefill_partial(q, kv, 0, torch.tensor([2, 0, 1], device=device), 3 * bs, causal=False)
+    own = ta.paged_prefill_partial(q, kv, 0, torch.arange(3, 8, device=device), device_len)
+    got = attention.merge_partials([own, streamed]).out
+    whole = torch.tensor([2, 0, 1, 3, 4, 5, 6, 7], device=device)
+    want = attention.paged_attention(q.float(), kv.float(), 0, whole, 3 * bs + device_len)
+    torch.testing.assert_close(got.cpu(), want.cpu(), **_tol(dtype))
