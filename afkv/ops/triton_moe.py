@@ -11,7 +11,8 @@ tensors run under Triton's interpreter (TRITON_INTERPRET=1 in the environment be
 module is imported), which is how the CPU tests check it. Importing this module never needs
 triton. Benchmarks: afkv.bench.kernels (`afkv bench kernels moe`).
 
-Four launches, every grid sized by shapes only (no host synchronisation: the whole call can be
+Four launches (five with fp8_mode "once", six where its gate_up BLOCK_N is not a multiple of
+128), every grid sized by shapes only (no host synchronisation: the whole call can be
 captured in a CUDA graph; compile it once outside the capture):
 
   align    one kernel: the (token, selection) pairs sorted by held expert into row blocks of
@@ -39,10 +40,14 @@ step is bound by reading the weights, so N is split finely (and the down GEMM's 
 leaves too few programs) until every SM streams its share; many rows: 128-row tiles with wide
 N, as a dense GEMM (default_config).
 
-FP8 weights (e4m3, one float32 scale per 128 x 128 block, afkv.ops.fp8): BLOCK_K is 128 and
-each program quantizes its A tile per row and 128-column group (amax / 448) in registers; the
-fp8 x fp8 products of one K block are promoted to float32 times the two scales (DeepSeek-V3's
-recipe). Compiled for CUDA this needs fp8 tensor cores (compute capability >= 8.9).
+FP8 weights (e4m3, one float32 scale per 128 x 128 block, afkv.ops.fp8): BLOCK_K is 128; the
+activations are quantized per row and 128-column group (amax / 448) and the fp8 x fp8 products
+of one K block are promoted to float32 times the two scales (DeepSeek-V3's recipe). Where the
+quantization happens is BlockConfig.fp8_mode (FP8_MODES): "tile" (each program quantizes its A
+tile in registers at every K step), "once" (one launch quantizes x; gate_up's epilogue writes
+its output as fp8 with scales, so the K loops only load fp8 tiles and their [BM] scales), or
+"dequant" (no activation quantization: the fp8 weight tile is scaled to x's dtype in registers
+for 16-bit MMAs). Compiled for CUDA this needs fp8 tensor cores (compute capability >= 8.9).
 
 Rounding (16-bit x): products in float32, the activations rounded once to the dtype of x (as
 the torch path rounds them), each selection's weighted output rounded to the dtype of x (as
@@ -72,6 +77,16 @@ _PROGRAMS_PER_SM = 4  # weight-bound tiles: split N (then K) until a GEMM has th
 _MAX_SPLIT_K = 8
 _ALIGN_CHUNK = 1024  # pairs placed per align program
 _ALIGN_BLOCKS = 16  # blocks per step of an align program's share of the block table
+# FP8 weights: how the GEMMs meet them (BlockConfig.fp8_mode; the kernels' FP8_MODE constant is the index)
+#   tile     the A tile quantized in registers at every K step (per row and 128-column group)
+#   once     the activations quantized once per call, to fp8 with per-row, per-128-column-group
+#            scales: x by one launch, the down GEMM's input by gate_up's epilogue (by that launch
+#            again where gate_up's BLOCK_N is not a multiple of 128); the K loops run fp8 MMAs
+#            and one scale multiply per 128-long K block
+#   dequant  the weight tile dequantized to x's dtype in registers, 16-bit MMAs, activations
+#            not quantized (half the weight bytes at 16-bit MMA speed)
+FP8_MODES = ("tile", "once", "dequant")
+_QUANT_ROWS = 32  # rows per program of the activation quantization
 
 
 @functools.cache
@@ -104,6 +119,7 @@ class BlockConfig:
     group_m: int = 8  # row blocks per program group (L2 reuse of weight tiles)
     num_warps: int = 4
     num_stages: int = 4
+    fp8_mode: str = "tile"  # FP8 weights only: one of FP8_MODES
 
     def __post_init__(self):
         for name in ("block_m", "gate_up_block_n", "down_block_n", "block_k"):
@@ -113,6 +129,8 @@ class BlockConfig:
         for name in ("split_k", "group_m", "num_warps", "num_stages"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"BlockConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.fp8_mode not in FP8_MODES:
+            raise ConfigError(f"BlockConfig.fp8_mode must be one of {', '.join(FP8_MODES)}, got {self.fp8_mode!r}")
 
 
 def default_config(
@@ -186,14 +204,50 @@ if triton is not None:
         return tl.where(tl.abs(v) < 0.015625, sub, normal)
 
     @triton.jit
-    def _quantize_rows(a, EXACT_CAST: tl.constexpr):
-        """a [BM, 128] float32 -> (fp8 [BM, 128], scales [BM] float32): per row, amax / 448."""
-        scale = tl.maximum(tl.max(tl.abs(a), 1), _AMAX_EPS) / _FP8_MAX  # [BM]
-        v = a / scale[:, None]
+    def _to_e4m3(v, EXACT_CAST: tl.constexpr):
+        """float32 v (already divided by its scale) -> fp8, saturated at +-448."""
         v = tl.minimum(tl.maximum(v, -_FP8_MAX), _FP8_MAX)
         if EXACT_CAST:
             v = _round_e4m3(v)
-        return v.to(tl.float8e4nv), scale
+        return v.to(tl.float8e4nv)
+
+    @triton.jit
+    def _quantize_rows(a, EXACT_CAST: tl.constexpr):
+        """a [BM, 128] float32 -> (fp8 [BM, 128], scales [BM] float32): per row, amax / 448."""
+        scale = tl.maximum(tl.max(tl.abs(a), 1), _AMAX_EPS) / _FP8_MAX  # [BM]
+        return _to_e4m3(a / scale[:, None], EXACT_CAST), scale
+
+    @triton.jit
+    def _quantize_groups(a, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXACT_CAST: tl.constexpr):
+        """a [BM, BN] float32, BN a multiple of 128 -> (fp8 [BM, BN], scales [BM, BN / 128] float32):
+        per row and 128-column group, amax / 448."""
+        groups = tl.reshape(a, (BLOCK_M, BLOCK_N // 128, 128))  # [BM, G, 128]
+        scale = tl.maximum(tl.max(tl.abs(groups), 2), _AMAX_EPS) / _FP8_MAX  # [BM, G]
+        v = tl.reshape(groups / scale[:, :, None], (BLOCK_M, BLOCK_N))
+        return _to_e4m3(v, EXACT_CAST), scale
+
+    @triton.jit
+    def _quantize_kernel(
+        src_ptr, dst_ptr, scale_ptr, block_expert_ptr,
+        num_rows, num_cols, num_held, stride_src, stride_dst, stride_scale,
+        BLOCK_R: tl.constexpr, BY_BLOCK: tl.constexpr, EXACT_CAST: tl.constexpr,
+    ):  # fmt: skip
+        """Program (r, g): rows [r * BLOCK_R, ...) x columns [g * 128, ...) of src -> fp8 dst and
+        scale[row, g] = the row's amax / 448 over the group. BY_BLOCK: the rows are the sorted
+        layout's row blocks (BLOCK_R = BLOCK_M); blocks past the real ones are skipped."""
+        r = tl.program_id(0)
+        g = tl.program_id(1)
+        if BY_BLOCK:
+            if tl.load(block_expert_ptr + r) >= num_held:
+                return
+        rows = r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+        cols = g * 128 + tl.arange(0, 128)  # [128]
+        r_mask = rows < num_rows
+        mask = r_mask[:, None] & (cols < num_cols)[None, :]
+        a = tl.load(src_ptr + rows[:, None] * stride_src + cols[None, :], mask=mask, other=0.0)  # [BR, 128]
+        q, scale = _quantize_rows(a.to(tl.float32), EXACT_CAST)
+        tl.store(dst_ptr + rows[:, None] * stride_dst + cols[None, :], q, mask=mask)
+        tl.store(scale_ptr + rows * stride_scale + g, scale, mask=r_mask)
 
     @triton.jit
     def _tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
@@ -262,15 +316,17 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_kernel(
-        x_ptr, w_ptr, ws_ptr, act_ptr, pairs_ptr, block_expert_ptr,
+        x_ptr, xs_ptr, w_ptr, ws_ptr, act_ptr, act_s_ptr, pairs_ptr, block_expert_ptr,
         num_pairs, num_held, hidden, inter, num_blocks, up_scale_row,
-        stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_act,
+        stride_x, stride_xs, stride_we, stride_wn, stride_se, stride_sn, stride_act, stride_act_s,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr,
-        EXACT_CAST: tl.constexpr,
+        FP8_MODE: tl.constexpr, QUANT_OUT: tl.constexpr, EXACT_CAST: tl.constexpr,
     ):  # fmt: skip
         """Program -> (row block b, activation columns j * BLOCK_N ...):
-        act[rows, n] = silu(x[rows] @ gate[n]^T) * (x[rows] @ up[n]^T)."""
+        act[rows, n] = silu(x[rows] @ gate[n]^T) * (x[rows] @ up[n]^T).
+        FP8_MODE 1 (once): x is fp8 with scales xs [T, H / 128]; QUANT_OUT: act is written as fp8
+        with scales act_s [slots, I / 128] (BLOCK_N a multiple of 128)."""
         b, j = _tile(tl.program_id(0), num_blocks, tl.cdiv(inter, BLOCK_N), GROUP_M)
         e = tl.load(block_expert_ptr + b)
         if e >= num_held:  # past the real blocks
@@ -283,6 +339,7 @@ if triton is not None:
         n_mask = n < inter
         kk = tl.arange(0, BLOCK_K)  # [BK]
         x_ptrs = x_ptr + tokens[:, None] * stride_x + kk[None, :]  # [BM, BK]
+        xs_ptrs = xs_ptr + tokens * stride_xs  # [BM] FP8_MODE 1: the rows' group scales
         g_ptrs = w_ptr + e.to(tl.int64) * stride_we + n.to(tl.int64)[None, :] * stride_wn + kk[:, None]  # [BK, BN]
         u_ptrs = g_ptrs + inter.to(tl.int64) * stride_wn  # the up rows follow the gate rows
         gs_ptrs = ws_ptr + e.to(tl.int64) * stride_se + (n // 128) * stride_sn  # [BN] FP8: scale rows
@@ -300,31 +357,50 @@ if triton is not None:
                 g = tl.load(g_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
                 u = tl.load(u_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if FP8:
-                aq, a_s = _quantize_rows(a.to(tl.float32), EXACT_CAST)  # [BM, BK] fp8, [BM]
                 g_s = tl.load(gs_ptrs + k0 // 128, mask=n_mask, other=0.0)  # [BN]
                 u_s = tl.load(us_ptrs + k0 // 128, mask=n_mask, other=0.0)
-                acc_g += tl.dot(aq, g) * (a_s[:, None] * g_s[None, :])
-                acc_u += tl.dot(aq, u) * (a_s[:, None] * u_s[None, :])
+                if FP8_MODE == 2:  # dequant: weights to x's dtype, 16-bit MMAs
+                    g = (g.to(tl.float32) * g_s[None, :]).to(a.dtype)
+                    u = (u.to(tl.float32) * u_s[None, :]).to(a.dtype)
+                    acc_g = _dot(a, g, acc_g, IEEE)
+                    acc_u = _dot(a, u, acc_u, IEEE)
+                else:
+                    if FP8_MODE == 1:  # a: fp8 already
+                        aq = a
+                        a_s = tl.load(xs_ptrs + k0 // 128, mask=valid, other=0.0)  # [BM]
+                    else:
+                        aq, a_s = _quantize_rows(a.to(tl.float32), EXACT_CAST)  # [BM, BK] fp8, [BM]
+                    acc_g += tl.dot(aq, g) * (a_s[:, None] * g_s[None, :])
+                    acc_u += tl.dot(aq, u) * (a_s[:, None] * u_s[None, :])
             else:
                 acc_g = _dot(a, g, acc_g, IEEE)
                 acc_u = _dot(a, u, acc_u, IEEE)
             x_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
-        act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # [BM, BN] float32; padding rows: 0
+        act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # [BM, BN] float32; padding rows and columns: 0
         act_ptrs = act_ptr + rows[:, None] * stride_act + n[None, :]
-        tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=n_mask[None, :])
+        if QUANT_OUT:
+            q, q_s = _quantize_groups(act, BLOCK_M, BLOCK_N, EXACT_CAST)  # [BM, BN] fp8, [BM, BN / 128]
+            tl.store(act_ptrs, q, mask=n_mask[None, :])
+            grp = j * (BLOCK_N // 128) + tl.arange(0, BLOCK_N // 128)  # [BN / 128]
+            tl.store(act_s_ptr + rows[:, None] * stride_act_s + grp[None, :], q_s,
+                     mask=(grp * 128 < inter)[None, :])
+        else:
+            tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=n_mask[None, :])
 
     @triton.jit
     def _down_kernel(
-        act_ptr, w_ptr, ws_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_ptr,
+        act_ptr, act_s_ptr, w_ptr, ws_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_ptr,
         num_pairs, num_held, hidden, inter, k_per_split, num_blocks,
-        stride_act, stride_we, stride_wn, stride_se, stride_sn, stride_out_split, stride_out,
+        stride_act, stride_act_s, stride_we, stride_wn, stride_se, stride_sn, stride_out_split, stride_out,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        EVEN_K: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr, EXACT_CAST: tl.constexpr,
+        EVEN_K: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr, FP8_MODE: tl.constexpr,
+        EXACT_CAST: tl.constexpr,
     ):  # fmt: skip
         """Program (-> row block b, output columns j * BLOCK_N ...; K slice s):
-        out[s, pair, n] = weight[pair] * act[rows, K_s] @ down[n, K_s]^T."""
+        out[s, pair, n] = weight[pair] * act[rows, K_s] @ down[n, K_s]^T.
+        FP8_MODE 1 (once): act is fp8 with scales act_s [slots, I / 128]."""
         b, j = _tile(tl.program_id(0), num_blocks, tl.cdiv(hidden, BLOCK_N), GROUP_M)
         e = tl.load(block_expert_ptr + b)
         if e >= num_held:
@@ -339,6 +415,7 @@ if triton is not None:
         a_ptrs = act_ptr + rows[:, None] * stride_act + kk[None, :]  # [BM, BK]; padding rows hold 0
         w_ptrs = w_ptr + e.to(tl.int64) * stride_we + n.to(tl.int64)[None, :] * stride_wn + kk[:, None]  # [BK, BN]
         s_ptrs = ws_ptr + e.to(tl.int64) * stride_se + (n // 128) * stride_sn + k_start // 128  # [BN] FP8
+        as_ptrs = act_s_ptr + rows * stride_act_s + k_start // 128  # [BM] FP8_MODE 1
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, k_per_split, BLOCK_K):
             if EVEN_K:
@@ -349,9 +426,16 @@ if triton is not None:
                 a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if FP8:
-                aq, a_s = _quantize_rows(a.to(tl.float32), EXACT_CAST)
                 w_s = tl.load(s_ptrs + k0 // 128, mask=n_mask & (k_start + k0 < inter), other=0.0)  # [BN]
-                acc += tl.dot(aq, w) * (a_s[:, None] * w_s[None, :])
+                if FP8_MODE == 2:  # dequant
+                    acc = _dot(a, (w.to(tl.float32) * w_s[None, :]).to(a.dtype), acc, IEEE)
+                else:
+                    if FP8_MODE == 1:
+                        aq = a
+                        a_s = tl.load(as_ptrs + k0 // 128, mask=k_start + k0 < inter, other=0.0)  # [BM]
+                    else:
+                        aq, a_s = _quantize_rows(a.to(tl.float32), EXACT_CAST)
+                    acc += tl.dot(aq, w) * (a_s[:, None] * w_s[None, :])
             else:
                 acc = _dot(a, w, acc, IEEE)
             a_ptrs += BLOCK_K
@@ -417,6 +501,28 @@ def _align(
         BLOCK_M=block_m, CHUNK=chunk, BLOCK_E=next_pow2(num_held + 1), BLOCK_B=_ALIGN_BLOCKS, num_warps=4,
     )  # fmt: skip
     return pairs, block_expert
+
+
+def _quantize(
+    src: torch.Tensor, exact_cast: bool, block_expert: torch.Tensor | None = None, num_held: int = 0,
+    block_m: int = 0, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """src [R, C] -> (fp8 [R, C], float32 scales [R, ceil(C/128)]): each row's 128-column groups
+    scaled by amax / 448 (afkv.ops.fp8.quantize_groups), one launch. With block_expert: src is
+    the sorted layout's [slots, C], quantized by row blocks of block_m, the blocks past the real
+    ones skipped. `out`: the (fp8, scales) tensors to write."""
+    rows, cols = src.shape
+    q, scale = out if out is not None else (
+        torch.empty(rows, cols, dtype=FP8, device=src.device),
+        torch.empty(rows, _cdiv(cols, FP8_BLOCK), dtype=torch.float32, device=src.device))
+    by_block = block_expert is not None
+    block_r = block_m if by_block else min(_QUANT_ROWS, next_pow2(rows))
+    _quantize_kernel[(_cdiv(rows, block_r), _cdiv(cols, FP8_BLOCK))](
+        src, q, scale, block_expert if by_block else scale,
+        rows, cols, num_held, src.stride(0), q.stride(0), scale.stride(0),
+        BLOCK_R=block_r, BY_BLOCK=by_block, EXACT_CAST=exact_cast, num_warps=4,
+    )  # fmt: skip
+    return q, scale
 
 
 def _check_fp8(gate_up, down, gate_up_scale, down_scale, num_held: int, hidden: int, inter: int) -> None:
@@ -485,27 +591,39 @@ def moe_mlp(
     ieee = x.dtype == torch.float32
     exact_cast = not x.is_cuda
     scales = (gate_up_scale, down_scale) if fp8 else (gate_up, down)  # unused pointers without FP8
+    mode = FP8_MODES.index(cfg.fp8_mode) if fp8 else 0
     pairs, block_expert = _align(local, topk_ids, num_held, cfg.block_m)  # [slots], [max_blocks]
     max_blocks = block_expert.shape[0]
-    act = torch.empty(max_blocks * cfg.block_m, inter, dtype=x.dtype, device=x.device)  # [slots, I]
+    slots = max_blocks * cfg.block_m
+    a, a_s = x, scales[0]  # gate_up's A operand and (FP8_MODE once) its scales; unused pointer otherwise
+    if mode == 1:
+        a, a_s = _quantize(x, exact_cast)  # [T, H] fp8, [T, H / 128]
+    quant_out = mode == 1 and cfg.gate_up_block_n % FP8_BLOCK == 0  # gate_up writes the down GEMM's fp8 input
+    act = torch.empty(slots, inter, dtype=FP8 if quant_out else x.dtype, device=x.device)  # [slots, I]
+    act_s = (torch.empty(slots, _cdiv(inter, FP8_BLOCK), dtype=torch.float32, device=x.device)  # [slots, I / 128]
+             if mode == 1 else scales[1])
     _gate_up_kernel[(max_blocks * _cdiv(inter, cfg.gate_up_block_n),)](
-        x, gate_up, scales[0], act, pairs, block_expert,
+        a, a_s, gate_up, scales[0], act, act_s, pairs, block_expert,
         num_pairs, num_held, hidden, inter, max_blocks, _cdiv(inter, FP8_BLOCK),
-        x.stride(0), gate_up.stride(0), gate_up.stride(1), scales[0].stride(0), scales[0].stride(1), act.stride(0),
+        a.stride(0), a_s.stride(0), gate_up.stride(0), gate_up.stride(1), scales[0].stride(0), scales[0].stride(1),
+        act.stride(0), act_s.stride(0),
         TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.gate_up_block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EVEN_K=hidden % cfg.block_k == 0, IEEE=ieee, FP8=fp8, EXACT_CAST=exact_cast,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVEN_K=hidden % cfg.block_k == 0, IEEE=ieee, FP8=fp8, FP8_MODE=mode, QUANT_OUT=quant_out,
+        EXACT_CAST=exact_cast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    if mode == 1 and not quant_out:  # gate_up's tiles split the 128-column groups: quantize its output apart
+        act = _quantize(act, exact_cast, block_expert, num_held, cfg.block_m, out=(
+            torch.empty(slots, inter, dtype=FP8, device=x.device), act_s))[0]
     k_per_split = _cdiv(_cdiv(inter, cfg.split_k), cfg.block_k) * cfg.block_k
     out_dtype = torch.float32 if cfg.split_k > 1 else x.dtype
     out = torch.empty(cfg.split_k, num_pairs, hidden, dtype=out_dtype, device=x.device)  # [S, P, H]
     _down_kernel[(max_blocks * _cdiv(hidden, cfg.down_block_n), cfg.split_k)](
-        act, down, scales[1], out, pairs, block_expert, weights,
+        act, act_s, down, scales[1], out, pairs, block_expert, weights,
         num_pairs, num_held, hidden, inter, k_per_split, max_blocks,
-        act.stride(0), down.stride(0), down.stride(1), scales[1].stride(0), scales[1].stride(1),
+        act.stride(0), act_s.stride(0), down.stride(0), down.stride(1), scales[1].stride(0), scales[1].stride(1),
         out.stride(0), out.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.down_block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EVEN_K=inter == cfg.split_k * k_per_split, IEEE=ieee, FP8=fp8, EXACT_CAST=exact_cast,
+        EVEN_K=inter == cfg.split_k * k_per_split, IEEE=ieee, FP8=fp8, FP8_MODE=mode, EXACT_CAST=exact_cast,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     y = torch.empty_like(x)  # [T, H]
