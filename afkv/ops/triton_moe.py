@@ -57,6 +57,7 @@ float32 x: IEEE float32 dots and float32 throughout.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -134,17 +135,23 @@ class BlockConfig:
 
 
 def default_config(
-    num_pairs: int, num_held: int, hidden: int, inter: int, sm_count: int, fp8: bool = False
+    num_pairs: int, num_held: int, hidden: int, inter: int, sm_count: int, fp8: bool = False,
+    fp8_mode: str = "tile",
 ) -> BlockConfig:
     """Block sizes for num_pairs = T*k selections over num_held experts of [2I, H] / [H, I]
     (shapes only: the same config for every routing, as a CUDA graph needs). Assumes the
     selections spread evenly over min(num_held, num_pairs) experts: rows = pairs per touched
-    expert picks the regime (measured on H100 / H200: afkv/bench/RESULTS.md)."""
+    expert picks the regime (measured on H100 / H200: afkv/bench/RESULTS.md). FP8 weights: the
+    tiles of fp8_mode "tile" for every mode ("dequant" with one pipeline stage less at 128-row
+    tiles, whose 16-bit A tiles and dequantized weight tiles take more shared memory)."""
     active = max(1, min(num_held, num_pairs))
     rows = _cdiv(num_pairs, active)  # rows per touched expert
+    if not fp8:
+        fp8_mode = "tile"
     if rows > 64:  # compute-bound: dense-GEMM tiles
         return BlockConfig(block_m=128, gate_up_block_n=128, down_block_n=128, block_k=128 if fp8 else 64,
-                           split_k=1, group_m=8, num_warps=8, num_stages=3 if fp8 else 4)
+                           split_k=1, group_m=8, num_warps=8,
+                           num_stages=(2 if fp8_mode == "dequant" else 3) if fp8 else 4, fp8_mode=fp8_mode)
     block_m = min(64, max(16, next_pow2(rows)))
     row_blocks = active * _cdiv(rows, block_m)
     target = _PROGRAMS_PER_SM * sm_count
@@ -174,7 +181,45 @@ def default_config(
         group_m=8,
         num_warps=4,
         num_stages=4 if block_m <= 32 else 3,
+        fp8_mode=fp8_mode,
     )
+
+
+def candidate_configs(
+    num_pairs: int, num_held: int, hidden: int, inter: int, sm_count: int, fp8: bool = False,
+    fp8_mode: str = "tile",
+) -> list[BlockConfig]:
+    """Tile configs a tuner times around default_config at one point (`afkv bench kernels moe
+    --tune`), the default first; some may not fit a GPU's shared memory (triton raises
+    OutOfResources at the launch). The compute regime (128-row tiles) adds, for 16-bit weights,
+    256-wide down tiles with 4 stages, 64-row tiles with 4 warps and a wider GEMM grouping, and
+    BLOCK_K 128 (half the K steps: at Qwen3's K = 768 the down GEMM has 6, where pipeline fill
+    weighs); fp8 mode "once" adds gate_up tiles of 128 columns where the default's are narrower
+    (its epilogue then quantizes the down GEMM's input: one launch less)."""
+    d = default_config(num_pairs, num_held, hidden, inter, sm_count, fp8, fp8_mode)
+    bk, mode = d.block_k, d.fp8_mode
+    if d.block_m == 128:
+        st = 2 if mode == "dequant" else 3
+        alts = [BlockConfig(128, 64, 256, bk, 1, 8, 8, st, fp8_mode=mode),
+                BlockConfig(128, 128, 256, bk, 1, 8, 8, st, fp8_mode=mode),
+                BlockConfig(64, 128, 128, bk, 1, 8, 4, st + 1, fp8_mode=mode),
+                BlockConfig(128, 128, 128, bk, 1, 16, 8, st, fp8_mode=mode)]
+        if not fp8:
+            alts += [BlockConfig(128, 128, 256, bk, 1, 8, 8, 4), BlockConfig(64, 128, 256, bk, 1, 16, 4, 4),
+                     BlockConfig(128, 128, 128, 128, 1, 8, 8, 2)]
+    else:
+        alts = [BlockConfig(d.block_m, min(128, 2 * d.gate_up_block_n), min(256, 2 * d.down_block_n), bk, d.split_k,
+                            8, 4, 4, fp8_mode=mode),
+                BlockConfig(d.block_m, d.gate_up_block_n, d.down_block_n, bk, d.split_k, 8, 4, 5, fp8_mode=mode),
+                BlockConfig(min(128, 2 * d.block_m), d.gate_up_block_n, d.down_block_n, bk, d.split_k, 8, 8, 3,
+                            fp8_mode=mode)]
+    if mode == "once" and d.gate_up_block_n < FP8_BLOCK <= inter:
+        alts.append(dataclasses.replace(d, gate_up_block_n=FP8_BLOCK))
+    out = [d]
+    for c in alts:
+        if c not in out:
+            out.append(c)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
