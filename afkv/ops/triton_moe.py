@@ -134,6 +134,11 @@ class BlockConfig:
             raise ConfigError(f"BlockConfig.fp8_mode must be one of {', '.join(FP8_MODES)}, got {self.fp8_mode!r}")
 
 
+def _rows_per_expert(num_pairs: int, num_held: int) -> int:
+    """Rows per touched expert where the selections spread evenly (> 64: the compute regime)."""
+    return _cdiv(num_pairs, max(1, min(num_held, num_pairs)))
+
+
 def default_config(
     num_pairs: int, num_held: int, hidden: int, inter: int, sm_count: int, fp8: bool = False,
     fp8_mode: str = "tile",
@@ -142,16 +147,19 @@ def default_config(
     (shapes only: the same config for every routing, as a CUDA graph needs). Assumes the
     selections spread evenly over min(num_held, num_pairs) experts: rows = pairs per touched
     expert picks the regime (measured on H100 / H200: afkv/bench/RESULTS.md). FP8 weights: the
-    tiles of fp8_mode "tile" for every mode ("dequant" with one pipeline stage less at 128-row
-    tiles, whose 16-bit A tiles and dequantized weight tiles take more shared memory)."""
+    tiles of fp8_mode "tile" for every mode, except: "once" and "dequant" with 64-row tiles
+    where "tile" has 128 (gate_up's two 128 x 128 float32 accumulators with the two products of
+    a K block promoted into them, or the dequantized weight tiles, exceed 255 registers per
+    thread at 8 warps: sm_90 cubin, 8-536 bytes spilled), and with 8 warps where gate_up's tile
+    is 64 x 128 or larger (4 warps spill 136-384 bytes there). Not measured on a GPU yet."""
+    rows = _rows_per_expert(num_pairs, num_held)
     active = max(1, min(num_held, num_pairs))
-    rows = _cdiv(num_pairs, active)  # rows per touched expert
     if not fp8:
         fp8_mode = "tile"
     if rows > 64:  # compute-bound: dense-GEMM tiles
-        return BlockConfig(block_m=128, gate_up_block_n=128, down_block_n=128, block_k=128 if fp8 else 64,
-                           split_k=1, group_m=8, num_warps=8,
-                           num_stages=(2 if fp8_mode == "dequant" else 3) if fp8 else 4, fp8_mode=fp8_mode)
+        return BlockConfig(block_m=128 if fp8_mode == "tile" else 64, gate_up_block_n=128, down_block_n=128,
+                           block_k=128 if fp8 else 64, split_k=1, group_m=8, num_warps=8,
+                           num_stages=3 if fp8 else 4, fp8_mode=fp8_mode)
     block_m = min(64, max(16, next_pow2(rows)))
     row_blocks = active * _cdiv(rows, block_m)
     target = _PROGRAMS_PER_SM * sm_count
@@ -165,6 +173,7 @@ def default_config(
 
     block_k = 128 if fp8 else min(128, max(16, next_pow2(min(hidden, inter))))
     down_n = block_n(hidden)
+    gate_up_n = block_n(inter)
     split_k = 1
     while (
         split_k < _MAX_SPLIT_K
@@ -174,12 +183,12 @@ def default_config(
         split_k *= 2
     return BlockConfig(
         block_m=block_m,
-        gate_up_block_n=block_n(inter),
+        gate_up_block_n=gate_up_n,
         down_block_n=down_n,
         block_k=block_k,
         split_k=split_k,
         group_m=8,
-        num_warps=4,
+        num_warps=8 if fp8_mode != "tile" and block_m * gate_up_n >= 64 * 128 else 4,
         num_stages=4 if block_m <= 32 else 3,
         fp8_mode=fp8_mode,
     )
@@ -198,12 +207,15 @@ def candidate_configs(
     (its epilogue then quantizes the down GEMM's input: one launch less)."""
     d = default_config(num_pairs, num_held, hidden, inter, sm_count, fp8, fp8_mode)
     bk, mode = d.block_k, d.fp8_mode
-    if d.block_m == 128:
+    if _rows_per_expert(num_pairs, num_held) > 64:  # the compute regime
         st = 2 if mode == "dequant" else 3
         alts = [BlockConfig(128, 64, 256, bk, 1, 8, 8, st, fp8_mode=mode),
                 BlockConfig(128, 128, 256, bk, 1, 8, 8, st, fp8_mode=mode),
                 BlockConfig(64, 128, 128, bk, 1, 8, 4, st + 1, fp8_mode=mode),
-                BlockConfig(128, 128, 128, bk, 1, 16, 8, st, fp8_mode=mode)]
+                BlockConfig(128, 128, 128, bk, 1, 16, 8, st, fp8_mode=mode),
+                BlockConfig(64, 128, 128, bk, 1, 8, 8, st, fp8_mode=mode)]
+        if mode == "once":  # the tiles of "tile" (their gate_up spills registers on sm_90)
+            alts.append(BlockConfig(128, 128, 128, bk, 1, 8, 8, st, fp8_mode=mode))
         if not fp8:
             alts += [BlockConfig(128, 128, 256, bk, 1, 8, 8, 4), BlockConfig(64, 128, 256, bk, 1, 16, 4, 4),
                      BlockConfig(128, 128, 128, 128, 1, 8, 8, 2)]
@@ -518,6 +530,12 @@ if triton is not None:
 # Host side
 
 
+def _interpreted(x: torch.Tensor) -> bool:
+    """The kernels run under Triton's interpreter (CPU tensors): its float32 -> fp8 cast is wrong,
+    so they round to the e4m3 grid themselves (EXACT_CAST)."""
+    return not x.is_cuda
+
+
 def _max_blocks(num_pairs: int, num_held: int, block_m: int) -> int:
     """Bound on sum over experts of ceil(count_e / block_m) for any routing of num_pairs rows."""
     return _cdiv(num_pairs, block_m) + min(num_held, num_pairs)
@@ -634,7 +652,7 @@ def moe_mlp(
     if fp8 and cfg.block_k != FP8_BLOCK:
         raise ConfigError(f"fp8 expert weights need block_k {FP8_BLOCK}, got {cfg.block_k}")
     ieee = x.dtype == torch.float32
-    exact_cast = not x.is_cuda
+    exact_cast = _interpreted(x)
     scales = (gate_up_scale, down_scale) if fp8 else (gate_up, down)  # unused pointers without FP8
     mode = FP8_MODES.index(cfg.fp8_mode) if fp8 else 0
     pairs, block_expert = _align(local, topk_ids, num_held, cfg.block_m)  # [slots], [max_blocks]
