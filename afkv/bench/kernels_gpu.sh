@@ -24,7 +24,7 @@ phase() { echo "== $1 ($((SECONDS - start)) s)"; }
 
 phase "GPU tests"
 timeout "${TESTS_S:-70}" python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_moe.py \
-    -k "real_shapes or graph or multi_program or (fp8_matches and (ragged or padding)) or (fp8_modes and (ragged or padding)) or (fp8_block_configs and (once or dequant))" \
+    -k "real_shapes or graph or multi_program or (fp8_matches and (ragged or padding)) or (fp8_modes and (ragged or padding)) or (fp8_block_configs and (once or dequant)) or (block_configs and atomic)" \
     tests/engine/test_graphs_gpu.py::test_triton_moe_matches_grouped_gemm_path >"$OUT/tests.txt" 2>&1
 tail -n 2 "$OUT/tests.txt"
 

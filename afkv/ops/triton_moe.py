@@ -32,7 +32,9 @@ captured in a CUDA graph; compile it once outside the capture):
            x is float32, else in the dtype of x
   combine  y[t] = the sum of t's held selections (and splits) in a fixed order, in float32,
            rounded once to the dtype of x. No atomics: results equal run to run. Unheld and
-           padding selections are never read.
+           padding selections are never read. (BlockConfig.atomic_combine, a candidate: the
+           down GEMM adds its weighted outputs into a float32 [T, H] with atomic adds instead,
+           no [S, P, H] outputs and no combine pass; a cast to x's dtype follows.)
 
 Tiles: the GEMM programs are ordered in groups of GROUP_M row blocks (the row blocks of a
 group share an expert's weight tiles while they sit in L2). Few rows per expert (decode): the
@@ -121,6 +123,10 @@ class BlockConfig:
     num_warps: int = 4
     num_stages: int = 4
     fp8_mode: str = "tile"  # FP8 weights only: one of FP8_MODES
+    # the down GEMM adds each selection's weighted output into a float32 [T, H] with atomics (no
+    # [S, P, H] per-selection outputs, no combine pass; sums in float32 in no fixed order: results
+    # may differ run to run in the last bits)
+    atomic_combine: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "gate_up_block_n", "down_block_n", "block_k"):
@@ -204,7 +210,8 @@ def candidate_configs(
     256-wide down tiles with 4 stages, 64-row tiles with 4 warps and a wider GEMM grouping, and
     BLOCK_K 128 (half the K steps: at Qwen3's K = 768 the down GEMM has 6, where pipeline fill
     weighs); fp8 mode "once" adds gate_up tiles of 128 columns where the default's are narrower
-    (its epilogue then quantizes the down GEMM's input: one launch less)."""
+    (its epilogue then quantizes the down GEMM's input: one launch less); and the default tiles
+    with atomic_combine (no per-selection outputs written and read back, no combine launch)."""
     d = default_config(num_pairs, num_held, hidden, inter, sm_count, fp8, fp8_mode)
     bk, mode = d.block_k, d.fp8_mode
     if _rows_per_expert(num_pairs, num_held) > 64:  # the compute regime
@@ -227,6 +234,7 @@ def candidate_configs(
                             fp8_mode=mode)]
     if mode == "once" and d.gate_up_block_n < FP8_BLOCK <= inter:
         alts.append(dataclasses.replace(d, gate_up_block_n=FP8_BLOCK))
+    alts.append(dataclasses.replace(d, atomic_combine=True))
     out = [d]
     for c in alts:
         if c not in out:
@@ -453,11 +461,12 @@ if triton is not None:
         stride_act, stride_act_s, stride_we, stride_wn, stride_se, stride_sn, stride_out_split, stride_out,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         EVEN_K: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr, FP8_MODE: tl.constexpr,
-        EXACT_CAST: tl.constexpr,
+        EXACT_CAST: tl.constexpr, ATOMIC: tl.constexpr, TOP_K: tl.constexpr,
     ):  # fmt: skip
         """Program (-> row block b, output columns j * BLOCK_N ...; K slice s):
         out[s, pair, n] = weight[pair] * act[rows, K_s] @ down[n, K_s]^T.
-        FP8_MODE 1 (once): act is fp8 with scales act_s [slots, I / 128]."""
+        FP8_MODE 1 (once): act is fp8 with scales act_s [slots, I / 128].
+        ATOMIC: out is float32 [T, H]: out[pair // TOP_K, n] += the same, atomically."""
         b, j = _tile(tl.program_id(0), num_blocks, tl.cdiv(hidden, BLOCK_N), GROUP_M)
         e = tl.load(block_expert_ptr + b)
         if e >= num_held:
@@ -499,9 +508,14 @@ if triton is not None:
             w_ptrs += BLOCK_K
         weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)  # [BM]
         acc = acc * weight[:, None]
-        out_ptrs = out_ptr + tl.program_id(1).to(tl.int64) * stride_out_split
-        out_ptrs += pairs.to(tl.int64)[:, None] * stride_out + n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
+        if ATOMIC:
+            tokens = (pairs // TOP_K).to(tl.int64)  # [BM]
+            tl.atomic_add(out_ptr + tokens[:, None] * stride_out + n[None, :], acc,
+                          mask=valid[:, None] & n_mask[None, :], sem="relaxed")
+        else:
+            out_ptrs = out_ptr + tl.program_id(1).to(tl.int64) * stride_out_split
+            out_ptrs += pairs.to(tl.int64)[:, None] * stride_out + n[None, :]
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
 
     @triton.jit
     def _combine_kernel(
@@ -678,8 +692,11 @@ def moe_mlp(
         act = _quantize(act, exact_cast, block_expert, num_held, cfg.block_m, out=(
             torch.empty(slots, inter, dtype=FP8, device=x.device), act_s))[0]
     k_per_split = _cdiv(_cdiv(inter, cfg.split_k), cfg.block_k) * cfg.block_k
-    out_dtype = torch.float32 if cfg.split_k > 1 else x.dtype
-    out = torch.empty(cfg.split_k, num_pairs, hidden, dtype=out_dtype, device=x.device)  # [S, P, H]
+    if cfg.atomic_combine:
+        out = torch.zeros(1, num_tokens, hidden, dtype=torch.float32, device=x.device)  # [1, T, H] the sums
+    else:
+        out_dtype = torch.float32 if cfg.split_k > 1 else x.dtype
+        out = torch.empty(cfg.split_k, num_pairs, hidden, dtype=out_dtype, device=x.device)  # [S, P, H]
     _down_kernel[(max_blocks * _cdiv(hidden, cfg.down_block_n), cfg.split_k)](
         act, act_s, down, scales[1], out, pairs, block_expert, weights,
         num_pairs, num_held, hidden, inter, k_per_split, max_blocks,
@@ -687,8 +704,10 @@ def moe_mlp(
         out.stride(0), out.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.down_block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         EVEN_K=inter == cfg.split_k * k_per_split, IEEE=ieee, FP8=fp8, FP8_MODE=mode, EXACT_CAST=exact_cast,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ATOMIC=cfg.atomic_combine, TOP_K=top_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    if cfg.atomic_combine:
+        return out[0].to(x.dtype)  # [T, H]
     y = torch.empty_like(x)  # [T, H]
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
     block_h = min(1024, next_pow2(hidden))

@@ -25,7 +25,9 @@ Tolerances, as a fraction of the reference's largest magnitude max|ref|:
     same quantized operands; "once" quantizes the down GEMM's input from float32 where gate_up's
     epilogue does it, not from its bfloat16 rounding), "dequant" against the reference with
     unquantized activations (its weights rounded to bfloat16 after scaling on the GPU).
-Rows of unheld and padding selections contribute exactly zero; results equal bit for bit run to run.
+Rows of unheld and padding selections contribute exactly zero; results equal bit for bit run to run
+(except with BlockConfig.atomic_combine, whose float32 sums have no fixed order: its tests check
+the bounds above).
 """
 
 from __future__ import annotations
@@ -145,6 +147,10 @@ CONFIGS = {
     "split-k": tm.BlockConfig(block_m=16, gate_up_block_n=16, down_block_n=16, block_k=16, split_k=2),
     "split-k-ragged": tm.BlockConfig(block_m=16, gate_up_block_n=32, down_block_n=16, block_k=16, split_k=4),
     "block-m-32": tm.BlockConfig(block_m=32, gate_up_block_n=16, down_block_n=32, block_k=32, split_k=1),
+    "atomic-combine": tm.BlockConfig(block_m=16, gate_up_block_n=16, down_block_n=32, block_k=16, split_k=1,
+                                     atomic_combine=True),
+    "atomic-combine-split-k": tm.BlockConfig(block_m=16, gate_up_block_n=32, down_block_n=16, block_k=16, split_k=4,
+                                             atomic_combine=True),
 }
 
 
@@ -248,6 +254,8 @@ def test_real_shapes(case):
     local = torch.arange(num_experts + 1, device="cuda")
     args = (x, topk_ids, topk_weights, local, gate_up, down)
     _check(tm.moe_mlp(*args), args, "cuda")
+    default = tm.default_config(num_tokens * top_k, num_experts, hidden, inter, tm.sm_count(0))
+    _check(tm.moe_mlp(*args, config=dataclasses.replace(default, atomic_combine=True)), args, "cuda")
 
 
 @pytest.mark.gpu
@@ -350,6 +358,8 @@ FP8_CONFIGS = {
                                  fp8_mode="once"),
     "dequant-split-k": tm.BlockConfig(block_m=16, gate_up_block_n=32, down_block_n=16, block_k=128, split_k=2,
                                       fp8_mode="dequant"),
+    "once-atomic-combine": tm.BlockConfig(block_m=32, gate_up_block_n=128, down_block_n=64, block_k=128, split_k=2,
+                                          fp8_mode="once", atomic_combine=True),
 }
 
 
