@@ -264,6 +264,7 @@ def moe_sweep(models: list[str], tokens: list[int], dtypes: list[str], *, copies
 
 
 def _tune(result, points, sm_count, replays, device, deadline, log) -> None:
+    from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
     from afkv.ops import triton_moe
@@ -279,8 +280,8 @@ def _tune(result, points, sm_count, replays, device, deadline, log) -> None:
                                        config=cfg) for c in range(_calls(num_tokens))]
             try:
                 tried.append({"config": asdict(cfg), "moe_s": time_s(calls, replays, device)})
-            except OutOfResources as exc:  # a candidate may need more shared memory than the GPU has
-                tried.append({"config": asdict(cfg), "error": str(exc)[:300]})
+            except (OutOfResources, CompilationError) as exc:  # a candidate may not fit the GPU's shared memory
+                tried.append({"config": asdict(cfg), "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
         ok = [t for t in tried if "moe_s" in t]
         if ok:
             best = min(ok, key=lambda t: t["moe_s"])
@@ -315,8 +316,9 @@ def format_moe(result: dict) -> str:
         lines.append(f"tune {t['model']} {t['dtype']} T={t['num_tokens']}: default {d['moe_s'] * 1e6:.1f} us, best "
                      f"{t['best']['moe_s'] * 1e6:.1f} us (BM {c['block_m']} GU_BN {c['gate_up_block_n']} D_BN "
                      f"{c['down_block_n']} BK {c['block_k']} S {c['split_k']} G {c['group_m']} w {c['num_warps']} "
-                     f"st {c['num_stages']}{' ' + c['fp8_mode'] if t['dtype'] != 'bf16' else ''}), "
-                     f"{sum('error' in x for x in t['tried'])} of {len(t['tried'])} out of resources")
+                     f"st {c['num_stages']}{' ' + c['fp8_mode'] if t['dtype'] != 'bf16' else ''}"
+                     f"{' atomic' if c.get('atomic_combine') else ''}), "
+                     f"{sum('error' in x for x in t['tried'])} of {len(t['tried'])} failed to launch")
     return "\n".join(lines)
 
 
