@@ -206,10 +206,10 @@ def candidate_configs(
 ) -> list[BlockConfig]:
     """Tile configs a tuner times around default_config at one point (`afkv bench kernels moe
     --tune`), the default first; some may not fit a GPU's shared memory (triton raises
-    OutOfResources at the launch). The compute regime (128-row tiles) adds, for 16-bit weights,
-    256-wide down tiles with 4 stages, 64-row tiles with 4 warps and a wider GEMM grouping, and
-    BLOCK_K 128 (half the K steps: at Qwen3's K = 768 the down GEMM has 6, where pipeline fill
-    weighs); fp8 mode "once" adds gate_up tiles of 128 columns where the default's are narrower
+    OutOfResources at the launch). The compute regime (over 64 rows per expert) adds 128- and
+    64-row variants of the default and, for 16-bit weights, 256-wide down tiles with 4 stages,
+    64-row tiles with 4 warps and a wider GEMM grouping, and BLOCK_K 128 (half the K steps: at
+    Qwen3's K = 768 the down GEMM has 6, where pipeline fill weighs); fp8 mode "once" adds gate_up tiles of 128 columns where the default's are narrower
     (its epilogue then quantizes the down GEMM's input: one launch less); and the default tiles
     with atomic_combine (no per-selection outputs written and read back, no combine launch)."""
     d = default_config(num_pairs, num_held, hidden, inter, sm_count, fp8, fp8_mode)
