@@ -398,7 +398,7 @@ def test_fp8_misuse_is_a_config_error():
         tm.moe_mlp(x, ids, w, local, gu_q, dn_q, gu_s[:, :1], dn_s)
 
 
-FP8_REAL = {**REAL, "qwen3-T1024": (128, 2048, 768, 8, 1024)}  # + the 128-row tiles of the compute regime
+FP8_REAL = {**REAL, "qwen3-T2048": (128, 2048, 768, 8, 2048)}  # + the compute regime (128 rows per expert)
 
 
 @pytest.mark.gpu
