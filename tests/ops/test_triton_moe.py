@@ -337,11 +337,12 @@ def test_fp8_matches_reference(device, case):
 @pytest.mark.parametrize("mode", ["once", "dequant"])
 @pytest.mark.parametrize("case", FP8_CASES.values(), ids=FP8_CASES.keys())
 def test_fp8_modes_match_reference(device, mode, case):
-    """The default tiles with activations quantized once per call / weights dequantized."""
+    """The mode's default tiles: activations quantized once per call / weights dequantized."""
     num_experts, held, hidden, inter, top_k, num_tokens, padding = case
     args = _fp8_problem(num_experts, tuple(held), hidden, inter, top_k, num_tokens, device, padding=padding)
-    cfg = tm.default_config(num_tokens * top_k, len(held), hidden, inter, tm.sm_count(None), fp8=True)  # as on CPU
-    _check_fp8(tm.moe_mlp(*args, config=dataclasses.replace(cfg, fp8_mode=mode)), args, device, mode)
+    cfg = tm.default_config(num_tokens * top_k, len(held), hidden, inter, tm.sm_count(None), True, mode)  # as on CPU
+    assert cfg.fp8_mode == mode
+    _check_fp8(tm.moe_mlp(*args, config=cfg), args, device, mode)
 
 
 FP8_CONFIGS = {
@@ -405,9 +406,9 @@ FP8_REAL = {**REAL, "qwen3-T2048": (128, 2048, 768, 8, 2048)}  # + the compute r
 @pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", FP8_REAL.values(), ids=FP8_REAL.keys())
 def test_fp8_real_shapes(case):
-    """bf16 activations, fp8 experts quantized on the GPU, at Mixtral / Qwen3 shapes: the default
-    tiles in every fp8_mode, and "once" with gate_up's BLOCK_N widened to 128 (its epilogue
-    quantizes the down GEMM's input) where the default is narrower."""
+    """bf16 activations, fp8 experts quantized on the GPU, at Mixtral / Qwen3 shapes: every
+    fp8_mode's default tiles, "once" on the tiles of "tile", and "once" with gate_up's BLOCK_N
+    widened to 128 (its epilogue quantizes the down GEMM's input) where the default is narrower."""
     num_experts, hidden, inter, top_k, num_tokens = case
     gen = torch.Generator(device="cuda").manual_seed(0)
     gate_up = torch.empty(num_experts, 2 * inter, hidden, device="cuda").normal_(0, hidden**-0.5, generator=gen)
@@ -424,9 +425,10 @@ def test_fp8_real_shapes(case):
     topk_weights, topk_ids = torch.softmax(logits, -1).topk(top_k)  # [T, k] each
     local = torch.arange(num_experts + 1, device="cuda")
     args = (x, topk_ids, topk_weights, local, gu_q, dn_q, gu_s, dn_s)
-    default = tm.default_config(num_tokens * top_k, num_experts, hidden, inter, tm.sm_count(0), fp8=True)
-    configs = [dataclasses.replace(default, fp8_mode=mode) for mode in tm.FP8_MODES]
-    if default.gate_up_block_n < 128:
-        configs.append(dataclasses.replace(default, gate_up_block_n=128, fp8_mode="once"))
-    for cfg in configs:
+    shape = (num_tokens * top_k, num_experts, hidden, inter, tm.sm_count(0), True)
+    configs = [tm.default_config(*shape, mode) for mode in tm.FP8_MODES]
+    configs.append(dataclasses.replace(configs[0], fp8_mode="once"))
+    if configs[1].gate_up_block_n < 128:
+        configs.append(dataclasses.replace(configs[1], gate_up_block_n=128))
+    for cfg in dict.fromkeys(configs):
         _check_fp8(tm.moe_mlp(*args, config=cfg), args, "cuda", cfg.fp8_mode)
