@@ -36,13 +36,15 @@ from pathlib import Path
 
 import torch
 
-from afkv.errors import DeviceError
+from afkv.errors import ConfigError, DeviceError
 
 MOE_SHAPES = {  # the routed experts of one layer
     "mixtral-8x7b": dict(num_experts=8, hidden=4096, inter=14336, top_k=2),
     "qwen3-30b-a3b": dict(num_experts=128, hidden=2048, inter=768, top_k=8),
 }
 MOE_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# expert weights of the sweep: fp8 = fp8_mode "tile" (the default); fp8-<mode> = that fp8_mode's tiles
+MOE_DTYPES = ("bf16", "fp8", "fp8-once", "fp8-dequant")
 FUSED_SHAPES = dict(hidden=2048, num_heads=32, num_kv_heads=4, head_dim=128, num_experts=128, top_k=8, moe_inter=768)
 
 
@@ -150,45 +152,44 @@ def _weight_bytes(shape: dict, dtype: str, touched: int) -> int:
     return touched * per_expert
 
 
+def _fp8(dtype: str) -> tuple[bool, str]:
+    """A sweep dtype (MOE_DTYPES) -> (fp8 weights, fp8_mode)."""
+    weights, _, mode = dtype.partition("-")
+    return weights == "fp8", mode or "tile"
+
+
 def _calls(num_tokens: int) -> int:
     return 20 if num_tokens <= 256 else 8 if num_tokens <= 2048 else 4
-
-
-def tune_candidates(num_pairs: int, num_held: int, hidden: int, inter: int, sm_count: int, fp8: bool) -> list:
-    """Tile configs tried around default_config at one point (--tune)."""
-    from afkv.ops.triton_moe import BlockConfig, default_config
-
-    d = default_config(num_pairs, num_held, hidden, inter, sm_count, fp8)
-    bk = d.block_k
-    if d.block_m == 128:
-        alts = [BlockConfig(128, 64, 256, bk, 1, 8, 8, 3), BlockConfig(128, 128, 256, bk, 1, 8, 8, 3),
-                BlockConfig(64, 128, 128, bk, 1, 8, 4, 4), BlockConfig(128, 128, 128, bk, 1, 16, 8, 3)]
-    else:
-        alts = [BlockConfig(d.block_m, min(128, 2 * d.gate_up_block_n), min(256, 2 * d.down_block_n), bk, d.split_k,
-                            8, 4, 4),
-                BlockConfig(d.block_m, d.gate_up_block_n, d.down_block_n, 64 if not fp8 else 128, d.split_k, 8, 4, 5),
-                BlockConfig(min(128, 2 * d.block_m), d.gate_up_block_n, d.down_block_n, bk, d.split_k, 8, 8, 3)]
-    return [d] + [c for c in alts if c != d]
 
 
 @torch.inference_mode()
 def moe_sweep(models: list[str], tokens: list[int], dtypes: list[str], *, copies: int = 2, replays: int = 3,
               grouped_tokens: tuple[int, ...] = (16, 256, 2048), tune_tokens: tuple[int, ...] = (),
-              deadline: float | None = None, seed: int = 0, log=print) -> dict:
-    """The fused-MoE sweep (module docstring). Points past `deadline` (time.monotonic()) are
-    skipped; the tune points come after every default point (all weight copies stay on the GPU
-    until then)."""
+              tune_dtypes: tuple[str, ...] | None = None, deadline: float | None = None, seed: int = 0,
+              log=print) -> dict:
+    """The fused-MoE sweep (module docstring): at each point every dtype of MOE_DTYPES asked for
+    (fp8 rows: their time against bf16's and, for the fp8-<mode> rows, against fp8's at the same
+    point, with their largest difference from fp8's output). Points past `deadline`
+    (time.monotonic()) are skipped; the tune points (of tune_dtypes, default all) come after
+    every default point (all weight copies stay on the GPU until then)."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
     from afkv.bench.calibrate import gemm_peak
     from afkv.bench.steps import copy_bandwidth
     from afkv.model.sides import FFNSide, _Stacked
     from afkv.ops.kernels import select_kernels
     from afkv.ops import triton_moe
 
+    unknown = sorted(set(dtypes) - set(MOE_DTYPES))
+    if unknown:
+        raise ConfigError(f"moe sweep dtypes: unknown {', '.join(unknown)}; known: {', '.join(MOE_DTYPES)}")
     device = _require_gpu()
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
     copy_bw = copy_bandwidth(device)
     peaks = {"bf16": gemm_peak(device, torch.bfloat16, 8192)}
-    if "fp8" in dtypes:
+    kinds = list(dict.fromkeys("fp8" if _fp8(d)[0] else "bf16" for d in dtypes))  # weight dtypes
+    if "fp8" in kinds:
         peaks["fp8"] = fp8_gemm_peak(device) or peaks["bf16"]
     log(f"HBM copy {copy_bw / 1e12:.2f} TB/s, GEMM peak bf16 {peaks['bf16'] / 1e12:.0f} TFLOP/s"
         + (f", fp8 {peaks['fp8'] / 1e12:.0f} TFLOP/s" if "fp8" in peaks else ""))
@@ -200,47 +201,61 @@ def moe_sweep(models: list[str], tokens: list[int], dtypes: list[str], *, copies
         shape = MOE_SHAPES[name]
         e, h, i, k = shape["num_experts"], shape["hidden"], shape["inter"], shape["top_k"]
         local = torch.arange(e + 1, device=device)  # every expert held
-        for dtype in dtypes:
-            layers = _expert_copies(shape, dtype, copies, device, seed)
-            for num_tokens in tokens:
+        layers = {kind: _expert_copies(shape, kind, copies, device, seed) for kind in kinds}
+        for num_tokens in tokens:
+            gen = torch.Generator(device=device).manual_seed(seed + num_tokens)
+            x = torch.randn(num_tokens, h, generator=gen, device=device).to(torch.bfloat16)  # [T, H]
+            logits = torch.randn(num_tokens, e, generator=gen, device=device)  # [T, E]
+            weights, ids = torch.softmax(logits, -1).topk(k, -1)  # [T, k] each
+            touched = int(torch.unique(ids).numel())
+            point = {}  # dtype -> (row, first call's output)
+            for dtype in dtypes:
                 if deadline is not None and time.monotonic() > deadline:
                     log(f"  {name} {dtype} T={num_tokens}: skipped (deadline)")
                     continue
-                gen = torch.Generator(device=device).manual_seed(seed + num_tokens)
-                x = torch.randn(num_tokens, h, generator=gen, device=device).to(torch.bfloat16)  # [T, H]
-                logits = torch.randn(num_tokens, e, generator=gen, device=device)  # [T, E]
-                weights, ids = torch.softmax(logits, -1).topk(k, -1)  # [T, k] each
-                touched = int(torch.unique(ids).numel())
-                weight_bytes = _weight_bytes(shape, dtype, touched)
+                fp8, mode = _fp8(dtype)
+                kind = "fp8" if fp8 else "bf16"
+                weight_bytes = _weight_bytes(shape, kind, touched)
                 flops = 2 * num_tokens * k * 3 * h * i
-                bytes_s, flops_s = weight_bytes / copy_bw, flops / peaks[dtype]
-                cfg = triton_moe.default_config(num_tokens * k, e, h, i, sm_count, dtype == "fp8")
-                fns = [functools.partial(triton_moe.moe_mlp, x, ids, weights, local, **layers[c % copies])
-                       for c in range(_calls(num_tokens))]
-                moe_s = time_s(fns, replays, device)
+                bytes_s, flops_s = weight_bytes / copy_bw, flops / peaks[kind]
+                cfg = triton_moe.default_config(num_tokens * k, e, h, i, sm_count, fp8, mode)
+                fns = [functools.partial(triton_moe.moe_mlp, x, ids, weights, local, **layers[kind][c % copies],
+                                         config=cfg) for c in range(_calls(num_tokens))]
+                try:
+                    moe_s = time_s(fns, replays, device)
+                except (OutOfResources, CompilationError) as exc:  # a candidate mode's tiles on this GPU
+                    result["rows_failed"] = result.get("rows_failed", []) + [
+                        {"model": name, "dtype": dtype, "num_tokens": num_tokens, "config": asdict(cfg),
+                         "error": str(exc)[:300]}]
+                    log(f"  {name} {dtype} T={num_tokens}: {type(exc).__name__} {str(exc)[:200]}")
+                    continue
                 row = {"model": name, "dtype": dtype, "num_tokens": num_tokens, "experts_touched": touched,
                        "weight_bytes": weight_bytes, "flops": flops, "roofline_s": max(bytes_s, flops_s),
                        "bound": "weights" if bytes_s >= flops_s else "flops", "moe_s": moe_s,
                        "share": max(bytes_s, flops_s) / moe_s, "config": asdict(cfg)}
+                y = fns[0]().float()
                 if dtype == "bf16" and num_tokens in grouped_tokens:
                     tf = select_kernels(device).fused
-                    st = [_Stacked(layer["gate_up"], layer["down"], local) for layer in layers]
+                    st = [_Stacked(layer["gate_up"], layer["down"], local) for layer in layers["bf16"]]
                     ref = [functools.partial(FFNSide._grouped, st[c % copies], x, ids, weights, tf)
                            for c in range(_calls(num_tokens))]
                     row["torch_s"] = time_s(ref, replays, device)
                     want = ref[0]().float()
-                    row["max_rel_diff"] = float((fns[0]().float() - want).abs().max() / want.abs().max())
-                if dtype == "fp8":
-                    bf16 = next((r for r in result["rows"] if r["model"] == name and r["dtype"] == "bf16"
-                                 and r["num_tokens"] == num_tokens), None)
-                    if bf16 is not None:
-                        row["vs_bf16"] = moe_s / bf16["moe_s"]
+                    row["max_rel_diff"] = float((y - want).abs().max() / want.abs().max())
+                if fp8 and "bf16" in point:
+                    row["vs_bf16"] = moe_s / point["bf16"][0]["moe_s"]
+                if fp8 and mode != "tile" and "fp8" in point:
+                    tile_row, tile_y = point["fp8"]
+                    row["vs_fp8"] = moe_s / tile_row["moe_s"]
+                    row["max_rel_diff_fp8"] = float((y - tile_y).abs().max() / tile_y.abs().max())
+                point[dtype] = (row, y)
                 result["rows"].append(row)
                 log(_moe_line(row))
-                if num_tokens in tune_tokens:
-                    pending_tune.append((name, dtype, num_tokens, fns[0].args[:4], cfg, layers))
+                if num_tokens in tune_tokens and (tune_dtypes is None or dtype in tune_dtypes):
+                    pending_tune.append((name, dtype, num_tokens, fns[0].args[:4], cfg, layers[kind]))
                 del fns
-            del layers
+            del point
+        del layers
     _tune(result, pending_tune, sm_count, replays, device, deadline, log)
     del pending_tune
     gc.collect()
@@ -249,6 +264,7 @@ def moe_sweep(models: list[str], tokens: list[int], dtypes: list[str], *, copies
 
 
 def _tune(result, points, sm_count, replays, device, deadline, log) -> None:
+    from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
     from afkv.ops import triton_moe
@@ -257,15 +273,15 @@ def _tune(result, points, sm_count, replays, device, deadline, log) -> None:
         shape = MOE_SHAPES[name]
         e, h, i, k = shape["num_experts"], shape["hidden"], shape["inter"], shape["top_k"]
         tried = []
-        for cfg in tune_candidates(num_tokens * k, e, h, i, sm_count, dtype == "fp8"):
+        for cfg in triton_moe.candidate_configs(num_tokens * k, e, h, i, sm_count, *_fp8(dtype)):
             if deadline is not None and time.monotonic() > deadline:
                 break
             calls = [functools.partial(triton_moe.moe_mlp, x, ids, weights, local, **layers[c % len(layers)],
                                        config=cfg) for c in range(_calls(num_tokens))]
             try:
                 tried.append({"config": asdict(cfg), "moe_s": time_s(calls, replays, device)})
-            except OutOfResources as exc:  # a candidate may need more shared memory than the GPU has
-                tried.append({"config": asdict(cfg), "error": str(exc)[:300]})
+            except (OutOfResources, CompilationError) as exc:  # a candidate may not fit the GPU's shared memory
+                tried.append({"config": asdict(cfg), "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
         ok = [t for t in tried if "moe_s" in t]
         if ok:
             best = min(ok, key=lambda t: t["moe_s"])
@@ -278,18 +294,21 @@ def _moe_line(r: dict) -> str:
     torch_us = f"{r['torch_s'] * 1e6:>10.1f}" if "torch_s" in r else f"{'-':>10}"
     speed = f"{r['torch_s'] / r['moe_s']:>9.2f}" if "torch_s" in r else f"{'-':>9}"
     vs = f"{r['vs_bf16']:>9.2f}" if "vs_bf16" in r else f"{'-':>9}"
-    return (f"{r['model']:<14}{r['dtype']:>5}{r['num_tokens']:>6}{r['experts_touched']:>5}"
+    vs_fp8 = f"{r['vs_fp8']:>8.2f}{r['max_rel_diff_fp8']:>9.1e}" if "vs_fp8" in r else f"{'-':>8}{'-':>9}"
+    return (f"{r['model']:<14}{r['dtype']:>12}{r['num_tokens']:>6}{r['experts_touched']:>5}"
             f"{r['weight_bytes'] / 1e6:>8.0f}{r['flops'] / 1e9:>8.0f}{r['roofline_s'] * 1e6:>9.1f}{r['bound']:>8}"
-            f"{r['moe_s'] * 1e6:>10.1f}{r['share']:>7.0%}{torch_us}{speed}{vs}")
+            f"{r['moe_s'] * 1e6:>10.1f}{r['share']:>7.0%}{torch_us}{speed}{vs}{vs_fp8}")
 
 
 def format_moe(result: dict) -> str:
-    head = (f"{'model':<14}{'dtype':>5}{'T':>6}{'E':>5}{'MB':>8}{'GFLOP':>8}{'roof us':>9}{'bound':>8}{'moe us':>10}"
-            f"{'share':>7}{'torch us':>10}{'x torch':>9}{'vs bf16':>9}")
+    head = (f"{'model':<14}{'dtype':>12}{'T':>6}{'E':>5}{'MB':>8}{'GFLOP':>8}{'roof us':>9}{'bound':>8}"
+            f"{'moe us':>10}{'share':>7}{'torch us':>10}{'x torch':>9}{'vs bf16':>9}{'vs fp8':>8}{'diff fp8':>9}")
     peaks = result["gemm_flops_per_s"]
     lines = [f"{result['device']}, triton {result['triton']}, HBM copy {result['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
              f"GEMM peak " + ", ".join(f"{d} {p / 1e12:.0f} TFLOP/s" for d, p in peaks.items()), head, "-" * len(head)]
     lines += [_moe_line(r) for r in result["rows"]]
+    lines += [f"{r['model']} {r['dtype']} T={r['num_tokens']}: failed, {r['error'][:160]}"
+              for r in result.get("rows_failed", [])]
     for t in result.get("tuned", []):
         d = next(r for r in result["rows"] if (r["model"], r["dtype"], r["num_tokens"]) == (t["model"], t["dtype"],
                                                                                                t["num_tokens"]))
@@ -297,7 +316,9 @@ def format_moe(result: dict) -> str:
         lines.append(f"tune {t['model']} {t['dtype']} T={t['num_tokens']}: default {d['moe_s'] * 1e6:.1f} us, best "
                      f"{t['best']['moe_s'] * 1e6:.1f} us (BM {c['block_m']} GU_BN {c['gate_up_block_n']} D_BN "
                      f"{c['down_block_n']} BK {c['block_k']} S {c['split_k']} G {c['group_m']} w {c['num_warps']} "
-                     f"st {c['num_stages']})")
+                     f"st {c['num_stages']}{' ' + c['fp8_mode'] if t['dtype'] != 'bf16' else ''}"
+                     f"{' atomic' if c.get('atomic_combine') else ''}), "
+                     f"{sum('error' in x for x in t['tried'])} of {len(t['tried'])} failed to launch")
     return "\n".join(lines)
 
 
@@ -676,7 +697,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=("moe", "fused", "decode", "mla", "mla-bytes"))
     p.add_argument("--models", default=",".join(MOE_SHAPES), help="moe: comma-separated expert shapes")
     p.add_argument("--tokens", default=",".join(map(str, MOE_TOKENS)), help="moe: routed tokens per layer")
-    p.add_argument("--dtypes", default="bf16,fp8", help="moe: expert weights, bf16 and/or fp8")
+    p.add_argument("--dtypes", default=",".join(MOE_DTYPES),
+                   help="moe: expert weights of " + ", ".join(MOE_DTYPES) + " (fp8: fp8_mode tile, the default; "
+                   "fp8-MODE: that fp8_mode)")
+    p.add_argument("--tune-dtypes", default="", help="moe: the dtypes --tune tunes (default: all swept)")
     p.add_argument("--copies", type=int, default=2, help="moe: weight copies cycled through (distinct layers)")
     p.add_argument("--replays", type=int, default=3)
     p.add_argument("--tune", default="", help="moe: token counts at which to time candidate tile configs; "
@@ -703,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "moe":
         moe = moe_sweep(split(args.models), [int(t) for t in split(args.tokens)], split(args.dtypes),
                         copies=args.copies, replays=args.replays, tune_tokens=tuple(int(t) for t in split(args.tune)),
-                        deadline=deadline, log=log)
+                        tune_dtypes=tuple(split(args.tune_dtypes)) or None, deadline=deadline, log=log)
         result["moe"] = moe
         tables.append(format_moe(moe))
     if args.what == "decode":

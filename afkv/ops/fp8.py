@@ -101,24 +101,28 @@ def moe_mlp_reference(
     gate_up_scale: torch.Tensor,
     down: torch.Tensor,
     down_scale: torch.Tensor,
+    quantize_activations: bool = True,
 ) -> torch.Tensor:
     """The FP8 fused-MoE in torch (the CPU path and the kernel's oracle). x [T, H], topk_ids
     [T, k] (E marks padding), topk_weights [T, k], local [E + 1] (logical id -> stack index,
     E_h when not held), gate_up fp8 [E_h, 2I, H] with scales [E_h, 2 ceil(I/128), ceil(H/128)],
     down fp8 [E_h, H, I] with scales [E_h, ceil(H/128), ceil(I/128)] -> y [T, H] in x's dtype.
     Activations are rounded to x's dtype between the two GEMMs, as the kernel stores them.
+    quantize_activations=False: both GEMMs take their activations unquantized (the kernel's
+    fp8_mode "dequant": the weights dequantized, 16-bit MMAs).
     One pass per held expert with tokens (a host synchronisation each: not for CUDA hot paths)."""
     num_held, two_inter, _ = gate_up.shape
     inter = two_inter // 2
     expert = local[topk_ids]  # [T, k] stack index
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
-    xq = quantize_groups(x)  # [T, H] float32
+    q = quantize_groups if quantize_activations else torch.Tensor.float
+    xq = q(x)  # [T, H] float32
     for e in range(num_held):
         tokens, slots = (expert == e).nonzero(as_tuple=True)  # [n] each
         if tokens.numel() == 0:
             continue
         h = xq[tokens] @ dequantize_gate_up(gate_up[e], gate_up_scale[e]).T  # [n, 2I]
         act = (F.silu(h[:, :inter]) * h[:, inter:]).to(x.dtype)  # [n, I]
-        out = quantize_groups(act) @ dequantize_blocks(down[e], down_scale[e]).T  # [n, H]
+        out = q(act) @ dequantize_blocks(down[e], down_scale[e]).T  # [n, H]
         y.index_add_(0, tokens, out * topk_weights[tokens, slots, None].float())
     return y.to(x.dtype)

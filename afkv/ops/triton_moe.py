@@ -11,7 +11,8 @@ tensors run under Triton's interpreter (TRITON_INTERPRET=1 in the environment be
 module is imported), which is how the CPU tests check it. Importing this module never needs
 triton. Benchmarks: afkv.bench.kernels (`afkv bench kernels moe`).
 
-Four launches, every grid sized by shapes only (no host synchronisation: the whole call can be
+Four launches (five with fp8_mode "once", six where its gate_up BLOCK_N is not a multiple of
+128), every grid sized by shapes only (no host synchronisation: the whole call can be
 captured in a CUDA graph; compile it once outside the capture):
 
   align    one kernel: the (token, selection) pairs sorted by held expert into row blocks of
@@ -31,7 +32,9 @@ captured in a CUDA graph; compile it once outside the capture):
            x is float32, else in the dtype of x
   combine  y[t] = the sum of t's held selections (and splits) in a fixed order, in float32,
            rounded once to the dtype of x. No atomics: results equal run to run. Unheld and
-           padding selections are never read.
+           padding selections are never read. (BlockConfig.atomic_combine, a candidate: the
+           down GEMM adds its weighted outputs into a float32 [T, H] with atomic adds instead,
+           no [S, P, H] outputs and no combine pass; a cast to x's dtype follows.)
 
 Tiles: the GEMM programs are ordered in groups of GROUP_M row blocks (the row blocks of a
 group share an expert's weight tiles while they sit in L2). Few rows per expert (decode): the
@@ -39,10 +42,14 @@ step is bound by reading the weights, so N is split finely (and the down GEMM's 
 leaves too few programs) until every SM streams its share; many rows: 128-row tiles with wide
 N, as a dense GEMM (default_config).
 
-FP8 weights (e4m3, one float32 scale per 128 x 128 block, afkv.ops.fp8): BLOCK_K is 128 and
-each program quantizes its A tile per row and 128-column group (amax / 448) in registers; the
-fp8 x fp8 products of one K block are promoted to float32 times the two scales (DeepSeek-V3's
-recipe). Compiled for CUDA this needs fp8 tensor cores (compute capability >= 8.9).
+FP8 weights (e4m3, one float32 scale per 128 x 128 block, afkv.ops.fp8): BLOCK_K is 128; the
+activations are quantized per row and 128-column group (amax / 448) and the fp8 x fp8 products
+of one K block are promoted to float32 times the two scales (DeepSeek-V3's recipe). Where the
+quantization happens is BlockConfig.fp8_mode (FP8_MODES): "tile" (each program quantizes its A
+tile in registers at every K step), "once" (one launch quantizes x; gate_up's epilogue writes
+its output as fp8 with scales, so the K loops only load fp8 tiles and their [BM] scales), or
+"dequant" (no activation quantization: the fp8 weight tile is scaled to x's dtype in registers
+for 16-bit MMAs). Compiled for CUDA this needs fp8 tensor cores (compute capability >= 8.9).
 
 Rounding (16-bit x): products in float32, the activations rounded once to the dtype of x (as
 the torch path rounds them), each selection's weighted output rounded to the dtype of x (as
@@ -52,6 +59,7 @@ float32 x: IEEE float32 dots and float32 throughout.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -72,6 +80,16 @@ _PROGRAMS_PER_SM = 4  # weight-bound tiles: split N (then K) until a GEMM has th
 _MAX_SPLIT_K = 8
 _ALIGN_CHUNK = 1024  # pairs placed per align program
 _ALIGN_BLOCKS = 16  # blocks per step of an align program's share of the block table
+# FP8 weights: how the GEMMs meet them (BlockConfig.fp8_mode; the kernels' FP8_MODE constant is the index)
+#   tile     the A tile quantized in registers at every K step (per row and 128-column group)
+#   once     the activations quantized once per call, to fp8 with per-row, per-128-column-group
+#            scales: x by one launch, the down GEMM's input by gate_up's epilogue (by that launch
+#            again where gate_up's BLOCK_N is not a multiple of 128); the K loops run fp8 MMAs
+#            and one scale multiply per 128-long K block
+#   dequant  the weight tile dequantized to x's dtype in registers, 16-bit MMAs, activations
+#            not quantized (half the weight bytes at 16-bit MMA speed)
+FP8_MODES = ("tile", "once", "dequant")
+_QUANT_ROWS = 32  # rows per program of the activation quantization
 
 
 @functools.cache
@@ -104,6 +122,11 @@ class BlockConfig:
     group_m: int = 8  # row blocks per program group (L2 reuse of weight tiles)
     num_warps: int = 4
     num_stages: int = 4
+    fp8_mode: str = "tile"  # FP8 weights only: one of FP8_MODES
+    # the down GEMM adds each selection's weighted output into a float32 [T, H] with atomics (no
+    # [S, P, H] per-selection outputs, no combine pass; sums in float32 in no fixed order: results
+    # may differ run to run in the last bits)
+    atomic_combine: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "gate_up_block_n", "down_block_n", "block_k"):
@@ -113,20 +136,36 @@ class BlockConfig:
         for name in ("split_k", "group_m", "num_warps", "num_stages"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"BlockConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.fp8_mode not in FP8_MODES:
+            raise ConfigError(f"BlockConfig.fp8_mode must be one of {', '.join(FP8_MODES)}, got {self.fp8_mode!r}")
+
+
+def _rows_per_expert(num_pairs: int, num_held: int) -> int:
+    """Rows per touched expert where the selections spread evenly (> 64: the compute regime)."""
+    return _cdiv(num_pairs, max(1, min(num_held, num_pairs)))
 
 
 def default_config(
-    num_pairs: int, num_held: int, hidden: int, inter: int, sm_count: int, fp8: bool = False
+    num_pairs: int, num_held: int, hidden: int, inter: int, sm_count: int, fp8: bool = False,
+    fp8_mode: str = "tile",
 ) -> BlockConfig:
     """Block sizes for num_pairs = T*k selections over num_held experts of [2I, H] / [H, I]
     (shapes only: the same config for every routing, as a CUDA graph needs). Assumes the
     selections spread evenly over min(num_held, num_pairs) experts: rows = pairs per touched
-    expert picks the regime (measured on H100 / H200: afkv/bench/RESULTS.md)."""
+    expert picks the regime (measured on H100 / H200: afkv/bench/RESULTS.md). FP8 weights: the
+    tiles of fp8_mode "tile" for every mode, except: "once" and "dequant" with 64-row tiles
+    where "tile" has 128 (gate_up's two 128 x 128 float32 accumulators with the two products of
+    a K block promoted into them, or the dequantized weight tiles, exceed 255 registers per
+    thread at 8 warps: sm_90 cubin, 8-536 bytes spilled), and with 8 warps where gate_up's tile
+    is 64 x 128 or larger (4 warps spill 136-384 bytes there). Not measured on a GPU yet."""
+    rows = _rows_per_expert(num_pairs, num_held)
     active = max(1, min(num_held, num_pairs))
-    rows = _cdiv(num_pairs, active)  # rows per touched expert
+    if not fp8:
+        fp8_mode = "tile"
     if rows > 64:  # compute-bound: dense-GEMM tiles
-        return BlockConfig(block_m=128, gate_up_block_n=128, down_block_n=128, block_k=128 if fp8 else 64,
-                           split_k=1, group_m=8, num_warps=8, num_stages=3 if fp8 else 4)
+        return BlockConfig(block_m=128 if fp8_mode == "tile" else 64, gate_up_block_n=128, down_block_n=128,
+                           block_k=128 if fp8 else 64, split_k=1, group_m=8, num_warps=8,
+                           num_stages=3 if fp8 else 4, fp8_mode=fp8_mode)
     block_m = min(64, max(16, next_pow2(rows)))
     row_blocks = active * _cdiv(rows, block_m)
     target = _PROGRAMS_PER_SM * sm_count
@@ -140,6 +179,7 @@ def default_config(
 
     block_k = 128 if fp8 else min(128, max(16, next_pow2(min(hidden, inter))))
     down_n = block_n(hidden)
+    gate_up_n = block_n(inter)
     split_k = 1
     while (
         split_k < _MAX_SPLIT_K
@@ -149,14 +189,57 @@ def default_config(
         split_k *= 2
     return BlockConfig(
         block_m=block_m,
-        gate_up_block_n=block_n(inter),
+        gate_up_block_n=gate_up_n,
         down_block_n=down_n,
         block_k=block_k,
         split_k=split_k,
         group_m=8,
-        num_warps=4,
+        num_warps=8 if fp8_mode != "tile" and block_m * gate_up_n >= 64 * 128 else 4,
         num_stages=4 if block_m <= 32 else 3,
+        fp8_mode=fp8_mode,
     )
+
+
+def candidate_configs(
+    num_pairs: int, num_held: int, hidden: int, inter: int, sm_count: int, fp8: bool = False,
+    fp8_mode: str = "tile",
+) -> list[BlockConfig]:
+    """Tile configs a tuner times around default_config at one point (`afkv bench kernels moe
+    --tune`), the default first; some may not fit a GPU's shared memory (triton raises
+    OutOfResources at the launch). The compute regime (over 64 rows per expert) adds 128- and
+    64-row variants of the default and, for 16-bit weights, 256-wide down tiles with 4 stages,
+    64-row tiles with 4 warps and a wider GEMM grouping, and BLOCK_K 128 (half the K steps: at
+    Qwen3's K = 768 the down GEMM has 6, where pipeline fill weighs); fp8 mode "once" adds gate_up tiles of 128 columns where the default's are narrower
+    (its epilogue then quantizes the down GEMM's input: one launch less); and the default tiles
+    with atomic_combine (no per-selection outputs written and read back, no combine launch)."""
+    d = default_config(num_pairs, num_held, hidden, inter, sm_count, fp8, fp8_mode)
+    bk, mode = d.block_k, d.fp8_mode
+    if _rows_per_expert(num_pairs, num_held) > 64:  # the compute regime
+        st = 2 if mode == "dequant" else 3
+        alts = [BlockConfig(128, 64, 256, bk, 1, 8, 8, st, fp8_mode=mode),
+                BlockConfig(128, 128, 256, bk, 1, 8, 8, st, fp8_mode=mode),
+                BlockConfig(64, 128, 128, bk, 1, 8, 4, st + 1, fp8_mode=mode),
+                BlockConfig(128, 128, 128, bk, 1, 16, 8, st, fp8_mode=mode),
+                BlockConfig(64, 128, 128, bk, 1, 8, 8, st, fp8_mode=mode)]
+        if mode == "once":  # the tiles of "tile" (their gate_up spills registers on sm_90)
+            alts.append(BlockConfig(128, 128, 128, bk, 1, 8, 8, st, fp8_mode=mode))
+        if not fp8:
+            alts += [BlockConfig(128, 128, 256, bk, 1, 8, 8, 4), BlockConfig(64, 128, 256, bk, 1, 16, 4, 4),
+                     BlockConfig(128, 128, 128, 128, 1, 8, 8, 2)]
+    else:
+        alts = [BlockConfig(d.block_m, min(128, 2 * d.gate_up_block_n), min(256, 2 * d.down_block_n), bk, d.split_k,
+                            8, 4, 4, fp8_mode=mode),
+                BlockConfig(d.block_m, d.gate_up_block_n, d.down_block_n, bk, d.split_k, 8, 4, 5, fp8_mode=mode),
+                BlockConfig(min(128, 2 * d.block_m), d.gate_up_block_n, d.down_block_n, bk, d.split_k, 8, 8, 3,
+                            fp8_mode=mode)]
+    if mode == "once" and d.gate_up_block_n < FP8_BLOCK <= inter:
+        alts.append(dataclasses.replace(d, gate_up_block_n=FP8_BLOCK))
+    alts.append(dataclasses.replace(d, atomic_combine=True))
+    out = [d]
+    for c in alts:
+        if c not in out:
+            out.append(c)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,14 +269,50 @@ if triton is not None:
         return tl.where(tl.abs(v) < 0.015625, sub, normal)
 
     @triton.jit
-    def _quantize_rows(a, EXACT_CAST: tl.constexpr):
-        """a [BM, 128] float32 -> (fp8 [BM, 128], scales [BM] float32): per row, amax / 448."""
-        scale = tl.maximum(tl.max(tl.abs(a), 1), _AMAX_EPS) / _FP8_MAX  # [BM]
-        v = a / scale[:, None]
+    def _to_e4m3(v, EXACT_CAST: tl.constexpr):
+        """float32 v (already divided by its scale) -> fp8, saturated at +-448."""
         v = tl.minimum(tl.maximum(v, -_FP8_MAX), _FP8_MAX)
         if EXACT_CAST:
             v = _round_e4m3(v)
-        return v.to(tl.float8e4nv), scale
+        return v.to(tl.float8e4nv)
+
+    @triton.jit
+    def _quantize_rows(a, EXACT_CAST: tl.constexpr):
+        """a [BM, 128] float32 -> (fp8 [BM, 128], scales [BM] float32): per row, amax / 448."""
+        scale = tl.maximum(tl.max(tl.abs(a), 1), _AMAX_EPS) / _FP8_MAX  # [BM]
+        return _to_e4m3(a / scale[:, None], EXACT_CAST), scale
+
+    @triton.jit
+    def _quantize_groups(a, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXACT_CAST: tl.constexpr):
+        """a [BM, BN] float32, BN a multiple of 128 -> (fp8 [BM, BN], scales [BM, BN / 128] float32):
+        per row and 128-column group, amax / 448."""
+        groups = tl.reshape(a, (BLOCK_M, BLOCK_N // 128, 128))  # [BM, G, 128]
+        scale = tl.maximum(tl.max(tl.abs(groups), 2), _AMAX_EPS) / _FP8_MAX  # [BM, G]
+        v = tl.reshape(groups / scale[:, :, None], (BLOCK_M, BLOCK_N))
+        return _to_e4m3(v, EXACT_CAST), scale
+
+    @triton.jit
+    def _quantize_kernel(
+        src_ptr, dst_ptr, scale_ptr, block_expert_ptr,
+        num_rows, num_cols, num_held, stride_src, stride_dst, stride_scale,
+        BLOCK_R: tl.constexpr, BY_BLOCK: tl.constexpr, EXACT_CAST: tl.constexpr,
+    ):  # fmt: skip
+        """Program (r, g): rows [r * BLOCK_R, ...) x columns [g * 128, ...) of src -> fp8 dst and
+        scale[row, g] = the row's amax / 448 over the group. BY_BLOCK: the rows are the sorted
+        layout's row blocks (BLOCK_R = BLOCK_M); blocks past the real ones are skipped."""
+        r = tl.program_id(0)
+        g = tl.program_id(1)
+        if BY_BLOCK:
+            if tl.load(block_expert_ptr + r) >= num_held:
+                return
+        rows = r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+        cols = g * 128 + tl.arange(0, 128)  # [128]
+        r_mask = rows < num_rows
+        mask = r_mask[:, None] & (cols < num_cols)[None, :]
+        a = tl.load(src_ptr + rows[:, None] * stride_src + cols[None, :], mask=mask, other=0.0)  # [BR, 128]
+        q, scale = _quantize_rows(a.to(tl.float32), EXACT_CAST)
+        tl.store(dst_ptr + rows[:, None] * stride_dst + cols[None, :], q, mask=mask)
+        tl.store(scale_ptr + rows * stride_scale + g, scale, mask=r_mask)
 
     @triton.jit
     def _tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
@@ -262,15 +381,17 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_kernel(
-        x_ptr, w_ptr, ws_ptr, act_ptr, pairs_ptr, block_expert_ptr,
+        x_ptr, xs_ptr, w_ptr, ws_ptr, act_ptr, act_s_ptr, pairs_ptr, block_expert_ptr,
         num_pairs, num_held, hidden, inter, num_blocks, up_scale_row,
-        stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_act,
+        stride_x, stride_xs, stride_we, stride_wn, stride_se, stride_sn, stride_act, stride_act_s,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr,
-        EXACT_CAST: tl.constexpr,
+        FP8_MODE: tl.constexpr, QUANT_OUT: tl.constexpr, EXACT_CAST: tl.constexpr,
     ):  # fmt: skip
         """Program -> (row block b, activation columns j * BLOCK_N ...):
-        act[rows, n] = silu(x[rows] @ gate[n]^T) * (x[rows] @ up[n]^T)."""
+        act[rows, n] = silu(x[rows] @ gate[n]^T) * (x[rows] @ up[n]^T).
+        FP8_MODE 1 (once): x is fp8 with scales xs [T, H / 128]; QUANT_OUT: act is written as fp8
+        with scales act_s [slots, I / 128] (BLOCK_N a multiple of 128)."""
         b, j = _tile(tl.program_id(0), num_blocks, tl.cdiv(inter, BLOCK_N), GROUP_M)
         e = tl.load(block_expert_ptr + b)
         if e >= num_held:  # past the real blocks
@@ -283,6 +404,7 @@ if triton is not None:
         n_mask = n < inter
         kk = tl.arange(0, BLOCK_K)  # [BK]
         x_ptrs = x_ptr + tokens[:, None] * stride_x + kk[None, :]  # [BM, BK]
+        xs_ptrs = xs_ptr + tokens * stride_xs  # [BM] FP8_MODE 1: the rows' group scales
         g_ptrs = w_ptr + e.to(tl.int64) * stride_we + n.to(tl.int64)[None, :] * stride_wn + kk[:, None]  # [BK, BN]
         u_ptrs = g_ptrs + inter.to(tl.int64) * stride_wn  # the up rows follow the gate rows
         gs_ptrs = ws_ptr + e.to(tl.int64) * stride_se + (n // 128) * stride_sn  # [BN] FP8: scale rows
@@ -300,31 +422,51 @@ if triton is not None:
                 g = tl.load(g_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
                 u = tl.load(u_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if FP8:
-                aq, a_s = _quantize_rows(a.to(tl.float32), EXACT_CAST)  # [BM, BK] fp8, [BM]
                 g_s = tl.load(gs_ptrs + k0 // 128, mask=n_mask, other=0.0)  # [BN]
                 u_s = tl.load(us_ptrs + k0 // 128, mask=n_mask, other=0.0)
-                acc_g += tl.dot(aq, g) * (a_s[:, None] * g_s[None, :])
-                acc_u += tl.dot(aq, u) * (a_s[:, None] * u_s[None, :])
+                if FP8_MODE == 2:  # dequant: weights to x's dtype, 16-bit MMAs
+                    g = (g.to(tl.float32) * g_s[None, :]).to(a.dtype)
+                    u = (u.to(tl.float32) * u_s[None, :]).to(a.dtype)
+                    acc_g = _dot(a, g, acc_g, IEEE)
+                    acc_u = _dot(a, u, acc_u, IEEE)
+                else:
+                    if FP8_MODE == 1:  # a: fp8 already
+                        aq = a
+                        a_s = tl.load(xs_ptrs + k0 // 128, mask=valid, other=0.0)  # [BM]
+                    else:
+                        aq, a_s = _quantize_rows(a.to(tl.float32), EXACT_CAST)  # [BM, BK] fp8, [BM]
+                    acc_g += tl.dot(aq, g) * (a_s[:, None] * g_s[None, :])
+                    acc_u += tl.dot(aq, u) * (a_s[:, None] * u_s[None, :])
             else:
                 acc_g = _dot(a, g, acc_g, IEEE)
                 acc_u = _dot(a, u, acc_u, IEEE)
             x_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
-        act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # [BM, BN] float32; padding rows: 0
+        act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # [BM, BN] float32; padding rows and columns: 0
         act_ptrs = act_ptr + rows[:, None] * stride_act + n[None, :]
-        tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=n_mask[None, :])
+        if QUANT_OUT:
+            q, q_s = _quantize_groups(act, BLOCK_M, BLOCK_N, EXACT_CAST)  # [BM, BN] fp8, [BM, BN / 128]
+            tl.store(act_ptrs, q, mask=n_mask[None, :])
+            grp = j * (BLOCK_N // 128) + tl.arange(0, BLOCK_N // 128)  # [BN / 128]
+            tl.store(act_s_ptr + rows[:, None] * stride_act_s + grp[None, :], q_s,
+                     mask=(grp * 128 < inter)[None, :])
+        else:
+            tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=n_mask[None, :])
 
     @triton.jit
     def _down_kernel(
-        act_ptr, w_ptr, ws_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_ptr,
+        act_ptr, act_s_ptr, w_ptr, ws_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_ptr,
         num_pairs, num_held, hidden, inter, k_per_split, num_blocks,
-        stride_act, stride_we, stride_wn, stride_se, stride_sn, stride_out_split, stride_out,
+        stride_act, stride_act_s, stride_we, stride_wn, stride_se, stride_sn, stride_out_split, stride_out,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        EVEN_K: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr, EXACT_CAST: tl.constexpr,
+        EVEN_K: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr, FP8_MODE: tl.constexpr,
+        EXACT_CAST: tl.constexpr, ATOMIC: tl.constexpr, TOP_K: tl.constexpr,
     ):  # fmt: skip
         """Program (-> row block b, output columns j * BLOCK_N ...; K slice s):
-        out[s, pair, n] = weight[pair] * act[rows, K_s] @ down[n, K_s]^T."""
+        out[s, pair, n] = weight[pair] * act[rows, K_s] @ down[n, K_s]^T.
+        FP8_MODE 1 (once): act is fp8 with scales act_s [slots, I / 128].
+        ATOMIC: out is float32 [T, H]: out[pair // TOP_K, n] += the same, atomically."""
         b, j = _tile(tl.program_id(0), num_blocks, tl.cdiv(hidden, BLOCK_N), GROUP_M)
         e = tl.load(block_expert_ptr + b)
         if e >= num_held:
@@ -339,6 +481,7 @@ if triton is not None:
         a_ptrs = act_ptr + rows[:, None] * stride_act + kk[None, :]  # [BM, BK]; padding rows hold 0
         w_ptrs = w_ptr + e.to(tl.int64) * stride_we + n.to(tl.int64)[None, :] * stride_wn + kk[:, None]  # [BK, BN]
         s_ptrs = ws_ptr + e.to(tl.int64) * stride_se + (n // 128) * stride_sn + k_start // 128  # [BN] FP8
+        as_ptrs = act_s_ptr + rows * stride_act_s + k_start // 128  # [BM] FP8_MODE 1
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, k_per_split, BLOCK_K):
             if EVEN_K:
@@ -349,18 +492,30 @@ if triton is not None:
                 a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if FP8:
-                aq, a_s = _quantize_rows(a.to(tl.float32), EXACT_CAST)
                 w_s = tl.load(s_ptrs + k0 // 128, mask=n_mask & (k_start + k0 < inter), other=0.0)  # [BN]
-                acc += tl.dot(aq, w) * (a_s[:, None] * w_s[None, :])
+                if FP8_MODE == 2:  # dequant
+                    acc = _dot(a, (w.to(tl.float32) * w_s[None, :]).to(a.dtype), acc, IEEE)
+                else:
+                    if FP8_MODE == 1:
+                        aq = a
+                        a_s = tl.load(as_ptrs + k0 // 128, mask=k_start + k0 < inter, other=0.0)  # [BM]
+                    else:
+                        aq, a_s = _quantize_rows(a.to(tl.float32), EXACT_CAST)
+                    acc += tl.dot(aq, w) * (a_s[:, None] * w_s[None, :])
             else:
                 acc = _dot(a, w, acc, IEEE)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)  # [BM]
         acc = acc * weight[:, None]
-        out_ptrs = out_ptr + tl.program_id(1).to(tl.int64) * stride_out_split
-        out_ptrs += pairs.to(tl.int64)[:, None] * stride_out + n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
+        if ATOMIC:
+            tokens = (pairs // TOP_K).to(tl.int64)  # [BM]
+            tl.atomic_add(out_ptr + tokens[:, None] * stride_out + n[None, :], acc,
+                          mask=valid[:, None] & n_mask[None, :], sem="relaxed")
+        else:
+            out_ptrs = out_ptr + tl.program_id(1).to(tl.int64) * stride_out_split
+            out_ptrs += pairs.to(tl.int64)[:, None] * stride_out + n[None, :]
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
 
     @triton.jit
     def _combine_kernel(
@@ -387,6 +542,12 @@ if triton is not None:
 
 # ----------------------------------------------------------------------------------------------
 # Host side
+
+
+def _interpreted(x: torch.Tensor) -> bool:
+    """The kernels run under Triton's interpreter (CPU tensors): its float32 -> fp8 cast is wrong,
+    so they round to the e4m3 grid themselves (EXACT_CAST)."""
+    return not x.is_cuda
 
 
 def _max_blocks(num_pairs: int, num_held: int, block_m: int) -> int:
@@ -417,6 +578,28 @@ def _align(
         BLOCK_M=block_m, CHUNK=chunk, BLOCK_E=next_pow2(num_held + 1), BLOCK_B=_ALIGN_BLOCKS, num_warps=4,
     )  # fmt: skip
     return pairs, block_expert
+
+
+def _quantize(
+    src: torch.Tensor, exact_cast: bool, block_expert: torch.Tensor | None = None, num_held: int = 0,
+    block_m: int = 0, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """src [R, C] -> (fp8 [R, C], float32 scales [R, ceil(C/128)]): each row's 128-column groups
+    scaled by amax / 448 (afkv.ops.fp8.quantize_groups), one launch. With block_expert: src is
+    the sorted layout's [slots, C], quantized by row blocks of block_m, the blocks past the real
+    ones skipped. `out`: the (fp8, scales) tensors to write."""
+    rows, cols = src.shape
+    q, scale = out if out is not None else (
+        torch.empty(rows, cols, dtype=FP8, device=src.device),
+        torch.empty(rows, _cdiv(cols, FP8_BLOCK), dtype=torch.float32, device=src.device))
+    by_block = block_expert is not None
+    block_r = block_m if by_block else min(_QUANT_ROWS, next_pow2(rows))
+    _quantize_kernel[(_cdiv(rows, block_r), _cdiv(cols, FP8_BLOCK))](
+        src, q, scale, block_expert if by_block else scale,
+        rows, cols, num_held, src.stride(0), q.stride(0), scale.stride(0),
+        BLOCK_R=block_r, BY_BLOCK=by_block, EXACT_CAST=exact_cast, num_warps=4,
+    )  # fmt: skip
+    return q, scale
 
 
 def _check_fp8(gate_up, down, gate_up_scale, down_scale, num_held: int, hidden: int, inter: int) -> None:
@@ -483,31 +666,48 @@ def moe_mlp(
     if fp8 and cfg.block_k != FP8_BLOCK:
         raise ConfigError(f"fp8 expert weights need block_k {FP8_BLOCK}, got {cfg.block_k}")
     ieee = x.dtype == torch.float32
-    exact_cast = not x.is_cuda
+    exact_cast = _interpreted(x)
     scales = (gate_up_scale, down_scale) if fp8 else (gate_up, down)  # unused pointers without FP8
+    mode = FP8_MODES.index(cfg.fp8_mode) if fp8 else 0
     pairs, block_expert = _align(local, topk_ids, num_held, cfg.block_m)  # [slots], [max_blocks]
     max_blocks = block_expert.shape[0]
-    act = torch.empty(max_blocks * cfg.block_m, inter, dtype=x.dtype, device=x.device)  # [slots, I]
+    slots = max_blocks * cfg.block_m
+    a, a_s = x, scales[0]  # gate_up's A operand and (FP8_MODE once) its scales; unused pointer otherwise
+    if mode == 1:
+        a, a_s = _quantize(x, exact_cast)  # [T, H] fp8, [T, H / 128]
+    quant_out = mode == 1 and cfg.gate_up_block_n % FP8_BLOCK == 0  # gate_up writes the down GEMM's fp8 input
+    act = torch.empty(slots, inter, dtype=FP8 if quant_out else x.dtype, device=x.device)  # [slots, I]
+    act_s = (torch.empty(slots, _cdiv(inter, FP8_BLOCK), dtype=torch.float32, device=x.device)  # [slots, I / 128]
+             if mode == 1 else scales[1])
     _gate_up_kernel[(max_blocks * _cdiv(inter, cfg.gate_up_block_n),)](
-        x, gate_up, scales[0], act, pairs, block_expert,
+        a, a_s, gate_up, scales[0], act, act_s, pairs, block_expert,
         num_pairs, num_held, hidden, inter, max_blocks, _cdiv(inter, FP8_BLOCK),
-        x.stride(0), gate_up.stride(0), gate_up.stride(1), scales[0].stride(0), scales[0].stride(1), act.stride(0),
+        a.stride(0), a_s.stride(0), gate_up.stride(0), gate_up.stride(1), scales[0].stride(0), scales[0].stride(1),
+        act.stride(0), act_s.stride(0),
         TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.gate_up_block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EVEN_K=hidden % cfg.block_k == 0, IEEE=ieee, FP8=fp8, EXACT_CAST=exact_cast,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVEN_K=hidden % cfg.block_k == 0, IEEE=ieee, FP8=fp8, FP8_MODE=mode, QUANT_OUT=quant_out,
+        EXACT_CAST=exact_cast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    if mode == 1 and not quant_out:  # gate_up's tiles split the 128-column groups: quantize its output apart
+        act = _quantize(act, exact_cast, block_expert, num_held, cfg.block_m, out=(
+            torch.empty(slots, inter, dtype=FP8, device=x.device), act_s))[0]
     k_per_split = _cdiv(_cdiv(inter, cfg.split_k), cfg.block_k) * cfg.block_k
-    out_dtype = torch.float32 if cfg.split_k > 1 else x.dtype
-    out = torch.empty(cfg.split_k, num_pairs, hidden, dtype=out_dtype, device=x.device)  # [S, P, H]
+    if cfg.atomic_combine:
+        out = torch.zeros(1, num_tokens, hidden, dtype=torch.float32, device=x.device)  # [1, T, H] the sums
+    else:
+        out_dtype = torch.float32 if cfg.split_k > 1 else x.dtype
+        out = torch.empty(cfg.split_k, num_pairs, hidden, dtype=out_dtype, device=x.device)  # [S, P, H]
     _down_kernel[(max_blocks * _cdiv(hidden, cfg.down_block_n), cfg.split_k)](
-        act, down, scales[1], out, pairs, block_expert, weights,
+        act, act_s, down, scales[1], out, pairs, block_expert, weights,
         num_pairs, num_held, hidden, inter, k_per_split, max_blocks,
-        act.stride(0), down.stride(0), down.stride(1), scales[1].stride(0), scales[1].stride(1),
+        act.stride(0), act_s.stride(0), down.stride(0), down.stride(1), scales[1].stride(0), scales[1].stride(1),
         out.stride(0), out.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.down_block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EVEN_K=inter == cfg.split_k * k_per_split, IEEE=ieee, FP8=fp8, EXACT_CAST=exact_cast,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVEN_K=inter == cfg.split_k * k_per_split, IEEE=ieee, FP8=fp8, FP8_MODE=mode, EXACT_CAST=exact_cast,
+        ATOMIC=cfg.atomic_combine, TOP_K=top_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    if cfg.atomic_combine:
+        return out[0].to(x.dtype)  # [T, H]
     y = torch.empty_like(x)  # [T, H]
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
     block_h = min(1024, next_pow2(hidden))

@@ -131,6 +131,9 @@ def install(depth: str) -> list[Compiled]:
     from afkv.ops import triton_mla as tm
 
     tm._ieee = lambda dtype, device: dtype == torch.float32  # its CUDA decision: 16-bit dots unless float32
+    from afkv.ops import triton_moe
+
+    triton_moe._interpreted = lambda x: False  # the hardware's fp8 cast
     assert not type(ta._decode_kernel).__name__.startswith("Interpreted"), "run without TRITON_INTERPRET"
     return log
 
@@ -262,6 +265,43 @@ def row_launches(sweep: bool = False):
         yield f"rows {str(dtype)[6:]} w{width}", lambda r=rows: triton_rows.copy_rows(r, idx, r, idx)
 
 
+_MOE_SHAPES = {  # name -> (experts, hidden, inter, top_k): afkv.bench.kernels.MOE_SHAPES (tests do not import bench)
+    "qwen3": (128, 2048, 768, 8), "mixtral": (8, 4096, 14336, 2),
+}
+_MOE_TOKENS = (16, 256, 4096)  # decode tiles, 64-row tiles, 128-row tiles (compute regime)
+
+
+def moe_launches(sweep: bool = False):
+    """Yield (label, thunk) for the fused MoE (afkv.ops.triton_moe.moe_mlp) at Qwen3-30B-A3B's and
+    Mixtral-8x7B's expert shapes, bf16 weights and fp8 weights in every fp8_mode, with the tiles
+    default_config picks on an H100 (132 SMs); with `sweep` also every candidate config the
+    tuner times (candidate_configs). The weights are expanded views (no memory behind the
+    experts: nothing launches)."""
+    from afkv.ops import fp8
+    from afkv.ops import triton_moe as tm
+
+    for name, (e, h, i, k) in _MOE_SHAPES.items():
+        local = torch.arange(e + 1)
+        layers = {"bf16": dict(gate_up=torch.zeros(1, 1, h, dtype=torch.bfloat16).expand(e, 2 * i, h),
+                               down=torch.zeros(1, 1, i, dtype=torch.bfloat16).expand(e, h, i))}
+        gs, ds = (e, 2 * -(-i // 128), -(-h // 128)), (e, -(-h // 128), -(-i // 128))
+        layers["fp8"] = dict(gate_up=torch.zeros(1, 1, h, dtype=fp8.FP8).expand(e, 2 * i, h),
+                             down=torch.zeros(1, 1, i, dtype=fp8.FP8).expand(e, h, i),
+                             gate_up_scale=torch.ones(1, 1, gs[2]).expand(gs), down_scale=torch.ones(1, 1, ds[2]).expand(ds))
+        for t in _MOE_TOKENS:
+            x = torch.zeros(t, h, dtype=torch.bfloat16)
+            ids = torch.zeros(t, k, dtype=torch.int64)
+            w = torch.zeros(t, k)
+            for dtype, mode in (("bf16", "tile"), ("fp8", "tile"), ("fp8", "once"), ("fp8", "dequant")):
+                is_fp8 = dtype == "fp8"
+                configs = (tm.candidate_configs if sweep else lambda *a: [tm.default_config(*a)])(
+                    t * k, e, h, i, 132, is_fp8, mode)
+                for n, cfg in enumerate(configs):
+                    tag = f"moe {name} T{t} {dtype}{'-' + mode if is_fp8 else ''} {'default' if n == 0 else cfg}"
+                    yield tag, lambda x=x, ids=ids, w=w, lw=layers[dtype], cfg=cfg, local=local: tm.moe_mlp(
+                        x, ids, w, local, **lw, config=cfg)
+
+
 def main(argv: list[str]) -> int:
     depth = argv[0] if argv else "ttir"
     show_usage = "--usage" in argv
@@ -270,8 +310,8 @@ def main(argv: list[str]) -> int:
     failed = 0
     with torch.inference_mode():
         # lazily: a thunk reads some of its shape from the loop that yields it
-        for label, thunk in itertools.chain(launches("--sweep" in argv), mla_launches("--sweep" in argv),
-                                            row_launches()):
+        sweep = "--sweep" in argv
+        for label, thunk in itertools.chain(launches(sweep), mla_launches(sweep), row_launches(), moe_launches(sweep)):
             if only and not re.search(only, label):
                 continue
             start = len(log)

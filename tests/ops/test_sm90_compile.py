@@ -1,5 +1,6 @@
-"""Every attention kernel launch of afkv.ops.triton_attention and afkv.ops.triton_mla compiles
-for an H100 (sm_90),
+"""Every attention kernel launch of afkv.ops.triton_attention and afkv.ops.triton_mla, and every
+fused-MoE launch of afkv.ops.triton_moe (bf16 and each fp8_mode, default and candidate tiles),
+compiles for an H100 (sm_90),
 checked without a GPU: tests/ops/sm90_compile.py drives the product's launch code against a
 stand-in sm_90 driver, in its own process (the other kernel tests import triton under
 TRITON_INTERPRET=1, which never compiles). The front end (TTIR) for every shape the tests and
@@ -34,6 +35,8 @@ def test_every_launch_compiles_to_triton_ir_for_sm90():
     assert " 0 failed" in out.stdout
     assert "_decode_quant_kernel" in out.stdout and "_prefill_quant_kernel" in out.stdout
     assert "_mla_decode_kernel" in out.stdout
+    for kernel in ("_align_kernel", "_quantize_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel"):
+        assert f"moe mixtral T4096 fp8-once default: {kernel}" in out.stdout
 
 
 def test_the_model_shapes_compile_to_cubin_for_sm90():
@@ -77,3 +80,16 @@ def test_row_copy_compiles_to_cubin_for_sm90():
     rows = [line for line in out.stdout.splitlines() if "_copy_rows_kernel" in line]
     assert len(rows) == 2
     print("\n".join(rows))
+
+
+def test_fp8_moe_modes_compile_to_cubin_without_spills():
+    """The fused MoE with fp8 weights in fp8_mode "once" and "dequant", at the tiles default_config
+    picks for them on an H100 (Qwen3-30B-A3B decode and compute regime, Mixtral's 64-row tiles):
+    down to cubin, shared memory within an H100's, and no register spills (the "tile" mode's
+    gate_up spills 376-536 bytes at 64- and 128-row tiles: the tiles of the new modes avoid it)."""
+    out = _run("cubin", "--usage", "--only=^moe (qwen3 T(16|4096)|mixtral T256) fp8-(once|dequant) default")
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    gemms = [line for line in out.stdout.splitlines() if "_gate_up_kernel" in line or "_down_kernel" in line]
+    assert len(gemms) == 12, out.stdout[-3000:]  # 3 points x 2 modes x 2 GEMMs
+    assert all(line.endswith("stack 0") for line in gemms), "\n".join(gemms)
+    print("\n".join(gemms))

@@ -21,11 +21,18 @@ Tolerances, as a fraction of the reference's largest magnitude max|ref|:
     bfloat16, and a quotient next to an fp8 rounding boundary may round the other way).
     The interpreter's float32 -> fp8 cast loses the carry into the exponent (7.9998 -> 4.0,
     Triton 3.6 and 3.7): under it the kernel rounds to the e4m3 grid itself before the cast.
-Rows of unheld and padding selections contribute exactly zero; results equal bit for bit run to run.
+    Every fp8_mode meets the same bounds: "tile" and "once" against the reference above (the
+    same quantized operands; "once" quantizes the down GEMM's input from float32 where gate_up's
+    epilogue does it, not from its bfloat16 rounding), "dequant" against the reference with
+    unquantized activations (its weights rounded to bfloat16 after scaling on the GPU).
+Rows of unheld and padding selections contribute exactly zero; results equal bit for bit run to run
+(except with BlockConfig.atomic_combine, whose float32 sums have no fixed order: its tests check
+the bounds above).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -140,6 +147,10 @@ CONFIGS = {
     "split-k": tm.BlockConfig(block_m=16, gate_up_block_n=16, down_block_n=16, block_k=16, split_k=2),
     "split-k-ragged": tm.BlockConfig(block_m=16, gate_up_block_n=32, down_block_n=16, block_k=16, split_k=4),
     "block-m-32": tm.BlockConfig(block_m=32, gate_up_block_n=16, down_block_n=32, block_k=32, split_k=1),
+    "atomic-combine": tm.BlockConfig(block_m=16, gate_up_block_n=16, down_block_n=32, block_k=16, split_k=1,
+                                     atomic_combine=True),
+    "atomic-combine-split-k": tm.BlockConfig(block_m=16, gate_up_block_n=32, down_block_n=16, block_k=16, split_k=4,
+                                             atomic_combine=True),
 }
 
 
@@ -243,6 +254,8 @@ def test_real_shapes(case):
     local = torch.arange(num_experts + 1, device="cuda")
     args = (x, topk_ids, topk_weights, local, gate_up, down)
     _check(tm.moe_mlp(*args), args, "cuda")
+    default = tm.default_config(num_tokens * top_k, num_experts, hidden, inter, tm.sm_count(0))
+    _check(tm.moe_mlp(*args, config=dataclasses.replace(default, atomic_combine=True)), args, "cuda")
 
 
 @pytest.mark.gpu
@@ -293,10 +306,11 @@ def _fp8_problem(num_experts, held, hidden, inter, top_k, num_tokens, device, se
             gu_q.to(**to), dn_q.to(**to), gu_s.to(**to), dn_s.to(**to))
 
 
-def _check_fp8(y, args, device) -> None:
+def _check_fp8(y, args, device, mode: str = "tile") -> None:
     x, topk_ids, topk_weights, local, gu_q, dn_q, gu_s, dn_s = args
     assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()
-    want = fp8.moe_mlp_reference(x.float(), topk_ids, topk_weights, local, gu_q, gu_s, dn_q, dn_s)
+    want = fp8.moe_mlp_reference(x.float(), topk_ids, topk_weights, local, gu_q, gu_s, dn_q, dn_s,
+                                 quantize_activations=mode != "dequant")
     scale = float(want.abs().max())
     err = float((y.float() - want).abs().max())
     assert err <= (1e-5 if device == "cpu" else 2e-2) * scale, f"{err / scale:.2e} x max|ref|"
@@ -319,10 +333,34 @@ def test_fp8_matches_reference(device, case):
     _check_fp8(tm.moe_mlp(*args), args, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["once", "dequant"])
+@pytest.mark.parametrize("case", FP8_CASES.values(), ids=FP8_CASES.keys())
+def test_fp8_modes_match_reference(device, mode, case):
+    """The mode's default tiles: activations quantized once per call / weights dequantized."""
+    num_experts, held, hidden, inter, top_k, num_tokens, padding = case
+    args = _fp8_problem(num_experts, tuple(held), hidden, inter, top_k, num_tokens, device, padding=padding)
+    cfg = tm.default_config(num_tokens * top_k, len(held), hidden, inter, tm.sm_count(None), True, mode)  # as on CPU
+    assert cfg.fp8_mode == mode
+    _check_fp8(tm.moe_mlp(*args, config=cfg), args, device, mode)
+
+
 FP8_CONFIGS = {
     "split-k": tm.BlockConfig(block_m=16, gate_up_block_n=16, down_block_n=16, block_k=128, split_k=2),
     "wide-n": tm.BlockConfig(block_m=32, gate_up_block_n=256, down_block_n=256, block_k=128, split_k=1),
     "block-m-128": tm.BlockConfig(block_m=128, gate_up_block_n=64, down_block_n=32, block_k=128, split_k=1),
+    # activations quantized once: gate_up's epilogue writes the fp8 input of the down GEMM (BLOCK_N
+    # a multiple of 128; 256 over I = 320: a partial group), or the quantize launch does (BLOCK_N 64)
+    "once-epilogue": tm.BlockConfig(block_m=32, gate_up_block_n=256, down_block_n=64, block_k=128, split_k=1,
+                                    fp8_mode="once"),
+    "once-epilogue-split-k": tm.BlockConfig(block_m=16, gate_up_block_n=128, down_block_n=32, block_k=128,
+                                            split_k=2, fp8_mode="once"),
+    "once-apart": tm.BlockConfig(block_m=64, gate_up_block_n=64, down_block_n=128, block_k=128, split_k=1,
+                                 fp8_mode="once"),
+    "dequant-split-k": tm.BlockConfig(block_m=16, gate_up_block_n=32, down_block_n=16, block_k=128, split_k=2,
+                                      fp8_mode="dequant"),
+    "once-atomic-combine": tm.BlockConfig(block_m=32, gate_up_block_n=128, down_block_n=64, block_k=128, split_k=2,
+                                          fp8_mode="once", atomic_combine=True),
 }
 
 
@@ -330,7 +368,24 @@ FP8_CONFIGS = {
 @pytest.mark.parametrize("config", FP8_CONFIGS.values(), ids=FP8_CONFIGS.keys())
 def test_fp8_block_configs(device, config):
     args = _fp8_problem(8, (0, 1, 3, 6, 7), 384, 320, 2, 40, device, seed=1, padding=0.1)
-    _check_fp8(tm.moe_mlp(*args, config=config), args, device)
+    _check_fp8(tm.moe_mlp(*args, config=config), args, device, config.fp8_mode)
+
+
+def test_fp8_once_quantizes_x_as_the_reference():
+    """The quantize launch of fp8_mode "once" gives the values and scales of fp8.quantize_groups
+    (a partial last group, rows past a power of two)."""
+    x = torch.randn(37, 200, generator=torch.Generator().manual_seed(3)) * 5
+    x[4] = 0.0  # an all-zero row: the floor scale, zeros
+    q, scale = tm._quantize(x, exact_cast=True)
+    assert q.dtype == fp8.FP8 and scale.shape == (37, 2)
+    deq = q.float() * scale.repeat_interleave(128, 1)[:, :200]  # [37, 200]
+    assert torch.equal(deq, fp8.quantize_groups(x))
+    assert (q[4].float() == 0).all()
+
+
+def test_fp8_mode_is_validated():
+    with pytest.raises(tm.ConfigError, match="fp8_mode"):
+        tm.BlockConfig(block_m=16, gate_up_block_n=16, down_block_n=16, block_k=128, split_k=1, fp8_mode="fast")
 
 
 def test_fp8_misuse_is_a_config_error():
@@ -344,11 +399,16 @@ def test_fp8_misuse_is_a_config_error():
         tm.moe_mlp(x, ids, w, local, gu_q, dn_q, gu_s[:, :1], dn_s)
 
 
+FP8_REAL = {**REAL, "qwen3-T2048": (128, 2048, 768, 8, 2048)}  # + the compute regime (128 rows per expert)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("case", REAL.values(), ids=REAL.keys())
+@pytest.mark.parametrize("case", FP8_REAL.values(), ids=FP8_REAL.keys())
 def test_fp8_real_shapes(case):
-    """bf16 activations, fp8 experts quantized on the GPU, at Mixtral / Qwen3 shapes."""
+    """bf16 activations, fp8 experts quantized on the GPU, at Mixtral / Qwen3 shapes: every
+    fp8_mode's default tiles, "once" on the tiles of "tile", and "once" with gate_up's BLOCK_N
+    widened to 128 (its epilogue quantizes the down GEMM's input) where the default is narrower."""
     num_experts, hidden, inter, top_k, num_tokens = case
     gen = torch.Generator(device="cuda").manual_seed(0)
     gate_up = torch.empty(num_experts, 2 * inter, hidden, device="cuda").normal_(0, hidden**-0.5, generator=gen)
@@ -365,4 +425,10 @@ def test_fp8_real_shapes(case):
     topk_weights, topk_ids = torch.softmax(logits, -1).topk(top_k)  # [T, k] each
     local = torch.arange(num_experts + 1, device="cuda")
     args = (x, topk_ids, topk_weights, local, gu_q, dn_q, gu_s, dn_s)
-    _check_fp8(tm.moe_mlp(*args), args, "cuda")
+    shape = (num_tokens * top_k, num_experts, hidden, inter, tm.sm_count(0), True)
+    configs = [tm.default_config(*shape, mode) for mode in tm.FP8_MODES]
+    configs.append(dataclasses.replace(configs[0], fp8_mode="once"))
+    if configs[1].gate_up_block_n < 128:
+        configs.append(dataclasses.replace(configs[1], gate_up_block_n=128))
+    for cfg in dict.fromkeys(configs):
+        _check_fp8(tm.moe_mlp(*args, config=cfg), args, "cuda", cfg.fp8_mode)
