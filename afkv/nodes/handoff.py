@@ -763,7 +763,7 @@ class PrefillLinks:
         kind = msg.get("type")
         if kind == "nccl_joining":  # the prefill node joins the communicator offered: join too
             link = None if entry is None else self._nccl[entry[0]]
-            if link is not None and link.uid == msg.get("id"):
+            if link is not None and link.uid == msg.get("comm"):
                 link.start()
             return None
         if kind == "kv_blocks" and msg.get("in_nccl"):

@@ -155,7 +155,7 @@ class PrefillServer(StreamServer):
         if not isinstance(uid, str) or gpu is None or offer.get("gpu") in (None, gpu):
             return False  # no NCCL here, or the same GPU (NCCL refuses two ranks on one GPU)
         link = NcclLink(handoff.NCCL, uid, 1, device, self._client_timeout_s)
-        await conn.send({"type": "nccl_joining", "hid": hid, "id": uid})
+        await conn.send({"type": "nccl_joining", "hid": hid, "comm": uid})
         link.start()
         try:
             await asyncio.wait_for(asyncio.wrap_future(link.joined), self._client_timeout_s)
