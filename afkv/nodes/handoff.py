@@ -29,16 +29,22 @@ Protocol (control-plane messages, afkv.transport.control; the decode node is the
 
     decode -> prefill  request {"type": "prefill", "hid", "token_ids", "want": [[index, hash]],
                        "format": name, "digest": the format's digest, "segment": offer or None,
-                       "device_segment": offer or None} -> {"type": "ack", "carrier": "device" |
-                       "segment" | "frames"} once started (what the rows will take); an offer
-                       names the link's staging buffer (a RowSegment's {"name", "rows"}, a
-                       DeviceSegment's CUDA IPC fields with its "id") and "slots": the row of
-                       the k-th block asked for (table order)
+                       "device_segment": offer or None, "nccl": offer or None} -> {"type":
+                       "ack", "carrier": "device" | "nccl" | "segment" | "frames"} once started
+                       (what the rows will take); an offer names the link's staging buffer (a
+                       RowSegment's {"name", "rows"}, a DeviceSegment's CUDA IPC fields with its
+                       "id"; for nccl the link communicator's unique "id", the decode GPU's
+                       "gpu" and the buffer's "rows") and "slots": the row of the k-th block
+                       asked for (table order)
+    prefill -> decode  {"type": "nccl_joining", "hid", "comm": id}  before the ack, when the
+                       prefill node joins the offered communicator: the decode node joins too
     prefill -> decode  {"type": "kv_blocks", "hid", "indices", "hashes", "crcs", "rows"}  as
                        blocks fill, at most ROWS_FRAME_BYTES of rows each; or, with the rows
                        written into the segment's slots, {..., "in_segment": true} and no rows;
                        or, written into the device segment's slots, {..., "in_device": true},
-                       no rows and no checksums
+                       no rows and no checksums; or, sent over the link's communicator,
+                       {..., "in_nccl": true}, no rows and no checksums (the decode node posts
+                       the matching receive as the message arrives)
                        then exactly one of {"type": "prefill_done", "hid"}, {"type":
                        "prefill_failed", "hid", "error"}, {"type": "prefill_cancelled", "hid"}
     decode -> prefill  {"type": "cancel", "hid"}  notification: the prefill request is aborted;
@@ -58,8 +64,8 @@ asked of the next prefill node; when every node was tried, PrefillUnavailableErr
 way the caller frees what it held (KVManager.free: an awaited block was never registered).
 
 Carriers, chosen per link by what the prefill node can open (the decode node offers what it
-has on a link's first transfer; the prefill node takes the first that works, in this order; later
-transfers offer only that one):
+has on a link's first transfer; the prefill node takes the first that works, in this order: CUDA
+IPC, NCCL, shared memory, frames; later transfers offer only that one):
 
     CUDA IPC (one GPU)      the decode node's KV is on a GPU: its row slots are a device buffer
                             (DeviceSegment), offered as a CUDA IPC handle (torch's CUDA tensor
@@ -76,6 +82,24 @@ transfers offer only that one):
                             crc32 there and its worker copies it into the cache. On CUDA this is the
                             fallback when IPC cannot be opened (another GPU, a platform without CUDA
                             IPC); the copies then go through pageable memory.
+    NCCL (another GPU)      a prefill node on another GPU (of this host or another; CuPy's NCCL
+                            on both): the link's two-rank communicator (NcclLink: decode rank 0,
+                            prefill rank 1), its unique id in the first offer, joined once by
+                            both (the prefill node before its ack, with a deadline: a failed join
+                            acks the next carrier and the decode node drops its end). The decode
+                            node's slots are a device buffer of its GPU (NcclBuffer); the prefill
+                            node's worker exports the rows into a device buffer of its own GPU,
+                            and the link's thread sends them (one NCCL group per kv_blocks
+                            message, a send per run of consecutive slots), in the order of the
+                            messages, which the prefill node sends after enqueueing them; the
+                            decode node's message handler posts the matching receives in that
+                            same order, on its link's thread, and the transfer waits for them
+                            once per message before its worker copies the slots into the cache.
+                            No checksum (device to device). A receive with nothing coming for
+                            prefill_timeout_s, or a prefill node lost, aborts the communicator:
+                            its receives end with PeerLostError, the link drops it (the next
+                            transfer offers a new one) and the transfer goes on elsewhere. The
+                            NCCL calls are behind the `NCCL` seam (CudaNccl), which CPU tests fake.
     frames (other hosts)    rows inline in the kv_blocks messages (at most ROWS_FRAME_BYTES each),
                             when the prefill node can open neither.
 
@@ -94,13 +118,13 @@ free gets a grown buffer (every slot in flight + its own), the old one retired.
 
 Why CUDA IPC rather than pinned host memory on one GPU: the rows never cross PCIe (two D2D copies
 at HBM speed instead of D2H + H2D at ~25 GB/s each way), no checksum is needed, and no page
-pinning. The NCCL carrier between two GPUs (a peer per (prefill, decode) pair, rows as one
-send/recv on a copy stream) is designed, not built.
+pinning. The NCCL carrier has run on CPU with its NCCL calls faked only, not yet on two GPUs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import mmap
@@ -297,15 +321,7 @@ class CudaNccl:
     def gpu(self, device: torch.device) -> str | None:
         """This device's identity for NCCL (its GPU's UUID: NCCL refuses two ranks on one GPU),
         None when the carrier cannot run here (not CUDA, or no CuPy NCCL)."""
-        if device.type != "cuda":
-            return None
-        from afkv.transport.nccl import nccl_module
-
-        try:
-            nccl_module()
-        except errors.TransportError:
-            return None
-        return str(torch.cuda.get_device_properties(device).uuid)
+        return _gpu_identity(device) if device.type == "cuda" else None
 
     def new_id(self) -> str:
         from afkv.transport.nccl import new_unique_id
@@ -362,7 +378,29 @@ class CudaChannel:
         self._peer.close()
 
 
+@functools.cache
+def _gpu_identity(device: torch.device) -> str | None:
+    """(CudaNccl.gpu, once per device: the first call imports CuPy.)"""
+    from afkv.transport.nccl import nccl_module
+
+    try:
+        nccl_module()
+    except errors.TransportError:
+        return None
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
 NCCL = CudaNccl()  # the seam: tests put a fake here
+
+
+async def moved(move: Future) -> None:
+    """Wait for an NcclLink move; one cancelled by the link's abort is its PeerLostError."""
+    try:
+        await asyncio.wrap_future(move)
+    except asyncio.CancelledError:
+        if not move.cancelled():
+            raise  # this waiter was cancelled
+        raise errors.PeerLostError("NCCL hand-off: the link's communicator was aborted") from None
 
 
 class NcclLink:
@@ -931,7 +969,7 @@ class PrefillLinks:
         try:
             if recv is None:
                 raise errors.PeerLostError("no NCCL receive could be posted for its rows")
-            await asyncio.wrap_future(recv)
+            await moved(recv)
         except errors.TransportError as exc:
             if self._nccl[j] is not None:
                 self._drop_nccl(j)

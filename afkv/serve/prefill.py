@@ -31,7 +31,8 @@ from afkv import errors
 from afkv.engine.engine import Engine
 from afkv.kv.formats import FORMAT_NAMES, BlockFormat, make_format
 from afkv.nodes import handoff
-from afkv.nodes.handoff import MAX_FRAME_BYTES, NcclLink, blocks_to_wire, open_device_segment, open_segment, runs
+from afkv.nodes.handoff import (MAX_FRAME_BYTES, NcclLink, blocks_to_wire, moved, open_device_segment, open_segment,
+                                runs)
 from afkv.serve.streams import StreamServer
 from afkv.transport.control import ConnState, ControlConnection, ControlLimits
 
@@ -192,7 +193,7 @@ class PrefillServer(StreamServer):
                                                       runs([slot_of[i] for i in batch.indices])]))
                         await conn.send(frames[0])
             for send in sends:
-                await asyncio.wrap_future(send)
+                await moved(send)
             await conn.send({"type": "prefill_done", "hid": hid})
         except asyncio.CancelledError:  # (even during prefill_done's send: one more end message does no harm)
             await _settled(sends)  # the decode node reuses its slots at prefill_cancelled
