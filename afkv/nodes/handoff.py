@@ -428,7 +428,7 @@ class NcclLink:
     def _join(self) -> None:
         try:
             channel = self._nccl.join(self.uid, self.rank, self.device)
-        except BaseException as exc:  # handed to whoever waits for the link
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the link
             self.joined.set_exception(exc)
             return
         self.joined.set_result(channel)

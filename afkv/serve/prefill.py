@@ -31,11 +31,17 @@ from afkv import errors
 from afkv.engine.engine import Engine
 from afkv.kv.formats import FORMAT_NAMES, BlockFormat, make_format
 from afkv.nodes import handoff
-from afkv.nodes.handoff import (MAX_FRAME_BYTES, NcclLink, blocks_to_wire, moved, open_device_segment, open_segment,
-                                runs)
+from afkv.nodes.handoff import (
+    MAX_FRAME_BYTES,
+    NcclLink,
+    blocks_to_wire,
+    moved,
+    open_device_segment,
+    open_segment,
+    runs,
+)
 from afkv.serve.streams import StreamServer
 from afkv.transport.control import ConnState, ControlConnection, ControlLimits
-
 
 log = logging.getLogger("afkv.serve")
 HEARTBEAT_INTERVAL_S = 1.0

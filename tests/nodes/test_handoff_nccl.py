@@ -19,7 +19,15 @@ from afkv import Engine
 from afkv.errors import PeerLostError, PrefillUnavailableError, TransportError
 from afkv.nodes import handoff
 from tests.helpers import random_prompt
-from tests.nodes.test_prefill_decode_faults import PARAMS, PROMPT, all_free, cluster, config, expected_tokens, received
+from tests.nodes.test_prefill_decode_faults import (
+    PARAMS,
+    PROMPT,
+    all_free,
+    cluster,
+    config,
+    expected_tokens,
+    received,
+)
 from tests.serve.conftest import wait_until
 
 
@@ -113,7 +121,7 @@ async def test_nccl_is_offered_taken_and_its_communicator_kept(model, monkeypatc
         assert got == expected
         assert servers[0].carriers == {"device": 0, "nccl": 4, "segment": 0, "frames": 0}
         assert received(decode) == nccl_blocks(decode) == 32
-        [uid] = {u for u, _ in fake.joins}
+        assert len({u for u, _ in fake.joins}) == 1
         assert sorted(r for _, r in fake.joins) == [0, 1]  # one communicator for the link
         [staging] = decode._prefill.stagings(0)
         assert staging.kind == "nccl"
@@ -191,7 +199,7 @@ async def test_prefill_node_lost_while_a_recv_is_posted(model, monkeypatch, num_
         assert fake.aborts >= 1 and decode._prefill._nccl[j] is None and decode._prefill.stagings(j) == []
         assert all_free(decode)
         for e in prefills:
-            await wait_until(lambda: all_free(e), what="prefill blocks freed")
+            await wait_until(lambda e=e: all_free(e), what="prefill blocks freed")
 
 
 async def test_silent_sender_while_a_recv_is_posted_fails_typed_within_the_timeout(model, monkeypatch):
