@@ -499,6 +499,7 @@ class Lease:
     def __init__(self, staging: Staging, buffer: DeviceSegment | RowSegment, slots: list[int]):
         self.staging, self.buffer, self.slots = staging, buffer, slots
         self.slot_of: dict[int, int] = {}  # block table index -> its slot (set by the transfer)
+        self.link: NcclLink | None = None  # nccl: the communicator the transfer was offered on
         self._imports: list[Future] = []
         self._writer_done = False
         self._released = False
@@ -692,6 +693,7 @@ class PrefillLinks:
         self._stagings: list[dict[tuple[str, int], Staging]] = [{} for _ in range(d.prefill_nodes)]
         self._draining: dict[int, tuple[int, list[Lease]]] = {}
         self._nccl: list[NcclLink | None] = [None] * d.prefill_nodes
+        self._linking = [asyncio.Lock() for _ in range(d.prefill_nodes)]  # one communicator made at a time
         self._nccl_leases: dict[int, Lease] = {}  # hand-off id -> its nccl lease, while in _queues
         self._hids = itertools.count()
         self._watchers: set[asyncio.Task] = set()
@@ -758,26 +760,33 @@ class PrefillLinks:
             if node == j:
                 del self._draining[hid]  # their buffers are retired: the slots are never handed out again
 
-    def _drop_nccl(self, j: int) -> None:
-        """Abort prefill node j's communicator (lost, failed, or out of step): receives posted
-        on it end with PeerLostError; the next transfer offers a new one."""
-        link, self._nccl[j] = self._nccl[j], None
-        if link is not None:
-            link.abort()
+    def _drop_nccl(self, j: int, link: NcclLink | None = None) -> None:
+        """Abort prefill node j's communicator (`link`, when it is still the link's; default
+        the link's): lost, failed, or out of step; receives posted on it end with PeerLostError.
+        The next transfer negotiates the carrier again (a new communicator, or another carrier
+        when the prefill node cannot join one)."""
+        link = link or self._nccl[j]
+        if link is None:
+            return
+        link.abort()
+        if self._nccl[j] is link:
+            self._nccl[j] = None
+            if self._carrier[j] == "nccl":
+                self._carrier[j] = None
 
     def _post_recv(self, j: int, lease: Lease | None, msg: dict) -> Future | None:
         """A kv_blocks message whose rows come over NCCL: post their receive into the lease's
-        slots now, in message order (the order the prefill node sends in) -> its Future, which
-        the lease waits for before its slots go back. None when no receive can match the send
-        (no link, no nccl lease, a block not asked for): the communicator is out of step and
-        dropped; the transfer fails on the message's checks."""
-        link = self._nccl[j]
+        slots now, in message order (the order the prefill node sends in), on the communicator
+        the transfer was acked on -> its Future, which the lease waits for before its slots go
+        back. None when no receive can match the send (no nccl lease, a block not asked for):
+        that communicator is out of step and dropped; the transfer fails on the message's checks."""
+        link = None if lease is None else lease.link
         try:
             slots = [lease.slot_of[int(i)] for i in msg["indices"]]
         except (AttributeError, KeyError, TypeError, ValueError):
             slots = None
         if link is None or slots is None:
-            self._drop_nccl(j)
+            self._drop_nccl(j, link)
             return None
         rows = lease.buffer.rows  # [num_rows, nbytes]
         recv = link.move(False, [rows[s:s + n] for _, s, n in runs(slots)])
@@ -896,11 +905,13 @@ class PrefillLinks:
             offers = {kind: {**lease.buffer.offer, "slots": lease.slots} for kind, lease in leases.items()}
             link = None
             if "nccl" in leases:
+                async with self._linking[j]:
+                    link = self._nccl[j]
+                    if link is None:  # the link's communicator: its id travels in this offer, joined once
+                        uid = await asyncio.to_thread(NCCL.new_id)
+                        link = self._nccl[j] = NcclLink(NCCL, uid, 0, device, timeout_s)
+                leases["nccl"].link = link
                 self._nccl_leases[hid] = leases["nccl"]
-                link = self._nccl[j]
-                if link is None:  # the link's communicator: its id travels in this offer, joined once
-                    uid = await asyncio.to_thread(NCCL.new_id)
-                    link = self._nccl[j] = NcclLink(NCCL, uid, 0, device, timeout_s)
                 offers["nccl"] |= {"id": link.uid, "gpu": NCCL.gpu(device)}
             ack = await client.request({"type": "prefill", "hid": hid, "token_ids": list(token_ids),
                                         "want": [[i, want[i]] for i in sorted(want)], "format": fmt.name,
@@ -908,8 +919,9 @@ class PrefillLinks:
                                         "device_segment": offers.get("device"), "nccl": offers.get("nccl")},
                                        timeout_s=timeout_s)
             carrier = ack.get("carrier")
-            if link is not None and carrier != "nccl" and self._nccl[j] is link:
-                self._drop_nccl(j)  # not joined there (another carrier, or its creation failed)
+            if link is not None and carrier != "nccl":
+                self._nccl_leases.pop(hid, None)
+                self._drop_nccl(j, link)  # not joined there (another carrier, or its creation failed)
             for kind, lease in list(leases.items()):
                 lease.buffer.answered(kind == carrier)
                 if kind != carrier:
@@ -937,7 +949,7 @@ class PrefillLinks:
                 if kind == "kv_blocks":
                     indices, rows, slots = blocks_from_wire(msg, want, fmt, lease)
                     if msg.get("in_nccl"):
-                        await self._received(j, msg.get("recv"), len(indices))
+                        await self._received(j, lease.link, msg.get("recv"), len(indices))
                     future = receive(indices, rows, slots)
                     if lease is not None:
                         lease.imported(future)
@@ -962,7 +974,7 @@ class PrefillLinks:
             self._queued[j] -= len(token_ids)
             await self._end(j, client, hid, list(leases.values()), ended)
 
-    async def _received(self, j: int, recv: Future | None, num_blocks: int) -> None:
+    async def _received(self, j: int, link: NcclLink, recv: Future | None, num_blocks: int) -> None:
         """Wait for a kv_blocks message's NCCL receive (its rows then are in the slots): a
         failure (the communicator aborted, the prefill node silent past the timeout, no receive
         posted) drops the link's communicator and is this transfer's PeerLostError."""
@@ -971,8 +983,7 @@ class PrefillLinks:
                 raise errors.PeerLostError("no NCCL receive could be posted for its rows")
             await moved(recv)
         except errors.TransportError as exc:
-            if self._nccl[j] is not None:
-                self._drop_nccl(j)
+            self._drop_nccl(j, link)
             raise errors.PeerLostError(f"prefill node {j}: NCCL hand-off failed: {exc}") from exc
         self._counters["handoff_received_nccl_blocks"] += num_blocks
 

@@ -96,7 +96,8 @@ class PrefillServer(StreamServer):
                 raise errors.ConfigError("the decode node asks for KV rows of another geometry than this prefill "
                                          "node's (model, dtype or block_size differ)", key="kv")
             into, slots, carrier = await self._open_carrier(conn, msg, hid, len(want), fmt)
-            self._start(conn, hid, lambda: self._hand_off(conn, hid, token_ids, want, fmt, into, slots, carrier),
+            nccl = self._links[conn] if carrier == "nccl" else None  # this transfer's, whatever comes later
+            self._start(conn, hid, lambda: self._hand_off(conn, hid, token_ids, want, fmt, into, slots, carrier, nccl),
                         f"afkv-prefill {hid}")
             return {"type": "ack", "carrier": carrier}
         if kind == "cancel":
@@ -174,13 +175,15 @@ class PrefillServer(StreamServer):
         return True
 
     async def _hand_off(self, conn: ControlConnection, hid: int, token_ids: list, want: dict, fmt: BlockFormat,
-                        into: torch.Tensor | None, slots: list[int] | None, carrier: str) -> None:
+                        into: torch.Tensor | None, slots: list[int] | None, carrier: str,
+                        nccl: tuple[NcclLink, asyncio.Lock] | None = None) -> None:
         """`into`: the decode node's staging rows that `carrier` names (block k asked for, in
-        table order, goes to its row slots[k]), or None: rows go in the frames. Ends with
+        table order, goes to its row slots[k]), or None: rows go in the frames; for nccl, a
+        buffer of this node's (block k in its row k) sent over `nccl` (the link and the lock
+        that keeps sends in message order) into the decode node's slots[k]. Ends with
         prefill_done, prefill_failed (StreamServer) or, cancelled, prefill_cancelled once no
         write into `into` is in flight any more (the decode node then reuses the slots)."""
         self.carriers[carrier] += 1
-        nccl = self._links[conn] if carrier == "nccl" else None
         slot_of = dict(zip(sorted(want), slots)) if nccl is not None else {}
         sends = []  # NCCL: the sends enqueued, one per batch (rows in this node's `into`)
         try:
@@ -210,7 +213,8 @@ class PrefillServer(StreamServer):
             if nccl is None or conn.state is ConnState.CLOSED:
                 raise
             await _settled(sends)
-            self._links.pop(conn, None)  # the link aborted itself: the decode node offers a new one
+            if self._links.get(conn) is nccl:
+                del self._links[conn]  # the link aborted itself: the decode node offers a new one
             await self._fail(conn, hid, exc)  # the decode node is there: tell it
 
 

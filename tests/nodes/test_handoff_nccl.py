@@ -203,6 +203,9 @@ async def test_prefill_node_lost_while_a_recv_is_posted(model, monkeypatch, num_
 
 
 async def test_silent_sender_while_a_recv_is_posted_fails_typed_within_the_timeout(model, monkeypatch):
+    """The prefill node's bytes stop after its first batch while it stays connected: the posted
+    receive gives up after prefill_timeout_s, the communicator is aborted and the request fails
+    typed; the link then makes a new communicator for the next transfer."""
     fake = FakeNccl(lose_after=1)
     monkeypatch.setattr(handoff, "NCCL", fake)
     async with cluster(model, 1, gated_after=None, timeout_s=2.0) as (decode, prefills, servers, _, j):
@@ -214,3 +217,9 @@ async def test_silent_sender_while_a_recv_is_posted_fails_typed_within_the_timeo
         await wait_until(lambda: all_free(prefills[0]), what="prefill blocks freed")
         [staging] = decode._prefill.stagings(0)
         await wait_until(lambda: staging._leased == 0, what="staging slots given back")
+        # the next transfer negotiates again: a new communicator (this one sends), the same staging
+        expected = await expected_tokens(model)
+        async with asyncio.timeout(60):
+            assert (await decode.complete(PROMPT, PARAMS)).token_ids == expected
+        assert len({u for u, _ in fake.joins}) == 2 and len(fake.joins) == 4
+        assert servers[0].carriers["nccl"] == 2 and decode._prefill.stagings(0) == [staging]
