@@ -458,9 +458,7 @@ class NcclLink:
             raise errors.PeerLostError("NCCL hand-off: the link's communicator was aborted")
         try:
             (channel.send if send else channel.recv)(views, self.timeout_s)
-        except errors.PeerLostError:
-            raise
-        except errors.TransportError as exc:
+        except errors.TransportError as exc:  # the communicator is out of step from here: no more moves
             self.abort()
             raise errors.PeerLostError(f"NCCL hand-off failed: {exc}") from exc
 
@@ -813,6 +811,10 @@ class PrefillLinks:
             if link is not None and link.uid == msg.get("comm"):
                 link.start()
             return None
+        if kind == "prefill_failed" and hid in self._nccl_leases and \
+                isinstance(errors.error_from_wire(msg.get("error")), errors.PeerLostError):
+            lease = self._nccl_leases[hid]  # its sends failed there: that communicator is gone
+            self._drop_nccl(entry[0], lease.link)  # (its receives posted here end now, not at their timeout)
         if kind == "kv_blocks" and msg.get("in_nccl"):
             if entry is not None:
                 msg["recv"] = self._post_recv(entry[0], self._nccl_leases.get(hid), msg)
@@ -890,7 +892,8 @@ class PrefillLinks:
             probing = self._carrier[j] is None
             if not probing:
                 probe.release()
-        kinds = ("device", "nccl", "segment") if self._carrier[j] is None else (self._carrier[j],)
+        negotiating = self._carrier[j] is None
+        kinds = ("device", "nccl", "segment") if negotiating else (self._carrier[j],)
         hid = next(self._hids)
         leases: dict[str, Lease] = {}
         q: asyncio.Queue = asyncio.Queue()
@@ -928,7 +931,7 @@ class PrefillLinks:
                     lease.staging.retire(lease.buffer)  # the prefill node did not open it: not offered again
                     lease.writer_done()  # never written
                     del leases[kind]
-            if self._carrier[j] is None and carrier in ("device", "nccl", "segment", "frames"):
+            if negotiating and self._carrier[j] is None and carrier in ("device", "nccl", "segment", "frames"):
                 self._carrier[j] = carrier  # the link's stagings of other kinds are not offered again
                 self._stagings[j] = {key: st for key, st in self._stagings[j].items() if key[0] == carrier}
             if probing:

@@ -35,14 +35,16 @@ class FakeChannel:
     """One end of a fake communicator: the prefill node's sends put row copies on the
     communicator's queue, the decode node's receives take them (in order, sizes checked)."""
 
-    def __init__(self, nccl: "FakeNccl", q: queue.Queue, lose_after: int | None):
-        self.nccl, self.q, self.lose_after = nccl, q, lose_after
+    def __init__(self, nccl: "FakeNccl", q: queue.Queue, rank: int, lose_after: int | None, fail: bool):
+        self.nccl, self.q, self.rank, self.lose_after, self.fail = nccl, q, rank, lose_after, fail
         self.aborted = False
         self.sends = 0
 
     def send(self, views, timeout_s):
         self.sends += 1
         if self.lose_after is not None and self.sends > self.lose_after:
+            if self.fail:
+                raise TransportError("fake NCCL: ncclSend failed: remote process exited")
             return  # the node is lost: these bytes never leave
         for v in views:
             self.q.put(v.clone())
@@ -64,7 +66,8 @@ class FakeChannel:
     def abort(self):
         self.nccl.aborts += 1
         self.aborted = True
-        self.q.put(None)  # wakes a receive waiting on it
+        if self.rank == 0:
+            self.q.put(None)  # wakes this end's receive (as NCCL: the other end's abort does not)
 
     def close(self):
         pass
@@ -72,10 +75,10 @@ class FakeChannel:
 
 class FakeNccl:
     """fail_join: the prefill side's join fails (ncclCommInitRank); lose_after: the first
-    communicator's sender loses every send after that many."""
+    communicator's sender loses every send after that many (fail_send: its sends fail then)."""
 
-    def __init__(self, fail_join: bool = False, lose_after: int | None = None):
-        self.fail_join, self.lose_after = fail_join, lose_after
+    def __init__(self, fail_join: bool = False, lose_after: int | None = None, fail_send: bool = False):
+        self.fail_join, self.lose_after, self.fail_send = fail_join, lose_after, fail_send
         self._gpus = itertools.count()
         self._queues: dict[str, queue.Queue] = {}
         self.joins: list[tuple[str, int]] = []
@@ -93,7 +96,7 @@ class FakeNccl:
             raise TransportError("fake: ncclCommInitRank failed: unhandled system error")
         first = not self._queues or unique_id in list(self._queues)[:1]
         q = self._queues.setdefault(unique_id, queue.Queue())
-        return FakeChannel(self, q, self.lose_after if first and rank == 1 else None)
+        return FakeChannel(self, q, rank, self.lose_after if first and rank == 1 else None, self.fail_send)
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +226,23 @@ async def test_silent_sender_while_a_recv_is_posted_fails_typed_within_the_timeo
             assert (await decode.complete(PROMPT, PARAMS)).token_ids == expected
         assert len({u for u, _ in fake.joins}) == 2 and len(fake.joins) == 4
         assert servers[0].carriers["nccl"] == 2 and decode._prefill.stagings(0) == [staging]
+
+
+async def test_a_failed_send_fails_the_transfer_and_the_link_makes_a_new_communicator(model, monkeypatch):
+    """The prefill node's second send fails (its communicator breaks): it aborts its end and
+    says prefill_failed (PeerLostError); the decode node drops its end at once (not at the 300 s
+    timeout), the request fails typed, and the next transfer negotiates again and takes nccl over
+    a new communicator (not the frames)."""
+    fake = FakeNccl(lose_after=1, fail_send=True)
+    monkeypatch.setattr(handoff, "NCCL", fake)
+    expected = await expected_tokens(model)
+    async with cluster(model, 1, gated_after=None, timeout_s=300.0) as (decode, prefills, servers, _, j):
+        with pytest.raises(PrefillUnavailableError, match="NCCL hand-off failed"):
+            async with asyncio.timeout(60):
+                await decode.complete(PROMPT, PARAMS)
+        assert all_free(decode) and decode._prefill._nccl[0] is None
+        async with asyncio.timeout(60):
+            assert (await decode.complete(PROMPT, PARAMS)).token_ids == expected
+        assert servers[0].carriers == {"device": 0, "nccl": 2, "segment": 0, "frames": 0}
+        assert len({u for u, _ in fake.joins}) == 2
+        await wait_until(lambda: all_free(prefills[0]), what="prefill blocks freed")
