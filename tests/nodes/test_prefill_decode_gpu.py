@@ -177,3 +177,45 @@ prefill_timeout_s = 30.0
                 e.kv_manager.check_invariants()
 
     asyncio.run(run())
+
+
+def test_nccl_link_moves_runs_of_rows_and_aborts_a_posted_receive():
+    """The nccl carrier's primitives alone (afkv.nodes.handoff.CudaNccl through NcclLink), two
+    ranks in this process on cuda:1 (sender) and cuda:0 (receiver): rows cut into runs of
+    slots arrive intact, in submission order; then a receive posted with nothing sent ends with
+    PeerLostError once its link is aborted, well before its timeout."""
+    pytest.importorskip("cupy")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from concurrent.futures import wait
+
+    from afkv.errors import PeerLostError
+    from afkv.nodes.handoff import NCCL, NcclLink, runs
+
+    d0, d1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert NCCL.gpu(d0) != NCCL.gpu(d1) and NCCL.gpu(d0) is not None
+    uid = NCCL.new_id()
+    recv_link, send_link = NcclLink(NCCL, uid, 0, d0, 60.0), NcclLink(NCCL, uid, 1, d1, 60.0)
+    recv_link.start()
+    send_link.start()
+    wait([recv_link.joined, send_link.joined], timeout=60)
+    assert recv_link.joined.result(0) and send_link.joined.result(0)
+    g = torch.Generator(device=d1).manual_seed(0)
+    rows = torch.randint(0, 255, (6, 4096), dtype=torch.uint8, device=d1, generator=g)  # [6, nbytes]
+    slots = [[3, 4, 5], [0, 7, 8]]  # two messages: one run, then two
+    staging = torch.zeros((9, 4096), dtype=torch.uint8, device=d0)
+    moves = []
+    for m, dest in enumerate(slots):
+        part = rows[3 * m:3 * m + 3]
+        moves.append(send_link.move(True, [part[k:k + n] for k, _, n in runs(dest)]))
+        moves.append(recv_link.move(False, [staging[s:s + n] for _, s, n in runs(dest)]))
+    for f in moves:
+        f.result(60)
+    assert torch.equal(staging[[3, 4, 5, 0, 7, 8]].cpu(), rows.cpu())
+    posted = recv_link.move(False, [staging[0:1]])  # nothing will come
+    t = time.monotonic()
+    recv_link.abort()
+    with pytest.raises(PeerLostError):
+        posted.result(30)
+    assert time.monotonic() - t < 30
+    send_link.abort()
