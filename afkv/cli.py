@@ -205,8 +205,12 @@ async def _cmd_bench_pd_handoff(args) -> int:
     from afkv.bench import write_json
     from afkv.bench.pd import format_handoff_table, run_handoff_bench
 
+    devices = None if args.devices is None else tuple(args.devices.split(","))
+    if devices is not None and len(devices) != 2:
+        _err(f"afkv: --devices needs two devices (decode,prefill), got {args.devices!r}")
+        return 2
     result = await run_handoff_bench(args.model, tuple(int(n) for n in args.prompt_lens.split(",")),
-                                     args.device_memory_mib, progress=_err)
+                                     args.device_memory_mib, devices, progress=_err)
     print(format_handoff_table(result))
     out = write_json(result, args.json or f"bench-results/pd-handoff-{time.strftime('%Y%m%d-%H%M%S')}.json")
     _err(f"afkv: wrote {out}")
@@ -483,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     bph.add_argument("--model", help="checkpoint directory (default: the embedded model)")
     bph.add_argument("--prompt-lens", default="1024,4096", help="comma-separated prompt lengths")
     bph.add_argument("--device-memory-mib", type=int, default=2048, help="device KV per node")
+    bph.add_argument("--devices", help="decode,prefill GPUs (e.g. cuda:0,cuda:1): the rows cross over NCCL "
+                                       "(default: every node on one device)")
     bph.add_argument("--json", help="output path (default bench-results/pd-handoff-<time>.json)")
 
     bpr = bsub.add_parser("pd-rows", formatter_class=fmt,

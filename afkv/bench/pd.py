@@ -10,7 +10,9 @@ starts) while a long prompt (`prompt_len` tokens, `long_tokens` new ones) arrive
     pd         the same node as a decode node + one prefill node: the long prompts' KV is
                computed there and handed over (afkv.nodes.handoff)
 
-`afkv bench pd-handoff` (CPU or one GPU; every node a process on the same device): the KV
+`afkv bench pd-handoff` (CPU or one GPU; every node a process on the same device; or, with
+`--devices cuda:0,cuda:1`, the decode nodes on the first GPU and the prefill node on the second,
+the rows over NCCL, the limit one peer copy between the two GPUs): the KV
 hand-off itself, per prompt length. A colocated node gives the baseline TTFT; then a deployment
 of two decode nodes and one prefill node: the prompt goes to decode node 0 ("cold": its blocks
 leave the prefill node as its chunks fill them, overlapping the prefill) and then to decode
@@ -244,13 +246,19 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _copy_limit_gbs(nbytes: int, path: str) -> float:
+def _copy_limit_gbs(nbytes: int, path: str, devices: tuple[str, str] | None = None) -> float:
     """GB/s of the path the hand-off took, at best (best of 5 copies of max(nbytes, 64 MiB), so
     that a small hand-off does not time call overheads): "device" one device -> device copy
     (CUDA IPC: the rows never leave the GPU), "pinned" device -> pinned host -> device (the
-    host carriers on a GPU, at best), "host" one memcpy (CPU nodes)."""
+    host carriers on a GPU, at best), "host" one memcpy (CPU nodes), "peer" one copy from the
+    prefill GPU to the decode GPU (`devices`: (decode, prefill); NVLink or PCIe peer access,
+    what NCCL rides on)."""
     nbytes = max(nbytes, 64 * 2**20)
-    if path == "host":
+    if path == "peer":
+        src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=devices[1])
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=devices[0])
+        copies = [(dst, src)]
+    elif path == "host":
         src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
         dst = torch.empty_like(src)
         copies = [(dst, src)]
@@ -262,23 +270,31 @@ def _copy_limit_gbs(nbytes: int, path: str) -> float:
     best = float("inf")
     for _ in range(5):
         if src.is_cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(src.device)
+            torch.cuda.synchronize(dst.device)
         t = time.perf_counter()
         for a, b in copies:
             a.copy_(b, non_blocking=True)
         if src.is_cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(src.device)
+            torch.cuda.synchronize(dst.device)
         best = min(best, time.perf_counter() - t)
     return nbytes / best / 1e9
 
 
 LIMIT_PATHS = {"device": "device -> device copy (CUDA IPC)", "pinned": "device -> pinned host -> device",
-               "host": "host memcpy"}
+               "host": "host memcpy", "peer": "GPU -> GPU copy (peer)"}
+CARRIERS = {"device": "CUDA IPC", "pinned": "host memory", "host": "host memory", "peer": "NCCL"}
 
 
-def _handoff_config(path: Path, prefill: bool, device_memory_mib: int) -> Path:
+def _handoff_config(path: Path, prefill: bool, device_memory_mib: int,
+                    devices: tuple[str, str] | None = None) -> Path:
     # No CUDA graphs: what is timed is prefill and the first token (a prefill step), never a
     # replayed decode step, and three processes capturing graphs on one GPU cost start-up time.
+    # devices (decode, prefill): the decode nodes (and the colocated one) on the first, the
+    # prefill node on the second.
+    placed = "" if devices is None else (f'attention_devices = {[devices[0]] * (2 if prefill else 1)}\n' +
+                                         (f'prefill_devices = ["{devices[1]}"]\n' if prefill else "")).replace("'", '"')
     path.write_text(f"""
 [model]
 cuda_graphs = false
@@ -291,12 +307,15 @@ prefill_nodes = {1 if prefill else 0}
 port = 0
 prefill_timeout_s = 600
 client_timeout_s = 600
-""")
+{placed}""")
     return path
 
 
 async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ...] = (1024, 4096),
-                            device_memory_mib: int = 2048, progress=print) -> dict:
+                            device_memory_mib: int = 2048, devices: tuple[str, str] | None = None,
+                            progress=print) -> dict:
+    """devices: (decode GPU, prefill GPU), two of them: the rows cross over NCCL; None: every
+    node on the default device."""
     vocab_hi = 40000 if model is None else 200
     g = torch.Generator().manual_seed(1)
     prompts = {n: torch.randint(10, vocab_hi, (n,), generator=g).tolist() for n in prompt_lens}
@@ -304,13 +323,13 @@ async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ..
     rows: dict[int, dict] = {n: {"prompt_len": n} for n in prompt_lens}
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="afkv-bench-pd-handoff-") as tmp:
-        with Deployment(_handoff_config(Path(tmp) / "colocated.toml", False, device_memory_mib), model) as dep:
+        with Deployment(_handoff_config(Path(tmp) / "colocated.toml", False, device_memory_mib, devices), model) as dep:
             async with await afkv.attach(dep.address, token=dep.token, peer_timeout_s=600) as engine:
                 for n in prompt_lens:  # each length after a warm-up of its own: its kernels' first compilation
                     rows[n]["colocated_first_ttft_s"] = (await engine.complete(prompts[n][::-1], params)).metrics.ttft_s
                     m = (await engine.complete(prompts[n], params)).metrics
                     rows[n]["colocated_ttft_s"] = m.ttft_s
-        with Deployment(_handoff_config(Path(tmp) / "pd.toml", True, device_memory_mib), model) as dep:
+        with Deployment(_handoff_config(Path(tmp) / "pd.toml", True, device_memory_mib, devices), model) as dep:
             async with await afkv.attach(dep.address, token=dep.token, peer_timeout_s=600) as engine:
                 for n in prompt_lens:
                     # Warm-up of this length just before it (as the measured pair: decode node 0, then
@@ -330,11 +349,12 @@ async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ..
                         raise RuntimeError(f"{n} tokens: the cold and warm requests did not go to decode nodes 0 "
                                            f"and 1 ({delta(0, 'bytes_handoff_received')} and {nbytes} bytes received)")
                     in_device = delta(1, "handoff_received_device_blocks")
-                    path = "host" if not cuda else "device" if in_device == delta(1, "handoff_received_blocks") \
-                        else "pinned"
+                    blocks = delta(1, "handoff_received_blocks")
+                    path = "host" if not cuda else "peer" if delta(1, "handoff_received_nccl_blocks") == blocks \
+                        else "device" if in_device == blocks else "pinned"
                     r = rows[n]
                     r |= {"handoff_bytes": nbytes, "handoff_tokens": warm.num_handoff_tokens,
-                          "carrier": "CUDA IPC" if path == "device" else "host memory",
+                          "carrier": CARRIERS[path],
                           "cold_ttft_s": cold.ttft_s, "cold_handoff_s": cold.handoff_end_s - cold.arrival_s,
                           "cold_last_block_to_first_token_s": cold.first_token_s - cold.handoff_end_s,
                           "warm_handoff_s": warm.handoff_end_s - warm.arrival_s,
@@ -346,7 +366,7 @@ async def run_handoff_bench(model: str | None = None, prompt_lens: tuple[int, ..
                           "new_staging_buffers": delta(0, "handoff_staging_buffers") + delta(1, "handoff_staging_buffers")}
                     r["warm_handoff_gbs"] = nbytes / r["warm_handoff_s"] / 1e9
                     r["warm_transfer_gbs"] = nbytes / r["warm_transfer_s"] / 1e9
-                    r["limit_gbs"], r["limit_path"] = _copy_limit_gbs(nbytes, path), LIMIT_PATHS[path]
+                    r["limit_gbs"], r["limit_path"] = _copy_limit_gbs(nbytes, path, devices), LIMIT_PATHS[path]
                     r["share_of_limit"] = r["warm_handoff_gbs"] / r["limit_gbs"]
                     r["last_block_to_first_token_vs_colocated_ttft"] = (r["cold_last_block_to_first_token_s"]
                                                                         / r["colocated_ttft_s"])

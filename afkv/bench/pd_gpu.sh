@@ -15,7 +15,9 @@
 #   afkv/bench/pd_gpu.sh OUT
 #
 # Run from the repository root with it on PYTHONPATH. ROWS_S (default 25; 0: skip), HANDOFF_S
-# (default 110), TESTS_S (0: skip), MODEL, PROMPT_LENS override.
+# (default 110), TESTS_S (0: skip), MODEL, PROMPT_LENS override. Two GPUs: DEVICES=cuda:0,cuda:1
+# puts the decode nodes on the first and the prefill node on the second (the NCCL carrier; the
+# limit is then one peer copy between the GPUs), and the tests include the two-GPU 1P1D.
 set -u
 OUT=${1:?usage: pd_gpu.sh OUT}
 mkdir -p "$OUT"
@@ -40,7 +42,7 @@ fi
 
 echo "== pd-handoff (at $((SECONDS - start)) s)"
 timeout "${HANDOFF_S:-110}" python3 -m afkv.cli bench pd-handoff --model "${MODEL:-random:qwen3-30b-a3b-16e}" \
-    --prompt-lens "${PROMPT_LENS:-1024,4096,8000}" --device-memory-mib 4096 \
+    --prompt-lens "${PROMPT_LENS:-1024,4096,8000}" --device-memory-mib 4096 ${DEVICES:+--devices "$DEVICES"} \
     --json "$OUT/pd-handoff.json" >"$OUT/pd-handoff.txt" 2>&1
 echo "   exit $? after $((SECONDS - start)) s"
 tail -n 12 "$OUT/pd-handoff.txt"

@@ -375,7 +375,7 @@ class KVManager:
             self.pool.register(table[i], awaited.pop(i))  # False: another block holds it; this one stays private
         self.metrics.counters["handoff_received_blocks"] += len(indices)
         if rows.is_cuda:
-            self.metrics.counters["handoff_received_device_blocks"] += len(indices)  # CUDA IPC: never left the GPU
+            self.metrics.counters["handoff_received_device_blocks"] += len(indices)  # CUDA IPC or NCCL: no host copy
         self.metrics.counters["bytes_handoff_received"] += len(indices) * fmt.nbytes
         return job
 

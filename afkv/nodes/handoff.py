@@ -29,16 +29,22 @@ Protocol (control-plane messages, afkv.transport.control; the decode node is the
 
     decode -> prefill  request {"type": "prefill", "hid", "token_ids", "want": [[index, hash]],
                        "format": name, "digest": the format's digest, "segment": offer or None,
-                       "device_segment": offer or None} -> {"type": "ack", "carrier": "device" |
-                       "segment" | "frames"} once started (what the rows will take); an offer
-                       names the link's staging buffer (a RowSegment's {"name", "rows"}, a
-                       DeviceSegment's CUDA IPC fields with its "id") and "slots": the row of
-                       the k-th block asked for (table order)
+                       "device_segment": offer or None, "nccl": offer or None} -> {"type":
+                       "ack", "carrier": "device" | "nccl" | "segment" | "frames"} once started
+                       (what the rows will take); an offer names the link's staging buffer (a
+                       RowSegment's {"name", "rows"}, a DeviceSegment's CUDA IPC fields with its
+                       "id"; for nccl the link communicator's unique "id", the decode GPU's
+                       "gpu" and the buffer's "rows") and "slots": the row of the k-th block
+                       asked for (table order)
+    prefill -> decode  {"type": "nccl_joining", "hid", "comm": id}  before the ack, when the
+                       prefill node joins the offered communicator: the decode node joins too
     prefill -> decode  {"type": "kv_blocks", "hid", "indices", "hashes", "crcs", "rows"}  as
                        blocks fill, at most ROWS_FRAME_BYTES of rows each; or, with the rows
                        written into the segment's slots, {..., "in_segment": true} and no rows;
                        or, written into the device segment's slots, {..., "in_device": true},
-                       no rows and no checksums
+                       no rows and no checksums; or, sent over the link's communicator,
+                       {..., "in_nccl": true}, no rows and no checksums (the decode node posts
+                       the matching receive as the message arrives)
                        then exactly one of {"type": "prefill_done", "hid"}, {"type":
                        "prefill_failed", "hid", "error"}, {"type": "prefill_cancelled", "hid"}
     decode -> prefill  {"type": "cancel", "hid"}  notification: the prefill request is aborted;
@@ -58,8 +64,8 @@ asked of the next prefill node; when every node was tried, PrefillUnavailableErr
 way the caller frees what it held (KVManager.free: an awaited block was never registered).
 
 Carriers, chosen per link by what the prefill node can open (the decode node offers what it
-has on a link's first transfer; the prefill node takes the first that works, in this order; later
-transfers offer only that one):
+has on a link's first transfer; the prefill node takes the first that works, in this order: CUDA
+IPC, NCCL, shared memory, frames; later transfers offer only that one):
 
     CUDA IPC (one GPU)      the decode node's KV is on a GPU: its row slots are a device buffer
                             (DeviceSegment), offered as a CUDA IPC handle (torch's CUDA tensor
@@ -76,6 +82,24 @@ transfers offer only that one):
                             crc32 there and its worker copies it into the cache. On CUDA this is the
                             fallback when IPC cannot be opened (another GPU, a platform without CUDA
                             IPC); the copies then go through pageable memory.
+    NCCL (another GPU)      a prefill node on another GPU (of this host or another; CuPy's NCCL
+                            on both): the link's two-rank communicator (NcclLink: decode rank 0,
+                            prefill rank 1), its unique id in the first offer, joined once by
+                            both (the prefill node before its ack, with a deadline: a failed join
+                            acks the next carrier and the decode node drops its end). The decode
+                            node's slots are a device buffer of its GPU (NcclBuffer); the prefill
+                            node's worker exports the rows into a device buffer of its own GPU,
+                            and the link's thread sends them (one NCCL group per kv_blocks
+                            message, a send per run of consecutive slots), in the order of the
+                            messages, which the prefill node sends after enqueueing them; the
+                            decode node's message handler posts the matching receives in that
+                            same order, on its link's thread, and the transfer waits for them
+                            once per message before its worker copies the slots into the cache.
+                            No checksum (device to device). A receive with nothing coming for
+                            prefill_timeout_s, or a prefill node lost, aborts the communicator:
+                            its receives end with PeerLostError, the link drops it (the next
+                            transfer offers a new one) and the transfer goes on elsewhere. The
+                            NCCL calls are behind the `NCCL` seam (CudaNccl), which CPU tests fake.
     frames (other hosts)    rows inline in the kv_blocks messages (at most ROWS_FRAME_BYTES each),
                             when the prefill node can open neither.
 
@@ -94,23 +118,26 @@ free gets a grown buffer (every slot in flight + its own), the old one retired.
 
 Why CUDA IPC rather than pinned host memory on one GPU: the rows never cross PCIe (two D2D copies
 at HBM speed instead of D2H + H2D at ~25 GB/s each way), no checksum is needed, and no page
-pinning. The NCCL carrier between two GPUs (a peer per (prefill, decode) pair, rows as one
-send/recv on a copy stream) is designed, not built.
+pinning. The NCCL carrier has run on CPU with its NCCL calls faked only, not yet on two GPUs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import mmap
 import os
 import re
 import secrets
+import threading
+import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import torch
@@ -269,6 +296,195 @@ def open_device_segment(offer: object, nbytes: int, device: torch.device) -> tup
         return None
 
 
+class NcclBuffer:
+    """Decode side, NCCL: a device buffer of row slots on this node's GPU that the link's
+    communicator receives into (nothing is shared with another process: no handle, no id)."""
+
+    kind = "nccl"
+
+    def __init__(self, num_rows: int, nbytes: int, device: torch.device):
+        self.num_rows = num_rows
+        self.rows = torch.empty((num_rows, nbytes), dtype=torch.uint8, device=device)  # [num_rows, nbytes]
+        self.offer = {"rows": num_rows, "nbytes": nbytes}
+
+    def answered(self, opened: bool) -> None:
+        """Nothing to release: the prefill node opens nothing of it."""
+
+    def close(self) -> None:
+        """Nothing to do: the memory goes with the last view of `rows`."""
+
+
+class CudaNccl:
+    """The NCCL primitives of the nccl carrier (afkv.transport.nccl through CuPy's libnccl): the
+    seam `NCCL` names, which a CPU test replaces with a fake of the same methods."""
+
+    def gpu(self, device: torch.device) -> str | None:
+        """This device's identity for NCCL (its GPU's UUID: NCCL refuses two ranks on one GPU),
+        None when the carrier cannot run here (not CUDA, or no CuPy NCCL)."""
+        return _gpu_identity(device) if device.type == "cuda" else None
+
+    def new_id(self) -> str:
+        from afkv.transport.nccl import new_unique_id
+
+        return new_unique_id()
+
+    def join(self, unique_id: str, rank: int, device: torch.device) -> CudaChannel:
+        """Blocks until the other rank joins (call it on a thread of its own)."""
+        from afkv.transport.nccl import NcclPeer
+
+        return CudaChannel(NcclPeer(unique_id, rank, device), device)
+
+
+class CudaChannel:
+    """One end of a link's two-rank communicator: moves lists of contiguous uint8 views, as one
+    NCCL group on a stream of its own, and waits for them with a deadline (then aborts)."""
+
+    def __init__(self, peer, device: torch.device):
+        self._peer, self._device = peer, device
+        with torch.cuda.device(device):
+            self._stream = torch.cuda.Stream(device)
+        self.aborted = False
+
+    def send(self, views: list[torch.Tensor], timeout_s: float) -> None:
+        self._move(self._peer.send, views, timeout_s)
+
+    def recv(self, views: list[torch.Tensor], timeout_s: float) -> None:
+        self._move(self._peer.recv, views, timeout_s)
+
+    def _move(self, op: Callable, views: list[torch.Tensor], timeout_s: float) -> None:
+        with torch.cuda.device(self._device):
+            with self._peer.group():
+                for v in views:
+                    op(v, self._stream)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+            deadline = time.monotonic() + timeout_s
+            while not done.query():  # once per kv_blocks message, on the link's thread
+                if self.aborted:
+                    break
+                if time.monotonic() > deadline:
+                    self.abort()
+                    raise errors.PeerLostError(f"NCCL hand-off: no progress within {timeout_s:.0f} s; "
+                                               "communicator aborted")
+                time.sleep(0.0002)
+        if self.aborted:  # the kernels of an aborted communicator end without their bytes
+            raise errors.PeerLostError("NCCL hand-off: the link's communicator was aborted")
+
+    def abort(self) -> None:
+        self.aborted = True
+        self._peer.abort()
+
+    def close(self) -> None:
+        self._peer.close()
+
+
+@functools.cache
+def _gpu_identity(device: torch.device) -> str | None:
+    """(CudaNccl.gpu, once per device: the first call imports CuPy.)"""
+    from afkv.transport.nccl import nccl_module
+
+    try:
+        nccl_module()
+    except errors.TransportError:
+        return None
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+NCCL = CudaNccl()  # the seam: tests put a fake here
+
+
+async def moved(move: Future) -> None:
+    """Wait for an NcclLink move; one cancelled by the link's abort is its PeerLostError."""
+    try:
+        await asyncio.wrap_future(move)
+    except asyncio.CancelledError:
+        if not move.cancelled():
+            raise  # this waiter was cancelled
+        raise errors.PeerLostError("NCCL hand-off: the link's communicator was aborted") from None
+
+
+class NcclLink:
+    """One side of a (decode node, prefill node) link's communicator (decode rank 0, prefill
+    rank 1), made from the unique id of the link's first nccl offer. `start` joins it on a
+    daemon thread of its own (creation blocks until both ranks join; a thread stuck there
+    cannot be stopped, so it holds no pool's worker); `move` then runs sends (prefill) or
+    receives (decode) one at a time on the link's thread, in the order they are submitted:
+    both sides submit in the order of the connection's kv_blocks messages, so every send meets
+    its receive. `abort` ends it: pending and later moves fail with PeerLostError."""
+
+    def __init__(self, nccl, unique_id: str, rank: int, device: torch.device, timeout_s: float):
+        self.uid, self.rank, self.device, self.timeout_s = unique_id, rank, device, timeout_s
+        self._nccl = nccl
+        self.joined: Future = Future()
+        self.aborted = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"afkv-nccl{rank}")
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            threading.Thread(target=self._join, name=f"afkv-nccl-join{self.rank}", daemon=True).start()
+
+    def _join(self) -> None:
+        try:
+            channel = self._nccl.join(self.uid, self.rank, self.device)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the link
+            self.joined.set_exception(exc)
+            return
+        self.joined.set_result(channel)
+        if self.aborted:
+            channel.abort()
+
+    def move(self, send: bool, views: list[torch.Tensor]) -> Future:
+        """Send (or receive into) `views` after every move submitted before -> its Future
+        (PeerLostError when the link is aborted, or the peer is silent for timeout_s)."""
+        try:
+            return self._pool.submit(self._move, send, views)
+        except RuntimeError:  # aborted: the pool is shut down
+            failed: Future = Future()
+            failed.set_exception(errors.PeerLostError("NCCL hand-off: the link's communicator was aborted"))
+            return failed
+
+    def _move(self, send: bool, views: list[torch.Tensor]) -> None:
+        try:
+            channel = self.joined.result(self.timeout_s)
+        except FutureTimeout as exc:
+            self.abort()
+            raise errors.PeerLostError(f"NCCL hand-off: the communicator was not joined within "
+                                       f"{self.timeout_s:.0f} s") from exc
+        except Exception as exc:
+            raise errors.PeerLostError(f"NCCL hand-off: no communicator: {exc}") from exc
+        if self.aborted:
+            raise errors.PeerLostError("NCCL hand-off: the link's communicator was aborted")
+        try:
+            (channel.send if send else channel.recv)(views, self.timeout_s)
+        except errors.TransportError as exc:  # the communicator is out of step from here: no more moves
+            self.abort()
+            raise errors.PeerLostError(f"NCCL hand-off failed: {exc}") from exc
+
+    def abort(self) -> None:
+        """Drop the communicator: moves in progress end (their kernels abort), later ones fail."""
+        if self.aborted:
+            return
+        self.aborted = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.joined.done() and self.joined.exception() is None:
+            threading.Thread(target=self.joined.result().abort, name="afkv-nccl-abort", daemon=True).start()
+
+
+def runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Runs of consecutive slots -> [(first k, first slot, length)]: one NCCL send/receive each
+    (both sides cut a kv_blocks message's rows the same way: by the decode node's slots)."""
+    out: list[tuple[int, int, int]] = []
+    for k, s in enumerate(slots):
+        if out and out[-1][1] + out[-1][2] == s:
+            k0, s0, n = out[-1]
+            out[-1] = (k0, s0, n + 1)
+        else:
+            out.append((k, s, 1))
+    return out
+
+
 class Lease:
     """Slots `slots` of a Staging buffer, held by one transfer (slot k: the k-th block asked
     for). They go back to the staging only when both writer and reader are done with them:
@@ -281,6 +497,7 @@ class Lease:
     def __init__(self, staging: Staging, buffer: DeviceSegment | RowSegment, slots: list[int]):
         self.staging, self.buffer, self.slots = staging, buffer, slots
         self.slot_of: dict[int, int] = {}  # block table index -> its slot (set by the transfer)
+        self.link: NcclLink | None = None  # nccl: the communicator the transfer was offered on
         self._imports: list[Future] = []
         self._writer_done = False
         self._released = False
@@ -381,13 +598,14 @@ def blocks_to_wire(hid: int, indices: Sequence[int], hashes: Sequence[BlockHash]
                    carrier: str) -> list[dict]:
     """kv_blocks messages for rows uint8 [n, nbytes] of table entries `indices`. carrier
     "device": the rows are already in the decode node's device segment (one message, no
+    checksums); "nccl": they are being sent over the link's communicator (one message, no
     checksums); "segment": already in its shared-memory segment (one message, with their
     checksums); "frames": the rows travel in messages of at most ROWS_FRAME_BYTES of rows each
     (at least one row)."""
     n, nbytes = rows.shape
-    if carrier == "device":
+    if carrier in ("device", "nccl"):
         return [{"type": "kv_blocks", "hid": hid, "indices": list(indices), "hashes": list(hashes), "crcs": [],
-                 "in_device": True}]
+                 f"in_{carrier}": True}]
     crcs = row_checksums(rows)
     if carrier == "segment":
         return [{"type": "kv_blocks", "hid": hid, "indices": list(indices), "hashes": list(hashes), "crcs": crcs,
@@ -406,7 +624,8 @@ def blocks_from_wire(msg: dict, want: dict[int, BlockHash], fmt: BlockFormat, le
     buffer of another kind than the lease's."""
     try:
         indices, hashes, crcs = [int(i) for i in msg["indices"]], list(msg["hashes"]), list(msg["crcs"])
-        in_device, in_segment = bool(msg.get("in_device")), bool(msg.get("in_segment"))
+        in_nccl = bool(msg.get("in_nccl"))
+        in_device, in_segment = bool(msg.get("in_device")) or in_nccl, bool(msg.get("in_segment"))
         data = None if in_device or in_segment else msg["rows"]
     except (KeyError, TypeError, ValueError) as exc:
         raise errors.FrameError(f"malformed kv_blocks message: {exc!r}") from exc
@@ -419,13 +638,13 @@ def blocks_from_wire(msg: dict, want: dict[int, BlockHash], fmt: BlockFormat, le
     if len(hashes) != n or len(crcs) != (0 if in_device else n):
         raise errors.CorruptBlockError(f"kv_blocks: {n} indices, {len(hashes)} hashes, {len(crcs)} checksums")
     if data is None:
-        kind = "device" if in_device else "segment"
+        kind = "nccl" if in_nccl else "device" if in_device else "segment"
         if lease is None or lease.staging.kind != kind:
-            raise errors.CorruptBlockError(f"kv_blocks: rows said to be in a {'device ' * in_device}segment, but none "
+            raise errors.CorruptBlockError(f"kv_blocks: rows said to be in a {kind} staging buffer, but none "
                                            "was offered")
         rows, slots = lease.buffer.rows, [lease.slot_of[i] for i in indices]
         if in_device:
-            return indices, rows, slots  # never left the device: nothing to check
+            return indices, rows, slots  # went from device to device: nothing to check
         data = rows.numpy()
         got = [zlib.crc32(data[k]) for k in slots]
     elif isinstance(data, bytes) and len(data) == n * fmt.nbytes:
@@ -452,7 +671,8 @@ class PrefillLinks:
     first used or after it was lost), `_queued` (prompt tokens this node has in flight on each
     prefill node: the routing load), `_queues` (hand-off id -> (node, the queue its messages
     go to), from a transfer's start to its end), `_carrier` (per node, the carrier it took on
-    this connection: None until its first ack), `_stagings` (per node, (kind, row bytes) -> its
+    this connection: None until its first ack), `_nccl` (per node, the link's communicator
+    when the carrier is nccl: NcclLink, None until offered or after it failed), `_stagings` (per node, (kind, row bytes) -> its
     Staging), `_draining` (hand-off id -> (node, leases) of transfers that ended here before
     the prefill node's terminal message: their slots wait for it)."""
 
@@ -470,6 +690,9 @@ class PrefillLinks:
         self._carrier: list[str | None] = [None] * d.prefill_nodes
         self._stagings: list[dict[tuple[str, int], Staging]] = [{} for _ in range(d.prefill_nodes)]
         self._draining: dict[int, tuple[int, list[Lease]]] = {}
+        self._nccl: list[NcclLink | None] = [None] * d.prefill_nodes
+        self._linking = [asyncio.Lock() for _ in range(d.prefill_nodes)]  # one communicator made at a time
+        self._nccl_leases: dict[int, Lease] = {}  # hand-off id -> its nccl lease, while in _queues
         self._hids = itertools.count()
         self._watchers: set[asyncio.Task] = set()
         self._store = None
@@ -527,12 +750,46 @@ class PrefillLinks:
         """Forget prefill node j's carrier and stagings (its connection ended): their buffers
         are freed when the last lease and the prefill node's handles let them go."""
         self._carrier[j] = None
+        self._drop_nccl(j)
         for staging in self._stagings[j].values():
             staging.close()
         self._stagings[j] = {}
         for hid, (node, _) in list(self._draining.items()):
             if node == j:
                 del self._draining[hid]  # their buffers are retired: the slots are never handed out again
+
+    def _drop_nccl(self, j: int, link: NcclLink | None = None) -> None:
+        """Abort prefill node j's communicator (`link`, when it is still the link's; default
+        the link's): lost, failed, or out of step; receives posted on it end with PeerLostError.
+        The next transfer negotiates the carrier again (a new communicator, or another carrier
+        when the prefill node cannot join one)."""
+        link = link or self._nccl[j]
+        if link is None:
+            return
+        link.abort()
+        if self._nccl[j] is link:
+            self._nccl[j] = None
+            if self._carrier[j] == "nccl":
+                self._carrier[j] = None
+
+    def _post_recv(self, j: int, lease: Lease | None, msg: dict) -> Future | None:
+        """A kv_blocks message whose rows come over NCCL: post their receive into the lease's
+        slots now, in message order (the order the prefill node sends in), on the communicator
+        the transfer was acked on -> its Future, which the lease waits for before its slots go
+        back. None when no receive can match the send (no nccl lease, a block not asked for):
+        that communicator is out of step and dropped; the transfer fails on the message's checks."""
+        link = None if lease is None else lease.link
+        try:
+            slots = [lease.slot_of[int(i)] for i in msg["indices"]]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            slots = None
+        if link is None or slots is None:
+            self._drop_nccl(j, link)
+            return None
+        rows = lease.buffer.rows  # [num_rows, nbytes]
+        recv = link.move(False, [rows[s:s + n] for _, s, n in runs(slots)])
+        lease.imported(recv)
+        return recv
 
     async def _watch(self, j: int, client: ControlClient) -> None:
         """When the connection to prefill node j ends, end every transfer it was serving."""
@@ -548,6 +805,23 @@ class PrefillLinks:
         if not isinstance(hid, int) or isinstance(hid, bool):
             return None
         entry = self._queues.get(hid)
+        kind = msg.get("type")
+        if kind == "nccl_joining":  # the prefill node joins the communicator offered: join too
+            link = None if entry is None else self._nccl[entry[0]]
+            if link is not None and link.uid == msg.get("comm"):
+                link.start()
+            return None
+        if kind == "prefill_failed" and hid in self._nccl_leases and \
+                isinstance(errors.error_from_wire(msg.get("error")), errors.PeerLostError):
+            lease = self._nccl_leases[hid]  # its sends failed there: that communicator is gone
+            self._drop_nccl(entry[0], lease.link)  # (its receives posted here end now, not at their timeout)
+        if kind == "kv_blocks" and msg.get("in_nccl"):
+            if entry is not None:
+                msg["recv"] = self._post_recv(entry[0], self._nccl_leases.get(hid), msg)
+            elif hid in self._draining:  # cancelled here: the prefill node's send still needs its receive
+                j, leases = self._draining[hid]
+                self._post_recv(j, next((lease for lease in leases if lease.staging.kind == "nccl"), None), msg)
+            return None if entry is None else entry[1].put_nowait(msg)
         if entry is not None:
             entry[1].put_nowait(msg)
         elif hid in self._draining and msg.get("type") in TERMINAL:
@@ -590,10 +864,12 @@ class PrefillLinks:
                       device: torch.device) -> dict[str, Lease]:
         """n slots of each carrier in `kinds` that this node can offer prefill node j."""
         makers = {"device": lambda rows: DeviceSegment(rows, fmt.nbytes, device),
+                  "nccl": lambda rows: NcclBuffer(rows, fmt.nbytes, device),
                   "segment": lambda rows: RowSegment(rows, fmt.nbytes)}
         leases = {}
         for kind in kinds:
-            if kind == "device" and device.type != "cuda" or kind == "segment" and not RowSegment.available():
+            if kind == "device" and device.type != "cuda" or kind == "segment" and not RowSegment.available() \
+                    or kind == "nccl" and NCCL.gpu(device) is None:
                 continue
             staging = self._stagings[j].get((kind, fmt.nbytes))
             if staging is None:
@@ -616,7 +892,8 @@ class PrefillLinks:
             probing = self._carrier[j] is None
             if not probing:
                 probe.release()
-        kinds = ("device", "segment") if self._carrier[j] is None else (self._carrier[j],)
+        negotiating = self._carrier[j] is None
+        kinds = ("device", "nccl", "segment") if negotiating else (self._carrier[j],)
         hid = next(self._hids)
         leases: dict[str, Lease] = {}
         q: asyncio.Queue = asyncio.Queue()
@@ -629,18 +906,32 @@ class PrefillLinks:
             for lease in leases.values():
                 lease.slot_of = dict(zip(sorted(want), lease.slots))
             offers = {kind: {**lease.buffer.offer, "slots": lease.slots} for kind, lease in leases.items()}
+            link = None
+            if "nccl" in leases:
+                async with self._linking[j]:
+                    link = self._nccl[j]
+                    if link is None:  # the link's communicator: its id travels in this offer, joined once
+                        uid = await asyncio.to_thread(NCCL.new_id)
+                        link = self._nccl[j] = NcclLink(NCCL, uid, 0, device, timeout_s)
+                leases["nccl"].link = link
+                self._nccl_leases[hid] = leases["nccl"]
+                offers["nccl"] |= {"id": link.uid, "gpu": NCCL.gpu(device)}
             ack = await client.request({"type": "prefill", "hid": hid, "token_ids": list(token_ids),
                                         "want": [[i, want[i]] for i in sorted(want)], "format": fmt.name,
                                         "digest": fmt.digest, "segment": offers.get("segment"),
-                                        "device_segment": offers.get("device")}, timeout_s=timeout_s)
+                                        "device_segment": offers.get("device"), "nccl": offers.get("nccl")},
+                                       timeout_s=timeout_s)
             carrier = ack.get("carrier")
+            if link is not None and carrier != "nccl":
+                self._nccl_leases.pop(hid, None)
+                self._drop_nccl(j, link)  # not joined there (another carrier, or its creation failed)
             for kind, lease in list(leases.items()):
                 lease.buffer.answered(kind == carrier)
                 if kind != carrier:
                     lease.staging.retire(lease.buffer)  # the prefill node did not open it: not offered again
                     lease.writer_done()  # never written
                     del leases[kind]
-            if self._carrier[j] is None and carrier in ("device", "segment", "frames"):
+            if negotiating and self._carrier[j] is None and carrier in ("device", "nccl", "segment", "frames"):
                 self._carrier[j] = carrier  # the link's stagings of other kinds are not offered again
                 self._stagings[j] = {key: st for key, st in self._stagings[j].items() if key[0] == carrier}
             if probing:
@@ -660,6 +951,8 @@ class PrefillLinks:
                 kind = msg.get("type")
                 if kind == "kv_blocks":
                     indices, rows, slots = blocks_from_wire(msg, want, fmt, lease)
+                    if msg.get("in_nccl"):
+                        await self._received(j, lease.link, msg.get("recv"), len(indices))
                     future = receive(indices, rows, slots)
                     if lease is not None:
                         lease.imported(future)
@@ -680,8 +973,22 @@ class PrefillLinks:
             if probing:
                 probe.release()  # the probe failed: the next transfer tries
             self._queues.pop(hid, None)
+            self._nccl_leases.pop(hid, None)
             self._queued[j] -= len(token_ids)
             await self._end(j, client, hid, list(leases.values()), ended)
+
+    async def _received(self, j: int, link: NcclLink, recv: Future | None, num_blocks: int) -> None:
+        """Wait for a kv_blocks message's NCCL receive (its rows then are in the slots): a
+        failure (the communicator aborted, the prefill node silent past the timeout, no receive
+        posted) drops the link's communicator and is this transfer's PeerLostError."""
+        try:
+            if recv is None:
+                raise errors.PeerLostError("no NCCL receive could be posted for its rows")
+            await moved(recv)
+        except errors.TransportError as exc:
+            self._drop_nccl(j, link)
+            raise errors.PeerLostError(f"prefill node {j}: NCCL hand-off failed: {exc}") from exc
+        self._counters["handoff_received_nccl_blocks"] += num_blocks
 
     async def _end(self, j: int, client: ControlClient, hid: int, leases: list[Lease], ended: bool) -> None:
         """A transfer's end on this side: its slots go back when the prefill node has ended it

@@ -6,7 +6,11 @@ The protocol, checks and faults are afkv.nodes.handoff's (its module docstring).
               the rows straight into the slots named of the decode node's staging buffer: its
               device buffer (CUDA IPC, when this process is on the same GPU) or shared-memory
               segment (when this host has it), opened once per buffer and kept open for the
-              connection; else the rows it yields go in the kv_blocks messages; then
+              connection; or, on another GPU, into a device buffer of this node's, sent over the
+              link's NCCL communicator (joined once per connection: nccl_joining, then the
+              join, before the ack; a failed join acks the next carrier) into the decode node's
+              slots, each kv_blocks message after its send is enqueued (a lock keeps sends and
+              messages in one order); else the rows it yields go in the kv_blocks messages; then
               prefill_done (or prefill_failed with the error, which keeps its class)
     cancel    cancel that stream: the engine aborts the prefill and frees its blocks; once no
               write into the slots is in flight any more, prefill_cancelled (at once for a
@@ -19,17 +23,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import torch
 
 from afkv import errors
 from afkv.engine.engine import Engine
 from afkv.kv.formats import FORMAT_NAMES, BlockFormat, make_format
-from afkv.nodes.handoff import MAX_FRAME_BYTES, blocks_to_wire, open_device_segment, open_segment
+from afkv.nodes import handoff
+from afkv.nodes.handoff import (
+    MAX_FRAME_BYTES,
+    NcclLink,
+    blocks_to_wire,
+    moved,
+    open_device_segment,
+    open_segment,
+    runs,
+)
 from afkv.serve.streams import StreamServer
 from afkv.transport.control import ConnState, ControlConnection, ControlLimits
 
-
+log = logging.getLogger("afkv.serve")
 HEARTBEAT_INTERVAL_S = 1.0
 
 
@@ -48,15 +62,22 @@ class PrefillServer(StreamServer):
                                heartbeat_interval_s=HEARTBEAT_INTERVAL_S, message_bytes={"prefill": prompt_bytes},
                                default_message_bytes=64 * 2**10)
         super().__init__(host, port, token, limits)
-        self.carriers = {"device": 0, "segment": 0, "frames": 0}  # hand-offs started per carrier
+        self.carriers = {"device": 0, "nccl": 0, "segment": 0, "frames": 0}  # hand-offs started per carrier
         self.num_opened = 0  # staging buffers opened (a decode node's link opens one, until it grows it)
         # per connection, carrier -> (the decode node's id of its staging buffer, its rows open
         # here): kept open while the connection lasts, so a transfer opens nothing
         self._opened: dict[ControlConnection, dict[str, tuple[object, torch.Tensor]]] = {}
+        # per connection, the NCCL link to its decode node (the carrier nccl) and the lock that
+        # keeps its sends in the order of their kv_blocks messages
+        self._links: dict[ControlConnection, tuple[NcclLink, asyncio.Lock]] = {}
+        self._client_timeout_s = client_timeout_s
 
     async def aclose(self) -> None:
         await super().aclose()
         self._opened.clear()
+        for link, _ in self._links.values():
+            link.abort()
+        self._links.clear()
 
     async def _handle(self, conn: ControlConnection, msg: dict) -> dict | None:
         kind = msg["type"]
@@ -74,8 +95,9 @@ class PrefillServer(StreamServer):
             if msg.get("digest") != fmt.digest:
                 raise errors.ConfigError("the decode node asks for KV rows of another geometry than this prefill "
                                          "node's (model, dtype or block_size differ)", key="kv")
-            into, slots, carrier = await self._open_carrier(conn, msg, len(want), fmt)
-            self._start(conn, hid, lambda: self._hand_off(conn, hid, token_ids, want, fmt, into, slots, carrier),
+            into, slots, carrier = await self._open_carrier(conn, msg, hid, len(want), fmt)
+            nccl = self._links[conn] if carrier == "nccl" else None  # this transfer's, whatever comes later
+            self._start(conn, hid, lambda: self._hand_off(conn, hid, token_ids, want, fmt, into, slots, carrier, nccl),
                         f"afkv-prefill {hid}")
             return {"type": "ack", "carrier": carrier}
         if kind == "cancel":
@@ -85,20 +107,31 @@ class PrefillServer(StreamServer):
             return None
         raise errors.FrameError(f"prefill node: unknown message type {kind!r}")
 
-    async def _open_carrier(self, conn: ControlConnection, msg: dict, num_rows: int, fmt: BlockFormat
+    async def _open_carrier(self, conn: ControlConnection, msg: dict, hid: int, num_rows: int, fmt: BlockFormat
                             ) -> tuple[torch.Tensor | None, list[int] | None, str]:
-        """The first of the decode node's device buffer, its shared-memory segment, the frames,
-        that this process can open (afkv.nodes.handoff), kept open for the connection under the
-        decode node's id -> (its rows or None, the slots of this transfer, its name)."""
+        """The first of the decode node's device buffer, its NCCL communicator, its shared-memory
+        segment, the frames, that this process can open (afkv.nodes.handoff), kept open for the
+        connection under the decode node's id -> (its rows or None, the slots of this transfer,
+        its name). For nccl: a device buffer of this node's for the rows, and the decode node's
+        slots (where the sends go)."""
         for gone in [c for c in self._opened if c.state is ConnState.CLOSED]:
             del self._opened[gone]  # a decode node's buffers are let go with its connection
+        for gone in [c for c in self._links if c.state is ConnState.CLOSED]:
+            self._links.pop(gone)[0].abort()
         opened = self._opened.setdefault(conn, {})
-        for carrier in ("device", "segment"):
-            offer = msg.get("device_segment" if carrier == "device" else "segment")
+        for carrier in ("device", "nccl", "segment"):
+            offer = msg.get({"device": "device_segment"}.get(carrier, carrier))
             if offer is None:
                 continue
             if not isinstance(offer, dict):
                 raise errors.FrameError(f"a prefill message's {carrier} offer is not a map")
+            if carrier == "nccl":
+                rows = offer.get("rows")
+                if not isinstance(rows, int) or not await self._join(conn, offer, hid):
+                    continue
+                into = await asyncio.to_thread(torch.empty, (num_rows, fmt.nbytes), dtype=torch.uint8,
+                                               device=self.engine.kv_manager.kv.device)  # [num_rows, nbytes]: here
+                return into, _slots_from_wire(offer.get("slots"), num_rows, rows), "nccl"
             key = offer.get("id" if carrier == "device" else "name")
             if carrier not in opened or opened[carrier][0] != key:
                 opened.pop(carrier, None)  # an older buffer of this link: let go (transfers in flight keep theirs)
@@ -116,23 +149,80 @@ class PrefillServer(StreamServer):
             return rows, _slots_from_wire(offer.get("slots"), num_rows, rows.shape[0]), carrier
         return None, None, "frames"
 
+    async def _join(self, conn: ControlConnection, offer: dict, hid: int) -> bool:
+        """The connection's NCCL link for the offer's communicator id: kept when joined already;
+        else (on another GPU than the decode node's, with NCCL here) tell the decode node
+        (nccl_joining: it joins too) and join within the timeout -> whether the link is up."""
+        uid, device = offer.get("id"), self.engine.kv_manager.kv.device
+        held = self._links.get(conn)
+        if held is not None and held[0].uid == uid:
+            return not held[0].aborted
+        if held is not None:
+            self._links.pop(conn)[0].abort()  # the decode node dropped that one
+        gpu = await asyncio.to_thread(handoff.NCCL.gpu, device)
+        if not isinstance(uid, str) or gpu is None or offer.get("gpu") in (None, gpu):
+            return False  # no NCCL here, or the same GPU (NCCL refuses two ranks on one GPU)
+        link = NcclLink(handoff.NCCL, uid, 1, device, self._client_timeout_s)
+        await conn.send({"type": "nccl_joining", "hid": hid, "comm": uid})
+        link.start()
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(link.joined), self._client_timeout_s)
+        except (TimeoutError, errors.AfkvError, RuntimeError, OSError) as exc:
+            log.warning("cannot join the decode node's NCCL communicator (%s): rows take the next carrier", exc)
+            link.abort()
+            return False
+        self._links[conn] = (link, asyncio.Lock())
+        return True
+
     async def _hand_off(self, conn: ControlConnection, hid: int, token_ids: list, want: dict, fmt: BlockFormat,
-                        into: torch.Tensor | None, slots: list[int] | None, carrier: str) -> None:
+                        into: torch.Tensor | None, slots: list[int] | None, carrier: str,
+                        nccl: tuple[NcclLink, asyncio.Lock] | None = None) -> None:
         """`into`: the decode node's staging rows that `carrier` names (block k asked for, in
-        table order, goes to its row slots[k]), or None: rows go in the frames. Ends with
+        table order, goes to its row slots[k]), or None: rows go in the frames; for nccl, a
+        buffer of this node's (block k in its row k) sent over `nccl` (the link and the lock
+        that keeps sends in message order) into the decode node's slots[k]. Ends with
         prefill_done, prefill_failed (StreamServer) or, cancelled, prefill_cancelled once no
         write into `into` is in flight any more (the decode node then reuses the slots)."""
         self.carriers[carrier] += 1
+        slot_of = dict(zip(sorted(want), slots)) if nccl is not None else {}
+        sends = []  # NCCL: the sends enqueued, one per batch (rows in this node's `into`)
         try:
-            async with contextlib.aclosing(self.engine.export_prefill(token_ids, want, fmt, into, slots)) as batches:
+            async with contextlib.aclosing(self.engine.export_prefill(token_ids, want, fmt, into,
+                                                                      None if nccl else slots)) as batches:
                 async for batch in batches:
-                    for frame in blocks_to_wire(hid, batch.indices, batch.hashes, batch.rows, carrier):
-                        await conn.send(frame)
+                    frames = blocks_to_wire(hid, batch.indices, batch.hashes, batch.rows, carrier)
+                    if nccl is None:
+                        for frame in frames:
+                            await conn.send(frame)
+                        continue
+                    link, in_order = nccl
+                    rows = batch.rows  # [n, nbytes], contiguous: the batch's slots of `into`
+                    async with in_order:  # the decode node posts receives in message order
+                        sends.append(link.move(True, [rows[k:k + n] for k, _, n in
+                                                      runs([slot_of[i] for i in batch.indices])]))
+                        await conn.send(frames[0])
+            for send in sends:
+                await moved(send)
             await conn.send({"type": "prefill_done", "hid": hid})
         except asyncio.CancelledError:  # (even during prefill_done's send: one more end message does no harm)
+            await _settled(sends)  # the decode node reuses its slots at prefill_cancelled
             with contextlib.suppress(errors.TransportError):
                 await conn.send({"type": "prefill_cancelled", "hid": hid})
             raise
+        except errors.PeerLostError as exc:
+            if nccl is None or conn.state is ConnState.CLOSED:
+                raise
+            await _settled(sends)
+            if self._links.get(conn) is nccl:
+                del self._links[conn]  # the link aborted itself: the decode node offers a new one
+            await self._fail(conn, hid, exc)  # the decode node is there: tell it
+
+
+async def _settled(futures: list) -> None:
+    """Wait until every future is done, whatever its outcome."""
+    pending = [asyncio.wrap_future(f) for f in futures if not f.done()]
+    if pending:
+        await asyncio.wait(pending)
 
 
 def _slots_from_wire(wire: object, num_blocks: int, num_rows: int) -> list[int]:

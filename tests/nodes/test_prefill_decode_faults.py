@@ -203,7 +203,7 @@ async def test_one_staging_segment_serves_every_transfer_of_a_link(model):
             got += [c.token_ids for c in await asyncio.gather(*(decode.complete(p, PARAMS) for p in prompts[3:]))]
         assert got == expected
         assert staging.num_buffers <= 2 and servers[0].num_opened == staging.num_buffers
-        assert servers[0].carriers == {"device": 0, "segment": 6, "frames": 0}
+        assert servers[0].carriers == {"device": 0, "nccl": 0, "segment": 6, "frames": 0}
         await wait_until(lambda: staging._leased == 0, what="staging slots given back")
         assert all_free(decode)
 

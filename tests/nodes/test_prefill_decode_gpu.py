@@ -3,7 +3,8 @@ expert node there too). The rows cross through CUDA IPC (afkv.nodes.handoff.Devi
 the decode node's device buffer of row slots, which the prefill node's worker fills device ->
 device), land in the decode node's GPU cache on its worker (KVManager.receive), greedy tokens
 equal the colocated engine's on the same GPU, only the blocks the decode node lacks cross, and
-the link's staging buffer is allocated once and reused (grown when transfers at once need more)."""
+the link's staging buffer is allocated once and reused (grown when transfers at once need more).
+Two GPUs (test_1p1d_over_nccl_between_two_gpus): the prefill node on cuda:1, the rows over NCCL."""
 
 import asyncio
 import dataclasses
@@ -121,3 +122,100 @@ def test_declined_device_segment_is_freed():
     del seg
     torch.cuda.ipc_collect()
     assert torch.cuda.memory_allocated(device) == baseline
+
+
+def test_1p1d_over_nccl_between_two_gpus(tiny_dir, tmp_path):
+    """Two GPUs, PD: the prefill node on cuda:1, the decode node on cuda:0. The rows cross over
+    the link's NCCL communicator (afkv.nodes.handoff, carrier nccl: joined once, received into
+    the decode node's device staging slots), greedy tokens equal the colocated engine's on
+    cuda:0, every block received came over NCCL, and the staging slots are given back."""
+    pytest.importorskip("cupy")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    model = str(tiny_dir["qwen3_moe"])
+    path = tmp_path / "pd-nccl.toml"
+    path.write_text("""
+[model]
+dtype = "float32"
+device = "cuda:0"
+[kv]
+block_size = 4
+num_blocks = 256
+[scheduler]
+max_num_batched_tokens = 24
+[deployment]
+attention_nodes = 1
+expert_nodes = 0
+prefill_nodes = 1
+port = 0
+attention_devices = ["cuda:0"]
+prefill_devices = ["cuda:1"]
+prefill_timeout_s = 30.0
+""")
+    prompts = prompts_with_shared_prefixes()
+    more = [random_prompt(n, 256, seed=300 + n) for n in (17, 33, 50)]
+    cfg = EngineConfig.from_toml(path)
+
+    async def run():
+        async with Engine(model, dataclasses.replace(cfg, deployment=None), progress=False) as e:
+            expected = [(await e.complete(p, PARAMS)).token_ids for p in prompts + more]
+        with Deployment(path, model, start_attention=False) as dep:
+            pd = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port, token=dep.token))
+            async with Engine(model, pd, progress=False) as e:
+                got = [(await e.complete(p, PARAMS)).token_ids for p in prompts]
+                got += [c.token_ids for c in await asyncio.gather(*(e.complete(p, PARAMS) for p in more))]
+                assert got == expected
+                counters = e.kv_metrics().counters
+                assert counters["handoff_received_blocks"] == sum(expected_transfers(prompts)) + 4 + 8 + 12
+                assert counters.get("handoff_received_nccl_blocks", 0) == counters["handoff_received_blocks"]
+                [staging] = e._prefill.stagings(0)
+                assert staging.kind == "nccl"
+                deadline = time.monotonic() + 20
+                while staging._leased and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert staging._leased == 0
+                e.kv_manager.check_invariants()
+
+    asyncio.run(run())
+
+
+def test_nccl_link_moves_runs_of_rows_and_aborts_a_posted_receive():
+    """The nccl carrier's primitives alone (afkv.nodes.handoff.CudaNccl through NcclLink), two
+    ranks in this process on cuda:1 (sender) and cuda:0 (receiver): rows cut into runs of
+    slots arrive intact, in submission order; then a receive posted with nothing sent ends with
+    PeerLostError once its link is aborted, well before its timeout."""
+    pytest.importorskip("cupy")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from concurrent.futures import wait
+
+    from afkv.errors import PeerLostError
+    from afkv.nodes.handoff import NCCL, NcclLink, runs
+
+    d0, d1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert NCCL.gpu(d0) != NCCL.gpu(d1) and NCCL.gpu(d0) is not None
+    uid = NCCL.new_id()
+    recv_link, send_link = NcclLink(NCCL, uid, 0, d0, 60.0), NcclLink(NCCL, uid, 1, d1, 60.0)
+    recv_link.start()
+    send_link.start()
+    wait([recv_link.joined, send_link.joined], timeout=60)
+    assert recv_link.joined.result(0) and send_link.joined.result(0)
+    g = torch.Generator(device=d1).manual_seed(0)
+    rows = torch.randint(0, 255, (6, 4096), dtype=torch.uint8, device=d1, generator=g)  # [6, nbytes]
+    slots = [[3, 4, 5], [0, 7, 8]]  # two messages: one run, then two
+    staging = torch.zeros((9, 4096), dtype=torch.uint8, device=d0)
+    moves = []
+    for m, dest in enumerate(slots):
+        part = rows[3 * m:3 * m + 3]
+        moves.append(send_link.move(True, [part[k:k + n] for k, _, n in runs(dest)]))
+        moves.append(recv_link.move(False, [staging[s:s + n] for _, s, n in runs(dest)]))
+    for f in moves:
+        f.result(60)
+    assert torch.equal(staging[[3, 4, 5, 0, 7, 8]].cpu(), rows.cpu())
+    posted = recv_link.move(False, [staging[0:1]])  # nothing will come
+    t = time.monotonic()
+    recv_link.abort()
+    with pytest.raises(PeerLostError):
+        posted.result(30)
+    assert time.monotonic() - t < 30
+    send_link.abort()
