@@ -27,6 +27,32 @@ def _needs_gpu():
         pytest.skip("needs a GPU")
 
 
+def _write_config(path, experts: int, prefill_device: str):
+    """A PD deployment's config at `path`: the decode node (and `experts` expert nodes) on
+    cuda:0, one prefill node on `prefill_device`."""
+    path.write_text(f"""
+[model]
+dtype = "float32"
+device = "cuda:0"
+[kv]
+block_size = 4
+num_blocks = 256
+[scheduler]
+max_num_batched_tokens = 24
+[deployment]
+attention_nodes = 1
+expert_nodes = {experts}
+prefill_nodes = 1
+port = 0
+attention_devices = ["cuda:0"]
+expert_devices = {["cuda:0"] * experts}
+prefill_devices = ["{prefill_device}"]
+expert_timeout_s = 30.0
+prefill_timeout_s = 30.0
+""".replace("'", '"'))
+    return path
+
+
 async def _settled(baseline: int, timeout_s: float = 20.0) -> int:
     """torch.cuda.memory_allocated() once it is back to `baseline` (device segments are freed
     when the prefill node has let them go, which it does after its last message), or after
@@ -44,27 +70,7 @@ async def _settled(baseline: int, timeout_s: float = 20.0) -> int:
 def test_pd_on_one_gpu_matches_colocated(tiny_dir, tmp_path, experts):
     _needs_gpu()
     model = str(tiny_dir["qwen3_moe"])
-    path = tmp_path / "pd-gpu.toml"
-    path.write_text(f"""
-[model]
-dtype = "float32"
-device = "cuda:0"
-[kv]
-block_size = 4
-num_blocks = 256
-[scheduler]
-max_num_batched_tokens = 24
-[deployment]
-attention_nodes = 1
-expert_nodes = {experts}
-prefill_nodes = 1
-port = 0
-attention_devices = ["cuda:0"]
-expert_devices = {["cuda:0"] * experts}
-prefill_devices = ["cuda:0"]
-expert_timeout_s = 30.0
-prefill_timeout_s = 30.0
-""".replace("'", '"'))
+    path = _write_config(tmp_path / "pd-gpu.toml", experts, "cuda:0")
     prompts = prompts_with_shared_prefixes()
     more = [random_prompt(n, 256, seed=300 + n) for n in (17, 33, 50)]  # new prompts: 4, 8, 12 blocks cross
     cfg = EngineConfig.from_toml(path)
@@ -133,25 +139,7 @@ def test_1p1d_over_nccl_between_two_gpus(tiny_dir, tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     model = str(tiny_dir["qwen3_moe"])
-    path = tmp_path / "pd-nccl.toml"
-    path.write_text("""
-[model]
-dtype = "float32"
-device = "cuda:0"
-[kv]
-block_size = 4
-num_blocks = 256
-[scheduler]
-max_num_batched_tokens = 24
-[deployment]
-attention_nodes = 1
-expert_nodes = 0
-prefill_nodes = 1
-port = 0
-attention_devices = ["cuda:0"]
-prefill_devices = ["cuda:1"]
-prefill_timeout_s = 30.0
-""")
+    path = _write_config(tmp_path / "pd-nccl.toml", 0, "cuda:1")
     prompts = prompts_with_shared_prefixes()
     more = [random_prompt(n, 256, seed=300 + n) for n in (17, 33, 50)]
     cfg = EngineConfig.from_toml(path)
