@@ -277,11 +277,22 @@ def paged_decode_attention_quantized(q: torch.Tensor, cache: QuantizedKVCache, l
     return paged_decode_attention(q, scratch, 0, ids, context_lens, sliding_window)
 
 
+QUANT_PART_BLOCKS = 4096  # blocks of a part before every query dequantized at a time (the reference's scratch)
+
+
 def paged_attention_partial_quantized(q: torch.Tensor, cache: QuantizedKVCache, layer: int, block_ids: torch.Tensor,
                                       context_len: int, causal: bool = True) -> Partial:
     """paged_attention_partial over a quantized cache (the torch reference of the fused kernel's
     prefill partial): the blocks are dequantized into a scratch buffer first (int8 / int4
-    rotated back: the query and output stay in the model's channels)."""
+    rotated back: the query and output stay in the model's channels). A part before every query
+    (causal False: a streamed context, as long as host memory) is taken QUANT_PART_BLOCKS
+    blocks at a time, their partials merged, so the scratch does not grow with it."""
+    step, bs = QUANT_PART_BLOCKS, cache.spec.block_size
+    if not causal and block_ids.shape[0] > step:
+        return merge_partials([
+            paged_attention_partial_quantized(q, cache, layer, block_ids[a : a + step],
+                                              min(context_len - a * bs, step * bs), causal=False)
+            for a in range(0, block_ids.shape[0], step) if a * bs < context_len])
     scratch = gather_layer(cache, layer, block_ids)[:, None]  # [nb, 1, 2, bs, Hkv, D]
     ids = torch.arange(block_ids.shape[0], device=q.device)  # [nb]
     return paged_attention_partial(q, scratch, 0, ids, context_len, causal)

@@ -787,6 +787,27 @@ def test_prefill_partials_over_a_streamed_ring_slot_match_the_reference(device, 
     assert torch.isinf(empty.lse).all() and (empty.out == 0).all()
 
 
+@pytest.mark.parametrize("kind", _QUANT_KINDS)
+def test_the_reference_takes_a_long_streamed_part_in_pieces(kind, monkeypatch):
+    """The torch reference dequantizes a part before every query QUANT_PART_BLOCKS blocks at a
+    time (its scratch bounded however long the streamed context): the merged pieces equal the
+    part taken whole, with a last piece that is partly filled."""
+    from afkv.kv.formats import make_format
+    from afkv.kv.layout import KVLayout
+
+    gen = torch.Generator().manual_seed(11)
+    layout = KVLayout(num_layers=1, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32)
+    fmt = make_format(kind, layout)
+    cache = fmt.layer_cache(fmt.encode(torch.randn(9, *layout.block_shape, generator=gen)))
+    ids = torch.randperm(9, generator=gen)[:7]
+    q = torch.randn(5, 8, 64, generator=gen)  # [n, H, D]
+    whole = attention.paged_attention_partial_quantized(q, cache, 0, ids, 7 * 16 - 5, causal=False)
+    monkeypatch.setattr(attention, "QUANT_PART_BLOCKS", 2)
+    pieces = attention.paged_attention_partial_quantized(q, cache, 0, ids, 7 * 16 - 5, causal=False)
+    torch.testing.assert_close(pieces.out, whole.out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pieces.lse, whole.lse, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", _QUANT_KINDS)
 def test_causal_prefill_partials_over_a_quantized_tier_match_the_reference(device, kind):
