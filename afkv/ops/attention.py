@@ -301,7 +301,14 @@ def paged_attention_partial_quantized(q: torch.Tensor, cache: QuantizedKVCache, 
 def paged_decode_partial_quantized(q: torch.Tensor, cache: QuantizedKVCache, layer: int, block_tables: torch.Tensor,
                                    context_lens: torch.Tensor) -> Partial:
     """paged_decode_partial over a quantized device tier (the torch reference of the fused
-    kernel's partial): the rows are dequantized into a scratch buffer first."""
+    kernel's partial): the rows are dequantized into a scratch buffer first, QUANT_PART_BLOCKS
+    table columns at a time (their partials merged: a streamed context's scratch stays bounded)."""
+    step, bs = QUANT_PART_BLOCKS, cache.spec.block_size
+    if block_tables.shape[1] > step:
+        return merge_partials([
+            paged_decode_partial_quantized(q, cache, layer, block_tables[:, a : a + step],
+                                           (context_lens - a * bs).clamp(0, step * bs))
+            for a in range(0, block_tables.shape[1], step)])
     batch, width = block_tables.shape
     scratch = gather_layer(cache, layer, block_tables).flatten(0, 1)[:, None]  # [B * nb, 1, 2, bs, Hkv, D]
     ids = torch.arange(batch * width, device=q.device).view(batch, width)  # [B, nb]

@@ -789,9 +789,10 @@ def test_prefill_partials_over_a_streamed_ring_slot_match_the_reference(device, 
 
 @pytest.mark.parametrize("kind", _QUANT_KINDS)
 def test_the_reference_takes_a_long_streamed_part_in_pieces(kind, monkeypatch):
-    """The torch reference dequantizes a part before every query QUANT_PART_BLOCKS blocks at a
-    time (its scratch bounded however long the streamed context): the merged pieces equal the
-    part taken whole, with a last piece that is partly filled."""
+    """The torch references dequantize a part before every query (a prefill chunk's) and decode
+    rows' tables QUANT_PART_BLOCKS blocks at a time (their scratch bounded however long the
+    streamed context): the merged pieces equal the part taken whole, with a last piece that is
+    partly filled, and pieces past a decode row's context empty."""
     from afkv.kv.formats import make_format
     from afkv.kv.layout import KVLayout
 
@@ -802,10 +803,16 @@ def test_the_reference_takes_a_long_streamed_part_in_pieces(kind, monkeypatch):
     ids = torch.randperm(9, generator=gen)[:7]
     q = torch.randn(5, 8, 64, generator=gen)  # [n, H, D]
     whole = attention.paged_attention_partial_quantized(q, cache, 0, ids, 7 * 16 - 5, causal=False)
+    tables = torch.stack([ids, ids.flip(0)])  # [2, 7] two decode rows
+    lens = torch.tensor([7 * 16 - 5, 3 * 16 + 2])  # the second row's blocks past 4 are not read
+    whole_rows = attention.paged_decode_partial_quantized(q[:2], cache, 0, tables, lens)
     monkeypatch.setattr(attention, "QUANT_PART_BLOCKS", 2)
     pieces = attention.paged_attention_partial_quantized(q, cache, 0, ids, 7 * 16 - 5, causal=False)
     torch.testing.assert_close(pieces.out, whole.out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pieces.lse, whole.lse, rtol=1e-5, atol=1e-5)
+    rows = attention.paged_decode_partial_quantized(q[:2], cache, 0, tables, lens)
+    torch.testing.assert_close(rows.out, whole_rows.out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows.lse, whole_rows.lse, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
