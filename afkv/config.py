@@ -309,7 +309,7 @@ class DeploymentConfig:
     attention_nodes: int = 1
     expert_nodes: int = 1
     prefill_nodes: int = 0  # colocated engines that run chunked prefill only and hand the KV over
-    micro_batches: int = 0  # 0: from measured times, m >= 2(1 + T_c/T_f) (MegaScale-Infer), within [2, 4]
+    micro_batches: int = 0  # 0: the fastest of 1, 2 and MegaScale-Infer's rule, measured per batch bucket
     host: str = "127.0.0.1"  # nodes bind here; the rendezvous store listens here
     port: int = 29600  # rendezvous (afkv.nodes.rendezvous); 0: any free port (afkv launch)
     token: str = ""  # shared secret every peer proves it holds; node processes fall back to $AFKV_TOKEN

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from afkv.config import EngineConfig, default_cpu_threads
+from afkv.engine.micro_batches import MicroBatchTuner
 from afkv.engine.params import Completion, CompletionChunk, SamplingParams
 from afkv.engine.runner import ChunkResult, ModelRunner
 from afkv.engine.scheduler import Scheduler, SchedulerLimits
@@ -215,7 +216,8 @@ class Engine:
         self._num_steps = 0
         self._num_retries = 0  # steps computed again (StepRetryError)
         d = self.config.deployment
-        self._auto_micro_batches = bool(d and d.expert_nodes and not d.micro_batches)
+        # [deployment] micro_batches = 0: m of each step from measured step times
+        self._tuner = MicroBatchTuner() if d and d.expert_nodes and not d.micro_batches else None
         self.spec: ModelSpec | None = None
         self.tokenizer: Tokenizer | None = None
         self.model_dir: Path | None = None
@@ -362,7 +364,7 @@ class Engine:
         salt = repr((str(self.model_dir.resolve()), spec.upcycle, str(dtype), *experts)).encode()
         self._kv = KVManager(layout, num_blocks, device, salt=salt[-64:], tiers=tiers,
                              worker=self._executor, wakeup=lambda: self._wakeup.set(), quant=quant, stream=stream)
-        m = 1 if cfg.deployment is None or not cfg.deployment.expert_nodes else (cfg.deployment.micro_batches or 2)
+        m = 1 if cfg.deployment is None or not cfg.deployment.expert_nodes else (cfg.deployment.micro_batches or 1)
         eos = set(spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -441,11 +443,23 @@ class Engine:
         return self._runner.micro_batches
 
     def set_micro_batches(self, m: int) -> None:
-        """Fix the number of micro-batches per step (takes effect at the next step)."""
-        if not isinstance(m, int) or not 1 <= m <= 16:
-            raise ValueError(f"micro_batches must be an integer in [1, 16], got {m!r}")
+        """Fix the number of micro-batches per step (takes effect at the next step); 0: choose
+        it from measured step times again (afkv.engine.micro_batches; disaggregated only)."""
+        if not isinstance(m, int) or isinstance(m, bool) or not 0 <= m <= 16:
+            raise ValueError(f"micro_batches must be an integer in [0, 16] (0: automatic), got {m!r}")
+        if m == 0:
+            d = self.config.deployment
+            self._tuner = MicroBatchTuner() if d and d.expert_nodes else None
+            if self._tuner is None:
+                self._runner.micro_batches = 1
+            return
         self._runner.micro_batches = m
-        self._auto_micro_batches = False
+        self._tuner = None
+
+    def micro_batch_choices(self) -> dict[int, int]:
+        """Automatic micro-batches: decode rows bucket (a power of two) -> the m it runs, for the
+        buckets measured so far; {} when m is fixed."""
+        return {} if self._tuner is None else dict(self._tuner.choices)
 
     def layer_timings(self) -> dict[str, float]:
         """Mean seconds per micro-batch layer: attention, transfer, expert, idle (disaggregated)."""
@@ -728,6 +742,10 @@ class Engine:
                 await self._wakeup.wait()
                 continue
             plan = self._scheduler.plan(step)
+            tuner = self._tuner
+            if tuner is not None:
+                self._runner.micro_batches = m = tuner.choose(len(plan))
+                start = time.monotonic()
             try:
                 results = await loop.run_in_executor(self._executor, self._runner.execute, plan)
             except asyncio.CancelledError:
@@ -750,8 +768,10 @@ class Engine:
                     self._fail(seq, err)
                 continue
             self._num_steps += 1
-            if self._auto_micro_batches and self._num_steps % 32 == 0:
-                self._runner.micro_batches = self._auto_m()
+            if tuner is not None and tuner is self._tuner:
+                tuner.observe(len(plan), m, time.monotonic() - start, all(len(c.token_ids) == 1 for c in plan))
+                if self._num_steps % 32 == 0:
+                    tuner.rule_m = self._rule_m()
             now = time.monotonic()
             done = self._scheduler.postprocess(step, plan, results, now, skip=self._aborts)
             self._export_blocks(step)  # before a finished prefill request frees its blocks
@@ -763,8 +783,9 @@ class Engine:
                 else:
                     self._emit(seq, res, finish, now)
 
-    def _auto_m(self) -> int:
-        """MegaScale-Infer's rule m >= 2(1 + T_c/T_f), T_f = max(T_attn, T_ffn), kept in [2, 4]."""
+    def _rule_m(self) -> int:
+        """MegaScale-Infer's rule m >= 2(1 + T_c/T_f), T_f = max(T_attn, T_ffn), kept in [2, 4]:
+        one of the tuner's candidates."""
         t = self.layer_timings()
         t_f = max(t["attention_s"], t.get("expert_s", 0.0), 1e-9)
         return max(2, min(4, math.ceil(2 * (1 + t.get("transfer_s", 0.0) / t_f))))

@@ -128,8 +128,8 @@ class ApiServer(StreamServer):
                     "max_model_len": self.engine.max_model_len, "free_kv": self.engine.free_kv_tokens}
         if kind == "set_micro_batches":
             m = msg.get("m")
-            if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 16:
-                raise errors.FrameError(f"set_micro_batches needs an int m in [1, 16], got {m!r:.50}")
+            if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= 16:
+                raise errors.FrameError(f"set_micro_batches needs an int m in [0, 16] (0: automatic), got {m!r:.50}")
             self.engine.set_micro_batches(m)
             return {"type": "ok"}
         raise errors.FrameError(f"attention node API: unknown message type {kind!r}")

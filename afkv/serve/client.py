@@ -269,6 +269,7 @@ class AttachedEngine:
         return [m.kv for m in await self.node_metrics()]
 
     async def set_micro_batches(self, m: int) -> None:
+        """Engine.set_micro_batches(m) on every attention node (0: chosen from measured step times)."""
         await self._request_all({"type": "set_micro_batches", "m": m})
 
     async def _request_all(self, msg: dict) -> list[dict]:

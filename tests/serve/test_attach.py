@@ -61,6 +61,11 @@ async def test_serve_attach_answers_as_colocated(tiny_chat_dir, tmp_path):
                                                          max_tokens=10, temperature=0, stream=True,
                                                          extra_body={"ignore_eos": True})
                 assert "".join([e.choices[0].text async for e in stream]) == text.text
+                with pytest.raises(afkv.errors.FrameError, match=r"set_micro_batches needs an int m in \[0, 16\]"):
+                    await attached.set_micro_batches(17)
+                await attached.set_micro_batches(0)  # automatic: m chosen per step from measured times
+                again = await attached.complete("The capital of France is", greedy)
+                assert again.text == text.text
 
                 m = await scrape(url)
                 assert metric_sum(m, "afkv_generation_tokens_total", node="0") >= 20
