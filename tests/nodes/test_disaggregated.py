@@ -122,6 +122,28 @@ async def test_expert_node_death_fails_requests_then_recovers(tiny_dir, tmp_path
             assert kv.num_sequences == 0 and kv.pool.num_free_blocks == kv.pool.num_blocks
 
 
+async def test_automatic_micro_batches_measure_then_keep_one(tiny_dir, tmp_path):
+    # micro_batches = 0: the engine times m = 1 and m = 2 on the decode steps of a 4-row bucket
+    # (2 warm-up + 5 counted steps each), then runs the faster; tokens stay the colocated ones
+    model = str(tiny_dir["mixtral"])
+    path = _write_config(tmp_path, 1, 1)
+    path.write_text(path.read_text().replace("micro_batches = 2", "micro_batches = 0"))
+    prompts = [random_prompt(5, 256, seed=10 + i) for i in range(4)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    with Deployment(path, model, start_attention=False) as dep:
+        cfg = _attached_config(path, dep)
+        assert cfg.deployment.micro_batches == 0
+        expected = await _colocated(model, cfg, prompts, params)
+        async with Engine(model, cfg, progress=False) as engine:
+            assert engine.micro_batch_choices() == {}
+            got = await asyncio.gather(*(engine.complete(p, params) for p in prompts))
+            assert [g.token_ids for g in got] == expected
+            choices = engine.micro_batch_choices()
+            assert list(choices) == [4] and choices[4] in (1, 2)
+            engine.set_micro_batches(2)  # fixed: measuring stops
+            assert engine.micro_batch_choices() == {} and engine.micro_batches == 2
+
+
 async def test_hung_expert_node_times_out(tiny_dir, tmp_path):
     model = str(tiny_dir["mixtral"])
     path = _write_config(tmp_path, 1, 1, timeout_s=1.5)
