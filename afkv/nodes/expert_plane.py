@@ -15,8 +15,8 @@ of the steps it ran. `expert_batching` (the deployment's key) picks how:
     per_attention_node  each link has its own lane and each step runs alone on it (steps of
                         several attention nodes interleave: a shared thread or stream could
                         make two of them wait for each other)
-    merged              one lane for the node; the event loop gathers the links' step
-                        announcements into a bundle and runs it as one step: for every layer
+    merged              the event loop gathers the links' step announcements into a bundle
+                        and runs it as one step on a lane of the node's pool: for every layer
                         and micro-batch slot, each member's rows are received into its segment
                         of one buffer (x [sum of caps, H], ids, w: views, no concatenation),
                         ONE FFN call runs over the whole buffer, and each member gets its
@@ -27,14 +27,28 @@ Rows stay their link's and the FFN is row-independent, so every member's y equal
 step of its own would have given (greedy tokens equal colocated's, as in every topology).
 
 Gathering (merged, event loop, `_gather`): a bundle waits for every *active* link (one that
-stepped and was not found idle) to announce its step, at most `gather_s` from the end of the
-previous run (expert_timeout_s / 10), then runs with those that came. A link missing at the
-bound is no longer active (`gather_timeouts` counts it): an attention node that stops
-stepping (no requests) delays the others by the bound once, then not at all until it steps
-again. The barrier makes the attention nodes run in lockstep (their answers return together):
-MegaScale-Infer's aggregation, intended; the bound keeps the cyclic waits of several expert
-nodes (each waiting for an attention node busy with another expert node) finite. One bundle
-runs at a time; steps announced meanwhile form the next.
+stepped and was not found idle) to announce its step, then runs with those that came. The wait
+is bounded by `gather_bound_s`: twice the previous run's wall time (at least GATHER_FLOOR_S, at
+most a tenth of the peer timeout), measured from the end of that run (or the first
+announcement). In lockstep an attention node announces its next step within its own host
+turnaround after the answer, well inside a step; one that has not come within two steps'
+time is idle or out of step, and waiting longer would cost more than running it in the next
+bundle. A link missing at the bound is no longer active (`gather_timeouts` counts it): an
+attention node that stops stepping (no requests) delays the others by the bound once, then not
+at all until it steps again. The barrier makes the attention nodes run in lockstep (their
+answers return together): MegaScale-Infer's aggregation, intended.
+
+Lanes (merged): in steady state every bundle runs on the pool's first lane, so its graphs
+replay. A bundle never waits behind a run it does not depend on: with several expert nodes
+their bundles can differ (A alone on one node, A and B merged on another), and if B's run
+queued behind A's alone while A's merged run waited for B's rows, the two nodes would wait for
+each other until the peer timeout. So a bundle takes a lane that is idle on the host and
+whose pending device work (the last run's: runs on a lane take it in this order) is either
+done or only of links in the bundle (each of them has ended that step on its attention node:
+it announced the next one, so that work finishes); else a new lane. Its run first waits (on
+the device, an event) for the previous run of each member that ran on another lane, so each
+peer's calls stay in one order on the device. The pool holds at most twice the links; past
+that a bundle takes the oldest lane (it may then wait for it).
 
 On GPUs with NCCL peers the first run of a bundle shape (the tuple of (link, StepShape))
 runs eagerly (it warms up the kernels), the second is captured as a CUDA graph
@@ -46,8 +60,8 @@ nobody) with weight 0.
 
 Faults: a member whose host peer fails mid-run (PeerLostError, TransportError) gets that
 error as its answer; its segment holds sentinel rows from then on and the others' run goes
-on. On NCCL peers a lost member stalls the lane's streams: when an attention node joins
-again while the merged lane has not finished its last run, the peers of that run's members
+on. On NCCL peers a lost member stalls its lane's streams: when an attention node joins
+again while a lane with its last run has not finished it, the peers of that run's members
 are aborted too (the stalled kernels return), and those members' attention nodes see their
 step fail and join again, as after any stuck data plane.
 
@@ -55,7 +69,8 @@ Load counts: each lane counts pairs per (layer, expert) on the device inside its
 merged FFN counts each pair once); `flush_loads` moves them to the load window (`window`,
 afkv.eplb.stats) without waiting for the device, or waiting (the `stats` answer).
 
-Owners: `_links`, `_joining`, `_pending`, `_active` and the gatherer belong to the event loop
+Owners: `_links`, `_joining`, `_pending`, `_active`, the lane pool (and each lane's `busy`)
+and the gatherer belong to the event loop
 (a join's peers are opened on the link's own thread, then installed by the loop); threads
 read `_links` as a snapshot. A lane's buffers, graphs and streams belong to its thread.
 `_loads_lock` guards the lanes' device counts (a lane adds, the worker or a lane flushes),
@@ -87,7 +102,9 @@ from afkv.transport.streams import DeviceStreams
 
 log = logging.getLogger("afkv.expert_plane")
 
-GATHER_SHARE = 0.1  # merged: a bundle waits at most this share of the peer timeout for the active links
+GATHER_RUNS = 2.0  # merged: a bundle waits for the active links at most this many times the last run's wall time,
+GATHER_FLOOR_S = 0.005  # at least this long,
+GATHER_SHARE = 0.1  # and at most this share of the peer timeout
 
 
 def _log_failure(fut: asyncio.Future) -> None:
@@ -139,8 +156,9 @@ class _Lane:
     counts: dict = field(default_factory=dict)  # bundle key -> runs
     pool: object = None  # CUDA graph memory pool of this lane's graphs
     ffn: object = None  # the FFN side its graphs were captured with
-    done: object = None  # event after the last run's work (merged: a rejoin checks the lane is not stalled)
-    members: tuple = ()  # links of the last run
+    done: object = None  # event after the last run's work (merged)
+    members: frozenset = frozenset()  # links of the last run (merged): its device work may still wait for them
+    busy: bool = False  # a run is on its thread (merged; the event loop's)
 
 
 @dataclass(eq=False)
@@ -151,7 +169,8 @@ class _Link:
     dispatch: Peer
     combine: Peer
     executor: ThreadPoolExecutor  # the thread joining its peers (per_attention_node: running its steps too)
-    lane: _Lane | None  # its own lane (per_attention_node); None when the node's lane runs its steps
+    lane: _Lane | None  # its own lane (per_attention_node); None when the node's lanes run its steps
+    last: tuple | None = None  # merged: (lane, event after the work) of its last run
 
 
 @dataclass(eq=False)
@@ -180,15 +199,18 @@ class ExpertPlane:
         self.holdings, self.stats, self.store, self.peer_timeout_s = holdings, stats, store, peer_timeout_s
         self.window = LoadWindow(spec.num_layers, holdings.placement.sentinel, window_s)
         self.cuda_graphs = device.type == "cuda"  # steps replay CUDA graphs after one eager step
-        self.gather_s = peer_timeout_s * GATHER_SHARE
+        self._last_run_s = 0.0  # wall time of the last merged run (event loop)
+        self._run_ended = 0.0  # loop time when it ended
         self._streams = DeviceStreams(device)
         self._links: dict[str, _Link] = {}  # attention node -> its link
         self._joining: dict[str, asyncio.Task] = {}  # attention node -> its latest join
-        self._shared = self._lane(f"afkv-expert{index}-merged") if expert_batching == "merged" else None
+        self._merged = expert_batching == "merged"
+        self._pool: list[_Lane] = []  # merged: lanes, oldest first
         self._pending: dict[str, _Pending] = {}  # attention node -> its announced step (merged)
         self._active: set[str] = set()  # attention nodes a bundle waits for (merged)
         self._wake = asyncio.Event()  # a step was announced (merged)
         self._gatherer: asyncio.Task | None = None
+        self._runs: set[asyncio.Task] = set()  # merged runs in flight
         self._load_copies: list[tuple] = []  # (event, host counts) copies on their way to the window
         self._loads_t = 0.0
         self._loads_lock = threading.Lock()
@@ -200,7 +222,12 @@ class ExpertPlane:
 
     @property
     def merged(self) -> bool:
-        return self._shared is not None
+        return self._merged
+
+    @property
+    def gather_bound_s(self) -> float:
+        """How long a merged bundle waits for the active links (module docstring)."""
+        return min(self.peer_timeout_s * GATHER_SHARE, max(GATHER_FLOOR_S, GATHER_RUNS * self._last_run_s))
 
     def _lane(self, name: str, executor: ThreadPoolExecutor | None = None) -> _Lane:
         cuda = self._streams.cuda
@@ -212,21 +239,36 @@ class ExpertPlane:
         return _Lane(executor, st.stream(), st.stream(), st.stream(), loads)
 
     def _lanes(self) -> list[_Lane]:
-        if self._shared is not None:
-            return [self._shared]
+        if self._merged:
+            return list(self._pool)
         return [link.lane for link in list(self._links.values())]
+
+    def _free_lane(self, members: frozenset) -> _Lane:
+        """Merged, event loop: the lane for a bundle of `members` (module docstring)."""
+        for lane in self._pool:
+            if not lane.busy and (lane.done is None or lane.members <= members or lane.done.query()):
+                return lane
+        if len(self._pool) >= 2 * max(1, len(self._links)):
+            log.warning("expert node %d: %d lanes busy; a bundle waits behind the oldest", self.index, len(self._pool))
+            lane = self._pool.pop(0)
+        else:
+            lane = self._lane(f"afkv-expert{self.index}-merged{len(self._pool)}")
+        self._pool.append(lane)
+        return lane
 
     def close(self) -> None:
         if self._gatherer is not None:
             self._gatherer.cancel()
+        for run in self._runs:
+            run.cancel()
         for pending in self._pending.values():
             if not pending.future.done():
                 pending.future.set_exception(PeerLostError("the expert node is closing"))
         self._pending.clear()
         for link in self._links.values():
             link.executor.shutdown(wait=False, cancel_futures=True)
-        if self._shared is not None:
-            self._shared.executor.shutdown(wait=False, cancel_futures=True)
+        for lane in self._pool:
+            lane.executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- joining (event loop) ------------------------------------------------------------------
     async def join(self, attention: str, msg: dict) -> dict:
@@ -264,19 +306,19 @@ class ExpertPlane:
     def _open(self, old: _Link | None, kind: str, ids: list[str]) -> tuple[Peer, Peer]:
         """The new link's thread: drop what the attention node's old link left in flight (it
         joins again after a failed step), then join its two new peers. Merged: when the lane
-        has not finished its last run (a member lost on NCCL stalls it), the peers of that
-        run's members are aborted too, so the lane moves again."""
+        of its last run has not finished it (a member lost on NCCL stalls it), the peers of
+        that run's members are aborted too, so the lane moves again."""
         if old is not None:
-            stalled = [old]
-            lane = self._shared
-            if lane is not None and lane.done is not None and old in lane.members:
+            stalled = {old}
+            if old.last is not None:
+                lane, done = old.last
                 deadline = time.monotonic() + self.peer_timeout_s
-                while not lane.done.query() and time.monotonic() < deadline:
+                while not done.query() and time.monotonic() < deadline:
                     time.sleep(0.001)
-                if not lane.done.query():
-                    stalled = list(lane.members)
-                    log.warning("expert node %d: the merged lane is stalled; aborting the peers of %s", self.index,
-                                [link.attention for link in stalled])
+                if not done.query():
+                    stalled |= lane.members
+                    log.warning("expert node %d: a merged lane is stalled; aborting the peers of %s", self.index,
+                                sorted(link.attention for link in stalled))
             abort_all([p for link in stalled for p in (link.dispatch, link.combine)], timeout_s=30.0)
             old.executor.shutdown(wait=False)
         return (open_peer(kind, ids[0], 1, self.device, self.peer_timeout_s),
@@ -329,12 +371,15 @@ class ExpertPlane:
         return await future
 
     async def _gather(self) -> None:
-        """Merged: run bundles, one at a time, for as long as the node serves (module docstring)."""
+        """Merged: gather bundles and start their runs, for as long as the node serves (module
+        docstring). The bound runs from the first announcement, and again from the end of each
+        run meanwhile (its members announce their next steps after it)."""
         loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
-            deadline = loop.time() + self.gather_s
+            bound_s = self.gather_bound_s
+            deadline = loop.time() + bound_s
             while self._pending and not self._active <= self._pending.keys():
                 try:
                     async with asyncio.timeout_at(deadline):
@@ -342,10 +387,11 @@ class ExpertPlane:
                 except TimeoutError:
                     break
                 self._wake.clear()
+                deadline = max(deadline, self._run_ended + bound_s)
             missing = self._active - self._pending.keys()
             if self._pending and missing:
                 log.info("expert node %d: merged step without %s (no step within %.2f s): idle until they step",
-                         self.index, sorted(missing), self.gather_s)
+                         self.index, sorted(missing), bound_s)
                 self._active -= missing
                 self.stats.gather_timeout()
             pending, self._pending = list(self._pending.values()), {}
@@ -360,19 +406,33 @@ class ExpertPlane:
                 bundle.append(p)
             if not bundle:
                 continue
-            lane = self._shared
-            try:
-                outcomes = await loop.run_in_executor(lane.executor, self._run_bundle, lane,
-                                                      [(p.link, p.shape, p.epoch) for p in bundle])
-            except Exception as exc:  # the run itself failed (not one member): every member gets it
-                outcomes = [exc] * len(bundle)
-            for p, outcome in zip(bundle, outcomes):
-                if isinstance(outcome, BaseException):
-                    self._active.discard(p.link.attention)
-                    if not p.future.done():
-                        p.future.set_exception(outcome)
-                elif not p.future.done():
-                    p.future.set_result(outcome)
+            lane = self._free_lane(frozenset(p.link for p in bundle))
+            lane.busy = True
+            run = asyncio.create_task(self._run_merged(lane, bundle))
+            self._runs.add(run)
+            run.add_done_callback(self._runs.discard)
+
+    async def _run_merged(self, lane: _Lane, bundle: list[_Pending]) -> None:
+        """Event loop: one bundle's run on `lane`, then each member's answer."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            outcomes = await loop.run_in_executor(lane.executor, self._run_bundle, lane,
+                                                  [(p.link, p.shape, p.epoch) for p in bundle])
+        except Exception as exc:  # the run itself failed (not one member): every member gets it
+            outcomes = [exc] * len(bundle)
+        finally:
+            lane.busy = False
+        self._run_ended = loop.time()
+        self._last_run_s = self._run_ended - t0
+        self._wake.set()  # a gathering bundle may wait for these members' next steps
+        for p, outcome in zip(bundle, outcomes):
+            if isinstance(outcome, BaseException):
+                self._active.discard(p.link.attention)
+                if not p.future.done():
+                    p.future.set_exception(outcome)
+            elif not p.future.done():
+                p.future.set_result(outcome)
 
     # ---- runs (a lane's thread) ----------------------------------------------------------------
     def _plan(self, shapes: tuple[StepShape, ...]) -> Plan:
@@ -412,7 +472,7 @@ class ExpertPlane:
         members = tuple(link for link, _, _ in steps)
         shapes = tuple(shape for _, shape, _ in steps)
         key = tuple(zip(members, shapes))
-        if self.merged:
+        if self._merged:
             self._forget_old_links(lane)
         plan = self._plan(shapes)
         graph = lane.graphs.get(key)
@@ -422,14 +482,20 @@ class ExpertPlane:
         lane.counts[key] = lane.counts.get(key, 0) + 1
         failed: dict[_Link, BaseException] = {}
         with self._streams.use(lane.compute):
+            if self._merged:
+                for link in members:  # each peer's calls in one order on the device
+                    if link.last is not None and link.last[0] is not lane:
+                        lane.compute.wait_event(link.last[1])
             if graph is not None:
                 graph.replay()  # FFN time of replayed steps: the `ffn_time` request measures it apart
             else:
                 self._enqueue(lane, members, plan, ffn, failed, timed=True)
-            if self.merged:
-                lane.done = self._streams.event()
-                lane.done.record(lane.compute)
-                lane.members = members
+            if self._merged:
+                done = self._streams.event()
+                done.record(lane.compute)
+                lane.done, lane.members = done, frozenset(members)
+                for link in members:
+                    link.last = (lane, done)
         for link, shape in zip(members, shapes):
             if link not in failed:
                 self.stats.step(sum(shape.caps))
