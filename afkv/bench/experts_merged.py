@@ -17,8 +17,10 @@ On GPUs (`devices`: attention node 0's, attention node 1's, the expert node's) t
 should have a GPU of its own so that the pairs are NCCL peers (afkv.transport.peer.peer_kind: two
 processes on one GPU get the host peer, whose every transfer is host work, so a one-GPU run
 measures the host copies as much as the experts). Steps replayed as CUDA graphs are not timed
-by the expert node: on GPUs the FFN seconds cover its eager steps only (`timed_ffn_calls`);
-decode tokens/s is the figure to read there.
+by the expert node: on GPUs the FFN seconds cover its eager steps only (`timed_ffn_calls`), and
+the run adds the expert node's `ffn_time` of one step's FFN work alone (CUDA-graph replays, no
+transfers) at the buffers of one attention node's step, twice (per_attention_node), against
+one step over both attention nodes' rows (merged): the weight reads merged batching saves.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> list[list[in
 
 
 async def _run_mode(model: str | None, work: Path, config: str, batching: str, prompts: list, params,
-                    repeats: int, log) -> dict:
+                    repeats: int, ffn_caps: list[int] | None, log) -> dict:
     from afkv import Engine, EngineConfig
     from afkv.serve.launch import Deployment
 
@@ -104,6 +106,13 @@ async def _run_mode(model: str | None, work: Path, config: str, batching: str, p
                 tokens = [[r.token_ids for r in per_node] for per_node in done]
             wall_s = time.perf_counter() - t0
             after = (await engines[0]._links.request_all({"type": "stats"}))[0]
+            ffn_time = None
+            if ffn_caps is not None:  # GPU: one attention node's step alone, twice, vs both attention nodes' rows
+                ffn_time = {}
+                for name, caps in (("one_node_s", ffn_caps), ("both_nodes_s", [2 * c for c in ffn_caps])):
+                    reply = await engines[0]._links.request_all({"type": "ffn_time", "caps": caps, "reps": 10})
+                    ffn_time[name] = reply[0]["seconds"]
+                ffn_time["merged_over_per_node"] = ffn_time["both_nodes_s"] / (2 * ffn_time["one_node_s"])
         finally:
             for engine in engines:
                 await engine.aclose()
@@ -116,7 +125,7 @@ async def _run_mode(model: str | None, work: Path, config: str, batching: str, p
            "ffn_launches": d["ffn_launches"], "ffn_launches_per_step": d["ffn_launches"] / steps,
            "ffn_s": d["compute_s"], "ffn_s_per_step": d["compute_s"] / steps, "timed_ffn_calls": d["batches"],
            "merged_share": (d["bundle_links"] - d["bundles"]) / steps * 2 if d["bundles"] else 0.0,
-           "gather_timeouts": d["gather_timeouts"], "token_ids": tokens}
+           "gather_timeouts": d["gather_timeouts"], "ffn_time": ffn_time, "token_ids": tokens}
     log(f"  {batching}: {row['tokens_per_s']:.1f} tok/s, expert FFN {row['ffn_s_per_step'] * 1e3:.2f} ms per "
         f"attention-node step, {row['ffn_launches_per_step']:.1f} FFN launches per step")
     return row
@@ -127,15 +136,19 @@ async def run_experts_merged_bench(model: str | None = None, batch: int = 8, pro
                                    dtype: str = "float32", log=print) -> dict:
     """Both modes on the same prompts and deployment shape (module docstring) -> the result."""
     from afkv import SamplingParams
+    from afkv.nodes.dispatch import capacity
 
     params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
     prompts = _prompts(batch, prompt_len, 256, seed=0)
     work = Path(tempfile.mkdtemp(prefix="afkv-experts-merged-"))
+    on_gpu = bool(devices) and torch.device(devices[2]).type == "cuda"
+    ffn_caps = [capacity(-(-batch // micro_batches))] * micro_batches if on_gpu else None
     rows = {}
     for batching in MODES:
         log(f"afkv bench experts-merged: {batching}")
         config = _config_text(batching, micro_batches, batch, devices, dtype)
-        rows[batching] = await _run_mode(model, work, config, batching, prompts, params, repeats, log)
+        rows[batching] = await _run_mode(model, work, config, batching, prompts, params, repeats,
+                                         ffn_caps if batching == "merged" else None, log)
     base, merged = rows["per_attention_node"], rows["merged"]
     return {
         "bench": "experts-merged", "date": time.strftime("%Y-%m-%d"), "model": model or "default",
@@ -163,6 +176,11 @@ def format_table(r: dict) -> str:
                      f"{row['gather_timeouts']:>15}")
     ratios = r["ratios"]
     ffn = ratios["ffn_s_per_step"]
+    alone = r["rows"]["merged"]["ffn_time"]
+    if alone:
+        lines.append(f"expert FFN alone (CUDA graphs, no transfers): one attention node's step {alone['one_node_s'] * 1e3:.2f} "
+                     f"ms, both nodes' rows in one step {alone['both_nodes_s'] * 1e3:.2f} ms: merged / per node "
+                     f"{alone['merged_over_per_node']:.2f}x")
     lines.append(f"merged / per_attention_node: tok/s {ratios['tokens_per_s']:.2f}x, FFN s per step "
                  f"{'-' if ffn is None else f'{ffn:.2f}x'}, launches per step {ratios['ffn_launches_per_step']:.2f}x; "
                  f"greedy tokens {'equal' if r['tokens_equal'] else 'DIFFER'}")

@@ -170,7 +170,7 @@ class _Link:
     combine: Peer
     executor: ThreadPoolExecutor  # the thread joining its peers (per_attention_node: running its steps too)
     lane: _Lane | None  # its own lane (per_attention_node); None when the node's lanes run its steps
-    last: tuple | None = None  # merged: (lane, event after the work) of its last run
+    last: tuple | None = None  # merged: its last run's (lane, event after its work, members)
 
 
 @dataclass(eq=False)
@@ -311,12 +311,12 @@ class ExpertPlane:
         if old is not None:
             stalled = {old}
             if old.last is not None:
-                lane, done = old.last
+                _, done, members = old.last
                 deadline = time.monotonic() + self.peer_timeout_s
                 while not done.query() and time.monotonic() < deadline:
                     time.sleep(0.001)
                 if not done.query():
-                    stalled |= lane.members
+                    stalled |= members
                     log.warning("expert node %d: a merged lane is stalled; aborting the peers of %s", self.index,
                                 sorted(link.attention for link in stalled))
             abort_all([p for link in stalled for p in (link.dispatch, link.combine)], timeout_s=30.0)
@@ -495,7 +495,7 @@ class ExpertPlane:
                 done.record(lane.compute)
                 lane.done, lane.members = done, frozenset(members)
                 for link in members:
-                    link.last = (lane, done)
+                    link.last = (lane, done, lane.members)
         for link, shape in zip(members, shapes):
             if link not in failed:
                 self.stats.step(sum(shape.caps))
