@@ -15,6 +15,7 @@ import pytest
 from afkv import Engine, EngineConfig, SamplingParams
 from afkv.errors import ConfigError, RequestFailedError
 from afkv.serve.launch import Deployment
+from afkv.transport.tensors import unpack_tensor
 from tests.helpers import random_prompt
 
 PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -93,6 +94,14 @@ async def test_merged_matches_colocated_with_one_ffn_per_layer_and_slot(tiny_dir
                         assert launches == num_layers * bundles
             timings = engines[0].layer_timings()
             assert timings["expert_s"] > 0  # merged FFN time is reported to each member
+            # EPLB load counts: every (token, expert) pair once, however the runs merged it
+            loads = sum(int(unpack_tensor(s["loads"]).sum()) for s in await _expert_stats(engines[0]))
+            stats = [e.stats() for e in engines]
+            requests = 2 * len(prompts)  # per attention node: both m
+            rows = sum(st.num_prompt_tokens - st.num_cached_prompt_tokens + st.num_generated_tokens - requests
+                       for st in stats)  # prefill rows (less the prefix-cached ones) + decode rows
+            if not any(st.num_step_retries for st in stats):  # a retried step's pairs count again
+                assert loads == rows * 2 * num_layers  # top-2 routing, every layer
         finally:
             for e in engines:
                 await e.aclose()
