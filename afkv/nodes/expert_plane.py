@@ -58,9 +58,10 @@ slot) are one NCCL group on the lane's receive stream, their sends one group on 
 stream. On CPUs the work is synchronous. Slots without a row name expert `sentinel` (held by
 nobody) with weight 0.
 
-Faults: a member whose host peer fails mid-run (PeerLostError, TransportError) gets that
-error as its answer; its segment holds sentinel rows from then on and the others' run goes
-on. On NCCL peers a lost member stalls its lane's streams: when an attention node joins
+Faults: a member whose host peer fails mid-run (PeerLostError, TransportError), or whose
+rows do not come within half the peer timeout (MEMBER_WAIT_SHARE: the others' attention
+nodes wait for their answers at most the whole timeout), gets that error as its answer; its
+segment holds sentinel rows from then on and the others' run goes on. On NCCL peers a lost member stalls its lane's streams: when an attention node joins
 again while a lane with its last run has not finished it, the peers of that run's members
 are aborted too (the stalled kernels return), and those members' attention nodes see their
 step fail and join again, as after any stuck data plane.
@@ -105,6 +106,7 @@ log = logging.getLogger("afkv.expert_plane")
 GATHER_RUNS = 2.0  # merged: a bundle waits for the active links at most this many times the last run's wall time,
 GATHER_FLOOR_S = 0.005  # at least this long,
 GATHER_SHARE = 0.1  # and at most this share of the peer timeout
+MEMBER_WAIT_SHARE = 0.5  # merged, host peers: a member's rows come within this share of the peer timeout
 
 
 def _log_failure(fut: asyncio.Future) -> None:
@@ -542,6 +544,9 @@ class ExpertPlane:
         send_stream.wait_event(begin)
         hidden = self.spec.hidden_size
         attentions = tuple(link.attention for link in members)
+        # host peers, merged: a member whose rows do not come within half the peer timeout is
+        # dropped from the run, so the others' answers reach them within theirs
+        wait_s = self.peer_timeout_s * MEMBER_WAIT_SHARE if self._merged else None
         keep = []  # outputs stay referenced until the run is enqueued: a send may still read them
         for layer, slot, k, caps in plan:
             if failed and len(failed) == len(members):
@@ -574,7 +579,7 @@ class ExpertPlane:
                         continue
                     try:
                         for t in seg:
-                            link.dispatch.recv(t, recv_stream)
+                            link.dispatch.recv(t, recv_stream, wait_s)
                     except (PeerLostError, TransportError) as exc:
                         if failed is None:
                             raise

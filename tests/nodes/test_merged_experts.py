@@ -9,6 +9,8 @@ take the other's steps with it.
 
 import asyncio
 import dataclasses
+import threading
+import time
 
 import pytest
 
@@ -21,7 +23,7 @@ from tests.helpers import random_prompt
 PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
 
 
-def _write_config(tmp_path, attention, experts, batching="merged"):
+def _write_config(tmp_path, attention, experts, batching="merged", timeout_s=10.0):
     path = tmp_path / f"merged-{attention}a{experts}f.toml"
     path.write_text(f"""
 [kv]
@@ -34,7 +36,7 @@ attention_nodes = {attention}
 expert_nodes = {experts}
 micro_batches = 2
 port = 0
-expert_timeout_s = 10.0
+expert_timeout_s = {timeout_s}
 expert_batching = "{batching}"
 """)
     return path
@@ -170,6 +172,58 @@ async def test_failed_attention_node_does_not_take_the_other_down(tiny_dir, tmp_
             for e in engines:
                 kv = e.kv_manager
                 assert kv.num_sequences == 0 and kv.pool.num_free_blocks == kv.pool.num_blocks
+        finally:
+            for e in engines:
+                await e.aclose()
+
+
+async def test_stalled_attention_node_is_dropped_from_the_run(tiny_dir, tmp_path):
+    """An attention node that announced its step and then does not send its rows (its worker
+    stalls) is dropped from the merged run after half the expert timeout: the other's answers
+    come back in time, without a retry."""
+    model = str(tiny_dir["mixtral"])
+    path = _write_config(tmp_path, 2, 1, timeout_s=4.0)
+    prompts = [random_prompt(5 + 4 * i, 256, seed=30 + i) for i in range(3)]
+    long = SamplingParams(max_tokens=30, ignore_eos=True)
+    with Deployment(path, model, start_attention=False) as dep:
+        cfg = dep.attached_config()
+        expected = await _colocated(model, cfg, prompts, long)
+        engines = await _started(model, cfg, 2)
+        try:
+            peer = engines[1]._remote._dispatch[0]
+            stall = threading.Event()
+            send = peer.send
+
+            def stalling_send(t, stream=None):  # attention node 1's worker thread
+                if stall.is_set():
+                    stall.clear()
+                    time.sleep(3.0)  # past the expert node's 2 s wait for its rows
+                send(t, stream)
+
+            peer.send = stalling_send
+            started = asyncio.Event()
+
+            async def victim():
+                try:
+                    async for _ in engines[1].generate(prompts[0], long):
+                        started.set()
+                except RequestFailedError:
+                    pass  # its step failed: that request may fail, nothing else
+
+            victim_task = asyncio.create_task(victim())
+            survivor = asyncio.gather(*(engines[0].complete(p, long) for p in prompts))
+            async with asyncio.timeout(60):
+                await started.wait()
+            stall.set()
+            async with asyncio.timeout(120):
+                got = await survivor
+                await victim_task
+            assert not stall.is_set()  # the stall happened
+            assert [r.token_ids for r in got] == expected
+            assert engines[0].stats().num_step_retries == 0  # every answer came back ok
+            async with asyncio.timeout(60):  # the stalled node joins again and is served again
+                again = await engines[1].complete(prompts[1], long)
+            assert again.token_ids == expected[1]
         finally:
             for e in engines:
                 await e.aclose()
