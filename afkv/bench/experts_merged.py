@@ -89,7 +89,10 @@ async def _run_mode(model: str | None, work: Path, config: str, batching: str, p
         engines = []
         try:
             for rank in range(2):
-                engine = Engine(model, cfg, progress=False, attention_rank=rank)
+                d = cfg.deployment
+                own = cfg if not d.attention_devices else dataclasses.replace(
+                    cfg, model=dataclasses.replace(cfg.model, device=d.attention_devices[rank]))
+                engine = Engine(model, own, progress=False, attention_rank=rank)
                 engines.append(engine)
                 await engine.start()
 
