@@ -12,6 +12,7 @@
     afkv bench pd-handoff        the KV hand-off: GB/s vs the path's copy limit, last block -> first token
     afkv bench pd-rows           the hand-off's indexed row copies (each kernel) vs one copy of the same bytes
     afkv bench af                1A1F over NCCL vs colocated data parallel (two GPUs, real shapes)
+    afkv bench experts-merged    2A1F: the expert node per attention node vs merged (FFN s/step, tok/s)
     afkv bench gpu               GPU suite: afkv (CUDA graphs) vs HF generate vs the HBM roofline (real shapes)
     afkv bench plot JSON         PNG plot of a `bench gpu` result
     afkv bench calibrate         measure this machine for `afkv plan` (one GPU, or the CPU): a profile JSON
@@ -239,6 +240,19 @@ async def _cmd_bench_af(args) -> int:
                                 [int(m) for m in args.micro_batches.split(",")], args.steps, log=_err)
     print(format_af_table(result))
     out = write_json(result, args.json or f"bench-results/af-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    _err(f"afkv: wrote {out}")
+    return 0
+
+
+async def _cmd_bench_experts_merged(args) -> int:
+    from afkv.bench import write_json
+    from afkv.bench.experts_merged import format_table, run_experts_merged_bench
+
+    devices = args.devices.split(",") if args.devices else None
+    result = await run_experts_merged_bench(args.model, args.batch, args.prompt_len, args.gen_len, args.micro_batches,
+                                            args.repeats, devices, args.dtype, log=_err)
+    print(format_table(result))
+    out = write_json(result, args.json or f"bench-results/experts-merged-{time.strftime('%Y%m%d-%H%M%S')}.json")
     _err(f"afkv: wrote {out}")
     return 0
 
@@ -545,6 +559,19 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--dtype", default="float32")
     ep.add_argument("--json", help="output path (default bench-results/eplb-<time>.json)")
 
+    exm = bsub.add_parser("experts-merged", help="2 attention nodes + 1 expert node: the expert node's steps per "
+                                                 "attention node vs merged (FFN seconds per step, decode tok/s)")
+    exm.add_argument("--model", default=None, help="checkpoint directory (default: the embedded default model)")
+    exm.add_argument("--batch", type=int, default=8, help="sequences per attention node")
+    exm.add_argument("--prompt-len", type=int, default=16)
+    exm.add_argument("--gen-len", type=int, default=32)
+    exm.add_argument("--micro-batches", type=int, default=1)
+    exm.add_argument("--repeats", type=int, default=2)
+    exm.add_argument("--devices", help="attention node 0's, attention node 1's and the expert node's device, "
+                                       "comma-separated (e.g. cuda:0,cuda:1,cuda:2); default: all on the CPU")
+    exm.add_argument("--dtype", default="float32")
+    exm.add_argument("--json", help="output path (default bench-results/experts-merged-<time>.json)")
+
     kvq = bsub.add_parser("kv-quant", add_help=False,
                           help="long-context decode with fp8/int8/int4 device KV blocks against the model dtype")
     kvq.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m afkv.bench.kv_quant (--help)")
@@ -639,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_async(_cmd_bench_af(args))
         if args.command == "bench" and args.bench == "eplb":
             return run_async(_cmd_bench_eplb(args))
+        if args.command == "bench" and args.bench == "experts-merged":
+            return run_async(_cmd_bench_experts_merged(args))
         if args.command == "bench" and args.bench == "kv-quant":
             from afkv.bench.kv_quant import main as kv_quant_main
 

@@ -298,6 +298,9 @@ class SchedulerConfig:
     max_prompt_chars: int = 0  # longer text is refused before tokenizing; 0: 2 x max_model_len x longest token
 
 
+EXPERT_BATCHING = ("per_attention_node", "merged")  # [deployment] expert_batching
+
+
 @dataclass(frozen=True)
 class DeploymentConfig:
     """Attention-FFN disaggregation: M attention nodes x N expert nodes (see afkv.nodes), and
@@ -322,6 +325,11 @@ class DeploymentConfig:
     client_timeout_s: float = 60.0  # an API client silent this long (or this slow sending one frame) is dropped
     heartbeat_interval_s: float = 1.0
     dispatch_capacity: float = 0.0  # rows per (micro-batch, expert node) as a share; 0: from the placement
+    # how an expert node batches its attention nodes' rows: "per_attention_node" (each step alone) or
+    # "merged" (one FFN call per layer and micro-batch over every attention node's rows, read of the
+    # expert weights shared; the attention nodes step in lockstep). The default stays per_attention_node
+    # until a multi-GPU run has measured merged (afkv.nodes.expert_plane; README "Choosing a deployment").
+    expert_batching: str = "per_attention_node"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attention_devices", tuple(self.attention_devices))
@@ -432,6 +440,8 @@ class EngineConfig:
             need(d.heartbeat_interval_s > 0, "deployment.heartbeat_interval_s", "heartbeat_interval_s must be positive")
             need(0 <= d.dispatch_capacity <= 1, "deployment.dispatch_capacity",
                  f"dispatch_capacity must be in [0, 1] (0: from the placement), got {d.dispatch_capacity}")
+            need(d.expert_batching in EXPERT_BATCHING, "deployment.expert_batching",
+                 f"expert_batching must be one of {', '.join(EXPERT_BATCHING)}, got {d.expert_batching!r}")
             need(d.host in ("127.0.0.1", "localhost", "::1") or bool(d.token), "deployment.token",
                  f"binding to {d.host!r} (not loopback) requires a shared token")
             for key, devs, n in (("attention_devices", d.attention_devices, d.attention_nodes),

@@ -10,6 +10,7 @@ reported next to a baseline measured in the same run. RESULTS.md keeps the runs'
     af.py       1A1F over NCCL vs colocated data parallel on two GPUs (real shapes)
     gpu.py      one GPU: afkv (CUDA graphs) vs transformers vs the HBM copy ceiling, plot
     eplb.py     expert load balancing under Zipf skew (CPU processes)
+    experts_merged.py  2A1F: the expert node's steps per attention node vs merged (CPU or GPU processes)
     steps.py    decode-step timing shared by af.py, gpu.py and kv_quant.py
     calibrate.py  a machine profile for `afkv plan` (afkv.plan): kernel curves, links, PCIe, disk
     kernels.py  Triton kernels vs roofline and torch: fused-MoE sweep (bf16/fp8), fused ops, batch-1

@@ -11,7 +11,8 @@
     transfer.py      expert weights between expert nodes (control-plane frames, NCCL)
     expert_stats.py  ExpertStats: an expert node's counters, one owner
     holdings.py      Holdings: an expert node's placements, experts and FFN side; EPLB changes
-    expert_plane.py  ExpertPlane: an expert node's side of the data plane, a link per attention node
+    expert_plane.py  ExpertPlane: an expert node's side of the data plane, a link per attention node;
+                     steps run alone or merged into one FFN call per layer over every attention node
     expert.py        ExpertNode: the control server and its table of handlers
     handoff.py       prefill/decode disaggregation: the KV hand-off protocol and checks, and
                      PrefillLinks, a decode node's links to the prefill nodes (routing, retries)

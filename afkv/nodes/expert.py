@@ -5,7 +5,8 @@ experts of the layers placed on it, and serves every attention node. The node is
 server and a table of handlers; each concern is its own object:
 
     Holdings     (afkv.nodes.holdings)     placements, held experts, the FFN side; EPLB changes
-    ExpertPlane  (afkv.nodes.expert_plane) the fixed-buffer data plane: one link per attention node
+    ExpertPlane  (afkv.nodes.expert_plane) the fixed-buffer data plane: one link per attention node;
+                                           steps alone or merged over attention nodes (expert_batching)
     ExpertStats  (afkv.nodes.expert_stats) counters
     transfer     (afkv.nodes.transfer)     expert weights to and from other expert nodes
 
@@ -14,6 +15,7 @@ Messages (`_handlers`; any other type is refused with FrameError):
     identity              -> {gpu}: this node's GPU identity (the data plane's peer kind follows)
     nccl_init             {key, attention, gpu}: join that attention node's data plane
     step                  {caps, mb_caps, dense_layers, epoch} -> {epoch, ok, compute_s}: one step
+                          (merged: answered with the other steps of its bundle)
     ffn_time              {caps, reps} -> {seconds}: one step's FFN compute alone (benchmarks, GPU)
     stats                 -> counters, the load window [L, E], the placement epoch
     eplb_prepare / eplb_commit / eplb_set {placement, peers | epoch}: placement changes
@@ -26,7 +28,9 @@ Threads and locks, the one discipline of this node:
 
     event loop      the control server and every handler; owns ExpertPlane's link table
     worker          (afkv-expertN) loads of the FFN side, weight exports, stats flushes, ffn_time
-    link threads    one per attention node: its steps, each on the link's own streams
+    link threads    one per attention node: its joins, and its steps on the link's own streams
+                    (per_attention_node)
+    merged thread   (expert_batching = "merged") every bundle of steps, on the node's one lane
     locks           Holdings._lock (placement state, held briefly) and Holdings._load_lock (one
                     load at a time); ExpertPlane._loads_lock (device load counts) and _flush_lock
                     (copies to the window); ExpertStats._lock (counters); afkv.model.graphs'
@@ -76,16 +80,18 @@ Handler = Callable[[ControlConnection, dict], Awaitable[dict | None]]
 class ExpertNode:
     def __init__(self, spec: ModelSpec, model_dir: str | Path, placement: ExpertPlacement, index: int,
                  device: torch.device, dtype: torch.dtype, token: str | None = None, host: str = "127.0.0.1",
-                 store=None, peer_timeout_s: float = 10.0, window_s: float = 60.0):
+                 store=None, peer_timeout_s: float = 10.0, window_s: float = 60.0,
+                 expert_batching: str = "per_attention_node"):
         """`store`: the rendezvous; it carries the data plane's peer ids. Attention nodes
-        silent (no heartbeat, no request) for `peer_timeout_s` are disconnected."""
+        silent (no heartbeat, no request) for `peer_timeout_s` are disconnected.
+        `expert_batching`: each attention node's steps alone, or merged bundles (ExpertPlane)."""
         self.spec, self.index, self.device = spec, index, device
         self.token, self.host, self.peer_timeout_s = token or None, host, peer_timeout_s
         self.stats = ExpertStats()
         self.holdings = Holdings(spec, model_dir, placement, index, device, dtype, self.stats, self.token,
                                  peer_timeout_s)
         self.plane = ExpertPlane(spec, index, device, dtype, self.holdings, self.stats, store, peer_timeout_s,
-                                 window_s)
+                                 window_s, expert_batching)
         self._executor: ThreadPoolExecutor | None = None
         self._server: ControlServer | None = None
         self._closed = asyncio.Event()

@@ -219,8 +219,12 @@ def make_plan(sh: Shapes, cluster: Cluster, workload: Workload,
                           + ": relax the TPOT SLO, shorten the context or add GPUs", key="tpot_slo")
     notes = []
     if cluster.profile.af.expert_batching == "per_attention_node":
-        notes.append("expert nodes run each attention node's rows apart (afkv today): weights are read once per "
-                     "attention node and micro-batch")
+        notes.append("expert nodes run each attention node's rows apart (afkv's default): weights are read once "
+                     "per attention node and micro-batch; --expert-batching merged models afkv's merged batching")
+    else:
+        notes.append("merged expert batching (one FFN launch per layer and micro-batch over every attention "
+                     "node's rows) runs in afkv ([deployment] expert_batching = \"merged\") but has not been "
+                     "measured on GPUs yet: the AF figures assume it amortizes the weight reads fully")
     return Plan(sh, cluster, workload, source, tuple(preds), runnable[0], colocated, tuple(notes))
 
 
@@ -314,6 +318,8 @@ def to_toml(plan: Plan) -> str:
         lines += ["", "[deployment]", f"attention_nodes = {d.attention_gpus}", f"expert_nodes = {d.expert_gpus}",
                   f"micro_batches = {d.micro_batches}", f"attention_devices = [{', '.join(att)}]",
                   f"expert_devices = [{', '.join(exp)}]"]
+        if c.profile.af.expert_batching != "per_attention_node":  # the runtime's default
+            lines.append(f'expert_batching = "{c.profile.af.expert_batching}"')
     return "\n".join(lines) + "\n"
 
 

@@ -36,7 +36,7 @@ from afkv.plan.kernels import AttentionPoint, FfnPoint, Kernels, Link, LinkPoint
 from afkv.plan.shapes import Shapes
 
 SCHEMA = "afkv-profile/1"
-EXPERT_BATCHING = ("per_attention_node", "merged")
+EXPERT_BATCHING = ("per_attention_node", "merged")  # afkv.config's [deployment] expert_batching (plan sits below config)
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,10 @@ class AfRuntime:
                            attention of micro-batch i+1 fully overlaps the experts' work on i
                            (MegaScale-Infer's ping-pong); afkv's stored runs sit in between
     expert_batching        "per_attention_node": an expert node runs each attention node's
-                           micro-batch apart, reading the weights again (afkv today);
-                           "merged": one launch per layer for all attention nodes' rows
+                           micro-batch apart, reading the weights again (afkv's default);
+                           "merged": one launch per layer and micro-batch for all attention
+                           nodes' rows (afkv's [deployment] expert_batching = "merged", not yet
+                           measured on GPUs: the model assumes full amortization)
     """
 
     round_trip_overhead_s: float = 0.0

@@ -57,7 +57,8 @@ async def serve_expert(cfg: EngineConfig, model: str | None, index: int, store_h
     except ValueError as exc:
         raise ConfigError(str(exc), file=cfg.source, key="eplb.slots_per_node") from exc
     node = ExpertNode(spec, model_dir, placement, index, device, resolve_dtype(cfg.model.dtype, device), token=d.token,
-                      host=d.host, store=store, peer_timeout_s=d.expert_timeout_s, window_s=e.window_s)
+                      host=d.host, store=store, peer_timeout_s=d.expert_timeout_s, window_s=e.window_s,
+                      expert_batching=d.expert_batching)
     port = await node.start()
     await asyncio.to_thread(publish, store, "expert", index, d.host, port)
     log.info("expert node %d serving on %s:%d", index, d.host, port)

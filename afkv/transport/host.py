@@ -121,11 +121,15 @@ class HostPeer:
         data = t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
         self._outbox.put(_HEADER.pack(len(data)) + data)
 
-    def recv(self, t: torch.Tensor, stream=None) -> None:
-        """Fill t (contiguous) with the peer's next buffer; waits at most timeout_s."""
+    def recv(self, t: torch.Tensor, stream=None, timeout_s: float | None = None) -> None:
+        """Fill t (contiguous) with the peer's next buffer; waits at most timeout_s (the
+        peer's own when None) for each piece of it."""
         if self._error is not None:
             raise self._failed("recv", self._error)
         nbytes = t.numel() * t.element_size()
+        wait_s = self.timeout_s if timeout_s is None else timeout_s
+        if timeout_s is not None:
+            self._sock.settimeout(timeout_s)
         try:
             (sent,) = _HEADER.unpack(self._read(_HEADER.size))
             if sent != nbytes:
@@ -134,9 +138,12 @@ class HostPeer:
             host = t if t.device.type == "cpu" else torch.empty(t.shape, dtype=t.dtype)
             self._read_into(memoryview(host.view(torch.uint8).numpy()).cast("B"))
         except TimeoutError as exc:
-            raise self._failed("recv", TimeoutError(f"no data within {self.timeout_s:.0f} s")) from exc
+            raise self._failed("recv", TimeoutError(f"no data within {wait_s:.1f} s")) from exc
         except OSError as exc:
             raise self._failed("recv", exc) from exc
+        finally:
+            if timeout_s is not None and self._error is None:
+                self._sock.settimeout(self.timeout_s)
         if host is not t:
             with torch.cuda.stream(stream):
                 t.copy_(host)

@@ -86,7 +86,9 @@ class NcclPeer:
         _check(_lib().ncclSend(t.data_ptr(), t.numel() * t.element_size(), _NCCL_UINT8, self.peer, self._comm,
                                stream.cuda_stream), "ncclSend")
 
-    def recv(self, t: torch.Tensor, stream: torch.cuda.Stream) -> None:
+    def recv(self, t: torch.Tensor, stream: torch.cuda.Stream, timeout_s: float | None = None) -> None:
+        """Enqueue a receive into t on `stream` (`timeout_s` does not apply: the host never
+        waits here; a receive that never completes is ended by `abort`)."""
         assert t.is_contiguous() and t.device == self.device
         _check(_lib().ncclRecv(t.data_ptr(), t.numel() * t.element_size(), _NCCL_UINT8, self.peer, self._comm,
                                stream.cuda_stream), "ncclRecv")

@@ -36,8 +36,9 @@ class Peer(Protocol):
         """Send t's bytes, ordered after the work already on `stream` (t stays alive until it passes)."""
         ...
 
-    def recv(self, t: torch.Tensor, stream) -> None:
-        """Fill t with the peer's next buffer, ordered on `stream`."""
+    def recv(self, t: torch.Tensor, stream, timeout_s: float | None = None) -> None:
+        """Fill t with the peer's next buffer, ordered on `stream`; a host peer waits at most
+        `timeout_s` (its own timeout when None) before PeerLostError."""
         ...
 
     def group(self) -> AbstractContextManager:
