@@ -30,7 +30,8 @@ Threads and locks, the one discipline of this node:
     worker          (afkv-expertN) loads of the FFN side, weight exports, stats flushes, ffn_time
     link threads    one per attention node: its joins, and its steps on the link's own streams
                     (per_attention_node)
-    merged thread   (expert_batching = "merged") every bundle of steps, on the node's one lane
+    lanes           (expert_batching = "merged") a pool of threads with their streams: each
+                    bundle of steps runs on one (ExpertPlane's docstring says which)
     locks           Holdings._lock (placement state, held briefly) and Holdings._load_lock (one
                     load at a time); ExpertPlane._loads_lock (device load counts) and _flush_lock
                     (copies to the window); ExpertStats._lock (counters); afkv.model.graphs'
