@@ -856,7 +856,7 @@ class PrefillLinks:
         try:
             if client.state is ConnState.OPEN:
                 try:
-                    reply = await client.request({"type": "release", "hid": next(self._hids), "id": seg.offer["id"]},
+                    reply = await client.request({"type": "release", "hid": next(self._hids), "buffer": seg.offer["id"]},
                                                  timeout_s=self._d.prefill_timeout_s)
                     seg.answered(reply.get("opened") is True)
                     return

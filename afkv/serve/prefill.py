@@ -16,7 +16,7 @@ The protocol, checks and faults are afkv.nodes.handoff's (its module docstring).
     cancel    cancel that stream: the engine aborts the prefill and frees its blocks; once no
               write into the slots is in flight any more, prefill_cancelled (at once for a
               stream already ended or never started): the decode node then reuses the slots
-    release   {"id"}: the decode node settles a device buffer whose offer it saw no answer to
+    release   {"buffer": id}: the decode node settles a device buffer whose offer it saw no answer to
               (afkv.nodes.handoff.DeviceSegment): let go of it if held -> {"opened": whether
               this connection ever opened it (its count is then released here, else there)}
 
@@ -112,6 +112,7 @@ class PrefillServer(StreamServer):
         # per connection, the NCCL link to its decode node (the carrier nccl)
         self._links: dict[ControlConnection, NcclSend] = {}
         self._watchers: dict[ControlConnection, asyncio.Task] = {}  # each lets go of what its connection held
+        self._answers: set[asyncio.Task] = set()  # prefill_cancelled of streams that never started, being sent
         self._client_timeout_s = client_timeout_s
 
     async def aclose(self) -> None:
@@ -163,13 +164,20 @@ class PrefillServer(StreamServer):
                 nccl = self._links[conn]
                 lease = await nccl.lease(len(want), fmt.nbytes, self.engine.kv_manager.kv.device)
                 into = lease.buffer.rows  # [rows, nbytes]: this node's
+            started = False
+
+            async def body() -> None:
+                nonlocal started
+                started = True
+                await self._hand_off(conn, hid, token_ids, want, fmt, into, slots, carrier, nccl, lease)
+
             try:
-                self._start(conn, hid, lambda: self._hand_off(conn, hid, token_ids, want, fmt, into, slots, carrier,
-                                                              nccl, lease), f"afkv-prefill {hid}")
+                task = self._start(conn, hid, body, f"afkv-prefill {hid}")
             except BaseException:
                 if lease is not None:
                     lease.writer_done()  # never written
                 raise
+            task.add_done_callback(lambda _: started or self._never_started(conn, hid, lease))
             return {"type": "ack", "carrier": carrier}
         if kind == "cancel":
             if self._streams.get(conn, {}).get(hid) is None:  # refused, or ended: its last message is sent
@@ -177,7 +185,7 @@ class PrefillServer(StreamServer):
             self._cancel(conn, hid)  # the stream answers once its writes are done
             return None
         if kind == "release":
-            seg_id = msg.get("id")
+            seg_id = msg.get("buffer")
             held = self._opened.get(conn, {}).get("device")
             if held is not None and held[0] == seg_id:
                 del self._opened[conn]["device"]  # transfers still writing keep their rows until they end
@@ -252,6 +260,21 @@ class PrefillServer(StreamServer):
             raise
         self._links[conn] = NcclSend(link, self.engine.kv_manager.metrics.counters)
         return True
+
+    def _never_started(self, conn: ControlConnection, hid: int, lease: Lease | None) -> None:
+        """A stream cancelled before its first step (a cancel right behind its prefill message):
+        nothing was written; answer the cancel as its stream would have."""
+        if lease is not None:
+            lease.writer_done()
+        task = asyncio.create_task(self._send_quietly(conn, {"type": "prefill_cancelled", "hid": hid}),
+                                   name=f"afkv-prefill-cancelled {hid}")
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
+
+    @staticmethod
+    async def _send_quietly(conn: ControlConnection, msg: dict) -> None:
+        with contextlib.suppress(errors.TransportError):
+            await conn.send(msg)
 
     async def _hand_off(self, conn: ControlConnection, hid: int, token_ids: list, want: dict, fmt: BlockFormat,
                         into: torch.Tensor | None, slots: list[int] | None, carrier: str,
