@@ -967,8 +967,8 @@ class PrefillLinks:
                 causes.append(f"prefill node {j}: {exc}")
                 if want:
                     self.num_retries += 1
-                    log.warning("KV hand-off from prefill node %d failed (%s); %d block(s) still awaited", j, exc,
-                                len(want))
+                    log.warning("KV hand-off from prefill node %d failed (%s); %d block(s) still awaited", j,
+                                str(exc), len(want))  # (a record keeps no traceback: its frames hold leases)
 
     async def _leases(self, j: int, client: ControlClient, kinds: Sequence[str], n: int, fmt: BlockFormat,
                       device: torch.device, leases: dict[str, Lease]) -> None:
