@@ -155,6 +155,7 @@ async def test_an_unanswered_device_offer_is_settled_and_its_buffer_freed(model,
         assert seg.opened is opens and seg.num_declines == (0 if opens else 1)
         assert staging.num_live == 0 and counters(decode)["handoff_unsettled_offers"] == 0
         assert all("device" not in held for held in servers[0]._opened.values())  # the prefill node let go
+        assert not servers[0]._streams  # the stream cancelled before its first step is gone too
         await wait_until(lambda: all_free(prefills[0]), what="prefill blocks freed")
         async with asyncio.timeout(60):
             assert (await decode.complete(PROMPT, PARAMS)).token_ids == expected
@@ -185,3 +186,26 @@ async def test_an_offer_unanswered_when_the_connection_ends_is_released_here(mod
         assert counters(decode)["handoff_staging_live_buffers"] == 0
         assert counters(decode)["handoff_unsettled_offers"] == 0
         assert all_free(decode)
+
+
+async def test_slots_awaiting_a_cancel_answer_are_freed_when_the_connection_ends(model):
+    """A frozen prefill node ignores the cancel of a transfer (its slots wait for
+    prefill_cancelled), then its connection ends (closed here): the waiting slots are
+    abandoned and the link's buffer is closed (none live), and nothing of the transfer is left
+    here."""
+    async with cluster(model, 1, gated_after=1) as (decode, prefills, servers, gate, j):
+        servers[0]._cancel = lambda conn, hid: None  # frozen: never answers the cancel
+        task = asyncio.create_task(decode.complete(PROMPT, PARAMS))
+        async with asyncio.timeout(60):
+            await gate.held.wait()
+        [staging] = decode._prefill.stagings(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_until(lambda: decode._prefill._draining, what="the cancel sent, its answer awaited")
+        assert staging._leased == 10 and staging.num_live == 1
+        await decode._prefill._clients[0].aclose()  # (as when heartbeats find the node frozen)
+        await wait_until(lambda: staging.num_live == 0, what="the link's buffer closed")
+        assert not decode._prefill._draining and staging._leased == 0 and decode._prefill.stagings(0) == []
+        assert counters(decode)["handoff_staging_live_buffers"] == 0
+        await wait_until(lambda: all_free(decode), what="decode blocks freed")
