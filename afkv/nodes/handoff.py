@@ -1024,11 +1024,16 @@ class PrefillLinks:
                 leases["nccl"].link = link
                 self._nccl_leases[hid] = leases["nccl"]
                 offers["nccl"] |= {"id": link.uid, "gpu": NCCL.gpu(device)}
-            ack = await client.request({"type": "prefill", "hid": hid, "token_ids": list(token_ids),
-                                        "want": [[i, want[i]] for i in sorted(want)], "format": fmt.name,
-                                        "digest": fmt.digest, "segment": offers.get("segment"),
-                                        "device_segment": offers.get("device"), "nccl": offers.get("nccl")},
-                                       timeout_s=timeout_s)
+            try:
+                ack = await client.request({"type": "prefill", "hid": hid, "token_ids": list(token_ids),
+                                            "want": [[i, want[i]] for i in sorted(want)], "format": fmt.name,
+                                            "digest": fmt.digest, "segment": offers.get("segment"),
+                                            "device_segment": offers.get("device"), "nccl": offers.get("nccl")},
+                                           timeout_s=timeout_s)
+            except errors.AfkvError:
+                if link is not None:  # whether the prefill node holds that communicator is unknown now
+                    self._drop_nccl(j, link)
+                raise
             carrier = ack.get("carrier")
             if link is not None and carrier != "nccl":
                 self._nccl_leases.pop(hid, None)

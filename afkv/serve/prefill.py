@@ -162,7 +162,10 @@ class PrefillServer(StreamServer):
             nccl, lease = None, None
             if carrier == "nccl":  # this transfer's link, whatever comes later, and its slots of the send buffer
                 nccl = self._links[conn]
-                lease = await nccl.lease(len(want), fmt.nbytes, self.engine.kv_manager.kv.device)
+                try:
+                    lease = await nccl.lease(len(want), fmt.nbytes, self.engine.kv_manager.kv.device)
+                except (RuntimeError, OSError) as exc:  # the link closed meanwhile, or no room on the device
+                    raise errors.PeerLostError(f"no NCCL send buffer on the prefill node: {exc}") from exc
                 into = lease.buffer.rows  # [rows, nbytes]: this node's
             started = False
 
