@@ -51,6 +51,10 @@ Protocol (control-plane messages, afkv.transport.control; the decode node is the
                        answered by prefill_cancelled once no write into its slots is in flight
                        (at once when the stream already ended or never started: messages of a
                        connection are handled in order, so the answer follows the request's)
+    decode -> prefill  {"type": "release", "hid", "buffer": id} -> {"type": "released", "opened"}
+                       for a device buffer whose offer got no answer (its request timed out, was
+                       cancelled or refused): the prefill node lets go of it if it holds it and
+                       says whether it ever opened it (DeviceSegment: who releases its count)
 
 Checks on every hop that leaves a device (the frames and the shared-memory segment): each row travels with the crc32 of its bytes,
 checked on arrival before anything is written; each block's hash must be the one asked for
@@ -88,8 +92,10 @@ IPC, NCCL, shared memory, frames; later transfers offer only that one):
                             both (the prefill node before its ack, with a deadline: a failed join
                             acks the next carrier and the decode node drops its end). The decode
                             node's slots are a device buffer of its GPU (NcclBuffer); the prefill
-                            node's worker exports the rows into a device buffer of its own GPU,
-                            and the link's thread sends them (one NCCL group per kv_blocks
+                            node's worker exports the rows into the link's send buffer on its
+                            own GPU (a Staging of that side: leased per transfer, given back
+                            when the export and its sends are done, freed with the link), and
+                            the link's thread sends them (one NCCL group per kv_blocks
                             message, a send per run of consecutive slots), in the order of the
                             messages, which the prefill node sends after enqueueing them; the
                             decode node's message handler posts the matching receives in that
@@ -98,8 +104,11 @@ IPC, NCCL, shared memory, frames; later transfers offer only that one):
                             No checksum (device to device). A receive with nothing coming for
                             prefill_timeout_s, or a prefill node lost, aborts the communicator:
                             its receives end with PeerLostError, the link drops it (the next
-                            transfer offers a new one) and the transfer goes on elsewhere. The
-                            NCCL calls are behind the `NCCL` seam (CudaNccl), which CPU tests fake.
+                            transfer offers a new one) and the transfer goes on elsewhere. A
+                            join whose peer failed after announcing it cannot be interrupted (no
+                            non-blocking creation: NcclLink): its thread stays, holding nothing
+                            of the link. The NCCL calls are behind the `NCCL` seam (CudaNccl),
+                            which CPU tests fake.
     frames (other hosts)    rows inline in the kv_blocks messages (at most ROWS_FRAME_BYTES each),
                             when the prefill node can open neither.
 
@@ -110,11 +119,18 @@ transfer's slots go back only when (1) the prefill node has ended the transfer (
 message, sent after every write into them completed: export_prefill waits for its copies even
 when cancelled) and (2) the decode node's copies out of them are done (the futures of its
 KVManager.receive jobs). A cancelled or failed transfer therefore drains: the decode node sends
-cancel and gives the slots back at prefill_cancelled; a connection that ends drops the link's
-buffers (freed once the prefill node lets its handle go: torch's IPC reference count keeps a
-device buffer allocated while another process holds it open, so a late writer never writes into
-memory given to anything else). Transfers at once lease disjoint slots; one that finds too few
-free gets a grown buffer (every slot in flight + its own), the old one retired.
+cancel and gives the slots back at prefill_cancelled (a slot whose answer can no longer come,
+the connection ended, is abandoned: its buffer retired). Transfers at once lease disjoint slots;
+one that finds too few free gets a grown buffer (every slot in flight + its own), the old one
+retired. A retired buffer is closed when its last lease ends; a connection that ends retires the
+link's buffers. A device buffer then stays allocated until its offer's IPC count is released,
+exactly once (torch's count keeps it while another process holds it open, so a late writer
+never writes into memory given to anything else): by the prefill node when it lets go of what
+it opened (a newer id, its connection's end), or here for an offer it declined; an offer whose
+answer never came is retired at once and settled by a release request when its last lease ends
+(DeviceSegment). Gauges: handoff_staging_live_buffers (buffers a Staging has not closed, both
+roles), handoff_unsettled_offers (device offers being settled); handoff_staging_buffers counts
+allocations.
 
 Why CUDA IPC rather than pinned host memory on one GPU: the rows never cross PCIe (two D2D copies
 at HBM speed instead of D2H + H2D at ~25 GB/s each way), no checksum is needed, and no page
