@@ -872,8 +872,8 @@ class PrefillLinks:
         try:
             if client.state is ConnState.OPEN:
                 try:
-                    reply = await client.request({"type": "release", "hid": next(self._hids), "buffer": seg.offer["id"]},
-                                                 timeout_s=self._d.prefill_timeout_s)
+                    msg = {"type": "release", "hid": next(self._hids), "buffer": seg.offer["id"]}
+                    reply = await client.request(msg, timeout_s=self._d.prefill_timeout_s)
                     seg.answered(reply.get("opened") is True)
                     return
                 except errors.AfkvError as exc:
@@ -991,7 +991,8 @@ class PrefillLinks:
         """n slots of each carrier in `kinds` that this node can offer prefill node j (on
         `client`'s connection) -> `leases` (filled as they are made: the caller gives back
         whatever is there, even when this is cancelled)."""
-        makers = {"device": lambda rows: DeviceSegment(rows, fmt.nbytes, device, functools.partial(self._settle, client)),
+        settle = functools.partial(self._settle, client)
+        makers = {"device": lambda rows: DeviceSegment(rows, fmt.nbytes, device, settle),
                   "nccl": lambda rows: NcclBuffer(rows, fmt.nbytes, device),
                   "segment": lambda rows: RowSegment(rows, fmt.nbytes)}
         for kind in kinds:

@@ -63,7 +63,7 @@ class StreamServer(abc.ABC):
 
     def _start(self, conn: ControlConnection, sid: int, body: Callable[[], Awaitable[None]], name: str) -> asyncio.Task:
         """Run body() as stream `sid` of `conn` -> its task (cancelled before its first step,
-        it never runs body: its entry still goes when it ends)."""
+        it never runs body: its entry then goes when the task ends)."""
         streams = self._streams.setdefault(conn, {})
         if sid in streams:
             raise errors.FrameError(f"{self.KEY} {sid} is already streaming on this connection")
@@ -71,7 +71,7 @@ class StreamServer(abc.ABC):
         task.add_done_callback(lambda t: self._ended(conn, sid, t))
         return task
 
-    def _ended(self, conn: ControlConnection, sid: int, task: asyncio.Task) -> None:
+    def _ended(self, conn: ControlConnection, sid: int, task: asyncio.Task | None) -> None:
         streams = self._streams.get(conn)
         if streams is not None and streams.get(sid) is task:
             del streams[sid]
@@ -96,6 +96,8 @@ class StreamServer(abc.ABC):
             log.exception("%s %d failed", self.WHAT, sid)
             await self._fail(conn, sid, errors.RequestFailedError(
                 f"{self.WHAT} {sid} failed on {self.WHERE}: {type(exc).__name__}: {exc}"))
+        finally:
+            self._ended(conn, sid, asyncio.current_task())  # before the task ends: a cancel then finds none
 
     async def _fail(self, conn: ControlConnection, sid: int, exc: errors.AfkvError) -> None:
         try:
