@@ -601,9 +601,12 @@ class Staging:
     "handoff_staging_live_buffers" the buffers not yet closed."""
 
     def __init__(self, kind: str, make: Callable[[int], DeviceSegment | RowSegment | NcclBuffer],
-                 counters: Counter[str] | None = None):
+                 counters: Counter[str] | None = None, runs_only: bool = False):
+        """runs_only: a lease is always one run of consecutive slots (grown when no run fits):
+        its rows are then one view of the buffer, never a gathered copy."""
         self.kind = kind
         self._make = make
+        self._runs_only = runs_only
         self._counters: Counter[str] = Counter() if counters is None else counters
         self.buffer: DeviceSegment | RowSegment | NcclBuffer | None = None
         self._free: list[int] = []
@@ -628,7 +631,7 @@ class Staging:
         async with self._growing:
             if self._closed:
                 raise RuntimeError("the link's staging is closed")
-            if self.buffer is None or len(self._free) < n:
+            if self.buffer is None or len(self._free) < n or self._runs_only and self._run(n) is None:
                 capacity = max(n + self._leased, 0 if self.buffer is None else self.buffer.num_rows)
                 buffer = await asyncio.to_thread(self._make, capacity)
                 self.num_buffers += 1
@@ -640,11 +643,16 @@ class Staging:
                     self._close(buffer)
                     raise RuntimeError("the link's staging is closed")
                 self.buffer, self._free = buffer, list(range(capacity))
-            free = self._free  # ascending: the first run of n consecutive slots, else the n lowest
-            at = next((k for k in range(len(free) - n + 1) if free[k + n - 1] - free[k] == n - 1), 0)
+            free, at = self._free, self._run(n)  # the first run of n consecutive slots, else the n lowest
+            at = 0 if at is None else at
             slots, self._free = free[at:at + n], free[:at] + free[at + n:]
             self._held[self.buffer] += n
             return Lease(self, self.buffer, slots)
+
+    def _run(self, n: int) -> int | None:
+        """Where the first run of n consecutive free slots starts in `_free` (ascending)."""
+        free = self._free
+        return next((k for k in range(len(free) - n + 1) if free[k + n - 1] - free[k] == n - 1), None)
 
     def give_back(self, buffer: DeviceSegment | RowSegment | NcclBuffer, slots: list[int]) -> None:
         """A lease's end (abandoned: `buffer` retired, the slots never handed out again)."""

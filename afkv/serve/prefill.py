@@ -66,8 +66,10 @@ HEARTBEAT_INTERVAL_S = 1.0
 class NcclSend:
     """A connection's NCCL link to its decode node (the carrier nccl): the communicator, the
     lock that keeps its sends in the order of their kv_blocks messages, and its send buffers
-    (per row size, a Staging of this node's device rows). `close` aborts the communicator and
-    frees the buffers (each once the transfers leasing it have ended)."""
+    (per row size, a Staging of this node's device rows; a lease is one run of slots, so a
+    batch's rows are a view of the buffer: export_rows gathers scattered slots after the event
+    the send waits for). `close` aborts the communicator and frees the buffers (each once the
+    transfers leasing it have ended)."""
 
     def __init__(self, link: NcclLink, counters):
         self.link, self.in_order = link, asyncio.Lock()
@@ -78,7 +80,7 @@ class NcclSend:
         staging = self.stagings.get(nbytes)
         if staging is None:
             staging = self.stagings[nbytes] = Staging("nccl", lambda rows: NcclBuffer(rows, nbytes, device),
-                                                      self._counters)
+                                                      self._counters, runs_only=True)
         return await staging.lease(n)
 
     def close(self) -> None:

@@ -137,3 +137,20 @@ async def test_a_lease_takes_a_run_of_consecutive_slots_where_one_is_free():
     assert (await s.lease(3)).slots == [2, 3, 4]  # a run, not the lowest three (0, 2, 3)
     assert (await s.lease(2)).slots == [5, 6]
     assert (await s.lease(1)).slots == [0] and s.num_buffers == 1
+
+
+async def test_a_runs_only_staging_grows_rather_than_scatter_a_lease():
+    """The prefill node's NCCL send buffer: a lease is always one run of slots (its rows one
+    view of the buffer); with enough free slots but no run, the buffer grows."""
+    made: list[FakeBuffer] = []
+    s = Staging("nccl", lambda n: made.append(FakeBuffer(n)) or made[-1], runs_only=True)
+    (await s.lease(6)).writer_done()
+    a, b, c = await s.lease(2), await s.lease(2), await s.lease(2)
+    a.writer_done()
+    c.writer_done()  # free: 0, 1, 4, 5: four slots, no run of three
+    d = await s.lease(3)
+    assert s.num_buffers == 2 and d.buffer is made[1] and d.slots == [0, 1, 2]
+    e = await s.lease(2)
+    assert e.slots == [3, 4] and s.num_buffers == 2
+    b.writer_done()
+    assert made[0].num_closes == 1
