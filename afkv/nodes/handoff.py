@@ -766,7 +766,8 @@ class PrefillLinks:
     this connection: None until its first ack), `_nccl` (per node, the link's communicator
     when the carrier is nccl: NcclLink, None until offered or after it failed), `_stagings` (per node, (kind, row bytes) -> its
     Staging), `_draining` (hand-off id -> (node, leases) of transfers that ended here before
-    the prefill node's terminal message: their slots wait for it)."""
+    the prefill node's terminal message: their slots wait for it), `_watchers` (the tasks
+    watching connections and settling unanswered device offers; none started once closing)."""
 
     def __init__(self, d: DeploymentConfig, name: str, counters: Counter[str] | None = None):
         """counters: where staging allocations are counted ("handoff_staging_buffers": the
