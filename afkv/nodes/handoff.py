@@ -51,6 +51,10 @@ Protocol (control-plane messages, afkv.transport.control; the decode node is the
                        answered by prefill_cancelled once no write into its slots is in flight
                        (at once when the stream already ended or never started: messages of a
                        connection are handled in order, so the answer follows the request's)
+    decode -> prefill  {"type": "release", "hid", "buffer": id} -> {"type": "released", "opened"}
+                       for a device buffer whose offer got no answer (its request timed out, was
+                       cancelled or refused): the prefill node lets go of it if it holds it and
+                       says whether it ever opened it (DeviceSegment: who releases its count)
 
 Checks on every hop that leaves a device (the frames and the shared-memory segment): each row travels with the crc32 of its bytes,
 checked on arrival before anything is written; each block's hash must be the one asked for
@@ -88,8 +92,10 @@ IPC, NCCL, shared memory, frames; later transfers offer only that one):
                             both (the prefill node before its ack, with a deadline: a failed join
                             acks the next carrier and the decode node drops its end). The decode
                             node's slots are a device buffer of its GPU (NcclBuffer); the prefill
-                            node's worker exports the rows into a device buffer of its own GPU,
-                            and the link's thread sends them (one NCCL group per kv_blocks
+                            node's worker exports the rows into the link's send buffer on its
+                            own GPU (a Staging of that side: leased per transfer, given back
+                            when the export and its sends are done, freed with the link), and
+                            the link's thread sends them (one NCCL group per kv_blocks
                             message, a send per run of consecutive slots), in the order of the
                             messages, which the prefill node sends after enqueueing them; the
                             decode node's message handler posts the matching receives in that
@@ -98,8 +104,11 @@ IPC, NCCL, shared memory, frames; later transfers offer only that one):
                             No checksum (device to device). A receive with nothing coming for
                             prefill_timeout_s, or a prefill node lost, aborts the communicator:
                             its receives end with PeerLostError, the link drops it (the next
-                            transfer offers a new one) and the transfer goes on elsewhere. The
-                            NCCL calls are behind the `NCCL` seam (CudaNccl), which CPU tests fake.
+                            transfer offers a new one) and the transfer goes on elsewhere. A
+                            join whose peer failed after announcing it cannot be interrupted (no
+                            non-blocking creation: NcclLink): its thread stays, holding nothing
+                            of the link. The NCCL calls are behind the `NCCL` seam (CudaNccl),
+                            which CPU tests fake.
     frames (other hosts)    rows inline in the kv_blocks messages (at most ROWS_FRAME_BYTES each),
                             when the prefill node can open neither.
 
@@ -110,11 +119,18 @@ transfer's slots go back only when (1) the prefill node has ended the transfer (
 message, sent after every write into them completed: export_prefill waits for its copies even
 when cancelled) and (2) the decode node's copies out of them are done (the futures of its
 KVManager.receive jobs). A cancelled or failed transfer therefore drains: the decode node sends
-cancel and gives the slots back at prefill_cancelled; a connection that ends drops the link's
-buffers (freed once the prefill node lets its handle go: torch's IPC reference count keeps a
-device buffer allocated while another process holds it open, so a late writer never writes into
-memory given to anything else). Transfers at once lease disjoint slots; one that finds too few
-free gets a grown buffer (every slot in flight + its own), the old one retired.
+cancel and gives the slots back at prefill_cancelled (a slot whose answer can no longer come,
+the connection ended, is abandoned: its buffer retired). Transfers at once lease disjoint slots;
+one that finds too few free gets a grown buffer (every slot in flight + its own), the old one
+retired. A retired buffer is closed when its last lease ends; a connection that ends retires the
+link's buffers. A device buffer then stays allocated until its offer's IPC count is released,
+exactly once (torch's count keeps it while another process holds it open, so a late writer
+never writes into memory given to anything else): by the prefill node when it lets go of what
+it opened (a newer id, its connection's end), or here for an offer it declined; an offer whose
+answer never came is retired at once and settled by a release request when its last lease ends
+(DeviceSegment). Gauges: handoff_staging_live_buffers (buffers a Staging has not closed, both
+roles), handoff_unsettled_offers (device offers being settled); handoff_staging_buffers counts
+allocations.
 
 Why CUDA IPC rather than pinned host memory on one GPU: the rows never cross PCIe (two D2D copies
 at HBM speed instead of D2H + H2D at ~25 GB/s each way), no checksum is needed, and no page
@@ -124,6 +140,7 @@ pinning. The NCCL carrier has run on CPU with its NCCL calls faked only, not yet
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -136,7 +153,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
@@ -228,14 +245,23 @@ class DeviceSegment:
     handle (`offer`: msgpack-safe fields of torch's CUDA tensor sharing, the GPU's UUID so that
     only a process on the same GPU opens it, and an id unique in this process, under which the
     prefill node keeps it open). `rows` keeps the buffer alive; torch keeps it allocated after
-    that until the prefill node lets it go (an IPC reference count in shared memory, counting
-    one for the offer). A prefill node that did not open it says so in its ack: `answered(False)` then
-    drops the offer's count here, else the buffer would stay allocated for good."""
+    that until the offer's count is released (an IPC reference count in shared memory, one for
+    the offer), exactly once: by the prefill node when it lets go of the buffer it opened (at a
+    newer id of the link, or its connection's end), or here (`decline`) when it did not open it.
+
+    Who releases the count is what the prefill node answers (`answered`): its ack (opened: the
+    carrier is "device") or, for an offer whose ack never came (the request timed out, was
+    cancelled, or its connection failed), `settle`: called by `close` (the buffer retired and no
+    lease left), it asks the prefill node whether it ever opened the buffer (PrefillLinks: a
+    `release` request, answered in the connection's order, so after every request that named
+    it) and answers. A buffer offered without an answer is retired at once (never offered
+    again), so nothing can open it after that question."""
 
     kind = "device"
     _ids = itertools.count()
 
-    def __init__(self, num_rows: int, nbytes: int, device: torch.device):
+    def __init__(self, num_rows: int, nbytes: int, device: torch.device,
+                 settle: Callable[[DeviceSegment], None] | None = None):
         torch.cuda.ipc_collect()  # buffers that every prefill node has released
         self.num_rows = num_rows
         self.rows = torch.empty((num_rows, nbytes), dtype=torch.uint8, device=device)  # [num_rows, nbytes]
@@ -247,10 +273,15 @@ class DeviceSegment:
                       "offset": offset_bytes, "ref_handle": ref_handle, "ref_offset": ref_offset,
                       "event": event_handle, "event_sync": bool(event_sync)}
         self.opened: bool | None = None  # by the prefill node; None: no answer yet
+        self._settle = settle
+
+    @staticmethod
+    def available(device: torch.device) -> bool:
+        return device.type == "cuda"
 
     def answered(self, opened: bool) -> None:
-        """The prefill node's first ack naming this buffer: opened (it keeps it open for the
-        connection) or not (the offer's reference is released here)."""
+        """The prefill node's first answer naming this buffer: opened (it keeps it open for the
+        connection, and its letting go releases the offer's count) or not (released here)."""
         if self.opened is None:
             self.opened = opened
             if not opened:
@@ -261,8 +292,10 @@ class DeviceSegment:
         torch.UntypedStorage._release_ipc_counter_cuda(self.offer["ref_handle"], self.offer["ref_offset"])
 
     def close(self) -> None:
-        """Nothing to do: the memory goes with the last view of `rows` and the prefill node's
-        handle (an offer never answered keeps its count: the prefill node may hold it open)."""
+        """Retired, no lease left: the memory goes with the last view of `rows` once the offer's
+        count is released; an offer never answered is settled first (`settle`)."""
+        if self.opened is None and self._settle is not None:
+            self._settle(self)
 
 
 def open_device_segment(offer: object, nbytes: int, device: torch.device) -> tuple[int, torch.Tensor] | None:
@@ -297,8 +330,9 @@ def open_device_segment(offer: object, nbytes: int, device: torch.device) -> tup
 
 
 class NcclBuffer:
-    """Decode side, NCCL: a device buffer of row slots on this node's GPU that the link's
-    communicator receives into (nothing is shared with another process: no handle, no id)."""
+    """NCCL: a device buffer of row slots of one link on this node's GPU: on the decode node the
+    link's communicator receives into it, on the prefill node its worker exports the rows there
+    and the link's thread sends them (nothing is shared with another process: no handle, no id)."""
 
     kind = "nccl"
 
@@ -406,16 +440,24 @@ async def moved(move: Future) -> None:
 class NcclLink:
     """One side of a (decode node, prefill node) link's communicator (decode rank 0, prefill
     rank 1), made from the unique id of the link's first nccl offer. `start` joins it on a
-    daemon thread of its own (creation blocks until both ranks join; a thread stuck there
-    cannot be stopped, so it holds no pool's worker); `move` then runs sends (prefill) or
-    receives (decode) one at a time on the link's thread, in the order they are submitted:
-    both sides submit in the order of the connection's kv_blocks messages, so every send meets
-    its receive. `abort` ends it: pending and later moves fail with PeerLostError."""
+    daemon thread of its own; `move` then runs sends (prefill) or receives (decode) one at a
+    time on the link's thread, in the order they are submitted: both sides submit in the order
+    of the connection's kv_blocks messages, so every send meets its receive. `abort` ends it:
+    pending and later moves fail with PeerLostError.
+
+    A join whose peer never comes (it failed after announcing its join) blocks in
+    ncclCommInitRank, which nothing can interrupt: CuPy 14's NcclCommunicator has no
+    non-blocking creation (its NcclConfig sets only split_share, not `blocking`), and
+    afkv.transport.nccl's ctypes path calls the blocking ncclCommInitRank. Such a thread stays
+    until the process ends; what it can hold is bounded: the id, the device and the `joined`
+    future, never this link (an aborted link is dropped and freed, and the next transfer offers
+    a new communicator), a lease, a pool's worker, or a lock the event loop takes. If the join
+    returns after the link was aborted, the thread aborts what it made."""
 
     def __init__(self, nccl, unique_id: str, rank: int, device: torch.device, timeout_s: float):
         self.uid, self.rank, self.device, self.timeout_s = unique_id, rank, device, timeout_s
         self._nccl = nccl
-        self.joined: Future = Future()
+        self.joined: Future = Future()  # the channel; cancelled by abort before the join ends
         self.aborted = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"afkv-nccl{rank}")
         self._started = False
@@ -423,17 +465,8 @@ class NcclLink:
     def start(self) -> None:
         if not self._started:
             self._started = True
-            threading.Thread(target=self._join, name=f"afkv-nccl-join{self.rank}", daemon=True).start()
-
-    def _join(self) -> None:
-        try:
-            channel = self._nccl.join(self.uid, self.rank, self.device)
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the link
-            self.joined.set_exception(exc)
-            return
-        self.joined.set_result(channel)
-        if self.aborted:
-            channel.abort()
+            threading.Thread(target=_join, args=(self._nccl, self.uid, self.rank, self.device, self.joined),
+                             name=f"afkv-nccl-join{self.rank}", daemon=True).start()
 
     def move(self, send: bool, views: list[torch.Tensor]) -> Future:
         """Send (or receive into) `views` after every move submitted before -> its Future
@@ -463,13 +496,29 @@ class NcclLink:
             raise errors.PeerLostError(f"NCCL hand-off failed: {exc}") from exc
 
     def abort(self) -> None:
-        """Drop the communicator: moves in progress end (their kernels abort), later ones fail."""
+        """Drop the communicator: moves in progress end (their kernels abort), later ones fail;
+        a join still running aborts what it makes when it returns."""
         if self.aborted:
             return
         self.aborted = True
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self.joined.done() and self.joined.exception() is None:
+        if not self.joined.cancel() and not self.joined.cancelled() and self.joined.exception() is None:
             threading.Thread(target=self.joined.result().abort, name="afkv-nccl-abort", daemon=True).start()
+
+
+def _join(nccl, unique_id: str, rank: int, device: torch.device, joined: Future) -> None:
+    """NcclLink.start's thread: join the communicator -> `joined` (a module function, so that a
+    join that never returns holds no link)."""
+    try:
+        channel = nccl.join(unique_id, rank, device)
+    except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the link
+        with contextlib.suppress(InvalidStateError):  # (aborted meanwhile: nobody waits)
+            joined.set_exception(exc)
+        return
+    try:
+        joined.set_result(channel)
+    except InvalidStateError:  # the link was aborted while this joined
+        channel.abort()
 
 
 def runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -487,14 +536,15 @@ def runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
 
 class Lease:
     """Slots `slots` of a Staging buffer, held by one transfer (slot k: the k-th block asked
-    for). They go back to the staging only when both writer and reader are done with them:
-    the prefill node (its terminal message for the transfer: prefill_done, prefill_failed, or
-    prefill_cancelled, its answer to a cancel) and this node's copies out of them (the futures
-    of `KVManager.receive` jobs, `imported`). A transfer whose prefill node cannot be asked (the
-    connection failed while cancelling) is `abandon`ed: its slots never come back and its buffer
-    is retired."""
+    for). They go back to the staging only when both writer and reader are done with them: on
+    the decode node, the prefill node (its terminal message for the transfer: prefill_done,
+    prefill_failed, or prefill_cancelled, its answer to a cancel) and this node's copies out of
+    them (the futures of `KVManager.receive` jobs, `imported`); on the prefill node (its NCCL
+    send buffer), its export (done when export_prefill returns) and the sends out of them
+    (`imported`). A transfer whose writer cannot be asked (the connection failed while
+    cancelling) is `abandon`ed: its slots never come back and its buffer is retired."""
 
-    def __init__(self, staging: Staging, buffer: DeviceSegment | RowSegment, slots: list[int]):
+    def __init__(self, staging: Staging, buffer: DeviceSegment | RowSegment | NcclBuffer, slots: list[int]):
         self.staging, self.buffer, self.slots = staging, buffer, slots
         self.slot_of: dict[int, int] = {}  # block table index -> its slot (set by the transfer)
         self.link: NcclLink | None = None  # nccl: the communicator the transfer was offered on
@@ -507,8 +557,8 @@ class Lease:
             self._imports.append(future)
 
     def writer_done(self) -> None:
-        """The prefill node writes no more into the slots: give them back once the copies out
-        of them have completed (a callback on the event loop, never a wait)."""
+        """The writer writes no more into the slots: give them back once the reads out of them
+        have completed (a callback on the event loop, never a wait)."""
         if self._writer_done:
             return
         self._writer_done = True
@@ -519,7 +569,7 @@ class Lease:
         asyncio.gather(*pending, return_exceptions=True).add_done_callback(lambda _: self._release())
 
     def abandon(self) -> None:
-        """Whether the prefill node still writes is unknown: never hand the slots out again."""
+        """Whether the writer still writes is unknown: never hand the slots out again."""
         if not self._released:
             self._writer_done = self._released = True
             self.staging.retire(self.buffer)
@@ -532,60 +582,102 @@ class Lease:
 
 
 class Staging:
-    """Decode side: the row slots of one prefill link's carrier ("device": a DeviceSegment,
-    "segment": a RowSegment), allocated once and kept while the connection lasts, so that a
-    transfer costs no allocation and no handle opening (the prefill node keeps the buffer open
-    under its id). Transfers lease disjoint slots; a transfer that needs more than are free gets
-    a new buffer of max(capacity, leased + needed) rows (grown: leased counts every buffer's
-    slots in flight, so a burst of transfers sizes the buffer for the next), the old one
-    retired: freed when its last lease is given back (and, for a device buffer, when the
-    prefill node has let its handle go: it does when it sees the new id, or when the connection
-    ends).
+    """The row slots of one link's carrier, allocated once and kept while the link lasts, so
+    that a transfer costs no allocation and no handle opening. On the decode node: "device" (a
+    DeviceSegment: the prefill node keeps it open under its id), "segment" (a RowSegment),
+    "nccl" (an NcclBuffer the communicator receives into); on the prefill node, "nccl": its send
+    buffer. Transfers lease disjoint slots; a transfer that needs more than are free gets a new
+    buffer of max(capacity, leased + needed) rows (grown: leased counts every buffer's slots in
+    flight, so a burst of transfers sizes the buffer for the next), the old one retired. A
+    retired buffer is closed (`buffer.close()`: freed, as far as this node holds it) when its
+    last lease is given back, at once when it has none.
 
     Owns (loop thread only): `buffer` (the one new leases come from), `_free` (its free slots,
     ascending; a lease takes the first run of consecutive slots that fits, so that copies into
-    it are one slice and the prefill node's rows are one view of it), `_leased` (slots of every
-    buffer held by leases), `num_buffers` (allocations so far: the set-up a kept buffer saves)."""
+    it are one slice and the prefill node's rows are one view of it), `_held` (slots held by
+    leases, per buffer not yet closed: the current one and retired ones), `num_buffers`
+    (allocations so far: the set-up a kept buffer saves). counters (the KV manager's, so that
+    metrics show them): "handoff_staging_buffers" counts allocations, the gauge
+    "handoff_staging_live_buffers" the buffers not yet closed."""
 
-    def __init__(self, kind: str, make: Callable[[int], DeviceSegment | RowSegment]):
+    def __init__(self, kind: str, make: Callable[[int], DeviceSegment | RowSegment | NcclBuffer],
+                 counters: Counter[str] | None = None, runs_only: bool = False):
+        """runs_only: a lease is always one run of consecutive slots (grown when no run fits):
+        its rows are then one view of the buffer, never a gathered copy."""
         self.kind = kind
         self._make = make
-        self.buffer: DeviceSegment | RowSegment | None = None
+        self._runs_only = runs_only
+        self._counters: Counter[str] = Counter() if counters is None else counters
+        self.buffer: DeviceSegment | RowSegment | NcclBuffer | None = None
         self._free: list[int] = []
+        self._held: dict[DeviceSegment | RowSegment | NcclBuffer, int] = {}
         self._growing = asyncio.Lock()
-        self._leased = 0  # slots held by leases, of every buffer
+        self._closed = False
         self.num_buffers = 0
+
+    @property
+    def num_live(self) -> int:
+        """Buffers not yet closed: the current one and retired ones that leases still hold."""
+        return len(self._held)
+
+    @property
+    def _leased(self) -> int:
+        """Slots held by leases, of every buffer."""
+        return sum(self._held.values())
 
     async def lease(self, n: int) -> Lease:
         """n slots (raises what allocating a new buffer raises: RuntimeError, OSError); a new
         buffer is allocated off the event loop (the CUDA driver may block)."""
         async with self._growing:
-            if self.buffer is None or len(self._free) < n:
+            if self._closed:
+                raise RuntimeError("the link's staging is closed")
+            if self.buffer is None or len(self._free) < n or self._runs_only and self._run(n) is None:
                 capacity = max(n + self._leased, 0 if self.buffer is None else self.buffer.num_rows)
                 buffer = await asyncio.to_thread(self._make, capacity)
-                self.retire(self.buffer)
-                self.buffer, self._free = buffer, list(range(capacity))
                 self.num_buffers += 1
-            free = self._free  # ascending: the first run of n consecutive slots, else the n lowest
-            at = next((k for k in range(len(free) - n + 1) if free[k + n - 1] - free[k] == n - 1), 0)
+                self._counters["handoff_staging_buffers"] += 1
+                self._counters["handoff_staging_live_buffers"] += 1
+                self._held[buffer] = 0
+                self.retire(self.buffer)
+                if self._closed:  # closed while it was made: never leased
+                    self._close(buffer)
+                    raise RuntimeError("the link's staging is closed")
+                self.buffer, self._free = buffer, list(range(capacity))
+            free, at = self._free, self._run(n)  # the first run of n consecutive slots, else the n lowest
+            at = 0 if at is None else at
             slots, self._free = free[at:at + n], free[:at] + free[at + n:]
-            self._leased += n
+            self._held[self.buffer] += n
             return Lease(self, self.buffer, slots)
 
-    def give_back(self, buffer: DeviceSegment | RowSegment, slots: list[int]) -> None:
+    def _run(self, n: int) -> int | None:
+        """Where the first run of n consecutive free slots starts in `_free` (ascending)."""
+        free = self._free
+        return next((k for k in range(len(free) - n + 1) if free[k + n - 1] - free[k] == n - 1), None)
+
+    def give_back(self, buffer: DeviceSegment | RowSegment | NcclBuffer, slots: list[int]) -> None:
         """A lease's end (abandoned: `buffer` retired, the slots never handed out again)."""
-        self._leased -= len(slots)
+        self._held[buffer] -= len(slots)
         if buffer is self.buffer:
             self._free = sorted(self._free + slots)
+        elif not self._held[buffer]:
+            self._close(buffer)  # retired, and its last lease is back
 
-    def retire(self, buffer: DeviceSegment | RowSegment | None) -> None:
-        """No more leases from `buffer` (those held keep it alive until given back)."""
+    def retire(self, buffer: DeviceSegment | RowSegment | NcclBuffer | None) -> None:
+        """No more leases from `buffer`; it is closed once the leases it has are given back."""
         if buffer is not None and buffer is self.buffer:
             self.buffer, self._free = None, []
-            buffer.close()
+            if not self._held[buffer]:
+                self._close(buffer)
 
     def close(self) -> None:
+        """The link ended: retire the buffer; leases in flight keep theirs until they end."""
+        self._closed = True
         self.retire(self.buffer)
+
+    def _close(self, buffer: DeviceSegment | RowSegment | NcclBuffer) -> None:
+        del self._held[buffer]
+        self._counters["handoff_staging_live_buffers"] -= 1
+        buffer.close()
 
 
 def row_checksums(rows: torch.Tensor) -> list[int]:
@@ -674,7 +766,8 @@ class PrefillLinks:
     this connection: None until its first ack), `_nccl` (per node, the link's communicator
     when the carrier is nccl: NcclLink, None until offered or after it failed), `_stagings` (per node, (kind, row bytes) -> its
     Staging), `_draining` (hand-off id -> (node, leases) of transfers that ended here before
-    the prefill node's terminal message: their slots wait for it)."""
+    the prefill node's terminal message: their slots wait for it), `_watchers` (the tasks
+    watching connections and settling unanswered device offers; none started once closing)."""
 
     def __init__(self, d: DeploymentConfig, name: str, counters: Counter[str] | None = None):
         """counters: where staging allocations are counted ("handoff_staging_buffers": the
@@ -697,17 +790,21 @@ class PrefillLinks:
         self._watchers: set[asyncio.Task] = set()
         self._store = None
         self._first = [True] * d.prefill_nodes
+        self._closing = False
         self.num_retries = 0  # transfers continued on another prefill node
 
     async def aclose(self) -> None:
+        """Close the links. Offers still unsettled then stay unsettled: their buffers stay
+        allocated until this process ends (a prefill node may still hold them open)."""
+        self._closing = True
         for c in self._clients:
             if c is not None:
                 await c.aclose()
+        for j in range(self._d.prefill_nodes):
+            self._drop_link(j)
         for w in list(self._watchers):
             w.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
-        for j in range(self._d.prefill_nodes):
-            self._drop_link(j)
 
     def stagings(self, j: int) -> list[Staging]:
         """Prefill node j's stagings (tests and benchmarks read their allocations)."""
@@ -748,15 +845,53 @@ class PrefillLinks:
 
     def _drop_link(self, j: int) -> None:
         """Forget prefill node j's carrier and stagings (its connection ended): their buffers
-        are freed when the last lease and the prefill node's handles let them go."""
+        are closed when their last lease ends (and a device buffer freed when the prefill node's
+        handle lets it go, or its offer is settled)."""
         self._carrier[j] = None
         self._drop_nccl(j)
         for staging in self._stagings[j].values():
             staging.close()
         self._stagings[j] = {}
-        for hid, (node, _) in list(self._draining.items()):
+        for hid, (node, leases) in list(self._draining.items()):
             if node == j:
-                del self._draining[hid]  # their buffers are retired: the slots are never handed out again
+                del self._draining[hid]  # no prefill_cancelled will come: the writer is unknown
+                for lease in leases:
+                    lease.abandon()
+
+    def _settle(self, client: ControlClient, seg: DeviceSegment) -> None:
+        """DeviceSegment.close of a buffer whose offer (on `client`'s connection) was never
+        answered: find out who releases its count (a task)."""
+        if self._closing:
+            return
+        task = asyncio.create_task(self._settle_offer(client, seg), name=f"afkv-settle {seg.offer['id']}")
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _settle_offer(self, client: ControlClient, seg: DeviceSegment) -> None:
+        """Ask the prefill node whether it ever opened `seg` (a `release` request: handled after
+        every request that named it, since no lease holds it and it is never offered again;
+        it lets go of it if it holds it); it answers for the offer's count. A connection that
+        ended first cannot answer: after prefill_timeout_s (a live prefill node lets go of what
+        it opened when its side closes, and writes no more) the count is released here, on the
+        prefill node's behalf (a process that died holding the handle never releases it). The
+        one case this gets wrong, a live prefill node that had opened it and whose connection
+        broke before its ack, leaves the buffer allocated (the count never reaches 0), never
+        freed under a writer."""
+        self._counters["handoff_unsettled_offers"] += 1
+        try:
+            if client.state is ConnState.OPEN:
+                try:
+                    msg = {"type": "release", "hid": next(self._hids), "buffer": seg.offer["id"]}
+                    reply = await client.request(msg, timeout_s=self._d.prefill_timeout_s)
+                    seg.answered(reply.get("opened") is True)
+                    return
+                except errors.AfkvError as exc:
+                    log.warning("cannot settle the offer of device staging buffer %d (%s): released here after "
+                                "%.0f s", seg.offer["id"], exc, self._d.prefill_timeout_s)
+            await asyncio.sleep(self._d.prefill_timeout_s)
+            seg.answered(False)
+        finally:
+            self._counters["handoff_unsettled_offers"] -= 1
 
     def _drop_nccl(self, j: int, link: NcclLink | None = None) -> None:
         """Abort prefill node j's communicator (`link`, when it is still the link's; default
@@ -857,30 +992,29 @@ class PrefillLinks:
                 causes.append(f"prefill node {j}: {exc}")
                 if want:
                     self.num_retries += 1
-                    log.warning("KV hand-off from prefill node %d failed (%s); %d block(s) still awaited", j, exc,
-                                len(want))
+                    log.warning("KV hand-off from prefill node %d failed (%s); %d block(s) still awaited", j,
+                                str(exc), len(want))  # (a record keeps no traceback: its frames hold leases)
 
-    async def _leases(self, j: int, kinds: Sequence[str], n: int, fmt: BlockFormat,
-                      device: torch.device) -> dict[str, Lease]:
-        """n slots of each carrier in `kinds` that this node can offer prefill node j."""
-        makers = {"device": lambda rows: DeviceSegment(rows, fmt.nbytes, device),
+    async def _leases(self, j: int, client: ControlClient, kinds: Sequence[str], n: int, fmt: BlockFormat,
+                      device: torch.device, leases: dict[str, Lease]) -> None:
+        """n slots of each carrier in `kinds` that this node can offer prefill node j (on
+        `client`'s connection) -> `leases` (filled as they are made: the caller gives back
+        whatever is there, even when this is cancelled)."""
+        settle = functools.partial(self._settle, client)
+        makers = {"device": lambda rows: DeviceSegment(rows, fmt.nbytes, device, settle),
                   "nccl": lambda rows: NcclBuffer(rows, fmt.nbytes, device),
                   "segment": lambda rows: RowSegment(rows, fmt.nbytes)}
-        leases = {}
         for kind in kinds:
-            if kind == "device" and device.type != "cuda" or kind == "segment" and not RowSegment.available() \
-                    or kind == "nccl" and NCCL.gpu(device) is None:
+            if kind == "device" and not DeviceSegment.available(device) or \
+                    kind == "segment" and not RowSegment.available() or kind == "nccl" and NCCL.gpu(device) is None:
                 continue
             staging = self._stagings[j].get((kind, fmt.nbytes))
             if staging is None:
-                staging = self._stagings[j][kind, fmt.nbytes] = Staging(kind, makers[kind])
-            made = staging.num_buffers
+                staging = self._stagings[j][kind, fmt.nbytes] = Staging(kind, makers[kind], self._counters)
             try:
                 leases[kind] = await staging.lease(n)
             except (RuntimeError, OSError) as exc:  # no room for the slots, no CUDA IPC, shared memory full
                 log.warning("no %s staging for a KV hand-off (%s): rows take the next carrier", kind, exc)
-            self._counters["handoff_staging_buffers"] += staging.num_buffers - made
-        return leases
 
     async def _fetch_from(self, j: int, token_ids: Sequence[int], want: dict[int, BlockHash], fmt: BlockFormat,
                           device: torch.device, receive: Callable[[list[int], torch.Tensor, list[int]], Future | None],
@@ -902,7 +1036,7 @@ class PrefillLinks:
         ended = False
         timeout_s = self._d.prefill_timeout_s
         try:
-            leases = await self._leases(j, kinds, len(want), fmt, device)
+            await self._leases(j, client, kinds, len(want), fmt, device, leases)
             for lease in leases.values():
                 lease.slot_of = dict(zip(sorted(want), lease.slots))
             offers = {kind: {**lease.buffer.offer, "slots": lease.slots} for kind, lease in leases.items()}
@@ -916,11 +1050,16 @@ class PrefillLinks:
                 leases["nccl"].link = link
                 self._nccl_leases[hid] = leases["nccl"]
                 offers["nccl"] |= {"id": link.uid, "gpu": NCCL.gpu(device)}
-            ack = await client.request({"type": "prefill", "hid": hid, "token_ids": list(token_ids),
-                                        "want": [[i, want[i]] for i in sorted(want)], "format": fmt.name,
-                                        "digest": fmt.digest, "segment": offers.get("segment"),
-                                        "device_segment": offers.get("device"), "nccl": offers.get("nccl")},
-                                       timeout_s=timeout_s)
+            try:
+                ack = await client.request({"type": "prefill", "hid": hid, "token_ids": list(token_ids),
+                                            "want": [[i, want[i]] for i in sorted(want)], "format": fmt.name,
+                                            "digest": fmt.digest, "segment": offers.get("segment"),
+                                            "device_segment": offers.get("device"), "nccl": offers.get("nccl")},
+                                           timeout_s=timeout_s)
+            except errors.AfkvError:
+                if link is not None:  # whether the prefill node holds that communicator is unknown now
+                    self._drop_nccl(j, link)
+                raise
             carrier = ack.get("carrier")
             if link is not None and carrier != "nccl":
                 self._nccl_leases.pop(hid, None)
@@ -933,7 +1072,8 @@ class PrefillLinks:
                     del leases[kind]
             if negotiating and self._carrier[j] is None and carrier in ("device", "nccl", "segment", "frames"):
                 self._carrier[j] = carrier  # the link's stagings of other kinds are not offered again
-                self._stagings[j] = {key: st for key, st in self._stagings[j].items() if key[0] == carrier}
+                for key in [key for key in self._stagings[j] if key[0] != carrier]:
+                    self._stagings[j].pop(key).close()
             if probing:
                 probing = False
                 probe.release()
@@ -972,6 +1112,9 @@ class PrefillLinks:
         finally:
             if probing:
                 probe.release()  # the probe failed: the next transfer tries
+            for lease in leases.values():
+                if lease.buffer.kind == "device" and lease.buffer.opened is None:
+                    lease.staging.retire(lease.buffer)  # offered, never answered: not offered again
             self._queues.pop(hid, None)
             self._nccl_leases.pop(hid, None)
             self._queued[j] -= len(token_ids)

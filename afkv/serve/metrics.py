@@ -105,6 +105,10 @@ async def engine_samples(engine) -> list[Sample]:
                           node_label, kv.counters.get("handoff_received_blocks", 0)))
         out.append(Sample("kv_handoff_shared_blocks", "counter", "Prompt KV blocks a PD hand-off found held already "
                           "(not transferred)", node_label, kv.counters.get("handoff_shared_blocks", 0)))
+        out.append(Sample("kv_handoff_staging_live_buffers", "gauge", "PD hand-off staging buffers of this node's "
+                          "links not yet freed", node_label, kv.counters.get("handoff_staging_live_buffers", 0)))
+        out.append(Sample("kv_handoff_unsettled_offers", "gauge", "PD device staging buffers whose offer is being "
+                          "settled with the prefill node", node_label, kv.counters.get("handoff_unsettled_offers", 0)))
     if getattr(engine, "eplb_enabled", False):
         try:
             value = await engine.expert_balancedness()

@@ -11,12 +11,25 @@ The protocol, checks and faults are afkv.nodes.handoff's (its module docstring).
               join, before the ack; a failed join acks the next carrier) into the decode node's
               slots, each kv_blocks message after its send is enqueued (a lock keeps sends and
               messages in one order); else the rows it yields go in the kv_blocks messages; then
-              prefill_done (or prefill_failed with the error, which keeps its class)
+              prefill_done (or prefill_failed with the error, which keeps its class). A request
+              refused (an error reply) leaves no buffer of its offers newly opened here.
     cancel    cancel that stream: the engine aborts the prefill and frees its blocks; once no
               write into the slots is in flight any more, prefill_cancelled (at once for a
               stream already ended or never started): the decode node then reuses the slots
+    release   {"buffer": id}: the decode node settles a device buffer whose offer it saw no answer to
+              (afkv.nodes.handoff.DeviceSegment): let go of it if held -> {"opened": whether
+              this connection ever opened it (its count is then released here, else there)}
 
-A decode node that goes away takes its streams with it (their sends fail; the engine aborts).
+The NCCL send buffer is the link's (a Staging of this node's device rows, as the decode node's
+slots are): a transfer leases slots of it for its rows, and gives them back once its export is
+done (export_prefill returns only when no write is in flight) and every send out of them has
+completed (the link's thread waits for the send's CUDA event before its Future completes, so a
+later export never overwrites rows a send still reads); it is freed with the link (its
+connection closed, its communicator aborted, or replaced).
+
+A decode node that goes away takes its streams with it (their sends fail; the engine aborts),
+and what its connection held here (the buffers opened, the NCCL link and its send buffer) is
+let go when the connection closes.
 """
 
 from __future__ import annotations
@@ -33,7 +46,10 @@ from afkv.kv.formats import FORMAT_NAMES, BlockFormat, make_format
 from afkv.nodes import handoff
 from afkv.nodes.handoff import (
     MAX_FRAME_BYTES,
+    Lease,
+    NcclBuffer,
     NcclLink,
+    Staging,
     blocks_to_wire,
     moved,
     open_device_segment,
@@ -45,6 +61,32 @@ from afkv.transport.control import ConnState, ControlConnection, ControlLimits
 
 log = logging.getLogger("afkv.serve")
 HEARTBEAT_INTERVAL_S = 1.0
+
+
+class NcclSend:
+    """A connection's NCCL link to its decode node (the carrier nccl): the communicator, the
+    lock that keeps its sends in the order of their kv_blocks messages, and its send buffers
+    (per row size, a Staging of this node's device rows; a lease is one run of slots, so a
+    batch's rows are a view of the buffer: export_rows gathers scattered slots after the event
+    the send waits for). `close` aborts the communicator and frees the buffers (each once the
+    transfers leasing it have ended)."""
+
+    def __init__(self, link: NcclLink, counters):
+        self.link, self.in_order = link, asyncio.Lock()
+        self._counters = counters
+        self.stagings: dict[int, Staging] = {}
+
+    async def lease(self, n: int, nbytes: int, device: torch.device) -> Lease:
+        staging = self.stagings.get(nbytes)
+        if staging is None:
+            staging = self.stagings[nbytes] = Staging("nccl", lambda rows: NcclBuffer(rows, nbytes, device),
+                                                      self._counters, runs_only=True)
+        return await staging.lease(n)
+
+    def close(self) -> None:
+        self.link.abort()
+        for staging in self.stagings.values():
+            staging.close()
 
 
 class PrefillServer(StreamServer):
@@ -67,17 +109,40 @@ class PrefillServer(StreamServer):
         # per connection, carrier -> (the decode node's id of its staging buffer, its rows open
         # here): kept open while the connection lasts, so a transfer opens nothing
         self._opened: dict[ControlConnection, dict[str, tuple[object, torch.Tensor]]] = {}
-        # per connection, the NCCL link to its decode node (the carrier nccl) and the lock that
-        # keeps its sends in the order of their kv_blocks messages
-        self._links: dict[ControlConnection, tuple[NcclLink, asyncio.Lock]] = {}
+        # per connection, the ids of the device buffers ever opened (what `release` answers)
+        self._opened_ids: dict[ControlConnection, set[int]] = {}
+        # per connection, the NCCL link to its decode node (the carrier nccl)
+        self._links: dict[ControlConnection, NcclSend] = {}
+        self._watchers: dict[ControlConnection, asyncio.Task] = {}  # each lets go of what its connection held
+        self._answers: set[asyncio.Task] = set()  # prefill_cancelled of streams that never started, being sent
         self._client_timeout_s = client_timeout_s
 
     async def aclose(self) -> None:
         await super().aclose()
+        for task in self._watchers.values():
+            task.cancel()
+        await asyncio.gather(*self._watchers.values(), return_exceptions=True)
+        self._watchers.clear()
         self._opened.clear()
-        for link, _ in self._links.values():
-            link.abort()
+        self._opened_ids.clear()
+        for nccl in self._links.values():
+            nccl.close()
         self._links.clear()
+
+    def _watch(self, conn: ControlConnection) -> None:
+        if conn not in self._watchers:
+            self._watchers[conn] = asyncio.create_task(self._let_go(conn), name="afkv-prefill-conn")
+
+    async def _let_go(self, conn: ControlConnection) -> None:
+        """When `conn` closes: let go of the buffers it opened and of its NCCL link (transfers
+        still running keep theirs until they end)."""
+        await conn.wait_closed()
+        self._opened.pop(conn, None)
+        self._opened_ids.pop(conn, None)
+        nccl = self._links.pop(conn, None)
+        if nccl is not None:
+            nccl.close()
+        self._watchers.pop(conn, None)
 
     async def _handle(self, conn: ControlConnection, msg: dict) -> dict | None:
         kind = msg["type"]
@@ -96,15 +161,40 @@ class PrefillServer(StreamServer):
                 raise errors.ConfigError("the decode node asks for KV rows of another geometry than this prefill "
                                          "node's (model, dtype or block_size differ)", key="kv")
             into, slots, carrier = await self._open_carrier(conn, msg, hid, len(want), fmt)
-            nccl = self._links[conn] if carrier == "nccl" else None  # this transfer's, whatever comes later
-            self._start(conn, hid, lambda: self._hand_off(conn, hid, token_ids, want, fmt, into, slots, carrier, nccl),
-                        f"afkv-prefill {hid}")
+            nccl, lease = None, None
+            if carrier == "nccl":  # this transfer's link, whatever comes later, and its slots of the send buffer
+                nccl = self._links[conn]
+                try:
+                    lease = await nccl.lease(len(want), fmt.nbytes, self.engine.kv_manager.kv.device)
+                except (RuntimeError, OSError) as exc:  # the link closed meanwhile, or no room on the device
+                    raise errors.PeerLostError(f"no NCCL send buffer on the prefill node: {exc}") from exc
+                into = lease.buffer.rows  # [rows, nbytes]: this node's
+            started = False
+
+            async def body() -> None:
+                nonlocal started
+                started = True
+                await self._hand_off(conn, hid, token_ids, want, fmt, into, slots, carrier, nccl, lease)
+
+            try:
+                task = self._start(conn, hid, body, f"afkv-prefill {hid}")
+            except BaseException:
+                if lease is not None:
+                    lease.writer_done()  # never written
+                raise
+            task.add_done_callback(lambda _: started or self._never_started(conn, hid, lease))
             return {"type": "ack", "carrier": carrier}
         if kind == "cancel":
             if self._streams.get(conn, {}).get(hid) is None:  # refused, or ended: its last message is sent
                 await conn.send({"type": "prefill_cancelled", "hid": hid})
             self._cancel(conn, hid)  # the stream answers once its writes are done
             return None
+        if kind == "release":
+            seg_id = msg.get("buffer")
+            held = self._opened.get(conn, {}).get("device")
+            if held is not None and held[0] == seg_id:
+                del self._opened[conn]["device"]  # transfers still writing keep their rows until they end
+            return {"type": "released", "opened": seg_id in self._opened_ids.get(conn, set())}
         raise errors.FrameError(f"prefill node: unknown message type {kind!r}")
 
     async def _open_carrier(self, conn: ControlConnection, msg: dict, hid: int, num_rows: int, fmt: BlockFormat
@@ -114,10 +204,7 @@ class PrefillServer(StreamServer):
         connection under the decode node's id -> (its rows or None, the slots of this transfer,
         its name). For nccl: a device buffer of this node's for the rows, and the decode node's
         slots (where the sends go)."""
-        for gone in [c for c in self._opened if c.state is ConnState.CLOSED]:
-            del self._opened[gone]  # a decode node's buffers are let go with its connection
-        for gone in [c for c in self._links if c.state is ConnState.CLOSED]:
-            self._links.pop(gone)[0].abort()
+        self._watch(conn)
         opened = self._opened.setdefault(conn, {})
         for carrier in ("device", "nccl", "segment"):
             offer = msg.get({"device": "device_segment"}.get(carrier, carrier))
@@ -125,28 +212,30 @@ class PrefillServer(StreamServer):
                 continue
             if not isinstance(offer, dict):
                 raise errors.FrameError(f"a prefill message's {carrier} offer is not a map")
+            rows = offer.get("rows")
+            if not isinstance(rows, int) or isinstance(rows, bool):
+                raise errors.FrameError(f"a prefill message's {carrier} offer needs an int 'rows', got {rows!r:.20}")
+            slots = _slots_from_wire(offer.get("slots"), num_rows, rows)  # before anything is opened
             if carrier == "nccl":
-                rows = offer.get("rows")
-                if not isinstance(rows, int) or not await self._join(conn, offer, hid):
+                if not await self._join(conn, offer, hid):
                     continue
-                into = await asyncio.to_thread(torch.empty, (num_rows, fmt.nbytes), dtype=torch.uint8,
-                                               device=self.engine.kv_manager.kv.device)  # [num_rows, nbytes]: here
-                return into, _slots_from_wire(offer.get("slots"), num_rows, rows), "nccl"
+                return None, slots, "nccl"  # rows: in the link's send buffer
             key = offer.get("id" if carrier == "device" else "name")
             if carrier not in opened or opened[carrier][0] != key:
                 opened.pop(carrier, None)  # an older buffer of this link: let go (transfers in flight keep theirs)
                 if carrier == "device":
                     got = await asyncio.to_thread(open_device_segment, offer, fmt.nbytes,
                                                   self.engine.kv_manager.kv.device)
-                    rows = None if got is None else got[1]
+                    into = None if got is None else got[1]
                 else:
-                    rows = open_segment(offer, fmt.nbytes)
-                if rows is None:
+                    into = open_segment(offer, fmt.nbytes)
+                if into is None:
                     continue
-                opened[carrier] = (key, rows)
+                opened[carrier] = (key, into)
+                if carrier == "device":
+                    self._opened_ids.setdefault(conn, set()).add(key)
                 self.num_opened += 1
-            rows = opened[carrier][1]
-            return rows, _slots_from_wire(offer.get("slots"), num_rows, rows.shape[0]), carrier
+            return opened[carrier][1], slots, carrier
         return None, None, "frames"
 
     async def _join(self, conn: ControlConnection, offer: dict, hid: int) -> bool:
@@ -155,10 +244,10 @@ class PrefillServer(StreamServer):
         (nccl_joining: it joins too) and join within the timeout -> whether the link is up."""
         uid, device = offer.get("id"), self.engine.kv_manager.kv.device
         held = self._links.get(conn)
-        if held is not None and held[0].uid == uid:
-            return not held[0].aborted
+        if held is not None and held.link.uid == uid:
+            return not held.link.aborted
         if held is not None:
-            self._links.pop(conn)[0].abort()  # the decode node dropped that one
+            self._links.pop(conn).close()  # the decode node dropped that one
         gpu = await asyncio.to_thread(handoff.NCCL.gpu, device)
         if not isinstance(uid, str) or gpu is None or offer.get("gpu") in (None, gpu):
             return False  # no NCCL here, or the same GPU (NCCL refuses two ranks on one GPU)
@@ -171,35 +260,53 @@ class PrefillServer(StreamServer):
             log.warning("cannot join the decode node's NCCL communicator (%s): rows take the next carrier", exc)
             link.abort()
             return False
-        self._links[conn] = (link, asyncio.Lock())
+        except asyncio.CancelledError:  # the connection or the server closes
+            link.abort()
+            raise
+        self._links[conn] = NcclSend(link, self.engine.kv_manager.metrics.counters)
         return True
+
+    def _never_started(self, conn: ControlConnection, hid: int, lease: Lease | None) -> None:
+        """A stream cancelled before its first step (a cancel right behind its prefill message):
+        nothing was written; answer the cancel as its stream would have."""
+        if lease is not None:
+            lease.writer_done()
+        task = asyncio.create_task(self._send_quietly(conn, {"type": "prefill_cancelled", "hid": hid}),
+                                   name=f"afkv-prefill-cancelled {hid}")
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
+
+    @staticmethod
+    async def _send_quietly(conn: ControlConnection, msg: dict) -> None:
+        with contextlib.suppress(errors.TransportError):
+            await conn.send(msg)
 
     async def _hand_off(self, conn: ControlConnection, hid: int, token_ids: list, want: dict, fmt: BlockFormat,
                         into: torch.Tensor | None, slots: list[int] | None, carrier: str,
-                        nccl: tuple[NcclLink, asyncio.Lock] | None = None) -> None:
+                        nccl: NcclSend | None = None, lease: Lease | None = None) -> None:
         """`into`: the decode node's staging rows that `carrier` names (block k asked for, in
-        table order, goes to its row slots[k]), or None: rows go in the frames; for nccl, a
-        buffer of this node's (block k in its row k) sent over `nccl` (the link and the lock
-        that keeps sends in message order) into the decode node's slots[k]. Ends with
-        prefill_done, prefill_failed (StreamServer) or, cancelled, prefill_cancelled once no
-        write into `into` is in flight any more (the decode node then reuses the slots)."""
+        table order, goes to its row slots[k]), or None: rows go in the frames; for nccl, the
+        link's send buffer (block k in its row lease.slots[k]) sent over `nccl` into the
+        decode node's slots[k], the lease given back when the export and the sends are done.
+        Ends with prefill_done, prefill_failed (StreamServer) or, cancelled, prefill_cancelled
+        once no write into `into` is in flight any more (the decode node then reuses the slots)."""
         self.carriers[carrier] += 1
         slot_of = dict(zip(sorted(want), slots)) if nccl is not None else {}
         sends = []  # NCCL: the sends enqueued, one per batch (rows in this node's `into`)
         try:
             async with contextlib.aclosing(self.engine.export_prefill(token_ids, want, fmt, into,
-                                                                      None if nccl else slots)) as batches:
+                                                                      lease.slots if lease else slots)) as batches:
                 async for batch in batches:
                     frames = blocks_to_wire(hid, batch.indices, batch.hashes, batch.rows, carrier)
                     if nccl is None:
                         for frame in frames:
                             await conn.send(frame)
                         continue
-                    link, in_order = nccl
-                    rows = batch.rows  # [n, nbytes], contiguous: the batch's slots of `into`
-                    async with in_order:  # the decode node posts receives in message order
-                        sends.append(link.move(True, [rows[k:k + n] for k, _, n in
-                                                      runs([slot_of[i] for i in batch.indices])]))
+                    rows = batch.rows  # [n, nbytes]: the batch's slots of `into` (a view, or their gather)
+                    async with nccl.in_order:  # the decode node posts receives in message order
+                        sends.append(nccl.link.move(True, [rows[k:k + n] for k, _, n in
+                                                           runs([slot_of[i] for i in batch.indices])]))
+                        lease.imported(sends[-1])  # its slots go back once this send has read them
                         await conn.send(frames[0])
             for send in sends:
                 await moved(send)
@@ -214,8 +321,11 @@ class PrefillServer(StreamServer):
                 raise
             await _settled(sends)
             if self._links.get(conn) is nccl:
-                del self._links[conn]  # the link aborted itself: the decode node offers a new one
+                self._links.pop(conn).close()  # the link aborted itself: the decode node offers a new one
             await self._fail(conn, hid, exc)  # the decode node is there: tell it
+        finally:
+            if lease is not None:
+                lease.writer_done()  # the export wrote its last row (aclosing): back once the sends are done
 
 
 async def _settled(futures: list) -> None:

@@ -61,12 +61,22 @@ class StreamServer(abc.ABC):
             raise errors.FrameError(f"a {msg['type']!r:.20} message needs an int {self.KEY!r}, got {sid!r:.50}")
         return sid
 
-    def _start(self, conn: ControlConnection, sid: int, body: Callable[[], Awaitable[None]], name: str) -> None:
-        """Run body() as stream `sid` of `conn`."""
+    def _start(self, conn: ControlConnection, sid: int, body: Callable[[], Awaitable[None]], name: str) -> asyncio.Task:
+        """Run body() as stream `sid` of `conn` -> its task (cancelled before its first step,
+        it never runs body: its entry then goes when the task ends)."""
         streams = self._streams.setdefault(conn, {})
         if sid in streams:
             raise errors.FrameError(f"{self.KEY} {sid} is already streaming on this connection")
-        streams[sid] = asyncio.create_task(self._run(conn, sid, body), name=name)
+        task = streams[sid] = asyncio.create_task(self._run(conn, sid, body), name=name)
+        task.add_done_callback(lambda t: self._ended(conn, sid, t))
+        return task
+
+    def _ended(self, conn: ControlConnection, sid: int, task: asyncio.Task | None) -> None:
+        streams = self._streams.get(conn)
+        if streams is not None and streams.get(sid) is task:
+            del streams[sid]
+            if not streams:
+                del self._streams[conn]
 
     def _cancel(self, conn: ControlConnection, sid: object) -> None:
         task = self._streams.get(conn, {}).get(sid) if isinstance(sid, int) else None
@@ -87,11 +97,7 @@ class StreamServer(abc.ABC):
             await self._fail(conn, sid, errors.RequestFailedError(
                 f"{self.WHAT} {sid} failed on {self.WHERE}: {type(exc).__name__}: {exc}"))
         finally:
-            streams = self._streams.get(conn)
-            if streams is not None and streams.get(sid) is asyncio.current_task():
-                del streams[sid]
-                if not streams:
-                    del self._streams[conn]
+            self._ended(conn, sid, asyncio.current_task())  # before the task ends: a cancel then finds none
 
     async def _fail(self, conn: ControlConnection, sid: int, exc: errors.AfkvError) -> None:
         try:

@@ -9,9 +9,12 @@ real primitives is tests/nodes/test_prefill_decode_gpu.py::test_1p1d_over_nccl_b
 
 import asyncio
 import dataclasses
+import gc
 import itertools
 import queue
 import secrets
+import threading
+import weakref
 
 import pytest
 
@@ -75,13 +78,18 @@ class FakeChannel:
 
 class FakeNccl:
     """fail_join: the prefill side's join fails (ncclCommInitRank); lose_after: the first
-    communicator's sender loses every send after that many (fail_send: its sends fail then)."""
+    communicator's sender loses every send after that many (fail_send: its sends fail then);
+    hang_first: both joins of the first communicator block until that event is set (as
+    ncclCommInitRank does when the other rank never comes; `hung`: their threads)."""
 
-    def __init__(self, fail_join: bool = False, lose_after: int | None = None, fail_send: bool = False):
+    def __init__(self, fail_join: bool = False, lose_after: int | None = None, fail_send: bool = False,
+                 hang_first: threading.Event | None = None):
         self.fail_join, self.lose_after, self.fail_send = fail_join, lose_after, fail_send
+        self.hang_first = hang_first
         self._gpus = itertools.count()
         self._queues: dict[str, queue.Queue] = {}
         self.joins: list[tuple[str, int]] = []
+        self.hung: list[threading.Thread] = []
         self.aborts = self.recvs_posted = 0
 
     def gpu(self, device):
@@ -92,6 +100,9 @@ class FakeNccl:
 
     def join(self, unique_id, rank, device):
         self.joins.append((unique_id, rank))
+        if self.hang_first is not None and unique_id == self.joins[0][0]:
+            self.hung.append(threading.current_thread())
+            self.hang_first.wait()
         if self.fail_join and rank == 1:
             raise TransportError("fake: ncclCommInitRank failed: unhandled system error")
         first = not self._queues or unique_id in list(self._queues)[:1]
@@ -246,3 +257,76 @@ async def test_a_failed_send_fails_the_transfer_and_the_link_makes_a_new_communi
         assert servers[0].carriers == {"device": 0, "nccl": 2, "segment": 0, "frames": 0}
         assert len({u for u, _ in fake.joins}) == 2
         await wait_until(lambda: all_free(prefills[0]), what="prefill blocks freed")
+
+
+def send_stagings(server) -> list:
+    """The prefill node's NCCL send buffers (one Staging per link and row size)."""
+    return [st for nccl in server._links.values() for st in nccl.stagings.values()]
+
+
+async def test_the_prefill_node_sends_from_one_buffer_per_link_freed_with_the_link(model, monkeypatch):
+    """Transfers one after another on one link export into one send buffer of the prefill
+    node (allocated once, its slots back after each transfer's sends); a send that fails aborts
+    the link, and its buffer is freed (none live until the next link makes its own)."""
+    fake = FakeNccl()
+    monkeypatch.setattr(handoff, "NCCL", fake)
+    prompts = [random_prompt(n, 256, seed=800 + n) for n in (41, 33, 21, 37)]  # 10, 8, 5, 9 blocks
+    async with Engine(model, dataclasses.replace(config(0, 1), deployment=None), progress=False) as e:
+        expected = [(await e.complete(p, PARAMS)).token_ids for p in prompts]
+    async with cluster(model, 1, gated_after=None, timeout_s=300.0) as (decode, prefills, servers, _, j):
+        async with asyncio.timeout(60):
+            got = [(await decode.complete(p, PARAMS)).token_ids for p in prompts[:3]]
+        assert got == expected[:3] and servers[0].carriers["nccl"] == 3
+        [send] = servers[0]._links.values()
+        [staging] = send_stagings(servers[0])
+        await wait_until(lambda: staging._leased == 0, what="send slots given back")
+        assert staging.num_buffers == 1 and staging.buffer.num_rows == 10
+        counters = prefills[0].kv_metrics().counters
+        assert counters["handoff_staging_buffers"] == counters["handoff_staging_live_buffers"] == 1
+        channel = send.link.joined.result(0)  # the prefill node's end: its next send fails
+        channel.lose_after, channel.fail = channel.sends, True
+        with pytest.raises(PrefillUnavailableError, match="NCCL hand-off failed"):
+            async with asyncio.timeout(60):
+                await decode.complete(prompts[3], PARAMS)
+        await wait_until(lambda: staging.num_live == 0, what="the aborted link's send buffer freed")
+        assert send.link.aborted and send not in servers[0]._links.values()
+        assert prefills[0].kv_metrics().counters["handoff_staging_live_buffers"] == 0
+        async with asyncio.timeout(60):  # a new communicator, a new send buffer
+            assert (await decode.complete(prompts[3], PARAMS)).token_ids == expected[3]
+        counters = prefills[0].kv_metrics().counters
+        assert counters["handoff_staging_buffers"] == 2 and counters["handoff_staging_live_buffers"] == 1
+        await wait_until(lambda: all_free(prefills[0]), what="prefill blocks freed")
+
+
+async def test_a_join_stuck_after_its_prefill_node_failed_holds_nothing(model, monkeypatch):
+    """The prefill node announces its join and fails before the communicator is made: both
+    joins stay blocked (nothing interrupts ncclCommInitRank). The transfer goes on from the
+    other prefill node over a new communicator, and the stuck join holds nothing of the
+    failed link: not the link (freed), its slots, a pool worker, or the next transfer."""
+    release = threading.Event()
+    fake = FakeNccl(hang_first=release)
+    monkeypatch.setattr(handoff, "NCCL", fake)
+    expected = await expected_tokens(model)
+    try:
+        async with cluster(model, 2, gated_after=None, timeout_s=300.0) as (decode, prefills, servers, _, j):
+            task = asyncio.create_task(decode.complete(PROMPT, PARAMS))
+            await wait_until(lambda: len(fake.hung) == 2, what="both ranks in their join")
+            link = weakref.ref(decode._prefill._nccl[j])
+            await servers[j].aclose()  # the prefill node fails
+            async with asyncio.timeout(60):
+                assert (await task).token_ids == expected
+            assert servers[1 - j].carriers["nccl"] == 1 and nccl_blocks(decode) == 10
+            assert decode._prefill._nccl[j] is None and decode._prefill.stagings(j) == []
+            gc.collect()
+            assert link() is None  # the stuck thread keeps no link alive
+            assert all(t.is_alive() and t.name.startswith("afkv-nccl-join") for t in fake.hung)
+            [staging] = decode._prefill.stagings(1 - j)
+            await wait_until(lambda: staging._leased == 0, what="staging slots given back")
+            assert decode.kv_metrics().counters["handoff_staging_live_buffers"] == 1  # only the live link's
+            assert all_free(decode)
+    finally:
+        release.set()  # the joins return: each aborts the channel it made (its link was aborted)
+        for t in fake.hung:
+            t.join(30)
+    assert not any(t.is_alive() for t in fake.hung)
+    assert fake.aborts >= 2

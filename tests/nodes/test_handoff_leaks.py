@@ -1,0 +1,211 @@
+"""Staging buffers of the KV hand-off (afkv.nodes.handoff) that must be freed on every path: a
+device staging buffer (CUDA IPC) whose offer the prefill node never answered, on the CPU.
+
+CUDA IPC is faked in this process: FakeDeviceSegment is a DeviceSegment whose rows are host
+memory and whose decline (the release of the offer's IPC count) is counted, and the prefill
+server's open_device_segment hands it those very rows (or declines, as a prefill node on
+another GPU). The protocol around it runs for real (PrefillServer, PrefillLinks): the offer,
+the ack, the release request that settles an offer whose ack never came. The one rule under
+test: every offer's count is released exactly once, here (declined) or by the prefill node
+(it opened the buffer), and the decode node frees the buffer once no lease holds it. The real
+CUDA path is tests/nodes/test_prefill_decode_gpu.py."""
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from afkv import Engine
+from afkv.errors import PrefillUnavailableError
+from afkv.nodes import handoff
+from afkv.serve import prefill as prefill_module
+from tests.helpers import random_prompt
+from tests.nodes.test_prefill_decode_faults import PARAMS, PROMPT, all_free, cluster, config, expected_tokens
+from tests.serve.conftest import wait_until
+
+
+class FakeIpc:
+    """What the prefill node's "open" does (opens: returns the buffer's rows, else None) and
+    a gate it waits at (while it is closed, the decode node sees no answer to its offer)."""
+
+    def __init__(self):
+        self.made: dict[int, FakeDeviceSegment] = {}
+        self.opens = True
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def open(self, offer, nbytes, device):
+        self.entered.set()
+        if not self.gate.wait(60):
+            raise TimeoutError("the test never opened the gate")
+        seg = self.made[offer["id"]]
+        return (offer["id"], seg.rows) if self.opens else None
+
+
+class FakeDeviceSegment(handoff.DeviceSegment):
+    ipc: FakeIpc
+
+    def __init__(self, num_rows, nbytes, device, settle=None):
+        self.num_rows = num_rows
+        self.rows = torch.zeros((num_rows, nbytes), dtype=torch.uint8)  # [num_rows, nbytes]
+        self.offer = {"id": next(self._ids), "uuid": "fake-gpu", "rows": num_rows, "nbytes": nbytes}
+        self.opened = None
+        self._settle = settle
+        self.num_declines = 0
+        self.ipc.made[self.offer["id"]] = self
+
+    @staticmethod
+    def available(device) -> bool:
+        return True
+
+    def decline(self) -> None:
+        self.num_declines += 1
+
+
+@pytest.fixture
+def ipc(monkeypatch):
+    fake = FakeIpc()
+    monkeypatch.setattr(FakeDeviceSegment, "ipc", fake, raising=False)
+    monkeypatch.setattr(handoff, "DeviceSegment", FakeDeviceSegment)
+    monkeypatch.setattr(prefill_module, "open_device_segment", fake.open)
+    yield fake
+    fake.gate.set()  # no thread of the test stays waiting
+
+
+@contextlib.asynccontextmanager
+async def gate_opened(ipc: FakeIpc):
+    """Open the gate when the block ends, before the cluster closes (its server waits for the
+    handler that waits at the gate)."""
+    try:
+        yield
+    finally:
+        ipc.gate.set()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return str(tiny_dir["mixtral"])
+
+
+def counters(engine) -> dict:
+    return engine.kv_metrics().counters
+
+
+def device_stagings(engine) -> list:
+    return [s for s in engine._prefill.stagings(0) if s.kind == "device"]
+
+
+async def test_device_offers_answered_by_the_ack_are_released_once(model, ipc):
+    """The usual path: the first transfer's buffer is opened (the prefill node releases its
+    count); it serves every later transfer; nothing is declined here; one live buffer."""
+    prompts = [PROMPT, random_prompt(33, 256, seed=11)]
+    async with Engine(model, dataclasses.replace(config(0, 1), deployment=None), progress=False) as e:
+        expected = [(await e.complete(p, PARAMS)).token_ids for p in prompts]
+    async with cluster(model, 1, gated_after=None) as (decode, prefills, servers, _, j):
+        async with asyncio.timeout(60):
+            assert [(await decode.complete(p, PARAMS)).token_ids for p in prompts] == expected
+        [seg] = ipc.made.values()
+        assert seg.opened is True and seg.num_declines == 0
+        assert servers[0].carriers["device"] == 2 and servers[0].num_opened == 1
+        assert counters(decode)["handoff_staging_live_buffers"] == 1  # the segment staging was closed
+        assert all_free(decode)
+
+
+async def test_a_declined_device_offer_is_released_here(model, ipc):
+    """A prefill node that cannot open the buffer (another GPU) acks the segment: the count is
+    released here, once, and the device staging is closed (never offered again)."""
+    ipc.opens = False
+    expected = await expected_tokens(model)
+    async with cluster(model, 1, gated_after=None) as (decode, prefills, servers, _, j):
+        async with asyncio.timeout(60):
+            assert (await decode.complete(PROMPT, PARAMS)).token_ids == expected
+        [seg] = ipc.made.values()
+        assert seg.opened is False and seg.num_declines == 1 and device_stagings(decode) == []
+        assert servers[0].carriers["segment"] == 1
+        assert counters(decode)["handoff_staging_live_buffers"] == 1  # the segment's
+
+
+@pytest.mark.parametrize("opens", [True, False], ids=["opened", "not-opened"])
+async def test_an_unanswered_device_offer_is_settled_and_its_buffer_freed(model, ipc, opens):
+    """The request is cancelled while the prefill node opens the offered buffer: its ack never
+    arrives. The buffer is retired at once (never offered again); once the cancelled transfer's
+    slots are back, a release request asks the prefill node, which lets go of the buffer and
+    says whether it opened it: the count is released here exactly when it did not. The next
+    transfer offers a new buffer and gets the colocated tokens."""
+    ipc.opens = opens
+    ipc.gate.clear()
+    expected = await expected_tokens(model)
+    async with cluster(model, 1, gated_after=None) as (decode, prefills, servers, _, j), gate_opened(ipc):
+        task = asyncio.create_task(decode.complete(PROMPT, PARAMS))
+        async with asyncio.timeout(60):
+            await asyncio.to_thread(ipc.entered.wait, 60)  # the prefill node opens the offer
+        [staging] = device_stagings(decode)
+        [seg] = ipc.made.values()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_until(lambda: staging.buffer is None, what="the buffer retired")  # (the hand-off task ends)
+        assert seg.opened is None  # unanswered
+        ipc.gate.set()
+        await wait_until(lambda: seg.opened is not None, what="the offer settled")
+        assert seg.opened is opens and seg.num_declines == (0 if opens else 1)
+        assert staging.num_live == 0 and counters(decode)["handoff_unsettled_offers"] == 0
+        assert all("device" not in held for held in servers[0]._opened.values())  # the prefill node let go
+        assert not servers[0]._streams  # the stream cancelled before its first step is gone too
+        await wait_until(lambda: all_free(prefills[0]), what="prefill blocks freed")
+        async with asyncio.timeout(60):
+            assert (await decode.complete(PROMPT, PARAMS)).token_ids == expected
+        new = [s for s in ipc.made.values() if s is not seg]
+        assert len(new) == 1 and (new[0].opened, new[0].num_declines) == (opens, 0 if opens else 1)
+        assert seg.num_declines == (0 if opens else 1)  # still once
+        assert all_free(decode)
+
+
+async def test_an_offer_unanswered_when_the_connection_ends_is_released_here(model, ipc):
+    """The prefill node is lost while it opens the offered buffer (no ack, no release request
+    possible): once prefill_timeout_s has passed, the count is released here on its behalf, and
+    the link's stagings are gone."""
+    ipc.opens = False
+    ipc.gate.clear()
+    async with cluster(model, 1, gated_after=None, timeout_s=2.0) as (decode, prefills, servers, _, j), \
+            gate_opened(ipc):
+        task = asyncio.create_task(decode.complete(PROMPT, PARAMS))
+        async with asyncio.timeout(60):
+            await asyncio.to_thread(ipc.entered.wait, 60)
+        [seg] = ipc.made.values()
+        await servers[0].aclose()
+        with pytest.raises(PrefillUnavailableError, match="prefill node 0"):
+            async with asyncio.timeout(60):
+                await task
+        await wait_until(lambda: seg.num_declines == 1, timeout_s=30, what="the count released on its behalf")
+        assert seg.opened is False and decode._prefill.stagings(0) == []
+        assert counters(decode)["handoff_staging_live_buffers"] == 0
+        assert counters(decode)["handoff_unsettled_offers"] == 0
+        assert all_free(decode)
+
+
+async def test_slots_awaiting_a_cancel_answer_are_freed_when_the_connection_ends(model):
+    """A frozen prefill node ignores the cancel of a transfer (its slots wait for
+    prefill_cancelled), then its connection ends (closed here): the waiting slots are
+    abandoned and the link's buffer is closed (none live), and nothing of the transfer is left
+    here."""
+    async with cluster(model, 1, gated_after=1) as (decode, prefills, servers, gate, j):
+        servers[0]._cancel = lambda conn, hid: None  # frozen: never answers the cancel
+        task = asyncio.create_task(decode.complete(PROMPT, PARAMS))
+        async with asyncio.timeout(60):
+            await gate.held.wait()
+        [staging] = decode._prefill.stagings(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_until(lambda: decode._prefill._draining, what="the cancel sent, its answer awaited")
+        assert staging._leased == 10 and staging.num_live == 1
+        await decode._prefill._clients[0].aclose()  # (as when heartbeats find the node frozen)
+        await wait_until(lambda: staging.num_live == 0, what="the link's buffer closed")
+        assert not decode._prefill._draining and staging._leased == 0 and decode._prefill.stagings(0) == []
+        assert counters(decode)["handoff_staging_live_buffers"] == 0
+        await wait_until(lambda: all_free(decode), what="decode blocks freed")
