@@ -17,12 +17,15 @@ Messages (`_handlers`; any other type is refused with FrameError):
     step                  {caps, mb_caps, dense_layers, epoch} -> {epoch, ok, compute_s}: one step
                           (merged: answered with the other steps of its bundle)
     ffn_time              {caps, reps} -> {seconds}: one step's FFN compute alone (benchmarks, GPU)
-    stats                 -> counters, the load window [L, E], the placement epoch
+    stats                 -> counters, the load window [L, E], the placement epoch, joined links
     eplb_prepare / eplb_commit / eplb_set {placement, peers | epoch}: placement changes
     eplb_placement        -> the current placement (attention nodes that missed a change)
     expert_weights        {pieces, max_bytes} -> tensors of held experts (another expert node gaining them)
     expert_weights_nccl   {experts, nccl_id, gpu} -> their shapes; then the tensors go over NCCL
     shutdown, heartbeat
+
+A control connection that ends (its attention node died, hung past the heartbeat timeout, or
+will join again) drops that attention node's data plane (ExpertPlane.forget).
 
 Threads and locks, the one discipline of this node:
 
@@ -128,7 +131,7 @@ class ExpertNode:
             await loop.run_in_executor(self._executor, torch.cuda.set_device, self.device)
         await loop.run_in_executor(self._executor, self.holdings.load)
         self._server = ControlServer(self._handle, host=self.host, port=port, token=self.token,
-                                     limits=expert_limits(self.peer_timeout_s))
+                                     limits=expert_limits(self.peer_timeout_s), on_lost=self.plane.forget)
         await self._server.start()
         return self._server.port
 
@@ -171,7 +174,7 @@ class ExpertNode:
             await loop.run_in_executor(self._executor, self.plane.flush_loads, True)
         loads = await loop.run_in_executor(self._executor, self.plane.window.total)  # [L, E]
         return {"type": "stats", "index": self.index, "epoch": self.placement.epoch, "loads": pack_tensor(loads),
-                "window_s": self.plane.window.window_s, **self.stats.snapshot()}
+                "window_s": self.plane.window.window_s, "links": self.plane.num_links, **self.stats.snapshot()}
 
     async def _eplb(self, conn: ControlConnection, msg: dict) -> dict:
         return await self.holdings.on_eplb(msg["type"], msg)

@@ -223,6 +223,11 @@ class ExpertPlane:
         return bool(self._links)
 
     @property
+    def num_links(self) -> int:
+        """Attention nodes whose data plane is joined here."""
+        return len(self._links)
+
+    @property
     def merged(self) -> bool:
         return self._merged
 
@@ -271,6 +276,30 @@ class ExpertPlane:
             link.executor.shutdown(wait=False, cancel_futures=True)
         for lane in self._pool:
             lane.executor.shutdown(wait=False, cancel_futures=True)
+
+    def forget(self, attention: str) -> None:
+        """Event loop: `attention`'s control connection ended (its process died or hung, or it
+        will join again): abort its data plane's peers and drop its link, so that nothing waits
+        for its rows. Its receives posted on the device end (an NCCL receive from a dead peer
+        would spin on this GPU and stall its lane until a join from the same node), a merged
+        run that has it as a member goes on without it, its announced step fails with
+        PeerLostError, and merged bundles stop waiting for it. Its lane, buffers and graphs go
+        with the link (per_attention_node; its load counts not yet flushed go too). A step it
+        still sends before joining again is answered PeerLostError: the attention node
+        finds its peers aborted, joins again and computes the step again."""
+        self._active.discard(attention)
+        pending = self._pending.pop(attention, None)
+        if pending is not None and not pending.future.done():
+            pending.future.set_exception(PeerLostError(f"{attention}'s control connection ended"))
+        self._wake.set()  # a bundle waiting for it re-checks
+        link = self._links.pop(attention, None)
+        if link is None:
+            return
+        log.info("expert node %d: %s left; aborting its data plane", self.index, attention)
+        self.stats.link_dropped()
+        threading.Thread(target=abort_all, args=([link.dispatch, link.combine], 30.0),
+                         name="afkv-expert-forget", daemon=True).start()
+        link.executor.shutdown(wait=False)
 
     # ---- joining (event loop) ------------------------------------------------------------------
     async def join(self, attention: str, msg: dict) -> dict:
@@ -345,7 +374,9 @@ class ExpertPlane:
                                  f"{self.peer_timeout_s:.0f} s")
         link = self._links.get(attention)
         if link is None:
-            raise FrameError(f"step from {attention} before its data plane was joined")
+            # PeerLostError: the attention node finds its peers gone and joins again (never joined,
+            # or `forget` dropped the link when its control connection ended)
+            raise PeerLostError(f"step from {attention}: its data plane is not joined on expert node {self.index}")
         if link.lane is not None:
             outcome, = await asyncio.get_running_loop().run_in_executor(
                 link.lane.executor, self._run_bundle, link.lane, [(link, shape, epoch)])

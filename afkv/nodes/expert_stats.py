@@ -16,6 +16,7 @@ bundle), `bundle_links` (attention nodes' steps they carried), `ffn_launches` (F
 issued or replayed: one per layer and micro-batch slot of a run, however many attention
 nodes' rows it held), `gather_timeouts` (merged runs that started without an attention node
 that had been stepping: it became idle, or late by more than the gather bound).
+`links_dropped`: attention nodes' data planes dropped because their control connection ended.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class ExpertStats:
         self._bundle_links = 0  # attention nodes' steps those runs carried
         self._ffn_launches = 0  # FFN calls of those runs, eager or replayed
         self._gather_timeouts = 0  # merged runs that started without an active attention node
+        self._links_dropped = 0  # data planes dropped when their attention node's connection ended
         self._compute_s = 0.0
         self._experts_received = 0  # (layer, expert) copies received from other expert nodes
         self._received_bytes = 0
@@ -56,6 +58,10 @@ class ExpertStats:
     def gather_timeout(self) -> None:
         with self._lock:
             self._gather_timeouts += 1
+
+    def link_dropped(self) -> None:
+        with self._lock:
+            self._links_dropped += 1
 
     def time_ffn(self, attentions: tuple[str, ...], start, end) -> None:
         """An FFN call over the rows of `attentions`' steps, between two recorded events."""
@@ -105,6 +111,7 @@ class ExpertStats:
         with self._lock:
             return {"requests": self._requests, "tokens": self._tokens, "batches": self._batches,
                     "bundles": self._bundles, "bundle_links": self._bundle_links, "ffn_launches": self._ffn_launches,
-                    "gather_timeouts": self._gather_timeouts, "compute_s": self._compute_s, "experts_received": self._experts_received,
+                    "gather_timeouts": self._gather_timeouts, "links_dropped": self._links_dropped,
+                    "compute_s": self._compute_s, "experts_received": self._experts_received,
                     "received_bytes": self._received_bytes, "nccl_received_bytes": self._nccl_received_bytes,
                     "experts_from_checkpoint": self._experts_from_checkpoint}

@@ -711,8 +711,9 @@ class ControlServer:
 
     Owns the listening socket, the peer map (node_id -> connection) and every
     connection task. A bad frame, a failed handshake or a lost peer ends that
-    peer's connection only. CREATED -> SERVING -> CLOSED; a closed server
-    cannot be started again.
+    peer's connection only; `on_lost(node_id)` (event loop, must not block) is then
+    told, for peers that completed the handshake, unless the server itself is
+    closing. CREATED -> SERVING -> CLOSED; a closed server cannot be started again.
     """
 
     def __init__(
@@ -723,6 +724,7 @@ class ControlServer:
         port: int = 0,
         token: str | None = None,
         limits: ControlLimits = ControlLimits(),
+        on_lost: Callable[[str], None] | None = None,
     ) -> None:
         if token is not None and (not isinstance(token, str) or not token):
             raise ConfigError("the shared token must be a non-empty str", key="token")
@@ -731,6 +733,7 @@ class ControlServer:
                 f"binding elsewhere requires a shared token (host {host!r} is not a loopback address)", key="token"
             )
         self._handler = handler
+        self._on_lost = on_lost
         self._host = host
         self._port = port
         self._token = token
@@ -841,6 +844,8 @@ class ControlServer:
         finally:
             if conn is not None and self._conns.get(conn.peer.node_id) is conn:
                 del self._conns[conn.peer.node_id]
+                if self._on_lost is not None and self._state is ServerState.SERVING:
+                    self._on_lost(conn.peer.node_id)  # a failure ends this task only (logged by _forget_task)
             if conn is None:
                 writer.close()
             else:

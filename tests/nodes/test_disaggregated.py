@@ -144,6 +144,46 @@ async def test_automatic_micro_batches_measure_then_keep_one(tiny_dir, tmp_path)
             assert engine.micro_batch_choices() == {} and engine.micro_batches == 2
 
 
+@pytest.mark.parametrize("batching", ["per_attention_node", "merged"])
+async def test_attention_node_leaving_drops_its_data_plane(tiny_dir, tmp_path, batching):
+    # an attention node's control connection ends: the expert node aborts that node's peers and
+    # drops its link (no receive left waiting for a dead peer, no lane kept); the other attention
+    # node goes on; one whose connection broke while it lives joins again and gets the same tokens
+    model = str(tiny_dir["mixtral"])
+    path = _write_config(tmp_path, 2, 1, extra=f'expert_batching = "{batching}"')
+    prompts = [random_prompt(6, 256, seed=20 + i) for i in range(3)]
+    with Deployment(path, model, start_attention=False) as dep:
+        cfg = _attached_config(path, dep)
+        expected = await _colocated(model, cfg, prompts)
+        a, b = (Engine(model, cfg, progress=False, attention_rank=i) for i in range(2))
+        await a.start()
+        await b.start()
+        try:
+            async def expert_stats():
+                return await a._remote.links.request(0, {"type": "stats"})
+
+            for e in (a, b):
+                assert [r.token_ids for r in await asyncio.gather(*(e.complete(p, PARAMS) for p in prompts))] == expected
+            assert (await expert_stats())["links"] == 2
+            await b.aclose()
+            async with asyncio.timeout(20):
+                while (stats := await expert_stats())["links"] != 1:
+                    await asyncio.sleep(0.05)
+            assert stats["links_dropped"] == 1
+            assert [r.token_ids for r in await asyncio.gather(*(a.complete(p, PARAMS) for p in prompts))] == expected
+            # a's control connection breaks while a lives: its data plane is dropped, its next
+            # step finds the peers gone, joins again and is computed again
+            await a._remote.links._clients[0].aclose()
+            async with asyncio.timeout(30):
+                got = await asyncio.gather(*(a.complete(p, PARAMS) for p in prompts))
+            assert [r.token_ids for r in got] == expected
+            stats = await expert_stats()
+            assert stats["links"] == 1 and stats["links_dropped"] == 2
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+
 async def test_hung_expert_node_times_out(tiny_dir, tmp_path):
     model = str(tiny_dir["mixtral"])
     path = _write_config(tmp_path, 1, 1, timeout_s=1.5)

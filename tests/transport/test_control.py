@@ -374,6 +374,24 @@ async def test_duplicate_node_id_refused():
             pass
 
 
+async def test_on_lost_names_each_peer_that_left_but_not_at_server_close():
+    lost: list[str] = []
+    async with asyncio.timeout(BOUND_S):
+        srv = ControlServer(echo, on_lost=lost.append)
+        await srv.start()
+        a = await ControlClient.connect("127.0.0.1", srv.port, role="a", node_id="a0")
+        b = await ControlClient.connect("127.0.0.1", srv.port, role="a", node_id="a1")
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)  # never says hello
+        writer.close()
+        await a.aclose()
+        while not lost:
+            await asyncio.sleep(0.01)
+        assert lost == ["a0"]  # told once, after its connection ended; the silent socket is nobody
+        await srv.aclose()  # b's connection ends with the server: not a lost peer
+        await b.aclose()
+        assert lost == ["a0"]
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "", "::", "10.1.2.3", "node7.cluster"])
 def test_non_loopback_bind_needs_token(host):
     with pytest.raises(ConfigError, match="binding elsewhere requires a shared token"):
