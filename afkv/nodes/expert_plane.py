@@ -205,6 +205,7 @@ class ExpertPlane:
         self._run_ended = 0.0  # loop time when it ended
         self._streams = DeviceStreams(device)
         self._links: dict[str, _Link] = {}  # attention node -> its link
+        self._forgotten: set[str] = set()  # attention nodes whose link `forget` dropped, until they join again
         self._joining: dict[str, asyncio.Task] = {}  # attention node -> its latest join
         self._merged = expert_batching == "merged"
         self._pool: list[_Lane] = []  # merged: lanes, oldest first
@@ -285,8 +286,9 @@ class ExpertPlane:
         run that has it as a member goes on without it, its announced step fails with
         PeerLostError, and merged bundles stop waiting for it. Its lane, buffers and graphs go
         with the link (per_attention_node; its load counts not yet flushed go too). A step it
-        still sends before joining again is answered PeerLostError: the attention node
-        finds its peers aborted, joins again and computes the step again."""
+        still sends before joining again is answered PeerLostError (a step from a node that
+        never joined is a FrameError): the attention node finds its peers aborted, joins again
+        and computes the step again."""
         self._active.discard(attention)
         pending = self._pending.pop(attention, None)
         if pending is not None and not pending.future.done():
@@ -295,6 +297,7 @@ class ExpertPlane:
         link = self._links.pop(attention, None)
         if link is None:
             return
+        self._forgotten.add(attention)
         log.info("expert node %d: %s left; aborting its data plane", self.index, attention)
         self.stats.link_dropped()
         threading.Thread(target=abort_all, args=([link.dispatch, link.combine], 30.0),
@@ -331,6 +334,7 @@ class ExpertPlane:
             executor.shutdown(wait=False)
             raise
         self.holdings.link(attention)
+        self._forgotten.discard(attention)
         lane = None if self.merged else self._lane("", executor)
         self._links[attention] = _Link(attention, *peers, executor, lane)
 
@@ -374,9 +378,10 @@ class ExpertPlane:
                                  f"{self.peer_timeout_s:.0f} s")
         link = self._links.get(attention)
         if link is None:
-            # PeerLostError: the attention node finds its peers gone and joins again (never joined,
-            # or `forget` dropped the link when its control connection ended)
-            raise PeerLostError(f"step from {attention}: its data plane is not joined on expert node {self.index}")
+            if attention in self._forgotten:  # it finds its peers gone, joins again and steps again
+                raise PeerLostError(f"step from {attention}: its data plane was dropped on expert node "
+                                    f"{self.index} when its control connection ended")
+            raise FrameError(f"step from {attention} before its data plane was joined")
         if link.lane is not None:
             outcome, = await asyncio.get_running_loop().run_in_executor(
                 link.lane.executor, self._run_bundle, link.lane, [(link, shape, epoch)])
