@@ -31,7 +31,8 @@ Protocol (control-plane messages, afkv.transport.control; the decode node is the
                        "format": name, "digest": the format's digest, "segment": offer or None,
                        "device_segment": offer or None, "nccl": offer or None} -> {"type":
                        "ack", "carrier": "device" | "nccl" | "segment" | "frames"} once started
-                       (what the rows will take); an offer names the link's staging buffer (a
+                       (what the rows will take; a "device" ack also names the prefill process,
+                       "process": {"pid", "start"}: process_identity); an offer names the link's staging buffer (a
                        RowSegment's {"name", "rows"}, a DeviceSegment's CUDA IPC fields with its
                        "id"; for nccl the link communicator's unique "id", the decode GPU's
                        "gpu" and the buffer's "rows") and "slots": the row of the k-th block
@@ -55,6 +56,9 @@ Protocol (control-plane messages, afkv.transport.control; the decode node is the
                        for a device buffer whose offer got no answer (its request timed out, was
                        cancelled or refused): the prefill node lets go of it if it holds it and
                        says whether it ever opened it (DeviceSegment: who releases its count)
+    prefill -> decode  {"type": "let_go", "buffers": [id]} -> ack: the prefill node closes (its
+                       streams ended) and has let go of these device buffers; then its
+                       connection ends
 
 Checks on every hop that leaves a device (the frames and the shared-memory segment): each row travels with the crc32 of its bytes,
 checked on arrival before anything is written; each block's hash must be the one asked for
@@ -126,11 +130,25 @@ retired. A retired buffer is closed when its last lease ends; a connection that 
 link's buffers. A device buffer then stays allocated until its offer's IPC count is released,
 exactly once (torch's count keeps it while another process holds it open, so a late writer
 never writes into memory given to anything else): by the prefill node when it lets go of what
-it opened (a newer id, its connection's end), or here for an offer it declined; an offer whose
-answer never came is retired at once and settled by a release request when its last lease ends
-(DeviceSegment). Gauges: handoff_staging_live_buffers (buffers a Staging has not closed, both
-roles), handoff_unsettled_offers (device offers being settled); handoff_staging_buffers counts
-allocations.
+it opened (a newer id, its connection's end, its close), or here for an offer it declined; an
+offer whose answer never came is retired at once and settled by a release request when its
+last lease ends (DeviceSegment). A prefill process that dies holding a buffer never lets go
+of it: its device ack named the process (pid and start time, checked against /proc here: the
+same host, since it opened this GPU's memory), which the decode node holds by a pidfd; when the
+connection ends and that process has exited (within EXIT_GRACE_S: a killed process closes its
+sockets a moment before it counts as exited), the decode node releases the count of each
+buffer it held on its behalf, once, with a warning (handoff_released_for_exited_prefill). A
+process alive then lets go itself (its side sees the connection end), and nothing is released
+here later: a later death cannot be told from a let-go followed by a death, and a second
+release would keep the buffer allocated for good (its count below zero). What still stays
+allocated until the decode process ends: a buffer held by a prefill process alive when its
+connection ended (frozen, say) that dies before it lets go; any buffer whose prefill process
+cannot be told (no os.pidfd_open: Linux < 5.3; no /proc; another pid namespace: a warning says
+so); a buffer superseded by a newer one (grown) whose transfers were abandoned when the
+connection ended, when the prefill process had ended them, let go of it and died within
+EXIT_GRACE_S (released twice: kept). Gauges: handoff_staging_live_buffers (buffers a Staging has not closed,
+both roles), handoff_unsettled_offers (device offers being settled); handoff_staging_buffers
+counts allocations.
 
 Why CUDA IPC rather than pinned host memory on one GPU: the rows never cross PCIe (two D2D copies
 at HBM speed instead of D2H + H2D at ~25 GB/s each way), no checksum is needed, and no page
@@ -257,7 +275,9 @@ class DeviceSegment:
     lease left), it asks the prefill node whether it ever opened the buffer (PrefillLinks: a
     `release` request, answered in the connection's order, so after every request that named
     it) and answers. A buffer offered without an answer is retired at once (never offered
-    again), so nothing can open it after that question."""
+    again), so nothing can open it after that question. A buffer it opened is held by its
+    process (`holder`, PrefillProcess), which the link releases it for if it exits holding it
+    (PrefillLinks._reap)."""
 
     kind = "device"
     _ids = itertools.count()
@@ -277,6 +297,7 @@ class DeviceSegment:
         self.opened: bool | None = None  # by the prefill node; None: no answer yet
         self.holder: PrefillProcess | None = None  # the process that opened it (its ack named it), if known
         self.closed = False
+        self.abandoned = False  # a lease of it ended without its writer's last word (Lease.abandon)
         self._settle = settle
 
     @staticmethod
@@ -357,12 +378,23 @@ class PrefillProcess:
 
     def acked(self, seg: DeviceSegment) -> None:
         """It opened `seg` (its ack): it holds it. Opening it, it let go of every older buffer of
-        the link; those closed here already (their transfers ended, so did its writes) are off
-        `held` (one still leased here leaves it at its close: PrefillLinks._settle)."""
+        the link, which it released once its transfers into them ended: those closed here with
+        every transfer ended by its last message leave `held` (one still leased leaves at its
+        close: `closed_here`)."""
         seg.holder = self
         self.held.add(seg)
         self.newest = max(self.newest, seg.offer["id"])
-        self.held = {s for s in self.held if not (s.closed and s.offer["id"] < self.newest)}
+        self.held = {s for s in self.held if not self._released(s)}
+
+    def closed_here(self, seg: DeviceSegment) -> None:
+        """`seg`, which it opened, is closed here (retired, no lease left)."""
+        if self._released(seg):
+            self.held.discard(seg)
+
+    def _released(self, seg: DeviceSegment) -> bool:
+        """Released there: superseded (a newer buffer acked), and every transfer into it ended
+        with its last message (its writes, and with them its references, are gone)."""
+        return seg.closed and not seg.abandoned and seg.offer["id"] < self.newest
 
     def exited(self) -> bool:
         """Whether the process has exited (its pidfd is readable then)."""
@@ -666,6 +698,8 @@ class Lease:
     def abandon(self) -> None:
         """Whether the writer still writes is unknown: never hand the slots out again."""
         if not self._released:
+            if self.staging.kind == "device":
+                self.buffer.abandoned = True  # (its holder may still hold it: PrefillProcess)
             self._writer_done = self._released = True
             self.staging.retire(self.buffer)
             self.staging.give_back(self.buffer, self.slots)
@@ -973,9 +1007,8 @@ class PrefillLinks:
         if seg.opened is None:
             self._spawn(self._settle_offer(client, seg), f"afkv-settle {seg.offer['id']}")
             return
-        process = seg.holder  # opened, now closed here: its transfers ended, and with them the writes
-        if process is not None and client.state is ConnState.OPEN and seg.offer["id"] < process.newest:
-            process.held.discard(seg)  # let go of there when the newer buffer was opened
+        if seg.holder is not None:
+            seg.holder.closed_here(seg)
 
     def _spawn(self, coro, name: str) -> None:
         task = asyncio.create_task(coro, name=name)

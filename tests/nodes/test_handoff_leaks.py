@@ -60,7 +60,7 @@ class FakeDeviceSegment(handoff.DeviceSegment):
         self.offer = {"id": next(self._ids), "uuid": "fake-gpu", "rows": num_rows, "nbytes": nbytes}
         self.opened = None
         self.holder = None
-        self.closed = False
+        self.closed = self.abandoned = False
         self._settle = settle
         self.num_declines = 0
         self.ipc.made[self.offer["id"]] = self
@@ -359,19 +359,25 @@ class Offered:
     """What PrefillProcess reads of a DeviceSegment."""
 
     def __init__(self, seg_id: int):
-        self.offer, self.closed, self.holder = {"id": seg_id}, False, None
+        self.offer, self.closed, self.abandoned, self.holder = {"id": seg_id}, False, False, None
 
 
 def test_a_buffer_superseded_and_closed_is_no_longer_held():
-    """Opening a newer buffer of the link, the prefill process let go of the older ones: those
-    closed here (their transfers ended) leave `held` at the newer one's ack."""
+    """Opening a newer buffer of the link, the prefill process let go of the older ones: one
+    closed here with its transfers ended leaves `held` at the newer one's ack, one still
+    leased then leaves at its close; one whose transfers were abandoned stays (the process
+    may still write into it)."""
     process = PrefillProcess(os.getpid(), os.pidfd_open(os.getpid()))
     try:
-        old, leased, new = (Offered(i) for i in range(3))
-        process.acked(old)
-        process.acked(leased)
-        old.closed = True
+        old, leased, lost, new = (Offered(i) for i in range(4))
+        for seg in (old, leased, lost):
+            process.acked(seg)
+        old.closed = lost.closed = lost.abandoned = True
         process.acked(new)
-        assert process.held == {leased, new} and process.newest == 2 and new.holder is process
+        assert process.held == {leased, lost, new} and process.newest == 3 and new.holder is process
+        leased.closed = True
+        process.closed_here(leased)
+        process.closed_here(lost)
+        assert process.held == {lost, new}
     finally:
         process.close()
