@@ -31,9 +31,10 @@ Protocol (control-plane messages, afkv.transport.control; the decode node is the
                        "format": name, "digest": the format's digest, "segment": offer or None,
                        "device_segment": offer or None, "nccl": offer or None} -> {"type":
                        "ack", "carrier": "device" | "nccl" | "segment" | "frames"} once started
-                       (what the rows will take; a "device" ack also names the prefill process,
-                       "process": {"pid", "start"}: process_identity); an offer names the link's staging buffer (a
-                       RowSegment's {"name", "rows"}, a DeviceSegment's CUDA IPC fields with its
+                       (what the rows will take; a "device" ack also names the prefill
+                       process, "process": {"pid", "start"}: process_identity); an offer
+                       names the link's staging buffer (a RowSegment's {"name", "rows"}, a
+                       DeviceSegment's CUDA IPC fields with its
                        "id"; for nccl the link communicator's unique "id", the decode GPU's
                        "gpu" and the buffer's "rows") and "slots": the row of the k-th block
                        asked for (table order)

@@ -20,6 +20,12 @@ The protocol, checks and faults are afkv.nodes.handoff's (its module docstring).
               (afkv.nodes.handoff.DeviceSegment): let go of it if held -> {"opened": whether
               this connection ever opened it (its count is then released here, else there)}
 
+A device ack names this process (`process`: pid and start time), so that a decode node whose
+connection ends with this process gone releases the counts of the buffers it held (a killed
+process never lets go). Closing (aclose), the server ends its streams, lets go of the device
+buffers opened and tells each decode node which (a let_go request, answered before the
+connection closes): its exit then releases nothing twice.
+
 The NCCL send buffer is the link's (a Staging of this node's device rows, as the decode node's
 slots are): a transfer leases slots of it for its rows, and gives them back once its export is
 done (export_prefill returns only when no write is in flight) and every send out of them has

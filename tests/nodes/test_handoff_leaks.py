@@ -7,8 +7,11 @@ server's open_device_segment hands it those very rows (or declines, as a prefill
 another GPU). The protocol around it runs for real (PrefillServer, PrefillLinks): the offer,
 the ack, the release request that settles an offer whose ack never came. The one rule under
 test: every offer's count is released exactly once, here (declined) or by the prefill node
-(it opened the buffer), and the decode node frees the buffer once no lease holds it. The real
-CUDA path is tests/nodes/test_prefill_decode_gpu.py."""
+(it opened the buffer), and the decode node frees the buffer once no lease holds it. A prefill
+process that exits holding a buffer it opened (a stand-in child process, named in the in-process
+server's acks, killed by the test) has that count released by the decode node, once; one alive
+when its connection ends, or one that said it let go (closing), has nothing released here. The
+real CUDA path is tests/nodes/test_prefill_decode_gpu.py."""
 
 import asyncio
 import contextlib
@@ -28,7 +31,14 @@ from afkv.nodes import handoff
 from afkv.nodes.handoff import PrefillProcess, process_identity
 from afkv.serve import prefill as prefill_module
 from tests.helpers import random_prompt
-from tests.nodes.test_prefill_decode_faults import PARAMS, PROMPT, all_free, cluster, config, expected_tokens
+from tests.nodes.test_prefill_decode_faults import (
+    PARAMS,
+    PROMPT,
+    all_free,
+    cluster,
+    config,
+    expected_tokens,
+)
 from tests.serve.conftest import wait_until
 
 
@@ -254,7 +264,7 @@ async def test_a_prefill_process_that_exits_holding_a_device_buffer_has_its_coun
     (a new connection, a new buffer) gets the colocated tokens."""
     expected = await colocated_tokens(model, [PROMPT, OTHER])
     with stand_in() as child:
-        async with cluster(model, 1, gated_after=None) as (decode, prefills, servers, _, j):
+        async with cluster(model, 1, gated_after=None) as (decode, _, servers, _, _):
             servers[0].process = process_identity(child.pid)
             async with asyncio.timeout(60):
                 assert (await decode.complete(PROMPT, PARAMS)).token_ids == expected[0]
@@ -283,7 +293,7 @@ async def test_a_prefill_process_alive_when_its_connection_ends_releases_the_buf
     """The connection ends while the prefill process lives on: it lets go of the buffer on its
     side; the decode node releases nothing (one release in all: the prefill node's)."""
     monkeypatch.setattr(handoff, "EXIT_GRACE_S", 0.2)  # (alive either way: only how long the reap waits)
-    async with cluster(model, 1, gated_after=None) as (decode, prefills, servers, _, j):
+    async with cluster(model, 1, gated_after=None) as (decode, _, servers, _, _):
         async with asyncio.timeout(60):
             await decode.complete(PROMPT, PARAMS)
         [seg] = ipc.made.values()
@@ -302,7 +312,7 @@ async def test_a_prefill_node_that_closes_says_which_buffers_it_let_go(model, ip
     """A prefill node closing (aclose) lets go of its buffers and tells the decode node before
     its connection ends: its process exiting afterwards releases nothing here."""
     with stand_in() as child:
-        async with cluster(model, 1, gated_after=None) as (decode, prefills, servers, _, j):
+        async with cluster(model, 1, gated_after=None) as (decode, _, servers, _, _):
             servers[0].process = process_identity(child.pid)
             async with asyncio.timeout(60):
                 await decode.complete(PROMPT, PARAMS)
@@ -322,7 +332,7 @@ async def test_without_pidfd_a_prefill_process_that_exits_leaves_its_buffer_allo
     releases nothing here (a warning says the buffer stays allocated until this process ends)."""
     monkeypatch.delattr(handoff.os, "pidfd_open")
     with stand_in() as child:
-        async with cluster(model, 1, gated_after=None) as (decode, prefills, servers, _, j):
+        async with cluster(model, 1, gated_after=None) as (decode, _, servers, _, _):
             servers[0].process = process_identity(child.pid)
             with caplog.at_level(logging.WARNING, logger="afkv.handoff"):
                 async with asyncio.timeout(60):
