@@ -147,9 +147,9 @@ connection ended (frozen, say) that dies before it lets go; any buffer whose pre
 cannot be told (no os.pidfd_open: Linux < 5.3; no /proc; another pid namespace: a warning says
 so); a buffer superseded by a newer one (grown) whose transfers were abandoned when the
 connection ended, when the prefill process had ended them, let go of it and died within
-EXIT_GRACE_S (released twice: kept). Gauges: handoff_staging_live_buffers (buffers a Staging has not closed,
-both roles), handoff_unsettled_offers (device offers being settled); handoff_staging_buffers
-counts allocations.
+EXIT_GRACE_S (released twice: kept). Gauges: handoff_staging_live_buffers (buffers a Staging
+has not closed, both roles), handoff_unsettled_offers (device offers being settled);
+handoff_staging_buffers counts allocations.
 
 Why CUDA IPC rather than pinned host memory on one GPU: the rows never cross PCIe (two D2D copies
 at HBM speed instead of D2H + H2D at ~25 GB/s each way), no checksum is needed, and no page
