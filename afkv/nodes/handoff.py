@@ -31,8 +31,10 @@ Protocol (control-plane messages, afkv.transport.control; the decode node is the
                        "format": name, "digest": the format's digest, "segment": offer or None,
                        "device_segment": offer or None, "nccl": offer or None} -> {"type":
                        "ack", "carrier": "device" | "nccl" | "segment" | "frames"} once started
-                       (what the rows will take); an offer names the link's staging buffer (a
-                       RowSegment's {"name", "rows"}, a DeviceSegment's CUDA IPC fields with its
+                       (what the rows will take; a "device" ack also names the prefill
+                       process, "process": {"pid", "start"}: process_identity); an offer
+                       names the link's staging buffer (a RowSegment's {"name", "rows"}, a
+                       DeviceSegment's CUDA IPC fields with its
                        "id"; for nccl the link communicator's unique "id", the decode GPU's
                        "gpu" and the buffer's "rows") and "slots": the row of the k-th block
                        asked for (table order)
@@ -55,6 +57,9 @@ Protocol (control-plane messages, afkv.transport.control; the decode node is the
                        for a device buffer whose offer got no answer (its request timed out, was
                        cancelled or refused): the prefill node lets go of it if it holds it and
                        says whether it ever opened it (DeviceSegment: who releases its count)
+    prefill -> decode  {"type": "let_go", "buffers": [id]} -> ack: the prefill node closes (its
+                       streams ended) and has let go of these device buffers; then its
+                       connection ends
 
 Checks on every hop that leaves a device (the frames and the shared-memory segment): each row travels with the crc32 of its bytes,
 checked on arrival before anything is written; each block's hash must be the one asked for
@@ -126,11 +131,25 @@ retired. A retired buffer is closed when its last lease ends; a connection that 
 link's buffers. A device buffer then stays allocated until its offer's IPC count is released,
 exactly once (torch's count keeps it while another process holds it open, so a late writer
 never writes into memory given to anything else): by the prefill node when it lets go of what
-it opened (a newer id, its connection's end), or here for an offer it declined; an offer whose
-answer never came is retired at once and settled by a release request when its last lease ends
-(DeviceSegment). Gauges: handoff_staging_live_buffers (buffers a Staging has not closed, both
-roles), handoff_unsettled_offers (device offers being settled); handoff_staging_buffers counts
-allocations.
+it opened (a newer id, its connection's end, its close), or here for an offer it declined; an
+offer whose answer never came is retired at once and settled by a release request when its
+last lease ends (DeviceSegment). A prefill process that dies holding a buffer never lets go
+of it: its device ack named the process (pid and start time, checked against /proc here: the
+same host, since it opened this GPU's memory), which the decode node holds by a pidfd; when the
+connection ends and that process has exited (within EXIT_GRACE_S: a killed process closes its
+sockets a moment before it counts as exited), the decode node releases the count of each
+buffer it held on its behalf, once, with a warning (handoff_released_for_exited_prefill). A
+process alive then lets go itself (its side sees the connection end), and nothing is released
+here later: a later death cannot be told from a let-go followed by a death, and a second
+release would keep the buffer allocated for good (its count below zero). What still stays
+allocated until the decode process ends: a buffer held by a prefill process alive when its
+connection ended (frozen, say) that dies before it lets go; any buffer whose prefill process
+cannot be told (no os.pidfd_open: Linux < 5.3; no /proc; another pid namespace: a warning says
+so); a buffer superseded by a newer one (grown) whose transfers were abandoned when the
+connection ended, when the prefill process had ended them, let go of it and died within
+EXIT_GRACE_S (released twice: kept). Gauges: handoff_staging_live_buffers (buffers a Staging
+has not closed, both roles), handoff_unsettled_offers (device offers being settled);
+handoff_staging_buffers counts allocations.
 
 Why CUDA IPC rather than pinned host memory on one GPU: the rows never cross PCIe (two D2D copies
 at HBM speed instead of D2H + H2D at ~25 GB/s each way), no checksum is needed, and no page
@@ -148,6 +167,7 @@ import mmap
 import os
 import re
 import secrets
+import select
 import threading
 import time
 import zlib
@@ -173,6 +193,7 @@ ROWS_FRAME_BYTES = 8 * 2**20  # rows per kv_blocks message carrying them (at lea
 MAX_FRAME_BYTES = 64 * 2**20
 SEGMENT_DIR = Path("/dev/shm")  # POSIX shared memory (Linux): where row segments live
 _SEGMENT_NAME = re.compile(r"afkv-handoff-[0-9]+-[0-9a-f]{16}")
+EXIT_GRACE_S = 2.0  # a killed process closes its sockets a moment before it counts as exited
 
 
 class RowSegment:
@@ -255,7 +276,9 @@ class DeviceSegment:
     lease left), it asks the prefill node whether it ever opened the buffer (PrefillLinks: a
     `release` request, answered in the connection's order, so after every request that named
     it) and answers. A buffer offered without an answer is retired at once (never offered
-    again), so nothing can open it after that question."""
+    again), so nothing can open it after that question. A buffer it opened is held by its
+    process (`holder`, PrefillProcess), which the link releases it for if it exits holding it
+    (PrefillLinks._reap)."""
 
     kind = "device"
     _ids = itertools.count()
@@ -273,6 +296,9 @@ class DeviceSegment:
                       "offset": offset_bytes, "ref_handle": ref_handle, "ref_offset": ref_offset,
                       "event": event_handle, "event_sync": bool(event_sync)}
         self.opened: bool | None = None  # by the prefill node; None: no answer yet
+        self.holder: PrefillProcess | None = None  # the process that opened it (its ack named it), if known
+        self.closed = False
+        self.abandoned = False  # a lease of it ended without its writer's last word (Lease.abandon)
         self._settle = settle
 
     @staticmethod
@@ -293,9 +319,111 @@ class DeviceSegment:
 
     def close(self) -> None:
         """Retired, no lease left: the memory goes with the last view of `rows` once the offer's
-        count is released; an offer never answered is settled first (`settle`)."""
-        if self.opened is None and self._settle is not None:
+        count is released; an offer never answered is settled first, and one opened is told to
+        the link (`settle`: whether its holder let go of it)."""
+        self.closed = True
+        if self.opened is not False and self._settle is not None:
             self._settle(self)
+
+
+def process_identity(pid: int | None = None) -> dict | None:
+    """{"pid", "start"} of a process of this host (this one by default): its pid and its start
+    time (/proc/<pid>/stat, clock ticks since boot), which together name one process: a reused
+    pid, or a pid of another pid namespace, names another; None without /proc or that pid."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return {"pid": pid, "start": int(stat.rsplit(")", 1)[1].split()[19])}  # field 22: starttime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class PrefillProcess:
+    """Decode side: the prefill process at the other end of one connection, as its device acks
+    name it (`process_identity`: it opened a CUDA IPC buffer of this GPU, so it runs on this
+    host), held by a pidfd (os.pidfd_open) opened when it is learned, so that a reused pid
+    cannot pass for it. `held`: the device buffers it opened that it may still hold, whose
+    counts PrefillLinks releases on its behalf if it exits holding them.
+
+    Owns (loop thread only): `held`, `newest` (the highest buffer id it acked: it let go of every
+    older one of the link when it opened that one), the pidfd (closed by `close`)."""
+
+    def __init__(self, pid: int, pidfd: int):
+        self.pid = pid
+        self.held: set[DeviceSegment] = set()
+        self.newest = -1
+        self._pidfd: int | None = pidfd
+
+    @classmethod
+    def learn(cls, wire: object) -> PrefillProcess | None:
+        """The process an ack names ({"pid", "start"}), None when it cannot be told apart from
+        others here: no pidfd (Linux < 5.3, or not Linux), no /proc, or the pid names another
+        process here (another pid namespace) or none. The pidfd is opened first: a stat that
+        then matches is that very process, even when it has exited since (a zombie keeps its
+        stat until reaped, and its pid is not reused before)."""
+        pidfd_open = getattr(os, "pidfd_open", None)
+        try:
+            pid, start = int(wire["pid"]), int(wire["start"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        if pidfd_open is None or pid <= 0:
+            return None
+        try:
+            pidfd = pidfd_open(pid)
+        except OSError:  # no such process, or pidfds not supported by this kernel
+            return None
+        if process_identity(pid) != {"pid": pid, "start": start}:
+            os.close(pidfd)
+            return None
+        return cls(pid, pidfd)
+
+    def acked(self, seg: DeviceSegment) -> None:
+        """It opened `seg` (its ack): it holds it. Opening it, it let go of every older buffer of
+        the link, which it released once its transfers into them ended: those closed here with
+        every transfer ended by its last message leave `held` (one still leased leaves at its
+        close: `closed_here`)."""
+        seg.holder = self
+        self.held.add(seg)
+        self.newest = max(self.newest, seg.offer["id"])
+        self.held = {s for s in self.held if not self._released(s)}
+
+    def closed_here(self, seg: DeviceSegment) -> None:
+        """`seg`, which it opened, is closed here (retired, no lease left)."""
+        if self._released(seg):
+            self.held.discard(seg)
+
+    def _released(self, seg: DeviceSegment) -> bool:
+        """Released there: superseded (a newer buffer acked), and every transfer into it ended
+        with its last message (its writes, and with them its references, are gone)."""
+        return seg.closed and not seg.abandoned and seg.offer["id"] < self.newest
+
+    def exited(self) -> bool:
+        """Whether the process has exited (its pidfd is readable then)."""
+        if self._pidfd is None:
+            raise RuntimeError("the prefill process's pidfd is closed")
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return bool(poller.poll(0))
+
+    async def wait_exited(self, timeout_s: float) -> bool:
+        """Whether the process exits within timeout_s (waits on the pidfd, in the event loop)."""
+        if self.exited():
+            return True
+        loop = asyncio.get_running_loop()
+        gone = loop.create_future()
+        loop.add_reader(self._pidfd, lambda: gone.done() or gone.set_result(None))
+        try:
+            await asyncio.wait_for(gone, timeout_s)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(self._pidfd)
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
 
 def open_device_segment(offer: object, nbytes: int, device: torch.device) -> tuple[int, torch.Tensor] | None:
@@ -571,6 +699,8 @@ class Lease:
     def abandon(self) -> None:
         """Whether the writer still writes is unknown: never hand the slots out again."""
         if not self._released:
+            if self.staging.kind == "device":
+                self.buffer.abandoned = True  # (its holder may still hold it: PrefillProcess)
             self._writer_done = self._released = True
             self.staging.retire(self.buffer)
             self.staging.give_back(self.buffer, self.slots)
@@ -766,8 +896,11 @@ class PrefillLinks:
     this connection: None until its first ack), `_nccl` (per node, the link's communicator
     when the carrier is nccl: NcclLink, None until offered or after it failed), `_stagings` (per node, (kind, row bytes) -> its
     Staging), `_draining` (hand-off id -> (node, leases) of transfers that ended here before
-    the prefill node's terminal message: their slots wait for it), `_watchers` (the tasks
-    watching connections and settling unanswered device offers; none started once closing)."""
+    the prefill node's terminal message: their slots wait for it), `_processes` (per node, the
+    prefill process of its connection, learned from its first device ack: PrefillProcess, None
+    until then or when it cannot be told; `_untold`: nodes whose process could not be told on
+    this connection), `_watchers` (the tasks watching connections, settling unanswered device
+    offers and reaping the buffers of exited prefill processes; none started once closing)."""
 
     def __init__(self, d: DeploymentConfig, name: str, counters: Counter[str] | None = None):
         """counters: where staging allocations are counted ("handoff_staging_buffers": the
@@ -786,6 +919,8 @@ class PrefillLinks:
         self._nccl: list[NcclLink | None] = [None] * d.prefill_nodes
         self._linking = [asyncio.Lock() for _ in range(d.prefill_nodes)]  # one communicator made at a time
         self._nccl_leases: dict[int, Lease] = {}  # hand-off id -> its nccl lease, while in _queues
+        self._processes: list[PrefillProcess | None] = [None] * d.prefill_nodes
+        self._untold: set[int] = set()
         self._hids = itertools.count()
         self._watchers: set[asyncio.Task] = set()
         self._store = None
@@ -846,8 +981,15 @@ class PrefillLinks:
     def _drop_link(self, j: int) -> None:
         """Forget prefill node j's carrier and stagings (its connection ended): their buffers
         are closed when their last lease ends (and a device buffer freed when the prefill node's
-        handle lets it go, or its offer is settled)."""
+        handle lets it go, its offer is settled, or its process exited holding it: `_reap`)."""
         self._carrier[j] = None
+        self._untold.discard(j)
+        process, self._processes[j] = self._processes[j], None
+        if process is not None:
+            if self._closing:
+                process.close()  # (this process ends: what it allocated goes with it)
+            else:
+                self._spawn(self._reap(j, process), f"afkv-reap prefill{j}")
         self._drop_nccl(j)
         for staging in self._stagings[j].values():
             staging.close()
@@ -863,9 +1005,60 @@ class PrefillLinks:
         answered: find out who releases its count (a task)."""
         if self._closing:
             return
-        task = asyncio.create_task(self._settle_offer(client, seg), name=f"afkv-settle {seg.offer['id']}")
+        if seg.opened is None:
+            self._spawn(self._settle_offer(client, seg), f"afkv-settle {seg.offer['id']}")
+            return
+        if seg.holder is not None:
+            seg.holder.closed_here(seg)
+
+    def _spawn(self, coro, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
+
+    def _opened_by(self, j: int, client: ControlClient, wire: object, seg: DeviceSegment) -> None:
+        """Prefill node j acked `seg` opened, on `client`'s connection, its process named by
+        `wire` (process_identity): that process holds it now."""
+        if self._clients[j] is not client or client.state is not ConnState.OPEN:
+            return  # ended meanwhile (its end was handled): who holds it stays unknown, as below
+        process = self._processes[j]
+        if process is None and j not in self._untold:
+            process = self._processes[j] = PrefillProcess.learn(wire)
+            if process is None:
+                self._untold.add(j)
+                log.warning("cannot tell prefill node %d's process apart (%r: no pidfd or /proc here, or another "
+                            "pid namespace): a device staging buffer it holds when it dies stays allocated until "
+                            "this process ends", j, wire)
+        if process is not None:
+            process.acked(seg)
+
+    def _let_go(self, conn, wire: object) -> None:
+        """The prefill node at `conn` closes, having let go of the device buffers `wire` (their
+        ids): they are not its to release any more."""
+        j = next((j for j, c in enumerate(self._clients) if c is not None and c.peer is conn.peer), None)
+        process = None if j is None else self._processes[j]
+        if process is not None and isinstance(wire, list):
+            process.held = {seg for seg in process.held if seg.offer["id"] not in wire}
+
+    async def _reap(self, j: int, process: PrefillProcess) -> None:
+        """Prefill node j's connection ended. A process that exits within EXIT_GRACE_S (a killed
+        one closes its sockets a moment before it counts as exited) never let go of the device
+        buffers it held: their counts are released here, on its behalf, each once (nothing
+        writes into them any more). A process alive then lets go of them itself as it sees its
+        connection end (PrefillServer._let_go): nothing is released here, then or later, for
+        whether it let go before a later death cannot be told, and a second release would leave
+        the count below zero (the buffer allocated for good, as if never released)."""
+        try:
+            if process.held and await process.wait_exited(EXIT_GRACE_S):
+                for seg in sorted(process.held, key=lambda seg: seg.offer["id"]):
+                    log.warning("prefill node %d (pid %d) exited holding device staging buffer %d: its CUDA IPC count "
+                                "released here on its behalf", j, process.pid, seg.offer["id"])
+                    seg.holder = None
+                    seg.decline()
+                    self._counters["handoff_released_for_exited_prefill"] += 1
+                process.held.clear()
+        finally:
+            process.close()
 
     async def _settle_offer(self, client: ControlClient, seg: DeviceSegment) -> None:
         """Ask the prefill node whether it ever opened `seg` (a `release` request: handled after
@@ -936,6 +1129,9 @@ class PrefillLinks:
             self._drop_link(j)
 
     async def _on_message(self, conn, msg: dict) -> None:
+        if msg.get("type") == "let_go":  # a request: the prefill node closes once this is answered
+            self._let_go(conn, msg.get("buffers"))
+            return None
         hid = msg.get("hid")
         if not isinstance(hid, int) or isinstance(hid, bool):
             return None
@@ -1064,6 +1260,8 @@ class PrefillLinks:
             if link is not None and carrier != "nccl":
                 self._nccl_leases.pop(hid, None)
                 self._drop_nccl(j, link)  # not joined there (another carrier, or its creation failed)
+            if carrier == "device" and "device" in leases:
+                self._opened_by(j, client, ack.get("process"), leases["device"].buffer)
             for kind, lease in list(leases.items()):
                 lease.buffer.answered(kind == carrier)
                 if kind != carrier:

@@ -109,6 +109,9 @@ async def engine_samples(engine) -> list[Sample]:
                           "links not yet freed", node_label, kv.counters.get("handoff_staging_live_buffers", 0)))
         out.append(Sample("kv_handoff_unsettled_offers", "gauge", "PD device staging buffers whose offer is being "
                           "settled with the prefill node", node_label, kv.counters.get("handoff_unsettled_offers", 0)))
+        out.append(Sample("kv_handoff_released_for_exited_prefill", "counter", "PD device staging buffers whose CUDA "
+                          "IPC count was released for a prefill process that exited holding them", node_label,
+                          kv.counters.get("handoff_released_for_exited_prefill", 0)))
     if getattr(engine, "eplb_enabled", False):
         try:
             value = await engine.expert_balancedness()

@@ -20,6 +20,12 @@ The protocol, checks and faults are afkv.nodes.handoff's (its module docstring).
               (afkv.nodes.handoff.DeviceSegment): let go of it if held -> {"opened": whether
               this connection ever opened it (its count is then released here, else there)}
 
+A device ack names this process (`process`: pid and start time), so that a decode node whose
+connection ends with this process gone releases the counts of the buffers it held (a killed
+process never lets go). Closing (aclose), the server ends its streams, lets go of the device
+buffers opened and tells each decode node which (a let_go request, answered before the
+connection closes): its exit then releases nothing twice.
+
 The NCCL send buffer is the link's (a Staging of this node's device rows, as the decode node's
 slots are): a transfer leases slots of it for its rows, and gives them back once its export is
 done (export_prefill returns only when no write is in flight) and every send out of them has
@@ -61,6 +67,7 @@ from afkv.transport.control import ConnState, ControlConnection, ControlLimits
 
 log = logging.getLogger("afkv.serve")
 HEARTBEAT_INTERVAL_S = 1.0
+LET_GO_TIMEOUT_S = 5.0  # closing: how long a decode node may take to hear which buffers were let go
 
 
 class NcclSend:
@@ -106,6 +113,7 @@ class PrefillServer(StreamServer):
         super().__init__(host, port, token, limits)
         self.carriers = {"device": 0, "nccl": 0, "segment": 0, "frames": 0}  # hand-offs started per carrier
         self.num_opened = 0  # staging buffers opened (a decode node's link opens one, until it grows it)
+        self.process = handoff.process_identity()  # named in device acks: who holds the buffers opened here
         # per connection, carrier -> (the decode node's id of its staging buffer, its rows open
         # here): kept open while the connection lasts, so a transfer opens nothing
         self._opened: dict[ControlConnection, dict[str, tuple[object, torch.Tensor]]] = {}
@@ -118,6 +126,10 @@ class PrefillServer(StreamServer):
         self._client_timeout_s = client_timeout_s
 
     async def aclose(self) -> None:
+        await self._end_streams()  # (their writes done) then let go of the device buffers opened, and say so:
+        opened = {conn: sorted(ids) for conn, ids in self._opened_ids.items() if ids}
+        self._opened.clear()  # a decode node then releases nothing for them when this process exits
+        await asyncio.gather(*(self._said_let_go(conn, ids) for conn, ids in opened.items()))
         await super().aclose()
         for task in self._watchers.values():
             task.cancel()
@@ -128,6 +140,10 @@ class PrefillServer(StreamServer):
         for nccl in self._links.values():
             nccl.close()
         self._links.clear()
+
+    async def _said_let_go(self, conn: ControlConnection, buffer_ids: list[int]) -> None:
+        with contextlib.suppress(errors.AfkvError):  # (gone, or not answering: it decides by this process's exit)
+            await conn.request({"type": "let_go", "buffers": buffer_ids}, timeout_s=LET_GO_TIMEOUT_S)
 
     def _watch(self, conn: ControlConnection) -> None:
         if conn not in self._watchers:
@@ -183,7 +199,7 @@ class PrefillServer(StreamServer):
                     lease.writer_done()  # never written
                 raise
             task.add_done_callback(lambda _: started or self._never_started(conn, hid, lease))
-            return {"type": "ack", "carrier": carrier}
+            return {"type": "ack", "carrier": carrier} | ({"process": self.process} if carrier == "device" else {})
         if kind == "cancel":
             if self._streams.get(conn, {}).get(hid) is None:  # refused, or ended: its last message is sent
                 await conn.send({"type": "prefill_cancelled", "hid": hid})

@@ -45,11 +45,15 @@ class StreamServer(abc.ABC):
         return self._server.port
 
     async def aclose(self) -> None:
+        await self._end_streams()
+        await self._server.aclose()
+
+    async def _end_streams(self) -> None:
+        """Cancel every stream and wait for them to end."""
         tasks = [t for streams in self._streams.values() for t in streams.values()]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._server.aclose()
 
     @abc.abstractmethod
     async def _handle(self, conn: ControlConnection, msg: dict) -> dict | None:

@@ -7,12 +7,19 @@ server's open_device_segment hands it those very rows (or declines, as a prefill
 another GPU). The protocol around it runs for real (PrefillServer, PrefillLinks): the offer,
 the ack, the release request that settles an offer whose ack never came. The one rule under
 test: every offer's count is released exactly once, here (declined) or by the prefill node
-(it opened the buffer), and the decode node frees the buffer once no lease holds it. The real
-CUDA path is tests/nodes/test_prefill_decode_gpu.py."""
+(it opened the buffer), and the decode node frees the buffer once no lease holds it. A prefill
+process that exits holding a buffer it opened (a stand-in child process, named in the in-process
+server's acks, killed by the test) has that count released by the decode node, once; one alive
+when its connection ends, or one that said it let go (closing), has nothing released here. The
+real CUDA path is tests/nodes/test_prefill_decode_gpu.py."""
 
 import asyncio
 import contextlib
 import dataclasses
+import logging
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -21,9 +28,17 @@ import torch
 from afkv import Engine
 from afkv.errors import PrefillUnavailableError
 from afkv.nodes import handoff
+from afkv.nodes.handoff import PrefillProcess, process_identity
 from afkv.serve import prefill as prefill_module
 from tests.helpers import random_prompt
-from tests.nodes.test_prefill_decode_faults import PARAMS, PROMPT, all_free, cluster, config, expected_tokens
+from tests.nodes.test_prefill_decode_faults import (
+    PARAMS,
+    PROMPT,
+    all_free,
+    cluster,
+    config,
+    expected_tokens,
+)
 from tests.serve.conftest import wait_until
 
 
@@ -54,6 +69,8 @@ class FakeDeviceSegment(handoff.DeviceSegment):
         self.rows = torch.zeros((num_rows, nbytes), dtype=torch.uint8)  # [num_rows, nbytes]
         self.offer = {"id": next(self._ids), "uuid": "fake-gpu", "rows": num_rows, "nbytes": nbytes}
         self.opened = None
+        self.holder = None
+        self.closed = self.abandoned = False
         self._settle = settle
         self.num_declines = 0
         self.ipc.made[self.offer["id"]] = self
@@ -209,3 +226,168 @@ async def test_slots_awaiting_a_cancel_answer_are_freed_when_the_connection_ends
         assert not decode._prefill._draining and staging._leased == 0 and decode._prefill.stagings(0) == []
         assert counters(decode)["handoff_staging_live_buffers"] == 0
         await wait_until(lambda: all_free(decode), what="decode blocks freed")
+
+
+@contextlib.contextmanager
+def stand_in():
+    """A short-lived process that stands in for a prefill node's: the in-process PrefillServer
+    names it in its device acks (`process`), so that the test can kill "the prefill process"
+    while the server (this process) goes on."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        yield child
+    finally:
+        child.kill()
+        child.wait(30)
+
+
+def reaping(engine) -> bool:
+    return any(t.get_name().startswith("afkv-reap") for t in engine._prefill._watchers)
+
+
+async def killed(child: subprocess.Popen) -> None:
+    child.kill()
+    await asyncio.to_thread(child.wait, 30)
+
+
+OTHER = random_prompt(33, 256, seed=11)
+
+
+async def colocated_tokens(model, prompts) -> list[list[int]]:
+    async with Engine(model, dataclasses.replace(config(0, 1), deployment=None), progress=False) as e:
+        return [(await e.complete(p, PARAMS)).token_ids for p in prompts]
+
+
+async def test_a_prefill_process_that_exits_holding_a_device_buffer_has_its_count_released_here(model, ipc, caplog):
+    """The prefill process that opened the buffer dies; its connection ends: the decode node
+    releases the offer's count on its behalf, once (a warning says so), and the next transfer
+    (a new connection, a new buffer) gets the colocated tokens."""
+    expected = await colocated_tokens(model, [PROMPT, OTHER])
+    with stand_in() as child:
+        async with cluster(model, 1, gated_after=None) as (decode, _, servers, _, _):
+            servers[0].process = process_identity(child.pid)
+            async with asyncio.timeout(60):
+                assert (await decode.complete(PROMPT, PARAMS)).token_ids == expected[0]
+            [seg] = ipc.made.values()
+            process = decode._prefill._processes[0]
+            assert seg.opened is True and process.pid == child.pid and process.held == {seg}
+            await killed(child)
+            with caplog.at_level(logging.WARNING, logger="afkv.handoff"):
+                await decode._prefill._clients[0].aclose()  # its connection ends (as when the process died)
+                await wait_until(lambda: seg.num_declines == 1, what="the count released on its behalf")
+                await wait_until(lambda: not reaping(decode), what="the reap done")
+            assert f"(pid {child.pid}) exited holding device staging buffer {seg.offer['id']}" in caplog.text
+            assert counters(decode)["handoff_released_for_exited_prefill"] == 1
+            assert process._pidfd is None and decode._prefill._processes[0] is None
+            servers[0].process = process_identity()  # the next connection's process: this one
+            async with asyncio.timeout(60):
+                assert (await decode.complete(OTHER, PARAMS)).token_ids == expected[1]
+            [new] = [s for s in ipc.made.values() if s is not seg]
+            assert new.opened is True and new.num_declines == 0 and seg.num_declines == 1
+            assert decode._prefill._processes[0].held == {new}
+            assert counters(decode)["handoff_released_for_exited_prefill"] == 1
+            assert all_free(decode)
+
+
+async def test_a_prefill_process_alive_when_its_connection_ends_releases_the_buffer_itself(model, ipc, monkeypatch):
+    """The connection ends while the prefill process lives on: it lets go of the buffer on its
+    side; the decode node releases nothing (one release in all: the prefill node's)."""
+    monkeypatch.setattr(handoff, "EXIT_GRACE_S", 0.2)  # (alive either way: only how long the reap waits)
+    async with cluster(model, 1, gated_after=None) as (decode, _, servers, _, _):
+        async with asyncio.timeout(60):
+            await decode.complete(PROMPT, PARAMS)
+        [seg] = ipc.made.values()
+        process = decode._prefill._processes[0]
+        assert process.pid == os.getpid() and process.held == {seg}
+        await decode._prefill._clients[0].aclose()
+        await wait_until(lambda: all("device" not in held for held in servers[0]._opened.values()),
+                         what="the prefill node let go")
+        await wait_until(lambda: not reaping(decode) and decode._prefill._processes[0] is None,
+                         what="the reap done")
+        assert seg.num_declines == 0 and process._pidfd is None
+        assert counters(decode).get("handoff_released_for_exited_prefill", 0) == 0
+
+
+async def test_a_prefill_node_that_closes_says_which_buffers_it_let_go(model, ipc):
+    """A prefill node closing (aclose) lets go of its buffers and tells the decode node before
+    its connection ends: its process exiting afterwards releases nothing here."""
+    with stand_in() as child:
+        async with cluster(model, 1, gated_after=None) as (decode, _, servers, _, _):
+            servers[0].process = process_identity(child.pid)
+            async with asyncio.timeout(60):
+                await decode.complete(PROMPT, PARAMS)
+            [seg] = ipc.made.values()
+            process = decode._prefill._processes[0]
+            await killed(child)
+            await servers[0].aclose()
+            assert process.held == set()  # the let_go request was answered before the connection closed
+            await wait_until(lambda: decode._prefill._processes[0] is None and not reaping(decode),
+                             what="the link dropped")
+            assert seg.num_declines == 0 and process._pidfd is None
+
+
+async def test_without_pidfd_a_prefill_process_that_exits_leaves_its_buffer_allocated(model, ipc, monkeypatch,
+                                                                                      caplog):
+    """No pidfd (Linux < 5.3): the prefill process cannot be told, as before pidfds: its death
+    releases nothing here (a warning says the buffer stays allocated until this process ends)."""
+    monkeypatch.delattr(handoff.os, "pidfd_open")
+    with stand_in() as child:
+        async with cluster(model, 1, gated_after=None) as (decode, _, servers, _, _):
+            servers[0].process = process_identity(child.pid)
+            with caplog.at_level(logging.WARNING, logger="afkv.handoff"):
+                async with asyncio.timeout(60):
+                    await decode.complete(PROMPT, PARAMS)
+            assert "cannot tell prefill node 0's process apart" in caplog.text
+            [seg] = ipc.made.values()
+            assert seg.opened is True and decode._prefill._processes[0] is None
+            await killed(child)
+            await decode._prefill._clients[0].aclose()
+            await wait_until(lambda: decode._prefill.stagings(0) == [], what="the link dropped")
+            assert not reaping(decode) and seg.num_declines == 0
+
+
+async def test_a_prefill_process_is_learned_only_when_its_pid_names_it_here():
+    """PrefillProcess.learn: the pid and its start time must name one live process of this
+    host (not a reused pid, not another pid namespace's); its pidfd tells its exit."""
+    with stand_in() as child:
+        me = process_identity(child.pid)
+        assert PrefillProcess.learn({**me, "start": me["start"] + 1}) is None  # another process with that pid
+        assert PrefillProcess.learn({"pid": "x", "start": 0}) is None and PrefillProcess.learn(None) is None
+        process = PrefillProcess.learn(me)
+        try:
+            assert process.pid == child.pid and not process.exited()
+            assert not await process.wait_exited(0.05)
+            await killed(child)
+            async with asyncio.timeout(30):
+                assert await process.wait_exited(30)
+        finally:
+            process.close()
+    assert PrefillProcess.learn(me) is None  # exited and reaped: its pid names nothing, or another
+
+
+class Offered:
+    """What PrefillProcess reads of a DeviceSegment."""
+
+    def __init__(self, seg_id: int):
+        self.offer, self.closed, self.abandoned, self.holder = {"id": seg_id}, False, False, None
+
+
+def test_a_buffer_superseded_and_closed_is_no_longer_held():
+    """Opening a newer buffer of the link, the prefill process let go of the older ones: one
+    closed here with its transfers ended leaves `held` at the newer one's ack, one still
+    leased then leaves at its close; one whose transfers were abandoned stays (the process
+    may still write into it)."""
+    process = PrefillProcess(os.getpid(), os.pidfd_open(os.getpid()))
+    try:
+        old, leased, lost, new = (Offered(i) for i in range(4))
+        for seg in (old, leased, lost):
+            process.acked(seg)
+        old.closed = lost.closed = lost.abandoned = True
+        process.acked(new)
+        assert process.held == {leased, lost, new} and process.newest == 3 and new.holder is process
+        leased.closed = True
+        process.closed_here(leased)
+        process.closed_here(lost)
+        assert process.held == {lost, new}
+    finally:
+        process.close()

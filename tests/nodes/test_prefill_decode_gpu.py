@@ -106,6 +106,35 @@ def test_pd_on_one_gpu_matches_colocated(tiny_dir, tmp_path, experts):
     asyncio.run(run())
 
 
+def test_a_killed_prefill_node_frees_the_decode_nodes_staging_buffer(tiny_dir, tmp_path):
+    """The prefill process holding the decode node's device staging buffer open (CUDA IPC) is
+    killed: the decode node sees its connection end and the process exited, releases the
+    offer's IPC count on its behalf (once), and the buffer is freed on the decode GPU."""
+    _needs_gpu()
+    model = str(tiny_dir["qwen3_moe"])
+    path = _write_config(tmp_path / "pd-gpu-kill.toml", 0, "cuda:0")
+    cfg = EngineConfig.from_toml(path)
+
+    async def run():
+        with Deployment(path, model, start_attention=False) as dep:
+            pd = dataclasses.replace(cfg, deployment=dataclasses.replace(cfg.deployment, port=dep.port, token=dep.token))
+            async with Engine(model, pd, progress=False) as e:
+                await e.complete(random_prompt(33, 256, seed=500), PARAMS)
+                [staging] = e._prefill.stagings(0)
+                assert staging.kind == "device"
+                nbytes = staging.buffer.rows.numel()
+                torch.cuda.ipc_collect()
+                held = torch.cuda.memory_allocated()
+                await asyncio.to_thread(dep.kill_node, dep.prefill_rank(0))
+                async with asyncio.timeout(30):
+                    while e.kv_metrics().counters.get("handoff_released_for_exited_prefill", 0) == 0:
+                        await asyncio.sleep(0.05)
+                assert await _settled(held - nbytes) <= held - nbytes  # the buffer freed
+                assert e.kv_metrics().counters["handoff_released_for_exited_prefill"] == 1
+
+    asyncio.run(run())
+
+
 def test_declined_device_segment_is_freed():
     """A device segment the prefill node did not open (another GPU, no CUDA IPC) stays
     allocated while the offer counts (torch's IPC reference count) until the decode node
