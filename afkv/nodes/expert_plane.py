@@ -298,6 +298,7 @@ class ExpertPlane:
         if link is None:
             return
         self._forgotten.add(attention)
+        self.holdings.unlink(attention)  # a departed node holds no old placement's experts in memory
         log.info("expert node %d: %s left; aborting its data plane", self.index, attention)
         self.stats.link_dropped()
         threading.Thread(target=abort_all, args=([link.dispatch, link.combine], 30.0),

@@ -84,6 +84,13 @@ class Holdings:
         with self._lock:
             self._epochs.setdefault(attention, -1)
 
+    def unlink(self, attention: str) -> None:
+        """An attention node's data plane was dropped (its connection ended): placements are no
+        longer kept for it; the next step of another node retires those they all moved past (an
+        attention node that joins again steps with the current placement or is brought to it)."""
+        with self._lock:
+            self._epochs.pop(attention, None)
+
     def step_with(self, attention: str, epoch: int) -> tuple[bool, FFNSide]:
         """`attention` steps with placement `epoch`. -> (whether this node holds its experts,
         the FFN side for the whole step). Retires kept placements every attention node has
