@@ -459,7 +459,7 @@ class Engine:
     def micro_batch_choices(self) -> dict[int, int]:
         """Automatic micro-batches: decode rows bucket (a power of two) -> the m it runs, for the
         buckets measured so far; {} when m is fixed."""
-        return {} if self._tuner is None else dict(self._tuner.choices)
+        return {} if self._tuner is None else self._tuner.choices
 
     def layer_timings(self) -> dict[str, float]:
         """Mean seconds per micro-batch layer: attention, transfer, expert, idle (disaggregated)."""

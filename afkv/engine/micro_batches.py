@@ -41,7 +41,11 @@ class MicroBatchTuner:
         self.warmup, self.trials, self.period = warmup, trials, period
         self._buckets: dict[int, _Bucket] = {}
         self.rule_m = 2
-        self.choices: dict[int, int] = {}  # bucket -> the m it runs (for stats and tests)
+
+    @property
+    def choices(self) -> dict[int, int]:
+        """Bucket -> the m it runs, for the buckets measured so far."""
+        return {b: st.best for b, st in self._buckets.items() if st.best is not None}
 
     @staticmethod
     def bucket(rows: int) -> int:
@@ -69,7 +73,6 @@ class MicroBatchTuner:
             state.since += 1
             if state.since >= self.period:  # measure again
                 self._buckets[b] = _Bucket()
-                del self.choices[b]
             return
         if m not in self.candidates(rows):  # set from outside while measuring (rule_m changed)
             return
@@ -79,4 +82,3 @@ class MicroBatchTuner:
         cands = self.candidates(rows)
         if all(len(state.times.get(c, ())) >= self.trials for c in cands):
             state.best = min(cands, key=lambda c: (statistics.median(state.times[c]), c))
-            self.choices[b] = state.best
